@@ -1,0 +1,1 @@
+"""pllm: a compiler-style LLM inference engine."""

@@ -1,0 +1,212 @@
+"""config.json -> ModelSpec: the model's shape under Hugging Face's names, validated, with derived fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A model's config.json says something pllm cannot build; the message names the key, value and file."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    rope_type: str  # "linear" or "llama3"
+    factor: float
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str  # llama | mistral | qwen2
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q, k, v projections (qwen2: always)
+    torch_dtype: str  # the checkpoint's dtype, one of DTYPES
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    # derived ------------------------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA ratio)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        d = dict(d)
+        rs = d.get("rope_scaling")
+        d["rope_scaling"] = RopeScaling(**rs) if rs else None
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
+
+
+def load_spec(config_path: str | Path) -> ModelSpec:
+    path = Path(config_path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return spec_from_config(config, str(path))
+
+
+def _get(config: dict, key: str, kind: type | tuple[type, ...], source: str, default: Any = ...) -> Any:
+    if key not in config or config[key] is None:
+        if default is ...:
+            raise ConfigError(f"{source}: missing required key '{key}'")
+        return default
+    value = config[key]
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else ()):
+        raise ConfigError(f"{source}: key '{key}' must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{source}: key '{key}' must be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _positive(config: dict, key: str, source: str, default: Any = ...) -> int:
+    value = _get(config, key, int, source, default)
+    if value <= 0:
+        raise ConfigError(f"{source}: key '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _rope_scaling(config: dict, source: str) -> RopeScaling | None:
+    rs = config.get("rope_scaling")
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"{source}: key 'rope_scaling' must be an object or null, got {rs!r}")
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: rope_scaling type {rope_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return None
+    factor = rs.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        raise ConfigError(f"{source}: key 'rope_scaling.factor' must be a positive number, got {factor!r}")
+    if rope_type == "linear":
+        return RopeScaling("linear", float(factor))
+    try:
+        return RopeScaling(
+            "llama3",
+            float(factor),
+            float(rs["low_freq_factor"]),
+            float(rs["high_freq_factor"]),
+            int(rs["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{source}: llama3 rope_scaling is missing key 'rope_scaling.{e.args[0]}'") from None
+
+
+def spec_from_config(config: dict, source: str = "config.json") -> ModelSpec:
+    """Validate a Hugging Face config dict and derive the ModelSpec; errors name the key and the file."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    hidden = _positive(config, "hidden_size", source)
+    num_heads = _positive(config, "num_attention_heads", source)
+    num_kv = _positive(config, "num_key_value_heads", source, num_heads)
+    if num_heads % num_kv:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv})"
+        )
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if hidden % num_heads:
+            raise ConfigError(
+                f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({num_heads}) "
+                "and no head_dim is given"
+            )
+        head_dim = hidden // num_heads
+    else:
+        head_dim = _positive(config, "head_dim", source)
+    if head_dim % 2:
+        raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
+
+    # Sliding-window attention: read, and refused when it would actually change the output.
+    max_pos = _positive(config, "max_position_embeddings", source, 2048)
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", model_type == "mistral")
+    if window is not None and uses_window and window < max_pos:
+        raise ConfigError(
+            f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
+            "runtime; pllm attends to the full context and would give different results"
+        )
+
+    dtype = config.get("torch_dtype", config.get("dtype", "float32")) or "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"{source}: key 'torch_dtype' is {dtype!r}; supported: {', '.join(DTYPES)}")
+
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+    if config.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported")
+
+    theta = _get(config, "rope_theta", (int, float), source, 10000.0)
+    eps = _get(config, "rms_norm_eps", (int, float), source, 1e-6)
+    return ModelSpec(
+        model_type=model_type,
+        hidden_size=hidden,
+        intermediate_size=_positive(config, "intermediate_size", source),
+        num_hidden_layers=_positive(config, "num_hidden_layers", source),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv,
+        head_dim=head_dim,
+        vocab_size=_positive(config, "vocab_size", source),
+        rms_norm_eps=float(eps),
+        rope_theta=float(theta),
+        rope_scaling=_rope_scaling(config, source),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        torch_dtype=dtype,
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )

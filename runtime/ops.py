@@ -1,0 +1,80 @@
+"""The backend seam: the ops a model definition calls, and the attention metadata they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each flattened token of a step lives: its sequence, its position and its KV-cache slot.
+
+    A step holds `num_seqs` sequences; sequence i contributes query_lens[i] tokens (a prompt chunk or one decode
+    token) that follow its `seq_lens[i] - query_lens[i]` tokens already in the cache (an earlier chunk or a prefix
+    cache hit). The cache already holds the step's own K/V when `attention` runs (rope_kv_write comes first).
+    """
+
+    positions: torch.Tensor  # [num_tokens] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor  # [num_tokens] int64, block_id * block_size + offset_in_block
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths, starts at 0
+    seq_lens: torch.Tensor  # [num_seqs] int32, cached + new tokens after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens_host: tuple[int, ...]  # host copies, so the CPU path needs no device sync
+    seq_lens_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class Ops(Protocol):
+    """What a model definition may call. Each backend (cpu, interpret, cuda) provides one implementation.
+
+    Caches are per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
+    cos_sin_cache [max_positions, head_dim] float32: cos in [:, :head_dim//2], sin in [:, head_dim//2:],
+    rotate-half (GPT-NeoX) pairing, as Hugging Face Llama applies it.
+    """
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H]. With residual: r = x + residual, returns (norm(r) * weight, r). Without: (norm(x) * weight, x)."""
+        ...
+
+    def rope_kv_write(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [T] int64
+        cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] float32
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k; write rotated k and v into the caches at slot_mapping. Returns (q_rot, k_rot)."""
+        ...
+
+    def attention(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], already rotated
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Causal attention of each query token to its sequence's cached tokens up to and including itself."""
+        ...
+
+    def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(silu(g) * u)."""
+        ...
