@@ -1,1 +1,21 @@
 """pllm: a compiler-style LLM inference engine."""
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported lazily so `pllm-compile` and `import pllm.compiler` stay light.
+    if name == "LLM":
+        from pllm.runtime.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from pllm.runtime.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name == "EngineConfig":
+        from pllm.runtime.config import EngineConfig
+
+        return EngineConfig
+    raise AttributeError(f"module 'pllm' has no attribute {name!r}")

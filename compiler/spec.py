@@ -110,7 +110,8 @@ def _positive(config: dict, key: str, source: str, default: Any = ...) -> int:
 
 
 def _rope_scaling(config: dict, source: str) -> RopeScaling | None:
-    rs = config.get("rope_scaling")
+    # transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_scaling`.
+    rs = config.get("rope_scaling") or config.get("rope_parameters")
     if rs is None:
         return None
     if not isinstance(rs, dict):
@@ -189,7 +190,8 @@ def spec_from_config(config: dict, source: str = "config.json") -> ModelSpec:
     if config.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
 
-    theta = _get(config, "rope_theta", (int, float), source, 10000.0)
+    rope_parameters = config.get("rope_parameters") or {}
+    theta = _get(config, "rope_theta", (int, float), source, rope_parameters.get("rope_theta", 10000.0))
     eps = _get(config, "rms_norm_eps", (int, float), source, 1e-6)
     return ModelSpec(
         model_type=model_type,

@@ -1,0 +1,52 @@
+"""pllm-compile: read a model and write a self-contained build directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pllm.compiler.build import BuildError, BuildOptions, build
+from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
+from pllm.compiler.spec import DTYPES, ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pllm-compile",
+        description="Compile a Hugging Face model (folder, cached hub id, or .gguf) into a pllm build directory.",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help=f"model folder, hub id in the local HF cache, .gguf file, or a short name (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("-o", "--output", default="build", help="build directory to write (default: build)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weight dtype (auto: the config's)")
+    p.add_argument("--block-size", type=int, default=16, choices=(16, 32), help="KV-cache block size in tokens")
+    p.add_argument(
+        "--target",
+        default=None,
+        choices=("sm_80", "sm_90", "auto"),
+        help="also compile the kernels for this GPU and store them, so serving compiles nothing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet)
+    try:
+        out = build(args.model, args.output, options)
+    except (BuildError, ModelSourceError, ConfigError) as e:
+        print(f"pllm-compile: error: {e}", file=sys.stderr)
+        return 1
+    print(f"pllm-compile: wrote {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The cpu backend: the Ops contract in plain PyTorch, batched over the flattened tokens of a step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pllm.runtime.ops import AttentionMetadata
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, head_dim]; cos, sin [T, 1, head_dim] (halves repeated), rotate-half pairing as in HF Llama
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class TorchOps:
+    """Reference-quality and fast enough: one gather + batched matmul for decode, SDPA per prompt segment."""
+
+    name = "cpu"
+
+    def rms_norm(self, x, weight, eps, residual):
+        if residual is not None:
+            x = residual + x
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(x.dtype), x
+
+    def rope_kv_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+        half = cos_sin_cache.shape[-1] // 2
+        cs = cos_sin_cache[positions]  # [T, head_dim]
+        cos = cs[:, :half].repeat(1, 2)[:, None, :].to(q.dtype)  # [T, 1, head_dim]
+        sin = cs[:, half:].repeat(1, 2)[:, None, :].to(q.dtype)
+        q = _rotate(q, cos, sin)
+        k = _rotate(k, cos, sin)
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k
+        v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v
+        return q, k
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        if meta.is_decode_only:
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        block_size = k_cache.shape[1]
+        start = 0
+        for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+            num_blocks = -(-seq_len // block_size)
+            blocks = meta.block_tables[i, :num_blocks].long()
+            k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
+            v = v_cache[blocks].flatten(0, 1)[:seq_len]
+            qs = q[start : start + query_len]  # [query_len, heads, head_dim]
+            out[start : start + query_len] = _attend(qs, k, v, seq_len - query_len, scale)
+            start += query_len
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta, scale):
+        # q [B, heads, d]; gather every sequence's context padded to max_seq_len: [B, L, kv_heads, d]
+        num_seqs, num_heads, head_dim = q.shape
+        num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        max_len = meta.max_seq_len
+        num_blocks = -(-max_len // block_size)
+        blocks = meta.block_tables[:, :num_blocks].long()  # [B, nb]
+        k = k_cache[blocks].flatten(1, 2)[:, :max_len]  # [B, L, kv, d]
+        v = v_cache[blocks].flatten(1, 2)[:, :max_len]
+        group = num_heads // num_kv_heads
+        qg = q.view(num_seqs, num_kv_heads, group, head_dim)
+        scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), k.float()) * scale  # [B, kv, g, L]
+        lens = torch.tensor(meta.seq_lens_host, device=q.device)
+        pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.einsum("bkgl,blkd->bkgd", probs, v.float())  # [B, kv, g, d]
+        return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+    def mlp(self, x, gate_up_weight, down_weight):
+        gate_up = F.linear(x, gate_up_weight)  # [T, 2 * intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, down_weight)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int, scale: float) -> torch.Tensor:
+    """q [Tq, heads, d] after num_prefix cached tokens; k, v [num_prefix + Tq, kv_heads, d]; causal."""
+    query_len, seq_len = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if num_prefix == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        rows = torch.arange(query_len, device=q.device)[:, None] + num_prefix
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= rows  # [Tq, seq_len]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)  # [Tq, heads, d]

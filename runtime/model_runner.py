@@ -1,0 +1,147 @@
+"""ScheduledBatch -> input tensors + attention metadata -> model forward -> logits. Owns the device and KV cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pllm.models.llama import LlamaModel
+from pllm.runtime.config import EngineConfig
+from pllm.runtime.loader import LoadedBuild, load_weights
+from pllm.runtime.ops import AttentionMetadata, Ops
+from pllm.runtime.request import ScheduledBatch
+
+logger = logging.getLogger("pllm")
+
+CPU_KV_CACHE_CAP = 2 << 30  # bytes: the cpu backend shares RAM with everything else, so default to a modest pool
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine; the message says why."""
+
+
+def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device]:
+    """The one place that maps a backend name to ops and a device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        from pllm.runtime.cpu_ops import TorchOps
+
+        return TorchOps(), torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
+    from pllm.runtime.triton_ops import TritonOps
+
+    if name == "interpret":
+        return TritonOps(build.kernel_dir, interpret=True), torch.device("cpu")
+    return TritonOps(build.kernel_dir, interpret=False), torch.device("cuda")
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
+
+
+class ModelRunner:
+    def __init__(self, build: LoadedBuild, config: EngineConfig, max_model_len: int):
+        self.spec = build.spec
+        self.block_size = build.block_size
+        self.ops, self.device = select_backend(config.backend, build)
+        self.backend = self.ops.name
+        if self.device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = build.torch_dtype
+        weights = load_weights(build, self.device)
+        self.model = LlamaModel(self.spec, weights, self.ops, max_model_len)
+        self.num_blocks = self._plan_num_blocks(config, build)
+        self.max_model_len = max_model_len
+        spec = self.spec
+        shape = (spec.num_hidden_layers, 2, self.num_blocks, self.block_size, spec.num_key_value_heads, spec.head_dim)
+        # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        spec = self.spec
+        return 2 * spec.num_hidden_layers * self.block_size * spec.kv_size * self.dtype.itemsize
+
+    def _plan_num_blocks(self, config: EngineConfig, build: LoadedBuild) -> int:
+        if config.kv_cache_memory is not None:
+            budget = config.kv_cache_memory
+        elif self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * config.kv_cache_fraction)
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = min(int(available * config.kv_cache_fraction), CPU_KV_CACHE_CAP)
+        num_blocks = budget // self.kv_bytes_per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"engine setting kv_cache_memory={budget}: too small, a KV block needs {self.kv_bytes_per_block} bytes"
+            )
+        return int(num_blocks)
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        max_blocks = 0
+        for s in batch.seqs:
+            req = s.request
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            tokens = req.all_token_ids
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            block_ids = req.block_ids
+            slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            query_lens.append(s.num_new_tokens)
+            max_blocks = max(max_blocks, -(-end // bs))
+            if s.samples:
+                sample_rows.append(query_start[-1] - 1)
+        block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
+        for i, s in enumerate(batch.seqs):
+            ids = s.request.block_ids[:max_blocks]
+            block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=block_tables.to(dev),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_host=tuple(query_lens),
+            seq_lens_host=tuple(seq_lens),
+        )
+        return StepInputs(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step; returns logits [num_sampling_seqs, vocab_size] float32 in batch order."""
+        inputs = self.prepare(batch)
+        hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]
+        return self.model.logits(hidden[inputs.sample_indices])
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step and return the final-norm hidden states of every token: [num_tokens, hidden] float32."""
+        inputs = self.prepare(batch)
+        return self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches).float()
