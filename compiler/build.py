@@ -1,4 +1,4 @@
-"""Model source -> build directory: runtime-layout weights, rendered kernels, tokenizer, manifest; written atomically."""
+"""Model source -> build directory: runtime-layout weights, kernels, tokenizer, manifest; written atomically."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def weight_layout(spec: ModelSpec) -> dict[str, tuple[tuple[str, ...], tuple[int
             (q + 2 * kv, h),
         )
         if spec.attention_bias:
-            layout[rt + "qkv_bias"] = ((attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"), (q + 2 * kv,))
+            biases = (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
+            layout[rt + "qkv_bias"] = (biases, (q + 2 * kv,))
         layout[rt + "o_proj"] = ((attn + "o_proj.weight",), (h, q))
         layout[rt + "post_attention_layernorm"] = ((hf + "post_attention_layernorm.weight",), (h,))
         layout[rt + "gate_up_proj"] = ((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), (2 * inter, h))

@@ -116,9 +116,8 @@ class LLM:
                         num_out += sum(len(o.token_ids) for o in out.outputs)
                         if bar is not None:
                             elapsed = time.perf_counter() - start
-                            bar.set_postfix_str(
-                                f"est. speed input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s"
-                            )
+                            speed = f"input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s"
+                            bar.set_postfix_str(f"est. speed {speed}")
                             bar.update(1)
         finally:
             if bar is not None:

