@@ -225,9 +225,19 @@ class LLMEngine:
         if state.logprobs is not None and logprobs is not None and new_ids:
             state.logprobs.append(logprobs)
             state.cumulative_logprob += logprobs.logprob
-        for token_id in new_ids:
+        stop_ids = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        for pos, token_id in enumerate(new_ids, start=len(req.output_token_ids) - len(new_ids)):
             if state.stop_reason is not None:
                 break
+            is_final_stop = (
+                req.finish_reason is FinishReason.STOP
+                and pos == len(req.output_token_ids) - 1
+                and token_id in stop_ids
+            )
+            if is_final_stop and not req.params.include_stop_str_in_output:
+                continue  # like vLLM: the stop token's own text is not part of the output
             emit, hit = state.matcher.feed(state.detokenizer.add(token_id))
             state.text += emit
             if hit:

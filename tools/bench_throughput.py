@@ -1,0 +1,173 @@
+"""Offline throughput: pllm LLM.generate vs Hugging Face generate in padded batches, same model, machine and dtype.
+
+    python tools/bench_throughput.py build/ [--num-requests 64] [--dtype bfloat16]
+
+Prints output tokens/s for both, their ratio, peak memory, and pllm's decode step at batch 64 as a fraction of the
+CPU's bf16 matmul roofline measured in the same run. A benchmark, not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_requests(num: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens): prompts 16-512 tokens, outputs 16-256 tokens, drawn log-uniformly."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(num):
+        prompt_len = int(round(2 ** rng.uniform(4, 9)))
+        out_len = int(round(2 ** rng.uniform(4, 8)))
+        reqs.append(([rng.randrange(100, vocab) for _ in range(prompt_len)], out_len))
+    return reqs
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_roofline(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul: the practical ceiling for this CPU in this dtype."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def bench_pllm(build_dir: str, reqs, dtype_note: str) -> dict:
+    from pllm import LLM, SamplingParams
+
+    llm = LLM(build_dir, backend="cpu", max_num_seqs=256, max_num_batched_tokens=2048)
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in reqs]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert num_out == sum(m for _, m in reqs)
+    return {"engine": f"pllm ({dtype_note})", "seconds": elapsed, "output_tokens": num_out, "llm": llm}
+
+
+def bench_hf(hf_model, reqs, batch_size: int, pad_id: int) -> dict:
+    """As a user would write it: padded batches of `batch_size`, each generating its longest requested length."""
+    num_out = 0
+    t = time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        batch = reqs[i : i + batch_size]
+        max_len = max(len(p) for p, _ in batch)
+        ids = torch.full((len(batch), max_len), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (p, _) in enumerate(batch):  # left padding, as decoder-only generation needs
+            ids[row, max_len - len(p) :] = torch.tensor(p)
+            mask[row, max_len - len(p) :] = 1
+        new = max(m for _, m in batch)
+        with torch.inference_mode():
+            hf_model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                pad_token_id=pad_id,
+            )
+        num_out += sum(m for _, m in batch)  # only the tokens each request asked for count
+    return {"engine": "HF transformers generate", "seconds": time.perf_counter() - t, "output_tokens": num_out}
+
+
+def decode_roofline_fraction(llm, batch: int, prompt_len: int, num_steps: int, peak: float) -> dict:
+    """Time decode-only steps at `batch` sequences; FLOPs counted for the linear layers and attention."""
+    from pllm import SamplingParams
+
+    engine = llm.engine
+    spec = engine.spec
+    rng = random.Random(1)
+    for i in range(batch):
+        ids = [rng.randrange(100, spec.vocab_size) for _ in range(prompt_len)]
+        params = SamplingParams(temperature=0.0, max_tokens=num_steps + 8, ignore_eos=True)
+        engine.add_request(f"decode-{i}", ids, params)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        engine.step()
+    engine.step()
+    t = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    step_s = (time.perf_counter() - t) / num_steps
+    for i in range(batch):
+        engine.abort_request(f"decode-{i}")
+    p_lin = 2 * spec.num_hidden_layers * spec.hidden_size * (spec.q_size + spec.kv_size) + (
+        spec.num_hidden_layers * 3 * spec.hidden_size * spec.intermediate_size
+    ) + spec.vocab_size * spec.hidden_size
+    ctx = prompt_len + num_steps // 2
+    attn = 4 * spec.num_hidden_layers * spec.num_attention_heads * spec.head_dim * ctx
+    flops = batch * (2 * p_lin + attn)
+    return {"batch": batch, "step_ms": step_s * 1e3, "tok_s": batch / step_s, "gflops": flops / step_s / 1e9,
+            "fraction_of_roofline": flops / step_s / peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build_dir")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    manifest = json.loads((Path(args.build_dir) / "manifest.json").read_text())
+    dtype = getattr(torch, manifest["dtype"])
+    vocab = manifest["spec"]["vocab_size"]
+    reqs = make_requests(args.num_requests, vocab, args.seed)
+    print(f"{args.num_requests} requests, prompts {sum(len(p) for p, _ in reqs)} tokens, "
+          f"outputs {sum(m for _, m in reqs)} tokens, dtype {manifest['dtype']}, {torch.get_num_threads()} threads")
+
+    peak = matmul_roofline(dtype)
+    print(f"matmul roofline ({manifest['dtype']}, 2048^3): {peak / 1e9:.0f} GFLOP/s")
+    results = []
+    pllm_res = bench_pllm(args.build_dir, reqs, manifest["dtype"])
+    llm = pllm_res.pop("llm")
+    results.append(pllm_res)
+    rss_pllm = peak_rss_mib()
+    decode = decode_roofline_fraction(llm, 64, 128, 16, peak)
+    del llm
+    if not args.skip_hf:
+        import transformers
+
+        from pllm.compiler.source import default_gguf_path
+
+        source = manifest["source"]
+        if source.endswith(".gguf") or source.lower().startswith("smollm2"):
+            path = default_gguf_path() if not source.endswith(".gguf") else Path(source)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        else:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        hf.eval()
+        pad = manifest["spec"]["eos_token_ids"][0] if manifest["spec"]["eos_token_ids"] else 0
+        bench_hf(hf, reqs[:2], args.hf_batch_size, pad)  # warm-up
+        results.append(bench_hf(hf, reqs, args.hf_batch_size, pad))
+
+    print(f"\n{'engine':<28} {'seconds':>9} {'out tok':>8} {'out tok/s':>10} {'ratio':>7}")
+    base = results[-1]["output_tokens"] / results[-1]["seconds"]
+    for r in results:
+        tps = r["output_tokens"] / r["seconds"]
+        r["output_tok_s"] = tps
+        print(f"{r['engine']:<28} {r['seconds']:9.1f} {r['output_tokens']:8d} {tps:10.1f} {tps / base:6.2f}x")
+    print(f"peak RSS: {rss_pllm:.0f} MiB after pllm, {peak_rss_mib():.0f} MiB after all")
+    print(f"pllm decode at batch {decode['batch']}: {decode['step_ms']:.1f} ms/step, {decode['tok_s']:.0f} tok/s, "
+          f"{decode['gflops']:.0f} GFLOP/s = {100 * decode['fraction_of_roofline']:.0f}% of the matmul roofline")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "decode": decode, "roofline": peak}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

