@@ -18,8 +18,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class TorchOps:
     """Reference-quality and fast enough: one gather + batched matmul for decode, SDPA per prompt segment."""
 
-    name = "cpu"
-
     def rms_norm(self, x, weight, eps, residual):
         if residual is not None:
             x = residual + x

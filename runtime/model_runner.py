@@ -23,21 +23,21 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
 
 
-def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device]:
-    """The one place that maps a backend name to ops and a device."""
+def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device, str]:
+    """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         from pllm.runtime.cpu_ops import TorchOps
 
-        return TorchOps(), torch.device("cpu")
+        return TorchOps(), torch.device("cpu"), name
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
     from pllm.runtime.triton_ops import TritonOps
 
     if name == "interpret":
-        return TritonOps(build.kernel_dir, interpret=True), torch.device("cpu")
-    return TritonOps(build.kernel_dir, interpret=False), torch.device("cuda")
+        return TritonOps(build.kernel_dir, interpret=True), torch.device("cpu"), name
+    return TritonOps(build.kernel_dir, interpret=False), torch.device("cuda"), name
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,7 @@ class ModelRunner:
     def __init__(self, build: LoadedBuild, config: EngineConfig, max_model_len: int):
         self.spec = build.spec
         self.block_size = build.block_size
-        self.ops, self.device = select_backend(config.backend, build)
-        self.backend = self.ops.name
+        self.ops, self.device, self.backend = select_backend(config.backend, build)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = build.torch_dtype

@@ -14,6 +14,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_model  # noqa: E402
 
 
+def _fix_triton_mode() -> None:
+    # A process runs Triton either interpreted or compiled (see runtime/triton_ops.py). Fix the mode before any
+    # test module imports triton, so results never depend on test order: without a GPU, the interpreter.
+    import torch
+
+    from pllm.runtime.triton_ops import ensure_triton_mode
+
+    ensure_triton_mode(interpret=not torch.cuda.is_available())
+
+
+_fix_triton_mode()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: (model_type, **config overrides) -> folder with a random tiny HF model; cached per arguments."""
