@@ -62,15 +62,15 @@ class TorchOps:
         blocks = meta.block_tables[:, :num_blocks].long()  # [B, nb]
         k = k_cache[blocks].flatten(1, 2)[:, :max_len]  # [B, L, kv, d]
         v = v_cache[blocks].flatten(1, 2)[:, :max_len]
-        group = num_heads // num_kv_heads
-        qg = q.view(num_seqs, num_kv_heads, group, head_dim)
-        scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), k.float()) * scale  # [B, kv, g, L]
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kv, group, d]
+        # batched matmuls in the model dtype (fp32 accumulation inside), softmax in fp32
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, kv, group, L]
         lens = torch.tensor(meta.seq_lens_host, device=q.device)
         pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
         scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.einsum("bkgl,blkd->bkgd", probs, v.float())  # [B, kv, g, d]
-        return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v.transpose(1, 2))  # [B, kv, group, d]
+        return out.reshape(num_seqs, num_heads, head_dim)
 
     def mlp(self, x, gate_up_weight, down_weight):
         gate_up = F.linear(x, gate_up_weight)  # [T, 2 * intermediate]

@@ -23,6 +23,15 @@ from pllm.runtime.scheduler import Scheduler
 logger = logging.getLogger("pllm")
 
 
+def _default_logging() -> None:
+    """Start-up facts (backend, KV-cache size) reach the user unless the application configured logging itself."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @dataclass
 class _SeqState:
     """Engine-side state of one sequence: its text so far and how it is being built."""
@@ -59,6 +68,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, build_dir: str, config: EngineConfig):
+        _default_logging()
         self.config = config
         self.build = open_build(build_dir)
         spec = self.build.spec

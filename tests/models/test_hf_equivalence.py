@@ -59,10 +59,19 @@ SMOL_PROMPTS = [
 
 @pytest.mark.slow
 def test_smollm2_matches_hf(smollm2_build, smollm2_hf):
-    llm = LLM(str(smollm2_build), backend="cpu")
+    """Batched, chunked (16-token budget), preempted (a 12-block KV cache) and prefix-cached runs all equal HF."""
+    kv_block_bytes = 2 * 30 * 16 * 3 * 64 * 4  # k and v, layers, block size, kv heads, head_dim, fp32
+    llm = LLM(str(smollm2_build), backend="cpu", kv_cache_memory=12 * kv_block_bytes, max_num_batched_tokens=16)
     chat = {"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])}
-    outs = llm.generate([*SMOL_PROMPTS, chat], GREEDY, use_tqdm=False)
-    for out in outs:
-        assert out.outputs[0].token_ids == hf_greedy(smollm2_hf, out.prompt_token_ids, 32), out.prompt
+    prompts = [*SMOL_PROMPTS, chat]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    refs = [hf_greedy(smollm2_hf, out.prompt_token_ids, 32) for out in outs]
+    for out, ref in zip(outs, refs):
+        assert out.outputs[0].token_ids == ref, out.prompt
     text = outs[0].outputs[0].text
     assert text == llm.tokenizer.decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)
+    llm.generate([chat], GREEDY, use_tqdm=False)
+    again = llm.generate([chat], GREEDY, use_tqdm=False)[0]  # served partly from the prefix cache
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == refs[-1]
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
