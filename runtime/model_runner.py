@@ -57,7 +57,7 @@ class ModelRunner:
         self.dtype = build.torch_dtype
         weights = load_weights(build, self.device)
         self.model = LlamaModel(self.spec, weights, self.ops, max_model_len)
-        self.num_blocks = self._plan_num_blocks(config, build)
+        self.num_blocks = self._plan_num_blocks(config, max_model_len)
         self.max_model_len = max_model_len
         spec = self.spec
         shape = (spec.num_hidden_layers, 2, self.num_blocks, self.block_size, spec.num_key_value_heads, spec.head_dim)
@@ -70,7 +70,7 @@ class ModelRunner:
         spec = self.spec
         return 2 * spec.num_hidden_layers * self.block_size * spec.kv_size * self.dtype.itemsize
 
-    def _plan_num_blocks(self, config: EngineConfig, build: LoadedBuild) -> int:
+    def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
         if config.kv_cache_memory is not None:
             budget = config.kv_cache_memory
         elif self.device.type == "cuda":
@@ -79,6 +79,9 @@ class ModelRunner:
         else:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = min(int(available * config.kv_cache_fraction), CPU_KV_CACHE_CAP)
+            # and never more than max_num_seqs full-length sequences could use: small models need far less
+            max_useful = config.max_num_seqs * -(-max_model_len // self.block_size) * self.kv_bytes_per_block
+            budget = min(budget, max_useful)
         num_blocks = budget // self.kv_bytes_per_block
         if num_blocks < 2:
             raise ValueError(
