@@ -1,0 +1,161 @@
+"""Shared fixtures of the kernel tests: render a plan into a temp dir, load its kernels, build paged KV caches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from pllm.compiler.plan import make_plan
+from pllm.compiler.render import render_plan
+from pllm.compiler.spec import ModelSpec
+from pllm.runtime.triton_ops import TritonModeError, TritonOps, ensure_triton_mode
+
+# One process runs Triton one way (see runtime/triton_ops.py): fix it here, before any test imports triton, so the
+# outcome never depends on test order. Without a GPU that is the interpreter; with one, compiled kernels (the
+# interpret tests then skip, saying so; run them apart with CUDA_VISIBLE_DEVICES= to cover both).
+try:
+    ensure_triton_mode(interpret=not torch.cuda.is_available())
+except TritonModeError:
+    pass  # something imported Triton the other way first: the kernel_ops fixture skips, giving the reason
+
+
+def tiny_spec(
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    head_dim: int = 64,
+    rms_norm_eps: float = 1e-5,
+) -> ModelSpec:
+    """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
+    return ModelSpec(
+        model_type="llama",
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        vocab_size=128,
+        rms_norm_eps=rms_norm_eps,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        torch_dtype="float32",
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    )
+
+
+@pytest.fixture(scope="session")
+def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
+    """Factory: (interpret, dtype, block_size, **spec fields) -> TritonOps over freshly rendered kernels.
+
+    Cached per shape: hypothesis draws the same shapes again and again, and each render + import costs ~0.1 s.
+    A process runs Triton either interpreted or compiled (see runtime/triton_ops.py); a test asking for the
+    other mode is skipped with the reason.
+    """
+    cache: dict[tuple, TritonOps] = {}
+
+    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: int | float) -> TritonOps:
+        key = (interpret, dtype, block_size, tuple(sorted(spec_fields.items())))
+        if key not in cache:
+            plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)
+            out_dir = tmp_path_factory.mktemp("kernels")
+            render_plan(plan, out_dir)
+            try:
+                cache[key] = TritonOps(out_dir, interpret=interpret)
+            except TritonModeError as e:
+                pytest.skip(str(e))
+        return cache[key]
+
+    return make
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """Per-sequence dense K/V (the reference's view) scattered into paged caches (the kernels' view)."""
+
+    keys: list[torch.Tensor]  # per sequence [seq_len, num_kv_heads, head_dim], fp32, rounded through dtype
+    values: list[torch.Tensor]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_ids: list[torch.Tensor]  # per sequence [seq_len] int64 slots
+
+
+def make_paged_kv(
+    seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    device: str, generator: torch.Generator,
+) -> PagedKV:
+    """Random K/V for each sequence, stored in shuffled physical blocks of caches whose other slots are NaN.
+
+    NaN in every unused slot (and in the tail of each last block) proves the kernels never read past a
+    sequence's length: one stray NaN would poison the output.
+    """
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2  # spare blocks stay NaN
+    order = torch.randperm(num_blocks, generator=generator)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    block_tables = torch.zeros((len(seq_lens), max(blocks_per_seq)), dtype=torch.int32)
+    keys, values, slot_ids = [], [], []
+    next_block = 0
+    for i, (seq_len, num_seq_blocks) in enumerate(zip(seq_lens, blocks_per_seq)):
+        physical = order[next_block : next_block + num_seq_blocks]
+        next_block += num_seq_blocks
+        block_tables[i, :num_seq_blocks] = physical.to(torch.int32)
+        positions = torch.arange(seq_len)
+        slots = physical[positions // block_size] * block_size + positions % block_size  # [seq_len]
+        k = torch.randn((seq_len, num_kv_heads, head_dim), generator=generator).to(dtype)
+        v = torch.randn((seq_len, num_kv_heads, head_dim), generator=generator).to(dtype)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = k
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = v
+        keys.append(k.float())
+        values.append(v.float())
+        slot_ids.append(slots)
+    return PagedKV(keys, values, k_cache.to(device), v_cache.to(device), block_tables.to(device), slot_ids)
+
+
+def reference_attention(
+    q: torch.Tensor,  # [query_len, num_heads, head_dim]
+    k: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
+    scale: float,
+) -> torch.Tensor:  # [query_len, num_heads, head_dim] float64
+    """Causal attention of the last query_len positions of one sequence, in fp64."""
+    query_len, num_heads, _ = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    k = k.double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # [num_heads, query_len, seq_len]
+    query_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+    scores = scores.masked_fill(torch.arange(seq_len)[None, :] > query_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+@pytest.fixture(scope="session")
+def paged_kv() -> Callable[..., PagedKV]:
+    return make_paged_kv
+
+
+@pytest.fixture(scope="session")
+def attention_reference() -> Callable[..., torch.Tensor]:
+    return reference_attention
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> str:
+    """For the tests marked gpu: the CUDA device, or a skip that says why."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return "cuda"
