@@ -7,6 +7,7 @@ import sys
 import time
 
 from pllm.compiler.build import BuildError, BuildOptions, build
+from pllm.compiler.gpu_compile import GpuCompileError
 from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
 from pllm.compiler.spec import DTYPES, ConfigError
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet)
     try:
         out = build(args.model, args.output, options)
-    except (BuildError, ModelSourceError, ConfigError) as e:
+    except (BuildError, ModelSourceError, ConfigError, GpuCompileError) as e:
         print(f"pllm-compile: error: {e}", file=sys.stderr)
         return 1
     print(f"pllm-compile: wrote {out} in {time.perf_counter() - start:.1f}s")

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,14 @@ def test_loader_names_tampered_and_missing_files(tiny_dir, tmp_path):
         open_build(out)
     with pytest.raises(BuildDirError, match="not found"):
         open_build(tmp_path / "nowhere")
+
+
+def test_target_stores_gpu_compiled_kernels(tiny_dir, tmp_path):
+    out = build(str(tiny_dir("llama")), tmp_path / "out", BuildOptions(target="sm_90", progress=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    compiled = manifest["compiled_kernels"]
+    assert compiled["target"] == "sm_90" and compiled["kernels"]
+    for entry in compiled["kernels"].values():
+        cubin = out / "kernels" / "compiled" / "sm_90" / Path(entry["cubin"]).name
+        assert cubin.is_file() and cubin.read_bytes()[:4] == b"\x7fELF"
+        assert str(cubin.relative_to(out)) in manifest["files"]
