@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -93,8 +94,12 @@ def open_model(model: str | None) -> ModelSource:
 def _resolve_hub_id(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    # read the cache location now, not when huggingface_hub was imported
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )
     try:
-        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True, cache_dir=cache_dir))
     except Exception as e:  # the hub raises several types for "not cached"; all mean the same to the user
         raise ModelSourceError(
             f"{repo_id}: not found in the local Hugging Face cache (pllm never downloads; "

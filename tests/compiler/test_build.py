@@ -161,3 +161,14 @@ def test_target_stores_gpu_compiled_kernels(tiny_dir, tmp_path):
         cubin = out / "kernels" / "compiled" / "sm_90" / Path(entry["cubin"]).name
         assert cubin.is_file() and cubin.read_bytes()[:4] == b"\x7fELF"
         assert str(cubin.relative_to(out)) in manifest["files"]
+
+
+def test_hub_id_resolved_from_local_cache_only(tiny_dir, tmp_path, monkeypatch):
+    hub = tmp_path / "hf" / "hub"
+    snapshot = hub / "models--tiny-org--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_dir("llama"), snapshot)
+    (hub / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (hub / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    out = build("tiny-org/tiny-llama", tmp_path / "out", OPTS)
+    assert json.loads((out / "manifest.json").read_text())["source"] == "tiny-org/tiny-llama"
