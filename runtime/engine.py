@@ -307,13 +307,47 @@ class LLMEngine:
                     f"This model's maximum context length is {self.max_model_len} tokens. However, your input "
                     f"contains {len(ids)} tokens."
                 )
-        results: list[EmbeddingOutput] = []
-        for ids in token_lists:
-            results.append(self._embed_one(ids, pooling))
-        return results
+        results: list[EmbeddingOutput | None] = [None] * len(token_lists)
+        budget = self.config.max_num_batched_tokens
+        group: list[int] = []  # indices of short prompts that share one forward pass
+        for i in sorted(range(len(token_lists)), key=lambda j: len(token_lists[j])):
+            if len(token_lists[i]) > budget:
+                results[i] = self._embed_long(token_lists[i], pooling)
+                continue
+            if group and (sum(len(token_lists[j]) for j in group) + len(token_lists[i]) > budget
+                          or len(group) == self.config.max_num_seqs):
+                self._embed_batch(token_lists, group, pooling, results)
+                group = []
+            group.append(i)
+        if group:
+            self._embed_batch(token_lists, group, pooling, results)
+        return results  # type: ignore[return-value]
 
-    def _embed_one(self, ids: list[int], pooling: str) -> EmbeddingOutput:
-        req = Request(f"embed-{self.new_request_id()}", ids, SamplingParams(max_tokens=1), time.monotonic(), 1)
+    def _embed_request(self, ids: list[int]) -> Request:
+        return Request(f"embed-{self.new_request_id()}", ids, SamplingParams(max_tokens=1), time.monotonic(), 1)
+
+    def _embed_batch(self, token_lists, group: list[int], pooling: str, results: list) -> None:
+        """Several whole prompts in one prefill-only forward pass, pooled per segment."""
+        reqs = [self._embed_request(token_lists[i]) for i in group]
+        try:
+            for req in reqs:
+                if not self.kv.allocate_slots(req, req.num_prompt_tokens):
+                    raise RuntimeError("not enough free KV blocks for an embedding batch; retry when idle")
+            batch = ScheduledBatch(tuple(ScheduledSeq(r, r.num_prompt_tokens) for r in reqs))
+            hidden = self.runner.hidden_states(batch)  # [num_tokens, hidden]
+            start = 0
+            for i, req in zip(group, reqs):
+                end = start + req.num_prompt_tokens
+                pooled = hidden[start:end].mean(0) if pooling == "mean" else hidden[end - 1]
+                results[i] = EmbeddingOutput(torch.nn.functional.normalize(pooled, dim=0).tolist(), end - start)
+                start = end
+        finally:
+            for req in reqs:
+                self.kv.free(req)
+
+    def _embed_long(self, ids: list[int], pooling: str) -> EmbeddingOutput:
+        """A prompt longer than the token budget, in chunks attending to the earlier ones through the KV cache."""
+        req = self._embed_request(ids)
         chunk = self.config.max_num_batched_tokens
         pooled = None
         try:
@@ -330,8 +364,7 @@ class LLMEngine:
         assert pooled is not None
         if pooling == "mean":
             pooled = pooled / len(ids)
-        vec = torch.nn.functional.normalize(pooled, dim=0)
-        return EmbeddingOutput(vec.tolist(), len(ids))
+        return EmbeddingOutput(torch.nn.functional.normalize(pooled, dim=0).tolist(), len(ids))
 
     # -- introspection ----------------------------------------------------------------------------
     def num_unfinished_requests(self) -> int:

@@ -158,3 +158,17 @@ def test_abort_frees_blocks_at_once(roomy):
     assert engine.kv.num_free_blocks < engine.kv.num_blocks
     engine.abort_request("x")
     assert _pool_is_full(roomy) and not engine.has_unfinished()
+
+
+def test_embed_batched_and_chunked_agree(build, roomy):
+    texts = [PROMPTS[1], "a", PROMPTS[6], PROMPTS[2]]
+    together = roomy.embed(texts)
+    alone = [roomy.embed(t)[0] for t in texts]
+    chunked = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=8).embed(texts, pooling="mean")
+    mean_alone = [roomy.embed(t, pooling="mean")[0] for t in texts]
+    for a, b in zip(together, alone):
+        assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
+    for a, b in zip(chunked, mean_alone):
+        assert a.num_prompt_tokens == b.num_prompt_tokens
+        assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
+    assert _pool_is_full(roomy)
