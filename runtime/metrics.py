@@ -1,0 +1,126 @@
+"""Prometheus metrics with vLLM's names under a `pllm:` prefix, and the periodic one-line stats log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+logger = logging.getLogger("pllm.server")
+
+# vLLM's bucket edges (vllm/v1/metrics/loggers.py), trimmed at the long end.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Cumulative engine counters and current gauges, read on the engine thread after a step."""
+
+    num_running: int  # sequences being computed
+    num_waiting: int  # sequences queued (new or preempted)
+    kv_cache_usage: float  # fraction of KV blocks referenced, in [0, 1]
+    num_generation_tokens: int
+    num_preemptions: int
+    num_prefix_queries: int  # prompt tokens looked up in the prefix cache
+    num_prefix_hits: int  # of those, served from the cache
+
+
+class ServerMetrics:
+    """All metrics of one server in its own registry (so tests can build several apps in one process)."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"pllm:{name}", doc, list(labels), registry=r).labels(**labels)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"pllm:{name}", doc, list(labels), registry=r).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"pllm:{name}", doc, list(labels), buckets=buckets, registry=r).labels(**labels)
+
+        self.num_requests_running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV-cache usage: 1 means all blocks in use.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.num_preemptions = counter("num_preemptions", "Preemptions (recompute) of running sequences.")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        self._success = Counter(
+            "pllm:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=r
+        )
+        self._rejections = Counter(
+            "pllm:admission_rejections", "Requests refused with 503 by reason.", [*labels, "reason"], registry=r
+        )
+        self._labels = labels
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between outputs.", ITL_BUCKETS)
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        self._last: EngineSnapshot | None = None
+        self._num_prompt_tokens = 0  # cumulative, for the stats log
+        self._log_time = time.monotonic()
+        self._log_prompt_tokens = 0
+        self._log_generation_tokens = 0
+        self._logged_idle = False
+
+    # -- updates (engine thread) -----------------------------------------------------------------
+    def update(self, snap: EngineSnapshot) -> None:
+        """Set the gauges and advance the counters by what changed since the previous snapshot."""
+        self.num_requests_running.set(snap.num_running)
+        self.num_requests_waiting.set(snap.num_waiting)
+        self.kv_cache_usage_perc.set(snap.kv_cache_usage)
+        last = self._last
+        if last is not None:
+            self.generation_tokens.inc(max(0, snap.num_generation_tokens - last.num_generation_tokens))
+            self.num_preemptions.inc(max(0, snap.num_preemptions - last.num_preemptions))
+            self.prefix_cache_queries.inc(max(0, snap.num_prefix_queries - last.num_prefix_queries))
+            self.prefix_cache_hits.inc(max(0, snap.num_prefix_hits - last.num_prefix_hits))
+        self._last = snap
+
+    def observe_first_token(self, num_prompt_tokens: int, ttft_s: float) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self._num_prompt_tokens += num_prompt_tokens
+        self.time_to_first_token.observe(max(0.0, ttft_s))
+
+    def observe_finished(self, finished_reason: str, e2e_s: float) -> None:
+        self._success.labels(**self._labels, finished_reason=finished_reason).inc()
+        self.e2e_request_latency.observe(max(0.0, e2e_s))
+
+    def observe_rejection(self, reason: str) -> None:
+        self._rejections.labels(**self._labels, reason=reason).inc()
+
+    # -- the stats log ---------------------------------------------------------------------------
+    def log_stats(self, now: float | None = None) -> None:
+        """vLLM's periodic line; an idle server logs once and then stays quiet."""
+        now = time.monotonic() if now is None else now
+        snap = self._last
+        if snap is None:
+            return
+        elapsed = max(now - self._log_time, 1e-9)
+        prompt = self._num_prompt_tokens - self._log_prompt_tokens
+        generation = snap.num_generation_tokens - self._log_generation_tokens
+        self._log_time, self._log_prompt_tokens = now, self._num_prompt_tokens
+        self._log_generation_tokens = snap.num_generation_tokens
+        idle = prompt == 0 and generation == 0 and snap.num_running == 0 and snap.num_waiting == 0
+        if idle and self._logged_idle:
+            return
+        self._logged_idle = idle
+        hit_rate = snap.num_prefix_hits / snap.num_prefix_queries if snap.num_prefix_queries else 0.0
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+            "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+            prompt / elapsed,
+            generation / elapsed,
+            snap.num_running,
+            snap.num_waiting,
+            100.0 * snap.kv_cache_usage,
+            100.0 * hit_rate,
+        )
