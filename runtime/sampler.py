@@ -44,7 +44,7 @@ def _kth_kept(
     # [num_rows, num_candidates] x2, [num_rows, 1] x2 -> [num_rows, 1]
     # keep a token while the tokens ranked above it hold less than top_p: always keeps the first
     num_kept = ((mass - values / total) < top_p).sum(dim=-1, keepdim=True)
-    return values.gather(1, (num_kept - 1).clamp_max(values.shape[1] - 1))
+    return values.gather(1, (num_kept - 1).clamp(0, values.shape[1] - 1))  # a top_p of ~0 keeps the top token
 
 
 def _top_p_cut(values: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

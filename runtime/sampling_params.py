@@ -10,6 +10,8 @@ MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGIT_BIAS = 1024
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy: dividing logits by them overflows float32
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond these, divided logits overflow float32
 
 
 @dataclass
@@ -44,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def validate(self) -> None:
         """Raise ValueError naming the field and value for anything out of range."""
@@ -66,8 +68,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise bad(name, value, "in [-2, 2]")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise bad("repetition_penalty", self.repetition_penalty, "a positive number")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", self.repetition_penalty,
+                      f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", self.max_tokens, "a positive integer")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:

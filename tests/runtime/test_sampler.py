@@ -278,3 +278,18 @@ def test_cuts_match_sort_based_definitions(vocab, seed, rows):
     probs = Sampler(vocab, EOS)._probs(logits.clone(), params)
     for i, p in enumerate(params):
         assert torch.equal(probs[i] > 0, reference_support(logits[i], p)), p
+
+
+def test_degenerate_but_valid_params_never_crash():
+    """Values a client may send that once overflowed float32: a top_p near 0, a temperature near 0."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(7))
+    reqs = [
+        make_request(SamplingParams(temperature=1.0, top_p=5e-324), rid="a"),
+        make_request(SamplingParams(temperature=5e-324), rid="b"),
+        make_request(SamplingParams(temperature=1.0, repetition_penalty=0.01), output=[1, 2], rid="c"),
+    ]
+    out = Sampler(VOCAB, EOS, seed=0).sample(logits, reqs)
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[1] == int(logits[1].argmax())
+    assert 0 <= out.token_ids[2] < VOCAB
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300)
