@@ -18,6 +18,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class TorchOps:
     """Reference-quality and fast enough: one gather + batched matmul for decode, SDPA per prompt segment."""
 
+    def __init__(self) -> None:
+        self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
+        self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+
     def rms_norm(self, x, weight, eps, residual):
         if residual is not None:
             x = residual + x
@@ -53,23 +57,30 @@ class TorchOps:
             start += query_len
         return out
 
+    def _decode_layout(self, meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per step, not per layer: block indices [B, nb] int64 and the padding mask [B, 1, 1, L] of the batch."""
+        if self._decode_meta is not meta:
+            max_len = meta.max_seq_len
+            blocks = meta.block_tables[:, : -(-max_len // block_size)].long()
+            lens = torch.tensor(meta.seq_lens_host, device=blocks.device)
+            pad = torch.arange(max_len, device=blocks.device)[None, :] >= lens[:, None]  # [B, L]
+            self._decode_meta, self._decode_cached = meta, (blocks, pad[:, None, None, :])
+        return self._decode_cached
+
     def _decode(self, q, k_cache, v_cache, meta, scale):
-        # q [B, heads, d]; gather every sequence's context padded to max_seq_len: [B, L, kv_heads, d]
+        # q [B, heads, d]; every sequence's context gathered and padded to max_seq_len
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
         max_len = meta.max_seq_len
-        num_blocks = -(-max_len // block_size)
-        blocks = meta.block_tables[:, :num_blocks].long()  # [B, nb]
-        k = k_cache[blocks].flatten(1, 2)[:, :max_len]  # [B, L, kv, d]
-        v = v_cache[blocks].flatten(1, 2)[:, :max_len]
+        blocks, pad = self._decode_layout(meta, block_size)
+        k = k_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).contiguous()  # [B, kv, L, d]
+        v = v_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).contiguous()
         qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kv, group, d]
         # batched matmuls in the model dtype (fp32 accumulation inside), softmax in fp32
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, kv, group, L]
-        lens = torch.tensor(meta.seq_lens_host, device=q.device)
-        pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv, group, L]
+        scores.masked_fill_(pad, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.transpose(1, 2))  # [B, kv, group, d]
+        out = torch.matmul(probs, v)  # [B, kv, group, d]
         return out.reshape(num_seqs, num_heads, head_dim)
 
     def mlp(self, x, gate_up_weight, down_weight):
