@@ -84,14 +84,14 @@ class LlamaModel:
         for i in range(spec.num_hidden_layers):
             p = f"layers.{i}."
             h, residual = ops.rms_norm(x, w[p + "input_layernorm"], spec.rms_norm_eps, residual)
-            qkv = F.linear(h, w[p + "qkv_proj"], w.get(p + "qkv_bias"))  # [num_tokens, q + 2 * kv]
+            qkv = ops.linear(h, w[p + "qkv_proj"], w.get(p + "qkv_bias"))  # [num_tokens, q + 2 * kv]
             q = qkv[:, :q_size].view(num_tokens, spec.num_attention_heads, spec.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             k_cache, v_cache = kv_caches[i]
             q, k = ops.rope_kv_write(q, k, v, meta.positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
-            x = F.linear(attn.reshape(num_tokens, q_size), w[p + "o_proj"])
+            x = ops.linear(attn.reshape(num_tokens, q_size), w[p + "o_proj"])
             h, residual = ops.rms_norm(x, w[p + "post_attention_layernorm"], spec.rms_norm_eps, residual)
             x = ops.mlp(h, w[p + "gate_up_proj"], w[p + "down_proj"])
         x, _ = ops.rms_norm(x, w["norm"], spec.rms_norm_eps, residual)
@@ -99,4 +99,4 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.ops.linear(hidden, self.lm_head).float()

@@ -7,6 +7,12 @@ import torch.nn.functional as F
 
 from pllm.runtime.ops import AttentionMetadata
 
+_HAS_ONEDNN_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [T, heads, head_dim]; cos, sin [T, 1, head_dim] (halves repeated), rotate-half pairing as in HF Llama
@@ -19,6 +25,7 @@ class TorchOps:
     """Reference-quality and fast enough: one gather + batched matmul for decode, SDPA per prompt segment."""
 
     def __init__(self) -> None:
+        self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
@@ -37,8 +44,9 @@ class TorchOps:
         q = _rotate(q, cos, sin)
         k = _rotate(k, cos, sin)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k
-        v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v
+        # index_copy_/index_select: several times faster than advanced indexing on the CPU
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         return q, k
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
@@ -50,31 +58,40 @@ class TorchOps:
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
             num_blocks = -(-seq_len // block_size)
             blocks = meta.block_tables[i, :num_blocks].long()
-            k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
-            v = v_cache[blocks].flatten(0, 1)[:seq_len]
+            k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
+            v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
             qs = q[start : start + query_len]  # [query_len, heads, head_dim]
             out[start : start + query_len] = _attend(qs, k, v, seq_len - query_len, scale)
             start += query_len
         return out
 
-    def _decode_layout(self, meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per step, not per layer: block indices [B, nb] int64 and the padding mask [B, 1, 1, L] of the batch."""
+    def _decode_layout(
+        self, meta: AttentionMetadata, block_size: int, num_kv_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per step, not per layer: cache row of every (sequence, kv head, position), and the padding mask.
+
+        Gathering K/V rows straight into [B, kv, L, d] order with one index_select skips both the slow advanced
+        indexing and a transpose copy; positions past a sequence's end read block 0 and are masked out.
+        """
         if self._decode_meta is not meta:
             max_len = meta.max_seq_len
-            blocks = meta.block_tables[:, : -(-max_len // block_size)].long()
-            lens = torch.tensor(meta.seq_lens_host, device=blocks.device)
-            pad = torch.arange(max_len, device=blocks.device)[None, :] >= lens[:, None]  # [B, L]
-            self._decode_meta, self._decode_cached = meta, (blocks, pad[:, None, None, :])
+            pos = torch.arange(max_len, device=meta.block_tables.device)
+            blocks = meta.block_tables[:, pos // block_size].long()  # [B, L]
+            slots = blocks * block_size + pos % block_size  # [B, L]
+            heads = torch.arange(num_kv_heads, device=slots.device)
+            rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, kv, L]
+            lens = torch.tensor(meta.seq_lens_host, device=slots.device)
+            pad = pos[None, :] >= lens[:, None]  # [B, L]
+            self._decode_meta, self._decode_cached = meta, (rows.flatten(), pad[:, None, None, :])
         return self._decode_cached
 
     def _decode(self, q, k_cache, v_cache, meta, scale):
         # q [B, heads, d]; every sequence's context gathered and padded to max_seq_len
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-        max_len = meta.max_seq_len
-        blocks, pad = self._decode_layout(meta, block_size)
-        k = k_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).contiguous()  # [B, kv, L, d]
-        v = v_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).contiguous()
+        rows, pad = self._decode_layout(meta, block_size, num_kv_heads)
+        k = k_cache.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, -1, head_dim)  # [B,kv,L,d]
+        v = v_cache.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, -1, head_dim)
         qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kv, group, d]
         # batched matmuls in the model dtype (fp32 accumulation inside), softmax in fp32
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv, group, L]
@@ -83,10 +100,28 @@ class TorchOps:
         out = torch.matmul(probs, v)  # [B, kv, group, d]
         return out.reshape(num_seqs, num_heads, head_dim)
 
+    def linear(self, x, weight, bias=None):
+        packed = self._packed_weight(weight)
+        if packed is None:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
+        a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
+        F.linear, so fp32 keeps F.linear and its equality with Hugging Face."""
+        key = weight.data_ptr()
+        if key not in self._packed:
+            packed = None
+            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _HAS_ONEDNN_LINEAR:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            self._packed[key] = packed
+        return self._packed[key]
+
     def mlp(self, x, gate_up_weight, down_weight):
-        gate_up = F.linear(x, gate_up_weight)  # [T, 2 * intermediate]
+        gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, down_weight)
+        return self.linear(F.silu(gate) * up, down_weight)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int, scale: float) -> torch.Tensor:

@@ -75,6 +75,10 @@ class Ops(Protocol):
         """Causal attention of each query token to its sequence's cached tokens up to and including itself."""
         ...
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] @ weight [out, in].T (+ bias) -> [T, out]; a backend may keep weights in a faster layout."""
+        ...
+
     def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
         """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(silu(g) * u)."""
         ...

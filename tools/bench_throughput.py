@@ -148,10 +148,14 @@ def main() -> None:
         source = manifest["source"]
         if source.endswith(".gguf") or source.lower().startswith("smollm2"):
             path = default_gguf_path() if not source.endswith(".gguf") else Path(source)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+            # float32 dequantises to plain Linear layers; asking for bf16 here would keep packed GGUF weights and
+            # dequantise in every matmul, an unfairly slow baseline. Cast afterwards instead.
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
         else:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        hf.eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        hf = hf.to(dtype).eval()
         pad = manifest["spec"]["eos_token_ids"][0] if manifest["spec"]["eos_token_ids"] else 0
         bench_hf(hf, reqs[:2], args.hf_batch_size, pad)  # warm-up
         results.append(bench_hf(hf, reqs, args.hf_batch_size, pad))
