@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pllm.compiler.build import FORMAT_VERSION, MANIFEST, sha256_file
 from pllm.compiler.spec import ModelSpec
-
-FORMAT_VERSION = 1
 
 
 class BuildDirError(ValueError):
@@ -32,17 +30,9 @@ class LoadedBuild:
         return getattr(torch, self.dtype)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def open_build(build_dir: str | Path, verify: bool = True) -> LoadedBuild:
     path = Path(build_dir)
-    manifest_file = path / "manifest.json"
+    manifest_file = path / MANIFEST
     if not path.is_dir():
         raise BuildDirError(f"{path}: build directory not found (create one with pllm-compile)")
     if not manifest_file.is_file():
@@ -63,7 +53,7 @@ def open_build(build_dir: str | Path, verify: bool = True) -> LoadedBuild:
             f = path / rel
             if not f.is_file():
                 raise BuildDirError(f"{f}: listed in the manifest but missing")
-            if _sha256(f) != digest:
+            if sha256_file(f) != digest:
                 raise BuildDirError(f"{f}: sha256 does not match the manifest (modified since it was built)")
     try:
         spec = ModelSpec.from_dict(manifest["spec"])
