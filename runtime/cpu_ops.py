@@ -14,11 +14,12 @@ _HAS_ONEDNN_LINEAR = (
 )
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, head_dim]; cos, sin [T, 1, head_dim] (halves repeated), rotate-half pairing as in HF Llama
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, head_dim]; cos, signed_sin [T, 1, head_dim]. HF Llama's x * cos + rotate_half(x) * sin, with
+    # rotate_half's negation folded into the sin table (negation is exact, so the result is bit-identical)
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * signed_sin
 
 
 class TorchOps:
@@ -28,6 +29,8 @@ class TorchOps:
         self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        self._rope_key: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # the step's rows are cached for
+        self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
     def rms_norm(self, x, weight, eps, residual):
         if residual is not None:
@@ -37,17 +40,26 @@ class TorchOps:
         return weight * normed.to(x.dtype), x
 
     def rope_kv_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
-        half = cos_sin_cache.shape[-1] // 2
-        cs = cos_sin_cache[positions]  # [T, head_dim]
-        cos = cs[:, :half].repeat(1, 2)[:, None, :].to(q.dtype)  # [T, 1, head_dim]
-        sin = cs[:, half:].repeat(1, 2)[:, None, :].to(q.dtype)
-        q = _rotate(q, cos, sin)
-        k = _rotate(k, cos, sin)
+        cos, signed_sin = self._rope_rows(positions, cos_sin_cache, q.dtype)
+        q = _rotate(q, cos, signed_sin)
+        k = _rotate(k, cos, signed_sin)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         # index_copy_/index_select: several times faster than advanced indexing on the CPU
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         return q, k
+
+    def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
+        """cos and signed sin rows [T, 1, head_dim] for this step's positions, built once per step, not per layer."""
+        key = self._rope_key
+        if key is None or key[0] is not positions or key[1] is not cos_sin_cache or key[2] != dtype:
+            half = cos_sin_cache.shape[-1] // 2
+            cs = cos_sin_cache.index_select(0, positions)  # [T, head_dim]
+            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, head_dim]
+            sin = cs[:, half:]
+            signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+            self._rope_key, self._rope_cached = (positions, cos_sin_cache, dtype), (cos, signed_sin)
+        return self._rope_cached
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
         if meta.is_decode_only:
