@@ -126,7 +126,7 @@ class AsyncEngine:
         self._routes: dict[str, _Route] = {}  # engine thread only
         self._lock = threading.Lock()  # guards the counters below and dead_reason
         self._num_pending = 0  # requests submitted but not yet added by the engine thread
-        self._num_waiting = 0  # engine's waiting sequences, published after each step
+        self._num_waiting = 0  # engine's waiting requests, published after each step
         self._num_live = 0  # requests the engine thread is serving
         self.draining = False
         self.dead_reason: str | None = None
@@ -285,7 +285,7 @@ class AsyncEngine:
             with self._lock:
                 self._num_pending -= len(requests)
                 self._num_live = len(self._routes)
-                self._num_waiting = self.engine.scheduler.num_waiting
+                self._num_waiting = self.engine.num_requests()[1]
 
     def _abort(self, request_id: str, output: bool = False) -> None:
         route = self._routes.pop(request_id, None)
@@ -367,14 +367,15 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         engine = self.engine
+        num_running, num_waiting = engine.num_requests()
         with self._lock:
-            self._num_waiting = engine.scheduler.num_waiting
+            self._num_waiting = num_waiting
             self._num_live = len(self._routes)
         if self.metrics is not None:
             self.metrics.update(
                 EngineSnapshot(
-                    num_running=engine.scheduler.num_running,
-                    num_waiting=engine.scheduler.num_waiting,
+                    num_running=num_running,
+                    num_waiting=num_waiting,
                     kv_cache_usage=engine.kv.usage,
                     num_generation_tokens=engine.stats.num_generation_tokens,
                     num_preemptions=engine.scheduler.num_preemptions,

@@ -200,6 +200,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting) counted in requests, not sequences: n > 1 is one request, running while any of its
+        sequences is in the batch."""
+        running = {self.seq_states[r.request_id].group_id for r in self.scheduler.running}
+        waiting = {self.seq_states[r.request_id].group_id for r in self.scheduler.waiting} - running
+        return len(running), len(waiting)
+
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration: schedule, run the model, sample, update; returns outputs that changed."""

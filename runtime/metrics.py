@@ -20,8 +20,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 class EngineSnapshot:
     """Cumulative engine counters and current gauges, read on the engine thread after a step."""
 
-    num_running: int  # sequences being computed
-    num_waiting: int  # sequences queued (new or preempted)
+    num_running: int  # requests with a sequence in the running batch (n > 1 counts once)
+    num_waiting: int  # requests queued (new or preempted), none of whose sequences is running
     kv_cache_usage: float  # fraction of KV blocks referenced, in [0, 1]
     num_generation_tokens: int
     num_preemptions: int
@@ -46,8 +46,8 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(f"pllm:{name}", doc, list(labels), buckets=buckets, registry=r).labels(**labels)
 
-        self.num_requests_running = gauge("num_requests_running", "Sequences in the running batch.")
-        self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV-cache usage: 1 means all blocks in use.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")

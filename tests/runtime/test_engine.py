@@ -160,6 +160,20 @@ def test_abort_frees_blocks_at_once(roomy):
     assert _pool_is_full(roomy) and not engine.has_unfinished()
 
 
+def test_request_counts_treat_n_as_one_request(build):
+    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, max_num_seqs=4)
+    engine = llm.engine
+    engine.add_request("fan", PROMPTS[0], SamplingParams(n=3, max_tokens=8, ignore_eos=True))
+    engine.add_request("one", PROMPTS[4], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request("late", PROMPTS[5], SamplingParams(n=2, max_tokens=8, ignore_eos=True))
+    assert engine.num_requests() == (0, 3)  # six sequences, three requests
+    engine.step()  # max_num_seqs=4: the fan-out and "one" run, "late" waits
+    assert engine.scheduler.num_running == 4 and engine.num_requests() == (2, 1)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_requests() == (0, 0)
+
+
 def test_embed_batched_and_chunked_agree(build, roomy):
     texts = [PROMPTS[1], "a", PROMPTS[6], PROMPTS[2]]
     together = roomy.embed(texts)
