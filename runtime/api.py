@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm import __version__
-from pllm.runtime.async_engine import AsyncEngine, ClientDisconnected, EngineError, RequestStream
+from pllm.runtime.async_engine import AsyncEngine
 from pllm.runtime.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -28,7 +28,9 @@ from pllm.runtime.protocol import (
     ModelCard,
     ModelList,
 )
-from pllm.runtime.serving import OpenAIServing, error_body
+from pllm.runtime.request_stream import ClientDisconnected, EngineError, RequestStream
+from pllm.runtime.serving import OpenAIServing
+from pllm.runtime.sse import error_body
 
 logger = logging.getLogger("pllm.server")
 

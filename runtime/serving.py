@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import time
 import uuid
@@ -14,32 +13,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pllm.runtime.async_engine import AsyncEngine, ClientDisconnected, EngineError, EngineRequest, RequestStream
-from pllm.runtime.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.async_engine import AsyncEngine
+from pllm.runtime.outputs import RequestOutput
 from pllm.runtime.protocol import (
     LOGPROB_FLOOR,
     ChatCompletionRequest,
     CompletionLogprobs,
     EmbeddingRequest,
-    PromptTokensDetails,
     SamplingRequest,
-    UsageInfo,
 )
+from pllm.runtime.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.sampler import TokenLogprobs
 from pllm.runtime.sampling_params import SamplingParams
+from pllm.runtime.sse import SeqCursor, advance, collect, guarded, sse, usage_of
 
 logger = logging.getLogger("pllm.server")
-
-
-@dataclass
-class _SeqCursor:
-    """How much of one sequence's cumulative output a stream has already sent."""
-
-    num_chars: int = 0
-    num_logprobs: int = 0
-    text_offset: int = 0
-    finished: bool = False
-    started: bool = False  # the first chunk (which carries an echoed prompt) went out
 
 
 @dataclass(frozen=True)
@@ -53,22 +41,6 @@ class Prepared:
     def choice_base(self) -> dict[str, int]:
         n = self.requests[0].params.n
         return {r.request_id: i * n for i, r in enumerate(self.requests)}
-
-
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def usage_of(finals: dict[str, RequestOutput]) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in finals.values())
-    completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
-    cached = sum(o.num_cached_tokens for o in finals.values())
-    return UsageInfo(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    ).model_dump()
 
 
 class OpenAIServing:
@@ -184,7 +156,7 @@ class OpenAIServing:
 
     # -- completions -----------------------------------------------------------------------------
     async def completion_response(self, req, prep: Prepared, stream: RequestStream) -> dict:
-        finals = await _collect(stream)
+        finals = await collect(stream)
         base = prep.choice_base()
         choices = []
         for i, r in enumerate(prep.requests):
@@ -232,19 +204,19 @@ class OpenAIServing:
         opts = req.stream_options
         base = prep.choice_base()
         prompt_index = {r.request_id: i for i, r in enumerate(prep.requests)}
-        cursors: dict[tuple[str, int], _SeqCursor] = {}
+        cursors: dict[tuple[str, int], SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
 
         async def chunks() -> AsyncIterator[str]:
             async for out in stream:
                 finals[out.request_id] = out
                 for o in out.outputs:
-                    cur = cursors.setdefault((out.request_id, o.index), _SeqCursor())
+                    cur = cursors.setdefault((out.request_id, o.index), SeqCursor())
                     prefix = ""
                     if not cur.started:
                         prefix = prep.prompt_texts[prompt_index[out.request_id]]
                         cur.text_offset, cur.started = len(prefix), True
-                    text, new_lps, done = _advance(cur, o)
+                    text, new_lps, done = advance(cur, o)
                     if not (prefix or text or new_lps or done):
                         continue
                     logprobs = None
@@ -265,11 +237,11 @@ class OpenAIServing:
             if opts and opts.include_usage:
                 yield sse({**head, "choices": [], "usage": usage_of(finals)})
 
-        return _guarded(chunks(), stream)
+        return guarded(chunks(), stream)
 
     # -- chat ------------------------------------------------------------------------------------
     async def chat_response(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> dict:
-        finals = await _collect(stream)
+        finals = await collect(stream)
         out = finals[prep.requests[0].request_id]
         choices = [
             {
@@ -306,7 +278,7 @@ class OpenAIServing:
             "model": self.model_name,
         }
         opts = req.stream_options
-        cursors: dict[int, _SeqCursor] = {}
+        cursors: dict[int, SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
 
         async def chunks() -> AsyncIterator[str]:
@@ -317,8 +289,8 @@ class OpenAIServing:
             async for out in stream:
                 finals[out.request_id] = out
                 for o in out.outputs:
-                    cur = cursors.setdefault(o.index, _SeqCursor())
-                    text, new_lps, done = _advance(cur, o)
+                    cur = cursors.setdefault(o.index, SeqCursor())
+                    text, new_lps, done = advance(cur, o)
                     if not (text or new_lps or done):
                         continue
                     choice = {
@@ -336,7 +308,7 @@ class OpenAIServing:
             if opts and opts.include_usage:
                 yield sse({**head, "choices": [], "usage": usage_of(finals)})
 
-        return _guarded(chunks(), stream)
+        return guarded(chunks(), stream)
 
     # -- embeddings ------------------------------------------------------------------------------
     async def embeddings(self, req: EmbeddingRequest) -> dict:
@@ -378,51 +350,3 @@ class OpenAIServing:
         }
 
 
-def _advance(cur: _SeqCursor, o: CompletionOutput) -> tuple[str, list[TokenLogprobs], bool]:
-    """The new text, new logprobs and whether the sequence just finished, moving the cursor past them."""
-    text = o.text[cur.num_chars :]
-    new_lps = o.logprobs[cur.num_logprobs :] if o.logprobs is not None else []
-    done = o.finish_reason is not None and not cur.finished
-    cur.num_chars, cur.num_logprobs, cur.finished = len(o.text), cur.num_logprobs + len(new_lps), cur.finished or done
-    return text, new_lps, done
-
-
-async def _collect(stream: RequestStream) -> dict[str, RequestOutput]:
-    finals: dict[str, RequestOutput] = {}
-    async for out in stream:
-        if out.finished:
-            finals[out.request_id] = out
-    return finals
-
-
-async def _guarded(chunks: AsyncIterator[str], stream: RequestStream) -> AsyncIterator[str]:
-    """SSE framing: errors become a `data: {"error": ...}` event, and every stream ends with `data: [DONE]`."""
-    try:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except ClientDisconnected:
-            return
-        except EngineError as exc:
-            yield sse({"error": error_body(exc.status, exc.message)})
-        except Exception:
-            logger.exception("streaming response failed")
-            yield sse({"error": error_body(500, "Internal server error.")})
-        yield sse("[DONE]")
-    finally:
-        stream.close()
-
-
-ERROR_TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    405: "MethodNotAllowed",
-    413: "RequestEntityTooLarge",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": param, "code": status}
