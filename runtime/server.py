@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queued-requests",
         type=positive_int,
         default=1024,
-        help="waiting sequences beyond which new requests get 503 + Retry-After",
+        help="waiting requests beyond which new ones get 503 + Retry-After",
     )
     p.add_argument("--max-body-bytes", type=parse_bytes, default=MAX_BODY_BYTES)
     p.add_argument(
