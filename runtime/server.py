@@ -163,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         from pllm.runtime.engine import LLMEngine  # imported here so --help stays fast
 
-        llm = LLMEngine(args.build_dir, config)
+        metrics = ServerMetrics(names[0])
+        engine = AsyncEngine.launch(
+            lambda: LLMEngine(args.build_dir, config),
+            metrics=metrics,
+            max_queued_requests=args.max_queued_requests,
+            log_stats_interval_s=args.log_stats_interval,
+        )
     except (ValueError, OSError) as exc:
         print(f"pllm-serve: error: {exc}", file=sys.stderr)
         return 2
-    metrics = ServerMetrics(names[0])
-    engine = AsyncEngine(llm, metrics, args.max_queued_requests, args.log_stats_interval)
     app = create_app(engine, names, args.api_key, args.max_body_bytes)
-    engine.start()
     host = f"[{args.host}]" if ":" in args.host else args.host
     uv_config = uvicorn.Config(
         app,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx
 import pytest
@@ -14,15 +15,42 @@ from pllm.runtime.config import EngineConfig
 from pllm.runtime.engine import LLMEngine
 from pllm.runtime.metrics import ServerMetrics
 
+CONFIG = EngineConfig(backend="cpu", max_model_len=128, kv_cache_memory=2**20)
+
 
 @pytest.fixture
 def stack(serve_build):
-    llm = LLMEngine(str(serve_build), EngineConfig(backend="cpu", max_model_len=128, kv_cache_memory=2**20))
+    llm = LLMEngine(str(serve_build), CONFIG)
     engine = AsyncEngine(llm, ServerMetrics("m"), max_queued_requests=64)
     app = create_app(engine, ["m"])
     engine.start()
     yield llm, engine, app
     engine.stop()
+
+
+def test_launch_builds_the_engine_on_its_own_thread(serve_build):
+    built_on = []
+
+    def make():
+        built_on.append(threading.current_thread())
+        return LLMEngine(str(serve_build), CONFIG)
+
+    engine = AsyncEngine.launch(make, metrics=ServerMetrics("m"))
+    try:
+        stepped_on = asyncio.run(engine.call(lambda _llm: threading.current_thread()))
+        assert built_on == [stepped_on] and stepped_on is not threading.current_thread()
+        (r,) = call(create_app(engine, ["m"]), ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3}))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        engine.stop()
+
+
+def test_launch_raises_what_building_raised(serve_build):
+    def make():
+        raise ValueError("max_model_len 999999 exceeds the model's limit")
+
+    with pytest.raises(ValueError, match="max_model_len 999999"):
+        AsyncEngine.launch(make)
 
 
 def call(app, *requests: tuple[str, str, dict | None]) -> list[httpx.Response]:
