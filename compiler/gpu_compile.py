@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pllm.runtime.triton_ops import COMPILED_INFO_FILE, KERNEL_NAMES, import_kernel_module
+from pllm.runtime.triton_ops import COMPILED_INFO_FILE, KERNEL_NAMES, env_var, import_kernel_module
 
 # Ampere (A100; A10/RTX 30xx), Ada (L4/L40), Hopper (H100/H200). The CLI offers sm_80, sm_90 and auto.
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
@@ -127,19 +127,10 @@ def _compile_in_child(kernel_dir: Path, target: str, out_dir: Path) -> dict[str,
     return json.loads((out_dir / COMPILED_INFO_FILE).read_text())
 
 
-@contextlib.contextmanager
-def _no_line_info():
+def _no_line_info() -> contextlib.AbstractContextManager[None]:
     """Compile without debug line info: it embeds the kernel file's absolute path (a build's temporary
     directory), which would make the artifacts differ from build to build."""
-    previous = os.environ.get("TRITON_DISABLE_LINE_INFO")
-    os.environ["TRITON_DISABLE_LINE_INFO"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_DISABLE_LINE_INFO"]
-        else:
-            os.environ["TRITON_DISABLE_LINE_INFO"] = previous
+    return env_var("TRITON_DISABLE_LINE_INFO", "1")
 
 
 def _triton_version() -> str:

@@ -24,7 +24,20 @@ COMPILED_INFO_FILE = "compiled.json"  # written by compiler/gpu_compile.py next 
 
 
 @contextlib.contextmanager
-def _triton_interpret(interpret: bool) -> Iterator[None]:
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the span of a `with` block, then restore it (or remove it again)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def _triton_interpret(interpret: bool) -> contextlib.AbstractContextManager[None]:
     """Set TRITON_INTERPRET for the span of a kernel module import, then restore it.
 
     Triton reads the variable when @triton.jit decorates a function (InterpretedFunction vs JITFunction), not
@@ -32,15 +45,7 @@ def _triton_interpret(interpret: bool) -> Iterator[None]:
     the process (CPU torch ops included) never sees it. Triton's own library is the exception: see
     ensure_triton_mode.
     """
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    return env_var("TRITON_INTERPRET", "1" if interpret else "0")
 
 
 class TritonModeError(RuntimeError):
