@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
@@ -23,6 +25,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 KERNELS_DIR = "kernels"
+logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,6 +121,9 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         from pllm.compiler.gpu_compile import compile_kernels
 
         compiled = compile_kernels(kernel_dir, options.target)
+    cpu_kernels = compile_cpu_kernels(kernel_dir, plan)
+    if "error" in cpu_kernels:
+        logger.warning("cpu kernels not built (%s): the cpu backend will use PyTorch attention", cpu_kernels["error"])
 
     kv_bytes_per_token = 2 * spec.num_hidden_layers * spec.kv_size * TORCH_DTYPES[dtype].itemsize
     files = {
@@ -134,6 +140,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "tokenizer_files": tokenizer_files,
         "kernels": plan.to_manifest(),
         "compiled_kernels": compiled,
+        "cpu_kernels": cpu_kernels,
         "tuning": {},
         "versions": versions(),
         "files": files,

@@ -26,6 +26,9 @@ MLP_SMALL_M_MAX_TOKENS = 16  # at most this many tokens -> the small-M tiles
 MLP_BLOCK_N_CHOICES = (128, 64, 32, 16)  # small M: widest N tile that still gives MLP_MIN_PROGRAMS tiles
 MLP_MIN_PROGRAMS = 128  # a decode-sized batch has one row of tiles: its column tiles alone must cover the SMs
 MLP_BLOCK_K = 64
+CPU_LANES = 8  # fp32 lanes per vector in the cpu kernels: 32 bytes, one AVX2 register or two NEON ones
+CPU_PREFETCH_TOKENS = 16  # cpu decode attention requests K/V rows this far ahead: ~2 tiles of compute hide DRAM
+CPU_KERNEL_DTYPES = ("float32", "bfloat16")  # widening fp16 needs F16C/NEON intrinsics the templates do not use
 
 
 def next_power_of_2(n: int) -> int:
@@ -39,7 +42,7 @@ class KernelSpec:
 
     name: str  # "rms_norm", also the launcher's name inside the file
     template: str  # "rms_norm.py.jinja"
-    file_name: str  # "rms_norm.py"
+    file_name: str  # "rms_norm.py" (Triton, imported) or "cpu_decode_attention.cpp" (C++, compiled at build)
     # UPPER_CASE name -> int | float | str | bool; rendered as module-level constants, passed as tl.constexpr.
     # A dict inside a frozen dataclass: the plan is built once by make_plan and never mutated.
     constants: dict[str, Any] = field(hash=False)
@@ -91,11 +94,18 @@ def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
         _prefill_attention(spec, common, block_size),
         _mlp(spec, common, dtype),
     )
+    if cpu_kernel_supported(spec, dtype):
+        kernels += (_cpu_decode_attention(spec, dtype, block_size),)
     return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels)
 
 
-def _kernel(name: str, constants: dict[str, Any], options: dict[str, bool]) -> KernelSpec:
-    return KernelSpec(name, f"{name}.py.jinja", f"{name}.py", constants, options)
+def _kernel(name: str, constants: dict[str, Any], options: dict[str, bool], suffix: str = "py") -> KernelSpec:
+    return KernelSpec(name, f"{name}.{suffix}.jinja", f"{name}.{suffix}", constants, options)
+
+
+def cpu_kernel_supported(spec: ModelSpec, dtype: str) -> bool:
+    """Whether the plan carries the cpu backend's compiled decode attention (block sizes are all multiples of 8)."""
+    return dtype in CPU_KERNEL_DTYPES and spec.head_dim % CPU_LANES == 0
 
 
 def _head_constants(spec: ModelSpec, common: dict[str, Any]) -> dict[str, Any]:
@@ -208,3 +218,16 @@ def _mlp_block_n(num_columns: int) -> int:
 def _dot_precision(dtype: str) -> str:
     # fp32 builds promise greedy equality with Hugging Face in fp32: tf32 dots (10-bit mantissa) would break it
     return "ieee" if dtype == "float32" else "tf32"
+
+
+def _cpu_decode_attention(spec: ModelSpec, dtype: str, block_size: int) -> KernelSpec:
+    constants = {
+        "NUM_HEADS": spec.num_attention_heads,
+        "NUM_KV_HEADS": spec.num_key_value_heads,
+        "GROUP_SIZE": spec.group_size,
+        "HEAD_DIM": spec.head_dim,
+        "BLOCK_SIZE": block_size,
+        "LANES": CPU_LANES,
+        "PREFETCH_TOKENS": CPU_PREFETCH_TOKENS,
+    }
+    return _kernel("cpu_decode_attention", constants, {"bf16_cache": dtype == "bfloat16"}, suffix="cpp")

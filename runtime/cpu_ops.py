@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pllm.runtime.cpu_kernels import CpuDecodeAttention
 from pllm.runtime.ops import AttentionMetadata
 
 _HAS_ONEDNN_LINEAR = (
@@ -23,9 +24,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 
 class TorchOps:
-    """Reference-quality and fast enough: one gather + batched matmul for decode, SDPA per prompt segment."""
+    """Reference-quality and fast: one-token queries through the build's compiled kernel (else one gather + batched
+    matmuls), SDPA per prompt segment."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode_attention: CpuDecodeAttention | None = None) -> None:
+        self.decode_attention = decode_attention
+        self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
+        self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
@@ -62,12 +67,20 @@ class TorchOps:
         return self._rope_cached
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
-        if meta.is_decode_only:
+        if self.decode_attention is None and meta.is_decode_only:
             return self._decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
+        if self.decode_attention is not None:
+            # every one-token query (decodes, and one-token prompt chunks) in one kernel call; the rest below
+            tables, lens, rows = self._one_token_rows(meta)
+            if rows.numel():
+                self.decode_attention(q, k_cache, v_cache, tables, lens, rows, meta.max_seq_len, scale, out)
         block_size = k_cache.shape[1]
         start = 0
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+            if query_len == 1 and self.decode_attention is not None:
+                start += 1
+                continue
             num_blocks = -(-seq_len // block_size)
             blocks = meta.block_tables[i, :num_blocks].long()
             k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
@@ -76,6 +89,21 @@ class TorchOps:
             out[start : start + query_len] = _attend(qs, k, v, seq_len - query_len, scale)
             start += query_len
         return out
+
+    def _one_token_rows(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per step: block tables [S1, max_blocks], seq lens [S1] and q rows [S1] of the S1 one-token queries."""
+        if self._kernel_meta is not meta:
+            if meta.is_decode_only:
+                rows = torch.arange(meta.num_seqs)
+                tables, lens = meta.block_tables, meta.seq_lens
+            else:
+                seqs = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+                index = torch.tensor(seqs, dtype=torch.int64)
+                rows = meta.query_start_loc[:-1].long().index_select(0, index)
+                tables = meta.block_tables.index_select(0, index)
+                lens = meta.seq_lens.index_select(0, index)
+            self._kernel_meta, self._kernel_rows = meta, (tables.contiguous(), lens.contiguous(), rows)
+        return self._kernel_rows
 
     def _decode_layout(
         self, meta: AttentionMetadata, block_size: int, num_kv_heads: int

@@ -1,0 +1,78 @@
+"""Rendered C++ kernels -> shared libraries for the cpu backend, built at compile time with the machine's compiler."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pllm.compiler.plan import KernelPlan
+
+# The instruction set each machine type is compiled for: a baseline that servers and laptops of the last decade
+# all run (x86-64-v3 = AVX2 + FMA, Haswell/Zen 1 on), so a build made on one machine serves on another.
+CPU_TARGETS = {"x86_64": ("x86-64-v3", ["-march=x86-64-v3"]), "aarch64": ("armv8-a", ["-march=armv8-a"])}
+# -fopenmp: the loop over (sequence, KV head) items runs on OpenMP threads. Loaded after torch, the library binds
+# to torch's own libgomp (same soname), so the kernel and torch's ops share one thread pool.
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+COMPILE_TIMEOUT_S = 120
+
+
+def find_compiler() -> str | None:
+    """$CXX if set, else g++ or clang++ on PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
+    """Compile every rendered .cpp of the plan in kernel_dir into a .so beside it.
+
+    Returns the manifest entry: {} when the plan has no cpu kernel (float16), {"error": why} when they cannot be
+    built here (the cpu backend then runs its PyTorch attention and says so at start-up), else the machine,
+    instruction set, compiler, flags and each kernel's library. Same sources and compiler -> identical files
+    (the compiler runs in kernel_dir on relative names, without debug info, so no path is embedded).
+    """
+    sources = [k for k in plan.kernels if k.file_name.endswith(".cpp")]
+    if not sources:
+        return {}
+    compiler = find_compiler()
+    if compiler is None:
+        return {"error": "no C++ compiler found (set $CXX, or install g++ or clang++)"}
+    machine = platform.machine()
+    isa, arch_flags = CPU_TARGETS.get(machine, ("native-default", []))
+    flags = [*BASE_FLAGS, *arch_flags]
+    libraries = {}
+    for kernel in sources:
+        library = kernel.file_name.removesuffix(".cpp") + ".so"
+        cmd = [compiler, *flags, kernel.file_name, "-o", library]
+        error = _run_compiler(cmd, kernel_dir)
+        if error is not None:
+            for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
+                (Path(kernel_dir) / done).unlink(missing_ok=True)
+            return {"error": f"{compiler} failed on {kernel.file_name}: {error}"}
+        libraries[kernel.name] = library
+    return {
+        "machine": machine,
+        "isa": isa,
+        "compiler": _compiler_version(compiler),
+        "flags": flags,
+        "libraries": libraries,
+    }
+
+
+def _run_compiler(cmd: list[str], cwd: Path) -> str | None:
+    """None on success, else the last lines the compiler printed."""
+    try:
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if result.returncode == 0:
+        return None
+    return " | ".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+
+
+def _compiler_version(compiler: str) -> str:
+    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    return lines[0] if lines else compiler

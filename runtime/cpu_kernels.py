@@ -1,0 +1,84 @@
+"""The build's compiled cpu kernels: find, check and load them, and call them on torch tensors through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pllm.runtime.loader import LoadedBuild
+
+# what each instruction set a build may be compiled for needs of the machine, in torch's own words
+ISA_CAPABILITIES = {"x86-64-v3": ("AVX2", "AVX512")}
+KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CpuKernelChoice:
+    """The decode attention the cpu backend will run, and why (logged at start-up)."""
+
+    attention: CpuDecodeAttention | None  # None: PyTorch gather + batched matmuls
+    reason: str
+
+
+class CpuDecodeAttention:
+    """kernels/cpu_decode_attention.so: paged attention of one query token per sequence, read in place."""
+
+    def __init__(self, library: Path, dtype: torch.dtype, block_size: int):
+        self.dtype = dtype
+        self.block_size = block_size  # the one the kernel was specialised to
+        lib = ctypes.CDLL(str(library))  # after `import torch`, so its libgomp is the one the library binds to
+        fn = lib.pllm_decode_attention
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, H, D], rotated
+        k_cache: torch.Tensor,  # [num_blocks, block_size, KV, D]
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [S, max_blocks] int32
+        seq_lens: torch.Tensor,  # [S] int32, including the query token
+        q_rows: torch.Tensor,  # [S] int64, each sequence's row of q
+        max_seq_len: int,
+        scale: float,
+        out: torch.Tensor,  # [T, H, D]: rows q_rows are written, others untouched
+    ) -> torch.Tensor:
+        num_seqs = q_rows.shape[0]
+        for t in (q, k_cache, v_cache, out):
+            assert t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
+        assert k_cache.shape[1] == self.block_size and k_cache.shape == v_cache.shape
+        assert block_tables.dtype == torch.int32 and block_tables.is_contiguous() and block_tables.shape[0] >= num_seqs
+        assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() and seq_lens.shape[0] >= num_seqs
+        assert q_rows.dtype == torch.int64 and q_rows.is_contiguous() and out.shape == q.shape
+        status = self._fn(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+            seq_lens.data_ptr(), q_rows.data_ptr(), out.data_ptr(), num_seqs, max_seq_len, scale,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("cpu decode attention could not allocate its scratch buffers")
+        return out
+
+
+def choose_cpu_attention(build: LoadedBuild) -> CpuKernelChoice:
+    """The build's compiled decode attention if this machine can run it, else None and the reason."""
+    entry = build.manifest.get("cpu_kernels") or {}
+    library = (entry.get("libraries") or {}).get("cpu_decode_attention")
+    if library is None:
+        why = entry.get("error", f"the build has no cpu kernel for dtype {build.dtype}")
+        return CpuKernelChoice(None, f"PyTorch attention ({why})")
+    if entry.get("machine") != platform.machine():
+        return CpuKernelChoice(None, f"PyTorch attention (kernels built for {entry.get('machine')}, "
+                                     f"this machine is {platform.machine()}; rebuild here to use them)")
+    needs = ISA_CAPABILITIES.get(entry.get("isa", ""))
+    capability = torch.backends.cpu.get_cpu_capability()
+    if needs is not None and capability not in needs:
+        return CpuKernelChoice(None, f"PyTorch attention (kernels need {entry['isa']}, this CPU offers {capability})")
+    attention = CpuDecodeAttention(build.kernel_dir / library, KERNEL_DTYPES[build.dtype], build.block_size)
+    return CpuKernelChoice(attention, f"compiled decode attention ({entry['isa']}, {library})")

@@ -1,0 +1,205 @@
+"""cpu_decode_attention (the cpu backend's compiled paged decode attention) vs an fp64 PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
+from pllm.compiler.plan import cpu_kernel_supported, make_plan
+from pllm.compiler.render import render_plan
+from pllm.runtime.cpu_kernels import CpuDecodeAttention, choose_cpu_attention
+from pllm.runtime.cpu_ops import TorchOps
+from pllm.runtime.loader import open_build
+from pllm.runtime.ops import AttentionMetadata
+
+from .conftest import tiny_spec
+
+# Reference: softmax(q k^T * scale) v in fp64 on the same rounded q, K, V. The kernel keeps scores, probabilities
+# and sums in fp32 and rounds only the output. Tolerances:
+# float32 -- fp32 dot products over <= 128 dims and sums over <= a few hundred keys, plus an exp within ~2 ulp:
+#   ~1e-6 relative; 1e-5 absolute and relative leave a margin.
+# bfloat16 -- the output is rounded once to bf16 (8 significant bits): relative error <= 2**-8 of |o|, plus the
+#   fp32 error above (1e-4 absolute).
+TOLERANCES = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 1e-4, "rtol": 2**-8}}
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
+
+
+@pytest.fixture(scope="module")
+def cpu_attention(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: (dtype, block_size, **spec fields) -> the compiled kernel, cached per shape (~0.4 s per compile)."""
+    cache: dict[tuple, CpuDecodeAttention] = {}
+
+    def make(*, dtype: str, block_size: int, **spec_fields: int) -> CpuDecodeAttention:
+        key = (dtype, block_size, tuple(sorted(spec_fields.items())))
+        if key not in cache:
+            plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)
+            out_dir = tmp_path_factory.mktemp("cpu_kernels")
+            render_plan(plan, out_dir)
+            entry = compile_cpu_kernels(out_dir, plan)
+            assert "error" not in entry, entry["error"]
+            library = out_dir / entry["libraries"]["cpu_decode_attention"]
+            cache[key] = CpuDecodeAttention(library, getattr(torch, dtype), block_size)
+        return cache[key]
+
+    return make
+
+
+def check(cpu_attention, paged_kv, attention_reference, *, dtype: str, head_dim: int, num_kv_heads: int,
+          group_size: int, block_size: int, seq_lens: list[int], seed: int) -> None:
+    num_heads = num_kv_heads * group_size
+    kernel = cpu_attention(dtype=dtype, block_size=block_size, head_dim=head_dim, num_attention_heads=num_heads,
+                           num_key_value_heads=num_kv_heads)
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    kv = paged_kv(seq_lens, num_kv_heads, head_dim, block_size, torch_dtype, "cpu", gen)
+    num_seqs = len(seq_lens)
+    # the queries sit in scattered rows of a taller q, as decodes do in a step that also holds prompt chunks
+    num_rows = 2 * num_seqs + 1
+    q = torch.randn((num_rows, num_heads, head_dim), generator=gen).to(torch_dtype)  # [T, H, D]
+    q_rows = torch.randperm(num_rows, generator=gen)[:num_seqs]
+    out = torch.full_like(q, 7.0)
+    scale = head_dim**-0.5
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens_t, q_rows, max(seq_lens), scale, out)
+    for i, row in enumerate(q_rows.tolist()):
+        expected = attention_reference(q[row : row + 1].float(), kv.keys[i], kv.values[i], scale)
+        torch.testing.assert_close(out[row : row + 1].double(), expected, **TOLERANCES[dtype])
+    untouched = torch.ones(num_rows, dtype=torch.bool)
+    untouched[q_rows] = False
+    assert torch.all(out[untouched] == 7.0), "rows of q that are not one-token queries must not be written"
+
+
+@st.composite
+def context_lengths(draw: st.DrawFn, block_size: int) -> int:
+    """Lengths that end on, just past, or just before a block boundary, inside the first tile, or anywhere."""
+    num_blocks = draw(st.integers(1, 12))
+    edge = draw(st.sampled_from([0, 1, -1, None]))
+    if edge is None:
+        return draw(st.integers(1, num_blocks * block_size))
+    return max(1, num_blocks * block_size + edge)
+
+
+@SETTINGS
+@given(data=st.data(), dtype=st.sampled_from(["float32", "bfloat16"]), head_dim=st.sampled_from([64, 80, 128]),
+       num_kv_heads=st.sampled_from([1, 2]), group_size=st.sampled_from([1, 3, 8]),
+       block_size=st.sampled_from([8, 16, 32]), seed=st.integers(0, 2**16))
+def test_matches_reference(cpu_attention, paged_kv, attention_reference, data, dtype, head_dim, num_kv_heads,
+                           group_size, block_size, seed):
+    seq_lens = data.draw(st.lists(context_lengths(block_size), min_size=1, max_size=5))
+    check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
+          group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=seed)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "num_kv_heads", "group_size", "block_size", "seq_lens"),
+    [
+        ("bfloat16", 64, 3, 3, 16, [1, 16, 17, 15, 137]),  # SmolLM2's heads; one token; block boundaries
+        ("float32", 96, 4, 2, 8, [8, 9, 1]),  # head_dim 96, blocks of one tile
+        ("bfloat16", 128, 1, 8, 32, [600]),  # a long context: many prefetched tiles, one KV head for 8 queries
+        ("float32", 8, 2, 1, 16, [3, 40]),  # one vector per head row, no GQA
+    ],
+)
+def test_awkward_shapes(cpu_attention, paged_kv, attention_reference, dtype, head_dim, num_kv_heads, group_size,
+                        block_size, seq_lens):
+    check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
+          group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=0)
+
+
+def test_large_scores_do_not_overflow(cpu_attention, paged_kv, attention_reference):
+    """Scores far from 0 (scaled keys): the max is subtracted before exp, so nothing overflows or underflows to NaN."""
+    kernel = cpu_attention(dtype="float32", block_size=16, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
+    gen = torch.Generator().manual_seed(3)
+    kv = paged_kv([50], 1, 64, 16, torch.float32, "cpu", gen)
+    kv.k_cache.mul_(40.0)  # the NaN padding stays NaN
+    q = torch.randn((1, 2, 64), generator=gen)
+    out = torch.empty_like(q)
+    kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, torch.tensor([50], dtype=torch.int32), torch.tensor([0]), 50,
+           0.125, out)
+    expected = attention_reference(q.float(), kv.keys[0] * 40.0, kv.values[0], 0.125)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES["float32"])
+
+
+def test_softmax_probabilities_to_a_few_ulp(cpu_attention):
+    """Two keys whose scores differ by x: with V rows e0 and e1 the output row is the probability pair, so the
+    kernel's exp and normalisation are checked alone, against fp64, to 4 fp32 ulp (exp within 2, then a sum and a
+    division). Scores below -87.3 give exactly 0, where fp32 exp would be denormal."""
+    kernel = cpu_attention(dtype="float32", block_size=8, head_dim=8, num_attention_heads=1, num_key_value_heads=1)
+    x = torch.cat([torch.linspace(-87.0, 0.0, 300), torch.tensor([-0.3466, -1e-6, 1e-3, 5.0, 30.0])])
+    num_seqs = x.numel()
+    k_cache = torch.zeros((num_seqs, 8, 1, 8))
+    v_cache = torch.zeros((num_seqs, 8, 1, 8))
+    k_cache[:, 0, 0, 0] = x  # score of key 0 = x (q = e0, scale 1); key 1 scores 0
+    v_cache[:, 0, 0, 0] = 1.0
+    v_cache[:, 1, 0, 1] = 1.0
+    q = torch.zeros((num_seqs, 1, 8))
+    q[:, 0, 0] = 1.0
+    out = torch.empty_like(q)
+    tables = torch.arange(num_seqs, dtype=torch.int32)[:, None]
+    lens = torch.full((num_seqs,), 2, dtype=torch.int32)
+    kernel(q, k_cache, v_cache, tables, lens, torch.arange(num_seqs), 2, 1.0, out)
+    expected = torch.softmax(torch.stack([x.double(), torch.zeros(num_seqs, dtype=torch.float64)], dim=-1), dim=-1)
+    torch.testing.assert_close(out[:, 0, :2].double(), expected, atol=1e-37, rtol=4 * 2**-24)
+    assert torch.all(out[:, 0, 2:] == 0)
+
+
+def test_torch_ops_mixed_step_equals_pytorch_path(cpu_attention, paged_kv):
+    """A step of prompt chunks and decodes: the kernel takes the one-token queries, SDPA the rest, and the result
+    is the PyTorch path's."""
+    kernel = cpu_attention(dtype="float32", block_size=16, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    gen = torch.Generator().manual_seed(5)
+    seq_lens, query_lens = [40, 7, 33, 1], [1, 7, 5, 1]  # decode, whole prompt, chunk after a prefix, 1-token prompt
+    kv = paged_kv(seq_lens, 2, 64, 16, torch.float32, "cpu", gen)
+    kv.k_cache.nan_to_num_(0.0)  # the PyTorch path reads whole blocks and masks: keep the padding finite for it
+    kv.v_cache.nan_to_num_(0.0)
+    num_tokens = sum(query_lens)
+    q = torch.randn((num_tokens, 4, 64), generator=gen)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    positions = torch.cat([torch.arange(s - n, s) for s, n in zip(seq_lens, query_lens)])
+    meta = AttentionMetadata(
+        positions=positions, slot_mapping=torch.zeros(num_tokens, dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=kv.block_tables, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_lens_host=tuple(query_lens), seq_lens_host=tuple(seq_lens),
+    )
+    with_kernel = TorchOps(kernel).attention(q, kv.k_cache, kv.v_cache, meta, 0.125)
+    without = TorchOps().attention(q, kv.k_cache, kv.v_cache, meta, 0.125)
+    torch.testing.assert_close(with_kernel, without, **TOLERANCES["float32"])
+
+
+def test_plan_carries_the_kernel_only_where_it_applies():
+    assert cpu_kernel_supported(tiny_spec(head_dim=64), "bfloat16")
+    assert cpu_kernel_supported(tiny_spec(head_dim=80), "float32")
+    assert not cpu_kernel_supported(tiny_spec(head_dim=64), "float16")  # no fp16 widening in the template
+    assert not cpu_kernel_supported(tiny_spec(head_dim=36), "float32")  # not a whole number of 8-lane vectors
+    names = [k.name for k in make_plan(tiny_spec(), "float16", 16).kernels]
+    assert "cpu_decode_attention" not in names
+
+
+def test_backend_says_which_attention_it_runs(tiny_build, tmp_path):
+    """The build's kernel is used where it can run; otherwise the PyTorch path, with the reason."""
+    build = open_build(tiny_build("llama"))
+    choice = choose_cpu_attention(build)
+    assert choice.attention is not None and "compiled decode attention" in choice.reason
+    for entry, reason in [
+        ({"error": "no C++ compiler found"}, "no C++ compiler found"),
+        ({**build.manifest["cpu_kernels"], "machine": "riscv64"}, "built for riscv64"),
+        ({**build.manifest["cpu_kernels"], "isa": "x86-64-v3"}, None),
+        ({}, "no cpu kernel for dtype float32"),
+    ]:
+        manifest = json.loads(json.dumps(build.manifest))
+        manifest["cpu_kernels"] = entry
+        other = choose_cpu_attention(type(build)(build.path, manifest, build.spec, build.dtype, build.block_size,
+                                                 build.kernel_dir))
+        if reason is None:
+            assert other.attention is not None
+        else:
+            assert other.attention is None and reason in other.reason, other.reason
