@@ -1,9 +1,11 @@
 """Offline throughput: pllm LLM.generate vs Hugging Face generate in padded batches, same model, machine and dtype.
 
-    python tools/bench_throughput.py build/ [--num-requests 64] [--dtype bfloat16]
+    python tools/bench_throughput.py build/ [--num-requests 64] [--skip-hf]
 
 Prints output tokens/s for both, their ratio, peak memory, and pllm's decode step at batch 64 as a fraction of the
-CPU's bf16 matmul roofline measured in the same run. A benchmark, not a test: numbers depend on the machine.
+CPU's matmul roofline (in the build's dtype) measured in the same run; where the build has the compiled cpu decode
+attention, the same steps with the PyTorch attention run beside it as a baseline. A benchmark, not a test: numbers
+depend on the machine.
 """
 
 from __future__ import annotations
@@ -83,25 +85,38 @@ def bench_hf(hf_model, reqs, batch_size: int, pad_id: int) -> dict:
     return {"engine": "HF transformers generate", "seconds": time.perf_counter() - t, "output_tokens": num_out}
 
 
-def decode_roofline_fraction(llm, batch: int, prompt_len: int, num_steps: int, peak: float) -> dict:
-    """Time decode-only steps at `batch` sequences; FLOPs counted for the linear layers and attention."""
+def decode_roofline_fractions(llm, batch: int, prompt_len: int, peak: float, variants: dict, rounds: int = 4,
+                              steps: int = 8) -> dict[str, dict]:
+    """Time decode-only steps at `batch` sequences; FLOPs counted for the linear layers and attention.
+
+    `variants` maps a name to a function that switches the engine to it. The variants take turns on the same batch,
+    `steps` steps at a time for `rounds` rounds, so drift on a shared machine hits them alike; each reports its best
+    round (the least disturbed) and the median.
+    """
     from pllm import SamplingParams
 
     engine = llm.engine
     spec = engine.spec
     rng = random.Random(1)
+    num_steps = rounds * len(variants) * steps
     for i in range(batch):
         ids = [rng.randrange(100, spec.vocab_size) for _ in range(prompt_len)]
-        params = SamplingParams(temperature=0.0, max_tokens=num_steps + 8, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=num_steps + len(variants) + 8, ignore_eos=True)
         engine.add_request(f"decode-{i}", ids, params)
     sched = engine.scheduler
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()
-    engine.step()
-    t = time.perf_counter()
-    for _ in range(num_steps):
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for activate in variants.values():  # warm-up: one step each
+        activate()
         engine.step()
-    step_s = (time.perf_counter() - t) / num_steps
+    for _ in range(rounds):
+        for name, activate in variants.items():
+            activate()
+            t = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            times[name].append((time.perf_counter() - t) / steps)
     for i in range(batch):
         engine.abort_request(f"decode-{i}")
     p_lin = 2 * spec.num_hidden_layers * spec.hidden_size * (spec.q_size + spec.kv_size) + (
@@ -110,8 +125,22 @@ def decode_roofline_fraction(llm, batch: int, prompt_len: int, num_steps: int, p
     ctx = prompt_len + num_steps // 2
     attn = 4 * spec.num_hidden_layers * spec.num_attention_heads * spec.head_dim * ctx
     flops = batch * (2 * p_lin + attn)
-    return {"batch": batch, "step_ms": step_s * 1e3, "tok_s": batch / step_s, "gflops": flops / step_s / 1e9,
-            "fraction_of_roofline": flops / step_s / peak}
+    out = {}
+    for name, ts in times.items():
+        best, median = min(ts), sorted(ts)[len(ts) // 2]
+        out[name] = {"batch": batch, "context": ctx, "step_ms": best * 1e3, "median_step_ms": median * 1e3,
+                     "tok_s": batch / best, "gflops": flops / best / 1e9, "fraction_of_roofline": flops / best / peak,
+                     "median_fraction_of_roofline": flops / median / peak}
+    return out
+
+
+def attention_variants(ops) -> dict:
+    """The cpu backend with its compiled decode attention and, as a baseline, with its PyTorch attention."""
+    kernel = getattr(ops, "decode_attention", None)
+    if kernel is None:
+        return {"pllm": lambda: None}
+    return {"compiled attention": lambda: setattr(ops, "decode_attention", kernel),
+            "PyTorch attention": lambda: setattr(ops, "decode_attention", None)}
 
 
 def main() -> None:
@@ -138,7 +167,7 @@ def main() -> None:
     llm = pllm_res.pop("llm")
     results.append(pllm_res)
     rss_pllm = peak_rss_mib()
-    decode = decode_roofline_fraction(llm, 64, 128, 16, peak)
+    decodes = decode_roofline_fractions(llm, 64, 128, peak, attention_variants(llm.engine.runner.ops))
     del llm
     if not args.skip_hf:
         import transformers
@@ -167,10 +196,18 @@ def main() -> None:
         r["output_tok_s"] = tps
         print(f"{r['engine']:<28} {r['seconds']:9.1f} {r['output_tokens']:8d} {tps:10.1f} {tps / base:6.2f}x")
     print(f"peak RSS: {rss_pllm:.0f} MiB after pllm, {peak_rss_mib():.0f} MiB after all")
-    print(f"pllm decode at batch {decode['batch']}: {decode['step_ms']:.1f} ms/step, {decode['tok_s']:.0f} tok/s, "
-          f"{decode['gflops']:.0f} GFLOP/s = {100 * decode['fraction_of_roofline']:.0f}% of the matmul roofline")
+    first = next(iter(decodes.values()))
+    print(f"\npllm decode at batch {first['batch']}, context ~{first['context']} (best of rounds; median):")
+    for name, d in decodes.items():
+        print(f"  {name:<20} {d['step_ms']:6.1f} ms/step ({d['median_step_ms']:.1f}), {d['tok_s']:4.0f} tok/s, "
+              f"{d['gflops']:3.0f} GFLOP/s = {100 * d['fraction_of_roofline']:.1f}% "
+              f"({100 * d['median_fraction_of_roofline']:.1f}%) of the matmul roofline")
+    if len(decodes) == 2:
+        (_, a), (_, b) = decodes.items()
+        print(f"  compiled attention makes the step {b['step_ms'] / a['step_ms']:.2f}x faster "
+              f"(median {b['median_step_ms'] / a['median_step_ms']:.2f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "decode": decode, "roofline": peak}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": results, "decode": decodes, "roofline": peak}, indent=2))
 
 
 if __name__ == "__main__":
