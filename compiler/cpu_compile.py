@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +22,7 @@ COMPILE_TIMEOUT_S = 120
 
 
 def find_compiler() -> str | None:
-    """$CXX if set, else g++ or clang++ on PATH."""
+    """$CXX if set (a command line: "ccache g++" works), else g++ or clang++ on PATH."""
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
 
@@ -45,7 +46,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     libraries = {}
     for kernel in sources:
         library = kernel.file_name.removesuffix(".cpp") + ".so"
-        cmd = [compiler, *flags, kernel.file_name, "-o", library]
+        cmd = [*shlex.split(compiler), *flags, kernel.file_name, "-o", library]
         error = _run_compiler(cmd, kernel_dir)
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
@@ -73,6 +74,6 @@ def _run_compiler(cmd: list[str], cwd: Path) -> str | None:
 
 
 def _compiler_version(compiler: str) -> str:
-    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
+    result = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, check=False)
     lines = result.stdout.strip().splitlines()
     return lines[0] if lines else compiler
