@@ -80,5 +80,8 @@ def choose_cpu_attention(build: LoadedBuild) -> CpuKernelChoice:
     capability = torch.backends.cpu.get_cpu_capability()
     if needs is not None and capability not in needs:
         return CpuKernelChoice(None, f"PyTorch attention (kernels need {entry['isa']}, this CPU offers {capability})")
-    attention = CpuDecodeAttention(build.kernel_dir / library, KERNEL_DTYPES[build.dtype], build.block_size)
+    try:
+        attention = CpuDecodeAttention(build.kernel_dir / library, KERNEL_DTYPES[build.dtype], build.block_size)
+    except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
+        return CpuKernelChoice(None, f"PyTorch attention (could not load {library}: {e}; rebuild here to use it)")
     return CpuKernelChoice(attention, f"compiled decode attention ({entry['isa']}, {library})")

@@ -194,6 +194,8 @@ def test_backend_says_which_attention_it_runs(tiny_build, tmp_path):
         ({**build.manifest["cpu_kernels"], "machine": "riscv64"}, "built for riscv64"),
         ({**build.manifest["cpu_kernels"], "isa": "x86-64-v3"}, None),
         ({}, "no cpu kernel for dtype float32"),
+        ({**build.manifest["cpu_kernels"], "libraries": {"cpu_decode_attention": "cpu_decode_attention.cpp"}},
+         "could not load cpu_decode_attention.cpp"),
     ]:
         manifest = json.loads(json.dumps(build.manifest))
         manifest["cpu_kernels"] = entry
