@@ -19,6 +19,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     num_threads: int | None = None  # cpu backend: torch intra-op threads (None: torch's default)
+    enforce_eager: bool = False  # cuda backend: never capture decode steps as CUDA graphs
+    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture (None: 1, 2, 4, 8, 16, ...)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, what: str) -> ValueError:
@@ -36,5 +38,14 @@ class EngineConfig:
             raise bad("block_size", self.block_size, "one of 8, 16, 32, 64, 128")
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
             raise bad("kv_cache_memory", self.kv_cache_memory, "a positive number of bytes")
+        if self.cuda_graph_sizes is not None:
+            sizes = self.cuda_graph_sizes
+            if not isinstance(sizes, (tuple, list)) or not sizes or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes
+            ):
+                raise bad("cuda_graph_sizes", sizes, "a non-empty tuple of positive integers (decode batch sizes)")
+            if max(sizes) > self.max_num_seqs:
+                raise bad("cuda_graph_sizes", sizes, f"at most max_num_seqs={self.max_num_seqs}, the largest batch")
+            object.__setattr__(self, "cuda_graph_sizes", tuple(sizes))
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from pllm.models.llama import LlamaModel
 from pllm.runtime.config import EngineConfig
+from pllm.runtime.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.loader import LoadedBuild, load_weights
 from pllm.runtime.ops import AttentionMetadata, Ops
 from pllm.runtime.request import ScheduledBatch
@@ -63,10 +66,42 @@ class ModelRunner:
         self.num_blocks = self._plan_num_blocks(config, max_model_len)
         self.max_model_len = max_model_len
         spec = self.spec
-        shape = (spec.num_hidden_layers, 2, self.num_blocks, self.block_size, spec.num_key_value_heads, spec.head_dim)
+        # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
+        self.pad_block = self.num_blocks
+        shape = (spec.num_hidden_layers, 2, self.num_blocks + 1, self.block_size, spec.num_key_value_heads,
+                 spec.head_dim)
         # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
+            self.decode_graphs = self._capture_or_eager(sizes)
+
+    def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
+        """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""
+        if not getattr(self.ops, "graph_safe", False):
+            raise ValueError(f"backend {self.backend!r}: its ops read step data on the host, so cannot be captured")
+
+        def forward(input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+            return self.model.forward(input_ids, meta, self.kv_caches)
+
+        with torch.inference_mode():
+            return DecodeGraphs(forward, sizes, self.device, self.max_model_len, self.block_size, self.pad_block,
+                                capture)
+
+    def _capture_or_eager(self, sizes: Sequence[int]) -> DecodeGraphs | None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        try:
+            graphs = self.capture_decode_graphs(sizes)
+        except Exception as e:  # a model or driver the capture does not support: serve, slower, and say why
+            logger.warning("pllm: CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
+            return None
+        used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20
+        logger.info("pllm: captured %d decode CUDA graphs (batch sizes %s) in %.1f s, %.0f MiB",
+                    len(graphs.sizes), _ranges(graphs.sizes), time.perf_counter() - start, used)
+        return graphs
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -142,7 +177,11 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns logits [num_sampling_seqs, vocab_size] float32 in batch order."""
         inputs = self.prepare(batch)
-        hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]
+        hidden = None
+        if self.decode_graphs is not None and inputs.meta.is_decode_only:
+            hidden = self.decode_graphs.run(inputs.input_ids, inputs.meta)  # None: larger than any graph
+        if hidden is None:
+            hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]
         return self.model.logits(hidden[inputs.sample_indices])
 
     @torch.inference_mode()
@@ -150,3 +189,10 @@ class ModelRunner:
         """Run one step and return the final-norm hidden states of every token: [num_tokens, hidden] float32."""
         inputs = self.prepare(batch)
         return self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches).float()
+
+
+def _ranges(sizes: Sequence[int]) -> str:
+    """(1, 2, 4, 8, 16, 24) -> "1, 2, 4, 8..24"; the log line stays short with 35 sizes."""
+    head = [n for n in sizes if n < 8]
+    tail = [n for n in sizes if n >= 8]
+    return ", ".join([*map(str, head), *([f"{tail[0]}..{tail[-1]}"] if len(tail) > 1 else map(str, tail))])

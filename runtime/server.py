@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of free device memory (or of available RAM on cpu) for the KV cache",
     )
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action="store_true", help="cuda: run decode steps without CUDA graphs")
+    p.add_argument(
+        "--cuda-graph-sizes",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="cuda: decode batch sizes to capture as CUDA graphs (default: 1 2 4 8 16 ... up to max-num-seqs, 256)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-queued-requests",
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_fraction=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching,
             seed=args.seed,
+            enforce_eager=args.enforce_eager,
+            cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
         )
         from pllm.runtime.engine import LLMEngine  # imported here so --help stays fast
 
