@@ -12,7 +12,7 @@ import torch
 from pllm.runtime.loader import LoadedBuild
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
-ISA_CAPABILITIES = {"x86-64-v3": ("AVX2", "AVX512")}
+ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
 KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -27,9 +27,12 @@ class CpuKernelChoice:
 class CpuDecodeAttention:
     """kernels/cpu_decode_attention.so: paged attention of one query token per sequence, read in place."""
 
-    def __init__(self, library: Path, dtype: torch.dtype, block_size: int):
+    def __init__(self, library: Path, dtype: torch.dtype, block_size: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int):
         self.dtype = dtype
-        self.block_size = block_size  # the one the kernel was specialised to
+        # the shape the kernel was specialised to: it trusts every pointer and index it is given
+        self.block_size, self.num_heads = block_size, num_heads
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         lib = ctypes.CDLL(str(library))  # after `import torch`, so its libgomp is the one the library binds to
         fn = lib.pllm_decode_attention
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
@@ -52,10 +55,13 @@ class CpuDecodeAttention:
         num_seqs = q_rows.shape[0]
         for t in (q, k_cache, v_cache, out):
             assert t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
-        assert k_cache.shape[1] == self.block_size and k_cache.shape == v_cache.shape
+        assert q.shape[1:] == (self.num_heads, self.head_dim) and out.shape == q.shape, q.shape
+        assert k_cache.shape[1:] == (self.block_size, self.num_kv_heads, self.head_dim), k_cache.shape
+        assert k_cache.shape == v_cache.shape
         assert block_tables.dtype == torch.int32 and block_tables.is_contiguous() and block_tables.shape[0] >= num_seqs
         assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() and seq_lens.shape[0] >= num_seqs
-        assert q_rows.dtype == torch.int64 and q_rows.is_contiguous() and out.shape == q.shape
+        assert q_rows.dtype == torch.int64 and q_rows.is_contiguous()
+        assert block_tables.shape[1] * self.block_size >= max_seq_len, "block_tables narrower than max_seq_len"
         status = self._fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
             seq_lens.data_ptr(), q_rows.data_ptr(), out.data_ptr(), num_seqs, max_seq_len, scale,
@@ -66,9 +72,19 @@ class CpuDecodeAttention:
         return out
 
 
+def check_step_rows(num_tokens: int, seq_lens: torch.Tensor, q_rows: torch.Tensor, max_seq_len: int) -> None:
+    """Once per step: the indices the kernel trusts are in range (one out of range would corrupt memory)."""
+    if q_rows.numel():
+        assert 0 <= int(q_rows.min()) and int(q_rows.max()) < num_tokens, "q_rows outside the step's tokens"
+        assert int(seq_lens.min()) >= 1 and int(seq_lens.max()) <= max_seq_len, "seq_lens outside [1, max_seq_len]"
+
+
 def choose_cpu_attention(build: LoadedBuild) -> CpuKernelChoice:
     """The build's compiled decode attention if this machine can run it, else None and the reason."""
-    entry = build.manifest.get("cpu_kernels") or {}
+    if "cpu_kernels" not in build.manifest:
+        return CpuKernelChoice(None, "PyTorch attention (the build predates the compiled cpu kernels: run "
+                                     "pllm-compile again to use them)")
+    entry = build.manifest["cpu_kernels"]
     library = (entry.get("libraries") or {}).get("cpu_decode_attention")
     if library is None:
         why = entry.get("error", f"the build has no cpu kernel for dtype {build.dtype}")
@@ -81,7 +97,9 @@ def choose_cpu_attention(build: LoadedBuild) -> CpuKernelChoice:
     if needs is not None and capability not in needs:
         return CpuKernelChoice(None, f"PyTorch attention (kernels need {entry['isa']}, this CPU offers {capability})")
     try:
-        attention = CpuDecodeAttention(build.kernel_dir / library, KERNEL_DTYPES[build.dtype], build.block_size)
+        spec = build.spec
+        attention = CpuDecodeAttention(build.kernel_dir / library, KERNEL_DTYPES[build.dtype], build.block_size,
+                                       spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
     except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
         return CpuKernelChoice(None, f"PyTorch attention (could not load {library}: {e}; rebuild here to use it)")
     return CpuKernelChoice(attention, f"compiled decode attention ({entry['isa']}, {library})")

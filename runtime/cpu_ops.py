@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pllm.runtime.cpu_kernels import CpuDecodeAttention
+from pllm.runtime.cpu_kernels import CpuDecodeAttention, check_step_rows
 from pllm.runtime.ops import AttentionMetadata
 
 _HAS_ONEDNN_LINEAR = (
@@ -75,6 +75,8 @@ class TorchOps:
             tables, lens, rows = self._one_token_rows(meta)
             if rows.numel():
                 self.decode_attention(q, k_cache, v_cache, tables, lens, rows, meta.max_seq_len, scale, out)
+            if meta.is_decode_only:
+                return out
         block_size = k_cache.shape[1]
         start = 0
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
@@ -102,6 +104,7 @@ class TorchOps:
                 rows = meta.query_start_loc[:-1].long().index_select(0, index)
                 tables = meta.block_tables.index_select(0, index)
                 lens = meta.seq_lens.index_select(0, index)
+            check_step_rows(sum(meta.query_lens_host), lens, rows, meta.max_seq_len)
             self._kernel_meta, self._kernel_rows = meta, (tables.contiguous(), lens.contiguous(), rows)
         return self._kernel_rows
 

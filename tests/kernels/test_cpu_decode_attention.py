@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -45,7 +46,9 @@ def cpu_attention(tmp_path_factory: pytest.TempPathFactory):
             entry = compile_cpu_kernels(out_dir, plan)
             assert "error" not in entry, entry["error"]
             library = out_dir / entry["libraries"]["cpu_decode_attention"]
-            cache[key] = CpuDecodeAttention(library, getattr(torch, dtype), block_size)
+            spec = plan.kernel("cpu_decode_attention").constants
+            cache[key] = CpuDecodeAttention(library, getattr(torch, dtype), block_size, spec["NUM_HEADS"],
+                                            spec["NUM_KV_HEADS"], spec["HEAD_DIM"])
         return cache[key]
 
     return make
@@ -131,7 +134,8 @@ def test_softmax_probabilities_to_a_few_ulp(cpu_attention):
     kernel's exp and normalisation are checked alone, against fp64, to 4 fp32 ulp (exp within 2, then a sum and a
     division). Scores below -87.3 give exactly 0, where fp32 exp would be denormal."""
     kernel = cpu_attention(dtype="float32", block_size=8, head_dim=8, num_attention_heads=1, num_key_value_heads=1)
-    x = torch.cat([torch.linspace(-87.0, 0.0, 300), torch.tensor([-0.3466, -1e-6, 1e-3, 5.0, 30.0])])
+    under = torch.tensor([-87.4, -88.0, -100.0, -1e30, float("-inf")])  # key 0's probability: exactly 0
+    x = torch.cat([torch.linspace(-87.0, 0.0, 300), torch.tensor([-0.3466, -1e-6, 1e-3, 5.0, 30.0]), under])
     num_seqs = x.numel()
     k_cache = torch.zeros((num_seqs, 8, 1, 8))
     v_cache = torch.zeros((num_seqs, 8, 1, 8))
@@ -147,6 +151,7 @@ def test_softmax_probabilities_to_a_few_ulp(cpu_attention):
     expected = torch.softmax(torch.stack([x.double(), torch.zeros(num_seqs, dtype=torch.float64)], dim=-1), dim=-1)
     torch.testing.assert_close(out[:, 0, :2].double(), expected, atol=1e-37, rtol=4 * 2**-24)
     assert torch.all(out[:, 0, 2:] == 0)
+    assert out[-len(under):, 0, :2].tolist() == [[0.0, 1.0]] * len(under)
 
 
 def test_torch_ops_mixed_step_equals_pytorch_path(cpu_attention, paged_kv):
@@ -184,24 +189,36 @@ def test_plan_carries_the_kernel_only_where_it_applies():
     assert "cpu_decode_attention" not in names
 
 
-def test_backend_says_which_attention_it_runs(tiny_build, tmp_path):
+def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
     """The build's kernel is used where it can run; otherwise the PyTorch path, with the reason."""
     build = open_build(tiny_build("llama"))
     choice = choose_cpu_attention(build)
-    assert choice.attention is not None and "compiled decode attention" in choice.reason
+    isa = build.manifest["cpu_kernels"]["isa"]
+    if isa == "avx2-fma" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        assert choice.attention is None and "kernels need avx2-fma" in choice.reason
+    else:
+        assert choice.attention is not None and "compiled decode attention" in choice.reason
+
+    def choose(entry: dict | None):
+        manifest = json.loads(json.dumps(build.manifest))
+        if entry is None:
+            del manifest["cpu_kernels"]
+        else:
+            manifest["cpu_kernels"] = entry
+        return choose_cpu_attention(type(build)(build.path, manifest, build.spec, build.dtype, build.block_size,
+                                                build.kernel_dir))
+
     for entry, reason in [
         ({"error": "no C++ compiler found"}, "no C++ compiler found"),
         ({**build.manifest["cpu_kernels"], "machine": "riscv64"}, "built for riscv64"),
-        ({**build.manifest["cpu_kernels"], "isa": "x86-64-v3"}, None),
         ({}, "no cpu kernel for dtype float32"),
+        (None, "the build predates the compiled cpu kernels"),
         ({**build.manifest["cpu_kernels"], "libraries": {"cpu_decode_attention": "cpu_decode_attention.cpp"}},
          "could not load cpu_decode_attention.cpp"),
     ]:
-        manifest = json.loads(json.dumps(build.manifest))
-        manifest["cpu_kernels"] = entry
-        other = choose_cpu_attention(type(build)(build.path, manifest, build.spec, build.dtype, build.block_size,
-                                                 build.kernel_dir))
-        if reason is None:
-            assert other.attention is not None
-        else:
-            assert other.attention is None and reason in other.reason, other.reason
+        other = choose(entry)
+        assert other.attention is None and reason in other.reason, other.reason
+    # an x86 CPU without AVX2 (torch's capability names) never loads an avx2-fma library
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    other = choose({**build.manifest["cpu_kernels"], "machine": platform.machine(), "isa": "avx2-fma"})
+    assert other.attention is None and "kernels need avx2-fma, this CPU offers DEFAULT" in other.reason
