@@ -20,7 +20,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # cpu backend: torch intra-op threads (None: torch's default)
     enforce_eager: bool = False  # cuda backend: never capture decode steps as CUDA graphs
-    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture (None: 1, 2, 4, 8, 16, ...)
+    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture (None: 1, 2, 4, 8, 16, 24, ...)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, what: str) -> ValueError:

@@ -61,9 +61,16 @@ def cuda_capture(step: Callable[[], torch.Tensor], pool: object) -> Replay:
 
 
 def eager_capture(step: Callable[[], torch.Tensor], pool: object) -> Replay:
-    """No graph: each replay runs the step again on the static buffers. The padding and buffer logic of the
-    graphs, without a GPU (tests use it with the interpret backend)."""
-    return step
+    """No graph: each replay runs the step again on the static buffers and copies its result into one output
+    tensor, as a graph's replays all return the same one. The padding and buffer logic of the graphs, without a
+    GPU (tests use it with the interpret backend)."""
+    out = step()
+
+    def replay() -> torch.Tensor:
+        out.copy_(step())
+        return out
+
+    return replay
 
 
 class DecodeGraphs:
@@ -117,7 +124,10 @@ class DecodeGraphs:
         return self.sizes[i] if i < len(self.sizes) else None
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """Hidden states [num_seqs, hidden] of a decode-only step by graph replay; None if no graph fits it."""
+        """Hidden states [num_seqs, hidden] of a decode-only step by graph replay; None if no graph fits it.
+
+        The result is a view of the graph's output buffer: valid until the next replay of any size (the graphs
+        share one memory pool), so use it before the next step."""
         n = meta.num_seqs
         size = self.size_for(n)
         if size is None or not meta.is_decode_only:

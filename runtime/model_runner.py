@@ -19,6 +19,7 @@ from pllm.runtime.request import ScheduledBatch
 
 logger = logging.getLogger("pllm")
 
+GRAPH_BACKENDS = ("cuda", "interpret")  # the backends whose steps can be captured (interpret: replayed eagerly)
 CPU_KV_CACHE_CAP = 2 << 30  # bytes: the cpu backend shares RAM with everything else, so default to a modest pool
 
 
@@ -80,7 +81,9 @@ class ModelRunner:
 
     def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
         """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""
-        if not getattr(self.ops, "graph_safe", False):
+        # TritonOps read step data only from device tensors (host ints pick a kernel and its grid), so a captured
+        # step replays correctly on new inputs copied into the same tensors; the cpu backend reads host copies.
+        if self.backend not in GRAPH_BACKENDS:
             raise ValueError(f"backend {self.backend!r}: its ops read step data on the host, so cannot be captured")
 
         def forward(input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -120,10 +123,11 @@ class ModelRunner:
             # and never more than max_num_seqs full-length sequences could use: small models need far less
             max_useful = config.max_num_seqs * -(-max_model_len // self.block_size) * self.kv_bytes_per_block
             budget = min(budget, max_useful)
-        num_blocks = budget // self.kv_bytes_per_block
+        num_blocks = budget // self.kv_bytes_per_block - 1  # the budget holds the padding block too
         if num_blocks < 2:
             raise ValueError(
-                f"engine setting kv_cache_memory={budget}: too small, a KV block needs {self.kv_bytes_per_block} bytes"
+                f"engine setting kv_cache_memory={budget}: too small, it must hold 3 KV blocks of "
+                f"{self.kv_bytes_per_block} bytes"
             )
         return int(num_blocks)
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         nargs="+",
         default=None,
-        help="cuda: decode batch sizes to capture as CUDA graphs (default: 1 2 4 8 16 ... up to max-num-seqs, 256)",
+        help="cuda: decode batch sizes to capture as CUDA graphs (default: 1 2 4, then every multiple of 8 up to "
+        "max-num-seqs or 256)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

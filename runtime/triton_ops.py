@@ -127,10 +127,6 @@ def compiled_artifacts_status(kernel_dir: Path, capability: tuple[int, int], tri
 class TritonOps:
     """Ops backed by a build's rendered Triton kernels (on the GPU, or on the CPU under the interpreter)."""
 
-    # Step data is read only from device tensors (host ints pick a kernel and its grid), so a step captured as a
-    # CUDA graph replays correctly on new inputs copied into the same tensors.
-    graph_safe = True
-
     def __init__(self, kernel_dir: Path, interpret: bool) -> None:
         self.kernel_dir = Path(kernel_dir)
         self.interpret = interpret

@@ -117,10 +117,15 @@ def test_cuda_graphs_equal_eager_on_gpu(tiny_build):
     assert eager.engine.runner.decode_graphs is None
     expected = eager.generate(PROMPTS, PARAMS, use_tqdm=False)
     llm = LLM(build, backend="cuda", **SETTINGS)
-    assert llm.engine.runner.decode_graphs is not None, "capture failed: see the warning in the log"
-    assert llm.engine.runner.decode_graphs.sizes == (1, 2, 4, 8)
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs is not None, "capture failed: see the warning in the log"
+    assert graphs.sizes == (1, 2, 4, 8)
+    replayed = []
+    for size, replay in list(graphs.replays.items()):
+        graphs.replays[size] = lambda replay=replay, size=size: replayed.append(size) or replay()
     got = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert {1, 2, 4, 8} <= set(replayed)
 
 
 def test_server_flags():
