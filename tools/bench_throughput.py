@@ -85,22 +85,20 @@ def bench_hf(hf_model, reqs, batch_size: int, pad_id: int) -> dict:
     return {"engine": "HF transformers generate", "seconds": time.perf_counter() - t, "output_tokens": num_out}
 
 
-def decode_roofline_fractions(llm, batch: int, prompt_len: int, peak: float, variants: dict, rounds: int = 4,
-                              steps: int = 8) -> dict[str, dict]:
-    """Time decode-only steps at `batch` sequences; FLOPs counted for the linear layers and attention.
+def time_decode_steps(llm, batch: int, prompt_len: int, variants: dict, rounds: int = 4,
+                      steps: int = 8) -> tuple[dict[str, list[float]], int]:
+    """Seconds per decode-only step at `batch` sequences, per variant and round; and the mean context length.
 
     `variants` maps a name to a function that switches the engine to it. The variants take turns on the same batch,
-    `steps` steps at a time for `rounds` rounds, so drift on a shared machine hits them alike; each reports its best
-    round (the least disturbed) and the median.
+    `steps` steps at a time for `rounds` rounds, so drift on a shared machine hits them alike.
     """
     from pllm import SamplingParams
 
     engine = llm.engine
-    spec = engine.spec
     rng = random.Random(1)
     num_steps = rounds * len(variants) * steps
     for i in range(batch):
-        ids = [rng.randrange(100, spec.vocab_size) for _ in range(prompt_len)]
+        ids = [rng.randrange(100, engine.spec.vocab_size) for _ in range(prompt_len)]
         params = SamplingParams(temperature=0.0, max_tokens=num_steps + len(variants) + 8, ignore_eos=True)
         engine.add_request(f"decode-{i}", ids, params)
     sched = engine.scheduler
@@ -115,14 +113,23 @@ def decode_roofline_fractions(llm, batch: int, prompt_len: int, peak: float, var
             activate()
             t = time.perf_counter()
             for _ in range(steps):
-                engine.step()
+                engine.step()  # returns sampled tokens to the host: the step has finished on any device
             times[name].append((time.perf_counter() - t) / steps)
     for i in range(batch):
         engine.abort_request(f"decode-{i}")
+    return times, prompt_len + num_steps // 2
+
+
+def decode_roofline_fractions(llm, batch: int, prompt_len: int, peak: float, variants: dict, rounds: int = 4,
+                              steps: int = 8) -> dict[str, dict]:
+    """Decode-only steps at `batch` sequences (time_decode_steps) as a fraction of the matmul roofline `peak`; FLOPs
+    counted for the linear layers and attention. Each variant reports its best round (the least disturbed) and the
+    median."""
+    spec = llm.engine.spec
+    times, ctx = time_decode_steps(llm, batch, prompt_len, variants, rounds, steps)
     p_lin = 2 * spec.num_hidden_layers * spec.hidden_size * (spec.q_size + spec.kv_size) + (
         spec.num_hidden_layers * 3 * spec.hidden_size * spec.intermediate_size
     ) + spec.vocab_size * spec.hidden_size
-    ctx = prompt_len + num_steps // 2
     attn = 4 * spec.num_hidden_layers * spec.num_attention_heads * spec.head_dim * ctx
     flops = batch * (2 * p_lin + attn)
     out = {}
