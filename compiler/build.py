@@ -123,7 +123,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         compiled = compile_kernels(kernel_dir, options.target)
     cpu_kernels = compile_cpu_kernels(kernel_dir, plan)
     if "error" in cpu_kernels:
-        logger.warning("cpu kernels not built (%s): the cpu backend will use PyTorch attention", cpu_kernels["error"])
+        logger.warning("cpu kernels not built (%s): the cpu backend will use its PyTorch ops", cpu_kernels["error"])
 
     kv_bytes_per_token = 2 * spec.num_hidden_layers * spec.kv_size * TORCH_DTYPES[dtype].itemsize
     files = {

@@ -29,6 +29,7 @@ MLP_BLOCK_K = 64
 CPU_LANES = 8  # fp32 lanes per vector in the cpu kernels: 32 bytes, one AVX2 register or two NEON ones
 CPU_PREFETCH_TOKENS = 16  # cpu decode attention requests K/V rows this far ahead: ~2 tiles of compute hide DRAM
 CPU_KERNEL_DTYPES = ("float32", "bfloat16")  # widening fp16 needs F16C/NEON intrinsics the templates do not use
+CPU_RMS_NORM_PARALLEL_MIN_TOKENS = 64  # fewer rows than this: one thread (waking the others costs more than a row)
 
 
 def next_power_of_2(n: int) -> int:
@@ -96,6 +97,8 @@ def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
     )
     if cpu_kernel_supported(spec, dtype):
         kernels += (_cpu_decode_attention(spec, dtype, block_size),)
+    if cpu_rms_norm_supported(spec, dtype):
+        kernels += (_cpu_rms_norm(spec),)
     return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels)
 
 
@@ -106,6 +109,11 @@ def _kernel(name: str, constants: dict[str, Any], options: dict[str, bool], suff
 def cpu_kernel_supported(spec: ModelSpec, dtype: str) -> bool:
     """Whether the plan carries the cpu backend's compiled decode attention (block sizes are all multiples of 8)."""
     return dtype in CPU_KERNEL_DTYPES and spec.head_dim % CPU_LANES == 0
+
+
+def cpu_rms_norm_supported(spec: ModelSpec, dtype: str) -> bool:
+    """bfloat16 only: in float32 the PyTorch RMSNorm stays, bit for bit the one Hugging Face runs."""
+    return dtype == "bfloat16" and spec.hidden_size % CPU_LANES == 0
 
 
 def _head_constants(spec: ModelSpec, common: dict[str, Any]) -> dict[str, Any]:
@@ -231,3 +239,13 @@ def _cpu_decode_attention(spec: ModelSpec, dtype: str, block_size: int) -> Kerne
         "PREFETCH_TOKENS": CPU_PREFETCH_TOKENS,
     }
     return _kernel("cpu_decode_attention", constants, {"bf16_cache": dtype == "bfloat16"}, suffix="cpp")
+
+
+def _cpu_rms_norm(spec: ModelSpec) -> KernelSpec:
+    constants = {
+        "HIDDEN_SIZE": spec.hidden_size,
+        "EPS": spec.rms_norm_eps,
+        "LANES": CPU_LANES,
+        "PARALLEL_MIN_TOKENS": CPU_RMS_NORM_PARALLEL_MIN_TOKENS,
+    }
+    return _kernel("cpu_rms_norm", constants, {}, suffix="cpp")

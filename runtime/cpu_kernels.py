@@ -18,9 +18,10 @@ KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class CpuKernelChoice:
-    """The decode attention the cpu backend will run, and why (logged at start-up)."""
+    """The compiled kernels the cpu backend will run, and why (logged at start-up)."""
 
     attention: CpuDecodeAttention | None  # None: PyTorch gather + batched matmuls
+    rms_norm: CpuRmsNorm | None  # None: PyTorch ops
     reason: str
 
 
@@ -79,27 +80,73 @@ def check_step_rows(num_tokens: int, seq_lens: torch.Tensor, q_rows: torch.Tenso
         assert int(seq_lens.min()) >= 1 and int(seq_lens.max()) <= max_seq_len, "seq_lens outside [1, max_seq_len]"
 
 
-def choose_cpu_attention(build: LoadedBuild) -> CpuKernelChoice:
-    """The build's compiled decode attention if this machine can run it, else None and the reason."""
-    if "cpu_kernels" not in build.manifest:
-        return CpuKernelChoice(None, "PyTorch attention (the build predates the compiled cpu kernels: run "
-                                     "pllm-compile again to use them)")
+class CpuRmsNorm:
+    """kernels/cpu_rms_norm.so: residual add + RMSNorm of bfloat16 rows in one pass."""
+
+    def __init__(self, library: Path, hidden_size: int, eps: float):
+        self.hidden_size, self.eps = hidden_size, eps  # what the kernel was specialised to
+        fn = ctypes.CDLL(str(library)).pllm_rms_norm
+        ptr = ctypes.c_void_p
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, H] bfloat16. Returns (norm(r) * weight, r) with r = x + residual, or r = x without one."""
+        for t in (x, weight) if residual is None else (x, weight, residual):
+            assert t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
+        assert x.dim() == 2 and x.shape[1] == self.hidden_size and weight.shape == (self.hidden_size,), x.shape
+        out = torch.empty_like(x)  # [T, H]
+        residual_out = None if residual is None else torch.empty_like(x)  # [T, H]
+        if residual is not None:
+            assert residual.shape == x.shape, (residual.shape, x.shape)
+        self._fn(
+            x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            None if residual_out is None else residual_out.data_ptr(), x.shape[0], torch.get_num_threads(),
+        )
+        return out, x if residual_out is None else residual_out
+
+
+def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
+    """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
+    why_not = _why_not_runnable(build)
+    if why_not is not None:
+        return CpuKernelChoice(None, None, f"PyTorch ops ({why_not})")
     entry = build.manifest["cpu_kernels"]
-    library = (entry.get("libraries") or {}).get("cpu_decode_attention")
-    if library is None:
-        why = entry.get("error", f"the build has no cpu kernel for dtype {build.dtype}")
-        return CpuKernelChoice(None, f"PyTorch attention ({why})")
+    libraries = entry["libraries"]
+    spec = build.spec
+    loaded = {}
+    for name, library in libraries.items():
+        path = build.kernel_dir / library
+        try:
+            if name == "cpu_decode_attention":
+                loaded[name] = CpuDecodeAttention(path, KERNEL_DTYPES[build.dtype], build.block_size,
+                                                  spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
+            elif name == "cpu_rms_norm":
+                loaded[name] = CpuRmsNorm(path, spec.hidden_size, spec.rms_norm_eps)
+        except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
+            return CpuKernelChoice(None, None, f"PyTorch ops (could not load {library}: {e}; rebuild here)")
+    attention, rms_norm = loaded.get("cpu_decode_attention"), loaded.get("cpu_rms_norm")
+    names = [what for what, kernel in (("decode attention", attention), ("RMSNorm", rms_norm)) if kernel]
+    if not names:
+        return CpuKernelChoice(None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
+    reason = f"compiled {' and '.join(names)} ({entry['isa']}), PyTorch for the rest"
+    return CpuKernelChoice(attention, rms_norm, reason)
+
+
+def _why_not_runnable(build: LoadedBuild) -> str | None:
+    """Why the build's cpu kernels cannot run on this machine, or None if they can."""
+    if "cpu_kernels" not in build.manifest:
+        return "the build predates the compiled cpu kernels: run pllm-compile again to use them"
+    entry = build.manifest["cpu_kernels"]
+    if not entry.get("libraries"):
+        return entry.get("error", f"the build has no cpu kernel for dtype {build.dtype}")
     if entry.get("machine") != platform.machine():
-        return CpuKernelChoice(None, f"PyTorch attention (kernels built for {entry.get('machine')}, "
-                                     f"this machine is {platform.machine()}; rebuild here to use them)")
+        return f"kernels built for {entry.get('machine')}, this machine is {platform.machine()}; rebuild here"
     needs = ISA_CAPABILITIES.get(entry.get("isa", ""))
     capability = torch.backends.cpu.get_cpu_capability()
     if needs is not None and capability not in needs:
-        return CpuKernelChoice(None, f"PyTorch attention (kernels need {entry['isa']}, this CPU offers {capability})")
-    try:
-        spec = build.spec
-        attention = CpuDecodeAttention(build.kernel_dir / library, KERNEL_DTYPES[build.dtype], build.block_size,
-                                       spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
-    except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
-        return CpuKernelChoice(None, f"PyTorch attention (could not load {library}: {e}; rebuild here to use it)")
-    return CpuKernelChoice(attention, f"compiled decode attention ({entry['isa']}, {library})")
+        return f"kernels need {entry['isa']}, this CPU offers {capability}"
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pllm.runtime.cpu_kernels import CpuDecodeAttention, check_step_rows
+from pllm.runtime.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, check_step_rows
 from pllm.runtime.ops import AttentionMetadata
 
 _HAS_ONEDNN_LINEAR = (
@@ -27,8 +27,11 @@ class TorchOps:
     """Reference-quality and fast: one-token queries through the build's compiled kernel (else one gather + batched
     matmuls), SDPA per prompt segment."""
 
-    def __init__(self, decode_attention: CpuDecodeAttention | None = None) -> None:
+    def __init__(
+        self, decode_attention: CpuDecodeAttention | None = None, rms_norm_kernel: CpuRmsNorm | None = None
+    ) -> None:
         self.decode_attention = decode_attention
+        self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
         self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
@@ -38,6 +41,10 @@ class TorchOps:
         self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
     def rms_norm(self, x, weight, eps, residual):
+        if self.rms_norm_kernel is not None and x.is_contiguous():
+            # eps is baked into the rendered kernel; a different one means the build belongs to another model
+            assert eps == self.rms_norm_kernel.eps, f"rms_norm eps {eps} differs from the kernel's"
+            return self.rms_norm_kernel(x, weight, residual)
         if residual is not None:
             x = residual + x
         xf = x.float()

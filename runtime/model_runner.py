@@ -32,12 +32,12 @@ def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device, st
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
-        from pllm.runtime.cpu_kernels import choose_cpu_attention
+        from pllm.runtime.cpu_kernels import choose_cpu_kernels
         from pllm.runtime.cpu_ops import TorchOps
 
-        choice = choose_cpu_attention(build)
-        logger.info("pllm cpu backend: decode attention by %s", choice.reason)
-        return TorchOps(choice.attention), torch.device("cpu"), name
+        choice = choose_cpu_kernels(build)
+        logger.info("pllm cpu backend: %s", choice.reason)
+        return TorchOps(choice.attention, choice.rms_norm), torch.device("cpu"), name
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
     from pllm.runtime.triton_ops import TritonOps

@@ -177,7 +177,7 @@ def test_hub_id_resolved_from_local_cache_only(tiny_dir, tmp_path, monkeypatch):
 def test_build_without_a_working_cpp_compiler_still_serves(tiny_dir, tmp_path, monkeypatch, caplog):
     """The cpu kernel is an accelerator, not a requirement: a failed compile is recorded, warned about, and leaves no
     library behind; the build then loads with the cpu backend's PyTorch attention, which says why."""
-    from pllm.runtime.cpu_kernels import choose_cpu_attention
+    from pllm.runtime.cpu_kernels import choose_cpu_kernels
     from pllm.runtime.loader import open_build
 
     for compiler, why in [("false", "false failed on cpu_decode_attention.cpp"), ("/nonexistent/g++", "No such file")]:
@@ -187,5 +187,5 @@ def test_build_without_a_working_cpp_compiler_still_serves(tiny_dir, tmp_path, m
         entry = json.loads((out / "manifest.json").read_text())["cpu_kernels"]
         assert why in entry["error"] and why in caplog.text
         assert not list((out / "kernels").glob("*.so")) and (out / "kernels" / "cpu_decode_attention.cpp").is_file()
-        choice = choose_cpu_attention(open_build(out))
+        choice = choose_cpu_kernels(open_build(out))
         assert choice.attention is None and why in choice.reason

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
 from pllm.compiler.plan import cpu_kernel_supported, make_plan
 from pllm.compiler.render import render_plan
-from pllm.runtime.cpu_kernels import CpuDecodeAttention, choose_cpu_attention
+from pllm.runtime.cpu_kernels import CpuDecodeAttention, choose_cpu_kernels
 from pllm.runtime.cpu_ops import TorchOps
 from pllm.runtime.loader import open_build
 from pllm.runtime.ops import AttentionMetadata
@@ -192,12 +192,13 @@ def test_plan_carries_the_kernel_only_where_it_applies():
 def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
     """The build's kernel is used where it can run; otherwise the PyTorch path, with the reason."""
     build = open_build(tiny_build("llama"))
-    choice = choose_cpu_attention(build)
+    choice = choose_cpu_kernels(build)
     isa = build.manifest["cpu_kernels"]["isa"]
     if isa == "avx2-fma" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         assert choice.attention is None and "kernels need avx2-fma" in choice.reason
     else:
-        assert choice.attention is not None and "compiled decode attention" in choice.reason
+        assert choice.attention is not None and choice.rms_norm is None  # float32: PyTorch's RMSNorm, as HF's
+        assert "compiled decode attention (avx2-fma)" in choice.reason
 
     def choose(entry: dict | None):
         manifest = json.loads(json.dumps(build.manifest))
@@ -205,7 +206,7 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
             del manifest["cpu_kernels"]
         else:
             manifest["cpu_kernels"] = entry
-        return choose_cpu_attention(type(build)(build.path, manifest, build.spec, build.dtype, build.block_size,
+        return choose_cpu_kernels(type(build)(build.path, manifest, build.spec, build.dtype, build.block_size,
                                                 build.kernel_dir))
 
     for entry, reason in [
@@ -217,7 +218,7 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
          "could not load cpu_decode_attention.cpp"),
     ]:
         other = choose(entry)
-        assert other.attention is None and reason in other.reason, other.reason
+        assert other.attention is None and other.rms_norm is None and reason in other.reason, other.reason
     # an x86 CPU without AVX2 (torch's capability names) never loads an avx2-fma library
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     other = choose({**build.manifest["cpu_kernels"], "machine": platform.machine(), "isa": "avx2-fma"})
