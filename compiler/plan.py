@@ -30,6 +30,7 @@ CPU_LANES = 8  # fp32 lanes per vector in the cpu kernels: 32 bytes, one AVX2 re
 CPU_PREFETCH_TOKENS = 16  # cpu decode attention requests K/V rows this far ahead: ~2 tiles of compute hide DRAM
 CPU_KERNEL_DTYPES = ("float32", "bfloat16")  # widening fp16 needs F16C/NEON intrinsics the templates do not use
 CPU_RMS_NORM_PARALLEL_MIN_TOKENS = 64  # fewer rows than this: one thread (waking the others costs more than a row)
+CPU_ROPE_PARALLEL_MIN_TOKENS = 16  # the same for RoPE + KV write, which does ~H + KV head rows per token
 
 
 def next_power_of_2(n: int) -> int:
@@ -99,6 +100,8 @@ def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
         kernels += (_cpu_decode_attention(spec, dtype, block_size),)
     if cpu_rms_norm_supported(spec, dtype):
         kernels += (_cpu_rms_norm(spec),)
+    if cpu_rope_supported(spec, dtype):
+        kernels += (_cpu_rope_kv_write(spec, dtype),)
     return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels)
 
 
@@ -114,6 +117,11 @@ def cpu_kernel_supported(spec: ModelSpec, dtype: str) -> bool:
 def cpu_rms_norm_supported(spec: ModelSpec, dtype: str) -> bool:
     """bfloat16 only: in float32 the PyTorch RMSNorm stays, bit for bit the one Hugging Face runs."""
     return dtype == "bfloat16" and spec.hidden_size % CPU_LANES == 0
+
+
+def cpu_rope_supported(spec: ModelSpec, dtype: str) -> bool:
+    """Each half of a head row is whole vectors (head_dim 64, 80, 96, 128 all are)."""
+    return dtype in CPU_KERNEL_DTYPES and spec.head_dim % (2 * CPU_LANES) == 0
 
 
 def _head_constants(spec: ModelSpec, common: dict[str, Any]) -> dict[str, Any]:
@@ -249,3 +257,15 @@ def _cpu_rms_norm(spec: ModelSpec) -> KernelSpec:
         "PARALLEL_MIN_TOKENS": CPU_RMS_NORM_PARALLEL_MIN_TOKENS,
     }
     return _kernel("cpu_rms_norm", constants, {}, suffix="cpp")
+
+
+def _cpu_rope_kv_write(spec: ModelSpec, dtype: str) -> KernelSpec:
+    constants = {
+        "NUM_HEADS": spec.num_attention_heads,
+        "NUM_KV_HEADS": spec.num_key_value_heads,
+        "HEAD_DIM": spec.head_dim,
+        "HALF_DIM": spec.head_dim // 2,
+        "LANES": CPU_LANES,
+        "PARALLEL_MIN_TOKENS": CPU_ROPE_PARALLEL_MIN_TOKENS,
+    }
+    return _kernel("cpu_rope_kv_write", constants, {"bf16": dtype == "bfloat16"}, suffix="cpp")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ class CpuKernelChoice:
 
     attention: CpuDecodeAttention | None  # None: PyTorch gather + batched matmuls
     rms_norm: CpuRmsNorm | None  # None: PyTorch ops
+    rope_kv_write: CpuRopeKvWrite | None  # None: PyTorch ops
     reason: str
 
 
@@ -109,11 +111,72 @@ class CpuRmsNorm:
         return out, x if residual_out is None else residual_out
 
 
+class CpuRopeKvWrite:
+    """kernels/cpu_rope_kv_write.so: rotary embedding of q and k, and k and v written into the paged cache."""
+
+    def __init__(self, library: Path, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.dtype, self.num_heads, self.num_kv_heads, self.head_dim = dtype, num_heads, num_kv_heads, head_dim
+        fn = ctypes.CDLL(str(library)).pllm_rope_kv_write
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+        self._checked_slots: torch.Tensor | None = None  # the step whose tables were checked
+        self._cache_shape: tuple[int, ...] = ()
+
+    def _check_step(self, cos: torch.Tensor, signed_sin: torch.Tensor, slot_mapping: torch.Tensor,
+                    k_cache: torch.Tensor, num_tokens: int) -> None:
+        for t in (cos, signed_sin):
+            assert t.dtype == self.dtype and t.is_contiguous() and t.shape == (num_tokens, 1, self.head_dim), t.shape
+        assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
+        assert slot_mapping.is_contiguous()
+        assert k_cache.dim() == 4 and k_cache.shape[2:] == (self.num_kv_heads, self.head_dim), k_cache.shape
+        self._cache_shape = tuple(k_cache.shape)
+        if num_tokens:  # a slot past the cache would write outside it
+            assert 0 <= int(slot_mapping.min()) and int(slot_mapping.max()) < k_cache.shape[0] * k_cache.shape[1]
+
+    def accepts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether q, k, v have the layout the kernel reads: rows of one fused projection, heads contiguous. (One
+        token's views may report any row stride: torch recomputes strides of size-1 dimensions.)"""
+        return (q.shape[0] <= 1 or q.stride(0) == k.stride(0) == v.stride(0)) and all(
+            t.stride(1) == self.head_dim and t.stride(2) == 1 for t in (q, k, v)
+        )
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, KV, D]
+        v: torch.Tensor,  # [T, KV, D]
+        cos: torch.Tensor,  # [T, 1, D] in the dtype
+        signed_sin: torch.Tensor,  # [T, 1, D] in the dtype, first half negated
+        k_cache: torch.Tensor,  # [num_blocks, block_size, KV, D]
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens = q.shape[0]
+        if slot_mapping is not self._checked_slots:  # once per step, not per layer: the step's shared tables
+            self._check_step(cos, signed_sin, slot_mapping, k_cache, num_tokens)
+            self._checked_slots = slot_mapping
+        assert q.dtype == self.dtype and self.accepts(q, k, v), (q.dtype, q.stride(), k.stride(), v.stride())
+        assert q.shape == (num_tokens, self.num_heads, self.head_dim), q.shape
+        assert k.shape == v.shape == (num_tokens, self.num_kv_heads, self.head_dim), (k.shape, v.shape)
+        assert k_cache.shape == v_cache.shape == self._cache_shape and k_cache.dtype == v_cache.dtype == self.dtype
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        q_out = torch.empty((num_tokens, self.num_heads, self.head_dim), dtype=self.dtype)  # [T, H, D]
+        k_out = torch.empty((num_tokens, self.num_kv_heads, self.head_dim), dtype=self.dtype)  # [T, KV, D]
+        self._fn(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), cos.data_ptr(), signed_sin.data_ptr(),
+            slot_mapping.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            num_tokens, torch.get_num_threads(),
+        )
+        return q_out, k_out
+
+
 def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
     """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
     why_not = _why_not_runnable(build)
     if why_not is not None:
-        return CpuKernelChoice(None, None, f"PyTorch ops ({why_not})")
+        return CpuKernelChoice(None, None, None, f"PyTorch ops ({why_not})")
     entry = build.manifest["cpu_kernels"]
     libraries = entry["libraries"]
     spec = build.spec
@@ -126,14 +189,18 @@ def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
                                                   spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
             elif name == "cpu_rms_norm":
                 loaded[name] = CpuRmsNorm(path, spec.hidden_size, spec.rms_norm_eps)
+            elif name == "cpu_rope_kv_write":
+                loaded[name] = CpuRopeKvWrite(path, KERNEL_DTYPES[build.dtype], spec.num_attention_heads,
+                                              spec.num_key_value_heads, spec.head_dim)
         except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
-            return CpuKernelChoice(None, None, f"PyTorch ops (could not load {library}: {e}; rebuild here)")
-    attention, rms_norm = loaded.get("cpu_decode_attention"), loaded.get("cpu_rms_norm")
-    names = [what for what, kernel in (("decode attention", attention), ("RMSNorm", rms_norm)) if kernel]
+            return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {e}; rebuild here)")
+    choice = CpuKernelChoice(loaded.get("cpu_decode_attention"), loaded.get("cpu_rms_norm"),
+                             loaded.get("cpu_rope_kv_write"), "")
+    names = [what for what, kernel in (("decode attention", choice.attention), ("RMSNorm", choice.rms_norm),
+                                       ("RoPE + KV write", choice.rope_kv_write)) if kernel]
     if not names:
-        return CpuKernelChoice(None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
-    reason = f"compiled {' and '.join(names)} ({entry['isa']}), PyTorch for the rest"
-    return CpuKernelChoice(attention, rms_norm, reason)
+        return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
+    return dataclasses.replace(choice, reason=f"compiled {', '.join(names)} ({entry['isa']}), PyTorch for the rest")
 
 
 def _why_not_runnable(build: LoadedBuild) -> str | None:

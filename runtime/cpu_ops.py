@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pllm.runtime.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, check_step_rows
+from pllm.runtime.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite, check_step_rows
 from pllm.runtime.ops import AttentionMetadata
 
 _HAS_ONEDNN_LINEAR = (
@@ -28,10 +28,14 @@ class TorchOps:
     matmuls), SDPA per prompt segment."""
 
     def __init__(
-        self, decode_attention: CpuDecodeAttention | None = None, rms_norm_kernel: CpuRmsNorm | None = None
+        self,
+        decode_attention: CpuDecodeAttention | None = None,
+        rms_norm_kernel: CpuRmsNorm | None = None,
+        rope_kernel: CpuRopeKvWrite | None = None,
     ) -> None:
         self.decode_attention = decode_attention
         self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
+        self.rope_kernel = rope_kernel
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
         self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
@@ -53,6 +57,8 @@ class TorchOps:
 
     def rope_kv_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
         cos, signed_sin = self._rope_rows(positions, cos_sin_cache, q.dtype)
+        if self.rope_kernel is not None and self.rope_kernel.accepts(q, k, v):
+            return self.rope_kernel(q, k, v, cos, signed_sin, k_cache, v_cache, slot_mapping)
         q = _rotate(q, cos, signed_sin)
         k = _rotate(k, cos, signed_sin)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]

@@ -37,7 +37,7 @@ def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device, st
 
         choice = choose_cpu_kernels(build)
         logger.info("pllm cpu backend: %s", choice.reason)
-        return TorchOps(choice.attention, choice.rms_norm), torch.device("cpu"), name
+        return TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write), torch.device("cpu"), name
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
     from pllm.runtime.triton_ops import TritonOps

@@ -198,7 +198,8 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
         assert choice.attention is None and "kernels need avx2-fma" in choice.reason
     else:
         assert choice.attention is not None and choice.rms_norm is None  # float32: PyTorch's RMSNorm, as HF's
-        assert "compiled decode attention (avx2-fma)" in choice.reason
+        assert choice.rope_kv_write is not None
+        assert "compiled decode attention, RoPE + KV write (avx2-fma)" in choice.reason
 
     def choose(entry: dict | None):
         manifest = json.loads(json.dumps(build.manifest))
@@ -218,7 +219,7 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
          "could not load cpu_decode_attention.cpp"),
     ]:
         other = choose(entry)
-        assert other.attention is None and other.rms_norm is None and reason in other.reason, other.reason
+        assert other.attention is other.rms_norm is other.rope_kv_write is None and reason in other.reason, other.reason
     # an x86 CPU without AVX2 (torch's capability names) never loads an avx2-fma library
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     other = choose({**build.manifest["cpu_kernels"], "machine": platform.machine(), "isa": "avx2-fma"})

@@ -15,7 +15,9 @@ LONG = dict(prompt="Hello", max_tokens=250, temperature=0.8, extra_body={"ignore
 
 
 def test_cancellation_flood_frees_everything(server):
-    impatient = openai.OpenAI(base_url=server.api, api_key="x", max_retries=0, timeout=0.5)
+    # 250 tokens are 250 steps: ~0.15 s for the tiny model alone in-process on the dev VM, more in the server and
+    # with 40 requests sharing 16 slots. A client that gives up after 0.05 s hangs up mid-generation, with margin.
+    impatient = openai.OpenAI(base_url=server.api, api_key="x", max_retries=0, timeout=0.05)
 
     def non_streaming(i: int) -> str:
         try:
