@@ -91,20 +91,32 @@ def serve_build(tiny_build):
     return tiny_build("llama")
 
 
-@pytest.fixture(scope="session")
-def launch(serve_build, tmp_path_factory):
-    """Factory: (*cli_args) -> a started LiveServer, killed at the end of the session if still running."""
+def _launcher(build_dir: Path, tmp_path_factory):
+    """(*cli_args) -> a started LiveServer of build_dir, killed at the end of the session if still running."""
     servers: list[LiveServer] = []
     log_dir = tmp_path_factory.mktemp("serve-logs")
 
     def make(*args: str) -> LiveServer:
-        server = start_server(serve_build, log_dir, *args)
+        server = start_server(build_dir, log_dir, *args)
         servers.append(server)
         return server
 
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def launch(serve_build, tmp_path_factory):
+    """Factory: (*cli_args) -> a started LiveServer of the tiny model (512 positions)."""
+    yield from _launcher(serve_build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def launch_long(tiny_build, tmp_path_factory):
+    """The same for the tiny model with 8192 positions: requests of thousands of tokens, which outlast a drain
+    window however fast the engine gets (a 500-token request takes the tiny model ~0.3 s)."""
+    yield from _launcher(tiny_build("llama", max_position_embeddings=8192), tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -87,18 +87,19 @@ def start_streams(url: str, body: dict, count: int, outs: list) -> list[threadin
     return threads
 
 
-def test_sigterm_drains_then_aborts_then_exits(launch):
-    server = launch("--max-num-seqs", "1", "--max-model-len", "512", "--kv-cache-memory", "1M",
-                    "--shutdown-timeout", "4", "--served-model-name", "m")  # fmt: skip
+def test_sigterm_drains_then_aborts_then_exits(launch_long):
+    server = launch_long("--max-num-seqs", "1", "--max-model-len", "4096", "--kv-cache-memory", "4M",
+                         "--shutdown-timeout", "4", "--served-model-name", "m")  # fmt: skip
     url = server.api + "/completions"
     short = {"prompt": "Hi", "max_tokens": 20, "ignore_eos": True, "stream": True}
-    long = {"prompt": "Hello", "max_tokens": 500, "min_tokens": 500, "ignore_eos": True, "stream": True}
+    first = {"prompt": "Hello", "max_tokens": 1500, "min_tokens": 1500, "ignore_eos": True, "stream": True}
+    long = {**first, "max_tokens": 4000, "min_tokens": 4000}
     outs: list = []
-    threads = start_streams(url, long, 1, outs)  # runs first (one sequence at a time)
+    threads = start_streams(url, first, 1, outs)  # runs first (one sequence at a time), ~1 s: time to queue more
     server.wait_metric("num_requests_running", 1)
     threads += start_streams(url, short, 2, outs)  # queued next: they finish inside the drain window
     server.wait_metric("num_requests_waiting", 2)
-    threads += start_streams(url, long, 10, outs)  # ~5000 more steps: far more than the 4 s window
+    threads += start_streams(url, long, 10, outs)  # ~40000 more steps: far more than the 4 s window
     server.wait_metric("num_requests_waiting", 12)
     start = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
@@ -117,11 +118,11 @@ def test_sigterm_drains_then_aborts_then_exits(launch):
     assert "draining" in server.log()
 
 
-def test_sigterm_with_zero_timeout_exits_fast(launch):
-    server = launch("--max-num-seqs", "1", "--max-model-len", "512", "--kv-cache-memory", "1M",
-                    "--shutdown-timeout", "0")  # fmt: skip
+def test_sigterm_with_zero_timeout_exits_fast(launch_long):
+    server = launch_long("--max-num-seqs", "1", "--max-model-len", "4096", "--kv-cache-memory", "4M",
+                         "--shutdown-timeout", "0")  # fmt: skip
     outs: list = []
-    body = {"prompt": "Hello", "max_tokens": 500, "min_tokens": 500, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Hello", "max_tokens": 4000, "min_tokens": 4000, "ignore_eos": True, "stream": True}
     threads = start_streams(server.api + "/completions", body, 3, outs)
     server.wait_metric("num_requests_waiting", 2)
     start = time.monotonic()
