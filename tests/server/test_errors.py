@@ -117,11 +117,11 @@ def test_body_too_large_413(server):
 
 
 @pytest.fixture(scope="module")
-def guarded(launch):
-    """A key, one running sequence and a one-sequence waiting queue."""
-    return launch(
+def guarded(launch_long):
+    """A key, one running sequence and a one-sequence waiting queue; long requests, so the queue can be filled."""
+    return launch_long(
         "--api-key", "sekret", "--served-model-name", "m", "--max-num-seqs", "1", "--max-queued-requests", "1",
-        "--max-model-len", "256", "--kv-cache-memory", "1M",
+        "--max-model-len", "4096", "--kv-cache-memory", "4M",
     )  # fmt: skip
 
 
@@ -142,7 +142,8 @@ def test_401_missing_or_wrong_key(guarded):
 
 def test_503_when_queue_full(guarded):
     client = openai.OpenAI(base_url=guarded.api, api_key="sekret", max_retries=0, timeout=60)
-    long = dict(model="m", prompt="Hello", max_tokens=250, temperature=0, extra_body={"ignore_eos": True})
+    # 2000 steps (over a second): the first still runs while the second queues behind it
+    long = dict(model="m", prompt="Hello", max_tokens=2000, temperature=0, extra_body={"ignore_eos": True})
     results: list = []
 
     def run():
@@ -159,6 +160,6 @@ def test_503_when_queue_full(guarded):
     assert "queue is full" in e.value.response.json()["error"]["message"]
     for t in threads:
         t.join(60)
-    assert len(results) == 2 and all(r.usage.completion_tokens == 250 for r in results)
+    assert len(results) == 2 and all(r.usage.completion_tokens == 2000 for r in results)
     assert client.completions.create(model="m", prompt="Hello", max_tokens=2).usage.completion_tokens == 2
     assert 'reason="queue_full"' in httpx.get(guarded.url + "/metrics").text
