@@ -21,6 +21,9 @@ CPU_TARGETS = {"x86_64": ("avx2-fma", ["-mavx2", "-mfma"]), "aarch64": ("armv8-a
 # the library binds to torch's own libgomp (same soname), so the kernel and torch's ops share one thread pool
 # (clang++ links its libomp instead: a second pool). So g++ is preferred where both are installed.
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+# Kernels that promise PyTorch's rounding: no fused multiply-add (GCC contracts a * b + c into one at -O3, even
+# across statements, rounding once where PyTorch rounds twice), and no fast-math from a $CXX that defaults to it.
+KERNEL_FLAGS = {"cpu_rope_kv_write": ["-ffp-contract=off", "-fno-fast-math"]}
 COMPILE_TIMEOUT_S = 120
 
 
@@ -49,7 +52,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     libraries = {}
     for kernel in sources:
         library = kernel.file_name.removesuffix(".cpp") + ".so"
-        cmd = [*shlex.split(compiler), *flags, kernel.file_name, "-o", library]
+        cmd = [*shlex.split(compiler), *flags, *KERNEL_FLAGS.get(kernel.name, []), kernel.file_name, "-o", library]
         error = _run_compiler(cmd, kernel_dir)
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
@@ -61,6 +64,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
         "isa": isa,
         "compiler": _compiler_version(compiler),
         "flags": flags,
+        "kernel_flags": {k.name: KERNEL_FLAGS[k.name] for k in sources if k.name in KERNEL_FLAGS},
         "libraries": libraries,
     }
 

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--backend", choices=["cuda", "interpret"], default="cuda")
     ap.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated decode batch sizes")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's limit")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--json", default=None, help="also write the results here")

@@ -2,10 +2,10 @@
 
     python tools/bench_throughput.py build/ [--num-requests 64] [--skip-hf]
 
-Prints output tokens/s for both, their ratio, peak memory, and pllm's decode step at batch 64 as a fraction of the
-CPU's matmul roofline (in the build's dtype) measured in the same run; where the build has the compiled cpu decode
-attention, the same steps with the PyTorch attention run beside it as a baseline. A benchmark, not a test: numbers
-depend on the machine.
+Prints output tokens/s for both, their ratio, peak memory, and pllm's decode step at batch 64 (and at batch 1) as a
+fraction of the CPU's matmul roofline (in the build's dtype) measured in the same run; where the build has compiled
+cpu kernels, the same steps run beside them with the PyTorch attention, and with PyTorch ops only, as baselines. A
+benchmark, not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -141,13 +141,22 @@ def decode_roofline_fractions(llm, batch: int, prompt_len: int, peak: float, var
     return out
 
 
-def attention_variants(ops) -> dict:
-    """The cpu backend with its compiled decode attention and, as a baseline, with its PyTorch attention."""
-    kernel = getattr(ops, "decode_attention", None)
-    if kernel is None:
+KERNEL_FIELDS = ("decode_attention", "rms_norm_kernel", "rope_kernel")  # TorchOps' compiled cpu kernels
+DECODE_BATCHES = (64, 1)  # the issue's batch, and single-stream
+
+
+def cpu_kernel_variants(ops) -> dict:
+    """The cpu backend with every compiled kernel the build has; with all but the decode attention; with none."""
+    kernels = {name: getattr(ops, name, None) for name in KERNEL_FIELDS}
+    if all(k is None for k in kernels.values()):
         return {"pllm": lambda: None}
-    return {"compiled attention": lambda: setattr(ops, "decode_attention", kernel),
-            "PyTorch attention": lambda: setattr(ops, "decode_attention", None)}
+
+    def use(*names: str):
+        return lambda: [setattr(ops, name, kernels[name] if name in names else None) for name in KERNEL_FIELDS]
+
+    return {"compiled kernels": use(*KERNEL_FIELDS),
+            "PyTorch attention": use("rms_norm_kernel", "rope_kernel"),
+            "PyTorch ops": use()}
 
 
 def main() -> None:
@@ -174,7 +183,8 @@ def main() -> None:
     llm = pllm_res.pop("llm")
     results.append(pllm_res)
     rss_pllm = peak_rss_mib()
-    decodes = decode_roofline_fractions(llm, 64, 128, peak, attention_variants(llm.engine.runner.ops))
+    variants = cpu_kernel_variants(llm.engine.runner.ops)
+    decodes = {batch: decode_roofline_fractions(llm, batch, 128, peak, variants) for batch in DECODE_BATCHES}
     del llm
     if not args.skip_hf:
         import transformers
@@ -203,16 +213,18 @@ def main() -> None:
         r["output_tok_s"] = tps
         print(f"{r['engine']:<28} {r['seconds']:9.1f} {r['output_tokens']:8d} {tps:10.1f} {tps / base:6.2f}x")
     print(f"peak RSS: {rss_pllm:.0f} MiB after pllm, {peak_rss_mib():.0f} MiB after all")
-    first = next(iter(decodes.values()))
-    print(f"\npllm decode at batch {first['batch']}, context ~{first['context']} (best of rounds; median):")
-    for name, d in decodes.items():
-        print(f"  {name:<20} {d['step_ms']:6.1f} ms/step ({d['median_step_ms']:.1f}), {d['tok_s']:4.0f} tok/s, "
-              f"{d['gflops']:3.0f} GFLOP/s = {100 * d['fraction_of_roofline']:.1f}% "
-              f"({100 * d['median_fraction_of_roofline']:.1f}%) of the matmul roofline")
-    if len(decodes) == 2:
-        (_, a), (_, b) = decodes.items()
-        print(f"  compiled attention makes the step {b['step_ms'] / a['step_ms']:.2f}x faster "
-              f"(median {b['median_step_ms'] / a['median_step_ms']:.2f}x)")
+    for per_variant in decodes.values():
+        first = next(iter(per_variant.values()))
+        print(f"\npllm decode at batch {first['batch']}, context ~{first['context']} (best of rounds; median):")
+        for name, d in per_variant.items():
+            print(f"  {name:<20} {d['step_ms']:6.1f} ms/step ({d['median_step_ms']:.1f}), {d['tok_s']:4.0f} tok/s, "
+                  f"{d['gflops']:3.0f} GFLOP/s = {100 * d['fraction_of_roofline']:.1f}% "
+                  f"({100 * d['median_fraction_of_roofline']:.1f}%) of the matmul roofline")
+        if len(per_variant) == 3:
+            (_, full), (_, no_attention), (_, plain) = per_variant.items()
+            for what, base in (("compiled attention", no_attention), ("all compiled kernels", plain)):
+                print(f"  {what}: the step is {base['step_ms'] / full['step_ms']:.2f}x faster "
+                      f"(median {base['median_step_ms'] / full['median_step_ms']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "decode": decodes, "roofline": peak}, indent=2))
 

@@ -78,7 +78,8 @@ def assert_equal_but_for_flipped_roundings(out, expected, residual, weight, eps)
     for neighbour in bf16_neighbours(normed):
         explained |= out == neighbour * weight  # bf16 product, rounded once, as the kernel and HF round it
     assert explained.all(), (out[~explained], expected[~explained])
-    assert (out != expected).float().mean() < 0.01, "more than rare flips: the kernel rounds somewhere else"
+    if out.numel() >= 4096:  # one row's rs can flip several of its few elements: judge rarity on larger samples
+        assert (out != expected).float().mean() < 0.01, "more than rare flips: the kernel rounds somewhere else"
 
 
 def test_zero_tokens_and_special_values(cpu_rms_norm):
