@@ -96,7 +96,7 @@ def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
         _prefill_attention(spec, common, block_size),
         _mlp(spec, common, dtype),
     )
-    if cpu_kernel_supported(spec, dtype):
+    if cpu_attention_supported(spec, dtype):
         kernels += (_cpu_decode_attention(spec, dtype, block_size),)
     if cpu_rms_norm_supported(spec, dtype):
         kernels += (_cpu_rms_norm(spec),)
@@ -109,7 +109,7 @@ def _kernel(name: str, constants: dict[str, Any], options: dict[str, bool], suff
     return KernelSpec(name, f"{name}.{suffix}.jinja", f"{name}.{suffix}", constants, options)
 
 
-def cpu_kernel_supported(spec: ModelSpec, dtype: str) -> bool:
+def cpu_attention_supported(spec: ModelSpec, dtype: str) -> bool:
     """Whether the plan carries the cpu backend's compiled decode attention (block sizes are all multiples of 8)."""
     return dtype in CPU_KERNEL_DTYPES and spec.head_dim % CPU_LANES == 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,15 @@ from pllm.runtime.loader import LoadedBuild
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
 KERNEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _load_function(library: Path, symbol: str, argtypes: list) -> ctypes._CFuncPtr:
+    """A kernel's extern "C" entry point, returning int (0: done). Loaded after `import torch`, so the library binds
+    to torch's libgomp."""
+    fn = getattr(ctypes.CDLL(str(library)), symbol)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
 
 
 @dataclass(frozen=True)
@@ -36,12 +44,9 @@ class CpuDecodeAttention:
         # the shape the kernel was specialised to: it trusts every pointer and index it is given
         self.block_size, self.num_heads = block_size, num_heads
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        lib = ctypes.CDLL(str(library))  # after `import torch`, so its libgomp is the one the library binds to
-        fn = lib.pllm_decode_attention
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        self._fn = _load_function(library, "pllm_decode_attention",
+                                  [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ctypes.c_int])
 
     def __call__(
         self,
@@ -87,11 +92,8 @@ class CpuRmsNorm:
 
     def __init__(self, library: Path, hidden_size: int, eps: float):
         self.hidden_size, self.eps = hidden_size, eps  # what the kernel was specialised to
-        fn = ctypes.CDLL(str(library)).pllm_rms_norm
         ptr = ctypes.c_void_p
-        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        self._fn = _load_function(library, "pllm_rms_norm", [ptr, ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int])
 
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
@@ -116,11 +118,9 @@ class CpuRopeKvWrite:
 
     def __init__(self, library: Path, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int):
         self.dtype, self.num_heads, self.num_kv_heads, self.head_dim = dtype, num_heads, num_kv_heads, head_dim
-        fn = ctypes.CDLL(str(library)).pllm_rope_kv_write
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self._fn = fn
+        self._fn = _load_function(library, "pllm_rope_kv_write",
+                                  [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int])
         self._checked_slots: torch.Tensor | None = None  # the step whose tables were checked
         self._cache_shape: tuple[int, ...] = ()
 
@@ -194,13 +194,12 @@ def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
                                               spec.num_key_value_heads, spec.head_dim)
         except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
             return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {e}; rebuild here)")
-    choice = CpuKernelChoice(loaded.get("cpu_decode_attention"), loaded.get("cpu_rms_norm"),
-                             loaded.get("cpu_rope_kv_write"), "")
-    names = [what for what, kernel in (("decode attention", choice.attention), ("RMSNorm", choice.rms_norm),
-                                       ("RoPE + KV write", choice.rope_kv_write)) if kernel]
+    kernels = {"decode attention": loaded.get("cpu_decode_attention"), "RMSNorm": loaded.get("cpu_rms_norm"),
+               "RoPE + KV write": loaded.get("cpu_rope_kv_write")}
+    names = [what for what, kernel in kernels.items() if kernel is not None]
     if not names:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
-    return dataclasses.replace(choice, reason=f"compiled {', '.join(names)} ({entry['isa']}), PyTorch for the rest")
+    return CpuKernelChoice(*kernels.values(), f"compiled {', '.join(names)} ({entry['isa']}), PyTorch for the rest")
 
 
 def _why_not_runnable(build: LoadedBuild) -> str | None:

@@ -16,15 +16,12 @@ write and read nothing of any real sequence, and their outputs are dropped.
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 
 from pllm.runtime.ops import AttentionMetadata
-
-logger = logging.getLogger("pllm")
 
 DEFAULT_MAX_CAPTURE_SIZE = 256  # larger decode batches are compute-bound: launch overhead no longer matters
 Forward = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]  # (input_ids, meta) -> hidden [T, H]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
-from pllm.compiler.plan import make_plan
+from pllm.compiler.cpu_compile import compile_cpu_kernels
+from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
 from pllm.compiler.spec import ModelSpec
 from pllm.runtime.triton_ops import TritonModeError, TritonOps, ensure_triton_mode
@@ -159,3 +162,12 @@ def cuda_device() -> str:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
     return "cuda"
+
+
+def compile_cpu_kernel(out_dir: Path, plan: KernelPlan, name: str) -> Path:
+    """Render and compile only the plan's cpu kernel `name` into out_dir (not its siblings); returns the library."""
+    alone = dataclasses.replace(plan, kernels=(plan.kernel(name),))
+    render_plan(alone, out_dir)
+    entry = compile_cpu_kernels(out_dir, alone)
+    assert "error" not in entry, entry["error"]
+    return out_dir / entry["libraries"][name]

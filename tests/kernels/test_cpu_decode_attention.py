@@ -10,15 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
-from pllm.compiler.plan import cpu_kernel_supported, make_plan
-from pllm.compiler.render import render_plan
+from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.plan import cpu_attention_supported, make_plan
 from pllm.runtime.cpu_kernels import CpuDecodeAttention, choose_cpu_kernels
 from pllm.runtime.cpu_ops import TorchOps
 from pllm.runtime.loader import open_build
 from pllm.runtime.ops import AttentionMetadata
 
-from .conftest import tiny_spec
+from .conftest import compile_cpu_kernel, tiny_spec
 
 # Reference: softmax(q k^T * scale) v in fp64 on the same rounded q, K, V. The kernel keeps scores, probabilities
 # and sums in fp32 and rounds only the output. Tolerances:
@@ -41,11 +40,7 @@ def cpu_attention(tmp_path_factory: pytest.TempPathFactory):
         key = (dtype, block_size, tuple(sorted(spec_fields.items())))
         if key not in cache:
             plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)
-            out_dir = tmp_path_factory.mktemp("cpu_kernels")
-            render_plan(plan, out_dir)
-            entry = compile_cpu_kernels(out_dir, plan)
-            assert "error" not in entry, entry["error"]
-            library = out_dir / entry["libraries"]["cpu_decode_attention"]
+            library = compile_cpu_kernel(tmp_path_factory.mktemp("cpu_kernels"), plan, "cpu_decode_attention")
             spec = plan.kernel("cpu_decode_attention").constants
             cache[key] = CpuDecodeAttention(library, getattr(torch, dtype), block_size, spec["NUM_HEADS"],
                                             spec["NUM_KV_HEADS"], spec["HEAD_DIM"])
@@ -181,10 +176,10 @@ def test_torch_ops_mixed_step_equals_pytorch_path(cpu_attention, paged_kv):
 
 
 def test_plan_carries_the_kernel_only_where_it_applies():
-    assert cpu_kernel_supported(tiny_spec(head_dim=64), "bfloat16")
-    assert cpu_kernel_supported(tiny_spec(head_dim=80), "float32")
-    assert not cpu_kernel_supported(tiny_spec(head_dim=64), "float16")  # no fp16 widening in the template
-    assert not cpu_kernel_supported(tiny_spec(head_dim=36), "float32")  # not a whole number of 8-lane vectors
+    assert cpu_attention_supported(tiny_spec(head_dim=64), "bfloat16")
+    assert cpu_attention_supported(tiny_spec(head_dim=80), "float32")
+    assert not cpu_attention_supported(tiny_spec(head_dim=64), "float16")  # no fp16 widening in the template
+    assert not cpu_attention_supported(tiny_spec(head_dim=36), "float32")  # not a whole number of 8-lane vectors
     names = [k.name for k in make_plan(tiny_spec(), "float16", 16).kernels]
     assert "cpu_decode_attention" not in names
 

@@ -7,13 +7,12 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
+from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.plan import cpu_rms_norm_supported, make_plan
-from pllm.compiler.render import render_plan
 from pllm.runtime.cpu_kernels import CpuRmsNorm
 from pllm.runtime.cpu_ops import TorchOps
 
-from .conftest import tiny_spec
+from .conftest import compile_cpu_kernel, tiny_spec
 from .test_rms_norm import reference_rms_norm
 
 # The kernel rounds where Hugging Face's bfloat16 RMSNorm rounds (the residual sum, the normed row, the product
@@ -34,11 +33,8 @@ def cpu_rms_norm(tmp_path_factory: pytest.TempPathFactory):
     def make(hidden_size: int, eps: float) -> CpuRmsNorm:
         if (hidden_size, eps) not in cache:
             plan = make_plan(tiny_spec(hidden_size=hidden_size, rms_norm_eps=eps), "bfloat16", 16)
-            out_dir = tmp_path_factory.mktemp("cpu_rms_norm")
-            render_plan(plan, out_dir)
-            entry = compile_cpu_kernels(out_dir, plan)
-            assert "error" not in entry, entry["error"]
-            cache[hidden_size, eps] = CpuRmsNorm(out_dir / entry["libraries"]["cpu_rms_norm"], hidden_size, eps)
+            library = compile_cpu_kernel(tmp_path_factory.mktemp("cpu_rms_norm"), plan, "cpu_rms_norm")
+            cache[hidden_size, eps] = CpuRmsNorm(library, hidden_size, eps)
         return cache[hidden_size, eps]
 
     return make

@@ -7,13 +7,12 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
+from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.plan import cpu_rope_supported, make_plan
-from pllm.compiler.render import render_plan
 from pllm.runtime.cpu_kernels import CpuRopeKvWrite
 from pllm.runtime.cpu_ops import TorchOps
 
-from .conftest import tiny_spec
+from .conftest import compile_cpu_kernel, tiny_spec
 from .test_rope_kv_write import MAX_POSITIONS, make_cos_sin_cache, reference_rotate
 
 # The kernel rounds exactly where the PyTorch path rounds (each product, then their sum, in the dtype; no fused
@@ -35,11 +34,7 @@ def cpu_rope(tmp_path_factory: pytest.TempPathFactory):
         if key not in cache:
             spec = tiny_spec(head_dim=head_dim, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
             plan = make_plan(spec, dtype, 16)
-            out_dir = tmp_path_factory.mktemp("cpu_rope")
-            render_plan(plan, out_dir)
-            entry = compile_cpu_kernels(out_dir, plan)
-            assert "error" not in entry, entry["error"]
-            library = out_dir / entry["libraries"]["cpu_rope_kv_write"]
+            library = compile_cpu_kernel(tmp_path_factory.mktemp("cpu_rope"), plan, "cpu_rope_kv_write")
             cache[key] = CpuRopeKvWrite(library, getattr(torch, dtype), num_heads, num_kv_heads, head_dim)
         return cache[key]
 
