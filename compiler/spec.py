@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# No released model exceeds ~10M positions; anything above this bound is a typo or an attack, and the runtime sizes
+# tables by it.
+MAX_POSITION_EMBEDDINGS = 2**27
 
 
 class ConfigError(ValueError):
@@ -102,11 +106,39 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def _positive(config: dict, key: str, source: str, default: Any = ...) -> int:
+def _positive(config: dict, key: str, source: str, default: Any = ...) -> int | None:
     value = _get(config, key, int, source, default)
+    if value is None:
+        return None
     if value <= 0:
         raise ConfigError(f"{source}: key '{key}' must be a positive integer, got {value!r}")
     return value
+
+
+def _finite_positive(config: dict, key: str, source: str, default: Any = ...) -> float | None:
+    value = _get(config, key, (int, float), source, default)
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source}: key '{key}' must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def _token_id(value: Any, key: str, vocab_size: int, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ConfigError(
+            f"{source}: key '{key}' must be a token id in [0, vocab_size={vocab_size}), got {value!r}"
+        )
+    return value
+
+
+def _eos_token_ids(config: dict, vocab_size: int, source: str) -> tuple[int, ...]:
+    eos = config.get("eos_token_id")
+    if eos is None:
+        return ()
+    if isinstance(eos, list):
+        return tuple(_token_id(e, "eos_token_id", vocab_size, source) for e in eos)
+    return (_token_id(eos, "eos_token_id", vocab_size, source),)
 
 
 def _rope_scaling(config: dict, source: str) -> RopeScaling | None:
@@ -124,25 +156,22 @@ def _rope_scaling(config: dict, source: str) -> RopeScaling | None:
         )
     if rope_type == "default":
         return None
-    factor = rs.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
-        raise ConfigError(f"{source}: key 'rope_scaling.factor' must be a positive number, got {factor!r}")
+    factor = _finite_positive(rs, "factor", f"{source}: rope_scaling")
     if rope_type == "linear":
-        return RopeScaling("linear", float(factor))
-    try:
-        return RopeScaling(
-            "llama3",
-            float(factor),
-            float(rs["low_freq_factor"]),
-            float(rs["high_freq_factor"]),
-            int(rs["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{source}: llama3 rope_scaling is missing key 'rope_scaling.{e.args[0]}'") from None
+        return RopeScaling("linear", factor)
+    where = f"{source}: llama3 rope_scaling"
+    low = _finite_positive(rs, "low_freq_factor", where)
+    high = _finite_positive(rs, "high_freq_factor", where)
+    if high <= low:
+        # the llama3 rule divides by (high - low)
+        raise ConfigError(f"{where}: high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
+    return RopeScaling("llama3", factor, low, high, _positive(rs, "original_max_position_embeddings", where))
 
 
 def spec_from_config(config: dict, source: str = "config.json") -> ModelSpec:
     """Validate a Hugging Face config dict and derive the ModelSpec; errors name the key and the file."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: must be a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
@@ -170,8 +199,12 @@ def spec_from_config(config: dict, source: str = "config.json") -> ModelSpec:
 
     # Sliding-window attention: read, and refused when it would actually change the output.
     max_pos = _positive(config, "max_position_embeddings", source, 2048)
-    window = config.get("sliding_window")
-    uses_window = config.get("use_sliding_window", model_type == "mistral")
+    if max_pos > MAX_POSITION_EMBEDDINGS:
+        raise ConfigError(
+            f"{source}: key 'max_position_embeddings' is {max_pos}; pllm supports at most {MAX_POSITION_EMBEDDINGS}"
+        )
+    window = _positive(config, "sliding_window", source, None)
+    uses_window = _get(config, "use_sliding_window", bool, source, model_type == "mistral")
     if window is not None and uses_window and window < max_pos:
         raise ConfigError(
             f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
@@ -182,17 +215,21 @@ def spec_from_config(config: dict, source: str = "config.json") -> ModelSpec:
     if dtype not in DTYPES:
         raise ConfigError(f"{source}: key 'torch_dtype' is {dtype!r}; supported: {', '.join(DTYPES)}")
 
-    eos = config.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    vocab_size = _positive(config, "vocab_size", source)
+    eos_ids = _eos_token_ids(config, vocab_size, source)
+    bos = config.get("bos_token_id")
+    bos_id = None if bos is None else _token_id(bos, "bos_token_id", vocab_size, source)
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
-    if config.get("mlp_bias"):
+    if _get(config, "mlp_bias", bool, source, False):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
 
-    rope_parameters = config.get("rope_parameters") or {}
-    theta = _get(config, "rope_theta", (int, float), source, rope_parameters.get("rope_theta", 10000.0))
-    eps = _get(config, "rms_norm_eps", (int, float), source, 1e-6)
+    rope_parameters = _get(config, "rope_parameters", dict, source, {})
+    theta = _finite_positive(config, "rope_theta", source, None)
+    if theta is None:
+        theta = _finite_positive(rope_parameters, "rope_theta", f"{source}: rope_parameters", 10000.0)
+    eps = _finite_positive(config, "rms_norm_eps", source, 1e-6)
     return ModelSpec(
         model_type=model_type,
         hidden_size=hidden,
@@ -201,14 +238,14 @@ def spec_from_config(config: dict, source: str = "config.json") -> ModelSpec:
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv,
         head_dim=head_dim,
-        vocab_size=_positive(config, "vocab_size", source),
-        rms_norm_eps=float(eps),
-        rope_theta=float(theta),
+        vocab_size=vocab_size,
+        rms_norm_eps=eps,
+        rope_theta=theta,
         rope_scaling=_rope_scaling(config, source),
         max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        tie_word_embeddings=_get(config, "tie_word_embeddings", bool, source, False),
+        attention_bias=model_type == "qwen2" or _get(config, "attention_bias", bool, source, False),
         torch_dtype=dtype,
-        bos_token_id=config.get("bos_token_id"),
+        bos_token_id=bos_id,
         eos_token_ids=eos_ids,
     )

@@ -80,3 +80,47 @@ def test_load_spec_file_errors(tmp_path):
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_spec(tmp_path / "config.json")
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"eos_token_id": "abc"}, ["eos_token_id", "'abc'"]),
+        ({"eos_token_id": [2, "x"]}, ["eos_token_id", "'x'"]),
+        ({"eos_token_id": [2.5]}, ["eos_token_id", "2.5"]),
+        ({"eos_token_id": True}, ["eos_token_id", "True"]),
+        ({"eos_token_id": 100}, ["eos_token_id", "100", "vocab_size=100"]),
+        ({"bos_token_id": -1}, ["bos_token_id", "-1"]),
+        ({"sliding_window": "abc"}, ["sliding_window", "'abc'"]),
+        ({"use_sliding_window": "yes"}, ["use_sliding_window", "'yes'"]),
+        ({"max_position_embeddings": 10**15}, ["max_position_embeddings", str(10**15), str(2**27)]),
+        ({"rope_theta": -1.0}, ["rope_theta", "-1.0"]),
+        ({"rope_theta": 0}, ["rope_theta", "0"]),
+        ({"rope_theta": float("nan")}, ["rope_theta", "nan"]),
+        ({"rope_theta": float("inf")}, ["rope_theta", "inf"]),
+        ({"rms_norm_eps": -1e-6}, ["rms_norm_eps", "-1e-06"]),
+        ({"rms_norm_eps": float("nan")}, ["rms_norm_eps", "nan"]),
+        ({"rms_norm_eps": 0.0}, ["rms_norm_eps", "0.0"]),
+        ({"rope_parameters": "x"}, ["rope_parameters", "'x'"]),
+        ({"tie_word_embeddings": "false"}, ["tie_word_embeddings", "'false'"]),
+        ({"rope_scaling": {**LLAMA3, "low_freq_factor": "abc"}}, ["low_freq_factor", "'abc'"]),
+        ({"rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}}, ["high_freq_factor", "low_freq_factor"]),
+        ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": "64"}}, ["original_max_position", "'64'"]),
+        ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, ["factor", "inf"]),
+    ],
+)
+def test_hostile_values_name_key_value_and_file(change, words):
+    with pytest.raises(ConfigError) as e:
+        spec_from_config({**BASE, **change}, "cfg.json")
+    for w in ["cfg.json", *words]:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("config", [[1, 2], "llama", None, 3])
+def test_config_that_is_not_an_object(config):
+    with pytest.raises(ConfigError, match="cfg.json: must be a JSON object"):
+        spec_from_config(config, "cfg.json")
