@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
+from pllm.compiler.scratch import make_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import DTYPES, ModelSpec, spec_from_config
 from pllm.models.llama import weight_layout
@@ -27,6 +30,11 @@ WEIGHTS_FILE = "model.safetensors"
 KERNELS_DIR = "kernels"
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# checkpoint dtypes that hold plain float weights; int8/bool/fp8 tensors need scales or are not weights at all
+SOURCE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+LAYER_RE = re.compile(r"model\.layers\.([0-9]+)\.")
+# scratch siblings of any output in the same parent: `.<name>.tmp-<pid>-<random>` and `.<name>.old-<pid>-<random>`
+SCRATCH_RE = scratch_pattern(r"\..+\.(?:tmp|old)-")
 
 
 class BuildError(ValueError):
@@ -76,6 +84,11 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             if hf_name not in available:
                 raise BuildError(f"{source.path}: missing weight '{hf_name}' (needed by {source.config_file})")
             t = source.load_tensor(hf_name)
+            where = f"{source.path / source.tensor_file[hf_name]}: tensor '{hf_name}'"
+            if t.dtype not in SOURCE_DTYPES:
+                raise BuildError(f"{where} has dtype {t.dtype}; pllm reads float weights only")
+            if not torch.isfinite(t).all():
+                raise BuildError(f"{where} holds NaN or infinite values")
             parts.append(t)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(tensor.shape) != shape:
@@ -87,22 +100,68 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
     return out
 
 
+def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
+    """Config sizes vs the checkpoint's tensors, before anything is sized by the config (one layer per config layer)."""
+    layers = {int(m[1]) for name in source.tensor_file if (m := LAYER_RE.match(name))}
+    if layers != set(range(spec.num_hidden_layers)):
+        if not layers:
+            found = "no layers"
+        elif layers == set(range(max(layers) + 1)):
+            found = f"layers 0..{max(layers)}"
+        else:
+            found = f"layers {sorted(layers)[:8]}{'...' if len(layers) > 8 else ''} with gaps"
+        raise BuildError(
+            f"{source.config_file}: key 'num_hidden_layers' is {spec.num_hidden_layers} but the weights in "
+            f"{source.path} hold {found}"
+        )
+    shape = source.tensor_shape.get("model.embed_tokens.weight")
+    if shape is not None and shape != (spec.vocab_size, spec.hidden_size):
+        raise BuildError(
+            f"{source.config_file}: keys 'vocab_size' {spec.vocab_size} and 'hidden_size' {spec.hidden_size} "
+            f"contradict tensor 'model.embed_tokens.weight' {shape} in {source.path}"
+        )
+
+
 def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> Path:
     """Compile `model` into `out_dir`. Nothing is left behind on failure; an existing build is replaced whole."""
-    out_dir = Path(out_dir).resolve()
+    out_dir = Path(os.path.abspath(out_dir))  # not resolve(): a symlinked output must be seen, and refused
+    check_output_dir(out_dir)
     source = open_model(model)
+    made: list[Path] = []  # parent folders this compile created, removed again if it fails
     try:
         spec = spec_from_config(source.config, source.config_file)
         dtype = resolve_dtype(options.dtype, spec)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent) as tmp:
-            tmp_dir = Path(tmp) / "build"
+        check_against_weights(source, spec)
+        made = _make_parents(out_dir.parent)
+        remove_stale_scratch(out_dir.parent, SCRATCH_RE)
+        try:
+            tmp = make_scratch_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+        except OSError as e:
+            raise BuildError(f"{out_dir.parent}: cannot write the build here ({e.strerror})") from None
+        try:
+            tmp_dir = tmp / "build"
             tmp_dir.mkdir()
             _write_build(source, spec, dtype, options, tmp_dir)
             _replace_dir(tmp_dir, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):  # not empty: something else now lives there, keep it
+                d.rmdir()
+        raise
     finally:
         source.close()
     return out_dir
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    missing = [p for p in (parent, *parent.parents) if not p.exists()][::-1]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"{parent}: cannot create the output's folder ({e.strerror})") from None
+    return missing
 
 
 def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path) -> None:
@@ -148,14 +207,78 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def build_files(path: Path) -> list[str] | None:
+    """The files a previous pllm build in `path` lists (manifest included), or None if it is not provably one."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or type(manifest.get("format_version")) is not int:
+        return None
+    files = manifest.get("files")
+    if manifest["format_version"] != FORMAT_VERSION or not isinstance(files, dict) or not files:
+        return None
+    for rel in files:
+        p = Path(rel)
+        if not isinstance(rel, str) or p.is_absolute() or ".." in p.parts or rel == MANIFEST:
+            return None
+    return [MANIFEST, *files]
+
+
+def _stray_entries(path: Path, listed: list[str]) -> list[str]:
+    """Entries under `path` a build with the `listed` files did not write: other files, folders, any symlink."""
+    wanted = set(listed)
+    folders = {str(parent) for rel in listed for parent in Path(rel).parents if str(parent) != "."}
+    stray = []
+    for top, dirs, files in os.walk(path):  # does not descend into symlinked folders
+        for name in sorted(dirs + files):
+            full = Path(top) / name
+            rel = str(full.relative_to(path))
+            if full.is_symlink() or (rel not in wanted and rel not in folders) or (rel in wanted) != full.is_file():
+                stray.append(rel)
+        dirs[:] = [d for d in dirs if str((Path(top) / d).relative_to(path)) in folders]
+    return stray
+
+
+def check_output_dir(dest: Path) -> None:
+    """Refuse an output that compiling would overwrite without it being a pllm build holding only its own files."""
+    if dest.is_symlink():
+        raise BuildError(f"{dest}: is a symbolic link; pass the directory itself (pllm never replaces a link)")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise BuildError(f"{dest}: exists and is not a directory; refusing to overwrite it")
+    try:
+        if not any(dest.iterdir()):
+            return
+    except OSError as e:
+        raise BuildError(f"{dest}: cannot read the existing output directory ({e.strerror})") from None
+    listed = build_files(dest)
+    if listed is None:
+        raise BuildError(
+            f"{dest}: exists and is not a pllm build directory (no {MANIFEST} with format_version "
+            f"{FORMAT_VERSION} listing its files); refusing to overwrite it"
+        )
+    stray = _stray_entries(dest, listed)
+    if stray:
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        raise BuildError(
+            f"{dest}: holds files the previous build did not write ({shown}); move them out or choose another "
+            "output directory, pllm will not delete them"
+        )
+
+
 def _replace_dir(new: Path, dest: Path) -> None:
     """Swap `new` into place; a previous build is removed only after the new one is there."""
-    if dest.exists() and not (dest / MANIFEST).is_file() and any(dest.iterdir()):
-        raise BuildError(f"{dest}: exists and is not a pllm build directory; refusing to overwrite it")
+    check_output_dir(dest)  # again: files may have appeared while compiling
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{next(tempfile._get_candidate_names())}")
-        dest.rename(old)
+        old = make_scratch_dir(dest.parent, f".{dest.name}.old-")
+        try:
+            dest.rename(old / "build")
+        except OSError:
+            old.rmdir()
+            raise
     new.rename(dest)
     if old is not None:
         shutil.rmtree(old)

@@ -43,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = build(args.model, args.output, options)
     except (BuildError, ModelSourceError, ConfigError, GpuCompileError) as e:
-        print(f"pllm-compile: error: {e}", file=sys.stderr)
-        return 1
+        return _error(str(e))
+    except OSError as e:  # disk full, permissions changed mid-compile: the OS names the file
+        return _error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     print(f"pllm-compile: wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _error(message: str) -> int:
+    # one line, whatever a library put in the message
+    print(f"pllm-compile: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

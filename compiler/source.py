@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from pllm.compiler.scratch import make_scratch_dir, remove_stale_scratch, scratch_pattern
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,6 +30,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "added_tokens.json",
 )
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+              "chat_template.json", "added_tokens.json", "generation_config.json")
+GGUF_SCRATCH = "pllm-gguf-"
 
 
 class ModelSourceError(ValueError):
@@ -43,8 +49,10 @@ class ModelSource:
     config_file: str  # for error messages
     tokenizer_dir: Path  # holds tokenizer files (and chat template, generation config)
     tensor_file: dict[str, str] = field(default_factory=dict)  # HF tensor name -> file it lives in
+    tensor_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # HF tensor name -> shape, from headers
+    root: Path | None = None  # every file read must resolve inside this folder (None: tokenizer_dir)
     _gguf_state: dict[str, torch.Tensor] | None = None
-    _tmp: tempfile.TemporaryDirectory | None = None
+    _tmp: Path | None = None  # scratch directory owned by this source, removed by close()
 
     def tensor_names(self) -> list[str]:
         return sorted(self.tensor_file)
@@ -52,15 +60,16 @@ class ModelSource:
     def load_tensor(self, name: str) -> torch.Tensor:
         if self._gguf_state is not None:
             return self._gguf_state[name]
-        from safetensors import safe_open
-
-        file = self.tensor_file[name]
-        with safe_open(str(self.path / file), framework="pt") as f:
-            return f.get_tensor(name)
+        file = self.path / self.tensor_file[name]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelSourceError(f"{file}: cannot read tensor '{name}' ({e})") from None
 
     def close(self) -> None:
         if self._tmp is not None:
-            self._tmp.cleanup()
+            shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
 
@@ -87,7 +96,9 @@ def open_model(model: str | None) -> ModelSource:
     if path.exists():
         raise ModelSourceError(f"{path}: expected a model folder or a .gguf file")
     if model.count("/") == 1 and not model.startswith((".", "/")):
-        return _open_hf_dir(_resolve_hub_id(model), model)
+        snapshot = _resolve_hub_id(model)
+        # snapshot files are symlinks into the repo's blobs/ folder, two levels up
+        return _open_hf_dir(snapshot, model, root=snapshot.parent.parent)
     raise ModelSourceError(f"{model}: no such folder or file, and not a hub id of the form owner/name")
 
 
@@ -107,35 +118,74 @@ def _resolve_hub_id(repo_id: str) -> Path:
         ) from None
 
 
-def _open_hf_dir(path: Path, name: str) -> ModelSource:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelSourceError(f"{config_file}: file not found (a model folder needs config.json)")
+def _confined(root: Path, file: Path, named_in: str) -> Path:
+    """`file`, refused when it (or a symlink on its way) leads outside the model's folder `root`."""
+    if not file.resolve().is_relative_to(root.resolve()):
+        raise ModelSourceError(f"{named_in}: '{file}' resolves outside the model folder {root}; refusing to read it")
+    return file
+
+
+def read_json(file: Path) -> dict:
+    """A JSON file that must hold an object; every failure names the file."""
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelSourceError(f"{config_file}: not valid JSON ({e})") from None
+        value = json.loads(file.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"{file}: cannot be read as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"{file}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a safetensors header (checked by safetensors against the file's size)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ModelSourceError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource:
+    root = path if root is None else root
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelSourceError(f"{config_file}: file not found (a model folder needs config.json)")
+    if not config_file.is_file():
+        raise ModelSourceError(f"{config_file}: is not a file")
+    config = read_json(_confined(root, config_file, str(config_file)))
     tensor_file: dict[str, str] = {}
+    tensor_shape: dict[str, tuple[int, ...]] = {}
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+    if index.exists():
+        weight_map = read_json(_confined(root, index, str(index))).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelSourceError(f"{index}: missing key 'weight_map'")
+        headers: dict[str, dict[str, tuple[int, ...]]] = {}
         for tensor, file in weight_map.items():
-            if not (path / file).is_file():
-                raise ModelSourceError(f"{path / file}: shard named in {index.name} for '{tensor}' is missing")
+            if not isinstance(file, str):
+                raise ModelSourceError(f"{index}: weight_map entry '{tensor}' must be a file name, got {file!r}")
+            shard = _confined(root, path / file, f"{index}: weight_map entry '{tensor}'")
+            if not shard.is_file():
+                raise ModelSourceError(f"{shard}: shard named in {index.name} for '{tensor}' is missing")
+            if file not in headers:
+                headers[file] = _read_header(shard)
+            if tensor not in headers[file]:
+                raise ModelSourceError(f"{shard}: has no tensor '{tensor}', which {index.name} says it holds")
+            tensor_shape[tensor] = headers[file][tensor]
         tensor_file = dict(weight_map)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ModelSourceError(f"{path}: no *.safetensors weights found")
-        from safetensors import safe_open
-
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for tensor in f.keys():
-                    tensor_file[tensor] = file.name
-    return ModelSource(name, path, config, str(config_file), path, tensor_file)
+            for tensor, shape in _read_header(_confined(root, file, str(file))).items():
+                if tensor in tensor_file:
+                    raise ModelSourceError(
+                        f"{file}: tensor '{tensor}' is also in {tensor_file[tensor]}; which one to use is ambiguous"
+                    )
+                tensor_file[tensor] = file.name
+                tensor_shape[tensor] = shape
+    return ModelSource(name, path, config, str(config_file), path, tensor_file, tensor_shape, root)
 
 
 def _open_gguf(path: Path, name: str) -> ModelSource:
@@ -149,32 +199,49 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     except Exception as e:
         raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
-    tmp = tempfile.TemporaryDirectory(prefix="pllm-gguf-")
-    tokenizer.save_pretrained(tmp.name)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp.name)
+    scratch_parent = Path(tempfile.gettempdir())
+    remove_stale_scratch(scratch_parent, scratch_pattern(GGUF_SCRATCH))
+    tmp = make_scratch_dir(scratch_parent, GGUF_SCRATCH)
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     config_dict = config.to_dict()
     config_dict.setdefault("torch_dtype", "float32")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if config_dict.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    return ModelSource(
-        name, path, config_dict, str(path), Path(tmp.name), {k: file for k in state}, state, tmp
-    )
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp)
 
 
 def iter_tokenizer_files(source: ModelSource) -> Iterator[Path]:
+    root = source.tokenizer_dir if source.root is None else source.root
     for fname in (*TOKENIZER_FILES, "generation_config.json"):
         f = source.tokenizer_dir / fname
         if f.is_file():
+            _confined(root, f, str(f))
+            if fname in JSON_FILES:
+                read_json(f)
             yield f
 
 
 def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files into `out_dir` and load them from there, exactly as serving will."""
+    from transformers import AutoTokenizer
+
     copied = []
     for f in iter_tokenizer_files(source):
         shutil.copyfile(f, out_dir / f.name)
         copied.append(f.name)
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied and "vocab.json" not in copied:
         raise ModelSourceError(f"{source.tokenizer_dir}: no tokenizer files (tokenizer.json or tokenizer.model)")
+    try:
+        AutoTokenizer.from_pretrained(str(out_dir))
+    except Exception as e:  # tokenizers and transformers raise many types for a bad file; all mean "cannot serve"
+        files = ", ".join(str(source.tokenizer_dir / f) for f in copied)
+        raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
     return copied
