@@ -103,10 +103,12 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
 def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
     """Config sizes vs the checkpoint's tensors, before anything is sized by the config (one layer per config layer)."""
     layers = {int(m[1]) for name in source.tensor_file if (m := LAYER_RE.match(name))}
-    if layers != set(range(spec.num_hidden_layers)):
+    # distinct indices >= 0 are exactly 0..n-1 when there are n of them and the largest is n-1
+    complete = not layers or max(layers) == len(layers) - 1
+    if len(layers) != spec.num_hidden_layers or not complete:
         if not layers:
             found = "no layers"
-        elif layers == set(range(max(layers) + 1)):
+        elif complete:
             found = f"layers 0..{max(layers)}"
         else:
             found = f"layers {sorted(layers)[:8]}{'...' if len(layers) > 8 else ''} with gaps"

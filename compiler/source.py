@@ -92,7 +92,7 @@ def open_model(model: str | None) -> ModelSource:
             raise ModelSourceError(f"{path}: GGUF file not found")
         return _open_gguf(path, model)
     if path.is_dir():
-        return _open_hf_dir(path, model)
+        return _open_hf_dir(path, model, root=_cache_repo(path))
     if path.exists():
         raise ModelSourceError(f"{path}: expected a model folder or a .gguf file")
     if model.count("/") == 1 and not model.startswith((".", "/")):
@@ -100,6 +100,14 @@ def open_model(model: str | None) -> ModelSource:
         # snapshot files are symlinks into the repo's blobs/ folder, two levels up
         return _open_hf_dir(snapshot, model, root=snapshot.parent.parent)
     raise ModelSourceError(f"{model}: no such folder or file, and not a hub id of the form owner/name")
+
+
+def _cache_repo(path: Path) -> Path | None:
+    """For a snapshot folder of the HF cache, its repo folder: the snapshot's files are symlinks into its blobs/."""
+    snapshots = path.absolute().parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return snapshots.parent
+    return None
 
 
 def _resolve_hub_id(repo_id: str) -> Path:
