@@ -1,40 +1,16 @@
-"""pllm-compile on broken and hostile model folders: one-line errors naming the file, nothing written, nothing touched."""
+"""pllm-compile on broken and hostile model folders: one-line errors naming the file, nothing written or touched."""
 
-import hashlib
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import run_cli, snapshot
 from safetensors.torch import load_file, save_file
 
-from pllm.compiler.cli import main as compile_main
-
 LAYER1_DOWN = "model.layers.1.mlp.down_proj.weight"
-
-
-def snapshot(path: Path) -> dict:
-    """Everything about a tree that a compile could change, without following symlinks or reading FIFOs."""
-    def entry(p: Path):
-        st = p.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            return ("link", os.readlink(p))
-        if stat.S_ISREG(st.st_mode):
-            return ("file", st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
-        return ("other", st.st_mode)
-
-    if not os.path.lexists(path):
-        return {}
-    out = {".": entry(path)}
-    if path.is_dir() and not path.is_symlink():
-        for top, dirs, files in os.walk(path):
-            for name in dirs + files:
-                full = Path(top) / name
-                out[str(full.relative_to(path))] = entry(full)
-    return out
 
 
 def edit_config(model: Path, **changes) -> None:
@@ -195,16 +171,6 @@ CASES = {
 
 def len_vocab(model: Path) -> int:
     return json.loads((model / "config.json").read_text())["vocab_size"]
-
-
-def run_cli(args: list[str], capsys) -> str:
-    rc = compile_main([*args, "-q"])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc != 0, err
-    assert len(lines) == 1 and lines[0].startswith("pllm-compile: error:"), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture
