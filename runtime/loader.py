@@ -130,10 +130,11 @@ def _fail(manifest_file: Path, key: str, must: str, value: Any) -> BuildDirError
 
 def _check_manifest(m: dict, manifest_file: Path) -> None:
     """The types and references the loader relies on, so a malformed manifest is named, never a KeyError."""
+    kinds = {dict: "a JSON object", list: "a JSON list", str: "a string"}
     for key, kind in [("spec", dict), ("kernels", dict), ("cpu_kernels", dict), ("compiled_kernels", dict),
                       ("files", dict), ("tokenizer_files", list), ("weights", str), ("source", str)]:
         if not isinstance(m.get(key), kind):
-            raise _fail(manifest_file, key, f"a JSON {'object' if kind is dict else kind.__name__}", m.get(key))
+            raise _fail(manifest_file, key, kinds[kind], m.get(key))
     if m.get("dtype") not in DTYPES:
         raise _fail(manifest_file, "dtype", f"one of {', '.join(DTYPES)}", m.get("dtype"))
     block_size = m.get("block_size")
