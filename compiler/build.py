@@ -24,8 +24,9 @@ from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import DTYPES, ModelSpec, spec_from_config
 from pllm.models.llama import weight_layout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY)
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
 KERNELS_DIR = "kernels"
 logger = logging.getLogger("pllm")
@@ -63,6 +64,12 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest, so an edit to any key or value shows."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def resolve_dtype(option: str, spec: ModelSpec) -> str:
@@ -207,6 +214,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "versions": versions(),
         "files": files,
     }
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pllm.runtime.loader import LoadedBuild
+from pllm.runtime.loader import BuildDirError, LoadedBuild
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -178,28 +179,40 @@ def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
     if why_not is not None:
         return CpuKernelChoice(None, None, None, f"PyTorch ops ({why_not})")
     entry = build.manifest["cpu_kernels"]
-    libraries = entry["libraries"]
-    spec = build.spec
     loaded = {}
-    for name, library in libraries.items():
-        path = build.kernel_dir / library
-        try:
-            if name == "cpu_decode_attention":
-                loaded[name] = CpuDecodeAttention(path, KERNEL_DTYPES[build.dtype], build.block_size,
-                                                  spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim)
-            elif name == "cpu_rms_norm":
-                loaded[name] = CpuRmsNorm(path, spec.hidden_size, spec.rms_norm_eps)
-            elif name == "cpu_rope_kv_write":
-                loaded[name] = CpuRopeKvWrite(path, KERNEL_DTYPES[build.dtype], spec.num_attention_heads,
-                                              spec.num_key_value_heads, spec.head_dim)
-        except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no such symbol
-            return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {e}; rebuild here)")
+    # Each library is loaded from a private copy of the bytes just checked against the manifest, so what runs is
+    # what was verified (the build folder may change in between); once loaded, the copy is no longer needed.
+    with tempfile.TemporaryDirectory(prefix="pllm-cpu-kernels-") as tmp:
+        for name, library in entry["libraries"].items():
+            data = build.read_kernel(library)
+            if data is None:
+                raise BuildDirError(f"{build.kernel_dir / library}: not listed in the manifest's files")
+            path = Path(tmp) / library
+            path.write_bytes(data)
+            try:
+                loaded[name] = _load_kernel(build, name, path)
+            except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no symbol
+                why = str(e).replace(tmp, str(build.kernel_dir))
+                return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {why}; rebuild here)")
     kernels = {"decode attention": loaded.get("cpu_decode_attention"), "RMSNorm": loaded.get("cpu_rms_norm"),
                "RoPE + KV write": loaded.get("cpu_rope_kv_write")}
     names = [what for what, kernel in kernels.items() if kernel is not None]
     if not names:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
     return CpuKernelChoice(*kernels.values(), f"compiled {', '.join(names)} ({entry['isa']}), PyTorch for the rest")
+
+
+def _load_kernel(build: LoadedBuild, name: str, path: Path) -> CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | None:
+    spec = build.spec
+    if name == "cpu_decode_attention":
+        return CpuDecodeAttention(path, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
+                                  spec.num_key_value_heads, spec.head_dim)
+    if name == "cpu_rms_norm":
+        return CpuRmsNorm(path, spec.hidden_size, spec.rms_norm_eps)
+    if name == "cpu_rope_kv_write":
+        return CpuRopeKvWrite(path, KERNEL_DTYPES[build.dtype], spec.num_attention_heads, spec.num_key_value_heads,
+                              spec.head_dim)
+    return None
 
 
 def _why_not_runnable(build: LoadedBuild) -> str | None:

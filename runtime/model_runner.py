@@ -43,8 +43,8 @@ def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device, st
     from pllm.runtime.triton_ops import TritonOps
 
     if name == "interpret":
-        return TritonOps(build.kernel_dir, interpret=True), torch.device("cpu"), name
-    return TritonOps(build.kernel_dir, interpret=False), torch.device("cuda"), name
+        return TritonOps(build.kernel_dir, interpret=True, read=build.read_kernel), torch.device("cpu"), name
+    return TritonOps(build.kernel_dir, interpret=False, read=build.read_kernel), torch.device("cuda"), name
 
 
 @dataclass(frozen=True)

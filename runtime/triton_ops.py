@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.abc
 import importlib.util
 import json
+import linecache
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +23,18 @@ logger = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp")
 COMPILED_INFO_FILE = "compiled.json"  # written by compiler/gpu_compile.py next to each target's artifacts
+# kernel-dir-relative name -> the file's bytes, None where there is no such file (a build: verified, listed ones only)
+KernelReader = Callable[[str], "bytes | None"]
+
+
+def dir_reader(kernel_dir: Path) -> KernelReader:
+    """Read a plain folder of rendered kernels (a build is read through LoadedBuild.read_kernel instead)."""
+
+    def read(name: str) -> bytes | None:
+        f = Path(kernel_dir) / name
+        return f.read_bytes() if f.is_file() else None
+
+    return read
 
 
 @contextlib.contextmanager
@@ -78,14 +92,33 @@ def ensure_triton_mode(interpret: bool) -> None:
         )
 
 
-def import_kernel_module(path: Path, interpret: bool) -> ModuleType:
-    """Import one rendered kernel file under a name unique to its path and mode (two builds never collide)."""
+class _SourceLoader(importlib.abc.Loader):
+    """Runs exactly the given source. Python's file loader would run a __pycache__/*.pyc beside the file instead,
+    which nothing verified (an unchecked-hash .pyc is used whatever the source says)."""
+
+    def __init__(self, path: Path, source: bytes) -> None:
+        self.path, self.source = path, source
+
+    def exec_module(self, module: ModuleType) -> None:
+        text = importlib.util.decode_source(self.source)
+        # Triton compiles the source inspect finds through linecache, not the code object: make that this source.
+        # An mtime of None keeps linecache.checkcache from replacing it with whatever is on disk later.
+        lines = text.splitlines(keepends=True)
+        linecache.cache[str(self.path)] = (len(text), None, lines, str(self.path))
+        exec(compile(text, str(self.path), "exec", dont_inherit=True), module.__dict__)
+
+
+def import_kernel_module(path: Path, interpret: bool, source: bytes | None = None) -> ModuleType:
+    """Import one rendered kernel file (its `source` if given, else the file's bytes) under a name unique to its
+    path, contents and mode (two builds never collide)."""
     ensure_triton_mode(interpret)
     path = Path(path).resolve()
-    digest = hashlib.sha256(f"{path}:{interpret}".encode()).hexdigest()[:16]
+    source = path.read_bytes() if source is None else source
+    digest = hashlib.sha256(f"{path}:{interpret}:".encode() + source).hexdigest()[:16]
     module_name = f"pllm_kernels_{digest}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None, f"cannot import kernel file {path}"
+    spec = importlib.util.spec_from_loader(module_name, _SourceLoader(path, source), origin=str(path))
+    assert spec is not None, f"cannot import kernel file {path}"
+    spec.has_location = True  # module.__file__ is the kernel file, for tracebacks and inspect
     module = importlib.util.module_from_spec(spec)
     # Triton looks the kernel's source up through its module (inspect), so the module must be registered
     sys.modules[module_name] = module
@@ -98,24 +131,34 @@ def import_kernel_module(path: Path, interpret: bool) -> ModuleType:
     return module
 
 
-def load_kernel_modules(kernel_dir: Path, interpret: bool) -> dict[str, ModuleType]:
-    missing = [name for name in KERNEL_NAMES if not (Path(kernel_dir) / f"{name}.py").is_file()]
+def load_kernel_modules(kernel_dir: Path, interpret: bool, read: KernelReader | None = None) -> dict[str, ModuleType]:
+    read = dir_reader(kernel_dir) if read is None else read
+    sources = {name: read(f"{name}.py") for name in KERNEL_NAMES}
+    missing = [name for name, source in sources.items() if source is None]
     if missing:
         raise FileNotFoundError(f"{kernel_dir}: missing kernel files {', '.join(f'{m}.py' for m in missing)}")
-    return {name: import_kernel_module(Path(kernel_dir) / f"{name}.py", interpret) for name in KERNEL_NAMES}
+    return {name: import_kernel_module(Path(kernel_dir) / f"{name}.py", interpret, sources[name])
+            for name in KERNEL_NAMES}
 
 
-def compiled_artifacts_status(kernel_dir: Path, capability: tuple[int, int], triton_version: str) -> tuple[bool, str]:
+def compiled_artifacts_status(
+    kernel_dir: Path, capability: tuple[int, int], triton_version: str, read: KernelReader | None = None
+) -> tuple[bool, str]:
     """Whether ahead-of-time artifacts in kernel_dir/compiled/sm_XY match this GPU and Triton; the reason if not.
 
     On a mismatch the caller logs the reason and the kernels are compiled by Triton's JIT on first launch.
     """
     target = f"sm_{capability[0]}{capability[1]}"
-    info_path = Path(kernel_dir) / "compiled" / target / COMPILED_INFO_FILE
-    if not info_path.is_file():
+    info_name = f"compiled/{target}/{COMPILED_INFO_FILE}"
+    info_path = Path(kernel_dir) / info_name
+    info_bytes = (dir_reader(kernel_dir) if read is None else read)(info_name)
+    if info_bytes is None:
         built = sorted(p.name for p in (Path(kernel_dir) / "compiled").glob("sm_*"))
         return False, f"no kernels compiled for {target} (build has: {', '.join(built) or 'none'}); using JIT"
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_bytes)
+    except ValueError as e:
+        raise ValueError(f"{info_path}: not valid JSON ({e})") from None
     if info.get("triton_version") != triton_version:
         return False, (
             f"{info_path}: kernels compiled with triton {info.get('triton_version')}, this runtime has "
@@ -127,10 +170,11 @@ def compiled_artifacts_status(kernel_dir: Path, capability: tuple[int, int], tri
 class TritonOps:
     """Ops backed by a build's rendered Triton kernels (on the GPU, or on the CPU under the interpreter)."""
 
-    def __init__(self, kernel_dir: Path, interpret: bool) -> None:
+    def __init__(self, kernel_dir: Path, interpret: bool, read: KernelReader | None = None) -> None:
         self.kernel_dir = Path(kernel_dir)
         self.interpret = interpret
-        self.kernels = load_kernel_modules(self.kernel_dir, interpret)
+        self.read = dir_reader(self.kernel_dir) if read is None else read
+        self.kernels = load_kernel_modules(self.kernel_dir, interpret, self.read)
         self.eps = self.kernels["rms_norm"].EPS
         # Ahead-of-time artifacts are checked and reported; launches still go through Triton's JIT (and its
         # on-disk cache), which recompiles on a mismatch instead of failing.
@@ -139,7 +183,7 @@ class TritonOps:
             import triton
 
             capability = torch.cuda.get_device_capability()
-            self.compiled_status = compiled_artifacts_status(self.kernel_dir, capability, triton.__version__)
+            self.compiled_status = compiled_artifacts_status(self.kernel_dir, capability, triton.__version__, self.read)
             logger.info("kernels: %s", self.compiled_status[1])
 
     def rms_norm(
