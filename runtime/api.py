@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI routes, error shapes, auth, body limit, X-Request-Id, disconnect handling."""
+"""The FastAPI app: OpenAI routes, error shapes, auth, body limits, strict JSON, X-Request-Id, disconnects."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm import __version__
 from pllm.runtime.async_engine import AsyncEngine
+from pllm.runtime.json_body import JSONBodyError, parse_json_body
 from pllm.runtime.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -35,27 +37,65 @@ from pllm.runtime.sse import error_body
 logger = logging.getLogger("pllm.server")
 
 MAX_BODY_BYTES = 4 * 2**20  # as vLLM's h11 limit after CVE-2025-48956
+REQUEST_BODY_TIMEOUT_S = 60.0  # a 4 MiB body at 70 KB/s still makes it
 MAX_REQUEST_ID_LEN = 128
-ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 500, 503)}
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 500, 503)}
 OPEN_PATHS = ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
 
 
-def error_response(status: int, message: str, param: str | None = None, retry_after_s: int | None = None):
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return JSONResponse({"error": error_body(status, message, param)}, status_code=status, headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
+):
+    headers = {**(headers or {}), **({"Retry-After": str(retry_after_s)} if retry_after_s is not None else {})}
+    return JSONResponse({"error": error_body(status, message, param)}, status_code=status, headers=headers or None)
+
+
+class BadBody(StarletteHTTPException):
+    """A 400 raised while FastAPI reads the body (only HTTPExceptions pass its body reader unchanged)."""
+
+    def __init__(self, message: str, param: str | None):
+        super().__init__(400, message)
+        self.param = param
+
+
+class _StrictJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:
+                self._json = parse_json_body(await self.body())
+            except JSONBodyError as exc:
+                raise BadBody(exc.message, exc.param) from None
+        return self._json
+
+
+class _StrictJSONRoute(APIRoute):
+    """Every route parses its JSON body strictly, so no endpoint sees NaN, Infinity or text that is not UTF-8."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 class _Guard:
-    """Pure ASGI middleware (streaming-safe): X-Request-Id, the body-size limit and the Bearer key.
+    """Pure ASGI middleware (streaming-safe): X-Request-Id, the body-size and body-time limits, the Bearer key.
 
     The key guards /v1/* only: /health, /version, /metrics and the OpenAPI docs stay open (as in vLLM) so
     orchestrators and scrapers need no secret; bind to loopback or put a proxy in front to hide them.
     """
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, request_body_timeout_s: float):
         self.app = app
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.request_body_timeout_s = request_body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -84,11 +124,20 @@ class _Guard:
         if reply is not None:
             return await reply(scope, receive, send_with_id)
 
-        num_bytes = 0
+        num_bytes, body_done = 0, False
+        deadline = asyncio.get_running_loop().time() + self.request_body_timeout_s
 
         async def receive_limited():
-            nonlocal num_bytes
-            message = await receive()
+            nonlocal num_bytes, body_done
+            if body_done:  # later receives only wait for a disconnect, which may take as long as generating
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:  # a slow-body client would otherwise hold its connection and task forever
+                timeout = self.request_body_timeout_s
+                message = f"The request body did not arrive within {timeout:g} s."
+                raise StarletteHTTPException(408, message, headers={"Connection": "close"}) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 num_bytes += len(message.get("body", b""))
                 if num_bytes > self.max_body_bytes:  # chunked bodies carry no Content-Length
@@ -148,10 +197,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(
-    engine: AsyncEngine, served_model_names: list[str], api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: AsyncEngine,
+    served_model_names: list[str],
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
 ) -> FastAPI:
     serving = OpenAIServing(engine, served_model_names)
     app = FastAPI(title="pllm", version=__version__)
+    app.router.route_class = _StrictJSONRoute
     app.state.serving = serving
 
     @app.exception_handler(RequestValidationError)
@@ -161,7 +215,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "param", None), headers=exc.headers)
 
     @app.exception_handler(EngineError)
     async def on_engine_error(_request, exc: EngineError):
@@ -218,9 +272,11 @@ def create_app(
 
     @app.get("/health", response_class=Response, responses={503: {"model": ErrorResponse}})
     async def health():
-        if engine.is_alive:
-            return Response(status_code=200)
-        return error_response(503, "The engine loop is dead.")
+        if not engine.is_alive:
+            return error_response(503, "The engine loop is dead.")
+        if engine.draining:  # load balancers must stop routing here before the listener closes
+            return error_response(503, "The server is draining (shutting down) and takes no new requests.")
+        return Response(status_code=200)
 
     @app.get("/version")
     async def version():
@@ -245,4 +301,4 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
-    return _Guard(app, api_key, max_body_bytes)  # type: ignore[return-value]
+    return _Guard(app, api_key, max_body_bytes, request_body_timeout_s)  # type: ignore[return-value]

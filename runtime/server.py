@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 import uvicorn
 
 from pllm import __version__
-from pllm.runtime.api import MAX_BODY_BYTES, create_app
+from pllm.runtime.api import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, create_app
 from pllm.runtime.async_engine import AsyncEngine
 from pllm.runtime.config import BACKENDS, EngineConfig
+from pllm.runtime.connections import ConnectionLimits, LimitedH11Protocol
 from pllm.runtime.metrics import ServerMetrics
 
 logger = logging.getLogger("pllm.server")
@@ -42,6 +44,16 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
 
 
@@ -93,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="waiting requests beyond which new ones get 503 + Retry-After",
     )
     p.add_argument("--max-body-bytes", type=parse_bytes, default=MAX_BODY_BYTES)
+    p.add_argument(
+        "--request-header-timeout",
+        type=positive_seconds,
+        default=10.0,
+        help="seconds from connecting (or from the previous response) to a complete request head; slower or "
+        "silent connections are closed (default: 10)",
+    )
+    p.add_argument(
+        "--request-body-timeout",
+        type=positive_seconds,
+        default=REQUEST_BODY_TIMEOUT_S,
+        help=f"seconds from the request head to the end of its body, else 408 and close (default: "
+        f"{REQUEST_BODY_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=positive_seconds,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open between requests (default: 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1000,
+        help="open connections served at once; a request on one past them gets 503 and the connection is closed "
+        "(default: 1000, under the usual 1024 open-file limit)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -184,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"pllm-serve: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(engine, names, args.api_key, args.max_body_bytes)
+    app = create_app(engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout)
+    limits = ConnectionLimits(args.request_header_timeout, args.max_connections)
     host = f"[{args.host}]" if ":" in args.host else args.host
     uv_config = uvicorn.Config(
         app,
@@ -192,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         log_level=args.log_level,
         access_log=not args.disable_access_log,
+        http=functools.partial(LimitedH11Protocol, limits=limits),
+        timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful_shutdown=5,
         log_config=None,  # keep our logging format
     )

@@ -82,6 +82,7 @@ ERROR_TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowed",
+    408: "RequestTimeoutError",
     413: "RequestEntityTooLarge",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
