@@ -137,7 +137,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return prompt, self.tokenizer(prompt).input_ids
+            return prompt, self.encode(prompt, "prompt")
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt_token_ids is empty")
@@ -146,6 +146,16 @@ class LLMEngine:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
         return None, ids
+
+    def encode(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> token ids; ValueError naming `what` for text that is not valid Unicode (a lone surrogate)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start}"
+            ) from None
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def add_request(
         self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, arrival_time: float | None = None

@@ -82,7 +82,7 @@ class LLM:
         text = tok.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )
-        return tok(text, add_special_tokens=False).input_ids
+        return self.engine.encode(text, "chat messages", add_special_tokens=False)
 
     def embed(self, texts: str | Sequence[str | list[int]], pooling: str = "last") -> list[EmbeddingOutput]:
         """One L2-normalised vector per text: last-token pooling by default, "mean" optional."""

@@ -186,3 +186,18 @@ def test_embed_batched_and_chunked_agree(build, roomy):
         assert a.num_prompt_tokens == b.num_prompt_tokens
         assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
     assert _pool_is_full(roomy)
+
+
+def test_python_api_refuses_what_it_cannot_honour(build, roomy):
+    with pytest.raises(TypeError, match="unknown engine setting.*block_size"):
+        LLM(build, backend="cpu", block_size=8)
+    with pytest.raises(ValueError, match="max_model_len=True"):
+        LLM(build, backend="cpu", max_model_len=True)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode.*surrogate"):
+        roomy.generate("\ud800", use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        roomy.embed(["fine", "bad \udfff"])
+    if roomy.tokenizer.chat_template:
+        with pytest.raises(ValueError, match="chat messages is not valid Unicode"):
+            roomy.chat([{"role": "user", "content": "x\ud800"}], use_tqdm=False)
+    assert _pool_is_full(roomy) and not roomy.engine.has_unfinished()
