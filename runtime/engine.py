@@ -75,8 +75,8 @@ class LLMEngine:
         self.spec = spec
         self.tokenizer = load_tokenizer(self.build)
         self.generation_config = load_generation_config(self.build)
-        self.max_model_len = self._resolve_max_model_len(config)
-        self.runner = ModelRunner(self.build, config, self.max_model_len)
+        self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
+        self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
         self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, config.enable_prefix_caching)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(

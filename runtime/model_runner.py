@@ -63,9 +63,10 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.dtype = build.torch_dtype
         weights = load_weights(build, self.device)
-        self.model = LlamaModel(self.spec, weights, self.ops, max_model_len)
         self.num_blocks = self._plan_num_blocks(config, max_model_len)
-        self.max_model_len = max_model_len
+        # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
+        self.max_model_len = self._fit_max_model_len(config, max_model_len)
+        self.model = LlamaModel(self.spec, weights, self.ops, self.max_model_len)
         spec = self.spec
         # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
         self.pad_block = self.num_blocks
@@ -130,6 +131,23 @@ class ModelRunner:
                 f"{self.kv_bytes_per_block} bytes"
             )
         return int(num_blocks)
+
+    def _fit_max_model_len(self, config: EngineConfig, max_model_len: int) -> int:
+        """A sequence of max_model_len tokens must fit the cache: refuse an explicit limit that does not (as vLLM
+        does); lower the model's default to what fits, and say so."""
+        capacity = self.num_blocks * self.block_size  # the padding block holds no sequence's tokens
+        if max_model_len <= capacity:
+            return max_model_len
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"engine setting max_model_len={max_model_len}: larger than the maximum number of tokens that can "
+                f"be stored in the KV cache ({capacity}); raise kv_cache_memory or lower max_model_len"
+            )
+        logger.warning(
+            "pllm: max_model_len lowered from the model's %d to %d, the tokens the KV cache holds; set "
+            "kv_cache_memory higher for longer sequences", max_model_len, capacity
+        )
+        return capacity
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         input_ids: list[int] = []

@@ -201,3 +201,21 @@ def test_python_api_refuses_what_it_cannot_honour(build, roomy):
         with pytest.raises(ValueError, match="chat messages is not valid Unicode"):
             roomy.chat([{"role": "user", "content": "x\ud800"}], use_tqdm=False)
     assert _pool_is_full(roomy) and not roomy.engine.has_unfinished()
+
+
+def test_max_model_len_fits_the_kv_cache(build, tiny_build, caplog):
+    # 256 KiB holds 32 blocks of 16 tokens (8 KiB each), one kept for the padding rows: 496 tokens < 512
+    small = LLM(build, backend="cpu", kv_cache_memory=1 << 18)
+    capacity = small.engine.kv.num_blocks * small.engine.kv.block_size
+    assert capacity < 512 and small.engine.max_model_len == capacity
+    assert small.engine.runner.model.cos_sin.shape[0] == capacity
+    assert "max_model_len lowered from the model's 512" in caplog.text
+    out = small.generate([{"prompt_token_ids": [5] * 10}], SamplingParams(max_tokens=None, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == capacity - 10  # a request without max_tokens is served, to the limit
+    with pytest.raises(ValueError, match=rf"max_model_len=512: larger than .* KV cache \({capacity}\)"):
+        LLM(build, backend="cpu", kv_cache_memory=1 << 18, max_model_len=512)
+    # an absurd model limit only costs what the cache holds: the rotary table follows max_model_len
+    absurd = LLM(str(tiny_build("llama", max_position_embeddings=10**15)), backend="cpu", kv_cache_memory=1 << 18)
+    assert absurd.engine.max_model_len == capacity
+    assert absurd.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
