@@ -203,10 +203,13 @@ def create_app(
         return await _until_disconnect(raw, stream, serving.chat_response(body, prep, stream))
 
     @app.post("/v1/embeddings", responses={**ERROR_RESPONSES, 200: {"model": EmbeddingResponse}})
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, raw: Request):
+        arrival = time.monotonic()
         serving.check_model(body.model)
         log_ignored(body)
-        return JSONResponse(await serving.embeddings(body))
+        requests = await serving.embedding_requests(body, arrival)
+        stream = await engine.generate(requests)
+        return await _until_disconnect(raw, stream, serving.embedding_response(body, requests, stream))
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():
