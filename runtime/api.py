@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -207,9 +208,7 @@ def create_app(
         arrival = time.monotonic()
         serving.check_model(body.model)
         log_ignored(body)
-        requests = await serving.embedding_requests(body, arrival)
-        stream = await engine.generate(requests)
-        return await _until_disconnect(raw, stream, serving.embedding_response(body, requests, stream))
+        return await serving.embeddings(body, arrival, functools.partial(_until_disconnect, raw))
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():

@@ -7,7 +7,7 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -311,8 +311,16 @@ class OpenAIServing:
         return guarded(chunks(), stream)
 
     # -- embeddings ------------------------------------------------------------------------------
-    async def embedding_requests(self, req: EmbeddingRequest, arrival: float) -> list[EngineRequest]:
-        """One engine request per input; the engine schedules them like completions (budget, queue bound)."""
+    async def embeddings(
+        self, req: EmbeddingRequest, arrival: float, until_disconnect: Callable[..., Awaitable[object]]
+    ) -> object:
+        """One engine request per input, scheduled like completions (token budget, queue bound); the response
+        is awaited through until_disconnect(stream, work), which aborts them all if the client leaves."""
+        requests = await self._embedding_requests(req, arrival)
+        stream = await self.engine.generate(requests)
+        return await until_disconnect(stream, self._embedding_response(req, requests, stream))
+
+    async def _embedding_requests(self, req: EmbeddingRequest, arrival: float) -> list[EngineRequest]:
         if req.dimensions is not None and req.dimensions != self.hidden_size:
             raise EngineError(400, f"dimensions={req.dimensions} is not supported; this model gives {self.hidden_size}")
         base_id = f"embd-{uuid.uuid4().hex}"
@@ -326,7 +334,7 @@ class OpenAIServing:
             requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival, pooling="last"))
         return requests
 
-    async def embedding_response(self, req: EmbeddingRequest, requests: list[EngineRequest], stream) -> dict:
+    async def _embedding_response(self, req: EmbeddingRequest, requests: list[EngineRequest], stream) -> dict:
         index = {r.request_id: i for i, r in enumerate(requests)}
         results: list = [None] * len(requests)
         async for out in stream:
