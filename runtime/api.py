@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -257,10 +258,11 @@ def create_app(
         return await _until_disconnect(raw, stream, serving.chat_response(body, prep, stream))
 
     @app.post("/v1/embeddings", responses={**ERROR_RESPONSES, 200: {"model": EmbeddingResponse}})
-    async def embeddings(body: EmbeddingRequest):
+    async def embeddings(body: EmbeddingRequest, raw: Request):
+        arrival = time.monotonic()
         serving.check_model(body.model)
         log_ignored(body)
-        return JSONResponse(await serving.embeddings(body))
+        return await serving.embeddings(body, arrival, functools.partial(_until_disconnect, raw))
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():

@@ -14,7 +14,7 @@ from typing import Any
 
 from pllm.runtime.engine import LLMEngine
 from pllm.runtime.metrics import EngineSnapshot, ServerMetrics
-from pllm.runtime.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.request_stream import (
     ACCEPTED,
     EngineError,
@@ -55,7 +55,11 @@ class AsyncEngine:
         self._routes: dict[str, _Route] = {}  # engine thread only
         self._lock = threading.Lock()  # guards the counters below and dead_reason
         self._num_pending = 0  # requests submitted but not yet added by the engine thread
-        self._num_waiting = 0  # engine's waiting requests, published after each step
+        # Published by the engine thread: requests that wait for a place in the running batch, and the places
+        # (sequence slots) a new request would take at once: none while anyone waits, as admission is FCFS.
+        self._num_queued = 0
+        self._num_free_slots = engine.scheduler.max_num_seqs
+        self._blocked = False  # the last step left requests waiting
         self._num_live = 0  # requests the engine thread is serving
         self.draining = False
         self.dead_reason: str | None = None
@@ -116,7 +120,10 @@ class AsyncEngine:
             raise EngineError(503, "The server is shutting down.", retry_after_s=5)
         limit = self.max_queued_requests
         with self._lock:
-            if limit is not None and self._num_pending + self._num_waiting >= limit:
+            # Only requests that will wait count: pending ones beyond the free slots, and those already waiting.
+            # Pending is exact; the rest is at most a step old, so at most limit + max_num_seqs ever queue.
+            num_queued = self._num_queued + max(0, self._num_pending - self._num_free_slots)
+            if limit is not None and num_queued >= limit:
                 self._reject("queue_full")
                 raise EngineError(503, "The request queue is full; retry later.", retry_after_s=1)
             self._num_pending += num_requests
@@ -219,7 +226,10 @@ class AsyncEngine:
         try:
             for r in requests:
                 prompt = {"prompt_token_ids": r.prompt_token_ids}
-                self.engine.add_request(r.request_id, prompt, r.params, r.arrival_time)
+                if r.pooling is not None:
+                    self.engine.add_embedding_request(r.request_id, prompt, r.pooling, r.arrival_time)
+                else:
+                    self.engine.add_request(r.request_id, prompt, r.params, r.arrival_time)
                 added.append(r.request_id)
                 self._routes[r.request_id] = _Route(stream, r)
         except Exception as exc:
@@ -237,7 +247,7 @@ class AsyncEngine:
             with self._lock:
                 self._num_pending -= len(requests)
                 self._num_live = len(self._routes)
-                self._num_waiting = self.engine.num_requests()[1]
+                self._publish_queue(self.engine.num_requests()[1], stepped=False)
 
     def _abort(self, request_id: str, output: bool = False) -> None:
         route = self._routes.pop(request_id, None)
@@ -284,22 +294,24 @@ class AsyncEngine:
         for out in outputs:
             self._dispatch(out, now)
 
-    def _dispatch(self, out: RequestOutput, now: float) -> None:
+    def _dispatch(self, out: RequestOutput | EmbeddingRequestOutput, now: float) -> None:
         route = self._routes.get(out.request_id)
         if route is None:
             return
         metrics = self.metrics
-        if metrics is not None:
+        pooled = isinstance(out, EmbeddingRequestOutput)
+        if metrics is not None and not pooled:  # token latencies are a generation's only
             if route.last_time is None:
                 first = out.metrics.get("first_token_time", now)
                 metrics.observe_first_token(len(out.prompt_token_ids), first - route.request.arrival_time)
             else:
                 metrics.inter_token_latency.observe(now - route.last_time)
-        route.last_output, route.last_time = out, now
+        if not pooled:
+            route.last_output, route.last_time = out, now
         if out.finished:
             del self._routes[out.request_id]
             if metrics is not None:
-                reason = out.outputs[0].finish_reason or "stop"
+                reason = "stop" if pooled else out.outputs[0].finish_reason or "stop"
                 metrics.observe_finished(reason, now - route.request.arrival_time)
         route.stream.put(out)
 
@@ -321,7 +333,7 @@ class AsyncEngine:
         engine = self.engine
         num_running, num_waiting = engine.num_requests()
         with self._lock:
-            self._num_waiting = num_waiting
+            self._publish_queue(num_waiting, stepped=True)
             self._num_live = len(self._routes)
         if self.metrics is not None:
             self.metrics.update(
@@ -335,6 +347,17 @@ class AsyncEngine:
                     num_prefix_hits=engine.kv.num_prefix_hits,
                 )
             )
+
+    def _publish_queue(self, num_waiting: int, stepped: bool) -> None:
+        """Engine thread, under the lock. After a step, every waiting request is one the batch had no room for;
+        just after an add (before the step), those up to the free slots will run, unless some already waited."""
+        free = self.engine.scheduler.max_num_seqs - self.engine.scheduler.num_running
+        if stepped:
+            self._blocked = num_waiting > 0
+        if self._blocked:
+            self._num_queued, self._num_free_slots = num_waiting, 0
+        else:
+            self._num_queued, self._num_free_slots = max(0, num_waiting - free), max(0, free - num_waiting)
 
     def _fail_all(self, error: EngineError) -> None:
         for route in self._routes.values():

@@ -11,7 +11,6 @@ BACKENDS = ("auto", "cpu", "cuda", "interpret")
 class EngineConfig:
     backend: str = "auto"  # auto | cpu | cuda | interpret
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    block_size: int | None = None  # None: the build's block size (kernels are specialised to it)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: kv_cache_fraction of free memory
@@ -30,14 +29,19 @@ class EngineConfig:
             raise bad("backend", self.backend, f"one of {', '.join(BACKENDS)}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise bad(name, value, "a positive integer")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 1):
             raise bad("max_model_len", self.max_model_len, "a positive integer")
-        if self.block_size is not None and self.block_size not in (8, 16, 32, 64, 128):
-            raise bad("block_size", self.block_size, "one of 8, 16, 32, 64, 128")
-        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+        if self.kv_cache_memory is not None and (not _is_int(self.kv_cache_memory) or self.kv_cache_memory < 1):
             raise bad("kv_cache_memory", self.kv_cache_memory, "a positive number of bytes")
+        if not _is_int(self.seed):
+            raise bad("seed", self.seed, "an integer")
+        if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
+            raise bad("num_threads", self.num_threads, "a positive integer")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "true or false")
         if self.cuda_graph_sizes is not None:
             sizes = self.cuda_graph_sizes
             if not isinstance(sizes, (tuple, list)) or not sizes or not all(
@@ -47,5 +51,10 @@ class EngineConfig:
             if max(sizes) > self.max_num_seqs:
                 raise bad("cuda_graph_sizes", sizes, f"at most max_num_seqs={self.max_num_seqs}, the largest batch")
             object.__setattr__(self, "cuda_graph_sizes", tuple(sizes))
-        if not 0.0 < self.kv_cache_fraction <= 1.0:
+        fraction = self.kv_cache_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a setting

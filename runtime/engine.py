@@ -7,15 +7,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from pllm.runtime.config import EngineConfig
 from pllm.runtime.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from pllm.runtime.kv_cache import KVCacheManager
 from pllm.runtime.loader import load_generation_config, load_tokenizer, open_build
 from pllm.runtime.model_runner import ModelRunner
-from pllm.runtime.outputs import CompletionOutput, EmbeddingOutput, RequestOutput
-from pllm.runtime.request import FinishReason, Request, RequestStatus, ScheduledBatch, ScheduledSeq
+from pllm.runtime.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+from pllm.runtime.pooler import Pooler
+from pllm.runtime.request import FinishReason, Request, RequestStatus
 from pllm.runtime.sampler import Sampler
 from pllm.runtime.sampling_params import SamplingParams
 from pllm.runtime.scheduler import Scheduler
@@ -75,8 +74,8 @@ class LLMEngine:
         self.spec = spec
         self.tokenizer = load_tokenizer(self.build)
         self.generation_config = load_generation_config(self.build)
-        self.max_model_len = self._resolve_max_model_len(config)
-        self.runner = ModelRunner(self.build, config, self.max_model_len)
+        self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
+        self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
         self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, config.enable_prefix_caching)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
@@ -85,6 +84,7 @@ class LLMEngine:
         self.sampler = Sampler(spec.vocab_size, self.eos_token_ids, seed=config.seed)
         self.groups: dict[str, _Group] = {}
         self.seq_states: dict[str, _SeqState] = {}
+        self.pooler = Pooler()  # unfinished embedding requests
         self.stats = EngineStats()
         self._next_id = 0
         logger.info(
@@ -137,7 +137,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return prompt, self.tokenizer(prompt).input_ids
+            return prompt, self.encode(prompt, "prompt")
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt_token_ids is empty")
@@ -147,11 +147,21 @@ class LLMEngine:
                 raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
         return None, ids
 
+    def encode(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> token ids; ValueError naming `what` for text that is not valid Unicode (a lone surrogate)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start}"
+            ) from None
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
     def add_request(
         self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, arrival_time: float | None = None
     ) -> None:
         """Queue a request; ValueError (naming what is wrong) for anything that can never run."""
-        if request_id in self.groups:
+        if request_id in self.groups or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         params.validate_vocab(self.spec.vocab_size)
@@ -188,6 +198,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request (all its sequences) and free its blocks at once; unknown ids are ignored."""
+        if self.pooler.forget(request_id):
+            self.scheduler.abort_request(request_id)
+            return
         group = self.groups.pop(request_id, None)
         if group is None:
             return
@@ -203,19 +216,25 @@ class LLMEngine:
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting) counted in requests, not sequences: n > 1 is one request, running while any of its
         sequences is in the batch."""
-        running = {self.seq_states[r.request_id].group_id for r in self.scheduler.running}
-        waiting = {self.seq_states[r.request_id].group_id for r in self.scheduler.waiting} - running
+        running = {self._group_id(r) for r in self.scheduler.running}
+        waiting = {self._group_id(r) for r in self.scheduler.waiting} - running
         return len(running), len(waiting)
 
+    def _group_id(self, request: Request) -> str:
+        return request.request_id if request.pooling is not None else self.seq_states[request.request_id].group_id
+
     # -- the step ---------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         """One engine iteration: schedule, run the model, sample, update; returns outputs that changed."""
         batch = self.scheduler.schedule()
+        for request in batch.preempted:
+            if request.pooling is not None:
+                self.pooler.restart(request)
         if batch.is_empty:
             return []
-        logits = self.runner.execute(batch)  # [num_sampling_seqs, vocab]
+        step_out = self.runner.execute(batch)
         sampling = [s.request for s in batch.seqs if s.samples]
-        out = self.sampler.sample(logits, sampling)
+        out = self.sampler.sample(step_out.logits, sampling)
         sampled = {r.request_id: t for r, t in zip(sampling, out.token_ids)}
         self.scheduler.update(batch, sampled)
         self.stats.num_steps += 1
@@ -224,6 +243,7 @@ class LLMEngine:
         )
         self.stats.num_generation_tokens += len(sampling)
         now = time.monotonic()
+        pooled = self.pooler.fold(step_out.pooled, now) if step_out.pooled else []
         changed: dict[str, _Group] = {}
         for req, logprobs in zip(sampling, out.logprobs):
             state = self.seq_states.get(req.request_id)
@@ -233,7 +253,7 @@ class LLMEngine:
             group = self.groups[state.group_id]
             group.metrics.setdefault("first_token_time", now)
             changed[group.request_id] = group
-        return [self._output(g, now) for g in changed.values()]
+        return [self._output(g, now) for g in changed.values()] + pooled
 
     def _process_tokens(self, state: _SeqState, logprobs) -> None:
         req = state.request
@@ -303,79 +323,25 @@ class LLMEngine:
         )
 
     # -- embeddings -------------------------------------------------------------------------------
-    def embed(self, prompts: list[str | list[int]], pooling: str = "last") -> list[EmbeddingOutput]:
-        """One L2-normalised vector per prompt from the final hidden states (last token or mean pooling)."""
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-        token_lists = [self.tokenize(p)[1] for p in prompts]
-        for ids in token_lists:
-            if len(ids) > self.max_model_len:
-                raise ValueError(
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, your input "
-                    f"contains {len(ids)} tokens."
-                )
-        results: list[EmbeddingOutput | None] = [None] * len(token_lists)
-        budget = self.config.max_num_batched_tokens
-        group: list[int] = []  # indices of short prompts that share one forward pass
-        for i in sorted(range(len(token_lists)), key=lambda j: len(token_lists[j])):
-            if len(token_lists[i]) > budget:
-                results[i] = self._embed_long(token_lists[i], pooling)
-                continue
-            if group and (sum(len(token_lists[j]) for j in group) + len(token_lists[i]) > budget
-                          or len(group) == self.config.max_num_seqs):
-                self._embed_batch(token_lists, group, pooling, results)
-                group = []
-            group.append(i)
-        if group:
-            self._embed_batch(token_lists, group, pooling, results)
-        return results  # type: ignore[return-value]
-
-    def _embed_request(self, ids: list[int]) -> Request:
-        return Request(f"embed-{self.new_request_id()}", ids, SamplingParams(max_tokens=1), time.monotonic(), 1)
-
-    def _embed_batch(self, token_lists, group: list[int], pooling: str, results: list) -> None:
-        """Several whole prompts in one prefill-only forward pass, pooled per segment."""
-        reqs = [self._embed_request(token_lists[i]) for i in group]
-        try:
-            for req in reqs:
-                if not self.kv.allocate_slots(req, req.num_prompt_tokens):
-                    raise RuntimeError("not enough free KV blocks for an embedding batch; retry when idle")
-            batch = ScheduledBatch(tuple(ScheduledSeq(r, r.num_prompt_tokens) for r in reqs))
-            hidden = self.runner.hidden_states(batch)  # [num_tokens, hidden]
-            start = 0
-            for i, req in zip(group, reqs):
-                end = start + req.num_prompt_tokens
-                pooled = hidden[start:end].mean(0) if pooling == "mean" else hidden[end - 1]
-                results[i] = EmbeddingOutput(torch.nn.functional.normalize(pooled, dim=0).tolist(), end - start)
-                start = end
-        finally:
-            for req in reqs:
-                self.kv.free(req)
-
-    def _embed_long(self, ids: list[int], pooling: str) -> EmbeddingOutput:
-        """A prompt longer than the token budget, in chunks attending to the earlier ones through the KV cache."""
-        req = self._embed_request(ids)
-        chunk = self.config.max_num_batched_tokens
-        pooled = None
-        try:
-            while req.num_computed_tokens < len(ids):
-                num_new = min(chunk, len(ids) - req.num_computed_tokens)
-                if not self.kv.allocate_slots(req, num_new):
-                    raise RuntimeError("not enough free KV blocks for an embedding request; retry when idle")
-                hidden = self.runner.hidden_states(ScheduledBatch((ScheduledSeq(req, num_new),)))
-                part = hidden.sum(0) if pooling == "mean" else hidden[-1]
-                pooled = part if pooled is None or pooling == "last" else pooled + part
-                req.num_computed_tokens += num_new
-        finally:
-            self.kv.free(req)
-        assert pooled is not None
-        if pooling == "mean":
-            pooled = pooled / len(ids)
-        return EmbeddingOutput(torch.nn.functional.normalize(pooled, dim=0).tolist(), len(ids))
+    def add_embedding_request(
+        self, request_id: str, prompt: str | list[int] | dict, pooling: str = "last", arrival_time: float | None = None
+    ) -> None:
+        """Queue an embedding request: prefill only, scheduled with the rest, one L2-normalised vector when done."""
+        if request_id in self.groups or request_id in self.pooler:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)[1]
+        request = self.pooler.new_request(request_id, ids, pooling, arrival_time)
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your input "
+                f"contains {len(ids)} tokens."
+            )
+        self.scheduler.add_request(request)
+        self.pooler.track(request)
 
     # -- introspection ----------------------------------------------------------------------------
     def num_unfinished_requests(self) -> int:
-        return len(self.groups)
+        return len(self.groups) + len(self.pooler)
 
     def request_status(self, request_id: str) -> RequestStatus | None:
         state = self.seq_states.get(request_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pllm.runtime.config import EngineConfig
 from pllm.runtime.engine import LLMEngine
@@ -82,29 +82,39 @@ class LLM:
         text = tok.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )
-        return tok(text, add_special_tokens=False).input_ids
+        return self.engine.encode(text, "chat messages", add_special_tokens=False)
 
     def embed(self, texts: str | Sequence[str | list[int]], pooling: str = "last") -> list[EmbeddingOutput]:
         """One L2-normalised vector per text: last-token pooling by default, "mean" optional."""
         if isinstance(texts, str):
             texts = [texts]
-        return self.engine.embed(list(texts), pooling)
+        texts = list(texts)
+        ids = self._add(lambda rid, i: self.engine.add_embedding_request(rid, texts[i], pooling), len(texts))
+        return [out.outputs for out in self._collect(ids, None)]
 
     def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.engine
+        ids = self._add(lambda rid, i: self.engine.add_request(rid, prompts[i], params_list[i]), len(prompts))
+        return self._collect(ids, _progress(len(ids)) if use_tqdm else None)
+
+    def _add(self, add: Callable[[str, int], None], num_requests: int) -> list[str]:
+        """add(request_id, index) for each request, all or none: the first error aborts those added before."""
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
-                rid = engine.new_request_id()
-                engine.add_request(rid, prompt, params)
+            for i in range(num_requests):
+                rid = self.engine.new_request_id()
+                add(rid, i)
                 ids.append(rid)
         except Exception:
             for rid in ids:
-                engine.abort_request(rid)
+                self.engine.abort_request(rid)
             raise
+        return ids
+
+    def _collect(self, ids: list[str], bar) -> list:
+        """Step the engine until every request of ids finished; their final outputs in the order of ids."""
+        engine = self.engine
         order = {rid: i for i, rid in enumerate(ids)}
-        results: list[RequestOutput | None] = [None] * len(ids)
-        bar = _progress(len(ids)) if use_tqdm else None
+        results: list = [None] * len(ids)
         start = time.perf_counter()
         num_in = num_out = 0
         try:
@@ -112,9 +122,9 @@ class LLM:
                 for out in engine.step():
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
-                        num_in += len(out.prompt_token_ids)
-                        num_out += sum(len(o.token_ids) for o in out.outputs)
                         if bar is not None:
+                            num_in += len(out.prompt_token_ids)
+                            num_out += sum(len(o.token_ids) for o in out.outputs)
                             elapsed = time.perf_counter() - start
                             speed = f"input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s"
                             bar.set_postfix_str(f"est. speed {speed}")
@@ -125,7 +135,7 @@ class LLM:
             for rid in ids:  # an interrupted run (KeyboardInterrupt) leaves nothing behind in the engine
                 engine.abort_request(rid)
         assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        return results
 
 
 def _progress(total: int):

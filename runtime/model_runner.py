@@ -15,7 +15,7 @@ from pllm.runtime.config import EngineConfig
 from pllm.runtime.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.loader import LoadedBuild, load_weights
 from pllm.runtime.ops import AttentionMetadata, Ops
-from pllm.runtime.request import ScheduledBatch
+from pllm.runtime.request import Pooling, ScheduledBatch
 
 logger = logging.getLogger("pllm")
 
@@ -52,6 +52,15 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
+    pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
+    # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
+    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
+    pooled: dict[str, torch.Tensor]
 
 
 class ModelRunner:
@@ -63,9 +72,10 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.dtype = build.torch_dtype
         weights = load_weights(build, self.device)
-        self.model = LlamaModel(self.spec, weights, self.ops, max_model_len)
         self.num_blocks = self._plan_num_blocks(config, max_model_len)
-        self.max_model_len = max_model_len
+        # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
+        self.max_model_len = self._fit_max_model_len(config, max_model_len)
+        self.model = LlamaModel(self.spec, weights, self.ops, self.max_model_len)
         spec = self.spec
         # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
         self.pad_block = self.num_blocks
@@ -131,6 +141,23 @@ class ModelRunner:
             )
         return int(num_blocks)
 
+    def _fit_max_model_len(self, config: EngineConfig, max_model_len: int) -> int:
+        """A sequence of max_model_len tokens must fit the cache: refuse an explicit limit that does not (as vLLM
+        does); lower the model's default to what fits, and say so."""
+        capacity = self.num_blocks * self.block_size  # the padding block holds no sequence's tokens
+        if max_model_len <= capacity:
+            return max_model_len
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"engine setting max_model_len={max_model_len}: larger than the maximum number of tokens that can "
+                f"be stored in the KV cache ({capacity}); raise kv_cache_memory or lower max_model_len"
+            )
+        logger.warning(
+            "pllm: max_model_len lowered from the model's %d to %d, the tokens the KV cache holds; set "
+            "kv_cache_memory higher for longer sequences", max_model_len, capacity
+        )
+        return capacity
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
@@ -139,9 +166,10 @@ class ModelRunner:
         seq_lens: list[int] = []
         query_lens: list[int] = []
         sample_rows: list[int] = []
+        pool_rows: list[tuple[int, int, int]] = []
         bs = self.block_size
         max_blocks = 0
-        for s in batch.seqs:
+        for i, s in enumerate(batch.seqs):
             req = s.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
             tokens = req.all_token_ids
@@ -155,6 +183,8 @@ class ModelRunner:
             max_blocks = max(max_blocks, -(-end // bs))
             if s.samples:
                 sample_rows.append(query_start[-1] - 1)
+            elif req.pooling is not None:
+                pool_rows.append((i, query_start[-2], query_start[-1]))
         block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
         for i, s in enumerate(batch.seqs):
             ids = s.request.block_ids[:max_blocks]
@@ -175,24 +205,29 @@ class ModelRunner:
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
             meta,
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            tuple(pool_rows),
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns logits [num_sampling_seqs, vocab_size] float32 in batch order."""
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
         inputs = self.prepare(batch)
         hidden = None
         if self.decode_graphs is not None and inputs.meta.is_decode_only:
             hidden = self.decode_graphs.run(inputs.input_ids, inputs.meta)  # None: larger than any graph
         if hidden is None:
             hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]
-        return self.model.logits(hidden[inputs.sample_indices])
-
-    @torch.inference_mode()
-    def hidden_states(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step and return the final-norm hidden states of every token: [num_tokens, hidden] float32."""
-        inputs = self.prepare(batch)
-        return self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches).float()
+        logits = self.model.logits(hidden[inputs.sample_indices])
+        pooled = {}
+        for i, start, end in inputs.pool_rows:
+            seq = batch.seqs[i]
+            if seq.request.pooling is Pooling.MEAN:
+                rows = hidden[start:end].float()  # [num_new_tokens, hidden]
+                whole = seq.completes and seq.request.num_computed_tokens == 0
+                pooled[seq.request.request_id] = rows.mean(0) if whole else rows.sum(0)
+            elif seq.completes:
+                pooled[seq.request.request_id] = hidden[end - 1].float()
+        return StepOutput(logits, pooled)
 
 
 def _ranges(sizes: Sequence[int]) -> str:

@@ -37,3 +37,14 @@ class RequestOutput:
 class EmbeddingOutput:
     embedding: list[float]  # L2-normalised
     num_prompt_tokens: int
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One embedding request's result, handed out once, when it finishes (vLLM's PoolingRequestOutput)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+    metrics: dict = field(default_factory=dict)  # arrival and finished times (time.monotonic)

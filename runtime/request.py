@@ -20,6 +20,13 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+class Pooling(str, enum.Enum):
+    """How an embedding request turns its final hidden states into one vector."""
+
+    LAST = "last"  # the last token's
+    MEAN = "mean"  # the mean over every token
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence. A request with n > 1 is fanned out by the engine into n Requests sharing a prompt."""
@@ -36,6 +43,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -60,9 +68,14 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
 
     @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the sequence, so it yields a new token."""
+    def completes(self) -> bool:
+        """True when this step reaches the end of the sequence."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step yields a new token: it completes a sequence that generates."""
+        return self.completes and self.request.pooling is None
 
 
 @dataclass(frozen=True)

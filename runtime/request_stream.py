@@ -38,6 +38,7 @@ class EngineRequest:
     prompt_token_ids: list[int]  # [num_prompt_tokens]
     params: SamplingParams
     arrival_time: float  # time.monotonic() when the HTTP request arrived
+    pooling: str | None = None  # "last" | "mean": an embedding request (params unused), one output when done
 
 
 ACCEPTED = object()  # the engine thread added every request of a stream

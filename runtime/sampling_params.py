@@ -12,6 +12,8 @@ MAX_STOP_STRING_LEN = 256
 MAX_LOGIT_BIAS = 1024
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy: dividing logits by them overflows float32
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond these, divided logits overflow float32
+# torch.Generator.manual_seed takes [-2**63, 2**64); n > 1 seeds sequence i with seed + i, which stays inside.
+MIN_SEED, MAX_SEED = -(2**63), 2**63
 
 
 @dataclass
@@ -37,11 +39,19 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # Types first, so a wrong type gets the same message naming the field as a wrong value.
         stop = self.stop
+        if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)
+        ):
+            raise _bad("stop", stop, "a string or a list of strings")
         self.stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        ids = self.stop_token_ids
+        if ids is not None and not (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)):
+            raise _bad("stop_token_ids", ids, "a list of non-negative integers")
+        self.stop_token_ids = list(ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = _parse_logit_bias(self.logit_bias)
         self.validate()
 
     @property
@@ -51,16 +61,18 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the field and value for anything out of range."""
 
-        def bad(name: str, value: object, what: str) -> ValueError:
-            return ValueError(f"{name} must be {what}, got {value!r}")
-
-        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+        bad = _bad
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise bad("n", self.n, f"an integer in [1, {MAX_N}]")
-        if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise bad(name, value, "a finite number")
+        if not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", self.temperature, "in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", self.top_k, "-1, 0 (off) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "in [0, 1]")
@@ -71,27 +83,30 @@ class SamplingParams:
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise bad("repetition_penalty", self.repetition_penalty,
                       f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", self.max_tokens, "a positive integer")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", self.min_tokens, "a non-negative integer")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", self.logprobs, f"in [0, {MAX_LOGPROBS}]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
         if len(self.stop_strings) > MAX_STOP_STRINGS:
             raise bad("stop", f"{len(self.stop_strings)} strings", f"at most {MAX_STOP_STRINGS} strings")
         for s in self.stop_strings:
             if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_LEN:
                 raise bad("stop", s, f"a non-empty string of at most {MAX_STOP_STRING_LEN} characters")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
         if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise bad("logit_bias", f"{len(self.logit_bias)} entries", f"at most {MAX_LOGIT_BIAS} entries")
         if self.logit_bias and any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
             raise bad("logit_bias", self.logit_bias, "values in [-100, 100]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "an integer")
+        if self.seed is not None and (not _is_int(self.seed) or not MIN_SEED <= self.seed < MAX_SEED):
+            raise bad("seed", self.seed, f"an integer in [{MIN_SEED}, {MAX_SEED})")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "true or false")
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Token ids a request names must exist in the model's vocabulary."""
@@ -99,3 +114,33 @@ class SamplingParams:
             for t in ids:
                 if not 0 <= t < vocab_size:
                     raise ValueError(f"{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def _bad(name: str, value: object, what: str) -> ValueError:
+    return ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a user
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _parse_logit_bias(bias: object) -> dict[int, float]:
+    """{token id: bias}; ids may be strings of digits (JSON object keys always are)."""
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", bias, "a mapping of token ids to numbers")
+    parsed = {}
+    for key, value in bias.items():
+        if _is_int(key):
+            token_id = key
+        elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token_id = int(key)
+        else:
+            raise _bad("logit_bias", key, "keyed by integer token ids")
+        if not _is_real(value):
+            raise _bad("logit_bias", value, f"finite numbers (the bias of token {token_id})")
+        parsed[token_id] = float(value)
+    return parsed

@@ -65,16 +65,25 @@ class Scheduler:
             raise ValueError(f"request {rid!r} must be new (status WAITING, no blocks, nothing computed)")
         if request.num_prompt_tokens == 0:
             raise ValueError(f"request {rid!r}: the prompt is empty")
-        if request.num_tokens >= self.max_model_len:
-            raise ValueError(
-                f"request {rid!r}: prompt of {request.num_tokens} tokens leaves no room for output "
-                f"within max_model_len {self.max_model_len}"
-            )
-        if request.max_tokens < 1:
-            raise ValueError(f"request {rid!r}: max_tokens must be positive, got {request.max_tokens!r}")
-        # The last sampled token is never fed back, so at most max_len - 1 tokens ever need KV.
-        max_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-        num_blocks_needed = self.kv.num_blocks_for(max_len - 1)
+        if request.pooling is not None:
+            # An embedding request needs KV for its whole prompt and nothing more.
+            if request.num_tokens > self.max_model_len:
+                raise ValueError(
+                    f"request {rid!r}: input of {request.num_tokens} tokens exceeds max_model_len {self.max_model_len}"
+                )
+            max_len = max_kv_len = request.num_tokens
+        else:
+            if request.num_tokens >= self.max_model_len:
+                raise ValueError(
+                    f"request {rid!r}: prompt of {request.num_tokens} tokens leaves no room for output "
+                    f"within max_model_len {self.max_model_len}"
+                )
+            if request.max_tokens < 1:
+                raise ValueError(f"request {rid!r}: max_tokens must be positive, got {request.max_tokens!r}")
+            # The last sampled token is never fed back, so at most max_len - 1 tokens ever need KV.
+            max_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+            max_kv_len = max_len - 1
+        num_blocks_needed = self.kv.num_blocks_for(max_kv_len)
         if num_blocks_needed > self.kv.num_blocks:
             raise ValueError(
                 f"request {rid!r}: up to {max_len} tokens need {num_blocks_needed} KV blocks of "
@@ -108,15 +117,17 @@ class Scheduler:
         # Waiting requests, FCFS; none when this step preempted (they would only take the freed blocks back).
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            hit = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - hit.num_tokens, budget)
+            # Pooling reads every position's hidden state, which a prefix hit would skip: it computes all.
+            hit = self.kv.get_computed_blocks(request) if request.pooling is None else None
+            num_hit = hit.num_tokens if hit is not None else 0
+            num_new = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, num_new, hit):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = hit.num_tokens
+            request.num_computed_tokens = num_hit
             if request.num_preemptions == 0:  # usage reports the first admission's prompt hits
-                request.num_cached_tokens = min(hit.num_tokens, request.num_prompt_tokens)
+                request.num_cached_tokens = min(num_hit, request.num_prompt_tokens)
             self.running.append(request)
             seqs.append(ScheduledSeq(request, num_new))
             budget -= num_new
@@ -141,6 +152,8 @@ class Scheduler:
                 token_id = sampled_token_ids[request.request_id]
                 request.output_token_ids.append(token_id)
                 reason = self._check_stop(request, token_id)
+            elif request.pooling is not None and request.num_computed_tokens == request.num_tokens:
+                reason = FinishReason.STOP  # pooled: its blocks go back at once
             self.kv.cache_full_blocks(request)
             if reason is not None:
                 self._finish(request, reason)

@@ -7,14 +7,14 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pllm.runtime.async_engine import AsyncEngine
-from pllm.runtime.outputs import RequestOutput
+from pllm.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.protocol import (
     LOGPROB_FLOOR,
     ChatCompletionRequest,
@@ -311,27 +311,36 @@ class OpenAIServing:
         return guarded(chunks(), stream)
 
     # -- embeddings ------------------------------------------------------------------------------
-    async def embeddings(self, req: EmbeddingRequest) -> dict:
+    async def embeddings(
+        self, req: EmbeddingRequest, arrival: float, until_disconnect: Callable[..., Awaitable[object]]
+    ) -> object:
+        """One engine request per input, scheduled like completions (token budget, queue bound); the response
+        is awaited through until_disconnect(stream, work), which aborts them all if the client leaves."""
+        requests = await self._embedding_requests(req, arrival)
+        stream = await self.engine.generate(requests)
+        return await until_disconnect(stream, self._embedding_response(req, requests, stream))
+
+    async def _embedding_requests(self, req: EmbeddingRequest, arrival: float) -> list[EngineRequest]:
         if req.dimensions is not None and req.dimensions != self.hidden_size:
             raise EngineError(400, f"dimensions={req.dimensions} is not supported; this model gives {self.hidden_size}")
-        token_lists = []
-        for item in req.inputs():
+        base_id = f"embd-{uuid.uuid4().hex}"
+        requests = []
+        for i, item in enumerate(req.inputs()):
             if isinstance(item, str):
                 self._check_chars(item)
                 item = await self._in_tokenizer_thread(self._encode, item)
             if not item:
                 raise EngineError(400, "The input is empty; provide a non-empty input.")
-            token_lists.append(list(item))
+            requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival, pooling="last"))
+        return requests
 
-        def run(llm):
-            try:
-                return llm.embed(token_lists)
-            except ValueError as exc:  # too long, out of vocabulary
-                raise EngineError(400, str(exc)) from None
-            except RuntimeError as exc:  # no free KV blocks right now
-                raise EngineError(503, str(exc), retry_after_s=1) from None
-
-        results = await self.engine.call(run)
+    async def _embedding_response(self, req: EmbeddingRequest, requests: list[EngineRequest], stream) -> dict:
+        index = {r.request_id: i for i, r in enumerate(requests)}
+        results: list = [None] * len(requests)
+        async for out in stream:
+            if not isinstance(out, EmbeddingRequestOutput):  # aborted by a shutdown that outlasted its timeout
+                raise EngineError(503, "The server is shutting down.", retry_after_s=5)
+            results[index[out.request_id]] = out.outputs
         data = []
         for i, r in enumerate(results):
             if req.encoding_format == "base64":
@@ -341,12 +350,10 @@ class OpenAIServing:
             data.append({"index": i, "object": "embedding", "embedding": vec})
         num_tokens = sum(r.num_prompt_tokens for r in results)
         return {
-            "id": f"embd-{uuid.uuid4().hex}",
+            "id": requests[0].request_id.rsplit("-", 1)[0],
             "object": "list",
             "created": int(time.time()),
             "model": self.model_name,
             "data": data,
             "usage": {"prompt_tokens": num_tokens, "completion_tokens": 0, "total_tokens": num_tokens},
         }
-
-

@@ -7,6 +7,7 @@ import torch
 
 from pllm import LLM, SamplingParams
 from pllm.runtime.model_runner import BackendUnavailable
+from pllm.runtime.request import Request, ScheduledBatch, ScheduledSeq
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = [
@@ -186,3 +187,107 @@ def test_embed_batched_and_chunked_agree(build, roomy):
         assert a.num_prompt_tokens == b.num_prompt_tokens
         assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
     assert _pool_is_full(roomy)
+
+
+def test_python_api_refuses_what_it_cannot_honour(build, roomy):
+    with pytest.raises(TypeError, match="unknown engine setting.*block_size"):
+        LLM(build, backend="cpu", block_size=8)
+    with pytest.raises(ValueError, match="max_model_len=True"):
+        LLM(build, backend="cpu", max_model_len=True)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode.*surrogate"):
+        roomy.generate("\ud800", use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        roomy.embed(["fine", "bad \udfff"])
+    if roomy.tokenizer.chat_template:
+        with pytest.raises(ValueError, match="chat messages is not valid Unicode"):
+            roomy.chat([{"role": "user", "content": "x\ud800"}], use_tqdm=False)
+    assert _pool_is_full(roomy) and not roomy.engine.has_unfinished()
+
+
+def test_max_model_len_fits_the_kv_cache(build, tiny_build, caplog):
+    # 256 KiB holds 32 blocks of 16 tokens (8 KiB each), one kept for the padding rows: 496 tokens < 512
+    small = LLM(build, backend="cpu", kv_cache_memory=1 << 18)
+    capacity = small.engine.kv.num_blocks * small.engine.kv.block_size
+    assert capacity < 512 and small.engine.max_model_len == capacity
+    assert small.engine.runner.model.cos_sin.shape[0] == capacity
+    assert "max_model_len lowered from the model's 512" in caplog.text
+    out = small.generate([{"prompt_token_ids": [5] * 10}], SamplingParams(max_tokens=None, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == capacity - 10  # a request without max_tokens is served, to the limit
+    with pytest.raises(ValueError, match=rf"max_model_len=512: larger than .* KV cache \({capacity}\)"):
+        LLM(build, backend="cpu", kv_cache_memory=1 << 18, max_model_len=512)
+    # an absurd model limit only costs what the cache holds: the rotary table follows max_model_len
+    absurd = LLM(str(tiny_build("llama", max_position_embeddings=10**15)), backend="cpu", kv_cache_memory=1 << 18)
+    assert absurd.engine.max_model_len == capacity
+    assert absurd.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _synchronous_embedding(llm: LLM, text: str, pooling: str) -> list[float]:
+    """The embedding as the engine computed it before embeddings were scheduled: the prompt alone, in chunks
+    of max_num_batched_tokens, pooled from the final hidden states."""
+    engine = llm.engine
+    ids = engine.tokenize(text)[1]
+    req = Request("reference", ids, SamplingParams(), 0.0, 1)
+    chunk = engine.config.max_num_batched_tokens
+    parts = []
+    try:
+        while req.num_computed_tokens < len(ids):
+            num_new = min(chunk, len(ids) - req.num_computed_tokens)
+            assert engine.kv.allocate_slots(req, num_new)
+            inputs = engine.runner.prepare(ScheduledBatch((ScheduledSeq(req, num_new),)))
+            with torch.inference_mode():
+                hidden = engine.runner.model.forward(inputs.input_ids, inputs.meta, engine.runner.kv_caches).float()
+            parts.append(hidden)
+            req.num_computed_tokens += num_new
+    finally:
+        engine.kv.free(req)
+    if pooling == "last":
+        pooled = parts[-1][-1]
+    elif len(parts) == 1:
+        pooled = parts[0].mean(0)
+    else:
+        pooled = parts[0].sum(0)
+        for part in parts[1:]:
+            pooled = pooled + part.sum(0)
+        pooled = pooled / len(ids)
+    return torch.nn.functional.normalize(pooled, dim=0).tolist()
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_scheduled_embeddings_equal_the_synchronous_ones(build, roomy, pooling):
+    chunky = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=8)
+    for llm in (roomy, chunky):
+        for text in (PROMPTS[1], PROMPTS[5], PROMPTS[6]):
+            assert llm.embed(text, pooling=pooling)[0].embedding == _synchronous_embedding(llm, text, pooling)
+    # a prompt whose blocks the prefix cache holds is still computed in full: the pooled state sees every row
+    roomy.generate(PROMPTS[6], GREEDY, use_tqdm=False)
+    assert roomy.embed(PROMPTS[6], pooling=pooling)[0].embedding == _synchronous_embedding(roomy, PROMPTS[6], pooling)
+    assert _pool_is_full(roomy) and _pool_is_full(chunky)
+
+
+def test_embeddings_are_scheduled_with_generation(build):
+    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=16)
+    engine = llm.engine
+    engine.add_request("g", PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0))
+    engine.step()
+    engine.add_embedding_request("e", {"prompt_token_ids": [7] * 300}, "mean")
+    finished: dict[str, int] = {}
+    num_steps = 0
+    while engine.has_unfinished():
+        num_steps += 1
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = num_steps
+        assert engine.scheduler.num_running <= 2
+    # the 300-token embedding takes 20 steps of at most 16 tokens; the running completion decodes beside it
+    assert finished["g"] == 3 and finished["e"] >= 19
+    assert _pool_is_full(llm)
+    engine.add_embedding_request("gone", {"prompt_token_ids": [7] * 300}, "last")
+    engine.step()
+    assert engine.kv.num_free_blocks < engine.kv.num_blocks and engine.num_requests() == (1, 0)
+    engine.abort_request("gone")
+    assert _pool_is_full(llm) and not engine.has_unfinished() and engine.num_unfinished_requests() == 0
+    with pytest.raises(ValueError, match="pooling must be 'last' or 'mean', got 'max'"):
+        engine.add_embedding_request("bad", "text", "max")
+    with pytest.raises(ValueError, match="maximum context length is 512 tokens.*contains 600 tokens"):
+        llm.embed([[5] * 600])

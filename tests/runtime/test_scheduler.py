@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pllm.runtime.kv_cache import KVCacheManager
-from pllm.runtime.request import FinishReason, Request, RequestStatus, ScheduledBatch
+from pllm.runtime.request import FinishReason, Pooling, Request, RequestStatus, ScheduledBatch
 from pllm.runtime.sampling_params import SamplingParams
 from pllm.runtime.scheduler import Scheduler
 
@@ -32,6 +32,7 @@ class FakeRunner:
     def __init__(self, kv: KVCacheManager) -> None:
         self.kv = kv
         self.store: dict[int, list[int | None]] = {}
+        self.pooled: dict[str, list[int]] = {}  # pooling request -> positions computed since its admission
 
     def execute(self, batch: ScheduledBatch) -> dict[str, int]:
         bs = self.kv.block_size
@@ -45,9 +46,13 @@ class FakeRunner:
                 block_id = req.block_ids[pos // bs]
                 assert self.kv._ref_counts[block_id] == 1, "writing into a shared block"
                 self.store.setdefault(block_id, [None] * bs)[pos % bs] = req.all_token_ids[pos]
-            if seq.samples:
+            if req.pooling is not None:
+                assert not seq.samples
+                self.pooled.setdefault(req.request_id, []).extend(range(start, start + seq.num_new_tokens))
+            if seq.completes:
                 context = [self.store[req.block_ids[p // bs]][p % bs] for p in range(req.num_tokens)]
                 assert context == req.all_token_ids, "the KV read back is not the sequence's"
+            if seq.samples:
                 sampled[req.request_id] = next_token(context)
         return sampled
 
@@ -274,6 +279,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         self.all.append(req)
 
+    @rule(
+        prefix=st.sampled_from([[], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]),
+        suffix=st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=12),
+        pooling=st.sampled_from(list(Pooling)),
+    )
+    def add_embedding(self, prefix, suffix, pooling) -> None:
+        req = Request(f"r{len(self.all)}", prefix + suffix, SamplingParams(), max_tokens=0, pooling=pooling)
+        try:
+            self.sched.add_request(req)
+        except ValueError:
+            assert self.kv.num_blocks_for(req.num_tokens) > self.kv.num_blocks
+            return
+        self.all.append(req)
+
     @rule(num_steps=st.integers(1, 6))
     def run_steps(self, num_steps: int) -> None:
         for _ in range(num_steps):
@@ -292,6 +311,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in batch.preempted:
             assert r.status is RequestStatus.WAITING and r.request_id in before
             assert all(s.request is not r for s in batch.seqs)
+            self.runner.pooled.pop(r.request_id, None)  # recomputed from its first token
+        if self.sched.max_num_batched_tokens >= len(before):  # a token for each: a prefill chunk stalls none
+            running = [s.request.request_id for s in batch.seqs if s.request.request_id in before]
+            assert len(running) == len(before) - len(batch.preempted), "a running request skipped a step"
         for r in finished:
             assert r.status is RequestStatus.FINISHED and not r.block_ids
 
@@ -340,9 +363,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.kv.num_free_blocks == self.kv.num_blocks
         for r in self.all:
             assert r.is_finished
-            if r.request_id not in self.cut:
-                assert r.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
-                assert r.output_token_ids == solo(r, max_model_len=24), r.request_id
+            if r.request_id in self.cut:
+                continue
+            if r.pooling is not None:  # pooled over every position, each computed once, and nothing sampled
+                assert r.finish_reason is FinishReason.STOP and not r.output_token_ids
+                assert self.runner.pooled[r.request_id] == list(range(r.num_tokens)), r.request_id
+                continue
+            assert r.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+            assert r.output_token_ids == solo(r, max_model_len=24), r.request_id
 
 
 SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
