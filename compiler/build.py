@@ -25,6 +25,9 @@ from pllm.compiler.spec import DTYPES, ModelSpec, spec_from_config
 from pllm.models.llama import weight_layout
 
 FORMAT_VERSION = 2  # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY)
+# builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 also
+# carries its digest, which must then match
+REPLACEABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
@@ -227,7 +230,9 @@ def build_files(path: Path) -> list[str] | None:
     if not isinstance(manifest, dict) or type(manifest.get("format_version")) is not int:
         return None
     files = manifest.get("files")
-    if manifest["format_version"] != FORMAT_VERSION or not isinstance(files, dict) or not files:
+    if manifest["format_version"] not in REPLACEABLE_FORMATS or not isinstance(files, dict) or not files:
+        return None
+    if manifest["format_version"] >= 2 and manifest.get(MANIFEST_DIGEST_KEY) != manifest_digest(manifest):
         return None
     for rel in files:
         p = Path(rel)
@@ -267,8 +272,8 @@ def check_output_dir(dest: Path) -> None:
     listed = build_files(dest)
     if listed is None:
         raise BuildError(
-            f"{dest}: exists and is not a pllm build directory (no {MANIFEST} with format_version "
-            f"{FORMAT_VERSION} listing its files); refusing to overwrite it"
+            f"{dest}: exists and is not a pllm build directory (no intact {MANIFEST} of a known format listing "
+            "its files); refusing to overwrite it"
         )
     stray = _stray_entries(dest, listed)
     if stray:

@@ -49,6 +49,8 @@ def test_web_app_manifest_is_not_a_build(tiny_dir, tmp_path, capsys):
         {"format_version": 1, "files": {"../victim": "0" * 64}},
         {"format_version": 1, "files": {"/etc/passwd": "0" * 64}},
         {"format_version": 1, "files": []},
+        {"format_version": 2, "files": {"model.safetensors": "0" * 64}},  # no digest of itself
+        {"format_version": 2, "files": {"model.safetensors": "0" * 64}, "manifest_sha256": "0" * 64},
         [1],
     ],
 )
@@ -58,6 +60,16 @@ def test_manifest_that_does_not_prove_a_build(manifest, tiny_dir, tmp_path, caps
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "model.safetensors").write_text("mine")
     refused(tiny_dir("llama"), out, capsys, tmp_path, str(out), "not a pllm build directory")
+
+
+def test_build_of_the_previous_format_is_replaced(old_build, tiny_dir, tmp_path):
+    """A format-1 build (before manifests carried their digest) is still pllm's: a new compile replaces it."""
+    manifest = json.loads((old_build / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["manifest_sha256"]
+    (old_build / "manifest.json").write_text(json.dumps(manifest))
+    build(str(tiny_dir("llama")), old_build, OPTS)
+    assert json.loads((old_build / "manifest.json").read_text())["format_version"] == 2
 
 
 def test_user_file_in_a_build_is_named_and_kept(old_build, tiny_dir, tmp_path, capsys):

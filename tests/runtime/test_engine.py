@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pllm import LLM, SamplingParams
+from pllm.compiler.spec import MAX_POSITION_EMBEDDINGS
 from pllm.runtime.model_runner import BackendUnavailable
 from pllm.runtime.request import Request, ScheduledBatch, ScheduledSeq
 
@@ -216,8 +217,10 @@ def test_max_model_len_fits_the_kv_cache(build, tiny_build, caplog):
     assert len(out.outputs[0].token_ids) == capacity - 10  # a request without max_tokens is served, to the limit
     with pytest.raises(ValueError, match=rf"max_model_len=512: larger than .* KV cache \({capacity}\)"):
         LLM(build, backend="cpu", kv_cache_memory=1 << 18, max_model_len=512)
-    # an absurd model limit only costs what the cache holds: the rotary table follows max_model_len
-    absurd = LLM(str(tiny_build("llama", max_position_embeddings=10**15)), backend="cpu", kv_cache_memory=1 << 18)
+    # the largest model limit the compiler accepts (2**27 positions: gigabytes of rotary table) costs only what
+    # the cache holds: the rotary table follows max_model_len
+    absurd = LLM(str(tiny_build("llama", max_position_embeddings=MAX_POSITION_EMBEDDINGS)), backend="cpu",
+                 kv_cache_memory=1 << 18)
     assert absurd.engine.max_model_len == capacity
     assert absurd.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
