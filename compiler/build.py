@@ -258,28 +258,33 @@ def _stray_entries(path: Path, listed: list[str]) -> list[str]:
 
 def check_output_dir(dest: Path) -> None:
     """Refuse an output that compiling would overwrite without it being a pllm build holding only its own files."""
+    _check_output_dir(dest, dest)
+
+
+def _check_output_dir(dest: Path, name: Path) -> None:
+    """check_output_dir of `dest`, naming it `name` (the path the user gave) in errors."""
     if dest.is_symlink():
-        raise BuildError(f"{dest}: is a symbolic link; pass the directory itself (pllm never replaces a link)")
+        raise BuildError(f"{name}: is a symbolic link; pass the directory itself (pllm never replaces a link)")
     if not dest.exists():
         return
     if not dest.is_dir():
-        raise BuildError(f"{dest}: exists and is not a directory; refusing to overwrite it")
+        raise BuildError(f"{name}: exists and is not a directory; refusing to overwrite it")
     try:
         if not any(dest.iterdir()):
             return
     except OSError as e:
-        raise BuildError(f"{dest}: cannot read the existing output directory ({e.strerror})") from None
+        raise BuildError(f"{name}: cannot read the existing output directory ({e.strerror})") from None
     listed = build_files(dest)
     if listed is None:
         raise BuildError(
-            f"{dest}: exists and is not a pllm build directory (no intact {MANIFEST} of a known format listing "
+            f"{name}: exists and is not a pllm build directory (no intact {MANIFEST} of a known format listing "
             "its files); refusing to overwrite it"
         )
     stray = _stray_entries(dest, listed)
     if stray:
         shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
         raise BuildError(
-            f"{dest}: holds files the previous build did not write ({shown}); move them out or choose another "
+            f"{name}: holds files the previous build did not write ({shown}); move them out or choose another "
             "output directory, pllm will not delete them"
         )
 
@@ -293,6 +298,14 @@ def _replace_dir(new: Path, dest: Path) -> None:
         try:
             dest.rename(old / "build")
         except OSError:
+            old.rmdir()
+            raise
+        # And once more where nobody writes by name any longer: a file saved into the output between the check
+        # above and the move is the user's, and goes back with the previous build rather than being deleted.
+        try:
+            _check_output_dir(old / "build", dest)
+        except BuildError:
+            (old / "build").rename(dest)
             old.rmdir()
             raise
     new.rename(dest)
