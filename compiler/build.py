@@ -221,8 +221,9 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def build_files(path: Path) -> list[str] | None:
-    """The files a previous pllm build in `path` lists (manifest included), or None if it is not provably one."""
+def build_files(path: Path) -> dict[str, str | None] | None:
+    """The files a previous pllm build in `path` lists, each with its sha256 (None for the manifest itself), or None
+    if it is not provably one."""
     try:
         manifest = json.loads((path / MANIFEST).read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -234,15 +235,18 @@ def build_files(path: Path) -> list[str] | None:
         return None
     if manifest["format_version"] >= 2 and manifest.get(MANIFEST_DIGEST_KEY) != manifest_digest(manifest):
         return None
-    for rel in files:
+    for rel, digest in files.items():
         p = Path(rel)
         if not isinstance(rel, str) or p.is_absolute() or ".." in p.parts or rel == MANIFEST:
             return None
-    return [MANIFEST, *files]
+        if not isinstance(digest, str):
+            return None
+    return {MANIFEST: None, **files}
 
 
-def _stray_entries(path: Path, listed: list[str]) -> list[str]:
-    """Entries under `path` a build with the `listed` files did not write: other files, folders, any symlink."""
+def _stray_entries(path: Path, listed: dict[str, str | None], check_bytes: bool) -> list[str]:
+    """Entries under `path` a build with the `listed` files did not write: other files, folders, any symlink, and
+    (check_bytes) listed files whose bytes are no longer those it wrote: edited by the user, so theirs now."""
     wanted = set(listed)
     folders = {str(parent) for rel in listed for parent in Path(rel).parents if str(parent) != "."}
     stray = []
@@ -252,16 +256,19 @@ def _stray_entries(path: Path, listed: list[str]) -> list[str]:
             rel = str(full.relative_to(path))
             if full.is_symlink() or (rel not in wanted and rel not in folders) or (rel in wanted) != full.is_file():
                 stray.append(rel)
+            elif check_bytes and listed.get(rel) is not None and sha256_file(full) != listed[rel]:
+                stray.append(f"{rel} (changed since it was built)")
         dirs[:] = [d for d in dirs if str((Path(top) / d).relative_to(path)) in folders]
     return stray
 
 
-def check_output_dir(dest: Path) -> None:
-    """Refuse an output that compiling would overwrite without it being a pllm build holding only its own files."""
-    _check_output_dir(dest, dest)
+def check_output_dir(dest: Path, check_bytes: bool = True) -> None:
+    """Refuse an output that compiling would overwrite without it being a pllm build holding only its own files,
+    as it wrote them (check_bytes: hash every listed file)."""
+    _check_output_dir(dest, dest, check_bytes)
 
 
-def _check_output_dir(dest: Path, name: Path) -> None:
+def _check_output_dir(dest: Path, name: Path, check_bytes: bool) -> None:
     """check_output_dir of `dest`, naming it `name` (the path the user gave) in errors."""
     if dest.is_symlink():
         raise BuildError(f"{name}: is a symbolic link; pass the directory itself (pllm never replaces a link)")
@@ -280,7 +287,7 @@ def _check_output_dir(dest: Path, name: Path) -> None:
             f"{name}: exists and is not a pllm build directory (no intact {MANIFEST} of a known format listing "
             "its files); refusing to overwrite it"
         )
-    stray = _stray_entries(dest, listed)
+    stray = _stray_entries(dest, listed, check_bytes)
     if stray:
         shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
         raise BuildError(
@@ -291,7 +298,9 @@ def _check_output_dir(dest: Path, name: Path) -> None:
 
 def _replace_dir(new: Path, dest: Path) -> None:
     """Swap `new` into place; a previous build is removed only after the new one is there."""
-    check_output_dir(dest)  # again: files may have appeared while compiling
+    # Again, for entries that appeared while compiling; the bytes were hashed before, and hashing the weights
+    # twice more would double a rebuild's reading for an edit made in the seconds of the compile itself.
+    check_output_dir(dest, check_bytes=False)
     old = None
     if dest.exists():
         old = make_scratch_dir(dest.parent, f".{dest.name}.old-")
@@ -303,7 +312,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
         # And once more where nobody writes by name any longer: a file saved into the output between the check
         # above and the move is the user's, and goes back with the previous build rather than being deleted.
         try:
-            _check_output_dir(old / "build", dest)
+            _check_output_dir(old / "build", dest, check_bytes=False)
         except BuildError:
             (old / "build").rename(dest)
             old.rmdir()

@@ -81,6 +81,14 @@ def test_user_file_in_a_build_is_named_and_kept(old_build, tiny_dir, tmp_path, c
     refused(tiny_dir("llama"), old_build, capsys, tmp_path, str(old_build), "notes.txt", "kernels/extra")
 
 
+def test_edited_build_file_is_the_users_and_kept(old_build, tiny_dir, tmp_path, capsys):
+    """A listed file whose bytes are not those the build wrote (a user's edit, or their own file under a listed
+    name beside a copied manifest) is not pllm's to delete."""
+    (old_build / "hf_config.json").write_text('{"my": "tuned config"}')
+    refused(tiny_dir("llama"), old_build, capsys, tmp_path, str(old_build), "hf_config.json (changed since")
+    assert (old_build / "hf_config.json").read_text() == '{"my": "tuned config"}'
+
+
 def test_user_file_saved_while_the_build_is_swapped_is_kept(old_build, tiny_dir, tmp_path, monkeypatch, capsys):
     """A file saved into the output after the last look but before the previous build is moved aside must not be
     deleted with that build: the compile fails naming it, and output and file are as they were."""
