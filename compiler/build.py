@@ -136,7 +136,7 @@ def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
 
 def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> Path:
     """Compile `model` into `out_dir`. Nothing is left behind on failure; only a pllm build holding nothing but its
-    own listed files is replaced."""
+    own listed files, as it wrote them, is replaced."""
     out_dir = Path(os.path.abspath(out_dir))  # not resolve(): a symlinked output must be seen, and refused
     check_output_dir(out_dir)
     source = open_model(model)
