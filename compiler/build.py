@@ -136,7 +136,7 @@ def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
 
 def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> Path:
     """Compile `model` into `out_dir`. Nothing is left behind on failure; only a pllm build holding nothing but its
-    own listed files is replaced."""
+    own listed files, as it wrote them, is replaced."""
     out_dir = Path(os.path.abspath(out_dir))  # not resolve(): a symlinked output must be seen, and refused
     check_output_dir(out_dir)
     source = open_model(model)
@@ -221,8 +221,9 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def build_files(path: Path) -> list[str] | None:
-    """The files a previous pllm build in `path` lists (manifest included), or None if it is not provably one."""
+def build_files(path: Path) -> dict[str, str | None] | None:
+    """The files a previous pllm build in `path` lists, each with its sha256 (None for the manifest itself), or None
+    if it is not provably one."""
     try:
         manifest = json.loads((path / MANIFEST).read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -234,15 +235,18 @@ def build_files(path: Path) -> list[str] | None:
         return None
     if manifest["format_version"] >= 2 and manifest.get(MANIFEST_DIGEST_KEY) != manifest_digest(manifest):
         return None
-    for rel in files:
+    for rel, digest in files.items():
         p = Path(rel)
         if not isinstance(rel, str) or p.is_absolute() or ".." in p.parts or rel == MANIFEST:
             return None
-    return [MANIFEST, *files]
+        if not isinstance(digest, str):
+            return None
+    return {MANIFEST: None, **files}
 
 
-def _stray_entries(path: Path, listed: list[str]) -> list[str]:
-    """Entries under `path` a build with the `listed` files did not write: other files, folders, any symlink."""
+def _stray_entries(path: Path, listed: dict[str, str | None], check_bytes: bool) -> list[str]:
+    """Entries under `path` a build with the `listed` files did not write: other files, folders, any symlink, and
+    (check_bytes) listed files whose bytes are no longer those it wrote: edited by the user, so theirs now."""
     wanted = set(listed)
     folders = {str(parent) for rel in listed for parent in Path(rel).parents if str(parent) != "."}
     stray = []
@@ -252,47 +256,65 @@ def _stray_entries(path: Path, listed: list[str]) -> list[str]:
             rel = str(full.relative_to(path))
             if full.is_symlink() or (rel not in wanted and rel not in folders) or (rel in wanted) != full.is_file():
                 stray.append(rel)
+            elif check_bytes and listed.get(rel) is not None and sha256_file(full) != listed[rel]:
+                stray.append(f"{rel} (changed since it was built)")
         dirs[:] = [d for d in dirs if str((Path(top) / d).relative_to(path)) in folders]
     return stray
 
 
-def check_output_dir(dest: Path) -> None:
-    """Refuse an output that compiling would overwrite without it being a pllm build holding only its own files."""
+def check_output_dir(dest: Path, check_bytes: bool = True) -> None:
+    """Refuse an output that compiling would overwrite without it being a pllm build holding only its own files,
+    as it wrote them (check_bytes: hash every listed file)."""
+    _check_output_dir(dest, dest, check_bytes)
+
+
+def _check_output_dir(dest: Path, name: Path, check_bytes: bool) -> None:
+    """check_output_dir of `dest`, naming it `name` (the path the user gave) in errors."""
     if dest.is_symlink():
-        raise BuildError(f"{dest}: is a symbolic link; pass the directory itself (pllm never replaces a link)")
+        raise BuildError(f"{name}: is a symbolic link; pass the directory itself (pllm never replaces a link)")
     if not dest.exists():
         return
     if not dest.is_dir():
-        raise BuildError(f"{dest}: exists and is not a directory; refusing to overwrite it")
+        raise BuildError(f"{name}: exists and is not a directory; refusing to overwrite it")
     try:
         if not any(dest.iterdir()):
             return
     except OSError as e:
-        raise BuildError(f"{dest}: cannot read the existing output directory ({e.strerror})") from None
+        raise BuildError(f"{name}: cannot read the existing output directory ({e.strerror})") from None
     listed = build_files(dest)
     if listed is None:
         raise BuildError(
-            f"{dest}: exists and is not a pllm build directory (no intact {MANIFEST} of a known format listing "
+            f"{name}: exists and is not a pllm build directory (no intact {MANIFEST} of a known format listing "
             "its files); refusing to overwrite it"
         )
-    stray = _stray_entries(dest, listed)
+    stray = _stray_entries(dest, listed, check_bytes)
     if stray:
         shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
         raise BuildError(
-            f"{dest}: holds files the previous build did not write ({shown}); move them out or choose another "
+            f"{name}: holds files the previous build did not write ({shown}); move them out or choose another "
             "output directory, pllm will not delete them"
         )
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
     """Swap `new` into place; a previous build is removed only after the new one is there."""
-    check_output_dir(dest)  # again: files may have appeared while compiling
+    # Again, for entries that appeared while compiling; the bytes were hashed before, and hashing the weights
+    # twice more would double a rebuild's reading for an edit made in the seconds of the compile itself.
+    check_output_dir(dest, check_bytes=False)
     old = None
     if dest.exists():
         old = make_scratch_dir(dest.parent, f".{dest.name}.old-")
         try:
             dest.rename(old / "build")
         except OSError:
+            old.rmdir()
+            raise
+        # And once more where nobody writes by name any longer: a file saved into the output between the check
+        # above and the move is the user's, and goes back with the previous build rather than being deleted.
+        try:
+            _check_output_dir(old / "build", dest, check_bytes=False)
+        except BuildError:
+            (old / "build").rename(dest)
             old.rmdir()
             raise
     new.rename(dest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -14,6 +15,8 @@ SAMPLING_EPS = 1e-5  # temperatures below this are greedy: dividing logits by th
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond these, divided logits overflow float32
 # torch.Generator.manual_seed takes [-2**63, 2**64); n > 1 seeds sequence i with seed + i, which stays inside.
 MIN_SEED, MAX_SEED = -(2**63), 2**63
+# a token id written as text, as JSON object keys are: ASCII digits only (int() also takes "٣", "1_0" and " 5 ")
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+", re.ASCII)
 
 
 @dataclass
@@ -96,6 +99,8 @@ class SamplingParams:
         for s in self.stop_strings:
             if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_LEN:
                 raise bad("stop", s, f"a non-empty string of at most {MAX_STOP_STRING_LEN} characters")
+            if not _is_unicode(s):  # decoded output never holds a lone surrogate: such a stop could never match
+                raise bad("stop", s, "valid Unicode text (no lone surrogate such as '\\ud800')")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
         if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
@@ -128,6 +133,14 @@ def _is_real(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_logit_bias(bias: object) -> dict[int, float]:
     """{token id: bias}; ids may be strings of digits (JSON object keys always are)."""
     if not isinstance(bias, dict):
@@ -136,7 +149,7 @@ def _parse_logit_bias(bias: object) -> dict[int, float]:
     for key, value in bias.items():
         if _is_int(key):
             token_id = key
-        elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        elif isinstance(key, str) and _TOKEN_ID_KEY.fullmatch(key):
             token_id = int(key)
         else:
             raise _bad("logit_bias", key, "keyed by integer token ids")

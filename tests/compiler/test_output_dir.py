@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cli_checks import run_cli, snapshot
 
+from pllm.compiler import build as build_module
 from pllm.compiler import source as source_module
 from pllm.compiler.build import BuildOptions, build
 from pllm.compiler.spec import ConfigError
@@ -78,6 +79,34 @@ def test_user_file_in_a_build_is_named_and_kept(old_build, tiny_dir, tmp_path, c
     (old_build / "notes.txt").write_text("my results")
     (old_build / "kernels" / "extra").mkdir()
     refused(tiny_dir("llama"), old_build, capsys, tmp_path, str(old_build), "notes.txt", "kernels/extra")
+
+
+def test_edited_build_file_is_the_users_and_kept(old_build, tiny_dir, tmp_path, capsys):
+    """A listed file whose bytes are not those the build wrote (a user's edit, or their own file under a listed
+    name beside a copied manifest) is not pllm's to delete."""
+    (old_build / "hf_config.json").write_text('{"my": "tuned config"}')
+    refused(tiny_dir("llama"), old_build, capsys, tmp_path, str(old_build), "hf_config.json (changed since")
+    assert (old_build / "hf_config.json").read_text() == '{"my": "tuned config"}'
+
+
+def test_user_file_saved_while_the_build_is_swapped_is_kept(old_build, tiny_dir, tmp_path, monkeypatch, capsys):
+    """A file saved into the output after the last look but before the previous build is moved aside must not be
+    deleted with that build: the compile fails naming it, and output and file are as they were."""
+    real = build_module.make_scratch_dir
+
+    def save_then_make(parent: Path, prefix: str) -> Path:
+        if ".old-" in prefix:  # _replace_dir has checked the output and is about to move it aside
+            (old_build / "results.csv").write_text("mine")
+        return real(parent, prefix)
+
+    monkeypatch.setattr(build_module, "make_scratch_dir", save_then_make)
+    before = snapshot(old_build)
+    line = run_cli([str(tiny_dir("llama")), "-o", str(old_build)], capsys)
+    assert str(old_build) in line and "results.csv" in line, line
+    assert (old_build / "results.csv").read_text() == "mine"
+    (old_build / "results.csv").unlink()
+    assert snapshot(old_build) == before
+    assert [p.name for p in old_build.parent.iterdir()] == ["out"]
 
 
 def test_symlink_inside_a_build_is_never_followed(old_build, tiny_dir, tmp_path, capsys):

@@ -18,6 +18,11 @@ from pllm.runtime.sampling_params import SamplingParams
         ("logit_bias", {5: "x"}),
         ("logit_bias", {5: float("nan")}),
         ("logit_bias", [1, 2]),
+        ("logit_bias", {"²": 1}),  # a digit to str.isdigit, not to int()
+        ("logit_bias", {"--5": 1}),
+        ("logit_bias", {"٣": 1}),
+        ("stop", "\ud800"),
+        ("stop", ["ok", "a\udfffb"]),
         ("stop", 123),
         ("stop", ["ok", 5]),
         ("stop_token_ids", 7),
