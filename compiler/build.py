@@ -180,6 +180,7 @@ def _make_parents(parent: Path) -> list[Path]:
 def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path) -> None:
     weights = convert_weights(source, spec, dtype, options.progress)
     save_file(weights, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    _as_umask_allows(tmp_dir / WEIGHTS_FILE)
     del weights
     tokenizer_files = copy_tokenizer_files(source, tmp_dir)
     (tmp_dir / "hf_config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True, default=str))
@@ -294,6 +295,14 @@ def _check_output_dir(dest: Path, name: Path, check_bytes: bool) -> None:
             f"{name}: holds files the previous build did not write ({shown}); move them out or choose another "
             "output directory, pllm will not delete them"
         )
+
+
+def _as_umask_allows(path: Path) -> None:
+    """safetensors writes its file owner-only (0600); a build is served by whoever may read its folder, so the
+    weights get the mode every other file of the build gets from the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

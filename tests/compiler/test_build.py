@@ -1,7 +1,9 @@
 """The build directory: layout, manifest with checksums, atomic writes, reproducibility, and clear errors."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,15 @@ def test_build_without_a_working_cpp_compiler_still_serves(tiny_dir, tmp_path, m
         assert not list((out / "kernels").glob("*.so")) and (out / "kernels" / "cpu_decode_attention.cpp").is_file()
         choice = choose_cpu_kernels(open_build(out))
         assert choice.attention is None and why in choice.reason
+
+
+def test_every_file_is_readable_as_the_umask_allows(tiny_dir, tmp_path):
+    """A build is often served by another user than the one who compiled it: no file may be owner-only when the
+    umask would let others read it (safetensors writes its file 0600)."""
+    old = os.umask(0o022)
+    try:
+        out = build(str(tiny_dir("llama")), tmp_path / "b", BuildOptions(progress=False))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert {f: oct(m) for f, m in modes.items() if m & 0o044 != 0o044} == {}
