@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
-from pllm.compiler.scratch import make_scratch_dir, remove_stale_scratch, scratch_pattern
+from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import DTYPES, ModelSpec, spec_from_config
 from pllm.models.llama import weight_layout
@@ -157,7 +156,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
             _write_build(source, spec, dtype, options, tmp_dir)
             _replace_dir(tmp_dir, out_dir)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_scratch_dir(tmp)
     except BaseException:
         for d in reversed(made):
             with contextlib.suppress(OSError):  # not empty: something else now lives there, keep it
@@ -316,7 +315,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
         try:
             dest.rename(old / "build")
         except OSError:
-            old.rmdir()
+            remove_scratch_dir(old)
             raise
         # And once more where nobody writes by name any longer: a file saved into the output between the check
         # above and the move is the user's, and goes back with the previous build rather than being deleted.
@@ -324,8 +323,8 @@ def _replace_dir(new: Path, dest: Path) -> None:
             _check_output_dir(old / "build", dest, check_bytes=False)
         except BuildError:
             (old / "build").rename(dest)
-            old.rmdir()
+            remove_scratch_dir(old)
             raise
     new.rename(dest)
     if old is not None:
-        shutil.rmtree(old)
+        remove_scratch_dir(old)

