@@ -122,24 +122,40 @@ class ModelRunner:
         return 2 * spec.num_hidden_layers * self.block_size * spec.kv_size * self.dtype.itemsize
 
     def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
+        available = self._free_memory()
         if config.kv_cache_memory is not None:
-            budget = config.kv_cache_memory
-        elif self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * config.kv_cache_fraction)
+            budget, source = config.kv_cache_memory, f"engine setting kv_cache_memory={config.kv_cache_memory}"
+            if budget > available:  # refused here rather than by the allocator, or the OOM killer on a cpu
+                raise ValueError(f"{source}: more than the {available} bytes of free {self.device.type} memory")
         else:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            budget = min(int(available * config.kv_cache_fraction), CPU_KV_CACHE_CAP)
-            # and never more than max_num_seqs full-length sequences could use: small models need far less
-            max_useful = config.max_num_seqs * -(-max_model_len // self.block_size) * self.kv_bytes_per_block
-            budget = min(budget, max_useful)
+            budget = int(available * config.kv_cache_fraction)
+            if self.device.type == "cpu":
+                # capped, and never more than max_num_seqs full-length sequences could use: small models need less
+                max_useful = config.max_num_seqs * -(-max_model_len // self.block_size) * self.kv_bytes_per_block
+                budget = min(budget, CPU_KV_CACHE_CAP, max_useful)
+            source = (f"the KV-cache budget ({budget} bytes from kv_cache_fraction={config.kv_cache_fraction} of free "
+                      f"{self.device.type} memory)")
         num_blocks = budget // self.kv_bytes_per_block - 1  # the budget holds the padding block too
         if num_blocks < 2:
             raise ValueError(
-                f"engine setting kv_cache_memory={budget}: too small, it must hold 3 KV blocks of "
-                f"{self.kv_bytes_per_block} bytes"
+                f"{source}: too small, it must hold 3 KV blocks of {self.kv_bytes_per_block} bytes; set "
+                "kv_cache_memory"
             )
         return int(num_blocks)
+
+    def _free_memory(self) -> int:
+        """Bytes the KV cache may take: free device memory, or on a cpu the RAM Linux can hand out without
+        swapping (MemAvailable counts reclaimable page cache, which free pages alone do not)."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
     def _fit_max_model_len(self, config: EngineConfig, max_model_len: int) -> int:
         """A sequence of max_model_len tokens must fit the cache: refuse an explicit limit that does not (as vLLM

@@ -225,6 +225,16 @@ def test_max_model_len_fits_the_kv_cache(build, tiny_build, caplog):
     assert absurd.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
 
+def test_kv_cache_sizes_that_cannot_work_are_named(build):
+    with pytest.raises(ValueError, match=r"kv_cache_memory=1000000000000000: more than the \d+ bytes of free cpu"):
+        LLM(build, backend="cpu", kv_cache_memory=10**15)
+    with pytest.raises(ValueError, match=r"engine setting kv_cache_memory=1024: too small"):
+        LLM(build, backend="cpu", kv_cache_memory=1024)
+    # a derived budget is not the user's setting: the message says where it came from
+    with pytest.raises(ValueError, match=r"KV-cache budget \(\d+ bytes from kv_cache_fraction=1e-09 of free cpu"):
+        LLM(build, backend="cpu", kv_cache_fraction=1e-9)
+
+
 def _synchronous_embedding(llm: LLM, text: str, pooling: str) -> list[float]:
     """The embedding as the engine computed it before embeddings were scheduled: the prompt alone, in chunks
     of max_num_batched_tokens, pooled from the final hidden states."""
