@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pllm.runtime.loader import BuildDirError, LoadedBuild
+from pllm.compiler.manifest import BuildDirError, BuildManifest
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -173,7 +173,7 @@ class CpuRopeKvWrite:
         return q_out, k_out
 
 
-def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
+def choose_cpu_kernels(build: BuildManifest) -> CpuKernelChoice:
     """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
     why_not = _why_not_runnable(build)
     if why_not is not None:
@@ -202,7 +202,9 @@ def choose_cpu_kernels(build: LoadedBuild) -> CpuKernelChoice:
     return CpuKernelChoice(*kernels.values(), f"compiled {', '.join(names)} ({entry['isa']}), PyTorch for the rest")
 
 
-def _load_kernel(build: LoadedBuild, name: str, path: Path) -> CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | None:
+def _load_kernel(
+    build: BuildManifest, name: str, path: Path
+) -> CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | None:
     spec = build.spec
     if name == "cpu_decode_attention":
         return CpuDecodeAttention(path, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
@@ -215,7 +217,7 @@ def _load_kernel(build: LoadedBuild, name: str, path: Path) -> CpuDecodeAttentio
     return None
 
 
-def _why_not_runnable(build: LoadedBuild) -> str | None:
+def _why_not_runnable(build: BuildManifest) -> str | None:
     """Why the build's cpu kernels cannot run on this machine, or None if they can."""
     if "cpu_kernels" not in build.manifest:
         return "the build predates the compiled cpu kernels: run pllm-compile again to use them"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pllm.models.ops import AttentionMetadata
 from pllm.runtime.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite, check_step_rows
-from pllm.runtime.ops import AttentionMetadata
 
 _HAS_ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from pllm.runtime.ops import AttentionMetadata
+from pllm.models.ops import AttentionMetadata
 
 DEFAULT_MAX_CAPTURE_SIZE = 256  # larger decode batches are compute-bound: launch overhead no longer matters
 Forward = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]  # (input_ids, meta) -> hidden [T, H]

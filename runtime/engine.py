@@ -7,10 +7,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from pllm.compiler.manifest import open_build
 from pllm.runtime.config import EngineConfig
 from pllm.runtime.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from pllm.runtime.kv_cache import KVCacheManager
-from pllm.runtime.loader import load_generation_config, load_tokenizer, open_build
+from pllm.runtime.loader import load_generation_config, load_tokenizer
 from pllm.runtime.model_runner import ModelRunner
 from pllm.runtime.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.pooler import Pooler

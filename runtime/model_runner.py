@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pllm.compiler.manifest import BuildManifest
 from pllm.models.llama import LlamaModel
+from pllm.models.ops import AttentionMetadata, Ops
 from pllm.runtime.config import EngineConfig
 from pllm.runtime.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
-from pllm.runtime.loader import LoadedBuild, load_weights
-from pllm.runtime.ops import AttentionMetadata, Ops
+from pllm.runtime.loader import load_weights
 from pllm.runtime.request import Pooling, ScheduledBatch
 
 logger = logging.getLogger("pllm")
@@ -27,7 +28,7 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
 
 
-def select_backend(name: str, build: LoadedBuild) -> tuple[Ops, torch.device, str]:
+def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, str]:
     """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,13 +65,13 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, build: LoadedBuild, config: EngineConfig, max_model_len: int):
+    def __init__(self, build: BuildManifest, config: EngineConfig, max_model_len: int):
         self.spec = build.spec
         self.block_size = build.block_size
         self.ops, self.device, self.backend = select_backend(config.backend, build)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype = build.torch_dtype
+        self.dtype = getattr(torch, build.dtype)
         weights = load_weights(build, self.device)
         self.num_blocks = self._plan_num_blocks(config, max_model_len)
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
-from pllm.compiler.spec import ModelSpec
+from pllm.models.spec import ModelSpec
 from pllm.runtime.triton_ops import TritonOps
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim

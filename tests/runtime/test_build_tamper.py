@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from pllm import LLM, SamplingParams
-from pllm.compiler.build import MANIFEST, MANIFEST_DIGEST_KEY, manifest_digest
+from pllm.compiler.manifest import MANIFEST, MANIFEST_DIGEST_KEY, BuildDirError, manifest_digest, open_build
 from pllm.runtime.cpu_kernels import choose_cpu_kernels
-from pllm.runtime.loader import BuildDirError, load_generation_config, load_tokenizer, open_build
+from pllm.runtime.loader import load_generation_config, load_tokenizer
 from pllm.runtime.model_runner import select_backend
 
 PROBE = "Hello, world! <|im_start|>user probe<|im_end|> ok<|endoftext|>"

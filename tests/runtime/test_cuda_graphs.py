@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pllm import LLM, SamplingParams
+from pllm.models.ops import AttentionMetadata
 from pllm.runtime.config import EngineConfig
 from pllm.runtime.cuda_graphs import DecodeGraphs, default_capture_sizes, eager_capture
-from pllm.runtime.ops import AttentionMetadata
 
 # 6 prompts with 3..8 new tokens: decode batches shrink 6, 5, 4, 3, 2, 1 and are padded to 8, 8, 4, 4, 2, 1
 PROMPTS = ["Hello, world!", "a", "def main():", "Paged attention " * 3, "The capital of", "1 2 3"]
