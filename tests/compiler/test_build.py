@@ -178,7 +178,7 @@ def test_build_without_a_working_cpp_compiler_still_serves(tiny_dir, tmp_path, m
     """The cpu kernel is an accelerator, not a requirement: a failed compile is recorded, warned about, and leaves no
     library behind; the build then loads with the cpu backend's PyTorch attention, which says why."""
     from pllm.compiler.manifest import open_build
-    from pllm.runtime.cpu_kernels import choose_cpu_kernels
+    from pllm.runtime.backends.cpu.cpu_kernels import choose_cpu_kernels
 
     for compiler, why in [("false", "false failed on cpu_decode_attention.cpp"), ("/nonexistent/g++", "No such file")]:
         monkeypatch.setenv("CXX", compiler)

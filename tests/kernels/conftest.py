@@ -16,7 +16,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
-from pllm.runtime.triton_ops import TritonOps
+from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
 # outcome never depends on test order. Without a GPU that is the interpreter; with one, compiled kernels (the

@@ -16,7 +16,7 @@ from pllm.compiler.kernel_modules import COMPILED_INFO_FILE
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
-from pllm.runtime.triton_ops import compiled_artifacts_status
+from pllm.runtime.backends.triton.triton_ops import compiled_artifacts_status
 
 TARGETS = ("sm_80", "sm_90")  # the two the CLI offers by name
 CAN_TARGET_CUDA, WHY_NOT = triton_can_target_cuda()
