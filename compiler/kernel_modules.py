@@ -15,6 +15,8 @@ from types import ModuleType
 
 KERNEL_NAMES = ("rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp")
 COMPILED_INFO_FILE = "compiled.json"  # written by compiler/gpu_compile.py next to each target's artifacts
+
+
 @contextlib.contextmanager
 def env_var(name: str, value: str) -> Iterator[None]:
     """Set an environment variable for the span of a `with` block, then restore it (or remove it again)."""
