@@ -7,15 +7,15 @@ __all__ = ["LLM", "SamplingParams", "EngineConfig", "__version__"]
 def __getattr__(name: str):
     # Imported lazily so `pllm-compile` and `import pllm.compiler` stay light.
     if name == "LLM":
-        from pllm.runtime.llm import LLM
+        from pllm.runtime.engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from pllm.runtime.sampling_params import SamplingParams
+        from pllm.runtime.engine.sampling_params import SamplingParams
 
         return SamplingParams
     if name == "EngineConfig":
-        from pllm.runtime.config import EngineConfig
+        from pllm.runtime.engine.config import EngineConfig
 
         return EngineConfig
     raise AttributeError(f"module 'pllm' has no attribute {name!r}")

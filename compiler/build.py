@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -16,21 +15,24 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
+from pllm.compiler.manifest import (
+    FORMAT_VERSION,
+    KERNELS_DIR,
+    MANIFEST,
+    MANIFEST_DIGEST_KEY,
+    REPLACEABLE_FORMATS,
+    WEIGHTS_FILE,
+    manifest_digest,
+    sha256_file,
+)
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
-from pllm.compiler.spec import DTYPES, ModelSpec, spec_from_config
+from pllm.compiler.spec import spec_from_config
 from pllm.models.llama import weight_layout
+from pllm.models.spec import DTYPES, ModelSpec
 
-FORMAT_VERSION = 2  # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY)
-# builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 also
-# carries its digest, which must then match
-REPLACEABLE_FORMATS = (1, 2)
-MANIFEST = "manifest.json"
-MANIFEST_DIGEST_KEY = "manifest_sha256"
-WEIGHTS_FILE = "model.safetensors"
-KERNELS_DIR = "kernels"
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # checkpoint dtypes that hold plain float weights; int8/bool/fp8 tensors need scales or are not weights at all
@@ -58,20 +60,6 @@ def versions() -> dict[str, str]:
     from pllm import __version__
 
     return {"pllm": __version__, "torch": torch.__version__.split("+")[0], "triton": triton.__version__}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON without its own digest, so an edit to any key or value shows."""
-    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def resolve_dtype(option: str, spec: ModelSpec) -> str:

@@ -9,7 +9,8 @@ import time
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gpu_compile import GpuCompileError
 from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
-from pllm.compiler.spec import DTYPES, ConfigError
+from pllm.compiler.spec import ConfigError
+from pllm.models.spec import DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pllm.runtime.triton_ops import COMPILED_INFO_FILE, KERNEL_NAMES, env_var, import_kernel_module
+from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, KERNEL_NAMES, env_var, import_kernel_module
 
 # Ampere (A100; A10/RTX 30xx), Ada (L4/L40), Hopper (H100/H200). The CLI offers sm_80, sm_90 and auto.
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}

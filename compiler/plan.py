@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pllm.compiler.spec import DTYPES, ModelSpec
+from pllm.models.spec import DTYPES, ModelSpec
 
 # Each rendered module carries the torch dtype name and Triton's pointer type name for AOT signatures.
 TRITON_TYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
 # No released model exceeds ~10M positions; anything above this bound is a typo or an attack, and the runtime sizes
 # tables by it.
 MAX_POSITION_EMBEDDINGS = 2**27
@@ -19,62 +18,6 @@ MAX_POSITION_EMBEDDINGS = 2**27
 
 class ConfigError(ValueError):
     """A model's config.json says something pllm cannot build; the message names the key, value and file."""
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    rope_type: str  # "linear" or "llama3"
-    factor: float
-    # llama3 only
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model_type: str  # llama | mistral | qwen2
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: RopeScaling | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool  # bias on q, k, v projections (qwen2: always)
-    torch_dtype: str  # the checkpoint's dtype, one of DTYPES
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-
-    # derived ------------------------------------------------------------------------------------
-    @property
-    def q_size(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_key_value_heads * self.head_dim
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA ratio)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        d = dict(d)
-        rs = d.get("rope_scaling")
-        d["rope_scaling"] = RopeScaling(**rs) if rs else None
-        d["eos_token_ids"] = tuple(d["eos_token_ids"])
-        return cls(**d)
 
 
 def load_spec(config_path: str | Path) -> ModelSpec:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pllm.compiler.spec import ModelSpec
-from pllm.runtime.ops import AttentionMetadata, Ops
+from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.spec import ModelSpec
 
 
 def weight_layout(spec: ModelSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:

@@ -1,0 +1,1 @@
+"""The runtime: server -> engine -> worker -> backends; reads builds through compiler/manifest.py."""

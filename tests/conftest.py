@@ -15,11 +15,11 @@ from tiny_models import make_tiny_model  # noqa: E402
 
 
 def _fix_triton_mode() -> None:
-    # A process runs Triton either interpreted or compiled (see runtime/triton_ops.py). Fix the mode before any
+    # A process runs Triton either interpreted or compiled (see compiler/kernel_modules.py). Fix the mode before any
     # test module imports triton, so results never depend on test order: without a GPU, the interpreter.
     import torch
 
-    from pllm.runtime.triton_ops import ensure_triton_mode
+    from pllm.compiler.kernel_modules import ensure_triton_mode
 
     ensure_triton_mode(interpret=not torch.cuda.is_available())
 

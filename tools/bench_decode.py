@@ -23,7 +23,7 @@ import torch
 from bench_throughput import time_decode_steps
 
 from pllm import LLM
-from pllm.runtime.cuda_graphs import default_capture_sizes, eager_capture
+from pllm.runtime.worker.cuda_graphs import default_capture_sizes, eager_capture
 
 
 def copy_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repeats: int = 5) -> float:

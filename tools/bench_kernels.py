@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
-from pllm.compiler.spec import ModelSpec
-from pllm.runtime.triton_ops import TritonOps
+from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "smollm2": (576, 1536, 9, 3, 64),

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.cli import main as compile_main
+from pllm.compiler.manifest import BuildDirError, open_build
 from pllm.compiler.source import ModelSourceError
 from pllm.compiler.spec import ConfigError
-from pllm.runtime.loader import BuildDirError, open_build
 
 OPTS = BuildOptions(progress=False)
 
@@ -179,8 +179,8 @@ def test_hub_id_resolved_from_local_cache_only(tiny_dir, tmp_path, monkeypatch):
 def test_build_without_a_working_cpp_compiler_still_serves(tiny_dir, tmp_path, monkeypatch, caplog):
     """The cpu kernel is an accelerator, not a requirement: a failed compile is recorded, warned about, and leaves no
     library behind; the build then loads with the cpu backend's PyTorch attention, which says why."""
-    from pllm.runtime.cpu_kernels import choose_cpu_kernels
-    from pllm.runtime.loader import open_build
+    from pllm.compiler.manifest import open_build
+    from pllm.runtime.backends.cpu.cpu_kernels import choose_cpu_kernels
 
     for compiler, why in [("false", "false failed on cpu_decode_attention.cpp"), ("/nonexistent/g++", "No such file")]:
         monkeypatch.setenv("CXX", compiler)

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
+from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.compiler.spec import ModelSpec
-from pllm.runtime.triton_ops import TritonModeError, TritonOps, ensure_triton_mode
+from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.triton.triton_ops import TritonOps
 
-# One process runs Triton one way (see runtime/triton_ops.py): fix it here, before any test imports triton, so the
+# One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
 # outcome never depends on test order. Without a GPU that is the interpreter; with one, compiled kernels (the
 # interpret tests then skip, saying so; run them apart with CUDA_VISIBLE_DEVICES= to cover both).
 try:
@@ -62,7 +63,7 @@ def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Triton
     """Factory: (interpret, dtype, block_size, **spec fields) -> TritonOps over freshly rendered kernels.
 
     Cached per shape: hypothesis draws the same shapes again and again, and each render + import costs ~0.1 s.
-    A process runs Triton either interpreted or compiled (see runtime/triton_ops.py); a test asking for the
+    A process runs Triton either interpreted or compiled (see compiler/kernel_modules.py); a test asking for the
     other mode is skipped with the reason.
     """
     cache: dict[tuple, TritonOps] = {}

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.manifest import open_build
 from pllm.compiler.plan import cpu_attention_supported, make_plan
-from pllm.runtime.cpu_kernels import CpuDecodeAttention, choose_cpu_kernels
-from pllm.runtime.cpu_ops import TorchOps
-from pllm.runtime.loader import open_build
-from pllm.runtime.ops import AttentionMetadata
+from pllm.models.ops import AttentionMetadata
+from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, choose_cpu_kernels
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 from .conftest import compile_cpu_kernel, tiny_spec
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.plan import cpu_rms_norm_supported, make_plan
-from pllm.runtime.cpu_kernels import CpuRmsNorm
-from pllm.runtime.cpu_ops import TorchOps
+from pllm.runtime.backends.cpu.cpu_kernels import CpuRmsNorm
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 from .conftest import compile_cpu_kernel, tiny_spec
 from .test_rms_norm import reference_rms_norm

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.plan import cpu_rope_supported, make_plan
-from pllm.runtime.cpu_kernels import CpuRopeKvWrite
-from pllm.runtime.cpu_ops import TorchOps
+from pllm.runtime.backends.cpu.cpu_kernels import CpuRopeKvWrite
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 from .conftest import compile_cpu_kernel, tiny_spec
 from .test_rope_kv_write import MAX_POSITIONS, make_cos_sin_cache, reference_rotate

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pllm.runtime.ops import AttentionMetadata
+from pllm.models.ops import AttentionMetadata
 
 # Reference: softmax(q k^T * scale) v in fp64 on the same rounded q, K, V. Tolerances:
 # float32 -- fp32 accumulation over <= a few hundred keys plus the split merge: ~1e-6 relative, 2e-5 absolute

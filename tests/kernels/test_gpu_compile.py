@@ -12,10 +12,11 @@ import pytest
 import triton
 
 from pllm.compiler.gpu_compile import compile_kernels, resolve_target, triton_can_target_cuda
+from pllm.compiler.kernel_modules import COMPILED_INFO_FILE
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
-from pllm.compiler.spec import ModelSpec
-from pllm.runtime.triton_ops import COMPILED_INFO_FILE, compiled_artifacts_status
+from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.triton.triton_ops import compiled_artifacts_status
 
 TARGETS = ("sm_80", "sm_90")  # the two the CLI offers by name
 CAN_TARGET_CUDA, WHY_NOT = triton_can_target_cuda()

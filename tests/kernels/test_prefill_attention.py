@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pllm.runtime.ops import AttentionMetadata
+from pllm.models.ops import AttentionMetadata
 
 # Reference: causal softmax(q k^T * scale) v in fp64 on the same rounded q, K, V. Tolerances as for decode:
 # float32 -- fp32 accumulation and exp2: 2e-5 absolute, 1e-5 relative.

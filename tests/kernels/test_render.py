@@ -16,7 +16,7 @@ import pytest
 
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import TEMPLATE_DIR, make_environment, render_kernel, render_plan
-from pllm.compiler.spec import ModelSpec
+from pllm.models.spec import ModelSpec
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)

@@ -1,0 +1,209 @@
+"""The build directory's manifest: file names, format, checksums, and the checked reading of it (torch-free)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
+
+FORMAT_VERSION = 2  # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY)
+# builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 also
+# carries its digest, which must then match
+REPLACEABLE_FORMATS = (1, 2)
+MANIFEST = "manifest.json"
+MANIFEST_DIGEST_KEY = "manifest_sha256"
+WEIGHTS_FILE = "model.safetensors"
+KERNELS_DIR = "kernels"
+GENERATION_CONFIG = "generation_config.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest, so an edit to any key or value shows."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class BuildDirError(ValueError):
+    """The build directory is missing, incomplete or tampered with; the message names the file."""
+
+
+@dataclass(frozen=True)
+class BuildManifest:
+    """A build directory whose manifest was read and checked: its spec, dtype and block size, and verified reads
+    of the files it lists."""
+
+    path: Path
+    manifest: dict
+    spec: ModelSpec
+    dtype: str
+    block_size: int
+    kernel_dir: Path
+
+    def read_bytes(self, rel: str) -> bytes:
+        """A listed file's bytes, checked against the manifest: what is used is exactly what was verified."""
+        digest = self.manifest["files"].get(rel)
+        if digest is None:
+            raise BuildDirError(f"{self.path / rel}: not listed in {self.path / MANIFEST} (only listed files are read)")
+        f = _listed_file(self.path, rel)
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BuildDirError(_modified(self.path / rel))
+        return data
+
+    def read_kernel(self, name: str) -> bytes | None:
+        """kernels/<name>, verified; None when the build lists no such file."""
+        rel = f"{KERNELS_DIR}/{name}"
+        return self.read_bytes(rel) if rel in self.manifest["files"] else None
+
+    def read_json(self, rel: str) -> dict:
+        return json_object(self.path / rel, self.read_bytes(rel))
+
+
+def json_object(f: Path, data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise BuildDirError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise BuildDirError(f"{f}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:
+    path = Path(build_dir)
+    manifest_file = path / MANIFEST
+    if not path.is_dir():
+        raise BuildDirError(f"{path}: build directory not found (create one with pllm-compile)")
+    if not manifest_file.is_file():
+        raise BuildDirError(f"{manifest_file}: missing; {path} is not a complete pllm build")
+    manifest = _read_manifest(manifest_file)
+    _check_manifest(manifest, manifest_file)
+    if verify:
+        for rel, digest in manifest["files"].items():
+            f = _listed_file(path, rel)
+            try:
+                matches = sha256_file(f) == digest  # streamed: the weights may be larger than spare memory
+            except OSError as e:
+                raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
+            if not matches:
+                raise BuildDirError(_modified(f))
+    spec = _spec_from_manifest(manifest["spec"], manifest_file)
+    return BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR)
+
+
+def _modified(f: Path) -> str:
+    return f"{f}: sha256 does not match the manifest (modified since it was built)"
+
+
+def _listed_file(root: Path, rel: str) -> Path:
+    """A file the manifest lists, which must be a regular file inside the build."""
+    f = root / rel
+    if not f.exists():
+        raise BuildDirError(f"{f}: listed in the manifest but missing")
+    if not f.resolve().is_relative_to(root.resolve()):  # a link leading out of the build
+        raise BuildDirError(f"{f}: leads outside the build directory {root}")
+    if not f.is_file():
+        raise BuildDirError(f"{f}: listed in the manifest but not a regular file")
+    return f
+
+
+def _read_manifest(manifest_file: Path) -> dict:
+    """The manifest as written by pllm-compile: format version first (old builds: rebuild), then its own digest."""
+    try:
+        manifest = json.loads(manifest_file.read_bytes())
+    except ValueError as e:
+        raise BuildDirError(f"{manifest_file}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BuildDirError(f"{manifest_file}: must be a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise BuildDirError(f"{manifest_file}: format_version {version!r} is not {FORMAT_VERSION}; rebuild it")
+    if manifest.get(MANIFEST_DIGEST_KEY) != manifest_digest(manifest):
+        raise BuildDirError(f"{manifest_file}: modified since it was built (its digest does not match)")
+    return manifest
+
+
+def _fail(manifest_file: Path, key: str, must: str, value: Any) -> BuildDirError:
+    return BuildDirError(f"{manifest_file}: key '{key}' must be {must}, got {value!r}")
+
+
+def _check_manifest(m: dict, manifest_file: Path) -> None:
+    """The types and references the loader relies on, so a malformed manifest is named, never a KeyError."""
+    kinds = {dict: "a JSON object", list: "a JSON list", str: "a string"}
+    for key, kind in [("spec", dict), ("kernels", dict), ("cpu_kernels", dict), ("compiled_kernels", dict),
+                      ("files", dict), ("tokenizer_files", list), ("weights", str), ("source", str)]:
+        if not isinstance(m.get(key), kind):
+            raise _fail(manifest_file, key, kinds[kind], m.get(key))
+    if m.get("dtype") not in DTYPES:
+        raise _fail(manifest_file, "dtype", f"one of {', '.join(DTYPES)}", m.get("dtype"))
+    block_size = m.get("block_size")
+    if type(block_size) is not int or block_size <= 0:
+        raise _fail(manifest_file, "block_size", "a positive integer", block_size)
+    for key in ("dtype", "block_size"):  # the kernels were rendered for these: they must agree
+        if m["kernels"].get(key) != m[key]:
+            raise _fail(manifest_file, f"kernels.{key}", f"{m[key]!r} like '{key}'", m["kernels"].get(key))
+    files = m["files"]
+    if not files:
+        raise _fail(manifest_file, "files", "a non-empty object", files)
+    for rel, digest in files.items():
+        parts = PurePosixPath(rel).parts
+        if rel != PurePosixPath(rel).as_posix() or not parts or parts[0] == "/" or ".." in parts or "\\" in rel \
+                or rel == MANIFEST:
+            raise _fail(manifest_file, "files", "relative paths inside the build", rel)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise _fail(manifest_file, f"files.{rel}", "a sha256 hex digest", digest)
+    listed = [("weights", m["weights"])]
+    listed += [("tokenizer_files", name) for name in m["tokenizer_files"]]
+    libraries = m["cpu_kernels"].get("libraries", {})
+    if not isinstance(libraries, dict):
+        raise _fail(manifest_file, "cpu_kernels.libraries", "a JSON object", libraries)
+    listed += [(f"cpu_kernels.libraries.{k}", f"{KERNELS_DIR}/{v}") for k, v in libraries.items()]
+    for key, rel in listed:
+        if not isinstance(rel, str) or rel not in files:
+            raise _fail(manifest_file, key, "a file listed under 'files'", rel)
+    if any("/" in name for name in m["tokenizer_files"]):  # copied by name into a private folder to load
+        raise _fail(manifest_file, "tokenizer_files", "file names in the build's top folder", m["tokenizer_files"])
+
+
+_SPEC_KINDS = {
+    "int": lambda v: type(v) is int,
+    "float": lambda v: type(v) in (int, float),
+    "bool": lambda v: type(v) is bool,
+    "str": lambda v: type(v) is str,
+    "int | None": lambda v: v is None or type(v) is int,
+    "tuple[int, ...]": lambda v: type(v) is list and all(type(t) is int for t in v),
+    "RopeScaling | None": lambda v: v is None or type(v) is dict,
+}
+
+
+def _spec_from_manifest(d: dict, manifest_file: Path) -> ModelSpec:
+    fields = {f.name: f.type for f in dataclasses.fields(ModelSpec)}
+    if set(d) != set(fields):
+        missing, extra = sorted(set(fields) - set(d)), sorted(set(d) - set(fields))
+        raise BuildDirError(f"{manifest_file}: key 'spec' has missing keys {missing} and unknown keys {extra}")
+    for name, kind in fields.items():
+        if not _SPEC_KINDS[kind](d[name]):
+            raise _fail(manifest_file, f"spec.{name}", f"of type {kind}", d[name])
+    rope_scaling = d["rope_scaling"] or {}
+    unknown = set(rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
+    if unknown:
+        raise _fail(manifest_file, "spec.rope_scaling", "a RopeScaling object", rope_scaling)
+    return ModelSpec.from_dict(d)

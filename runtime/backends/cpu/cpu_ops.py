@@ -1,0 +1,193 @@
+"""The cpu backend: the Ops contract in plain PyTorch, batched over the flattened tokens of a step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pllm.models.ops import AttentionMetadata
+from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite, check_step_rows
+
+_HAS_ONEDNN_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, head_dim]; cos, signed_sin [T, 1, head_dim]. HF Llama's x * cos + rotate_half(x) * sin, with
+    # rotate_half's negation folded into the sin table (negation is exact, so the result is bit-identical)
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * signed_sin
+
+
+class TorchOps:
+    """Reference-quality and fast: one-token queries through the build's compiled kernel (else one gather + batched
+    matmuls), SDPA per prompt segment."""
+
+    def __init__(
+        self,
+        decode_attention: CpuDecodeAttention | None = None,
+        rms_norm_kernel: CpuRmsNorm | None = None,
+        rope_kernel: CpuRopeKvWrite | None = None,
+    ) -> None:
+        self.decode_attention = decode_attention
+        self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
+        self.rope_kernel = rope_kernel
+        self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
+        self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
+        self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
+        self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        self._rope_key: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # the step's rows are cached for
+        self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+
+    def rms_norm(self, x, weight, eps, residual):
+        if self.rms_norm_kernel is not None and x.is_contiguous():
+            # eps is baked into the rendered kernel; a different one means the build belongs to another model
+            assert eps == self.rms_norm_kernel.eps, f"rms_norm eps {eps} differs from the kernel's"
+            return self.rms_norm_kernel(x, weight, residual)
+        if residual is not None:
+            x = residual + x
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(x.dtype), x
+
+    def rope_kv_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+        cos, signed_sin = self._rope_rows(positions, cos_sin_cache, q.dtype)
+        if self.rope_kernel is not None and self.rope_kernel.accepts(q, k, v):
+            return self.rope_kernel(q, k, v, cos, signed_sin, k_cache, v_cache, slot_mapping)
+        q = _rotate(q, cos, signed_sin)
+        k = _rotate(k, cos, signed_sin)
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        # index_copy_/index_select: several times faster than advanced indexing on the CPU
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+        return q, k
+
+    def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
+        """cos and signed sin rows [T, 1, head_dim] for this step's positions, built once per step, not per layer."""
+        key = self._rope_key
+        if key is None or key[0] is not positions or key[1] is not cos_sin_cache or key[2] != dtype:
+            half = cos_sin_cache.shape[-1] // 2
+            cs = cos_sin_cache.index_select(0, positions)  # [T, head_dim]
+            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, head_dim]
+            sin = cs[:, half:]
+            signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+            self._rope_key, self._rope_cached = (positions, cos_sin_cache, dtype), (cos, signed_sin)
+        return self._rope_cached
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale):
+        if self.decode_attention is None and meta.is_decode_only:
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        if self.decode_attention is not None:
+            # every one-token query (decodes, and one-token prompt chunks) in one kernel call; the rest below
+            tables, lens, rows = self._one_token_rows(meta)
+            if rows.numel():
+                self.decode_attention(q, k_cache, v_cache, tables, lens, rows, meta.max_seq_len, scale, out)
+            if meta.is_decode_only:
+                return out
+        block_size = k_cache.shape[1]
+        start = 0
+        for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+            if query_len == 1 and self.decode_attention is not None:
+                start += 1
+                continue
+            num_blocks = -(-seq_len // block_size)
+            blocks = meta.block_tables[i, :num_blocks].long()
+            k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
+            v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+            qs = q[start : start + query_len]  # [query_len, heads, head_dim]
+            out[start : start + query_len] = _attend(qs, k, v, seq_len - query_len, scale)
+            start += query_len
+        return out
+
+    def _one_token_rows(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per step: block tables [S1, max_blocks], seq lens [S1] and q rows [S1] of the S1 one-token queries."""
+        if self._kernel_meta is not meta:
+            if meta.is_decode_only:
+                rows = torch.arange(meta.num_seqs)
+                tables, lens = meta.block_tables, meta.seq_lens
+            else:
+                seqs = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+                index = torch.tensor(seqs, dtype=torch.int64)
+                rows = meta.query_start_loc[:-1].long().index_select(0, index)
+                tables = meta.block_tables.index_select(0, index)
+                lens = meta.seq_lens.index_select(0, index)
+            check_step_rows(sum(meta.query_lens_host), lens, rows, meta.max_seq_len)
+            self._kernel_meta, self._kernel_rows = meta, (tables.contiguous(), lens.contiguous(), rows)
+        return self._kernel_rows
+
+    def _decode_layout(
+        self, meta: AttentionMetadata, block_size: int, num_kv_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per step, not per layer: cache row of every (sequence, kv head, position), and the padding mask.
+
+        Gathering K/V rows straight into [B, kv, L, d] order with one index_select skips both the slow advanced
+        indexing and a transpose copy; positions past a sequence's end read block 0 and are masked out.
+        """
+        if self._decode_meta is not meta:
+            max_len = meta.max_seq_len
+            pos = torch.arange(max_len, device=meta.block_tables.device)
+            blocks = meta.block_tables[:, pos // block_size].long()  # [B, L]
+            slots = blocks * block_size + pos % block_size  # [B, L]
+            heads = torch.arange(num_kv_heads, device=slots.device)
+            rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, kv, L]
+            lens = torch.tensor(meta.seq_lens_host, device=slots.device)
+            pad = pos[None, :] >= lens[:, None]  # [B, L]
+            self._decode_meta, self._decode_cached = meta, (rows.flatten(), pad[:, None, None, :])
+        return self._decode_cached
+
+    def _decode(self, q, k_cache, v_cache, meta, scale):
+        # q [B, heads, d]; every sequence's context gathered and padded to max_seq_len
+        num_seqs, num_heads, head_dim = q.shape
+        num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        rows, pad = self._decode_layout(meta, block_size, num_kv_heads)
+        k = k_cache.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, -1, head_dim)  # [B,kv,L,d]
+        v = v_cache.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, -1, head_dim)
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kv, group, d]
+        # batched matmuls in the model dtype (fp32 accumulation inside), softmax in fp32
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv, group, L]
+        scores.masked_fill_(pad, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v)  # [B, kv, group, d]
+        return out.reshape(num_seqs, num_heads, head_dim)
+
+    def linear(self, x, weight, bias=None):
+        packed = self._packed_weight(weight)
+        if packed is None:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
+        a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
+        F.linear, so fp32 keeps F.linear and its equality with Hugging Face."""
+        key = weight.data_ptr()
+        if key not in self._packed:
+            packed = None
+            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _HAS_ONEDNN_LINEAR:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            self._packed[key] = packed
+        return self._packed[key]
+
+    def mlp(self, x, gate_up_weight, down_weight):
+        gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, down_weight)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int, scale: float) -> torch.Tensor:
+    """q [Tq, heads, d] after num_prefix cached tokens; k, v [num_prefix + Tq, kv_heads, d]; causal."""
+    query_len, seq_len = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if num_prefix == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        rows = torch.arange(query_len, device=q.device)[:, None] + num_prefix
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= rows  # [Tq, seq_len]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)  # [Tq, heads, d]

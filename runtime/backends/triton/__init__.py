@@ -1,0 +1,1 @@
+"""The cuda and interpret backends: a build's rendered Triton kernels."""

@@ -1,0 +1,132 @@
+"""The Ops of the cuda and interpret backends: rendered Triton kernels imported from a build's kernel dir."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, KERNEL_NAMES, import_kernel_module
+from pllm.models.ops import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+# kernel-dir-relative name -> the file's bytes, None where there is no such file (a build: verified, listed ones only)
+KernelReader = Callable[[str], "bytes | None"]
+
+
+def dir_reader(kernel_dir: Path) -> KernelReader:
+    """Read a plain folder of rendered kernels (a build is read through BuildManifest.read_kernel instead)."""
+
+    def read(name: str) -> bytes | None:
+        f = Path(kernel_dir) / name
+        return f.read_bytes() if f.is_file() else None
+
+    return read
+
+
+def load_kernel_modules(kernel_dir: Path, interpret: bool, read: KernelReader | None = None) -> dict[str, ModuleType]:
+    read = dir_reader(kernel_dir) if read is None else read
+    sources = {name: read(f"{name}.py") for name in KERNEL_NAMES}
+    missing = [name for name, source in sources.items() if source is None]
+    if missing:
+        raise FileNotFoundError(f"{kernel_dir}: missing kernel files {', '.join(f'{m}.py' for m in missing)}")
+    return {name: import_kernel_module(Path(kernel_dir) / f"{name}.py", interpret, sources[name])
+            for name in KERNEL_NAMES}
+
+
+def compiled_artifacts_status(
+    kernel_dir: Path, capability: tuple[int, int], triton_version: str, read: KernelReader | None = None
+) -> tuple[bool, str]:
+    """Whether ahead-of-time artifacts in kernel_dir/compiled/sm_XY match this GPU and Triton; the reason if not.
+
+    On a mismatch the caller logs the reason and the kernels are compiled by Triton's JIT on first launch.
+    """
+    target = f"sm_{capability[0]}{capability[1]}"
+    info_name = f"compiled/{target}/{COMPILED_INFO_FILE}"
+    info_path = Path(kernel_dir) / info_name
+    info_bytes = (dir_reader(kernel_dir) if read is None else read)(info_name)
+    if info_bytes is None:
+        built = sorted(p.name for p in (Path(kernel_dir) / "compiled").glob("sm_*"))
+        return False, f"no kernels compiled for {target} (build has: {', '.join(built) or 'none'}); using JIT"
+    try:
+        info = json.loads(info_bytes)
+    except ValueError as e:
+        raise ValueError(f"{info_path}: not valid JSON ({e})") from None
+    if info.get("triton_version") != triton_version:
+        return False, (
+            f"{info_path}: kernels compiled with triton {info.get('triton_version')}, this runtime has "
+            f"{triton_version}; using JIT"
+        )
+    return True, f"{info_path}: kernels compiled for {target} with triton {triton_version}"
+
+
+class TritonOps:
+    """Ops backed by a build's rendered Triton kernels (on the GPU, or on the CPU under the interpreter)."""
+
+    def __init__(self, kernel_dir: Path, interpret: bool, read: KernelReader | None = None) -> None:
+        self.kernel_dir = Path(kernel_dir)
+        self.interpret = interpret
+        self.read = dir_reader(self.kernel_dir) if read is None else read
+        self.kernels = load_kernel_modules(self.kernel_dir, interpret, self.read)
+        self.eps = self.kernels["rms_norm"].EPS
+        # Ahead-of-time artifacts are checked and reported; launches still go through Triton's JIT (and its
+        # on-disk cache), which recompiles on a mismatch instead of failing.
+        self.compiled_status: tuple[bool, str] | None = None
+        if not interpret and torch.cuda.is_available():
+            import triton
+
+            capability = torch.cuda.get_device_capability()
+            self.compiled_status = compiled_artifacts_status(self.kernel_dir, capability, triton.__version__, self.read)
+            logger.info("kernels: %s", self.compiled_status[1])
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # eps is baked into the rendered kernel; a different one means the build belongs to another model
+        assert eps == self.eps, f"rms_norm eps {eps} differs from the rendered kernel's {self.eps}"
+        return self.kernels["rms_norm"].rms_norm(x, weight, residual)
+
+    def rope_kv_write(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [T] int64
+        cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] float32
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [T] int64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels["rope_kv_write"].rope_kv_write(
+            q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping
+        )
+
+    def attention(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], already rotated
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        if meta.is_decode_only:
+            # one token per sequence: token i belongs to sequence i. The grid depends only on num_seqs and the
+            # split count, never on device data, so a CUDA graph may capture this call.
+            return self.kernels["decode_attention"].decode_attention(
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, meta.max_seq_len
+            )
+        return self.kernels["prefill_attention"].prefill_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
+            meta.max_query_len,
+        )
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)  # the projections stay library matmuls (cuBLAS)
+
+    def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+        return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)

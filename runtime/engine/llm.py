@@ -1,0 +1,144 @@
+"""LLM: the offline Python API over the engine: generate, chat, embed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from pllm.runtime.engine.config import EngineConfig
+from pllm.runtime.engine.engine import LLMEngine
+from pllm.runtime.engine.outputs import EmbeddingOutput, RequestOutput
+from pllm.runtime.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+Message = dict[str, str]
+
+
+class LLM:
+    """`LLM(build_dir, **engine_settings)`; engine settings are EngineConfig's fields, validated at once."""
+
+    def __init__(self, build_dir: str, **engine_settings):
+        unknown = set(engine_settings) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(
+                f"unknown engine setting(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(EngineConfig.__dataclass_fields__)}"
+            )
+        self.engine = LLMEngine(build_dir, EngineConfig(**engine_settings))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in input order. A prompt is a text, a list of token ids, or {"prompt_token_ids": [...]}."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts; pass one or one per prompt"
+                )
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation or a list of them, rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(
+        self, conversation: list[Message], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+    ) -> list[int]:
+        tok = self.engine.tokenizer
+        if not tok.chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        text = tok.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+        )
+        return self.engine.encode(text, "chat messages", add_special_tokens=False)
+
+    def embed(self, texts: str | Sequence[str | list[int]], pooling: str = "last") -> list[EmbeddingOutput]:
+        """One L2-normalised vector per text: last-token pooling by default, "mean" optional."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        ids = self._add(lambda rid, i: self.engine.add_embedding_request(rid, texts[i], pooling), len(texts))
+        return [out.outputs for out in self._collect(ids, None)]
+
+    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        ids = self._add(lambda rid, i: self.engine.add_request(rid, prompts[i], params_list[i]), len(prompts))
+        return self._collect(ids, _progress(len(ids)) if use_tqdm else None)
+
+    def _add(self, add: Callable[[str, int], None], num_requests: int) -> list[str]:
+        """add(request_id, index) for each request, all or none: the first error aborts those added before."""
+        ids = []
+        try:
+            for i in range(num_requests):
+                rid = self.engine.new_request_id()
+                add(rid, i)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return ids
+
+    def _collect(self, ids: list[str], bar) -> list:
+        """Step the engine until every request of ids finished; their final outputs in the order of ids."""
+        engine = self.engine
+        order = {rid: i for i, rid in enumerate(ids)}
+        results: list = [None] * len(ids)
+        start = time.perf_counter()
+        num_in = num_out = 0
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        if bar is not None:
+                            num_in += len(out.prompt_token_ids)
+                            num_out += sum(len(o.token_ids) for o in out.outputs)
+                            elapsed = time.perf_counter() - start
+                            speed = f"input: {num_in / elapsed:.1f} toks/s, output: {num_out / elapsed:.1f} toks/s"
+                            bar.set_postfix_str(f"est. speed {speed}")
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for rid in ids:  # an interrupted run (KeyboardInterrupt) leaves nothing behind in the engine
+                engine.abort_request(rid)
+        assert all(r is not None for r in results)
+        return results
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)

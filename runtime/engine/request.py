@@ -1,0 +1,92 @@
+"""Request: one sequence's state as the scheduler, runner and engine share it; ScheduledBatch: one step's work."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pllm.runtime.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # not yet admitted, or preempted (its blocks freed, recomputed from scratch later)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"
+
+
+class Pooling(str, enum.Enum):
+    """How an embedding request turns its final hidden states into one vector."""
+
+    LAST = "last"  # the last token's
+    MEAN = "mean"  # the mean over every token
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence. A request with n > 1 is fanned out by the engine into n Requests sharing a prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    max_tokens: int = 16  # resolved limit on output tokens (params.max_tokens clamped by max_model_len)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V is in the cache (prefix hits included)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    block_ids: list[int] = field(default_factory=list)  # the block table, in order
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def completes(self) -> bool:
+        """True when this step reaches the end of the sequence."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step yields a new token: it completes a sequence that generates."""
+        return self.completes and self.request.pooling is None
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    seqs: tuple[ScheduledSeq, ...]  # decodes first, then prompt chunks
+    preempted: tuple[Request, ...] = ()  # preempted during this schedule call (already back in the waiting queue)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs

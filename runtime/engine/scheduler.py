@@ -1,0 +1,202 @@
+"""Scheduler: continuous batching with chunked prefill, prefix-cache admission and preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pllm.runtime.engine.kv_cache import KVCacheManager
+from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, ScheduledBatch, ScheduledSeq
+
+
+class Scheduler:
+    """Decides each step's {request: num_new_tokens} under a token budget and a sequence cap.
+
+    One step: `batch = schedule()`, the runner computes batch.seqs (each seq's tokens start at
+    request.num_computed_tokens; the block table is request.block_ids), then `update(batch, sampled)`.
+    Running requests go first in admission order, so the oldest always progresses; the newest are preempted.
+    """
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()  # FCFS; preempted requests re-enter at the front
+        self.running: list[Request] = []  # admission order: oldest first, preemption victims from the end
+        self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None (unknown or already finished)."""
+        return self._requests.get(request_id)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError when it could never run, so the loop never waits on it forever."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.block_ids or request.num_computed_tokens:
+            raise ValueError(f"request {rid!r} must be new (status WAITING, no blocks, nothing computed)")
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {rid!r}: the prompt is empty")
+        if request.pooling is not None:
+            # An embedding request needs KV for its whole prompt and nothing more.
+            if request.num_tokens > self.max_model_len:
+                raise ValueError(
+                    f"request {rid!r}: input of {request.num_tokens} tokens exceeds max_model_len {self.max_model_len}"
+                )
+            max_len = max_kv_len = request.num_tokens
+        else:
+            if request.num_tokens >= self.max_model_len:
+                raise ValueError(
+                    f"request {rid!r}: prompt of {request.num_tokens} tokens leaves no room for output "
+                    f"within max_model_len {self.max_model_len}"
+                )
+            if request.max_tokens < 1:
+                raise ValueError(f"request {rid!r}: max_tokens must be positive, got {request.max_tokens!r}")
+            # The last sampled token is never fed back, so at most max_len - 1 tokens ever need KV.
+            max_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+            max_kv_len = max_len - 1
+        num_blocks_needed = self.kv.num_blocks_for(max_kv_len)
+        if num_blocks_needed > self.kv.num_blocks:
+            raise ValueError(
+                f"request {rid!r}: up to {max_len} tokens need {num_blocks_needed} KV blocks of "
+                f"{self.kv.block_size} tokens, but the cache has only {self.kv.num_blocks}"
+            )
+        self._requests[rid] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+
+        # Running requests: decodes take one token, unfinished prefills their next chunk.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, request.request_id
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                seqs.append(ScheduledSeq(request, num_new))
+                budget -= num_new
+                i += 1
+
+        # Waiting requests, FCFS; none when this step preempted (they would only take the freed blocks back).
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            # Pooling reads every position's hidden state, which a prefix hit would skip: it computes all.
+            hit = self.kv.get_computed_blocks(request) if request.pooling is None else None
+            num_hit = hit.num_tokens if hit is not None else 0
+            num_new = min(request.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, num_new, hit):
+                break  # strict FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            if request.num_preemptions == 0:  # usage reports the first admission's prompt hits
+                request.num_cached_tokens = min(num_hit, request.num_prompt_tokens)
+            self.running.append(request)
+            seqs.append(ScheduledSeq(request, num_new))
+            budget -= num_new
+
+        # Decodes first (one query token that samples), then prompt chunks, as ScheduledBatch promises.
+        seqs.sort(key=lambda s: not (s.num_new_tokens == 1 and s.samples))
+        assert sum(s.num_new_tokens for s in seqs) <= self.max_num_batched_tokens
+        return ScheduledBatch(tuple(seqs), tuple(preempted))
+
+    def update(self, batch: ScheduledBatch, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Advance the batch's requests past the step the runner computed; return those that finished."""
+        finished: list[Request] = []
+        for seq in batch.seqs:
+            request = seq.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted between schedule and update: its result is dropped
+            samples = seq.samples  # reads num_computed_tokens, so before advancing it
+            request.num_computed_tokens += seq.num_new_tokens
+            assert request.num_computed_tokens <= request.num_tokens, request.request_id
+            reason = None
+            if samples:
+                token_id = sampled_token_ids[request.request_id]
+                request.output_token_ids.append(token_id)
+                reason = self._check_stop(request, token_id)
+            elif request.pooling is not None and request.num_computed_tokens == request.num_tokens:
+                reason = FinishReason.STOP  # pooled: its blocks go back at once
+            self.kv.cache_full_blocks(request)
+            if reason is not None:
+                self._finish(request, reason)
+                finished.append(request)
+        return finished
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> None:
+        """Finish a waiting or running request now (stop strings, abort); unknown ids are ignored."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._finish(request, reason)
+
+    def abort_request(self, request_id: str) -> None:
+        self.finish_request(request_id, FinishReason.ABORT)
+
+    def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
+        """A stop token wins over a length limit hit by the same token; min_tokens gates stop tokens only,
+        since a length limit is a hard bound (request.max_tokens may be clamped below min_tokens)."""
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens and (
+            (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids
+        ):
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """Take the request out of its queue, free its blocks at once, and forget it."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)  # also drops a waiting request's memoised block hashes
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self._requests[request.request_id]
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: drop its KV, keep its output so recompute covers prompt + output."""
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)

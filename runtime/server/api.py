@@ -1,0 +1,306 @@
+"""The FastAPI app: OpenAI routes, error shapes, auth, body limits, strict JSON, X-Request-Id, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pllm import __version__
+from pllm.runtime.server.async_engine import AsyncEngine
+from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
+from pllm.runtime.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
+from pllm.runtime.server.serving import OpenAIServing
+from pllm.runtime.server.sse import error_body
+
+logger = logging.getLogger("pllm.server")
+
+MAX_BODY_BYTES = 4 * 2**20  # as vLLM's h11 limit after CVE-2025-48956
+REQUEST_BODY_TIMEOUT_S = 60.0  # a 4 MiB body at 70 KB/s still makes it
+MAX_REQUEST_ID_LEN = 128
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 500, 503)}
+OPEN_PATHS = ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
+):
+    headers = {**(headers or {}), **({"Retry-After": str(retry_after_s)} if retry_after_s is not None else {})}
+    return JSONResponse({"error": error_body(status, message, param)}, status_code=status, headers=headers or None)
+
+
+class BadBody(StarletteHTTPException):
+    """A 400 raised while FastAPI reads the body (only HTTPExceptions pass its body reader unchanged)."""
+
+    def __init__(self, message: str, param: str | None):
+        super().__init__(400, message)
+        self.param = param
+
+
+class _StrictJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:
+                self._json = parse_json_body(await self.body())
+            except JSONBodyError as exc:
+                raise BadBody(exc.message, exc.param) from None
+        return self._json
+
+
+class _StrictJSONRoute(APIRoute):
+    """Every route parses its JSON body strictly, so no endpoint sees NaN, Infinity or text that is not UTF-8."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+class _Guard:
+    """Pure ASGI middleware (streaming-safe): X-Request-Id, the body-size and body-time limits, the Bearer key.
+
+    The key guards /v1/* only: /health, /version, /metrics and the OpenAPI docs stay open (as in vLLM) so
+    orchestrators and scrapers need no secret; bind to loopback or put a proxy in front to hide them.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, request_body_timeout_s: float):
+        self.app = app
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.request_body_timeout_s = request_body_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not (0 < len(request_id) <= MAX_REQUEST_ID_LEN and request_id.isprintable() and request_id.isascii()):
+            request_id = uuid.uuid4().hex
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        reply = None
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit():
+            reply = error_response(400, "Invalid Content-Length header.")
+        elif int(length) > self.max_body_bytes:
+            reply = error_response(413, f"Request body is larger than the {self.max_body_bytes}-byte limit.")
+        elif self.key_digest is not None and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = headers.get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(hashlib.sha256(token).digest(), self.key_digest):
+                reply = error_response(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').")
+        if reply is not None:
+            return await reply(scope, receive, send_with_id)
+
+        num_bytes, body_done = 0, False
+        deadline = asyncio.get_running_loop().time() + self.request_body_timeout_s
+
+        async def receive_limited():
+            nonlocal num_bytes, body_done
+            if body_done:  # later receives only wait for a disconnect, which may take as long as generating
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:  # a slow-body client would otherwise hold its connection and task forever
+                timeout = self.request_body_timeout_s
+                message = f"The request body did not arrive within {timeout:g} s."
+                raise StarletteHTTPException(408, message, headers={"Connection": "close"}) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            if message["type"] == "http.request":
+                num_bytes += len(message.get("body", b""))
+                if num_bytes > self.max_body_bytes:  # chunked bodies carry no Content-Length
+                    limit = self.max_body_bytes
+                    raise StarletteHTTPException(413, f"Request body is larger than the {limit}-byte limit.")
+            return message
+
+        await self.app(scope, receive_limited, send_with_id)
+
+
+class SSEResponse(StreamingResponse):
+    """An SSE response that aborts its engine requests however it ends (a disconnect may cancel it unstarted)."""
+
+    def __init__(self, chunks, stream: RequestStream):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.close()
+
+
+async def _until_disconnect(raw: Request, stream: RequestStream, work) -> Response:
+    """Await a non-streaming response while watching the socket: a client that leaves aborts its request."""
+
+    async def watch():
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return JSONResponse(await work)
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; uvicorn drops it
+    finally:
+        watcher.cancel()
+        stream.close()
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    # Built from errors() (loc and msg only): str(exc) would echo the input, which may be huge.
+    errors = exc.errors()
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = list(e.get("loc", ()))
+        loc = loc[1:] if loc[:1] == ["body"] else loc
+        if loc and isinstance(loc[0], str):
+            param = param or loc[0]
+        where = ".".join(str(x) for x in loc) if loc and isinstance(loc[0], str) else "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    message = f"{len(errors)} validation error(s): " + "; ".join(parts) + more
+    return message[:2000], param
+
+
+def create_app(
+    engine: AsyncEngine,
+    served_model_names: list[str],
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
+) -> FastAPI:
+    serving = OpenAIServing(engine, served_model_names)
+    app = FastAPI(title="pllm", version=__version__)
+    app.router.route_class = _StrictJSONRoute
+    app.state.serving = serving
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "param", None), headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def on_engine_error(_request, exc: EngineError):
+        return error_response(exc.status, exc.message, exc.param, exc.retry_after_s)
+
+    @app.exception_handler(Exception)
+    async def on_internal_error(_request, exc: Exception):
+        logger.error("internal error: %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "Internal server error.")
+
+    def log_ignored(body) -> None:
+        if body.ignored_fields:
+            logger.info("ignored request fields: %s", ", ".join(body.ignored_fields)[:500])
+
+    json_or_sse = {"content": {"text/event-stream": {}}}
+
+    @app.post("/v1/completions", responses={**ERROR_RESPONSES, 200: {"model": CompletionResponse, **json_or_sse}})
+    async def completions(body: CompletionRequest, raw: Request):
+        arrival = time.monotonic()
+        serving.check_model(body.model)
+        log_ignored(body)
+        prep = await serving.prepare_completion(body, arrival)
+        stream = await engine.generate(prep.requests)
+        if body.stream:
+            return SSEResponse(serving.completion_stream(body, prep, stream), stream)
+        return await _until_disconnect(raw, stream, serving.completion_response(body, prep, stream))
+
+    chat_responses = {**ERROR_RESPONSES, 200: {"model": ChatCompletionResponse, **json_or_sse}}
+
+    @app.post("/v1/chat/completions", responses=chat_responses)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        arrival = time.monotonic()
+        serving.check_model(body.model)
+        log_ignored(body)
+        prep = await serving.prepare_chat(body, arrival)
+        stream = await engine.generate(prep.requests)
+        if body.stream:
+            return SSEResponse(serving.chat_stream(body, prep, stream), stream)
+        return await _until_disconnect(raw, stream, serving.chat_response(body, prep, stream))
+
+    @app.post("/v1/embeddings", responses={**ERROR_RESPONSES, 200: {"model": EmbeddingResponse}})
+    async def embeddings(body: EmbeddingRequest, raw: Request):
+        arrival = time.monotonic()
+        serving.check_model(body.model)
+        log_ignored(body)
+        return await serving.embeddings(body, arrival, functools.partial(_until_disconnect, raw))
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models():
+        cards = [
+            ModelCard(id=name, root=served_model_names[0], max_model_len=serving.max_model_len)
+            for name in served_model_names
+        ]
+        return ModelList(data=cards)
+
+    @app.get("/health", response_class=Response, responses={503: {"model": ErrorResponse}})
+    async def health():
+        if not engine.is_alive:
+            return error_response(503, "The engine loop is dead.")
+        if engine.draining:  # load balancers must stop routing here before the listener closes
+            return error_response(503, "The server is draining (shutting down) and takes no new requests.")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        if engine.metrics is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi():
+        # Validation errors are 400 here, so FastAPI's generated 422 entries would document a lie.
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return _Guard(app, api_key, max_body_bytes, request_body_timeout_s)  # type: ignore[return-value]

@@ -1,0 +1,250 @@
+"""pllm-serve: the command line, uvicorn, and the SIGTERM drain around the OpenAI-compatible app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import uvicorn
+
+from pllm import __version__
+from pllm.runtime.engine.config import BACKENDS, EngineConfig
+from pllm.runtime.server.api import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, create_app
+from pllm.runtime.server.async_engine import AsyncEngine
+from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
+from pllm.runtime.server.metrics import ServerMetrics
+
+logger = logging.getLogger("pllm.server")
+
+LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512M', '2GiB', '1.5g' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1073741824, 512M, 2G)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pllm-serve", description="Serve a pllm build directory over an OpenAI-compatible HTTP API."
+    )
+    p.add_argument("build_dir", help="a build directory made by pllm-compile")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PLLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PLLM_API_KEY; none: open)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model name(s) clients use; the first is reported (default: the source model's name)",
+    )
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--max-model-len", type=positive_int, default=None)
+    p.add_argument("--max-num-seqs", type=positive_int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV-cache bytes (e.g. 2G)")
+    kv.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of free device memory (or of available RAM on cpu) for the KV cache",
+    )
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action="store_true", help="cuda: run decode steps without CUDA graphs")
+    p.add_argument(
+        "--cuda-graph-sizes",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="cuda: decode batch sizes to capture as CUDA graphs (default: 1 2 4, then every multiple of 8 up to "
+        "max-num-seqs or 256)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-queued-requests",
+        type=positive_int,
+        default=1024,
+        help="waiting requests beyond which new ones get 503 + Retry-After",
+    )
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=MAX_BODY_BYTES)
+    p.add_argument(
+        "--request-header-timeout",
+        type=positive_seconds,
+        default=10.0,
+        help="seconds from connecting (or from the previous response) to a complete request head; slower or "
+        "silent connections are closed (default: 10)",
+    )
+    p.add_argument(
+        "--request-body-timeout",
+        type=positive_seconds,
+        default=REQUEST_BODY_TIMEOUT_S,
+        help=f"seconds from the request head to the end of its body, else 408 and close (default: "
+        f"{REQUEST_BODY_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=positive_seconds,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open between requests (default: 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1000,
+        help="open connections served at once; a request on one past them gets 503 and the connection is closed "
+        "(default: 1000, under the usual 1024 open-file limit)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let running requests finish before aborting them",
+    )
+    p.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--disable-access-log", action="store_true")
+    p.add_argument("--version", action="version", version=f"pllm {__version__}")
+    return p
+
+
+def default_model_name(build_dir: str) -> str:
+    try:
+        source = json.loads((Path(build_dir) / "manifest.json").read_text()).get("source")
+    except (OSError, ValueError):
+        source = None
+    name = Path(str(source or build_dir).rstrip("/")).name
+    return name.removesuffix(".gguf") or "pllm"
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains (new requests 503, running ones finish) before exiting."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float, url: str):
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.url = url
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        self._loop = asyncio.get_running_loop()
+        if self.started:
+            print(f"pllm-serve: ready at {self.url} (OpenAI API under {self.url}/v1)", flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._loop is None or self.engine.draining:  # not started yet, or a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        logger.info(
+            "received %s: draining (new requests get 503) for up to %.0f s",
+            signal.Signals(sig).name,
+            self.shutdown_timeout_s,
+        )
+        self.engine.draining = True
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.engine.drain(self.shutdown_timeout_s)
+        finally:
+            self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
+    names = args.served_model_name or [default_model_name(args.build_dir)]
+    start = time.perf_counter()
+    try:
+        config = EngineConfig(
+            backend=args.backend,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory=args.kv_cache_memory,
+            kv_cache_fraction=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+            seed=args.seed,
+            enforce_eager=args.enforce_eager,
+            cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
+        )
+        from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
+
+        metrics = ServerMetrics(names[0])
+        engine = AsyncEngine.launch(
+            lambda: LLMEngine(args.build_dir, config),
+            metrics=metrics,
+            max_queued_requests=args.max_queued_requests,
+            log_stats_interval_s=args.log_stats_interval,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"pllm-serve: error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout)
+    limits = ConnectionLimits(args.request_header_timeout, args.max_connections)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=not args.disable_access_log,
+        http=functools.partial(LimitedH11Protocol, limits=limits),
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_graceful_shutdown=5,
+        log_config=None,  # keep our logging format
+    )
+    server = DrainingServer(uv_config, engine, args.shutdown_timeout, f"http://{host}:{args.port}")
+    logger.info("engine ready in %.1f s; serving %s", time.perf_counter() - start, ", ".join(names))
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

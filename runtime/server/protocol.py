@@ -1,0 +1,359 @@
+"""OpenAI-compatible request and response models (pydantic), with every client-controlled size bounded."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pllm.runtime.engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_LEN,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions batch
+MAX_EMBED_INPUTS = 256  # inputs in one /v1/embeddings batch
+MAX_MESSAGES = 1024
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOKENS_LIMIT = 1 << 20  # any larger max_tokens is a client bug; the engine clamps to max_model_len anyway
+MAX_NAME_LEN = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+LOGPROB_FLOOR = -9999.0
+MIN_TOP_P = 1e-6
+SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS  # JSON has no -inf; vLLM clamps the same way
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
+TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
+Name = Annotated[str, Field(max_length=MAX_NAME_LEN)]
+LogitBias = Annotated[dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)]
+
+
+class OpenAIModel(BaseModel):
+    # Unknown fields are accepted and logged as ignored (vLLM does the same); NaN and inf are rejected.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields shared by completions and chat completions: vLLM's names, OpenAI's defaults."""
+
+    model: Name | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM takes any positive value; below 0.01 float32 logits overflow, so the bound is a 400 instead of a NaN.
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    logit_bias: LogitBias | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # absent: up to max_model_len
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Name | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for this request; ValueError (naming the field) when a combination is out of range."""
+        temperature = _or(self.temperature, 1.0)
+        return SamplingParams(
+            n=self.n,
+            # As vLLM: a temperature this small is greedy (dividing logits by it overflows float32 to inf).
+            temperature=0.0 if temperature < SAMPLING_EPS else temperature,
+            # The sampler works in float32, where a top_p under ~1e-45 is 0 and would keep no token; any top_p
+            # under 1/vocab_size keeps only the top token, so raising it to MIN_TOP_P changes no result.
+            top_p=max(_or(self.top_p, 1.0), MIN_TOP_P),
+            top_k=_or(self.top_k, 0),
+            min_p=_or(self.min_p, 0.0),
+            presence_penalty=_or(self.presence_penalty, 0.0),
+            frequency_penalty=_or(self.frequency_penalty, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, 1.0),
+            logit_bias=dict(self.logit_bias) if self.logit_bias else None,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | TokenIds | list[str] | list[TokenIds]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = Field(None, max_length=0)  # not supported: only absent or empty passes
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported; leave it unset or equal to n")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            if len(self.prompt) > MAX_PROMPTS:
+                raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(self.prompt)}")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts, each a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (isinstance(p, list) and (not p or isinstance(p[0], int))):
+            return [p]
+        return list(p)
+
+
+class ContentPart(OpenAIModel):
+    type: Name
+    text: str | None = None
+
+
+class ChatMessage(OpenAIModel):
+    role: Annotated[str, Field(min_length=1, max_length=64)]
+    content: str | list[ContentPart] | None = None
+    name: Name | None = None
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"messages: content part type {part.type[:40]!r} is not supported (only 'text')")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+# Keys of apply_chat_template's own parameters: a client must not reach them through chat_template_kwargs.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    "conversation tools documents chat_template add_generation_prompt continue_final_message tokenize padding "
+    "truncation max_length return_tensors return_dict return_assistant_tokens_mask tokenizer_kwargs".split()
+)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported (no structured output)")
+        if self.tools and self.tool_choice != "none":
+            raise ValueError("tools: tool calling is not supported")
+        reserved = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
+        for m in self.messages:
+            m.text()  # rejects non-text content parts now, as a 400
+        return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [
+            {"role": m.role, "content": m.text() or "", **({"name": m.name} if m.name else {})} for m in self.messages
+        ]
+
+
+class EmbeddingRequest(OpenAIModel):
+    model: Name | None = None
+    input: str | TokenIds | list[str] | list[TokenIds]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: Name | None = None
+
+    @model_validator(mode="after")
+    def _check_inputs(self):
+        if isinstance(self.input, list) and self.input and not isinstance(self.input[0], int):
+            if len(self.input) > MAX_EMBED_INPUTS:
+                raise ValueError(f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(self.input)}")
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        p = self.input
+        if isinstance(p, str) or (isinstance(p, list) and (not p or isinstance(p[0], int))):
+            return [p]
+        return list(p)
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprobToken] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pllm"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

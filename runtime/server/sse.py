@@ -1,0 +1,93 @@
+"""SSE framing and the pieces every OpenAI response shares: usage, error bodies, per-sequence stream cursors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.server.protocol import PromptTokensDetails, UsageInfo
+from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
+from pllm.runtime.worker.sampler import TokenLogprobs
+
+logger = logging.getLogger("pllm.server")
+
+
+@dataclass
+class SeqCursor:
+    """How much of one sequence's cumulative output a stream has already sent."""
+
+    num_chars: int = 0
+    num_logprobs: int = 0
+    text_offset: int = 0
+    finished: bool = False
+    started: bool = False  # the first chunk (which carries an echoed prompt) went out
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage_of(finals: dict[str, RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in finals.values())
+    completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in finals.values())
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    ).model_dump()
+
+
+def advance(cur: SeqCursor, o: CompletionOutput) -> tuple[str, list[TokenLogprobs], bool]:
+    """The new text, new logprobs and whether the sequence just finished, moving the cursor past them."""
+    text = o.text[cur.num_chars :]
+    new_lps = o.logprobs[cur.num_logprobs :] if o.logprobs is not None else []
+    done = o.finish_reason is not None and not cur.finished
+    cur.num_chars, cur.num_logprobs, cur.finished = len(o.text), cur.num_logprobs + len(new_lps), cur.finished or done
+    return text, new_lps, done
+
+
+async def collect(stream: RequestStream) -> dict[str, RequestOutput]:
+    finals: dict[str, RequestOutput] = {}
+    async for out in stream:
+        if out.finished:
+            finals[out.request_id] = out
+    return finals
+
+
+async def guarded(chunks: AsyncIterator[str], stream: RequestStream) -> AsyncIterator[str]:
+    """SSE framing: errors become a `data: {"error": ...}` event, and every stream ends with `data: [DONE]`."""
+    try:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ClientDisconnected:
+            return
+        except EngineError as exc:
+            yield sse({"error": error_body(exc.status, exc.message)})
+        except Exception:
+            logger.exception("streaming response failed")
+            yield sse({"error": error_body(500, "Internal server error.")})
+        yield sse("[DONE]")
+    finally:
+        stream.close()
+
+
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    408: "RequestTimeoutError",
+    413: "RequestEntityTooLarge",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": param, "code": status}

@@ -1,0 +1,1 @@
+"""The worker: model runner, sampler, weight and tokenizer loading, CUDA graphs; owns the device."""

@@ -1,0 +1,55 @@
+"""A verified build -> weights, tokenizer and generation config, read only from the files its manifest lists."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pllm.compiler.manifest import GENERATION_CONFIG, BuildDirError, BuildManifest, json_object
+
+
+def load_weights(build: BuildManifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights file was hashed by open_build; hashing it again here would double the load time."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = build.path / build.manifest["weights"]
+    try:
+        return load_file(str(f), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise BuildDirError(f"{f}: cannot load the weights ({e})") from None
+
+
+def load_tokenizer(build: BuildManifest):
+    """The tokenizer from a private copy of exactly the listed tokenizer files: the build folder may hold other
+    files (added_tokens.json, special_tokens_map.json, ...) that Hugging Face would otherwise pick up."""
+    from transformers import AutoTokenizer
+
+    names = [name for name in build.manifest["tokenizer_files"] if name != GENERATION_CONFIG]
+    with tempfile.TemporaryDirectory(prefix="pllm-tokenizer-") as tmp:
+        for name in names:
+            data = build.read_bytes(name)
+            if name.endswith(".json"):  # garbage is named here, not as a bare "Expecting value" from transformers
+                json_object(build.path / name, data)
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as e:  # transformers and tokenizers raise many types for a bad file; all mean the same
+            why = " ".join(f"{type(e).__name__}: {e}".replace(tmp, str(build.path)).split())
+            raise BuildDirError(f"{build.path}: tokenizer files {', '.join(names)} do not load ({why})") from None
+    tokenizer.name_or_path = str(build.path)
+    return tokenizer
+
+
+def load_generation_config(build: BuildManifest) -> dict:
+    if GENERATION_CONFIG not in build.manifest["files"]:
+        return {}
+    config = build.read_json(GENERATION_CONFIG)
+    eos = config.get("eos_token_id")
+    if not (eos is None or type(eos) is int or (type(eos) is list and all(type(t) is int for t in eos))):
+        raise BuildDirError(
+            f"{build.path / GENERATION_CONFIG}: key 'eos_token_id' must be a token id or a list of them, got {eos!r}"
+        )
+    return config

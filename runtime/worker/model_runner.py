@@ -1,0 +1,254 @@
+"""ScheduledBatch -> input tensors + attention metadata -> model forward -> logits. Owns the device and KV cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pllm.compiler.manifest import BuildManifest
+from pllm.models.llama import LlamaModel
+from pllm.models.ops import AttentionMetadata, Ops
+from pllm.runtime.engine.config import EngineConfig
+from pllm.runtime.engine.request import Pooling, ScheduledBatch
+from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
+from pllm.runtime.worker.loader import load_weights
+
+logger = logging.getLogger("pllm")
+
+GRAPH_BACKENDS = ("cuda", "interpret")  # the backends whose steps can be captured (interpret: replayed eagerly)
+CPU_KV_CACHE_CAP = 2 << 30  # bytes: the cpu backend shares RAM with everything else, so default to a modest pool
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine; the message says why."""
+
+
+def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, str]:
+    """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        from pllm.runtime.backends.cpu.cpu_kernels import choose_cpu_kernels
+        from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+
+        choice = choose_cpu_kernels(build)
+        logger.info("pllm cpu backend: %s", choice.reason)
+        return TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write), torch.device("cpu"), name
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
+    from pllm.runtime.backends.triton.triton_ops import TritonOps
+
+    if name == "interpret":
+        return TritonOps(build.kernel_dir, interpret=True, read=build.read_kernel), torch.device("cpu"), name
+    return TritonOps(build.kernel_dir, interpret=False, read=build.read_kernel), torch.device("cuda"), name
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
+    pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
+    # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
+    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
+    pooled: dict[str, torch.Tensor]
+
+
+class ModelRunner:
+    def __init__(self, build: BuildManifest, config: EngineConfig, max_model_len: int):
+        self.spec = build.spec
+        self.block_size = build.block_size
+        self.ops, self.device, self.backend = select_backend(config.backend, build)
+        if self.device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = getattr(torch, build.dtype)
+        weights = load_weights(build, self.device)
+        self.num_blocks = self._plan_num_blocks(config, max_model_len)
+        # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
+        self.max_model_len = self._fit_max_model_len(config, max_model_len)
+        self.model = LlamaModel(self.spec, weights, self.ops, self.max_model_len)
+        spec = self.spec
+        # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
+        self.pad_block = self.num_blocks
+        shape = (spec.num_hidden_layers, 2, self.num_blocks + 1, self.block_size, spec.num_key_value_heads,
+                 spec.head_dim)
+        # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
+            self.decode_graphs = self._capture_or_eager(sizes)
+
+    def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
+        """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""
+        # TritonOps read step data only from device tensors (host ints pick a kernel and its grid), so a captured
+        # step replays correctly on new inputs copied into the same tensors; the cpu backend reads host copies.
+        if self.backend not in GRAPH_BACKENDS:
+            raise ValueError(f"backend {self.backend!r}: its ops read step data on the host, so cannot be captured")
+
+        def forward(input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+            return self.model.forward(input_ids, meta, self.kv_caches)
+
+        with torch.inference_mode():
+            return DecodeGraphs(forward, sizes, self.device, self.max_model_len, self.block_size, self.pad_block,
+                                capture)
+
+    def _capture_or_eager(self, sizes: Sequence[int]) -> DecodeGraphs | None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        try:
+            graphs = self.capture_decode_graphs(sizes)
+        except Exception as e:  # a model or driver the capture does not support: serve, slower, and say why
+            logger.warning("pllm: CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
+            return None
+        used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20
+        logger.info("pllm: captured %d decode CUDA graphs (batch sizes %s) in %.1f s, %.0f MiB",
+                    len(graphs.sizes), _ranges(graphs.sizes), time.perf_counter() - start, used)
+        return graphs
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        spec = self.spec
+        return 2 * spec.num_hidden_layers * self.block_size * spec.kv_size * self.dtype.itemsize
+
+    def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
+        available = self._free_memory()
+        if config.kv_cache_memory is not None:
+            budget, source = config.kv_cache_memory, f"engine setting kv_cache_memory={config.kv_cache_memory}"
+            if budget > available:  # refused here rather than by the allocator, or the OOM killer on a cpu
+                raise ValueError(f"{source}: more than the {available} bytes of free {self.device.type} memory")
+        else:
+            budget = int(available * config.kv_cache_fraction)
+            if self.device.type == "cpu":
+                # capped, and never more than max_num_seqs full-length sequences could use: small models need less
+                max_useful = config.max_num_seqs * -(-max_model_len // self.block_size) * self.kv_bytes_per_block
+                budget = min(budget, CPU_KV_CACHE_CAP, max_useful)
+            source = (f"the KV-cache budget ({budget} bytes from kv_cache_fraction={config.kv_cache_fraction} of free "
+                      f"{self.device.type} memory)")
+        num_blocks = budget // self.kv_bytes_per_block - 1  # the budget holds the padding block too
+        if num_blocks < 2:
+            raise ValueError(
+                f"{source}: too small, it must hold 3 KV blocks of {self.kv_bytes_per_block} bytes; set "
+                "kv_cache_memory"
+            )
+        return int(num_blocks)
+
+    def _free_memory(self) -> int:
+        """Bytes the KV cache may take: free device memory, or on a cpu the RAM Linux can hand out without
+        swapping (MemAvailable counts reclaimable page cache, which free pages alone do not)."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+    def _fit_max_model_len(self, config: EngineConfig, max_model_len: int) -> int:
+        """A sequence of max_model_len tokens must fit the cache: refuse an explicit limit that does not (as vLLM
+        does); lower the model's default to what fits, and say so."""
+        capacity = self.num_blocks * self.block_size  # the padding block holds no sequence's tokens
+        if max_model_len <= capacity:
+            return max_model_len
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"engine setting max_model_len={max_model_len}: larger than the maximum number of tokens that can "
+                f"be stored in the KV cache ({capacity}); raise kv_cache_memory or lower max_model_len"
+            )
+        logger.warning(
+            "pllm: max_model_len lowered from the model's %d to %d, the tokens the KV cache holds; set "
+            "kv_cache_memory higher for longer sequences", max_model_len, capacity
+        )
+        return capacity
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        sample_rows: list[int] = []
+        pool_rows: list[tuple[int, int, int]] = []
+        bs = self.block_size
+        max_blocks = 0
+        for i, s in enumerate(batch.seqs):
+            req = s.request
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            tokens = req.all_token_ids
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            block_ids = req.block_ids
+            slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            query_lens.append(s.num_new_tokens)
+            max_blocks = max(max_blocks, -(-end // bs))
+            if s.samples:
+                sample_rows.append(query_start[-1] - 1)
+            elif req.pooling is not None:
+                pool_rows.append((i, query_start[-2], query_start[-1]))
+        block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
+        for i, s in enumerate(batch.seqs):
+            ids = s.request.block_ids[:max_blocks]
+            block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=block_tables.to(dev),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_host=tuple(query_lens),
+            seq_lens_host=tuple(seq_lens),
+        )
+        return StepInputs(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            tuple(pool_rows),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
+        inputs = self.prepare(batch)
+        hidden = None
+        if self.decode_graphs is not None and inputs.meta.is_decode_only:
+            hidden = self.decode_graphs.run(inputs.input_ids, inputs.meta)  # None: larger than any graph
+        if hidden is None:
+            hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]
+        logits = self.model.logits(hidden[inputs.sample_indices])
+        pooled = {}
+        for i, start, end in inputs.pool_rows:
+            seq = batch.seqs[i]
+            if seq.request.pooling is Pooling.MEAN:
+                rows = hidden[start:end].float()  # [num_new_tokens, hidden]
+                whole = seq.completes and seq.request.num_computed_tokens == 0
+                pooled[seq.request.request_id] = rows.mean(0) if whole else rows.sum(0)
+            elif seq.completes:
+                pooled[seq.request.request_id] = hidden[end - 1].float()
+        return StepOutput(logits, pooled)
+
+
+def _ranges(sizes: Sequence[int]) -> str:
+    """(1, 2, 4, 8, 16, 24) -> "1, 2, 4, 8..24"; the log line stays short with 35 sizes."""
+    head = [n for n in sizes if n < 8]
+    tail = [n for n in sizes if n >= 8]
+    return ", ".join([*map(str, head), *([f"{tail[0]}..{tail[-1]}"] if len(tail) > 1 else map(str, tail))])

@@ -1,0 +1,324 @@
+"""Sampler: per-request logits processing (bias, min_tokens, penalties, top-k/p, min-p) and token choice."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from pllm.runtime.engine.request import Request
+from pllm.runtime.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int  # the chosen token
+    logprob: float  # its log-probability under log_softmax of the raw logits
+    top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]  # [num_seqs], one per request in the order given
+    logprobs: list[TokenLogprobs | None]  # [num_seqs]; None where params.logprobs is None
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _uses_top_k(p: SamplingParams, vocab_size: int) -> bool:
+    return 0 < p.top_k < vocab_size
+
+
+def _index(rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor | slice:
+    """An index for a subset of rows; a plain slice when it is all of them, so indexing copies nothing."""
+    return slice(None) if len(rows) == num_rows else torch.tensor(rows, device=device)
+
+
+def _kth_kept(
+    values: torch.Tensor, mass: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """The last value kept by top_p, given values sorted descending and their normalised running mass."""
+    # [num_rows, num_candidates] x2, [num_rows, 1] x2 -> [num_rows, 1]
+    # keep a token while the tokens ranked above it hold less than top_p: always keeps the first
+    num_kept = ((mass - values / total) < top_p).sum(dim=-1, keepdim=True)
+    return values.gather(1, (num_kept - 1).clamp(0, values.shape[1] - 1))  # a top_p of ~0 keeps the top token
+
+
+def _top_p_cut(values: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_p's threshold when `values` (sorted descending) hold every token surviving `threshold`."""
+    values = values.masked_fill(values < threshold, 0.0)  # [num_rows, num_candidates]
+    total = values.sum(dim=-1, keepdim=True)
+    kth = _kth_kept(values, values.cumsum(dim=-1) / total, total, top_p)
+    return torch.maximum(threshold, kth)
+
+
+class Sampler:
+    """Turns one step's logits into one token per request.
+
+    Order (vLLM v1's): logit_bias, penalties, min_tokens mask, then for greedy rows argmax; for the others
+    temperature, min_p, top_k, top_p, and a draw. Logprobs are taken from the raw logits, before any of
+    this (vLLM v1's default "raw_logprobs"), so they describe the model, not the sampling settings.
+
+    A request with a seed draws from its own torch.Generator, created from the seed at its first sample and
+    kept under its request_id until free(request_id): its tokens then do not depend on what else is in the
+    batch. Requests without a seed share one sampler-level generator (seeded by `seed` when given).
+    """
+
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], seed: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._seed = seed
+        self._request_generators: dict[str, torch.Generator] = {}
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+
+    def free(self, request_id: str) -> None:
+        """Drop a finished or aborted request's generator (a no-op for requests without a seed)."""
+        self._request_generators.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        num_seqs = len(requests)
+        assert logits.dim() == 2 and tuple(logits.shape) == (num_seqs, self.vocab_size), (
+            f"logits {tuple(logits.shape)} for {num_seqs} requests and vocab {self.vocab_size}"
+        )
+        if num_seqs == 0:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        raw_logprobs = self._raw_logprobs(logits, requests)  # before anything below changes the logits
+        logits = self.process_logits(logits, requests)  # [num_seqs, vocab_size] float32
+        token_ids = self._choose(logits, requests)  # [num_seqs]
+        logprobs = self._gather_logprobs(raw_logprobs, requests, token_ids)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    # -- logits processing -------------------------------------------------------------------------------
+
+    def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logit_bias, penalties and the min_tokens mask, in float32; the input is never written."""
+        bias_rows: list[int] = []
+        bias_cols: list[int] = []
+        bias_values: list[float] = []
+        mask_rows: list[int] = []
+        mask_cols: list[int] = []
+        penalty_rows: list[int] = []
+        for i, req in enumerate(requests):
+            p = req.params
+            if p.logit_bias:
+                bias_rows.extend([i] * len(p.logit_bias))
+                bias_cols.extend(p.logit_bias.keys())
+                bias_values.extend(p.logit_bias.values())
+            if len(req.output_token_ids) < p.min_tokens:
+                # vLLM: min_tokens blocks each token that would stop the request (EOS unless ignore_eos)
+                blocked = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+                mask_rows.extend([i] * len(blocked))
+                mask_cols.extend(blocked)
+            if _uses_penalties(p):
+                penalty_rows.append(i)
+        if not (bias_rows or mask_rows or penalty_rows):
+            return logits.float()  # a view when already float32: nothing below writes into it
+        logits = logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size]; never write the caller's
+        device = logits.device
+        if bias_rows:
+            index = (torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device))
+            logits.index_put_(index, torch.tensor(bias_values, device=device), accumulate=True)
+        if penalty_rows:
+            self._apply_penalties(logits, requests, penalty_rows)
+        if mask_rows:
+            # last, so no penalty or bias can lift a blocked token back
+            index = (torch.tensor(mask_rows, device=device), torch.tensor(mask_cols, device=device))
+            logits[index] = -torch.inf
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+        """Repetition (HF/vLLM, over prompt + output) and presence/frequency (OpenAI, over output), in place.
+
+        Sparse: only the (row, token) pairs that occur are touched, so the cost follows the number of
+        distinct tokens seen, not num_seqs * vocab_size.
+        """
+        device = logits.device
+        flat = logits.view(-1)  # [num_seqs * vocab_size]; logits is our own contiguous copy
+        seen_keys: list[int] = []  # row * vocab_size + token, once per distinct token
+        seen_factors: list[float] = []
+        out_keys: list[int] = []
+        out_shifts: list[float] = []  # frequency_penalty * count + presence_penalty
+        for i in rows:
+            req = requests[i]
+            p = req.params
+            base = i * self.vocab_size
+            if p.repetition_penalty != 1.0:
+                seen = set(req.prompt_token_ids).union(req.output_token_ids)
+                seen_keys.extend(base + t for t in seen)
+                seen_factors.extend([p.repetition_penalty] * len(seen))
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                for t, count in Counter(req.output_token_ids).items():
+                    out_keys.append(base + t)
+                    out_shifts.append(p.frequency_penalty * count + p.presence_penalty)
+        if seen_keys:
+            keys = torch.tensor(seen_keys, dtype=torch.long, device=device)  # [num_seen]
+            factor = torch.tensor(seen_factors, device=device)
+            values = flat[keys]
+            flat[keys] = torch.where(values > 0, values / factor, values * factor)
+        if out_keys:
+            keys = torch.tensor(out_keys, dtype=torch.long, device=device)  # [num_distinct_out]
+            flat[keys] -= torch.tensor(out_shifts, device=device)
+
+    # -- choosing ----------------------------------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        device = logits.device
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
+        if len(greedy_rows) == len(requests):
+            return logits.argmax(dim=-1)  # [num_seqs]
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=device)  # [num_seqs]
+        if greedy_rows:
+            g = torch.tensor(greedy_rows, device=device)
+            token_ids[g] = logits[g].argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        random_reqs = [requests[i] for i in random_rows]
+        if greedy_rows:
+            r = torch.tensor(random_rows, device=device)
+            logits = logits[r]  # [num_random, vocab_size]
+        probs = self._probs(logits, [q.params for q in random_reqs])  # [num_random, vocab_size], unnormalised
+        sampled = self._draw(probs, random_reqs)  # [num_random]
+        if not greedy_rows:
+            return sampled
+        token_ids[r] = sampled
+        return token_ids
+
+    def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """softmax(logits / temperature) with tokens below the min_p, top_k and top_p cuts set to 0.
+
+        Each cut is a probability threshold per row, and a token survives when it reaches all of them, so
+        one masking pass applies the three (ties at a cut are kept, as vLLM's top_k keeps them). The result
+        is left unnormalised: the draw scales by its row sum. This avoids a full sort of the vocabulary,
+        which on a CPU costs more than everything else here together.
+        """
+        device = logits.device
+        num_rows = logits.shape[0]
+        temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        probs = torch.softmax(logits / temperature, dim=-1)  # [num_rows, vocab_size]
+        threshold = torch.zeros(num_rows, 1, device=device)  # [num_rows, 1]
+        uses_min_p = any(p.min_p > 0.0 for p in params)
+        if uses_min_p:
+            min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
+            threshold = min_p * probs.amax(dim=-1, keepdim=True)  # relative to the most likely token
+        top_k_rows = [j for j, p in enumerate(params) if _uses_top_k(p, self.vocab_size)]
+        if top_k_rows:
+            rows = _index(top_k_rows, num_rows, device)
+            top_k = torch.tensor([params[j].top_k for j in top_k_rows], device=device).unsqueeze(1)
+            values = probs[rows].topk(int(top_k.max()), dim=-1).values  # [num_top_k, max_top_k]
+            threshold[rows] = torch.maximum(threshold[rows], values.gather(1, top_k - 1))
+        top_p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
+        if top_p_rows:
+            rows = _index(top_p_rows, num_rows, device)
+            top_p = torch.tensor([params[j].top_p for j in top_p_rows], device=device).unsqueeze(1)
+            if top_p_rows == top_k_rows:  # the top-k values already hold every survivor, sorted
+                threshold[rows] = _top_p_cut(values, threshold[rows], top_p)
+            else:
+                cut = uses_min_p or bool(top_k_rows)
+                threshold[rows] = self._top_p_threshold(probs[rows], threshold[rows], top_p, cut)
+        if uses_min_p or top_k_rows or top_p_rows:
+            probs = probs.masked_fill_(probs < threshold, 0.0)
+        return probs
+
+    def _top_p_threshold(
+        self, probs: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tensor, cut: bool
+    ) -> torch.Tensor:
+        """The probability of the last token in the smallest most-likely set holding top_p of the mass left
+        after the earlier cuts (`threshold`, when `cut`). Looks at the top 256 tokens first and widens only
+        the rows whose set is larger: a peaked distribution never pays for a sort of the whole vocabulary."""
+        # [num_rows, vocab_size], [num_rows, 1], [num_rows, 1] -> [num_rows, 1]
+        num_rows = probs.shape[0]
+        if cut:
+            total = torch.where(probs >= threshold, probs, 0.0).sum(dim=-1, keepdim=True)  # [num_rows, 1]
+        else:
+            total = probs.sum(dim=-1, keepdim=True)  # ~1, but summed the way the cumsum below sums
+        out = threshold.clone()
+        pending = torch.arange(num_rows, device=probs.device)
+        num_candidates = 256
+        while pending.numel():
+            num_candidates = min(num_candidates, self.vocab_size)
+            rows = pending if pending.numel() < num_rows else slice(None)
+            values = probs[rows].topk(num_candidates, dim=-1).values  # [num_pending, num_candidates]
+            if cut:
+                values = values.masked_fill(values < threshold[rows], 0.0)
+            mass = values.cumsum(dim=-1) / total[rows]  # [num_pending, num_candidates]
+            done = ((mass[:, -1:] >= top_p[rows]) | (num_candidates == self.vocab_size)).squeeze(1)
+            kth = _kth_kept(values, mass, total[rows], top_p[rows])  # [num_pending, 1]
+            out[pending[done]] = torch.maximum(threshold[pending[done]], kth[done])
+            pending = pending[~done]
+            num_candidates *= 8
+        return out
+
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Inverse-CDF sampling: one uniform draw per row, scaled by the row's mass, found in its cumsum.
+
+        A seeded row takes its uniform from its own generator, so its token does not depend on other rows.
+        """
+        device = probs.device
+        uniform = torch.empty(len(requests), 1, device=device)  # [num_rows, 1]
+        shared_rows = []
+        for j, req in enumerate(requests):
+            if req.params.seed is None:
+                shared_rows.append(j)
+                continue
+            gen = self._request_generators.get(req.request_id)
+            if gen is None:
+                gen = torch.Generator(device=device).manual_seed(req.params.seed)
+                self._request_generators[req.request_id] = gen
+            uniform[j] = torch.rand(1, generator=gen, device=device)
+        if shared_rows:
+            uniform[shared_rows] = torch.rand(len(shared_rows), 1, generator=self._shared_generator(device),
+                                              device=device)
+        cdf = probs.cumsum_(dim=-1)  # [num_rows, vocab_size]; probs is ours and not needed after this
+        # the first index whose cdf exceeds u: a token of probability 0 adds nothing to the cdf, so never wins
+        token_ids = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(1)  # [num_rows]
+        overflow = token_ids >= self.vocab_size  # u * mass rounded up to the mass: take the last live token
+        if bool(overflow.any()):
+            live = cdf[overflow] < cdf[overflow][:, -1:]  # [num_overflow, vocab_size]: before the last step
+            token_ids[overflow] = live.sum(dim=-1)
+        return token_ids
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._shared_generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._shared_generators[device] = gen
+        return gen
+
+    # -- logprobs ----------------------------------------------------------------------------------------
+
+    def _raw_logprobs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if not rows:
+            return None
+        sub = logits[_index(rows, len(requests), logits.device)]  # [num_logprob_rows, vocab_size]
+        return torch.log_softmax(sub.float(), dim=-1)
+
+    def _gather_logprobs(
+        self, raw_logprobs: torch.Tensor | None, requests: list[Request], token_ids: torch.Tensor
+    ) -> list[TokenLogprobs | None]:
+        out: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is None:
+            return out
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        chosen = token_ids[_index(rows, len(requests), token_ids.device)].unsqueeze(1)  # [num_logprob_rows, 1]
+        chosen_logprobs = raw_logprobs.gather(1, chosen).squeeze(1).tolist()
+        max_top = max(requests[i].params.logprobs for i in rows)
+        top_values: list[list[float]] = [[] for _ in rows]
+        top_ids: list[list[int]] = [[] for _ in rows]
+        if max_top > 0:
+            values, ids = raw_logprobs.topk(max_top, dim=-1)  # [num_logprob_rows, max_top]
+            top_values, top_ids = values.tolist(), ids.tolist()
+        for j, i in enumerate(rows):
+            k = requests[i].params.logprobs
+            out[i] = TokenLogprobs(
+                token_id=int(chosen[j, 0]),
+                logprob=chosen_logprobs[j],
+                top=tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)),
+            )
+        return out

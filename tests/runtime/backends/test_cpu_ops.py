@@ -1,0 +1,49 @@
+"""The cpu backend's fast paths give the plain PyTorch results."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pllm.compiler.cpu_compile import find_compiler
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 5, 64, 300])
+def test_linear_equals_f_linear_bit_for_bit(dtype, num_tokens):
+    g = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 96, generator=g).to(dtype)
+    w = torch.randn(160, 96, generator=g).to(dtype)
+    b = torch.randn(160, generator=g).to(dtype)
+    ops = TorchOps()
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
+    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(ops.mlp(x, torch.cat([w, w.flip(0)]), w.t().contiguous()),
+                       F.linear(F.silu(F.linear(x, w)) * F.linear(x, w.flip(0)), w.t().contiguous()))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_compiled_cpu_kernels_in_the_engine_equal_pytorch_ops(tiny_build, dtype):
+    """The compiled cpu kernels inside the model, first layer and final norm included, give the PyTorch ops' greedy
+    tokens: in fp32 all of them (attention, RoPE); in bf16 RMSNorm and RoPE. The bf16 attention kernel keeps scores
+    in fp32 where the PyTorch path rounds them to bf16, so it is more accurate rather than equal (its own test
+    checks it against fp64); here it runs in both halves of the bf16 comparison."""
+    from pllm import LLM, SamplingParams
+
+    # chunked prompts: mixed steps with one-token and longer queries; no prefix cache, so the second run recomputes
+    llm = LLM(str(tiny_build("llama", dtype=dtype)), backend="cpu", kv_cache_memory=1 << 22,
+              max_num_batched_tokens=24, enable_prefix_caching=False)
+    ops = llm.engine.runner.ops
+    kernels = {"decode_attention": ops.decode_attention, "rms_norm_kernel": ops.rms_norm_kernel,
+               "rope_kernel": ops.rope_kernel}
+    if find_compiler() is not None:
+        assert ops.decode_attention is not None and ops.rope_kernel is not None
+        assert (ops.rms_norm_kernel is not None) == (dtype == "bfloat16")
+    prompts = ["Hello, world!", "Paged attention keeps the KV cache in fixed-size blocks " * 2, "a", "def main():"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    compiled = llm.generate(prompts, greedy, use_tqdm=False)
+    for name in kernels:
+        if not (name == "decode_attention" and dtype == "bfloat16"):
+            setattr(ops, name, None)
+    plain = llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in plain]

@@ -1,0 +1,295 @@
+"""Sampler tests: each processor against its direct definition, seeded reproducibility, sampling statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pllm.runtime.engine.request import Request
+from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.worker.sampler import Sampler, SamplerOutput, TokenLogprobs
+
+VOCAB = 32
+EOS = (3,)
+
+
+def make_request(
+    params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None, rid: str = "r"
+) -> Request:
+    return Request(
+        request_id=rid, prompt_token_ids=list(prompt or [1, 2]), params=params, output_token_ids=list(output or [])
+    )
+
+
+def chi2_bound(df: int, z: float = 3.719) -> float:
+    """Upper 1e-4 quantile of chi-square(df) (Wilson-Hilferty; z is the normal 1e-4 upper quantile)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def check_frequencies(tokens: list[int], probs: torch.Tensor) -> None:
+    """Tokens of probability 0 never appear; the others pass a chi-square test at the 1e-4 level.
+
+    The generators are seeded, so each run is the same run: the bound makes a correct sampler fail for only
+    1 in 10^4 seeds, while a wrong distribution (not renormalised, wrong cut) exceeds it by orders of magnitude.
+    """
+    num = len(tokens)
+    counts = torch.bincount(torch.tensor(tokens), minlength=probs.numel()).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"sampled outside the allowed set: {counts[~support]}"
+    expected = probs[support].double() * num
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = int(support.sum()) - 1
+    if df > 0:
+        assert stat < chi2_bound(df), f"chi2 {stat:.1f} >= {chi2_bound(df):.1f} (df {df})"
+
+
+def sample_many(logits_row: torch.Tensor, params: SamplingParams, num: int = 20000) -> list[int]:
+    sampler = Sampler(logits_row.numel(), EOS, seed=1234)
+    requests = [make_request(params, rid=f"r{i}") for i in range(num)]
+    return sampler.sample(logits_row.expand(num, -1), requests).token_ids
+
+
+FIXED_LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+
+
+def test_greedy_is_argmax_any_dtype():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, VOCAB, generator=gen)
+    sampler = Sampler(VOCAB, EOS)
+    reqs = [make_request(SamplingParams(temperature=0.0), rid=str(i)) for i in range(64)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = logits.to(dtype)
+        assert sampler.sample(x, reqs).token_ids == x.float().argmax(-1).tolist()
+
+
+def test_empty_batch():
+    assert Sampler(VOCAB, EOS).sample(torch.zeros(0, VOCAB), []) == SamplerOutput(token_ids=[], logprobs=[])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rep=st.floats(0.5, 2.0),
+    pres=st.floats(-2.0, 2.0),
+    freq=st.floats(-2.0, 2.0),
+    prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10),
+    output=st.lists(st.integers(0, VOCAB - 1), max_size=12),
+    bias=st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100.0, 100.0), max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_penalties_and_bias_match_definitions(rep, pres, freq, prompt, output, bias, seed):
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(seed))
+    params = SamplingParams(
+        repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq, logit_bias=bias or None
+    )
+    plain = SamplingParams()
+    reqs = [make_request(plain, rid="a"), make_request(params, prompt, output, rid="b"), make_request(plain, rid="c")]
+    got = Sampler(VOCAB, EOS).process_logits(logits, reqs)
+    # the reference, one token at a time
+    want = logits[1].clone()
+    for t, v in bias.items():
+        want[t] += v
+    for t in set(prompt) | set(output):
+        want[t] = want[t] / rep if want[t] > 0 else want[t] * rep
+    for t in set(output):
+        want[t] -= freq * output.count(t) + pres
+    torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[2], logits[2])  # other rows untouched
+
+
+def test_input_logits_not_modified():
+    logits = torch.randn(2, VOCAB)
+    before = logits.clone()
+    reqs = [
+        make_request(SamplingParams(temperature=0.7, top_k=3, top_p=0.5, min_p=0.1, logit_bias={0: 5.0}), rid="a"),
+        make_request(SamplingParams(repetition_penalty=1.3, min_tokens=2, temperature=0.0), output=[1], rid="b"),
+    ]
+    Sampler(VOCAB, EOS).sample(logits, reqs)
+    assert torch.equal(logits, before)
+
+
+def test_min_tokens_blocks_eos_and_stop_ids():
+    logits = torch.zeros(4, VOCAB)
+    logits[:, EOS[0]] = 50.0
+    logits[:, 7] = 40.0  # a stop token id
+    logits[:, 9] = 30.0
+    sampler = Sampler(VOCAB, EOS)
+
+    def req(min_tokens: int, num_out: int, ignore_eos: bool = False) -> Request:
+        params = SamplingParams(temperature=0.0, min_tokens=min_tokens, stop_token_ids=[7], ignore_eos=ignore_eos)
+        return make_request(params, output=[5] * num_out)
+
+    reqs = [req(3, 2), req(3, 3), req(3, 0, ignore_eos=True), req(0, 0)]
+    assert sampler.sample(logits, reqs).token_ids == [9, EOS[0], EOS[0], EOS[0]]
+    # blocked tokens stay blocked under a large positive bias, and in random sampling too
+    params = SamplingParams(temperature=1.0, min_tokens=5, stop_token_ids=[7], logit_bias={3: 100.0, 7: 100.0})
+    tokens = sampler.sample(logits[:1].expand(500, -1), [make_request(params, rid=str(i)) for i in range(500)])
+    assert not {EOS[0], 7} & set(tokens.token_ids)
+
+
+def run_steps(sampler: Sampler, batch_reqs: list[Request], logits_for, num_steps: int) -> None:
+    for _ in range(num_steps):
+        logits = torch.stack([logits_for(r) for r in batch_reqs])
+        out = sampler.sample(logits, batch_reqs)
+        for r, t in zip(batch_reqs, out.token_ids, strict=True):
+            r.output_token_ids.append(t)
+
+
+def test_seeded_requests_reproducible_whatever_the_batch():
+    def logits_for(r: Request) -> torch.Tensor:  # a fixed "model": logits depend on the sequence only
+        g = torch.Generator().manual_seed(len(r.output_token_ids) * 7919 + sum(r.output_token_ids))
+        return torch.randn(VOCAB, generator=g) * 2
+
+    def seeded(rid: str, seed: int) -> Request:
+        return make_request(SamplingParams(temperature=0.9, top_p=0.95, seed=seed), rid=rid)
+
+    alone = seeded("x", 42)
+    run_steps(Sampler(VOCAB, EOS), [alone], logits_for, 20)
+    # same seed, different ids, different companions and orders, other sampler seeds
+    for order, sampler_seed in ((0, 1), (1, 2), (2, None)):
+        target = seeded(f"t{order}", 42)
+        others = [seeded("o1", 7), make_request(SamplingParams(temperature=1.0), rid="o2"),
+                  make_request(SamplingParams(temperature=0.0), rid="o3"), seeded("o4", 42 + order)]
+        batch = others[:order] + [target] + others[order:]
+        sampler = Sampler(VOCAB, EOS, seed=sampler_seed)
+        run_steps(sampler, batch, logits_for, 20)
+        assert target.output_token_ids == alone.output_token_ids
+    # free() forgets the generator: a new request under the freed id starts again from its seed
+    sampler = Sampler(VOCAB, EOS)
+    first = seeded("same", 42)
+    run_steps(sampler, [first], logits_for, 5)
+    sampler.free("same")
+    second = seeded("same", 42)
+    run_steps(sampler, [second], logits_for, 5)
+    assert first.output_token_ids == second.output_token_ids == alone.output_token_ids[:5]
+
+
+def test_unseeded_sampler_seed_is_deterministic():
+    logits = torch.randn(16, VOCAB, generator=torch.Generator().manual_seed(3))
+    reqs = [make_request(SamplingParams(), rid=str(i)) for i in range(16)]
+    assert Sampler(VOCAB, EOS, seed=5).sample(logits, reqs) == Sampler(VOCAB, EOS, seed=5).sample(logits, reqs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 1.7])
+def test_temperature_statistics(temperature):
+    tokens = sample_many(FIXED_LOGITS, SamplingParams(temperature=temperature))
+    check_frequencies(tokens, torch.softmax(FIXED_LOGITS / temperature, -1))
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+def test_top_k_statistics(top_k):
+    tokens = sample_many(FIXED_LOGITS, SamplingParams(top_k=top_k))
+    allowed = torch.zeros(8, dtype=torch.bool)
+    allowed[FIXED_LOGITS.topk(top_k).indices] = True
+    check_frequencies(tokens, torch.softmax(FIXED_LOGITS.masked_fill(~allowed, -torch.inf), -1))
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+def test_top_p_statistics(top_p):
+    probs = torch.softmax(FIXED_LOGITS, -1)  # sorted already: [0.35, 0.21, 0.13, 0.08, ...]
+    num_kept = int((torch.cumsum(probs, 0) < top_p).sum()) + 1  # smallest prefix whose mass reaches top_p
+    want = torch.zeros(8)
+    want[:num_kept] = probs[:num_kept] / probs[:num_kept].sum()
+    check_frequencies(sample_many(FIXED_LOGITS, SamplingParams(top_p=top_p)), want)
+
+
+@pytest.mark.parametrize("min_p", [0.1, 0.3, 0.7])
+def test_min_p_statistics(min_p):
+    probs = torch.softmax(FIXED_LOGITS, -1)
+    want = torch.where(probs >= min_p * probs.max(), probs, 0.0)
+    check_frequencies(sample_many(FIXED_LOGITS, SamplingParams(min_p=min_p)), want / want.sum())
+
+
+def test_combined_statistics_with_seeded_rows():
+    # min_p, then top_k, then top_p, at temperature 0.8; every row seeded differently (per-row generators)
+    params = [SamplingParams(temperature=0.8, min_p=0.05, top_k=6, top_p=0.8, seed=i) for i in range(3000)]
+    sampler = Sampler(8, EOS)
+    reqs = [make_request(p, rid=str(i)) for i, p in enumerate(params)]
+    tokens = sampler.sample(FIXED_LOGITS.expand(len(reqs), -1), reqs).token_ids
+    probs = torch.softmax(FIXED_LOGITS / 0.8, -1)
+    probs = torch.where(probs >= 0.05 * probs.max(), probs, 0.0)
+    probs[6:] = 0.0
+    probs = probs / probs.sum()
+    num_kept = int((torch.cumsum(probs, 0) < 0.8).sum()) + 1
+    probs[num_kept:] = 0.0
+    check_frequencies(tokens, probs / probs.sum())
+
+
+def test_logprobs_from_raw_logits():
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(11))
+    reqs = [
+        make_request(SamplingParams(temperature=0.0, logprobs=5, logit_bias={0: 50.0}), rid="a"),
+        make_request(SamplingParams(temperature=0.5, logprobs=0), rid="b"),
+        make_request(SamplingParams(temperature=0.0), rid="c"),
+        make_request(SamplingParams(temperature=1.0, logprobs=20, repetition_penalty=1.5), output=[4], rid="d"),
+    ]
+    out = Sampler(VOCAB, EOS, seed=0).sample(logits, reqs)
+    raw = torch.log_softmax(logits, -1)
+    assert out.token_ids[0] == 0  # the bias decides the token, but the logprobs stay raw
+    assert out.logprobs[2] is None
+    for i, k in ((0, 5), (1, 0), (3, 20)):
+        lp = out.logprobs[i]
+        assert isinstance(lp, TokenLogprobs) and lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(float(raw[i, lp.token_id]), abs=1e-6)
+        assert len(lp.top) == k
+        values, ids = raw[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        assert [t for t, _ in lp.top] == ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def reference_support(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The tokens a row may draw, by the definitions with a full sort: min_p, then top_k, then top_p."""
+    probs = torch.softmax(logits.double() / p.temperature, -1)
+    keep = probs >= p.min_p * probs.max()
+    if 0 < p.top_k < probs.numel():
+        keep &= probs >= probs.topk(p.top_k).values[-1]
+    if p.top_p < 1.0:
+        kept = torch.where(keep, probs, 0.0)
+        kept = kept / kept.sum()
+        sorted_probs, order = kept.sort(descending=True)
+        drop = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
+        keep[order[drop]] = False
+    return keep
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    vocab=st.sampled_from([8, 300, 5000]),
+    seed=st.integers(0, 2**16),
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from([0.3, 1.0, 2.0]),
+            st.sampled_from([0, -1, 1, 5, 100, 1000]),
+            st.sampled_from([1.0, 0.5, 0.9, 0.99]),
+            st.sampled_from([0.0, 0.01, 0.2]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_cuts_match_sort_based_definitions(vocab, seed, rows):
+    # a flat-ish distribution over 5000 tokens makes top_p widen past its first 256 candidates
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(seed)) * 1.5
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in rows]
+    probs = Sampler(vocab, EOS)._probs(logits.clone(), params)
+    for i, p in enumerate(params):
+        assert torch.equal(probs[i] > 0, reference_support(logits[i], p)), p
+
+
+def test_degenerate_but_valid_params_never_crash():
+    """Values a client may send that once overflowed float32: a top_p near 0, a temperature near 0."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(7))
+    reqs = [
+        make_request(SamplingParams(temperature=1.0, top_p=5e-324), rid="a"),
+        make_request(SamplingParams(temperature=5e-324), rid="b"),
+        make_request(SamplingParams(temperature=1.0, repetition_penalty=0.01), output=[1, 2], rid="c"),
+    ]
+    out = Sampler(VOCAB, EOS, seed=0).sample(logits, reqs)
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[1] == int(logits[1].argmax())
+    assert 0 <= out.token_ids[2] < VOCAB
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300)
