@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,13 @@ from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
-from pllm.models.llama import weight_layout
+from pllm.models.registry import family_of
 from pllm.models.spec import DTYPES, ModelSpec
 
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # checkpoint dtypes that hold plain float weights; int8/bool/fp8 tensors need scales or are not weights at all
 SOURCE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-LAYER_RE = re.compile(r"model\.layers\.([0-9]+)\.")
 # scratch siblings of any output in the same parent: `.<name>.tmp-<pid>-<random>` and `.<name>.old-<pid>-<random>`
 SCRATCH_RE = scratch_pattern(r"\..+\.(?:tmp|old)-")
 
@@ -72,10 +70,11 @@ def resolve_dtype(option: str, spec: ModelSpec) -> str:
 
 def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: bool) -> dict[str, torch.Tensor]:
     """HF tensors -> runtime tensors (fused qkv and gate_up), checking every name and shape against the config."""
-    layout = weight_layout(spec)
+    layout = family_of(spec.model_type, source.config_file).weight_layout(spec)
     available = set(source.tensor_file)
     out: dict[str, torch.Tensor] = {}
-    for name, (hf_names, shape) in tqdm(layout.items(), desc="Converting weights", disable=not progress):
+    for name, entry in tqdm(layout.items(), desc="Converting weights", disable=not progress):
+        hf_names, shape = entry.hf_names, entry.shape
         parts = []
         for hf_name in hf_names:
             if hf_name not in available:
@@ -99,7 +98,8 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
 
 def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
     """Config sizes vs the checkpoint's tensors, before anything is sized by the config (one layer per config layer)."""
-    layers = {int(m[1]) for name in source.tensor_file if (m := LAYER_RE.match(name))}
+    family = family_of(spec.model_type, source.config_file)
+    layers = {int(m[1]) for name in source.tensor_file if (m := family.hf_layer_pattern.match(name))}
     # distinct indices >= 0 are exactly 0..n-1 when there are n of them and the largest is n-1
     complete = not layers or max(layers) == len(layers) - 1
     if len(layers) != spec.num_hidden_layers or not complete:
@@ -113,11 +113,11 @@ def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
             f"{source.config_file}: key 'num_hidden_layers' is {spec.num_hidden_layers} but the weights in "
             f"{source.path} hold {found}"
         )
-    shape = source.tensor_shape.get("model.embed_tokens.weight")
+    shape = source.tensor_shape.get(family.hf_embedding)
     if shape is not None and shape != (spec.vocab_size, spec.hidden_size):
         raise BuildError(
             f"{source.config_file}: keys 'vocab_size' {spec.vocab_size} and 'hidden_size' {spec.hidden_size} "
-            f"contradict tensor 'model.embed_tokens.weight' {shape} in {source.path}"
+            f"contradict tensor '{family.hf_embedding}' {shape} in {source.path}"
         )
 
 

@@ -1,62 +1,167 @@
-"""The Llama family (llama, mistral, qwen2): weight layout and the forward pass wired from backend ops."""
+"""The llama wiring (llama, mistral, qwen2 share it): config rules, weight layout and the forward pass."""
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from pllm.models.config import (
+    MAX_POSITION_EMBEDDINGS,
+    ConfigError,
+    eos_token_ids,
+    finite_positive,
+    get_value,
+    positive,
+    rope_scaling,
+    token_id,
+)
+from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.ops import AttentionMetadata, Ops
-from pllm.models.spec import ModelSpec
+from pllm.models.rotary import rope_cos_sin
+from pllm.models.spec import DTYPES, ModelSpec
 
 
-def weight_layout(spec: ModelSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Runtime tensor name -> (Hugging Face tensors concatenated along dim 0, runtime shape)."""
+@dataclass(frozen=True)
+class ConfigRules:
+    """What a llama-shaped family decides that its config.json may leave unsaid."""
+
+    model_type: str
+    sliding_window_by_default: bool  # `use_sliding_window` when the config omits it (mistral: windowed)
+    attention_bias_always: bool  # q, k, v carry a bias whatever the config says (qwen2)
+
+
+def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
+    """Validate a llama-shaped Hugging Face config dict and derive the ModelSpec; errors name the key and the file."""
+    hidden = positive(config, "hidden_size", source)
+    num_heads = positive(config, "num_attention_heads", source)
+    num_kv = positive(config, "num_key_value_heads", source, num_heads)
+    if num_heads % num_kv:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv})"
+        )
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if hidden % num_heads:
+            raise ConfigError(
+                f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({num_heads}) "
+                "and no head_dim is given"
+            )
+        head_dim = hidden // num_heads
+    else:
+        head_dim = positive(config, "head_dim", source)
+    if head_dim % 2:
+        raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
+
+    # Sliding-window attention: read, and refused when it would actually change the output.
+    max_pos = positive(config, "max_position_embeddings", source, 2048)
+    if max_pos > MAX_POSITION_EMBEDDINGS:
+        raise ConfigError(
+            f"{source}: key 'max_position_embeddings' is {max_pos}; pllm supports at most {MAX_POSITION_EMBEDDINGS}"
+        )
+    window = positive(config, "sliding_window", source, None)
+    uses_window = get_value(config, "use_sliding_window", bool, source, rules.sliding_window_by_default)
+    if window is not None and uses_window and window < max_pos:
+        raise ConfigError(
+            f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
+            "runtime; pllm attends to the full context and would give different results"
+        )
+
+    dtype = config.get("torch_dtype", config.get("dtype", "float32")) or "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"{source}: key 'torch_dtype' is {dtype!r}; supported: {', '.join(DTYPES)}")
+
+    vocab_size = positive(config, "vocab_size", source)
+    eos_ids = eos_token_ids(config, vocab_size, source)
+    bos = config.get("bos_token_id")
+    bos_id = None if bos is None else token_id(bos, "bos_token_id", vocab_size, source)
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+    if get_value(config, "mlp_bias", bool, source, False):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported")
+
+    rope_parameters = get_value(config, "rope_parameters", dict, source, {})
+    theta = finite_positive(config, "rope_theta", source, None)
+    if theta is None:
+        theta = finite_positive(rope_parameters, "rope_theta", f"{source}: rope_parameters", 10000.0)
+    eps = finite_positive(config, "rms_norm_eps", source, 1e-6)
+    return ModelSpec(
+        model_type=rules.model_type,
+        hidden_size=hidden,
+        intermediate_size=positive(config, "intermediate_size", source),
+        num_hidden_layers=positive(config, "num_hidden_layers", source),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv,
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        rms_norm_eps=eps,
+        rope_theta=theta,
+        rope_scaling=rope_scaling(config, source),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=get_value(config, "tie_word_embeddings", bool, source, False),
+        attention_bias=rules.attention_bias_always or get_value(config, "attention_bias", bool, source, False),
+        torch_dtype=dtype,
+        bos_token_id=bos_id,
+        eos_token_ids=eos_ids,
+    )
+
+
+def weight_layout(spec: ModelSpec) -> dict[str, RuntimeTensor]:
+    """Runtime tensor name -> the Hugging Face tensors it is made of, and its shape."""
     h, q, kv, inter = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
-    layout: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-        "embed_tokens": (("model.embed_tokens.weight",), (spec.vocab_size, h)),
-        "norm": (("model.norm.weight",), (h,)),
+    layout = {
+        "embed_tokens": RuntimeTensor(("model.embed_tokens.weight",), (spec.vocab_size, h)),
+        "norm": RuntimeTensor(("model.norm.weight",), (h,)),
     }
     if not spec.tie_word_embeddings:
-        layout["lm_head"] = (("lm_head.weight",), (spec.vocab_size, h))
+        layout["lm_head"] = RuntimeTensor(("lm_head.weight",), (spec.vocab_size, h))
     for i in range(spec.num_hidden_layers):
         hf, rt = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
-        layout[rt + "input_layernorm"] = ((hf + "input_layernorm.weight",), (h,))
-        layout[rt + "qkv_proj"] = (
-            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-            (q + 2 * kv, h),
+        layout[rt + "input_layernorm"] = RuntimeTensor((hf + "input_layernorm.weight",), (h,))
+        layout[rt + "qkv_proj"] = RuntimeTensor(
+            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), (q + 2 * kv, h)
         )
         if spec.attention_bias:
             biases = (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
-            layout[rt + "qkv_bias"] = (biases, (q + 2 * kv,))
-        layout[rt + "o_proj"] = ((attn + "o_proj.weight",), (h, q))
-        layout[rt + "post_attention_layernorm"] = ((hf + "post_attention_layernorm.weight",), (h,))
-        layout[rt + "gate_up_proj"] = ((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), (2 * inter, h))
-        layout[rt + "down_proj"] = ((hf + "mlp.down_proj.weight",), (h, inter))
+            layout[rt + "qkv_bias"] = RuntimeTensor(biases, (q + 2 * kv,))
+        layout[rt + "o_proj"] = RuntimeTensor((attn + "o_proj.weight",), (h, q))
+        layout[rt + "post_attention_layernorm"] = RuntimeTensor((hf + "post_attention_layernorm.weight",), (h,))
+        layout[rt + "gate_up_proj"] = RuntimeTensor(
+            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), (2 * inter, h)
+        )
+        layout[rt + "down_proj"] = RuntimeTensor((hf + "mlp.down_proj.weight",), (h, inter))
     return layout
 
 
-def rope_cos_sin(spec: ModelSpec, max_positions: int) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos(pos * inv_freq) then sin, computed exactly as transformers does."""
-    dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
-    rs = spec.rope_scaling
-    if rs is not None and rs.rope_type == "linear":
-        inv_freq = inv_freq / rs.factor
-    elif rs is not None and rs.rope_type == "llama3":
-        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
-        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-        wavelen = 2 * torch.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-            rs.high_freq_factor - rs.low_freq_factor
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's runtime tensors, looked up once when the model is built."""
+
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden], q rows first, then k, then v
+    qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size], present exactly when spec.attention_bias
+    o: torch.Tensor  # [hidden, q_size]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden], gate rows first
+    down: torch.Tensor  # [hidden, intermediate]
+
+    @classmethod
+    def from_tensors(cls, weights: dict[str, torch.Tensor], spec: ModelSpec, i: int) -> LayerWeights:
+        p = f"layers.{i}."
+        return cls(
+            input_norm=weights[p + "input_layernorm"],
+            qkv=weights[p + "qkv_proj"],
+            qkv_bias=weights[p + "qkv_bias"] if spec.attention_bias else None,
+            o=weights[p + "o_proj"],
+            post_norm=weights[p + "post_attention_layernorm"],
+            gate_up=weights[p + "gate_up_proj"],
+            down=weights[p + "down_proj"],
         )
-        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
 
 
 class LlamaModel:
@@ -65,6 +170,7 @@ class LlamaModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], ops: Ops, max_positions: int):
         self.spec = spec
         self.w = weights
+        self.layers = [LayerWeights.from_tensors(weights, spec, i) for i in range(spec.num_hidden_layers)]
         self.ops = ops
         self.cos_sin = rope_cos_sin(spec, max_positions).to(weights["embed_tokens"].device)
         self.scale = spec.head_dim**-0.5
@@ -81,22 +187,36 @@ class LlamaModel:
         q_size, kv_size = spec.q_size, spec.kv_size
         x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
         residual = None
-        for i in range(spec.num_hidden_layers):
-            p = f"layers.{i}."
-            h, residual = ops.rms_norm(x, w[p + "input_layernorm"], spec.rms_norm_eps, residual)
-            qkv = ops.linear(h, w[p + "qkv_proj"], w.get(p + "qkv_bias"))  # [num_tokens, q + 2 * kv]
+        for i, layer in enumerate(self.layers):
+            h, residual = ops.rms_norm(x, layer.input_norm, spec.rms_norm_eps, residual)
+            qkv = ops.linear(h, layer.qkv, layer.qkv_bias)  # [num_tokens, q + 2 * kv]
             q = qkv[:, :q_size].view(num_tokens, spec.num_attention_heads, spec.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             k_cache, v_cache = kv_caches[i]
             q, k = ops.rope_kv_write(q, k, v, meta.positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
-            x = ops.linear(attn.reshape(num_tokens, q_size), w[p + "o_proj"])
-            h, residual = ops.rms_norm(x, w[p + "post_attention_layernorm"], spec.rms_norm_eps, residual)
-            x = ops.mlp(h, w[p + "gate_up_proj"], w[p + "down_proj"])
+            x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)
+            h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)
+            x = ops.mlp(h, layer.gate_up, layer.down)
         x, _ = ops.rms_norm(x, w["norm"], spec.rms_norm_eps, residual)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""
         return self.ops.linear(hidden, self.lm_head).float()
+
+
+def llama_family(rules: ConfigRules) -> ModelFamily:
+    """A family served by this wiring, differing only in its config rules."""
+    return ModelFamily(
+        model_type=rules.model_type,
+        spec_from_config=partial(llama_spec, rules=rules),
+        weight_layout=weight_layout,
+        model=LlamaModel,
+        hf_layer_pattern=re.compile(r"model\.layers\.([0-9]+)\."),
+        hf_embedding="model.embed_tokens.weight",
+    )
+
+
+LLAMA = llama_family(ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False))

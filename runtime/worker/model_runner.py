@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from pllm.compiler.manifest import BuildManifest
-from pllm.models.llama import LlamaModel
 from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.registry import family_of
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.request import Pooling, ScheduledBatch
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
@@ -76,7 +76,8 @@ class ModelRunner:
         self.num_blocks = self._plan_num_blocks(config, max_model_len)
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
         self.max_model_len = self._fit_max_model_len(config, max_model_len)
-        self.model = LlamaModel(self.spec, weights, self.ops, self.max_model_len)
+        family = family_of(self.spec.model_type, str(build.path))
+        self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
         spec = self.spec
         # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
         self.pad_block = self.num_blocks

@@ -1,0 +1,52 @@
+"""ModelFamily: what the compiler and the runner need to know of one model_type, in one frozen definition."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class RuntimeTensor:
+    """One tensor of the build's weights file: Hugging Face tensors concatenated along dim 0, and its shape."""
+
+    hf_names: tuple[str, ...]
+    shape: tuple[int, ...]
+
+
+class CausalLM(Protocol):
+    """A family's forward pass over the weights of a build; the runner owns the device, the model only the math."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [num_blocks, block_size, kv, d]
+    ) -> torch.Tensor:  # [num_tokens, hidden_size], after the final norm
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    model_type: str  # config.json's model_type, the registry's key
+    # config dict and its file name (for errors) -> validated ModelSpec; raises models.config.ConfigError
+    spec_from_config: Callable[[dict, str], ModelSpec]
+    # runtime tensor name -> where it comes from in the checkpoint
+    weight_layout: Callable[[ModelSpec], dict[str, RuntimeTensor]]
+    # (spec, runtime tensors on the device, ops, max_positions) -> the model
+    model: Callable[[ModelSpec, dict[str, torch.Tensor], Ops, int], CausalLM]
+    # An HF tensor name of decoder layer N (group 1 is N), to count the checkpoint's layers against the config
+    # before anything is sized by it.
+    hf_layer_pattern: re.Pattern[str]
+    hf_embedding: str  # the HF token embedding, [vocab_size, hidden_size]
