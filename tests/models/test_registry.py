@@ -1,0 +1,59 @@
+"""The model registry: every model_type resolves to a family whose layout, model and checkpoint names agree."""
+
+from dataclasses import fields
+
+import pytest
+import torch
+
+from pllm.models.config import ConfigError
+from pllm.models.registry import FAMILIES, SUPPORTED_MODEL_TYPES, family_of
+
+CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "max_position_embeddings": 256,
+}
+
+
+def test_families_are_keyed_by_their_model_type():
+    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2")
+    assert all(family.model_type == key for key, family in FAMILIES.items())
+
+
+@pytest.mark.parametrize("model_type", [None, "gpt2", ["llama"]])
+def test_unknown_model_type_names_the_value_and_file(model_type):
+    with pytest.raises(ConfigError, match=r"cfg\.json: model_type .* is not supported \(supported: llama, mistral"):
+        family_of(model_type, "cfg.json")
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_layout_tensor_reaches_the_model_once(model_type, tied):
+    family = family_of(model_type, "cfg.json")
+    spec = family.spec_from_config({**CONFIG, "model_type": model_type, "tie_word_embeddings": tied}, "cfg.json")
+    layout = family.weight_layout(spec)
+    weights = {name: torch.zeros(entry.shape) for name, entry in layout.items()}
+    model = family.model(spec, weights, None, 16)  # the constructor only keeps the ops
+    per_layer = [getattr(layer, f.name) for layer in model.layers for f in fields(layer)]
+    used = [t for t in per_layer if t is not None] + [weights["embed_tokens"], weights["norm"]]
+    used += [] if tied else [weights["lm_head"]]
+    assert sorted(id(t) for t in used) == sorted(id(t) for t in weights.values())
+    assert all((layer.qkv_bias is not None) == spec.attention_bias for layer in model.layers)
+    assert model.cos_sin.shape == (16, spec.head_dim)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_checkpoint_names_the_build_checks_agree_with_the_layout(model_type):
+    family = family_of(model_type, "cfg.json")
+    spec = family.spec_from_config({**CONFIG, "model_type": model_type}, "cfg.json")
+    layout = family.weight_layout(spec)
+    assert layout["embed_tokens"].hf_names == (family.hf_embedding,)
+    for name, entry in layout.items():
+        index = int(name.split(".")[1]) if name.startswith("layers.") else None
+        for hf_name in entry.hf_names:
+            match = family.hf_layer_pattern.match(hf_name)
+            assert (int(match[1]) if match else None) == index, hf_name
