@@ -8,11 +8,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pllm.runtime.engine.sampling_params import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_REPETITION_PENALTY,
     MAX_STOP_STRING_LEN,
     MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SAMPLING_EPS,
     SamplingParams,
 )
 
@@ -23,14 +29,14 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TOKENS_LIMIT = 1 << 20  # any larger max_tokens is a client bug; the engine clamps to max_model_len anyway
 MAX_NAME_LEN = 256
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-LOGPROB_FLOOR = -9999.0
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 MIN_TOP_P = 1e-6
-SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS  # JSON has no -inf; vLLM clamps the same way
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
 TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
 Name = Annotated[str, Field(max_length=MAX_NAME_LEN)]
-LogitBias = Annotated[dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)]
+BiasValue = Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]
+LogitBias = Annotated[dict[int, BiasValue], Field(max_length=MAX_LOGIT_BIAS)]
 
 
 class OpenAIModel(BaseModel):
@@ -51,14 +57,16 @@ class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions: vLLM's names, OpenAI's defaults."""
 
     model: Name | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    # The bounds below repeat SamplingParams.validate's so the OpenAPI schema documents them; both read the
+    # same constants.
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT64_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
     # vLLM takes any positive value; below 0.01 float32 logits overflow, so the bound is a 400 instead of a NaN.
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     logit_bias: LogitBias | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int = Field(1, ge=1, le=MAX_N)

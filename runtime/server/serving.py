@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
-from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.protocol import (
     LOGPROB_FLOOR,
@@ -95,8 +95,8 @@ class OpenAIServing:
     def _params(self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
             return req.sampling_params(max_tokens, logprobs)
-        except ValueError as exc:
-            raise EngineError(400, str(exc)) from None
+        except ValueError as exc:  # SamplingParams.validate is where every limit is checked
+            raise EngineError(400, str(exc), param=exc.param if isinstance(exc, InvalidParam) else None) from None
 
     async def prepare_completion(self, req, arrival: float) -> Prepared:
         params = self._params(req, req.max_tokens, req.logprobs)
