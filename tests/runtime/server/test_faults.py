@@ -133,12 +133,12 @@ def test_dead_loop_turns_health_503(stack):
 
 def test_handler_bug_is_a_bare_500(stack, monkeypatch):
     _, _, app = stack
-    serving = app.app.state.serving
+    serving = app.app.state.embeddings
 
     async def boom(*args, **kwargs):
         raise KeyError("/secret/file.py")
 
-    monkeypatch.setattr(serving, "embeddings", boom)
+    monkeypatch.setattr(serving, "create", boom)
     (r,) = call(app, ("POST", "/v1/embeddings", {"input": "hi"}))
     assert r.status_code == 500 and r.json()["error"]["message"] == "Internal server error."
     assert r.headers["x-request-id"]
