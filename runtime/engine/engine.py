@@ -1,19 +1,19 @@
-"""LLMEngine: add_request / step / abort over scheduler -> model runner -> sampler, with detokenisation."""
+"""LLMEngine: add_request / step / abort over scheduler -> model runner -> sampler -> output processor."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pllm.compiler.manifest import open_build
 from pllm.runtime.engine.config import EngineConfig
-from pllm.runtime.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from pllm.runtime.engine.kv_cache import KVCacheManager
-from pllm.runtime.engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+from pllm.runtime.engine.output_processor import OutputProcessor
+from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.pooler import Pooler
-from pllm.runtime.engine.request import FinishReason, Request, RequestStatus
+from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, StopChecker
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.engine.scheduler import Scheduler
 from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
@@ -33,34 +33,9 @@ def _default_logging() -> None:
 
 
 @dataclass
-class _SeqState:
-    """Engine-side state of one sequence: its text so far and how it is being built."""
-
-    request: Request
-    group_id: str
-    index: int
-    detokenizer: IncrementalDetokenizer
-    matcher: StopStringMatcher
-    text: str = ""
-    num_processed: int = 0  # output tokens already turned into text
-    stop_reason: str | int | None = None
-    logprobs: list | None = None
-    cumulative_logprob: float = 0.0
-
-
-@dataclass
-class _Group:
-    """One user request: n sequences sharing a prompt."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[_SeqState]
-    metrics: dict = field(default_factory=dict)
-
-
-@dataclass
 class EngineStats:
+    """Cumulative counters the engine keeps as it steps."""
+
     num_prompt_tokens: int = 0  # computed (not cache-hit) prompt tokens, cumulative
     num_generation_tokens: int = 0
     num_steps: int = 0
@@ -83,8 +58,12 @@ class LLMEngine:
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids
         )
         self.sampler = Sampler(spec.vocab_size, self.eos_token_ids, seed=config.seed)
-        self.groups: dict[str, _Group] = {}
-        self.seq_states: dict[str, _SeqState] = {}
+        self.processor = OutputProcessor(
+            self.tokenizer,
+            StopChecker(frozenset(self.eos_token_ids)),
+            finish=lambda request_id: self.scheduler.finish_request(request_id, FinishReason.STOP),
+            release=self.sampler.free,
+        )
         self.pooler = Pooler()  # unfinished embedding requests
         self.stats = EngineStats()
         self._next_id = 0
@@ -162,7 +141,7 @@ class LLMEngine:
         self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, arrival_time: float | None = None
     ) -> None:
         """Queue a request; ValueError (naming what is wrong) for anything that can never run."""
-        if request_id in self.groups or request_id in self.pooler:
+        if request_id in self.processor or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         params.validate_vocab(self.spec.vocab_size)
@@ -174,42 +153,24 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         now = time.monotonic() if arrival_time is None else arrival_time
-        group = _Group(request_id, text, ids, [], {"arrival_time": now})
         children = []
         for index in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples per sequence
                 child_params = dataclasses.replace(params, seed=params.seed + index)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            req = Request(child_id, list(ids), child_params, now, max_tokens)
-            state = _SeqState(
-                req,
-                request_id,
-                index,
-                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-                StopStringMatcher(params.stop_strings, params.include_stop_str_in_output),
-                logprobs=[] if params.logprobs is not None else None,
-            )
-            children.append(state)
-        for state in children:  # all-or-nothing: validate every child before queueing any
-            self.scheduler.add_request(state.request)
-            group.seqs.append(state)
-            self.seq_states[state.request.request_id] = state
-        self.groups[request_id] = group
+            children.append(Request(child_id, list(ids), child_params, now, max_tokens))
+        for request in children:  # identical but for their ids: the first the scheduler refuses is child 0
+            self.scheduler.add_request(request)
+        self.processor.add(request_id, text, children, now)
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request (all its sequences) and free its blocks at once; unknown ids are ignored."""
         if self.pooler.forget(request_id):
             self.scheduler.abort_request(request_id)
             return
-        group = self.groups.pop(request_id, None)
-        if group is None:
-            return
-        for state in group.seqs:
-            rid = state.request.request_id
+        for rid in self.processor.abort(request_id):
             self.scheduler.abort_request(rid)
-            self.sampler.free(rid)
-            self.seq_states.pop(rid, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -221,8 +182,27 @@ class LLMEngine:
         waiting = {self._group_id(r) for r in self.scheduler.waiting} - running
         return len(running), len(waiting)
 
+    def running_request_ids(self) -> set[str]:
+        """Ids of the user requests with a sequence in the running batch (what a failed step was running)."""
+        return {self._group_id(r) for r in self.scheduler.running}
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's counters and gauges now, for metrics and admission control."""
+        num_running, num_waiting = self.num_requests()
+        return EngineSnapshot(
+            num_running=num_running,
+            num_waiting=num_waiting,
+            num_running_seqs=self.scheduler.num_running,
+            max_num_seqs=self.scheduler.max_num_seqs,
+            kv_cache_usage=self.kv.usage,
+            num_generation_tokens=self.stats.num_generation_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prefix_queries=self.kv.num_prefix_queries,
+            num_prefix_hits=self.kv.num_prefix_hits,
+        )
+
     def _group_id(self, request: Request) -> str:
-        return request.request_id if request.pooling is not None else self.seq_states[request.request_id].group_id
+        return request.request_id if request.pooling is not None else self.processor.group_id(request)
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
@@ -245,90 +225,14 @@ class LLMEngine:
         self.stats.num_generation_tokens += len(sampling)
         now = time.monotonic()
         pooled = self.pooler.fold(step_out.pooled, now) if step_out.pooled else []
-        changed: dict[str, _Group] = {}
-        for req, logprobs in zip(sampling, out.logprobs):
-            state = self.seq_states.get(req.request_id)
-            if state is None:
-                continue
-            self._process_tokens(state, logprobs)
-            group = self.groups[state.group_id]
-            group.metrics.setdefault("first_token_time", now)
-            changed[group.request_id] = group
-        return [self._output(g, now) for g in changed.values()] + pooled
-
-    def _process_tokens(self, state: _SeqState, logprobs) -> None:
-        req = state.request
-        new_ids = req.output_token_ids[state.num_processed :]
-        state.num_processed = len(req.output_token_ids)
-        if state.logprobs is not None and logprobs is not None and new_ids:
-            state.logprobs.append(logprobs)
-            state.cumulative_logprob += logprobs.logprob
-        stop_ids = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
-            stop_ids.update(self.eos_token_ids)
-        for pos, token_id in enumerate(new_ids, start=len(req.output_token_ids) - len(new_ids)):
-            if state.stop_reason is not None:
-                break
-            is_final_stop = (
-                req.finish_reason is FinishReason.STOP
-                and pos == len(req.output_token_ids) - 1
-                and token_id in stop_ids
-            )
-            if is_final_stop and not req.params.include_stop_str_in_output:
-                continue  # like vLLM: the stop token's own text is not part of the output
-            emit, hit = state.matcher.feed(state.detokenizer.add(token_id))
-            state.text += emit
-            if hit:
-                state.stop_reason = state.matcher.stop_string
-                if not req.is_finished:
-                    self.scheduler.finish_request(req.request_id, FinishReason.STOP)
-        if req.is_finished and state.stop_reason is None:
-            emit, hit = state.matcher.feed(state.detokenizer.flush())
-            state.text += emit
-            if hit:
-                state.stop_reason = state.matcher.stop_string
-            else:
-                state.text += state.matcher.flush()
-                last = req.output_token_ids[-1] if req.output_token_ids else None
-                if req.finish_reason is FinishReason.STOP and last in req.params.stop_token_ids:
-                    state.stop_reason = last
-
-    def _output(self, group: _Group, now: float) -> RequestOutput:
-        finished = all(s.request.is_finished for s in group.seqs)
-        outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.text,
-                token_ids=list(s.request.output_token_ids),
-                finish_reason=s.request.finish_reason.value if s.request.finish_reason else None,
-                stop_reason=s.stop_reason,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-            )
-            for s in group.seqs
-        ]
-        if finished:
-            group.metrics["finished_time"] = now
-            del self.groups[group.request_id]
-            for s in group.seqs:
-                self.sampler.free(s.request.request_id)
-                self.seq_states.pop(s.request.request_id, None)
-        return RequestOutput(
-            group.request_id,
-            group.prompt,
-            group.prompt_token_ids,
-            outputs,
-            finished,
-            group.seqs[0].request.num_cached_tokens,
-            dict(group.metrics),
-        )
+        return self.processor.process(sampling, out.logprobs, now) + pooled
 
     # -- embeddings -------------------------------------------------------------------------------
     def add_embedding_request(
         self, request_id: str, prompt: str | list[int] | dict, pooling: str = "last", arrival_time: float | None = None
     ) -> None:
         """Queue an embedding request: prefill only, scheduled with the rest, one L2-normalised vector when done."""
-        if request_id in self.groups or request_id in self.pooler:
+        if request_id in self.processor or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.tokenize(prompt)[1]
         request = self.pooler.new_request(request_id, ids, pooling, arrival_time)
@@ -342,9 +246,9 @@ class LLMEngine:
 
     # -- introspection ----------------------------------------------------------------------------
     def num_unfinished_requests(self) -> int:
-        return len(self.groups) + len(self.pooler)
+        return len(self.processor) + len(self.pooler)
 
     def request_status(self, request_id: str) -> RequestStatus | None:
-        state = self.seq_states.get(request_id)
-        return state.request.status if state else None
+        request = self.processor.request(request_id)
+        return request.status if request else None
 

@@ -48,3 +48,18 @@ class EmbeddingRequestOutput:
     outputs: EmbeddingOutput
     finished: bool = True
     metrics: dict = field(default_factory=dict)  # arrival and finished times (time.monotonic)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Cumulative engine counters and current gauges, read on the engine thread after a step."""
+
+    num_running: int  # requests with a sequence in the running batch (n > 1 counts once)
+    num_waiting: int  # requests queued (new or preempted), none of whose sequences is running
+    num_running_seqs: int  # sequences in the running batch (n > 1 counts each)
+    max_num_seqs: int  # the running batch's sequence cap
+    kv_cache_usage: float  # fraction of KV blocks referenced, in [0, 1]
+    num_generation_tokens: int
+    num_preemptions: int
+    num_prefix_queries: int  # prompt tokens looked up in the prefix cache
+    num_prefix_hits: int  # of those, served from the cache

@@ -90,3 +90,56 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+
+@dataclass(frozen=True)
+class StopChecker:
+    """The one rule for whether a sequence stops on a token, and why.
+
+    The scheduler asks after each sampled token, the sampler asks which ids to mask before min_tokens, and the
+    output processor asks whether a final token's text is shown and which stop_reason it reports. It lives with
+    the engine -> worker contract so the sampler can read it. Stop strings are found in text by the output
+    processor's matcher, which finishes the request through the scheduler.
+    """
+
+    eos_token_ids: frozenset[int]
+
+    def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """Ids that end this request: its stop_token_ids, and EOS unless ignore_eos."""
+        ids = frozenset(params.stop_token_ids)
+        return ids if params.ignore_eos else ids | self.eos_token_ids
+
+    def masked_token_ids(self, request: Request) -> frozenset[int]:
+        """Ids the sampler must not pick yet: every stopping id while fewer than min_tokens are out (vLLM's rule)."""
+        if len(request.output_token_ids) < request.params.min_tokens:
+            return self.stop_token_ids(request.params)
+        return frozenset()
+
+    def check(self, request: Request, max_model_len: int) -> FinishReason | None:
+        """After request's last output token was appended. A stop token wins over a length limit hit by the same
+        token; min_tokens gates stop tokens only, since a length limit is a hard bound (request.max_tokens may
+        be clamped below min_tokens)."""
+        num_output = len(request.output_token_ids)
+        if num_output >= request.params.min_tokens and request.output_token_ids[-1] in self.stop_token_ids(
+            request.params
+        ):
+            return FinishReason.STOP
+        if num_output >= request.max_tokens or request.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def hides_token_text(self, request: Request, position: int) -> bool:
+        """Like vLLM, the token that stopped the request adds no text unless include_stop_str_in_output."""
+        return (
+            not request.params.include_stop_str_in_output
+            and request.finish_reason is FinishReason.STOP
+            and position == len(request.output_token_ids) - 1
+            and request.output_token_ids[position] in self.stop_token_ids(request.params)
+        )
+
+    def stop_token_reason(self, request: Request) -> int | None:
+        """stop_reason for a request a stop token finished: the id when the user named it, None for EOS."""
+        last = request.output_token_ids[-1] if request.output_token_ids else None
+        if request.finish_reason is FinishReason.STOP and last in request.params.stop_token_ids:
+            return last
+        return None

@@ -11,6 +11,9 @@ MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGIT_BIAS = 1024
+MAX_TEMPERATURE = 2.0
+MAX_ABS_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-MAX_ABS_PENALTY, MAX_ABS_PENALTY]
+MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy: dividing logits by them overflows float32
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond these, divided logits overflow float32
 # torch.Generator.manual_seed takes [-2**63, 2**64); n > 1 seeds sequence i with seed + i, which stays inside.
@@ -71,8 +74,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_real(value):
                 raise bad(name, value, "a finite number")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise bad("temperature", self.temperature, "in [0, 2]")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", self.temperature, f"in [0, {MAX_TEMPERATURE:g}]")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -81,8 +84,8 @@ class SamplingParams:
             raise bad("min_p", self.min_p, "in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not -2.0 <= value <= 2.0:
-                raise bad(name, value, "in [-2, 2]")
+            if not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:
+                raise bad(name, value, f"in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}]")
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise bad("repetition_penalty", self.repetition_penalty,
                       f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]")
@@ -105,8 +108,8 @@ class SamplingParams:
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
         if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise bad("logit_bias", f"{len(self.logit_bias)} entries", f"at most {MAX_LOGIT_BIAS} entries")
-        if self.logit_bias and any(not -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
-            raise bad("logit_bias", self.logit_bias, "values in [-100, 100]")
+        if self.logit_bias and any(abs(v) > MAX_ABS_LOGIT_BIAS for v in self.logit_bias.values()):
+            raise bad("logit_bias", self.logit_bias, f"values in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]")
         if self.seed is not None and (not _is_int(self.seed) or not MIN_SEED <= self.seed < MAX_SEED):
             raise bad("seed", self.seed, f"an integer in [{MIN_SEED}, {MAX_SEED})")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
@@ -118,11 +121,19 @@ class SamplingParams:
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias or {}))):
             for t in ids:
                 if not 0 <= t < vocab_size:
-                    raise ValueError(f"{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
+                    raise InvalidParam(name, f"{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
-def _bad(name: str, value: object, what: str) -> ValueError:
-    return ValueError(f"{name} must be {what}, got {value!r}")
+class InvalidParam(ValueError):
+    """A sampling parameter out of range; param names the field, so the HTTP layer can point at it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _bad(name: str, value: object, what: str) -> InvalidParam:
+    return InvalidParam(name, f"{name} must be {what}, got {value!r}")
 
 
 def _is_int(value: object) -> bool:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections import deque
 
 from pllm.runtime.engine.kv_cache import KVCacheManager
-from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, ScheduledBatch, ScheduledSeq
+from pllm.runtime.engine.request import (
+    FinishReason,
+    Request,
+    RequestStatus,
+    ScheduledBatch,
+    ScheduledSeq,
+    StopChecker,
+)
 
 
 class Scheduler:
@@ -35,7 +42,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.stop = StopChecker(frozenset(eos_token_ids))
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests re-enter at the front
         self.running: list[Request] = []  # admission order: oldest first, preemption victims from the end
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -151,7 +158,7 @@ class Scheduler:
             if samples:
                 token_id = sampled_token_ids[request.request_id]
                 request.output_token_ids.append(token_id)
-                reason = self._check_stop(request, token_id)
+                reason = self.stop.check(request, self.max_model_len)
             elif request.pooling is not None and request.num_computed_tokens == request.num_tokens:
                 reason = FinishReason.STOP  # pooled: its blocks go back at once
             self.kv.cache_full_blocks(request)
@@ -168,18 +175,6 @@ class Scheduler:
 
     def abort_request(self, request_id: str) -> None:
         self.finish_request(request_id, FinishReason.ABORT)
-
-    def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
-        """A stop token wins over a length limit hit by the same token; min_tokens gates stop tokens only,
-        since a length limit is a hard bound (request.max_tokens may be clamped below min_tokens)."""
-        params = request.params
-        if len(request.output_token_ids) >= params.min_tokens and (
-            (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids
-        ):
-            return FinishReason.STOP
-        if len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         """Take the request out of its queue, free its blocks at once, and forget it."""

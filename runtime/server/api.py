@@ -20,12 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pllm import __version__
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
-from pllm.runtime.server.protocol import (
-    ChatCompletionRequest,
+from pllm.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from pllm.runtime.server.protocol_responses import (
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
-    EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
     ModelCard,
@@ -33,6 +31,9 @@ from pllm.runtime.server.protocol import (
 )
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 from pllm.runtime.server.serving import OpenAIServing
+from pllm.runtime.server.serving_chat import ChatServing
+from pllm.runtime.server.serving_completions import CompletionServing
+from pllm.runtime.server.serving_embeddings import EmbeddingServing
 from pllm.runtime.server.sse import error_body
 
 logger = logging.getLogger("pllm.server")
@@ -205,9 +206,12 @@ def create_app(
     request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
 ) -> FastAPI:
     serving = OpenAIServing(engine, served_model_names)
+    completion_serving, chat_serving = CompletionServing(serving), ChatServing(serving)
+    embedding_serving = EmbeddingServing(serving)
     app = FastAPI(title="pllm", version=__version__)
     app.router.route_class = _StrictJSONRoute
     app.state.serving = serving
+    app.state.embeddings = embedding_serving
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request, exc: RequestValidationError):
@@ -238,11 +242,11 @@ def create_app(
         arrival = time.monotonic()
         serving.check_model(body.model)
         log_ignored(body)
-        prep = await serving.prepare_completion(body, arrival)
+        prep = await completion_serving.prepare(body, arrival)
         stream = await engine.generate(prep.requests)
         if body.stream:
-            return SSEResponse(serving.completion_stream(body, prep, stream), stream)
-        return await _until_disconnect(raw, stream, serving.completion_response(body, prep, stream))
+            return SSEResponse(completion_serving.stream(body, prep, stream), stream)
+        return await _until_disconnect(raw, stream, completion_serving.response(body, prep, stream))
 
     chat_responses = {**ERROR_RESPONSES, 200: {"model": ChatCompletionResponse, **json_or_sse}}
 
@@ -251,18 +255,18 @@ def create_app(
         arrival = time.monotonic()
         serving.check_model(body.model)
         log_ignored(body)
-        prep = await serving.prepare_chat(body, arrival)
+        prep = await chat_serving.prepare(body, arrival)
         stream = await engine.generate(prep.requests)
         if body.stream:
-            return SSEResponse(serving.chat_stream(body, prep, stream), stream)
-        return await _until_disconnect(raw, stream, serving.chat_response(body, prep, stream))
+            return SSEResponse(chat_serving.stream(body, prep, stream), stream)
+        return await _until_disconnect(raw, stream, chat_serving.response(body, prep, stream))
 
     @app.post("/v1/embeddings", responses={**ERROR_RESPONSES, 200: {"model": EmbeddingResponse}})
     async def embeddings(body: EmbeddingRequest, raw: Request):
         arrival = time.monotonic()
         serving.check_model(body.model)
         log_ignored(body)
-        return await serving.embeddings(body, arrival, functools.partial(_until_disconnect, raw))
+        return await embedding_serving.create(body, arrival, functools.partial(_until_disconnect, raw))
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pllm.runtime.engine.outputs import EngineSnapshot
 
 logger = logging.getLogger("pllm.server")
 
@@ -14,19 +15,6 @@ logger = logging.getLogger("pllm.server")
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Cumulative engine counters and current gauges, read on the engine thread after a step."""
-
-    num_running: int  # requests with a sequence in the running batch (n > 1 counts once)
-    num_waiting: int  # requests queued (new or preempted), none of whose sequences is running
-    kv_cache_usage: float  # fraction of KV blocks referenced, in [0, 1]
-    num_generation_tokens: int
-    num_preemptions: int
-    num_prefix_queries: int  # prompt tokens looked up in the prefix cache
-    num_prefix_hits: int  # of those, served from the cache
 
 
 class ServerMetrics:

@@ -1,18 +1,23 @@
-"""OpenAI-compatible request and response models (pydantic), with every client-controlled size bounded."""
+"""OpenAI request bodies (pydantic) with every client-controlled size bounded, and the SamplingParams they make."""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pllm.runtime.engine.sampling_params import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_REPETITION_PENALTY,
     MAX_STOP_STRING_LEN,
     MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SAMPLING_EPS,
     SamplingParams,
 )
 
@@ -23,14 +28,14 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TOKENS_LIMIT = 1 << 20  # any larger max_tokens is a client bug; the engine clamps to max_model_len anyway
 MAX_NAME_LEN = 256
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-LOGPROB_FLOOR = -9999.0
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 MIN_TOP_P = 1e-6
-SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS  # JSON has no -inf; vLLM clamps the same way
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
 TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
 Name = Annotated[str, Field(max_length=MAX_NAME_LEN)]
-LogitBias = Annotated[dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=MAX_LOGIT_BIAS)]
+BiasValue = Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]
+LogitBias = Annotated[dict[int, BiasValue], Field(max_length=MAX_LOGIT_BIAS)]
 
 
 class OpenAIModel(BaseModel):
@@ -51,14 +56,16 @@ class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions: vLLM's names, OpenAI's defaults."""
 
     model: Name | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    # The bounds below repeat SamplingParams.validate's so the OpenAPI schema documents them; both read the
+    # same constants.
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT64_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
     # vLLM takes any positive value; below 0.01 float32 logits overflow, so the bound is a 400 instead of a NaN.
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     logit_bias: LogitBias | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -219,141 +226,3 @@ class EmbeddingRequest(OpenAIModel):
         if isinstance(p, str) or (isinstance(p, list) and (not p or isinstance(p[0], int))):
             return [p]
         return list(p)
-
-
-# -- responses ------------------------------------------------------------------------------------
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-
-
-class ChatLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatLogprobToken(ChatLogprob):
-    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
-
-
-class ChatChoiceLogprobs(BaseModel):
-    content: list[ChatLogprobToken] | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-
-class EmbeddingData(BaseModel):
-    index: int
-    object: Literal["embedding"] = "embedding"
-    embedding: list[float] | str
-
-
-class EmbeddingResponse(BaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    data: list[EmbeddingData]
-    usage: UsageInfo
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "pllm"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

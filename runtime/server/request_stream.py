@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from pllm.runtime.engine.outputs import RequestOutput
+from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
 
 
@@ -41,8 +41,18 @@ class EngineRequest:
     pooling: str | None = None  # "last" | "mean": an embedding request (params unused), one output when done
 
 
-ACCEPTED = object()  # the engine thread added every request of a stream
-CANCELLED = object()  # the client went away
+@dataclass(frozen=True)
+class Accepted:
+    """The engine thread added every request of a stream."""
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The client went away."""
+
+
+# What a stream carries, in order: Accepted or an EngineError first, then outputs until each request finished.
+StreamItem = RequestOutput | EmbeddingRequestOutput | EngineError | Accepted | Cancelled
 
 
 class RequestStream:
@@ -51,12 +61,12 @@ class RequestStream:
     def __init__(self, engine: Aborter, request_ids: list[str], loop: asyncio.AbstractEventLoop):
         self._engine = engine
         self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._unfinished = set(request_ids)
         self._closed = False
 
-    def put(self, item: Any) -> None:
-        """Engine thread: hand an output, an EngineError or ACCEPTED to the event loop."""
+    def put(self, item: StreamItem) -> None:
+        """Engine thread: hand an output, an EngineError or Accepted to the event loop."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown); nobody is listening any more
@@ -67,15 +77,16 @@ class RequestStream:
         if isinstance(item, EngineError):
             self._unfinished.clear()
             raise item
-        assert item is ACCEPTED
+        assert isinstance(item, Accepted), item
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def __aiter__(self) -> AsyncIterator[RequestOutput | EmbeddingRequestOutput]:
         while self._unfinished:
             item = await self._queue.get()
-            if item is CANCELLED:
+            if isinstance(item, Cancelled):
                 raise ClientDisconnected()
             if isinstance(item, EngineError):
                 raise item
+            assert not isinstance(item, Accepted), item
             if item.finished:
                 self._unfinished.discard(item.request_id)
             yield item
@@ -89,4 +100,4 @@ class RequestStream:
     def cancel(self) -> None:
         """Event loop: the client disconnected; abort and wake the consumer."""
         self.close()
-        self._queue.put_nowait(CANCELLED)
+        self._queue.put_nowait(Cancelled())

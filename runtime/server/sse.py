@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
-from pllm.runtime.server.protocol import PromptTokensDetails, UsageInfo
+from pllm.runtime.server.protocol_responses import PromptTokensDetails, UsageInfo
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 from pllm.runtime.worker.sampler import TokenLogprobs
 

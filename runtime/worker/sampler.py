@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pllm.runtime.engine.request import Request
+from pllm.runtime.engine.request import Request, StopChecker
 from pllm.runtime.engine.sampling_params import SamplingParams
 
 
@@ -69,7 +69,7 @@ class Sampler:
 
     def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], seed: int | None = None) -> None:
         self.vocab_size = vocab_size
-        self.eos_token_ids = tuple(eos_token_ids)
+        self.stop = StopChecker(frozenset(eos_token_ids))  # which ids min_tokens masks
         self._seed = seed
         self._request_generators: dict[str, torch.Generator] = {}
         self._shared_generators: dict[torch.device, torch.Generator] = {}
@@ -107,9 +107,8 @@ class Sampler:
                 bias_rows.extend([i] * len(p.logit_bias))
                 bias_cols.extend(p.logit_bias.keys())
                 bias_values.extend(p.logit_bias.values())
-            if len(req.output_token_ids) < p.min_tokens:
-                # vLLM: min_tokens blocks each token that would stop the request (EOS unless ignore_eos)
-                blocked = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+            blocked = self.stop.masked_token_ids(req)
+            if blocked:
                 mask_rows.extend([i] * len(blocked))
                 mask_cols.extend(blocked)
             if _uses_penalties(p):

@@ -29,17 +29,24 @@ def stack(serve_build):
 
 
 def test_launch_builds_the_engine_on_its_own_thread(serve_build):
-    built_on = []
+    built_on, stepped_on = [], []
 
     def make():
         built_on.append(threading.current_thread())
-        return LLMEngine(str(serve_build), CONFIG)
+        llm = LLMEngine(str(serve_build), CONFIG)
+        real_step = llm.step
+
+        def step():
+            stepped_on.append(threading.current_thread())
+            return real_step()
+
+        llm.step = step
+        return llm
 
     engine = AsyncEngine.launch(make, metrics=ServerMetrics("m"))
     try:
-        stepped_on = asyncio.run(engine.call(lambda _llm: threading.current_thread()))
-        assert built_on == [stepped_on] and stepped_on is not threading.current_thread()
         (r,) = call(create_app(engine, ["m"]), ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3}))
+        assert built_on == [stepped_on[0]] and stepped_on[0] is not threading.current_thread()
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
         engine.stop()
@@ -126,12 +133,12 @@ def test_dead_loop_turns_health_503(stack):
 
 def test_handler_bug_is_a_bare_500(stack, monkeypatch):
     _, _, app = stack
-    serving = app.app.state.serving
+    serving = app.app.state.embeddings
 
     async def boom(*args, **kwargs):
         raise KeyError("/secret/file.py")
 
-    monkeypatch.setattr(serving, "embeddings", boom)
+    monkeypatch.setattr(serving, "create", boom)
     (r,) = call(app, ("POST", "/v1/embeddings", {"input": "hi"}))
     assert r.status_code == 500 and r.json()["error"]["message"] == "Internal server error."
     assert r.headers["x-request-id"]

@@ -1,0 +1,175 @@
+"""OutputProcessor: sampled tokens -> text (incremental detokenising, stop strings) -> RequestOutput per request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pllm.runtime.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.engine.request import Request, StopChecker
+
+
+@dataclass
+class _SeqState:
+    """Engine-side state of one sequence: its text so far and how it is being built."""
+
+    request: Request
+    group_id: str
+    index: int
+    detokenizer: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    text: str = ""
+    num_processed: int = 0  # output tokens already turned into text
+    stop_reason: str | int | None = None
+    logprobs: list | None = None
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _Group:
+    """One user request: n sequences sharing a prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_SeqState]
+    metrics: dict = field(default_factory=dict)
+
+
+class OutputProcessor:
+    """Owns every generating request's text; turns each step's new tokens into the outputs that changed.
+
+    finish(request_id) ends a sequence a stop string matched (the scheduler's finish_request); release(request_id)
+    is called once per sequence when its request is done (the sampler frees its generator).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        stop: StopChecker,
+        finish: Callable[[str], None],
+        release: Callable[[str], None],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self._finish = finish
+        self._release = release
+        self.groups: dict[str, _Group] = {}
+        self.seq_states: dict[str, _SeqState] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def add(self, request_id: str, prompt: str | None, requests: list[Request], arrival_time: float) -> None:
+        """Track one user request's sequences (already queued in the scheduler)."""
+        ids = requests[0].prompt_token_ids
+        group = _Group(request_id, prompt, ids, [], {"arrival_time": arrival_time})
+        for index, request in enumerate(requests):
+            params = request.params
+            state = _SeqState(
+                request,
+                request_id,
+                index,
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                StopStringMatcher(params.stop_strings, params.include_stop_str_in_output),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            group.seqs.append(state)
+            self.seq_states[request.request_id] = state
+        self.groups[request_id] = group
+
+    def abort(self, request_id: str) -> list[str]:
+        """Forget a user request; returns its sequences' ids (none when unknown)."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return []
+        seq_ids = [s.request.request_id for s in group.seqs]
+        for rid in seq_ids:
+            self._release(rid)
+            self.seq_states.pop(rid, None)
+        return seq_ids
+
+    def group_id(self, request: Request) -> str:
+        return self.seq_states[request.request_id].group_id
+
+    def request(self, request_id: str) -> Request | None:
+        state = self.seq_states.get(request_id)
+        return state.request if state else None
+
+    def process(self, sampled: list[Request], logprobs: list, now: float | None = None) -> list[RequestOutput]:
+        """After scheduler.update: detokenise each sampled sequence's new tokens; one output per changed request."""
+        now = time.monotonic() if now is None else now
+        changed: dict[str, _Group] = {}
+        for request, token_logprobs in zip(sampled, logprobs):
+            state = self.seq_states.get(request.request_id)
+            if state is None:
+                continue
+            self._process_tokens(state, token_logprobs)
+            group = self.groups[state.group_id]
+            group.metrics.setdefault("first_token_time", now)
+            changed[group.request_id] = group
+        return [self._output(g, now) for g in changed.values()]
+
+    def _process_tokens(self, state: _SeqState, logprobs) -> None:
+        req = state.request
+        new_ids = req.output_token_ids[state.num_processed :]
+        state.num_processed = len(req.output_token_ids)
+        if state.logprobs is not None and logprobs is not None and new_ids:
+            state.logprobs.append(logprobs)
+            state.cumulative_logprob += logprobs.logprob
+        for pos, token_id in enumerate(new_ids, start=len(req.output_token_ids) - len(new_ids)):
+            if state.stop_reason is not None:
+                break
+            if self.stop.hides_token_text(req, pos):
+                continue
+            emit, hit = state.matcher.feed(state.detokenizer.add(token_id))
+            state.text += emit
+            if hit:
+                state.stop_reason = state.matcher.stop_string
+                if not req.is_finished:
+                    self._finish(req.request_id)
+        if req.is_finished and state.stop_reason is None:
+            emit, hit = state.matcher.feed(state.detokenizer.flush())
+            state.text += emit
+            if hit:
+                state.stop_reason = state.matcher.stop_string
+            else:
+                state.text += state.matcher.flush()
+                state.stop_reason = self.stop.stop_token_reason(req)
+
+    def _output(self, group: _Group, now: float) -> RequestOutput:
+        finished = all(s.request.is_finished for s in group.seqs)
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.request.output_token_ids),
+                finish_reason=s.request.finish_reason.value if s.request.finish_reason else None,
+                stop_reason=s.stop_reason,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+            )
+            for s in group.seqs
+        ]
+        if finished:
+            group.metrics["finished_time"] = now
+            del self.groups[group.request_id]
+            for s in group.seqs:
+                self._release(s.request.request_id)
+                self.seq_states.pop(s.request.request_id, None)
+        return RequestOutput(
+            group.request_id,
+            group.prompt,
+            group.prompt_token_ids,
+            outputs,
+            finished,
+            group.seqs[0].request.num_cached_tokens,
+            dict(group.metrics),
+        )
+
+

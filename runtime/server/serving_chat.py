@@ -1,0 +1,121 @@
+"""/v1/chat/completions: messages -> the model's chat template -> an engine request; outputs -> response or SSE."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from pllm.runtime.engine.outputs import RequestOutput
+from pllm.runtime.server.protocol import LOGPROB_FLOOR, ChatCompletionRequest
+from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
+from pllm.runtime.server.serving import OpenAIServing, Prepared
+from pllm.runtime.server.sse import SeqCursor, advance, collect, guarded, sse, usage_of
+from pllm.runtime.worker.sampler import TokenLogprobs
+
+
+class ChatServing:
+    """The chat completions endpoint family over the shared model context."""
+
+    def __init__(self, base: OpenAIServing) -> None:
+        self.base = base
+
+    async def prepare(self, req: ChatCompletionRequest, arrival: float) -> Prepared:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.base.params(req, max_tokens, logprobs)
+        conversation = req.conversation()
+        self.base.check_chars("".join(m["content"] for m in conversation) or " ")
+        ids = await self.base.in_tokenizer_thread(self._render_chat, req, conversation)
+        if not ids:
+            raise EngineError(400, "The rendered chat prompt is empty.")
+        return Prepared([EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)], [""])
+
+    def _render_chat(self, req: ChatCompletionRequest, conversation: list[dict]) -> list[int]:
+        import jinja2
+
+        tok = self.base.tokenizer
+        if not tok.chat_template:
+            raise EngineError(400, "This model has no chat template; use /v1/completions.")
+        try:
+            # transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment.
+            text = tok.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise EngineError(400, f"The chat template could not be applied: {str(exc)[:500]}") from None
+        self.base.check_chars(text)
+        return self.base.encode(text, add_special_tokens=False)
+
+    async def response(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> dict:
+        finals = await collect(stream)
+        out = finals[prep.requests[0].request_id]
+        choices = [
+            {
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": {"content": self._chat_logprobs(o.logprobs)} if o.logprobs is not None else None,
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+            }
+            for o in out.outputs
+        ]
+        return {
+            "id": prep.requests[0].request_id,
+            "object": "chat.completion",
+            "created": prep.created,
+            "model": self.base.model_name,
+            "choices": choices,
+            "usage": usage_of(finals),
+            "system_fingerprint": None,
+        }
+
+    def _chat_logprobs(self, entries: list[TokenLogprobs]) -> list[dict]:
+        def item(token_id: int, logprob: float) -> dict:
+            token = self.base.token_str(token_id)
+            return {"token": token, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(token.encode())}
+
+        return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]
+
+    def stream(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
+        head = {
+            "id": prep.requests[0].request_id,
+            "object": "chat.completion.chunk",
+            "created": prep.created,
+            "model": self.base.model_name,
+        }
+        opts = req.stream_options
+        cursors: dict[int, SeqCursor] = {}
+        finals: dict[str, RequestOutput] = {}
+
+        async def chunks() -> AsyncIterator[str]:
+            for index in range(req.n):  # the role chunk comes first, as OpenAI sends it
+                delta = {"role": "assistant", "content": ""}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                yield sse({**head, "choices": [choice]})
+            async for out in stream:
+                finals[out.request_id] = out
+                for o in out.outputs:
+                    cur = cursors.setdefault(o.index, SeqCursor())
+                    text, new_lps, done = advance(cur, o)
+                    if not (text or new_lps or done):
+                        continue
+                    choice = {
+                        "index": o.index,
+                        "delta": {"content": text},
+                        "logprobs": {"content": self._chat_logprobs(new_lps)} if o.logprobs is not None else None,
+                        "finish_reason": o.finish_reason if done else None,
+                    }
+                    if done:
+                        choice["stop_reason"] = o.stop_reason
+                    chunk = {**head, "choices": [choice]}
+                    if opts and opts.include_usage and opts.continuous_usage_stats:
+                        chunk["usage"] = usage_of(finals)
+                    yield sse(chunk)
+            if opts and opts.include_usage:
+                yield sse({**head, "choices": [], "usage": usage_of(finals)})
+
+        return guarded(chunks(), stream)

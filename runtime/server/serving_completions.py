@@ -1,0 +1,130 @@
+"""/v1/completions: prompts -> engine requests; outputs -> a completion response or its SSE chunks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from pllm.runtime.engine.outputs import RequestOutput
+from pllm.runtime.server.protocol import LOGPROB_FLOOR, CompletionRequest
+from pllm.runtime.server.protocol_responses import CompletionLogprobs
+from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
+from pllm.runtime.server.serving import OpenAIServing, Prepared
+from pllm.runtime.server.sse import SeqCursor, advance, collect, guarded, sse, usage_of
+from pllm.runtime.worker.sampler import TokenLogprobs
+
+
+class CompletionServing:
+    """The completions endpoint family over the shared model context."""
+
+    def __init__(self, base: OpenAIServing) -> None:
+        self.base = base
+
+    async def prepare(self, req: CompletionRequest, arrival: float) -> Prepared:
+        params = self.base.params(req, req.max_tokens, req.logprobs)
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        requests, texts = [], []
+        for i, prompt in enumerate(req.prompts()):
+            if isinstance(prompt, str):
+                self.base.check_chars(prompt)
+                ids = await self.base.in_tokenizer_thread(self.base.encode, prompt)
+                text = prompt
+            else:
+                ids = list(prompt)
+                text = await self.base.in_tokenizer_thread(self._decode_prompt, ids) if req.echo else ""
+            if not ids:
+                raise EngineError(400, "The prompt is empty; provide a non-empty prompt.")
+            requests.append(EngineRequest(f"{base_id}-{i}", ids, params, arrival))
+            texts.append(text if req.echo else "")
+        return Prepared(requests, texts)
+
+    def _decode_prompt(self, ids: list[int]) -> str:
+        vocab = self.base.engine.engine.spec.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return self.base.tokenizer.decode(ids)
+
+    async def response(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> dict:
+        finals = await collect(stream)
+        base = prep.choice_base()
+        choices = []
+        for i, r in enumerate(prep.requests):
+            out = finals[r.request_id]
+            for o in out.outputs:
+                prefix = prep.prompt_texts[i]
+                logprobs = self._completion_logprobs(o.logprobs, len(prefix)) if o.logprobs is not None else None
+                choices.append(
+                    {
+                        "index": base[r.request_id] + o.index,
+                        "text": prefix + o.text,
+                        "logprobs": logprobs.model_dump() if logprobs else None,
+                        "finish_reason": o.finish_reason,
+                        "stop_reason": o.stop_reason,
+                    }
+                )
+        choices.sort(key=lambda c: c["index"])
+        rid = prep.requests[0].request_id.rsplit("-", 1)[0]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": prep.created,
+            "model": self.base.model_name,
+            "choices": choices,
+            "usage": usage_of(finals),
+            "system_fingerprint": None,
+        }
+
+    def _completion_logprobs(self, entries: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+        lp = CompletionLogprobs()
+        for e in entries:
+            token = self.base.token_str(e.token_id)
+            lp.text_offset.append(offset)
+            offset += len(token)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
+            top = {self.base.token_str(t): max(v, LOGPROB_FLOOR) for t, v in e.top}
+            top.setdefault(token, max(e.logprob, LOGPROB_FLOOR))  # the sampled token is always listed
+            lp.top_logprobs.append(top)
+        return lp
+
+    def stream(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
+        rid = prep.requests[0].request_id.rsplit("-", 1)[0]
+        head = {"id": rid, "object": "text_completion", "created": prep.created, "model": self.base.model_name}
+        opts = req.stream_options
+        base = prep.choice_base()
+        prompt_index = {r.request_id: i for i, r in enumerate(prep.requests)}
+        cursors: dict[tuple[str, int], SeqCursor] = {}
+        finals: dict[str, RequestOutput] = {}
+
+        async def chunks() -> AsyncIterator[str]:
+            async for out in stream:
+                finals[out.request_id] = out
+                for o in out.outputs:
+                    cur = cursors.setdefault((out.request_id, o.index), SeqCursor())
+                    prefix = ""
+                    if not cur.started:
+                        prefix = prep.prompt_texts[prompt_index[out.request_id]]
+                        cur.text_offset, cur.started = len(prefix), True
+                    text, new_lps, done = advance(cur, o)
+                    if not (prefix or text or new_lps or done):
+                        continue
+                    logprobs = None
+                    if o.logprobs is not None:
+                        logprobs = self._completion_logprobs(new_lps, cur.text_offset).model_dump()
+                        cur.text_offset += sum(len(t) for t in logprobs["tokens"])
+                    choice = {
+                        "index": base[out.request_id] + o.index,
+                        "text": prefix + text,
+                        "logprobs": logprobs,
+                        "finish_reason": o.finish_reason if done else None,
+                        "stop_reason": o.stop_reason if done else None,
+                    }
+                    chunk = {**head, "choices": [choice]}
+                    if opts and opts.include_usage and opts.continuous_usage_stats:
+                        chunk["usage"] = usage_of(finals)
+                    yield sse(chunk)
+            if opts and opts.include_usage:
+                yield sse({**head, "choices": [], "usage": usage_of(finals)})
+
+        return guarded(chunks(), stream)
