@@ -135,7 +135,7 @@ MANIFEST_EDITS = {
     "block_size": _set(["block_size"], 32),
     "dtype": _set(["dtype"], "bfloat16"),
     "a file digest": _flip_digest,
-    "key dropped": _drop(["tuning"]),
+    "key dropped": _drop(["versions"]),
     "own digest dropped": _drop([MANIFEST_DIGEST_KEY]),
     "key added": _set(["extra"], 1),
     "a JSON list": lambda m: list(m.items()),
