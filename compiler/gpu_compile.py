@@ -1,7 +1,4 @@
-"""Rendered kernels -> PTX and cubin for a GPU target, on any machine (no GPU needed): `pllm-compile --target`.
-
-A compile check only: serving never loads these binaries (launches go through Triton's JIT and its cache), so the
-build records them with PURPOSE saying so."""
+"""Rendered kernels -> PTX and cubin for a GPU target, on any machine (no GPU needed): `pllm-compile --target`."""
 
 from __future__ import annotations
 
@@ -19,6 +16,7 @@ from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, env_var, import_ker
 # Ampere (A100; A10/RTX 30xx), Ada (L4/L40), Hopper (H100/H200). The CLI offers sm_80, sm_90 and auto.
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 WARP_SIZE = 32
+# Serving never loads these binaries (launches go through Triton's JIT and its cache): the build says so beside them.
 PURPOSE = "compile check only: serving JIT-compiles its kernels and never loads these binaries"
 
 

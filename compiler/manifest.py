@@ -52,7 +52,7 @@ class Language(Enum):
 
 @dataclass(frozen=True)
 class KernelEntry:
-    """One kernel the build was rendered with: the runtime binds it by `op`, the Ops method it implements."""
+    """One kernel the build was rendered with: the backends bind it by `op`, the operation it implements."""
 
     name: str  # "cpu_rms_norm": the file's stem, and the key of its library under cpu_kernels
     op: str  # "rms_norm"

@@ -24,7 +24,7 @@ class KernelSpec:
     constants: dict[str, Any] = field(hash=False)
     # lower_case name -> bool: what the template's {% if %} blocks read (e.g. whether a dim needs a mask).
     options: dict[str, bool] = field(hash=False)
-    op: str  # the Ops method the runtime binds this kernel to ("rms_norm" for rms_norm and cpu_rms_norm)
+    op: str  # what the backends bind it by ("rms_norm" for rms_norm and cpu_rms_norm; Ops.attention uses two)
     language: Language
     compile_flags: tuple[str, ...] = ()  # C++ only: flags this kernel needs beyond the shared ones
 
@@ -55,7 +55,7 @@ class Kernel:
     """One kernel, described once: its name and op, its language, when it applies and what it renders with."""
 
     name: str  # file and template stem; the launcher's (Triton) or library's (C++) name
-    op: str  # the Ops method it implements: the key the runtime binds it by
+    op: str  # the operation it implements: the key the backends bind it by
     language: Language
     render: Render
     applies: Callable[[ModelSpec, str], bool] = _always  # (spec, dtype): whether the plan carries it

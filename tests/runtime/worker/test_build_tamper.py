@@ -158,6 +158,9 @@ RESIGNED_EDITS = {
     "tokenizer file unlisted": (lambda m: m["tokenizer_files"].append("vocab.json"), "'tokenizer_files'"),
     "library unlisted": (_set(["cpu_kernels", "libraries", "cpu_decode_attention"], "x.so"), "cpu_decode_attention"),
     "format_version": (_set(["format_version"], 1), "rebuild it"),
+    "kernel op missing": (_drop(["kernels", "kernels", "rms_norm", "op"]), "'kernels.kernels.rms_norm.op'"),
+    "kernel language unknown": (_set(["kernels", "kernels", "mlp", "language"], "cuda"),
+                                "'kernels.kernels.mlp.language'"),
 }
 
 
