@@ -185,7 +185,6 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     if "error" in cpu_kernels:
         logger.warning("cpu kernels not built (%s): the cpu backend will use its PyTorch ops", cpu_kernels["error"])
 
-    kv_bytes_per_token = 2 * spec.num_hidden_layers * spec.kv_size * TORCH_DTYPES[dtype].itemsize
     files = {
         str(p.relative_to(tmp_dir)): sha256_file(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()
     }
@@ -195,13 +194,11 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "spec": spec.to_dict(),
         "dtype": dtype,
         "block_size": options.block_size,
-        "kv_bytes_per_token": kv_bytes_per_token,
         "weights": WEIGHTS_FILE,
         "tokenizer_files": tokenizer_files,
         "kernels": plan.to_manifest(),
         "compiled_kernels": compiled,
         "cpu_kernels": cpu_kernels,
-        "tuning": {},
         "versions": versions(),
         "files": files,
     }

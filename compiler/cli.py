@@ -8,6 +8,7 @@ import time
 
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gpu_compile import GpuCompileError
+from pllm.compiler.plan import BLOCK_SIZES
 from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
 from pllm.compiler.spec import ConfigError
 from pllm.models.spec import DTYPES
@@ -26,12 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("-o", "--output", default="build", help="build directory to write (default: build)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weight dtype (auto: the config's)")
-    p.add_argument("--block-size", type=int, default=16, choices=(16, 32), help="KV-cache block size in tokens")
+    p.add_argument("--block-size", type=int, default=16, choices=BLOCK_SIZES, help="KV-cache block size in tokens")
     p.add_argument(
         "--target",
         default=None,
         choices=("sm_80", "sm_90", "auto"),
-        help="also compile the kernels for this GPU and store them, so serving compiles nothing",
+        help="also compile the kernels for this GPU, as a check that they compile: serving never loads the stored "
+        "binaries (it JIT-compiles on first launch)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pllm.compiler.kernels import Language
 from pllm.compiler.plan import KernelPlan
 
 # The instruction set each machine type is compiled for: a baseline that servers and laptops of the last decade
@@ -20,10 +21,8 @@ CPU_TARGETS = {"x86_64": ("avx2-fma", ["-mavx2", "-mfma"]), "aarch64": ("armv8-a
 # -fopenmp: the loop over (sequence, KV head) items runs on OpenMP threads. Built by g++ and loaded after torch,
 # the library binds to torch's own libgomp (same soname), so the kernel and torch's ops share one thread pool
 # (clang++ links its libomp instead: a second pool). So g++ is preferred where both are installed.
+# A kernel's own flags, if any, are declared in its module under compiler/kernels/ and come after these.
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
-# Kernels that promise PyTorch's rounding: no fused multiply-add (GCC contracts a * b + c into one at -O3, even
-# across statements, rounding once where PyTorch rounds twice), and no fast-math from a $CXX that defaults to it.
-KERNEL_FLAGS = {"cpu_rope_kv_write": ["-ffp-contract=off", "-fno-fast-math"]}
 COMPILE_TIMEOUT_S = 120
 
 
@@ -40,7 +39,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     instruction set, compiler, flags and each kernel's library. Same sources and compiler -> identical files
     (the compiler runs in kernel_dir on relative names, without debug info, so no path is embedded).
     """
-    sources = [k for k in plan.kernels if k.file_name.endswith(".cpp")]
+    sources = [k for k in plan.kernels if k.language is Language.CPP]
     if not sources:
         return {}
     compiler = find_compiler()
@@ -52,7 +51,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     libraries = {}
     for kernel in sources:
         library = kernel.file_name.removesuffix(".cpp") + ".so"
-        cmd = [*shlex.split(compiler), *flags, *KERNEL_FLAGS.get(kernel.name, []), kernel.file_name, "-o", library]
+        cmd = [*shlex.split(compiler), *flags, *kernel.compile_flags, kernel.file_name, "-o", library]
         error = _run_compiler(cmd, kernel_dir)
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
@@ -64,7 +63,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
         "isa": isa,
         "compiler": _compiler_version(compiler),
         "flags": flags,
-        "kernel_flags": {k.name: KERNEL_FLAGS[k.name] for k in sources if k.name in KERNEL_FLAGS},
+        "kernel_flags": {k.name: list(k.compile_flags) for k in sources if k.compile_flags},
         "libraries": libraries,
     }
 

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, KERNEL_NAMES, env_var, import_kernel_module
+from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, env_var, import_kernel_module
 
 # Ampere (A100; A10/RTX 30xx), Ada (L4/L40), Hopper (H100/H200). The CLI offers sm_80, sm_90 and auto.
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 WARP_SIZE = 32
+# Serving never loads these binaries (launches go through Triton's JIT and its cache): the build says so beside them.
+PURPOSE = "compile check only: serving JIT-compiles its kernels and never loads these binaries"
 
 
 class GpuCompileError(ValueError):
@@ -48,9 +50,10 @@ def triton_can_target_cuda() -> tuple[bool, str]:
 
 
 def compile_kernels(kernel_dir: Path, target: str, out_dir: Path | None = None) -> dict[str, Any]:
-    """Compile every kernel variant in kernel_dir for target; write <variant>.ptx/.cubin + compiled.json.
+    """Compile every kernel variant of the rendered Triton files in kernel_dir for target; write
+    <variant>.ptx/.cubin + compiled.json. This proves the kernels compile for the target; nothing loads the results.
 
-    out_dir defaults to kernel_dir/compiled/<target>. Returns the manifest entry: the target, the Triton
+    out_dir defaults to kernel_dir/compiled/<target>. Returns the manifest entry: its purpose, the target, the Triton
     version, and per variant its files (relative to kernel_dir), sha256 of the cubin, warps and shared memory.
     The same rendered kernels and Triton version give byte-identical files.
     """
@@ -69,9 +72,9 @@ def compile_kernels(kernel_dir: Path, target: str, out_dir: Path | None = None) 
 
     variants: dict[str, Any] = {}
     with _no_line_info():
-        for file_stem in KERNEL_NAMES:
-            variants.update(_compile_file(kernel_dir, file_stem, target, gpu_target, out_dir))
-    info = {"target": target, "triton_version": _triton_version(), "kernels": variants}
+        for source in sorted(kernel_dir.glob("*.py")):  # every rendered Triton kernel: the plan wrote these
+            variants.update(_compile_file(kernel_dir, source.stem, target, gpu_target, out_dir))
+    info = {"purpose": PURPOSE, "target": target, "triton_version": _triton_version(), "kernels": variants}
     (out_dir / COMPILED_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 

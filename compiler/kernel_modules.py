@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-KERNEL_NAMES = ("rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp")
 COMPILED_INFO_FILE = "compiled.json"  # written by compiler/gpu_compile.py next to each target's artifacts
 
 

@@ -7,15 +7,17 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
 
-FORMAT_VERSION = 2  # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY)
-# builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 also
-# carries its digest, which must then match
-REPLACEABLE_FORMATS = (1, 2)
+# 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language
+FORMAT_VERSION = 3
+# builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
+# later also carry their digest, which must then match
+REPLACEABLE_FORMATS = (1, 2, 3)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,6 +38,27 @@ def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON without its own digest, so an edit to any key or value shows."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST_KEY}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Language(Enum):
+    """How a rendered kernel reaches the runtime: Triton is imported (JIT or interpreted), C++ is compiled at build."""
+
+    TRITON = "triton"
+    CPP = "c++"
+
+    @property
+    def suffix(self) -> str:
+        return "py" if self is Language.TRITON else "cpp"
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One kernel the build was rendered with: the backends bind it by `op`, the operation it implements."""
+
+    name: str  # "cpu_rms_norm": the file's stem, and the key of its library under cpu_kernels
+    op: str  # "rms_norm"
+    language: Language
+    file: str  # relative to kernels/
 
 
 class BuildDirError(ValueError):
@@ -72,6 +95,12 @@ class BuildManifest:
         """kernels/<name>, verified; None when the build lists no such file."""
         rel = f"{KERNELS_DIR}/{name}"
         return self.read_bytes(rel) if rel in self.manifest["files"] else None
+
+    def kernels(self, language: Language) -> tuple[KernelEntry, ...]:
+        """The build's kernels in one language, in plan order."""
+        entries = (KernelEntry(name, e["op"], Language(e["language"]), e["file"])
+                   for name, e in self.manifest["kernels"]["kernels"].items())
+        return tuple(e for e in entries if e.language is language)
 
     def read_json(self, rel: str) -> dict:
         return json_object(self.path / rel, self.read_bytes(rel))
@@ -160,6 +189,7 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
     for key in ("dtype", "block_size"):  # the kernels were rendered for these: they must agree
         if m["kernels"].get(key) != m[key]:
             raise _fail(manifest_file, f"kernels.{key}", f"{m[key]!r} like '{key}'", m["kernels"].get(key))
+    _check_kernel_entries(m["kernels"].get("kernels"), manifest_file)
     files = m["files"]
     if not files:
         raise _fail(manifest_file, "files", "a non-empty object", files)
@@ -181,6 +211,22 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
             raise _fail(manifest_file, key, "a file listed under 'files'", rel)
     if any("/" in name for name in m["tokenizer_files"]):  # copied by name into a private folder to load
         raise _fail(manifest_file, "tokenizer_files", "file names in the build's top folder", m["tokenizer_files"])
+
+
+def _check_kernel_entries(entries: Any, manifest_file: Path) -> None:
+    if not isinstance(entries, dict):
+        raise _fail(manifest_file, "kernels.kernels", "a JSON object", entries)
+    languages = [language.value for language in Language]
+    for name, entry in entries.items():
+        key = f"kernels.kernels.{name}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise _fail(manifest_file, key, "an object naming its file", entry)
+        # builds written before kernels named their op and language lack these keys: they must be rebuilt
+        if not isinstance(entry.get("op"), str):
+            raise _fail(manifest_file, f"{key}.op", "the op it implements (older build: rebuild it)", entry.get("op"))
+        if entry.get("language") not in languages:
+            raise _fail(manifest_file, f"{key}.language", f"one of {', '.join(languages)} (or rebuild it)",
+                        entry.get("language"))
 
 
 _SPEC_KINDS = {

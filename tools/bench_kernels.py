@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pllm.compiler.plan import make_plan
+from pllm.compiler.manifest import Language
+from pllm.compiler.plan import BLOCK_SIZES, make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--block-size", type=int, choices=(16, 32), default=16)
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=16)
     p.add_argument("--out", default="bench_kernels", help="writes <out>.json and <out>.png")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, correctness only")
     args = p.parse_args(argv)
@@ -252,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as kernel_dir:
-        render_plan(make_plan(spec, str(dtype).removeprefix("torch."), args.block_size), Path(kernel_dir))
-        ops = TritonOps(Path(kernel_dir), interpret=args.smoke)
+        plan = make_plan(spec, str(dtype).removeprefix("torch."), args.block_size)
+        render_plan(plan, Path(kernel_dir))
+        ops = TritonOps(Path(kernel_dir), args.smoke, plan.op_files(Language.TRITON))
         cases = build_cases(ops, spec, dtype, args.block_size, device, args.smoke)
         if args.smoke:
             for case in cases:

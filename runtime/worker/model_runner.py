@@ -44,8 +44,8 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
     from pllm.runtime.backends.triton.triton_ops import TritonOps
 
     if name == "interpret":
-        return TritonOps(build.kernel_dir, interpret=True, read=build.read_kernel), torch.device("cpu"), name
-    return TritonOps(build.kernel_dir, interpret=False, read=build.read_kernel), torch.device("cuda"), name
+        return TritonOps.from_build(build, interpret=True), torch.device("cpu"), name
+    return TritonOps.from_build(build, interpret=False), torch.device("cuda"), name
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def test_build_of_the_previous_format_is_replaced(old_build, tiny_dir, tmp_path)
     del manifest["manifest_sha256"]
     (old_build / "manifest.json").write_text(json.dumps(manifest))
     build(str(tiny_dir("llama")), old_build, OPTS)
-    assert json.loads((old_build / "manifest.json").read_text())["format_version"] == 2
+    assert json.loads((old_build / "manifest.json").read_text())["format_version"] == 3
 
 
 def test_user_file_in_a_build_is_named_and_kept(old_build, tiny_dir, tmp_path, capsys):

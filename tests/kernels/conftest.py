@@ -13,6 +13,7 @@ import torch
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
+from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
@@ -75,7 +76,7 @@ def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Triton
             out_dir = tmp_path_factory.mktemp("kernels")
             render_plan(plan, out_dir)
             try:
-                cache[key] = TritonOps(out_dir, interpret=interpret)
+                cache[key] = TritonOps(out_dir, interpret, plan.op_files(Language.TRITON))
             except TritonModeError as e:
                 pytest.skip(str(e))
         return cache[key]

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.kernels.cpu_decode_attention import supported as cpu_attention_supported
 from pllm.compiler.manifest import open_build
-from pllm.compiler.plan import cpu_attention_supported, make_plan
+from pllm.compiler.plan import make_plan
 from pllm.models.ops import AttentionMetadata
 from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, choose_cpu_kernels
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps

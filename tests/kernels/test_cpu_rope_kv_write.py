@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.compiler.plan import cpu_rope_supported, make_plan
+from pllm.compiler.kernels.cpu_rope_kv_write import supported as cpu_rope_supported
+from pllm.compiler.plan import make_plan
 from pllm.runtime.backends.cpu.cpu_kernels import CpuRopeKvWrite
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 

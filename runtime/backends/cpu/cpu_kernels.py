@@ -5,12 +5,13 @@ from __future__ import annotations
 import ctypes
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pllm.compiler.manifest import BuildDirError, BuildManifest
+from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -173,48 +174,72 @@ class CpuRopeKvWrite:
         return q_out, k_out
 
 
+CpuKernel = CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite
+
+
+@dataclass(frozen=True)
+class CpuBinding:
+    """How the cpu backend runs one op's compiled kernel: its name in the start-up log and its loader."""
+
+    label: str  # "decode attention"
+    load: Callable[[BuildManifest, Path], CpuKernel]  # (build, library) -> the callable kernel
+
+
+def _decode_attention(build: BuildManifest, library: Path) -> CpuDecodeAttention:
+    spec = build.spec
+    return CpuDecodeAttention(library, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
+                              spec.num_key_value_heads, spec.head_dim)
+
+
+def _rms_norm(build: BuildManifest, library: Path) -> CpuRmsNorm:
+    return CpuRmsNorm(library, build.spec.hidden_size, build.spec.rms_norm_eps)
+
+
+def _rope_kv_write(build: BuildManifest, library: Path) -> CpuRopeKvWrite:
+    spec = build.spec
+    return CpuRopeKvWrite(library, KERNEL_DTYPES[build.dtype], spec.num_attention_heads, spec.num_key_value_heads,
+                          spec.head_dim)
+
+
+# op (as a kernel's manifest entry names it) -> its binding: the one place the cpu backend knows its kernels
+BINDINGS = {
+    "decode_attention": CpuBinding("decode attention", _decode_attention),
+    "rms_norm": CpuBinding("RMSNorm", _rms_norm),
+    "rope_kv_write": CpuBinding("RoPE + KV write", _rope_kv_write),
+}
+
+
 def choose_cpu_kernels(build: BuildManifest) -> CpuKernelChoice:
     """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
     why_not = _why_not_runnable(build)
     if why_not is not None:
         return CpuKernelChoice(None, None, None, f"PyTorch ops ({why_not})")
     entry = build.manifest["cpu_kernels"]
-    loaded = {}
+    ops = {kernel.name: kernel.op for kernel in build.kernels(Language.CPP)}
+    loaded: dict[str, CpuKernel] = {}  # op -> kernel, in plan order
     # Each library is loaded from a private copy of the bytes just checked against the manifest, so what runs is
     # what was verified (the build folder may change in between); once loaded, the copy is no longer needed.
     with tempfile.TemporaryDirectory(prefix="pllm-cpu-kernels-") as tmp:
         for name, library in entry["libraries"].items():
+            op = ops.get(name)
+            if op not in BINDINGS:
+                raise BuildDirError(f"{build.path}: cpu kernel {name} implements op {op!r}, which this pllm cannot "
+                                    f"run (it runs: {', '.join(BINDINGS)})")
             data = build.read_kernel(library)
             if data is None:
                 raise BuildDirError(f"{build.kernel_dir / library}: not listed in the manifest's files")
             path = Path(tmp) / library
             path.write_bytes(data)
             try:
-                loaded[name] = _load_kernel(build, name, path)
+                loaded[op] = BINDINGS[op].load(build, path)
             except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no symbol
                 why = str(e).replace(tmp, str(build.kernel_dir))
                 return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {why}; rebuild here)")
-    kernels = {"decode attention": loaded.get("cpu_decode_attention"), "RMSNorm": loaded.get("cpu_rms_norm"),
-               "RoPE + KV write": loaded.get("cpu_rope_kv_write")}
-    names = [what for what, kernel in kernels.items() if kernel is not None]
-    if not names:
+    if not loaded:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
-    return CpuKernelChoice(*kernels.values(), f"compiled {', '.join(names)} ({entry['isa']}), PyTorch for the rest")
-
-
-def _load_kernel(
-    build: BuildManifest, name: str, path: Path
-) -> CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | None:
-    spec = build.spec
-    if name == "cpu_decode_attention":
-        return CpuDecodeAttention(path, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
-                                  spec.num_key_value_heads, spec.head_dim)
-    if name == "cpu_rms_norm":
-        return CpuRmsNorm(path, spec.hidden_size, spec.rms_norm_eps)
-    if name == "cpu_rope_kv_write":
-        return CpuRopeKvWrite(path, KERNEL_DTYPES[build.dtype], spec.num_attention_heads, spec.num_key_value_heads,
-                              spec.head_dim)
-    return None
+    names = ", ".join(BINDINGS[op].label for op in loaded)
+    return CpuKernelChoice(loaded.get("decode_attention"), loaded.get("rms_norm"), loaded.get("rope_kv_write"),
+                           f"compiled {names} ({entry['isa']}), PyTorch for the rest")
 
 
 def _why_not_runnable(build: BuildManifest) -> str | None:

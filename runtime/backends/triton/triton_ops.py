@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, KERNEL_NAMES, import_kernel_module
+from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, import_kernel_module
+from pllm.compiler.manifest import BuildManifest, Language
 from pllm.models.ops import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -29,14 +30,16 @@ def dir_reader(kernel_dir: Path) -> KernelReader:
     return read
 
 
-def load_kernel_modules(kernel_dir: Path, interpret: bool, read: KernelReader | None = None) -> dict[str, ModuleType]:
+def load_kernel_modules(
+    kernel_dir: Path, interpret: bool, files: Mapping[str, str], read: KernelReader | None = None
+) -> dict[str, ModuleType]:
+    """op -> the imported kernel module, for each op -> file name in `files`."""
     read = dir_reader(kernel_dir) if read is None else read
-    sources = {name: read(f"{name}.py") for name in KERNEL_NAMES}
-    missing = [name for name, source in sources.items() if source is None]
+    sources = {op: read(file) for op, file in files.items()}
+    missing = [files[op] for op, source in sources.items() if source is None]
     if missing:
-        raise FileNotFoundError(f"{kernel_dir}: missing kernel files {', '.join(f'{m}.py' for m in missing)}")
-    return {name: import_kernel_module(Path(kernel_dir) / f"{name}.py", interpret, sources[name])
-            for name in KERNEL_NAMES}
+        raise FileNotFoundError(f"{kernel_dir}: missing kernel files {', '.join(missing)}")
+    return {op: import_kernel_module(Path(kernel_dir) / files[op], interpret, sources[op]) for op in files}
 
 
 def compiled_artifacts_status(
@@ -44,7 +47,8 @@ def compiled_artifacts_status(
 ) -> tuple[bool, str]:
     """Whether ahead-of-time artifacts in kernel_dir/compiled/sm_XY match this GPU and Triton; the reason if not.
 
-    On a mismatch the caller logs the reason and the kernels are compiled by Triton's JIT on first launch.
+    Either way the artifacts are a compile check only: launches always go through Triton's JIT (and its on-disk
+    cache); the status is logged so that a build made for another GPU or Triton says so.
     """
     target = f"sm_{capability[0]}{capability[1]}"
     info_name = f"compiled/{target}/{COMPILED_INFO_FILE}"
@@ -62,20 +66,25 @@ def compiled_artifacts_status(
             f"{info_path}: kernels compiled with triton {info.get('triton_version')}, this runtime has "
             f"{triton_version}; using JIT"
         )
-    return True, f"{info_path}: kernels compiled for {target} with triton {triton_version}"
+    return True, f"{info_path}: kernels compile for {target} with triton {triton_version} (a check: launches use JIT)"
 
 
 class TritonOps:
-    """Ops backed by a build's rendered Triton kernels (on the GPU, or on the CPU under the interpreter)."""
+    """Ops backed by a build's rendered Triton kernels (on the GPU, or on the CPU under the interpreter).
 
-    def __init__(self, kernel_dir: Path, interpret: bool, read: KernelReader | None = None) -> None:
+    Each op method launches the kernel bound to its own name: `files` maps op -> file, as the manifest records it.
+    """
+
+    def __init__(
+        self, kernel_dir: Path, interpret: bool, files: Mapping[str, str], read: KernelReader | None = None
+    ) -> None:
         self.kernel_dir = Path(kernel_dir)
         self.interpret = interpret
         self.read = dir_reader(self.kernel_dir) if read is None else read
-        self.kernels = load_kernel_modules(self.kernel_dir, interpret, self.read)
+        self.kernels = load_kernel_modules(self.kernel_dir, interpret, files, self.read)  # op -> module
         self.eps = self.kernels["rms_norm"].EPS
-        # Ahead-of-time artifacts are checked and reported; launches still go through Triton's JIT (and its
-        # on-disk cache), which recompiles on a mismatch instead of failing.
+        # Ahead-of-time artifacts are a compile check, reported only; launches go through Triton's JIT (and its
+        # on-disk cache).
         self.compiled_status: tuple[bool, str] | None = None
         if not interpret and torch.cuda.is_available():
             import triton
@@ -83,6 +92,12 @@ class TritonOps:
             capability = torch.cuda.get_device_capability()
             self.compiled_status = compiled_artifacts_status(self.kernel_dir, capability, triton.__version__, self.read)
             logger.info("kernels: %s", self.compiled_status[1])
+
+    @classmethod
+    def from_build(cls, build: BuildManifest, interpret: bool) -> TritonOps:
+        """The build's Triton kernels, bound by the op each one's manifest entry names, read as verified bytes."""
+        files = {k.op: k.file for k in build.kernels(Language.TRITON)}
+        return cls(build.kernel_dir, interpret, files, build.read_kernel)
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None

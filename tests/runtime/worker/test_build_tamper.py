@@ -135,7 +135,7 @@ MANIFEST_EDITS = {
     "block_size": _set(["block_size"], 32),
     "dtype": _set(["dtype"], "bfloat16"),
     "a file digest": _flip_digest,
-    "key dropped": _drop(["tuning"]),
+    "key dropped": _drop(["versions"]),
     "own digest dropped": _drop([MANIFEST_DIGEST_KEY]),
     "key added": _set(["extra"], 1),
     "a JSON list": lambda m: list(m.items()),
@@ -158,6 +158,9 @@ RESIGNED_EDITS = {
     "tokenizer file unlisted": (lambda m: m["tokenizer_files"].append("vocab.json"), "'tokenizer_files'"),
     "library unlisted": (_set(["cpu_kernels", "libraries", "cpu_decode_attention"], "x.so"), "cpu_decode_attention"),
     "format_version": (_set(["format_version"], 1), "rebuild it"),
+    "kernel op missing": (_drop(["kernels", "kernels", "rms_norm", "op"]), "'kernels.kernels.rms_norm.op'"),
+    "kernel language unknown": (_set(["kernels", "kernels", "mlp", "language"], "cuda"),
+                                "'kernels.kernels.mlp.language'"),
 }
 
 

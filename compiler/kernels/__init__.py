@@ -1,0 +1,28 @@
+"""The kernel registry: every kernel pllm can build, in plan order (render order, manifest order)."""
+
+from __future__ import annotations
+
+from pllm.compiler.kernels import (
+    cpu_decode_attention,
+    cpu_rms_norm,
+    cpu_rope_kv_write,
+    decode_attention,
+    mlp,
+    prefill_attention,
+    rms_norm,
+    rope_kv_write,
+)
+from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
+
+KERNELS: tuple[Kernel, ...] = (
+    rms_norm.KERNEL,
+    rope_kv_write.KERNEL,
+    decode_attention.KERNEL,
+    prefill_attention.KERNEL,
+    mlp.KERNEL,
+    cpu_decode_attention.KERNEL,
+    cpu_rms_norm.KERNEL,
+    cpu_rope_kv_write.KERNEL,
+)
+
+__all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]

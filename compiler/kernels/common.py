@@ -1,0 +1,38 @@
+"""Numbers several kernels share: dtype names, padding to powers of two, head shapes, cpu vector width."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pllm.models.spec import ModelSpec
+
+# Each rendered module carries the torch dtype name and Triton's pointer type name for AOT signatures.
+TRITON_TYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+CPU_LANES = 8  # fp32 lanes per vector in the cpu kernels: 32 bytes, one AVX2 register or two NEON ones
+CPU_KERNEL_DTYPES = ("float32", "bfloat16")  # widening fp16 needs F16C/NEON intrinsics the templates do not use
+
+
+def next_power_of_2(n: int) -> int:
+    assert n >= 1, n
+    return 1 << (n - 1).bit_length()
+
+
+def triton_dtype(dtype: str) -> dict[str, Any]:
+    """The dtype constants every Triton template reads."""
+    return {"DTYPE": dtype, "TL_DTYPE": TRITON_TYPE_NAMES[dtype]}
+
+
+def head_constants(spec: ModelSpec, dtype: str) -> dict[str, Any]:
+    return {
+        **triton_dtype(dtype),
+        "NUM_HEADS": spec.num_attention_heads,
+        "NUM_KV_HEADS": spec.num_key_value_heads,
+        "GROUP_SIZE": spec.group_size,
+        "HEAD_DIM": spec.head_dim,
+        "HEAD_DIM_PAD": next_power_of_2(spec.head_dim),
+    }
+
+
+def dot_precision(dtype: str) -> str:
+    # fp32 builds promise greedy equality with Hugging Face in fp32: tf32 dots (10-bit mantissa) would break it
+    return "ieee" if dtype == "float32" else "tf32"

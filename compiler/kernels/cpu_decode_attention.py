@@ -1,0 +1,33 @@
+"""The C++ paged decode attention of the cpu backend: one query token per sequence, K/V read in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
+from pllm.compiler.kernels.kernel import Kernel, Language
+from pllm.models.spec import ModelSpec
+
+PREFETCH_TOKENS = 16  # K/V rows requested this far ahead: ~2 tiles of compute hide DRAM
+
+
+def supported(spec: ModelSpec, dtype: str) -> bool:
+    """Whether the plan carries the cpu backend's compiled decode attention (block sizes are all multiples of 8)."""
+    return dtype in CPU_KERNEL_DTYPES and spec.head_dim % CPU_LANES == 0
+
+
+def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
+    constants = {
+        "NUM_HEADS": spec.num_attention_heads,
+        "NUM_KV_HEADS": spec.num_key_value_heads,
+        "GROUP_SIZE": spec.group_size,
+        "HEAD_DIM": spec.head_dim,
+        "BLOCK_SIZE": block_size,
+        "LANES": CPU_LANES,
+        "PREFETCH_TOKENS": PREFETCH_TOKENS,
+    }
+    return constants, {"bf16_cache": dtype == "bfloat16"}
+
+
+KERNEL = Kernel("cpu_decode_attention", op="decode_attention", language=Language.CPP, render=render,
+                applies=supported)

@@ -1,0 +1,26 @@
+"""The Triton rotary-embedding kernel that also writes k and v into the paged KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pllm.compiler.kernels.common import head_constants, next_power_of_2
+from pllm.compiler.kernels.kernel import Kernel, Language
+from pllm.models.spec import ModelSpec
+
+
+def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
+    half = spec.head_dim // 2
+    constants = {
+        **head_constants(spec, dtype),
+        "HALF_DIM": half,
+        "HALF_DIM_PAD": next_power_of_2(half),
+        "NUM_HEADS_PAD": next_power_of_2(spec.num_attention_heads),
+        "NUM_KV_HEADS_PAD": next_power_of_2(spec.num_key_value_heads),
+        "BLOCK_SIZE": block_size,
+        "NUM_WARPS": 4,
+    }
+    return constants, {"mask_half_dim": next_power_of_2(half) != half}
+
+
+KERNEL = Kernel("rope_kv_write", op="rope_kv_write", language=Language.TRITON, render=render)

@@ -1,0 +1,48 @@
+"""The kernel registry: each kernel described once, and every place that builds or binds kernels agrees with it."""
+
+from __future__ import annotations
+
+import inspect
+
+from pllm.compiler.cli import parse_args
+from pllm.compiler.kernels import KERNELS, Language
+from pllm.compiler.plan import BLOCK_SIZES, make_plan
+from pllm.compiler.render import TEMPLATE_DIR
+from pllm.runtime.backends.cpu.cpu_kernels import BINDINGS
+from pllm.runtime.backends.triton.triton_ops import TritonOps
+
+from .conftest import tiny_spec
+
+
+def test_each_kernel_has_one_name_and_its_template():
+    names = [k.name for k in KERNELS]
+    assert len(set(names)) == len(names), names
+    for kernel in KERNELS:
+        assert (TEMPLATE_DIR / f"{kernel.name}.{kernel.language.suffix}.jinja").is_file(), kernel.name
+
+
+def test_every_op_a_kernel_implements_is_bound_by_its_backend():
+    for kernel in KERNELS:
+        if kernel.language is Language.CPP:
+            assert kernel.op in BINDINGS, kernel.name
+        else:
+            assert f'self.kernels["{kernel.op}"]' in inspect.getsource(TritonOps), kernel.name
+        assert not kernel.compile_flags or kernel.language is Language.CPP, kernel.name
+
+
+def test_manifest_records_each_kernels_op_and_language():
+    plan = make_plan(tiny_spec(), "bfloat16", 16)
+    entries = plan.to_manifest()["kernels"]
+    assert list(entries) == [k.name for k in KERNELS]  # every kernel applies to this spec, in registry order
+    for kernel in KERNELS:
+        assert entries[kernel.name]["op"] == kernel.op
+        assert entries[kernel.name]["language"] == kernel.language.value
+    assert entries["cpu_rope_kv_write"]["compile_flags"] == ["-ffp-contract=off", "-fno-fast-math"]
+    assert plan.op_files(Language.TRITON)["decode_attention"] == "decode_attention.py"
+    assert plan.op_files(Language.CPP)["decode_attention"] == "cpu_decode_attention.cpp"
+
+
+def test_cli_offers_exactly_the_block_sizes_the_plan_accepts():
+    for block_size in BLOCK_SIZES:
+        assert parse_args(["--block-size", str(block_size)]).block_size == block_size
+        make_plan(tiny_spec(), "float32", block_size)
