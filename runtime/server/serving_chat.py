@@ -9,7 +9,7 @@ from pllm.runtime.engine.outputs import RequestOutput
 from pllm.runtime.server.protocol import LOGPROB_FLOOR, ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
-from pllm.runtime.server.sse import SeqCursor, advance, collect, guarded, sse, usage_of
+from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, sse, usage_chunk, usage_of
 from pllm.runtime.worker.sampler import TokenLogprobs
 
 
@@ -111,11 +111,8 @@ class ChatServing:
                     }
                     if done:
                         choice["stop_reason"] = o.stop_reason
-                    chunk = {**head, "choices": [choice]}
-                    if opts and opts.include_usage and opts.continuous_usage_stats:
-                        chunk["usage"] = usage_of(finals)
-                    yield sse(chunk)
+                    yield choice_chunk(head, choice, opts, finals)
             if opts and opts.include_usage:
-                yield sse({**head, "choices": [], "usage": usage_of(finals)})
+                yield usage_chunk(head, finals)
 
         return guarded(chunks(), stream)

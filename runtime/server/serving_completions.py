@@ -10,7 +10,7 @@ from pllm.runtime.server.protocol import LOGPROB_FLOOR, CompletionRequest
 from pllm.runtime.server.protocol_responses import CompletionLogprobs
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
-from pllm.runtime.server.sse import SeqCursor, advance, collect, guarded, sse, usage_of
+from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, usage_chunk, usage_of
 from pllm.runtime.worker.sampler import TokenLogprobs
 
 
@@ -120,11 +120,8 @@ class CompletionServing:
                         "finish_reason": o.finish_reason if done else None,
                         "stop_reason": o.stop_reason if done else None,
                     }
-                    chunk = {**head, "choices": [choice]}
-                    if opts and opts.include_usage and opts.continuous_usage_stats:
-                        chunk["usage"] = usage_of(finals)
-                    yield sse(chunk)
+                    yield choice_chunk(head, choice, opts, finals)
             if opts and opts.include_usage:
-                yield sse({**head, "choices": [], "usage": usage_of(finals)})
+                yield usage_chunk(head, finals)
 
         return guarded(chunks(), stream)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.server.protocol import StreamOptions
 from pllm.runtime.server.protocol_responses import PromptTokensDetails, UsageInfo
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 from pllm.runtime.worker.sampler import TokenLogprobs
@@ -40,6 +41,19 @@ def usage_of(finals: dict[str, RequestOutput]) -> dict:
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     ).model_dump()
+
+
+def choice_chunk(head: dict, choice: dict, opts: StreamOptions | None, finals: dict[str, RequestOutput]) -> str:
+    """One choice's SSE chunk; with stream_options.continuous_usage_stats it carries the usage so far."""
+    chunk = {**head, "choices": [choice]}
+    if opts and opts.include_usage and opts.continuous_usage_stats:
+        chunk["usage"] = usage_of(finals)
+    return sse(chunk)
+
+
+def usage_chunk(head: dict, finals: dict[str, RequestOutput]) -> str:
+    """The last chunk when stream_options.include_usage: no choices, the whole request's usage."""
+    return sse({**head, "choices": [], "usage": usage_of(finals)})
 
 
 def advance(cur: SeqCursor, o: CompletionOutput) -> tuple[str, list[TokenLogprobs], bool]:
