@@ -95,6 +95,21 @@ def test_stream_without_usage_ends_with_done(server):
     assert all(json.loads(e)["choices"] for e in events[:-1])
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_ride_on_every_chunk(server, path):
+    body = {"max_tokens": 6, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    body |= {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    events = sse_events(server, path, body)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    # every token-carrying chunk has the usage so far (chat's opening role chunk carries no tokens)
+    content = [c for c in chunks if c["choices"] and "role" not in c["choices"][0].get("delta", {})]
+    counts = [c["usage"]["completion_tokens"] for c in content]
+    assert content and counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
 def test_n_and_seed(client):
     kwargs = dict(model="tiny", prompt="Hello", max_tokens=10, temperature=1.0, seed=1234)
     a = client.completions.create(n=3, **kwargs)
