@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from pllm.runtime.engine.request import Request, StopChecker
 from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.worker.step import SampleInputs
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,8 @@ class Sampler:
     batch. Requests without a seed share one sampler-level generator (seeded by `seed` when given).
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], seed: int | None = None) -> None:
+    def __init__(self, vocab_size: int, seed: int | None = None) -> None:
         self.vocab_size = vocab_size
-        self.stop = StopChecker(frozenset(eos_token_ids))  # which ids min_tokens masks
         self._seed = seed
         self._request_generators: dict[str, torch.Generator] = {}
         self._shared_generators: dict[torch.device, torch.Generator] = {}
@@ -78,7 +78,7 @@ class Sampler:
         """Drop a finished or aborted request's generator (a no-op for requests without a seed)."""
         self._request_generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> SamplerOutput:
         num_seqs = len(requests)
         assert logits.dim() == 2 and tuple(logits.shape) == (num_seqs, self.vocab_size), (
             f"logits {tuple(logits.shape)} for {num_seqs} requests and vocab {self.vocab_size}"
@@ -93,7 +93,7 @@ class Sampler:
 
     # -- logits processing -------------------------------------------------------------------------------
 
-    def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         """logit_bias, penalties and the min_tokens mask, in float32; the input is never written."""
         bias_rows: list[int] = []
         bias_cols: list[int] = []
@@ -107,7 +107,7 @@ class Sampler:
                 bias_rows.extend([i] * len(p.logit_bias))
                 bias_cols.extend(p.logit_bias.keys())
                 bias_values.extend(p.logit_bias.values())
-            blocked = self.stop.masked_token_ids(req)
+            blocked = req.masked_token_ids
             if blocked:
                 mask_rows.extend([i] * len(blocked))
                 mask_cols.extend(blocked)
@@ -128,7 +128,7 @@ class Sampler:
             logits[index] = -torch.inf
         return logits
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[SampleInputs], rows: list[int]) -> None:
         """Repetition (HF/vLLM, over prompt + output) and presence/frequency (OpenAI, over output), in place.
 
         Sparse: only the (row, token) pairs that occur are touched, so the cost follows the number of
@@ -163,7 +163,7 @@ class Sampler:
 
     # -- choosing ----------------------------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         device = logits.device
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy_rows) == len(requests):
@@ -249,7 +249,7 @@ class Sampler:
             num_candidates *= 8
         return out
 
-    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         """Inverse-CDF sampling: one uniform draw per row, scaled by the row's mass, found in its cumsum.
 
         A seeded row takes its uniform from its own generator, so its token does not depend on other rows.
@@ -291,7 +291,7 @@ class Sampler:
 
     # -- logprobs ----------------------------------------------------------------------------------------
 
-    def _raw_logprobs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+    def _raw_logprobs(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor | None:
         rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if not rows:
             return None
@@ -299,7 +299,7 @@ class Sampler:
         return torch.log_softmax(sub.float(), dim=-1)
 
     def _gather_logprobs(
-        self, raw_logprobs: torch.Tensor | None, requests: list[Request], token_ids: torch.Tensor
+        self, raw_logprobs: torch.Tensor | None, requests: Sequence[SampleInputs], token_ids: torch.Tensor
     ) -> list[TokenLogprobs | None]:
         out: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is None:
