@@ -53,7 +53,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ):
     headers = {**(headers or {}), **({"Retry-After": str(retry_after_s)} if retry_after_s is not None else {})}
-    return JSONResponse({"error": error_body(status, message, param)}, status_code=status, headers=headers or None)
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers or None)
 
 
 class BadBody(StarletteHTTPException):
@@ -174,7 +174,8 @@ async def _until_disconnect(raw: Request, stream: RequestStream, work) -> Respon
 
     watcher = asyncio.create_task(watch())
     try:
-        return JSONResponse(await work)
+        body = await work
+        return Response(body.model_dump_json(), media_type="application/json")
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; uvicorn drops it
     finally:

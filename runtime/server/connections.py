@@ -20,7 +20,7 @@ class ConnectionLimits:
 
 
 async def _over_capacity(scope, receive, send) -> None:
-    body = json.dumps({"error": error_body(503, "Too many open connections; retry later.")}).encode()
+    body = json.dumps(error_body(503, "Too many open connections; retry later.")).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
