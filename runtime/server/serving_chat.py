@@ -21,7 +21,7 @@ from pllm.runtime.server.protocol_responses import (
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
 from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, sse, usage_chunk, usage_of
-from pllm.runtime.worker.sampler import TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 class ChatServing:
