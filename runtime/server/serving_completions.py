@@ -27,6 +27,7 @@ class CompletionServing:
 
     async def prepare(self, req: CompletionRequest, arrival: float) -> Prepared:
         params = self.base.params(req, req.max_tokens, req.logprobs)
+        await self.base.check_grammar(req, params)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         requests, texts = [], []
         for i, prompt in enumerate(req.prompts()):
