@@ -127,6 +127,10 @@ class OutputProcessor:
             self._process_tokens(state, token_logprobs)
             group = self.groups[state.group_id]
             group.metrics.setdefault("first_token_time", now)
+            if group.prompt_logprobs is not None and len(group.prompt_logprobs) < len(group.prompt_token_ids):
+                # another of its n sequences sampled before the first finished scoring the prompt: outputs are
+                # cumulative, so this one waits and every output carries the whole prompt's logprobs
+                continue
             changed[group.request_id] = group
         return [self._output(g, now) for g in changed.values()]
 

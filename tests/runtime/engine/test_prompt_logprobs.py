@@ -138,3 +138,22 @@ def test_prompt_logprobs_bounded(value):
     with pytest.raises(InvalidParam) as e:
         SamplingParams(prompt_logprobs=value)
     assert e.value.param == "prompt_logprobs"
+
+
+def test_every_output_carries_the_whole_prompts_logprobs(build, hf):
+    """n = 2: the second sequence (a prefix-cache reader) samples while the first, which scores the prompt, waits;
+    no output goes out with part of the prompt scored."""
+    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, max_num_batched_tokens=16)
+    engine = llm.engine
+    engine.add_request("g", PROMPTS[1], SamplingParams(n=2, temperature=0.0, max_tokens=3, prompt_logprobs=1))
+    engine.step()  # the first 16 tokens of sequence 0
+    first = engine.scheduler.get_request("g#0")
+    engine.scheduler.running.remove(first)
+    engine.scheduler._preempt(first)
+    engine.scheduler.waiting.rotate(-1)  # sequence 1 goes first
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert outputs and outputs[-1].finished
+    assert all(len(o.prompt_logprobs) == len(o.prompt_token_ids) for o in outputs)
+    assert_matches_hf(hf, outputs[-1], k=1)
