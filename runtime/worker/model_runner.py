@@ -55,7 +55,8 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
-    prompt_logprob_rows: torch.Tensor  # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order
+    # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
+    prompt_logprob_rows: torch.Tensor | None
 
 
 class ModelRunner:
@@ -220,7 +221,7 @@ class ModelRunner:
             meta,
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
             tuple(pool_rows),
-            torch.tensor(prompt_rows, dtype=torch.int64, device=dev),
+            torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
         )
 
     @torch.inference_mode()
@@ -245,12 +246,12 @@ class ModelRunner:
         return StepOutput(logits, pooled, self._prompt_logprobs(batch, hidden, inputs.prompt_logprob_rows))
 
     def _prompt_logprobs(
-        self, batch: StepBatch, hidden: torch.Tensor, rows: torch.Tensor
+        self, batch: StepBatch, hidden: torch.Tensor, rows: torch.Tensor | None
     ) -> dict[str, list[TokenLogprobs]]:
         """Prompt logprobs of the chunks that ask, from their rows only: the LM head never sees the others."""
-        seqs = [s for s in batch.seqs if s.prompt_logprobs is not None]
-        if not seqs:
+        if rows is None:
             return {}
+        seqs = [s for s in batch.seqs if s.prompt_logprobs is not None]
         scored = prompt_logprobs_of(hidden[rows], self.model.logits, [s.prompt_logprobs for s in seqs])
         return {s.request_id: entries for s, entries in zip(seqs, scored, strict=True)}
 
