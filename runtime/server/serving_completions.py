@@ -110,7 +110,7 @@ class CompletionServing:
                 continue
             lp.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
             top = {self.base.token_str(t): max(v, LOGPROB_FLOOR) for t, v in e.top}
-            top.setdefault(token, max(e.logprob, LOGPROB_FLOOR))  # the sampled token is always listed
+            top.setdefault(token, max(e.logprob, LOGPROB_FLOOR))  # the sampled (or prompt) token is always listed
             lp.top_logprobs.append(top)
         return lp
 
