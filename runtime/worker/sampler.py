@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pllm.runtime.engine.sampling_params import SamplingParams
@@ -45,21 +46,40 @@ def _top_p_cut(values: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tenso
     return torch.maximum(threshold, kth)
 
 
-# the device type of the logits -> xgrammar's kernel for it: its Triton kernel on a GPU, its C++ one on the CPU
-_BITMASK_BACKENDS = {"cuda": "triton", "cpu": "cpu"}
-
-
 def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[SampleInputs], rows: list[int]) -> None:
     """Structured output: set to -inf, in place, every token the grammar of a constrained row forbids, for the whole
-    batch in one kernel launch; unconstrained rows are left alone (indices)."""
+    batch at once; unconstrained rows are left alone. The path is chosen by the logits' device."""
+    bitmask = torch.stack([requests[i].token_bitmask for i in rows])  # [num_rows, ceil(vocab_size / 32)] int32
+    _BITMASK_APPLIERS.get(logits.device.type, _mask_with_xgrammar)(logits, bitmask, rows)
+
+
+def _mask_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    # numpy unpacks the bits and one masked_fill applies them: ~0.6 ms for 32 rows of a 49,152-token vocabulary
+    # whatever the mask, where xgrammar's CPU kernel took 0.1 ms for mostly open masks but 5 ms for mostly closed
+    # ones (the structural positions of JSON), measured on this project's 2-core VM
+    vocab_size = logits.shape[1]
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")  # [num_rows, words * 32]
+    blocked = torch.from_numpy(bits[:, :vocab_size].view(np.bool_)).logical_not()  # [num_rows, vocab_size]
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(blocked, -torch.inf)
+    else:
+        index = torch.tensor(rows)
+        logits[index] = logits[index].masked_fill_(blocked, -torch.inf)
+
+
+def _mask_with_xgrammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     import xgrammar as xgr  # only a step holding a constrained request gets here
 
-    # [num_seqs, ceil(vocab_size / 32)] int32: rows of free requests are never read (indices skips them)
-    bitmask = torch.full((logits.shape[0], requests[rows[0]].token_bitmask.shape[0]), -1, dtype=torch.int32)
-    bitmask[rows] = torch.stack([requests[i].token_bitmask for i in rows])
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    backend = _BITMASK_BACKENDS.get(logits.device.type, "torch_native")
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows, backend=backend)
+    # xgrammar reads bitmask row i for logits row i: a full-batch bitmask, its free rows skipped through indices
+    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32)  # [num_seqs, words]
+    full[rows] = bitmask
+    backend = "triton" if logits.device.type == "cuda" else "torch_native"  # its Triton kernel on a GPU
+    xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), vocab_size=logits.shape[1],
+                                    indices=rows, backend=backend)
+
+
+# the logits' device type -> how the grammar masks reach them; any other device takes xgrammar's portable path
+_BITMASK_APPLIERS = {"cpu": _mask_on_cpu, "cuda": _mask_with_xgrammar}
 
 
 class Sampler:
