@@ -62,10 +62,11 @@ class StructuredOutputsParams:
         return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
 
     def key(self) -> tuple[str, str]:
-        """A canonical form: equal for specs that compile to the same grammar (schema key order aside)."""
+        """A canonical form: equal for specs that compile to the same grammar. Keys of a schema's objects are
+        sorted, except under "properties", whose order is the order the output writes them in."""
         kind = self.kind
         if kind == "json":
-            return kind, json.dumps(self.json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            return kind, json.dumps(_canonical(self.json), separators=(",", ":"), ensure_ascii=False)
         if kind == "choice":
             return kind, json.dumps(self.choice, ensure_ascii=False)
         return kind, "" if kind == "json_object" else getattr(self, kind)
@@ -84,7 +85,10 @@ class StructuredOutputsParams:
                 raise _bad(field_name, self.json, "a JSON schema: an object, or its JSON text")
             if _depth(self.json) > MAX_SCHEMA_DEPTH:
                 raise _bad(field_name, "a schema", f"nested at most {MAX_SCHEMA_DEPTH} levels deep")
-            size = len(self.key()[1])
+            try:
+                size = len(self.key()[1])
+            except (TypeError, ValueError) as exc:  # from Python: a value JSON cannot hold
+                raise _bad(field_name, "a schema", f"JSON data ({exc})") from None
             if size > MAX_STRUCTURED_CHARS:
                 raise _bad(field_name, f"{size} characters", f"at most {MAX_STRUCTURED_CHARS} characters as JSON")
         for name in ("regex", "grammar"):
@@ -115,6 +119,17 @@ def _depth(value: object) -> int:
                 break
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+def _canonical(value: object, ordered: bool = False) -> object:
+    """A schema with its objects' keys sorted, but for the property lists ("properties" values); depth is bounded
+    by MAX_SCHEMA_DEPTH before this runs."""
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    keys = list(value) if ordered else sorted(value, key=str)
+    return {k: _canonical(value[k], ordered=k == "properties" and not ordered) for k in keys}
 
 
 def _clip(value: object) -> str:

@@ -108,7 +108,12 @@ def test_json_schema_text_and_key_order_share_one_grammar(llm):
     ], use_tqdm=False)
     assert llm.engine.grammars.num_compiled - before <= 1  # one spec, however written (0 when cached earlier)
     for o in outs:
-        parse_valid(PERSON, o.outputs[0])
+        assert list(parse_valid(PERSON, o.outputs[0])) == ["name", "age", "ok", "tags"]
+    # the order of properties is the order of the output: a schema listing them reversed is another grammar
+    backwards = {**PERSON, "properties": dict(reversed(list(PERSON["properties"].items())))}
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, seed=1, max_tokens=200, structured_outputs=(
+        StructuredOutputsParams(json=backwards))), use_tqdm=False)[0].outputs[0]
+    assert list(parse_valid(PERSON, out)) == ["tags", "ok", "age", "name"]
 
 
 def test_regex_choice_and_grammar(llm):
