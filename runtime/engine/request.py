@@ -211,7 +211,10 @@ class StopChecker:
             not request.params.include_stop_str_in_output
             and request.finish_reason is FinishReason.STOP
             and position == len(request.output_token_ids) - 1
-            and request.output_token_ids[position] in self.stop_token_ids(request.params)
+            and (
+                request.output_token_ids[position] in self.stop_token_ids(request.params)
+                or (request.grammar is not None and request.grammar.finished)  # its EOS, even under ignore_eos
+            )
         )
 
     def stop_token_reason(self, request: Request) -> int | None:

@@ -182,7 +182,7 @@ def test_preemption_mid_json_keeps_the_grammar_in_step(tiny_build):
 
 def test_finished_grammar_allows_only_eos_over_min_tokens_and_ignore_eos(llm):
     spec = StructuredOutputsParams(choice=["yes", "no"])
-    for extra in ({"min_tokens": 10}, {"ignore_eos": True}):
+    for extra in ({"min_tokens": 10}, {"ignore_eos": True}, {"ignore_eos": True, "skip_special_tokens": False}):
         out = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, seed=5, max_tokens=30, structured_outputs=spec,
                                                       **extra), use_tqdm=False)[0].outputs[0]
         assert out.finish_reason == "stop" and out.text in ("yes", "no"), (extra, out)
