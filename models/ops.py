@@ -82,3 +82,22 @@ class Ops(Protocol):
     def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
         """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(silu(g) * u)."""
         ...
+
+    # encoders (bert) ------------------------------------------------------------------------------
+    def layer_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [T, H]: LayerNorm(x + residual) * weight + bias (residual optional), BERT's post-norm."""
+        ...
+
+    def encoder_attention(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Bidirectional attention, no cache: each token attends to every token of its own sequence, which this
+        step holds whole (meta.query_start_loc delimits the sequences)."""
+        ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pllm.models.bert import BERT
 from pllm.models.config import ConfigError
 from pllm.models.family import ModelFamily
 from pllm.models.llama import LLAMA
@@ -9,6 +10,7 @@ from pllm.models.mistral import MISTRAL
 from pllm.models.qwen2 import QWEN2
 
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2)}
+FAMILIES[BERT.model_type] = BERT  # an encoder: embeddings only
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

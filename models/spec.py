@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,16 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+class ModelKind(str, enum.Enum):
+    """What a model computes: the runtime sizes a KV cache and samples only for decoders."""
+
+    DECODER = "decoder"  # causal LM: paged KV cache, generates and embeds
+    ENCODER = "encoder"  # bidirectional (bert): no KV cache, embeds only
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # llama | mistral | qwen2
+    model_type: str  # llama | mistral | qwen2 | bert
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -38,6 +46,10 @@ class ModelSpec:
     torch_dtype: str  # the checkpoint's dtype, one of DTYPES
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # encoders (bert) ----------------------------------------------------------------------------
+    kind: ModelKind = ModelKind.DECODER
+    type_vocab_size: int = 0  # rows of the token-type (segment) embedding; 0 for decoders
+    layer_norm_eps: float = 0.0  # LayerNorm epsilon of encoders (decoders read rms_norm_eps)
 
     # derived ------------------------------------------------------------------------------------
     @property
@@ -62,4 +74,5 @@ class ModelSpec:
         rs = d.get("rope_scaling")
         d["rope_scaling"] = RopeScaling(**rs) if rs else None
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        d["kind"] = ModelKind(d.get("kind", ModelKind.DECODER))
         return cls(**d)

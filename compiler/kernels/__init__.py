@@ -7,6 +7,8 @@ from pllm.compiler.kernels import (
     cpu_rms_norm,
     cpu_rope_kv_write,
     decode_attention,
+    encoder_attention,
+    layer_norm,
     mlp,
     prefill_attention,
     rms_norm,
@@ -23,6 +25,9 @@ KERNELS: tuple[Kernel, ...] = (
     cpu_decode_attention.KERNEL,
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
+    # encoders
+    layer_norm.KERNEL,
+    encoder_attention.KERNEL,
 )
 
 __all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]

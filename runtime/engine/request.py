@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.worker.step import Pooling, SampleInputs, SeqStep, StepBatch
 
+__all__ = ["FinishReason", "Pooling", "Request", "RequestStatus", "ScheduledBatch", "ScheduledSeq", "StopChecker"]
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not yet admitted, or preempted (its blocks freed, recomputed from scratch later)

@@ -30,6 +30,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        chunk_prompts: bool = True,
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
@@ -43,6 +44,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.stop = StopChecker(frozenset(eos_token_ids))
+        # False for an encoder: each prompt is computed whole in one step, waiting for a step with room for it
+        self.chunk_prompts = chunk_prompts
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests re-enter at the front
         self.running: list[Request] = []  # admission order: oldest first, preemption victims from the end
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -79,6 +82,12 @@ class Scheduler:
                     f"request {rid!r}: input of {request.num_tokens} tokens exceeds max_model_len {self.max_model_len}"
                 )
             max_len = max_kv_len = request.num_tokens
+            if not self.chunk_prompts and request.num_tokens > self.max_num_batched_tokens:
+                raise ValueError(
+                    f"request {rid!r}: input of {request.num_tokens} tokens exceeds max_num_batched_tokens "
+                    f"{self.max_num_batched_tokens}; an encoder computes each input whole in one step, so raise "
+                    "max_num_batched_tokens to at least max_model_len"
+                )
         else:
             if request.num_tokens >= self.max_model_len:
                 raise ValueError(
@@ -128,6 +137,8 @@ class Scheduler:
             hit = self.kv.get_computed_blocks(request) if request.pooling is None else None
             num_hit = hit.num_tokens if hit is not None else 0
             num_new = min(request.num_tokens - num_hit, budget)
+            if not self.chunk_prompts and num_new < request.num_tokens:
+                break  # whole or not at all: it waits for a step with room, and nobody overtakes it
             if not self.kv.allocate_slots(request, num_new, hit):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()

@@ -26,6 +26,7 @@ class CompletionServing:
         self.base = base
 
     async def prepare(self, req: CompletionRequest, arrival: float) -> Prepared:
+        self.base.check_generates()
         params = self.base.params(req, req.max_tokens, req.logprobs)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         requests, texts = [], []

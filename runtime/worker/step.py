@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
+from pllm.models.pooling import Pooling
 from pllm.runtime.engine.sampling_params import SamplingParams
 
-
-class Pooling(str, enum.Enum):
-    """How an embedding request turns its final hidden states into one vector."""
-
-    LAST = "last"  # the last token's
-    MEAN = "mean"  # the mean over every token
+__all__ = ["Pooling", "SampleInputs", "SeqStep", "StepBatch", "StepOutput"]
 
 
 @dataclass(frozen=True)
@@ -65,5 +60,6 @@ class StepBatch:
 class StepOutput:
     logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
     # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
-    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
+    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row; the
+    # chunk's first row for CLS pooling, of which the pooler keeps the first chunk's)
     pooled: dict[str, torch.Tensor]

@@ -43,6 +43,8 @@ class TorchOps:
         self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         self._rope_key: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # the step's rows are cached for
         self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        self._encoder_meta: AttentionMetadata | None = None  # the step whose padded layout is cached
+        self._encoder_cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
     def rms_norm(self, x, weight, eps, residual):
         if self.rms_norm_kernel is not None and x.is_contiguous():
@@ -178,6 +180,40 @@ class TorchOps:
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
         return self.linear(F.silu(gate) * up, down_weight)
+
+    # encoders (bert) ------------------------------------------------------------------------------
+    def layer_norm(self, x, weight, bias, eps, residual):
+        if residual is not None:
+            x = x + residual
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def encoder_attention(self, q, k, v, meta: AttentionMetadata, scale):
+        # Loop-free: the step's sequences padded into one [S, heads, max_len, d] batch for one SDPA call, padded
+        # keys masked off; the mask and row maps are built once per step, not per layer.
+        num_tokens, num_heads, head_dim = q.shape
+        rows, valid, key_mask = self._encoder_layout(meta)
+        num_seqs, max_len = valid.shape
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [T, h, d] -> [S, h, max_len, d]
+            out = x.new_zeros((num_seqs * max_len, x.shape[1], head_dim))
+            out.index_copy_(0, rows, x)
+            return out.view(num_seqs, max_len, x.shape[1], head_dim).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=key_mask, scale=scale,
+                                           enable_gqa=True)  # [S, heads, max_len, d]
+        return o.transpose(1, 2).reshape(num_seqs * max_len, num_heads, head_dim).index_select(0, rows)
+
+    def _encoder_layout(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per step: padded row of each token [T], the valid positions [S, max_len] and the key mask
+        [S, 1, 1, max_len]."""
+        if self._encoder_meta is not meta:
+            assert meta.query_lens_host == meta.seq_lens_host, "an encoder computes each sequence whole"
+            lens = torch.tensor(meta.query_lens_host)
+            max_len = meta.max_query_len
+            valid = torch.arange(max_len)[None, :] < lens[:, None]  # [S, max_len]
+            rows = valid.flatten().nonzero().flatten()  # [T], in token order: sequences are contiguous
+            self._encoder_meta, self._encoder_cached = meta, (rows, valid, valid[:, None, None, :])
+        return self._encoder_cached
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_prefix: int, scale: float) -> torch.Tensor:

@@ -82,7 +82,8 @@ class TritonOps:
         self.interpret = interpret
         self.read = dir_reader(self.kernel_dir) if read is None else read
         self.kernels = load_kernel_modules(self.kernel_dir, interpret, files, self.read)  # op -> module
-        self.eps = self.kernels["rms_norm"].EPS
+        # an encoder build has no rms_norm (its LayerNorm kernel carries its own eps)
+        self.eps = self.kernels["rms_norm"].EPS if "rms_norm" in self.kernels else None
         # Ahead-of-time artifacts are a compile check, reported only; launches go through Triton's JIT (and its
         # on-disk cache).
         self.compiled_status: tuple[bool, str] | None = None
@@ -145,3 +146,24 @@ class TritonOps:
 
     def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
         return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)
+
+    # encoders (bert) ------------------------------------------------------------------------------
+    def layer_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        kernel = self.kernels["layer_norm"]
+        # eps is baked into the rendered kernel; a different one means the build belongs to another model
+        assert eps == kernel.EPS, f"layer_norm eps {eps} differs from the rendered kernel's {kernel.EPS}"
+        return kernel.layer_norm(x, weight, bias, residual)
+
+    def encoder_attention(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        return self.kernels["encoder_attention"].encoder_attention(
+            q, k, v, meta.query_start_loc, scale, meta.max_query_len
+        )
