@@ -16,7 +16,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelKind, ModelSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
@@ -173,3 +173,25 @@ def compile_cpu_kernel(out_dir: Path, plan: KernelPlan, name: str) -> Path:
     entry = compile_cpu_kernels(out_dir, alone)
     assert "error" not in entry, entry["error"]
     return out_dir / entry["libraries"][name]
+
+
+@pytest.fixture(scope="session")
+def encoder_kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
+    """Factory: (interpret, dtype, layer_norm_eps=1e-12, **spec fields) -> TritonOps over an encoder plan's freshly
+    rendered kernels (layer_norm, encoder_attention); cached per shape, skipped in the other Triton mode."""
+    cache: dict[tuple, TritonOps] = {}
+
+    def make(*, interpret: bool, dtype: str, layer_norm_eps: float = 1e-12, **spec_fields: int) -> TritonOps:
+        key = (interpret, dtype, layer_norm_eps, tuple(sorted(spec_fields.items())))
+        if key not in cache:
+            spec = dataclasses.replace(tiny_spec(**spec_fields), kind=ModelKind.ENCODER, layer_norm_eps=layer_norm_eps)
+            plan = make_plan(spec, dtype, 16)
+            out_dir = tmp_path_factory.mktemp("encoder-kernels")
+            render_plan(plan, out_dir)
+            try:
+                cache[key] = TritonOps(out_dir, interpret, plan.op_files(Language.TRITON))
+            except TritonModeError as e:
+                pytest.skip(str(e))
+        return cache[key]
+
+    return make

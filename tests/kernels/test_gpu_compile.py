@@ -15,7 +15,7 @@ from pllm.compiler.gpu_compile import compile_kernels, resolve_target, triton_ca
 from pllm.compiler.kernel_modules import COMPILED_INFO_FILE
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelKind, ModelSpec
 from pllm.runtime.backends.triton.triton_ops import compiled_artifacts_status
 
 TARGETS = ("sm_80", "sm_90")  # the two the CLI offers by name
@@ -29,7 +29,16 @@ SHAPES = {
                           head_dim=64), "float16", 16),
     "hd80_fp32": (dict(hidden_size=320, intermediate_size=864, num_attention_heads=4, num_key_value_heads=1,
                        head_dim=80), "float32", 32),
+    # an encoder (bert): head_dim 80 and hidden 320 take the masked branches of its two kernels
+    "bert_hd80_fp16": (dict(hidden_size=320, intermediate_size=1280, num_attention_heads=4, num_key_value_heads=4,
+                            head_dim=80, kind=ModelKind.ENCODER, layer_norm_eps=1e-12), "float16", 16),
 }
+DECODER_VARIANTS = {
+    "rms_norm_residual", "rms_norm_plain", "rope_kv_write", "decode_attention_partial",
+    "decode_attention_reduce", "prefill_attention", "mlp_gate_up_silu_small_m", "mlp_gate_up_silu_large_m",
+    "mlp_down_proj_small_m", "mlp_down_proj_large_m",
+}
+ENCODER_VARIANTS = {"layer_norm_residual", "layer_norm_plain", "encoder_attention"}
 
 
 def _spec(fields: dict) -> ModelSpec:
@@ -91,11 +100,7 @@ def test_every_kernel_compiles(compiled_dirs, shape, target):
     out_dir = compiled_dirs[shape] / "compiled" / target
     info = json.loads((out_dir / COMPILED_INFO_FILE).read_text())
     assert info["target"] == target and info["triton_version"] == triton.__version__
-    expected = {
-        "rms_norm_residual", "rms_norm_plain", "rope_kv_write", "decode_attention_partial",
-        "decode_attention_reduce", "prefill_attention", "mlp_gate_up_silu_small_m", "mlp_gate_up_silu_large_m",
-        "mlp_down_proj_small_m", "mlp_down_proj_large_m",
-    }
+    expected = ENCODER_VARIANTS if shape.startswith("bert") else DECODER_VARIANTS
     assert set(info["kernels"]) == expected
     for name, entry in info["kernels"].items():
         ptx = (compiled_dirs[shape] / entry["ptx"]).read_text()
