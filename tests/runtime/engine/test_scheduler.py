@@ -375,3 +375,25 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+def test_an_encoder_scheduler_never_chunks_a_prompt():
+    """chunk_prompts=False (encoders): inputs go whole into steps of at most the token budget, in FCFS order; one
+    that does not fit the rest of a step waits for the next; one longer than the budget is refused."""
+    kv = KVCacheManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=32, eos_token_ids=(EOS,),
+                      chunk_prompts=False)
+    lens = [4, 5, 3, 10, 1]
+    for i, n in enumerate(lens):
+        sched.add_request(Request(f"e{i}", [1] * n, SamplingParams(), max_tokens=0, pooling=Pooling.MEAN))
+    steps = []
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        assert all(s.num_new_tokens == s.request.num_prompt_tokens and s.completes for s in batch.seqs)
+        steps.append([s.request.request_id for s in batch.seqs])
+        sched.update(batch, {})
+    # e2 is not split into the one token left beside e0 and e1; e4 would fit beside e3, but nobody overtakes
+    assert steps == [["e0", "e1"], ["e2"], ["e3"], ["e4"]]
+    assert kv.num_free_blocks == kv.num_blocks
+    with pytest.raises(ValueError, match="input of 11 tokens exceeds max_num_batched_tokens 10"):
+        sched.add_request(Request("long", [1] * 11, SamplingParams(), max_tokens=0, pooling=Pooling.MEAN))
