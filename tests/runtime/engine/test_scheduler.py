@@ -392,7 +392,7 @@ def test_an_encoder_scheduler_never_chunks_a_prompt():
         assert all(s.num_new_tokens == s.request.num_prompt_tokens and s.completes for s in batch.seqs)
         steps.append([s.request.request_id for s in batch.seqs])
         sched.update(batch, {})
-    # e2 is not split into the one token left beside e0 and e1; e4 would fit beside e3, but nobody overtakes
+    # e2 is not split into the one token left beside e0 and e1; e4 would fit beside e2, but nobody overtakes e3
     assert steps == [["e0", "e1"], ["e2"], ["e3"], ["e4"]]
     assert kv.num_free_blocks == kv.num_blocks
     with pytest.raises(ValueError, match="input of 11 tokens exceeds max_num_batched_tokens 10"):
