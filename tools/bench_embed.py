@@ -7,8 +7,9 @@ It is compiled with pllm-compile into a temporary build (float32), then both emb
 of mixed length (4 to 120 words, so some pass max_seq_length and are truncated by both). Each side batches as it
 does best: pllm takes every text at once and packs steps by its token budget (a few budgets are tried),
 sentence-transformers encodes in batches of its own (a few sizes are tried, sorted by length as it does). Both use
-the same torch thread count. Prints texts/s of each setting, the best of each side and their ratio, and checks
-that the vectors agree (the least cosine). A benchmark, not a test.
+the same torch thread count; the timed rounds take turns between all settings, and the best round of each counts.
+Prints texts/s of each setting, the best of each side and their ratio, and checks that the vectors agree (the
+least cosine). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -46,15 +47,6 @@ def minilm_folder(tmp: Path) -> Path:
     return tmp / "all-MiniLM-L6-v2"
 
 
-def best_time(fn, rounds: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(rounds):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -83,22 +75,30 @@ def main() -> None:
         folder = Path(args.model_dir) if args.model_dir else minilm_folder(Path(tmp))
         build_dir = build(str(folder), Path(tmp) / "build", BuildOptions(progress=False))
         st_model = SentenceTransformer(str(folder), device="cpu")
-        rows: list[tuple[str, float]] = []
-        vectors = {}
+        settings = {}  # name -> (embed all texts, vectors of its result)
         for budget in (int(b) for b in args.budgets.split(",")):
             llm = LLM(str(build_dir), backend="cpu", max_num_batched_tokens=budget, num_threads=args.threads)
-            llm.embed(texts[:16])  # warm-up
-            seconds, out = best_time(lambda llm=llm: llm.embed(texts), args.rounds)
-            rows.append((f"pllm cpu, max_num_batched_tokens={budget}", len(texts) / seconds))
-            vectors["pllm"] = torch.tensor([o.embedding for o in out])
-            del llm
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            st_model.encode(texts[:16], batch_size=batch_size)  # warm-up
-            seconds, out = best_time(
-                lambda b=batch_size: st_model.encode(texts, batch_size=b, convert_to_tensor=True), args.rounds
+            settings[f"pllm cpu, max_num_batched_tokens={budget}"] = (
+                lambda llm=llm: llm.embed(texts), lambda out: torch.tensor([o.embedding for o in out])
             )
-            rows.append((f"sentence-transformers, batch_size={batch_size}", len(texts) / seconds))
-            vectors["st"] = out.float()
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            settings[f"sentence-transformers, batch_size={batch_size}"] = (
+                lambda b=batch_size: st_model.encode(texts, batch_size=b, convert_to_tensor=True),
+                lambda out: out.float(),
+            )
+        for run, _ in settings.values():  # warm-up: one pass each (thread pools, allocator, oneDNN primitives)
+            run()
+        # rounds interleave the settings, so the drift of a shared machine hits all of them alike
+        best = dict.fromkeys(settings, float("inf"))
+        vectors = {}
+        for _ in range(args.rounds):
+            for name, (run, to_vectors) in settings.items():
+                start = time.perf_counter()
+                out = run()
+                best[name] = min(best[name], time.perf_counter() - start)
+                vectors[name.split(",")[0]] = to_vectors(out)
+        rows = [(name, len(texts) / seconds) for name, seconds in best.items()]
+    vectors = {"pllm": vectors["pllm cpu"], "st": vectors["sentence-transformers"]}
     cosine = torch.nn.functional.cosine_similarity(vectors["pllm"], vectors["st"], dim=-1).min().item()
     best_pllm = max(r for name, r in rows if name.startswith("pllm"))
     best_st = max(r for name, r in rows if name.startswith("sentence"))

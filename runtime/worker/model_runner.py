@@ -93,6 +93,8 @@ class ModelRunner:
         step. The scheduler still admits by blocks, so it gets bookkeeping blocks, which cost no memory: enough
         for max_num_seqs sequences of max_model_len tokens, so admission is bounded by the sequence cap and the
         token budget alone and nothing is ever preempted."""
+        if config.kv_cache_memory is not None:
+            logger.warning("pllm: kv_cache_memory=%d is not used: an encoder keeps no KV cache", config.kv_cache_memory)
         self.num_blocks = config.max_num_seqs * -(-max_model_len // self.block_size)
         self.max_model_len = max_model_len
         self.pad_block = self.num_blocks

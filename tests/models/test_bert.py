@@ -157,3 +157,16 @@ def test_sentence_transformers_modules_pllm_does_not_implement_are_refused(st_be
     with pytest.raises(ConfigError, match=match):
         build(str(folder), tmp_path / "build", BuildOptions(progress=False))
     assert not (tmp_path / "build").exists()
+
+
+def test_a_tampered_recipe_is_named_when_the_build_is_opened(st_bert_build, tmp_path):
+    from pllm.compiler.manifest import MANIFEST_DIGEST_KEY, BuildDirError, manifest_digest
+
+    copy = tmp_path / "build"
+    shutil.copytree(st_bert_build(), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["pooling"]["pooling"] = "max"  # re-signed: only the key check can catch it
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BuildDirError, match=r"key 'pooling.pooling' must be one of last, mean, cls, got 'max'"):
+        open_build(copy)
