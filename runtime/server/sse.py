@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
@@ -19,7 +20,7 @@ from pllm.runtime.server.protocol_responses import (
     UsageInfo,
 )
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
-from pllm.runtime.worker.sampler import TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 logger = logging.getLogger("pllm.server")
 
@@ -121,3 +122,14 @@ def error_info(status: int, message: str, param: str | None = None) -> ErrorInfo
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """The JSON of an error response: {"error": {message, type, param, code}}."""
     return ErrorResponse(error=error_info(status, message, param)).model_dump(mode="json")
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
+):
+    headers = {**(headers or {}), **({"Retry-After": str(retry_after_s)} if retry_after_s is not None else {})}
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers or None)

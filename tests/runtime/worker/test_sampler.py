@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from pllm.runtime.engine.request import Request, StopChecker, sample_inputs
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.worker.sampler import Sampler, SamplerOutput, TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
+from pllm.runtime.worker.sampler import Sampler, SamplerOutput
 from pllm.runtime.worker.step import SampleInputs
 
 VOCAB = 32
