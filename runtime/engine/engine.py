@@ -53,7 +53,9 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.build)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
-        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, config.enable_prefix_caching)
+        # an encoder's blocks are bookkeeping only (no cache behind them), and embeddings never read prefix hits
+        prefix_caching = config.enable_prefix_caching and spec.kind is ModelKind.DECODER
+        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, prefix_caching)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
