@@ -7,8 +7,12 @@ from pllm.models.family import ModelFamily
 from pllm.models.llama import LLAMA
 from pllm.models.mistral import MISTRAL
 from pllm.models.qwen2 import QWEN2
+from pllm.models.qwen3 import QWEN3
 
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2)}
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
+    LLAMA, MISTRAL, QWEN2,
+    QWEN3,
+)}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

@@ -9,6 +9,7 @@ from pllm.compiler.kernels import (
     decode_attention,
     mlp,
     prefill_attention,
+    qk_norm,
     rms_norm,
     rope_kv_write,
 )
@@ -16,6 +17,7 @@ from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
 
 KERNELS: tuple[Kernel, ...] = (
     rms_norm.KERNEL,
+    qk_norm.KERNEL,
     rope_kv_write.KERNEL,
     decode_attention.KERNEL,
     prefill_attention.KERNEL,
