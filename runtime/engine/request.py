@@ -38,6 +38,9 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
+    # Whether its K/V in the cache was computed with the sequence longer than the scheduler's recompute_past_len
+    # (models whose every position depends on the whole length: longrope)
+    kv_past_recompute_len: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -112,6 +115,7 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
         start_position=start,
         block_ids=tuple(req.block_ids),
         completes=seq.completes,
+        seq_total_len=req.num_tokens,
         sample=sample_inputs(req, stop) if seq.samples else None,
         pooling=req.pooling,
     )

@@ -38,6 +38,7 @@ def tiny_spec(
     rms_norm_eps: float = 1e-5,
     qk_norm: bool = False,
     norm_weight_offset: float = 0.0,
+    partial_rotary_factor: float = 1.0,
 ) -> ModelSpec:
     """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
     return ModelSpec(
@@ -60,6 +61,7 @@ def tiny_spec(
         eos_token_ids=(2,),
         qk_norm=qk_norm,
         norm_weight_offset=norm_weight_offset,
+        partial_rotary_factor=partial_rotary_factor,
     )
 
 

@@ -20,7 +20,7 @@ CONFIG = {
 
 
 def test_families_are_keyed_by_their_model_type():
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3")
+    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "phi3")
     assert all(family.model_type == key for key, family in FAMILIES.items())
 
 
