@@ -239,4 +239,7 @@ def llama_family(rules: ConfigRules) -> ModelFamily:
     )
 
 
-LLAMA = llama_family(ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False))
+# transformers biases all four projections when attention_bias is set; the layout has no o_proj bias, so refuse
+LLAMA = llama_family(
+    ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False, attention_bias_refused=True)
+)

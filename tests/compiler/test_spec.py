@@ -56,6 +56,7 @@ def test_transformers5_rope_parameters():
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
         ({"model_type": "mistral", "sliding_window": 128}, ["sliding_window=128", "not supported"]),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, ["sliding_window"]),
+        ({"attention_bias": True}, ["attention_bias", "llama", "o_proj", "cfg.json"]),  # HF biases o_proj too
     ],
 )
 def test_bad_configs_name_key_and_file(change, words):
