@@ -6,9 +6,11 @@ from pllm.models.config import ConfigError
 from pllm.models.family import ModelFamily
 from pllm.models.llama import LLAMA
 from pllm.models.mistral import MISTRAL
+from pllm.models.mixtral import MIXTRAL
 from pllm.models.qwen2 import QWEN2
 
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2)}
+FAMILIES[MIXTRAL.model_type] = MIXTRAL
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

@@ -20,6 +20,19 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts feed-forward block: a router picks num_experts_per_tok of num_experts per token."""
+
+    num_experts: int
+    num_experts_per_tok: int  # top-k
+    moe_intermediate_size: int  # each expert's gate/up width
+    norm_topk_prob: bool  # renormalise the top-k router probabilities to sum to one (mixtral: always)
+    # router weights rounded to the model dtype before weighting (qwen3_moe) or kept in float32 (mixtral)
+    round_router_weights: bool
+    sparse_layers: tuple[int, ...]  # decoder layers whose MLP is this block; the others keep the dense MLP
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_type: str  # llama | mistral | qwen2
     hidden_size: int
@@ -38,6 +51,8 @@ class ModelSpec:
     torch_dtype: str  # the checkpoint's dtype, one of DTYPES
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # mixture of experts (mixtral, qwen3_moe); None: every layer has the dense MLP
+    moe: MoeSpec | None = None
 
     # derived ------------------------------------------------------------------------------------
     @property
@@ -62,4 +77,6 @@ class ModelSpec:
         rs = d.get("rope_scaling")
         d["rope_scaling"] = RopeScaling(**rs) if rs else None
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        if d.get("moe"):
+            d["moe"] = MoeSpec(**{**d["moe"], "sparse_layers": tuple(d["moe"]["sparse_layers"])})
         return cls(**d)

@@ -16,7 +16,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelSpec, MoeSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
@@ -36,6 +36,7 @@ def tiny_spec(
     num_key_value_heads: int = 1,
     head_dim: int = 64,
     rms_norm_eps: float = 1e-5,
+    moe: MoeSpec | None = None,
 ) -> ModelSpec:
     """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
     return ModelSpec(
@@ -56,6 +57,7 @@ def tiny_spec(
         torch_dtype="float32",
         bos_token_id=1,
         eos_token_ids=(2,),
+        moe=moe,
     )
 
 
