@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face models (llama, qwen2, mistral) with a small byte-level BPE tokenizer."""
+"""Tiny random-weight Hugging Face models (llama, qwen2, mistral, mixtral) with a small byte-level BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", seed: int = 0, **o
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "mixtral": transformers.MixtralConfig,
     }[model_type]
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         common.setdefault("sliding_window", None)
     config = config_cls(**common)
     torch.manual_seed(seed)
