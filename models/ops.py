@@ -50,6 +50,20 @@ class Ops(Protocol):
         """x [T, H]. With residual: r = x + residual, returns (norm(r) * weight, r). Without: (norm(x) * weight, x)."""
         ...
 
+    def qk_norm(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], may be a strided view of the fused qkv projection
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,  # spec.norm_weight_offset: scale by (offset + w)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of every q and k head over its head_dim values. Offset 0 (qwen3): norm(x).to(dtype) * w, as
+        Hugging Face's RMSNorm rounds; offset 1 (gemma): (norm(x) * (1 + w)) in fp32, rounded once. Returns (q, k);
+        a backend may write them into the given views."""
+        ...
+
     def rope_kv_write(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]

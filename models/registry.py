@@ -8,9 +8,15 @@ from pllm.models.llama import LLAMA
 from pllm.models.mistral import MISTRAL
 from pllm.models.mixtral import MIXTRAL
 from pllm.models.qwen2 import QWEN2
+from pllm.models.qwen3 import QWEN3
+from pllm.models.qwen3_moe import QWEN3_MOE
 
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2)}
-FAMILIES[MIXTRAL.model_type] = MIXTRAL
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
+    LLAMA, MISTRAL, QWEN2,
+    QWEN3,
+    MIXTRAL,
+    QWEN3_MOE,
+)}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

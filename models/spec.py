@@ -51,6 +51,9 @@ class ModelSpec:
     torch_dtype: str  # the checkpoint's dtype, one of DTYPES
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # q/k norm (qwen3; gemma3 switches the offset on) ---------------------------------------------
+    qk_norm: bool = False  # RMSNorm over each q and k head (weights [head_dim]) between the projection and RoPE
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + w): 0 for llama-style norms, 1 for gemma's
     # mixture of experts (mixtral, qwen3_moe); None: every layer has the dense MLP
     moe: MoeSpec | None = None
 

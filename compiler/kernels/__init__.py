@@ -10,6 +10,7 @@ from pllm.compiler.kernels import (
     mlp,
     moe,
     prefill_attention,
+    qk_norm,
     rms_norm,
     rope_kv_write,
 )
@@ -17,6 +18,7 @@ from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
 
 KERNELS: tuple[Kernel, ...] = (
     rms_norm.KERNEL,
+    qk_norm.KERNEL,
     rope_kv_write.KERNEL,
     decode_attention.KERNEL,
     prefill_attention.KERNEL,

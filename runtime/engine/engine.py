@@ -57,10 +57,11 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids
         )
-        self.sampler = Sampler(spec.vocab_size, self.eos_token_ids, seed=config.seed)
+        self.sampler = Sampler(spec.vocab_size, seed=config.seed)
+        self.stop = StopChecker(frozenset(self.eos_token_ids))
         self.processor = OutputProcessor(
             self.tokenizer,
-            StopChecker(frozenset(self.eos_token_ids)),
+            self.stop,
             finish=lambda request_id: self.scheduler.finish_request(request_id, FinishReason.STOP),
             release=self.sampler.free,
         )
@@ -213,9 +214,10 @@ class LLMEngine:
                 self.pooler.restart(request)
         if batch.is_empty:
             return []
-        step_out = self.runner.execute(batch)
+        step = batch.snapshot(self.stop)
+        step_out = self.runner.execute(step)
         sampling = [s.request for s in batch.seqs if s.samples]
-        out = self.sampler.sample(step_out.logits, sampling)
+        out = self.sampler.sample(step_out.logits, step.sampling)
         sampled = {r.request_id: t for r, t in zip(sampling, out.token_ids)}
         self.scheduler.update(batch, sampled)
         self.stats.num_steps += 1

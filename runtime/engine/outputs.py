@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pllm.runtime.worker.sampler import TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Request: one sequence's state as the scheduler, runner and engine share it; ScheduledBatch: one step's work."""
+"""Request: one sequence's state in the engine; ScheduledBatch: one step's work, and its snapshot for the worker."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.worker.step import Pooling, SampleInputs, SeqStep, StepBatch
 
 
 class RequestStatus(enum.Enum):
@@ -18,13 +19,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"
-
-
-class Pooling(str, enum.Enum):
-    """How an embedding request turns its final hidden states into one vector."""
-
-    LAST = "last"  # the last token's
-    MEAN = "mean"  # the mean over every token
 
 
 @dataclass(eq=False)
@@ -61,9 +55,20 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """all_token_ids[start:end] without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return tuple(self.prompt_token_ids[start:end])
+        if start >= p:
+            return tuple(self.output_token_ids[start - p : end - p])
+        return (*self.prompt_token_ids[start:], *self.output_token_ids[: end - p])
+
 
 @dataclass(frozen=True)
 class ScheduledSeq:
+    """The scheduler's view of one sequence in a step: the live request (for update) and its token count."""
+
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
 
@@ -90,6 +95,40 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    def snapshot(self, stop: StopChecker) -> StepBatch:
+        """The step as the worker receives it: plain values copied now, so nothing the engine changes later
+        (update, a stop string, an abort) can reach into a step the worker is computing."""
+        return StepBatch(tuple(_seq_step(s, stop) for s in self.seqs))
+
+
+def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
+    req = seq.request
+    start = req.num_computed_tokens
+    end = start + seq.num_new_tokens
+    return SeqStep(
+        request_id=req.request_id,
+        token_ids=req.token_slice(start, end),
+        start_position=start,
+        block_ids=tuple(req.block_ids),
+        completes=seq.completes,
+        sample=sample_inputs(req, stop) if seq.samples else None,
+        pooling=req.pooling,
+    )
+
+
+def sample_inputs(request: Request, stop: StopChecker) -> SampleInputs:
+    """What the sampler needs of a request about to yield a token; token histories only where a penalty reads them."""
+    p = request.params
+    repetition = p.repetition_penalty != 1.0
+    penalised = repetition or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    return SampleInputs(
+        request_id=request.request_id,
+        params=p,
+        prompt_token_ids=tuple(request.prompt_token_ids) if repetition else (),
+        output_token_ids=tuple(request.output_token_ids) if penalised else (),
+        masked_token_ids=stop.masked_token_ids(request),
+    )
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,16 @@ from collections.abc import AsyncIterator
 
 from pllm.runtime.engine.outputs import RequestOutput
 from pllm.runtime.server.protocol import LOGPROB_FLOOR, CompletionRequest
-from pllm.runtime.server.protocol_responses import CompletionLogprobs
+from pllm.runtime.server.protocol_responses import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    CompletionStreamResponse,
+)
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
 from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, usage_chunk, usage_of
-from pllm.runtime.worker.sampler import TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 class CompletionServing:
@@ -45,7 +50,7 @@ class CompletionServing:
             raise EngineError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         return self.base.tokenizer.decode(ids)
 
-    async def response(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> dict:
+    async def response(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> CompletionResponse:
         finals = await collect(stream)
         base = prep.choice_base()
         choices = []
@@ -55,25 +60,22 @@ class CompletionServing:
                 prefix = prep.prompt_texts[i]
                 logprobs = self._completion_logprobs(o.logprobs, len(prefix)) if o.logprobs is not None else None
                 choices.append(
-                    {
-                        "index": base[r.request_id] + o.index,
-                        "text": prefix + o.text,
-                        "logprobs": logprobs.model_dump() if logprobs else None,
-                        "finish_reason": o.finish_reason,
-                        "stop_reason": o.stop_reason,
-                    }
+                    CompletionChoice(
+                        index=base[r.request_id] + o.index,
+                        text=prefix + o.text,
+                        logprobs=logprobs,
+                        finish_reason=o.finish_reason,
+                        stop_reason=o.stop_reason,
+                    )
                 )
-        choices.sort(key=lambda c: c["index"])
-        rid = prep.requests[0].request_id.rsplit("-", 1)[0]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": prep.created,
-            "model": self.base.model_name,
-            "choices": choices,
-            "usage": usage_of(finals),
-            "system_fingerprint": None,
-        }
+        choices.sort(key=lambda c: c.index)
+        return CompletionResponse(
+            id=prep.requests[0].request_id.rsplit("-", 1)[0],
+            created=prep.created,
+            model=self.base.model_name,
+            choices=choices,
+            usage=usage_of(finals),
+        )
 
     def _completion_logprobs(self, entries: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()
@@ -89,13 +91,15 @@ class CompletionServing:
         return lp
 
     def stream(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        rid = prep.requests[0].request_id.rsplit("-", 1)[0]
-        head = {"id": rid, "object": "text_completion", "created": prep.created, "model": self.base.model_name}
+        rid, model = prep.requests[0].request_id.rsplit("-", 1)[0], self.base.model_name
         opts = req.stream_options
         base = prep.choice_base()
         prompt_index = {r.request_id: i for i, r in enumerate(prep.requests)}
         cursors: dict[tuple[str, int], SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
+
+        def chunk(*choices: CompletionChoice) -> CompletionStreamResponse:
+            return CompletionStreamResponse(id=rid, created=prep.created, model=model, choices=list(choices))
 
         async def chunks() -> AsyncIterator[str]:
             async for out in stream:
@@ -111,17 +115,17 @@ class CompletionServing:
                         continue
                     logprobs = None
                     if o.logprobs is not None:
-                        logprobs = self._completion_logprobs(new_lps, cur.text_offset).model_dump()
-                        cur.text_offset += sum(len(t) for t in logprobs["tokens"])
-                    choice = {
-                        "index": base[out.request_id] + o.index,
-                        "text": prefix + text,
-                        "logprobs": logprobs,
-                        "finish_reason": o.finish_reason if done else None,
-                        "stop_reason": o.stop_reason if done else None,
-                    }
-                    yield choice_chunk(head, choice, opts, finals)
+                        logprobs = self._completion_logprobs(new_lps, cur.text_offset)
+                        cur.text_offset += sum(len(t) for t in logprobs.tokens)
+                    choice = CompletionChoice(
+                        index=base[out.request_id] + o.index,
+                        text=prefix + text,
+                        logprobs=logprobs,
+                        finish_reason=o.finish_reason if done else None,
+                        stop_reason=o.stop_reason if done else None,
+                    )
+                    yield choice_chunk(chunk(choice), opts, finals)
             if opts and opts.include_usage:
-                yield usage_chunk(head, finals)
+                yield usage_chunk(chunk(), finals)
 
         return guarded(chunks(), stream)

@@ -1,4 +1,4 @@
-"""ScheduledBatch -> input tensors + attention metadata -> model forward -> logits. Owns the device and KV cache."""
+"""StepBatch -> input tensors + attention metadata -> model forward -> logits. Owns the device and KV cache."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pllm.compiler.manifest import BuildManifest
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
 from pllm.runtime.engine.config import EngineConfig
-from pllm.runtime.engine.request import Pooling, ScheduledBatch
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.worker.loader import load_weights
+from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput
 
 logger = logging.getLogger("pllm")
 
@@ -54,14 +54,6 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
-    # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
-    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
-    pooled: dict[str, torch.Tensor]
 
 
 class ModelRunner:
@@ -176,7 +168,7 @@ class ModelRunner:
         )
         return capacity
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: StepBatch) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -188,24 +180,22 @@ class ModelRunner:
         bs = self.block_size
         max_blocks = 0
         for i, s in enumerate(batch.seqs):
-            req = s.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            tokens = req.all_token_ids
-            input_ids.extend(tokens[start:end])
+            start, end = s.start_position, s.end_position
+            input_ids.extend(s.token_ids)
             positions.extend(range(start, end))
-            block_ids = req.block_ids
+            block_ids = s.block_ids
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + s.num_new_tokens)
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
             max_blocks = max(max_blocks, -(-end // bs))
-            if s.samples:
+            if s.sample is not None:
                 sample_rows.append(query_start[-1] - 1)
-            elif req.pooling is not None:
+            elif s.pooling is not None:
                 pool_rows.append((i, query_start[-2], query_start[-1]))
         block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
         for i, s in enumerate(batch.seqs):
-            ids = s.request.block_ids[:max_blocks]
+            ids = s.block_ids[:max_blocks]
             block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
         dev = self.device
         meta = AttentionMetadata(
@@ -227,7 +217,7 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(self, batch: StepBatch) -> StepOutput:
         """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
         inputs = self.prepare(batch)
         hidden = None
@@ -239,12 +229,12 @@ class ModelRunner:
         pooled = {}
         for i, start, end in inputs.pool_rows:
             seq = batch.seqs[i]
-            if seq.request.pooling is Pooling.MEAN:
+            if seq.pooling is Pooling.MEAN:
                 rows = hidden[start:end].float()  # [num_new_tokens, hidden]
-                whole = seq.completes and seq.request.num_computed_tokens == 0
-                pooled[seq.request.request_id] = rows.mean(0) if whole else rows.sum(0)
+                whole = seq.completes and seq.start_position == 0
+                pooled[seq.request_id] = rows.mean(0) if whole else rows.sum(0)
             elif seq.completes:
-                pooled[seq.request.request_id] = hidden[end - 1].float()
+                pooled[seq.request_id] = hidden[end - 1].float()
         return StepOutput(logits, pooled)
 
 

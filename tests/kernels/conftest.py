@@ -36,6 +36,8 @@ def tiny_spec(
     num_key_value_heads: int = 1,
     head_dim: int = 64,
     rms_norm_eps: float = 1e-5,
+    qk_norm: bool = False,
+    norm_weight_offset: float = 0.0,
     moe: MoeSpec | None = None,
 ) -> ModelSpec:
     """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
@@ -57,6 +59,8 @@ def tiny_spec(
         torch_dtype="float32",
         bos_token_id=1,
         eos_token_ids=(2,),
+        qk_norm=qk_norm,
+        norm_weight_offset=norm_weight_offset,
         moe=moe,
     )
 
@@ -71,7 +75,7 @@ def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Triton
     """
     cache: dict[tuple, TritonOps] = {}
 
-    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: int | float) -> TritonOps:
+    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: int | float | bool) -> TritonOps:
         key = (interpret, dtype, block_size, tuple(sorted(spec_fields.items())))
         if key not in cache:
             plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)

@@ -34,7 +34,7 @@ def test_every_op_a_kernel_implements_is_bound_by_its_backend():
 def test_manifest_records_each_kernels_op_and_language():
     moe = MoeSpec(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
                   round_router_weights=False, sparse_layers=(0,))
-    plan = make_plan(tiny_spec(moe=moe), "bfloat16", 16)
+    plan = make_plan(tiny_spec(qk_norm=True, moe=moe), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
     assert list(entries) == [k.name for k in KERNELS]  # every kernel applies to this spec, in registry order
     assert "moe" not in make_plan(tiny_spec(), "bfloat16", 16).to_manifest()["kernels"]  # dense: no moe kernel

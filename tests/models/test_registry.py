@@ -20,11 +20,12 @@ CONFIG = {
 # keys a family requires beyond CONFIG
 FAMILY_KEYS = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [0]},
 }
 
 
 def test_families_are_keyed_by_their_model_type():
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "mixtral")
+    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
     assert all(family.model_type == key for key, family in FAMILIES.items())
 
 

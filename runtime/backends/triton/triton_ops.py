@@ -106,6 +106,20 @@ class TritonOps:
         assert eps == self.eps, f"rms_norm eps {eps} differs from the rendered kernel's {self.eps}"
         return self.kernels["rms_norm"].rms_norm(x, weight, residual)
 
+    def qk_norm(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = self.kernels["qk_norm"]
+        # eps and offset are baked into the rendered kernel; others mean the build belongs to another model
+        assert (eps, offset) == (kernel.EPS, kernel.NORM_OFFSET), f"qk_norm eps/offset {eps}/{offset} differ"
+        return kernel.qk_norm(q, k, q_weight, k_weight)
+
     def rope_kv_write(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
