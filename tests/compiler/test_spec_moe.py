@@ -80,3 +80,67 @@ def test_bad_mixtral_configs_name_key_value_and_file(change, words):
 
 def test_mixtral_window_covering_the_context_is_accepted():
     assert spec_from_config({**MIXTRAL, "sliding_window": 4096}).moe.num_experts == 4
+
+
+QWEN3_MOE = {
+    **MIXTRAL,
+    "model_type": "qwen3_moe",
+    "num_hidden_layers": 4,
+    "intermediate_size": 96,
+    "num_experts": 8,
+    "moe_intermediate_size": 32,
+}
+del QWEN3_MOE["num_local_experts"]
+
+
+def test_qwen3_moe_spec_reads_its_keys():
+    spec = spec_from_config({**QWEN3_MOE, "norm_topk_prob": True, "mlp_only_layers": [1], "decoder_sparse_step": 2})
+    moe = spec.moe
+    assert spec.qk_norm and spec.intermediate_size == 96 and spec.head_dim == 16
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (8, 2, 32)
+    assert moe.norm_topk_prob and moe.round_router_weights
+    assert moe.sparse_layers == (3,)  # every 2nd layer (1 and 3), less the mlp-only layer 1
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    defaults = spec_from_config(QWEN3_MOE).moe
+    assert not defaults.norm_topk_prob and defaults.sparse_layers == (0, 1, 2, 3)
+
+
+def test_qwen3_moe_reads_transformers5s_num_local_experts():
+    cfg = {**QWEN3_MOE, "num_local_experts": 6}
+    del cfg["num_experts"]
+    assert spec_from_config(cfg).moe.num_experts == 6
+
+
+def test_qwen3_moe_layout_mixes_dense_and_sparse_layers():
+    spec = spec_from_config({**QWEN3_MOE, "mlp_only_layers": [0, 2]})
+    layout = family_of("qwen3_moe", "cfg.json").weight_layout(spec)
+    assert layout["layers.0.gate_up_proj"].shape == (192, 64) and "layers.0.router" not in layout
+    assert "layers.1.gate_up_proj" not in layout and layout["layers.1.experts_down"].shape == (8, 64, 32)
+    assert layout["layers.1.experts_gate_up"].hf_names[1] == "model.layers.1.mlp.experts.0.up_proj.weight"
+    assert layout["layers.3.router"].hf_names == ("model.layers.3.mlp.gate.weight",)
+    assert "layers.3.q_norm" in layout
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_experts": None}, ["num_experts", "missing"]),
+        ({"num_experts": -1}, ["num_experts", "-1"]),
+        ({"num_experts_per_tok": 9}, ["num_experts_per_tok", "9", "8 experts"]),
+        ({"moe_intermediate_size": None}, ["moe_intermediate_size", "missing"]),
+        ({"moe_intermediate_size": 0}, ["moe_intermediate_size", "0"]),
+        ({"norm_topk_prob": "yes"}, ["norm_topk_prob", "'yes'"]),
+        ({"decoder_sparse_step": 0}, ["decoder_sparse_step", "0"]),
+        ({"mlp_only_layers": 1}, ["mlp_only_layers", "1"]),
+        ({"mlp_only_layers": [4]}, ["mlp_only_layers", "4", "num_hidden_layers=4"]),
+        ({"mlp_only_layers": ["0"]}, ["mlp_only_layers", "'0'"]),
+        ({"use_sliding_window": True, "sliding_window": 64}, ["sliding_window=64", "not supported"]),
+        ({"attention_bias": True}, ["attention_bias"]),
+    ],
+)
+def test_bad_qwen3_moe_configs_name_key_value_and_file(change, words):
+    cfg = {k: v for k, v in {**QWEN3_MOE, **change}.items() if v is not None}
+    with pytest.raises(ConfigError) as e:
+        spec_from_config(cfg, "cfg.json")
+    for w in ["cfg.json", *words]:
+        assert w in str(e.value), (w, str(e.value))
