@@ -1,6 +1,8 @@
 """Mixture-of-experts families: greedy output equals transformers in fp32, batched, chunked and preempted; interpret
 equals cpu."""
 
+import logging
+
 import pytest
 import torch
 import transformers
@@ -63,10 +65,12 @@ def hf_refs(tiny_dir):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_moe_matches_hf_batched_chunked_and_preempted(tiny_build, hf_refs, case):
+def test_moe_matches_hf_batched_chunked_and_preempted(tiny_build, hf_refs, case, caplog):
     model_type, overrides = CASES[case]
     build = str(tiny_build(model_type, **overrides))
-    batched = LLM(build, backend="cpu", kv_cache_memory=1 << 24).generate(PROMPTS, GREEDY, use_tqdm=False)
+    with caplog.at_level(logging.INFO):
+        batched = LLM(build, backend="cpu", kv_cache_memory=1 << 24).generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert "in PyTorch always: " in caplog.text and "mixture of experts" in caplog.text  # the log says which
     for out in batched:
         assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
         assert out.outputs[0].token_ids == hf_refs(case, out.prompt_token_ids), out.prompt

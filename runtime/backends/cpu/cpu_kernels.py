@@ -214,6 +214,7 @@ BINDINGS = {
 # Model features no compiled cpu kernel implements: (what the start-up log calls it, whether the model has it)
 PYTORCH_ONLY: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("q/k norm", lambda spec: spec.qk_norm),
+    ("mixture of experts (grouped by expert, cpu_moe.py)", lambda spec: spec.moe is not None),
 )
 
 
