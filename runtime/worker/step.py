@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,13 @@ class Pooling(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int  # the chosen (or, for a prompt position, the given) token
+    logprob: float  # its log-probability under log_softmax of the raw logits
+    top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
 class SampleInputs:
     """What the sampler needs of one sequence whose step yields a token."""
 
@@ -26,6 +33,16 @@ class SampleInputs:
     prompt_token_ids: tuple[int, ...]  # only when params.repetition_penalty applies (it counts the prompt), else ()
     output_token_ids: tuple[int, ...]  # only when a penalty applies, else ()
     masked_token_ids: frozenset[int]  # ids it may not pick yet (the stop ids while under min_tokens)
+
+
+@dataclass(frozen=True)
+class PromptLogprobInputs:
+    """Which of a prompt chunk's rows yield prompt logprobs: row i of the chunk (position start_position + i)
+    predicts the token after it, so the rows from first_position on score target_token_ids, one each."""
+
+    num_top: int  # params.prompt_logprobs: how many best tokens to list per position
+    first_position: int  # the first row's position; >= the chunk's start (rows a preemption already scored skip)
+    target_token_ids: tuple[int, ...]  # the prompt tokens at first_position + 1, first_position + 2, ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class SeqStep:
     completes: bool  # this step reaches the end of the sequence
     sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)
     pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
+    prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens
 
     @property
     def num_new_tokens(self) -> int:
@@ -67,3 +85,5 @@ class StepOutput:
     # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
     # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
     pooled: dict[str, torch.Tensor]
+    # request_id -> the prompt logprobs this step scored for it, in position order (SeqStep.prompt_logprobs)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
