@@ -10,6 +10,7 @@ import torch
 from pllm.models.config import ConfigError, positive
 from pllm.models.family import RuntimeTensor
 from pllm.models.llama import LayerWeights, LlamaModel
+from pllm.models.ops import Ops
 from pllm.models.spec import ModelSpec, MoeSpec
 
 
@@ -88,7 +89,7 @@ class MoeLayerWeights(LayerWeights):
 class MoeModel(LlamaModel):
     """The llama forward pass; the layers spec.moe names route each token to its top-k experts."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], ops, max_positions: int):
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], ops: Ops, max_positions: int):
         super().__init__(spec, weights, ops, max_positions)
         self.layers = [MoeLayerWeights.from_tensors(weights, spec, i) for i in range(spec.num_hidden_layers)]
 
