@@ -16,7 +16,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelSpec, MoeSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
@@ -39,6 +39,7 @@ def tiny_spec(
     qk_norm: bool = False,
     norm_weight_offset: float = 0.0,
     partial_rotary_factor: float = 1.0,
+    moe: MoeSpec | None = None,
 ) -> ModelSpec:
     """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
     return ModelSpec(
@@ -62,6 +63,7 @@ def tiny_spec(
         qk_norm=qk_norm,
         norm_weight_offset=norm_weight_offset,
         partial_rotary_factor=partial_rotary_factor,
+        moe=moe,
     )
 
 
