@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pllm.models.pooling import Pooling, PoolingConfig
-from pllm.models.spec import DTYPES, ModelKind, ModelSpec, RopeScaling
+from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language
 FORMAT_VERSION = 3
@@ -241,6 +241,7 @@ _SPEC_KINDS = {
     "int | None": lambda v: v is None or type(v) is int,
     "tuple[int, ...]": lambda v: type(v) is list and all(type(t) is int for t in v),
     "RopeScaling | None": lambda v: v is None or type(v) is dict,
+    "MoeSpec | None": lambda v: v is None or type(v) is dict,
     "ModelKind": lambda v: v in [kind.value for kind in ModelKind],
 }
 
@@ -257,6 +258,9 @@ def _spec_from_manifest(d: dict, manifest_file: Path) -> ModelSpec:
     unknown = set(rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
     if unknown:
         raise _fail(manifest_file, "spec.rope_scaling", "a RopeScaling object", rope_scaling)
+    moe = d["moe"]
+    if moe is not None and set(moe) != {f.name for f in dataclasses.fields(MoeSpec)}:
+        raise _fail(manifest_file, "spec.moe", "a MoeSpec object", moe)
     return ModelSpec.from_dict(d)
 
 

@@ -26,6 +26,10 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_host: tuple[int, ...]  # host copies, so the CPU path needs no device sync
     seq_lens_host: tuple[int, ...]
+    # [num_tokens] int64: the known length of each token's sequence when the step was scheduled (prompt + outputs
+    # so far), what rotary tables that switch on the sequence length read (longrope). None: each token's
+    # position + 1, as for every decode token.
+    seq_total_lens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -40,8 +44,9 @@ class Ops(Protocol):
     """What a model definition may call. Each backend (cpu, interpret, cuda) provides one implementation.
 
     Caches are per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
-    cos_sin_cache [max_positions, head_dim] float32: cos in [:, :head_dim//2], sin in [:, head_dim//2:],
-    rotate-half (GPT-NeoX) pairing, as Hugging Face Llama applies it.
+    cos_sin_cache [num_rows, rotary_dim] float32: cos in [:, :rotary_dim//2], sin in [:, rotary_dim//2:],
+    rotate-half (GPT-NeoX) pairing within the first rotary_dim dims of each head (all of them unless the model has
+    partial rotary), as Hugging Face Llama and Phi3 apply it.
     """
 
     def rms_norm(
@@ -50,18 +55,33 @@ class Ops(Protocol):
         """x [T, H]. With residual: r = x + residual, returns (norm(r) * weight, r). Without: (norm(x) * weight, x)."""
         ...
 
+    def qk_norm(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], may be a strided view of the fused qkv projection
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,  # spec.norm_weight_offset: scale by (offset + w)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of every q and k head over its head_dim values. Offset 0 (qwen3): norm(x).to(dtype) * w, as
+        Hugging Face's RMSNorm rounds; offset 1 (gemma): (norm(x) * (1 + w)) in fp32, rounded once. Returns (q, k);
+        a backend may write them into the given views."""
+        ...
+
     def rope_kv_write(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         positions: torch.Tensor,  # [T] int64
-        cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] float32
+        cos_sin_cache: torch.Tensor,  # [num_rows, rotary_dim] float32
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,  # [T] int64
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q and k; write rotated k and v into the caches at slot_mapping. Returns (q_rot, k_rot)."""
+        """Rotate the first rotary_dim dims of q and k (the rest pass unchanged); write rotated k and v into the
+        caches at slot_mapping. `positions` are rows of cos_sin_cache. Returns (q_rot, k_rot)."""
         ...
 
     def attention(
@@ -81,6 +101,18 @@ class Ops(Protocol):
 
     def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
         """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(silu(g) * u)."""
+        ...
+
+    def moe(
+        self,
+        x: torch.Tensor,  # [T, H]
+        topk_weights: torch.Tensor,  # [T, K] float32, the router's weight of each chosen expert
+        topk_ids: torch.Tensor,  # [T, K] int64, distinct expert ids per token
+        gate_up_weights: torch.Tensor,  # [E, 2 * I, H], each expert's gate rows first
+        down_weights: torch.Tensor,  # [E, H, I]
+    ) -> torch.Tensor:  # [T, H]
+        """Sum over k of w[t, k] * down_e(silu(gate_e(x)) * up_e(x)) for e = ids[t, k], as transformers computes it:
+        each expert's output rounded to x's dtype, weighted in float32, rounded, and added in ascending expert order."""
         ...
 
     # encoders (bert) ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from pllm.compiler.manifest import open_build
+from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.kv_cache import KVCacheManager
@@ -53,12 +54,18 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.build)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
+        recompute_past_len = recompute_length(spec)
+        prefix_caching = config.enable_prefix_caching and recompute_past_len is None
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("pllm: prefix caching off: this model's K/V at every position depends on the sequence "
+                        "length (longrope past %d tokens), not on the tokens alone", recompute_past_len)
         # an encoder's blocks are bookkeeping only (no cache behind them), and embeddings never read prefix hits
-        prefix_caching = config.enable_prefix_caching and spec.kind is ModelKind.DECODER
+        prefix_caching = prefix_caching and spec.kind is ModelKind.DECODER
         self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, prefix_caching)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
+            recompute_past_len,
             chunk_prompts=spec.kind is ModelKind.DECODER,  # an encoder attends over its whole input at once
         )
         self.sampler = Sampler(spec.vocab_size, seed=config.seed)

@@ -16,7 +16,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelKind, ModelSpec
+from pllm.models.spec import ModelKind, ModelSpec, MoeSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
@@ -36,6 +36,10 @@ def tiny_spec(
     num_key_value_heads: int = 1,
     head_dim: int = 64,
     rms_norm_eps: float = 1e-5,
+    qk_norm: bool = False,
+    norm_weight_offset: float = 0.0,
+    partial_rotary_factor: float = 1.0,
+    moe: MoeSpec | None = None,
 ) -> ModelSpec:
     """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
     return ModelSpec(
@@ -56,6 +60,10 @@ def tiny_spec(
         torch_dtype="float32",
         bos_token_id=1,
         eos_token_ids=(2,),
+        qk_norm=qk_norm,
+        norm_weight_offset=norm_weight_offset,
+        partial_rotary_factor=partial_rotary_factor,
+        moe=moe,
     )
 
 
@@ -69,7 +77,7 @@ def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Triton
     """
     cache: dict[tuple, TritonOps] = {}
 
-    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: int | float) -> TritonOps:
+    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: int | float | bool) -> TritonOps:
         key = (interpret, dtype, block_size, tuple(sorted(spec_fields.items())))
         if key not in cache:
             plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)

@@ -170,3 +170,23 @@ def test_a_tampered_recipe_is_named_when_the_build_is_opened(st_bert_build, tmp_
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BuildDirError, match=r"key 'pooling.pooling' must be one of last, mean, cls, got 'max'"):
         open_build(copy)
+
+
+def test_every_layout_tensor_reaches_the_model_once():
+    """The encoder's side of tests/models/test_registry.py: no final norm, no LM head, every tensor used once."""
+    from dataclasses import fields
+
+    from pllm.models.registry import family_of
+
+    family = family_of("bert", "cfg.json")
+    config = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 100, "max_position_embeddings": 32}
+    spec = family.spec_from_config(config, "cfg.json")
+    layout = family.weight_layout(spec)
+    weights = {name: torch.zeros(entry.shape) for name, entry in layout.items()}
+    model = family.model(spec, weights, None, 32)  # the constructor only keeps the ops
+    per_layer = [getattr(layer, f.name) for layer in model.layers for f in fields(layer)]
+    embeddings = [weights[n] for n in ("embed_tokens", "embed_positions", "embed_token_types", "embed_norm",
+                                       "embed_norm_bias")]
+    assert sorted(id(t) for t in per_layer + embeddings) == sorted(id(t) for t in weights.values())
+    assert all(not name.startswith("pooler.") for entry in layout.values() for name in entry.hf_names)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pllm.models.ops import AttentionMetadata
 from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite, check_step_rows
+from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
 
 _HAS_ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
@@ -16,11 +17,25 @@ _HAS_ONEDNN_LINEAR = (
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, head_dim]; cos, signed_sin [T, 1, head_dim]. HF Llama's x * cos + rotate_half(x) * sin, with
-    # rotate_half's negation folded into the sin table (negation is exact, so the result is bit-identical)
-    half = x.shape[-1] // 2
+    # x [T, heads, head_dim]; cos, signed_sin [T, 1, rotary_dim]. HF Llama's x * cos + rotate_half(x) * sin, with
+    # rotate_half's negation folded into the sin table (negation is exact, so the result is bit-identical); with
+    # partial rotary (HF Phi3) only the first rotary_dim dims turn and the rest pass unchanged
+    rotary_dim = cos.shape[-1]
+    if rotary_dim != x.shape[-1]:
+        return torch.cat((_rotate(x[..., :rotary_dim], cos, signed_sin), x[..., rotary_dim:]), dim=-1)
+    half = rotary_dim // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return x * cos + swapped * signed_sin
+
+
+def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    # x [T, heads, head_dim]; weight [head_dim]. Offset 0: Hugging Face's Llama/Qwen3 RMSNorm (round the normalised
+    # row, then multiply in the dtype); otherwise gemma's (offset + w) in fp32, rounded once.
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:
+        return weight * normed.to(x.dtype)
+    return (normed * (offset + weight.float())).to(x.dtype)
 
 
 class TorchOps:
@@ -57,6 +72,13 @@ class TorchOps:
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * normed.to(x.dtype), x
 
+    def qk_norm(self, q, k, q_weight, k_weight, eps, offset):
+        # PyTorch on every cpu build (no compiled kernel does it). The results go back into the given views of the
+        # fused projection, so q, k and v keep the one row stride the compiled RoPE kernel reads.
+        q.copy_(_head_rms_norm(q, q_weight, eps, offset))
+        k.copy_(_head_rms_norm(k, k_weight, eps, offset))
+        return q, k
+
     def rope_kv_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
         cos, signed_sin = self._rope_rows(positions, cos_sin_cache, q.dtype)
         if self.rope_kernel is not None and self.rope_kernel.accepts(q, k, v):
@@ -70,12 +92,12 @@ class TorchOps:
         return q, k
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
-        """cos and signed sin rows [T, 1, head_dim] for this step's positions, built once per step, not per layer."""
+        """cos and signed sin rows [T, 1, rotary_dim] for this step's rows, built once per step, not per layer."""
         key = self._rope_key
         if key is None or key[0] is not positions or key[1] is not cos_sin_cache or key[2] != dtype:
             half = cos_sin_cache.shape[-1] // 2
-            cs = cos_sin_cache.index_select(0, positions)  # [T, head_dim]
-            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, head_dim]
+            cs = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
+            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, rotary_dim]
             sin = cs[:, half:]
             signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
             self._rope_key, self._rope_cached = (positions, cos_sin_cache, dtype), (cos, signed_sin)
@@ -180,6 +202,9 @@ class TorchOps:
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
         return self.linear(F.silu(gate) * up, down_weight)
+
+    def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
+        return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
 
     # encoders (bert) ------------------------------------------------------------------------------
     def layer_norm(self, x, weight, bias, eps, residual):

@@ -107,6 +107,20 @@ class TritonOps:
         assert eps == self.eps, f"rms_norm eps {eps} differs from the rendered kernel's {self.eps}"
         return self.kernels["rms_norm"].rms_norm(x, weight, residual)
 
+    def qk_norm(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = self.kernels["qk_norm"]
+        # eps and offset are baked into the rendered kernel; others mean the build belongs to another model
+        assert (eps, offset) == (kernel.EPS, kernel.NORM_OFFSET), f"qk_norm eps/offset {eps}/{offset} differ"
+        return kernel.qk_norm(q, k, q_weight, k_weight)
+
     def rope_kv_write(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
@@ -146,6 +160,16 @@ class TritonOps:
 
     def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
         return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)
+
+    def moe(
+        self,
+        x: torch.Tensor,  # [T, H]
+        topk_weights: torch.Tensor,  # [T, K] float32
+        topk_ids: torch.Tensor,  # [T, K] int64
+        gate_up_weights: torch.Tensor,  # [E, 2 * I, H]
+        down_weights: torch.Tensor,  # [E, H, I]
+    ) -> torch.Tensor:
+        return self.kernels["moe"].moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
 
     # encoders (bert) ------------------------------------------------------------------------------
     def layer_norm(
