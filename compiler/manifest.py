@@ -237,6 +237,7 @@ _SPEC_KINDS = {
     "int | None": lambda v: v is None or type(v) is int,
     "tuple[int, ...]": lambda v: type(v) is list and all(type(t) is int for t in v),
     "RopeScaling | None": lambda v: v is None or type(v) is dict,
+    "float | None": lambda v: v is None or type(v) in (int, float),
 }
 
 

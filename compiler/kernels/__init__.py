@@ -9,6 +9,7 @@ from pllm.compiler.kernels import (
     decode_attention,
     mlp,
     prefill_attention,
+    qk_norm,
     rms_norm,
     rope_kv_write,
 )
@@ -23,6 +24,7 @@ KERNELS: tuple[Kernel, ...] = (
     cpu_decode_attention.KERNEL,
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
+    qk_norm.KERNEL,
 )
 
 __all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]
