@@ -229,7 +229,7 @@ class Gemma3Model:
         self.layers = [Gemma3LayerWeights.from_tensors(weights, spec, i) for i in range(spec.num_hidden_layers)]
         self.ops = ops
         device = weights["embed_tokens"].device
-        self.global_cos_sin = rope_cos_sin(spec, max_positions).to(device)
+        self.cos_sin = rope_cos_sin(spec, max_positions).to(device)  # global layers
         local = dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None)
         self.local_cos_sin = rope_cos_sin(local, max_positions).to(device)
         # sqrt(hidden) rounded to the model's dtype first, as transformers scales the embeddings
@@ -254,7 +254,7 @@ class Gemma3Model:
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, eps, offset)
-            cos_sin = self.global_cos_sin if layer.window is None else self.local_cos_sin
+            cos_sin = self.cos_sin if layer.window is None else self.local_cos_sin
             k_cache, v_cache = kv_caches[i]
             q, k = ops.rope_kv_write(q, k, v, meta.positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, spec.attention_scale, layer.window,

@@ -37,6 +37,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         # the K loop of gate_up runs over hidden, the one of down over intermediate
         "mask_k_hidden": spec.hidden_size % BLOCK_K != 0,
         "mask_k_intermediate": spec.intermediate_size % BLOCK_K != 0,
+        # the epilogue: one option per activation the template has, exactly one set
+        **{f"act_{name}": name == constants["ACTIVATION"] for name in ACTIVATIONS},
     }
     return constants, options
 

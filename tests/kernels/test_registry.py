@@ -31,7 +31,7 @@ def test_every_op_a_kernel_implements_is_bound_by_its_backend():
 
 
 def test_manifest_records_each_kernels_op_and_language():
-    plan = make_plan(tiny_spec(), "bfloat16", 16)
+    plan = make_plan(tiny_spec(qk_norm=True), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
     assert list(entries) == [k.name for k in KERNELS]  # every kernel applies to this spec, in registry order
     for kernel in KERNELS:

@@ -20,7 +20,8 @@ CONFIG = {
 
 
 def test_families_are_keyed_by_their_model_type():
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2")
+    assert SUPPORTED_MODEL_TYPES[:3] == ("llama", "mistral", "qwen2")
+    assert {"gemma3_text", "gemma3"} <= set(SUPPORTED_MODEL_TYPES)
     assert all(family.model_type == key for key, family in FAMILIES.items())
 
 
@@ -30,26 +31,33 @@ def test_unknown_model_type_names_the_value_and_file(model_type):
         family_of(model_type, "cfg.json")
 
 
+def config_of(model_type: str, **extra) -> dict:
+    """CONFIG as `model_type`'s config.json holds it (gemma3: the text model's keys in text_config)."""
+    if model_type == "gemma3":
+        return {"model_type": model_type, "text_config": {**CONFIG, **extra}}
+    return {**CONFIG, "model_type": model_type, **extra}
+
+
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 @pytest.mark.parametrize("tied", [False, True])
 def test_every_layout_tensor_reaches_the_model_once(model_type, tied):
     family = family_of(model_type, "cfg.json")
-    spec = family.spec_from_config({**CONFIG, "model_type": model_type, "tie_word_embeddings": tied}, "cfg.json")
+    spec = family.spec_from_config(config_of(model_type, tie_word_embeddings=tied), "cfg.json")
     layout = family.weight_layout(spec)
     weights = {name: torch.zeros(entry.shape) for name, entry in layout.items()}
     model = family.model(spec, weights, None, 16)  # the constructor only keeps the ops
     per_layer = [getattr(layer, f.name) for layer in model.layers for f in fields(layer)]
-    used = [t for t in per_layer if t is not None] + [weights["embed_tokens"], weights["norm"]]
+    used = [t for t in per_layer if isinstance(t, torch.Tensor)] + [weights["embed_tokens"], weights["norm"]]
     used += [] if tied else [weights["lm_head"]]
     assert sorted(id(t) for t in used) == sorted(id(t) for t in weights.values())
-    assert all((layer.qkv_bias is not None) == spec.attention_bias for layer in model.layers)
+    assert all((getattr(layer, "qkv_bias", None) is not None) == spec.attention_bias for layer in model.layers)
     assert model.cos_sin.shape == (16, spec.head_dim)
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 def test_checkpoint_names_the_build_checks_agree_with_the_layout(model_type):
     family = family_of(model_type, "cfg.json")
-    spec = family.spec_from_config({**CONFIG, "model_type": model_type}, "cfg.json")
+    spec = family.spec_from_config(config_of(model_type), "cfg.json")
     layout = family.weight_layout(spec)
     assert layout["embed_tokens"].hf_names == (family.hf_embedding,)
     for name, entry in layout.items():

@@ -40,7 +40,8 @@ class TorchOps:
         self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
-        self._decode_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        # window (None: whole context) -> that step's decode rows and mask
+        self._decode_cached: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_key: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # the step's rows are cached for
         self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
@@ -99,11 +100,14 @@ class TorchOps:
                 start += 1
                 continue
             num_blocks = -(-seq_len // block_size)
-            blocks = meta.block_tables[i, :num_blocks].long()
-            k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
-            v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
+            # a windowed layer reads only the blocks from the one holding its first query's oldest visible key
+            first_block = 0 if window is None else max(0, seq_len - query_len - window + 1) // block_size
+            skipped = first_block * block_size  # keys before the gathered ones: positions shift by this much
+            blocks = meta.block_tables[i, first_block:num_blocks].long()
+            k = k_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - skipped]  # [keys, kv_heads, head_dim]
+            v = v_cache.index_select(0, blocks).flatten(0, 1)[: seq_len - skipped]
             qs = q[start : start + query_len]  # [query_len, heads, head_dim]
-            out[start : start + query_len] = _attend(qs, k, v, seq_len - query_len, scale, window, softcap)
+            out[start : start + query_len] = _attend(qs, k, v, seq_len - query_len - skipped, scale, window, softcap)
             start += query_len
         return out
 
@@ -124,35 +128,38 @@ class TorchOps:
         return self._kernel_rows
 
     def _decode_layout(
-        self, meta: AttentionMetadata, block_size: int, num_kv_heads: int
+        self, meta: AttentionMetadata, block_size: int, num_kv_heads: int, window: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per step, not per layer: cache row of every (sequence, kv head, position), and the padding mask.
+        """Per step and window, not per layer: cache row of every (sequence, kv head, position), and the mask.
 
         Gathering K/V rows straight into [B, kv, L, d] order with one index_select skips both the slow advanced
-        indexing and a transpose copy; positions past a sequence's end read block 0 and are masked out.
+        indexing and a transpose copy; positions past a sequence's end, and before a windowed layer's window (their
+        blocks may be back in the pool), read the sequence's newest row and are masked out.
         """
         if self._decode_meta is not meta:
+            self._decode_meta, self._decode_cached = meta, {}
+        if window not in self._decode_cached:
             max_len = meta.max_seq_len
             pos = torch.arange(max_len, device=meta.block_tables.device)
+            lens = torch.tensor(meta.seq_lens_host, device=pos.device)
+            hidden = pos[None, :] >= lens[:, None]  # [B, L]
+            if window is not None:
+                hidden |= pos[None, :] <= lens[:, None] - 1 - window  # transformers' key > query - window
             blocks = meta.block_tables[:, pos // block_size].long()  # [B, L]
             slots = blocks * block_size + pos % block_size  # [B, L]
+            # hidden positions read the sequence's own newest row instead: finite, and in a block it holds
+            newest = slots.gather(1, (lens - 1)[:, None].long())  # [B, 1]
+            slots = torch.where(hidden, newest, slots)
             heads = torch.arange(num_kv_heads, device=slots.device)
             rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, kv, L]
-            lens = torch.tensor(meta.seq_lens_host, device=slots.device)
-            pad = pos[None, :] >= lens[:, None]  # [B, L]
-            self._decode_meta, self._decode_cached = meta, (rows.flatten(), pad[:, None, None, :])
-        return self._decode_cached
+            self._decode_cached[window] = (rows.flatten(), hidden[:, None, None, :])
+        return self._decode_cached[window]
 
     def _decode(self, q, k_cache, v_cache, meta, scale, window, softcap):
         # q [B, heads, d]; every sequence's context gathered and padded to max_seq_len
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-        rows, pad = self._decode_layout(meta, block_size, num_kv_heads)
-        if window is not None:
-            # positions that fell out of the window are masked as padding is: key > query - window
-            pos = torch.arange(pad.shape[-1], device=pad.device)
-            lens = torch.tensor(meta.seq_lens_host, device=pad.device)
-            pad = pad | (pos[None, :] <= lens[:, None] - 1 - window)[:, None, None, :]
+        rows, pad = self._decode_layout(meta, block_size, num_kv_heads, window)
         k = k_cache.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, -1, head_dim)  # [B,kv,L,d]
         v = v_cache.view(-1, head_dim).index_select(0, rows).view(num_seqs, num_kv_heads, -1, head_dim)
         qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, kv, group, d]
