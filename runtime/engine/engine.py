@@ -57,10 +57,11 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids
         )
-        self.sampler = Sampler(spec.vocab_size, self.eos_token_ids, seed=config.seed)
+        self.sampler = Sampler(spec.vocab_size, seed=config.seed)
+        self.stop = StopChecker(frozenset(self.eos_token_ids))
         self.processor = OutputProcessor(
             self.tokenizer,
-            StopChecker(frozenset(self.eos_token_ids)),
+            self.stop,
             finish=lambda request_id: self.scheduler.finish_request(request_id, FinishReason.STOP),
             release=self.sampler.free,
         )
@@ -158,6 +159,8 @@ class LLMEngine:
             child_params = params
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples per sequence
                 child_params = dataclasses.replace(params, seed=params.seed + index)
+            if index > 0 and params.prompt_logprobs is not None:  # the prompt is shared: the first scores it
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             children.append(Request(child_id, list(ids), child_params, now, max_tokens))
         for request in children:  # identical but for their ids: the first the scheduler refuses is child 0
@@ -213,9 +216,10 @@ class LLMEngine:
                 self.pooler.restart(request)
         if batch.is_empty:
             return []
-        step_out = self.runner.execute(batch)
+        step = batch.snapshot(self.stop)
+        step_out = self.runner.execute(step)
         sampling = [s.request for s in batch.seqs if s.samples]
-        out = self.sampler.sample(step_out.logits, sampling)
+        out = self.sampler.sample(step_out.logits, step.sampling)
         sampled = {r.request_id: t for r, t in zip(sampling, out.token_ids)}
         self.scheduler.update(batch, sampled)
         self.stats.num_steps += 1
@@ -225,7 +229,7 @@ class LLMEngine:
         self.stats.num_generation_tokens += len(sampling)
         now = time.monotonic()
         pooled = self.pooler.fold(step_out.pooled, now) if step_out.pooled else []
-        return self.processor.process(sampling, out.logprobs, now) + pooled
+        return self.processor.process(sampling, out.logprobs, now, step_out.prompt_logprobs) + pooled
 
     # -- embeddings -------------------------------------------------------------------------------
     def add_embedding_request(

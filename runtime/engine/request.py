@@ -1,4 +1,4 @@
-"""Request: one sequence's state as the scheduler, runner and engine share it; ScheduledBatch: one step's work."""
+"""Request: one sequence's state in the engine; ScheduledBatch: one step's work, and its snapshot for the worker."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.worker.step import Pooling, PromptLogprobInputs, SampleInputs, SeqStep, StepBatch
 
 
 class RequestStatus(enum.Enum):
@@ -18,13 +19,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"
-
-
-class Pooling(str, enum.Enum):
-    """How an embedding request turns its final hidden states into one vector."""
-
-    LAST = "last"  # the last token's
-    MEAN = "mean"  # the mean over every token
 
 
 @dataclass(eq=False)
@@ -44,6 +38,9 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
+    # prompt positions whose logprobs (of the token after each) have been scored: a high-water mark a
+    # preemption keeps, so recomputing the prompt scores nothing twice
+    num_prompt_logprob_rows: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -61,9 +58,26 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """True while some prompt token asked for (params.prompt_logprobs) has no logprob yet: the first has
+        none (nothing precedes it), each other one is scored by the row of the token before it."""
+        return self.params.prompt_logprobs is not None and self.num_prompt_logprob_rows < self.num_prompt_tokens - 1
+
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """all_token_ids[start:end] without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return tuple(self.prompt_token_ids[start:end])
+        if start >= p:
+            return tuple(self.output_token_ids[start - p : end - p])
+        return (*self.prompt_token_ids[start:], *self.output_token_ids[: end - p])
+
 
 @dataclass(frozen=True)
 class ScheduledSeq:
+    """The scheduler's view of one sequence in a step: the live request (for update) and its token count."""
+
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
 
@@ -90,6 +104,53 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
+
+    def snapshot(self, stop: StopChecker) -> StepBatch:
+        """The step as the worker receives it: plain values copied now, so nothing the engine changes later
+        (update, a stop string, an abort) can reach into a step the worker is computing."""
+        return StepBatch(tuple(_seq_step(s, stop) for s in self.seqs))
+
+
+def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
+    req = seq.request
+    start = req.num_computed_tokens
+    end = start + seq.num_new_tokens
+    return SeqStep(
+        request_id=req.request_id,
+        token_ids=req.token_slice(start, end),
+        start_position=start,
+        block_ids=tuple(req.block_ids),
+        completes=seq.completes,
+        sample=sample_inputs(req, stop) if seq.samples else None,
+        pooling=req.pooling,
+        prompt_logprobs=prompt_logprob_inputs(req, start, end),
+    )
+
+
+def prompt_logprob_inputs(request: Request, start: int, end: int) -> PromptLogprobInputs | None:
+    """The rows of the chunk [start, end) that score prompt tokens not yet scored; None when there are none."""
+    if not request.needs_prompt_logprobs:
+        return None
+    first = max(start, request.num_prompt_logprob_rows)
+    last = min(end, request.num_prompt_tokens - 1)  # the last prompt row predicts the first output token
+    if first >= last:
+        return None
+    targets = tuple(request.prompt_token_ids[first + 1 : last + 1])
+    return PromptLogprobInputs(request.params.prompt_logprobs, first, targets)
+
+
+def sample_inputs(request: Request, stop: StopChecker) -> SampleInputs:
+    """What the sampler needs of a request about to yield a token; token histories only where a penalty reads them."""
+    p = request.params
+    repetition = p.repetition_penalty != 1.0
+    penalised = repetition or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    return SampleInputs(
+        request_id=request.request_id,
+        params=p,
+        prompt_token_ids=tuple(request.prompt_token_ids) if repetition else (),
+        output_token_ids=tuple(request.output_token_ids) if penalised else (),
+        masked_token_ids=stop.masked_token_ids(request),
+    )
 
 
 @dataclass(frozen=True)

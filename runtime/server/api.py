@@ -1,59 +1,51 @@
-"""The FastAPI app: OpenAI routes, error shapes, auth, body limits, strict JSON, X-Request-Id, disconnects."""
+"""The FastAPI app: OpenAI routes, error shapes, strict JSON bodies, disconnects; wrapped in guard.RequestGuard."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import hmac
 import logging
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm import __version__
 from pllm.runtime.server.async_engine import AsyncEngine
+from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, RequestGuard
 from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
-from pllm.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from pllm.runtime.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from pllm.runtime.server.protocol_responses import (
     ChatCompletionResponse,
     CompletionResponse,
+    DetokenizeResponse,
     EmbeddingResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeResponse,
 )
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 from pllm.runtime.server.serving import OpenAIServing
 from pllm.runtime.server.serving_chat import ChatServing
 from pllm.runtime.server.serving_completions import CompletionServing
 from pllm.runtime.server.serving_embeddings import EmbeddingServing
-from pllm.runtime.server.sse import error_body
+from pllm.runtime.server.serving_tokenize import TokenizeServing
+from pllm.runtime.server.sse import error_response
 
 logger = logging.getLogger("pllm.server")
 
-MAX_BODY_BYTES = 4 * 2**20  # as vLLM's h11 limit after CVE-2025-48956
-REQUEST_BODY_TIMEOUT_S = 60.0  # a 4 MiB body at 70 KB/s still makes it
-MAX_REQUEST_ID_LEN = 128
 ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 500, 503)}
-OPEN_PATHS = ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
-
-
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    retry_after_s: int | None = None,
-    headers: dict[str, str] | None = None,
-):
-    headers = {**(headers or {}), **({"Retry-After": str(retry_after_s)} if retry_after_s is not None else {})}
-    return JSONResponse({"error": error_body(status, message, param)}, status_code=status, headers=headers or None)
 
 
 class BadBody(StarletteHTTPException):
@@ -86,70 +78,6 @@ class _StrictJSONRoute(APIRoute):
         return strict
 
 
-class _Guard:
-    """Pure ASGI middleware (streaming-safe): X-Request-Id, the body-size and body-time limits, the Bearer key.
-
-    The key guards /v1/* only: /health, /version, /metrics and the OpenAPI docs stay open (as in vLLM) so
-    orchestrators and scrapers need no secret; bind to loopback or put a proxy in front to hide them.
-    """
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, request_body_timeout_s: float):
-        self.app = app
-        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
-        self.max_body_bytes = max_body_bytes
-        self.request_body_timeout_s = request_body_timeout_s
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not (0 < len(request_id) <= MAX_REQUEST_ID_LEN and request_id.isprintable() and request_id.isascii()):
-            request_id = uuid.uuid4().hex
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        reply = None
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            reply = error_response(400, "Invalid Content-Length header.")
-        elif int(length) > self.max_body_bytes:
-            reply = error_response(413, f"Request body is larger than the {self.max_body_bytes}-byte limit.")
-        elif self.key_digest is not None and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            given = headers.get(b"authorization", b"")
-            token = given[7:] if given[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(hashlib.sha256(token).digest(), self.key_digest):
-                reply = error_response(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').")
-        if reply is not None:
-            return await reply(scope, receive, send_with_id)
-
-        num_bytes, body_done = 0, False
-        deadline = asyncio.get_running_loop().time() + self.request_body_timeout_s
-
-        async def receive_limited():
-            nonlocal num_bytes, body_done
-            if body_done:  # later receives only wait for a disconnect, which may take as long as generating
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-            except TimeoutError:  # a slow-body client would otherwise hold its connection and task forever
-                timeout = self.request_body_timeout_s
-                message = f"The request body did not arrive within {timeout:g} s."
-                raise StarletteHTTPException(408, message, headers={"Connection": "close"}) from None
-            body_done = message["type"] != "http.request" or not message.get("more_body", False)
-            if message["type"] == "http.request":
-                num_bytes += len(message.get("body", b""))
-                if num_bytes > self.max_body_bytes:  # chunked bodies carry no Content-Length
-                    limit = self.max_body_bytes
-                    raise StarletteHTTPException(413, f"Request body is larger than the {limit}-byte limit.")
-            return message
-
-        await self.app(scope, receive_limited, send_with_id)
-
-
 class SSEResponse(StreamingResponse):
     """An SSE response that aborts its engine requests however it ends (a disconnect may cancel it unstarted)."""
 
@@ -174,7 +102,8 @@ async def _until_disconnect(raw: Request, stream: RequestStream, work) -> Respon
 
     watcher = asyncio.create_task(watch())
     try:
-        return JSONResponse(await work)
+        body = await work
+        return Response(body.model_dump_json(), media_type="application/json")
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; uvicorn drops it
     finally:
@@ -208,6 +137,7 @@ def create_app(
     serving = OpenAIServing(engine, served_model_names)
     completion_serving, chat_serving = CompletionServing(serving), ChatServing(serving)
     embedding_serving = EmbeddingServing(serving)
+    tokenize_serving = TokenizeServing(serving, chat_serving)
     app = FastAPI(title="pllm", version=__version__)
     app.router.route_class = _StrictJSONRoute
     app.state.serving = serving
@@ -268,6 +198,19 @@ def create_app(
         log_ignored(body)
         return await embedding_serving.create(body, arrival, functools.partial(_until_disconnect, raw))
 
+    # As vLLM serves them: outside /v1, so not behind the API key (RequestGuard guards /v1 only).
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest):
+        serving.check_model(body.model)
+        log_ignored(body)
+        return await tokenize_serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest):
+        serving.check_model(body.model)
+        log_ignored(body)
+        return await tokenize_serving.detokenize(body)
+
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():
         cards = [
@@ -307,4 +250,4 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
-    return _Guard(app, api_key, max_body_bytes, request_body_timeout_s)  # type: ignore[return-value]
+    return RequestGuard(app, api_key, max_body_bytes, request_body_timeout_s)  # type: ignore[return-value]

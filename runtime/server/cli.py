@@ -18,9 +18,10 @@ import uvicorn
 
 from pllm import __version__
 from pllm.runtime.engine.config import BACKENDS, EngineConfig
-from pllm.runtime.server.api import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, create_app
+from pllm.runtime.server.api import create_app
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
+from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.metrics import ServerMetrics
 
 logger = logging.getLogger("pllm.server")

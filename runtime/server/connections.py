@@ -20,7 +20,7 @@ class ConnectionLimits:
 
 
 async def _over_capacity(scope, receive, send) -> None:
-    body = json.dumps({"error": error_body(503, "Too many open connections; retry later.")}).encode()
+    body = json.dumps(error_body(503, "Too many open connections; retry later.")).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -34,7 +34,7 @@ async def _over_capacity(scope, receive, send) -> None:
 class LimitedH11Protocol(H11Protocol):
     """uvicorn times out only idle keep-alive connections: a client that connects and stays silent, or sends
     its headers a byte at a time (slowloris), holds a connection until shutdown. This one closes any connection
-    whose next request head is not complete within the deadline. (Slow bodies are the app's _Guard's: 408.)"""
+    whose next request head is not complete within the deadline. (Slow bodies are guard.RequestGuard's: 408.)"""
 
     def __init__(self, *args, limits: ConnectionLimits, **kwargs):
         super().__init__(*args, **kwargs)

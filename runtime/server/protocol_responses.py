@@ -1,11 +1,26 @@
-"""OpenAI response bodies (errors, usage, completions, chat, chunks, embeddings, models): what the API documents."""
+"""Response bodies (errors, usage, completions, chat, embeddings, tokenizer, models): what is documented is sent."""
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+
+
+class OmitsNone(BaseModel):
+    """A body that leaves out, rather than sends as null, the fields OpenAI leaves out when unset (a delta's
+    unchanged parts, a stream chunk's usage)."""
+
+    omitted_if_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        for name in self.omitted_if_none:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
 
 
 class ErrorInfo(BaseModel):
@@ -43,6 +58,18 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(OmitsNone):
+    """One SSE chunk of a streamed completion: the same object name and choice shape as the whole response."""
+
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("usage",)
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -92,8 +119,9 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(BaseModel):
-    role: str | None = None
+class DeltaMessage(OmitsNone):
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("role", "content")
+    role: Literal["assistant"] | None = None
     content: str | None = None
 
 
@@ -105,7 +133,8 @@ class ChatStreamChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(OmitsNone):
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("usage",)
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -127,6 +156,17 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[EmbeddingData]
     usage: UsageInfo
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs: the tokenizer's own strings for the ids
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

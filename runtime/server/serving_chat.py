@@ -7,10 +7,21 @@ from collections.abc import AsyncIterator
 
 from pllm.runtime.engine.outputs import RequestOutput
 from pllm.runtime.server.protocol import LOGPROB_FLOOR, ChatCompletionRequest
+from pllm.runtime.server.protocol_responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprob,
+    ChatLogprobToken,
+    ChatStreamChoice,
+    DeltaMessage,
+)
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
 from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, sse, usage_chunk, usage_of
-from pllm.runtime.worker.sampler import TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 class ChatServing:
@@ -30,7 +41,9 @@ class ChatServing:
             raise EngineError(400, "The rendered chat prompt is empty.")
         return Prepared([EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)], [""])
 
-    def _render_chat(self, req: ChatCompletionRequest, conversation: list[dict]) -> list[int]:
+    def _render_chat(
+        self, req: ChatCompletionRequest, conversation: list[dict], add_special_tokens: bool = False
+    ) -> list[int]:
         import jinja2
 
         tok = self.base.tokenizer
@@ -48,54 +61,57 @@ class ChatServing:
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise EngineError(400, f"The chat template could not be applied: {str(exc)[:500]}") from None
         self.base.check_chars(text)
-        return self.base.encode(text, add_special_tokens=False)
+        return self.base.encode(text, add_special_tokens=add_special_tokens)
 
-    async def response(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> dict:
+    async def response(
+        self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream
+    ) -> ChatCompletionResponse:
         finals = await collect(stream)
         out = finals[prep.requests[0].request_id]
         choices = [
-            {
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": {"content": self._chat_logprobs(o.logprobs)} if o.logprobs is not None else None,
-                "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason,
-            }
+            ChatChoice(
+                index=o.index,
+                message=AssistantMessage(content=o.text),
+                logprobs=self._chat_logprobs(o.logprobs),
+                finish_reason=o.finish_reason,
+                stop_reason=o.stop_reason,
+            )
             for o in out.outputs
         ]
-        return {
-            "id": prep.requests[0].request_id,
-            "object": "chat.completion",
-            "created": prep.created,
-            "model": self.base.model_name,
-            "choices": choices,
-            "usage": usage_of(finals),
-            "system_fingerprint": None,
-        }
+        return ChatCompletionResponse(
+            id=prep.requests[0].request_id,
+            created=prep.created,
+            model=self.base.model_name,
+            choices=choices,
+            usage=usage_of(finals),
+        )
 
-    def _chat_logprobs(self, entries: list[TokenLogprobs]) -> list[dict]:
+    def _chat_logprobs(self, entries: list[TokenLogprobs] | None) -> ChatChoiceLogprobs | None:
+        if entries is None:
+            return None
+
         def item(token_id: int, logprob: float) -> dict:
             token = self.base.token_str(token_id)
             return {"token": token, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(token.encode())}
 
-        return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]
+        tokens = [
+            ChatLogprobToken(**item(e.token_id, e.logprob), top_logprobs=[ChatLogprob(**item(t, v)) for t, v in e.top])
+            for e in entries
+        ]
+        return ChatChoiceLogprobs(content=tokens)
 
     def stream(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        head = {
-            "id": prep.requests[0].request_id,
-            "object": "chat.completion.chunk",
-            "created": prep.created,
-            "model": self.base.model_name,
-        }
+        rid, model = prep.requests[0].request_id, self.base.model_name
         opts = req.stream_options
         cursors: dict[int, SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
 
+        def chunk(*choices: ChatStreamChoice) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=prep.created, model=model, choices=list(choices))
+
         async def chunks() -> AsyncIterator[str]:
             for index in range(req.n):  # the role chunk comes first, as OpenAI sends it
-                delta = {"role": "assistant", "content": ""}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-                yield sse({**head, "choices": [choice]})
+                yield sse(chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))))
             async for out in stream:
                 finals[out.request_id] = out
                 for o in out.outputs:
@@ -103,16 +119,15 @@ class ChatServing:
                     text, new_lps, done = advance(cur, o)
                     if not (text or new_lps or done):
                         continue
-                    choice = {
-                        "index": o.index,
-                        "delta": {"content": text},
-                        "logprobs": {"content": self._chat_logprobs(new_lps)} if o.logprobs is not None else None,
-                        "finish_reason": o.finish_reason if done else None,
-                    }
-                    if done:
-                        choice["stop_reason"] = o.stop_reason
-                    yield choice_chunk(head, choice, opts, finals)
+                    choice = ChatStreamChoice(
+                        index=o.index,
+                        delta=DeltaMessage(content=text),
+                        logprobs=self._chat_logprobs(new_lps if o.logprobs is not None else None),
+                        finish_reason=o.finish_reason if done else None,
+                        stop_reason=o.stop_reason if done else None,
+                    )
+                    yield choice_chunk(chunk(choice), opts, finals)
             if opts and opts.include_usage:
-                yield usage_chunk(head, finals)
+                yield usage_chunk(chunk(), finals)
 
         return guarded(chunks(), stream)

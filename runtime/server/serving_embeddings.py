@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -12,6 +11,7 @@ import numpy as np
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.server.protocol import EmbeddingRequest
+from pllm.runtime.server.protocol_responses import EmbeddingData, EmbeddingResponse, UsageInfo
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 from pllm.runtime.server.serving import OpenAIServing
 
@@ -46,7 +46,9 @@ class EmbeddingServing:
             requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival, pooling="last"))
         return requests
 
-    async def _embedding_response(self, req: EmbeddingRequest, requests: list[EngineRequest], stream) -> dict:
+    async def _embedding_response(
+        self, req: EmbeddingRequest, requests: list[EngineRequest], stream
+    ) -> EmbeddingResponse:
         index = {r.request_id: i for i, r in enumerate(requests)}
         results: list = [None] * len(requests)
         async for out in stream:
@@ -59,13 +61,11 @@ class EmbeddingServing:
                 vec = base64.b64encode(np.asarray(r.embedding, dtype="<f4").tobytes()).decode()
             else:
                 vec = r.embedding
-            data.append({"index": i, "object": "embedding", "embedding": vec})
+            data.append(EmbeddingData(index=i, embedding=vec))
         num_tokens = sum(r.num_prompt_tokens for r in results)
-        return {
-            "id": requests[0].request_id.rsplit("-", 1)[0],
-            "object": "list",
-            "created": int(time.time()),
-            "model": self.base.model_name,
-            "data": data,
-            "usage": {"prompt_tokens": num_tokens, "completion_tokens": 0, "total_tokens": num_tokens},
-        }
+        return EmbeddingResponse(
+            id=requests[0].request_id.rsplit("-", 1)[0],
+            model=self.base.model_name,
+            data=data,
+            usage=UsageInfo(prompt_tokens=num_tokens, completion_tokens=0, total_tokens=num_tokens),
+        )

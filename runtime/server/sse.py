@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
 from pllm.runtime.server.protocol import StreamOptions
-from pllm.runtime.server.protocol_responses import PromptTokensDetails, UsageInfo
+from pllm.runtime.server.protocol_responses import (
+    ChatCompletionChunk,
+    CompletionStreamResponse,
+    ErrorInfo,
+    ErrorResponse,
+    PromptTokensDetails,
+    UsageInfo,
+)
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
-from pllm.runtime.worker.sampler import TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 logger = logging.getLogger("pllm.server")
 
@@ -27,11 +36,11 @@ class SeqCursor:
     started: bool = False  # the first chunk (which carries an echoed prompt) went out
 
 
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+def sse(payload: BaseModel | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
 
 
-def usage_of(finals: dict[str, RequestOutput]) -> dict:
+def usage_of(finals: dict[str, RequestOutput]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in finals.values())
     completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in finals.values())
@@ -40,20 +49,23 @@ def usage_of(finals: dict[str, RequestOutput]) -> dict:
         completion_tokens=completion,
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    ).model_dump()
+    )
 
 
-def choice_chunk(head: dict, choice: dict, opts: StreamOptions | None, finals: dict[str, RequestOutput]) -> str:
-    """One choice's SSE chunk; with stream_options.continuous_usage_stats it carries the usage so far."""
-    chunk = {**head, "choices": [choice]}
+Chunk = ChatCompletionChunk | CompletionStreamResponse
+
+
+def choice_chunk(chunk: Chunk, opts: StreamOptions | None, finals: dict[str, RequestOutput]) -> str:
+    """A chunk carrying choices; with stream_options.continuous_usage_stats it carries the usage so far."""
     if opts and opts.include_usage and opts.continuous_usage_stats:
-        chunk["usage"] = usage_of(finals)
+        chunk.usage = usage_of(finals)
     return sse(chunk)
 
 
-def usage_chunk(head: dict, finals: dict[str, RequestOutput]) -> str:
+def usage_chunk(chunk: Chunk, finals: dict[str, RequestOutput]) -> str:
     """The last chunk when stream_options.include_usage: no choices, the whole request's usage."""
-    return sse({**head, "choices": [], "usage": usage_of(finals)})
+    chunk.choices, chunk.usage = [], usage_of(finals)
+    return sse(chunk)
 
 
 def advance(cur: SeqCursor, o: CompletionOutput) -> tuple[str, list[TokenLogprobs], bool]:
@@ -82,10 +94,10 @@ async def guarded(chunks: AsyncIterator[str], stream: RequestStream) -> AsyncIte
         except ClientDisconnected:
             return
         except EngineError as exc:
-            yield sse({"error": error_body(exc.status, exc.message)})
+            yield sse(ErrorResponse(error=error_info(exc.status, exc.message)))
         except Exception:
             logger.exception("streaming response failed")
-            yield sse({"error": error_body(500, "Internal server error.")})
+            yield sse(ErrorResponse(error=error_info(500, "Internal server error.")))
         yield sse("[DONE]")
     finally:
         stream.close()
@@ -103,5 +115,21 @@ ERROR_TYPES = {
 }
 
 
+def error_info(status: int, message: str, param: str | None = None) -> ErrorInfo:
+    return ErrorInfo(message=message, type=ERROR_TYPES.get(status, "Error"), param=param, code=status)
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": param, "code": status}
+    """The JSON of an error response: {"error": {message, type, param, code}}."""
+    return ErrorResponse(error=error_info(status, message, param)).model_dump(mode="json")
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
+):
+    headers = {**(headers or {}), **({"Retry-After": str(retry_after_s)} if retry_after_s is not None else {})}
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers or None)

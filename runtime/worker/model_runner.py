@@ -1,4 +1,4 @@
-"""ScheduledBatch -> input tensors + attention metadata -> model forward -> logits. Owns the device and KV cache."""
+"""StepBatch -> input tensors + attention metadata -> model forward -> logits. Owns the device and KV cache."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pllm.compiler.manifest import BuildManifest
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
 from pllm.runtime.engine.config import EngineConfig
-from pllm.runtime.engine.request import Pooling, ScheduledBatch
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.worker.loader import load_weights
+from pllm.runtime.worker.logprobs import prompt_logprobs_of
+from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
 
 logger = logging.getLogger("pllm")
 
@@ -54,14 +55,8 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
-    # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
-    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
-    pooled: dict[str, torch.Tensor]
+    # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
+    prompt_logprob_rows: torch.Tensor | None
 
 
 class ModelRunner:
@@ -176,7 +171,7 @@ class ModelRunner:
         )
         return capacity
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: StepBatch) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -185,27 +180,29 @@ class ModelRunner:
         query_lens: list[int] = []
         sample_rows: list[int] = []
         pool_rows: list[tuple[int, int, int]] = []
+        prompt_rows: list[int] = []
         bs = self.block_size
         max_blocks = 0
         for i, s in enumerate(batch.seqs):
-            req = s.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            tokens = req.all_token_ids
-            input_ids.extend(tokens[start:end])
+            start, end = s.start_position, s.end_position
+            input_ids.extend(s.token_ids)
             positions.extend(range(start, end))
-            block_ids = req.block_ids
+            block_ids = s.block_ids
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + s.num_new_tokens)
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
             max_blocks = max(max_blocks, -(-end // bs))
-            if s.samples:
+            if s.prompt_logprobs is not None:
+                first = query_start[-2] + s.prompt_logprobs.first_position - start
+                prompt_rows.extend(range(first, first + len(s.prompt_logprobs.target_token_ids)))
+            if s.sample is not None:
                 sample_rows.append(query_start[-1] - 1)
-            elif req.pooling is not None:
+            elif s.pooling is not None:
                 pool_rows.append((i, query_start[-2], query_start[-1]))
         block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
         for i, s in enumerate(batch.seqs):
-            ids = s.request.block_ids[:max_blocks]
+            ids = s.block_ids[:max_blocks]
             block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
         dev = self.device
         meta = AttentionMetadata(
@@ -224,10 +221,11 @@ class ModelRunner:
             meta,
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
             tuple(pool_rows),
+            torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(self, batch: StepBatch) -> StepOutput:
         """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
         inputs = self.prepare(batch)
         hidden = None
@@ -239,13 +237,23 @@ class ModelRunner:
         pooled = {}
         for i, start, end in inputs.pool_rows:
             seq = batch.seqs[i]
-            if seq.request.pooling is Pooling.MEAN:
+            if seq.pooling is Pooling.MEAN:
                 rows = hidden[start:end].float()  # [num_new_tokens, hidden]
-                whole = seq.completes and seq.request.num_computed_tokens == 0
-                pooled[seq.request.request_id] = rows.mean(0) if whole else rows.sum(0)
+                whole = seq.completes and seq.start_position == 0
+                pooled[seq.request_id] = rows.mean(0) if whole else rows.sum(0)
             elif seq.completes:
-                pooled[seq.request.request_id] = hidden[end - 1].float()
-        return StepOutput(logits, pooled)
+                pooled[seq.request_id] = hidden[end - 1].float()
+        return StepOutput(logits, pooled, self._prompt_logprobs(batch, hidden, inputs.prompt_logprob_rows))
+
+    def _prompt_logprobs(
+        self, batch: StepBatch, hidden: torch.Tensor, rows: torch.Tensor | None
+    ) -> dict[str, list[TokenLogprobs]]:
+        """Prompt logprobs of the chunks that ask, from their rows only: the LM head never sees the others."""
+        if rows is None:
+            return {}
+        seqs = [s for s in batch.seqs if s.prompt_logprobs is not None]
+        scored = prompt_logprobs_of(hidden[rows], self.model.logits, [s.prompt_logprobs for s in seqs])
+        return {s.request_id: entries for s, entries in zip(seqs, scored, strict=True)}
 
 
 def _ranges(sizes: Sequence[int]) -> str:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from pllm.runtime.engine.request import Request, StopChecker
 from pllm.runtime.engine.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    token_id: int  # the chosen token
-    logprob: float  # its log-probability under log_softmax of the raw logits
-    top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
+from pllm.runtime.worker.logprobs import TokenLogprobs, gather_logprobs, raw_logprobs_of, row_index
+from pllm.runtime.worker.step import SampleInputs
 
 
 @dataclass(frozen=True)
@@ -30,11 +25,6 @@ def _uses_penalties(p: SamplingParams) -> bool:
 
 def _uses_top_k(p: SamplingParams, vocab_size: int) -> bool:
     return 0 < p.top_k < vocab_size
-
-
-def _index(rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor | slice:
-    """An index for a subset of rows; a plain slice when it is all of them, so indexing copies nothing."""
-    return slice(None) if len(rows) == num_rows else torch.tensor(rows, device=device)
 
 
 def _kth_kept(
@@ -67,9 +57,8 @@ class Sampler:
     batch. Requests without a seed share one sampler-level generator (seeded by `seed` when given).
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], seed: int | None = None) -> None:
+    def __init__(self, vocab_size: int, seed: int | None = None) -> None:
         self.vocab_size = vocab_size
-        self.stop = StopChecker(frozenset(eos_token_ids))  # which ids min_tokens masks
         self._seed = seed
         self._request_generators: dict[str, torch.Generator] = {}
         self._shared_generators: dict[torch.device, torch.Generator] = {}
@@ -78,22 +67,22 @@ class Sampler:
         """Drop a finished or aborted request's generator (a no-op for requests without a seed)."""
         self._request_generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> SamplerOutput:
         num_seqs = len(requests)
         assert logits.dim() == 2 and tuple(logits.shape) == (num_seqs, self.vocab_size), (
             f"logits {tuple(logits.shape)} for {num_seqs} requests and vocab {self.vocab_size}"
         )
         if num_seqs == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
-        raw_logprobs = self._raw_logprobs(logits, requests)  # before anything below changes the logits
+        raw_logprobs = raw_logprobs_of(logits, requests)  # before anything below changes the logits
         logits = self.process_logits(logits, requests)  # [num_seqs, vocab_size] float32
         token_ids = self._choose(logits, requests)  # [num_seqs]
-        logprobs = self._gather_logprobs(raw_logprobs, requests, token_ids)
+        logprobs = gather_logprobs(raw_logprobs, requests, token_ids)
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     # -- logits processing -------------------------------------------------------------------------------
 
-    def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         """logit_bias, penalties and the min_tokens mask, in float32; the input is never written."""
         bias_rows: list[int] = []
         bias_cols: list[int] = []
@@ -107,7 +96,7 @@ class Sampler:
                 bias_rows.extend([i] * len(p.logit_bias))
                 bias_cols.extend(p.logit_bias.keys())
                 bias_values.extend(p.logit_bias.values())
-            blocked = self.stop.masked_token_ids(req)
+            blocked = req.masked_token_ids
             if blocked:
                 mask_rows.extend([i] * len(blocked))
                 mask_cols.extend(blocked)
@@ -128,7 +117,7 @@ class Sampler:
             logits[index] = -torch.inf
         return logits
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[SampleInputs], rows: list[int]) -> None:
         """Repetition (HF/vLLM, over prompt + output) and presence/frequency (OpenAI, over output), in place.
 
         Sparse: only the (row, token) pairs that occur are touched, so the cost follows the number of
@@ -163,7 +152,7 @@ class Sampler:
 
     # -- choosing ----------------------------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         device = logits.device
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy_rows) == len(requests):
@@ -203,13 +192,13 @@ class Sampler:
             threshold = min_p * probs.amax(dim=-1, keepdim=True)  # relative to the most likely token
         top_k_rows = [j for j, p in enumerate(params) if _uses_top_k(p, self.vocab_size)]
         if top_k_rows:
-            rows = _index(top_k_rows, num_rows, device)
+            rows = row_index(top_k_rows, num_rows, device)
             top_k = torch.tensor([params[j].top_k for j in top_k_rows], device=device).unsqueeze(1)
             values = probs[rows].topk(int(top_k.max()), dim=-1).values  # [num_top_k, max_top_k]
             threshold[rows] = torch.maximum(threshold[rows], values.gather(1, top_k - 1))
         top_p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
         if top_p_rows:
-            rows = _index(top_p_rows, num_rows, device)
+            rows = row_index(top_p_rows, num_rows, device)
             top_p = torch.tensor([params[j].top_p for j in top_p_rows], device=device).unsqueeze(1)
             if top_p_rows == top_k_rows:  # the top-k values already hold every survivor, sorted
                 threshold[rows] = _top_p_cut(values, threshold[rows], top_p)
@@ -249,7 +238,7 @@ class Sampler:
             num_candidates *= 8
         return out
 
-    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         """Inverse-CDF sampling: one uniform draw per row, scaled by the row's mass, found in its cumsum.
 
         A seeded row takes its uniform from its own generator, so its token does not depend on other rows.
@@ -288,36 +277,3 @@ class Sampler:
                 gen.manual_seed(self._seed)
             self._shared_generators[device] = gen
         return gen
-
-    # -- logprobs ----------------------------------------------------------------------------------------
-
-    def _raw_logprobs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
-        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        if not rows:
-            return None
-        sub = logits[_index(rows, len(requests), logits.device)]  # [num_logprob_rows, vocab_size]
-        return torch.log_softmax(sub.float(), dim=-1)
-
-    def _gather_logprobs(
-        self, raw_logprobs: torch.Tensor | None, requests: list[Request], token_ids: torch.Tensor
-    ) -> list[TokenLogprobs | None]:
-        out: list[TokenLogprobs | None] = [None] * len(requests)
-        if raw_logprobs is None:
-            return out
-        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        chosen = token_ids[_index(rows, len(requests), token_ids.device)].unsqueeze(1)  # [num_logprob_rows, 1]
-        chosen_logprobs = raw_logprobs.gather(1, chosen).squeeze(1).tolist()
-        max_top = max(requests[i].params.logprobs for i in rows)
-        top_values: list[list[float]] = [[] for _ in rows]
-        top_ids: list[list[int]] = [[] for _ in rows]
-        if max_top > 0:
-            values, ids = raw_logprobs.topk(max_top, dim=-1)  # [num_logprob_rows, max_top]
-            top_values, top_ids = values.tolist(), ids.tolist()
-        for j, i in enumerate(rows):
-            k = requests[i].params.logprobs
-            out[i] = TokenLogprobs(
-                token_id=int(chosen[j, 0]),
-                logprob=chosen_logprobs[j],
-                top=tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)),
-            )
-        return out

@@ -247,7 +247,7 @@ def _synchronous_embedding(llm: LLM, text: str, pooling: str) -> list[float]:
         while req.num_computed_tokens < len(ids):
             num_new = min(chunk, len(ids) - req.num_computed_tokens)
             assert engine.kv.allocate_slots(req, num_new)
-            inputs = engine.runner.prepare(ScheduledBatch((ScheduledSeq(req, num_new),)))
+            inputs = engine.runner.prepare(ScheduledBatch((ScheduledSeq(req, num_new),)).snapshot(engine.stop))
             with torch.inference_mode():
                 hidden = engine.runner.model.forward(inputs.input_ids, inputs.meta, engine.runner.kv_caches).float()
             parts.append(hidden)

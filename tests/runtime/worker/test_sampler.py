@@ -9,9 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pllm.runtime.engine.request import Request
+from pllm.runtime.engine.request import Request, StopChecker, sample_inputs
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.worker.sampler import Sampler, SamplerOutput, TokenLogprobs
+from pllm.runtime.worker.logprobs import TokenLogprobs
+from pllm.runtime.worker.sampler import Sampler, SamplerOutput
+from pllm.runtime.worker.step import SampleInputs
 
 VOCAB = 32
 EOS = (3,)
@@ -23,6 +25,22 @@ def make_request(
     return Request(
         request_id=rid, prompt_token_ids=list(prompt or [1, 2]), params=params, output_token_ids=list(output or [])
     )
+
+
+def snapshot(requests: list[Request]) -> list[SampleInputs]:
+    """Each request as the engine hands it to the sampler at a step."""
+    return [sample_inputs(r, StopChecker(frozenset(EOS))) for r in requests]
+
+
+class EngineSampler(Sampler):
+    """The sampler as the engine drives it: given live requests, it samples their snapshots taken now."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], seed: int | None = None) -> None:
+        assert eos_token_ids == EOS  # the engine's StopChecker in snapshot() masks these
+        super().__init__(vocab_size, seed=seed)
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        return super().sample(logits, snapshot(requests))
 
 
 def chi2_bound(df: int, z: float = 3.719) -> float:
@@ -49,7 +67,7 @@ def check_frequencies(tokens: list[int], probs: torch.Tensor) -> None:
 
 
 def sample_many(logits_row: torch.Tensor, params: SamplingParams, num: int = 20000) -> list[int]:
-    sampler = Sampler(logits_row.numel(), EOS, seed=1234)
+    sampler = EngineSampler(logits_row.numel(), EOS, seed=1234)
     requests = [make_request(params, rid=f"r{i}") for i in range(num)]
     return sampler.sample(logits_row.expand(num, -1), requests).token_ids
 
@@ -60,7 +78,7 @@ FIXED_LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
 def test_greedy_is_argmax_any_dtype():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, VOCAB, generator=gen)
-    sampler = Sampler(VOCAB, EOS)
+    sampler = EngineSampler(VOCAB, EOS)
     reqs = [make_request(SamplingParams(temperature=0.0), rid=str(i)) for i in range(64)]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = logits.to(dtype)
@@ -68,7 +86,7 @@ def test_greedy_is_argmax_any_dtype():
 
 
 def test_empty_batch():
-    assert Sampler(VOCAB, EOS).sample(torch.zeros(0, VOCAB), []) == SamplerOutput(token_ids=[], logprobs=[])
+    assert EngineSampler(VOCAB, EOS).sample(torch.zeros(0, VOCAB), []) == SamplerOutput(token_ids=[], logprobs=[])
 
 
 @settings(max_examples=40, deadline=None)
@@ -88,7 +106,7 @@ def test_penalties_and_bias_match_definitions(rep, pres, freq, prompt, output, b
     )
     plain = SamplingParams()
     reqs = [make_request(plain, rid="a"), make_request(params, prompt, output, rid="b"), make_request(plain, rid="c")]
-    got = Sampler(VOCAB, EOS).process_logits(logits, reqs)
+    got = EngineSampler(VOCAB, EOS).process_logits(logits, snapshot(reqs))
     # the reference, one token at a time
     want = logits[1].clone()
     for t, v in bias.items():
@@ -108,7 +126,7 @@ def test_input_logits_not_modified():
         make_request(SamplingParams(temperature=0.7, top_k=3, top_p=0.5, min_p=0.1, logit_bias={0: 5.0}), rid="a"),
         make_request(SamplingParams(repetition_penalty=1.3, min_tokens=2, temperature=0.0), output=[1], rid="b"),
     ]
-    Sampler(VOCAB, EOS).sample(logits, reqs)
+    EngineSampler(VOCAB, EOS).sample(logits, reqs)
     assert torch.equal(logits, before)
 
 
@@ -117,7 +135,7 @@ def test_min_tokens_blocks_eos_and_stop_ids():
     logits[:, EOS[0]] = 50.0
     logits[:, 7] = 40.0  # a stop token id
     logits[:, 9] = 30.0
-    sampler = Sampler(VOCAB, EOS)
+    sampler = EngineSampler(VOCAB, EOS)
 
     def req(min_tokens: int, num_out: int, ignore_eos: bool = False) -> Request:
         params = SamplingParams(temperature=0.0, min_tokens=min_tokens, stop_token_ids=[7], ignore_eos=ignore_eos)
@@ -148,18 +166,18 @@ def test_seeded_requests_reproducible_whatever_the_batch():
         return make_request(SamplingParams(temperature=0.9, top_p=0.95, seed=seed), rid=rid)
 
     alone = seeded("x", 42)
-    run_steps(Sampler(VOCAB, EOS), [alone], logits_for, 20)
+    run_steps(EngineSampler(VOCAB, EOS), [alone], logits_for, 20)
     # same seed, different ids, different companions and orders, other sampler seeds
     for order, sampler_seed in ((0, 1), (1, 2), (2, None)):
         target = seeded(f"t{order}", 42)
         others = [seeded("o1", 7), make_request(SamplingParams(temperature=1.0), rid="o2"),
                   make_request(SamplingParams(temperature=0.0), rid="o3"), seeded("o4", 42 + order)]
         batch = others[:order] + [target] + others[order:]
-        sampler = Sampler(VOCAB, EOS, seed=sampler_seed)
+        sampler = EngineSampler(VOCAB, EOS, seed=sampler_seed)
         run_steps(sampler, batch, logits_for, 20)
         assert target.output_token_ids == alone.output_token_ids
     # free() forgets the generator: a new request under the freed id starts again from its seed
-    sampler = Sampler(VOCAB, EOS)
+    sampler = EngineSampler(VOCAB, EOS)
     first = seeded("same", 42)
     run_steps(sampler, [first], logits_for, 5)
     sampler.free("same")
@@ -171,7 +189,8 @@ def test_seeded_requests_reproducible_whatever_the_batch():
 def test_unseeded_sampler_seed_is_deterministic():
     logits = torch.randn(16, VOCAB, generator=torch.Generator().manual_seed(3))
     reqs = [make_request(SamplingParams(), rid=str(i)) for i in range(16)]
-    assert Sampler(VOCAB, EOS, seed=5).sample(logits, reqs) == Sampler(VOCAB, EOS, seed=5).sample(logits, reqs)
+    first, second = EngineSampler(VOCAB, EOS, seed=5), EngineSampler(VOCAB, EOS, seed=5)
+    assert first.sample(logits, reqs) == second.sample(logits, reqs)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 1.7])
@@ -207,7 +226,7 @@ def test_min_p_statistics(min_p):
 def test_combined_statistics_with_seeded_rows():
     # min_p, then top_k, then top_p, at temperature 0.8; every row seeded differently (per-row generators)
     params = [SamplingParams(temperature=0.8, min_p=0.05, top_k=6, top_p=0.8, seed=i) for i in range(3000)]
-    sampler = Sampler(8, EOS)
+    sampler = EngineSampler(8, EOS)
     reqs = [make_request(p, rid=str(i)) for i, p in enumerate(params)]
     tokens = sampler.sample(FIXED_LOGITS.expand(len(reqs), -1), reqs).token_ids
     probs = torch.softmax(FIXED_LOGITS / 0.8, -1)
@@ -227,7 +246,7 @@ def test_logprobs_from_raw_logits():
         make_request(SamplingParams(temperature=0.0), rid="c"),
         make_request(SamplingParams(temperature=1.0, logprobs=20, repetition_penalty=1.5), output=[4], rid="d"),
     ]
-    out = Sampler(VOCAB, EOS, seed=0).sample(logits, reqs)
+    out = EngineSampler(VOCAB, EOS, seed=0).sample(logits, reqs)
     raw = torch.log_softmax(logits, -1)
     assert out.token_ids[0] == 0  # the bias decides the token, but the logprobs stay raw
     assert out.logprobs[2] is None
@@ -275,7 +294,7 @@ def test_cuts_match_sort_based_definitions(vocab, seed, rows):
     # a flat-ish distribution over 5000 tokens makes top_p widen past its first 256 candidates
     logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(seed)) * 1.5
     params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in rows]
-    probs = Sampler(vocab, EOS)._probs(logits.clone(), params)
+    probs = EngineSampler(vocab, EOS)._probs(logits.clone(), params)
     for i, p in enumerate(params):
         assert torch.equal(probs[i] > 0, reference_support(logits[i], p)), p
 
@@ -288,7 +307,7 @@ def test_degenerate_but_valid_params_never_crash():
         make_request(SamplingParams(temperature=5e-324), rid="b"),
         make_request(SamplingParams(temperature=1.0, repetition_penalty=0.01), output=[1, 2], rid="c"),
     ]
-    out = Sampler(VOCAB, EOS, seed=0).sample(logits, reqs)
+    out = EngineSampler(VOCAB, EOS, seed=0).sample(logits, reqs)
     assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[1] == int(logits[1].argmax())
     assert 0 <= out.token_ids[2] < VOCAB
     with pytest.raises(ValueError, match="repetition_penalty"):

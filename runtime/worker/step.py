@@ -1,0 +1,89 @@
+"""The engine -> worker step contract: one step's work as frozen plain values, and what the step returns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from pllm.runtime.engine.sampling_params import SamplingParams
+
+
+class Pooling(str, enum.Enum):
+    """How an embedding request turns its final hidden states into one vector."""
+
+    LAST = "last"  # the last token's
+    MEAN = "mean"  # the mean over every token
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int  # the chosen (or, for a prompt position, the given) token
+    logprob: float  # its log-probability under log_softmax of the raw logits
+    top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    """What the sampler needs of one sequence whose step yields a token."""
+
+    request_id: str  # keys the sequence's seeded generator
+    params: SamplingParams
+    prompt_token_ids: tuple[int, ...]  # only when params.repetition_penalty applies (it counts the prompt), else ()
+    output_token_ids: tuple[int, ...]  # only when a penalty applies, else ()
+    masked_token_ids: frozenset[int]  # ids it may not pick yet (the stop ids while under min_tokens)
+
+
+@dataclass(frozen=True)
+class PromptLogprobInputs:
+    """Which of a prompt chunk's rows yield prompt logprobs: row i of the chunk (position start_position + i)
+    predicts the token after it, so the rows from first_position on score target_token_ids, one each."""
+
+    num_top: int  # params.prompt_logprobs: how many best tokens to list per position
+    first_position: int  # the first row's position; >= the chunk's start (rows a preemption already scored skip)
+    target_token_ids: tuple[int, ...]  # the prompt tokens at first_position + 1, first_position + 2, ...
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's part of a step: which tokens to compute, where they go in the KV cache, and what follows."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # the tokens computed this step
+    start_position: int  # position of token_ids[0]: the sequence's tokens already in the KV cache
+    block_ids: tuple[int, ...]  # the block table, covering every position up to start_position + len(token_ids)
+    completes: bool  # this step reaches the end of the sequence
+    sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)
+    pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
+    prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step for the runner: decodes first, then prompt chunks (the scheduler's order)."""
+
+    seqs: tuple[SeqStep, ...]
+
+    @property
+    def sampling(self) -> tuple[SampleInputs, ...]:
+        """The sequences that yield a token, in batch order: the rows of StepOutput.logits."""
+        return tuple(s.sample for s in self.seqs if s.sample is not None)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
+    # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
+    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
+    pooled: dict[str, torch.Tensor]
+    # request_id -> the prompt logprobs this step scored for it, in position order (SeqStep.prompt_logprobs)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
