@@ -32,6 +32,10 @@ class ConfigRules:
     model_type: str
     sliding_window_by_default: bool  # `use_sliding_window` when the config omits it (mistral: windowed)
     attention_bias_always: bool  # q, k, v carry a bias whatever the config says (qwen2)
+    qk_norm: bool = False  # an RMSNorm per q and k head before RoPE (qwen3)
+    default_head_dim: int | None = None  # head_dim when the config omits it (qwen3: 128); None: hidden / heads
+    # The config's `attention_bias` also puts a bias on o_proj in these families; the runtime layout has none
+    attention_bias_refused: bool = False
 
 
 def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
@@ -43,7 +47,7 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         raise ConfigError(
             f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv})"
         )
-    head_dim = config.get("head_dim")
+    head_dim = config.get("head_dim", rules.default_head_dim)
     if head_dim is None:
         if hidden % num_heads:
             raise ConfigError(
@@ -52,7 +56,7 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
             )
         head_dim = hidden // num_heads
     else:
-        head_dim = positive(config, "head_dim", source)
+        head_dim = positive(config, "head_dim", source, rules.default_head_dim)
     if head_dim % 2:
         raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
 
@@ -89,6 +93,10 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
     if theta is None:
         theta = finite_positive(rope_parameters, "rope_theta", f"{source}: rope_parameters", 10000.0)
     eps = finite_positive(config, "rms_norm_eps", source, 1e-6)
+    bias = get_value(config, "attention_bias", bool, source, False)
+    if bias and rules.attention_bias_refused:
+        raise ConfigError(f"{source}: attention_bias=true is not supported for {rules.model_type} (it also puts a "
+                          "bias on o_proj)")
     return ModelSpec(
         model_type=rules.model_type,
         hidden_size=hidden,
@@ -103,10 +111,11 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         rope_scaling=rope_scaling(config, source),
         max_position_embeddings=max_pos,
         tie_word_embeddings=get_value(config, "tie_word_embeddings", bool, source, False),
-        attention_bias=rules.attention_bias_always or get_value(config, "attention_bias", bool, source, False),
+        attention_bias=rules.attention_bias_always or bias,
         torch_dtype=dtype,
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
+        qk_norm=rules.qk_norm,
     )
 
 
@@ -129,6 +138,9 @@ def weight_layout(spec: ModelSpec) -> dict[str, RuntimeTensor]:
         if spec.attention_bias:
             biases = (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
             layout[rt + "qkv_bias"] = RuntimeTensor(biases, (q + 2 * kv,))
+        if spec.qk_norm:
+            layout[rt + "q_norm"] = RuntimeTensor((attn + "q_norm.weight",), (spec.head_dim,))
+            layout[rt + "k_norm"] = RuntimeTensor((attn + "k_norm.weight",), (spec.head_dim,))
         layout[rt + "o_proj"] = RuntimeTensor((attn + "o_proj.weight",), (h, q))
         layout[rt + "post_attention_layernorm"] = RuntimeTensor((hf + "post_attention_layernorm.weight",), (h,))
         layout[rt + "gate_up_proj"] = RuntimeTensor(
@@ -146,6 +158,8 @@ class LayerWeights:
     qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden], q rows first, then k, then v
     qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size], present exactly when spec.attention_bias
     o: torch.Tensor  # [hidden, q_size]
+    q_norm: torch.Tensor | None  # [head_dim], present exactly when spec.qk_norm
+    k_norm: torch.Tensor | None  # [head_dim]
     post_norm: torch.Tensor  # [hidden]
     gate_up: torch.Tensor  # [2 * intermediate, hidden], gate rows first
     down: torch.Tensor  # [hidden, intermediate]
@@ -158,6 +172,8 @@ class LayerWeights:
             qkv=weights[p + "qkv_proj"],
             qkv_bias=weights[p + "qkv_bias"] if spec.attention_bias else None,
             o=weights[p + "o_proj"],
+            q_norm=weights[p + "q_norm"] if spec.qk_norm else None,
+            k_norm=weights[p + "k_norm"] if spec.qk_norm else None,
             post_norm=weights[p + "post_attention_layernorm"],
             gate_up=weights[p + "gate_up_proj"],
             down=weights[p + "down_proj"],
@@ -193,6 +209,8 @@ class LlamaModel:
             q = qkv[:, :q_size].view(num_tokens, spec.num_attention_heads, spec.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
+            if layer.q_norm is not None:
+                q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, spec.rms_norm_eps, spec.norm_weight_offset)
             k_cache, v_cache = kv_caches[i]
             q, k = ops.rope_kv_write(q, k, v, meta.positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale)  # [num_tokens, heads, head_dim]

@@ -64,10 +64,17 @@ class Ops(Protocol):
         ...
 
     def qk_norm(
-        self, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-        offset: float = 0.0,
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], may be a strided view of the fused qkv projection
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,  # spec.norm_weight_offset: scale by (offset + w)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, heads, D], k [T, kv_heads, D]: RMSNorm of every head row (weights [D]), rounded as rms_norm."""
+        """RMSNorm of every q and k head over its head_dim values. Offset 0 (qwen3): norm(x).to(dtype) * w, as
+        Hugging Face's RMSNorm rounds; offset 1 (gemma): (norm(x) * (1 + w)) in fp32, rounded once. Returns (q, k);
+        a backend may write them into the given views."""
         ...
 
     def rope_kv_write(

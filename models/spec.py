@@ -38,11 +38,12 @@ class ModelSpec:
     torch_dtype: str  # the checkpoint's dtype, one of DTYPES
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # q/k norm (qwen3; gemma3 switches the offset on) ---------------------------------------------
+    qk_norm: bool = False  # RMSNorm over each q and k head (weights [head_dim]) between the projection and RoPE
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + w): 0 for llama-style norms, 1 for gemma's
 
     # gemma-style quirks (the llama wiring keeps every default) --------------------------------------
     hidden_act: str = "silu"  # the gated MLP's activation, one of models.ops.ACTIVATIONS
-    norm_weight_offset: float = 0.0  # RMSNorm multiplies by (offset + w): gemma's (1 + w)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE
     query_pre_attn_scalar: float | None = None  # attention scale is its ** -0.5; None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
     final_logit_softcapping: float | None = None  # the same on the output logits

@@ -1,4 +1,5 @@
-"""Tiny random-weight Hugging Face models (llama, qwen2, mistral, gemma3) with a small byte-level BPE tokenizer."""
+"""Tiny random-weight Hugging Face models (llama, qwen2, mistral, qwen3, phi3, gemma3) with a small byte-level BPE
+tokenizer."""
 
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", seed: int = 0, **o
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "qwen3": transformers.Qwen3Config,
+        "phi3": transformers.Phi3Config,
     }[model_type]
     if model_type == "mistral":
         common.setdefault("sliding_window", None)

@@ -17,6 +17,7 @@ from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
 
 KERNELS: tuple[Kernel, ...] = (
     rms_norm.KERNEL,
+    qk_norm.KERNEL,
     rope_kv_write.KERNEL,
     decode_attention.KERNEL,
     prefill_attention.KERNEL,
@@ -24,7 +25,6 @@ KERNELS: tuple[Kernel, ...] = (
     cpu_decode_attention.KERNEL,
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
-    qk_norm.KERNEL,
 )
 
 __all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]

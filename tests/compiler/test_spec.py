@@ -159,6 +159,29 @@ def test_gemma3_older_keys_and_the_multimodal_wrapper():
     assert wrapped.sliding_layers == spec.sliding_layers and wrapped.hidden_size == 64
 
 
+# qwen3 ----------------------------------------------------------------------------------------------------------
+QWEN3 = {**BASE, "model_type": "qwen3", "head_dim": 32}
+
+
+def test_qwen3_has_qk_norm_explicit_head_dim_and_no_bias():
+    spec = spec_from_config(QWEN3)
+    assert spec.qk_norm and spec.norm_weight_offset == 0.0 and not spec.attention_bias
+    assert spec.head_dim == 32 and spec.q_size == 128 != spec.hidden_size
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert not spec_from_config(BASE).qk_norm
+
+
+def test_qwen3_head_dim_defaults_to_128_as_transformers():
+    cfg = {k: v for k, v in QWEN3.items() if k != "head_dim"}
+    assert spec_from_config(cfg).head_dim == 128
+
+
+def test_qwen3_window_that_changes_nothing_is_accepted():
+    # transformers drops the window unless use_sliding_window is set (the default)
+    assert spec_from_config({**QWEN3, "sliding_window": 64}).qk_norm
+    assert spec_from_config({**QWEN3, "use_sliding_window": True, "sliding_window": 256}).qk_norm
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -180,3 +203,20 @@ def test_gemma3_bad_configs_name_key_and_file(change, words):
     assert "cfg.json" in str(e.value)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"attention_bias": True}, ["attention_bias", "qwen3", "cfg.json"]),
+        ({"use_sliding_window": True, "sliding_window": 64}, ["sliding_window=64", "cfg.json"]),
+        ({"head_dim": 0}, ["head_dim", "0", "cfg.json"]),
+        ({"head_dim": 33}, ["head_dim", "33", "cfg.json"]),
+        ({"use_sliding_window": "yes"}, ["use_sliding_window", "'yes'"]),
+    ],
+)
+def test_qwen3_bad_configs_name_key_and_file(change, words):
+    with pytest.raises(ConfigError) as e:
+        spec_from_config({**QWEN3, **change}, "cfg.json")
+    for word in words:
+        assert word in str(e.value)

@@ -75,3 +75,50 @@ def test_smollm2_matches_hf(smollm2_build, smollm2_hf):
     again = llm.generate([chat], GREEDY, use_tqdm=False)[0]  # served partly from the prefix cache
     assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == refs[-1]
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+# The newer families, each with its quirks switched on: 8 prompts x 24 tokens, batched; then again with chunked
+# prefill (a 16-token step budget) and preemption (an 8-block KV cache) on the same build.
+FAMILY_PROMPTS = [
+    "Hello, world!",
+    "Paged attention keeps the KV cache",
+    "Grüße aus Köln. こんにちは",
+    "def main():",
+    "The quick brown fox jumps over the lazy dog.",
+    "a",
+    "numbers 0123456789 and more numbers",
+    "Bonjour le monde. The quick brown fox jumps over the lazy dog again and again.",
+]
+FAMILY_GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+FAMILY_CASES = [
+    ("qwen3", {"head_dim": 32}),  # q width 128 != hidden 64
+    ("qwen3", {"head_dim": 32, "tie_word_embeddings": True, "num_key_value_heads": 1}),
+]
+
+
+def kv_block_bytes(config, block_size: int = 16) -> int:
+    """K and V of every layer for one fp32 block."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * head_dim * 4
+
+
+def check_family_matches_hf(hf, build, prompts: list[str] = FAMILY_PROMPTS) -> None:
+    refs: list[list[int]] | None = None
+    constrained = dict(kv_cache_memory=8 * kv_block_bytes(hf.config), max_num_batched_tokens=16)
+    for settings in (dict(kv_cache_memory=1 << 24), constrained):
+        llm = LLM(str(build), backend="cpu", **settings)
+        outs = llm.generate(prompts, FAMILY_GREEDY, use_tqdm=False)
+        if refs is None:
+            refs = [hf_greedy(hf, out.prompt_token_ids, 24) for out in outs]
+        for out, ref in zip(outs, refs):
+            assert len(out.outputs[0].token_ids) == 24
+            assert out.outputs[0].token_ids == ref, (settings, out.prompt)
+        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("model_type, overrides", FAMILY_CASES,
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(FAMILY_CASES)])
+def test_family_matches_hf_batched_chunked_preempted(tiny_dir, tiny_build, model_type, overrides):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir(model_type, **overrides)), dtype=torch.float32)
+    check_family_matches_hf(hf, tiny_build(model_type, **overrides))

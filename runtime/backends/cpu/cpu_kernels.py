@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 import tempfile
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
+from pllm.models.spec import ModelSpec
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -216,8 +218,22 @@ BINDINGS = {
 }
 
 
+# Model features no compiled cpu kernel implements: (what the start-up log calls it, whether the model has it)
+PYTORCH_ONLY: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
+    ("q/k norm", lambda spec: spec.qk_norm),
+)
+
+
 def choose_cpu_kernels(build: BuildManifest) -> CpuKernelChoice:
     """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
+    choice = _choose_compiled(build)
+    torch_only = [label for label, has in PYTORCH_ONLY if has(build.spec)]
+    if not torch_only:
+        return choice
+    return dataclasses.replace(choice, reason=f"{choice.reason}; in PyTorch always: {', '.join(torch_only)}")
+
+
+def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
     why_not = _why_not_runnable(build)
     if why_not is not None:
         return CpuKernelChoice(None, None, None, f"PyTorch ops ({why_not})")

@@ -23,6 +23,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return x * cos + swapped * signed_sin
 
 
+def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    # x [T, heads, head_dim]; weight [head_dim]. Offset 0: Hugging Face's Llama/Qwen3 RMSNorm (round the normalised
+    # row, then multiply in the dtype); otherwise gemma's (offset + w) in fp32, rounded once.
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:
+        return weight * normed.to(x.dtype)
+    return (normed * (offset + weight.float())).to(x.dtype)
+
+
 class TorchOps:
     """Reference-quality and fast: one-token queries through the build's compiled kernel (else one gather + batched
     matmuls), SDPA per prompt segment."""
@@ -52,10 +62,14 @@ class TorchOps:
             return self.rms_norm_kernel(x, weight, residual)
         if residual is not None:
             x = residual + x
-        return _rms_norm(x, weight, eps, offset), x
+        return _head_rms_norm(x, weight, eps, offset), x  # one "head" spanning the hidden row
 
-    def qk_norm(self, q, k, q_weight, k_weight, eps, offset=0.0):
-        return _rms_norm(q, q_weight, eps, offset), _rms_norm(k, k_weight, eps, offset)
+    def qk_norm(self, q, k, q_weight, k_weight, eps, offset):
+        # PyTorch on every cpu build (no compiled kernel does it). The results go back into the given views of the
+        # fused projection, so q, k and v keep the one row stride the compiled RoPE kernel reads.
+        q.copy_(_head_rms_norm(q, q_weight, eps, offset))
+        k.copy_(_head_rms_norm(k, k_weight, eps, offset))
+        return q, k
 
     def rope_kv_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
         cos, signed_sin = self._rope_rows(positions, cos_sin_cache, q.dtype)
@@ -194,15 +208,6 @@ class TorchOps:
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
         return self.linear(ACTIVATIONS[activation](gate) * up, down_weight)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """RMSNorm over the last dim, rounded as the Hugging Face family that uses this offset does."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if offset == 0.0:
-        return weight * normed.to(x.dtype)  # Llama: round the row first, then multiply in the dtype
-    return (normed * (offset + weight.float())).to(x.dtype)  # Gemma: (offset + w) in fp32, rounded once
 
 
 def _attend(

@@ -114,11 +114,17 @@ class TritonOps:
         return self.kernels["rms_norm"].rms_norm(x, weight, residual)
 
     def qk_norm(
-        self, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-        offset: float = 0.0,
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = self.kernels["qk_norm"]
-        assert eps == kernel.EPS and offset == getattr(kernel, "NORM_OFFSET", 0.0), "qk_norm rendered otherwise"
+        # eps and offset are baked into the rendered kernel; others mean the build belongs to another model
+        assert (eps, offset) == (kernel.EPS, kernel.NORM_OFFSET), f"qk_norm eps/offset {eps}/{offset} differ"
         return kernel.qk_norm(q, k, q_weight, k_weight)
 
     def rope_kv_write(

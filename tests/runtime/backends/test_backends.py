@@ -8,9 +8,16 @@ PROMPTS = ["Hello, world!", "Paged attention keeps the KV cache in fixed-size bl
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_interpret_equals_cpu(tiny_build, model_type):
-    build = str(tiny_build(model_type))
+CASES = [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("qwen3", {"head_dim": 32}),  # the q/k norm kernel, q width != hidden
+]
+
+
+@pytest.mark.parametrize("model_type, overrides", CASES, ids=[m for m, _ in CASES])
+def test_interpret_equals_cpu(tiny_build, model_type, overrides):
+    build = str(tiny_build(model_type, **overrides))
     # A small token budget splits the long prompt into chunks, so the prefill kernel attends to a cached prefix.
     settings = dict(kv_cache_memory=1 << 22, max_num_batched_tokens=24)
     cpu = LLM(build, backend="cpu", **settings).generate(PROMPTS, GREEDY, use_tqdm=False)
