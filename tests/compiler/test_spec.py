@@ -54,7 +54,6 @@ def test_transformers5_rope_parameters():
         ({"rope_scaling": {"rope_type": "linear", "factor": -1}}, ["factor", "-1"]),
         ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
-        ({"model_type": "mistral", "sliding_window": 128}, ["sliding_window=128", "not supported"]),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, ["sliding_window"]),
     ],
 )
@@ -65,6 +64,13 @@ def test_bad_configs_name_key_and_file(change, words):
         spec_from_config(cfg, "cfg.json")
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_mistral_window_makes_every_layer_windowed():
+    spec = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 128})
+    assert spec.sliding_window == 128 and spec.sliding_layers == (0, 1) and spec.layer_window(1) == 128
+    off = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 128, "use_sliding_window": False})
+    assert off.sliding_layers == () and off.layer_window(0) is None
 
 
 def test_sliding_window_that_covers_the_context_is_accepted():
