@@ -23,7 +23,7 @@ from pllm.models.config import (
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata, Ops
 from pllm.models.rotary import rope_cos_sin
-from pllm.models.spec import DTYPES, ModelSpec
+from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
 
 # Gemma3TextConfig's defaults: checkpoint configs leave out the keys that hold them, and transformers fills them in.
 TEXT_DEFAULTS = {
@@ -135,7 +135,7 @@ def _sliding_layers(c: dict, num_layers: int, source: str) -> tuple[int, ...]:
     return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
-def _rope(c: dict, source: str) -> tuple[float, float, object]:
+def _rope(c: dict, source: str) -> tuple[float, float, RopeScaling | None]:
     """(global theta, local theta, global scaling): transformers 5's rope_parameters per layer type, or the older
     rope_theta / rope_local_base_freq / rope_scaling keys."""
     params = c.get("rope_parameters")
@@ -152,10 +152,19 @@ def _rope(c: dict, source: str) -> tuple[float, float, object]:
         global_theta = finite_positive(full, "rope_theta", f"{where}.full_attention", TEXT_DEFAULTS["rope_theta"])
         local_theta = finite_positive(local, "rope_theta", f"{where}.sliding_attention",
                                       TEXT_DEFAULTS["rope_local_base_freq"])
-        return global_theta, local_theta, rope_scaling({"rope_scaling": full}, f"{where}.full_attention")
+        return global_theta, local_theta, _global_scaling(full, f"{where}.full_attention")
     global_theta = finite_positive(c, "rope_theta", source)
     local_theta = finite_positive(c, "rope_local_base_freq", source)
-    return global_theta, local_theta, rope_scaling({"rope_scaling": c.get("rope_scaling")}, source)
+    return global_theta, local_theta, _global_scaling(c.get("rope_scaling"), source)
+
+
+def _global_scaling(params: dict | None, source: str) -> RopeScaling | None:
+    """The global layers' RoPE scaling: none, or linear (Gemma 3's 4B and larger); others are refused."""
+    scaling = rope_scaling({"rope_scaling": params}, source)
+    if scaling is not None and scaling.rope_type != "linear":
+        raise ConfigError(f"{source}: rope_type {scaling.rope_type!r} is not supported for gemma3 (only 'default' "
+                          "and 'linear')")
+    return scaling
 
 
 def weight_layout(spec: ModelSpec, prefix: str, lm_head: str) -> dict[str, RuntimeTensor]:

@@ -21,7 +21,7 @@ from pllm.models.config import (
 )
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.ops import AttentionMetadata, Ops
-from pllm.models.rotary import rope_cos_sin
+from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
 
 
@@ -195,6 +195,7 @@ class LlamaModel:
         self.w = weights
         self.layers = [LayerWeights.from_tensors(weights, spec, i) for i in range(spec.num_hidden_layers)]
         self.ops = ops
+        self.max_positions = max_positions
         self.cos_sin = rope_cos_sin(spec, max_positions).to(weights["embed_tokens"].device)
         self.scale = spec.head_dim**-0.5
         self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
@@ -209,6 +210,7 @@ class LlamaModel:
         num_tokens = input_ids.shape[0]
         q_size, kv_size = spec.q_size, spec.kv_size
         x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
+        rows = rope_rows(spec, meta, self.max_positions)  # [num_tokens] rows of self.cos_sin
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = ops.rms_norm(x, layer.input_norm, spec.rms_norm_eps, residual)
@@ -219,7 +221,7 @@ class LlamaModel:
             if layer.q_norm is not None:
                 q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, spec.rms_norm_eps, spec.norm_weight_offset)
             k_cache, v_cache = kv_caches[i]
-            q, k = ops.rope_kv_write(q, k, v, meta.positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
+            q, k = ops.rope_kv_write(q, k, v, rows, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale, spec.layer_window(i))  # [T, heads, head_dim]
             x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)
             h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)

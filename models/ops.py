@@ -35,6 +35,10 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_host: tuple[int, ...]  # host copies, so the CPU path needs no device sync
     seq_lens_host: tuple[int, ...]
+    # [num_tokens] int64: the known length of each token's sequence when the step was scheduled (prompt + outputs
+    # so far), what rotary tables that switch on the sequence length read (longrope). None: each token's
+    # position + 1, as for every decode token.
+    seq_total_lens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -49,8 +53,9 @@ class Ops(Protocol):
     """What a model definition may call. Each backend (cpu, interpret, cuda) provides one implementation.
 
     Caches are per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
-    cos_sin_cache [max_positions, head_dim] float32: cos in [:, :head_dim//2], sin in [:, head_dim//2:],
-    rotate-half (GPT-NeoX) pairing, as Hugging Face Llama applies it.
+    cos_sin_cache [num_rows, rotary_dim] float32: cos in [:, :rotary_dim//2], sin in [:, rotary_dim//2:],
+    rotate-half (GPT-NeoX) pairing within the first rotary_dim dims of each head (all of them unless the model has
+    partial rotary), as Hugging Face Llama and Phi3 apply it.
     """
 
     def rms_norm(
@@ -83,12 +88,13 @@ class Ops(Protocol):
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         positions: torch.Tensor,  # [T] int64
-        cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] float32
+        cos_sin_cache: torch.Tensor,  # [num_rows, rotary_dim] float32
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,  # [T] int64
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q and k; write rotated k and v into the caches at slot_mapping. Returns (q_rot, k_rot)."""
+        """Rotate the first rotary_dim dims of q and k (the rest pass unchanged); write rotated k and v into the
+        caches at slot_mapping. `positions` are rows of cos_sin_cache. Returns (q_rot, k_rot)."""
         ...
 
     def attention(

@@ -7,12 +7,14 @@ from pllm.models.family import ModelFamily
 from pllm.models.gemma3 import GEMMA3, GEMMA3_TEXT
 from pllm.models.llama import LLAMA
 from pllm.models.mistral import MISTRAL
+from pllm.models.phi3 import PHI3
 from pllm.models.qwen2 import QWEN2
 from pllm.models.qwen3 import QWEN3
 
 FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     LLAMA, MISTRAL, QWEN2,
     QWEN3,
+    PHI3,
     GEMMA3_TEXT, GEMMA3,
 )}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)

@@ -11,12 +11,24 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    rope_type: str  # "linear" or "llama3"
+    rope_type: str  # "linear", "llama3" or "longrope"
     factor: float
     # llama3 only
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = 8192  # llama3 and longrope
+    # longrope only: per-frequency divisors [rotary_dim // 2] for sequences up to / past the original length, and
+    # the factor cos and sin are multiplied by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RopeScaling:
+        d = dict(d)
+        for key in ("short_factor", "long_factor"):
+            d[key] = tuple(d.get(key, ()))  # JSON gives lists
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ class ModelSpec:
     # q/k norm (qwen3; gemma3 switches the offset on) ---------------------------------------------
     qk_norm: bool = False  # RMSNorm over each q and k head (weights [head_dim]) between the projection and RoPE
     norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + w): 0 for llama-style norms, 1 for gemma's
+    # partial rotary (phi3) -----------------------------------------------------------------------------
+    partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_dim * factor) dims of each head
 
     # gemma-style quirks (the llama wiring keeps every default) --------------------------------------
     hidden_act: str = "silu"  # the gated MLP's activation, one of models.ops.ACTIVATIONS
@@ -59,6 +73,11 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (rotate-half within them); the rest pass unchanged."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def group_size(self) -> int:
@@ -80,7 +99,7 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         d = dict(d)
         rs = d.get("rope_scaling")
-        d["rope_scaling"] = RopeScaling(**rs) if rs else None
+        d["rope_scaling"] = RopeScaling.from_dict(rs) if rs else None
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         if "sliding_layers" in d:
             d["sliding_layers"] = tuple(d["sliding_layers"])

@@ -75,6 +75,8 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", seed: int = 0, **o
     }[model_type]
     if model_type == "mistral":
         common.setdefault("sliding_window", None)
+    if model_type == "phi3":
+        common.setdefault("pad_token_id", tokenizer.pad_token_id)  # Phi3Config's default (32000) is past the vocab
     config = config_cls(**common)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from pllm.compiler.manifest import open_build
+from pllm.models.rotary import recompute_length
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.kv_cache import KVCacheManager
 from pllm.runtime.engine.output_processor import OutputProcessor
@@ -52,10 +53,16 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.build)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
-        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, config.enable_prefix_caching)
+        recompute_past_len = recompute_length(spec)
+        prefix_caching = config.enable_prefix_caching and recompute_past_len is None
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("pllm: prefix caching off: this model's K/V at every position depends on the sequence "
+                        "length (longrope past %d tokens), not on the tokens alone", recompute_past_len)
+        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, prefix_caching)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
+            recompute_past_len,
         )
         self.sampler = Sampler(spec.vocab_size, seed=config.seed)
         self.stop = StopChecker(frozenset(self.eos_token_ids))

@@ -30,7 +30,10 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        recompute_past_len: int | None = None,
     ) -> None:
+        """recompute_past_len: a running sequence whose length first passes it is computed again from its first
+        token (a model whose K/V at every position depends on the whole length: models.rotary.recompute_length)."""
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -42,6 +45,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # a block's K/V then depends on more than its tokens: a prefix hit could hand over another length's K/V
+        assert recompute_past_len is None or not kv.enable_prefix_caching, "recompute_past_len needs no prefix cache"
+        self.recompute_past_len = recompute_past_len
         self.stop = StopChecker(frozenset(eos_token_ids))
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests re-enter at the front
         self.running: list[Request] = []  # admission order: oldest first, preemption victims from the end
@@ -108,6 +114,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            self._recompute_if_length_passed(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request.request_id
             while not self.kv.allocate_slots(request, num_new):
@@ -135,6 +142,7 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
+            self._recompute_if_length_passed(request)
             if request.num_preemptions == 0:  # usage reports the first admission's prompt hits
                 request.num_cached_tokens = min(num_hit, request.num_prompt_tokens)
             self.running.append(request)
@@ -191,6 +199,16 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
+
+    def _recompute_if_length_passed(self, request: Request) -> None:
+        """Start the sequence over, keeping its blocks, when its K/V was computed at a length the model's tables
+        no longer use; then note the length its K/V is computed at."""
+        if self.recompute_past_len is None:
+            return
+        past = request.num_tokens > self.recompute_past_len
+        if request.num_computed_tokens and past != request.kv_past_recompute_len:
+            request.num_computed_tokens = 0
+        request.kv_past_recompute_len = past
 
     def _preempt(self, request: Request) -> None:
         """Recompute later: drop its KV, keep its output so recompute covers prompt + output."""

@@ -174,6 +174,7 @@ class ModelRunner:
     def prepare(self, batch: StepBatch) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
+        total_lens: list[int] = []
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
@@ -187,6 +188,7 @@ class ModelRunner:
             start, end = s.start_position, s.end_position
             input_ids.extend(s.token_ids)
             positions.extend(range(start, end))
+            total_lens.extend([s.seq_total_len] * s.num_new_tokens)
             block_ids = s.block_ids
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + s.num_new_tokens)
@@ -215,6 +217,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_host=tuple(query_lens),
             seq_lens_host=tuple(seq_lens),
+            seq_total_lens=torch.tensor(total_lens, dtype=torch.int64, device=dev),
         )
         return StepInputs(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

@@ -54,6 +54,7 @@ class SeqStep:
     start_position: int  # position of token_ids[0]: the sequence's tokens already in the KV cache
     block_ids: tuple[int, ...]  # the block table, covering every position up to start_position + len(token_ids)
     completes: bool  # this step reaches the end of the sequence
+    seq_total_len: int  # the request's known tokens when scheduled (prompt + outputs so far): its length
     sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)
     pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
     prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens

@@ -226,3 +226,62 @@ def test_qwen3_bad_configs_name_key_and_file(change, words):
         spec_from_config({**QWEN3, **change}, "cfg.json")
     for word in words:
         assert word in str(e.value)
+
+
+# phi3 -----------------------------------------------------------------------------------------------------------
+PHI3 = {**BASE, "model_type": "phi3", "original_max_position_embeddings": 64, "rope_scaling": None}
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}
+
+
+def test_phi3_without_rope_scaling_is_the_llama_shape():
+    spec = spec_from_config(PHI3)
+    assert spec.rope_scaling is None and spec.rotary_dim == spec.head_dim == 16 and not spec.attention_bias
+
+
+def test_phi3_partial_rotary_and_longrope_in_both_config_formats():
+    old = spec_from_config({**PHI3, "partial_rotary_factor": 0.5, "rope_scaling": LONGROPE})
+    # transformers 5 writes rope_parameters, with the rotary fraction and the original length inside
+    new_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "original_max_position_embeddings": 64, **{k: v for k, v in LONGROPE.items() if k != "type"}}
+    new = spec_from_config({**{k: v for k, v in PHI3.items() if k != "rope_theta"}, "rope_parameters": new_rope})
+    assert old == new and old.rotary_dim == 8 and old.partial_rotary_factor == 0.5
+    rs = old.rope_scaling
+    assert rs.rope_type == "longrope" and rs.original_max_position_embeddings == 64
+    assert rs.short_factor == (1.0, 1.5, 2.0, 3.0) and rs.long_factor == (2.0, 4.0, 8.0, 16.0)
+    # factor = max_position_embeddings / original = 4: attention factor sqrt(1 + ln 4 / ln 64), as transformers
+    assert rs.factor == 4.0 and rs.attention_factor == pytest.approx((1 + 1 / 3) ** 0.5)
+    assert ModelSpec.from_dict(json.loads(json.dumps(old.to_dict()))) == old
+    # the older Phi-3 configs' "su" is longrope; an explicit attention factor is kept
+    su = spec_from_config({**PHI3, "partial_rotary_factor": 0.5,
+                           "rope_scaling": {**LONGROPE, "type": "su", "attention_factor": 1.0}})
+    assert su.rope_scaling.rope_type == "longrope" and su.rope_scaling.attention_factor == 1.0
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"partial_rotary_factor": 0}, ["partial_rotary_factor", "0", "cfg.json"]),
+        ({"partial_rotary_factor": 1.5}, ["partial_rotary_factor", "1.5"]),
+        ({"partial_rotary_factor": 0.2}, ["partial_rotary_factor", "0.2", "head_dim 16 -> 3"]),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, ["rope_scaling", "dynamic", "phi3", "cfg.json"]),
+        ({"partial_rotary_factor": 0.5, "rope_scaling": {**LONGROPE, "short_factor": [1.0, 2.0]}},
+         ["short_factor", "4 finite positive"]),
+        ({"partial_rotary_factor": 0.5, "rope_scaling": {**LONGROPE, "long_factor": [1.0] * 3 + ["x"]}},
+         ["long_factor", "'x'"]),
+        ({"partial_rotary_factor": 0.5, "rope_scaling": {**LONGROPE, "long_factor": [1.0] * 3 + [-1.0]}},
+         ["long_factor", "-1.0"]),
+        ({"rope_scaling": LONGROPE}, ["short_factor", "8 finite positive"]),  # full rotary: 8 frequencies
+        ({"partial_rotary_factor": 0.5, "rope_scaling": {k: v for k, v in LONGROPE.items() if k != "short_factor"}},
+         ["short_factor", "missing"]),
+        ({"partial_rotary_factor": 0.5, "original_max_position_embeddings": None, "rope_scaling": LONGROPE},
+         ["original_max_position_embeddings", "missing"]),
+        ({"rope_scaling": "longrope"}, ["rope_scaling", "'longrope'"]),
+        ({"sliding_window": 128}, ["sliding_window=128", "not supported"]),
+        ({"attention_bias": True}, ["attention_bias", "phi3"]),
+    ],
+)
+def test_phi3_bad_configs_name_key_and_file(change, words):
+    with pytest.raises(ConfigError) as e:
+        spec_from_config({**PHI3, **change}, "cfg.json")
+    for word in words:
+        assert word in str(e.value)

@@ -29,13 +29,15 @@ SHAPES = {
                           head_dim=64), "float16", 16),
     "hd80_fp32": (dict(hidden_size=320, intermediate_size=864, num_attention_heads=4, num_key_value_heads=1,
                        head_dim=80), "float32", 32),
-    # q/k norm: head_dim 128 in bf16 (unmasked, rounded as Hugging Face's Qwen3 norm), head_dim 80 in fp32 with the
-    # (1 + w) offset (masked, weight in fp32)
-    "qk_norm_hd128_bf16": (dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=128, qk_norm=True), "bfloat16", 16),
-    "qk_norm_offset_hd80_fp32": (dict(hidden_size=320, intermediate_size=864, num_attention_heads=4,
-                                      num_key_value_heads=1, head_dim=80, qk_norm=True, norm_weight_offset=1.0),
-                                 "float32", 32),
+    # q/k norm with partial rotary: head_dim 128 in bf16 (unmasked, rounded as Hugging Face's Qwen3 norm; half the
+    # dims rotate), head_dim 80 in fp32 with the (1 + w) offset (masked, weight in fp32; 60 dims rotate, a masked
+    # rotary half and pass-through tile)
+    "qknorm_partial_hd128_bf16": (dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=128, qk_norm=True, partial_rotary_factor=0.5),
+                                  "bfloat16", 16),
+    "qknorm_offset_partial_hd80_fp32": (dict(hidden_size=320, intermediate_size=864, num_attention_heads=4,
+                                             num_key_value_heads=1, head_dim=80, qk_norm=True, norm_weight_offset=1.0,
+                                             partial_rotary_factor=0.75), "float32", 32),
     # gemma3-1b's attention shape in bf16 with every gemma option rendered: windowed and global attention
     # variants, the score soft-cap, q/k norms, the (1 + w) norm offset and the tanh-GELU epilogue
     "gemma3_bf16": (dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
@@ -43,7 +45,7 @@ SHAPES = {
                          sliding_window=512, sliding_layers=(0,), attn_logit_softcapping=50.0), "bfloat16", 16),
 }
 # kernels only some shapes' plans carry
-OPTIONAL_KERNELS = {"qk_norm_hd128_bf16": {"qk_norm"}, "qk_norm_offset_hd80_fp32": {"qk_norm"},
+OPTIONAL_KERNELS = {"qknorm_partial_hd128_bf16": {"qk_norm"}, "qknorm_offset_partial_hd80_fp32": {"qk_norm"},
                     "gemma3_bf16": {"prefill_attention_windowed", "decode_attention_partial_windowed", "qk_norm"}}
 
 

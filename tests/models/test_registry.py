@@ -20,7 +20,7 @@ CONFIG = {
 
 
 def test_families_are_keyed_by_their_model_type():
-    assert SUPPORTED_MODEL_TYPES[:4] == ("llama", "mistral", "qwen2", "qwen3")
+    assert SUPPORTED_MODEL_TYPES[:5] == ("llama", "mistral", "qwen2", "qwen3", "phi3")
     assert {"gemma3_text", "gemma3"} <= set(SUPPORTED_MODEL_TYPES)
     assert all(family.model_type == key for key, family in FAMILIES.items())
 

@@ -221,6 +221,7 @@ BINDINGS = {
 # Model features no compiled cpu kernel implements: (what the start-up log calls it, whether the model has it)
 PYTORCH_ONLY: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("q/k norm", lambda spec: spec.qk_norm),
+    ("RoPE + KV write (partial rotary)", lambda spec: spec.rotary_dim != spec.head_dim),
 )
 
 

@@ -16,9 +16,13 @@ _HAS_ONEDNN_LINEAR = (
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, head_dim]; cos, signed_sin [T, 1, head_dim]. HF Llama's x * cos + rotate_half(x) * sin, with
-    # rotate_half's negation folded into the sin table (negation is exact, so the result is bit-identical)
-    half = x.shape[-1] // 2
+    # x [T, heads, head_dim]; cos, signed_sin [T, 1, rotary_dim]. HF Llama's x * cos + rotate_half(x) * sin, with
+    # rotate_half's negation folded into the sin table (negation is exact, so the result is bit-identical); with
+    # partial rotary (HF Phi3) only the first rotary_dim dims turn and the rest pass unchanged
+    rotary_dim = cos.shape[-1]
+    if rotary_dim != x.shape[-1]:
+        return torch.cat((_rotate(x[..., :rotary_dim], cos, signed_sin), x[..., rotary_dim:]), dim=-1)
+    half = rotary_dim // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return x * cos + swapped * signed_sin
 
@@ -84,12 +88,12 @@ class TorchOps:
         return q, k
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
-        """cos and signed sin rows [T, 1, head_dim] for this step's positions, built once per step, not per layer."""
+        """cos and signed sin rows [T, 1, rotary_dim] for this step's rows, built once per step, not per layer."""
         key = self._rope_key
         if key is None or key[0] is not positions or key[1] is not cos_sin_cache or key[2] != dtype:
             half = cos_sin_cache.shape[-1] // 2
-            cs = cos_sin_cache.index_select(0, positions)  # [T, head_dim]
-            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, head_dim]
+            cs = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
+            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, rotary_dim]
             sin = cs[:, half:]
             signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
             self._rope_key, self._rope_cached = (positions, cos_sin_cache, dtype), (cos, signed_sin)
