@@ -86,7 +86,7 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             if not torch.isfinite(t).all():
                 raise BuildError(f"{where} holds NaN or infinite values")
             parts.append(t)
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        tensor = _assemble(parts, entry.num_stacked)
         if tuple(tensor.shape) != shape:
             shapes = ", ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(hf_names, parts))
             raise BuildError(
@@ -94,6 +94,18 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             )
         out[name] = tensor.to(TORCH_DTYPES[dtype]).contiguous()
     return out
+
+
+def _assemble(parts: list[torch.Tensor], num_stacked: int) -> torch.Tensor:
+    """Concatenate along dim 0; with num_stacked groups (experts), concatenate each group and stack the groups."""
+    if num_stacked == 1:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    assert len(parts) % num_stacked == 0, (len(parts), num_stacked)
+    per_group = len(parts) // num_stacked
+    groups = [_assemble(parts[g * per_group : (g + 1) * per_group], 1) for g in range(num_stacked)]
+    if any(g.shape != groups[0].shape for g in groups):
+        return torch.cat([g.flatten() for g in groups])  # unequal experts: the caller's shape check names them
+    return torch.stack(groups)
 
 
 def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:

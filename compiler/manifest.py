@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
+from pllm.models.spec import DTYPES, ModelSpec, MoeSpec, RopeScaling
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language
 FORMAT_VERSION = 3
@@ -238,6 +238,7 @@ _SPEC_KINDS = {
     "tuple[int, ...]": lambda v: type(v) is list and all(type(t) is int for t in v),
     "RopeScaling | None": lambda v: v is None or type(v) is dict,
     "float | None": lambda v: v is None or type(v) in (int, float),
+    "MoeSpec | None": lambda v: v is None or type(v) is dict,
 }
 
 
@@ -253,4 +254,7 @@ def _spec_from_manifest(d: dict, manifest_file: Path) -> ModelSpec:
     unknown = set(rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
     if unknown:
         raise _fail(manifest_file, "spec.rope_scaling", "a RopeScaling object", rope_scaling)
+    moe = d["moe"]
+    if moe is not None and set(moe) != {f.name for f in dataclasses.fields(MoeSpec)}:
+        raise _fail(manifest_file, "spec.moe", "a MoeSpec object", moe)
     return ModelSpec.from_dict(d)

@@ -168,8 +168,9 @@ class LayerWeights:
     q_norm: torch.Tensor | None  # [head_dim], present exactly when spec.qk_norm
     k_norm: torch.Tensor | None  # [head_dim]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden], gate rows first
-    down: torch.Tensor  # [hidden, intermediate]
+    # the dense MLP; None on a mixture-of-experts layer (models/moe.py), whose layout has no such tensors
+    gate_up: torch.Tensor | None  # [2 * intermediate, hidden], gate rows first
+    down: torch.Tensor | None  # [hidden, intermediate]
 
     @classmethod
     def from_tensors(cls, weights: dict[str, torch.Tensor], spec: ModelSpec, i: int) -> LayerWeights:
@@ -182,8 +183,8 @@ class LayerWeights:
             q_norm=weights[p + "q_norm"] if spec.qk_norm else None,
             k_norm=weights[p + "k_norm"] if spec.qk_norm else None,
             post_norm=weights[p + "post_attention_layernorm"],
-            gate_up=weights[p + "gate_up_proj"],
-            down=weights[p + "down_proj"],
+            gate_up=weights.get(p + "gate_up_proj"),
+            down=weights.get(p + "down_proj"),
         )
 
 
@@ -225,9 +226,13 @@ class LlamaModel:
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale, spec.layer_window(i))  # [T, heads, head_dim]
             x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)
             h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)
-            x = ops.mlp(h, layer.gate_up, layer.down)
+            x = self.feed_forward(layer, h)
         x, _ = ops.rms_norm(x, w["norm"], spec.rms_norm_eps, residual)
         return x
+
+    def feed_forward(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """h [num_tokens, hidden] -> [num_tokens, hidden]: the dense MLP (models/moe.py routes to experts instead)."""
+        return self.ops.mlp(h, layer.gate_up, layer.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""
@@ -246,4 +251,7 @@ def llama_family(rules: ConfigRules) -> ModelFamily:
     )
 
 
-LLAMA = llama_family(ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False))
+# transformers biases all four projections when attention_bias is set; the layout has no o_proj bias, so refuse
+LLAMA = llama_family(
+    ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False, attention_bias_refused=True)
+)

@@ -123,3 +123,15 @@ class Ops(Protocol):
         """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(act(g) * u),
         act one of ACTIVATIONS."""
         ...
+
+    def moe(
+        self,
+        x: torch.Tensor,  # [T, H]
+        topk_weights: torch.Tensor,  # [T, K] float32, the router's weight of each chosen expert
+        topk_ids: torch.Tensor,  # [T, K] int64, distinct expert ids per token
+        gate_up_weights: torch.Tensor,  # [E, 2 * I, H], each expert's gate rows first
+        down_weights: torch.Tensor,  # [E, H, I]
+    ) -> torch.Tensor:  # [T, H]
+        """Sum over k of w[t, k] * down_e(silu(gate_e(x)) * up_e(x)) for e = ids[t, k], as transformers computes it:
+        each expert's output rounded to x's dtype, weighted in float32, rounded, and added in ascending expert order."""
+        ...

@@ -32,6 +32,19 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts feed-forward block: a router picks num_experts_per_tok of num_experts per token."""
+
+    num_experts: int
+    num_experts_per_tok: int  # top-k
+    moe_intermediate_size: int  # each expert's gate/up width
+    norm_topk_prob: bool  # renormalise the top-k router probabilities to sum to one (mixtral: always)
+    # router weights rounded to the model dtype before weighting (qwen3_moe) or kept in float32 (mixtral)
+    round_router_weights: bool
+    sparse_layers: tuple[int, ...]  # decoder layers whose MLP is this block; the others keep the dense MLP
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     model_type: str  # a key of models.registry.FAMILIES
     hidden_size: int
@@ -55,6 +68,8 @@ class ModelSpec:
     norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + w): 0 for llama-style norms, 1 for gemma's
     # partial rotary (phi3) -----------------------------------------------------------------------------
     partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_dim * factor) dims of each head
+    # mixture of experts (mixtral, qwen3_moe); None: every layer has the dense MLP
+    moe: MoeSpec | None = None
 
     # gemma-style quirks (the llama wiring keeps every default) --------------------------------------
     hidden_act: str = "silu"  # the gated MLP's activation, one of models.ops.ACTIVATIONS
@@ -103,4 +118,6 @@ class ModelSpec:
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         if "sliding_layers" in d:
             d["sliding_layers"] = tuple(d["sliding_layers"])
+        if d.get("moe"):
+            d["moe"] = MoeSpec(**{**d["moe"], "sparse_layers": tuple(d["moe"]["sparse_layers"])})
         return cls(**d)

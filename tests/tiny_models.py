@@ -1,5 +1,5 @@
-"""Tiny random-weight Hugging Face models (llama, qwen2, mistral, qwen3, phi3, gemma3) with a small byte-level BPE
-tokenizer."""
+"""Tiny random-weight Hugging Face models (llama, qwen2, mistral, qwen3, phi3, mixtral, qwen3_moe, gemma3) with a
+small byte-level BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -72,8 +72,10 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", seed: int = 0, **o
         "mistral": transformers.MistralConfig,
         "qwen3": transformers.Qwen3Config,
         "phi3": transformers.Phi3Config,
+        "mixtral": transformers.MixtralConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
     }[model_type]
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         common.setdefault("sliding_window", None)
     if model_type == "phi3":
         common.setdefault("pad_token_id", tokenizer.pad_token_id)  # Phi3Config's default (32000) is past the vocab

@@ -55,6 +55,7 @@ def test_transformers5_rope_parameters():
         ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, ["sliding_window"]),
+        ({"attention_bias": True}, ["attention_bias", "llama", "o_proj", "cfg.json"]),  # HF biases o_proj too
     ],
 )
 def test_bad_configs_name_key_and_file(change, words):

@@ -15,7 +15,7 @@ from pllm.compiler.gpu_compile import compile_kernels, resolve_target, triton_ca
 from pllm.compiler.kernel_modules import COMPILED_INFO_FILE
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelSpec, MoeSpec
 from pllm.runtime.backends.triton.triton_ops import compiled_artifacts_status
 
 TARGETS = ("sm_80", "sm_90")  # the two the CLI offers by name
@@ -24,11 +24,13 @@ pytestmark = pytest.mark.skipif(not CAN_TARGET_CUDA, reason=f"local triton canno
 
 # SmolLM2-135M's shape in fp16 (head_dim 64, GQA 3, hidden 576), and an fp32 model with head_dim 80 and GQA 4,
 # so both the masked and unmasked template branches and both dot precisions (tf32 / ieee) get compiled.
+# Both carry a mixture-of-experts block (Qwen3-30B-A3B's 128 experts, top-8, width 768; and 8 experts of a width
+# that needs the K mask), so the moe kernel compiles in both precisions too.
 SHAPES = {
     "smollm2_fp16": (dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                          head_dim=64), "float16", 16),
+                          head_dim=64, moe=MoeSpec(128, 8, 768, True, True, (0,))), "float16", 16),
     "hd80_fp32": (dict(hidden_size=320, intermediate_size=864, num_attention_heads=4, num_key_value_heads=1,
-                       head_dim=80), "float32", 32),
+                       head_dim=80, moe=MoeSpec(8, 2, 200, True, False, (0,))), "float32", 32),
     # q/k norm with partial rotary: head_dim 128 in bf16 (unmasked, rounded as Hugging Face's Qwen3 norm; half the
     # dims rotate), head_dim 80 in fp32 with the (1 + w) offset (masked, weight in fp32; 60 dims rotate, a masked
     # rotary half and pass-through tile)
@@ -47,6 +49,8 @@ SHAPES = {
 # kernels only some shapes' plans carry
 OPTIONAL_KERNELS = {"qknorm_partial_hd128_bf16": {"qk_norm"}, "qknorm_offset_partial_hd80_fp32": {"qk_norm"},
                     "gemma3_bf16": {"prefill_attention_windowed", "decode_attention_partial_windowed", "qk_norm"}}
+MOE_KERNELS = {"moe_gate_up", "moe_down", "moe_sum"}
+OPTIONAL_KERNELS.update({"smollm2_fp16": MOE_KERNELS, "hd80_fp32": MOE_KERNELS})
 
 
 def _spec(fields: dict) -> ModelSpec:

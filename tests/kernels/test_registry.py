@@ -8,6 +8,7 @@ from pllm.compiler.cli import parse_args
 from pllm.compiler.kernels import KERNELS, Language
 from pllm.compiler.plan import BLOCK_SIZES, make_plan
 from pllm.compiler.render import TEMPLATE_DIR
+from pllm.models.spec import MoeSpec
 from pllm.runtime.backends.cpu.cpu_kernels import BINDINGS
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
@@ -31,9 +32,12 @@ def test_every_op_a_kernel_implements_is_bound_by_its_backend():
 
 
 def test_manifest_records_each_kernels_op_and_language():
-    plan = make_plan(tiny_spec(qk_norm=True), "bfloat16", 16)
+    moe = MoeSpec(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                  round_router_weights=False, sparse_layers=(0,))
+    plan = make_plan(tiny_spec(qk_norm=True, moe=moe), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
     assert list(entries) == [k.name for k in KERNELS]  # every kernel applies to this spec, in registry order
+    assert "moe" not in make_plan(tiny_spec(), "bfloat16", 16).to_manifest()["kernels"]  # dense: no moe kernel
     for kernel in KERNELS:
         assert entries[kernel.name]["op"] == kernel.op
         assert entries[kernel.name]["language"] == kernel.language.value

@@ -17,10 +17,15 @@ CONFIG = {
     "vocab_size": 100,
     "max_position_embeddings": 256,
 }
+# keys a family requires beyond CONFIG
+FAMILY_KEYS = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [0]},
+}
 
 
 def test_families_are_keyed_by_their_model_type():
-    assert SUPPORTED_MODEL_TYPES[:5] == ("llama", "mistral", "qwen2", "qwen3", "phi3")
+    assert SUPPORTED_MODEL_TYPES[:7] == ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe")
     assert {"gemma3_text", "gemma3"} <= set(SUPPORTED_MODEL_TYPES)
     assert all(family.model_type == key for key, family in FAMILIES.items())
 
@@ -35,7 +40,7 @@ def config_of(model_type: str, **extra) -> dict:
     """CONFIG as `model_type`'s config.json holds it (gemma3: the text model's keys in text_config)."""
     if model_type == "gemma3":
         return {"model_type": model_type, "text_config": {**CONFIG, **extra}}
-    return {**CONFIG, "model_type": model_type, **extra}
+    return {**CONFIG, **FAMILY_KEYS.get(model_type, {}), "model_type": model_type, **extra}
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)

@@ -222,6 +222,7 @@ BINDINGS = {
 PYTORCH_ONLY: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("q/k norm", lambda spec: spec.qk_norm),
     ("RoPE + KV write (partial rotary)", lambda spec: spec.rotary_dim != spec.head_dim),
+    ("mixture of experts (grouped by expert, cpu_moe.py)", lambda spec: spec.moe is not None),
 )
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
 from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite, check_step_rows
+from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
 
 _HAS_ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
@@ -212,6 +213,9 @@ class TorchOps:
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
         return self.linear(ACTIVATIONS[activation](gate) * up, down_weight)
+
+    def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
+        return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
 
 
 def _attend(

@@ -174,3 +174,13 @@ class TritonOps:
     ) -> torch.Tensor:
         assert activation == self.activation, f"activation {activation}: the kernel has {self.activation}"
         return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)
+
+    def moe(
+        self,
+        x: torch.Tensor,  # [T, H]
+        topk_weights: torch.Tensor,  # [T, K] float32
+        topk_ids: torch.Tensor,  # [T, K] int64
+        gate_up_weights: torch.Tensor,  # [E, 2 * I, H]
+        down_weights: torch.Tensor,  # [E, H, I]
+    ) -> torch.Tensor:
+        return self.kernels["moe"].moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
