@@ -241,6 +241,7 @@ _SPEC_KINDS = {
     "int | None": lambda v: v is None or type(v) is int,
     "tuple[int, ...]": lambda v: type(v) is list and all(type(t) is int for t in v),
     "RopeScaling | None": lambda v: v is None or type(v) is dict,
+    "float | None": lambda v: v is None or type(v) in (int, float),
     "MoeSpec | None": lambda v: v is None or type(v) is dict,
     "ModelKind": lambda v: v in [kind.value for kind in ModelKind],
 }

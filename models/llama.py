@@ -36,6 +36,9 @@ class ConfigRules:
     default_head_dim: int | None = None  # head_dim when the config omits it (qwen3: 128); None: hidden / heads
     # The config's `attention_bias` also puts a bias on o_proj in these families; the runtime layout has none
     attention_bias_refused: bool = False
+    # A window in use makes every layer windowed (mistral), run as transformers masks it; otherwise it is refused
+    # (qwen2 and qwen3 window only the layers past max_window_layers: not wired yet)
+    every_layer_windowed: bool = False
 
 
 def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
@@ -60,7 +63,8 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
     if head_dim % 2:
         raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
 
-    # Sliding-window attention: read, and refused when it would actually change the output.
+    # Sliding-window attention: every layer windowed where the family says so, else refused when it would actually
+    # change the output.
     max_pos = positive(config, "max_position_embeddings", source, 2048)
     if max_pos > MAX_POSITION_EMBEDDINGS:
         raise ConfigError(
@@ -68,7 +72,8 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         )
     window = positive(config, "sliding_window", source, None)
     uses_window = get_value(config, "use_sliding_window", bool, source, rules.sliding_window_by_default)
-    if window is not None and uses_window and window < max_pos:
+    windowed = window is not None and uses_window and window < max_pos
+    if windowed and not rules.every_layer_windowed:
         raise ConfigError(
             f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
             "runtime; pllm attends to the full context and would give different results"
@@ -116,6 +121,8 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
         qk_norm=rules.qk_norm,
+        sliding_window=window if windowed else None,
+        sliding_layers=tuple(range(positive(config, "num_hidden_layers", source))) if windowed else (),
     )
 
 
@@ -216,7 +223,7 @@ class LlamaModel:
                 q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, spec.rms_norm_eps, spec.norm_weight_offset)
             k_cache, v_cache = kv_caches[i]
             q, k = ops.rope_kv_write(q, k, v, rows, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
-            attn = ops.attention(q, k_cache, v_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
+            attn = ops.attention(q, k_cache, v_cache, meta, self.scale, spec.layer_window(i))  # [T, heads, head_dim]
             x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)
             h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)
             x = self.feed_forward(layer, h)

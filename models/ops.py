@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
+
+# The gated MLP's activation, by Hugging Face's `hidden_act` / `hidden_activation` name: act(gate) * up.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,13 @@ class Ops(Protocol):
     """
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+        offset: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H]. With residual: r = x + residual, returns (norm(r) * weight, r). Without: (norm(x) * weight, x)."""
+        """x [T, H]. With residual: r = x + residual, returns (norm(r) * weight, r). Without: (norm(x) * weight, x).
+
+        offset 0: Llama's rounding, weight * norm(x) rounded to the dtype first; offset 1: Gemma's, the row times
+        (1 + weight) in fp32, rounded once."""
         ...
 
     def qk_norm(
@@ -91,16 +104,24 @@ class Ops(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Causal attention of each query token to its sequence's cached tokens up to and including itself."""
+        """Causal attention of each query token to its sequence's cached tokens up to and including itself.
+
+        window: only the last `window` keys (the query's own included), as transformers' sliding-window mask
+        (key > query - window). softcap: scores * scale -> softcap * tanh(. / softcap) before the mask."""
         ...
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] @ weight [out, in].T (+ bias) -> [T, out]; a backend may keep weights in a faster layout."""
         ...
 
-    def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(silu(g) * u)."""
+    def mlp(
+        self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, activation: str = "silu"
+    ) -> torch.Tensor:
+        """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(act(g) * u),
+        act one of ACTIVATIONS."""
         ...
 
     def moe(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pllm.models.bert import BERT
 from pllm.models.config import ConfigError
 from pllm.models.family import ModelFamily
+from pllm.models.gemma3 import GEMMA3, GEMMA3_TEXT
 from pllm.models.llama import LLAMA
 from pllm.models.mistral import MISTRAL
 from pllm.models.mixtral import MIXTRAL
@@ -22,6 +23,8 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     PHI3,
     MIXTRAL,
     QWEN3_MOE,
+    GEMMA3_TEXT,
+    GEMMA3,
     BERT,  # an encoder: embeddings only
 )}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)

@@ -54,7 +54,7 @@ class ModelKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # the registry key: llama, qwen3, bert, ...
+    model_type: str  # a key of models.registry.FAMILIES (llama, qwen3, gemma3, bert, ...)
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -83,6 +83,15 @@ class ModelSpec:
     type_vocab_size: int = 0  # rows of the token-type (segment) embedding; 0 for decoders
     layer_norm_eps: float = 0.0  # LayerNorm epsilon of encoders (decoders read rms_norm_eps)
 
+    # gemma-style quirks (the llama wiring keeps every default) --------------------------------------
+    hidden_act: str = "silu"  # the gated MLP's activation, one of models.ops.ACTIVATIONS
+    query_pre_attn_scalar: float | None = None  # attention scale is its ** -0.5; None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcapping: float | None = None  # the same on the output logits
+    sliding_window: int | None = None  # keys a windowed layer's query sees, itself included
+    sliding_layers: tuple[int, ...] = ()  # indices of the windowed layers (all others attend to everything)
+    rope_local_theta: float | None = None  # RoPE base of the windowed layers; None: rope_theta
+
     # derived ------------------------------------------------------------------------------------
     @property
     def q_size(self) -> int:
@@ -102,6 +111,14 @@ class ModelSpec:
         """Query heads per KV head (GQA ratio)."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The window of layer `layer`, None when it attends to its whole context."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -111,6 +128,8 @@ class ModelSpec:
         rs = d.get("rope_scaling")
         d["rope_scaling"] = RopeScaling.from_dict(rs) if rs else None
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        if "sliding_layers" in d:
+            d["sliding_layers"] = tuple(d["sliding_layers"])
         if d.get("moe"):
             d["moe"] = MoeSpec(**{**d["moe"], "sparse_layers": tuple(d["moe"]["sparse_layers"])})
         d["kind"] = ModelKind(d.get("kind", ModelKind.DECODER))

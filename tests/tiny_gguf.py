@@ -17,7 +17,16 @@ LAYER_NAMES = {
         "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
     },
+    "gemma3": {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    },
 }
+# llama.cpp stores gemma's RMSNorm weights as 1 + w (transformers subtracts the 1 again when it reads the file)
+NORM_OFFSET = {"gemma3": 1.0}
 
 
 def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.gguf") -> Path:
@@ -45,7 +54,10 @@ def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(config.get("rope_theta") or (rope.get("full_attention") or rope)["rope_theta"])
+    if architecture == "gemma3":
+        writer.add_sliding_window(config["sliding_window"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
@@ -64,6 +76,8 @@ def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.
     assert set(names) == set(state), set(state) ^ set(names)
     for hf, name in names.items():
         tensor = state[hf].float().numpy()
+        if "norm" in hf:
+            tensor = tensor + NORM_OFFSET.get(architecture, 0.0)
         if tensor.ndim == 2:  # quantised, so transformers must dequantise: Q8_0 blocks of 32 along rows
             quantised = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(name, quantised, raw_shape=quantised.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)

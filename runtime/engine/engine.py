@@ -99,6 +99,13 @@ class LLMEngine:
             self.runner.num_blocks * self.runner.kv_bytes_per_block / 2**20,
             self.max_model_len,
         )
+        if spec.sliding_layers:
+            # said plainly: the window bounds what attention reads, not (yet) what the cache holds
+            logger.info(
+                "pllm engine: %d of %d layers attend to a window of %d tokens; one KV layer group: every layer holds "
+                "its whole context (blocks out of the window are not yet returned to the pool)",
+                len(spec.sliding_layers), spec.num_hidden_layers, spec.sliding_window,
+            )
 
     # -- set-up -----------------------------------------------------------------------------------
     def _resolve_max_model_len(self, config: EngineConfig) -> int:

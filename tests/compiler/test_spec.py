@@ -54,7 +54,6 @@ def test_transformers5_rope_parameters():
         ({"rope_scaling": {"rope_type": "linear", "factor": -1}}, ["factor", "-1"]),
         ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
-        ({"model_type": "mistral", "sliding_window": 128}, ["sliding_window=128", "not supported"]),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, ["sliding_window"]),
         ({"attention_bias": True}, ["attention_bias", "llama", "o_proj", "cfg.json"]),  # HF biases o_proj too
     ],
@@ -66,6 +65,13 @@ def test_bad_configs_name_key_and_file(change, words):
         spec_from_config(cfg, "cfg.json")
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_mistral_window_makes_every_layer_windowed():
+    spec = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 128})
+    assert spec.sliding_window == 128 and spec.sliding_layers == (0, 1) and spec.layer_window(1) == 128
+    off = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 128, "use_sliding_window": False})
+    assert off.sliding_layers == () and off.layer_window(0) is None
 
 
 def test_sliding_window_that_covers_the_context_is_accepted():
@@ -127,6 +133,39 @@ def test_config_that_is_not_an_object(config):
         spec_from_config(config, "cfg.json")
 
 
+GEMMA3 = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100}
+
+
+def test_gemma3_quirks_read_from_transformers_keys():
+    """transformers 5's layer_types and per-layer-type rope_parameters; Gemma3TextConfig's defaults fill the rest."""
+    spec = spec_from_config({**GEMMA3, "layer_types": ["sliding_attention", "full_attention"] * 3,
+                             "sliding_window": 512, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 50.0,
+                             "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                    "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+    assert spec.sliding_layers == (0, 2, 4) and spec.sliding_window == 512
+    assert spec.layer_window(0) == 512 and spec.layer_window(1) is None
+    assert (spec.rope_theta, spec.rope_local_theta) == (1e6, 1e4) and spec.rope_scaling.rope_type == "linear"
+    assert spec.attention_scale == 24**-0.5 and spec.attn_logit_softcapping == 50.0
+    assert spec.final_logit_softcapping is None and spec.qk_norm and spec.norm_weight_offset == 1.0
+    assert spec.hidden_act == "gelu_pytorch_tanh" and spec.tie_word_embeddings
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_gemma3_older_keys_and_the_multimodal_wrapper():
+    """sliding_window_pattern and rope_local_base_freq (configs before transformers 5); a gemma3 checkpoint's
+    text_config, with the token ids at the top level."""
+    old = {**GEMMA3, "sliding_window_pattern": 3, "rope_theta": 5e5, "rope_local_base_freq": 2e4}
+    spec = spec_from_config(old)
+    assert spec.sliding_layers == (0, 1, 3, 4) and (spec.rope_theta, spec.rope_local_theta) == (5e5, 2e4)
+    assert spec.sliding_window == 4096 and spec.attention_scale == 256**-0.5  # Gemma3TextConfig's defaults
+    wrapped = spec_from_config({"model_type": "gemma3", "text_config": old, "eos_token_id": [1, 7],
+                                "vision_config": {"hidden_size": 32}})
+    assert wrapped.model_type == "gemma3" and wrapped.eos_token_ids == (1, 7)
+    assert wrapped.sliding_layers == spec.sliding_layers and wrapped.hidden_size == 64
+
+
 # qwen3 ----------------------------------------------------------------------------------------------------------
 QWEN3 = {**BASE, "model_type": "qwen3", "head_dim": 32}
 
@@ -148,6 +187,29 @@ def test_qwen3_window_that_changes_nothing_is_accepted():
     # transformers drops the window unless use_sliding_window is set (the default)
     assert spec_from_config({**QWEN3, "sliding_window": 64}).qk_norm
     assert spec_from_config({**QWEN3, "use_sliding_window": True, "sliding_window": 256}).qk_norm
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"layer_types": ["sliding_attention"]}, ["layer_types", "num_hidden_layers=6"]),
+        ({"layer_types": ["chunked_attention"] * 6}, ["layer_types", "chunked_attention"]),
+        ({"hidden_activation": "relu"}, ["hidden_activation", "relu"]),
+        ({"attention_bias": True}, ["attention_bias"]),
+        ({"use_bidirectional_attention": True}, ["use_bidirectional_attention"]),
+        ({"sliding_window": 0}, ["sliding_window", "0"]),
+        ({"attn_logit_softcapping": -1.0}, ["attn_logit_softcapping", "-1.0"]),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, ["rope_parameters", "layer types"]),
+        ({"rope_parameters": {"sliding_attention": {"rope_type": "yarn"}}}, ["sliding_attention", "yarn"]),
+        ({"model_type": "gemma3"}, ["text_config", "missing"]),
+    ],
+)
+def test_gemma3_bad_configs_name_key_and_file(change, words):
+    with pytest.raises(ConfigError) as e:
+        spec_from_config({**GEMMA3, **change}, "cfg.json")
+    assert "cfg.json" in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,15 @@ SHAPES = {
     # an encoder (bert): head_dim 80 and hidden 320 take the masked branches of its two kernels
     "bert_hd80_fp16": (dict(hidden_size=320, intermediate_size=1280, num_attention_heads=4, num_key_value_heads=4,
                             head_dim=80, kind=ModelKind.ENCODER, layer_norm_eps=1e-12), "float16", 16),
+    # gemma3-1b's attention shape in bf16 with every gemma option rendered: windowed and global attention
+    # variants, the score soft-cap, q/k norms, the (1 + w) norm offset and the tanh-GELU epilogue
+    "gemma3_bf16": (dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                         head_dim=256, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0, qk_norm=True,
+                         sliding_window=512, sliding_layers=(0,), attn_logit_softcapping=50.0), "bfloat16", 16),
 }
 # kernels only some shapes' plans carry
-OPTIONAL_KERNELS = {"qknorm_partial_hd128_bf16": {"qk_norm"}, "qknorm_offset_partial_hd80_fp32": {"qk_norm"}}
+OPTIONAL_KERNELS = {"qknorm_partial_hd128_bf16": {"qk_norm"}, "qknorm_offset_partial_hd80_fp32": {"qk_norm"},
+                    "gemma3_bf16": {"prefill_attention_windowed", "decode_attention_partial_windowed", "qk_norm"}}
 MOE_KERNELS = {"moe_gate_up", "moe_down", "moe_sum"}
 OPTIONAL_KERNELS.update({"smollm2_fp16": MOE_KERNELS, "hd80_fp32": MOE_KERNELS})
 ENCODER_KERNELS = {"layer_norm_residual", "layer_norm_plain", "encoder_attention"}

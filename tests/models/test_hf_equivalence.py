@@ -32,6 +32,7 @@ TINY_CASES = [
     ("qwen2", {}),
     ("qwen2", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     ("mistral", {}),
+    ("mistral", {"sliding_window": 6}),  # every layer windowed, shorter than most prompts
 ]
 
 
