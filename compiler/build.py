@@ -25,12 +25,13 @@ from pllm.compiler.manifest import (
     sha256_file,
 )
 from pllm.compiler.plan import make_plan
+from pllm.compiler.pooling import read_pooling_config
 from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.models.registry import family_of
-from pllm.models.spec import DTYPES, ModelSpec
+from pllm.models.spec import DTYPES, ModelKind, ModelSpec
 
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,7 +87,7 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             if not torch.isfinite(t).all():
                 raise BuildError(f"{where} holds NaN or infinite values")
             parts.append(t)
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        tensor = _assemble(parts, entry.num_stacked)
         if tuple(tensor.shape) != shape:
             shapes = ", ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(hf_names, parts))
             raise BuildError(
@@ -94,6 +95,18 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             )
         out[name] = tensor.to(TORCH_DTYPES[dtype]).contiguous()
     return out
+
+
+def _assemble(parts: list[torch.Tensor], num_stacked: int) -> torch.Tensor:
+    """Concatenate along dim 0; with num_stacked groups (experts), concatenate each group and stack the groups."""
+    if num_stacked == 1:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    assert len(parts) % num_stacked == 0, (len(parts), num_stacked)
+    per_group = len(parts) // num_stacked
+    groups = [_assemble(parts[g * per_group : (g + 1) * per_group], 1) for g in range(num_stacked)]
+    if any(g.shape != groups[0].shape for g in groups):
+        return torch.cat([g.flatten() for g in groups])  # unequal experts: the caller's shape check names them
+    return torch.stack(groups)
 
 
 def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
@@ -165,6 +178,8 @@ def _make_parents(parent: Path) -> list[Path]:
 
 
 def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path) -> None:
+    # an encoder embeds as its sentence-transformers files say; read first, so a refusal comes before the work
+    pooling = read_pooling_config(source, spec) if spec.kind is ModelKind.ENCODER else None
     weights = convert_weights(source, spec, dtype, options.progress)
     save_file(weights, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     _as_umask_allows(tmp_dir / WEIGHTS_FILE)
@@ -202,6 +217,8 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "versions": versions(),
         "files": files,
     }
+    if pooling is not None:
+        manifest["pooling"] = pooling.to_dict()
     manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

@@ -11,7 +11,8 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
+from pllm.models.pooling import Pooling, PoolingConfig
+from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language
 FORMAT_VERSION = 3
@@ -76,6 +77,7 @@ class BuildManifest:
     dtype: str
     block_size: int
     kernel_dir: Path
+    pooling: PoolingConfig | None = None  # an encoder build's embedding recipe (its manifest key 'pooling')
 
     def read_bytes(self, rel: str) -> bytes:
         """A listed file's bytes, checked against the manifest: what is used is exactly what was verified."""
@@ -135,7 +137,9 @@ def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:
             if not matches:
                 raise BuildDirError(_modified(f))
     spec = _spec_from_manifest(manifest["spec"], manifest_file)
-    return BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR)
+    pooling = _pooling_from_manifest(manifest.get("pooling"), spec, manifest_file)
+    return BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR,
+                         pooling)
 
 
 def _modified(f: Path) -> str:
@@ -237,6 +241,9 @@ _SPEC_KINDS = {
     "int | None": lambda v: v is None or type(v) is int,
     "tuple[int, ...]": lambda v: type(v) is list and all(type(t) is int for t in v),
     "RopeScaling | None": lambda v: v is None or type(v) is dict,
+    "float | None": lambda v: v is None or type(v) in (int, float),
+    "MoeSpec | None": lambda v: v is None or type(v) is dict,
+    "ModelKind": lambda v: v in [kind.value for kind in ModelKind],
 }
 
 
@@ -252,4 +259,28 @@ def _spec_from_manifest(d: dict, manifest_file: Path) -> ModelSpec:
     unknown = set(rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)}
     if unknown:
         raise _fail(manifest_file, "spec.rope_scaling", "a RopeScaling object", rope_scaling)
+    moe = d["moe"]
+    if moe is not None and set(moe) != {f.name for f in dataclasses.fields(MoeSpec)}:
+        raise _fail(manifest_file, "spec.moe", "a MoeSpec object", moe)
     return ModelSpec.from_dict(d)
+
+
+def _pooling_from_manifest(d: Any, spec: ModelSpec, manifest_file: Path) -> PoolingConfig | None:
+    """An encoder build must carry its embedding recipe; a decoder build carries none."""
+    if spec.kind is not ModelKind.ENCODER:
+        if d is not None:
+            raise _fail(manifest_file, "pooling", "absent for a decoder build", d)
+        return None
+    modes = [p.value for p in Pooling]
+    if not isinstance(d, dict) or set(d) != {"pooling", "normalize", "max_seq_length", "source"}:
+        raise _fail(manifest_file, "pooling", "an object with pooling, normalize, max_seq_length, source", d)
+    if d["pooling"] not in modes:
+        raise _fail(manifest_file, "pooling.pooling", f"one of {', '.join(modes)}", d["pooling"])
+    if type(d["normalize"]) is not bool:
+        raise _fail(manifest_file, "pooling.normalize", "true or false", d["normalize"])
+    max_len = d["max_seq_length"]
+    if type(max_len) is not int or not 1 <= max_len <= spec.max_position_embeddings:
+        raise _fail(manifest_file, "pooling.max_seq_length", "an integer in [1, max_position_embeddings]", max_len)
+    if type(d["source"]) is not str:
+        raise _fail(manifest_file, "pooling.source", "a string", d["source"])
+    return PoolingConfig(Pooling(d["pooling"]), d["normalize"], max_len, d["source"])

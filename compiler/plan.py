@@ -49,5 +49,7 @@ def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
         raise ValueError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported (supported: {BLOCK_SIZES})")
-    kernels = tuple(k.spec(spec, dtype, block_size) for k in KERNELS if k.applies(spec, dtype))
+    kernels = tuple(
+        k.spec(spec, dtype, block_size) for k in KERNELS if spec.kind in k.kinds and k.applies(spec, dtype)
+    )
     return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels)

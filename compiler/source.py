@@ -29,6 +29,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "added_tokens.json",
+    "vocab.txt",  # WordPiece (BERT) vocabularies of checkpoints without a tokenizer.json
 )
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
               "chat_template.json", "added_tokens.json", "generation_config.json")
@@ -245,7 +246,7 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
     for f in iter_tokenizer_files(source):
         shutil.copyfile(f, out_dir / f.name)
         copied.append(f.name)
-    if "tokenizer.json" not in copied and "tokenizer.model" not in copied and "vocab.json" not in copied:
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"} & set(copied):
         raise ModelSourceError(f"{source.tokenizer_dir}: no tokenizer files (tokenizer.json or tokenizer.model)")
     try:
         AutoTokenizer.from_pretrained(str(out_dir))

@@ -15,10 +15,15 @@ from pllm.models.spec import ModelSpec
 
 @dataclass(frozen=True)
 class RuntimeTensor:
-    """One tensor of the build's weights file: Hugging Face tensors concatenated along dim 0, and its shape."""
+    """One tensor of the build's weights file: Hugging Face tensors concatenated along dim 0, and its shape.
+
+    With num_stacked > 1 (experts), hf_names is that many equal groups in order: each group is concatenated along
+    dim 0 into shape[1:], and the groups are stacked along a new dim 0 of size num_stacked.
+    """
 
     hf_names: tuple[str, ...]
     shape: tuple[int, ...]
+    num_stacked: int = 1
 
 
 class CausalLM(Protocol):

@@ -21,7 +21,7 @@ from pllm.models.config import (
 )
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.ops import AttentionMetadata, Ops
-from pllm.models.rotary import rope_cos_sin
+from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
 
 
@@ -32,6 +32,13 @@ class ConfigRules:
     model_type: str
     sliding_window_by_default: bool  # `use_sliding_window` when the config omits it (mistral: windowed)
     attention_bias_always: bool  # q, k, v carry a bias whatever the config says (qwen2)
+    qk_norm: bool = False  # an RMSNorm per q and k head before RoPE (qwen3)
+    default_head_dim: int | None = None  # head_dim when the config omits it (qwen3: 128); None: hidden / heads
+    # The config's `attention_bias` also puts a bias on o_proj in these families; the runtime layout has none
+    attention_bias_refused: bool = False
+    # A window in use makes every layer windowed (mistral), run as transformers masks it; otherwise it is refused
+    # (qwen2 and qwen3 window only the layers past max_window_layers: not wired yet)
+    every_layer_windowed: bool = False
 
 
 def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
@@ -43,7 +50,7 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         raise ConfigError(
             f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv})"
         )
-    head_dim = config.get("head_dim")
+    head_dim = config.get("head_dim", rules.default_head_dim)
     if head_dim is None:
         if hidden % num_heads:
             raise ConfigError(
@@ -52,11 +59,12 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
             )
         head_dim = hidden // num_heads
     else:
-        head_dim = positive(config, "head_dim", source)
+        head_dim = positive(config, "head_dim", source, rules.default_head_dim)
     if head_dim % 2:
         raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
 
-    # Sliding-window attention: read, and refused when it would actually change the output.
+    # Sliding-window attention: every layer windowed where the family says so, else refused when it would actually
+    # change the output.
     max_pos = positive(config, "max_position_embeddings", source, 2048)
     if max_pos > MAX_POSITION_EMBEDDINGS:
         raise ConfigError(
@@ -64,7 +72,8 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         )
     window = positive(config, "sliding_window", source, None)
     uses_window = get_value(config, "use_sliding_window", bool, source, rules.sliding_window_by_default)
-    if window is not None and uses_window and window < max_pos:
+    windowed = window is not None and uses_window and window < max_pos
+    if windowed and not rules.every_layer_windowed:
         raise ConfigError(
             f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
             "runtime; pllm attends to the full context and would give different results"
@@ -89,6 +98,10 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
     if theta is None:
         theta = finite_positive(rope_parameters, "rope_theta", f"{source}: rope_parameters", 10000.0)
     eps = finite_positive(config, "rms_norm_eps", source, 1e-6)
+    bias = get_value(config, "attention_bias", bool, source, False)
+    if bias and rules.attention_bias_refused:
+        raise ConfigError(f"{source}: attention_bias=true is not supported for {rules.model_type} (it also puts a "
+                          "bias on o_proj)")
     return ModelSpec(
         model_type=rules.model_type,
         hidden_size=hidden,
@@ -103,10 +116,13 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         rope_scaling=rope_scaling(config, source),
         max_position_embeddings=max_pos,
         tie_word_embeddings=get_value(config, "tie_word_embeddings", bool, source, False),
-        attention_bias=rules.attention_bias_always or get_value(config, "attention_bias", bool, source, False),
+        attention_bias=rules.attention_bias_always or bias,
         torch_dtype=dtype,
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
+        qk_norm=rules.qk_norm,
+        sliding_window=window if windowed else None,
+        sliding_layers=tuple(range(positive(config, "num_hidden_layers", source))) if windowed else (),
     )
 
 
@@ -129,6 +145,9 @@ def weight_layout(spec: ModelSpec) -> dict[str, RuntimeTensor]:
         if spec.attention_bias:
             biases = (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
             layout[rt + "qkv_bias"] = RuntimeTensor(biases, (q + 2 * kv,))
+        if spec.qk_norm:
+            layout[rt + "q_norm"] = RuntimeTensor((attn + "q_norm.weight",), (spec.head_dim,))
+            layout[rt + "k_norm"] = RuntimeTensor((attn + "k_norm.weight",), (spec.head_dim,))
         layout[rt + "o_proj"] = RuntimeTensor((attn + "o_proj.weight",), (h, q))
         layout[rt + "post_attention_layernorm"] = RuntimeTensor((hf + "post_attention_layernorm.weight",), (h,))
         layout[rt + "gate_up_proj"] = RuntimeTensor(
@@ -146,9 +165,12 @@ class LayerWeights:
     qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden], q rows first, then k, then v
     qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size], present exactly when spec.attention_bias
     o: torch.Tensor  # [hidden, q_size]
+    q_norm: torch.Tensor | None  # [head_dim], present exactly when spec.qk_norm
+    k_norm: torch.Tensor | None  # [head_dim]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden], gate rows first
-    down: torch.Tensor  # [hidden, intermediate]
+    # the dense MLP; None on a mixture-of-experts layer (models/moe.py), whose layout has no such tensors
+    gate_up: torch.Tensor | None  # [2 * intermediate, hidden], gate rows first
+    down: torch.Tensor | None  # [hidden, intermediate]
 
     @classmethod
     def from_tensors(cls, weights: dict[str, torch.Tensor], spec: ModelSpec, i: int) -> LayerWeights:
@@ -158,9 +180,11 @@ class LayerWeights:
             qkv=weights[p + "qkv_proj"],
             qkv_bias=weights[p + "qkv_bias"] if spec.attention_bias else None,
             o=weights[p + "o_proj"],
+            q_norm=weights[p + "q_norm"] if spec.qk_norm else None,
+            k_norm=weights[p + "k_norm"] if spec.qk_norm else None,
             post_norm=weights[p + "post_attention_layernorm"],
-            gate_up=weights[p + "gate_up_proj"],
-            down=weights[p + "down_proj"],
+            gate_up=weights.get(p + "gate_up_proj"),
+            down=weights.get(p + "down_proj"),
         )
 
 
@@ -172,6 +196,7 @@ class LlamaModel:
         self.w = weights
         self.layers = [LayerWeights.from_tensors(weights, spec, i) for i in range(spec.num_hidden_layers)]
         self.ops = ops
+        self.max_positions = max_positions
         self.cos_sin = rope_cos_sin(spec, max_positions).to(weights["embed_tokens"].device)
         self.scale = spec.head_dim**-0.5
         self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
@@ -186,6 +211,7 @@ class LlamaModel:
         num_tokens = input_ids.shape[0]
         q_size, kv_size = spec.q_size, spec.kv_size
         x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
+        rows = rope_rows(spec, meta, self.max_positions)  # [num_tokens] rows of self.cos_sin
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = ops.rms_norm(x, layer.input_norm, spec.rms_norm_eps, residual)
@@ -193,14 +219,20 @@ class LlamaModel:
             q = qkv[:, :q_size].view(num_tokens, spec.num_attention_heads, spec.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
+            if layer.q_norm is not None:
+                q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, spec.rms_norm_eps, spec.norm_weight_offset)
             k_cache, v_cache = kv_caches[i]
-            q, k = ops.rope_kv_write(q, k, v, meta.positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
-            attn = ops.attention(q, k_cache, v_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
+            q, k = ops.rope_kv_write(q, k, v, rows, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
+            attn = ops.attention(q, k_cache, v_cache, meta, self.scale, spec.layer_window(i))  # [T, heads, head_dim]
             x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)
             h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)
-            x = ops.mlp(h, layer.gate_up, layer.down)
+            x = self.feed_forward(layer, h)
         x, _ = ops.rms_norm(x, w["norm"], spec.rms_norm_eps, residual)
         return x
+
+    def feed_forward(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """h [num_tokens, hidden] -> [num_tokens, hidden]: the dense MLP (models/moe.py routes to experts instead)."""
+        return self.ops.mlp(h, layer.gate_up, layer.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""
@@ -219,4 +251,7 @@ def llama_family(rules: ConfigRules) -> ModelFamily:
     )
 
 
-LLAMA = llama_family(ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False))
+# transformers biases all four projections when attention_bias is set; the layout has no o_proj bias, so refuse
+LLAMA = llama_family(
+    ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False, attention_bias_refused=True)
+)

@@ -1,17 +1,26 @@
-"""Rotary position tables: the cos/sin cache every rotary model hands to `Ops.rope_kv_write`."""
+"""Rotary position tables: the cos/sin cache every rotary model hands to `Ops.rope_kv_write`, and its row per token."""
 
 from __future__ import annotations
 
 import torch
 
+from pllm.models.ops import AttentionMetadata
 from pllm.models.spec import ModelSpec
 
 
 def rope_cos_sin(spec: ModelSpec, max_positions: int) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos(pos * inv_freq) then sin, computed exactly as transformers does."""
-    dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    """[max_positions, rotary_dim] float32: cos(pos * inv_freq) then sin, computed exactly as transformers does.
+
+    longrope: [2 * max_positions, rotary_dim], the short-factor table then the long-factor one (rope_rows picks),
+    both multiplied by the attention factor as transformers multiplies its cos and sin.
+    """
     rs = spec.rope_scaling
+    if rs is not None and rs.rope_type == "longrope":
+        short = _table(_longrope_inv_freq(spec, rs.short_factor), max_positions)
+        long = _table(_longrope_inv_freq(spec, rs.long_factor), max_positions)
+        return (torch.cat([short, long]) * rs.attention_factor).contiguous()
+    dim = spec.rotary_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
     if rs is not None and rs.rope_type == "linear":
         inv_freq = inv_freq / rs.factor
     elif rs is not None and rs.rope_type == "llama3":
@@ -25,6 +34,45 @@ def rope_cos_sin(spec: ModelSpec, max_positions: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
+    return _table(inv_freq, max_positions)
+
+
+def _longrope_inv_freq(spec: ModelSpec, ext_factors: tuple[float, ...]) -> torch.Tensor:
+    # transformers' _compute_longrope_parameters: 1 / (ext_factors * base ** (arange(0, dim, 2) / dim))
+    dim = spec.rotary_dim
+    inv_freq_shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(ext_factors, dtype=torch.float32) * spec.rope_theta**inv_freq_shape)
+
+
+def _table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
     positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
+    freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, rotary_dim // 2]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
+
+
+# longrope, as transformers runs it. Phi3RotaryEmbedding picks one table per forward, the long one when
+# max(position_ids) + 1 > original_max_position_embeddings, and Phi3ForCausalLM.prepare_inputs_for_generation drops
+# the KV cache when generation first takes the sequence past that length, so the whole sequence is computed again
+# with the long table. Hence under generate() every position of a sequence is rotated by the table its current
+# length selects: short while it has at most `original` tokens, long from then on (a prompt longer than that is
+# long throughout). pllm does the same: each token reads the table of its sequence's known length
+# (AttentionMetadata.seq_total_lens), and the scheduler computes a sequence again from its first token when its
+# length first passes `original` (recompute_length below); prefix caching is off for such models, as a block's
+# K/V depends on more than its tokens.
+
+
+def recompute_length(spec: ModelSpec) -> int | None:
+    """The sequence length past which a sequence's K/V must be computed again from its first token (longrope's
+    original_max_position_embeddings), or None when K/V never depend on the length."""
+    rs = spec.rope_scaling
+    return rs.original_max_position_embeddings if rs is not None and rs.rope_type == "longrope" else None
+
+
+def rope_rows(spec: ModelSpec, meta: AttentionMetadata, max_positions: int) -> torch.Tensor:
+    """[num_tokens] int64: each token's row of the rope_cos_sin table: its position, in the long-factor half for
+    longrope when its sequence is longer than the original length."""
+    threshold = recompute_length(spec)
+    if threshold is None:
+        return meta.positions
+    length = meta.positions + 1 if meta.seq_total_lens is None else meta.seq_total_lens  # [num_tokens]
+    return meta.positions + (length > threshold).to(torch.int64) * max_positions

@@ -86,3 +86,38 @@ def smollm2_hf():
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def st_bert_dir(tmp_path_factory):
+    """Factory: (pooling="mean", normalize=True, **options) -> a random tiny BERT saved as a sentence-transformers
+    folder (tests/encoder_models.py); cached per arguments."""
+    from encoder_models import make_tiny_st_bert
+
+    cache: dict = {}
+
+    def make(pooling: str = "mean", normalize: bool = True, **options) -> Path:
+        key = (pooling, normalize, json.dumps(options, sort_keys=True))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"st-bert-{pooling}") / "model"
+            cache[key] = make_tiny_st_bert(out, pooling, normalize, **options)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def st_bert_build(st_bert_dir, tmp_path_factory):
+    """Factory: (pooling="mean", normalize=True, **options) -> the compiled float32 build of st_bert_dir's folder."""
+    from pllm.compiler.build import BuildOptions, build
+
+    cache: dict = {}
+
+    def make(pooling: str = "mean", normalize: bool = True, **options) -> Path:
+        key = (pooling, normalize, json.dumps(options, sort_keys=True))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("build-bert") / "build"
+            cache[key] = build(str(st_bert_dir(pooling, normalize, **options)), out, BuildOptions(progress=False))
+        return cache[key]
+
+    return make

@@ -1,4 +1,5 @@
-"""Tiny random-weight Hugging Face models (llama, qwen2, mistral) with a small byte-level BPE tokenizer."""
+"""Tiny random-weight Hugging Face models (llama, qwen2, mistral, qwen3, phi3, mixtral, qwen3_moe, gemma3) with a
+small byte-level BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -62,22 +63,57 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", seed: int = 0, **o
         tie_word_embeddings=False,
     )
     common.update(overrides)
+    if model_type in GEMMA3_TYPES:
+        model = _make_gemma3(model_type, common, seed)
+        return _save_scaled(model, out_dir)
     config_cls = {
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "qwen3": transformers.Qwen3Config,
+        "phi3": transformers.Phi3Config,
+        "mixtral": transformers.MixtralConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
     }[model_type]
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         common.setdefault("sliding_window", None)
+    if model_type == "phi3":
+        common.setdefault("pad_token_id", tokenizer.pad_token_id)  # Phi3Config's default (32000) is past the vocab
     config = config_cls(**common)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _save_scaled(model, out_dir)
+
+
+def _save_scaled(model, out_dir: Path) -> Path:
     # Random init of this size gives near-uniform logits; a larger scale makes greedy choices decisive.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                # gemma stores the norm weight as an offset from 1
+                offset = 0.0 if model.config.model_type in GEMMA3_TYPES else 1.0
+                p.copy_(offset + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+GEMMA3_TYPES = ("gemma3_text", "gemma3")
+# a vision tower as small as Gemma3Config allows: its weights sit in the checkpoint and must stay out of the build
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14)
+
+
+def _make_gemma3(model_type: str, common: dict, seed: int):
+    """Gemma3ForCausalLM from Gemma3TextConfig, or Gemma3ForConditionalGeneration (a tiny vision tower beside it)."""
+    import transformers
+
+    text = dict(common, head_dim=common["hidden_size"] // common["num_attention_heads"])
+    text.pop("rope_theta")
+    torch.manual_seed(seed)
+    if model_type == "gemma3_text":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**text)).to(torch.float32)
+    config = transformers.Gemma3Config(text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=4,
+                                       tie_word_embeddings=text["tie_word_embeddings"])
+    return transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)

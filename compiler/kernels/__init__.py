@@ -7,8 +7,12 @@ from pllm.compiler.kernels import (
     cpu_rms_norm,
     cpu_rope_kv_write,
     decode_attention,
+    encoder_attention,
+    layer_norm,
     mlp,
+    moe,
     prefill_attention,
+    qk_norm,
     rms_norm,
     rope_kv_write,
 )
@@ -16,13 +20,18 @@ from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
 
 KERNELS: tuple[Kernel, ...] = (
     rms_norm.KERNEL,
+    qk_norm.KERNEL,
     rope_kv_write.KERNEL,
     decode_attention.KERNEL,
     prefill_attention.KERNEL,
     mlp.KERNEL,
+    moe.KERNEL,
     cpu_decode_attention.KERNEL,
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
+    # encoders
+    layer_norm.KERNEL,
+    encoder_attention.KERNEL,
 )
 
 __all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]

@@ -33,6 +33,18 @@ def head_constants(spec: ModelSpec, dtype: str) -> dict[str, Any]:
     }
 
 
+def attention_quirks(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The attention constants and options every attention template reads: a window (windowed layers pick it at
+    launch) and a score soft-cap, each present only when the model has it."""
+    constants: dict[str, Any] = {}
+    if spec.sliding_layers:
+        constants["SLIDING_WINDOW"] = spec.sliding_window
+    if spec.attn_logit_softcapping is not None:
+        constants["SOFTCAP"] = spec.attn_logit_softcapping
+    options = {"sliding_window": bool(spec.sliding_layers), "softcap": spec.attn_logit_softcapping is not None}
+    return constants, options
+
+
 def dot_precision(dtype: str) -> str:
     # fp32 builds promise greedy equality with Hugging Face in fp32: tf32 dots (10-bit mantissa) would break it
     return "ieee" if dtype == "float32" else "tf32"

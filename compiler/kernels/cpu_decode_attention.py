@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
+from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES, attention_quirks
 from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
@@ -26,7 +26,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "LANES": CPU_LANES,
         "PREFETCH_TOKENS": PREFETCH_TOKENS,
     }
-    return constants, {"bf16_cache": dtype == "bfloat16"}
+    quirk_constants, quirk_options = attention_quirks(spec)
+    return {**constants, **quirk_constants}, {"bf16_cache": dtype == "bfloat16", **quirk_options}
 
 
 KERNEL = Kernel("cpu_decode_attention", op="decode_attention", language=Language.CPP, render=render,

@@ -13,7 +13,8 @@ PARALLEL_MIN_TOKENS = 64  # fewer rows than this: one thread (waking the others 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
     """bfloat16 only: in float32 the PyTorch RMSNorm stays, bit for bit the one Hugging Face runs."""
-    return dtype == "bfloat16" and spec.hidden_size % CPU_LANES == 0
+    # Gemma's (1 + w) rounding is PyTorch's alone (the kernel rounds as Llama does)
+    return dtype == "bfloat16" and spec.hidden_size % CPU_LANES == 0 and not spec.norm_weight_offset
 
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:

@@ -15,8 +15,10 @@ COMPILE_FLAGS = ("-ffp-contract=off", "-fno-fast-math")
 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
-    """Each half of a head row is whole vectors (head_dim 64, 80, 96, 128 all are)."""
-    return dtype in CPU_KERNEL_DTYPES and spec.head_dim % (2 * CPU_LANES) == 0
+    """Each half of a head row is whole vectors (head_dim 64, 80, 96, 128 all are), and RoPE turns all of it (with
+    partial rotary the cpu backend rotates in PyTorch)."""
+    return (dtype in CPU_KERNEL_DTYPES and spec.head_dim % (2 * CPU_LANES) == 0
+            and spec.rotary_dim == spec.head_dim)
 
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:

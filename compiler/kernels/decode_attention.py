@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pllm.compiler.kernels.common import dot_precision, head_constants, next_power_of_2
+from pllm.compiler.kernels.common import attention_quirks, dot_precision, head_constants, next_power_of_2
 from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
@@ -28,7 +28,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "NUM_WARPS": 4,
         "REDUCE_NUM_WARPS": 1 if head["HEAD_DIM_PAD"] <= 64 else 2,
     }
-    return constants, {"mask_head_dim": head["HEAD_DIM_PAD"] != spec.head_dim}
+    quirk_constants, quirk_options = attention_quirks(spec)
+    return {**constants, **quirk_constants}, {"mask_head_dim": head["HEAD_DIM_PAD"] != spec.head_dim, **quirk_options}
 
 
 KERNEL = Kernel("decode_attention", op="decode_attention", language=Language.TRITON, render=render)

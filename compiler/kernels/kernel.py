@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pllm.compiler.manifest import Language
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelKind, ModelSpec
 
 __all__ = ["Kernel", "KernelSpec", "Language"]
 
@@ -60,6 +60,8 @@ class Kernel:
     render: Render
     applies: Callable[[ModelSpec, str], bool] = _always  # (spec, dtype): whether the plan carries it
     compile_flags: tuple[str, ...] = ()  # C++ only
+    # the model kinds whose plans may carry it (then `applies` decides): decoder kernels read a KV cache
+    kinds: frozenset[ModelKind] = frozenset({ModelKind.DECODER})
 
     def spec(self, model: ModelSpec, dtype: str, block_size: int) -> KernelSpec:
         constants, options = self.render(model, dtype, block_size)

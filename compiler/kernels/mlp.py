@@ -31,13 +31,24 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "BLOCK_K": BLOCK_K,
         "DOT_PRECISION": dot_precision(dtype),
         "NUM_WARPS": 4,
+        "ACTIVATION": _activation(spec),
     }
     options = {
         # the K loop of gate_up runs over hidden, the one of down over intermediate
         "mask_k_hidden": spec.hidden_size % BLOCK_K != 0,
         "mask_k_intermediate": spec.intermediate_size % BLOCK_K != 0,
+        # the epilogue: one option per activation the template has, exactly one set
+        **{f"act_{name}": name == constants["ACTIVATION"] for name in ACTIVATIONS},
     }
     return constants, options
+
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the epilogues mlp.py.jinja has
+
+
+def _activation(spec: ModelSpec) -> str:
+    assert spec.hidden_act in ACTIVATIONS, f"no mlp epilogue for {spec.hidden_act!r}"  # the spec validated it
+    return spec.hidden_act
 
 
 def _block_n(num_columns: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pllm.compiler.kernels.common import dot_precision, head_constants, next_power_of_2
+from pllm.compiler.kernels.common import attention_quirks, dot_precision, head_constants, next_power_of_2
 from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
@@ -30,7 +30,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "NUM_WARPS": 4,
     }
     options = {"mask_head_dim": head["HEAD_DIM_PAD"] != spec.head_dim, "mask_group": group_pad != spec.group_size}
-    return constants, options
+    quirk_constants, quirk_options = attention_quirks(spec)
+    return {**constants, **quirk_constants}, {**options, **quirk_options}
 
 
 KERNEL = Kernel("prefill_attention", op="prefill_attention", language=Language.TRITON, render=render)

@@ -19,7 +19,9 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         # one row per program: ~8 elements per thread keeps loads vectorised without spilling
         "NUM_WARPS": max(1, min(16, block_h // 256)),
     }
-    return constants, {"mask_hidden": block_h != spec.hidden_size}
+    if spec.norm_weight_offset:
+        constants["NORM_OFFSET"] = spec.norm_weight_offset
+    return constants, {"mask_hidden": block_h != spec.hidden_size, "weight_offset": bool(spec.norm_weight_offset)}
 
 
 KERNEL = Kernel("rms_norm", op="rms_norm", language=Language.TRITON, render=render)

@@ -11,16 +11,28 @@ from pllm.models.spec import ModelSpec
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
     half = spec.head_dim // 2
+    rotary_half = spec.rotary_dim // 2
+    pass_dim = spec.head_dim - spec.rotary_dim
     constants = {
         **head_constants(spec, dtype),
         "HALF_DIM": half,
         "HALF_DIM_PAD": next_power_of_2(half),
+        "ROTARY_DIM": spec.rotary_dim,
+        "ROTARY_HALF": rotary_half,
+        "ROTARY_HALF_PAD": next_power_of_2(rotary_half),
+        # the pass-through tile of partial rotary (1 when there is none: the template then never reads it)
+        "PASS_DIM_PAD": next_power_of_2(max(pass_dim, 1)),
         "NUM_HEADS_PAD": next_power_of_2(spec.num_attention_heads),
         "NUM_KV_HEADS_PAD": next_power_of_2(spec.num_key_value_heads),
         "BLOCK_SIZE": block_size,
         "NUM_WARPS": 4,
     }
-    return constants, {"mask_half_dim": next_power_of_2(half) != half}
+    options = {
+        "mask_half_dim": next_power_of_2(half) != half,
+        "mask_rotary_half": next_power_of_2(rotary_half) != rotary_half,
+        "partial_rotary": pass_dim > 0,
+    }
+    return constants, options
 
 
 KERNEL = Kernel("rope_kv_write", op="rope_kv_write", language=Language.TRITON, render=render)

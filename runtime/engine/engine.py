@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 
 from pllm.compiler.manifest import open_build
+from pllm.models.rotary import recompute_length
+from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.kv_cache import KVCacheManager
 from pllm.runtime.engine.output_processor import OutputProcessor
@@ -53,10 +55,19 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.build)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
-        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, config.enable_prefix_caching)
+        recompute_past_len = recompute_length(spec)
+        prefix_caching = config.enable_prefix_caching and recompute_past_len is None
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("pllm: prefix caching off: this model's K/V at every position depends on the sequence "
+                        "length (longrope past %d tokens), not on the tokens alone", recompute_past_len)
+        # an encoder's blocks are bookkeeping only (no cache behind them), and embeddings never read prefix hits
+        prefix_caching = prefix_caching and spec.kind is ModelKind.DECODER
+        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, prefix_caching)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
+            recompute_past_len,
+            chunk_prompts=spec.kind is ModelKind.DECODER,  # an encoder attends over its whole input at once
         )
         self.sampler = Sampler(spec.vocab_size, seed=config.seed)
         self.stop = StopChecker(frozenset(self.eos_token_ids))
@@ -66,10 +77,20 @@ class LLMEngine:
             finish=lambda request_id: self.scheduler.finish_request(request_id, FinishReason.STOP),
             release=self.sampler.free,
         )
-        self.pooler = Pooler()  # unfinished embedding requests
+        pooling = self.build.pooling  # an encoder's recipe; decoders pool "last" and normalise by default
+        self.pooler = Pooler(normalize=pooling.normalize if pooling else True)  # unfinished embedding requests
+        self.default_pooling = pooling.pooling.value if pooling else "last"
         self.grammars = GrammarCache(self.tokenizer, spec.vocab_size, self.eos_token_ids)  # structured output
         self.stats = EngineStats()
         self._next_id = 0
+        if pooling is not None:
+            logger.info(
+                "pllm engine: backend=%s dtype=%s encoder, no KV cache; embeddings: %s pooling%s, inputs truncated "
+                "to %d tokens (from %s), max_model_len=%d", self.runner.backend, self.build.dtype,
+                pooling.pooling.value, ", L2-normalised" if pooling.normalize else "", pooling.max_seq_length,
+                pooling.source, self.max_model_len,
+            )
+            return
         logger.info(
             "pllm engine: backend=%s dtype=%s KV cache %d blocks x %d tokens = %d tokens (%.1f MiB), max_model_len=%d",
             self.runner.backend,
@@ -80,6 +101,13 @@ class LLMEngine:
             self.runner.num_blocks * self.runner.kv_bytes_per_block / 2**20,
             self.max_model_len,
         )
+        if spec.sliding_layers:
+            # said plainly: the window bounds what attention reads, not (yet) what the cache holds
+            logger.info(
+                "pllm engine: %d of %d layers attend to a window of %d tokens; one KV layer group: every layer holds "
+                "its whole context (blocks out of the window are not yet returned to the pool)",
+                len(spec.sliding_layers), spec.num_hidden_layers, spec.sliding_window,
+            )
 
     # -- set-up -----------------------------------------------------------------------------------
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
@@ -108,8 +136,9 @@ class LLMEngine:
         self._next_id += 1
         return str(self._next_id)
 
-    def tokenize(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
-        """A text, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."} -> (text, ids)."""
+    def tokenize(self, prompt: str | list[int] | dict, max_length: int | None = None) -> tuple[str | None, list[int]]:
+        """A text, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."} -> (text, ids); a text
+        is truncated to max_length tokens when one is given (token ids are taken as they are)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = list(prompt["prompt_token_ids"])
@@ -120,7 +149,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return prompt, self.encode(prompt, "prompt")
+            return prompt, self.encode(prompt, "prompt", max_length=max_length)
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt_token_ids is empty")
@@ -130,7 +159,7 @@ class LLMEngine:
                 raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
         return None, ids
 
-    def encode(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, what: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         """Text -> token ids; ValueError naming `what` for text that is not valid Unicode (a lone surrogate)."""
         try:
             text.encode("utf-8")
@@ -138,12 +167,24 @@ class LLMEngine:
             raise ValueError(
                 f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start}"
             ) from None
+        if max_length is not None:  # as sentence-transformers: the text's tokens cut, the special tokens kept
+            return self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
+                                  max_length=max_length).input_ids
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def check_generates(self) -> None:
+        """ValueError, naming the model kind, when this build cannot generate (an encoder only embeds)."""
+        if self.spec.kind is not ModelKind.DECODER:
+            raise ValueError(
+                f"This model is an {self.spec.kind.value} (model_type {self.spec.model_type!r}): it serves "
+                "embeddings only (LLM.embed, /v1/embeddings), not completions or chat"
+            )
 
     def add_request(
         self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, arrival_time: float | None = None
     ) -> None:
         """Queue a request; ValueError (naming what is wrong) for anything that can never run."""
+        self.check_generates()
         if request_id in self.processor or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
@@ -256,13 +297,19 @@ class LLMEngine:
 
     # -- embeddings -------------------------------------------------------------------------------
     def add_embedding_request(
-        self, request_id: str, prompt: str | list[int] | dict, pooling: str = "last", arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        pooling: str | None = None,
+        arrival_time: float | None = None,
     ) -> None:
-        """Queue an embedding request: prefill only, scheduled with the rest, one L2-normalised vector when done."""
+        """Queue an embedding request: prefill only, scheduled with the rest, one vector when done. pooling None:
+        the build's (an encoder's recipe; "last" for decoders). An encoder's texts are truncated as
+        sentence-transformers truncates them."""
         if request_id in self.processor or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = self.tokenize(prompt)[1]
-        request = self.pooler.new_request(request_id, ids, pooling, arrival_time)
+        ids = self.tokenize(prompt, self.embedding_max_length)[1]
+        request = self.pooler.new_request(request_id, ids, pooling or self.default_pooling, arrival_time)
         if len(ids) > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your input "
@@ -270,6 +317,11 @@ class LLMEngine:
             )
         self.scheduler.add_request(request)
         self.pooler.track(request)
+
+    @property
+    def embedding_max_length(self) -> int | None:
+        """Tokens a text to embed is truncated to (an encoder's max_seq_length); None: never truncated."""
+        return self.build.pooling.max_seq_length if self.build.pooling else None
 
     # -- introspection ----------------------------------------------------------------------------
     def num_unfinished_requests(self) -> int:

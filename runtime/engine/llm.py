@@ -40,6 +40,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Outputs in input order. A prompt is a text, a list of token ids, or {"prompt_token_ids": [...]}."""
+        self.engine.check_generates()
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -66,6 +67,7 @@ class LLM:
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """One conversation or a list of them, rendered with the model's chat template."""
+        self.engine.check_generates()
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
             {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
@@ -84,8 +86,10 @@ class LLM:
         )
         return self.engine.encode(text, "chat messages", add_special_tokens=False)
 
-    def embed(self, texts: str | Sequence[str | list[int]], pooling: str = "last") -> list[EmbeddingOutput]:
-        """One L2-normalised vector per text: last-token pooling by default, "mean" optional."""
+    def embed(self, texts: str | Sequence[str | list[int]], pooling: str | None = None) -> list[EmbeddingOutput]:
+        """One vector per text. pooling "last", "mean" or "cls"; None: the build's own. A decoder build pools the
+        last token and L2-normalises; an encoder build embeds as its sentence-transformers files say (pooling,
+        normalisation, truncation), recorded in its manifest."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

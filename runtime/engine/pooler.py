@@ -24,8 +24,10 @@ class _PoolState:
 class Pooler:
     """Owns the unfinished embedding requests; the scheduler runs them, the runner pools each step's rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, normalize: bool = True) -> None:
         self._states: dict[str, _PoolState] = {}
+        # L2-normalise each vector: always for decoders; for an encoder, as its sentence-transformers files say
+        self.normalize = normalize
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._states
@@ -35,8 +37,9 @@ class Pooler:
 
     def new_request(self, request_id: str, ids: list[int], pooling: str, arrival_time: float | None) -> Request:
         """The Request for an embedding of ids; ValueError for an unknown pooling. Track it once scheduled."""
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        modes = [p.value for p in Pooling]
+        if pooling not in modes:
+            raise ValueError(f"pooling must be one of {', '.join(repr(m) for m in modes)}, got {pooling!r}")
         now = time.monotonic() if arrival_time is None else arrival_time
         return Request(request_id, ids, SamplingParams(), now, 0, pooling=Pooling(pooling))
 
@@ -61,15 +64,18 @@ class Pooler:
                 continue  # aborted after the step was scheduled
             request = state.request
             last = request.pooling is Pooling.LAST
-            state.pooled = part if state.pooled is None or last else state.pooled + part
+            if state.pooled is None or last:
+                state.pooled = part
+            elif request.pooling is Pooling.MEAN:
+                state.pooled = state.pooled + part  # CLS keeps its first chunk's part
             state.num_parts += 1
             if not request.is_finished:
                 continue
             del self._states[request_id]
             pooled = state.pooled
-            if not last and state.num_parts > 1:  # a sum over chunks; a prompt done in one step came as its mean
+            if request.pooling is Pooling.MEAN and state.num_parts > 1:  # a sum over chunks; one step: its mean
                 pooled = pooled / request.num_prompt_tokens
-            vector = torch.nn.functional.normalize(pooled, dim=0).tolist()
+            vector = (torch.nn.functional.normalize(pooled, dim=0) if self.normalize else pooled).tolist()
             metrics = {"arrival_time": request.arrival_time, "finished_time": now}
             outputs.append(EmbeddingRequestOutput(
                 request_id, request.prompt_token_ids, EmbeddingOutput(vector, request.num_prompt_tokens), True, metrics

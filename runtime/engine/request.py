@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.worker.step import Pooling, PromptLogprobInputs, SampleInputs, SeqStep, StepBatch
 
+__all__ = ["FinishReason", "Pooling", "Request", "RequestStatus", "ScheduledBatch", "ScheduledSeq", "StopChecker"]
+
 if TYPE_CHECKING:
     from pllm.runtime.engine.structured_output import SequenceGrammar
 
@@ -42,6 +44,9 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
+    # Whether its K/V in the cache was computed with the sequence longer than the scheduler's recompute_past_len
+    # (models whose every position depends on the whole length: longrope)
+    kv_past_recompute_len: bool = False
     # prompt positions whose logprobs (of the token after each) have been scored: a high-water mark a
     # preemption keeps, so recomputing the prompt scores nothing twice
     num_prompt_logprob_rows: int = 0
@@ -131,6 +136,7 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
         start_position=start,
         block_ids=tuple(req.block_ids),
         completes=seq.completes,
+        seq_total_len=req.num_tokens,
         sample=sample_inputs(req, stop) if seq.samples else None,
         pooling=req.pooling,
         prompt_logprobs=prompt_logprob_inputs(req, start, end),

@@ -30,7 +30,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        recompute_past_len: int | None = None,
+        chunk_prompts: bool = True,
     ) -> None:
+        """recompute_past_len: a running sequence whose length first passes it is computed again from its first
+        token (a model whose K/V at every position depends on the whole length: models.rotary.recompute_length)."""
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -42,7 +46,12 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # a block's K/V then depends on more than its tokens: a prefix hit could hand over another length's K/V
+        assert recompute_past_len is None or not kv.enable_prefix_caching, "recompute_past_len needs no prefix cache"
+        self.recompute_past_len = recompute_past_len
         self.stop = StopChecker(frozenset(eos_token_ids))
+        # False for an encoder: each prompt is computed whole in one step, waiting for a step with room for it
+        self.chunk_prompts = chunk_prompts
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests re-enter at the front
         self.running: list[Request] = []  # admission order: oldest first, preemption victims from the end
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -79,6 +88,12 @@ class Scheduler:
                     f"request {rid!r}: input of {request.num_tokens} tokens exceeds max_model_len {self.max_model_len}"
                 )
             max_len = max_kv_len = request.num_tokens
+            if not self.chunk_prompts and request.num_tokens > self.max_num_batched_tokens:
+                raise ValueError(
+                    f"request {rid!r}: input of {request.num_tokens} tokens exceeds max_num_batched_tokens "
+                    f"{self.max_num_batched_tokens}; an encoder computes each input whole in one step, so raise "
+                    "max_num_batched_tokens to at least max_model_len"
+                )
         else:
             if request.num_tokens >= self.max_model_len:
                 raise ValueError(
@@ -108,6 +123,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            self._recompute_if_length_passed(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request.request_id
             while not self.kv.allocate_slots(request, num_new):
@@ -135,11 +151,14 @@ class Scheduler:
             hit = self.kv.get_computed_blocks(request) if reads_cache else None
             num_hit = hit.num_tokens if hit is not None else 0
             num_new = min(request.num_tokens - num_hit, budget)
+            if not self.chunk_prompts and num_new < request.num_tokens:
+                break  # whole or not at all: it waits for a step with room, and nobody overtakes it
             if not self.kv.allocate_slots(request, num_new, hit):
                 break  # strict FCFS: nobody overtakes the head of the queue
             del self.waiting[pending]
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
+            self._recompute_if_length_passed(request)
             if request.num_preemptions == 0:  # usage reports the first admission's prompt hits
                 request.num_cached_tokens = min(num_hit, request.num_prompt_tokens)
             self.running.append(request)
@@ -198,6 +217,16 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
+
+    def _recompute_if_length_passed(self, request: Request) -> None:
+        """Start the sequence over, keeping its blocks, when its K/V was computed at a length the model's tables
+        no longer use; then note the length its K/V is computed at."""
+        if self.recompute_past_len is None:
+            return
+        past = request.num_tokens > self.recompute_past_len
+        if request.num_computed_tokens and past != request.kv_past_recompute_len:
+            request.num_computed_tokens = 0
+        request.kv_past_recompute_len = past
 
     def _preempt(self, request: Request) -> None:
         """Recompute later: drop its KV, keep its output so recompute covers prompt + output."""

@@ -41,6 +41,9 @@ class OpenAIServing:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.hidden_size = llm.spec.hidden_size
+        self.default_pooling = llm.default_pooling  # the build's: an encoder's recipe, else "last"
+        self._embedding_max_length = llm.embedding_max_length  # an encoder truncates as sentence-transformers
+        self._check_generates = llm.check_generates
         # The longest token in characters bounds how many characters max_model_len tokens can hold, so the
         # check before tokenizing never rejects a prompt that would fit.
         self.max_prompt_chars = self.max_model_len * max(len(t) for t in self.tokenizer.get_vocab())
@@ -72,6 +75,18 @@ class OpenAIServing:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def encode_for_embedding(self, text: str) -> list[int]:
+        if self._embedding_max_length is None:
+            return self.encode(text)
+        return self.tokenizer(text, truncation=True, max_length=self._embedding_max_length).input_ids
+
+    def check_generates(self) -> None:
+        """A 400 naming the model kind when this build cannot generate (an encoder serves /v1/embeddings only)."""
+        try:
+            self._check_generates()
+        except ValueError as exc:
+            raise EngineError(400, str(exc), param="model") from None
 
     def token_str(self, token_id: int) -> str:
         s = self._token_strs.get(token_id)

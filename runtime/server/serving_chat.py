@@ -31,6 +31,7 @@ class ChatServing:
         self.base = base
 
     async def prepare(self, req: ChatCompletionRequest, arrival: float) -> Prepared:
+        self.base.check_generates()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.base.params(req, max_tokens, logprobs)

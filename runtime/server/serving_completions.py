@@ -27,6 +27,7 @@ class CompletionServing:
         self.base = base
 
     async def prepare(self, req: CompletionRequest, arrival: float) -> Prepared:
+        self.base.check_generates()
         if req.max_tokens == 0 and not req.echo:
             raise EngineError(400, "max_tokens must be at least 1 unless echo is true", param="max_tokens")
         # echo with max_tokens 0 generates one token, as vLLM does, and sends back only the prompt

@@ -40,10 +40,11 @@ class EmbeddingServing:
         for i, item in enumerate(req.inputs()):
             if isinstance(item, str):
                 self.base.check_chars(item)
-                item = await self.base.in_tokenizer_thread(self.base.encode, item)
+                item = await self.base.in_tokenizer_thread(self.base.encode_for_embedding, item)
             if not item:
                 raise EngineError(400, "The input is empty; provide a non-empty input.")
-            requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival, pooling="last"))
+            requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival,
+                                          pooling=self.base.default_pooling))
         return requests
 
     async def _embedding_response(

@@ -92,6 +92,7 @@ class DecodeGraphs:
         max_blocks = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.seq_total_lens = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), self.pad_slot, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.full((n, max_blocks), pad_block, dtype=torch.int32, device=device)
@@ -113,6 +114,7 @@ class DecodeGraphs:
             max_seq_len=self.max_model_len,
             query_lens_host=(1,) * size,
             seq_lens_host=(self.max_model_len,) * size,
+            seq_total_lens=self.seq_total_lens[:size],
         )
 
     def size_for(self, num_seqs: int) -> int | None:
@@ -131,12 +133,17 @@ class DecodeGraphs:
             return None
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(meta.positions)
+        if meta.seq_total_lens is not None:
+            self.seq_total_lens[:n].copy_(meta.seq_total_lens)
+        else:
+            self.seq_total_lens[:n].copy_(meta.positions + 1)  # what None means
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.seq_lens[:n].copy_(meta.seq_lens)
         self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         if size > n:  # rows a larger earlier step filled must not write into that step's KV slots again
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
+            self.seq_total_lens[n:size].fill_(1)
             self.slot_mapping[n:size].fill_(self.pad_slot)
             self.seq_lens[n:size].fill_(1)
             self.block_tables[n:size, 0].fill_(self.pad_block)

@@ -13,6 +13,7 @@ import torch
 from pllm.compiler.manifest import BuildManifest
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
+from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.worker.loader import load_weights
@@ -68,10 +69,15 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
         weights = load_weights(build, self.device)
+        family = family_of(self.spec.model_type, str(build.path))
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.spec.kind is ModelKind.ENCODER:
+            self._init_encoder(config, max_model_len)
+            self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
+            return
         self.num_blocks = self._plan_num_blocks(config, max_model_len)
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
         self.max_model_len = self._fit_max_model_len(config, max_model_len)
-        family = family_of(self.spec.model_type, str(build.path))
         self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
         spec = self.spec
         # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
@@ -81,10 +87,22 @@ class ModelRunner:
         # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
-        self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
             self.decode_graphs = self._capture_or_eager(sizes)
+
+    def _init_encoder(self, config: EngineConfig, max_model_len: int) -> None:
+        """An encoder keeps no KV cache: each sequence is computed whole in one step and its K and V die with the
+        step. The scheduler still admits by blocks, so it gets bookkeeping blocks, which cost no memory: enough
+        for max_num_seqs sequences of max_model_len tokens, so admission is bounded by the sequence cap and the
+        token budget alone and nothing is ever preempted."""
+        if config.kv_cache_memory is not None:
+            logger.warning("pllm: kv_cache_memory=%d is not used: an encoder keeps no KV cache", config.kv_cache_memory)
+        self.num_blocks = config.max_num_seqs * -(-max_model_len // self.block_size)
+        self.max_model_len = max_model_len
+        self.pad_block = self.num_blocks
+        self.kv_cache = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
         """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""
@@ -116,6 +134,8 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         spec = self.spec
+        if spec.kind is ModelKind.ENCODER:
+            return 0  # bookkeeping blocks only
         return 2 * spec.num_hidden_layers * self.block_size * spec.kv_size * self.dtype.itemsize
 
     def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
@@ -174,6 +194,7 @@ class ModelRunner:
     def prepare(self, batch: StepBatch) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
+        total_lens: list[int] = []
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
@@ -187,6 +208,7 @@ class ModelRunner:
             start, end = s.start_position, s.end_position
             input_ids.extend(s.token_ids)
             positions.extend(range(start, end))
+            total_lens.extend([s.seq_total_len] * s.num_new_tokens)
             block_ids = s.block_ids
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + s.num_new_tokens)
@@ -215,6 +237,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_host=tuple(query_lens),
             seq_lens_host=tuple(seq_lens),
+            seq_total_lens=torch.tensor(total_lens, dtype=torch.int64, device=dev),
         )
         return StepInputs(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),
@@ -241,6 +264,8 @@ class ModelRunner:
                 rows = hidden[start:end].float()  # [num_new_tokens, hidden]
                 whole = seq.completes and seq.start_position == 0
                 pooled[seq.request_id] = rows.mean(0) if whole else rows.sum(0)
+            elif seq.pooling is Pooling.CLS:  # the pooler keeps the first chunk's
+                pooled[seq.request_id] = hidden[start].float()
             elif seq.completes:
                 pooled[seq.request_id] = hidden[end - 1].float()
         return StepOutput(logits, pooled, self._prompt_logprobs(batch, hidden, inputs.prompt_logprob_rows))

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
+from pllm.models.pooling import Pooling
 from pllm.runtime.engine.sampling_params import SamplingParams
 
-
-class Pooling(str, enum.Enum):
-    """How an embedding request turns its final hidden states into one vector."""
-
-    LAST = "last"  # the last token's
-    MEAN = "mean"  # the mean over every token
+__all__ = ["Pooling", "SampleInputs", "SeqStep", "StepBatch", "StepOutput"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +52,7 @@ class SeqStep:
     start_position: int  # position of token_ids[0]: the sequence's tokens already in the KV cache
     block_ids: tuple[int, ...]  # the block table, covering every position up to start_position + len(token_ids)
     completes: bool  # this step reaches the end of the sequence
+    seq_total_len: int  # the request's known tokens when scheduled (prompt + outputs so far): its length
     sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)
     pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
     prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens
@@ -86,7 +82,8 @@ class StepBatch:
 class StepOutput:
     logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
     # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
-    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
+    # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row; the
+    # chunk's first row for CLS pooling, of which the pooler keeps the first chunk's)
     pooled: dict[str, torch.Tensor]
     # request_id -> the prompt logprobs this step scored for it, in position order (SeqStep.prompt_logprobs)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

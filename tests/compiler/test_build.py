@@ -88,8 +88,8 @@ def test_failed_rebuild_keeps_previous_build(tiny_dir, tmp_path):
     out = build(str(tiny_dir("llama")), tmp_path / "out", OPTS)
     before = (out / "manifest.json").read_bytes()
     model = _copy_model(tiny_dir("llama"), tmp_path / "model")
-    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ConfigError, match="bert"):
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # not a supported type
+    with pytest.raises(ConfigError, match="gpt2"):
         build(str(model), out, OPTS)
     assert (out / "manifest.json").read_bytes() == before
 

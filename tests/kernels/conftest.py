@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.spec import ModelSpec
+from pllm.models.spec import ModelKind, ModelSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
@@ -36,8 +37,10 @@ def tiny_spec(
     num_key_value_heads: int = 1,
     head_dim: int = 64,
     rms_norm_eps: float = 1e-5,
+    **quirks: Any,
 ) -> ModelSpec:
-    """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler."""
+    """A ModelSpec with only the fields the kernels read chosen by the test; the rest are fixed filler. `quirks`:
+    the optional ModelSpec fields (hidden_act, norm_weight_offset, qk_norm, sliding_window, ...)."""
     return ModelSpec(
         model_type="llama",
         hidden_size=hidden_size,
@@ -56,6 +59,7 @@ def tiny_spec(
         torch_dtype="float32",
         bos_token_id=1,
         eos_token_ids=(2,),
+        **quirks,
     )
 
 
@@ -69,7 +73,7 @@ def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Triton
     """
     cache: dict[tuple, TritonOps] = {}
 
-    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: int | float) -> TritonOps:
+    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: Any) -> TritonOps:
         key = (interpret, dtype, block_size, tuple(sorted(spec_fields.items())))
         if key not in cache:
             plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)
@@ -135,16 +139,24 @@ def reference_attention(
     k: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
     v: torch.Tensor,  # [seq_len, num_kv_heads, head_dim]
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [query_len, num_heads, head_dim] float64
-    """Causal attention of the last query_len positions of one sequence, in fp64."""
+    """Causal attention of the last query_len positions of one sequence, in fp64; with a window, only keys after
+    query - window (transformers' sliding-window mask); with a soft-cap, scores -> softcap * tanh(scores / softcap)."""
     query_len, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     k = k.double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
     v = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # [num_heads, query_len, seq_len]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     query_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
-    scores = scores.masked_fill(torch.arange(seq_len)[None, :] > query_pos, float("-inf"))
+    hidden = torch.arange(seq_len)[None, :] > query_pos
+    if window is not None:
+        hidden |= torch.arange(seq_len)[None, :] <= query_pos - window
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
@@ -173,3 +185,25 @@ def compile_cpu_kernel(out_dir: Path, plan: KernelPlan, name: str) -> Path:
     entry = compile_cpu_kernels(out_dir, alone)
     assert "error" not in entry, entry["error"]
     return out_dir / entry["libraries"][name]
+
+
+@pytest.fixture(scope="session")
+def encoder_kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
+    """Factory: (interpret, dtype, layer_norm_eps=1e-12, **spec fields) -> TritonOps over an encoder plan's freshly
+    rendered kernels (layer_norm, encoder_attention); cached per shape, skipped in the other Triton mode."""
+    cache: dict[tuple, TritonOps] = {}
+
+    def make(*, interpret: bool, dtype: str, layer_norm_eps: float = 1e-12, **spec_fields: int) -> TritonOps:
+        key = (interpret, dtype, layer_norm_eps, tuple(sorted(spec_fields.items())))
+        if key not in cache:
+            spec = dataclasses.replace(tiny_spec(**spec_fields), kind=ModelKind.ENCODER, layer_norm_eps=layer_norm_eps)
+            plan = make_plan(spec, dtype, 16)
+            out_dir = tmp_path_factory.mktemp("encoder-kernels")
+            render_plan(plan, out_dir)
+            try:
+                cache[key] = TritonOps(out_dir, interpret, plan.op_files(Language.TRITON))
+            except TritonModeError as e:
+                pytest.skip(str(e))
+        return cache[key]
+
+    return make

@@ -79,3 +79,28 @@ def test_mlp_rejects_unfused_weight(kernel_ops):
 def test_mlp_cuda(kernel_ops, cuda_device, dtype, hidden_size, intermediate_size, num_tokens, seed):
     check_mlp(kernel_ops, interpret=False, device=cuda_device, dtype=dtype, hidden_size=hidden_size,
               intermediate_size=intermediate_size, num_tokens=num_tokens, seed=seed)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 17])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_mlp_gelu_tanh(kernel_ops, dtype, num_tokens):
+    """The GeGLU epilogue (ACTIVATION gelu_pytorch_tanh, gemma) on both tile sizes, and the cpu backend's PyTorch
+    path, against down(gelu_tanh(g) * u) in fp64; tolerances as above (the epilogue's tanh, built from exp, is
+    within ~1e-7 of torch's)."""
+    from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+
+    hidden_size, intermediate_size = 96, 160
+    triton_ops = kernel_ops(interpret=True, dtype=dtype, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            hidden_act="gelu_pytorch_tanh")
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(num_tokens)
+    x = (torch.randn((num_tokens, hidden_size), generator=gen) * 2).to(torch_dtype)
+    gate_up = (torch.randn((2 * intermediate_size, hidden_size), generator=gen) * hidden_size**-0.5).to(torch_dtype)
+    down = (torch.randn((hidden_size, intermediate_size), generator=gen) * intermediate_size**-0.5).to(torch_dtype)
+    g, u = (x.double() @ gate_up.double().T).chunk(2, dim=-1)
+    expected = (torch.nn.functional.gelu(g, approximate="tanh") * u) @ down.double().T
+    for ops in (triton_ops, TorchOps()):
+        out = ops.mlp(x, gate_up, down, "gelu_pytorch_tanh")
+        torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
+    with pytest.raises(AssertionError, match="activation"):
+        triton_ops.mlp(x, gate_up, down)  # rendered for GeGLU: a SiLU caller belongs to another build

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 from pllm.compiler.cli import parse_args
 from pllm.compiler.kernels import KERNELS, Language
 from pllm.compiler.plan import BLOCK_SIZES, make_plan
 from pllm.compiler.render import TEMPLATE_DIR
+from pllm.models.spec import ModelKind, MoeSpec
 from pllm.runtime.backends.cpu.cpu_kernels import BINDINGS
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
@@ -31,15 +33,28 @@ def test_every_op_a_kernel_implements_is_bound_by_its_backend():
 
 
 def test_manifest_records_each_kernels_op_and_language():
-    plan = make_plan(tiny_spec(), "bfloat16", 16)
+    moe = MoeSpec(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                  round_router_weights=False, sparse_layers=(0,))
+    plan = make_plan(tiny_spec(qk_norm=True, moe=moe), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
-    assert list(entries) == [k.name for k in KERNELS]  # every kernel applies to this spec, in registry order
-    for kernel in KERNELS:
+    decoder_kernels = [k for k in KERNELS if ModelKind.DECODER in k.kinds]
+    assert list(entries) == [k.name for k in decoder_kernels]  # every one applies to this spec, in registry order
+    assert "moe" not in make_plan(tiny_spec(), "bfloat16", 16).to_manifest()["kernels"]  # dense: no moe kernel
+    for kernel in decoder_kernels:
         assert entries[kernel.name]["op"] == kernel.op
         assert entries[kernel.name]["language"] == kernel.language.value
     assert entries["cpu_rope_kv_write"]["compile_flags"] == ["-ffp-contract=off", "-fno-fast-math"]
     assert plan.op_files(Language.TRITON)["decode_attention"] == "decode_attention.py"
     assert plan.op_files(Language.CPP)["decode_attention"] == "cpu_decode_attention.cpp"
+
+
+def test_an_encoder_plan_holds_only_the_encoder_kernels():
+    """No KV cache: none of the decoder kernels (paged attention, rope + cache write, RMSNorm) in a bert build."""
+    spec = dataclasses.replace(tiny_spec(num_key_value_heads=2), kind=ModelKind.ENCODER, layer_norm_eps=1e-12)
+    for dtype in ("float32", "bfloat16"):
+        plan = make_plan(spec, dtype, 16)
+        assert [k.name for k in plan.kernels] == ["layer_norm", "encoder_attention"]
+        assert plan.kernel("layer_norm").constants["EPS"] == 1e-12
 
 
 def test_cli_offers_exactly_the_block_sizes_the_plan_accepts():

@@ -93,3 +93,38 @@ def test_rms_norm_rejects_wrong_shape(kernel_ops):
 def test_rms_norm_cuda(kernel_ops, cuda_device, dtype, hidden_size, num_tokens, with_residual, seed):
     check_rms_norm(kernel_ops, interpret=False, device=cuda_device, dtype=dtype, hidden_size=hidden_size,
                    num_tokens=num_tokens, with_residual=with_residual, seed=seed)
+
+
+def reference_gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma3RMSNorm: the row times (1 + w) in fp32, rounded once."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+
+
+# Gemma's rounding: tolerances as above; bf16 runs on the cpu backend's PyTorch path only (Triton's interpreter
+# converts to bf16 by truncation).
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rms_norm_weight_offset(kernel_ops, dtype, with_residual):
+    """rms_norm rendered with NORM_OFFSET 1 (gemma) and the cpu backend's PyTorch path, against Gemma3RMSNorm."""
+    hidden_size, eps = 200, 1e-6  # 200: the masked (non power of two) template branch
+    # bf16: the PyTorch path only (the interpreter truncates to bf16)
+    triton_dtype = "float16" if dtype == "bfloat16" else dtype
+    triton_ops = kernel_ops(interpret=True, dtype=triton_dtype, hidden_size=hidden_size, rms_norm_eps=eps,
+                            norm_weight_offset=1.0)
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn((7, hidden_size), generator=gen) * 3).to(torch_dtype)
+    weight = (0.1 * torch.randn(hidden_size, generator=gen)).to(torch_dtype)
+    residual = torch.randn((7, hidden_size), generator=gen).to(torch_dtype) if with_residual else None
+    summed = x if residual is None else x + residual
+    expected = reference_gemma_rms_norm(summed, weight, eps)
+    from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+
+    for ops in (triton_ops, TorchOps()) if dtype == triton_dtype else (TorchOps(),):
+        out, new_residual = ops.rms_norm(x, weight, eps, residual, 1.0)
+        torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
+        assert torch.equal(new_residual, summed)  # one rounded add in both
+    with pytest.raises(AssertionError, match="offset"):
+        triton_ops.rms_norm(x.to(triton_ops.kernels["rms_norm"].DTYPE), weight, eps, None)  # Llama's rounding

@@ -29,20 +29,25 @@ def make_cos_sin_cache(head_dim: int, theta: float = 10000.0) -> torch.Tensor:  
 
 
 def reference_rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos_sin [T, D] (cos | sin halves). Hugging Face's x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    cos = cos_sin[:, None, :half].repeat(1, 1, 2)  # [T, 1, D]
+    """x [T, heads, D]; cos_sin [T, R] (cos | sin halves). Hugging Face's x * cos + rotate_half(x) * sin on the first
+    R dims, the rest unchanged (Phi3's partial rotary; R = D for Llama)."""
+    rotary_dim = cos_sin.shape[-1]
+    half = rotary_dim // 2
+    cos = cos_sin[:, None, :half].repeat(1, 1, 2)  # [T, 1, R]
     sin = cos_sin[:, None, half:].repeat(1, 1, 2)
     x = x.float()
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
 def check_rope_kv_write(kernel_ops, *, interpret: bool, device: str, dtype: str, head_dim: int, num_kv_heads: int,
-                        group_size: int, block_size: int, num_tokens: int, seed: int) -> None:
+                        group_size: int, block_size: int, num_tokens: int, seed: int,
+                        partial_rotary_factor: float = 1.0) -> None:
     num_heads = num_kv_heads * group_size
     ops = kernel_ops(interpret=interpret, dtype=dtype, block_size=block_size, head_dim=head_dim,
-                     num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
+                     num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                     partial_rotary_factor=partial_rotary_factor)
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     # q, k, v as strided views of one fused projection output, as the model produces them
@@ -57,7 +62,7 @@ def check_rope_kv_write(kernel_ops, *, interpret: bool, device: str, dtype: str,
     positions[-1] = MAX_POSITIONS - 1 if num_tokens > 1 else positions[-1]
     num_blocks = num_tokens // block_size + 3
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    cos_sin = make_cos_sin_cache(head_dim)
+    cos_sin = make_cos_sin_cache(int(head_dim * partial_rotary_factor))
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(cache_shape, -7.0, dtype=torch_dtype, device=device)  # -7: "never written"
     v_cache = torch.full(cache_shape, -7.0, dtype=torch_dtype, device=device)
@@ -98,6 +103,45 @@ def test_rope_kv_write_interpret(kernel_ops, dtype, head_dim, num_kv_heads, grou
                         num_tokens=num_tokens, seed=seed)
 
 
+@SETTINGS
+@given(
+    dtype=st.sampled_from(["float32", "float16"]),
+    head_dim=st.sampled_from([64, 80, 96, 128]),
+    partial_rotary_factor=st.sampled_from([0.25, 0.5, 0.75]),
+    num_kv_heads=st.integers(1, 3),
+    group_size=st.integers(1, 4),
+    num_tokens=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+@example(dtype="float32", head_dim=128, partial_rotary_factor=0.75, num_kv_heads=1, group_size=3, num_tokens=1, seed=0)
+@example(dtype="float16", head_dim=80, partial_rotary_factor=0.25, num_kv_heads=2, group_size=1, num_tokens=17, seed=1)
+def test_rope_kv_write_partial_rotary_interpret(kernel_ops, dtype, head_dim, partial_rotary_factor, num_kv_heads,
+                                                group_size, num_tokens, seed):
+    """Phi3's partial rotary: only the first int(head_dim * factor) dims turn; the rest reach q, k and the cache."""
+    check_rope_kv_write(kernel_ops, interpret=True, device="cpu", dtype=dtype, head_dim=head_dim,
+                        num_kv_heads=num_kv_heads, group_size=group_size, block_size=16, num_tokens=num_tokens,
+                        seed=seed, partial_rotary_factor=partial_rotary_factor)
+
+
+@pytest.mark.parametrize("partial_rotary_factor", [1.0, 0.75])
+def test_cpu_backend_rotation_matches_reference(partial_rotary_factor):
+    """The cpu backend's PyTorch rotation (used whenever its compiled kernel does not apply) against the reference."""
+    from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+
+    gen = torch.Generator().manual_seed(5)
+    head_dim, num_tokens = 64, 9
+    q, k, v = (torch.randn((num_tokens, n, head_dim), generator=gen) for n in (4, 2, 2))
+    positions = torch.randint(0, MAX_POSITIONS, (num_tokens,), generator=gen)
+    cos_sin = make_cos_sin_cache(int(head_dim * partial_rotary_factor))
+    k_cache, v_cache = torch.zeros((2, 16, 2, head_dim)), torch.zeros((2, 16, 2, head_dim))
+    slots = torch.randperm(32, generator=gen)[:num_tokens]
+    q_rot, k_rot = TorchOps().rope_kv_write(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(q_rot, reference_rotate(q, cos_sin[positions]), **TOLERANCES["float32"])
+    torch.testing.assert_close(k_rot, reference_rotate(k, cos_sin[positions]), **TOLERANCES["float32"])
+    assert torch.equal(k_cache.view(-1, 2, head_dim)[slots], k_rot)
+    assert torch.equal(v_cache.view(-1, 2, head_dim)[slots], v)
+
+
 @pytest.mark.gpu
 @SETTINGS
 @given(
@@ -114,3 +158,21 @@ def test_rope_kv_write_cuda(kernel_ops, cuda_device, dtype, head_dim, num_kv_hea
     check_rope_kv_write(kernel_ops, interpret=False, device=cuda_device, dtype=dtype, head_dim=head_dim,
                         num_kv_heads=num_kv_heads, group_size=group_size, block_size=block_size,
                         num_tokens=num_tokens, seed=seed)
+
+
+def test_partial_rotary_renders_its_own_kernel(tmp_path):
+    """A family with partial rotary gets a different rendered file (a pass-through tile); full rotary has none."""
+    from pllm.compiler.plan import make_plan
+    from pllm.compiler.render import render_plan
+
+    from .conftest import tiny_spec
+
+    sources = {}
+    for factor in (1.0, 0.75):
+        render_plan(make_plan(tiny_spec(partial_rotary_factor=factor), "float32", 16), tmp_path / str(factor))
+        sources[factor] = (tmp_path / str(factor) / "rope_kv_write.py").read_text()
+    assert "ROTARY_DIM = 64" in sources[1.0] and "ROTARY_DIM = 48" in sources[0.75]
+    assert "pass unchanged" in sources[0.75] and "pass unchanged" not in sources[1.0]
+    assert "cpu_rope_kv_write" in [k.name for k in make_plan(tiny_spec(), "float32", 16).kernels]
+    assert "cpu_rope_kv_write" not in [k.name for k in make_plan(tiny_spec(partial_rotary_factor=0.75), "float32",
+                                                                  16).kernels]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 import tempfile
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
+from pllm.models.spec import ModelSpec
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -41,14 +43,16 @@ class CpuDecodeAttention:
     """kernels/cpu_decode_attention.so: paged attention of one query token per sequence, read in place."""
 
     def __init__(self, library: Path, dtype: torch.dtype, block_size: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int):
+                 head_dim: int, sliding_window: int | None = None, softcap: float | None = None):
         self.dtype = dtype
         # the shape the kernel was specialised to: it trusts every pointer and index it is given
         self.block_size, self.num_heads = block_size, num_heads
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.sliding_window, self.softcap = sliding_window, softcap  # baked in as the plan's constants
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         self._fn = _load_function(library, "pllm_decode_attention",
-                                  [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ctypes.c_int])
+                                  [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ctypes.c_int,
+                                   ctypes.c_int])
 
     def __call__(
         self,
@@ -61,8 +65,12 @@ class CpuDecodeAttention:
         max_seq_len: int,
         scale: float,
         out: torch.Tensor,  # [T, H, D]: rows q_rows are written, others untouched
+        window: int | None = None,  # a windowed layer's window: the build's, or None
+        softcap: float | None = None,  # the build's score soft-cap, or None when it has none
     ) -> torch.Tensor:
         num_seqs = q_rows.shape[0]
+        assert window is None or window == self.sliding_window, f"window {window}: the kernel has {self.sliding_window}"
+        assert softcap == self.softcap, f"softcap {softcap}: the kernel was rendered with {self.softcap}"
         for t in (q, k_cache, v_cache, out):
             assert t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
         assert q.shape[1:] == (self.num_heads, self.head_dim) and out.shape == q.shape, q.shape
@@ -75,7 +83,7 @@ class CpuDecodeAttention:
         status = self._fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
             seq_lens.data_ptr(), q_rows.data_ptr(), out.data_ptr(), num_seqs, max_seq_len, scale,
-            torch.get_num_threads(),
+            int(window is not None), torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("cpu decode attention could not allocate its scratch buffers")
@@ -188,7 +196,8 @@ class CpuBinding:
 def _decode_attention(build: BuildManifest, library: Path) -> CpuDecodeAttention:
     spec = build.spec
     return CpuDecodeAttention(library, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
-                              spec.num_key_value_heads, spec.head_dim)
+                              spec.num_key_value_heads, spec.head_dim,
+                              spec.sliding_window if spec.sliding_layers else None, spec.attn_logit_softcapping)
 
 
 def _rms_norm(build: BuildManifest, library: Path) -> CpuRmsNorm:
@@ -209,8 +218,24 @@ BINDINGS = {
 }
 
 
+# Model features no compiled cpu kernel implements: (what the start-up log calls it, whether the model has it)
+PYTORCH_ONLY: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
+    ("q/k norm", lambda spec: spec.qk_norm),
+    ("RoPE + KV write (partial rotary)", lambda spec: spec.rotary_dim != spec.head_dim),
+    ("mixture of experts (grouped by expert, cpu_moe.py)", lambda spec: spec.moe is not None),
+)
+
+
 def choose_cpu_kernels(build: BuildManifest) -> CpuKernelChoice:
     """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
+    choice = _choose_compiled(build)
+    torch_only = [label for label, has in PYTORCH_ONLY if has(build.spec)]
+    if not torch_only:
+        return choice
+    return dataclasses.replace(choice, reason=f"{choice.reason}; in PyTorch always: {', '.join(torch_only)}")
+
+
+def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
     why_not = _why_not_runnable(build)
     if why_not is not None:
         return CpuKernelChoice(None, None, None, f"PyTorch ops ({why_not})")

@@ -82,7 +82,16 @@ class TritonOps:
         self.interpret = interpret
         self.read = dir_reader(self.kernel_dir) if read is None else read
         self.kernels = load_kernel_modules(self.kernel_dir, interpret, files, self.read)  # op -> module
-        self.eps = self.kernels["rms_norm"].EPS
+        # What the build's kernels were rendered with; a model asking otherwise belongs to another build. An encoder
+        # build has neither rms_norm (its LayerNorm kernel carries its own eps) nor the decoder's attention and mlp.
+        rms_norm = self.kernels.get("rms_norm")
+        self.eps = rms_norm.EPS if rms_norm is not None else None
+        self.norm_offset = getattr(rms_norm, "NORM_OFFSET", 0.0)
+        prefill = self.kernels.get("prefill_attention")
+        self.window = getattr(prefill, "SLIDING_WINDOW", None)
+        self.softcap = getattr(prefill, "SOFTCAP", None)
+        mlp = self.kernels.get("mlp")
+        self.activation = mlp.ACTIVATION if mlp is not None else None
         # Ahead-of-time artifacts are a compile check, reported only; launches go through Triton's JIT (and its
         # on-disk cache).
         self.compiled_status: tuple[bool, str] | None = None
@@ -100,11 +109,27 @@ class TritonOps:
         return cls(build.kernel_dir, interpret, files, build.read_kernel)
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+        offset: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # eps is baked into the rendered kernel; a different one means the build belongs to another model
         assert eps == self.eps, f"rms_norm eps {eps} differs from the rendered kernel's {self.eps}"
+        assert offset == self.norm_offset, f"rms_norm offset {offset}: the kernel has {self.norm_offset}"
         return self.kernels["rms_norm"].rms_norm(x, weight, residual)
+
+    def qk_norm(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        q_weight: torch.Tensor,  # [head_dim]
+        k_weight: torch.Tensor,  # [head_dim]
+        eps: float,
+        offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = self.kernels["qk_norm"]
+        # eps and offset are baked into the rendered kernel; others mean the build belongs to another model
+        assert (eps, offset) == (kernel.EPS, kernel.NORM_OFFSET), f"qk_norm eps/offset {eps}/{offset} differ"
+        return kernel.qk_norm(q, k, q_weight, k_weight)
 
     def rope_kv_write(
         self,
@@ -128,20 +153,59 @@ class TritonOps:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        assert window is None or window == self.window, f"window {window}: the kernels have {self.window}"
+        assert softcap == self.softcap, f"softcap {softcap}: the kernels were rendered with {self.softcap}"
+        windowed = window is not None
         if meta.is_decode_only:
             # one token per sequence: token i belongs to sequence i. The grid depends only on num_seqs and the
             # split count, never on device data, so a CUDA graph may capture this call.
             return self.kernels["decode_attention"].decode_attention(
-                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, meta.max_seq_len
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, meta.max_seq_len, windowed=windowed
             )
         return self.kernels["prefill_attention"].prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
-            meta.max_query_len,
+            meta.max_query_len, windowed,
         )
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)  # the projections stay library matmuls (cuBLAS)
 
-    def mlp(self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    def mlp(
+        self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, activation: str = "silu"
+    ) -> torch.Tensor:
+        assert activation == self.activation, f"activation {activation}: the kernel has {self.activation}"
         return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)
+
+    def moe(
+        self,
+        x: torch.Tensor,  # [T, H]
+        topk_weights: torch.Tensor,  # [T, K] float32
+        topk_ids: torch.Tensor,  # [T, K] int64
+        gate_up_weights: torch.Tensor,  # [E, 2 * I, H]
+        down_weights: torch.Tensor,  # [E, H, I]
+    ) -> torch.Tensor:
+        return self.kernels["moe"].moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
+
+    # encoders (bert) ------------------------------------------------------------------------------
+    def layer_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        kernel = self.kernels["layer_norm"]
+        # eps is baked into the rendered kernel; a different one means the build belongs to another model
+        assert eps == kernel.EPS, f"layer_norm eps {eps} differs from the rendered kernel's {kernel.EPS}"
+        return kernel.layer_norm(x, weight, bias, residual)
+
+    def encoder_attention(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        return self.kernels["encoder_attention"].encoder_attention(
+            q, k, v, meta.query_start_loc, scale, meta.max_query_len
+        )

@@ -300,7 +300,7 @@ def test_embeddings_are_scheduled_with_generation(build):
     assert engine.kv.num_free_blocks < engine.kv.num_blocks and engine.num_requests() == (1, 0)
     engine.abort_request("gone")
     assert _pool_is_full(llm) and not engine.has_unfinished() and engine.num_unfinished_requests() == 0
-    with pytest.raises(ValueError, match="pooling must be 'last' or 'mean', got 'max'"):
+    with pytest.raises(ValueError, match="pooling must be one of 'last', 'mean', 'cls', got 'max'"):
         engine.add_embedding_request("bad", "text", "max")
     with pytest.raises(ValueError, match="maximum context length is 512 tokens.*contains 600 tokens"):
         llm.embed([[5] * 600])

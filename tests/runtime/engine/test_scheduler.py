@@ -375,3 +375,70 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+class LengthClassRunner(FakeRunner):
+    """Also records, per cached position, whether its K/V was computed with the sequence past `threshold` (what a
+    longrope model's rotation depends on), and checks every sampling step reads K/V of its current class only."""
+
+    def __init__(self, kv: KVCacheManager, threshold: int) -> None:
+        super().__init__(kv)
+        self.threshold = threshold
+        self.classes: dict[int, list[bool | None]] = {}
+        self.num_tokens_computed: dict[str, int] = Counter()
+
+    def execute(self, batch: ScheduledBatch) -> dict[str, int]:
+        bs = self.kv.block_size
+        for seq in batch.seqs:
+            req = seq.request
+            past = req.num_tokens > self.threshold  # the table this step's tokens are rotated with
+            for pos in range(req.num_computed_tokens, req.num_computed_tokens + seq.num_new_tokens):
+                self.classes.setdefault(req.block_ids[pos // bs], [None] * bs)[pos % bs] = past
+            self.num_tokens_computed[req.request_id] += seq.num_new_tokens
+            if seq.completes:
+                read = {self.classes[req.block_ids[p // bs]][p % bs] for p in range(req.num_tokens)}
+                assert read == {past}, (req.request_id, req.num_tokens, read)
+        return super().execute(batch)
+
+
+@pytest.mark.parametrize("budget, num_blocks", [(64, 64), (5, 64), (5, 5)])
+def test_sequences_passing_the_recompute_length_are_computed_again(budget, num_blocks) -> None:
+    """A sequence whose length passes recompute_past_len is computed again from its first token, once; a prompt
+    already past it never is; outputs equal the same requests run alone; under chunking and preemption too."""
+    threshold = 10
+    kv = KVCacheManager(num_blocks, 4, enable_prefix_caching=False)  # as the engine makes it for such models
+    sched = Scheduler(kv, 8, budget, 64, (EOS,), recompute_past_len=threshold)
+    runner = LengthClassRunner(kv, threshold)
+    crossing = make_request("crossing", [1, 2, 3, 4, 5, 6], max_tokens=8, ignore_eos=True)  # 6 -> 14 tokens
+    long_prompt = make_request("long", list(range(1, 13)), max_tokens=4, ignore_eos=True)  # 12 -> 16 tokens
+    short = make_request("short", [3, 1, 4], max_tokens=4, ignore_eos=True)  # 3 -> 7 tokens: never passes
+    reference = {r.request_id: solo(r) for r in (crossing, long_prompt, short)}  # solo never recomputes
+    for r in (crossing, long_prompt, short):
+        sched.add_request(r)
+    run_all(sched, runner)
+    assert {r.request_id: r.output_token_ids for r in (crossing, long_prompt, short)} == reference
+    assert (sched.num_preemptions > 0) == (num_blocks == 5)
+    if sched.num_preemptions == 0:
+        # crossing: 10 tokens with the short table (6 prompt + 4 decodes), then all 11 again, then 2 decodes
+        assert runner.num_tokens_computed == {"crossing": 10 + 11 + 2, "long": 12 + 3, "short": 3 + 3}
+    assert kv.num_free_blocks == kv.num_blocks
+def test_an_encoder_scheduler_never_chunks_a_prompt():
+    """chunk_prompts=False (encoders): inputs go whole into steps of at most the token budget, in FCFS order; one
+    that does not fit the rest of a step waits for the next; one longer than the budget is refused."""
+    kv = KVCacheManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=32, eos_token_ids=(EOS,),
+                      chunk_prompts=False)
+    lens = [4, 5, 3, 10, 1]
+    for i, n in enumerate(lens):
+        sched.add_request(Request(f"e{i}", [1] * n, SamplingParams(), max_tokens=0, pooling=Pooling.MEAN))
+    steps = []
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        assert all(s.num_new_tokens == s.request.num_prompt_tokens and s.completes for s in batch.seqs)
+        steps.append([s.request.request_id for s in batch.seqs])
+        sched.update(batch, {})
+    # e2 is not split into the one token left beside e0 and e1; e4 would fit beside e2, but nobody overtakes e3
+    assert steps == [["e0", "e1"], ["e2"], ["e3"], ["e4"]]
+    assert kv.num_free_blocks == kv.num_blocks
+    with pytest.raises(ValueError, match="input of 11 tokens exceeds max_num_batched_tokens 10"):
+        sched.add_request(Request("long", [1] * 11, SamplingParams(), max_tokens=0, pooling=Pooling.MEAN))

@@ -1,0 +1,90 @@
+"""Write a tiny Hugging Face checkpoint (tests/tiny_models.py) as a GGUF file, as llama.cpp's converter would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+# Hugging Face tensor name (within a decoder layer) -> GGUF name, per GGUF architecture. Llama's q/k would need
+# llama.cpp's permutation; the architectures here store q and k as Hugging Face does.
+LAYER_NAMES = {
+    "qwen3": {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    },
+    "gemma3": {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    },
+}
+# llama.cpp stores gemma's RMSNorm weights as 1 + w (transformers subtracts the 1 again when it reads the file)
+NORM_OFFSET = {"gemma3": 1.0}
+
+
+def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.gguf") -> Path:
+    """model_dir/file_name: the model's config, byte-level BPE tokenizer and weights (matrices in Q8_0)."""
+    import gguf
+
+    config = json.loads((model_dir / "config.json").read_text())
+    state = load_file(str(model_dir / "model.safetensors"))
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    added = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    ids = {**tokenizer["model"]["vocab"], **added}
+    tokens = sorted(ids, key=ids.__getitem__)
+    assert [ids[t] for t in tokens] == list(range(len(tokens))), "token ids must be dense"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+    path = model_dir / file_name
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"tiny-{architecture}")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(config.get("rope_theta") or (rope.get("full_attention") or rope)["rope_theta"])
+    if architecture == "gemma3":
+        writer.add_sliding_window(config["sliding_window"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in added else 1 for t in tokens])  # 3: control
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if "lm_head.weight" in state:
+        names["lm_head.weight"] = "output.weight"
+    for i in range(config["num_hidden_layers"]):
+        for hf, name in LAYER_NAMES[architecture].items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{name}.weight"
+    assert set(names) == set(state), set(state) ^ set(names)
+    for hf, name in names.items():
+        tensor = state[hf].float().numpy()
+        if "norm" in hf:
+            tensor = tensor + NORM_OFFSET.get(architecture, 0.0)
+        if tensor.ndim == 2:  # quantised, so transformers must dequantise: Q8_0 blocks of 32 along rows
+            quantised = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, quantised, raw_shape=quantised.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, tensor.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
