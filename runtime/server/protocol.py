@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pllm.runtime.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
@@ -19,6 +19,16 @@ from pllm.runtime.engine.sampling_params import (
     MIN_REPETITION_PENALTY,
     SAMPLING_EPS,
     SamplingParams,
+)
+from pllm.runtime.server.protocol_tools import (
+    MAX_CALL_ID_LEN,
+    MAX_TOOL_CALLS_PER_MESSAGE,
+    MAX_TOOLS,
+    MessageToolCall,
+    Tool,
+    ToolChoice,
+    check_tool_choice,
+    check_tools,
 )
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -153,6 +163,9 @@ class ChatMessage(OpenAIModel):
     role: Annotated[str, Field(min_length=1, max_length=64)]
     content: str | list[ContentPart] | None = None
     name: Name | None = None
+    # Tool calling: the calls an assistant made, and which call a role "tool" message answers.
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOL_CALLS_PER_MESSAGE)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=MAX_CALL_ID_LEN)] | None = None
 
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
@@ -181,8 +194,33 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: bool = False
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        check_tools(tools)
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        check_tool_choice(choice, info.data.get("tools"))
+        return choice
+
+    @field_validator("messages")
+    @classmethod
+    def _check_tool_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for i, m in enumerate(messages):
+            if m.tool_calls and m.role != "assistant":
+                raise ValueError(f"messages: message {i} has tool_calls but is not an assistant message")
+            if m.role == "tool" and not m.tool_call_id:
+                raise ValueError(f"messages: message {i} has role 'tool' but no tool_call_id")
+            for call in m.tool_calls or []:
+                call.for_template()  # arguments that are not a JSON object are a 400 now
+        return messages
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -192,8 +230,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise ValueError("response_format: only {'type': 'text'} is supported (no structured output)")
-        if self.tools and self.tool_choice != "none":
-            raise ValueError("tools: tool calling is not supported")
         reserved = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
         if reserved:
             raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
@@ -201,10 +237,23 @@ class ChatCompletionRequest(SamplingRequest):
             m.text()  # rejects non-text content parts now, as a 400
         return self
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict]:
         return [
-            {"role": m.role, "content": m.text() or "", **({"name": m.name} if m.name else {})} for m in self.messages
+            {
+                "role": m.role,
+                "content": m.text() or "",
+                **({"name": m.name} if m.name else {}),
+                **({"tool_calls": [c.for_template() for c in m.tool_calls]} if m.tool_calls else {}),
+                **({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {}),
+            }
+            for m in self.messages
         ]
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
 class EmbeddingRequest(OpenAIModel):
