@@ -1,7 +1,7 @@
 """pllm: a compiler-style LLM inference engine."""
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from pllm.runtime.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from pllm.runtime.engine.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams
     if name == "EngineConfig":
         from pllm.runtime.engine.config import EngineConfig
 

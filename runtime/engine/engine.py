@@ -16,6 +16,7 @@ from pllm.runtime.engine.pooler import Pooler
 from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, StopChecker
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.engine.scheduler import Scheduler
+from pllm.runtime.engine.structured_output import GrammarCache, SequenceGrammar
 from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
 from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.sampler import Sampler
@@ -66,6 +67,7 @@ class LLMEngine:
             release=self.sampler.free,
         )
         self.pooler = Pooler()  # unfinished embedding requests
+        self.grammars = GrammarCache(self.tokenizer, spec.vocab_size, self.eos_token_ids)  # structured output
         self.stats = EngineStats()
         self._next_id = 0
         logger.info(
@@ -153,6 +155,12 @@ class LLMEngine:
             )
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        grammar = None
+        if params.structured_outputs is not None:
+            # compiled off this thread: until it is ready the request waits in the queue, not the batch
+            grammar = self.grammars.compile(params.structured_outputs)
+            if grammar.done() and grammar.exception() is not None:
+                raise grammar.exception()
         now = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for index in range(params.n):
@@ -160,7 +168,10 @@ class LLMEngine:
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples per sequence
                 child_params = dataclasses.replace(params, seed=params.seed + index)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            children.append(Request(child_id, list(ids), child_params, now, max_tokens))
+            request = Request(child_id, list(ids), child_params, now, max_tokens)
+            if grammar is not None:
+                request.grammar = SequenceGrammar(grammar, self.spec.vocab_size)  # each sequence its own matcher
+            children.append(request)
         for request in children:  # identical but for their ids: the first the scheduler refuses is child 0
             self.scheduler.add_request(request)
         self.processor.add(request_id, text, children, now)
@@ -208,12 +219,13 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         """One engine iteration: schedule, run the model, sample, update; returns outputs that changed."""
+        refused = self._refuse_failed_grammars()
         batch = self.scheduler.schedule()
         for request in batch.preempted:
             if request.pooling is not None:
                 self.pooler.restart(request)
         if batch.is_empty:
-            return []
+            return self.processor.process(refused, [None] * len(refused)) if refused else []
         step = batch.snapshot(self.stop)
         step_out = self.runner.execute(step)
         sampling = [s.request for s in batch.seqs if s.samples]
@@ -227,7 +239,16 @@ class LLMEngine:
         self.stats.num_generation_tokens += len(sampling)
         now = time.monotonic()
         pooled = self.pooler.fold(step_out.pooled, now) if step_out.pooled else []
-        return self.processor.process(sampling, out.logprobs, now) + pooled
+        return self.processor.process(refused + sampling, [None] * len(refused) + out.logprobs, now) + pooled
+
+    def _refuse_failed_grammars(self) -> list[Request]:
+        """Finish (abort) the waiting requests whose grammar failed to compile. Callers that check the grammar
+        before queueing (the server, LLM.generate) never queue one; an output still tells anyone who did."""
+        failed = [r for r in self.scheduler.waiting if r.grammar is not None and r.grammar.error() is not None]
+        for request in failed:
+            logger.warning("request %s: %s", request.request_id, request.grammar.error())
+            self.scheduler.finish_request(request.request_id, FinishReason.ABORT)
+        return failed
 
     # -- embeddings -------------------------------------------------------------------------------
     def add_embedding_request(

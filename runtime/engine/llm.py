@@ -93,6 +93,11 @@ class LLM:
         return [out.outputs for out in self._collect(ids, None)]
 
     def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        # Structured output: compile every distinct grammar first (in parallel with each other, once each), so a
+        # bad schema raises here, naming the field, before anything is queued.
+        grammars = [self.engine.grammars.compile(p.structured_outputs) for p in params_list if p.structured_outputs]
+        for future in grammars:
+            future.result()
         ids = self._add(lambda rid, i: self.engine.add_request(rid, prompts[i], params_list[i]), len(prompts))
         return self._collect(ids, _progress(len(ids)) if use_tqdm else None)
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.worker.step import Pooling, SampleInputs, SeqStep, StepBatch
+
+if TYPE_CHECKING:
+    from pllm.runtime.engine.structured_output import SequenceGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -38,6 +42,12 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
+    grammar: SequenceGrammar | None = None  # structured output: the grammar its output follows
+
+    @property
+    def ready(self) -> bool:
+        """The scheduler may admit it: nothing to wait for, or its grammar has compiled."""
+        return self.grammar is None or self.grammar.ready
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -128,6 +138,7 @@ def sample_inputs(request: Request, stop: StopChecker) -> SampleInputs:
         prompt_token_ids=tuple(request.prompt_token_ids) if repetition else (),
         output_token_ids=tuple(request.output_token_ids) if penalised else (),
         masked_token_ids=stop.masked_token_ids(request),
+        token_bitmask=request.grammar.next_token_bitmask() if request.grammar is not None else None,
     )
 
 
@@ -149,8 +160,11 @@ class StopChecker:
         return ids if params.ignore_eos else ids | self.eos_token_ids
 
     def masked_token_ids(self, request: Request) -> frozenset[int]:
-        """Ids the sampler must not pick yet: every stopping id while fewer than min_tokens are out (vLLM's rule)."""
-        if len(request.output_token_ids) < request.params.min_tokens:
+        """Ids the sampler must not pick yet: every stopping id while fewer than min_tokens are out (vLLM's rule).
+        Once a grammar's match is complete, the grammar decides: a finished JSON value allows only EOS."""
+        if len(request.output_token_ids) < request.params.min_tokens and (
+            request.grammar is None or not request.grammar.can_end
+        ):
             return self.stop_token_ids(request.params)
         return frozenset()
 
@@ -159,6 +173,8 @@ class StopChecker:
         token; min_tokens gates stop tokens only, since a length limit is a hard bound (request.max_tokens may
         be clamped below min_tokens)."""
         num_output = len(request.output_token_ids)
+        if request.grammar is not None and request.grammar.finished:
+            return FinishReason.STOP  # the grammar took its stop token: nothing may follow, whatever min_tokens says
         if num_output >= request.params.min_tokens and request.output_token_ids[-1] in self.stop_token_ids(
             request.params
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,105 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond these, di
 MIN_SEED, MAX_SEED = -(2**63), 2**63
 # a token id written as text, as JSON object keys are: ASCII digits only (int() also takes "٣", "1_0" and " 5 ")
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+", re.ASCII)
+# structured output: what a client may ask the grammar compiler to do, bounded so one request cannot make
+# compilation (run off the engine loop, but on a shared thread) or the grammar cache arbitrarily large
+MAX_STRUCTURED_CHARS = 64 * 1024  # a JSON schema (as compact JSON), a regex or a grammar
+MAX_SCHEMA_DEPTH = 32  # nesting of objects and lists in a JSON schema
+MAX_CHOICES = 256
+MAX_CHOICE_LEN = 1024
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's names): set exactly one of json (a JSON schema, as a dict or JSON
+    text), regex, choice (the output is one of these strings), grammar (EBNF/GBNF), or json_object (any JSON
+    object). Compiled once per distinct spec by the engine's grammar cache."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, str):  # JSON text: parsed here, so a bad document is an error naming the field
+            if len(self.json) > MAX_STRUCTURED_CHARS:
+                raise _bad("structured_outputs.json", f"{len(self.json)} characters",
+                           f"at most {MAX_STRUCTURED_CHARS} characters")
+            try:
+                self.json = json.loads(self.json)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidParam(
+                    "structured_outputs.json", f"structured_outputs.json is not valid JSON: {exc}"
+                ) from None
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """A canonical form: equal for specs that compile to the same grammar (schema key order aside)."""
+        kind = self.kind
+        if kind == "json":
+            return kind, json.dumps(self.json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if kind == "choice":
+            return kind, json.dumps(self.choice, ensure_ascii=False)
+        return kind, "" if kind == "json_object" else getattr(self, kind)
+
+    def validate(self) -> None:
+        named = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(named) != 1:
+            raise InvalidParam(
+                "structured_outputs",
+                f"structured_outputs must set exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
+                f"{', '.join(named) or 'none'}",
+            )
+        field_name = f"structured_outputs.{named[0]}"
+        if self.json is not None:
+            if not isinstance(self.json, dict):
+                raise _bad(field_name, self.json, "a JSON schema: an object, or its JSON text")
+            if _depth(self.json) > MAX_SCHEMA_DEPTH:
+                raise _bad(field_name, "a schema", f"nested at most {MAX_SCHEMA_DEPTH} levels deep")
+            size = len(self.key()[1])
+            if size > MAX_STRUCTURED_CHARS:
+                raise _bad(field_name, f"{size} characters", f"at most {MAX_STRUCTURED_CHARS} characters as JSON")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_STRUCTURED_CHARS):
+                raise _bad(field_name, _clip(value), f"a non-empty string of at most {MAX_STRUCTURED_CHARS} characters")
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not 0 < len(self.choice) <= MAX_CHOICES:
+                raise _bad(field_name, _clip(self.choice), f"a list of 1 to {MAX_CHOICES} strings")
+            for c in self.choice:
+                if not isinstance(c, str) or not 0 < len(c) <= MAX_CHOICE_LEN or not _is_unicode(c):
+                    raise _bad(field_name, _clip(c), f"non-empty strings of at most {MAX_CHOICE_LEN} characters")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise _bad(field_name, self.json_object, "true or false")
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of dicts and lists, without recursion (a hostile schema could be deeper than the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_SCHEMA_DEPTH:
+                break
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _clip(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -42,6 +142,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
     skip_special_tokens: bool = True
+    # structured output: the grammar the output must follow (None: free text)
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +217,10 @@ class SamplingParams:
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, getattr(self, name), "true or false")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad("structured_outputs", _clip(self.structured_outputs), "a StructuredOutputsParams")
+            self.structured_outputs.validate()
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Token ids a request names must exist in the model's vocabulary."""

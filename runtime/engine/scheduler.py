@@ -122,15 +122,20 @@ class Scheduler:
                 i += 1
 
         # Waiting requests, FCFS; none when this step preempted (they would only take the freed blocks back).
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        # A request whose grammar is still compiling keeps its place but does not hold up those behind it.
+        pending = 0
+        while len(self.waiting) > pending and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[pending]
+            if not request.ready:
+                pending += 1
+                continue
             # Pooling reads every position's hidden state, which a prefix hit would skip: it computes all.
             hit = self.kv.get_computed_blocks(request) if request.pooling is None else None
             num_hit = hit.num_tokens if hit is not None else 0
             num_new = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, num_new, hit):
                 break  # strict FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            del self.waiting[pending]
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
             if request.num_preemptions == 0:  # usage reports the first admission's prompt hits
@@ -158,6 +163,8 @@ class Scheduler:
             if samples:
                 token_id = sampled_token_ids[request.request_id]
                 request.output_token_ids.append(token_id)
+                if request.grammar is not None:
+                    request.grammar.accept(token_id)  # the matcher follows exactly the tokens output
                 reason = self.stop.check(request, self.max_model_len)
             elif request.pooling is not None and request.num_computed_tokens == request.num_tokens:
                 reason = FinishReason.STOP  # pooled: its blocks go back at once

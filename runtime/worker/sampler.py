@@ -1,4 +1,4 @@
-"""Sampler: per-request logits processing (bias, min_tokens, penalties, top-k/p, min-p) and token choice."""
+"""Sampler: per-request logits processing (bias, min_tokens, penalties, grammar, top-k/p, min-p) and token choice."""
 
 from __future__ import annotations
 
@@ -45,12 +45,29 @@ def _top_p_cut(values: torch.Tensor, threshold: torch.Tensor, top_p: torch.Tenso
     return torch.maximum(threshold, kth)
 
 
+# the device type of the logits -> xgrammar's kernel for it: its Triton kernel on a GPU, its C++ one on the CPU
+_BITMASK_BACKENDS = {"cuda": "triton", "cpu": "cpu"}
+
+
+def apply_grammar_masks(logits: torch.Tensor, requests: Sequence[SampleInputs], rows: list[int]) -> None:
+    """Structured output: set to -inf, in place, every token the grammar of a constrained row forbids, for the whole
+    batch in one kernel launch; unconstrained rows are left alone (indices)."""
+    import xgrammar as xgr  # only a step holding a constrained request gets here
+
+    # [num_seqs, ceil(vocab_size / 32)] int32: rows of free requests are never read (indices skips them)
+    bitmask = torch.full((logits.shape[0], requests[rows[0]].token_bitmask.shape[0]), -1, dtype=torch.int32)
+    bitmask[rows] = torch.stack([requests[i].token_bitmask for i in rows])
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    backend = _BITMASK_BACKENDS.get(logits.device.type, "torch_native")
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows, backend=backend)
+
+
 class Sampler:
     """Turns one step's logits into one token per request.
 
-    Order (vLLM v1's): logit_bias, penalties, min_tokens mask, then for greedy rows argmax; for the others
-    temperature, min_p, top_k, top_p, and a draw. Logprobs are taken from the raw logits, before any of
-    this (vLLM v1's default "raw_logprobs"), so they describe the model, not the sampling settings.
+    Order (vLLM v1's): logit_bias, penalties, min_tokens mask, the grammar's mask (structured output), then for
+    greedy rows argmax; for the others temperature, min_p, top_k, top_p, and a draw. Logprobs are taken from the raw
+    logits, before any of this (vLLM v1's default "raw_logprobs"), so they describe the model, not the sampling.
 
     A request with a seed draws from its own torch.Generator, created from the seed at its first sample and
     kept under its request_id until free(request_id): its tokens then do not depend on what else is in the
@@ -90,6 +107,7 @@ class Sampler:
         mask_rows: list[int] = []
         mask_cols: list[int] = []
         penalty_rows: list[int] = []
+        grammar_rows: list[int] = []
         for i, req in enumerate(requests):
             p = req.params
             if p.logit_bias:
@@ -102,7 +120,9 @@ class Sampler:
                 mask_cols.extend(blocked)
             if _uses_penalties(p):
                 penalty_rows.append(i)
-        if not (bias_rows or mask_rows or penalty_rows):
+            if req.token_bitmask is not None:
+                grammar_rows.append(i)
+        if not (bias_rows or mask_rows or penalty_rows or grammar_rows):
             return logits.float()  # a view when already float32: nothing below writes into it
         logits = logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size]; never write the caller's
         device = logits.device
@@ -115,6 +135,8 @@ class Sampler:
             # last, so no penalty or bias can lift a blocked token back
             index = (torch.tensor(mask_rows, device=device), torch.tensor(mask_cols, device=device))
             logits[index] = -torch.inf
+        if grammar_rows:
+            apply_grammar_masks(logits, requests, grammar_rows)
         return logits
 
     def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[SampleInputs], rows: list[int]) -> None:

@@ -1,0 +1,176 @@
+"""Structured output: grammars compiled off the engine loop into a bounded cache, and one matcher per sequence."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from pllm.runtime.engine.sampling_params import InvalidParam, StructuredOutputsParams
+
+logger = logging.getLogger("pllm")
+
+MAX_CACHED_GRAMMARS = 256  # distinct specs kept compiled; the least recently used goes first
+# xgrammar's errors start with a timestamp and its C++ source location: neither helps a client
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: (Check failed: \(.*?\) is false: )?")
+
+
+class GrammarError(InvalidParam):
+    """A schema, regex or grammar the compiler refused; param names the field, as for any invalid parameter."""
+
+
+# xgrammar 0.2.9 writes a string with minLength/maxLength as counted characters of this class, which lets raw
+# control characters (U+0000-U+001F but \r and \n) through: JSON forbids them unescaped, and json.loads refuses them.
+_COUNTED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
+
+
+def _json_schema(compiler: Any, spec: StructuredOutputsParams) -> Any:
+    import xgrammar as xgr
+
+    # Compact JSON (no free whitespace between tokens): a model cannot stall in an endless run of spaces, and the
+    # output is what json.dumps(..., separators=(", ", ": ")) writes. Strict: no properties beyond the schema's.
+    grammar = xgr.Grammar.from_json_schema(json.dumps(spec.json), any_whitespace=False)
+    return compiler.compile_grammar(str(grammar).replace(_COUNTED_STRING_CHAR, _JSON_STRING_CHAR))
+
+
+def _choice(compiler: Any, spec: StructuredOutputsParams) -> Any:
+    # one EBNF alternative per choice; json.dumps writes a string literal the EBNF parser reads (its escapes)
+    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
+    return compiler.compile_grammar(f"root ::= {alternatives}")
+
+
+# kind (StructuredOutputsParams.kind) -> how xgrammar compiles it: a new kind is one entry here
+GRAMMAR_COMPILERS: dict[str, Callable[[Any, StructuredOutputsParams], Any]] = {
+    "json": _json_schema,
+    "regex": lambda compiler, spec: compiler.compile_regex(spec.regex),
+    "choice": _choice,
+    "grammar": lambda compiler, spec: compiler.compile_grammar(spec.grammar),
+    "json_object": lambda compiler, spec: compiler.compile_builtin_json_grammar(),
+}
+
+
+class GrammarCache:
+    """Compiles each distinct spec once (keyed by its canonical form), on a worker thread, keeping the most recently
+    used MAX_CACHED_GRAMMARS. compile() returns at once with a future; the engine loop never waits on it: a request
+    whose grammar is not ready stays in the waiting queue while the rest of the batch steps. Thread-safe: the HTTP
+    layer compiles before queueing (so a bad schema is a 400 at once), the engine thread when a request arrives."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 max_entries: int = MAX_CACHED_GRAMMARS) -> None:
+        self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's vocabulary
+        self.max_entries = max_entries
+        self._tokenizer = tokenizer
+        self._stop_token_ids = list(stop_token_ids)
+        self._compiler: Any = None  # made on the worker thread by the first compile: the vocabulary scan takes time
+        self._entries: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pllm-grammar")
+        self.num_compiled = 0  # compilations started (cache misses), for tests and metrics
+
+    def compile(self, spec: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar; its exception is a GrammarError naming the field."""
+        key = spec.key()
+        with self._lock:
+            future = self._entries.get(key)
+            if future is not None:
+                self._entries.move_to_end(key)
+                return future
+            future = self._pool.submit(self._compile, spec)
+            self.num_compiled += 1
+            self._entries[key] = future
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)  # requests holding the future keep their grammar
+        return future
+
+    def _compile(self, spec: StructuredOutputsParams) -> Any:
+        compiler = self._get_compiler()
+        kind = spec.kind
+        try:
+            return GRAMMAR_COMPILERS[kind](compiler, spec)
+        except Exception as exc:  # xgrammar reports every refusal as an exception: the input is the client's
+            text = str(exc).strip() or type(exc).__name__
+            message = _XGRAMMAR_PREFIX.sub("", text).splitlines()[0][:500]
+            raise GrammarError(f"structured_outputs.{kind}", f"structured_outputs.{kind} could not be compiled: "
+                               f"{message}") from None
+
+    def _get_compiler(self) -> Any:
+        if self._compiler is None:
+            import xgrammar as xgr  # lazily: pllm imports, and serves free text, without it
+
+            info = xgr.TokenizerInfo.from_huggingface(
+                self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
+            )
+            # our cache replaces xgrammar's (keyed by canonical spec, bounded in entries)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        return self._compiler
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SequenceGrammar:
+    """One sequence's place in its grammar: a matcher made once the compiled grammar is ready, advanced with every
+    token the sequence outputs. Preemption by recompute keeps the output tokens, so the matcher, which has accepted
+    exactly those, stays valid; were it ever rebuilt, start() replays them."""
+
+    def __init__(self, future: Future, vocab_size: int) -> None:
+        self._future = future
+        self._vocab_size = vocab_size
+        self._matcher: Any = None
+        self.num_accepted = 0
+        self.rejected = False  # a token the grammar refused reached it (a bug upstream): the sequence stops
+
+    @property
+    def ready(self) -> bool:
+        """The compiled grammar is available (or failed): the scheduler may admit the sequence."""
+        return self._future.done()
+
+    def error(self) -> GrammarError | None:
+        return self._future.exception() if self._future.done() else None  # type: ignore[return-value]
+
+    def start(self, output_token_ids: list[int]) -> None:
+        import xgrammar as xgr
+
+        self._matcher = xgr.GrammarMatcher(self._future.result())
+        self.num_accepted = 0
+        for token_id in output_token_ids:
+            self.accept(token_id)
+
+    def accept(self, token_id: int) -> None:
+        if self._matcher is None:
+            self.start([])
+        if not self._matcher.accept_token(token_id):
+            logger.error("structured output: token %d was outside the grammar; stopping the sequence", token_id)
+            self.rejected = True
+        self.num_accepted += 1
+
+    @property
+    def finished(self) -> bool:
+        """The grammar accepted its stop token (EOS), or was broken: either way the sequence ends here."""
+        return self.rejected or (self._matcher is not None and self._matcher.is_terminated())
+
+    @property
+    def can_end(self) -> bool:
+        """The output so far is a complete match: EOS is allowed now (and is all a finished JSON value allows)."""
+        if self._matcher is None:
+            self.start([])
+        return self._matcher.is_completed()
+
+    def next_token_bitmask(self) -> torch.Tensor | None:
+        """[ceil(vocab_size / 32)] int32, bit t set when token t is allowed next; None when every token is."""
+        import xgrammar as xgr
+
+        if self._matcher is None:
+            self.start([])
+        bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)  # [1, ceil(vocab_size / 32)]
+        if not self._matcher.fill_next_token_bitmask(bitmask, 0):
+            return None
+        return bitmask[0]
