@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 
 from pllm.runtime.engine.outputs import CompletionOutput
+from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, StructuredOutputsParams
 from pllm.runtime.server.protocol import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,
@@ -66,6 +69,27 @@ class ToolCalling:
                 param="tool_choice",
             )
         return self.auto_format
+
+    async def constrain(self, req: ChatCompletionRequest, params: SamplingParams, grammars) -> SamplingParams:
+        """params with the output forced to forced_schema (named and required tool_choice), its grammar compiled
+        now, so a tool schema the compiler refuses is a 400 naming tools before the request is queued."""
+        schema = self.forced_schema(req)
+        if schema is None:
+            return params
+        if params.structured_outputs is not None:
+            raise EngineError(
+                400,
+                "tool_choice 'required' or a named function cannot be combined with structured output (the "
+                "call is already forced to the tool's schema).",
+                param="tool_choice",
+            )
+        try:
+            spec = StructuredOutputsParams(json=schema)
+            await asyncio.wrap_future(grammars.compile(spec))
+        except InvalidParam as exc:
+            message = str(exc).replace("structured_outputs.json", "the tool parameters schema")
+            raise EngineError(400, f"tools: {message}", param="tools") from None
+        return dataclasses.replace(params, structured_outputs=spec)
 
     @staticmethod
     def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
