@@ -76,6 +76,12 @@ def check_tools(tools: list[Tool] | None) -> None:
     size = len(json.dumps([t.model_dump(exclude_none=True) for t in tools]))
     if size > MAX_TOOLS_JSON_CHARS:
         raise ValueError(f"tools: the definitions take {size} characters of JSON, more than {MAX_TOOLS_JSON_CHARS}")
+    for t in tools:
+        kind = (t.function.parameters or {}).get("type", "object")
+        if kind != "object":
+            raise ValueError(
+                f"tools: the parameters of {t.function.name!r} must be the schema of an object, not {kind!r}"
+            )
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise ValueError("tools: two tools have the same name")
