@@ -137,3 +137,33 @@ def test_parallel_tool_calls_false_returns_the_first_call_only():
                 state.handle_chunk(chunk)
             out = state.get_final_completion()
         assert [c.function.name for c in out.choices[0].message.tool_calls] == ["get_weather"]
+
+
+HERMES_TEMPLATE = "{% if tools %}Call tools as <tool_call>...</tool_call>{% endif %}{{ messages[0].content }}"
+
+
+@pytest.mark.parametrize(
+    ("flag", "template", "expected", "why"),
+    [
+        (None, HERMES_TEMPLATE, "hermes", "(the chat template writes '<tool_call>')"),
+        ("pythonic", HERMES_TEMPLATE, "pythonic", "(--tool-call-parser)"),  # the flag wins over the template
+        ("none", HERMES_TEMPLATE, None, "(--tool-call-parser none)"),
+        (None, "{{ messages[0].content }}", None, "(the chat template shows no known tool-call format)"),
+    ],
+)
+def test_the_auto_parser_and_the_start_up_line_saying_why(caplog, flag, template, expected, why):
+    with caplog.at_level("INFO", logger="pllm.server"):
+        calling = ToolCalling(flag, template)
+    assert calling.parser_name == expected
+    assert why in caplog.text and (expected or "no format") in caplog.text
+
+
+def test_the_cli_offers_every_registered_parser():
+    from pllm.runtime.server.cli import build_parser
+    from pllm.runtime.server.tool_parsers import TOOL_CALL_PARSERS
+
+    for name in [*TOOL_CALL_PARSERS, "none"]:
+        assert build_parser().parse_args(["build", "--tool-call-parser", name]).tool_call_parser == name
+    assert set(TOOL_CALL_PARSERS) >= {"hermes", "llama3_json", "pythonic"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["build", "--tool-call-parser", "unknown"])

@@ -207,6 +207,11 @@ def test_tools_reach_the_template(tool_client):
             "tools",
             "characters",
         ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools",
+            "object",
+        ),
         ({"messages": [{"role": "tool", "content": "21 C"}]}, "messages", "tool_call_id"),
         (
             {"messages": [{"role": "assistant", "tool_calls": [
@@ -240,3 +245,14 @@ def test_auto_without_a_known_format_is_400_naming_tool_choice(server):
     assert "no format for tool_choice 'auto'" in server.log()
     ok = httpx.post(f"{server.api}/chat/completions", json={**body, "tool_choice": "none"}, timeout=60)
     assert ok.status_code == 200 and "tool_calls" not in ok.json()["choices"][0]["message"]
+
+
+def test_llm_chat_passes_tools_to_the_template(tool_build):
+    from pllm import LLM
+
+    llm = LLM(str(tool_build), backend="cpu", kv_cache_memory=4 << 20)
+    with_tools = llm.apply_chat_template(USER, tools=TOOLS)
+    assert llm.tokenizer.decode(with_tools).startswith("<|im_start|>system\n<tools>" + json.dumps(WEATHER))
+    assert len(llm.apply_chat_template(USER)) < len(with_tools)
+    out = llm.chat(USER, tools=TOOLS)[0]
+    assert out.prompt_token_ids == with_tools
