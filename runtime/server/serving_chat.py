@@ -36,9 +36,9 @@ class ChatServing:
     async def prepare(self, req: ChatCompletionRequest, arrival: float) -> Prepared:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        self.tools.format_for(req)  # a tool_choice this server cannot read is a 400 before any work
         params = self.base.params(req, max_tokens, logprobs)
-        params = await self.tools.constrain(req, params, self.base.engine.engine.grammars)
+        # a tool_choice this server cannot read is a 400 here, before any work
+        params = await self.tools.adjust_params(req, params, self.base.engine.engine.grammars)
         conversation = req.conversation()
         self.base.check_chars("".join(m["content"] for m in conversation) or " ")
         ids = await self.base.in_tokenizer_thread(self._render_chat, req, conversation)

@@ -8,6 +8,7 @@ import logging
 
 from pllm.runtime.engine.outputs import CompletionOutput
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, StructuredOutputsParams
+from pllm.runtime.engine.structured_output import GrammarCache
 from pllm.runtime.server.protocol import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,
@@ -70,9 +71,15 @@ class ToolCalling:
             )
         return self.auto_format
 
-    async def constrain(self, req: ChatCompletionRequest, params: SamplingParams, grammars) -> SamplingParams:
-        """params with the output forced to forced_schema (named and required tool_choice), its grammar compiled
-        now, so a tool schema the compiler refuses is a 400 naming tools before the request is queued."""
+    async def adjust_params(
+        self, req: ChatCompletionRequest, params: SamplingParams, grammars: GrammarCache
+    ) -> SamplingParams:
+        """params for this request's tool_choice. Named and required: the output forced to forced_schema, its
+        grammar compiled now, so a tool schema the compiler refuses is a 400 naming tools before the request is
+        queued. Auto: special tokens kept in the text when the format's markup may be one (vLLM does the same)."""
+        fmt = self.format_for(req)
+        if fmt is self.auto_format is not None and self.auto_format.markup_may_be_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)
         schema = self.forced_schema(req)
         if schema is None:
             return params

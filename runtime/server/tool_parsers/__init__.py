@@ -7,6 +7,7 @@ from pllm.runtime.server.tool_parsers.hermes import HermesFormat
 from pllm.runtime.server.tool_parsers.llama3_json import Llama3JsonFormat
 from pllm.runtime.server.tool_parsers.pythonic import PythonicFormat
 from pllm.runtime.server.tool_parsers.stream import (
+    ModelToolCallFormat,
     ParsedToolCalls,
     StreamDelta,
     ToolCall,
@@ -16,8 +17,8 @@ from pllm.runtime.server.tool_parsers.stream import (
     parse_tool_calls,
 )
 
-# A new format: one module with a class having name, template_markers and scan(text, final), and a line here.
-TOOL_CALL_PARSERS: dict[str, ToolCallFormat] = {
+# A new format: one module with a ModelToolCallFormat class (stream.py), and a line here.
+TOOL_CALL_PARSERS: dict[str, ModelToolCallFormat] = {
     f.name: f
     for f in (
         HermesFormat(),
@@ -43,6 +44,7 @@ def parser_from_template(chat_template: str | None) -> tuple[str | None, str]:
 
 __all__ = [
     "TOOL_CALL_PARSERS",
+    "ModelToolCallFormat",
     "NamedCallFormat",
     "ParsedToolCalls",
     "RequiredCallsFormat",

@@ -19,6 +19,8 @@ class HermesFormat:
     name = "hermes"
     # A chat template that writes this tag tells the model to call tools this way.
     template_markers = (OPEN,)
+    # Some vocabularies (Hermes 2 Pro) make <tool_call> a special token, which decoding would otherwise drop.
+    markup_may_be_special_tokens = True
 
     def scan(self, text: str, final: bool) -> Scan:
         first = text.find(OPEN)

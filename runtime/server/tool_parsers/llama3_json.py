@@ -11,6 +11,8 @@ class Llama3JsonFormat:
     name = "llama3_json"
     # Llama 3's templates render tool results under the ipython role.
     template_markers = ("<|start_header_id|>ipython<|end_header_id|>",)
+    # <|python_tag|> is a special token; kept in the text, it marks a call (the reading takes it or its absence).
+    markup_may_be_special_tokens = True
 
     def scan(self, text: str, final: bool) -> Scan:
         i = skip_ws(text, 0)

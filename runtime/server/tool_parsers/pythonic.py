@@ -16,6 +16,7 @@ class PythonicFormat:
     name = "pythonic"
     # The instruction vLLM's and Meta's pythonic templates give the model.
     template_markers = ("[func_name1(",)
+    markup_may_be_special_tokens = False
 
     def scan(self, text: str, final: bool) -> Scan:
         i = skip_ws(text, 0)

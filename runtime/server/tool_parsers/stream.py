@@ -15,6 +15,14 @@ class ToolCallFormat(Protocol):
     def scan(self, text: str, final: bool) -> Scan: ...
 
 
+class ModelToolCallFormat(ToolCallFormat, Protocol):
+    """A format a model writes of its own accord (tool_choice "auto"), selectable by name."""
+
+    name: str
+    template_markers: tuple[str, ...]  # all present in a chat template: the template teaches this format
+    markup_may_be_special_tokens: bool  # decode with special tokens kept, or the markup could vanish
+
+
 @dataclass(frozen=True)
 class ToolCall:
     id: str

@@ -167,3 +167,12 @@ def test_the_cli_offers_every_registered_parser():
     assert set(TOOL_CALL_PARSERS) >= {"hermes", "llama3_json", "pythonic"}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["build", "--tool-call-parser", "unknown"])
+
+
+@pytest.mark.parametrize(
+    ("parser", "tool_choice", "skip"), [("hermes", "auto", False), ("pythonic", "auto", True), ("hermes", "none", True)]
+)
+def test_auto_keeps_special_tokens_in_the_text_where_the_markup_may_be_one(parser, tool_choice, skip):
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice=tool_choice)
+    params = asyncio.run(ToolCalling(parser, None).adjust_params(req, SamplingParams(), grammars=None))
+    assert params.skip_special_tokens is skip
