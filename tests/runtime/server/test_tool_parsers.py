@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from pllm.runtime.server.tool_parsers import (
     TOOL_CALL_PARSERS,
@@ -153,3 +156,44 @@ def test_parser_from_template(template, expected):
     name, reason = parser_from_template(template)
     assert name == expected
     assert reason
+
+
+# Drawn calls, written as each model family writes them, read back whole and streamed in drawn pieces.
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
+SCALARS = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=6)
+VALUES = st.recursive(SCALARS, lambda v: st.lists(v, max_size=3) | st.dictionaries(st.text(max_size=4), v, max_size=3),
+                      max_leaves=6)  # fmt: skip
+CALLS = st.lists(st.tuples(IDENT, st.dictionaries(IDENT, VALUES, max_size=3)), min_size=1, max_size=3)
+
+
+def write(fmt, calls: list[tuple[str, dict]]) -> str:
+    if fmt is HERMES:
+        return "\n".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>" for n, a in calls)
+    if fmt is LLAMA3:
+        return "; ".join(json.dumps({"name": n, "parameters": a}) for n, a in calls)
+    return "[" + ", ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for n, a in calls) + "]"
+
+
+def cut(text: str, points: list[int]) -> list[str]:
+    bounds = sorted({0, len(text), *(p % (len(text) + 1) for p in points)})
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)] or [""]
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(fmt=st.sampled_from([HERMES, LLAMA3, PYTHONIC]), calls=CALLS, points=st.lists(st.integers(0, 10**4)))
+def test_drawn_calls_read_back_whole_and_streamed(fmt, calls, points):
+    text = write(fmt, calls)
+    parsed = parse_tool_calls(fmt, text)
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [(n, a) for n, a in calls]
+    assert parsed.content is None
+    assert stream_pieces(fmt, cut(text, points)) == ("", [(c.name, c.arguments) for c in parsed.tool_calls])
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(fmt=st.sampled_from([HERMES, LLAMA3, PYTHONIC]), text=st.text(max_size=40), points=st.lists(st.integers()))
+def test_drawn_plain_text_stays_content(fmt, text, points):
+    # Text that holds no call of any format (a drawn one could, by chance, for the short pythonic form).
+    assume("<tool_call>" not in text and '"name"' not in text and not re.search(r"\[\s*[A-Za-z_][\w.]*\s*\(", text))
+    parsed = parse_tool_calls(fmt, text)
+    assert parsed.content == text and parsed.tool_calls == ()
+    assert stream_pieces(fmt, cut(text, points)) == (text, [])
