@@ -28,6 +28,7 @@ from pllm.runtime.server.protocol_tools import (
     Tool,
     ToolChoice,
     check_tool_choice,
+    check_tool_messages,
     check_tools,
 )
 
@@ -213,13 +214,7 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("messages")
     @classmethod
     def _check_tool_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        for i, m in enumerate(messages):
-            if m.tool_calls and m.role != "assistant":
-                raise ValueError(f"messages: message {i} has tool_calls but is not an assistant message")
-            if m.role == "tool" and not m.tool_call_id:
-                raise ValueError(f"messages: message {i} has role 'tool' but no tool_call_id")
-            for call in m.tool_calls or []:
-                call.for_template()  # arguments that are not a JSON object are a 400 now
+        check_tool_messages(messages)
         return messages
 
     @model_validator(mode="after")

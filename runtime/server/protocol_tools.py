@@ -70,6 +70,18 @@ class MessageToolCall(OpenAIModel):
         return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
 
 
+def check_tool_messages(messages: list) -> None:
+    """Earlier turns of tool calling (protocol.ChatMessage): calls only on assistant messages, their arguments a
+    JSON object, and every tool result naming the call it answers."""
+    for i, m in enumerate(messages):
+        if m.tool_calls and m.role != "assistant":
+            raise ValueError(f"messages: message {i} has tool_calls but is not an assistant message")
+        if m.role == "tool" and not m.tool_call_id:
+            raise ValueError(f"messages: message {i} has role 'tool' but no tool_call_id")
+        for call in m.tool_calls or []:
+            call.for_template()  # arguments that are not a JSON object are a 400 now
+
+
 def check_tools(tools: list[Tool] | None) -> None:
     if not tools:
         return
