@@ -167,6 +167,8 @@ class LLMEngine:
             child_params = params
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples per sequence
                 child_params = dataclasses.replace(params, seed=params.seed + index)
+            if index > 0 and params.prompt_logprobs is not None:  # the prompt is shared: the first scores it
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(child_id, list(ids), child_params, now, max_tokens)
             if grammar is not None:
@@ -239,7 +241,12 @@ class LLMEngine:
         self.stats.num_generation_tokens += len(sampling)
         now = time.monotonic()
         pooled = self.pooler.fold(step_out.pooled, now) if step_out.pooled else []
-        return self.processor.process(refused + sampling, [None] * len(refused) + out.logprobs, now) + pooled
+        return (
+            self.processor.process(
+                refused + sampling, [None] * len(refused) + out.logprobs, now, step_out.prompt_logprobs
+            )
+            + pooled
+        )
 
     def _refuse_failed_grammars(self) -> list[Request]:
         """Finish (abort) the waiting requests whose grammar failed to compile. Callers that check the grammar

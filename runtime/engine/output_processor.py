@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pllm.runtime.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
 from pllm.runtime.engine.request import Request, StopChecker
+from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 @dataclass
@@ -36,6 +37,7 @@ class _Group:
     prompt_token_ids: list[int]
     seqs: list[_SeqState]
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # [None, scored positions so far...] when asked
 
 
 class OutputProcessor:
@@ -69,6 +71,8 @@ class OutputProcessor:
         """Track one user request's sequences (already queued in the scheduler)."""
         ids = requests[0].prompt_token_ids
         group = _Group(request_id, prompt, ids, [], {"arrival_time": arrival_time})
+        if requests[0].params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
         for index, request in enumerate(requests):
             params = request.params
             state = _SeqState(
@@ -101,9 +105,20 @@ class OutputProcessor:
         state = self.seq_states.get(request_id)
         return state.request if state else None
 
-    def process(self, sampled: list[Request], logprobs: list, now: float | None = None) -> list[RequestOutput]:
-        """After scheduler.update: detokenise each sampled sequence's new tokens; one output per changed request."""
+    def process(
+        self,
+        sampled: list[Request],
+        logprobs: list,
+        now: float | None = None,
+        prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None,
+    ) -> list[RequestOutput]:
+        """After scheduler.update: keep the step's prompt logprobs, detokenise each sampled sequence's new tokens;
+        one output per changed request."""
         now = time.monotonic() if now is None else now
+        for request_id, entries in (prompt_logprobs or {}).items():
+            state = self.seq_states.get(request_id)
+            if state is not None:  # not aborted meanwhile; only the first of n sequences scores the prompt
+                self.groups[state.group_id].prompt_logprobs.extend(entries)
         changed: dict[str, _Group] = {}
         for request, token_logprobs in zip(sampled, logprobs):
             state = self.seq_states.get(request.request_id)
@@ -112,6 +127,10 @@ class OutputProcessor:
             self._process_tokens(state, token_logprobs)
             group = self.groups[state.group_id]
             group.metrics.setdefault("first_token_time", now)
+            if group.prompt_logprobs is not None and len(group.prompt_logprobs) < len(group.prompt_token_ids):
+                # another of its n sequences sampled before the first finished scoring the prompt: outputs are
+                # cumulative, so this one waits and every output carries the whole prompt's logprobs
+                continue
             changed[group.request_id] = group
         return [self._output(g, now) for g in changed.values()]
 
@@ -170,6 +189,7 @@ class OutputProcessor:
             finished,
             group.seqs[0].request.num_cached_tokens,
             dict(group.metrics),
+            list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
         )
 
 

@@ -31,6 +31,9 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)  # arrival, first_token, finished times (time.monotonic)
+    # with params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes it), then each
+    # token's logprob and the params.prompt_logprobs best at its position (complete from the first output on)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.worker.step import Pooling, SampleInputs, SeqStep, StepBatch
+from pllm.runtime.worker.step import Pooling, PromptLogprobInputs, SampleInputs, SeqStep, StepBatch
 
 if TYPE_CHECKING:
     from pllm.runtime.engine.structured_output import SequenceGrammar
@@ -43,6 +43,9 @@ class Request:
     num_preemptions: int = 0
     pooling: Pooling | None = None  # set: an embedding request (prefill only, pooled, never samples)
     grammar: SequenceGrammar | None = None  # structured output: the grammar its output follows
+    # prompt positions whose logprobs (of the token after each) have been scored: a high-water mark a
+    # preemption keeps, so recomputing the prompt scores nothing twice
+    num_prompt_logprob_rows: int = 0
 
     @property
     def ready(self) -> bool:
@@ -64,6 +67,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """True while some prompt token asked for (params.prompt_logprobs) has no logprob yet: the first has
+        none (nothing precedes it), each other one is scored by the row of the token before it."""
+        return self.params.prompt_logprobs is not None and self.num_prompt_logprob_rows < self.num_prompt_tokens - 1
 
     def token_slice(self, start: int, end: int) -> tuple[int, ...]:
         """all_token_ids[start:end] without building the whole list."""
@@ -124,7 +133,20 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
         completes=seq.completes,
         sample=sample_inputs(req, stop) if seq.samples else None,
         pooling=req.pooling,
+        prompt_logprobs=prompt_logprob_inputs(req, start, end),
     )
+
+
+def prompt_logprob_inputs(request: Request, start: int, end: int) -> PromptLogprobInputs | None:
+    """The rows of the chunk [start, end) that score prompt tokens not yet scored; None when there are none."""
+    if not request.needs_prompt_logprobs:
+        return None
+    first = max(start, request.num_prompt_logprob_rows)
+    last = min(end, request.num_prompt_tokens - 1)  # the last prompt row predicts the first output token
+    if first >= last:
+        return None
+    targets = tuple(request.prompt_token_ids[first + 1 : last + 1])
+    return PromptLogprobInputs(request.params.prompt_logprobs, first, targets)
 
 
 def sample_inputs(request: Request, stop: StopChecker) -> SampleInputs:

@@ -141,6 +141,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
+    # number of top logprobs per prompt position (0: only the prompt token's); RequestOutput.prompt_logprobs
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # structured output: the grammar the output must follow (None: free text)
     structured_outputs: StructuredOutputsParams | None = None
@@ -199,6 +201,10 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs", self.prompt_logprobs, f"an integer in [0, {MAX_LOGPROBS}]")
         if len(self.stop_strings) > MAX_STOP_STRINGS:
             raise bad("stop", f"{len(self.stop_strings)} strings", f"at most {MAX_STOP_STRINGS} strings")
         for s in self.stop_strings:

@@ -129,8 +129,10 @@ class Scheduler:
             if not request.ready:
                 pending += 1
                 continue
-            # Pooling reads every position's hidden state, which a prefix hit would skip: it computes all.
-            hit = self.kv.get_computed_blocks(request) if request.pooling is None else None
+            # Pooling reads every position's hidden state, which a prefix hit would skip: it computes all. So
+            # does a request still owed prompt logprobs (as in vLLM): a hit would skip the rows that score them.
+            reads_cache = request.pooling is None and not request.needs_prompt_logprobs
+            hit = self.kv.get_computed_blocks(request) if reads_cache else None
             num_hit = hit.num_tokens if hit is not None else 0
             num_new = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, num_new, hit):
@@ -159,6 +161,9 @@ class Scheduler:
             samples = seq.samples  # reads num_computed_tokens, so before advancing it
             request.num_computed_tokens += seq.num_new_tokens
             assert request.num_computed_tokens <= request.num_tokens, request.request_id
+            if request.needs_prompt_logprobs:  # the step scored the chunk's prompt rows (snapshot's rule)
+                scored = min(request.num_computed_tokens, request.num_prompt_tokens - 1)
+                request.num_prompt_logprob_rows = max(request.num_prompt_logprob_rows, scored)
             reason = None
             if samples:
                 token_id = sampled_token_ids[request.request_id]

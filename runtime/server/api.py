@@ -18,20 +18,29 @@ from pllm import __version__
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, RequestGuard
 from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
-from pllm.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from pllm.runtime.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from pllm.runtime.server.protocol_responses import (
     ChatCompletionResponse,
     CompletionResponse,
+    DetokenizeResponse,
     EmbeddingResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeResponse,
 )
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 from pllm.runtime.server.serving import OpenAIServing
 from pllm.runtime.server.serving_chat import ChatServing
 from pllm.runtime.server.serving_completions import CompletionServing
 from pllm.runtime.server.serving_embeddings import EmbeddingServing
+from pllm.runtime.server.serving_tokenize import TokenizeServing
 from pllm.runtime.server.serving_tools import ToolCalling
 from pllm.runtime.server.sse import error_response
 
@@ -131,6 +140,7 @@ def create_app(
     tool_calling = ToolCalling(tool_call_parser, serving.tokenizer.chat_template)
     completion_serving, chat_serving = CompletionServing(serving), ChatServing(serving, tool_calling)
     embedding_serving = EmbeddingServing(serving)
+    tokenize_serving = TokenizeServing(serving, chat_serving)
     app = FastAPI(title="pllm", version=__version__)
     app.router.route_class = _StrictJSONRoute
     app.state.serving = serving
@@ -190,6 +200,19 @@ def create_app(
         serving.check_model(body.model)
         log_ignored(body)
         return await embedding_serving.create(body, arrival, functools.partial(_until_disconnect, raw))
+
+    # As vLLM serves them: outside /v1, so not behind the API key (RequestGuard guards /v1 only).
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest):
+        serving.check_model(body.model)
+        log_ignored(body)
+        return await tokenize_serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest):
+        serving.check_model(body.model)
+        log_ignored(body)
+        return await tokenize_serving.detokenize(body)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():

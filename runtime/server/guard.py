@@ -19,8 +19,9 @@ MAX_REQUEST_ID_LEN = 128
 class RequestGuard:
     """Pure ASGI middleware (streaming-safe): X-Request-Id, the body-size and body-time limits, the Bearer key.
 
-    The key guards /v1/* only: /health, /version, /metrics and the OpenAPI docs stay open (as in vLLM) so
-    orchestrators and scrapers need no secret; bind to loopback or put a proxy in front to hide them.
+    The key guards /v1/* only: /health, /version, /metrics, /tokenize, /detokenize and the OpenAPI docs stay
+    open (as in vLLM) so orchestrators and scrapers need no secret; bind to loopback or put a proxy in front to
+    hide them.
     """
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, request_body_timeout_s: float):

@@ -131,6 +131,8 @@ def _or(value, default):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | TokenIds | list[str] | list[TokenIds]
+    # 0 only with echo (vLLM's convention): the prompt comes back, scored when logprobs is set, and nothing else
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = Field(None, max_length=0)  # not supported: only absent or empty passes
@@ -140,8 +142,6 @@ class CompletionRequest(SamplingRequest):
     def _check_completion(self):
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported; leave it unset or equal to n")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
         if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
             if len(self.prompt) > MAX_PROMPTS:
                 raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(self.prompt)}")
@@ -270,3 +270,22 @@ class EmbeddingRequest(OpenAIModel):
         if isinstance(p, str) or (isinstance(p, list) and (not p or isinstance(p[0], int))):
             return [p]
         return list(p)
+
+
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: a text (`prompt`) or a conversation (`messages`, rendered with the chat template)."""
+
+    model: Name | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_generation_prompt: bool = True  # messages only
+    continue_final_message: bool = False  # messages only
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None  # messages only
+    # BOS and the like; None: vLLM's defaults, true for a prompt and false for messages (the template adds them)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: Name | None = None
+    tokens: TokenIds

@@ -1,4 +1,4 @@
-"""OpenAI response bodies (errors, usage, completions, chat, chunks, embeddings, models): what is documented is sent."""
+"""Response bodies (errors, usage, completions, chat, embeddings, tokenizer, models): what is documented is sent."""
 
 from __future__ import annotations
 
@@ -186,6 +186,17 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[EmbeddingData]
     usage: UsageInfo
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs: the tokenizer's own strings for the ids
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

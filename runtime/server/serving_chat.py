@@ -46,7 +46,9 @@ class ChatServing:
             raise EngineError(400, "The rendered chat prompt is empty.")
         return Prepared([EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)], [""])
 
-    def _render_chat(self, req: ChatCompletionRequest, conversation: list[dict]) -> list[int]:
+    def _render_chat(
+        self, req: ChatCompletionRequest, conversation: list[dict], add_special_tokens: bool = False
+    ) -> list[int]:
         import jinja2
 
         tok = self.base.tokenizer
@@ -65,7 +67,7 @@ class ChatServing:
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise EngineError(400, f"The chat template could not be applied: {str(exc)[:500]}") from None
         self.base.check_chars(text)
-        return self.base.encode(text, add_special_tokens=False)
+        return self.base.encode(text, add_special_tokens=add_special_tokens)
 
     async def response(
         self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream

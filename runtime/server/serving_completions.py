@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
@@ -26,7 +27,12 @@ class CompletionServing:
         self.base = base
 
     async def prepare(self, req: CompletionRequest, arrival: float) -> Prepared:
-        params = self.base.params(req, req.max_tokens, req.logprobs)
+        if req.max_tokens == 0 and not req.echo:
+            raise EngineError(400, "max_tokens must be at least 1 unless echo is true", param="max_tokens")
+        # echo with max_tokens 0 generates one token, as vLLM does, and sends back only the prompt
+        params = self.base.params(req, 1 if _prompt_only(req) else req.max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens carry logprobs too
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         requests, texts = [], []
         for i, prompt in enumerate(req.prompts()):
@@ -54,18 +60,23 @@ class CompletionServing:
         finals = await collect(stream)
         base = prep.choice_base()
         choices = []
+        only = _prompt_only(req)
         for i, r in enumerate(prep.requests):
             out = finals[r.request_id]
             for o in out.outputs:
                 prefix = prep.prompt_texts[i]
-                logprobs = self._completion_logprobs(o.logprobs, len(prefix)) if o.logprobs is not None else None
+                logprobs = None
+                if req.logprobs is not None:
+                    scored = self._prompt_positions(out) if req.echo else []
+                    scored += [] if only else [(e.token_id, e) for e in o.logprobs]
+                    logprobs = self._completion_logprobs(scored, 0)
                 choices.append(
                     CompletionChoice(
                         index=base[r.request_id] + o.index,
-                        text=prefix + o.text,
+                        text=prefix if only else prefix + o.text,
                         logprobs=logprobs,
-                        finish_reason=o.finish_reason,
-                        stop_reason=o.stop_reason,
+                        finish_reason="length" if only else o.finish_reason,
+                        stop_reason=None if only else o.stop_reason,
                     )
                 )
         choices.sort(key=lambda c: c.index)
@@ -77,16 +88,29 @@ class CompletionServing:
             usage=usage_of(finals),
         )
 
-    def _completion_logprobs(self, entries: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+    @staticmethod
+    def _prompt_positions(out: RequestOutput) -> list[tuple[int, TokenLogprobs | None]]:
+        """The echoed prompt's (token id, logprobs) pairs: the first token has none, as nothing precedes it."""
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+        return list(zip(out.prompt_token_ids, out.prompt_logprobs, strict=True))
+
+    def _completion_logprobs(
+        self, positions: list[tuple[int, TokenLogprobs | None]], offset: int
+    ) -> CompletionLogprobs:
+        """OpenAI's completion logprobs of these (token id, logprobs) positions; text_offset counts from offset."""
         lp = CompletionLogprobs()
-        for e in entries:
-            token = self.base.token_str(e.token_id)
+        for token_id, e in positions:
+            token = self.base.token_str(token_id)
             lp.text_offset.append(offset)
             offset += len(token)
             lp.tokens.append(token)
+            if e is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
             lp.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
             top = {self.base.token_str(t): max(v, LOGPROB_FLOOR) for t, v in e.top}
-            top.setdefault(token, max(e.logprob, LOGPROB_FLOOR))  # the sampled token is always listed
+            top.setdefault(token, max(e.logprob, LOGPROB_FLOOR))  # the sampled (or prompt) token is always listed
             lp.top_logprobs.append(top)
         return lp
 
@@ -97,6 +121,7 @@ class CompletionServing:
         prompt_index = {r.request_id: i for i, r in enumerate(prep.requests)}
         cursors: dict[tuple[str, int], SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
+        only = _prompt_only(req)
 
         def chunk(*choices: CompletionChoice) -> CompletionStreamResponse:
             return CompletionStreamResponse(id=rid, created=prep.created, model=model, choices=list(choices))
@@ -106,26 +131,36 @@ class CompletionServing:
                 finals[out.request_id] = out
                 for o in out.outputs:
                     cur = cursors.setdefault((out.request_id, o.index), SeqCursor())
-                    prefix = ""
+                    prefix, scored = "", []
                     if not cur.started:
                         prefix = prep.prompt_texts[prompt_index[out.request_id]]
-                        cur.text_offset, cur.started = len(prefix), True
+                        cur.started = True
+                        if req.echo and req.logprobs is not None:
+                            scored = self._prompt_positions(out)
                     text, new_lps, done = advance(cur, o)
-                    if not (prefix or text or new_lps or done):
+                    if only:
+                        text, new_lps = "", []
+                    if not (prefix or scored or text or new_lps or done):
                         continue
                     logprobs = None
-                    if o.logprobs is not None:
-                        logprobs = self._completion_logprobs(new_lps, cur.text_offset)
+                    if req.logprobs is not None:
+                        logprobs = self._completion_logprobs(scored + [(e.token_id, e) for e in new_lps],
+                                                             cur.text_offset)
                         cur.text_offset += sum(len(t) for t in logprobs.tokens)
                     choice = CompletionChoice(
                         index=base[out.request_id] + o.index,
                         text=prefix + text,
                         logprobs=logprobs,
-                        finish_reason=o.finish_reason if done else None,
-                        stop_reason=o.stop_reason if done else None,
+                        finish_reason=("length" if only else o.finish_reason) if done else None,
+                        stop_reason=o.stop_reason if done and not only else None,
                     )
                     yield choice_chunk(chunk(choice), opts, finals)
             if opts and opts.include_usage:
                 yield usage_chunk(chunk(), finals)
 
         return guarded(chunks(), stream)
+
+
+def _prompt_only(req: CompletionRequest) -> bool:
+    """echo with max_tokens 0: the response holds the prompt (and its logprobs) and nothing generated."""
+    return req.echo and req.max_tokens == 0

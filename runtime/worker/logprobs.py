@@ -1,20 +1,14 @@
-"""Logprobs of sampled tokens, from the raw logits (vLLM v1's default "raw_logprobs"), for the rows that ask."""
+"""Logprobs of sampled and of prompt tokens, from the raw logits (vLLM v1's "raw_logprobs"), for the rows that ask."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 
-from pllm.runtime.worker.step import SampleInputs
+from pllm.runtime.worker.step import PromptLogprobInputs, SampleInputs, TokenLogprobs
 
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    token_id: int  # the chosen token
-    logprob: float  # its log-probability under log_softmax of the raw logits
-    top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
+__all__ = ["TokenLogprobs", "gather_logprobs", "prompt_logprobs_of", "raw_logprobs_of", "row_index"]
 
 
 def row_index(rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor | slice:
@@ -54,4 +48,45 @@ def gather_logprobs(
             logprob=chosen_logprobs[j],
             top=tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)),
         )
+    return out
+
+
+# Rows whose logits exist at once: a long prompt's chunk over a 152k vocabulary in float32 would otherwise take
+# gigabytes; 256 rows of it take 150 MB, and the LM head still runs as a matmul large enough to be efficient.
+PROMPT_LOGPROB_ROWS_PER_PASS = 256
+
+
+def prompt_logprobs_of(
+    hidden: torch.Tensor, logits_of: Callable[[torch.Tensor], torch.Tensor], seqs: Sequence[PromptLogprobInputs]
+) -> list[list[TokenLogprobs]]:
+    """Per sequence: each scored prompt token's logprob and its num_top best, from the hidden rows that predict
+    them (seqs' rows concatenated in order); the LM head runs on these rows only, a bounded number at a time."""
+    # hidden: [num_rows, hidden_size], num_rows = total len(target_token_ids)
+    targets = [t for s in seqs for t in s.target_token_ids]
+    assert hidden.shape[0] == len(targets), (tuple(hidden.shape), len(targets))
+    max_top = max(s.num_top for s in seqs)
+    target = torch.tensor(targets, dtype=torch.long, device=hidden.device).unsqueeze(1)  # [num_rows, 1]
+    chosen: list[float] = []
+    top_values: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    for start in range(0, len(targets), PROMPT_LOGPROB_ROWS_PER_PASS):
+        end = start + PROMPT_LOGPROB_ROWS_PER_PASS
+        logprobs = torch.log_softmax(logits_of(hidden[start:end]).float(), dim=-1)  # [rows, vocab_size]
+        chosen += logprobs.gather(1, target[start:end]).squeeze(1).tolist()
+        if max_top > 0:
+            values, ids = logprobs.topk(max_top, dim=-1)  # [rows, max_top]
+            top_values += values.tolist()
+            top_ids += ids.tolist()
+        else:
+            top_values += [[]] * logprobs.shape[0]
+            top_ids += [[]] * logprobs.shape[0]
+    out: list[list[TokenLogprobs]] = []
+    row = 0
+    for s in seqs:
+        k = s.num_top
+        out.append([
+            TokenLogprobs(t, chosen[r], tuple(zip(top_ids[r][:k], top_values[r][:k], strict=True)))
+            for r, t in enumerate(s.target_token_ids, start=row)
+        ])
+        row += len(s.target_token_ids)
     return out

@@ -16,7 +16,8 @@ from pllm.models.registry import family_of
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.worker.loader import load_weights
-from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput
+from pllm.runtime.worker.logprobs import prompt_logprobs_of
+from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
 
 logger = logging.getLogger("pllm")
 
@@ -54,6 +55,8 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
+    # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
+    prompt_logprob_rows: torch.Tensor | None
 
 
 class ModelRunner:
@@ -177,6 +180,7 @@ class ModelRunner:
         query_lens: list[int] = []
         sample_rows: list[int] = []
         pool_rows: list[tuple[int, int, int]] = []
+        prompt_rows: list[int] = []
         bs = self.block_size
         max_blocks = 0
         for i, s in enumerate(batch.seqs):
@@ -189,6 +193,9 @@ class ModelRunner:
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
             max_blocks = max(max_blocks, -(-end // bs))
+            if s.prompt_logprobs is not None:
+                first = query_start[-2] + s.prompt_logprobs.first_position - start
+                prompt_rows.extend(range(first, first + len(s.prompt_logprobs.target_token_ids)))
             if s.sample is not None:
                 sample_rows.append(query_start[-1] - 1)
             elif s.pooling is not None:
@@ -214,6 +221,7 @@ class ModelRunner:
             meta,
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
             tuple(pool_rows),
+            torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
         )
 
     @torch.inference_mode()
@@ -235,7 +243,17 @@ class ModelRunner:
                 pooled[seq.request_id] = rows.mean(0) if whole else rows.sum(0)
             elif seq.completes:
                 pooled[seq.request_id] = hidden[end - 1].float()
-        return StepOutput(logits, pooled)
+        return StepOutput(logits, pooled, self._prompt_logprobs(batch, hidden, inputs.prompt_logprob_rows))
+
+    def _prompt_logprobs(
+        self, batch: StepBatch, hidden: torch.Tensor, rows: torch.Tensor | None
+    ) -> dict[str, list[TokenLogprobs]]:
+        """Prompt logprobs of the chunks that ask, from their rows only: the LM head never sees the others."""
+        if rows is None:
+            return {}
+        seqs = [s for s in batch.seqs if s.prompt_logprobs is not None]
+        scored = prompt_logprobs_of(hidden[rows], self.model.logits, [s.prompt_logprobs for s in seqs])
+        return {s.request_id: entries for s, entries in zip(seqs, scored, strict=True)}
 
 
 def _ranges(sizes: Sequence[int]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,13 @@ class Pooling(str, enum.Enum):
 
     LAST = "last"  # the last token's
     MEAN = "mean"  # the mean over every token
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int  # the chosen (or, for a prompt position, the given) token
+    logprob: float  # its log-probability under log_softmax of the raw logits
+    top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,16 @@ class SampleInputs:
 
 
 @dataclass(frozen=True)
+class PromptLogprobInputs:
+    """Which of a prompt chunk's rows yield prompt logprobs: row i of the chunk (position start_position + i)
+    predicts the token after it, so the rows from first_position on score target_token_ids, one each."""
+
+    num_top: int  # params.prompt_logprobs: how many best tokens to list per position
+    first_position: int  # the first row's position; >= the chunk's start (rows a preemption already scored skip)
+    target_token_ids: tuple[int, ...]  # the prompt tokens at first_position + 1, first_position + 2, ...
+
+
+@dataclass(frozen=True)
 class SeqStep:
     """One sequence's part of a step: which tokens to compute, where they go in the KV cache, and what follows."""
 
@@ -42,6 +59,7 @@ class SeqStep:
     completes: bool  # this step reaches the end of the sequence
     sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)
     pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
+    prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens
 
     @property
     def num_new_tokens(self) -> int:
@@ -70,3 +88,5 @@ class StepOutput:
     # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
     # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row)
     pooled: dict[str, torch.Tensor]
+    # request_id -> the prompt logprobs this step scored for it, in position order (SeqStep.prompt_logprobs)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

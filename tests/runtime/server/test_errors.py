@@ -135,6 +135,9 @@ def test_401_missing_or_wrong_key(guarded):
     # documented as open: liveness, version, metrics
     for path in ("/health", "/version", "/metrics"):
         assert httpx.get(guarded.url + path).status_code == 200
+    # the tokenizer endpoints live outside /v1, open as in vLLM
+    assert httpx.post(guarded.url + "/tokenize", json={"prompt": "hi"}).json()["count"] > 0
+    assert httpx.post(guarded.url + "/detokenize", json={"tokens": [5, 6]}).status_code == 200
     client = openai.OpenAI(base_url=guarded.api, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
