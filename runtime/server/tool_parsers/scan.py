@@ -108,8 +108,8 @@ def json_call_object(text: str, i: int) -> tuple[PartialCall, int | None]:
     found: dict = {"name": None, "arguments": "", "done": False}
     try:
         end = _read_call_object(text, i, found)
-    except Malformed:
-        return PartialCall(found["name"], found["arguments"], True), None
+    except Malformed:  # arguments never begun are an empty object; begun ones stay as sent
+        return PartialCall(found["name"], found["arguments"] or "{}", True), None
     if end is None:
         return PartialCall(found["name"], found["arguments"], False), None
     return PartialCall(found["name"], found["arguments"] if found["done"] else "{}", True), end

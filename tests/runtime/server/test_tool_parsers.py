@@ -43,6 +43,8 @@ CASES = [
     ),
     (HERMES, '<tool_call>{"arguments": {"q": 1}, "name": "f"}</tool_call>', None, [("f", {"q": 1})]),
     (HERMES, '<tool_call>{"name": "noargs"}</tool_call>', None, [("noargs", {})]),
+    # Arguments that are not an object: the call (whose name a stream has already sent) has none.
+    (HERMES, '<tool_call>{"name": "f", "arguments": "x"}</tool_call>', None, [("f", {})]),
     (HERMES, "a < b, and <tool but no call <", "a < b, and <tool but no call <", []),
     (HERMES, "Plain answer.\n\n", "Plain answer.\n\n", []),
     (HERMES, "<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
