@@ -26,19 +26,29 @@ class GrammarError(InvalidParam):
     """A schema, regex or grammar the compiler refused; param names the field, as for any invalid parameter."""
 
 
-# xgrammar 0.2.9 writes a string with minLength/maxLength as counted characters of this class, which lets raw
-# control characters (U+0000-U+001F but \r and \n) through: JSON forbids them unescaped, and json.loads refuses them.
-_COUNTED_STRING_CHAR = r'[^\"\\\r\n]'
-_JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
+# Two character classes of xgrammar 0.2.9's JSON strings, corrected: (1) a string with minLength/maxLength is
+# counted characters of the first, which lets raw control characters through (JSON forbids them unescaped, and
+# json.loads refuses them); (2) both admit the UTF-8 encoding of surrogates (U+D800-U+DFFF), which is not UTF-8:
+# the text decodes to three U+FFFD each, breaking maxLength. Applied to the grammar as printed.
+_STRING_CHAR_FIXES = (
+    (r'[^\"\\\r\n]', r'[^\"\\\0-\x1f\ud800-\udfff]'),
+    (r'[^\0-\x1f\"\\\r\n]', r'[^\0-\x1f\"\\\ud800-\udfff]'),
+)
+# Fixing that means printing the grammar and parsing it back, and its printer writes U+0080-U+00FF as \xHH, which
+# its parser reads greedily (\x800 is U+0800): rewritten as \u00HH (a backslash run of even length is literal).
+_HEX_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\x([0-9a-fA-F]{2})")
 
 
-def _json_schema(compiler: Any, spec: StructuredOutputsParams) -> Any:
+def _json_grammar(compiler: Any, schema: dict, strict: bool) -> Any:
     import xgrammar as xgr
 
     # Compact JSON (no free whitespace between tokens): a model cannot stall in an endless run of spaces, and the
     # output is what json.dumps(..., separators=(", ", ": ")) writes. Strict: no properties beyond the schema's.
-    grammar = xgr.Grammar.from_json_schema(json.dumps(spec.json), any_whitespace=False)
-    return compiler.compile_grammar(str(grammar).replace(_COUNTED_STRING_CHAR, _JSON_STRING_CHAR))
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+    text = str(grammar)
+    for wrong, right in _STRING_CHAR_FIXES:
+        text = text.replace(wrong, right)
+    return compiler.compile_grammar(_HEX_ESCAPE.sub(r"\1\\u00\2", text))
 
 
 def _choice(compiler: Any, spec: StructuredOutputsParams) -> Any:
@@ -49,11 +59,12 @@ def _choice(compiler: Any, spec: StructuredOutputsParams) -> Any:
 
 # kind (StructuredOutputsParams.kind) -> how xgrammar compiles it: a new kind is one entry here
 GRAMMAR_COMPILERS: dict[str, Callable[[Any, StructuredOutputsParams], Any]] = {
-    "json": _json_schema,
+    "json": lambda compiler, spec: _json_grammar(compiler, spec.json, strict=True),
     "regex": lambda compiler, spec: compiler.compile_regex(spec.regex),
     "choice": _choice,
     "grammar": lambda compiler, spec: compiler.compile_grammar(spec.grammar),
-    "json_object": lambda compiler, spec: compiler.compile_builtin_json_grammar(),
+    # OpenAI's json_object: any JSON object (xgrammar's builtin JSON grammar also admits arrays and scalars)
+    "json_object": lambda compiler, spec: _json_grammar(compiler, {"type": "object"}, strict=False),
 }
 
 

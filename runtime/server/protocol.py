@@ -18,7 +18,9 @@ from pllm.runtime.engine.sampling_params import (
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
     SAMPLING_EPS,
+    InvalidParam,
     SamplingParams,
+    StructuredOutputsParams,
 )
 from pllm.runtime.server.protocol_tools import (
     MAX_CALL_ID_LEN,
@@ -63,6 +65,42 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    """response_format's json_schema: OpenAI's shape (the schema itself is bounded by SamplingParams.validate)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = Field(None, max_length=MAX_NAME_LEN * 16)
+    json_schema: dict[str, Any] = Field(alias="schema")  # `schema` would shadow a pydantic method
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is required with (and only with) type 'json_schema'")
+        return self
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "json_schema":
+            return StructuredOutputsParams(json=self.json_schema.json_schema)
+        return StructuredOutputsParams(json_object=True) if self.type == "json_object" else None
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's extra field `structured_outputs`: exactly one of these (SamplingParams.validate checks the rest)."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions: vLLM's names, OpenAI's defaults."""
 
@@ -90,12 +128,32 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None
+    # structured output: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @model_validator(mode="after")
     def _check_stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         return self
+
+    @property
+    def structured_field(self) -> str:
+        """The request field a structured-output error points at."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def structured_params(self) -> StructuredOutputsParams | None:
+        formatted = self.response_format.structured_outputs() if self.response_format is not None else None
+        if self.structured_outputs is None:
+            return formatted
+        if formatted is not None:
+            raise InvalidParam("structured_outputs", "set response_format or structured_outputs, not both")
+        try:
+            return StructuredOutputsParams(**self.structured_outputs.model_dump(exclude_none=True))
+        except TypeError:  # an unknown key (extra fields are allowed in the body)
+            raise InvalidParam("structured_outputs", f"structured_outputs: unknown field(s) "
+                               f"{', '.join(self.structured_outputs.ignored_fields)[:200]}") from None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams for this request; ValueError (naming the field) when a combination is out of range."""
@@ -122,6 +180,7 @@ class SamplingRequest(OpenAIModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured_params(),
         )
 
 
@@ -194,7 +253,6 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
-    response_format: dict[str, Any] | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
     parallel_tool_calls: bool = True
@@ -223,8 +281,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported (no structured output)")
         reserved = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
         if reserved:
             raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams
+from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.protocol import SamplingRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
@@ -82,4 +83,24 @@ class OpenAIServing:
         try:
             return req.sampling_params(max_tokens, logprobs)
         except ValueError as exc:  # SamplingParams.validate is where every limit is checked
-            raise EngineError(400, str(exc), param=exc.param if isinstance(exc, InvalidParam) else None) from None
+            raise _bad_request(req, exc) from None
+
+    async def check_grammar(self, req: SamplingRequest, params: SamplingParams) -> None:
+        """Structured output: compile the grammar (or find it cached) before queueing, off the event loop and the
+        engine loop, so a schema, regex or grammar the compiler refuses is a 400 now."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.wrap_future(self.engine.engine.grammars.compile(params.structured_outputs))
+        except GrammarError as exc:
+            raise _bad_request(req, exc) from None
+
+
+def _bad_request(req: SamplingRequest, exc: ValueError) -> EngineError:
+    """A 400 naming the request field: a structured-output error points at the field the client used."""
+    message, param = str(exc), exc.param if isinstance(exc, InvalidParam) else None
+    if param is not None and param.startswith("structured_outputs") and req.structured_field == "response_format":
+        message = message.replace("structured_outputs.json_object", "response_format").replace(
+            "structured_outputs.json", "response_format.json_schema.schema")
+        param = "response_format"
+    return EngineError(400, message, param=param)

@@ -37,8 +37,9 @@ class ChatServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.base.params(req, max_tokens, logprobs)
-        # a tool_choice this server cannot read is a 400 here, before any work
+        # a tool_choice this server cannot read is a 400 here, before any work; named and required are forced
         params = await self.tools.adjust_params(req, params, self.base.engine.engine.grammars)
+        await self.base.check_grammar(req, params)
         conversation = req.conversation()
         self.base.check_chars("".join(m["content"] for m in conversation) or " ")
         ids = await self.base.in_tokenizer_thread(self._render_chat, req, conversation)

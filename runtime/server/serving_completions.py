@@ -33,6 +33,7 @@ class CompletionServing:
         params = self.base.params(req, 1 if _prompt_only(req) else req.max_tokens, req.logprobs)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens carry logprobs too
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+        await self.base.check_grammar(req, params)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         requests, texts = [], []
         for i, prompt in enumerate(req.prompts()):

@@ -312,3 +312,46 @@ def test_degenerate_but_valid_params_never_crash():
     assert 0 <= out.token_ids[2] < VOCAB
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=1e-300)
+
+
+def _bitmask(allowed: set[int], vocab: int) -> torch.Tensor:
+    """[ceil(vocab / 32)] int32 with bit t set for each allowed token t (xgrammar's layout)."""
+    words = [0] * ((vocab + 31) // 32)
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+def _grammar_rows(device: str) -> tuple[torch.Tensor, list[SampleInputs], torch.Tensor]:
+    vocab = 70  # not a multiple of 32: the last bitmask word is partial
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0)).to(device)
+    allowed = [{5, 33, 69}, None, {0}, None]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)] * 2
+    requests = [
+        SampleInputs(f"r{i}", p, (), (), frozenset(), _bitmask(a, vocab) if a is not None else None)
+        for i, (p, a) in enumerate(zip(params, allowed))
+    ]
+    expected = logits.float().cpu().clone()
+    for i, a in enumerate(allowed):
+        if a is not None:
+            expected[i, [t for t in range(vocab) if t not in a]] = -torch.inf
+    return logits, requests, expected
+
+
+def test_grammar_bitmask_masks_only_its_rows_in_one_batch():
+    logits, requests, expected = _grammar_rows("cpu")
+    sampler = Sampler(70, seed=0)
+    processed = sampler.process_logits(logits, requests)
+    assert torch.equal(processed, expected)  # constrained rows masked, free rows untouched
+    assert not torch.isinf(logits).any()  # the caller's logits are never written
+    for _ in range(20):
+        tokens = sampler.sample(logits, requests).token_ids
+        assert tokens[0] in {5, 33, 69} and tokens[2] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grammar_bitmask_on_the_gpu():
+    logits, requests, expected = _grammar_rows("cuda")
+    processed = Sampler(70, seed=0).process_logits(logits, requests)  # xgrammar's Triton kernel
+    assert processed.is_cuda and torch.equal(processed.cpu(), expected)
