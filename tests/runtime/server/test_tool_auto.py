@@ -1,7 +1,4 @@
-"""tool_choice "auto": the chat serving layer over a stub engine whose outputs are a hermes-format answer, checked with
-the openai client's own types and its stream accumulator. A tiny random model cannot decide to call a tool, and
-forcing its text with a grammar would test the grammar, not this: the engine and HTTP path under it is the one the
-named and required tests in test_tool_calling.py run end to end."""
+"""tool_choice "auto" at the chat serving layer: stub engine outputs in every chunking, read with openai's own types."""
 
 from __future__ import annotations
 
@@ -19,6 +16,9 @@ from pllm.runtime.server.request_stream import EngineRequest
 from pllm.runtime.server.serving import Prepared
 from pllm.runtime.server.serving_chat import ChatServing
 from pllm.runtime.server.serving_tools import ToolCalling
+
+# A stub engine controls exactly how the text grows, which a model cannot; test_tool_calling.py runs "auto" end to
+# end through the server, its text forced into the hermes format by a regex.
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},

@@ -256,3 +256,42 @@ def test_llm_chat_passes_tools_to_the_template(tool_build):
     assert len(llm.apply_chat_template(USER)) < len(with_tools)
     out = llm.chat(USER, tools=TOOLS)[0]
     assert out.prompt_token_ids == with_tools
+
+
+# tool_choice "auto" end to end: a tiny random model cannot choose to call a tool, so a regex (structured output,
+# which leaves tool parsing alone) makes it write text in the hermes format, content first; the server reads it.
+HERMES_OUTPUT = (
+    r'Checking[.]\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,8}", "days": [1-7]\}\}\n'
+    r'</tool_call>\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "(UTC|CET)"\}\}\n</tool_call>'
+)
+
+
+def test_auto_reads_the_models_own_hermes_calls_streamed_and_not(tool_client):
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    kwargs = dict(
+        model="x", messages=USER, tools=TOOLS, temperature=0.0, max_tokens=300,
+        extra_body={"structured_outputs": {"regex": HERMES_OUTPUT}},
+    )  # fmt: skip
+    whole = tool_client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Checking."
+    assert [c.function.name for c in whole.message.tool_calls] == ["get_weather", "get_time"]
+    check_weather_call(whole.message.tool_calls[0])
+    assert json.loads(whole.message.tool_calls[1].function.arguments)["tz"] in ("UTC", "CET")
+
+    chunks = list(tool_client.chat.completions.create(**kwargs, stream=True))
+    assert not any("<" in (c.choices[0].delta.content or "") for c in chunks if c.choices)  # no markup leaks
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    streamed = state.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls" and streamed.message.content == "Checking."
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls
+    ]
+
+
+def test_forced_tool_choice_and_structured_output_together_is_400(tool_server):
+    body = {"messages": USER, "tools": TOOLS, "tool_choice": NAMED, "response_format": {"type": "json_object"}}
+    r = httpx.post(f"{tool_server.api}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
