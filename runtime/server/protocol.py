@@ -337,6 +337,7 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True  # messages only
     continue_final_message: bool = False  # messages only
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None  # messages only
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # messages only, as chat renders them
     # BOS and the like; None: vLLM's defaults, true for a prompt and false for messages (the template adds them)
     add_special_tokens: bool | None = None
     return_token_strs: bool = False

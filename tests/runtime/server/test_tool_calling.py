@@ -295,3 +295,11 @@ def test_forced_tool_choice_and_structured_output_together_is_400(tool_server):
     body = {"messages": USER, "tools": TOOLS, "tool_choice": NAMED, "response_format": {"type": "json_object"}}
     r = httpx.post(f"{tool_server.api}/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+
+
+def test_tokenize_renders_tools_as_chat_does(tool_client, tool_server):
+    chat = tool_client.chat.completions.create(model="x", messages=USER, tools=TOOLS, tool_choice="none", max_tokens=1)
+    r = httpx.post(f"{tool_server.url}/tokenize", json={"messages": USER, "tools": TOOLS}, timeout=60)
+    assert r.status_code == 200 and r.json()["count"] == chat.usage.prompt_tokens
+    bad = httpx.post(f"{tool_server.url}/tokenize", json={"messages": USER, "tools": [WEATHER] * 2}, timeout=60)
+    assert bad.status_code == 400 and "same name" in bad.json()["error"]["message"]
