@@ -11,7 +11,7 @@ from pllm.runtime.engine.outputs import EmbeddingOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
-Message = dict[str, str]
+Message = dict  # {"role", "content"}, and "tool_calls" / "tool_call_id" in tool-calling turns
 
 
 class LLM:
@@ -65,24 +65,34 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation or a list of them, rendered with the model's chat template."""
+        """One conversation or a list of them, rendered with the model's chat template (and `tools`, OpenAI's tool
+        objects, passed to it as transformers does; the output is not parsed for calls here)."""
         self.engine.check_generates()
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
-            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
+            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs, tools)}
             for c in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(
-        self, conversation: list[Message], add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+        self,
+        conversation: list[Message],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         tok = self.engine.tokenizer
         if not tok.chat_template:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         text = tok.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+            conversation,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **(chat_template_kwargs or {}),
         )
         return self.engine.encode(text, "chat messages", add_special_tokens=False)
 

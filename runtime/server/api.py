@@ -41,6 +41,7 @@ from pllm.runtime.server.serving_chat import ChatServing
 from pllm.runtime.server.serving_completions import CompletionServing
 from pllm.runtime.server.serving_embeddings import EmbeddingServing
 from pllm.runtime.server.serving_tokenize import TokenizeServing
+from pllm.runtime.server.serving_tools import ToolCalling
 from pllm.runtime.server.sse import error_response
 
 logger = logging.getLogger("pllm.server")
@@ -133,9 +134,11 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     serving = OpenAIServing(engine, served_model_names)
-    completion_serving, chat_serving = CompletionServing(serving), ChatServing(serving)
+    tool_calling = ToolCalling(tool_call_parser, serving.tokenizer.chat_template)
+    completion_serving, chat_serving = CompletionServing(serving), ChatServing(serving, tool_calling)
     embedding_serving = EmbeddingServing(serving)
     tokenize_serving = TokenizeServing(serving, chat_serving)
     app = FastAPI(title="pllm", version=__version__)

@@ -23,6 +23,8 @@ from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
 from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.metrics import ServerMetrics
+from pllm.runtime.server.serving_tools import NO_PARSER
+from pllm.runtime.server.tool_parsers import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("pllm.server")
 
@@ -99,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "max-num-seqs or 256)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tool-call-parser",
+        choices=[*TOOL_CALL_PARSERS, NO_PARSER],
+        default=None,
+        help="how the model writes tool calls, for tool_choice 'auto' (default: the one format the build's chat "
+        "template shows, if exactly one; 'none': refuse 'auto')",
+    )
     p.add_argument(
         "--max-queued-requests",
         type=positive_int,
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"pllm-serve: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout)
+    app = create_app(engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser)
     limits = ConnectionLimits(args.request_header_timeout, args.max_connections)
     host = f"[{args.host}]" if ":" in args.host else args.host
     uv_config = uvicorn.Config(

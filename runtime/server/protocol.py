@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pllm.runtime.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
@@ -21,6 +21,17 @@ from pllm.runtime.engine.sampling_params import (
     InvalidParam,
     SamplingParams,
     StructuredOutputsParams,
+)
+from pllm.runtime.server.protocol_tools import (
+    MAX_CALL_ID_LEN,
+    MAX_TOOL_CALLS_PER_MESSAGE,
+    MAX_TOOLS,
+    MessageToolCall,
+    Tool,
+    ToolChoice,
+    check_tool_choice,
+    check_tool_messages,
+    check_tools,
 )
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -212,6 +223,9 @@ class ChatMessage(OpenAIModel):
     role: Annotated[str, Field(min_length=1, max_length=64)]
     content: str | list[ContentPart] | None = None
     name: Name | None = None
+    # Tool calling: the calls an assistant made, and which call a role "tool" message answers.
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOL_CALLS_PER_MESSAGE)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=MAX_CALL_ID_LEN)] | None = None
 
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
@@ -239,8 +253,27 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        check_tools(tools)
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        check_tool_choice(choice, info.data.get("tools"))
+        return choice
+
+    @field_validator("messages")
+    @classmethod
+    def _check_tool_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        check_tool_messages(messages)
+        return messages
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -248,8 +281,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        if self.tools and self.tool_choice != "none":
-            raise ValueError("tools: tool calling is not supported")
         reserved = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
         if reserved:
             raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
@@ -257,10 +288,23 @@ class ChatCompletionRequest(SamplingRequest):
             m.text()  # rejects non-text content parts now, as a 400
         return self
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict]:
         return [
-            {"role": m.role, "content": m.text() or "", **({"name": m.name} if m.name else {})} for m in self.messages
+            {
+                "role": m.role,
+                "content": m.text() or "",
+                **({"name": m.name} if m.name else {}),
+                **({"tool_calls": [c.for_template() for c in m.tool_calls]} if m.tool_calls else {}),
+                **({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {}),
+            }
+            for m in self.messages
         ]
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
 class EmbeddingRequest(OpenAIModel):
@@ -293,6 +337,7 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True  # messages only
     continue_final_message: bool = False  # messages only
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None  # messages only
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # messages only, as chat renders them
     # BOS and the like; None: vLLM's defaults, true for a prompt and false for messages (the template adds them)
     add_special_tokens: bool | None = None
     return_token_strs: bool = False

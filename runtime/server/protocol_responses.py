@@ -96,9 +96,22 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
-class AssistantMessage(BaseModel):
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class AssistantMessage(OmitsNone):
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("tool_calls",)
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -119,10 +132,27 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(OmitsNone):
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("name",)
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(OmitsNone):
+    """A call's first delta has id, type and name (arguments ""); later ones only argument fragments."""
+
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("id", "type")
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OmitsNone):
-    omitted_if_none: ClassVar[tuple[str, ...]] = ("role", "content")
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("role", "content", "tool_calls")
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -20,21 +20,26 @@ from pllm.runtime.server.protocol_responses import (
 )
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
+from pllm.runtime.server.serving_tools import ToolCalling, finish_reason
 from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, sse, usage_chunk, usage_of
+from pllm.runtime.server.tool_parsers import ToolCallStream
 from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 class ChatServing:
     """The chat completions endpoint family over the shared model context."""
 
-    def __init__(self, base: OpenAIServing) -> None:
+    def __init__(self, base: OpenAIServing, tools: ToolCalling) -> None:
         self.base = base
+        self.tools = tools
 
     async def prepare(self, req: ChatCompletionRequest, arrival: float) -> Prepared:
         self.base.check_generates()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.base.params(req, max_tokens, logprobs)
+        # a tool_choice this server cannot read is a 400 here, before any work; named and required are forced
+        params = await self.tools.adjust_params(req, params, self.base.engine.engine.grammars)
         await self.base.check_grammar(req, params)
         conversation = req.conversation()
         self.base.check_chars("".join(m["content"] for m in conversation) or " ")
@@ -58,6 +63,7 @@ class ChatServing:
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
+                tools=self.tools.template_tools(req),
                 **(req.chat_template_kwargs or {}),
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -70,16 +76,21 @@ class ChatServing:
     ) -> ChatCompletionResponse:
         finals = await collect(stream)
         out = finals[prep.requests[0].request_id]
-        choices = [
-            ChatChoice(
-                index=o.index,
-                message=AssistantMessage(content=o.text),
-                logprobs=self._chat_logprobs(o.logprobs),
-                finish_reason=o.finish_reason,
-                stop_reason=o.stop_reason,
+        fmt = self.tools.format_for(req)
+        choices = []
+        for o in out.outputs:
+            message, finish = AssistantMessage(content=o.text), o.finish_reason
+            if fmt is not None:
+                message, finish = self.tools.message(fmt, o, self.tools.max_calls(req))
+            choices.append(
+                ChatChoice(
+                    index=o.index,
+                    message=message,
+                    logprobs=self._chat_logprobs(o.logprobs),
+                    finish_reason=finish,
+                    stop_reason=o.stop_reason,
+                )
             )
-            for o in out.outputs
-        ]
         return ChatCompletionResponse(
             id=prep.requests[0].request_id,
             created=prep.created,
@@ -107,6 +118,8 @@ class ChatServing:
         opts = req.stream_options
         cursors: dict[int, SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
+        fmt = self.tools.format_for(req)
+        tool_streams: dict[int, ToolCallStream] = {}
 
         def chunk(*choices: ChatStreamChoice) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=prep.created, model=model, choices=list(choices))
@@ -121,14 +134,22 @@ class ChatServing:
                     text, new_lps, done = advance(cur, o)
                     if not (text or new_lps or done):
                         continue
-                    choice = ChatStreamChoice(
-                        index=o.index,
-                        delta=DeltaMessage(content=text),
-                        logprobs=self._chat_logprobs(new_lps if o.logprobs is not None else None),
-                        finish_reason=o.finish_reason if done else None,
-                        stop_reason=o.stop_reason if done else None,
-                    )
-                    yield choice_chunk(chunk(choice), opts, finals)
+                    deltas, finish = [DeltaMessage(content=text)], o.finish_reason
+                    if fmt is not None:  # content only once it cannot be markup; calls as OpenAI streams them
+                        calls = tool_streams.setdefault(o.index, ToolCallStream(fmt, self.tools.max_calls(req)))
+                        deltas = self.tools.deltas(calls.update(o.text, final=done))
+                        deltas += [DeltaMessage()] if done or (new_lps and not deltas) else []
+                        finish = finish_reason(o.finish_reason, bool(calls.calls))
+                    for k, delta in enumerate(deltas):
+                        last = k == len(deltas) - 1
+                        choice = ChatStreamChoice(
+                            index=o.index,
+                            delta=delta,
+                            logprobs=self._chat_logprobs(new_lps if o.logprobs is not None else None) if last else None,
+                            finish_reason=finish if done and last else None,
+                            stop_reason=o.stop_reason if done and last else None,
+                        )
+                        yield choice_chunk(chunk(choice), opts, finals)
             if opts and opts.include_usage:
                 yield usage_chunk(chunk(), finals)
 

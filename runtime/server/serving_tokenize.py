@@ -40,6 +40,8 @@ class TokenizeServing:
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template_kwargs=req.chat_template_kwargs,
+                tools=req.tools,
+                tool_choice="none",  # only rendered here: no tool-call format is needed
             )
         except ValidationError as exc:  # the chat request's own checks (reserved template keys, clashing flags)
             raise EngineError(400, "; ".join(e["msg"] for e in exc.errors())[:1000]) from None

@@ -113,6 +113,21 @@ def launch(serve_build, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def launch_build(tmp_path_factory):
+    """Factory: (build_dir, *cli_args) -> a started LiveServer of any build (one a test module made itself)."""
+    servers: list[LiveServer] = []
+    log_dir = tmp_path_factory.mktemp("serve-logs")
+
+    def make(build_dir: Path, *args: str) -> LiveServer:
+        servers.append(start_server(build_dir, log_dir, *args))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
 def launch_long(tiny_build, tmp_path_factory):
     """The same for the tiny model with 8192 positions: requests of thousands of tokens, which outlast a drain
     window however fast the engine gets (a 500-token request takes the tiny model ~0.3 s)."""

@@ -1,0 +1,98 @@
+"""pythonic: Llama 3.2/4 and others answer with a Python list of calls, [get_weather(city="Paris"), ...]."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from pllm.runtime.server.tool_parsers.scan import Malformed, PartialCall, Scan, content_unless_called, skip_ws
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+OPENERS = {"(": ")", "[": "]", "{": "}"}
+
+
+class PythonicFormat:
+    name = "pythonic"
+    # The instruction vLLM's and Meta's pythonic templates give the model.
+    template_markers = ("[func_name1(",)
+    markup_may_be_special_tokens = False
+
+    def scan(self, text: str, final: bool) -> Scan:
+        i = skip_ws(text, 0)
+        opening = _opens_call_list(text, i)
+        if opening is None:
+            return Scan("" if not final else text)  # undecided: held until it is
+        if not opening:
+            return Scan(text)
+        calls: list[PartialCall] = []
+        j = skip_ws(text, i + 1)
+        while (m := NAME.match(text, j)) is not None:
+            paren = skip_ws(text, m.end())
+            if paren >= len(text) or text[paren] != "(":
+                break
+            # A call is read only once whole: Python cannot be checked piecewise, and a call that turns out
+            # not to parse leaves the text plain content, as nothing of it was sent.
+            end = _python_args_end(text, paren)
+            if end is None:
+                break
+            try:
+                arguments = _keyword_arguments_json(text[paren:end])
+            except Malformed:
+                break
+            calls.append(PartialCall(m.group(), arguments, True))
+            j = skip_ws(text, end)
+            if j >= len(text) or text[j] != ",":
+                break
+            j = skip_ws(text, j + 1)
+        return content_unless_called(text, tuple(calls), final, "")
+
+
+def _opens_call_list(text: str, i: int) -> bool | None:
+    """Whether text[i:] opens `[name(`: True, False, or None while it still could."""
+    if i >= len(text):
+        return None
+    if text[i] != "[":
+        return False
+    j = skip_ws(text, i + 1)
+    m = NAME.match(text, j)
+    if m is None:
+        return None if j >= len(text) else False
+    k = skip_ws(text, m.end())
+    if k >= len(text):
+        return None
+    return text[k] == "("
+
+
+def _python_args_end(text: str, i: int) -> int | None:
+    """text[i] is '(': the index after its matching ')', None if the text ends first."""
+    stack: list[str] = []
+    j = i
+    while j < len(text):
+        c = text[j]
+        if c in "'\"":
+            j += 1
+            while j < len(text) and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            if j >= len(text):
+                return None
+        elif c in OPENERS:
+            stack.append(OPENERS[c])
+        elif c in ")]}":
+            if not stack or stack.pop() != c:
+                return j + 1  # unbalanced: let the parse below reject it
+            if not stack:
+                return j + 1
+        j += 1
+    return None
+
+
+def _keyword_arguments_json(source: str) -> str:
+    """'(city="Paris", days=3)' -> '{"city": "Paris", "days": 3}': keyword arguments of Python literals only."""
+    try:
+        call = ast.parse("f" + source, mode="eval").body
+        if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+            raise Malformed("only keyword arguments")
+        return json.dumps({k.arg: ast.literal_eval(k.value) for k in call.keywords}, ensure_ascii=False)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        raise Malformed("not a call of Python literals") from None
