@@ -127,9 +127,11 @@ class OutputProcessor:
             self._process_tokens(state, token_logprobs)
             group = self.groups[state.group_id]
             group.metrics.setdefault("first_token_time", now)
-            if group.prompt_logprobs is not None and len(group.prompt_logprobs) < len(group.prompt_token_ids):
+            scoring = group.prompt_logprobs is not None and len(group.prompt_logprobs) < len(group.prompt_token_ids)
+            if scoring and not all(s.request.is_finished for s in group.seqs):
                 # another of its n sequences sampled before the first finished scoring the prompt: outputs are
-                # cumulative, so this one waits and every output carries the whole prompt's logprobs
+                # cumulative, so this one waits and every output carries the whole prompt's logprobs (a request
+                # that ended before its prompt was scored, e.g. aborted, still gets its final output)
                 continue
             changed[group.request_id] = group
         return [self._output(g, now) for g in changed.values()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -288,3 +289,18 @@ def test_json_strings_are_json_and_utf8(llm):
         assert matcher.accept_string(field)
         byte_ids = [tok.convert_tokens_to_ids(t) for t in ("í", "º")]  # bytes 0xED 0xBA: U+D800-U+DFFF ahead
         assert matcher.accept_token(byte_ids[0]) and not matcher.accept_token(byte_ids[1]), field
+
+
+def test_a_failed_grammar_finishes_its_request_even_when_it_waits_for_prompt_logprobs(llm):
+    """A request queued without the compile-first check is aborted when its grammar fails; asking for prompt
+    logprobs (whose outputs wait until the prompt is scored) must not hold that final output back forever."""
+    engine = llm.engine
+    bad = StructuredOutputsParams(regex="(abc")
+    engine.add_request("bad", PROMPTS[0], SamplingParams(prompt_logprobs=1, structured_outputs=bad))
+    finished = {}
+    deadline = time.monotonic() + 60
+    while engine.has_unfinished() and time.monotonic() < deadline:  # the grammar compiles on a worker thread
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        time.sleep(0.01)
+    assert finished["bad"].outputs[0].finish_reason == "abort" and finished["bad"].outputs[0].token_ids == []
+    assert engine.num_unfinished_requests() == 0
