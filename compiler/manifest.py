@@ -14,11 +14,13 @@ from typing import Any
 from pllm.models.pooling import Pooling, PoolingConfig
 from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 
-# 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language
-FORMAT_VERSION = 3
+# 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language;
+# 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
+# and an encoder's pooling recipe
+FORMAT_VERSION = 4
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
-REPLACEABLE_FORMATS = (1, 2, 3)
+REPLACEABLE_FORMATS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
