@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -291,12 +292,15 @@ def test_json_strings_are_json_and_utf8(llm):
         assert matcher.accept_token(byte_ids[0]) and not matcher.accept_token(byte_ids[1]), field
 
 
-def test_a_failed_grammar_finishes_its_request_even_when_it_waits_for_prompt_logprobs(llm):
+def test_a_failed_grammar_finishes_its_request_even_when_it_waits_for_prompt_logprobs(llm, monkeypatch):
     """A request queued without the compile-first check is aborted when its grammar fails; asking for prompt
     logprobs (whose outputs wait until the prompt is scored) must not hold that final output back forever."""
     engine = llm.engine
+    pending = Future()  # still compiling when the request is queued; fails only afterwards, whatever ran before
+    monkeypatch.setattr(engine.grammars, "compile", lambda spec: pending)
     bad = StructuredOutputsParams(regex="(abc")
     engine.add_request("bad", PROMPTS[0], SamplingParams(prompt_logprobs=1, structured_outputs=bad))
+    pending.set_exception(GrammarError("structured_outputs.regex", "structured_outputs.regex could not be compiled"))
     finished = {}
     deadline = time.monotonic() + 60
     while engine.has_unfinished() and time.monotonic() < deadline:  # the grammar compiles on a worker thread
