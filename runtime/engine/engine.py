@@ -22,6 +22,7 @@ from pllm.runtime.engine.structured_output import GrammarCache, SequenceGrammar
 from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
 from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.sampler import Sampler
+from pllm.runtime.worker.startup_timing import Stage, mark
 
 logger = logging.getLogger("pllm")
 
@@ -49,10 +50,12 @@ class LLMEngine:
         _default_logging()
         self.config = config
         self.build = open_build(build_dir)
+        mark(Stage.MANIFEST)
         spec = self.build.spec
         self.spec = spec
         self.tokenizer = load_tokenizer(self.build)
         self.generation_config = load_generation_config(self.build)
+        mark(Stage.TOKENIZER)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
         recompute_past_len = recompute_length(spec)
@@ -83,6 +86,7 @@ class LLMEngine:
         self.grammars = GrammarCache(self.tokenizer, spec.vocab_size, self.eos_token_ids)  # structured output
         self.stats = EngineStats()
         self._next_id = 0
+        mark(Stage.ENGINE)
         if pooling is not None:
             logger.info(
                 "pllm engine: backend=%s dtype=%s encoder, no KV cache; embeddings: %s pooling%s, inputs truncated "

@@ -25,6 +25,7 @@ from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.metrics import ServerMetrics
 from pllm.runtime.server.serving_tools import NO_PARSER
 from pllm.runtime.server.tool_parsers import TOOL_CALL_PARSERS
+from pllm.runtime.worker.startup_timing import Stage, mark
 
 logger = logging.getLogger("pllm.server")
 
@@ -179,6 +180,7 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         self._loop = asyncio.get_running_loop()
         if self.started:
+            mark(Stage.BIND)
             print(f"pllm-serve: ready at {self.url} (OpenAI API under {self.url}/v1)", flush=True)
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -204,6 +206,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    mark(Stage.IMPORTS)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
     names = args.served_model_name or [default_model_name(args.build_dir)]
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pllm-serve: error: {exc}", file=sys.stderr)
         return 2
     app = create_app(engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser)
+    mark(Stage.APP)
     limits = ConnectionLimits(args.request_header_timeout, args.max_connections)
     host = f"[{args.host}]" if ":" in args.host else args.host
     uv_config = uvicorn.Config(

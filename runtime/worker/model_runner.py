@@ -18,6 +18,7 @@ from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.worker.loader import load_weights
 from pllm.runtime.worker.logprobs import prompt_logprobs_of
+from pllm.runtime.worker.startup_timing import Stage, mark
 from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
 
 logger = logging.getLogger("pllm")
@@ -65,10 +66,12 @@ class ModelRunner:
         self.spec = build.spec
         self.block_size = build.block_size
         self.ops, self.device, self.backend = select_backend(config.backend, build)
+        mark(Stage.KERNELS)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
         weights = load_weights(build, self.device)
+        mark(Stage.WEIGHTS)
         family = family_of(self.spec.model_type, str(build.path))
         self.decode_graphs: DecodeGraphs | None = None
         if self.spec.kind is ModelKind.ENCODER:
@@ -79,6 +82,7 @@ class ModelRunner:
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
         self.max_model_len = self._fit_max_model_len(config, max_model_len)
         self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
+        mark(Stage.MODEL)
         spec = self.spec
         # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
         self.pad_block = self.num_blocks
@@ -87,6 +91,7 @@ class ModelRunner:
         # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
+        mark(Stage.KV_POOL)
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
             self.decode_graphs = self._capture_or_eager(sizes)
