@@ -7,7 +7,8 @@ every start-up stage appends the wall time it ended at), polls GET /health until
 greedy completion and waits for its 200. The time from just before the process is spawned to that answer is split
 into the server's stages (imports, manifest, tokenizer, kernels, weights, model, kv_pool, engine, app, bind), then
 `health` (bind to the first 200 from /health, polling every 5 ms) and `first completion` (the first request, the
-first forward pass included). Prints the median of each stage over the runs.
+first forward pass included). Prints the median of each stage over the runs, in wall time and in the server
+process's CPU time (all threads; far less sensitive than wall time to other work on a shared machine).
 
 With several --pythonpath values (checkouts of pllm, each a folder holding a `pllm` package), the runs take turns
 between them, so load on a shared machine hits each alike, and the totals print as ratios against the first: a
@@ -50,7 +51,7 @@ def _get(url: str) -> int:
 
 
 def _complete(url: str) -> dict:
-    body = json.dumps({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0}).encode()
+    body = json.dumps({"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0.0}).encode()
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         if r.status != 200:
@@ -81,6 +82,7 @@ def one_run(build_dir: str, pythonpath: str | None, extra: list[str]) -> dict[st
             t_health = time.time()
             out = _complete(f"{base}/v1/completions")
             t_done = time.time()
+            cpu_done = process_cpu_seconds(proc.pid)
             assert out["choices"][0]["text"] is not None
         finally:
             proc.terminate()
@@ -91,15 +93,24 @@ def one_run(build_dir: str, pythonpath: str | None, extra: list[str]) -> dict[st
                 proc.wait()
             log.close()
         points = [json.loads(line) for line in marks.read_text().splitlines()]
-    times: dict[str, float] = {}
-    prev = t0
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    prev, prev_cpu = t0, 0.0
     for p in sorted(points, key=lambda p: p["t"]):
-        times[p["stage"]] = times.get(p["stage"], 0.0) + p["t"] - prev
-        prev = p["t"]
-    times["health"] = t_health - prev
-    times["first completion"] = t_done - t_health
-    times["total"] = t_done - t0
-    return times
+        wall[p["stage"]] = wall.get(p["stage"], 0.0) + p["t"] - prev
+        cpu[p["stage"]] = cpu.get(p["stage"], 0.0) + p["cpu"] - prev_cpu
+        prev, prev_cpu = p["t"], p["cpu"]
+    wall["health"] = t_health - prev
+    wall["first completion"] = t_done - t_health
+    cpu["health + first completion"] = cpu_done - prev_cpu
+    wall["total"], cpu["total"] = t_done - t0, cpu_done
+    return {"wall": wall, "cpu": cpu}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, all its threads (Linux /proc; 10 ms resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -113,27 +124,33 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # after --: more pllm-serve arguments
     args, extra = ap.parse_args(argv[:cut]), argv[cut + 1 :]
-    paths = args.pythonpath or [None]
-    runs: dict[str, list[dict[str, float]]] = {str(p or "pllm"): [] for p in paths}
+    paths = [str(p) if p else "pllm" for p in (args.pythonpath or [None])]
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {p: [] for p in paths}
     for i in range(args.runs):
         for p in paths:
-            t = one_run(args.build_dir, p, extra)
-            runs[str(p or "pllm")].append(t)
-            print(f"run {i + 1} {p or ''}: {t['total']:.2f} s", flush=True)
-    stages = [s for s in (*SERVER_STAGES, *CLIENT_STAGES) if any(s in t for r in runs.values() for t in r)]
-    medians = {p: {s: statistics.median(t.get(s, 0.0) for t in r) for s in (*stages, "total")}
-               for p, r in runs.items()}
-    labels = list(medians)
-    width = max(12, *(len(label) for label in labels))
+            t = one_run(args.build_dir, None if p == "pllm" else p, extra)
+            runs[p].append(t)
+            print(f"run {i + 1} {p}: {t['wall']['total']:.2f} s, {t['cpu']['total']:.2f} CPU s", flush=True)
+    medians = {kind: {p: _medians([t[kind] for t in r]) for p, r in runs.items()} for kind in ("wall", "cpu")}
     print(f"\nmedian seconds over {args.runs} runs, {os.cpu_count()} CPUs, build {args.build_dir}")
-    print(f"{'stage':<18}" + "".join(f"{label:>{width + 2}}" for label in labels))
-    for s in (*stages, "total"):
-        print(f"{s:<18}" + "".join(f"{medians[p][s]:>{width + 2}.3f}" for p in labels))
-    base = medians[labels[0]]["total"]
-    for p in labels[1:]:
-        print(f"total {p}: {medians[p]['total']:.2f} s = {medians[p]['total'] / base:.2f}x of {labels[0]}")
+    print("wall: elapsed time; cpu: the server process's CPU time (all threads), less sensitive to other load")
+    width = max(12, *(len(p) for p in paths))
+    print(f"{'stage':<27}" + "".join(f"{p:>{width + 2}}" for p in paths))
+    for kind, table in medians.items():
+        for s in table[paths[0]]:
+            print(f"{kind + ' ' + s:<27}" + "".join(f"{table[p].get(s, 0.0):>{width + 2}.3f}" for p in paths))
+    for kind, table in medians.items():
+        base = table[paths[0]]["total"]
+        for p in paths[1:]:
+            print(f"{kind} total {p}: {table[p]['total']:.2f} s = {table[p]['total'] / base:.2f}x of {paths[0]}")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "medians": medians}, indent=2))
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    stages = [s for s in (*SERVER_STAGES, *CLIENT_STAGES, "health + first completion", "total")
+              if any(s in t for t in runs)]
+    return {s: statistics.median(t.get(s, 0.0) for t in runs) for s in stages}
 
 
 if __name__ == "__main__":

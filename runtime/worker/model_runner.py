@@ -20,6 +20,7 @@ from pllm.runtime.worker.loader import load_weights
 from pllm.runtime.worker.logprobs import prompt_logprobs_of
 from pllm.runtime.worker.startup_timing import Stage, mark
 from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
+from pllm.runtime.worker.zeroed import zeroed
 
 logger = logging.getLogger("pllm")
 
@@ -88,8 +89,9 @@ class ModelRunner:
         self.pad_block = self.num_blocks
         shape = (spec.num_hidden_layers, 2, self.num_blocks + 1, self.block_size, spec.num_key_value_heads,
                  spec.head_dim)
-        # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread; on the cpu the zeros
+        # are the OS's untouched pages, so the pool costs nothing until blocks fill
+        self.kv_cache = zeroed(shape, self.dtype, self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
         mark(Stage.KV_POOL)
         if self.device.type == "cuda" and not config.enforce_eager:
