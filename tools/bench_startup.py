@@ -5,7 +5,7 @@
 Each run starts `python -m pllm.runtime.server BUILD` with $PLLM_STARTUP_TIMING set (runtime/worker/startup_timing.py:
 every start-up stage appends the wall time it ended at), polls GET /health until it answers 200, then sends one
 greedy completion and waits for its 200. The time from just before the process is spawned to that answer is split
-into the server's stages (imports, manifest, tokenizer, kernels, weights, model, kv_pool, engine, app, bind), then
+into the server's stages (imports, tokenizer, manifest, kernels, weights, model, kv_pool, engine, app, bind), then
 `health` (bind to the first 200 from /health, polling every 5 ms) and `first completion` (the first request, the
 first forward pass included). Prints the median of each stage over the runs, in wall time and in the server
 process's CPU time (all threads; far less sensitive than wall time to other work on a shared machine).
@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-SERVER_STAGES = ("imports", "manifest", "tokenizer", "kernels", "weights", "model", "kv_pool", "engine", "app", "bind")
+SERVER_STAGES = ("imports", "tokenizer", "manifest", "kernels", "weights", "model", "kv_pool", "engine", "app", "bind")
 CLIENT_STAGES = ("health", "first completion")
 POLL_S = 0.005
 START_TIMEOUT_S = 120.0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pllm.compiler.manifest import open_build
+from pllm.compiler.manifest import open_build, verify_files
 from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
@@ -49,13 +50,18 @@ class LLMEngine:
     def __init__(self, build_dir: str, config: EngineConfig):
         _default_logging()
         self.config = config
-        self.build = open_build(build_dir)
-        mark(Stage.MANIFEST)
+        self.build = open_build(build_dir, verify=False)
         spec = self.build.spec
         self.spec = spec
-        self.tokenizer = load_tokenizer(self.build)
+        # Every listed file is hashed before anything but the tokenizer is read (which reads only files it hashes
+        # itself); the hashing releases the GIL, so it runs beside the tokenizer's mostly-Python loading.
+        with ThreadPoolExecutor(1, thread_name_prefix="pllm-verify") as pool:
+            verified = pool.submit(verify_files, self.build)
+            self.tokenizer = load_tokenizer(self.build)
+            mark(Stage.TOKENIZER)
+            verified.result()
+        mark(Stage.MANIFEST)
         self.generation_config = load_generation_config(self.build)
-        mark(Stage.TOKENIZER)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
         recompute_past_len = recompute_length(spec)

@@ -16,8 +16,8 @@ class Stage(Enum):
     """What ran since the previous mark (or since the process started, for IMPORTS)."""
 
     IMPORTS = "imports"  # the interpreter and every module the server imports before main() runs
-    MANIFEST = "manifest"  # reading the manifest and checking the build's files against it
-    TOKENIZER = "tokenizer"  # transformers and the tokenizer files
+    TOKENIZER = "tokenizer"  # reading the manifest, then transformers and the tokenizer files
+    MANIFEST = "manifest"  # checking the build's files against the manifest: what of it the tokenizer did not hide
     KERNELS = "kernels"  # the backend and the build's kernels (cpu: loading the .so files; triton: imports)
     WEIGHTS = "weights"  # the weights file into tensors
     MODEL = "model"  # the model's forward wiring over the weights (rotary tables, per-layer views)
