@@ -48,7 +48,7 @@ def choose_dtype(option: str, checkpoint_dtype: str, for_gpu: bool, machine: str
     if option != "auto":
         if option not in DTYPES:
             raise ValueError(f"--dtype {option!r}: must be auto or one of {', '.join(DTYPES)}")
-        return DtypeChoice(option, "as asked (--dtype)")
+        return DtypeChoice(option, "--dtype given")
     if for_gpu:
         return DtypeChoice(checkpoint_dtype, "auto: a GPU build keeps the checkpoint's dtype")
     machine = machine or platform.machine()
