@@ -30,6 +30,9 @@ logger = logging.getLogger("pllm.server")
 
 LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# After the drain (--shutdown-timeout): seconds uvicorn gives open connections to close before it exits. A
+# supervisor's grace period (Kubernetes' terminationGracePeriodSeconds) must cover both, and engine teardown.
+CONNECTIONS_CLOSE_TIMEOUT_S = 5
 
 
 def parse_bytes(text: str) -> int:
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=not args.disable_access_log,
         http=functools.partial(LimitedH11Protocol, limits=limits),
         timeout_keep_alive=args.timeout_keep_alive,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=CONNECTIONS_CLOSE_TIMEOUT_S,
         log_config=None,  # keep our logging format
     )
     server = DrainingServer(uv_config, engine, args.shutdown_timeout, f"http://{host}:{args.port}")
