@@ -5,6 +5,7 @@
 #   CUDA:           docker build -t pllm:cu128 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #                   (torch's CUDA wheels carry the CUDA libraries; the host's driver comes in through the NVIDIA
 #                   container toolkit: docker run --gpus all ...)
+#   Ray Serve:      docker build -t pllm:cpu-ray --build-arg PLLM_EXTRAS=ray .
 #   Build baked in: docker build -t pllm:cpu-smollm2 --target baked --build-context build=./build .
 #
 # Run with the build mounted at /models/build:
@@ -19,6 +20,8 @@ FROM ${BASE_IMAGE} AS runtime
 # torch is pinned and installed first from its own index, so the CPU image never pulls CUDA wheels.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pllm's optional extras, comma-separated: `ray` for the Ray Serve image (deploy/kubernetes/rayservice.yaml).
+ARG PLLM_EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -28,10 +31,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # g++: pllm-compile builds the cpu backend's kernels with it, and Triton compiles its launchers with a C compiler.
+# wget: KubeRay's default probes of Ray pods run it (deploy/kubernetes/rayservice.yaml).
 # Versions follow the pinned base image's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+    && apt-get install -y --no-install-recommends g++ wget \
     && rm -rf /var/lib/apt/lists/*
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -44,7 +48,9 @@ COPY compiler ./compiler
 COPY models ./models
 COPY runtime ./runtime
 COPY templates ./templates
-RUN pip install . && python -c "import pllm, torch; print('pllm', pllm.__version__, 'torch', torch.__version__)"
+# the project itself (".", or ".[ray]"): hadolint cannot tell this local path from an unpinned package name
+# hadolint ignore=DL3013
+RUN pip install ".${PLLM_EXTRAS:+[${PLLM_EXTRAS}]}" && python -c "import pllm, torch; print('pllm', pllm.__version__, 'torch', torch.__version__)"
 
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin pllm \
     && mkdir -p /models \
