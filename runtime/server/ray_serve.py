@@ -38,7 +38,7 @@ logger = logging.getLogger("pllm.server")
 SERVE_OWNED_OPTIONS = frozenset(
     {"host", "port", "timeout_keep_alive", "max_connections", "request_header_timeout", "disable_access_log"}
 )
-REPLICA_HEADER = "x-pllm-replica"  # which replica answered, for logs and tests
+REPLICA_HEADER = "x-pllm-replica"  # which replica answered (its actor name), for logs, debugging and tests
 
 
 def check_options(options: dict[str, object]) -> argparse.Namespace:
@@ -76,12 +76,11 @@ class PllmServer:
         self.args = check_options(options)
         self.names = served_names(self.args)
         self.engine = launch_engine(self.args, self.names)
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        # the replica's actor name (namespace "serve"): what `ray.get_actor` and Serve's logs call it
+        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self):
-        app = app_for(self.engine, self.args, self.names)
-        app.add_middleware(ReplicaHeader, replica=self.replica)
-        return app
+        return ReplicaHeader(app_for(self.engine, self.args, self.names), self.replica)
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine loop died is replaced."""
