@@ -50,7 +50,8 @@ def check_options(options: dict[str, object]) -> argparse.Namespace:
 
 class ReplicaHeader:
     """ASGI middleware: every HTTP response names the replica that made it (plain ASGI, so streaming responses and
-    disconnect detection pass through untouched)."""
+    disconnect detection pass through untouched). Serve's proxy gives each request an X-Request-Id and adds it to
+    the response itself, so pllm's echo of that same id is dropped here rather than sent twice."""
 
     def __init__(self, app, replica: str):
         self.app = app
@@ -59,10 +60,12 @@ class ReplicaHeader:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        proxy_id = (b"x-request-id", dict(scope["headers"]).get(b"x-request-id"))
 
         async def send_named(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+                headers = [h for h in message.get("headers", ()) if tuple(h) != proxy_id]
+                message = {**message, "headers": [*headers, self.header]}
             await send(message)
 
         return await self.app(scope, receive, send_named)
