@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,32 @@ def test_build_context_holds_every_package():
     for package in packages:
         parts = package.split(".")[1:]
         assert not parts or parts[0] in copied, f"{package} is not copied into the image"
+
+
+def test_the_copied_files_build_the_package(tmp_path):
+    """What the image's `pip install .` sees, built into a wheel: every module and template of the repository's
+    packages is in it, and both commands."""
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    context = tmp_path / "context"
+    context.mkdir()
+    for op, value in instructions():
+        if op == "COPY" and not value.startswith("--from"):
+            *sources, _dest = value.split()
+            for src in sources:
+                copy = shutil.copytree if (ROOT / src).is_dir() else shutil.copy
+                copy(ROOT / src, context / src)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=context, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("pllm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in packages:
+        folder = ROOT.joinpath(*package.split(".")[1:])
+        for path in [*folder.glob("*.py"), *folder.glob("*.jinja")]:
+            assert f"{package.replace('.', '/')}/{path.name}" in names, f"{path} is not in the image's install"
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "pllm-serve = " in entry_points and "pllm-compile = " in entry_points
