@@ -119,7 +119,7 @@ def step_machine(args, found: dict) -> None:
                  memory_gib=round(props.total_memory / 2**30, 1),
                  l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem",
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.mem",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
         found["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
         found["versions"]["driver"] = found["nvidia_smi"].split(",")[0]
