@@ -56,7 +56,8 @@ def test_steps_report_what_the_gpu_run_needs(dry_run):
     assert any("test_decode_attention_cuda[bfloat16]" in name for name in tests["tests"])
     checked = {case["kernel"] for case in steps["kernels"]["result"]["checked"]}
     assert checked == {"rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp"}
-    assert steps["model_build"]["result"]["weight_bytes"] > 0
+    model = steps["model_build"]["result"]
+    assert model["weight_bytes"] > 0 and {"decode_attention", "prefill_attention", "mlp"} <= set(model["kernels"])
     throughput = steps["throughput"]["result"]
     assert throughput["pllm_tok_s"] > 0 and throughput["hf_tok_s"] > 0 and throughput["ratio"] > 0
     assert [row["batch"] for row in steps["decode_graphs"]["result"]["rows"]] == [1, 2]
