@@ -130,17 +130,24 @@ class KVCacheManager:
             num_computed = hit.num_tokens
         else:
             num_computed = request.num_computed_tokens
-        if self.num_blocks_needed(request, num_new_tokens, hit) > len(self._free):
+        if self.group.window is None:  # the path of every model without windows: kept as lean as it was
+            num_fresh = self.num_blocks_for(num_computed + num_new_tokens) - len(table.block_ids) - len(hit_block_ids)
+            # Hit blocks nobody references sit in the free list: reviving them uses free blocks too.
+            num_revived = sum(1 for b in hit_block_ids if self._ref_counts[b] == 0)
+            if max(num_fresh, 0) + num_revived > len(self._free):
+                return False
+        elif self.num_blocks_needed(request, num_new_tokens, hit) > len(self._free):
             return False
-        self.release_out_of_window(request, num_computed)
+        else:
+            self.release_out_of_window(request, num_computed)
+            if not table.block_ids:  # a sequence starting past its window: nothing before the window is kept
+                table.num_dropped = max(table.num_dropped, self.group.first_needed_block(num_computed, self.block_size))
         for block_id in hit_block_ids:
             assert self._block_hashes[block_id] is not None, "hit block evicted before allocate_slots"
             if self._ref_counts[block_id] == 0:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
             table.block_ids.append(block_id)
-        if not table.block_ids:  # a windowed sequence starting past its window (after dropping every block)
-            table.num_dropped = max(table.num_dropped, self.group.first_needed_block(num_computed, self.block_size))
         for _ in range(self.num_blocks_for(num_computed + num_new_tokens) - table.num_blocks):
             block_id = self._take_free_block()
             self._ref_counts[block_id] = 1
@@ -173,6 +180,8 @@ class KVCacheManager:
     def table(self, request: Request) -> BlockTable:
         """The request's block table in this group (made empty on first use)."""
         tables = request.block_tables
+        if len(tables) > self.group_index:
+            return tables[self.group_index]
         while len(tables) <= self.group_index:
             tables.append(BlockTable())
         return tables[self.group_index]

@@ -96,6 +96,9 @@ class KvCoordinator:
     def advance(self, request: Request) -> None:
         """After a step computed the request's tokens up to num_computed_tokens: register full blocks for prefix
         hits, and return the blocks that fell out of a window (no query from here on attends to them)."""
+        if self._single is not None and self._single.group.window is None:
+            self._single.cache_full_blocks(request)
+            return
         for m in self.managers:
             m.cache_full_blocks(request)
             m.release_out_of_window(request)

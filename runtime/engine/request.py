@@ -170,7 +170,7 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
         request_id=req.request_id,
         token_ids=req.token_slice(start, end),
         start_position=start,
-        block_tables=tuple(t.frozen() for t in req.block_tables),
+        block_tables=tuple([t.frozen() for t in req.block_tables]),
         completes=seq.completes,
         seq_total_len=req.num_tokens,
         sample=sample_inputs(req, stop) if seq.samples else None,
