@@ -63,13 +63,14 @@ def split_budget(
 
 def useful_bytes(groups: tuple[KvGroup, ...], layer_block_bytes: int, limits: SchedulingLimits, block_size: int
                  ) -> int:
-    """Bytes beyond which more cache cannot help: max_num_seqs sequences of max_model_len tokens at once."""
+    """Bytes beyond which more cache cannot help: max_num_seqs sequences of max_model_len tokens at once (the
+    padding blocks come out of it, as they always have)."""
     whole = limits.max_num_seqs * -(-limits.max_model_len // block_size)
     if groups[0].window is None and len(groups) > 1:
         counts = [whole, *(min(whole, windowed_need(g, limits, block_size)) for g in groups[1:])]
     else:
         counts = [whole] * len(groups)
-    return sum((n + 1) * len(g.layers) * layer_block_bytes for g, n in zip(groups, counts, strict=True))
+    return sum(n * len(g.layers) * layer_block_bytes for g, n in zip(groups, counts, strict=True))
 
 
 def max_tokens_held(budgets: tuple[GroupBudget, ...], max_chunk: int, block_size: int, limit: int) -> int:

@@ -91,10 +91,10 @@ class ModelRunner:
                          spec.head_dim), dtype=self.dtype, device=self.device)
             for b in self.kv_budgets
         )
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [None] * spec.num_hidden_layers  # type: ignore
-        for cache, budget in zip(self.kv_cache, self.kv_budgets, strict=True):
-            for j, layer in enumerate(budget.group.layers):
-                self.kv_caches[layer] = (cache[j, 0], cache[j, 1])
+        per_layer = {layer: (cache[j, 0], cache[j, 1])
+                     for cache, b in zip(self.kv_cache, self.kv_budgets, strict=True)
+                     for j, layer in enumerate(b.group.layers)}
+        self.kv_caches = [per_layer[i] for i in range(spec.num_hidden_layers)]  # per layer (k, v) of its group's pool
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
             self.decode_graphs = self._capture_or_eager(sizes)
