@@ -11,7 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hypothesis_budget import load_bounded_profile  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
+
+load_bounded_profile()
 
 
 def _fix_triton_mode() -> None:
