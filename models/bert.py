@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,10 +144,11 @@ class BertModel:
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens] int64
-        meta: AttentionMetadata,  # each sequence whole in this step: positions start at 0
+        metas: Sequence[AttentionMetadata],  # [num_layers], all alike: each sequence whole, positions from 0
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # empty: an encoder keeps no cache
     ) -> torch.Tensor:  # [num_tokens, hidden_size], the last layer's output (what sentence-transformers pools)
         spec, w, ops = self.spec, self.w, self.ops
+        meta = metas[0]
         num_tokens, h = input_ids.shape[0], spec.hidden_size
         eps = spec.layer_norm_eps
         # every token is of type 0: a single text, as sentence-transformers encodes it

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,9 +32,11 @@ class CausalLM(Protocol):
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens] int64
-        meta: AttentionMetadata,
+        metas: Sequence[AttentionMetadata],  # [num_layers]: each layer's KV group's (models.kv_groups)
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [num_blocks, block_size, kv, d]
     ) -> torch.Tensor:  # [num_tokens, hidden_size], after the final norm
+        """Every entry of metas has the same positions and lengths; a layer's entry holds the slot mapping and
+        block tables of its group's pool, the one kv_caches[layer] is part of."""
         ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

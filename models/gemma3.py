@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -248,7 +249,7 @@ class Gemma3Model:
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens] int64
-        meta: AttentionMetadata,
+        metas: Sequence[AttentionMetadata],  # [num_layers]: each layer's KV group's (windowed or global pool)
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [num_blocks, block_size, kv, d]
     ) -> torch.Tensor:  # [num_tokens, hidden_size], after the final norm
         spec, ops, eps, offset = self.spec, self.ops, self.spec.rms_norm_eps, self.spec.norm_weight_offset
@@ -264,7 +265,7 @@ class Gemma3Model:
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, eps, offset)
             cos_sin = self.cos_sin if layer.window is None else self.local_cos_sin
-            k_cache, v_cache = kv_caches[i]
+            k_cache, v_cache, meta = *kv_caches[i], metas[i]
             q, k = ops.rope_kv_write(q, k, v, meta.positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, spec.attention_scale, layer.window,
                                  spec.attn_logit_softcapping)  # [num_tokens, heads, head_dim]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -204,14 +205,14 @@ class LlamaModel:
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens] int64
-        meta: AttentionMetadata,
+        metas: Sequence[AttentionMetadata],  # [num_layers]: each layer's KV group's
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [num_blocks, block_size, kv, d]
     ) -> torch.Tensor:  # [num_tokens, hidden_size], after the final norm
         spec, w, ops = self.spec, self.w, self.ops
         num_tokens = input_ids.shape[0]
         q_size, kv_size = spec.q_size, spec.kv_size
         x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
-        rows = rope_rows(spec, meta, self.max_positions)  # [num_tokens] rows of self.cos_sin
+        rows = rope_rows(spec, metas[0], self.max_positions)  # [num_tokens] rows of self.cos_sin
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = ops.rms_norm(x, layer.input_norm, spec.rms_norm_eps, residual)
@@ -221,7 +222,7 @@ class LlamaModel:
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             if layer.q_norm is not None:
                 q, k = ops.qk_norm(q, k, layer.q_norm, layer.k_norm, spec.rms_norm_eps, spec.norm_weight_offset)
-            k_cache, v_cache = kv_caches[i]
+            k_cache, v_cache, meta = *kv_caches[i], metas[i]
             q, k = ops.rope_kv_write(q, k, v, rows, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale, spec.layer_window(i))  # [T, heads, head_dim]
             x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)

@@ -12,7 +12,7 @@ from pllm.compiler.manifest import open_build, verify_files
 from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
-from pllm.runtime.engine.kv_cache import KVCacheManager
+from pllm.runtime.engine.kv_coordinator import KvCoordinator
 from pllm.runtime.engine.output_processor import OutputProcessor
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.pooler import Pooler
@@ -20,6 +20,7 @@ from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, St
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.engine.scheduler import Scheduler
 from pllm.runtime.engine.structured_output import GrammarCache, SequenceGrammar
+from pllm.runtime.worker.kv_budget import describe_budget
 from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
 from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.sampler import Sampler
@@ -71,7 +72,10 @@ class LLMEngine:
                         "length (longrope past %d tokens), not on the tokens alone", recompute_past_len)
         # an encoder's blocks are bookkeeping only (no cache behind them), and embeddings never read prefix hits
         prefix_caching = prefix_caching and spec.kind is ModelKind.DECODER
-        self.kv = KVCacheManager(self.runner.num_blocks, self.build.block_size, prefix_caching)
+        self.kv = KvCoordinator.from_budgets(self.runner.kv_budgets, self.build.block_size, prefix_caching)
+        if prefix_caching and not self.kv.enable_prefix_caching:
+            logger.info("pllm: prefix caching off: windowed layers return the blocks that leave their window, so a "
+                        "cached prefix would have holes where a later request's window still reads")
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
@@ -102,22 +106,16 @@ class LLMEngine:
             )
             return
         logger.info(
-            "pllm engine: backend=%s dtype=%s KV cache %d blocks x %d tokens = %d tokens (%.1f MiB), max_model_len=%d",
+            "pllm engine: backend=%s dtype=%s KV cache %d blocks x %d tokens (%.1f MiB), max_model_len=%d",
             self.runner.backend,
             self.build.dtype,
             self.runner.num_blocks,
             self.build.block_size,
-            self.runner.num_blocks * self.build.block_size,
-            self.runner.num_blocks * self.runner.kv_bytes_per_block / 2**20,
+            sum(b.num_bytes for b in self.runner.kv_budgets) / 2**20,
             self.max_model_len,
         )
-        if spec.sliding_layers:
-            # said plainly: the window bounds what attention reads, not (yet) what the cache holds
-            logger.info(
-                "pllm engine: %d of %d layers attend to a window of %d tokens; one KV layer group: every layer holds "
-                "its whole context (blocks out of the window are not yet returned to the pool)",
-                len(spec.sliding_layers), spec.num_hidden_layers, spec.sliding_window,
-            )
+        logger.info("pllm engine: KV budget per layer group: %s",
+                    describe_budget(self.runner.kv_budgets, self.build.block_size))
 
     # -- set-up -----------------------------------------------------------------------------------
     def _resolve_max_model_len(self, config: EngineConfig) -> int:

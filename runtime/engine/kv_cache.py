@@ -1,4 +1,5 @@
-"""KVCacheManager: paged KV blocks, ref counts, a free list, prefix caching by chained block hash."""
+"""KVCacheManager: one KV layer group's paged blocks: ref counts, a free list, prefix caching by chained block hash,
+and, for a windowed group, the return of blocks that fell out of the window."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pllm.runtime.engine.request import Request
+from pllm.models.kv_groups import KvGroup
+from pllm.runtime.engine.request import BlockTable, Request
 
 
 def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
@@ -35,13 +37,26 @@ class KVCacheManager:
     revived by a prefix hit or, when a fresh block is needed, evicted least-recently-freed first.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        group: KvGroup | None = None,
+        group_index: int = 0,
+    ) -> None:
+        """group: the layers this pool serves (None: every layer, global attention); group_index: its place in the
+        model's groups, the request.block_tables entry this manager owns."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         if block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.group = group if group is not None else KvGroup((), None)
+        self.group_index = group_index
+        # a windowed group's blocks leave tables as the window passes: a prefix hit would find holes
+        assert not (enable_prefix_caching and self.group.window is not None), "prefix caching needs a global group"
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks  # [num_blocks]
         self._block_hashes: list[bytes | None] = [None] * num_blocks  # [num_blocks]; registered hash or None
@@ -85,43 +100,91 @@ class KVCacheManager:
             block_ids.append(block_id)
         return PrefixHit(tuple(block_ids), len(block_ids) * self.block_size)
 
+    def num_blocks_needed(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> int:
+        """Free blocks allocate_slots(request, num_new_tokens, hit) would take (fresh ones, and hit blocks it
+        revives), after returning the blocks out of the window; changes nothing."""
+        table = self.table(request)
+        num_computed = hit.num_tokens if hit is not None else request.num_computed_tokens
+        hit_block_ids = hit.block_ids if hit is not None else ()
+        first = max(table.num_dropped, self.group.first_needed_block(num_computed, self.block_size))
+        num_fresh = self.num_blocks_for(num_computed + num_new_tokens) - max(first, table.num_blocks)
+        num_fresh -= len(hit_block_ids)
+        # Hit blocks nobody references sit in the free list: reviving them uses free blocks too.
+        num_revived = sum(1 for b in hit_block_ids if self._ref_counts[b] == 0)
+        return max(num_fresh, 0) + num_revived - self._num_droppable(table, first)
+
     def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
-        """Extend request.block_ids to hold num_computed + num_new_tokens tokens; False, changing nothing, if
-        the free blocks do not suffice.
+        """Extend the request's block table to hold num_computed + num_new_tokens tokens; False, changing nothing,
+        if the free blocks do not suffice. A windowed group first returns the blocks no query from
+        num_computed on can attend to.
 
         With `hit` (admission: the request holds no blocks), num_computed is hit.num_tokens and the hit blocks
         head the block table; the caller then sets request.num_computed_tokens = hit.num_tokens. Call it right
         after get_computed_blocks, before any other allocation could evict the hit blocks.
         """
         assert num_new_tokens >= 0
+        table = self.table(request)
         hit_block_ids = hit.block_ids if hit is not None else ()
         if hit is not None:
-            assert not request.block_ids and request.num_computed_tokens == 0, request.request_id
+            assert not table.block_ids and request.num_computed_tokens == 0, request.request_id
             num_computed = hit.num_tokens
         else:
             num_computed = request.num_computed_tokens
-        num_fresh = self.num_blocks_for(num_computed + num_new_tokens) - len(request.block_ids)
-        num_fresh -= len(hit_block_ids)
-        # Hit blocks nobody references sit in the free list: reviving them uses free blocks too.
-        num_revived = sum(1 for b in hit_block_ids if self._ref_counts[b] == 0)
-        if max(num_fresh, 0) + num_revived > len(self._free):
+        if self.group.window is None:  # the path of every model without windows: kept as lean as it was
+            num_fresh = self.num_blocks_for(num_computed + num_new_tokens) - len(table.block_ids) - len(hit_block_ids)
+            # Hit blocks nobody references sit in the free list: reviving them uses free blocks too.
+            num_revived = sum(1 for b in hit_block_ids if self._ref_counts[b] == 0)
+            if max(num_fresh, 0) + num_revived > len(self._free):
+                return False
+        elif self.num_blocks_needed(request, num_new_tokens, hit) > len(self._free):
             return False
+        else:
+            self.release_out_of_window(request, num_computed)
+            if not table.block_ids:  # a sequence starting past its window: nothing before the window is kept
+                table.num_dropped = max(table.num_dropped, self.group.first_needed_block(num_computed, self.block_size))
         for block_id in hit_block_ids:
             assert self._block_hashes[block_id] is not None, "hit block evicted before allocate_slots"
             if self._ref_counts[block_id] == 0:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
-            request.block_ids.append(block_id)
-        for _ in range(num_fresh):
+            table.block_ids.append(block_id)
+        for _ in range(self.num_blocks_for(num_computed + num_new_tokens) - table.num_blocks):
             block_id = self._take_free_block()
             self._ref_counts[block_id] = 1
-            request.block_ids.append(block_id)
+            table.block_ids.append(block_id)
         if hit is not None:
             self._req_num_cached_blocks[request.request_id] = len(hit_block_ids)
             if self.enable_prefix_caching:
                 self.num_prefix_queries += request.num_tokens
                 self.num_prefix_hits += hit.num_tokens
         return True
+
+    def release_out_of_window(self, request: Request, num_computed: int | None = None) -> None:
+        """Return to the pool the blocks before the first one a query at position num_computed (default:
+        request.num_computed_tokens, the next query) can attend to; every later query sees even less. A global
+        group keeps them all."""
+        if self.group.window is None:
+            return
+        table = self.table(request)
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        first = self.group.first_needed_block(num_computed, self.block_size)
+        for _ in range(self._num_droppable(table, first)):
+            self._release(table.block_ids.pop(0))
+            table.num_dropped += 1
+
+    @staticmethod
+    def _num_droppable(table: BlockTable, first: int) -> int:
+        return min(max(first - table.num_dropped, 0), len(table.block_ids))
+
+    def table(self, request: Request) -> BlockTable:
+        """The request's block table in this group (made empty on first use)."""
+        tables = request.block_tables
+        if len(tables) > self.group_index:
+            return tables[self.group_index]
+        while len(tables) <= self.group_index:
+            tables.append(BlockTable())
+        return tables[self.group_index]
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the hashes of the request's blocks that are full of computed KV.
@@ -136,10 +199,11 @@ class KVCacheManager:
         start = self._req_num_cached_blocks.get(request.request_id, 0)
         if num_full_blocks <= start:
             return
-        assert num_full_blocks <= len(request.block_ids), request.request_id
+        block_ids = self.table(request).block_ids  # a global group's: none dropped
+        assert num_full_blocks <= len(block_ids), request.request_id
         hashes = self._hashes(request, num_full_blocks)
         for i in range(start, num_full_blocks):
-            block_id, h = request.block_ids[i], hashes[i]
+            block_id, h = block_ids[i], hashes[i]
             if self._block_hashes[block_id] is None and h not in self._hash_to_block:
                 self._block_hashes[block_id] = h
                 self._hash_to_block[h] = block_id
@@ -147,18 +211,23 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Drop the request's references; blocks reaching zero become free (cached ones stay evictable)."""
+        table = self.table(request)
         # Free from the tail: tail blocks are the least likely to be shared again, so they are evicted first.
-        for block_id in reversed(request.block_ids):
-            self._ref_counts[block_id] -= 1
-            assert self._ref_counts[block_id] >= 0, f"block {block_id} freed twice"
-            if self._ref_counts[block_id] == 0:
-                self._free[block_id] = None
-                if self._block_hashes[block_id] is None:
-                    # Nothing cached in it: hand it out before any block a later prefix could hit.
-                    self._free.move_to_end(block_id, last=False)
-        request.block_ids = []
+        for block_id in reversed(table.block_ids):
+            self._release(block_id)
+        table.block_ids = []
+        table.num_dropped = 0
         self._req_hashes.pop(request.request_id, None)
         self._req_num_cached_blocks.pop(request.request_id, None)
+
+    def _release(self, block_id: int) -> None:
+        self._ref_counts[block_id] -= 1
+        assert self._ref_counts[block_id] >= 0, f"block {block_id} freed twice"
+        if self._ref_counts[block_id] == 0:
+            self._free[block_id] = None
+            if self._block_hashes[block_id] is None:
+                # Nothing cached in it: hand it out before any block a later prefix could hit.
+                self._free.move_to_end(block_id, last=False)
 
     def reset_prefix_cache(self) -> None:
         """Forget every registered hash (benchmarks, weight reloads); referenced blocks stay with owners."""

@@ -7,9 +7,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.worker.step import Pooling, PromptLogprobInputs, SampleInputs, SeqStep, StepBatch
+from pllm.runtime.worker.step import (
+    GroupBlockTable,
+    Pooling,
+    PromptLogprobInputs,
+    SampleInputs,
+    SeqStep,
+    StepBatch,
+)
 
-__all__ = ["FinishReason", "Pooling", "Request", "RequestStatus", "ScheduledBatch", "ScheduledSeq", "StopChecker"]
+__all__ = [
+    "BlockTable", "FinishReason", "Pooling", "Request", "RequestStatus", "ScheduledBatch", "ScheduledSeq",
+    "StopChecker",
+]
 
 if TYPE_CHECKING:
     from pllm.runtime.engine.structured_output import SequenceGrammar
@@ -28,6 +38,22 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(eq=False)
+class BlockTable:
+    """A request's blocks in one KV layer group, which only that group's allocator changes."""
+
+    block_ids: list[int] = field(default_factory=list)  # live blocks: block_ids[j] holds block num_dropped + j
+    num_dropped: int = 0  # leading blocks returned to the pool: out of a windowed group's window
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the sequence this table covers, dropped ones included."""
+        return self.num_dropped + len(self.block_ids)
+
+    def frozen(self) -> GroupBlockTable:
+        return GroupBlockTable(self.num_dropped, tuple(self.block_ids))
+
+
+@dataclass(eq=False)
 class Request:
     """One sequence. A request with n > 1 is fanned out by the engine into n Requests sharing a prompt."""
 
@@ -39,7 +65,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache (prefix hits included)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
-    block_ids: list[int] = field(default_factory=list)  # the block table, in order
+    # one per KV layer group (models.kv_groups order), each changed only by its group's allocator
+    block_tables: list[BlockTable] = field(default_factory=lambda: [BlockTable()])
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -56,6 +83,15 @@ class Request:
     def ready(self) -> bool:
         """The scheduler may admit it: nothing to wait for, or its grammar has compiled."""
         return self.grammar is None or self.grammar.ready
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The first KV group's live blocks: the whole block table of a model without windows."""
+        return self.block_tables[0].block_ids
+
+    @property
+    def holds_blocks(self) -> bool:
+        return any(t.block_ids for t in self.block_tables)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -134,7 +170,7 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
         request_id=req.request_id,
         token_ids=req.token_slice(start, end),
         start_position=start,
-        block_ids=tuple(req.block_ids),
+        block_tables=tuple([t.frozen() for t in req.block_tables]),
         completes=seq.completes,
         seq_total_len=req.num_tokens,
         sample=sample_inputs(req, stop) if seq.samples else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from pllm.runtime.engine.kv_cache import KVCacheManager
+from pllm.runtime.engine.kv_coordinator import KvCoordinator
 from pllm.runtime.engine.request import (
     FinishReason,
     Request,
@@ -19,13 +19,13 @@ class Scheduler:
     """Decides each step's {request: num_new_tokens} under a token budget and a sequence cap.
 
     One step: `batch = schedule()`, the runner computes batch.seqs (each seq's tokens start at
-    request.num_computed_tokens; the block table is request.block_ids), then `update(batch, sampled)`.
+    request.num_computed_tokens; the block tables are request.block_tables), then `update(batch, sampled)`.
     Running requests go first in admission order, so the oldest always progresses; the newest are preempted.
     """
 
     def __init__(
         self,
-        kv: KVCacheManager,
+        kv: KvCoordinator,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
@@ -48,6 +48,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         # a block's K/V then depends on more than its tokens: a prefix hit could hand over another length's K/V
         assert recompute_past_len is None or not kv.enable_prefix_caching, "recompute_past_len needs no prefix cache"
+        # starting over keeps the blocks, which a windowed group may already have returned
+        assert recompute_past_len is None or all(m.group.window is None for m in kv.managers)
         self.recompute_past_len = recompute_past_len
         self.stop = StopChecker(frozenset(eos_token_ids))
         # False for an encoder: each prompt is computed whole in one step, waiting for a step with room for it
@@ -77,7 +79,7 @@ class Scheduler:
         rid = request.request_id
         if rid in self._requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        if request.status is not RequestStatus.WAITING or request.block_ids or request.num_computed_tokens:
+        if request.status is not RequestStatus.WAITING or request.holds_blocks or request.num_computed_tokens:
             raise ValueError(f"request {rid!r} must be new (status WAITING, no blocks, nothing computed)")
         if request.num_prompt_tokens == 0:
             raise ValueError(f"request {rid!r}: the prompt is empty")
@@ -105,12 +107,7 @@ class Scheduler:
             # The last sampled token is never fed back, so at most max_len - 1 tokens ever need KV.
             max_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
             max_kv_len = max_len - 1
-        num_blocks_needed = self.kv.num_blocks_for(max_kv_len)
-        if num_blocks_needed > self.kv.num_blocks:
-            raise ValueError(
-                f"request {rid!r}: up to {max_len} tokens need {num_blocks_needed} KV blocks of "
-                f"{self.kv.block_size} tokens, but the cache has only {self.kv.num_blocks}"
-            )
+        self.kv.check_fits(rid, max_len, max_kv_len, self.max_num_batched_tokens)
         self._requests[rid] = request
         self.waiting.append(request)
 
@@ -192,7 +189,7 @@ class Scheduler:
                 reason = self.stop.check(request, self.max_model_len)
             elif request.pooling is not None and request.num_computed_tokens == request.num_tokens:
                 reason = FinishReason.STOP  # pooled: its blocks go back at once
-            self.kv.cache_full_blocks(request)
+            self.kv.advance(request)  # prefix-cache registration; blocks out of a window go back
             if reason is not None:
                 self._finish(request, reason)
                 finished.append(request)

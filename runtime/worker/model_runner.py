@@ -6,20 +6,28 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from pllm.compiler.manifest import BuildManifest
+from pllm.models.kv_groups import kv_groups, layer_groups
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
+from pllm.runtime.worker.kv_budget import (
+    GroupBudget,
+    SchedulingLimits,
+    max_tokens_held,
+    split_budget,
+    useful_bytes,
+)
 from pllm.runtime.worker.loader import load_weights
 from pllm.runtime.worker.logprobs import prompt_logprobs_of
 from pllm.runtime.worker.startup_timing import Stage, mark
 from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
+from pllm.runtime.worker.step_inputs import StepInputs, prepare_step
 from pllm.runtime.worker.zeroed import zeroed
 
 logger = logging.getLogger("pllm")
@@ -52,16 +60,6 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
     return TritonOps.from_build(build, interpret=False), torch.device("cuda"), name
 
 
-@dataclass(frozen=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens] int64
-    meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
-    pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
-    # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
-    prompt_logprob_rows: torch.Tensor | None
-
-
 class ModelRunner:
     def __init__(self, build: BuildManifest, config: EngineConfig, max_model_len: int):
         self.spec = build.spec
@@ -79,20 +77,30 @@ class ModelRunner:
             self._init_encoder(config, max_model_len)
             self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
             return
-        self.num_blocks = self._plan_num_blocks(config, max_model_len)
+        self.kv_groups = kv_groups(self.spec)
+        self.layer_group = layer_groups(self.kv_groups, self.spec.num_hidden_layers)  # [num_layers] group index
+        limits = SchedulingLimits(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        self.kv_budgets = self._plan_budgets(config, limits)
+        self.num_blocks = sum(b.num_blocks for b in self.kv_budgets)
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
         self.max_model_len = self._fit_max_model_len(config, max_model_len)
         self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
         mark(Stage.MODEL)
         spec = self.spec
-        # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
-        self.pad_block = self.num_blocks
-        shape = (spec.num_hidden_layers, 2, self.num_blocks + 1, self.block_size, spec.num_key_value_heads,
-                 spec.head_dim)
+        # Per group one block more than its allocator hands out: the padding rows of captured decode steps write
+        # there, and the table entries of blocks a window returned point there.
+        self.pad_blocks = tuple(b.num_blocks for b in self.kv_budgets)
         # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread; on the cpu the zeros
         # are the OS's untouched pages, so the pool costs nothing until blocks fill
-        self.kv_cache = zeroed(shape, self.dtype, self.device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
+        self.kv_cache = tuple(
+            zeroed((len(b.group.layers), 2, b.num_blocks + 1, self.block_size, spec.num_key_value_heads,
+                    spec.head_dim), self.dtype, self.device)
+            for b in self.kv_budgets
+        )
+        per_layer = {layer: (cache[j, 0], cache[j, 1])
+                     for cache, b in zip(self.kv_cache, self.kv_budgets, strict=True)
+                     for j, layer in enumerate(b.group.layers)}
+        self.kv_caches = [per_layer[i] for i in range(spec.num_hidden_layers)]  # per layer (k, v) of its group's pool
         mark(Stage.KV_POOL)
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
@@ -105,9 +113,12 @@ class ModelRunner:
         token budget alone and nothing is ever preempted."""
         if config.kv_cache_memory is not None:
             logger.warning("pllm: kv_cache_memory=%d is not used: an encoder keeps no KV cache", config.kv_cache_memory)
+        self.kv_groups = kv_groups(self.spec)
+        self.layer_group = layer_groups(self.kv_groups, self.spec.num_hidden_layers)
         self.num_blocks = config.max_num_seqs * -(-max_model_len // self.block_size)
+        self.kv_budgets = (GroupBudget(self.kv_groups[0], self.num_blocks, 0),)
         self.max_model_len = max_model_len
-        self.pad_block = self.num_blocks
+        self.pad_blocks = (self.num_blocks,)
         self.kv_cache = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -118,12 +129,17 @@ class ModelRunner:
         if self.backend not in GRAPH_BACKENDS:
             raise ValueError(f"backend {self.backend!r}: its ops read step data on the host, so cannot be captured")
 
-        def forward(input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-            return self.model.forward(input_ids, meta, self.kv_caches)
+        def forward(input_ids: torch.Tensor, metas: tuple[AttentionMetadata, ...]) -> torch.Tensor:
+            return self.model.forward(input_ids, self._layer_metas(metas), self.kv_caches)
 
         with torch.inference_mode():
-            return DecodeGraphs(forward, sizes, self.device, self.max_model_len, self.block_size, self.pad_block,
+            return DecodeGraphs(forward, sizes, self.device, self.max_model_len, self.block_size, self.pad_blocks,
                                 capture)
+
+    def _layer_metas(self, metas: tuple[AttentionMetadata, ...]) -> tuple[AttentionMetadata, ...]:
+        if len(metas) == 1:
+            return metas * self.spec.num_hidden_layers
+        return tuple(metas[g] for g in self.layer_group)
 
     def _capture_or_eager(self, sizes: Sequence[int]) -> DecodeGraphs | None:
         start = time.perf_counter()
@@ -140,13 +156,19 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
+        """Bytes of one block of K and V in every layer (each group's block holds its own layers' share)."""
         spec = self.spec
         if spec.kind is ModelKind.ENCODER:
             return 0  # bookkeeping blocks only
-        return 2 * spec.num_hidden_layers * self.block_size * spec.kv_size * self.dtype.itemsize
+        return spec.num_hidden_layers * self._layer_block_bytes
 
-    def _plan_num_blocks(self, config: EngineConfig, max_model_len: int) -> int:
+    @property
+    def _layer_block_bytes(self) -> int:
+        return 2 * self.block_size * self.spec.kv_size * self.dtype.itemsize
+
+    def _plan_budgets(self, config: EngineConfig, limits: SchedulingLimits) -> tuple[GroupBudget, ...]:
         available = self._free_memory()
+        layer_bytes = self._layer_block_bytes
         if config.kv_cache_memory is not None:
             budget, source = config.kv_cache_memory, f"engine setting kv_cache_memory={config.kv_cache_memory}"
             if budget > available:  # refused here rather than by the allocator, or the OOM killer on a cpu
@@ -155,17 +177,17 @@ class ModelRunner:
             budget = int(available * config.kv_cache_fraction)
             if self.device.type == "cpu":
                 # capped, and never more than max_num_seqs full-length sequences could use: small models need less
-                max_useful = config.max_num_seqs * -(-max_model_len // self.block_size) * self.kv_bytes_per_block
+                max_useful = useful_bytes(self.kv_groups, layer_bytes, limits, self.block_size)
                 budget = min(budget, CPU_KV_CACHE_CAP, max_useful)
             source = (f"the KV-cache budget ({budget} bytes from kv_cache_fraction={config.kv_cache_fraction} of free "
                       f"{self.device.type} memory)")
-        num_blocks = budget // self.kv_bytes_per_block - 1  # the budget holds the padding block too
-        if num_blocks < 2:
+        budgets = split_budget(self.kv_groups, layer_bytes, budget, limits, self.block_size)
+        if min(b.num_blocks for b in budgets) < 2:
             raise ValueError(
                 f"{source}: too small, it must hold 3 KV blocks of {self.kv_bytes_per_block} bytes; set "
                 "kv_cache_memory"
             )
-        return int(num_blocks)
+        return budgets
 
     def _free_memory(self) -> int:
         """Bytes the KV cache may take: free device memory, or on a cpu the RAM Linux can hand out without
@@ -184,7 +206,8 @@ class ModelRunner:
     def _fit_max_model_len(self, config: EngineConfig, max_model_len: int) -> int:
         """A sequence of max_model_len tokens must fit the cache: refuse an explicit limit that does not (as vLLM
         does); lower the model's default to what fits, and say so."""
-        capacity = self.num_blocks * self.block_size  # the padding block holds no sequence's tokens
+        # the padding block holds no sequence's tokens; a windowed group holds only a window of a sequence
+        capacity = max_tokens_held(self.kv_budgets, config.max_num_batched_tokens, self.block_size, max_model_len)
         if max_model_len <= capacity:
             return max_model_len
         if config.max_model_len is not None:
@@ -199,60 +222,7 @@ class ModelRunner:
         return capacity
 
     def prepare(self, batch: StepBatch) -> StepInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        total_lens: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        sample_rows: list[int] = []
-        pool_rows: list[tuple[int, int, int]] = []
-        prompt_rows: list[int] = []
-        bs = self.block_size
-        max_blocks = 0
-        for i, s in enumerate(batch.seqs):
-            start, end = s.start_position, s.end_position
-            input_ids.extend(s.token_ids)
-            positions.extend(range(start, end))
-            total_lens.extend([s.seq_total_len] * s.num_new_tokens)
-            block_ids = s.block_ids
-            slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(query_start[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            query_lens.append(s.num_new_tokens)
-            max_blocks = max(max_blocks, -(-end // bs))
-            if s.prompt_logprobs is not None:
-                first = query_start[-2] + s.prompt_logprobs.first_position - start
-                prompt_rows.extend(range(first, first + len(s.prompt_logprobs.target_token_ids)))
-            if s.sample is not None:
-                sample_rows.append(query_start[-1] - 1)
-            elif s.pooling is not None:
-                pool_rows.append((i, query_start[-2], query_start[-1]))
-        block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
-        for i, s in enumerate(batch.seqs):
-            ids = s.block_ids[:max_blocks]
-            block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=block_tables.to(dev),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_host=tuple(query_lens),
-            seq_lens_host=tuple(seq_lens),
-            seq_total_lens=torch.tensor(total_lens, dtype=torch.int64, device=dev),
-        )
-        return StepInputs(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            meta,
-            torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-            tuple(pool_rows),
-            torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
-        )
+        return prepare_step(batch, self.block_size, self.pad_blocks, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepOutput:
@@ -260,9 +230,9 @@ class ModelRunner:
         inputs = self.prepare(batch)
         hidden = None
         if self.decode_graphs is not None and inputs.meta.is_decode_only:
-            hidden = self.decode_graphs.run(inputs.input_ids, inputs.meta)  # None: larger than any graph
+            hidden = self.decode_graphs.run(inputs.input_ids, inputs.metas)  # None: larger than any graph
         if hidden is None:
-            hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]
+            hidden = self.model.forward(inputs.input_ids, self._layer_metas(inputs.metas), self.kv_caches)
         logits = self.model.logits(hidden[inputs.sample_indices])
         pooled = {}
         for i, start, end in inputs.pool_rows:

@@ -9,7 +9,17 @@ import torch
 from pllm.models.pooling import Pooling
 from pllm.runtime.engine.sampling_params import SamplingParams
 
-__all__ = ["Pooling", "SampleInputs", "SeqStep", "StepBatch", "StepOutput"]
+__all__ = ["GroupBlockTable", "Pooling", "SampleInputs", "SeqStep", "StepBatch", "StepOutput"]
+
+
+@dataclass(frozen=True)
+class GroupBlockTable:
+    """One sequence's blocks in one KV layer group. The first_block blocks before block_ids are out of the
+    group's window, back in its pool: no query of the step attends to them, so the runner points them at the
+    group's padding block."""
+
+    first_block: int  # the block of the sequence block_ids[0] holds; 0 for a global group
+    block_ids: tuple[int, ...]  # [num_live_blocks], in position order
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,8 @@ class SeqStep:
     request_id: str
     token_ids: tuple[int, ...]  # the tokens computed this step
     start_position: int  # position of token_ids[0]: the sequence's tokens already in the KV cache
-    block_ids: tuple[int, ...]  # the block table, covering every position up to start_position + len(token_ids)
+    # one per KV layer group (models.kv_groups order), covering every position up to start_position + len(token_ids)
+    block_tables: tuple[GroupBlockTable, ...]
     completes: bool  # this step reaches the end of the sequence
     seq_total_len: int  # the request's known tokens when scheduled (prompt + outputs so far): its length
     sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)

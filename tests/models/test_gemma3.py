@@ -81,7 +81,8 @@ def test_cpu_matches_transformers_batched_chunked_preempted(gemma3):
 
 
 def test_cpu_matches_transformers_alone_and_from_the_prefix_cache(gemma3):
-    """One request at a time (no batching), then again served partly from the prefix cache: same tokens."""
+    """One request at a time (no batching), then the long prompt again: same tokens. Prefix caching is off for a
+    model with windowed layers (their blocks leave the cache as the window passes), so nothing is served from it."""
     _, build, _, refs = gemma3
     llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 22)
     for prompt, ref in zip(PROMPTS[:3], refs[:3]):
@@ -89,7 +90,7 @@ def test_cpu_matches_transformers_alone_and_from_the_prefix_cache(gemma3):
     long_prompt, long_ref = PROMPTS[4], refs[4]
     again = llm.generate([long_prompt], GREEDY, use_tqdm=False)
     again = llm.generate([long_prompt], GREEDY, use_tqdm=False)[0]
-    assert again.num_cached_tokens > QUIRKS["sliding_window"]
+    assert again.num_cached_tokens == 0 and llm.engine.kv.num_prefix_hits == 0
     assert again.outputs[0].token_ids == long_ref
 
 

@@ -249,7 +249,8 @@ def _synchronous_embedding(llm: LLM, text: str, pooling: str) -> list[float]:
             assert engine.kv.allocate_slots(req, num_new)
             inputs = engine.runner.prepare(ScheduledBatch((ScheduledSeq(req, num_new),)).snapshot(engine.stop))
             with torch.inference_mode():
-                hidden = engine.runner.model.forward(inputs.input_ids, inputs.meta, engine.runner.kv_caches).float()
+                hidden = engine.runner.model.forward(inputs.input_ids, engine.runner._layer_metas(inputs.metas),
+                                                     engine.runner.kv_caches).float()
             parts.append(hidden)
             req.num_computed_tokens += num_new
     finally:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pllm.runtime.engine.kv_cache import KVCacheManager
+from pllm.runtime.engine.kv_coordinator import KvCoordinator
 from pllm.runtime.engine.request import FinishReason, Pooling, Request, RequestStatus, ScheduledBatch
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.engine.scheduler import Scheduler
@@ -63,7 +64,7 @@ def make_request(rid: str, prompt: list[int], max_tokens: int = 4, **params) -> 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64):
     kv = KVCacheManager(num_blocks, block_size)
-    sched = Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len, (EOS,))
+    sched = Scheduler(KvCoordinator((kv,)), max_num_seqs, max_num_batched_tokens, max_model_len, (EOS,))
     return kv, sched, FakeRunner(kv)
 
 
@@ -208,7 +209,7 @@ def test_stop_conditions(params, max_tokens, max_model_len, reason, num_out) -> 
             return {k: EOS for k in super().execute(batch)}
 
     kv = KVCacheManager(64, 4)
-    sched = Scheduler(kv, 4, 64, max_model_len, (EOS,))
+    sched = Scheduler(KvCoordinator((kv,)), 4, 64, max_model_len, (EOS,))
     r = make_request("r", [1, 2, 3], max_tokens=max_tokens, **params)
     sched.add_request(r)
     run_all(sched, EOSRunner(kv))
@@ -407,7 +408,7 @@ def test_sequences_passing_the_recompute_length_are_computed_again(budget, num_b
     already past it never is; outputs equal the same requests run alone; under chunking and preemption too."""
     threshold = 10
     kv = KVCacheManager(num_blocks, 4, enable_prefix_caching=False)  # as the engine makes it for such models
-    sched = Scheduler(kv, 8, budget, 64, (EOS,), recompute_past_len=threshold)
+    sched = Scheduler(KvCoordinator((kv,)), 8, budget, 64, (EOS,), recompute_past_len=threshold)
     runner = LengthClassRunner(kv, threshold)
     crossing = make_request("crossing", [1, 2, 3, 4, 5, 6], max_tokens=8, ignore_eos=True)  # 6 -> 14 tokens
     long_prompt = make_request("long", list(range(1, 13)), max_tokens=4, ignore_eos=True)  # 12 -> 16 tokens
@@ -426,7 +427,8 @@ def test_an_encoder_scheduler_never_chunks_a_prompt():
     """chunk_prompts=False (encoders): inputs go whole into steps of at most the token budget, in FCFS order; one
     that does not fit the rest of a step waits for the next; one longer than the budget is refused."""
     kv = KVCacheManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
-    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=10, max_model_len=32, eos_token_ids=(EOS,),
+    sched = Scheduler(KvCoordinator((kv,)), max_num_seqs=8, max_num_batched_tokens=10, max_model_len=32,
+                      eos_token_ids=(EOS,),
                       chunk_prompts=False)
     lens = [4, 5, 3, 10, 1]
     for i, n in enumerate(lens):

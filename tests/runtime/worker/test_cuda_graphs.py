@@ -54,19 +54,20 @@ def test_padding_rows_touch_only_the_padding_block():
     """A smaller step after a larger one resets the rows it does not use: stale slots would overwrite real KV."""
     seen = []
 
-    def forward(input_ids, meta):
+    def forward(input_ids, metas):
+        (meta,) = metas  # one KV group
         seen.append((input_ids.clone(), meta.slot_mapping.clone(), meta.seq_lens.clone(), meta.block_tables.clone(),
                      meta.max_seq_len))
         return input_ids.float()[:, None].repeat(1, 3)  # [T, hidden]: row t carries its token
 
     block_size, pad_block = 4, 9
-    graphs = DecodeGraphs(forward, (2, 4), torch.device("cpu"), 64, block_size, pad_block, eager_capture)
+    graphs = DecodeGraphs(forward, (2, 4), torch.device("cpu"), 64, block_size, (pad_block,), eager_capture)
     assert graphs.size_for(1) == 2 and graphs.size_for(3) == 4 and graphs.size_for(5) is None
 
     ids = torch.tensor([11, 12, 13, 14])
-    out = graphs.run(ids, _decode_meta([5, 9, 13, 17], [2, 2, 2, 2], [[1], [2], [3], [4]]))
+    out = graphs.run(ids, (_decode_meta([5, 9, 13, 17], [2, 2, 2, 2], [[1], [2], [3], [4]]),))
     assert out.shape == (4, 3) and out[:, 0].tolist() == [11, 12, 13, 14]
-    out = graphs.run(ids[:3], _decode_meta([6, 10, 22], [3, 3, 7], [[1, 0], [2, 0], [3, 5]]))
+    out = graphs.run(ids[:3], (_decode_meta([6, 10, 22], [3, 3, 7], [[1, 0], [2, 0], [3, 5]]),))
     assert out.shape == (3, 3) and out[:, 0].tolist() == [11, 12, 13]
     input_ids, slots, seq_lens, tables, max_seq_len = seen[-1]
     assert input_ids.tolist() == [11, 12, 13, 0]
@@ -76,8 +77,8 @@ def test_padding_rows_touch_only_the_padding_block():
     assert max_seq_len == 64  # fixed at capture: the attention grid cannot change between replays
 
     prefill = dataclasses.replace(_decode_meta([6, 7], [2, 2], [[1], [1]]), max_query_len=2)
-    assert graphs.run(ids[:2], prefill) is None and graphs.run(torch.arange(5), _decode_meta(
-        [1, 2, 3, 4, 5], [1] * 5, [[0]] * 5)) is None  # not decode-only; larger than any graph: eager
+    assert graphs.run(ids[:2], (prefill,)) is None and graphs.run(torch.arange(5), (_decode_meta(
+        [1, 2, 3, 4, 5], [1] * 5, [[0]] * 5),)) is None  # not decode-only; larger than any graph: eager
 
 
 def test_replayed_decode_equals_eager(tiny_build):
@@ -98,7 +99,7 @@ def test_replayed_decode_equals_eager(tiny_build):
     assert {1, 2, 4, 8} <= set(replayed)  # every size ran, padded batches (5 -> 8, 3 -> 4) among them
     # nothing but the padding block differs from the eager engine's cache, block for block
     blocks = runner.num_blocks
-    torch.testing.assert_close(runner.kv_cache[:, :, :blocks], eager.engine.runner.kv_cache[:, :, :blocks],
+    torch.testing.assert_close(runner.kv_cache[0][:, :, :blocks], eager.engine.runner.kv_cache[0][:, :, :blocks],
                                rtol=0, atol=1e-5)
 
 
