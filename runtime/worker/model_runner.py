@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.compiler.manifest import BuildManifest
+from pllm.models.lora import LoraAdapter, LoraInputs, check_lora_family, stack_adapters
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind
@@ -58,6 +59,7 @@ class StepInputs:
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
     # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
     prompt_logprob_rows: torch.Tensor | None
+    lora: LoraInputs | None = None  # the rows under a LoRA adapter, grouped by adapter; None: all base
 
 
 class ModelRunner:
@@ -71,6 +73,7 @@ class ModelRunner:
         weights = load_weights(build, self.device)
         family = family_of(self.spec.model_type, str(build.path))
         self.decode_graphs: DecodeGraphs | None = None
+        self.num_lora_adapters = 0
         if self.spec.kind is ModelKind.ENCODER:
             self._init_encoder(config, max_model_len)
             self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
@@ -103,6 +106,12 @@ class ModelRunner:
         self.pad_block = self.num_blocks
         self.kv_cache = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def set_lora_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
+        """Stack the adapters for the model (adapter i serves SeqStep.lora_slot i + 1); replaces the earlier set."""
+        check_lora_family(self.spec)
+        self.num_lora_adapters = len(adapters)
+        self.model.lora_layers = stack_adapters(adapters, self.spec, self.dtype, self.device) if adapters else None
 
     def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
         """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""
@@ -202,6 +211,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         pool_rows: list[tuple[int, int, int]] = []
         prompt_rows: list[int] = []
+        lora_rows: list[tuple[int, int, int]] = []  # (first row, end row, slot) of each sequence
         bs = self.block_size
         max_blocks = 0
         for i, s in enumerate(batch.seqs):
@@ -214,6 +224,11 @@ class ModelRunner:
             query_start.append(query_start[-1] + s.num_new_tokens)
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
+            if s.lora_slot:
+                if not 1 <= s.lora_slot <= self.num_lora_adapters:
+                    raise ValueError(f"request {s.request_id}: LoRA slot {s.lora_slot} is not loaded "
+                                     f"({self.num_lora_adapters} adapters)")
+                lora_rows.append((query_start[-2], query_start[-1], s.lora_slot))
             max_blocks = max(max_blocks, -(-end // bs))
             if s.prompt_logprobs is not None:
                 first = query_start[-2] + s.prompt_logprobs.first_position - start
@@ -245,6 +260,7 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
             tuple(pool_rows),
             torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
+            LoraInputs.from_slots(lora_rows, dev),
         )
 
     @torch.inference_mode()
@@ -252,7 +268,9 @@ class ModelRunner:
         """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
         inputs = self.prepare(batch)
         hidden = None
-        if self.decode_graphs is not None and inputs.meta.is_decode_only:
+        if inputs.lora is not None:  # adapters' steps run eagerly: the graphs hold the base model's decode
+            hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches, inputs.lora)
+        elif self.decode_graphs is not None and inputs.meta.is_decode_only:
             hidden = self.decode_graphs.run(inputs.input_ids, inputs.meta)  # None: larger than any graph
         if hidden is None:
             hidden = self.model.forward(inputs.input_ids, inputs.meta, self.kv_caches)  # [num_tokens, hidden]

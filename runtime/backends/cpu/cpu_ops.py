@@ -219,6 +219,16 @@ class TorchOps:
     def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
         return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
 
+    def lora(self, y, x, a, b, lora):
+        # Segment grouping (Punica's SGMV on the CPU): one shrink and one expand matmul per adapter in the step,
+        # over all of its rows at once; the base model's rows are never touched.
+        starts = lora.group_start_host
+        for g, adapter in enumerate(lora.group_adapter_host):
+            rows = lora.token_rows[starts[g] : starts[g + 1]]
+            shrunk = torch.matmul(x.index_select(0, rows), a[adapter].t())  # [rows, R]
+            y.index_add_(0, rows, torch.matmul(shrunk, b[adapter].t()))  # [rows, out]
+        return y
+
     # encoders (bert) ------------------------------------------------------------------------------
     def layer_norm(self, x, weight, bias, eps, residual):
         if residual is not None:
