@@ -94,7 +94,7 @@ class ChatServing:
         return ChatCompletionResponse(
             id=prep.requests[0].request_id,
             created=prep.created,
-            model=self.base.model_name,
+            model=self.base.response_model(prep),
             choices=choices,
             usage=usage_of(finals),
         )
@@ -114,7 +114,7 @@ class ChatServing:
         return ChatChoiceLogprobs(content=tokens)
 
     def stream(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        rid, model = prep.requests[0].request_id, self.base.model_name
+        rid, model = prep.requests[0].request_id, self.base.response_model(prep)
         opts = req.stream_options
         cursors: dict[int, SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}
