@@ -63,3 +63,18 @@ def test_bad_lora_requests_fail_clearly(llm, tiny_loras, tmp_path):
     with pytest.raises(ValueError, match="LoRA requests for"):
         llm.generate(["a", "b"], GREEDY, use_tqdm=False, lora_request=[None])
     assert llm.engine.num_unfinished_requests() == 0
+
+
+def test_interpret_backend_mixed_batch_matches_merged_peft(tiny_build, tiny_dir, tiny_loras):
+    """The rendered shrink/expand kernels end to end (Triton's interpreter): a smaller mixed batch, same reference."""
+    llm = LLM(str(tiny_build("llama")), backend="interpret", kv_cache_memory=1 << 22)
+    names = [None, *tiny_loras]
+    loras = [LoRARequest(n, i, str(tiny_loras[n])) if n else None for i, n in enumerate(names)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(["Hello, world!"] * len(names), params, use_tqdm=False, lora_request=loras)
+    import transformers
+
+    for out, name in zip(outs, names, strict=True):
+        ref = (merged_model(tiny_dir("llama"), tiny_loras[name]) if name else
+               transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("llama")), dtype=torch.float32))
+        assert out.outputs[0].token_ids == hf_greedy(ref, out.prompt_token_ids, 4), name
