@@ -78,3 +78,24 @@ def test_interpret_backend_mixed_batch_matches_merged_peft(tiny_build, tiny_dir,
         ref = (merged_model(tiny_dir("llama"), tiny_loras[name]) if name else
                transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("llama")), dtype=torch.float32))
         assert out.outputs[0].token_ids == hf_greedy(ref, out.prompt_token_ids, 4), name
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_llama_wiring_families_match_merged_peft(tiny_dir, tiny_build, tmp_path, model_type):
+    """q/k/v biases (qwen2), q/k norms after the adapted projection (qwen3), every layer windowed (mistral)."""
+    from lora_adapters import ALL_MODULES, make_adapter
+
+    overrides = {"sliding_window": 6} if model_type == "mistral" else {}
+    model_dir = tiny_dir(model_type, **overrides)
+    adapter = make_adapter(model_dir, tmp_path / "adapter", 7, r=8, lora_alpha=16, target_modules=ALL_MODULES)
+    llm = LLM(str(tiny_build(model_type, **overrides)), backend="cpu", kv_cache_memory=1 << 24)
+    lora = LoRARequest("one", 1, str(adapter))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:2] * 2, params, use_tqdm=False, lora_request=[lora, lora, None, None])
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    merged = merged_model(model_dir, adapter)
+    for out, ref in zip(outs, [merged, merged, base, base], strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(ref, out.prompt_token_ids, 8)
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
