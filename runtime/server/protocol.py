@@ -94,7 +94,7 @@ class ResponseFormat(OpenAIModel):
 class StructuredOutputsRequest(OpenAIModel):
     """vLLM's extra field `structured_outputs`: exactly one of these (SamplingParams.validate checks the rest)."""
 
-    json: dict[str, Any] | str | None = None
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # `json` would shadow BaseModel.json
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -150,7 +150,7 @@ class SamplingRequest(OpenAIModel):
         if formatted is not None:
             raise InvalidParam("structured_outputs", "set response_format or structured_outputs, not both")
         try:
-            return StructuredOutputsParams(**self.structured_outputs.model_dump(exclude_none=True))
+            return StructuredOutputsParams(**self.structured_outputs.model_dump(exclude_none=True, by_alias=True))
         except TypeError:  # an unknown key (extra fields are allowed in the body)
             raise InvalidParam("structured_outputs", f"structured_outputs: unknown field(s) "
                                f"{', '.join(self.structured_outputs.ignored_fields)[:200]}") from None
