@@ -239,6 +239,11 @@ class LoraInputs:
     group_adapter: torch.Tensor  # [num_groups] int32, stack index (slot - 1)
     group_start_host: tuple[int, ...]  # host copies: the cpu path and the launch grid read them without a sync
     group_adapter_host: tuple[int, ...]
+    # The groups padded to one length M (the largest), for one batched matmul over all groups (the cpu path):
+    # padded_rows [groups * M] int64, group g's rows at [g * M, g * M + size) then row 0 as filler; padded_valid
+    # [num_adapted_tokens] int64, the padded positions of token_rows' entries, in order
+    padded_rows: torch.Tensor
+    padded_valid: torch.Tensor
 
     @property
     def max_group_tokens(self) -> int:
@@ -255,10 +260,18 @@ class LoraInputs:
         if not groups:
             return None
         rows, starts, adapters = [], [0], []
+        width = max(len(g) for g in groups.values())
+        padded, valid = [], []
         for slot in sorted(groups):
-            rows.extend(groups[slot])
+            group = groups[slot]
+            valid.extend(range(len(padded), len(padded) + len(group)))
+            padded.extend(group + [0] * (width - len(group)))
+            rows.extend(group)
             starts.append(len(rows))
             adapters.append(slot - 1)
-        return cls(torch.tensor(rows, dtype=torch.int64, device=device),
-                   torch.tensor(starts, dtype=torch.int32, device=device),
-                   torch.tensor(adapters, dtype=torch.int32, device=device), tuple(starts), tuple(adapters))
+
+        def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(tensor(rows, torch.int64), tensor(starts, torch.int32), tensor(adapters, torch.int32),
+                   tuple(starts), tuple(adapters), tensor(padded, torch.int64), tensor(valid, torch.int64))

@@ -50,6 +50,7 @@ def check_lora(kernel_ops, *, interpret, device, dtype, in_features, out_feature
     torch.testing.assert_close(got.cpu().double(), expected, **TOLERANCES[dtype])
     if device == "cpu":  # the cpu backend's batched op, on the same inputs
         cpu = TorchOps().lora(y.clone(), x, a, b, lora)
+        torch.testing.assert_close(cpu.double(), expected, **TOLERANCES[dtype])
         torch.testing.assert_close(got.double(), cpu.double(), **TOLERANCES[dtype])
     base_rows = [r for (start, end, slot) in spans if not slot for r in range(start, end)]
     assert torch.equal(got.cpu()[base_rows], y[base_rows])  # the base model's rows untouched, bit for bit
@@ -81,3 +82,21 @@ def test_lora_cuda(kernel_ops, dtype):
     check_lora(kernel_ops, interpret=False, device="cuda", dtype=dtype, in_features=576, out_features=1536,
                rank_columns=192, num_adapters=4, seq_slots=[(1, 1), (1, 2), (1, 0), (37, 3), (300, 4), (5, 0)],
                seed=1)
+
+
+@pytest.mark.parametrize("seq_slots", [
+    [(1, 1), (1, 2), (1, 3), (2, 1)],  # decode-sized groups of one size: the padded batched path
+    [(40, 1), (1, 2), (1, 0)],  # a prompt beside a decode row: padding would cost more, one matmul pair per adapter
+    [(5, 2)],  # one group
+])
+def test_cpu_lora_paths_match_the_reference(seq_slots):
+    gen = torch.Generator().manual_seed(3)
+    num_tokens = sum(n for n, _ in seq_slots)
+    x, y = torch.randn((num_tokens, 48), generator=gen), torch.randn((num_tokens, 40), generator=gen)
+    a, b = torch.randn((3, 24, 48), generator=gen), torch.randn((3, 40, 24), generator=gen)
+    spans, row = [], 0
+    for n, slot in seq_slots:
+        spans.append((row, row + n, slot))
+        row += n
+    got = TorchOps().lora(y.clone(), x, a, b, LoraInputs.from_slots(spans, torch.device("cpu")))
+    torch.testing.assert_close(got.double(), reference(y, x, a, b, seq_slots), atol=1e-4, rtol=1e-4)
