@@ -31,6 +31,11 @@ class Prepared:
         n = self.requests[0].params.n
         return {r.request_id: i * n for i, r in enumerate(self.requests)}
 
+    def model_name(self, base_model: str) -> str:
+        """The `model` a response names: the LoRA adapter's when the requests run under one, else base_model."""
+        lora = self.requests[0].lora if self.requests else None
+        return lora.name if lora is not None else base_model
+
 
 class OpenAIServing:
     """The served model as every endpoint family sees it (serving_completions.py, serving_chat.py,
@@ -76,11 +81,6 @@ class OpenAIServing:
         if lora is None:
             return prep
         return dataclasses.replace(prep, requests=[dataclasses.replace(r, lora=lora) for r in prep.requests])
-
-    def response_model(self, prep: Prepared) -> str:
-        """The `model` a response names: the adapter's when the requests run under one."""
-        lora = prep.requests[0].lora if prep.requests else None
-        return lora.name if lora is not None else self.model_name
 
     def check_base_model(self, model: str | None) -> None:
         """A 400 for a LoRA adapter's name on an endpoint adapters do not serve (embeddings)."""
