@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
+from pllm.compiler.dtype_choice import DtypeChoice, choose_dtype
 from pllm.compiler.manifest import (
     FORMAT_VERSION,
     KERNELS_DIR,
@@ -35,7 +36,7 @@ from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
 from pllm.models.registry import family_of
-from pllm.models.spec import DTYPES, ModelKind, ModelSpec
+from pllm.models.spec import ModelKind, ModelSpec
 
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,7 +52,7 @@ class BuildError(ValueError):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    dtype: str = "auto"  # auto: the checkpoint's torch_dtype
+    dtype: str = "auto"  # auto: bfloat16 on a CPU with native bf16, else float32; a GPU build: the checkpoint's
     block_size: int = 16
     target: str | None = None  # sm_80 | sm_90 | auto: also store GPU-compiled kernels
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters to pack: (name, PEFT adapter folder) each
@@ -66,12 +67,14 @@ def versions() -> dict[str, str]:
     return {"pllm": __version__, "torch": torch.__version__.split("+")[0], "triton": triton.__version__}
 
 
-def resolve_dtype(option: str, spec: ModelSpec) -> str:
-    if option == "auto":
-        return spec.torch_dtype
-    if option not in DTYPES:
-        raise BuildError(f"--dtype {option!r}: must be auto or one of {', '.join(DTYPES)}")
-    return option
+def resolve_dtype(options: BuildOptions, spec: ModelSpec) -> DtypeChoice:
+    """The build's weight dtype (dtype_choice.choose_dtype): a build is for a GPU when it is also compiled for one
+    (--target) or this machine has one, since serving then picks the cuda backend."""
+    for_gpu = options.target is not None or torch.cuda.is_available()
+    try:
+        return choose_dtype(options.dtype, spec.torch_dtype, for_gpu)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
 
 
 def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: bool) -> dict[str, torch.Tensor]:
@@ -148,7 +151,9 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
     made: list[Path] = []  # parent folders this compile created, removed again if it fails
     try:
         spec = spec_from_config(source.config, source.config_file)
-        dtype = resolve_dtype(options.dtype, spec)
+        choice = resolve_dtype(options, spec)
+        logger.info("dtype %s (%s)", choice.dtype, choice.reason)
+        dtype = choice.dtype
         check_against_weights(source, spec)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
         made = _make_parents(out_dir.parent)

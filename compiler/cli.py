@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
 
@@ -26,7 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"model folder, hub id in the local HF cache, .gguf file, or a short name (default: {DEFAULT_MODEL})",
     )
     p.add_argument("-o", "--output", default="build", help="build directory to write (default: build)")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="weight dtype (auto: the config's)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="weight dtype (auto: for the CPU, bfloat16 where it has native bf16 arithmetic, else float32; for a "
+        "GPU, the checkpoint's). float32 matches transformers bit for bit",
+    )
     p.add_argument("--block-size", type=int, default=16, choices=BLOCK_SIZES, help="KV-cache block size in tokens")
     p.add_argument(
         "--target",
@@ -61,13 +69,36 @@ def main(argv: list[str] | None = None) -> int:
     options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet,
                            loras=tuple(args.lora))
     try:
-        out = build(args.model, args.output, options)
+        with _say_choices():
+            out = build(args.model, args.output, options)
     except (BuildError, ModelSourceError, ConfigError, GpuCompileError) as e:
         return _error(str(e))
     except OSError as e:  # disk full, permissions changed mid-compile: the OS names the file
         return _error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     print(f"pllm-compile: wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+@contextlib.contextmanager
+def _say_choices():
+    """The build's choices (its dtype and why) as 'pllm-compile: ...' lines on stdout, warnings on stderr; stderr
+    otherwise stays for the one error line of a failed compile."""
+    info = logging.StreamHandler(sys.stdout)
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    warning = logging.StreamHandler(sys.stderr)
+    warning.setLevel(logging.WARNING)
+    logger = logging.getLogger("pllm")
+    level = logger.level
+    for handler in (info, warning):
+        handler.setFormatter(logging.Formatter("pllm-compile: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(info)
+        logger.removeHandler(warning)
+        logger.setLevel(level)
 
 
 def _error(message: str) -> int:

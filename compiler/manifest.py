@@ -132,20 +132,28 @@ def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:
         raise BuildDirError(f"{manifest_file}: missing; {path} is not a complete pllm build")
     manifest = _read_manifest(manifest_file)
     _check_manifest(manifest, manifest_file)
-    if verify:
-        for rel, digest in manifest["files"].items():
-            f = _listed_file(path, rel)
-            try:
-                matches = sha256_file(f) == digest  # streamed: the weights may be larger than spare memory
-            except OSError as e:
-                raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
-            if not matches:
-                raise BuildDirError(_modified(f))
     spec = _spec_from_manifest(manifest["spec"], manifest_file)
     pooling = _pooling_from_manifest(manifest.get("pooling"), spec, manifest_file)
     loras = tuple((e["name"], f"{LORA_DIR}/{e['name']}") for e in manifest["loras"])
-    return BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR,
-                         pooling, loras)
+    build = BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR,
+                          pooling, loras)
+    if verify:
+        verify_files(build)
+    return build
+
+
+def verify_files(build: BuildManifest) -> None:
+    """Every listed file against its sha256; raises BuildDirError naming the first that differs. open_build runs
+    it unless told not to, for a caller that runs it itself (the engine: on a thread, beside loading the tokenizer,
+    as hashing releases the GIL), and must then not use the build's unread files before it returns."""
+    for rel, digest in build.manifest["files"].items():
+        f = _listed_file(build.path, rel)
+        try:
+            matches = sha256_file(f) == digest  # streamed: the weights may be larger than spare memory
+        except OSError as e:
+            raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
+        if not matches:
+            raise BuildDirError(_modified(f))
 
 
 def _modified(f: Path) -> str:

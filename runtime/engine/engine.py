@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pllm.compiler.manifest import open_build
+from pllm.compiler.manifest import open_build, verify_files
 from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
@@ -23,6 +24,7 @@ from pllm.runtime.engine.structured_output import GrammarCache, SequenceGrammar
 from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
 from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.sampler import Sampler
+from pllm.runtime.worker.startup_timing import Stage, mark
 
 logger = logging.getLogger("pllm")
 
@@ -49,10 +51,17 @@ class LLMEngine:
     def __init__(self, build_dir: str, config: EngineConfig):
         _default_logging()
         self.config = config
-        self.build = open_build(build_dir)
+        self.build = open_build(build_dir, verify=False)
         spec = self.build.spec
         self.spec = spec
-        self.tokenizer = load_tokenizer(self.build)
+        # Every listed file is hashed before anything but the tokenizer is read (which reads only files it hashes
+        # itself); the hashing releases the GIL, so it runs beside the tokenizer's mostly-Python loading.
+        with ThreadPoolExecutor(1, thread_name_prefix="pllm-verify") as pool:
+            verified = pool.submit(verify_files, self.build)
+            self.tokenizer = load_tokenizer(self.build)
+            mark(Stage.TOKENIZER)
+            verified.result()
+        mark(Stage.MANIFEST)
         self.generation_config = load_generation_config(self.build)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
@@ -86,6 +95,7 @@ class LLMEngine:
         self.grammars = GrammarCache(self.tokenizer, spec.vocab_size, self.eos_token_ids)  # structured output
         self.stats = EngineStats()
         self._next_id = 0
+        mark(Stage.ENGINE)
         if pooling is not None:
             logger.info(
                 "pllm engine: backend=%s dtype=%s encoder, no KV cache; embeddings: %s pooling%s, inputs truncated "

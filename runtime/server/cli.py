@@ -25,11 +25,15 @@ from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.metrics import ServerMetrics
 from pllm.runtime.server.serving_tools import NO_PARSER
 from pllm.runtime.server.tool_parsers import TOOL_CALL_PARSERS
+from pllm.runtime.worker.startup_timing import Stage, mark
 
 logger = logging.getLogger("pllm.server")
 
 LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# After the drain (--shutdown-timeout): seconds uvicorn gives open connections to close before it exits. A
+# supervisor's grace period (Kubernetes' terminationGracePeriodSeconds) must cover both, and engine teardown.
+CONNECTIONS_CLOSE_TIMEOUT_S = 5
 
 
 def parse_bytes(text: str) -> int:
@@ -196,6 +200,7 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         self._loop = asyncio.get_running_loop()
         if self.started:
+            mark(Stage.BIND)
             print(f"pllm-serve: ready at {self.url} (OpenAI API under {self.url}/v1)", flush=True)
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -220,39 +225,88 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def args_from_options(options: dict[str, object]) -> argparse.Namespace:
+    """pllm-serve's flags from a mapping (the Ray Serve application's `args`): keys are the flags' names with
+    underscores (`build_dir`, `kv_cache_memory`, ...), values what the flag takes (a list for a flag of several
+    values, true/false for a switch). Checked by the same parser, so a bad key or value is refused the same way."""
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    if "build_dir" not in options:
+        raise ValueError("the options name no build_dir (a build directory made by pllm-compile)")
+    argv = [str(options["build_dir"])]
+    for key, value in options.items():
+        if key == "build_dir":
+            continue
+        if key not in flags or key == "version":
+            known = ", ".join(sorted(k for k in flags if k != "version"))
+            raise ValueError(f"unknown pllm-serve option {key!r} (known: {known})")
+        flag = flags[key].option_strings[0]
+        if isinstance(flags[key], argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif flags[key].nargs == 0:  # store_true
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+
+    def refuse(message: str):
+        raise ValueError(f"bad pllm-serve options ({' '.join(argv)}): {message}")
+
+    parser.error = refuse  # raise instead of printing usage and exiting
+    return parser.parse_args(argv)
+
+
+def served_names(args: argparse.Namespace) -> list[str]:
+    return args.served_model_name or [default_model_name(args.build_dir)]
+
+
+def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
+    """The engine thread over args.build_dir, with its metrics (raises ValueError or OSError on a bad build)."""
+    config = EngineConfig(
+        backend=args.backend,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_fraction=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
+        lora_modules=tuple(args.lora_modules),
+        max_loras=args.max_loras,
+    )
+    from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
+
+    return AsyncEngine.launch(
+        lambda: LLMEngine(args.build_dir, config),
+        metrics=ServerMetrics(names[0]),
+        max_queued_requests=args.max_queued_requests,
+        log_stats_interval_s=args.log_stats_interval,
+    )
+
+
+def app_for(engine: AsyncEngine, args: argparse.Namespace, names: list[str]):
+    """pllm's FastAPI app over a launched engine, as the flags configure it."""
+    return create_app(
+        engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    mark(Stage.IMPORTS)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
-    names = args.served_model_name or [default_model_name(args.build_dir)]
+    names = served_names(args)
     start = time.perf_counter()
     try:
-        config = EngineConfig(
-            backend=args.backend,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_memory=args.kv_cache_memory,
-            kv_cache_fraction=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching,
-            seed=args.seed,
-            enforce_eager=args.enforce_eager,
-            cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
-            lora_modules=tuple(args.lora_modules),
-            max_loras=args.max_loras,
-        )
-        from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
-
-        metrics = ServerMetrics(names[0])
-        engine = AsyncEngine.launch(
-            lambda: LLMEngine(args.build_dir, config),
-            metrics=metrics,
-            max_queued_requests=args.max_queued_requests,
-            log_stats_interval_s=args.log_stats_interval,
-        )
+        engine = launch_engine(args, names)
     except (ValueError, OSError) as exc:
         print(f"pllm-serve: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser)
+    app = app_for(engine, args, names)
+    mark(Stage.APP)
     limits = ConnectionLimits(args.request_header_timeout, args.max_connections)
     host = f"[{args.host}]" if ":" in args.host else args.host
     uv_config = uvicorn.Config(
@@ -263,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=not args.disable_access_log,
         http=functools.partial(LimitedH11Protocol, limits=limits),
         timeout_keep_alive=args.timeout_keep_alive,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=CONNECTIONS_CLOSE_TIMEOUT_S,
         log_config=None,  # keep our logging format
     )
     server = DrainingServer(uv_config, engine, args.shutdown_timeout, f"http://{host}:{args.port}")

@@ -1,4 +1,5 @@
-"""Prometheus metrics with vLLM's names under a `pllm:` prefix, and the periodic one-line stats log."""
+"""Prometheus metrics with vLLM's names under a `pllm:` prefix, the inference gateway's load gauges under the names
+its model-server protocol lists, and the periodic one-line stats log."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ logger = logging.getLogger("pllm.server")
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py), trimmed at the long end.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+# The Kubernetes Gateway API Inference Extension's endpoint picker balances model-server pods on three gauges; its
+# model-server protocol (docs/proposals/003-model-server-protocol) names them TotalQueuedRequests,
+# TotalRunningRequests and KVCacheUtilization (a 0..1 fraction) and lists vLLM's names for them, which are also the
+# picker's defaults (--total-queued-requests-metric, --total-running-requests-metric,
+# --kv-cache-usage-percentage-metric). pllm exports the same three values under those names too, so a picker with
+# its default configuration balances pllm pods as it does vLLM ones; the `pllm:` series stay for dashboards.
+GATEWAY_METRIC_PREFIX = "vllm"
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
 
@@ -25,8 +33,8 @@ class ServerMetrics:
         labels = {"model_name": model_name}
         r = self.registry
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"pllm:{name}", doc, list(labels), registry=r).labels(**labels)
+        def gauge(name: str, doc: str, prefix: str = "pllm") -> Gauge:
+            return Gauge(f"{prefix}:{name}", doc, list(labels), registry=r).labels(**labels)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(f"pllm:{name}", doc, list(labels), registry=r).labels(**labels)
@@ -37,6 +45,10 @@ class ServerMetrics:
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV-cache usage: 1 means all blocks in use.")
+        gateway = GATEWAY_METRIC_PREFIX
+        self.gateway_requests_running = gauge("num_requests_running", "Gateway protocol: running requests.", gateway)
+        self.gateway_requests_waiting = gauge("num_requests_waiting", "Gateway protocol: queued requests.", gateway)
+        self.gateway_kv_cache_usage = gauge("kv_cache_usage_perc", "Gateway protocol: KV-cache usage (0..1).", gateway)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.num_preemptions = counter("num_preemptions", "Preemptions (recompute) of running sequences.")
@@ -65,6 +77,9 @@ class ServerMetrics:
         self.num_requests_running.set(snap.num_running)
         self.num_requests_waiting.set(snap.num_waiting)
         self.kv_cache_usage_perc.set(snap.kv_cache_usage)
+        self.gateway_requests_running.set(snap.num_running)
+        self.gateway_requests_waiting.set(snap.num_waiting)
+        self.gateway_kv_cache_usage.set(snap.kv_cache_usage)
         last = self._last
         if last is not None:
             self.generation_tokens.inc(max(0, snap.num_generation_tokens - last.num_generation_tokens))

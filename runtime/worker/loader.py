@@ -9,6 +9,8 @@ import torch
 
 from pllm.compiler.manifest import GENERATION_CONFIG, BuildDirError, BuildManifest, json_object
 
+TOKENIZER_JSON = "tokenizer.json"
+
 
 def load_weights(build: BuildManifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The weights file was hashed by open_build; hashing it again here would double the load time."""
@@ -31,12 +33,16 @@ def load_tokenizer(build: BuildManifest):
     with tempfile.TemporaryDirectory(prefix="pllm-tokenizer-") as tmp:
         for name in names:
             data = build.read_bytes(name)
-            if name.endswith(".json"):  # garbage is named here, not as a bare "Expecting value" from transformers
+            # garbage is named here, not as a bare "Expecting value" from transformers; tokenizer.json (megabytes)
+            # is parsed by the tokenizers library itself, strictly, and only named here when that fails
+            if name.endswith(".json") and name != TOKENIZER_JSON:
                 json_object(build.path / name, data)
             (Path(tmp) / name).write_bytes(data)
         try:
             tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         except Exception as e:  # transformers and tokenizers raise many types for a bad file; all mean the same
+            if TOKENIZER_JSON in names:
+                json_object(build.path / TOKENIZER_JSON, (Path(tmp) / TOKENIZER_JSON).read_bytes())
             why = " ".join(f"{type(e).__name__}: {e}".replace(tmp, str(build.path)).split())
             raise BuildDirError(f"{build.path}: tokenizer files {', '.join(names)} do not load ({why})") from None
     tokenizer.name_or_path = str(build.path)

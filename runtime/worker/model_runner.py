@@ -19,7 +19,9 @@ from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
 from pllm.runtime.worker.loader import load_weights
 from pllm.runtime.worker.logprobs import prompt_logprobs_of
+from pllm.runtime.worker.startup_timing import Stage, mark
 from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
+from pllm.runtime.worker.zeroed import zeroed
 
 logger = logging.getLogger("pllm")
 
@@ -67,10 +69,12 @@ class ModelRunner:
         self.spec = build.spec
         self.block_size = build.block_size
         self.ops, self.device, self.backend = select_backend(config.backend, build)
+        mark(Stage.KERNELS)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
         weights = load_weights(build, self.device)
+        mark(Stage.WEIGHTS)
         family = family_of(self.spec.model_type, str(build.path))
         self.decode_graphs: DecodeGraphs | None = None
         self.num_lora_adapters = 0
@@ -82,14 +86,17 @@ class ModelRunner:
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
         self.max_model_len = self._fit_max_model_len(config, max_model_len)
         self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
+        mark(Stage.MODEL)
         spec = self.spec
         # One block more than the cache manager hands out: the padding rows of captured decode steps write there.
         self.pad_block = self.num_blocks
         shape = (spec.num_hidden_layers, 2, self.num_blocks + 1, self.block_size, spec.num_key_value_heads,
                  spec.head_dim)
-        # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # zeroed, so padding rows a kernel masks out never hold NaNs that 0 * NaN would spread; on the cpu the zeros
+        # are the OS's untouched pages, so the pool costs nothing until blocks fill
+        self.kv_cache = zeroed(shape, self.dtype, self.device)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_hidden_layers)]
+        mark(Stage.KV_POOL)
         if self.device.type == "cuda" and not config.enforce_eager:
             sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
             self.decode_graphs = self._capture_or_eager(sizes)

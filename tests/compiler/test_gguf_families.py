@@ -27,7 +27,7 @@ def test_qwen3_gguf_matches_transformers(tmp_path):
     # (128, the head_dim of every released Qwen3), so a file with another head_dim would not load there either.
     model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
     gguf_path = write_tiny_gguf(model_dir, "qwen3")
-    out = build(str(gguf_path), tmp_path / "build", BuildOptions(progress=False))
+    out = build(str(gguf_path), tmp_path / "build", BuildOptions(dtype="float32", progress=False))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), gguf_file=gguf_path.name,
                                                            dtype=torch.float32)
     assert hf.config.model_type == "qwen3" and hf.config.head_dim == 128
@@ -50,7 +50,7 @@ def test_gemma3_gguf_matches_transformers(tmp_path):
     model_dir = make_tiny_model(tmp_path / "hf", "gemma3_text", num_hidden_layers=6, sliding_window=6,
                                 tie_word_embeddings=True)
     gguf_path = write_tiny_gguf(model_dir, "gemma3")
-    out = build(str(gguf_path), tmp_path / "build", BuildOptions(progress=False))
+    out = build(str(gguf_path), tmp_path / "build", BuildOptions(dtype="float32", progress=False))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), gguf_file=gguf_path.name,
                                                            dtype=torch.float32)
     assert hf.config.model_type == "gemma3_text" and hf.config.sliding_window == 6

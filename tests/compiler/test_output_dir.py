@@ -18,7 +18,7 @@ from pllm.compiler.build import BuildOptions, build
 from pllm.compiler.manifest import FORMAT_VERSION
 from pllm.compiler.spec import ConfigError
 
-OPTS = BuildOptions(progress=False)
+OPTS = BuildOptions(dtype="float32", progress=False)  # as the tiny_build fixture it rebuilds over
 
 
 @pytest.fixture

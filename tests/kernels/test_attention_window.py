@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.plan import make_plan
@@ -26,7 +27,7 @@ from .test_prefill_attention import make_metadata
 # from exp (tanh = (1 - e) / (1 + e), e = exp(-2|x|)): near 0 that loses up to ~1e-7 absolute in tanh, times the
 # cap (<= 8 here) ~1e-6 in a score, so 5e-5 absolute.
 TOLERANCES = {False: {"atol": 2e-5, "rtol": 1e-5}, True: {"atol": 5e-5, "rtol": 1e-5}}
-SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAD_DIM = 64
 NUM_KV_HEADS = 2
 GROUP_SIZE = 2

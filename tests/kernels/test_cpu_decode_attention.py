@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels.cpu_decode_attention import supported as cpu_attention_supported
@@ -27,7 +28,7 @@ from .conftest import compile_cpu_kernel, tiny_spec
 # bfloat16 -- the output is rounded once to bf16 (8 significant bits): relative error <= 2**-8 of |o|, plus the
 #   fp32 error above (1e-4 absolute).
 TOLERANCES = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 1e-4, "rtol": 2**-8}}
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels.cpu_rms_norm import supported as cpu_rms_norm_supported
@@ -21,7 +22,7 @@ from .test_rms_norm import reference_rms_norm
 # squares are summed, moves 1/sqrt(mean + eps) by an fp32 ulp and that flips the rounding of the normed value to
 # its bf16 neighbour: then the output is exactly weight * that neighbour, rounded. Such flips are rare. The
 # residual sum is one rounded add in both: exactly equal. No tolerance: every output is one of these values.
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 

