@@ -1,7 +1,7 @@
 """pllm: a compiler-style LLM inference engine."""
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "LoRARequest", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,4 +22,8 @@ def __getattr__(name: str):
         from pllm.runtime.engine.config import EngineConfig
 
         return EngineConfig
+    if name == "LoRARequest":
+        from pllm.runtime.engine.lora import LoRARequest
+
+        return LoRARequest
     raise AttributeError(f"module 'pllm' has no attribute {name!r}")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from pllm.compiler.dtype_choice import DtypeChoice, choose_dtype
 from pllm.compiler.manifest import (
     FORMAT_VERSION,
     KERNELS_DIR,
+    LORA_DIR,
+    LORA_FILES,
     MANIFEST,
     MANIFEST_DIGEST_KEY,
     REPLACEABLE_FORMATS,
@@ -31,6 +34,7 @@ from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
+from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind, ModelSpec
 
@@ -51,6 +55,7 @@ class BuildOptions:
     dtype: str = "auto"  # auto: bfloat16 on a CPU with native bf16, else float32; a GPU build: the checkpoint's
     block_size: int = 16
     target: str | None = None  # sm_80 | sm_90 | auto: also store GPU-compiled kernels
+    loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters to pack: (name, PEFT adapter folder) each
     progress: bool = True
 
 
@@ -150,6 +155,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         logger.info("dtype %s (%s)", choice.dtype, choice.reason)
         dtype = choice.dtype
         check_against_weights(source, spec)
+        loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
         made = _make_parents(out_dir.parent)
         remove_stale_scratch(out_dir.parent, SCRATCH_RE)
         try:
@@ -159,7 +165,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         try:
             tmp_dir = tmp / "build"
             tmp_dir.mkdir()
-            _write_build(source, spec, dtype, options, tmp_dir)
+            _write_build(source, spec, dtype, options, tmp_dir, loras)
             _replace_dir(tmp_dir, out_dir)
         finally:
             remove_scratch_dir(tmp)
@@ -182,7 +188,30 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
-def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path) -> None:
+def check_loras(loras: tuple[tuple[str, str], ...], spec: ModelSpec) -> list[dict]:
+    """Each adapter read and checked against the model (models/lora.py); their manifest entries."""
+    if len(loras) > MAX_LORAS:
+        raise BuildError(f"{len(loras)} LoRA adapters: at most {MAX_LORAS} can be packed")
+    names = [name for name, _ in loras]
+    if len(set(names)) != len(names):
+        raise BuildError(f"LoRA adapter names must be distinct, got {names}")
+    try:
+        return [{"name": name, "rank": read_adapter(name, path, spec).rank} for name, path in loras]
+    except LoraError as e:
+        raise BuildError(str(e)) from None
+
+
+def _copy_loras(loras: tuple[tuple[str, str], ...], tmp_dir: Path) -> None:
+    for name, path in loras:
+        folder = tmp_dir / LORA_DIR / name
+        folder.mkdir(parents=True)
+        for f in LORA_FILES:
+            shutil.copyfile(Path(path) / f, folder / f)
+            _as_umask_allows(folder / f)
+
+
+def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path,
+                 loras: list[dict]) -> None:
     # an encoder embeds as its sentence-transformers files say; read first, so a refusal comes before the work
     pooling = read_pooling_config(source, spec) if spec.kind is ModelKind.ENCODER else None
     weights = convert_weights(source, spec, dtype, options.progress)
@@ -191,6 +220,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     del weights
     tokenizer_files = copy_tokenizer_files(source, tmp_dir)
     (tmp_dir / "hf_config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True, default=str))
+    _copy_loras(options.loras, tmp_dir)
 
     plan = make_plan(spec, dtype, options.block_size)
     kernel_dir = tmp_dir / KERNELS_DIR
@@ -221,6 +251,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "cpu_kernels": cpu_kernels,
         "versions": versions(),
         "files": files,
+        "loras": loras,
     }
     if pooling is not None:
         manifest["pooling"] = pooling.to_dict()

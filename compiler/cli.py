@@ -43,14 +43,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also compile the kernels for this GPU, as a check that they compile: serving never loads the stored "
         "binaries (it JIT-compiles on first launch)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=name_path,
+        metavar="NAME=PATH",
+        help="pack a PEFT LoRA adapter folder into the build under NAME (repeatable); requests pick it by name",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def name_path(text: str) -> tuple[str, str]:
+    """NAME=PATH, as --lora takes it (and pllm-serve's --lora-modules)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH")
+    return name, path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet)
+    options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet,
+                           loras=tuple(args.lora))
     try:
         with _say_choices():
             out = build(args.model, args.output, options)

@@ -16,16 +16,18 @@ from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language;
 # 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
-# and an encoder's pooling recipe
-FORMAT_VERSION = 4
+# and an encoder's pooling recipe; 5: the LoRA adapters packed into the build (key 'loras', a list, maybe empty)
+FORMAT_VERSION = 5
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
-REPLACEABLE_FORMATS = (1, 2, 3, 4)
+REPLACEABLE_FORMATS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
 KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
+LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -80,6 +82,7 @@ class BuildManifest:
     block_size: int
     kernel_dir: Path
     pooling: PoolingConfig | None = None  # an encoder build's embedding recipe (its manifest key 'pooling')
+    loras: tuple[tuple[str, str], ...] = ()  # packed LoRA adapters: (name, folder relative to the build)
 
     def read_bytes(self, rel: str) -> bytes:
         """A listed file's bytes, checked against the manifest: what is used is exactly what was verified."""
@@ -131,8 +134,9 @@ def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:
     _check_manifest(manifest, manifest_file)
     spec = _spec_from_manifest(manifest["spec"], manifest_file)
     pooling = _pooling_from_manifest(manifest.get("pooling"), spec, manifest_file)
+    loras = tuple((e["name"], f"{LORA_DIR}/{e['name']}") for e in manifest["loras"])
     build = BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR,
-                          pooling)
+                          pooling, loras)
     if verify:
         verify_files(build)
     return build
@@ -192,7 +196,8 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
     """The types and references the loader relies on, so a malformed manifest is named, never a KeyError."""
     kinds = {dict: "a JSON object", list: "a JSON list", str: "a string"}
     for key, kind in [("spec", dict), ("kernels", dict), ("cpu_kernels", dict), ("compiled_kernels", dict),
-                      ("files", dict), ("tokenizer_files", list), ("weights", str), ("source", str)]:
+                      ("files", dict), ("tokenizer_files", list), ("weights", str), ("source", str),
+                      ("loras", list)]:
         if not isinstance(m.get(key), kind):
             raise _fail(manifest_file, key, kinds[kind], m.get(key))
     if m.get("dtype") not in DTYPES:
@@ -220,6 +225,14 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
     if not isinstance(libraries, dict):
         raise _fail(manifest_file, "cpu_kernels.libraries", "a JSON object", libraries)
     listed += [(f"cpu_kernels.libraries.{k}", f"{KERNELS_DIR}/{v}") for k, v in libraries.items()]
+    names = set()
+    for i, entry in enumerate(m["loras"]):
+        if not isinstance(entry, dict) or set(entry) != {"name", "rank"} or not isinstance(entry["name"], str) \
+                or type(entry["rank"]) is not int or entry["name"] in names or "/" in entry["name"] \
+                or entry["name"] in ("", ".", ".."):
+            raise _fail(manifest_file, f"loras[{i}]", "an object with a distinct name and its rank", entry)
+        names.add(entry["name"])
+        listed += [(f"loras[{i}]", f"{LORA_DIR}/{entry['name']}/{f}") for f in LORA_FILES]
     for key, rel in listed:
         if not isinstance(rel, str) or rel not in files:
             raise _fail(manifest_file, key, "a file listed under 'files'", rel)

@@ -21,6 +21,7 @@ from pllm.models.config import (
     token_id,
 )
 from pllm.models.family import ModelFamily, RuntimeTensor
+from pllm.models.lora import LayerLora, LoraInputs, TargetLora
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
@@ -201,22 +202,29 @@ class LlamaModel:
         self.cos_sin = rope_cos_sin(spec, max_positions).to(weights["embed_tokens"].device)
         self.scale = spec.head_dim**-0.5
         self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
+        # LoRA adapters stacked per layer (models/lora.py), set by the runner; None: no adapter loaded
+        self.lora_layers: list[LayerLora] | None = None
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens] int64
         metas: Sequence[AttentionMetadata],  # [num_layers]: each layer's KV group's
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v) [num_blocks, block_size, kv, d]
+        lora: LoraInputs | None = None,  # the step's tokens under an adapter, grouped; None: all the base model's
     ) -> torch.Tensor:  # [num_tokens, hidden_size], after the final norm
         spec, w, ops = self.spec, self.w, self.ops
+        adapters = self.lora_layers if lora is not None else None
         num_tokens = input_ids.shape[0]
         q_size, kv_size = spec.q_size, spec.kv_size
         x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
         rows = rope_rows(spec, metas[0], self.max_positions)  # [num_tokens] rows of self.cos_sin
         residual = None
         for i, layer in enumerate(self.layers):
+            adapter = adapters[i] if adapters is not None else None
             h, residual = ops.rms_norm(x, layer.input_norm, spec.rms_norm_eps, residual)
             qkv = ops.linear(h, layer.qkv, layer.qkv_bias)  # [num_tokens, q + 2 * kv]
+            if adapter is not None and adapter.qkv is not None:
+                qkv = ops.lora(qkv, h, adapter.qkv.a, adapter.qkv.b, lora)
             q = qkv[:, :q_size].view(num_tokens, spec.num_attention_heads, spec.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, spec.num_key_value_heads, spec.head_dim)
@@ -225,15 +233,34 @@ class LlamaModel:
             k_cache, v_cache, meta = *kv_caches[i], metas[i]
             q, k = ops.rope_kv_write(q, k, v, rows, self.cos_sin, k_cache, v_cache, meta.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, meta, self.scale, spec.layer_window(i))  # [T, heads, head_dim]
-            x = ops.linear(attn.reshape(num_tokens, q_size), layer.o)
+            attn = attn.reshape(num_tokens, q_size)
+            x = ops.linear(attn, layer.o)
+            if adapter is not None and adapter.o is not None:
+                x = ops.lora(x, attn, adapter.o.a, adapter.o.b, lora)
             h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)
-            x = self.feed_forward(layer, h)
+            if adapter is not None and (adapter.gate_up is not None or adapter.down is not None):
+                x = self.lora_feed_forward(layer, h, adapter, lora)
+            else:
+                x = self.feed_forward(layer, h)
         x, _ = ops.rms_norm(x, w["norm"], spec.rms_norm_eps, residual)
         return x
 
     def feed_forward(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         """h [num_tokens, hidden] -> [num_tokens, hidden]: the dense MLP (models/moe.py routes to experts instead)."""
         return self.ops.mlp(h, layer.gate_up, layer.down)
+
+    def lora_feed_forward(self, layer: LayerWeights, h: torch.Tensor, adapter: LayerLora,
+                          lora: LoraInputs) -> torch.Tensor:
+        """The dense MLP with adapters on gate/up or down: the two matmuls apart, so each gets its LoRA term."""
+        ops = self.ops
+
+        def adapted(y: torch.Tensor, x: torch.Tensor, target: TargetLora | None) -> torch.Tensor:
+            return y if target is None else ops.lora(y, x, target.a, target.b, lora)
+
+        gate_up = adapted(ops.linear(h, layer.gate_up), h, adapter.gate_up)  # [num_tokens, 2 * intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up  # the llama wiring's activation (the spec refuses any other)
+        return adapted(ops.linear(act, layer.down), act, adapter.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pllm.models.lora import LoraInputs
 
 # The gated MLP's activation, by Hugging Face's `hidden_act` / `hidden_activation` name: act(gate) * up.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -134,6 +137,19 @@ class Ops(Protocol):
     ) -> torch.Tensor:  # [T, H]
         """Sum over k of w[t, k] * down_e(silu(gate_e(x)) * up_e(x)) for e = ids[t, k], as transformers computes it:
         each expert's output rounded to x's dtype, weighted in float32, rounded, and added in ascending expert order."""
+        ...
+
+    def lora(
+        self,
+        y: torch.Tensor,  # [T, out], the base layer's output, added to in place
+        x: torch.Tensor,  # [T, in], the base layer's input
+        a: torch.Tensor,  # [num_adapters, R, in]
+        b: torch.Tensor,  # [num_adapters, out, R], the scaling folded in
+        lora: LoraInputs,
+    ) -> torch.Tensor:
+        """Multi-LoRA: for each group g of lora, y[rows] += (x[rows] @ a[adapter].T) @ b[adapter].T (shrink, then
+        expand), rows = the group's token rows; the rows of no group (the base model's) are left as they are.
+        Returns y."""
         ...
 
     # encoders (bert) ------------------------------------------------------------------------------

@@ -127,3 +127,13 @@ def st_bert_build(st_bert_dir, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_dir, tmp_path_factory):
+    """The tiny llama's three random PEFT adapters (tests/lora_adapters.py ADAPTERS): name -> folder."""
+    from lora_adapters import ADAPTERS, make_adapter
+
+    root = tmp_path_factory.mktemp("loras")
+    return {name: make_adapter(tiny_dir("llama"), root / name, seed, **cfg)
+            for seed, (name, cfg) in enumerate(ADAPTERS.items())}

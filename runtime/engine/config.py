@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "cpu", "cuda", "interpret")
+MAX_LORAS_LIMIT = 16  # models/lora.py's MAX_LORAS (this module imports nothing of the model; a test ties them)
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class EngineConfig:
     num_threads: int | None = None  # cpu backend: torch intra-op threads (None: torch's default)
     enforce_eager: bool = False  # cuda backend: never capture decode steps as CUDA graphs
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture (None: 1, 2, 4, 8, 16, 24, ...)
+    # LoRA adapters to load at start, (name, PEFT adapter folder) each, beside those packed in the build
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 8  # adapters the engine may hold at once (build, lora_modules and LLM.generate's together)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, what: str) -> ValueError:
@@ -51,6 +55,19 @@ class EngineConfig:
             if max(sizes) > self.max_num_seqs:
                 raise bad("cuda_graph_sizes", sizes, f"at most max_num_seqs={self.max_num_seqs}, the largest batch")
             object.__setattr__(self, "cuda_graph_sizes", tuple(sizes))
+        modules = self.lora_modules
+        if not isinstance(modules, (tuple, list)) or not all(
+            isinstance(m, (tuple, list)) and len(m) == 2 and all(isinstance(v, str) for v in m) for m in modules
+        ):
+            raise bad("lora_modules", modules, "a tuple of (name, path) pairs")
+        names = [m[0] for m in modules]
+        if len(set(names)) != len(names):
+            raise bad("lora_modules", modules, "pairs with distinct names")
+        object.__setattr__(self, "lora_modules", tuple(tuple(m) for m in modules))
+        if not _is_int(self.max_loras) or not 1 <= self.max_loras <= MAX_LORAS_LIMIT:
+            raise bad("max_loras", self.max_loras, f"an integer in [1, {MAX_LORAS_LIMIT}]")
+        if len(modules) > self.max_loras:
+            raise bad("lora_modules", f"{len(modules)} adapters", f"at most max_loras={self.max_loras}")
         fraction = self.kv_cache_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")

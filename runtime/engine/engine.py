@@ -13,6 +13,7 @@ from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.kv_coordinator import KvCoordinator
+from pllm.runtime.engine.lora import LoraRegistry, LoRARequest
 from pllm.runtime.engine.output_processor import OutputProcessor
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.pooler import Pooler
@@ -65,6 +66,8 @@ class LLMEngine:
         self.generation_config = load_generation_config(self.build)
         self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
+        self.loras = LoraRegistry(spec, config.max_loras)
+        self._load_start_loras(config)
         recompute_past_len = recompute_length(spec)
         prefix_caching = config.enable_prefix_caching and recompute_past_len is None
         if config.enable_prefix_caching and not prefix_caching:
@@ -118,6 +121,32 @@ class LLMEngine:
                     describe_budget(self.runner.kv_budgets, self.build.block_size))
 
     # -- set-up -----------------------------------------------------------------------------------
+    def _load_start_loras(self, config: EngineConfig) -> None:
+        """The build's packed adapters, then config.lora_modules, read and checked before anything is served."""
+        packed = [(name, str(self.build.path / folder)) for name, folder in self.build.loras]
+        starting = packed + list(config.lora_modules)
+        if not starting:
+            return
+        if len({name for name, _ in starting}) != len(starting):
+            raise ValueError(f"LoRA adapter names must be distinct; the build packs {[n for n, _ in packed]} and "
+                             f"lora_modules names {[n for n, _ in config.lora_modules]}")
+        for i, (name, path) in enumerate(starting):
+            request = LoRARequest(name, i + 1, path)
+            self.loras.add(request, self.loras.load(request))
+        self.runner.set_lora_adapters(self.loras.adapters)
+        logger.info("pllm engine: LoRA adapters %s (max rank %d)", ", ".join(self.loras.names()),
+                    max(a.rank for a in self.loras.adapters))
+
+    def add_lora(self, request: LoRARequest) -> int:
+        """The slot of the request's adapter, loading it first when it is new; LoraError (a ValueError) names
+        what is wrong. Call between steps (the runner restacks the adapters)."""
+        slot = self.loras.slot_of(request)
+        if slot is not None:
+            return slot
+        adapter = self.loras.load(request)
+        self.runner.set_lora_adapters([*self.loras.adapters, adapter])
+        return self.loras.add(request, adapter)
+
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
         limit = self.spec.max_position_embeddings
         if config.max_model_len is None:
@@ -189,10 +218,18 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Queue a request; ValueError (naming what is wrong) for anything that can never run."""
+        """Queue a request, under a LoRA adapter when lora_request names one (loaded now if new); ValueError
+        (naming what is wrong) for anything that can never run."""
         self.check_generates()
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
         if request_id in self.processor or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
@@ -210,6 +247,7 @@ class LLMEngine:
             grammar = self.grammars.compile(params.structured_outputs)
             if grammar.done() and grammar.exception() is not None:
                 raise grammar.exception()
+        lora_slot = self.add_lora(lora_request) if lora_request is not None else 0
         now = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for index in range(params.n):
@@ -219,7 +257,8 @@ class LLMEngine:
             if index > 0 and params.prompt_logprobs is not None:  # the prompt is shared: the first scores it
                 child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            request = Request(child_id, list(ids), child_params, now, max_tokens)
+            request = Request(child_id, list(ids), child_params, now, max_tokens, lora_slot=lora_slot,
+                              lora_name=lora_request.name if lora_request is not None else None)
             if grammar is not None:
                 request.grammar = SequenceGrammar(grammar, self.spec.vocab_size)  # each sequence its own matcher
             children.append(request)

@@ -252,5 +252,6 @@ class KVCacheManager:
             bs = self.block_size
             assert num_full_blocks * bs <= len(token_ids)
             for i in range(len(hashes), num_full_blocks):
-                hashes.append(hash_block(hashes[-1] if hashes else b"", token_ids[i * bs : (i + 1) * bs]))
+                parent = hashes[-1] if hashes else request.cache_salt  # a LoRA adapter's blocks are its own
+                hashes.append(hash_block(parent, token_ids[i * bs : (i + 1) * bs]))
         return hashes[:num_full_blocks]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.engine import LLMEngine
+from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
 
@@ -38,8 +39,11 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in input order. A prompt is a text, a list of token ids, or {"prompt_token_ids": [...]}."""
+        """Outputs in input order. A prompt is a text, a list of token ids, or {"prompt_token_ids": [...]}.
+        lora_request: one adapter for every prompt, or one (or None: the base model) per prompt; they share
+        batches."""
         self.engine.check_generates()
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -56,7 +60,16 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts; pass one or one per prompt"
                 )
-        return self._run(prompts, params_list, use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts; pass one or one per "
+                                 "prompt")
+        for lora in {lora for lora in loras if lora is not None}:  # loaded (and checked) before anything is queued
+            self.engine.add_lora(lora)
+        return self._run(prompts, params_list, use_tqdm, loras)
 
     def chat(
         self,
@@ -106,13 +119,16 @@ class LLM:
         ids = self._add(lambda rid, i: self.engine.add_embedding_request(rid, texts[i], pooling), len(texts))
         return [out.outputs for out in self._collect(ids, None)]
 
-    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool,
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         # Structured output: compile every distinct grammar first (in parallel with each other, once each), so a
         # bad schema raises here, naming the field, before anything is queued.
         grammars = [self.engine.grammars.compile(p.structured_outputs) for p in params_list if p.structured_outputs]
         for future in grammars:
             future.result()
-        ids = self._add(lambda rid, i: self.engine.add_request(rid, prompts[i], params_list[i]), len(prompts))
+        loras = loras or [None] * len(prompts)
+        ids = self._add(lambda rid, i: self.engine.add_request(rid, prompts[i], params_list[i], None, loras[i]),
+                        len(prompts))
         return self._collect(ids, _progress(len(ids)) if use_tqdm else None)
 
     def _add(self, add: Callable[[str, int], None], num_requests: int) -> list[str]:

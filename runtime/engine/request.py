@@ -78,6 +78,13 @@ class Request:
     # preemption keeps, so recomputing the prompt scores nothing twice
     num_prompt_logprob_rows: int = 0
     grammar: SequenceGrammar | None = None  # structured output: the grammar its output follows
+    lora_slot: int = 0  # 0: the base model; k >= 1: the engine's k-th loaded LoRA adapter
+    lora_name: str | None = None  # that adapter's name (set exactly when lora_slot is)
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What the prefix cache's first block hash starts from: K/V computed under an adapter is the adapter's."""
+        return b"" if self.lora_name is None else b"lora\0" + self.lora_name.encode()
 
     @property
     def ready(self) -> bool:
@@ -176,6 +183,7 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
         sample=sample_inputs(req, stop) if seq.samples else None,
         pooling=req.pooling,
         prompt_logprobs=prompt_logprob_inputs(req, start, end),
+        lora_slot=req.lora_slot,
     )
 
 

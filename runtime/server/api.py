@@ -173,9 +173,9 @@ def create_app(
     @app.post("/v1/completions", responses={**ERROR_RESPONSES, 200: {"model": CompletionResponse, **json_or_sse}})
     async def completions(body: CompletionRequest, raw: Request):
         arrival = time.monotonic()
-        serving.check_model(body.model)
+        lora = serving.check_model(body.model)
         log_ignored(body)
-        prep = await completion_serving.prepare(body, arrival)
+        prep = serving.under_lora(await completion_serving.prepare(body, arrival), lora)
         stream = await engine.generate(prep.requests)
         if body.stream:
             return SSEResponse(completion_serving.stream(body, prep, stream), stream)
@@ -186,9 +186,9 @@ def create_app(
     @app.post("/v1/chat/completions", responses=chat_responses)
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         arrival = time.monotonic()
-        serving.check_model(body.model)
+        lora = serving.check_model(body.model)
         log_ignored(body)
-        prep = await chat_serving.prepare(body, arrival)
+        prep = serving.under_lora(await chat_serving.prepare(body, arrival), lora)
         stream = await engine.generate(prep.requests)
         if body.stream:
             return SSEResponse(chat_serving.stream(body, prep, stream), stream)
@@ -197,7 +197,7 @@ def create_app(
     @app.post("/v1/embeddings", responses={**ERROR_RESPONSES, 200: {"model": EmbeddingResponse}})
     async def embeddings(body: EmbeddingRequest, raw: Request):
         arrival = time.monotonic()
-        serving.check_model(body.model)
+        serving.check_base_model(body.model)
         log_ignored(body)
         return await embedding_serving.create(body, arrival, functools.partial(_until_disconnect, raw))
 
@@ -219,6 +219,10 @@ def create_app(
         cards = [
             ModelCard(id=name, root=served_model_names[0], max_model_len=serving.max_model_len)
             for name in served_model_names
+        ]
+        cards += [  # as vLLM lists them: the adapter's folder as root, the base model as parent
+            ModelCard(id=name, root=lora.path, parent=served_model_names[0], max_model_len=serving.max_model_len)
+            for name, lora in serving.loras.items()
         ]
         return ModelList(data=cards)
 

@@ -64,6 +64,13 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH (a PEFT LoRA adapter folder)")
+    return name, path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pllm-serve", description="Serve a pllm build directory over an OpenAI-compatible HTTP API."
@@ -105,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         "max-num-seqs or 256)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lora-modules",
+        type=lora_module,
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT LoRA adapter folders to serve, each under its NAME as a `model` (listed in /v1/models), beside "
+        "those packed into the build by pllm-compile --lora",
+    )
+    p.add_argument("--max-loras", type=positive_int, default=8, help="LoRA adapters held at once (at most 16)")
     p.add_argument(
         "--tool-call-parser",
         choices=[*TOOL_CALL_PARSERS, NO_PARSER],
@@ -257,6 +274,8 @@ def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
+        lora_modules=tuple(args.lora_modules),
+        max_loras=args.max_loras,
     )
     from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
 

@@ -154,7 +154,7 @@ class EngineLoop:
                 if r.pooling is not None:
                     self.engine.add_embedding_request(r.request_id, prompt, r.pooling, r.arrival_time)
                 else:
-                    self.engine.add_request(r.request_id, prompt, r.params, r.arrival_time)
+                    self.engine.add_request(r.request_id, prompt, r.params, r.arrival_time, r.lora)
                 added.append(r.request_id)
                 self._routes[r.request_id] = _Route(stream, r)
         except Exception as exc:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
 
@@ -39,6 +40,7 @@ class EngineRequest:
     params: SamplingParams
     arrival_time: float  # time.monotonic() when the HTTP request arrived
     pooling: str | None = None  # "last" | "mean": an embedding request (params unused), one output when done
+    lora: LoRARequest | None = None  # the LoRA adapter the request's `model` named; None: the base model
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams
 from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
@@ -29,6 +31,11 @@ class Prepared:
         n = self.requests[0].params.n
         return {r.request_id: i * n for i, r in enumerate(self.requests)}
 
+    def model_name(self, base_model: str) -> str:
+        """The `model` a response names: the LoRA adapter's when the requests run under one, else base_model."""
+        lora = self.requests[0].lora if self.requests else None
+        return lora.name if lora is not None else base_model
+
 
 class OpenAIServing:
     """The served model as every endpoint family sees it (serving_completions.py, serving_chat.py,
@@ -37,6 +44,11 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_names: list[str]):
         self.engine = engine
         self.model_names = served_model_names
+        # the LoRA adapters the engine loaded at start, each served under its own name (the server loads no more)
+        self.loras: dict[str, LoRARequest] = dict(engine.engine.loras.requests)
+        clash = sorted(set(self.loras) & set(served_model_names))
+        if clash:
+            raise ValueError(f"LoRA adapter name(s) {clash} are also served model names; rename one")
         llm = engine.engine
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
@@ -55,9 +67,26 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.model_names[0]
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.model_names:
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter `model` names, None for the base model's names (or none given); 404 for any other."""
+        if model is None or model in self.model_names:
+            return None
+        lora = self.loras.get(model)
+        if lora is None:
             raise EngineError(404, f"The model `{model[:256]}` does not exist.", param="model")
+        return lora
+
+    def under_lora(self, prep: Prepared, lora: LoRARequest | None) -> Prepared:
+        """The prepared requests, each to run under the adapter (None: as they are, on the base model)."""
+        if lora is None:
+            return prep
+        return dataclasses.replace(prep, requests=[dataclasses.replace(r, lora=lora) for r in prep.requests])
+
+    def check_base_model(self, model: str | None) -> None:
+        """A 400 for a LoRA adapter's name on an endpoint adapters do not serve (embeddings)."""
+        if self.check_model(model) is not None:
+            raise EngineError(400, f"The model `{model}` is a LoRA adapter; embeddings are served by the base model "
+                              f"`{self.model_name}` only.", param="model")
 
     async def in_tokenizer_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)

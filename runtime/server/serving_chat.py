@@ -94,7 +94,7 @@ class ChatServing:
         return ChatCompletionResponse(
             id=prep.requests[0].request_id,
             created=prep.created,
-            model=self.base.model_name,
+            model=prep.model_name(self.base.model_name),
             choices=choices,
             usage=usage_of(finals),
         )
@@ -114,7 +114,7 @@ class ChatServing:
         return ChatChoiceLogprobs(content=tokens)
 
     def stream(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        rid, model = prep.requests[0].request_id, self.base.model_name
+        rid, model = prep.requests[0].request_id, prep.model_name(self.base.model_name)
         opts = req.stream_options
         cursors: dict[int, SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}

@@ -85,7 +85,7 @@ class CompletionServing:
         return CompletionResponse(
             id=prep.requests[0].request_id.rsplit("-", 1)[0],
             created=prep.created,
-            model=self.base.model_name,
+            model=prep.model_name(self.base.model_name),
             choices=choices,
             usage=usage_of(finals),
         )
@@ -117,7 +117,7 @@ class CompletionServing:
         return lp
 
     def stream(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        rid, model = prep.requests[0].request_id.rsplit("-", 1)[0], self.base.model_name
+        rid, model = prep.requests[0].request_id.rsplit("-", 1)[0], prep.model_name(self.base.model_name)
         opts = req.stream_options
         base = prep.choice_base()
         prompt_index = {r.request_id: i for i, r in enumerate(prep.requests)}

@@ -11,6 +11,7 @@ import torch
 
 from pllm.compiler.manifest import BuildManifest
 from pllm.models.kv_groups import kv_groups, layer_groups
+from pllm.models.lora import LoraAdapter, check_lora_family, stack_adapters
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind
@@ -73,6 +74,7 @@ class ModelRunner:
         mark(Stage.WEIGHTS)
         family = family_of(self.spec.model_type, str(build.path))
         self.decode_graphs: DecodeGraphs | None = None
+        self.num_lora_adapters = 0
         if self.spec.kind is ModelKind.ENCODER:
             self._init_encoder(config, max_model_len)
             self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
@@ -121,6 +123,12 @@ class ModelRunner:
         self.pad_blocks = (self.num_blocks,)
         self.kv_cache = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def set_lora_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
+        """Stack the adapters for the model (adapter i serves SeqStep.lora_slot i + 1); replaces the earlier set."""
+        check_lora_family(self.spec)
+        self.num_lora_adapters = len(adapters)
+        self.model.lora_layers = stack_adapters(adapters, self.spec, self.dtype, self.device) if adapters else None
 
     def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
         """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""
@@ -222,14 +230,16 @@ class ModelRunner:
         return capacity
 
     def prepare(self, batch: StepBatch) -> StepInputs:
-        return prepare_step(batch, self.block_size, self.pad_blocks, self.device)
+        return prepare_step(batch, self.block_size, self.pad_blocks, self.device, self.num_lora_adapters)
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepOutput:
         """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
         inputs = self.prepare(batch)
         hidden = None
-        if self.decode_graphs is not None and inputs.meta.is_decode_only:
+        if inputs.lora is not None:  # adapters' steps run eagerly: the graphs hold the base model's decode
+            hidden = self.model.forward(inputs.input_ids, self._layer_metas(inputs.metas), self.kv_caches, inputs.lora)
+        elif self.decode_graphs is not None and inputs.meta.is_decode_only:
             hidden = self.decode_graphs.run(inputs.input_ids, inputs.metas)  # None: larger than any graph
         if hidden is None:
             hidden = self.model.forward(inputs.input_ids, self._layer_metas(inputs.metas), self.kv_caches)

@@ -67,6 +67,7 @@ class SeqStep:
     sample: SampleInputs | None = None  # set when the step yields a token (it completes a generating sequence)
     pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
     prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens
+    lora_slot: int = 0  # 0: the base model; k >= 1: the k-th loaded LoRA adapter (the runner's stack index k - 1)
 
     @property
     def num_new_tokens(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pllm.models.lora import LoraInputs
 from pllm.models.ops import AttentionMetadata
 from pllm.runtime.worker.step import StepBatch
 
@@ -19,6 +20,7 @@ class StepInputs:
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
     # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
     prompt_logprob_rows: torch.Tensor | None
+    lora: LoraInputs | None = None  # the rows under a LoRA adapter, grouped by adapter; None: all base
 
     @property
     def meta(self) -> AttentionMetadata:
@@ -26,9 +28,11 @@ class StepInputs:
         return self.metas[0]
 
 
-def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...], device: torch.device) -> StepInputs:
+def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...], device: torch.device,
+                 num_lora_adapters: int = 0) -> StepInputs:
     """pad_blocks: each group's padding block, where table entries of blocks a window returned point (no query of
-    the step attends to them; the kernels may still load them whole and mask, so they must be real blocks)."""
+    the step attends to them; the kernels may still load them whole and mask, so they must be real blocks).
+    num_lora_adapters: how many adapters the runner holds (a sequence's lora_slot is 1..that; 0 is the base)."""
     num_groups = len(pad_blocks)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -41,6 +45,7 @@ def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...],
     sample_rows: list[int] = []
     pool_rows: list[tuple[int, int, int]] = []
     prompt_rows: list[int] = []
+    lora_rows: list[tuple[int, int, int]] = []  # (first row, end row, slot) of each sequence
     bs = block_size
     max_blocks = 0
     for i, s in enumerate(batch.seqs):
@@ -58,6 +63,11 @@ def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...],
         query_start.append(query_start[-1] + s.num_new_tokens)
         seq_lens.append(end)
         query_lens.append(s.num_new_tokens)
+        if s.lora_slot:
+            if not 1 <= s.lora_slot <= num_lora_adapters:
+                raise ValueError(f"request {s.request_id}: LoRA slot {s.lora_slot} is not loaded "
+                                 f"({num_lora_adapters} adapters)")
+            lora_rows.append((query_start[-2], query_start[-1], s.lora_slot))
         max_blocks = max(max_blocks, -(-end // bs))
         if s.prompt_logprobs is not None:
             first = query_start[-2] + s.prompt_logprobs.first_position - start
@@ -91,6 +101,7 @@ def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...],
         torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         tuple(pool_rows),
         torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
+        LoraInputs.from_slots(lora_rows, dev),
     )
 
 

@@ -48,6 +48,9 @@ SHAPES = {
     "gemma3_bf16": (dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
                          head_dim=256, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0, qk_norm=True,
                          sliding_window=512, sliding_layers=(0,), attn_logit_softcapping=50.0), "bfloat16", 16),
+    # SmolLM2's dense shape in fp16: the llama wiring without experts, so its plan carries the LoRA kernels
+    "smollm2_dense_fp16": (dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64), "float16", 16),
 }
 # kernels only some shapes' plans carry
 OPTIONAL_KERNELS = {"qknorm_partial_hd128_bf16": {"qk_norm"}, "qknorm_offset_partial_hd80_fp32": {"qk_norm"},
@@ -55,6 +58,9 @@ OPTIONAL_KERNELS = {"qknorm_partial_hd128_bf16": {"qk_norm"}, "qknorm_offset_par
 MOE_KERNELS = {"moe_gate_up", "moe_down", "moe_sum"}
 OPTIONAL_KERNELS.update({"smollm2_fp16": MOE_KERNELS, "hd80_fp32": MOE_KERNELS})
 ENCODER_KERNELS = {"layer_norm_residual", "layer_norm_plain", "encoder_attention"}
+LORA_KERNELS = {"lora_shrink", "lora_expand"}  # every dense llama-wiring plan (no experts)
+for _name in ("qknorm_partial_hd128_bf16", "qknorm_offset_partial_hd80_fp32", "gemma3_bf16", "smollm2_dense_fp16"):
+    OPTIONAL_KERNELS[_name] = OPTIONAL_KERNELS.get(_name, set()) | LORA_KERNELS
 
 
 def _spec(fields: dict) -> ModelSpec:

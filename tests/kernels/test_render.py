@@ -85,7 +85,8 @@ def test_manifest_is_json_and_names_every_file():
     plan = make_plan(_spec(SMOLLM2), "bfloat16", 32)
     manifest = json.loads(json.dumps(plan.to_manifest()))
     assert manifest["dtype"] == "bfloat16" and manifest["block_size"] == 32
-    triton = {"rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp"}
+    triton = {"rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp", "lora_shrink",
+              "lora_expand"}
     assert set(manifest["kernels"]) == triton | {"cpu_decode_attention", "cpu_rms_norm", "cpu_rope_kv_write"}
     for name, entry in manifest["kernels"].items():
         suffix = "py" if name in triton else "cpp"

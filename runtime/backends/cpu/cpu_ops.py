@@ -38,6 +38,9 @@ def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     return (normed * (offset + weight.float())).to(x.dtype)
 
 
+PADDED_LORA_WASTE = 2  # the padded batched path when padding at most doubles the rows computed
+
+
 class TorchOps:
     """Reference-quality and fast: one-token queries through the build's compiled kernel (else one gather + batched
     matmuls), SDPA per prompt segment."""
@@ -218,6 +221,25 @@ class TorchOps:
 
     def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
         return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
+
+    def lora(self, y, x, a, b, lora):
+        # Grouped by adapter (Punica's SGMV on the CPU); the base model's rows are never touched. Groups of similar
+        # sizes (decode steps): padded to one length, one batched shrink and one batched expand for all adapters.
+        # Otherwise (a long prompt beside short groups, where padding would cost more than it saves): one shrink and
+        # one expand matmul per adapter, over all of its rows at once.
+        starts = lora.group_start_host
+        num_groups, num_rows = len(lora.group_adapter_host), starts[-1]
+        if num_groups > 1 and num_groups * lora.max_group_tokens <= PADDED_LORA_WASTE * num_rows:
+            adapters = lora.group_adapter.long()
+            xs = x.index_select(0, lora.padded_rows).view(num_groups, -1, x.shape[1])  # [G, M, in]
+            shrunk = torch.bmm(xs, a.index_select(0, adapters).transpose(1, 2))  # [G, M, R]
+            out = torch.bmm(shrunk, b.index_select(0, adapters).transpose(1, 2))  # [G, M, out]
+            return y.index_add_(0, lora.token_rows, out.view(-1, y.shape[1]).index_select(0, lora.padded_valid))
+        for g, adapter in enumerate(lora.group_adapter_host):
+            rows = lora.token_rows[starts[g] : starts[g + 1]]
+            shrunk = torch.matmul(x.index_select(0, rows), a[adapter].t())  # [rows, R]
+            y.index_add_(0, rows, torch.matmul(shrunk, b[adapter].t()))  # [rows, out]
+        return y
 
     # encoders (bert) ------------------------------------------------------------------------------
     def layer_norm(self, x, weight, bias, eps, residual):

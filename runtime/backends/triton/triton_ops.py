@@ -189,7 +189,16 @@ class TritonOps:
     ) -> torch.Tensor:
         return self.kernels["moe"].moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
 
+    def lora(self, y, x, a, b, lora):
+        # shrink to an fp32 [adapted tokens, R] buffer, then expand into y: both grouped by adapter
+        if "lora_shrink" not in self.kernels:
+            raise RuntimeError("this build has no LoRA kernels (built before pllm served adapters): rebuild it")
+        args = (lora.token_rows, lora.group_start, lora.group_adapter, lora.max_group_tokens)
+        buf = self.kernels["lora_shrink"].lora_shrink(x, a, *args)
+        return self.kernels["lora_expand"].lora_expand(y, buf, b, *args)
+
     # encoders (bert) ------------------------------------------------------------------------------
+
     def layer_norm(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
     ) -> torch.Tensor:
