@@ -124,15 +124,9 @@ class LLMEngine:
     def _load_start_loras(self, config: EngineConfig) -> None:
         """The build's packed adapters, then config.lora_modules, read and checked before anything is served."""
         packed = [(name, str(self.build.path / folder)) for name, folder in self.build.loras]
-        starting = packed + list(config.lora_modules)
-        if not starting:
+        self.loras.load_starting(packed, list(config.lora_modules))
+        if not self.loras.adapters:
             return
-        if len({name for name, _ in starting}) != len(starting):
-            raise ValueError(f"LoRA adapter names must be distinct; the build packs {[n for n, _ in packed]} and "
-                             f"lora_modules names {[n for n, _ in config.lora_modules]}")
-        for i, (name, path) in enumerate(starting):
-            request = LoRARequest(name, i + 1, path)
-            self.loras.add(request, self.loras.load(request))
         self.runner.set_lora_adapters(self.loras.adapters)
         logger.info("pllm engine: LoRA adapters %s (max rank %d)", ", ".join(self.loras.names()),
                     max(a.rank for a in self.loras.adapters))

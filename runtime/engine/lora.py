@@ -67,3 +67,14 @@ class LoraRegistry:
         self.adapters.append(adapter)
         self.requests[request.name] = request
         return len(self.adapters)
+
+    def load_starting(self, packed: list[tuple[str, str]], modules: list[tuple[str, str]]) -> None:
+        """A build's packed adapters, then the configured ones, as (name, folder): read, checked and added in
+        order, slots 1, 2, ...; ValueError when a name repeats."""
+        starting = packed + modules
+        if len({name for name, _ in starting}) != len(starting):
+            raise ValueError(f"LoRA adapter names must be distinct; the build packs {[n for n, _ in packed]} and "
+                             f"lora_modules names {[n for n, _ in modules]}")
+        for i, (name, path) in enumerate(starting):
+            request = LoRARequest(name, i + 1, path)
+            self.add(request, self.load(request))
