@@ -1,0 +1,86 @@
+"""Quantised linear weights: the packed layout every backend reads, and the dequantiser that defines its meaning.
+
+One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4`) and GGUF blocks kept as they
+are: Q8_0 is INT8 with groups of 32; Q4_0 (w = d * (q - 8)), Q4_1 (w = d * q + m) and Q4_K (per 32-element
+sub-block: w = d * sc * q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in
+float32. A kernel reading this layout is correct when it equals `dequantize` followed by a float matmul.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class QuantScheme(enum.Enum):
+    INT8 = "int8"  # codes int8 [out, in]; w = code * scale (symmetric)
+    INT4 = "int4"  # codes uint8 [out, in // 2], two per byte; w = code * scale + min (code 0..15)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    scheme: QuantScheme
+    group_size: int  # consecutive input elements sharing one scale (and min); in_features: one per output channel
+
+    def __post_init__(self) -> None:
+        if self.group_size <= 0 or (self.scheme is QuantScheme.INT4 and self.group_size % 2):
+            raise ValueError(f"{self.scheme.value}: group size {self.group_size} must be positive (and even for int4)")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear layer's weight [out, in], packed. INT4: input element 2j is byte j's low nibble, 2j + 1 its high one."""
+
+    codes: torch.Tensor  # INT8: int8 [out, in]; INT4: uint8 [out, in // 2]
+    scales: torch.Tensor  # float32 [out, in // group_size]
+    mins: torch.Tensor | None  # INT4: float32 [out, in // group_size]; INT8: None
+    fmt: QuantFormat
+
+    def __post_init__(self) -> None:
+        out, packed = self.codes.shape
+        in_features = packed * 2 if self.fmt.scheme is QuantScheme.INT4 else packed
+        code_dtype = torch.uint8 if self.fmt.scheme is QuantScheme.INT4 else torch.int8
+        groups = in_features // self.fmt.group_size
+        if self.codes.dtype != code_dtype:
+            raise ValueError(f"{self.fmt.scheme.value} codes must be {code_dtype}, got {self.codes.dtype}")
+        if in_features % self.fmt.group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group size {self.fmt.group_size}")
+        if self.scales.shape != (out, groups) or self.scales.dtype != torch.float32:
+            raise ValueError(f"scales {tuple(self.scales.shape)} {self.scales.dtype}: expected ({out}, {groups}) fp32")
+        has_mins = self.fmt.scheme is QuantScheme.INT4
+        if (self.mins is not None) != has_mins:
+            raise ValueError(f"{self.fmt.scheme.value} weights {'need' if has_mins else 'take no'} mins")
+        if self.mins is not None and (self.mins.shape != self.scales.shape or self.mins.dtype != torch.float32):
+            raise ValueError(f"mins {tuple(self.mins.shape)} {self.mins.dtype}: expected the scales' shape, fp32")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, packed = self.codes.shape
+        return (out, packed * 2 if self.fmt.scheme is QuantScheme.INT4 else packed)
+
+
+def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in // 2] -> uint8 [out, in], each value 0..15."""
+    return torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(codes.shape[0], -1)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in] of values 0..15 -> [out, in // 2], element 2j in the low nibble."""
+    if values.dtype != torch.uint8 or values.shape[-1] % 2 or (values.numel() and int(values.max()) > 15):
+        raise ValueError("int4 packing takes uint8 values 0..15 along an even last dimension")
+    pairs = values.reshape(values.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference meaning of a packed weight: float [out, in], computed in float32 and rounded once to dtype."""
+    out, in_features = weight.shape
+    group = weight.fmt.group_size
+    if weight.fmt.scheme is QuantScheme.INT4:
+        codes = unpack_int4(weight.codes).float().view(out, -1, group)
+        values = codes * weight.scales[..., None] + weight.mins[..., None]
+    else:
+        values = weight.codes.float().view(out, -1, group) * weight.scales[..., None]
+    return values.reshape(out, in_features).to(dtype)
