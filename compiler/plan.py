@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pllm.compiler.kernels import KERNELS, KernelSpec, Language
 from pllm.compiler.kernels.common import next_power_of_2
 from pllm.models.spec import DTYPES, ModelSpec
+
+if TYPE_CHECKING:
+    from pllm.models.quant import QuantFormat
 
 # KV-cache tokens per block the kernels are written for (multiples of the cpu kernels' 8 lanes, and powers of two
 # for Triton's tiles); pllm-compile offers exactly these.
@@ -43,13 +46,13 @@ class KernelPlan:
         }
 
 
-def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
-    """Every registered kernel that applies to this model and dtype, specialised to it and the block size."""
+def make_plan(spec: ModelSpec, dtype: str, block_size: int, quant: QuantFormat | None = None) -> KernelPlan:
+    """Every registered kernel that applies to this model and dtype, specialised to it and the block size; with
+    `quant`, also the kernels over weights packed in that format (models/quant.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported (supported: {BLOCK_SIZES})")
-    kernels = tuple(
-        k.spec(spec, dtype, block_size) for k in KERNELS if spec.kind in k.kinds and k.applies(spec, dtype)
-    )
+    planned = (k.planned(spec, dtype, block_size, quant) for k in KERNELS)
+    kernels = tuple(k for k in planned if k is not None)
     return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels)

@@ -14,18 +14,20 @@ from pllm.compiler.kernels import (
     moe,
     prefill_attention,
     qk_norm,
+    quant_matmul,
     rms_norm,
     rope_kv_write,
 )
-from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
+from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language, QuantKernel
 
-KERNELS: tuple[Kernel, ...] = (
+KERNELS: tuple[Kernel | QuantKernel, ...] = (
     rms_norm.KERNEL,
     qk_norm.KERNEL,
     rope_kv_write.KERNEL,
     decode_attention.KERNEL,
     prefill_attention.KERNEL,
     mlp.KERNEL,
+    quant_matmul.KERNEL,  # quantised builds only
     moe.KERNEL,
     lora.SHRINK,
     lora.EXPAND,
@@ -37,4 +39,4 @@ KERNELS: tuple[Kernel, ...] = (
     encoder_attention.KERNEL,
 )
 
-__all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]
+__all__ = ["KERNELS", "Kernel", "KernelSpec", "Language", "QuantKernel"]
