@@ -12,7 +12,8 @@ import torch
 
 from pllm.compiler.kernel_modules import COMPILED_INFO_FILE, import_kernel_module
 from pllm.compiler.manifest import BuildManifest, Language
-from pllm.models.ops import AttentionMetadata
+from pllm.models.ops import ACTIVATIONS, AttentionMetadata
+from pllm.models.quant import QuantizedWeight, QuantScheme
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +171,39 @@ class TritonOps:
             meta.max_query_len, windowed,
         )
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.nn.functional.linear(x, weight, bias)  # the projections stay library matmuls (cuBLAS)
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if isinstance(weight, QuantizedWeight):
+            return self._quant_linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)  # float projections stay library matmuls (cuBLAS)
+
+    def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """The build's dequantise-in-the-matmul kernel over the packed weight; x's leading dims kept."""
+        if "quant_matmul" not in self.kernels:
+            raise RuntimeError(f"a {weight.fmt.scheme.value} weight, but this build has no quant_matmul kernel (a "
+                               "float build): build with --quantization")
+        kernel = self.kernels["quant_matmul"]
+        if QuantScheme(kernel.SCHEME) is not weight.fmt.scheme:
+            raise ValueError(f"a {weight.fmt.scheme.value} weight, but the build's quant_matmul kernel reads "
+                             f"{kernel.SCHEME}")
+        out = kernel.quant_matmul(x.reshape(-1, x.shape[-1]), weight.codes, weight.scales, weight.mins,
+                                  weight.fmt.group_size, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def mlp(
-        self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, activation: str = "silu"
+        self,
+        x: torch.Tensor,
+        gate_up_weight: torch.Tensor | QuantizedWeight,
+        down_weight: torch.Tensor | QuantizedWeight,
+        activation: str = "silu",
     ) -> torch.Tensor:
-        assert activation == self.activation, f"activation {activation}: the kernel has {self.activation}"
-        return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)
+        if isinstance(gate_up_weight, torch.Tensor) and isinstance(down_weight, torch.Tensor):
+            assert activation == self.activation, f"activation {activation}: the kernel has {self.activation}"
+            return self.kernels["mlp"].mlp(x, gate_up_weight, down_weight)
+        # packed weights: two quant_matmul launches with the activation between them, as the cpu backend computes it
+        gate, up = self.linear(x, gate_up_weight).chunk(2, dim=-1)  # [T, I] each
+        return self.linear(ACTIVATIONS[activation](gate) * up, down_weight)
 
     def moe(
         self,
