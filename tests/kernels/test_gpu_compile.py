@@ -15,6 +15,7 @@ from pllm.compiler.gpu_compile import compile_kernels, resolve_target, triton_ca
 from pllm.compiler.kernel_modules import COMPILED_INFO_FILE
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
+from pllm.models.quant import QuantFormat, QuantScheme
 from pllm.models.spec import ModelKind, ModelSpec, MoeSpec
 from pllm.runtime.backends.triton.triton_ops import compiled_artifacts_status
 
@@ -61,6 +62,14 @@ ENCODER_KERNELS = {"layer_norm_residual", "layer_norm_plain", "encoder_attention
 LORA_KERNELS = {"lora_shrink", "lora_expand"}  # every dense llama-wiring plan (no experts)
 for _name in ("qknorm_partial_hd128_bf16", "qknorm_offset_partial_hd80_fp32", "gemma3_bf16", "smollm2_dense_fp16"):
     OPTIONAL_KERNELS[_name] = OPTIONAL_KERNELS.get(_name, set()) | LORA_KERNELS
+# quantised builds: each scheme in each dtype's dot (fp16, bf16; fp32's ieee), groups giving K tiles of 32 and 64
+QUANT = {"smollm2_dense_fp16": QuantFormat(QuantScheme.INT4, 32), "hd80_fp32": QuantFormat(QuantScheme.INT8, 32),
+         "gemma3_bf16": QuantFormat(QuantScheme.INT4, 128)}
+QUANT_KERNELS = {"quant_matmul_small_m_split", "quant_matmul_small_m", "quant_matmul_small_m_bias",
+                 "quant_matmul_large_m", "quant_matmul_large_m_bias", "quant_matmul_split_reduce",
+                 "quant_matmul_split_reduce_bias"}
+for _name in QUANT:
+    OPTIONAL_KERNELS[_name] = OPTIONAL_KERNELS.get(_name, set()) | QUANT_KERNELS
 
 
 def _spec(fields: dict) -> ModelSpec:
@@ -82,7 +91,7 @@ def compiled_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     kernel_dirs = {}
     for name, (fields, dtype, block_size) in SHAPES.items():
         kernel_dirs[name] = root / name
-        render_plan(make_plan(_spec(fields), dtype, block_size), kernel_dirs[name])
+        render_plan(make_plan(_spec(fields), dtype, block_size, QUANT.get(name)), kernel_dirs[name])
     fields, dtype, block_size = SHAPES["smollm2_fp16"]
     kernel_dirs["smollm2_fp16_again"] = root / "elsewhere" / "smollm2_fp16"
     render_plan(make_plan(_spec(fields), dtype, block_size), kernel_dirs["smollm2_fp16_again"])

@@ -1,0 +1,209 @@
+"""quant_matmul (dequantise-in-the-matmul over models/quant.py's packed weights) vs dequantize-then-matmul."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis_budget import examples
+
+from pllm.compiler.kernel_modules import TritonModeError
+from pllm.compiler.kernels import quant_matmul
+from pllm.compiler.manifest import Language
+from pllm.compiler.plan import make_plan
+from pllm.compiler.render import render_plan
+from pllm.models.ops import ACTIVATIONS
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize, pack_int4, unpack_int4
+from pllm.runtime.backends.triton.triton_ops import TritonOps
+
+from .conftest import tiny_spec
+
+# The bound, per output element, against the reference dequantize(W) in fp32 then a float64 matmul on the same
+# (dtype-rounded) x. With u = 2**-24 (fp32) and A = sum_k |x_k| (|q_k s| + |m|) (+ |bias|):
+# - the kernel: codes are exact in x's dtype; the products x * q are exact (fp16) or rounded once (fp32); tl.dot
+#   sums at most K of them in fp32, the scale (and min times the tile's fp32 sum of x) costs two more roundings,
+#   and the tiles and splits are added in fp32: at most (K + 4) u A in all;
+# - the reference: dequantize rounds q * s (+ m) twice, 2 u A; adding the bias in fp32, u A;
+# - the output is rounded once to x's dtype: u_out |y| (u_out 2**-24 fp32, 2**-11 fp16, 2**-8 bf16).
+# So |kernel - reference| <= (K + 8) u A + u_out |reference| (the slack covers u_out times the fp32 error).
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+SCHEMES = {"int8": QuantScheme.INT8, "int4": QuantScheme.INT4}
+
+SETTINGS = settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="session")
+def quant_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
+    """Factory: (interpret, dtype, fmt) -> TritonOps over a quantised plan's freshly rendered kernels (cached)."""
+    cache: dict[tuple, TritonOps] = {}
+
+    def make(*, interpret: bool, dtype: str, fmt: QuantFormat | None) -> TritonOps:
+        key = (interpret, dtype, fmt)
+        if key not in cache:
+            plan = make_plan(tiny_spec(), dtype, 16, fmt)
+            out_dir = tmp_path_factory.mktemp("quant-kernels")
+            render_plan(plan, out_dir)
+            try:
+                cache[key] = TritonOps(out_dir, interpret, plan.op_files(Language.TRITON))
+            except TritonModeError as e:
+                pytest.skip(str(e))
+        return cache[key]
+
+    return make
+
+
+def random_weight(scheme: QuantScheme, out_features: int, in_features: int, group_size: int,
+                  gen: torch.Generator) -> QuantizedWeight:
+    """Codes over their whole range, scales making each product entry O(1) for O(1) inputs; int4 mins near -8
+    scales (GGUF Q4_0's centring) with noise, so both terms of w = q * s + m matter."""
+    groups = in_features // group_size
+    spread = (torch.rand((out_features, groups), generator=gen) + 0.5) * in_features**-0.5
+    fmt = QuantFormat(scheme, group_size)
+    if scheme is QuantScheme.INT8:
+        codes = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
+        return QuantizedWeight(codes, spread / 64, None, fmt)
+    values = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    scales = spread / 8
+    mins = -8 * scales + torch.randn((out_features, groups), generator=gen) * scales
+    return QuantizedWeight(pack_int4(values), scales, mins, fmt)
+
+
+def magnitudes(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """A = sum_k |x_k| (|q_k s| + |m|) for each output: [T, N] float64."""
+    group_size = weight.fmt.group_size
+    codes = unpack_int4(weight.codes) if weight.mins is not None else weight.codes
+    terms = (codes.double() * weight.scales.double().repeat_interleave(group_size, dim=1)).abs()
+    if weight.mins is not None:
+        terms = terms + weight.mins.double().abs().repeat_interleave(group_size, dim=1)
+    return x.double().abs() @ terms.T
+
+
+def check_linear(ops: TritonOps, *, device: str, dtype: str, scheme: QuantScheme, group_size: int, num_tokens: int,
+                 out_features: int, in_features: int, bias: bool, seed: int) -> None:
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    weight = random_weight(scheme, out_features, in_features, group_size, gen)
+    x = torch.randn((num_tokens, in_features), generator=gen).to(torch_dtype)  # [T, K]
+    b = torch.randn((out_features,), generator=gen).to(torch_dtype) if bias else None
+    on_device = QuantizedWeight(weight.codes.to(device), weight.scales.to(device),
+                                None if weight.mins is None else weight.mins.to(device), weight.fmt)
+
+    out = ops.linear(x.to(device), on_device, None if b is None else b.to(device))
+    assert out.shape == (num_tokens, out_features) and out.dtype == torch_dtype
+
+    w = dequantize(weight).double()  # [N, K]: the reference meaning, rounded in fp32 as the layout defines it
+    expected = x.double() @ w.T
+    magnitude = magnitudes(x, weight)  # A: [T, N]
+    if b is not None:
+        expected = expected + b.double()
+        magnitude = magnitude + b.double().abs()
+    bound = (in_features + 8) * UNIT_ROUNDOFF["float32"] * magnitude + UNIT_ROUNDOFF[dtype] * expected.abs()
+    error = (out.cpu().double() - expected).abs()
+    worst = (error - bound).argmax()
+    assert bool((error <= bound).all()), (
+        f"{scheme.value} g{group_size} T={num_tokens} N={out_features} K={in_features} {dtype}: error "
+        f"{error.flatten()[worst]:.3g} above its bound {bound.flatten()[worst]:.3g}")
+
+
+@SETTINGS
+@given(
+    dtype=st.sampled_from(["float32", "float16"]),
+    scheme=st.sampled_from(list(SCHEMES.values())),
+    group_size=st.sampled_from([32, 64, 128]),
+    groups=st.integers(1, 4),
+    # 1 and 3: decode-sized (split K when the weight is deep enough); 64 and 70: prefill tiles, one masked
+    num_tokens=st.sampled_from([1, 3, 64, 70]),
+    out_features=st.sampled_from([8, 40, 100]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+# one decode step whose K splits (512 / 32 = 16 K tiles: 4 splits), and one per scheme at the largest group
+@example(dtype="float16", scheme=QuantScheme.INT4, group_size=32, groups=16, num_tokens=1, out_features=40,
+         bias=True, seed=0)
+@example(dtype="float32", scheme=QuantScheme.INT8, group_size=32, groups=16, num_tokens=3, out_features=100,
+         bias=False, seed=1)
+@example(dtype="float32", scheme=QuantScheme.INT4, group_size=128, groups=4, num_tokens=70, out_features=100,
+         bias=True, seed=2)
+def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, num_tokens, out_features, bias, seed):
+    ops = quant_ops(interpret=True, dtype=dtype, fmt=QuantFormat(scheme, group_size))
+    check_linear(ops, device="cpu", dtype=dtype, scheme=scheme, group_size=group_size, num_tokens=num_tokens,
+                 out_features=out_features, in_features=groups * group_size, bias=bias, seed=seed)
+
+
+def test_decode_steps_split_k_and_prefill_steps_do_not(quant_ops):
+    """The explicit examples above reach the split path: the launch's own arithmetic says so."""
+    kernel = quant_ops(interpret=True, dtype="float16", fmt=QuantFormat(QuantScheme.INT4, 32)).kernels["quant_matmul"]
+    assert kernel.split_count(1, 40, 512) == 4
+    assert kernel.split_count(3, 100, 512) == 4
+    assert kernel.split_count(70, 100, 512) == 1  # prefill: one tile row per 64 tokens, no split
+    assert kernel.split_count(1, 40, 64) == 1  # too shallow to split: fewer than MIN_K_TILES_PER_SPLIT per split
+
+
+@pytest.mark.parametrize("num_tokens", [1, 70])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_mlp_with_packed_weights(quant_ops, num_tokens, activation):
+    """Ops.mlp over packed gate_up and down (and a float down beside a packed gate_up) equals the float MLP of
+    the dequantised weights, computed as the cpu backend does, in fp64: each matmul is within the bound above
+    (~1e-6 here), the activation's Lipschitz constant is about 1.1, so 1e-4 holds with room."""
+    hidden, intermediate = 64, 96
+    ops = quant_ops(interpret=True, dtype="float32", fmt=QuantFormat(QuantScheme.INT4, 32))
+    gen = torch.Generator().manual_seed(num_tokens)
+    gate_up = random_weight(QuantScheme.INT4, 2 * intermediate, hidden, 32, gen)
+    down = random_weight(QuantScheme.INT4, hidden, intermediate, 32, gen)
+    x = torch.randn((num_tokens, hidden), generator=gen)
+    g, u = (x.double() @ dequantize(gate_up).double().T).chunk(2, dim=-1)
+    h = ACTIVATIONS[activation](g) * u
+    expected = h @ dequantize(down).double().T
+    torch.testing.assert_close(ops.mlp(x, gate_up, down, activation).double(), expected, atol=1e-4, rtol=1e-4)
+    mixed = ops.mlp(x, gate_up, dequantize(down), activation)
+    torch.testing.assert_close(mixed.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_keeps_leading_dims_and_refuses_other_formats(quant_ops):
+    ops = quant_ops(interpret=True, dtype="float32", fmt=QuantFormat(QuantScheme.INT8, 64))
+    gen = torch.Generator().manual_seed(0)
+    weight = random_weight(QuantScheme.INT8, 24, 128, 64, gen)
+    x = torch.randn((2, 3, 128), generator=gen)
+    out = ops.linear(x, weight)
+    torch.testing.assert_close(out, ops.linear(x.reshape(6, 128), weight).reshape(2, 3, 24))
+    with pytest.raises(ValueError, match="int4 weight, but the build's quant_matmul kernel reads int8"):
+        ops.linear(x, random_weight(QuantScheme.INT4, 24, 128, 64, gen))
+    with pytest.raises(AssertionError, match="group size 32: this kernel takes multiples of 64"):
+        ops.linear(x, random_weight(QuantScheme.INT8, 24, 128, 32, gen))  # K tiles of 64 would span two groups
+    float_build = quant_ops(interpret=True, dtype="float32", fmt=None)
+    with pytest.raises(RuntimeError, match="no quant_matmul kernel"):
+        float_build.linear(x, weight)
+
+
+def test_plan_renders_the_builds_format():
+    spec = tiny_spec()
+    assert "quant_matmul" not in [k.name for k in make_plan(spec, "bfloat16", 16).kernels]
+    for scheme, group_size, block_k in ((QuantScheme.INT4, 32, 32), (QuantScheme.INT8, 128, 64),
+                                        (QuantScheme.INT4, 48, 16)):
+        kernel = make_plan(spec, "bfloat16", 16, QuantFormat(scheme, group_size)).kernel("quant_matmul")
+        assert kernel.constants["SCHEME"] == scheme.value and kernel.constants["GROUP_SIZE"] == group_size
+        assert kernel.constants["BLOCK_K"] == block_k and kernel.options == {"int4": scheme is QuantScheme.INT4}
+    # no K tile divides a group of 8: such a build has no Triton quant kernel (its weights are refused at launch)
+    assert not quant_matmul.applies(spec, "bfloat16", QuantFormat(QuantScheme.INT4, 8))
+    assert "quant_matmul" not in [k.name for k in make_plan(spec, "bfloat16", 16,
+                                                            QuantFormat(QuantScheme.INT4, 8)).kernels]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("scheme", list(SCHEMES.values()))
+@SETTINGS
+@given(
+    group_size=st.sampled_from([32, 64, 128]),
+    num_tokens=st.sampled_from([1, 8, 17, 256]),
+    shape=st.sampled_from([(576, 576), (1536, 576), (576, 1536), (4096, 4096)]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_quant_matmul_cuda(quant_ops, cuda_device, dtype, scheme, group_size, num_tokens, shape, bias, seed):
+    ops = quant_ops(interpret=False, dtype=dtype, fmt=QuantFormat(scheme, group_size))
+    check_linear(ops, device=cuda_device, dtype=dtype, scheme=scheme, group_size=group_size, num_tokens=num_tokens,
+                 out_features=shape[0], in_features=shape[1], bias=bias, seed=seed)
