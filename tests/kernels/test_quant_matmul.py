@@ -193,7 +193,7 @@ def test_plan_renders_the_builds_format():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])  # fp32 (ieee dots) is the interpreted test's dtype
 @pytest.mark.parametrize("scheme", list(SCHEMES.values()))
 @SETTINGS
 @given(
