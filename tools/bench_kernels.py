@@ -1,12 +1,16 @@
 """Time each rendered kernel against its PyTorch baseline on this GPU, as a fraction of measured ceilings.
 
-usage: python tools/bench_kernels.py [--shape smollm2|llama8b] [--dtype bfloat16] [--out bench_kernels]
+usage: python tools/bench_kernels.py [--shape smollm2|llama8b] [--dtype bfloat16] [--set all|float|quant]
+                                    [--out bench_kernels]
 
 Ceilings are measured here, in the same run: copy bandwidth (a large device-to-device copy) and matmul rate
 (torch.matmul 8192^3 in the kernel dtype). Each case reports the Triton and baseline medians, their ratio, and
 the Triton kernel's fraction of its roofline: max(bytes / bandwidth, flops / matmul rate) / measured time.
 Baselines: scaled_dot_product_attention on dense K/V for attention (gathered from the paged cache before
-timing, so the baseline is not charged for paging), eager PyTorch for the rest. Writes <out>.json and
+timing, so the baseline is not charged for paging), eager PyTorch for the rest. The quantised matmuls
+(quant_matmul_int8, quant_matmul_int4 with groups of 32, as GGUF's Q8_0 / Q4_1: --set quant) run the MLP's two
+weights at decode and prefill sizes against F.linear on the same weights in the kernel dtype (cuBLAS), so the
+speedup is what keeping weights packed buys over the float build's matmul. Writes <out>.json and
 <out>.png. This machine is shared and noisy: only the ratios from one run hold (design.md, section 5).
 --smoke runs every case once on the CPU under the Triton interpreter with tiny shapes and checks the Triton
 result against the baseline (listing the cases checked in <out>.json): it proves this script's wiring without a GPU,
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import BLOCK_SIZES, make_plan
 from pllm.compiler.render import render_plan
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize, pack_int4
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
@@ -38,6 +43,9 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "llama8b": (4096, 14336, 32, 8, 128),
     "tiny": (64, 128, 4, 2, 64),  # --smoke
 }
+# the packed formats timed: GGUF's Q8_0 and Q4_0/Q4_1 group, the one the default model ships in
+QUANT_FORMATS = (QuantFormat(QuantScheme.INT8, 32), QuantFormat(QuantScheme.INT4, 32))
+CASE_SETS = ("all", "float", "quant")
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,40 @@ def build_cases(ops: TritonOps, spec: ModelSpec, dtype: torch.dtype, block_size:
     return cases
 
 
+def random_quantized(fmt: QuantFormat, out_features: int, in_features: int, device: str) -> QuantizedWeight:
+    """Codes over their whole range with scales that keep the product O(1): timing does not care, the smoke
+    check compares against the dequantised weight."""
+    groups = in_features // fmt.group_size
+    scales = torch.rand((out_features, groups), device=device) * in_features**-0.5 / 16
+    if fmt.scheme is QuantScheme.INT8:
+        codes = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device)
+        return QuantizedWeight(codes, scales, None, fmt)
+    values = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, device=device)
+    return QuantizedWeight(pack_int4(values), scales, -8 * scales, fmt)
+
+
+def build_quant_cases(quant_ops: dict[QuantFormat, TritonOps], spec: ModelSpec, dtype: torch.dtype, device: str,
+                      smoke: bool) -> list[Case]:
+    """Each packed format's matmul on the MLP's two weights (gate_up [2I, H], down [H, I]) at decode and prefill
+    sizes, against F.linear on the same weights in the kernel dtype."""
+    elem = torch.finfo(dtype).bits // 8
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    cases = []
+    for fmt, ops in quant_ops.items():
+        for name, (out_features, in_features) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+            weight = random_quantized(fmt, out_features, in_features, device)
+            dense = dequantize(weight, dtype)  # the float build's weight: the baseline
+            packed = weight.codes.numel() + weight.scales.numel() * 4 * (1 if weight.mins is None else 2)
+            for t in ([1, 20] if smoke else [1, 16, 2048]):  # decode, batched decode, a prefill chunk
+                x = torch.randn((t, in_features), dtype=dtype, device=device)
+                moved = packed + t * (in_features + out_features) * elem
+                cases.append(Case(f"quant_matmul_{fmt.scheme.value}", f"{name} T={t}", moved,
+                                  2 * t * in_features * out_features,
+                                  lambda x=x, weight=weight, ops=ops: ops.linear(x, weight),
+                                  lambda x=x, dense=dense: F.linear(x, dense)))
+    return cases
+
+
 def measure_ceilings(dtype: torch.dtype) -> dict[str, float]:
     from triton.testing import do_bench
 
@@ -244,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="bfloat16")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=16)
     p.add_argument("--out", default="bench_kernels", help="writes <out>.json and <out>.png")
+    p.add_argument("--set", choices=CASE_SETS, default="all", dest="case_set",
+                   help="which cases: the float kernels, the quantised matmuls, or both")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, correctness only")
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -254,11 +298,22 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)
+    dtype_name = str(dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory() as kernel_dir:
-        plan = make_plan(spec, str(dtype).removeprefix("torch."), args.block_size)
-        render_plan(plan, Path(kernel_dir))
-        ops = TritonOps(Path(kernel_dir), args.smoke, plan.op_files(Language.TRITON))
-        cases = build_cases(ops, spec, dtype, args.block_size, device, args.smoke)
+        cases = []
+        if args.case_set in ("all", "float"):
+            plan = make_plan(spec, dtype_name, args.block_size)
+            render_plan(plan, Path(kernel_dir) / "float")
+            ops = TritonOps(Path(kernel_dir) / "float", args.smoke, plan.op_files(Language.TRITON))
+            cases += build_cases(ops, spec, dtype, args.block_size, device, args.smoke)
+        if args.case_set in ("all", "quant"):
+            quant_ops = {}
+            for fmt in QUANT_FORMATS:  # one quantised build per format: the scheme is baked into its kernel
+                plan = make_plan(spec, dtype_name, args.block_size, fmt)
+                render_plan(plan, Path(kernel_dir) / fmt.scheme.value)
+                quant_ops[fmt] = TritonOps(Path(kernel_dir) / fmt.scheme.value, args.smoke,
+                                           plan.op_files(Language.TRITON))
+            cases += build_quant_cases(quant_ops, spec, dtype, device, args.smoke)
         if args.smoke:
             for case in cases:
                 smoke_check(case)
@@ -275,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.kernel:18s} {r.label:14s} {r.triton_ms:10.4f} {r.baseline_ms:10.4f} {r.speedup:8.2f} "
               f"{r.gb_per_s:8.0f} {r.tflop_per_s:8.2f} {r.roofline_fraction:8.2f}")
     out = Path(args.out)
-    report = {"device": torch.cuda.get_device_name(), "shape": args.shape, "dtype": args.dtype,
+    report = {"device": torch.cuda.get_device_name(), "shape": args.shape, "dtype": args.dtype, "set": args.case_set,
               "block_size": args.block_size, "ceilings": ceilings, "results": [asdict(r) for r in results]}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     save_plot(results, out.with_suffix(".png"))

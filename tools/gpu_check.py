@@ -11,12 +11,15 @@ step still runs; the steps after model_build read the build it leaves):
   machine       GPU name, SM count, memory, torch/triton/CUDA/driver versions; copy bandwidth and bf16 matmul rate
   tests         the gpu-marked tests (found by grep), hypothesis examples capped by PLLM_MAX_EXAMPLES
   kernels       tools/bench_kernels.py on the llama8b shape in bf16 (decode B=64 L=4096 among its cases)
+  quant_kernels tools/bench_kernels.py --set quant: the int8 and int4 (group 32) dequantise-in-the-matmul kernels
+                on llama8b's MLP weights at decode and prefill sizes, against the bf16 matmul (cuBLAS)
   model_build   a Llama-3.2-1B-shaped model with random bf16 weights, compiled by pllm
   throughput    256 requests of 512 prompt / 256 output tokens through LLM.generate, beside HF generate
   decode_graphs tools/bench_decode.py: decode steps replayed from CUDA graphs against eager, batch 1 to 32
   target        a --target sm_90 build served with an empty Triton cache: does it JIT-compile any kernel, and why
-Writes gpu_check.json (the report), gpu_check.log (every step's output) and bench_kernels.png under --out (default
-$OUT, else ./gpu_check_out), and prints a short table last. Stdlib only: it must run before pllm is installed.
+Writes gpu_check.json (the report), gpu_check.log (every step's output), bench_kernels.png and
+bench_quant_kernels.png under --out (default $OUT, else ./gpu_check_out), and prints a short table last. Stdlib
+only: it must run before pllm is installed.
 """
 
 from __future__ import annotations
@@ -116,11 +119,15 @@ def tests_command(ctx: Context) -> list[str]:
             "--files", *gpu_test_files()]
 
 
-def kernels_command(ctx: Context) -> list[str]:
-    out = ["--out", str(ctx.work_dir / "kernels")]  # writes kernels.json, the step's result, and kernels.png
-    if ctx.dry_run:
-        return [ctx.python, str(TOOLS / "bench_kernels.py"), "--smoke", *out]
-    return [ctx.python, str(TOOLS / "bench_kernels.py"), "--shape", "llama8b", "--dtype", "bfloat16", *out]
+def bench_kernels_command(step: str, case_set: str) -> Callable[[Context], list[str]]:
+    def command(ctx: Context) -> list[str]:
+        # writes <step>.json, the step's result, and <step>.png
+        out = ["--set", case_set, "--out", str(ctx.work_dir / step)]
+        if ctx.dry_run:
+            return [ctx.python, str(TOOLS / "bench_kernels.py"), "--smoke", *out]
+        return [ctx.python, str(TOOLS / "bench_kernels.py"), "--shape", "llama8b", "--dtype", "bfloat16", *out]
+
+    return command
 
 
 def decode_command(ctx: Context) -> list[str]:
@@ -137,7 +144,8 @@ STEPS = (
     Step("install", 60, install_command),
     Step("machine", 40, steps_script("machine")),
     Step("tests", 150, tests_command, lambda ctx: {"PLLM_MAX_EXAMPLES": str(ctx.max_examples)}),
-    Step("kernels", 60, kernels_command),
+    Step("kernels", 60, bench_kernels_command("kernels", "float")),
+    Step("quant_kernels", 30, bench_kernels_command("quant_kernels", "quant")),
     Step("model_build", 90, steps_script("model_build")),
     Step("throughput", 75, steps_script("throughput")),
     Step("decode_graphs", 40, decode_command),
@@ -190,7 +198,7 @@ def summary_line(record: StepRecord) -> str:
                     f"matmul {c.get('matmul_tflop_per_s', 0):.3g} TFLOP/s; {r.get('versions', {})}")
         case "tests":
             return f"{r.get('passed', 0)} passed, {r.get('failed', 0)} failed, {r.get('skipped', 0)} skipped"
-        case "kernels":
+        case "kernels" | "quant_kernels":
             if "checked" in r:
                 return f"{len(r['checked'])} cases checked (smoke: nothing timed)"
             return f"{len(r.get('results', []))} cases timed (below)"
@@ -211,11 +219,12 @@ def print_table(records: list[StepRecord], total_s: float) -> None:
     print(f"\n{'step':<14} {'status':<10} {'s':>6}  figures")
     for rec in records:
         print(f"{rec.name:<14} {rec.status:<10} {rec.seconds:6.1f}  {summary_line(rec)}")
-    kernels = next((rec.result for rec in records if rec.name == "kernels" and rec.result), {})
-    if kernels.get("results"):
+    timed = [x for rec in records if rec.name in ("kernels", "quant_kernels") and rec.result
+             for x in rec.result.get("results", [])]
+    if timed:
         print(f"\n{'kernel':<18} {'case':<13} {'ms':>8} {'torch ms':>9} {'speedup':>8} {'GB/s':>6} {'TFLOP/s':>7} "
               f"{'roofline':>8}")
-        for x in kernels["results"]:
+        for x in timed:
             print(f"{x['kernel']:<18} {x['label']:<13} {x['triton_ms']:8.4f} {x['baseline_ms']:9.4f} "
                   f"{x['speedup']:7.2f}x {x['gb_per_s']:6.0f} {x['tflop_per_s']:7.1f} {x['roofline_fraction']:8.2f}")
     passed = sum(rec.status == "passed" for rec in records)
@@ -257,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             records.append(run_step(step, ctx, log))
             print(f"[gpu_check] {step.name}: {records[-1].status} in {records[-1].seconds:.1f} s", flush=True)
     total_s = round(time.monotonic() - start, 1)  # the report and the table print this one value
-    plot = work_dir / "kernels.png"
-    if plot.is_file():
-        shutil.copy(plot, out_dir / "bench_kernels.png")
+    for step_name, plot_name in (("kernels", "bench_kernels.png"), ("quant_kernels", "bench_quant_kernels.png")):
+        if (work_dir / f"{step_name}.png").is_file():
+            shutil.copy(work_dir / f"{step_name}.png", out_dir / plot_name)
     report = {"dry_run": args.dry_run, "host": platform.node(), "python": platform.python_version(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - total_s)),
               "seconds": total_s, "max_examples": max_examples,

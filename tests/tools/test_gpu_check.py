@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_CHECK = REPO / "tools" / "gpu_check.py"
-STEPS = ["install", "machine", "tests", "kernels", "model_build", "throughput", "decode_graphs", "target"]
+STEPS = ["install", "machine", "tests", "kernels", "quant_kernels", "model_build", "throughput", "decode_graphs",
+         "target"]
 
 
 def run_check(out: Path, work: Path, *extra: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
@@ -56,6 +57,10 @@ def test_steps_report_what_the_gpu_run_needs(dry_run):
     assert any("test_decode_attention_cuda[bfloat16]" in name for name in tests["tests"])
     checked = {case["kernel"] for case in steps["kernels"]["result"]["checked"]}
     assert checked == {"rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp"}
+    quant = {(case["kernel"], case["label"]) for case in steps["quant_kernels"]["result"]["checked"]}
+    assert {kernel for kernel, _ in quant} == {"quant_matmul_int8", "quant_matmul_int4"}
+    assert {label.split()[1] for _, label in quant} == {"T=1", "T=20"}  # decode- and prefill-sized launches
+    assert any("test_quant_matmul_cuda" in name for name in tests["tests"])
     model = steps["model_build"]["result"]
     assert model["weight_bytes"] > 0 and {"decode_attention", "prefill_attention", "mlp"} <= set(model["kernels"])
     throughput = steps["throughput"]["result"]
