@@ -37,7 +37,6 @@ MIN_PROGRAMS = 512
 MIN_K_TILES_PER_SPLIT = 4
 REDUCE_BLOCK_N = 256  # the split reduce: one token's slice of N per program (it reads splits x T x N fp32, tiny)
 NUM_WARPS = 4
-NUM_STAGES_LARGE = 3  # software pipelining of the GEMM's K loop (Triton's default for sm_80+)
 
 
 def block_k(group_size: int) -> int:
@@ -69,7 +68,6 @@ def render(spec: ModelSpec, dtype: str, block_size: int, quant: QuantFormat) -> 
         "REDUCE_BLOCK_N": REDUCE_BLOCK_N,
         "DOT_PRECISION": dot_precision(dtype),
         "NUM_WARPS": NUM_WARPS,
-        "NUM_STAGES_LARGE": NUM_STAGES_LARGE,
     }
     # the scheme's tile load and epilogue are rendered, the other's are not there at all
     return constants, {"int4": quant.scheme is QuantScheme.INT4}
