@@ -204,14 +204,13 @@ def random_quantized(fmt: QuantFormat, out_features: int, in_features: int, devi
     return QuantizedWeight(pack_int4(values), scales, -8 * scales, fmt)
 
 
-def build_quant_cases(quant_ops: dict[QuantFormat, TritonOps], spec: ModelSpec, dtype: torch.dtype, device: str,
-                      smoke: bool) -> list[Case]:
+def build_quant_cases(ops: TritonOps, spec: ModelSpec, dtype: torch.dtype, device: str, smoke: bool) -> list[Case]:
     """Each packed format's matmul on the MLP's two weights (gate_up [2I, H], down [H, I]) at decode and prefill
     sizes, against F.linear on the same weights in the kernel dtype."""
     elem = torch.finfo(dtype).bits // 8
     hidden, inter = spec.hidden_size, spec.intermediate_size
     cases = []
-    for fmt, ops in quant_ops.items():
+    for fmt in QUANT_FORMATS:
         for name, (out_features, in_features) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
             weight = random_quantized(fmt, out_features, in_features, device)
             dense = dequantize(weight, dtype)  # the float build's weight: the baseline
@@ -221,7 +220,7 @@ def build_quant_cases(quant_ops: dict[QuantFormat, TritonOps], spec: ModelSpec, 
                 moved = packed + t * (in_features + out_features) * elem
                 cases.append(Case(f"quant_matmul_{fmt.scheme.value}", f"{name} T={t}", moved,
                                   2 * t * in_features * out_features,
-                                  lambda x=x, weight=weight, ops=ops: ops.linear(x, weight),
+                                  lambda x=x, weight=weight: ops.linear(x, weight),
                                   lambda x=x, dense=dense: F.linear(x, dense)))
     return cases
 
@@ -307,13 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             ops = TritonOps(Path(kernel_dir) / "float", args.smoke, plan.op_files(Language.TRITON))
             cases += build_cases(ops, spec, dtype, args.block_size, device, args.smoke)
         if args.case_set in ("all", "quant"):
-            quant_ops = {}
-            for fmt in QUANT_FORMATS:  # one quantised build per format: the scheme is baked into its kernel
-                plan = make_plan(spec, dtype_name, args.block_size, fmt)
-                render_plan(plan, Path(kernel_dir) / fmt.scheme.value)
-                quant_ops[fmt] = TritonOps(Path(kernel_dir) / fmt.scheme.value, args.smoke,
-                                           plan.op_files(Language.TRITON))
-            cases += build_quant_cases(quant_ops, spec, dtype, device, args.smoke)
+            plan = make_plan(spec, dtype_name, args.block_size, QUANT_FORMATS[-1])  # one file serves both schemes
+            render_plan(plan, Path(kernel_dir) / "quant")
+            ops = TritonOps(Path(kernel_dir) / "quant", args.smoke, plan.op_files(Language.TRITON))
+            cases += build_quant_cases(ops, spec, dtype, device, args.smoke)
         if args.smoke:
             for case in cases:
                 smoke_check(case)

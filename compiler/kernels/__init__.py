@@ -18,9 +18,9 @@ from pllm.compiler.kernels import (
     rms_norm,
     rope_kv_write,
 )
-from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language, QuantKernel
+from pllm.compiler.kernels.kernel import Kernel, KernelSpec, Language
 
-KERNELS: tuple[Kernel | QuantKernel, ...] = (
+KERNELS: tuple[Kernel, ...] = (
     rms_norm.KERNEL,
     qk_norm.KERNEL,
     rope_kv_write.KERNEL,
@@ -39,4 +39,4 @@ KERNELS: tuple[Kernel | QuantKernel, ...] = (
     encoder_attention.KERNEL,
 )
 
-__all__ = ["KERNELS", "Kernel", "KernelSpec", "Language", "QuantKernel"]
+__all__ = ["KERNELS", "Kernel", "KernelSpec", "Language"]

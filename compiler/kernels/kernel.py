@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pllm.compiler.manifest import Language
 from pllm.models.spec import ModelKind, ModelSpec
 
-if TYPE_CHECKING:  # models.quant pulls in torch; the kernel descriptions need only the type
-    from pllm.models.quant import QuantFormat
-
-__all__ = ["Kernel", "KernelSpec", "Language", "QuantKernel"]
+__all__ = ["Kernel", "KernelSpec", "Language"]
 
 
 @dataclass(frozen=True)
@@ -65,49 +62,10 @@ class Kernel:
     compile_flags: tuple[str, ...] = ()  # C++ only
     # the model kinds whose plans may carry it (then `applies` decides): decoder kernels read a KV cache
     kinds: frozenset[ModelKind] = frozenset({ModelKind.DECODER})
+    quantized: bool = False  # reads packed weights (models/quant.py): in the plan only of a build that keeps some
 
     def spec(self, model: ModelSpec, dtype: str, block_size: int) -> KernelSpec:
         constants, options = self.render(model, dtype, block_size)
         suffix = self.language.suffix
         return KernelSpec(self.name, f"{self.name}.{suffix}.jinja", f"{self.name}.{suffix}", constants, options,
                           self.op, self.language, self.compile_flags)
-
-    def planned(self, model: ModelSpec, dtype: str, block_size: int, quant: QuantFormat | None) -> KernelSpec | None:
-        """This kernel specialised to a build, or None where the build does not carry it. A kernel over float
-        weights is the same in a quantised build (its float weights, e.g. embeddings, still use it)."""
-        if model.kind not in self.kinds or not self.applies(model, dtype):
-            return None
-        return self.spec(model, dtype, block_size)
-
-
-# (spec, dtype, block_size, quant) -> (constants, options): a kernel over packed weights also renders with the format
-QuantRender = Callable[[ModelSpec, str, int, "QuantFormat"], tuple[dict[str, Any], dict[str, bool]]]
-
-
-def _any_format(spec: ModelSpec, dtype: str, quant: QuantFormat) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class QuantKernel:
-    """A kernel that reads packed weights (models/quant.py): a quantised build carries it, rendered for its format
-    (scheme and group size baked in); a float build does not."""
-
-    name: str
-    op: str
-    language: Language
-    render: QuantRender
-    applies: Callable[[ModelSpec, str, QuantFormat], bool] = _any_format  # (spec, dtype, the build's format)
-    compile_flags: tuple[str, ...] = ()
-    kinds: frozenset[ModelKind] = frozenset({ModelKind.DECODER})
-
-    def spec(self, model: ModelSpec, dtype: str, block_size: int, quant: QuantFormat) -> KernelSpec:
-        constants, options = self.render(model, dtype, block_size, quant)
-        suffix = self.language.suffix
-        return KernelSpec(self.name, f"{self.name}.{suffix}.jinja", f"{self.name}.{suffix}", constants, options,
-                          self.op, self.language, self.compile_flags)
-
-    def planned(self, model: ModelSpec, dtype: str, block_size: int, quant: QuantFormat | None) -> KernelSpec | None:
-        if quant is None or model.kind not in self.kinds or not self.applies(model, dtype, quant):
-            return None
-        return self.spec(model, dtype, block_size, quant)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 
 from pllm.compiler.kernel_modules import TritonModeError
-from pllm.compiler.kernels import quant_matmul
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
@@ -35,15 +34,19 @@ SCHEMES = {"int8": QuantScheme.INT8, "int4": QuantScheme.INT4}
 SETTINGS = settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+# The build's principal format: it decides only that the plan carries quant_matmul (each launch takes its weight's)
+BUILD_FORMAT = QuantFormat(QuantScheme.INT4, 32)
+
+
 @pytest.fixture(scope="session")
 def quant_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
-    """Factory: (interpret, dtype, fmt) -> TritonOps over a quantised plan's freshly rendered kernels (cached)."""
+    """Factory: (interpret, dtype, quantized) -> TritonOps over a freshly rendered quantised (or float) plan."""
     cache: dict[tuple, TritonOps] = {}
 
-    def make(*, interpret: bool, dtype: str, fmt: QuantFormat | None) -> TritonOps:
-        key = (interpret, dtype, fmt)
+    def make(*, interpret: bool, dtype: str, quantized: bool = True) -> TritonOps:
+        key = (interpret, dtype, quantized)
         if key not in cache:
-            plan = make_plan(tiny_spec(), dtype, 16, fmt)
+            plan = make_plan(tiny_spec(), dtype, 16, BUILD_FORMAT if quantized else None)
             out_dir = tmp_path_factory.mktemp("quant-kernels")
             render_plan(plan, out_dir)
             try:
@@ -94,18 +97,24 @@ def check_linear(ops: TritonOps, *, device: str, dtype: str, scheme: QuantScheme
     out = ops.linear(x.to(device), on_device, None if b is None else b.to(device))
     assert out.shape == (num_tokens, out_features) and out.dtype == torch_dtype
 
-    w = dequantize(weight).double()  # [N, K]: the reference meaning, rounded in fp32 as the layout defines it
-    expected = x.double() @ w.T
+    assert_within_bound(out.cpu(), x, weight, b, dtype, f"{scheme.value} g{group_size} T={num_tokens} "
+                        f"N={out_features} K={in_features} {dtype}")
+
+
+def assert_within_bound(out: torch.Tensor, x: torch.Tensor, weight: QuantizedWeight, b: torch.Tensor | None,
+                        dtype: str, label: str) -> None:
+    """out [T, N] against x @ dequantize(weight)^T (+ b) in float64, element by element, within the bound above."""
+    expected = x.double() @ dequantize(weight).double().T  # the reference meaning, rounded in fp32 as defined
     magnitude = magnitudes(x, weight)  # A: [T, N]
     if b is not None:
         expected = expected + b.double()
         magnitude = magnitude + b.double().abs()
+    in_features = x.shape[-1]
     bound = (in_features + 8) * UNIT_ROUNDOFF["float32"] * magnitude + UNIT_ROUNDOFF[dtype] * expected.abs()
-    error = (out.cpu().double() - expected).abs()
+    error = (out.double() - expected).abs()
     worst = (error - bound).argmax()
     assert bool((error <= bound).all()), (
-        f"{scheme.value} g{group_size} T={num_tokens} N={out_features} K={in_features} {dtype}: error "
-        f"{error.flatten()[worst]:.3g} above its bound {bound.flatten()[worst]:.3g}")
+        f"{label}: error {error.flatten()[worst]:.3g} above its bound {bound.flatten()[worst]:.3g}")
 
 
 @SETTINGS
@@ -128,18 +137,19 @@ def check_linear(ops: TritonOps, *, device: str, dtype: str, scheme: QuantScheme
 @example(dtype="float32", scheme=QuantScheme.INT4, group_size=128, groups=4, num_tokens=70, out_features=100,
          bias=True, seed=2)
 def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, num_tokens, out_features, bias, seed):
-    ops = quant_ops(interpret=True, dtype=dtype, fmt=QuantFormat(scheme, group_size))
+    ops = quant_ops(interpret=True, dtype=dtype)
     check_linear(ops, device="cpu", dtype=dtype, scheme=scheme, group_size=group_size, num_tokens=num_tokens,
                  out_features=out_features, in_features=groups * group_size, bias=bias, seed=seed)
 
 
 def test_decode_steps_split_k_and_prefill_steps_do_not(quant_ops):
     """The explicit examples above reach the split path: the launch's own arithmetic says so."""
-    kernel = quant_ops(interpret=True, dtype="float16", fmt=QuantFormat(QuantScheme.INT4, 32)).kernels["quant_matmul"]
-    assert kernel.split_count(1, 40, 512) == 4
-    assert kernel.split_count(3, 100, 512) == 4
-    assert kernel.split_count(70, 100, 512) == 1  # prefill: one tile row per 64 tokens, no split
-    assert kernel.split_count(1, 40, 64) == 1  # too shallow to split: fewer than MIN_K_TILES_PER_SPLIT per split
+    kernel = quant_ops(interpret=True, dtype="float16").kernels["quant_matmul"]
+    assert kernel.block_k(32) == kernel.block_k(128) == 32 and kernel.block_k(48) == 16
+    assert kernel.split_count(1, 40, 512, 32) == 4
+    assert kernel.split_count(3, 100, 512, 32) == 4
+    assert kernel.split_count(70, 100, 512, 32) == 1  # prefill: one tile row per 64 tokens, no split
+    assert kernel.split_count(1, 40, 64, 32) == 1  # too shallow to split: fewer than MIN_K_TILES_PER_SPLIT per split
 
 
 @pytest.mark.parametrize("num_tokens", [1, 70])
@@ -149,7 +159,7 @@ def test_mlp_with_packed_weights(quant_ops, num_tokens, activation):
     the dequantised weights, computed as the cpu backend does, in fp64: each matmul is within the bound above
     (~1e-6 here), the activation's Lipschitz constant is about 1.1, so 1e-4 holds with room."""
     hidden, intermediate = 64, 96
-    ops = quant_ops(interpret=True, dtype="float32", fmt=QuantFormat(QuantScheme.INT4, 32))
+    ops = quant_ops(interpret=True, dtype="float32")
     gen = torch.Generator().manual_seed(num_tokens)
     gate_up = random_weight(QuantScheme.INT4, 2 * intermediate, hidden, 32, gen)
     down = random_weight(QuantScheme.INT4, hidden, intermediate, 32, gen)
@@ -162,34 +172,31 @@ def test_mlp_with_packed_weights(quant_ops, num_tokens, activation):
     torch.testing.assert_close(mixed.double(), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_linear_keeps_leading_dims_and_refuses_other_formats(quant_ops):
-    ops = quant_ops(interpret=True, dtype="float32", fmt=QuantFormat(QuantScheme.INT8, 64))
+def test_one_build_serves_both_schemes_and_any_group_of_16s(quant_ops):
+    """A GGUF build may keep Q8_0 and Q4_x matrices side by side: one rendered file launches either scheme and any
+    group size the K tiles divide (the launch's constexprs), keeps x's leading dims, and names what it refuses."""
+    ops = quant_ops(interpret=True, dtype="float32")
     gen = torch.Generator().manual_seed(0)
-    weight = random_weight(QuantScheme.INT8, 24, 128, 64, gen)
-    x = torch.randn((2, 3, 128), generator=gen)
-    out = ops.linear(x, weight)
-    torch.testing.assert_close(out, ops.linear(x.reshape(6, 128), weight).reshape(2, 3, 24))
-    with pytest.raises(ValueError, match="int4 weight, but the build's quant_matmul kernel reads int8"):
-        ops.linear(x, random_weight(QuantScheme.INT4, 24, 128, 64, gen))
-    with pytest.raises(AssertionError, match="group size 32: this kernel takes multiples of 64"):
-        ops.linear(x, random_weight(QuantScheme.INT8, 24, 128, 32, gen))  # K tiles of 64 would span two groups
-    float_build = quant_ops(interpret=True, dtype="float32", fmt=None)
+    x = torch.randn((2, 3, 96), generator=gen)
+    for scheme, group_size in ((QuantScheme.INT8, 96), (QuantScheme.INT4, 48), (QuantScheme.INT8, 16)):
+        weight = random_weight(scheme, 24, 96, group_size, gen)
+        out = ops.linear(x, weight)
+        assert out.shape == (2, 3, 24)
+        assert_within_bound(out.reshape(6, 24), x.reshape(6, 96), weight, None, "float32",
+                            f"{scheme.value} g{group_size}")
+    with pytest.raises(ValueError, match="group size 8: the Triton quant kernel needs a multiple of 16"):
+        ops.linear(x, random_weight(QuantScheme.INT4, 24, 96, 8, gen))  # a K tile of 16 would span two groups
+    float_build = quant_ops(interpret=True, dtype="float32", quantized=False)
     with pytest.raises(RuntimeError, match="no quant_matmul kernel"):
-        float_build.linear(x, weight)
+        float_build.linear(x, random_weight(QuantScheme.INT8, 24, 96, 32, gen))
 
 
-def test_plan_renders_the_builds_format():
+def test_only_a_quantised_plan_carries_the_kernel():
     spec = tiny_spec()
     assert "quant_matmul" not in [k.name for k in make_plan(spec, "bfloat16", 16).kernels]
-    for scheme, group_size, block_k in ((QuantScheme.INT4, 32, 32), (QuantScheme.INT8, 128, 64),
-                                        (QuantScheme.INT4, 48, 16)):
-        kernel = make_plan(spec, "bfloat16", 16, QuantFormat(scheme, group_size)).kernel("quant_matmul")
-        assert kernel.constants["SCHEME"] == scheme.value and kernel.constants["GROUP_SIZE"] == group_size
-        assert kernel.constants["BLOCK_K"] == block_k and kernel.options == {"int4": scheme is QuantScheme.INT4}
-    # no K tile divides a group of 8: such a build has no Triton quant kernel (its weights are refused at launch)
-    assert not quant_matmul.applies(spec, "bfloat16", QuantFormat(QuantScheme.INT4, 8))
-    assert "quant_matmul" not in [k.name for k in make_plan(spec, "bfloat16", 16,
-                                                            QuantFormat(QuantScheme.INT4, 8)).kernels]
+    kernel = make_plan(spec, "bfloat16", 16, QuantFormat(QuantScheme.INT4, 32)).kernel("quant_matmul")
+    assert kernel.constants["TL_DTYPE"] == "bf16" and kernel.constants["DOT_PRECISION"] == "tf32"
+    assert kernel.constants["BLOCK_K_WIDE"] == 32 and kernel.constants["BLOCK_K_NARROW"] == 16
 
 
 @pytest.mark.gpu
@@ -204,6 +211,6 @@ def test_plan_renders_the_builds_format():
     seed=st.integers(0, 2**16),
 )
 def test_quant_matmul_cuda(quant_ops, cuda_device, dtype, scheme, group_size, num_tokens, shape, bias, seed):
-    ops = quant_ops(interpret=False, dtype=dtype, fmt=QuantFormat(scheme, group_size))
+    ops = quant_ops(interpret=False, dtype=dtype)
     check_linear(ops, device=cuda_device, dtype=dtype, scheme=scheme, group_size=group_size, num_tokens=num_tokens,
                  out_features=shape[0], in_features=shape[1], bias=bias, seed=seed)

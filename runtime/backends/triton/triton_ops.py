@@ -179,16 +179,14 @@ class TritonOps:
         return torch.nn.functional.linear(x, weight, bias)  # float projections stay library matmuls (cuBLAS)
 
     def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """The build's dequantise-in-the-matmul kernel over the packed weight; x's leading dims kept."""
+        """The build's dequantise-in-the-matmul kernel over the packed weight (either scheme); x's leading dims kept."""
         if "quant_matmul" not in self.kernels:
             raise RuntimeError(f"a {weight.fmt.scheme.value} weight, but this build has no quant_matmul kernel (a "
                                "float build): build with --quantization")
-        kernel = self.kernels["quant_matmul"]
-        if QuantScheme(kernel.SCHEME) is not weight.fmt.scheme:
-            raise ValueError(f"a {weight.fmt.scheme.value} weight, but the build's quant_matmul kernel reads "
-                             f"{kernel.SCHEME}")
-        out = kernel.quant_matmul(x.reshape(-1, x.shape[-1]), weight.codes, weight.scales, weight.mins,
-                                  weight.fmt.group_size, bias)
+        out = self.kernels["quant_matmul"].quant_matmul(
+            x.reshape(-1, x.shape[-1]), weight.codes, weight.scales, weight.mins, weight.fmt.group_size,
+            weight.fmt.scheme is QuantScheme.INT4, bias,
+        )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def mlp(
