@@ -7,6 +7,7 @@ from typing import Any
 
 from pllm.compiler.kernels import KERNELS, KernelSpec, Language
 from pllm.compiler.kernels.common import next_power_of_2
+from pllm.models.quant import QuantFormat
 from pllm.models.spec import DTYPES, ModelSpec
 
 # KV-cache tokens per block the kernels are written for (multiples of the cpu kernels' 8 lanes, and powers of two
@@ -23,6 +24,7 @@ class KernelPlan:
     dtype: str  # activation and weight dtype, one of DTYPES
     block_size: int  # KV-cache tokens per block
     kernels: tuple[KernelSpec, ...]
+    quant: QuantFormat | None = None  # the packed weights' principal format; None: float weights
 
     def kernel(self, name: str) -> KernelSpec:
         for k in self.kernels:
@@ -43,13 +45,16 @@ class KernelPlan:
         }
 
 
-def make_plan(spec: ModelSpec, dtype: str, block_size: int) -> KernelPlan:
-    """Every registered kernel that applies to this model and dtype, specialised to it and the block size."""
+def make_plan(spec: ModelSpec, dtype: str, block_size: int, quant: QuantFormat | None = None) -> KernelPlan:
+    """Every registered kernel that applies to this model and dtype, specialised to it and the block size; the
+    kernels that read packed weights (Kernel.quantized) only when the build keeps some (`quant`: their principal
+    format)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported (supported: {BLOCK_SIZES})")
     kernels = tuple(
-        k.spec(spec, dtype, block_size) for k in KERNELS if spec.kind in k.kinds and k.applies(spec, dtype)
+        k.spec(spec, dtype, block_size) for k in KERNELS
+        if spec.kind in k.kinds and (quant is not None or not k.quantized) and k.applies(spec, dtype)
     )
-    return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels)
+    return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels, quant=quant)

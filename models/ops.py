@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from pllm.models.lora import LoraInputs
+    from pllm.models.quant import QuantizedWeight
 
 # The gated MLP's activation, by Hugging Face's `hidden_act` / `hidden_activation` name: act(gate) * up.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -116,15 +117,18 @@ class Ops(Protocol):
         (key > query - window). softcap: scores * scale -> softcap * tanh(. / softcap) before the mask."""
         ...
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] @ weight [out, in].T (+ bias) -> [T, out]; a backend may keep weights in a faster layout."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] @ weight [out, in].T (+ bias) -> [T, out]; a backend may keep weights in a faster layout. A
+        QuantizedWeight (models/quant.py) means exactly its `dequantize`, in fp32 accumulation."""
         ...
 
     def mlp(
-        self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, activation: str = "silu"
+        self, x: torch.Tensor, gate_up_weight: torch.Tensor | QuantizedWeight,
+        down_weight: torch.Tensor | QuantizedWeight, activation: str = "silu"
     ) -> torch.Tensor:
-        """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I]. Returns down(act(g) * u),
-        act one of ACTIVATIONS."""
+        """x [T, H]; gate_up_weight [2 * I, H] (gate rows first); down_weight [H, I], float or packed as for
+        `linear`. Returns down(act(g) * u), act one of ACTIVATIONS."""
         ...
 
     def moe(

@@ -62,6 +62,7 @@ class Kernel:
     compile_flags: tuple[str, ...] = ()  # C++ only
     # the model kinds whose plans may carry it (then `applies` decides): decoder kernels read a KV cache
     kinds: frozenset[ModelKind] = frozenset({ModelKind.DECODER})
+    quantized: bool = False  # reads packed weights (models/quant.py): in the plan only of a build that keeps some
 
     def spec(self, model: ModelSpec, dtype: str, block_size: int) -> KernelSpec:
         constants, options = self.render(model, dtype, block_size)

@@ -9,6 +9,7 @@ from pllm.compiler.cli import parse_args
 from pllm.compiler.kernels import KERNELS, Language
 from pllm.compiler.plan import BLOCK_SIZES, make_plan
 from pllm.compiler.render import TEMPLATE_DIR
+from pllm.models.quant import QuantFormat, QuantScheme
 from pllm.models.spec import ModelKind, MoeSpec
 from pllm.runtime.backends.cpu.cpu_kernels import BINDINGS
 from pllm.runtime.backends.triton.triton_ops import TritonOps
@@ -38,10 +39,15 @@ def test_manifest_records_each_kernels_op_and_language():
     plan = make_plan(tiny_spec(qk_norm=True, moe=moe), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
     lora = {"lora_shrink", "lora_expand"}  # adapters are stacked for the dense llama wiring only
-    decoder_kernels = [k for k in KERNELS if ModelKind.DECODER in k.kinds and k.name not in lora]
+    # a float build: no kernel reading packed weights
+    decoder_kernels = [k for k in KERNELS if ModelKind.DECODER in k.kinds and k.name not in lora and not k.quantized]
     assert list(entries) == [k.name for k in decoder_kernels]  # every other one applies to this spec, in order
     dense = make_plan(tiny_spec(), "bfloat16", 16).to_manifest()["kernels"]
     assert "moe" not in dense and lora <= set(dense)  # dense: no moe kernel, the LoRA kernels
+    packed = make_plan(tiny_spec(), "bfloat16", 16, quant=QuantFormat(QuantScheme.INT4, 32))
+    quantized = {k.name for k in KERNELS if k.quantized}
+    assert quantized and quantized <= set(packed.to_manifest()["kernels"]) and not quantized & set(dense)
+    assert packed.quant == QuantFormat(QuantScheme.INT4, 32)
     for kernel in decoder_kernels:
         assert entries[kernel.name]["op"] == kernel.op
         assert entries[kernel.name]["language"] == kernel.language.value
