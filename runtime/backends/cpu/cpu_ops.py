@@ -222,7 +222,7 @@ class TorchOps:
         x's dtype (compiled, or models.quant.dequantize) and the float GEMM."""
         kernel = self.quant_kernel
         x2 = x.reshape(-1, x.shape[-1])
-        usable = kernel is not None and kernel.accepts(weight) and x.dtype in (torch.float32, torch.bfloat16)
+        usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
         if usable and x2.shape[0] <= QUANT_GEMV_MAX_TOKENS:
             y = kernel.gemv(x2.contiguous(), weight, bias)
         else:
