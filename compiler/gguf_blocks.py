@@ -100,8 +100,8 @@ def unpermute_order(rows: int, n_head: int) -> torch.Tensor:
 
 
 def read_kept_blocks(path: Path, config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
-    """Every 2-D tensor of the file in a kept type, under its Hugging Face name (q/k rows unpermuted as transformers
-    does for llama files); and every other 2-D tensor's type, by HF name, for the log."""
+    """Every decoder-layer matrix of the file in a kept type, under its Hugging Face name (q/k rows unpermuted as
+    transformers does for llama files); and every other one's type, by HF name."""
     from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
 
     reader = GGUFReader(str(path))
@@ -114,7 +114,7 @@ def read_kept_blocks(path: Path, config: dict) -> tuple[dict[str, QuantizedWeigh
     if names is not None:
         hf_bases = [f"model.layers.{i}.{m}" for i in range(n_layers) for m in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")] + ["model.embed_tokens", "lm_head"]
+            "mlp.up_proj", "mlp.down_proj")]  # the layers' matrices only: the embedding and LM head stay float
         for hf in hf_bases:
             gguf_name = names.get_name(hf)
             if gguf_name is not None:
