@@ -68,7 +68,7 @@ class BuildOptions:
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters to pack: (name, PEFT adapter folder) each
     progress: bool = True
     quantization: Quantization | None = None  # None: float weights in `dtype`
-    quant_group_size: int | None = None  # int4 only; None: the largest of 128, 64, 32 the model's widths allow
+    quant_group_size: int | None = None  # int4 only; None: quantize.INT4_DEFAULT_GROUP (32)
 
 
 def versions() -> dict[str, str]:

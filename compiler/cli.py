@@ -11,7 +11,7 @@ import time
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gpu_compile import GpuCompileError
 from pllm.compiler.plan import BLOCK_SIZES
-from pllm.compiler.quantize import INT4_GROUP_SIZES, Quantization
+from pllm.compiler.quantize import INT4_DEFAULT_GROUP, INT4_GROUP_SIZES, Quantization
 from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
 from pllm.compiler.spec import ConfigError
 from pllm.models.spec import DTYPES
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quant-group-size",
         type=int,
         default=None,
-        help=f"int4 group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]} (default: the largest of "
-        f"{', '.join(map(str, reversed(INT4_GROUP_SIZES)))} dividing the model's widths)",
+        help=f"int4 group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]}, dividing the model's input widths "
+        f"(default {INT4_DEFAULT_GROUP}, as llama.cpp's 4-bit types)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

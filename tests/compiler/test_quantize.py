@@ -44,7 +44,7 @@ def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, 
     tensors = manifest["quantization"]["tensors"]
     assert manifest["quantization"]["method"] == quantization.value
     assert set(tensors) == {f"layers.{i}.{t}" for i in range(2) for t in TARGETS}
-    group = {Quantization.INT4: 64, Quantization.INT8: None}[quantization]  # hidden 64: the largest dividing group
+    group = {Quantization.INT4: 32, Quantization.INT8: None}[quantization]  # int4's default group
     stored = load_file(str(out / "model.safetensors"))
     hf = load_file(str(src / "model.safetensors"))
     assert stored["embed_tokens"].dtype == torch.bfloat16 and "layers.0.qkv_proj" not in stored
@@ -81,8 +81,8 @@ def test_mixture_of_experts_is_refused(tiny_dir, tmp_path):
 
 def test_cli_quantization_flags(tiny_dir, tmp_path, capsys):
     assert compile_main([str(tiny_dir("llama")), "-o", str(tmp_path / "b"), "-q", "--quantization", "int4",
-                         "--quant-group-size", "32", "--dtype", "float32"]) == 0
-    assert "quantization int4 (group 32)" in capsys.readouterr().out
+                         "--quant-group-size", "64", "--dtype", "float32"]) == 0
+    assert "quantization int4 (group 64)" in capsys.readouterr().out
     assert compile_main([str(tiny_dir("llama")), "-o", str(tmp_path / "c"), "-q", "--quantization", "int4",
                          "--quant-group-size", "48"]) == 1
     assert "not multiples" in capsys.readouterr().err
