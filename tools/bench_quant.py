@@ -4,10 +4,10 @@
 
 A decoder layer's four matrices (fused qkv, o, gate_up, down) of the chosen shape, as many distinct layers as make
 the bf16 copy exceed 256 MB (so no variant runs out of cache), in three forms: bf16 through the cpu backend's float
-linear (TorchOps.linear: oneDNN's packed bf16 GEMM), INT8 per channel and INT4 group 64 through the compiled
-kernel. Each round times every variant in turn (alternating, so drift on a shared machine hits all alike) over
-all layers; the read bandwidth is a streaming fp32 sum over a 1 GB buffer, timed in the same rounds. Prints the
-median us per layer, the effective GB/s of weight bytes streamed, the ratio to bf16 and to the bandwidth.
+linear (TorchOps.linear: oneDNN's packed bf16 GEMM), INT8 per channel and INT4 at the default group (32) through
+the compiled kernel. Each round times every variant in turn (alternating, so drift on a shared machine hits all
+alike) over all layers; the read bandwidth is a streaming fp32 sum over a 1 GB buffer, timed in the same rounds.
+Prints the median us per layer, the effective GB/s of weight bytes streamed, the ratio to bf16 and to the bandwidth.
 A benchmark, not a test.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.plan import make_plan
-from pllm.compiler.quantize import quantize_int4, quantize_int8
+from pllm.compiler.quantize import INT4_DEFAULT_GROUP, quantize_int4, quantize_int8
 from pllm.compiler.render import render_plan
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
@@ -74,7 +74,8 @@ def main() -> None:
     variants = {
         "bf16": bf16,
         "int8": [[quantize_int8(w.float()) for w in layer] for layer in bf16],
-        "int4 g64": [[quantize_int4(w.float(), 64) for w in layer] for layer in bf16],
+        f"int4 g{INT4_DEFAULT_GROUP}": [[quantize_int4(w.float(), INT4_DEFAULT_GROUP) for w in layer]
+                                        for layer in bf16],
     }
     with tempfile.TemporaryDirectory(prefix="pllm-bench-quant-") as tmp:
         ops = TorchOps(quant_kernel=compile_kernel(Path(tmp)))
