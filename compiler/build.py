@@ -30,11 +30,21 @@ from pllm.compiler.manifest import (
 )
 from pllm.compiler.plan import make_plan
 from pllm.compiler.pooling import read_pooling_config
+from pllm.compiler.quantize import (
+    Quantization,
+    QuantizeError,
+    Quantizer,
+    check_quantizable,
+    flatten,
+    int4_group_size,
+    principal_format,
+)
 from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
+from pllm.models.quant import QuantizedWeight
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind, ModelSpec
 
@@ -57,6 +67,8 @@ class BuildOptions:
     target: str | None = None  # sm_80 | sm_90 | auto: also store GPU-compiled kernels
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters to pack: (name, PEFT adapter folder) each
     progress: bool = True
+    quantization: Quantization | None = None  # None: float weights in `dtype`
+    quant_group_size: int | None = None  # int4 only; None: quantize.INT4_DEFAULT_GROUP (32)
 
 
 def versions() -> dict[str, str]:
@@ -77,13 +89,24 @@ def resolve_dtype(options: BuildOptions, spec: ModelSpec) -> DtypeChoice:
         raise BuildError(str(e)) from None
 
 
-def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: bool) -> dict[str, torch.Tensor]:
-    """HF tensors -> runtime tensors (fused qkv and gate_up), checking every name and shape against the config."""
+def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: bool,
+                    quantizer: Quantizer | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """HF tensors -> runtime tensors (fused qkv and gate_up), checking every name and shape against the config.
+    With a quantizer, its targets become QuantizedWeights: GGUF blocks kept as read where the source has them for
+    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4)."""
     layout = family_of(spec.model_type, source.config_file).weight_layout(spec)
     available = set(source.tensor_file)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | QuantizedWeight] = {}
+    float_targets = []  # GGUF: targets the file holds in a type pllm does not keep
     for name, entry in tqdm(layout.items(), desc="Converting weights", disable=not progress):
         hf_names, shape = entry.hf_names, entry.shape
+        if quantizer is not None and quantizer.applies(name):
+            if quantizer.quantization is Quantization.GGUF:
+                kept = source.kept_blocks(hf_names)
+                if kept is not None and kept.shape == shape:
+                    out[name] = kept
+                    continue
+                float_targets.append(name)
         parts = []
         for hf_name in hf_names:
             if hf_name not in available:
@@ -101,8 +124,37 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             raise BuildError(
                 f"{source.path}: weight {shapes} contradicts {source.config_file} (runtime '{name}' expects {shape})"
             )
-        out[name] = tensor.to(TORCH_DTYPES[dtype]).contiguous()
+        if quantizer is not None and quantizer.applies(name) and quantizer.quantization is not Quantization.GGUF:
+            out[name] = quantizer(tensor)
+        else:
+            out[name] = tensor.to(TORCH_DTYPES[dtype]).contiguous()
+    if float_targets:
+        shown = ", ".join(float_targets[:4]) + (" ..." if len(float_targets) > 4 else "")
+        logger.info("gguf: %d linear weights are in types pllm does not keep packed, dequantised to %s: %s",
+                    len(float_targets), dtype, shown)
     return out
+
+
+def make_quantizer(options: BuildOptions, spec: ModelSpec, source: ModelSource) -> Quantizer | None:
+    """The build's quantizer, or None for float weights; refuses what cannot be kept packed, naming why."""
+    q = options.quantization
+    if q is None:
+        if options.quant_group_size is not None:
+            raise BuildError(f"--quant-group-size {options.quant_group_size} needs --quantization int4")
+        return None
+    try:
+        check_quantizable(spec, q)
+        if q is Quantization.INT4:
+            return Quantizer(q, int4_group_size(spec, options.quant_group_size))
+        if options.quant_group_size is not None:
+            raise QuantizeError(f"--quant-group-size applies to int4 only; {q.value} "
+                                f"{'is per output channel' if q is Quantization.INT8 else 'keeps the file groups'}")
+    except QuantizeError as e:
+        raise BuildError(str(e)) from None
+    if q is Quantization.GGUF and not source.is_gguf:
+        raise BuildError(f"--quantization gguf keeps a GGUF file's blocks, but {source.path} is not a .gguf file "
+                         "(use int8 or int4)")
+    return Quantizer(q, 0)
 
 
 def _assemble(parts: list[torch.Tensor], num_stacked: int) -> torch.Tensor:
@@ -156,6 +208,12 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         dtype = choice.dtype
         check_against_weights(source, spec)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
+        quantizer = make_quantizer(options, spec, source)
+        if quantizer is not None:
+            logger.info("quantization %s%s: decoder linear weights kept packed; embeddings, LM head and norms in %s",
+                        quantizer.quantization.value,
+                        f" (group {quantizer.group_size})" if quantizer.quantization is Quantization.INT4 else "",
+                        dtype)
         made = _make_parents(out_dir.parent)
         remove_stale_scratch(out_dir.parent, SCRATCH_RE)
         try:
@@ -165,7 +223,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         try:
             tmp_dir = tmp / "build"
             tmp_dir.mkdir()
-            _write_build(source, spec, dtype, options, tmp_dir, loras)
+            _write_build(source, spec, dtype, options, tmp_dir, loras, quantizer)
             _replace_dir(tmp_dir, out_dir)
         finally:
             remove_scratch_dir(tmp)
@@ -211,10 +269,10 @@ def _copy_loras(loras: tuple[tuple[str, str], ...], tmp_dir: Path) -> None:
 
 
 def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path,
-                 loras: list[dict]) -> None:
+                 loras: list[dict], quantizer: Quantizer | None = None) -> None:
     # an encoder embeds as its sentence-transformers files say; read first, so a refusal comes before the work
     pooling = read_pooling_config(source, spec) if spec.kind is ModelKind.ENCODER else None
-    weights = convert_weights(source, spec, dtype, options.progress)
+    weights, packed = flatten(convert_weights(source, spec, dtype, options.progress, quantizer))
     save_file(weights, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     _as_umask_allows(tmp_dir / WEIGHTS_FILE)
     del weights
@@ -222,7 +280,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     (tmp_dir / "hf_config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True, default=str))
     _copy_loras(options.loras, tmp_dir)
 
-    plan = make_plan(spec, dtype, options.block_size)
+    plan = make_plan(spec, dtype, options.block_size, quant=principal_format(packed))
     kernel_dir = tmp_dir / KERNELS_DIR
     kernel_dir.mkdir()
     render_plan(plan, kernel_dir)
@@ -252,6 +310,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "versions": versions(),
         "files": files,
         "loras": loras,
+        "quantization": {"method": quantizer.quantization.value, "tensors": packed} if quantizer else {},
     }
     if pooling is not None:
         manifest["pooling"] = pooling.to_dict()

@@ -11,6 +11,7 @@ import time
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gpu_compile import GpuCompileError
 from pllm.compiler.plan import BLOCK_SIZES
+from pllm.compiler.quantize import INT4_DEFAULT_GROUP, INT4_GROUP_SIZES, Quantization
 from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
 from pllm.compiler.spec import ConfigError
 from pllm.models.spec import DTYPES
@@ -51,6 +52,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=PATH",
         help="pack a PEFT LoRA adapter folder into the build under NAME (repeatable); requests pick it by name",
     )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=[q.value for q in Quantization],
+        help="keep the decoder's linear weights packed: int8 (per output channel), int4 (groups with a scale and "
+        "min), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K blocks as they are; other types are dequantised). "
+        "Default: float weights in --dtype",
+    )
+    p.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=None,
+        help=f"int4 group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]}, dividing the model's input widths "
+        f"(default {INT4_DEFAULT_GROUP}, as llama.cpp's 4-bit types)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -67,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet,
-                           loras=tuple(args.lora))
+                           loras=tuple(args.lora),
+                           quantization=None if args.quantization is None else Quantization(args.quantization),
+                           quant_group_size=args.quant_group_size)
     try:
         with _say_choices():
             out = build(args.model, args.output, options)

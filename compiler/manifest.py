@@ -16,11 +16,12 @@ from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language;
 # 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
-# and an encoder's pooling recipe; 5: the LoRA adapters packed into the build (key 'loras', a list, maybe empty)
-FORMAT_VERSION = 5
+# and an encoder's pooling recipe; 5: the LoRA adapters packed into the build (key 'loras', a list, maybe empty);
+# 6: quantised weights (key 'quantization': the method, and each packed tensor's scheme and group size)
+FORMAT_VERSION = 6
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
-REPLACEABLE_FORMATS = (1, 2, 3, 4, 5)
+REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
@@ -28,6 +29,10 @@ KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
 LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# a quantised runtime tensor `name` is stored as name.codes, name.scales and (int4) name.mins: models/quant.py's layout
+QUANT_PARTS = ("codes", "scales", "mins")
+QUANT_SCHEMES = ("int8", "int4")  # models.quant.QuantScheme's values (this module stays torch-free)
+QUANT_METHODS = ("int8", "int4", "gguf")  # compiler.quantize.Quantization's values
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -197,7 +202,7 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
     kinds = {dict: "a JSON object", list: "a JSON list", str: "a string"}
     for key, kind in [("spec", dict), ("kernels", dict), ("cpu_kernels", dict), ("compiled_kernels", dict),
                       ("files", dict), ("tokenizer_files", list), ("weights", str), ("source", str),
-                      ("loras", list)]:
+                      ("loras", list), ("quantization", dict)]:
         if not isinstance(m.get(key), kind):
             raise _fail(manifest_file, key, kinds[kind], m.get(key))
     if m.get("dtype") not in DTYPES:
@@ -236,8 +241,24 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
     for key, rel in listed:
         if not isinstance(rel, str) or rel not in files:
             raise _fail(manifest_file, key, "a file listed under 'files'", rel)
+    _check_quantization(m["quantization"], manifest_file)
     if any("/" in name for name in m["tokenizer_files"]):  # copied by name into a private folder to load
         raise _fail(manifest_file, "tokenizer_files", "file names in the build's top folder", m["tokenizer_files"])
+
+
+def _check_quantization(q: dict, manifest_file: Path) -> None:
+    """{} for a float build; else {"method": ..., "tensors": {name: {"scheme", "group_size"}}}."""
+    if not q:
+        return
+    if q.get("method") not in QUANT_METHODS or not isinstance(q.get("tensors"), dict) or set(q) != {"method",
+                                                                                                     "tensors"}:
+        raise _fail(manifest_file, "quantization", f"an object with a method ({', '.join(QUANT_METHODS)}) and its "
+                    "tensors", q)
+    for name, entry in q["tensors"].items():
+        group = entry.get("group_size") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or set(entry) != {"scheme", "group_size"} or entry["scheme"] not in \
+                QUANT_SCHEMES or type(group) is not int or group <= 0:
+            raise _fail(manifest_file, f"quantization.tensors.{name}", "a scheme and a positive group size", entry)
 
 
 def _check_kernel_entries(entries: Any, manifest_file: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
+from pllm.models.quant import QuantizedWeight
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +55,34 @@ class ModelSource:
     root: Path | None = None  # every file read must resolve inside this folder (None: tokenizer_dir)
     _gguf_state: dict[str, torch.Tensor] | None = None
     _tmp: Path | None = None  # scratch directory owned by this source, removed by close()
+    _kept: dict[str, QuantizedWeight] | None = None  # a GGUF file's kept blocks by HF name, read on first use
+
+    @property
+    def is_gguf(self) -> bool:
+        return self._gguf_state is not None
+
+    def kept_blocks(self, hf_names: tuple[str, ...]) -> QuantizedWeight | None:
+        """The GGUF blocks of these HF tensors, concatenated along the output rows (fused qkv, gate_up), when the file
+        holds each in a kept type of one format; else None. Each part is checked to dequantise, bit for bit, to the
+        float tensor transformers reads from the same file."""
+        from pllm.compiler.gguf_blocks import read_kept_blocks
+        from pllm.models.quant import dequantize
+
+        assert self._gguf_state is not None, "kept blocks come from a GGUF file"
+        if self._kept is None:
+            self._kept, others = read_kept_blocks(self.path, self.config)
+            for hf, weight in self._kept.items():
+                if hf in self._gguf_state and not torch.equal(dequantize(weight), self._gguf_state[hf]):
+                    raise ModelSourceError(f"{self.path}: tensor '{hf}' ({weight.fmt.scheme.value}) does not decode "
+                                           "to the values transformers reads; refusing to keep its blocks")
+        parts = [self._kept.get(name) for name in hf_names]
+        if any(p is None for p in parts) or len({p.fmt for p in parts}) != 1:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
+        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins,
+                               parts[0].fmt)
 
     def tensor_names(self) -> list[str]:
         return sorted(self.tensor_file)

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
-from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite, check_step_rows
+from pllm.models.quant import QuantizedWeight, dequantize
+from pllm.runtime.backends.cpu.cpu_kernels import (
+    CpuDecodeAttention,
+    CpuQuantLinear,
+    CpuRmsNorm,
+    CpuRopeKvWrite,
+    check_step_rows,
+)
 from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
 
 _HAS_ONEDNN_LINEAR = (
@@ -38,6 +45,10 @@ def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     return (normed * (offset + weight.float())).to(x.dtype)
 
 
+# Packed weights: up to this many token rows the GEMV reads the codes directly (its cost is one pass over W, and
+# each further tile of 4 tokens re-reads the row from L1); above it, W is dequantised once for the float GEMM,
+# whose cost then dominates (tools/bench_quant.py measures both sides of the crossover)
+QUANT_GEMV_MAX_TOKENS = 16
 PADDED_LORA_WASTE = 2  # the padded batched path when padding at most doubles the rows computed
 
 
@@ -50,8 +61,10 @@ class TorchOps:
         decode_attention: CpuDecodeAttention | None = None,
         rms_norm_kernel: CpuRmsNorm | None = None,
         rope_kernel: CpuRopeKvWrite | None = None,
+        quant_kernel: CpuQuantLinear | None = None,
     ) -> None:
         self.decode_attention = decode_attention
+        self.quant_kernel = quant_kernel  # builds with packed weights
         self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
         self.rope_kernel = rope_kernel
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
@@ -197,10 +210,25 @@ class TorchOps:
         return out.reshape(num_seqs, num_heads, head_dim)
 
     def linear(self, x, weight, bias=None):
+        if isinstance(weight, QuantizedWeight):
+            return self._quant_linear(x, weight, bias)
         packed = self._packed_weight(weight)
         if packed is None:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """Few rows: the compiled GEMV over the packed codes. Many (prefill), or no compiled kernel: W dequantised to
+        x's dtype (compiled, or models.quant.dequantize) and the float GEMM."""
+        kernel = self.quant_kernel
+        x2 = x.reshape(-1, x.shape[-1])
+        usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
+        if usable and x2.shape[0] <= QUANT_GEMV_MAX_TOKENS:
+            y = kernel.gemv(x2.contiguous(), weight, bias)
+        else:
+            w = kernel.dequantize(weight, x.dtype) if usable else dequantize(weight, x.dtype)
+            y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
         """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without

@@ -1,0 +1,38 @@
+"""The C++ packed-weight linear of the cpu backend: a GEMV that reads INT8/INT4 codes directly (decode), and the
+dequantisation of a whole weight for the float GEMM (prefill)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES
+from pllm.compiler.kernels.kernel import Kernel, Language
+from pllm.models.spec import ModelSpec
+
+# fp32 lanes per vector: 64 bytes, one AVX-512 register (the AVX2 clone uses two); an INT4 vector of codes is then
+# 16 bytes, 32 weights, the smallest group the layout's GGUF types use
+QUANT_LANES = 16
+# tokens sharing each widened weight vector: 4 accumulators + 2 widened code vectors + x loads fit AVX2's 16
+# registers (AVX-512's 32 with room), and 4 rows of x per row of W keep the FMAs ahead of the code widening
+TOKEN_TILE = 4
+# rows sharing each vector of x when fewer than TOKEN_TILE tokens remain (decode): 4 independent FMA chains hide the
+# FMA latency that one row's single chain would wait on, and 4 accumulators still fit AVX2's registers
+ROW_TILE = 4
+# codes requested this far ahead of the row being read (rows are contiguous, so this reaches into the tiles to
+# come): the row tiles interleave 4 short streams, too short for the hardware prefetcher to lock onto. Measured
+# on the dev machine (tools/bench_quant.py's shapes, one thread): 1 KB 1.8x, 4 KB 2.4x, 16 KB 3.5x faster INT8 GEMV
+# than none
+PREFETCH_BYTES = 16384
+
+
+def supported(spec: ModelSpec, dtype: str) -> bool:
+    """fp32 and bf16 activations (fp16 would need F16C widening the templates do not use)."""
+    return dtype in CPU_KERNEL_DTYPES
+
+
+def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
+    return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES}, {}
+
+
+KERNEL = Kernel("cpu_quant_linear", op="quant_linear", language=Language.CPP, render=render, applies=supported,
+                quantized=True)

@@ -1,0 +1,127 @@
+"""pllm's own weight quantisation (`pllm-compile --quantization int8|int4`) into models/quant.py's packed layout, and
+how a build stores packed weights in its safetensors file and manifest."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pllm.compiler.manifest import QUANT_PARTS
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, pack_int4
+from pllm.models.spec import ModelKind, ModelSpec
+
+# The runtime tensors kept packed: every decoder layer's four linear weights. The embedding stays float (a row gather
+# per token, not a matmul), and so does the LM head (tied to the embedding in most small models; llama.cpp, too,
+# keeps its output matrix at 6 or 8 bits, since the logits are where quantisation error shows most).
+QUANTIZED_TARGETS = re.compile(r"layers\.[0-9]+\.(qkv_proj|o_proj|gate_up_proj|down_proj)")
+# int4 group sizes offered: 32 (what GGUF's 4-bit types use) to 128 (AWQ's and GPTQ's usual choice)
+INT4_GROUP_SIZES = (32, 64, 128)
+# The default: what llama.cpp's 4-bit types use on the CPU (Q4_0, Q4_1, Q4_K's sub-blocks), 6 bits per weight with
+# the fp32 scale and min. Measured on the default model (README, Quantised weights): group 64 raised perplexity
+# 1.63x over bf16, group 32 not at all (its weights are Q4_1 at group 32, which int4/32 reproduces exactly).
+INT4_DEFAULT_GROUP = 32
+INT8_MAX = 127  # symmetric codes -127..127: -128 is never used, so negation stays in range
+
+
+class Quantization(enum.Enum):
+    """What pllm-compile does to the decoder's linear weights."""
+
+    INT8 = "int8"  # per output channel, symmetric
+    INT4 = "int4"  # groups along the input, with a scale and a min each
+    GGUF = "gguf"  # a GGUF input's Q8_0, Q4_0, Q4_1 and Q4_K blocks kept as they are (compiler/gguf_blocks.py)
+
+
+class QuantizeError(ValueError):
+    """The requested quantisation cannot apply to this model; the message names the option and the reason."""
+
+
+def check_quantizable(spec: ModelSpec, quantization: Quantization) -> None:
+    """Refuse the models whose weights pllm cannot keep packed, naming why."""
+    if spec.kind is not ModelKind.DECODER:
+        raise QuantizeError(f"--quantization {quantization.value}: {spec.model_type} is an encoder; only decoder "
+                            "builds keep quantised weights")
+    if spec.moe is not None:
+        raise QuantizeError(f"--quantization {quantization.value}: {spec.model_type} is a mixture of experts; the "
+                            "expert kernels (cpu_moe.py, moe.py.jinja) read float weights only")
+
+
+def int4_group_size(spec: ModelSpec, requested: int | None) -> int:
+    """The int4 group size: the requested one (even, 32..128, dividing every quantised input width), else
+    INT4_DEFAULT_GROUP."""
+    widths = {spec.hidden_size, spec.q_size, spec.intermediate_size}
+    size = INT4_DEFAULT_GROUP if requested is None else requested
+    if size not in range(INT4_GROUP_SIZES[0], INT4_GROUP_SIZES[-1] + 1) or size % 2:
+        raise QuantizeError(f"--quant-group-size {size}: int4 groups are even sizes from {INT4_GROUP_SIZES[0]} to "
+                            f"{INT4_GROUP_SIZES[-1]}")
+    bad = sorted(w for w in widths if w % size)
+    if bad:
+        raise QuantizeError(f"--quant-group-size {size}: the model's input widths {bad} are not multiples of it")
+    return size
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """float [out, in] -> INT8 codes, one scale per output channel: scale = max|w| / 127, code = round(w / scale)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1, keepdim=True) / INT8_MAX  # [out, 1]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0, scale 0
+    codes = torch.round(w / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return QuantizedWeight(codes, scale.contiguous(), None, QuantFormat(QuantScheme.INT8, w.shape[1]))
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """float [out, in] -> INT4 with a scale and a min per group: min = the group's least value, scale = range / 15,
+    code = round((w - min) / scale), so each group's extremes are represented exactly up to rounding of scale."""
+    out, in_features = weight.shape
+    fmt = QuantFormat(QuantScheme.INT4, group_size)
+    w = weight.float().view(out, in_features // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0, w = min exactly
+    codes = torch.round((w - low[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
+    return QuantizedWeight(pack_int4(codes.view(out, in_features)), scale.contiguous(), low.contiguous(), fmt)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Turns each quantised target of a build into a QuantizedWeight; other tensors pass through."""
+
+    quantization: Quantization
+    group_size: int  # int4's group; int8 uses one group per output channel
+
+    def applies(self, name: str) -> bool:
+        return QUANTIZED_TARGETS.fullmatch(name) is not None
+
+    def __call__(self, weight: torch.Tensor) -> QuantizedWeight:
+        if self.quantization is Quantization.INT8:
+            return quantize_int8(weight)
+        return quantize_int4(weight, self.group_size)
+
+
+def flatten(weights: dict[str, torch.Tensor | QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The build's safetensors dict (a packed weight as name.codes, name.scales, name.mins) and the manifest's record
+    of the packed ones: name -> {"scheme", "group_size"}."""
+    tensors: dict[str, torch.Tensor] = {}
+    record: dict[str, dict] = {}
+    for name, w in weights.items():
+        if isinstance(w, QuantizedWeight):
+            parts = (w.codes, w.scales, w.mins)
+            tensors.update({f"{name}.{part}": t.contiguous() for part, t in zip(QUANT_PARTS, parts) if t is not None})
+            record[name] = {"scheme": w.fmt.scheme.value, "group_size": w.fmt.group_size}
+        else:
+            tensors[name] = w
+    return tensors, record
+
+
+def principal_format(record: dict[str, dict]) -> QuantFormat | None:
+    """The format most of a build's packed weights share (what the kernel plan is specialised to), or None."""
+    counts: dict[tuple[str, int], int] = {}
+    for entry in record.values():
+        key = (entry["scheme"], entry["group_size"])
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None
+    scheme, group = max(counts, key=lambda k: (counts[k], k))
+    return QuantFormat(QuantScheme(scheme), group)

@@ -1,0 +1,128 @@
+"""GGUF blocks kept as they are (compiler/gguf_blocks.py): each kept type's conversion into models/quant.py's layout
+dequantises, bit for bit, to what gguf's own dequantiser gives; on the default model's real blocks, and on blocks
+gguf's quantiser makes of random tensors for the types that file lacks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_gguf import write_tiny_gguf
+from tiny_models import make_tiny_model
+
+from pllm import LLM, SamplingParams
+from pllm.compiler.build import BuildError, BuildOptions, build
+from pllm.compiler.gguf_blocks import unpermute_order, weight_from_blocks
+from pllm.compiler.manifest import open_build
+from pllm.compiler.quantize import Quantization
+from pllm.models.quant import QuantScheme, dequantize
+from pllm.runtime.worker.loader import load_weights
+
+gguf = pytest.importorskip("gguf")
+KEPT = {"Q8_0": QuantScheme.INT8, "Q4_0": QuantScheme.INT4, "Q4_1": QuantScheme.INT4, "Q4_K": QuantScheme.INT4}
+
+
+def gguf_dequantize(raw: np.ndarray, type_name: str) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).astype(np.float32))
+
+
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
+BLOCK_VALUES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256}
+F16_FIELDS = {"Q8_0": 1, "Q4_0": 1, "Q4_1": 2, "Q4_K": 2}  # leading float16 fields: d (and m or dmin)
+
+
+@pytest.mark.parametrize("type_name", sorted(KEPT))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_block_bytes_decode_as_gguf_does(type_name, seed):
+    """Every byte of every block random (codes, Q4_K's packed 6-bit scales and mins), the float16 fields random
+    finite values of any sign and exponent: the layout must reproduce gguf's dequantiser on all of them. (gguf's
+    Python quantiser cannot make Q4_K, so random bytes are the Q4_K blocks here.)"""
+    rng = np.random.default_rng(seed)
+    rows, cols = 16, 512
+    blocks = rows * cols // BLOCK_VALUES[type_name]
+    raw = rng.integers(0, 256, (blocks, BLOCK_BYTES[type_name]), dtype=np.uint8)
+    fields = F16_FIELDS[type_name]
+    halves = (rng.standard_normal((blocks, fields)) * 10.0 ** rng.integers(-6, 2, (blocks, fields)))
+    raw[:, : 2 * fields] = halves.astype(np.float16).view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    weight = weight_from_blocks(type_name, raw, (rows, cols))
+    assert weight.fmt.scheme is KEPT[type_name] and weight.fmt.group_size == 32
+    assert torch.equal(dequantize(weight), gguf_dequantize(raw, type_name))
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])  # the types gguf's Python quantiser makes
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quantised_random_blocks_decode_as_gguf_does(type_name, seed):
+    rng = np.random.default_rng(seed)
+    rows, cols = 24, 512  # Q4_K's super-blocks are 256 wide
+    values = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 2, (rows, 1)) + rng.normal(0, 0.3, (rows, 1)))
+    raw = gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType[type_name])
+    weight = weight_from_blocks(type_name, raw, (rows, cols))
+    assert weight.fmt.scheme is KEPT[type_name] and weight.fmt.group_size == 32
+    assert torch.equal(dequantize(weight), gguf_dequantize(raw, type_name))
+
+
+def test_other_types_are_not_kept():
+    raw = np.zeros((2, 210), np.uint8)  # two Q6_K super-blocks' bytes
+    assert weight_from_blocks("Q6_K", raw, (2, 256)) is None
+
+
+def test_default_model_real_blocks_decode_as_gguf_does():
+    """SmolLM2-135M-Instruct.Q4_1.gguf: its Q4_1 layer matrices and its Q8_0 embedding (first rows)."""
+    from pllm.compiler.source import ModelSourceError, default_gguf_path
+
+    try:
+        path = default_gguf_path()
+    except ModelSourceError as e:
+        pytest.skip(str(e))
+    reader = gguf.GGUFReader(str(path))
+    seen = set()
+    for t in reader.tensors:
+        if len(t.shape) != 2 or not (t.name.startswith(("blk.0.", "blk.29.")) or t.name == "token_embd.weight"):
+            continue
+        raw = t.data[:2048]
+        shape = (raw.shape[0], int(t.shape[0]))
+        weight = weight_from_blocks(t.tensor_type.name, raw, shape)
+        assert torch.equal(dequantize(weight), gguf_dequantize(raw, t.tensor_type.name).reshape(shape)), t.name
+        seen.add(t.tensor_type.name)
+    assert seen == {"Q4_1", "Q8_0"}
+
+
+def test_unpermute_order_is_transformers_reverse_permutation():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.arange(48 * 3, dtype=np.float32).reshape(48, 3)
+    want = LlamaTensorProcessor(config={})._reverse_permute_weights(w, 4, 4)
+    assert np.array_equal(w[unpermute_order(48, 4).numpy()], want)
+
+
+def test_gguf_build_keeps_blocks_losslessly(tmp_path):
+    """A tiny qwen3 GGUF (Q8_0 matrices): --quantization gguf keeps every layer matrix as INT8 group 32 whose
+    dequantised values are exactly the float build's weights; the build serves."""
+    model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
+    path = write_tiny_gguf(model_dir, "qwen3")
+    kept = build(str(path), tmp_path / "kept", BuildOptions(dtype="float32", progress=False,
+                                                            quantization=Quantization.GGUF))
+    plain = build(str(path), tmp_path / "plain", BuildOptions(dtype="float32", progress=False))
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "gguf"
+    assert set(manifest["quantization"]["tensors"]) == {f"layers.{i}.{t}" for i in range(2) for t in
+                                                        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+    float_weights = load_weights(open_build(plain))
+    for name, weight in load_weights(open_build(kept)).items():
+        if name in manifest["quantization"]["tensors"]:
+            assert weight.fmt.scheme is QuantScheme.INT8 and weight.fmt.group_size == 32
+            assert torch.equal(dequantize(weight), float_weights[name]), name
+        else:
+            assert torch.equal(weight, float_weights[name]), name
+    llm = LLM(str(kept), backend="cpu", kv_cache_memory=1 << 24)
+    out = llm.generate(["Hello, world!"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_gguf_keep_refuses_a_safetensors_model(tiny_dir, tmp_path):
+    with pytest.raises(BuildError, match="not a .gguf file"):
+        build(str(tiny_dir("llama")), tmp_path / "b", BuildOptions(progress=False, quantization=Quantization.GGUF))

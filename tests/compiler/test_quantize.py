@@ -1,0 +1,88 @@
+"""pllm-compile --quantization int8|int4: what is packed, how it is stored and loaded, and what is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pllm import LLM, SamplingParams
+from pllm.compiler.build import BuildError, BuildOptions, build
+from pllm.compiler.cli import main as compile_main
+from pllm.compiler.manifest import open_build
+from pllm.compiler.quantize import Quantization, quantize_int4, quantize_int8
+from pllm.models.quant import QuantizedWeight, dequantize
+from pllm.runtime.worker.loader import load_weights
+
+TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def test_int8_is_per_channel_and_within_half_a_step():
+    w = torch.randn(40, 96) * torch.rand(40, 1)
+    q = quantize_int8(w)
+    assert q.fmt.group_size == 96 and q.scales.shape == (40, 1)
+    assert torch.allclose(q.scales[:, 0], w.abs().amax(1) / 127)
+    assert bool(((dequantize(q) - w).abs() <= q.scales * 0.5 * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_is_within_half_a_step_of_each_group(group):
+    w = torch.randn(16, 256) + torch.randn(16, 1)
+    q = quantize_int4(w, group)
+    assert q.scales.shape == q.mins.shape == (16, 256 // group)
+    step = q.scales.repeat_interleave(group, dim=1)
+    assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + 1e-6).all())
+
+
+@pytest.mark.parametrize("quantization", [Quantization.INT8, Quantization.INT4])
+def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, quantization):
+    src = tiny_dir("llama")
+    out = build(str(src), tmp_path / "b", BuildOptions(dtype="bfloat16", progress=False, quantization=quantization))
+    manifest = json.loads((out / "manifest.json").read_text())
+    tensors = manifest["quantization"]["tensors"]
+    assert manifest["quantization"]["method"] == quantization.value
+    assert set(tensors) == {f"layers.{i}.{t}" for i in range(2) for t in TARGETS}
+    group = {Quantization.INT4: 32, Quantization.INT8: None}[quantization]  # int4's default group
+    stored = load_file(str(out / "model.safetensors"))
+    hf = load_file(str(src / "model.safetensors"))
+    assert stored["embed_tokens"].dtype == torch.bfloat16 and "layers.0.qkv_proj" not in stored
+    weights = load_weights(open_build(out))
+    down = weights["layers.1.down_proj"]
+    assert isinstance(down, QuantizedWeight)
+    expect = (quantize_int4(hf["model.layers.1.mlp.down_proj.weight"], group) if group
+              else quantize_int8(hf["model.layers.1.mlp.down_proj.weight"]))
+    assert torch.equal(down.codes, expect.codes) and torch.equal(down.scales, expect.scales)
+    assert down.fmt == expect.fmt
+    assert manifest["kernels"]["kernels"]["cpu_quant_linear"]["op"] == "quant_linear"
+    llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24)
+    result = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert len(result[0].outputs[0].token_ids) == 6
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(quantization=Quantization.INT4, quant_group_size=48), "48: the model's input widths"),
+    (dict(quantization=Quantization.INT4, quant_group_size=33), "even sizes"),
+    (dict(quantization=Quantization.INT4, quant_group_size=256), "even sizes"),
+    (dict(quantization=Quantization.INT8, quant_group_size=32), "int4 only"),
+    (dict(quant_group_size=32), "needs --quantization int4"),
+])
+def test_bad_combinations_are_refused(tiny_dir, tmp_path, options, message):
+    with pytest.raises(BuildError, match=message):
+        build(str(tiny_dir("llama")), tmp_path / "b", BuildOptions(progress=False, **options))
+    assert not (tmp_path / "b").exists()
+
+
+def test_mixture_of_experts_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(BuildError, match="mixture of experts"):
+        build(str(tiny_dir("mixtral")), tmp_path / "b", BuildOptions(progress=False, quantization=Quantization.INT8))
+
+
+def test_cli_quantization_flags(tiny_dir, tmp_path, capsys):
+    assert compile_main([str(tiny_dir("llama")), "-o", str(tmp_path / "b"), "-q", "--quantization", "int4",
+                         "--quant-group-size", "64", "--dtype", "float32"]) == 0
+    assert "quantization int4 (group 64)" in capsys.readouterr().out
+    assert compile_main([str(tiny_dir("llama")), "-o", str(tmp_path / "c"), "-q", "--quantization", "int4",
+                         "--quant-group-size", "48"]) == 1
+    assert "not multiples" in capsys.readouterr().err

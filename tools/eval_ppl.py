@@ -1,0 +1,80 @@
+"""Perplexity of builds on a fixed text: what quantising the weights costs in quality.
+
+    python tools/eval_ppl.py BUILD [BUILD ...] [--text tools/data/declaration.txt] [--window 256] [--generate]
+
+The text (default: the Declaration of Independence, public domain, 8 KB) is tokenised once and cut into
+non-overlapping windows of --window tokens, each starting with the model's BOS token where it has one; every build
+scores the same windows through the engine's prompt logprobs (each token's log-probability given the tokens before
+it in its window). Perplexity = exp(mean negative log-likelihood) over all scored tokens. With --generate, each
+build's greedy completion of a chat prompt is printed too, to show the output stays sensible. An evaluation, not a
+test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from pllm import LLM, SamplingParams
+
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "declaration.txt"
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def windows(llm: LLM, text: str, size: int) -> list[list[int]]:
+    tokenizer = llm.engine.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = llm.engine.spec.bos_token_id
+    body = size - (bos is not None)
+    return [([bos] if bos is not None else []) + ids[i : i + body] for i in range(0, len(ids) - 1, body)]
+
+
+def perplexity(llm: LLM, chunks: list[list[int]]) -> tuple[float, int]:
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    nll, count = 0.0, 0
+    outputs = llm.generate([{"prompt_token_ids": c} for c in chunks], params, use_tqdm=False)
+    for out in outputs:
+        for entry in out.prompt_logprobs[1:]:  # the first token has nothing before it
+            nll -= entry.logprob
+            count += 1
+    return math.exp(nll / count), count
+
+
+def describe(build: Path) -> str:
+    manifest = json.loads((build / "manifest.json").read_text())
+    q = manifest.get("quantization") or {}
+    if not q:
+        return manifest["dtype"]
+    formats = sorted({f"{e['scheme']}/g{e['group_size']}" for e in q["tensors"].values()})
+    return f"{manifest['dtype']} + {q['method']} ({', '.join(formats)})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("builds", nargs="+", type=Path)
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--window", type=int, default=256, help="tokens per scored window (default 256)")
+    ap.add_argument("--generate", action="store_true", help="also print each build's greedy chat completion")
+    args = ap.parse_args()
+    text = args.text.read_text()
+    rows = []
+    for build in args.builds:
+        llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28)
+        ppl, count = perplexity(llm, windows(llm, text, args.window))
+        size = sum(f.stat().st_size for f in build.glob("*.safetensors"))
+        rows.append((str(build), describe(build), size, ppl, count))
+        if args.generate:
+            out = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)
+            print(f"{build}: {out[0].outputs[0].text!r}")
+        del llm
+    base = rows[0][3]
+    print(f"\ntext: {args.text.name}, {rows[0][4]} scored tokens in windows of {args.window}")
+    print(f"{'build':<28} {'weights':<36} {'MB':>7} {'ppl':>8} {'vs first':>9}")
+    for build, kind, size, ppl, _ in rows:
+        print(f"{build:<28} {kind:<36} {size / 1e6:>7.1f} {ppl:>8.3f} {ppl / base:>8.3f}x")
+
+
+if __name__ == "__main__":
+    main()
