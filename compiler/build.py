@@ -24,9 +24,9 @@ from pllm.compiler.manifest import (
     MANIFEST,
     MANIFEST_DIGEST_KEY,
     REPLACEABLE_FORMATS,
-    WEIGHTS_FILE,
     manifest_digest,
     sha256_file,
+    weights_file,
 )
 from pllm.compiler.plan import make_plan
 from pllm.compiler.pooling import read_pooling_config
@@ -35,8 +35,10 @@ from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_s
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
+from pllm.models.parallel_layout import TensorParallelError, check_split, rank_spec
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind, ModelSpec
+from pllm.models.tensor_parallel import shard_tensor
 
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +59,8 @@ class BuildOptions:
     target: str | None = None  # sm_80 | sm_90 | auto: also store GPU-compiled kernels
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters to pack: (name, PEFT adapter folder) each
     progress: bool = True
+    # ranks to split the model over: kernels for one rank's heads, one weights file per rank (model-rank<r>)
+    tensor_parallel_size: int = 1
 
 
 def versions() -> dict[str, str]:
@@ -155,6 +159,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         logger.info("dtype %s (%s)", choice.dtype, choice.reason)
         dtype = choice.dtype
         check_against_weights(source, spec)
+        check_tensor_parallel(options, spec, source.config_file)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
         made = _make_parents(out_dir.parent)
         remove_stale_scratch(out_dir.parent, SCRATCH_RE)
@@ -188,6 +193,23 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
+def check_tensor_parallel(options: BuildOptions, spec: ModelSpec, config_file: str) -> None:
+    """A split build: a family whose model runs split, sizes that divide, no LoRA (adapters are not split)."""
+    size = options.tensor_parallel_size
+    if size == 1:
+        return
+    try:
+        check_split(spec, size)
+    except TensorParallelError as e:
+        raise BuildError(f"{config_file}: {e}") from None
+    if not family_of(spec.model_type, config_file).tensor_parallel:
+        raise BuildError(f"{config_file}: model_type {spec.model_type!r} does not run tensor-parallel yet "
+                         "(the llama wiring and its mixture-of-experts families do); build with tensor_parallel_size=1")
+    if options.loras:
+        raise BuildError(f"LoRA adapters cannot be packed into a build for tensor_parallel_size={size}: adapters are "
+                         "not split across ranks")
+
+
 def check_loras(loras: tuple[tuple[str, str], ...], spec: ModelSpec) -> list[dict]:
     """Each adapter read and checked against the model (models/lora.py); their manifest entries."""
     if len(loras) > MAX_LORAS:
@@ -215,14 +237,13 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     # an encoder embeds as its sentence-transformers files say; read first, so a refusal comes before the work
     pooling = read_pooling_config(source, spec) if spec.kind is ModelKind.ENCODER else None
     weights = convert_weights(source, spec, dtype, options.progress)
-    save_file(weights, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    _as_umask_allows(tmp_dir / WEIGHTS_FILE)
+    _write_shards(weights, spec, options.tensor_parallel_size, tmp_dir)
     del weights
     tokenizer_files = copy_tokenizer_files(source, tmp_dir)
     (tmp_dir / "hf_config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True, default=str))
     _copy_loras(options.loras, tmp_dir)
 
-    plan = make_plan(spec, dtype, options.block_size)
+    plan = make_plan(rank_spec(spec, options.tensor_parallel_size), dtype, options.block_size)  # one rank's heads
     kernel_dir = tmp_dir / KERNELS_DIR
     kernel_dir.mkdir()
     render_plan(plan, kernel_dir)
@@ -244,7 +265,8 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "spec": spec.to_dict(),
         "dtype": dtype,
         "block_size": options.block_size,
-        "weights": WEIGHTS_FILE,
+        "weights": [weights_file(r, options.tensor_parallel_size) for r in range(options.tensor_parallel_size)],
+        "tensor_parallel_size": options.tensor_parallel_size,
         "tokenizer_files": tokenizer_files,
         "kernels": plan.to_manifest(),
         "compiled_kernels": compiled,
@@ -257,6 +279,17 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         manifest["pooling"] = pooling.to_dict()
     manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _write_shards(weights: dict[str, torch.Tensor], spec: ModelSpec, size: int, tmp_dir: Path) -> None:
+    """One weights file per rank, each holding exactly the bytes that rank computes with (the whole model on one)."""
+    layout = family_of(spec.model_type, "").weight_layout(spec)
+    for rank in range(size):
+        shard = {name: shard_tensor(t, layout[name].split, spec, size, rank).contiguous()
+                 for name, t in weights.items()}
+        f = tmp_dir / weights_file(rank, size)
+        save_file(shard, str(f), metadata={"format": "pt"})
+        _as_umask_allows(f)
 
 
 def build_files(path: Path) -> dict[str, str | None] | None:

@@ -51,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=PATH",
         help="pack a PEFT LoRA adapter folder into the build under NAME (repeatable); requests pick it by name",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N ranks (GPUs, or CPU processes): kernels for one rank's heads and one weights "
+        "file per rank; serve it with pllm-serve --tensor-parallel-size N (default: 1)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet,
-                           loras=tuple(args.lora))
+                           loras=tuple(args.lora), tensor_parallel_size=args.tensor_parallel_size)
     try:
         with _say_choices():
             out = build(args.model, args.output, options)

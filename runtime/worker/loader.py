@@ -12,12 +12,13 @@ from pllm.compiler.manifest import GENERATION_CONFIG, BuildDirError, BuildManife
 TOKENIZER_JSON = "tokenizer.json"
 
 
-def load_weights(build: BuildManifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The weights file was hashed by open_build; hashing it again here would double the load time."""
+def load_weights(build: BuildManifest, device: str | torch.device = "cpu", rank: int = 0) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s weights file (the only one of a single-rank build), hashed by verify_files for that rank;
+    hashing it again here would double the load time."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    f = build.path / build.manifest["weights"]
+    f = build.path / build.weight_files[rank]
     try:
         return load_file(str(f), device=str(device))
     except (SafetensorError, OSError) as e:
