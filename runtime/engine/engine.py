@@ -125,6 +125,10 @@ class LLMEngine:
         """Stop what the engine started beyond this thread: a tensor-parallel engine's worker processes."""
         self.runner.close()
 
+    def check_workers(self) -> None:
+        """Raise WorkerDied if a tensor-parallel worker process has exited (a no-op on one process)."""
+        self.runner.check()
+
     # -- set-up -----------------------------------------------------------------------------------
     def _load_start_loras(self, config: EngineConfig) -> None:
         """The build's packed adapters, then config.lora_modules, read and checked before anything is served."""

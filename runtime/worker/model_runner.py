@@ -293,6 +293,9 @@ class ModelRunner:
     def close(self) -> None:
         """Nothing to stop for a single process (a tensor-parallel runner stops its workers)."""
 
+    def check(self) -> None:
+        """Nothing can have died beside a single process (a tensor-parallel runner checks its workers)."""
+
 
 def _ranges(sizes: Sequence[int]) -> str:
     """(1, 2, 4, 8, 16, 24) -> "1, 2, 4, 8..24"; the log line stays short with 35 sizes."""

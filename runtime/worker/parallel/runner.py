@@ -126,9 +126,13 @@ class ParallelRunner:
         self.local.set_lora_adapters(adapters)  # refuses any adapter on a split model
 
     # -- the step ---------------------------------------------------------------------------------
-    def execute(self, batch: StepBatch) -> StepOutput:
+    def check(self) -> None:
+        """Raise WorkerDied once a worker has exited (the watcher thread saw its sentinel)."""
         if self.failure is not None:
             raise WorkerDied(self.failure)
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        self.check()
         inputs = self.local.prepare(batch)
         header, payload = encode(inputs)
         data = header.to_bytes()
