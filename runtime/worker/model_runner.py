@@ -194,6 +194,8 @@ class ModelRunner:
 
     def _plan_budgets(self, config: EngineConfig, limits: SchedulingLimits) -> tuple[GroupBudget, ...]:
         available = self._free_memory()
+        if self.shard is not None and self.device.type == "cpu":
+            available //= self.shard.size  # the ranks of a cpu run share one machine's RAM
         layer_bytes = self._layer_block_bytes
         if config.kv_cache_memory is not None:
             budget, source = config.kv_cache_memory, f"engine setting kv_cache_memory={config.kv_cache_memory}"
