@@ -79,16 +79,20 @@ class ParallelRunner:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
         self.workers: list[multiprocessing.Process] = []
         self.pipes: list[Connection] = []
+        self.errors: list[Connection] = []  # each worker's last words: the error it exits on
         self.failure: str | None = None
         self._closing = threading.Event()
         for rank in range(1, size):
             receive, send = ctx.Pipe(duplex=False)
+            error_in, error_out = ctx.Pipe(duplex=False)
             p = ctx.Process(target=worker_main, name=f"pllm-tp-rank{rank}", daemon=True,
-                            args=(str(build.path), config, max_model_len, address, rank, receive))
+                            args=(str(build.path), config, max_model_len, address, rank, receive, error_out))
             p.start()
             receive.close()
+            error_out.close()
             self.workers.append(p)
             self.pipes.append(send)
+            self.errors.append(error_in)
         self._finalizer = weakref.finalize(self, _stop, self.workers, self.pipes)
         threading.Thread(target=self._watch, name="pllm-tp-watch", daemon=True).start()
         try:
@@ -96,8 +100,9 @@ class ParallelRunner:
             shard = RankShard(0, size, address.device(0), DistCommunicator(0, size))
             self.local = ModelRunner(build, config, max_model_len, shard)
         except Exception as e:
+            error = self._died(e)  # names the worker whose exit broke the start, if one did
             self.close()
-            raise self._died(e) from e
+            raise error from e
         logger.info("pllm: tensor parallel over %d ranks (%s, %s), rank 0 in this process, workers pid %s", size,
                     address.backend, address.device_type, ", ".join(str(p.pid) for p in self.workers))
 
@@ -161,8 +166,15 @@ class ParallelRunner:
             return
         rank, p = sentinels[ready[0]]
         p.join(0.1)
-        self.failure = (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; the engine "
-                        "cannot continue and must be restarted")
+        why = ""
+        errors = self.errors[rank - 1]
+        try:
+            if errors.poll():
+                why = f" ({errors.recv_bytes().decode(errors='replace')})"
+        except (OSError, EOFError):
+            pass
+        self.failure = (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}{why}; the "
+                        "engine cannot continue and must be restarted")
         logger.error("pllm: %s", self.failure)
 
     def close(self) -> None:

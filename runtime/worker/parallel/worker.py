@@ -27,8 +27,9 @@ logger = logging.getLogger("pllm")
 
 
 def worker_main(build_dir: str, config: EngineConfig, max_model_len: int, address: GroupAddress, rank: int,
-                headers: Connection) -> None:
-    """The process's entry point (multiprocessing spawn); exits non-zero on any error, which rank 0 watches for."""
+                headers: Connection, errors: Connection) -> None:
+    """The process's entry point (multiprocessing spawn); exits non-zero on any error, which rank 0 watches for,
+    after writing the error's one-line text to `errors` for rank 0 to name."""
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
     try:
         join_group(address, rank)
@@ -39,9 +40,13 @@ def worker_main(build_dir: str, config: EngineConfig, max_model_len: int, addres
         follow(runner, headers)
     except EOFError:  # rank 0 went away without a STOP: nothing left to follow
         sys.exit(1)
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
         sys.stderr.flush()
+        try:
+            errors.send_bytes(f"{type(e).__name__}: {e}".encode())
+        except OSError:
+            pass  # rank 0 is gone
         sys.exit(1)
     leave_group()
 

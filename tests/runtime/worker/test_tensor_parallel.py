@@ -82,3 +82,17 @@ def test_a_killed_worker_fails_the_engine_within_seconds(tiny_tp_build):
     finally:
         llm.close()
     assert not worker.is_alive()
+
+
+def test_a_worker_that_cannot_start_is_named_with_its_error(tiny_tp_build, tmp_path):
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(tiny_tp_build("llama", 2), build)
+    shard = build / "model-rank1.safetensors"  # only rank 1 reads (and hashes) it
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(WorkerDied, match=r"worker rank 1 .* exited with code 1 \(BuildDirError: .*model-rank1"
+                                         r"\.safetensors: sha256 does not match"):
+        LLM(str(build), backend="cpu", tensor_parallel_size=2)
