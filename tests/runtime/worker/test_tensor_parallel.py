@@ -96,3 +96,11 @@ def test_a_worker_that_cannot_start_is_named_with_its_error(tiny_tp_build, tmp_p
     with pytest.raises(WorkerDied, match=r"worker rank 1 .* exited with code 1 \(BuildDirError: .*model-rank1"
                                          r"\.safetensors: sha256 does not match"):
         LLM(str(build), backend="cpu", tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("size", [0, -2, True, "2"])
+def test_tensor_parallel_size_setting_must_be_a_positive_integer(size):
+    from pllm.runtime.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=size)
