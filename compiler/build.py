@@ -24,9 +24,9 @@ from pllm.compiler.manifest import (
     MANIFEST,
     MANIFEST_DIGEST_KEY,
     REPLACEABLE_FORMATS,
-    WEIGHTS_FILE,
     manifest_digest,
     sha256_file,
+    weights_file,
 )
 from pllm.compiler.plan import make_plan
 from pllm.compiler.pooling import read_pooling_config
@@ -44,9 +44,11 @@ from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_s
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
+from pllm.models.parallel_layout import TensorParallelError, check_split, rank_spec
 from pllm.models.quant import QuantizedWeight
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind, ModelSpec
+from pllm.models.tensor_parallel import shard_tensor
 
 logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +71,8 @@ class BuildOptions:
     progress: bool = True
     quantization: Quantization | None = None  # None: float weights in `dtype`
     quant_group_size: int | None = None  # int4 only; None: quantize.INT4_DEFAULT_GROUP (32)
+    # ranks to split the model over: kernels for one rank's heads, one weights file per rank (model-rank<r>)
+    tensor_parallel_size: int = 1
 
 
 def versions() -> dict[str, str]:
@@ -207,6 +211,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         logger.info("dtype %s (%s)", choice.dtype, choice.reason)
         dtype = choice.dtype
         check_against_weights(source, spec)
+        check_tensor_parallel(options, spec, source.config_file)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
         quantizer = make_quantizer(options, spec, source)
         if quantizer is not None:
@@ -246,6 +251,26 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
+def check_tensor_parallel(options: BuildOptions, spec: ModelSpec, config_file: str) -> None:
+    """A split build: a family whose model runs split, sizes that divide, no LoRA (adapters are not split)."""
+    size = options.tensor_parallel_size
+    if size == 1:
+        return
+    try:
+        check_split(spec, size)
+    except TensorParallelError as e:
+        raise BuildError(f"{config_file}: {e}") from None
+    if not family_of(spec.model_type, config_file).tensor_parallel:
+        raise BuildError(f"{config_file}: model_type {spec.model_type!r} does not run tensor-parallel yet "
+                         "(the llama wiring and its mixture-of-experts families do); build with tensor_parallel_size=1")
+    if options.loras:
+        raise BuildError(f"LoRA adapters cannot be packed into a build for tensor_parallel_size={size}: adapters are "
+                         "not split across ranks")
+    if options.quantization is not None:
+        raise BuildError(f"--quantization {options.quantization.value} cannot be combined with tensor_parallel_size="
+                         f"{size} yet: packed weights are not split across ranks")
+
+
 def check_loras(loras: tuple[tuple[str, str], ...], spec: ModelSpec) -> list[dict]:
     """Each adapter read and checked against the model (models/lora.py); their manifest entries."""
     if len(loras) > MAX_LORAS:
@@ -273,14 +298,15 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     # an encoder embeds as its sentence-transformers files say; read first, so a refusal comes before the work
     pooling = read_pooling_config(source, spec) if spec.kind is ModelKind.ENCODER else None
     weights, packed = flatten(convert_weights(source, spec, dtype, options.progress, quantizer))
-    save_file(weights, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    _as_umask_allows(tmp_dir / WEIGHTS_FILE)
+    _write_shards(weights, spec, options.tensor_parallel_size, tmp_dir)
     del weights
     tokenizer_files = copy_tokenizer_files(source, tmp_dir)
     (tmp_dir / "hf_config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True, default=str))
     _copy_loras(options.loras, tmp_dir)
 
-    plan = make_plan(spec, dtype, options.block_size, quant=principal_format(packed))
+    # one rank's heads; the quantised kernels specialised to the format most packed weights share
+    plan = make_plan(rank_spec(spec, options.tensor_parallel_size), dtype, options.block_size,
+                     quant=principal_format(packed))
     kernel_dir = tmp_dir / KERNELS_DIR
     kernel_dir.mkdir()
     render_plan(plan, kernel_dir)
@@ -302,7 +328,8 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "spec": spec.to_dict(),
         "dtype": dtype,
         "block_size": options.block_size,
-        "weights": WEIGHTS_FILE,
+        "weights": [weights_file(r, options.tensor_parallel_size) for r in range(options.tensor_parallel_size)],
+        "tensor_parallel_size": options.tensor_parallel_size,
         "tokenizer_files": tokenizer_files,
         "kernels": plan.to_manifest(),
         "compiled_kernels": compiled,
@@ -316,6 +343,18 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         manifest["pooling"] = pooling.to_dict()
     manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _write_shards(weights: dict[str, torch.Tensor], spec: ModelSpec, size: int, tmp_dir: Path) -> None:
+    """One weights file per rank, each holding exactly the bytes that rank computes with (the whole model on one)."""
+    layout = family_of(spec.model_type, "").weight_layout(spec)
+    for rank in range(size):
+        # one rank holds everything as it is (packed weights' parts too, which the layout does not name)
+        shard = weights if size == 1 else {name: shard_tensor(t, layout[name].split, spec, size, rank).contiguous()
+                                           for name, t in weights.items()}
+        f = tmp_dir / weights_file(rank, size)
+        save_file(shard, str(f), metadata={"format": "pt"})
+        _as_umask_allows(f)
 
 
 def build_files(path: Path) -> dict[str, str | None] | None:

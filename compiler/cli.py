@@ -67,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"int4 group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]}, dividing the model's input widths "
         f"(default {INT4_DEFAULT_GROUP}, as llama.cpp's 4-bit types)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N ranks (GPUs, or CPU processes): kernels for one rank's heads and one weights "
+        "file per rank; serve it with pllm-serve --tensor-parallel-size N (default: 1)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet,
-                           loras=tuple(args.lora),
+                           loras=tuple(args.lora), tensor_parallel_size=args.tensor_parallel_size,
                            quantization=None if args.quantization is None else Quantization(args.quantization),
                            quant_group_size=args.quant_group_size)
     try:

@@ -11,20 +11,22 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pllm.models.parallel_layout import rank_spec
 from pllm.models.pooling import Pooling, PoolingConfig
 from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language;
 # 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
 # and an encoder's pooling recipe; 5: the LoRA adapters packed into the build (key 'loras', a list, maybe empty);
-# 6: quantised weights (key 'quantization': the method, and each packed tensor's scheme and group size)
+# 6: quantised weights (key 'quantization': the method, and each packed tensor's scheme and group size) and the
+# tensor-parallel layout (key 'tensor_parallel_size'; 'weights' lists one weights file per rank)
 FORMAT_VERSION = 6
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
 REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights
 KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
 LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
@@ -34,6 +36,11 @@ QUANT_PARTS = ("codes", "scales", "mins")
 QUANT_SCHEMES = ("int8", "int4")  # models.quant.QuantScheme's values (this module stays torch-free)
 QUANT_METHODS = ("int8", "int4", "gguf")  # compiler.quantize.Quantization's values
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def weights_file(rank: int, size: int) -> str:
+    """The weights file rank `rank` of a build for `size` ranks reads: its shard only."""
+    return WEIGHTS_FILE if size == 1 else f"model-rank{rank}.safetensors"
 
 
 def sha256_file(path: Path) -> str:
@@ -88,6 +95,15 @@ class BuildManifest:
     kernel_dir: Path
     pooling: PoolingConfig | None = None  # an encoder build's embedding recipe (its manifest key 'pooling')
     loras: tuple[tuple[str, str], ...] = ()  # packed LoRA adapters: (name, folder relative to the build)
+    # the ranks the build was split for (compiler --tensor-parallel-size): its spec is the whole model's, its
+    # kernels were rendered for one rank's heads (models.tensor_parallel.rank_spec), weight_files[r] is rank r's
+    tensor_parallel_size: int = 1
+    weight_files: tuple[str, ...] = (WEIGHTS_FILE,)
+
+    @property
+    def rank_spec(self) -> ModelSpec:
+        """The shape one rank computes, what the kernels were rendered for: the spec itself on a single rank."""
+        return rank_spec(self.spec, self.tensor_parallel_size)
 
     def read_bytes(self, rel: str) -> bytes:
         """A listed file's bytes, checked against the manifest: what is used is exactly what was verified."""
@@ -141,17 +157,21 @@ def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:
     pooling = _pooling_from_manifest(manifest.get("pooling"), spec, manifest_file)
     loras = tuple((e["name"], f"{LORA_DIR}/{e['name']}") for e in manifest["loras"])
     build = BuildManifest(path, manifest, spec, manifest["dtype"], manifest["block_size"], path / KERNELS_DIR,
-                          pooling, loras)
+                          pooling, loras, manifest["tensor_parallel_size"], tuple(manifest["weights"]))
     if verify:
         verify_files(build)
     return build
 
 
-def verify_files(build: BuildManifest) -> None:
-    """Every listed file against its sha256; raises BuildDirError naming the first that differs. open_build runs
-    it unless told not to, for a caller that runs it itself (the engine: on a thread, beside loading the tokenizer,
-    as hashing releases the GIL), and must then not use the build's unread files before it returns."""
+def verify_files(build: BuildManifest, rank: int = 0) -> None:
+    """Every listed file rank `rank` reads against its sha256 (the other ranks' weight shards are theirs to check);
+    raises BuildDirError naming the first that differs. open_build runs it unless told not to, for a caller that
+    runs it itself (the engine: on a thread, beside loading the tokenizer, as hashing releases the GIL), and must
+    then not use the build's unread files before it returns."""
+    others = {f for r, f in enumerate(build.weight_files) if r != rank}
     for rel, digest in build.manifest["files"].items():
+        if rel in others:
+            continue
         f = _listed_file(build.path, rel)
         try:
             matches = sha256_file(f) == digest  # streamed: the weights may be larger than spare memory
@@ -201,7 +221,7 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
     """The types and references the loader relies on, so a malformed manifest is named, never a KeyError."""
     kinds = {dict: "a JSON object", list: "a JSON list", str: "a string"}
     for key, kind in [("spec", dict), ("kernels", dict), ("cpu_kernels", dict), ("compiled_kernels", dict),
-                      ("files", dict), ("tokenizer_files", list), ("weights", str), ("source", str),
+                      ("files", dict), ("tokenizer_files", list), ("weights", list), ("source", str),
                       ("loras", list), ("quantization", dict)]:
         if not isinstance(m.get(key), kind):
             raise _fail(manifest_file, key, kinds[kind], m.get(key))
@@ -224,7 +244,13 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
             raise _fail(manifest_file, "files", "relative paths inside the build", rel)
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise _fail(manifest_file, f"files.{rel}", "a sha256 hex digest", digest)
-    listed = [("weights", m["weights"])]
+    size = m.get("tensor_parallel_size")
+    if type(size) is not int or size < 1:
+        raise _fail(manifest_file, "tensor_parallel_size", "a positive integer", size)
+    expected = [weights_file(r, size) for r in range(size)]
+    if m["weights"] != expected:
+        raise _fail(manifest_file, "weights", f"{expected} (one file per rank)", m["weights"])
+    listed = [("weights", f) for f in m["weights"]]
     listed += [("tokenizer_files", name) for name in m["tokenizer_files"]]
     libraries = m["cpu_kernels"].get("libraries", {})
     if not isinstance(libraries, dict):

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.parallel_layout import Split
 from pllm.models.spec import ModelSpec
 
 
@@ -24,6 +25,7 @@ class RuntimeTensor:
     hf_names: tuple[str, ...]
     shape: tuple[int, ...]
     num_stacked: int = 1
+    split: Split = Split.REPLICATED  # how a tensor-parallel build divides it among ranks (models/tensor_parallel.py)
 
 
 class CausalLM(Protocol):
@@ -57,3 +59,5 @@ class ModelFamily:
     # before anything is sized by it.
     hf_layer_pattern: re.Pattern[str]
     hf_embedding: str  # the HF token embedding, [vocab_size, hidden_size]
+    # the layout's splits are set and the model calls its communicator (model.comm): it can run tensor-parallel
+    tensor_parallel: bool = False

@@ -23,8 +23,10 @@ from pllm.models.config import (
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.lora import LayerLora, LoraInputs, TargetLora
 from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.parallel_layout import Split
 from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
+from pllm.models.tensor_parallel import SINGLE_RANK, Communicator, vocab_embedding
 
 
 @dataclass(frozen=True)
@@ -132,30 +134,30 @@ def weight_layout(spec: ModelSpec) -> dict[str, RuntimeTensor]:
     """Runtime tensor name -> the Hugging Face tensors it is made of, and its shape."""
     h, q, kv, inter = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
     layout = {
-        "embed_tokens": RuntimeTensor(("model.embed_tokens.weight",), (spec.vocab_size, h)),
+        "embed_tokens": RuntimeTensor(("model.embed_tokens.weight",), (spec.vocab_size, h), split=Split.VOCAB),
         "norm": RuntimeTensor(("model.norm.weight",), (h,)),
     }
     if not spec.tie_word_embeddings:
-        layout["lm_head"] = RuntimeTensor(("lm_head.weight",), (spec.vocab_size, h))
+        layout["lm_head"] = RuntimeTensor(("lm_head.weight",), (spec.vocab_size, h), split=Split.VOCAB)
     for i in range(spec.num_hidden_layers):
         hf, rt = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
         layout[rt + "input_layernorm"] = RuntimeTensor((hf + "input_layernorm.weight",), (h,))
         layout[rt + "qkv_proj"] = RuntimeTensor(
-            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), (q + 2 * kv, h)
+            (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), (q + 2 * kv, h), split=Split.QKV
         )
         if spec.attention_bias:
             biases = (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
-            layout[rt + "qkv_bias"] = RuntimeTensor(biases, (q + 2 * kv,))
+            layout[rt + "qkv_bias"] = RuntimeTensor(biases, (q + 2 * kv,), split=Split.QKV)
         if spec.qk_norm:
             layout[rt + "q_norm"] = RuntimeTensor((attn + "q_norm.weight",), (spec.head_dim,))
             layout[rt + "k_norm"] = RuntimeTensor((attn + "k_norm.weight",), (spec.head_dim,))
-        layout[rt + "o_proj"] = RuntimeTensor((attn + "o_proj.weight",), (h, q))
+        layout[rt + "o_proj"] = RuntimeTensor((attn + "o_proj.weight",), (h, q), split=Split.COLUMNS)
         layout[rt + "post_attention_layernorm"] = RuntimeTensor((hf + "post_attention_layernorm.weight",), (h,))
         layout[rt + "gate_up_proj"] = RuntimeTensor(
-            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), (2 * inter, h)
+            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), (2 * inter, h), split=Split.GATE_UP
         )
-        layout[rt + "down_proj"] = RuntimeTensor((hf + "mlp.down_proj.weight",), (h, inter))
+        layout[rt + "down_proj"] = RuntimeTensor((hf + "mlp.down_proj.weight",), (h, inter), split=Split.COLUMNS)
     return layout
 
 
@@ -204,6 +206,9 @@ class LlamaModel:
         self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
         # LoRA adapters stacked per layer (models/lora.py), set by the runner; None: no adapter loaded
         self.lora_layers: list[LayerLora] | None = None
+        # the other ranks of a tensor-parallel run, set by the runner; this model is then one rank's slice (its
+        # spec the rank's heads and MLP width, its embedding and LM head a vocabulary slice)
+        self.comm: Communicator = SINGLE_RANK
 
     def forward(
         self,
@@ -216,7 +221,8 @@ class LlamaModel:
         adapters = self.lora_layers if lora is not None else None
         num_tokens = input_ids.shape[0]
         q_size, kv_size = spec.q_size, spec.kv_size
-        x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
+        comm = self.comm
+        x = vocab_embedding(input_ids, w["embed_tokens"], comm)  # [num_tokens, hidden]
         rows = rope_rows(spec, metas[0], self.max_positions)  # [num_tokens] rows of self.cos_sin
         residual = None
         for i, layer in enumerate(self.layers):
@@ -237,11 +243,13 @@ class LlamaModel:
             x = ops.linear(attn, layer.o)
             if adapter is not None and adapter.o is not None:
                 x = ops.lora(x, attn, adapter.o.a, adapter.o.b, lora)
+            x = comm.all_reduce(x)  # row-parallel o: each rank's heads' share of the sum (no bias in this wiring)
             h, residual = ops.rms_norm(x, layer.post_norm, spec.rms_norm_eps, residual)
             if adapter is not None and (adapter.gate_up is not None or adapter.down is not None):
                 x = self.lora_feed_forward(layer, h, adapter, lora)
             else:
                 x = self.feed_forward(layer, h)
+            x = comm.all_reduce(x)  # row-parallel down (or each rank's slice of every expert)
         x, _ = ops.rms_norm(x, w["norm"], spec.rms_norm_eps, residual)
         return x
 
@@ -264,7 +272,7 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_seqs, hidden_size] -> [num_seqs, vocab_size] float32."""
-        return self.ops.linear(hidden, self.lm_head).float()
+        return self.comm.all_gather(self.ops.linear(hidden, self.lm_head).float())
 
 
 def llama_family(rules: ConfigRules) -> ModelFamily:
@@ -276,6 +284,7 @@ def llama_family(rules: ConfigRules) -> ModelFamily:
         model=LlamaModel,
         hf_layer_pattern=re.compile(r"model\.layers\.([0-9]+)\."),
         hf_embedding="model.embed_tokens.weight",
+        tensor_parallel=True,
     )
 
 

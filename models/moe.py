@@ -11,6 +11,7 @@ from pllm.models.config import ConfigError, positive
 from pllm.models.family import RuntimeTensor
 from pllm.models.llama import LayerWeights, LlamaModel
 from pllm.models.ops import Ops
+from pllm.models.parallel_layout import Split
 from pllm.models.spec import ModelSpec, MoeSpec
 
 
@@ -45,9 +46,11 @@ def moe_weight_layout(
         experts = [f"{block}experts.{e}." for e in range(num_experts)]
         layout[rt + "router"] = RuntimeTensor((block + "gate.weight",), (num_experts, h))
         gate_up = tuple(n for e in experts for n in (f"{e}{names.gate}.weight", f"{e}{names.up}.weight"))
-        layout[rt + "experts_gate_up"] = RuntimeTensor(gate_up, (num_experts, 2 * inter, h), num_stacked=num_experts)
+        layout[rt + "experts_gate_up"] = RuntimeTensor(gate_up, (num_experts, 2 * inter, h), num_stacked=num_experts,
+                                                        split=Split.GATE_UP)
         down = tuple(f"{e}{names.down}.weight" for e in experts)
-        layout[rt + "experts_down"] = RuntimeTensor(down, (num_experts, h, inter), num_stacked=num_experts)
+        layout[rt + "experts_down"] = RuntimeTensor(down, (num_experts, h, inter), num_stacked=num_experts,
+                                                     split=Split.COLUMNS)
     return layout
 
 

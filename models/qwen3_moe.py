@@ -54,4 +54,5 @@ QWEN3_MOE = ModelFamily(
     model=MoeModel,
     hf_layer_pattern=re.compile(r"model\.layers\.([0-9]+)\."),
     hf_embedding="model.embed_tokens.weight",
+    tensor_parallel=True,
 )

@@ -137,3 +137,22 @@ def tiny_loras(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     return {name: make_adapter(tiny_dir("llama"), root / name, seed, **cfg)
             for seed, (name, cfg) in enumerate(ADAPTERS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_tp_build(tiny_dir, tmp_path_factory):
+    """Factory: (model_type, tensor_parallel_size, **overrides) -> a float32 build split for that many ranks;
+    cached per arguments."""
+    from pllm.compiler.build import BuildOptions, build
+
+    cache: dict = {}
+
+    def make(model_type: str, tensor_parallel_size: int, **overrides) -> Path:
+        key = (model_type, tensor_parallel_size, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"build-{model_type}-tp{tensor_parallel_size}") / "build"
+            options = BuildOptions(dtype="float32", progress=False, tensor_parallel_size=tensor_parallel_size)
+            cache[key] = build(str(tiny_dir(model_type, **overrides)), out, options)
+        return cache[key]
+
+    return make

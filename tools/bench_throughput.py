@@ -1,11 +1,16 @@
 """Offline throughput: pllm LLM.generate vs Hugging Face generate in padded batches, same model, machine and dtype.
 
     python tools/bench_throughput.py build/ [--num-requests 64] [--skip-hf]
+    python tools/bench_throughput.py build-tp2/ --tensor-parallel-size 2 --single-rank-build build/ [--rounds 2]
 
 Prints output tokens/s for both, their ratio, peak memory, and pllm's decode step at batch 64 (and at batch 1) as a
 fraction of the CPU's matmul roofline (in the build's dtype) measured in the same run; where the build has compiled
 cpu kernels, the same steps run beside them with the PyTorch attention, and with PyTorch ops only, as baselines. A
 benchmark, not a test: numbers depend on the machine.
+
+With --tensor-parallel-size N: the same requests through LLM(tensor_parallel_size=N) on the split build and through
+one process on --single-rank-build (the same model compiled for one rank), taking turns for --rounds rounds, and
+their ratio; on a cpu the ranks share the machine's cores.
 """
 
 from __future__ import annotations
@@ -48,10 +53,11 @@ def matmul_roofline(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> f
     return 2 * size**3 / best
 
 
-def bench_pllm(build_dir: str, reqs, dtype_note: str) -> dict:
+def bench_pllm(build_dir: str, reqs, dtype_note: str, tensor_parallel_size: int = 1) -> dict:
     from pllm import LLM, SamplingParams
 
-    llm = LLM(build_dir, backend="cpu", max_num_seqs=256, max_num_batched_tokens=2048)
+    llm = LLM(build_dir, backend="cpu", max_num_seqs=256, max_num_batched_tokens=2048,
+              tensor_parallel_size=tensor_parallel_size)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -170,7 +176,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks of build_dir (split for them)")
+    ap.add_argument("--single-rank-build", default=None, help="with --tensor-parallel-size: the one-rank baseline")
+    ap.add_argument("--rounds", type=int, default=2, help="with --tensor-parallel-size: rounds of taking turns")
     args = ap.parse_args()
+    if args.tensor_parallel_size > 1:
+        if args.single_rank_build is None:
+            ap.error("--tensor-parallel-size needs --single-rank-build (the same model compiled for one rank)")
+        bench_tensor_parallel(args)
+        return
 
     manifest = json.loads((Path(args.build_dir) / "manifest.json").read_text())
     dtype = getattr(torch, manifest["dtype"])
@@ -230,6 +244,28 @@ def main() -> None:
                       f"(median {base['median_step_ms'] / full['median_step_ms']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "decode": decodes, "roofline": peak}, indent=2))
+
+
+def bench_tensor_parallel(args: argparse.Namespace) -> None:
+    """N ranks against one process on the same requests, alternating which goes first each round."""
+    manifest = json.loads((Path(args.build_dir) / "manifest.json").read_text())
+    reqs = make_requests(args.num_requests, manifest["spec"]["vocab_size"], args.seed)
+    n = args.tensor_parallel_size
+    runs = {1: (args.single_rank_build, 1), n: (args.build_dir, n)}
+    tok_s: dict[int, list[float]] = {1: [], n: []}
+    print(f"{args.num_requests} requests, outputs {sum(m for _, m in reqs)} tokens, dtype {manifest['dtype']}, "
+          f"{n} ranks vs 1, {args.rounds} rounds taking turns")
+    for round_ in range(args.rounds):
+        for size in ((1, n) if round_ % 2 == 0 else (n, 1)):
+            build_dir, tp = runs[size]
+            res = bench_pllm(build_dir, reqs, manifest["dtype"], tensor_parallel_size=tp)
+            res.pop("llm").close()
+            tok_s[size].append(res["output_tokens"] / res["seconds"])
+            print(f"  round {round_ + 1}: {size} rank(s) {tok_s[size][-1]:8.1f} out tok/s")
+    best = {k: max(v) for k, v in tok_s.items()}
+    print(f"best of rounds: 1 rank {best[1]:.1f} tok/s, {n} ranks {best[n]:.1f} tok/s, ratio {best[n] / best[1]:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tok_s": tok_s, "ratio": best[n] / best[1]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def step_model_build(args, found: dict) -> None:
     found["build_s"] = round(time.perf_counter() - t, 1)
     manifest = json.loads((build_dir / "manifest.json").read_text())
     found.update(shape="tiny llama" if args.dry_run else "Llama-3.2-1B", dtype=dtype,
-                 weight_bytes=(build_dir / manifest["weights"]).stat().st_size,
+                 weight_bytes=sum((build_dir / f).stat().st_size for f in manifest["weights"]),
                  kernels=sorted(manifest["kernels"]["kernels"]))
 
 

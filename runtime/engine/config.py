@@ -24,6 +24,9 @@ class EngineConfig:
     # LoRA adapters to load at start, (name, PEFT adapter folder) each, beside those packed in the build
     lora_modules: tuple[tuple[str, str], ...] = ()
     max_loras: int = 8  # adapters the engine may hold at once (build, lora_modules and LLM.generate's together)
+    # ranks the model runs split over (processes: this one and N - 1 workers; one GPU each on cuda); must be the
+    # build's (pllm-compile --tensor-parallel-size)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, what: str) -> ValueError:
@@ -68,6 +71,11 @@ class EngineConfig:
             raise bad("max_loras", self.max_loras, f"an integer in [1, {MAX_LORAS_LIMIT}]")
         if len(modules) > self.max_loras:
             raise bad("lora_modules", f"{len(modules)} adapters", f"at most max_loras={self.max_loras}")
+        if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", self.tensor_parallel_size, "a positive integer")
+        if self.tensor_parallel_size > 1 and modules:
+            raise bad("lora_modules", f"{len(modules)} adapters", "empty with tensor_parallel_size > 1 (adapters are "
+                      "not split across ranks)")
         fraction = self.kv_cache_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")

@@ -23,7 +23,7 @@ from pllm.runtime.engine.scheduler import Scheduler
 from pllm.runtime.engine.structured_output import GrammarCache, SequenceGrammar
 from pllm.runtime.worker.kv_budget import describe_budget
 from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
-from pllm.runtime.worker.model_runner import ModelRunner
+from pllm.runtime.worker.parallel.runner import make_runner
 from pllm.runtime.worker.sampler import Sampler
 from pllm.runtime.worker.startup_timing import Stage, mark
 
@@ -64,7 +64,8 @@ class LLMEngine:
             verified.result()
         mark(Stage.MANIFEST)
         self.generation_config = load_generation_config(self.build)
-        self.runner = ModelRunner(self.build, config, self._resolve_max_model_len(config))
+        # this process alone, or rank 0 of config.tensor_parallel_size (runtime/worker/parallel/)
+        self.runner = make_runner(self.build, config, self._resolve_max_model_len(config))
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
         self.loras = LoraRegistry(spec, config.max_loras)
         self._load_start_loras(config)
@@ -119,6 +120,14 @@ class LLMEngine:
         )
         logger.info("pllm engine: KV budget per layer group: %s",
                     describe_budget(self.runner.kv_budgets, self.build.block_size))
+
+    def close(self) -> None:
+        """Stop what the engine started beyond this thread: a tensor-parallel engine's worker processes."""
+        self.runner.close()
+
+    def check_workers(self) -> None:
+        """Raise WorkerDied if a tensor-parallel worker process has exited (a no-op on one process)."""
+        self.runner.check()
 
     # -- set-up -----------------------------------------------------------------------------------
     def _load_start_loras(self, config: EngineConfig) -> None:

@@ -27,6 +27,16 @@ class LLM:
             )
         self.engine = LLMEngine(build_dir, EngineConfig(**engine_settings))
 
+    def close(self) -> None:
+        """Stop the engine's worker processes (tensor_parallel_size > 1; at exit otherwise). Idempotent."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

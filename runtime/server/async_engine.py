@@ -50,7 +50,10 @@ class AsyncEngine:
                 return
             engine._thread = threading.current_thread()
             ready.put(engine)
-            engine._loop.run()
+            try:
+                engine._loop.run()
+            finally:
+                engine.engine.close()  # a tensor-parallel engine's workers stop with its loop
 
         threading.Thread(target=build_and_run, name="pllm-engine", daemon=True).start()
         result = ready.get()

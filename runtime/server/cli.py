@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-loras", type=positive_int, default=8, help="LoRA adapters held at once (at most 16)")
     p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="ranks to run the model split over (this process and N-1 workers; one GPU each on cuda): the build's "
+        "pllm-compile --tensor-parallel-size (default: 1)",
+    )
+    p.add_argument(
         "--tool-call-parser",
         choices=[*TOOL_CALL_PARSERS, NO_PARSER],
         default=None,
@@ -185,6 +193,10 @@ def default_model_name(build_dir: str) -> str:
     return name.removesuffix(".gguf") or "pllm"
 
 
+ENGINE_WATCH_INTERVAL_S = 0.25  # how often the server looks whether its engine is still alive
+DEAD_ENGINE_EXIT_DELAY_S = 2.0  # seconds /health answers 503 after the engine died, before the server exits
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains (new requests 503, running ones finish) before exiting."""
 
@@ -195,6 +207,8 @@ class DrainingServer(uvicorn.Server):
         self.url = url
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.engine_died = False
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -202,6 +216,20 @@ class DrainingServer(uvicorn.Server):
         if self.started:
             mark(Stage.BIND)
             print(f"pllm-serve: ready at {self.url} (OpenAI API under {self.url}/v1)", flush=True)
+            self._watch_task = asyncio.ensure_future(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        """An engine that died (a tensor-parallel worker killed, a bug in its loop) cannot recover: /health says
+        503 for a moment, so probes and balancers see it, then the server exits non-zero for its supervisor."""
+        while not self.should_exit:
+            if not self.engine.is_alive and not self.engine.draining:
+                logger.error("the engine died (%s); exiting in %.0f s so a supervisor restarts the server",
+                             self.engine.dead_reason, DEAD_ENGINE_EXIT_DELAY_S)
+                self.engine_died = True
+                await asyncio.sleep(DEAD_ENGINE_EXIT_DELAY_S)
+                self.should_exit = True
+                return
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._loop is None or self.engine.draining:  # not started yet, or a second signal: stop now
@@ -276,6 +304,7 @@ def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
         cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
         lora_modules=tuple(args.lora_modules),
         max_loras=args.max_loras,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
 
@@ -326,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     finally:
         engine.stop()
-    return 0 if server.started else 1
+    return 0 if server.started and not server.engine_died else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pllm.runtime.engine.outputs import CompletionOutput, EmbeddingRequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam
 from pllm.runtime.server.metrics import ServerMetrics
 from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, RequestStream
+from pllm.runtime.worker.parallel.group import WorkerDied
 
 logger = logging.getLogger("pllm.server")
 
@@ -109,6 +110,7 @@ class EngineLoop:
                 timeout = None if busy else max(0.01, min(1.0, next_log - time.monotonic()))
                 if not self._process_commands(timeout):
                     break
+                self.engine.check_workers()  # a dead tensor-parallel rank ends the loop even while idle
                 if self.engine.has_unfinished():
                     self._step()
                 self._publish()
@@ -189,6 +191,8 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except WorkerDied:
+            raise  # the engine cannot step again: run() ends the loop, failing every request
         except Exception:
             # Fail the requests this step ran, keep the loop (and everyone else) going.
             logger.exception("engine step failed; failing its running requests")

@@ -13,13 +13,15 @@ from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 TOKENIZER_JSON = "tokenizer.json"
 
 
-def load_weights(build: BuildManifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor | QuantizedWeight]:
-    """The weights file was hashed by open_build; hashing it again here would double the load time. The tensors the
-    manifest records as quantised come back as QuantizedWeights (models/quant.py), gathered from their parts."""
+def load_weights(build: BuildManifest, device: str | torch.device = "cpu",
+                 rank: int = 0) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Rank `rank`'s weights file (the only one of a single-rank build), hashed by verify_files for that rank;
+    hashing it again here would double the load time. The tensors the manifest records as quantised come back as
+    QuantizedWeights (models/quant.py), gathered from their parts."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    f = build.path / build.manifest["weights"]
+    f = build.path / build.weight_files[rank]
     try:
         tensors = load_file(str(f), device=str(device))
     except (SafetensorError, OSError) as e:

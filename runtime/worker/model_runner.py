@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from pllm.runtime.worker.startup_timing import Stage, mark
 from pllm.runtime.worker.step import Pooling, StepBatch, StepOutput, TokenLogprobs
 from pllm.runtime.worker.step_inputs import StepInputs, prepare_step
 from pllm.runtime.worker.zeroed import zeroed
+
+if TYPE_CHECKING:
+    from pllm.runtime.worker.parallel.group import RankShard
 
 logger = logging.getLogger("pllm")
 
@@ -63,15 +67,22 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
 
 
 class ModelRunner:
-    def __init__(self, build: BuildManifest, config: EngineConfig, max_model_len: int):
-        self.spec = build.spec
+    def __init__(self, build: BuildManifest, config: EngineConfig, max_model_len: int,
+                 shard: RankShard | None = None):
+        """shard: this runner is one rank of a tensor-parallel engine (runtime/worker/parallel/): its spec is the
+        rank's share of the heads and MLP (the build's kernels were rendered for it), its weights that rank's
+        file, its device that rank's, its model's collectives go through shard.comm."""
+        self.shard = shard
+        self.spec = build.rank_spec  # the whole model's, or one rank's share of a split build
         self.block_size = build.block_size
         self.ops, self.device, self.backend = select_backend(config.backend, build)
+        if shard is not None:
+            self.device = shard.device
         mark(Stage.KERNELS)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
-        weights = load_weights(build, self.device)
+        weights = load_weights(build, self.device, 0 if shard is None else shard.rank)
         mark(Stage.WEIGHTS)
         family = family_of(self.spec.model_type, str(build.path))
         self.decode_graphs: DecodeGraphs | None = None
@@ -84,10 +95,14 @@ class ModelRunner:
         self.layer_group = layer_groups(self.kv_groups, self.spec.num_hidden_layers)  # [num_layers] group index
         limits = SchedulingLimits(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
         self.kv_budgets = self._plan_budgets(config, limits)
+        if shard is not None:
+            self.kv_budgets = shard.agree_budgets(self.kv_budgets)
         self.num_blocks = sum(b.num_blocks for b in self.kv_budgets)
         # Sized only now, so nothing below (rotary table, graph buffers) grows with a limit the cache cannot hold.
         self.max_model_len = self._fit_max_model_len(config, max_model_len)
         self.model = family.model(self.spec, weights, self.ops, self.max_model_len)
+        if shard is not None:
+            self.model.comm = shard.comm
         mark(Stage.MODEL)
         spec = self.spec
         # Per group one block more than its allocator hands out: the padding rows of captured decode steps write
@@ -105,7 +120,8 @@ class ModelRunner:
                      for j, layer in enumerate(b.group.layers)}
         self.kv_caches = [per_layer[i] for i in range(spec.num_hidden_layers)]  # per layer (k, v) of its group's pool
         mark(Stage.KV_POOL)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # a split step runs eagerly: its collectives stay out of captured graphs
+        if self.device.type == "cuda" and not config.enforce_eager and shard is None:
             sizes = config.cuda_graph_sizes or default_capture_sizes(config.max_num_seqs)
             self.decode_graphs = self._capture_or_eager(sizes)
 
@@ -128,6 +144,8 @@ class ModelRunner:
     def set_lora_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
         """Stack the adapters for the model (adapter i serves SeqStep.lora_slot i + 1); replaces the earlier set."""
         check_lora_family(self.spec)
+        if self.shard is not None and adapters:
+            raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1 (adapters are not split)")
         self.num_lora_adapters = len(adapters)
         self.model.lora_layers = stack_adapters(adapters, self.spec, self.dtype, self.device) if adapters else None
 
@@ -177,6 +195,8 @@ class ModelRunner:
 
     def _plan_budgets(self, config: EngineConfig, limits: SchedulingLimits) -> tuple[GroupBudget, ...]:
         available = self._free_memory()
+        if self.shard is not None and self.device.type == "cpu":
+            available //= self.shard.size  # the ranks of a cpu run share one machine's RAM
         layer_bytes = self._layer_block_bytes
         if config.kv_cache_memory is not None:
             budget, source = config.kv_cache_memory, f"engine setting kv_cache_memory={config.kv_cache_memory}"
@@ -236,7 +256,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepOutput:
         """Run one step: logits of the sequences that sample, pooled hidden states of those that pool."""
-        inputs = self.prepare(batch)
+        return self.run(batch, self.prepare(batch))
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch, inputs: StepInputs) -> StepOutput:
+        """execute's work once the step's tensors are made (a tensor-parallel rank 0 sends them out in between)."""
         hidden = None
         if inputs.lora is not None:  # adapters' steps run eagerly: the graphs hold the base model's decode
             hidden = self.model.forward(inputs.input_ids, self._layer_metas(inputs.metas), self.kv_caches, inputs.lora)
@@ -267,6 +291,13 @@ class ModelRunner:
         seqs = [s for s in batch.seqs if s.prompt_logprobs is not None]
         scored = prompt_logprobs_of(hidden[rows], self.model.logits, [s.prompt_logprobs for s in seqs])
         return {s.request_id: entries for s, entries in zip(seqs, scored, strict=True)}
+
+
+    def close(self) -> None:
+        """Nothing to stop for a single process (a tensor-parallel runner stops its workers)."""
+
+    def check(self) -> None:
+        """Nothing can have died beside a single process (a tensor-parallel runner checks its workers)."""
 
 
 def _ranges(sizes: Sequence[int]) -> str:

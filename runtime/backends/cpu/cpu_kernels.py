@@ -264,18 +264,18 @@ class CpuBinding:
 
 
 def _decode_attention(build: BuildManifest, library: Path) -> CpuDecodeAttention:
-    spec = build.spec
+    spec = build.rank_spec
     return CpuDecodeAttention(library, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
                               spec.num_key_value_heads, spec.head_dim,
                               spec.sliding_window if spec.sliding_layers else None, spec.attn_logit_softcapping)
 
 
 def _rms_norm(build: BuildManifest, library: Path) -> CpuRmsNorm:
-    return CpuRmsNorm(library, build.spec.hidden_size, build.spec.rms_norm_eps)
+    return CpuRmsNorm(library, build.rank_spec.hidden_size, build.rank_spec.rms_norm_eps)
 
 
 def _rope_kv_write(build: BuildManifest, library: Path) -> CpuRopeKvWrite:
-    spec = build.spec
+    spec = build.rank_spec
     return CpuRopeKvWrite(library, KERNEL_DTYPES[build.dtype], spec.num_attention_heads, spec.num_key_value_heads,
                           spec.head_dim)
 
@@ -304,7 +304,7 @@ PYTORCH_ONLY: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
 def choose_cpu_kernels(build: BuildManifest) -> CpuKernelChoice:
     """The build's compiled cpu kernels that this machine can run, else None for each, and the reason."""
     choice = _choose_compiled(build)
-    torch_only = [label for label, has in PYTORCH_ONLY if has(build.spec)]
+    torch_only = [label for label, has in PYTORCH_ONLY if has(build.rank_spec)]
     if not torch_only:
         return choice
     return dataclasses.replace(choice, reason=f"{choice.reason}; in PyTorch always: {', '.join(torch_only)}")

@@ -154,7 +154,7 @@ RESIGNED_EDITS = {
     "dtype unknown": (_set(["dtype"], "int4"), "'dtype'"),
     "files entry type": (_set(["files", "tokenizer.json"], 7), "'files.tokenizer.json'"),
     "files a list": (_set(["files"], ["model.safetensors"]), "'files'"),
-    "weights unlisted": (_set(["weights"], "other.safetensors"), "'weights'"),
+    "weights unlisted": (_set(["weights"], ["other.safetensors"]), "'weights'"),
     "tokenizer file unlisted": (lambda m: m["tokenizer_files"].append("vocab.json"), "'tokenizer_files'"),
     "library unlisted": (_set(["cpu_kernels", "libraries", "cpu_decode_attention"], "x.so"), "cpu_decode_attention"),
     "format_version": (_set(["format_version"], 1), "rebuild it"),
