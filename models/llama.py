@@ -22,7 +22,7 @@ from pllm.models.config import (
 )
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.lora import LayerLora, LoraInputs, TargetLora
-from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.ops import AttentionMetadata, DecodeStack, Ops
 from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
 
@@ -204,6 +204,16 @@ class LlamaModel:
         self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
         # LoRA adapters stacked per layer (models/lora.py), set by the runner; None: no adapter loaded
         self.lora_layers: list[LayerLora] | None = None
+        # the backend's one-call decode step over these weights, if it has one for this model (None: op by op)
+        self.decode_stack: DecodeStack | None = (
+            ops.decode_stack(spec, self.layers, weights["norm"], self.scale) if self.compiled_decode else None
+        )
+
+    @property
+    def compiled_decode(self) -> bool:
+        """Whether a backend's decode stack may stand in for this forward: the dense llama wiring (subclasses that
+        change a layer, as models/moe.py does, say no)."""
+        return type(self).feed_forward is LlamaModel.feed_forward
 
     def forward(
         self,
@@ -218,6 +228,8 @@ class LlamaModel:
         q_size, kv_size = spec.q_size, spec.kv_size
         x = F.embedding(input_ids, w["embed_tokens"])  # [num_tokens, hidden]
         rows = rope_rows(spec, metas[0], self.max_positions)  # [num_tokens] rows of self.cos_sin
+        if lora is None and self.decode_stack is not None and self.decode_stack.accepts(metas):
+            return self.decode_stack(x, rows, self.cos_sin, metas, kv_caches)  # every layer in one call
         residual = None
         for i, layer in enumerate(self.layers):
             adapter = adapters[i] if adapters is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pllm.compiler.kernels import (
     cpu_decode_attention,
+    cpu_decode_step,
     cpu_rms_norm,
     cpu_rope_kv_write,
     decode_attention,
@@ -32,6 +33,7 @@ KERNELS: tuple[Kernel, ...] = (
     cpu_decode_attention.KERNEL,
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
+    cpu_decode_step.KERNEL,
     # encoders
     layer_norm.KERNEL,
     encoder_attention.KERNEL,

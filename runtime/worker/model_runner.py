@@ -51,7 +51,8 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
 
         choice = choose_cpu_kernels(build)
         logger.info("pllm cpu backend: %s", choice.reason)
-        return TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write), torch.device("cpu"), name
+        return (TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, choice.decode_step),
+                torch.device("cpu"), name)
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
     from pllm.runtime.backends.triton.triton_ops import TritonOps
