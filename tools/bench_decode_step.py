@@ -6,7 +6,7 @@ For each batch size one running batch takes turns between the compiled step and 
 engine, the model's decode stack switched off and on), `--steps` engine steps at a time for `--rounds` rounds, so
 drift on a shared machine hits both alike. Prints the best and median ms/step of each and the speed-up.
 
-Then the GEMVs alone: the step's GEMV (kernels/cpu_decode_step.so) over each weight matrix of one layer, as GB/s
+Then the GEMVs alone: the step's GEMV (kernels/cpu_decode_step.so) over every layer's weight matrices, as GB/s
 of weights read, against the machine's read bandwidth measured in the same run (a sum over a buffer far larger
 than the caches, on torch's threads), and the whole step's weight bytes per step time. A benchmark, not a test.
 """
@@ -23,6 +23,7 @@ import torch
 from bench_throughput import time_decode_steps
 
 from pllm import LLM
+from pllm.runtime.backends.cpu import cpu_decode_step
 
 
 def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -36,7 +37,7 @@ def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return num_bytes / best
 
 
-def gemv_bandwidth(step, weights: list[torch.Tensor], batch: int, repeats: int = 20) -> float:
+def gemv_bandwidth(step, weights: list[torch.Tensor], batch: int, repeats: int = 5) -> float:
     """Bytes/s of weights the step's GEMV reads, over the given matrices in turn (best of `repeats` passes)."""
     xs = [torch.randn((batch, w.shape[1])).to(w.dtype) for w in weights]
     total = sum(w.numel() * w.element_size() for w in weights)
@@ -57,7 +58,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--compiled-up-to", type=int, default=cpu_decode_step.MAX_COMPILED_BATCH,
+                    help="run the compiled step up to this batch (default: the runtime's routing limit, "
+                         f"{cpu_decode_step.MAX_COMPILED_BATCH}; the kernel takes up to 16): where the per-op path wins")
     args = ap.parse_args()
+    cpu_decode_step.MAX_COMPILED_BATCH = args.compiled_up_to  # what CompiledDecodeStack.accepts reads
 
     llm = LLM(args.build_dir, backend="cpu", max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")))
     runner = llm.engine.runner
@@ -68,9 +73,9 @@ def main() -> None:
     variants = {"compiled": lambda: setattr(model, "decode_stack", stack),
                 "per-op": lambda: setattr(model, "decode_stack", None)}
     spec = runner.spec
-    layer = model.layers[0]
-    layer_weights = [layer.qkv, layer.o, layer.gate_up, layer.down]
-    weight_bytes = sum(w.numel() * w.element_size() for w in layer_weights) * spec.num_hidden_layers
+    # every layer's matrices, in step order: together far larger than the caches, as a step streams them
+    layer_weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    weight_bytes = sum(w.numel() * w.element_size() for w in layer_weights)
     print(f"{spec.model_type} {runner.dtype} {spec.num_hidden_layers} layers, {weight_bytes / 2**20:.0f} MiB of layer "
           f"weights; {torch.get_num_threads()} threads; GEMV: {ops.decode_step.isa}")
 

@@ -19,7 +19,7 @@ from pllm.compiler.render import render_plan
 from pllm.models.llama import LlamaModel, weight_layout
 from pllm.models.ops import AttentionMetadata
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, why_no_decode_step
+from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, why_no_decode_step
 from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
@@ -138,25 +138,30 @@ def bound(spec, dtype: str) -> float:
     return 8 * widest * U32 * layers
 
 
+# Each shape is one compile per dtype (the layer count is baked in): one layer, and stacks of three
 SPECS = {
-    "smollm2-like": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64),
-    "qwen2-bias": dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=32, attention_bias=True),
-    "mha-odd-rows": dict(hidden_size=96, intermediate_size=200, num_attention_heads=3, num_key_value_heads=3,
-                         head_dim=32),
+    "smollm2-like-1": dict(num_layers=1, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                           num_key_value_heads=3, head_dim=64),
+    "qwen2-bias-3": dict(num_layers=3, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, attention_bias=True),
+    "mha-odd-rows-3": dict(num_layers=3, hidden_size=96, intermediate_size=200, num_attention_heads=3,
+                           num_key_value_heads=3, head_dim=32),
 }
+
+
+def spec_of(shape: str):
+    return layered_spec(**SPECS[shape])
 
 
 @SETTINGS
 @given(shape=st.sampled_from(sorted(SPECS)), dtype=st.sampled_from(["float32", "bfloat16"]),
-       num_layers=st.sampled_from([1, 3]), context_lens=st.lists(st.integers(0, 70), min_size=1, max_size=MAX_BATCH),
-       seed=st.integers(0, 2**16))
-@example(shape="smollm2-like", dtype="bfloat16", num_layers=1, context_lens=[15], seed=0)  # one layer, batch 1
-@example(shape="smollm2-like", dtype="float32", num_layers=3, context_lens=[0, 16, 31, 47], seed=1)  # batch 4
-@example(shape="qwen2-bias", dtype="bfloat16", num_layers=3, context_lens=list(range(0, 80, 5)), seed=2)  # 16
-def test_step_equals_the_per_op_path(build_ops, shape, dtype, num_layers, context_lens, seed):
-    spec = layered_spec(num_layers, **SPECS[shape])
+       context_lens=st.lists(st.integers(0, 70), min_size=1, max_size=MAX_BATCH), seed=st.integers(0, 2**16))
+@example(shape="smollm2-like-1", dtype="bfloat16", context_lens=[15], seed=0)  # one layer, batch 1
+@example(shape="smollm2-like-1", dtype="float32", context_lens=[0, 16, 31, 47], seed=1)  # batch 4
+@example(shape="qwen2-bias-3", dtype="bfloat16", context_lens=list(range(0, 80, 5)), seed=2)  # a stack, batch 16
+@example(shape="mha-odd-rows-3", dtype="float32", context_lens=[70, 1, 9], seed=3)
+def test_step_equals_the_per_op_path(build_ops, shape, dtype, context_lens, seed):
+    spec = spec_of(shape)
     (fused, fused_caches), (ref, ref_caches) = run_both(build_ops, spec, dtype, context_lens, seed)
     assert torch.isfinite(fused).all()
     err = (fused - ref).abs() / rows_scale(ref)
@@ -172,7 +177,7 @@ def test_step_equals_the_per_op_path(build_ops, shape, dtype, num_layers, contex
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_step_is_deterministic(build_ops, dtype):
     """Rows split statically over threads, each attention item summed by one thread: rerun, bit for bit the same."""
-    spec = layered_spec(2, **SPECS["smollm2-like"])
+    spec = spec_of("qwen2-bias-3")
     (a, _), _ = run_both(build_ops, spec, dtype, [5, 9, 33], seed=7)
     (b, _), _ = run_both(build_ops, spec, dtype, [5, 9, 33], seed=7)
     assert torch.equal(a, b)
@@ -184,7 +189,7 @@ def test_step_is_deterministic(build_ops, dtype):
 def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, seed):
     """Each output within gamma_n * sum |w_i x_i| of the exact (fp64) dot product, n = in_features: the worst case
     of an fp32 sum of exact products in any order (bf16 x bf16 products are exact in fp32)."""
-    spec = layered_spec(1, **SPECS["mha-odd-rows"])
+    spec = spec_of("mha-odd-rows-3")
     step = build_ops(spec, dtype)[1].decode_step
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -197,25 +202,25 @@ def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, se
 
 
 def test_gemv_refuses_a_batch_past_its_tiles(build_ops):
-    spec = layered_spec(1, **SPECS["mha-odd-rows"])
+    spec = spec_of("mha-odd-rows-3")
     step = build_ops(spec, "float32")[1].decode_step
     with pytest.raises(ValueError, match="batch"):
         step.gemv(torch.zeros((4, 8)), torch.zeros((MAX_BATCH + 1, 8)))
 
 
 def test_large_batches_and_prompts_run_per_op(build_ops):
-    spec = layered_spec(1, **SPECS["mha-odd-rows"])
+    spec = spec_of("mha-odd-rows-3")
     compiled = build_ops(spec, "float32")[1]
     model = LlamaModel(spec, random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), compiled,
                        MAX_POSITIONS)
-    meta, _ = decode_step(spec, torch.float32, [3] * (MAX_BATCH + 1), torch.Generator().manual_seed(1))
+    meta, _ = decode_step(spec, torch.float32, [3] * (MAX_COMPILED_BATCH + 1), torch.Generator().manual_seed(1))
     assert not model.decode_stack.accepts([meta])
-    meta, _ = decode_step(spec, torch.float32, [3] * MAX_BATCH, torch.Generator().manual_seed(1))
+    meta, _ = decode_step(spec, torch.float32, [3] * MAX_COMPILED_BATCH, torch.Generator().manual_seed(1))
     assert model.decode_stack.accepts([meta])
 
 
 def test_quantised_weights_run_per_op(build_ops, caplog):
-    spec = layered_spec(1, **SPECS["mha-odd-rows"])
+    spec = spec_of("mha-odd-rows-3")
     compiled = build_ops(spec, "float32")[1]
     weights = random_weights(spec, torch.float32, torch.Generator().manual_seed(0))
     rows, cols = weights["layers.0.qkv_proj"].shape

@@ -16,9 +16,11 @@ from pllm.models.spec import ModelSpec
 logger = logging.getLogger("pllm")
 
 WEIGHTS_PER_LAYER = 7  # the kernel's LayerWeights: input_norm, qkv, qkv_bias, o, post_norm, gate_up, down
-# oneDNN's blocked GEMM overtakes the step's GEMVs from this many sequences (tools/bench_decode_step.py, measured on
-# the shared 2-core AVX-512 BF16 VM; README): larger decode batches run per op
-MAX_COMPILED_BATCH = 16
+# The most sequences a step runs compiled: past this the GEMVs are bound by the dot-product rate, not by reading the
+# weights, and the per-op path (oneDNN's blocked GEMM) is as fast or faster: SmolLM2 bf16 on the shared 2-core
+# AVX-512 BF16 VM ran 1.14x faster compiled at 8 sequences and 0.90x at 16 (tools/bench_decode_step.py; README).
+# The kernel itself takes up to the plan's MAX_BATCH (16), which its tests use.
+MAX_COMPILED_BATCH = 8
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
