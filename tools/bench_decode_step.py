@@ -58,11 +58,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", type=Path, help="write the results here too")
-    ap.add_argument("--compiled-up-to", type=int, default=cpu_decode_step.MAX_COMPILED_BATCH,
-                    help="run the compiled step up to this batch (default: the runtime's routing limit, "
-                         f"{cpu_decode_step.MAX_COMPILED_BATCH}; the kernel takes up to 16): where the per-op path wins")
+    ap.add_argument("--compiled-up-to", type=int,
+                    help="run the compiled step up to this batch (default: the runtime's routing limit for the "
+                         "dtype; the kernel takes up to 16), to see where the per-op path wins")
     args = ap.parse_args()
-    cpu_decode_step.MAX_COMPILED_BATCH = args.compiled_up_to  # what CompiledDecodeStack.accepts reads
+    if args.compiled_up_to is not None:  # what CompiledDecodeStack.accepts reads
+        cpu_decode_step.MAX_COMPILED_BATCH = dict.fromkeys(cpu_decode_step.MAX_COMPILED_BATCH, args.compiled_up_to)
 
     llm = LLM(args.build_dir, backend="cpu", max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")))
     runner = llm.engine.runner
@@ -91,8 +92,10 @@ def main() -> None:
         median = {name: statistics.median(ts) for name, ts in times.items()}
         gemv = gemv_bandwidth(ops.decode_step, layer_weights, batch)
         step_bw = weight_bytes / best["compiled"]
-        row = {"best_ms": {k: v * 1e3 for k, v in best.items()}, "median_ms": {k: v * 1e3 for k, v in median.items()},
-               "speedup_best": best["per-op"] / best["compiled"], "speedup_median": median["per-op"] / median["compiled"],
+        row = {"best_ms": {k: v * 1e3 for k, v in best.items()},
+               "median_ms": {k: v * 1e3 for k, v in median.items()},
+               "speedup_best": best["per-op"] / best["compiled"],
+               "speedup_median": median["per-op"] / median["compiled"],
                "step_weight_GBps": step_bw / 1e9, "gemv_GBps": gemv / 1e9, "gemv_over_read": gemv / read}
         results["batches"][batch] = row
         print(f"{batch:>5} {best['compiled'] * 1e3:>12.2f} {best['per-op'] * 1e3:>10.2f} "

@@ -213,9 +213,10 @@ def test_large_batches_and_prompts_run_per_op(build_ops):
     compiled = build_ops(spec, "float32")[1]
     model = LlamaModel(spec, random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), compiled,
                        MAX_POSITIONS)
-    meta, _ = decode_step(spec, torch.float32, [3] * (MAX_COMPILED_BATCH + 1), torch.Generator().manual_seed(1))
+    limit = MAX_COMPILED_BATCH[torch.float32]
+    meta, _ = decode_step(spec, torch.float32, [3] * (limit + 1), torch.Generator().manual_seed(1))
     assert not model.decode_stack.accepts([meta])
-    meta, _ = decode_step(spec, torch.float32, [3] * MAX_COMPILED_BATCH, torch.Generator().manual_seed(1))
+    meta, _ = decode_step(spec, torch.float32, [3] * limit, torch.Generator().manual_seed(1))
     assert model.decode_stack.accepts([meta])
 
 

@@ -16,11 +16,11 @@ from pllm.models.spec import ModelSpec
 logger = logging.getLogger("pllm")
 
 WEIGHTS_PER_LAYER = 7  # the kernel's LayerWeights: input_norm, qkv, qkv_bias, o, post_norm, gate_up, down
-# The most sequences a step runs compiled: past this the GEMVs are bound by the dot-product rate, not by reading the
-# weights, and the per-op path (oneDNN's blocked GEMM) is as fast or faster: SmolLM2 bf16 on the shared 2-core
-# AVX-512 BF16 VM ran 1.14x faster compiled at 8 sequences and 0.90x at 16 (tools/bench_decode_step.py; README).
-# The kernel itself takes up to the plan's MAX_BATCH (16), which its tests use.
-MAX_COMPILED_BATCH = 8
+# The most sequences a step runs compiled, by dtype: past this the GEMVs are bound by the dot-product rate, not by
+# reading the weights, and the per-op path (oneDNN's GEMM) is as fast or faster. SmolLM2 on the shared 2-core
+# AVX-512 BF16 VM (tools/bench_decode_step.py; README): bf16 ran 1.08x faster compiled at 8 sequences and 0.71x at
+# 16; fp32 (where the per-op path is F.linear) 1.67x at 16, the kernel's limit (the plan's MAX_BATCH).
+MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 8}
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
@@ -28,7 +28,8 @@ NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("sliding-window layers", lambda spec: bool(spec.sliding_layers)),
     ("q/k norm", lambda spec: spec.qk_norm),
     ("mixture of experts", lambda spec: spec.moe is not None),
-    ("gemma's norm and soft-cap", lambda spec: bool(spec.norm_weight_offset) or spec.attn_logit_softcapping is not None),
+    ("gemma's norm", lambda spec: bool(spec.norm_weight_offset)),
+    ("attention soft-cap", lambda spec: spec.attn_logit_softcapping is not None),
     ("partial rotary", lambda spec: spec.rotary_dim != spec.head_dim),
 )
 
@@ -102,7 +103,7 @@ class CpuDecodeStep:
 
 
 class CompiledDecodeStack:
-    """models.ops.DecodeStack over the compiled step: a decode-only step of up to MAX_COMPILED_BATCH sequences."""
+    """models.ops.DecodeStack over the compiled step: decode-only steps of up to MAX_COMPILED_BATCH sequences."""
 
     def __init__(self, kernel: CpuDecodeStep, weights: torch.Tensor, keep: list[torch.Tensor],
                  final_norm: torch.Tensor, scale: float, rope_tables: Callable):
@@ -115,7 +116,7 @@ class CompiledDecodeStack:
 
     def accepts(self, metas: Sequence[AttentionMetadata]) -> bool:
         meta = metas[0]
-        return (meta.is_decode_only and meta.num_seqs <= MAX_COMPILED_BATCH
+        return (meta.is_decode_only and meta.num_seqs <= MAX_COMPILED_BATCH[self.kernel.dtype]
                 and all(m is meta for m in metas))  # one KV group: every layer reads the same tables
 
     def _cache_pointers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

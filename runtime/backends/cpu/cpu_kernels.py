@@ -272,7 +272,7 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
     names = ", ".join(BINDINGS[op].label for op in loaded)
     step = loaded.get("decode_step")
     assert step is None or isinstance(step, CpuDecodeStep)
-    step_note = (f"decode steps of up to {MAX_COMPILED_BATCH} sequences in one call (GEMV: {step.isa})"
+    step_note = (f"decode steps of up to {MAX_COMPILED_BATCH[step.dtype]} sequences in one call (GEMV: {step.isa})"
                  if step is not None else f"decode steps op by op ({why_no_decode_step(build.spec, build.dtype)})")
     return CpuKernelChoice(loaded.get("decode_attention"), loaded.get("rms_norm"), loaded.get("rope_kv_write"),
                            f"compiled {names} ({entry['isa']}), PyTorch for the rest; {step_note}", step)
