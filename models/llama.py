@@ -22,7 +22,7 @@ from pllm.models.config import (
 )
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.lora import LayerLora, LoraInputs, TargetLora
-from pllm.models.ops import AttentionMetadata, Ops
+from pllm.models.ops import AttentionMetadata, DecodeStack, Ops
 from pllm.models.parallel_layout import Split
 from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
@@ -209,6 +209,16 @@ class LlamaModel:
         # the other ranks of a tensor-parallel run, set by the runner; this model is then one rank's slice (its
         # spec the rank's heads and MLP width, its embedding and LM head a vocabulary slice)
         self.comm: Communicator = SINGLE_RANK
+        # the backend's one-call decode step over these weights, if it has one for this model (None: op by op)
+        self.decode_stack: DecodeStack | None = (
+            ops.decode_stack(spec, self.layers, weights["norm"], self.scale) if self.compiled_decode else None
+        )
+
+    @property
+    def compiled_decode(self) -> bool:
+        """Whether a backend's decode stack may stand in for this forward: the dense llama wiring (subclasses that
+        change a layer, as models/moe.py does, say no)."""
+        return type(self).feed_forward is LlamaModel.feed_forward
 
     def forward(
         self,
@@ -224,6 +234,9 @@ class LlamaModel:
         comm = self.comm
         x = vocab_embedding(input_ids, w["embed_tokens"], comm)  # [num_tokens, hidden]
         rows = rope_rows(spec, metas[0], self.max_positions)  # [num_tokens] rows of self.cos_sin
+        # the compiled stack computes a whole model: never one rank's slice, whose layers end in an all-reduce
+        if lora is None and self.decode_stack is not None and comm is SINGLE_RANK and self.decode_stack.accepts(metas):
+            return self.decode_stack(x, rows, self.cos_sin, metas, kv_caches)  # every layer in one call
         residual = None
         for i, layer in enumerate(self.layers):
             adapter = adapters[i] if adapters is not None else None

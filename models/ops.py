@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from pllm.models.llama import LayerWeights
     from pllm.models.lora import LoraInputs
     from pllm.models.quant import QuantizedWeight
+    from pllm.models.spec import ModelSpec
 
 # The gated MLP's activation, by Hugging Face's `hidden_act` / `hidden_activation` name: act(gate) * up.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -51,6 +53,25 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+
+class DecodeStack(Protocol):
+    """A backend's whole decode step of the llama wiring in one call (the cpu backend's compiled stack), over the
+    weights it was bound to: the same math as the per-op forward, embeddings in, the final norm's output out."""
+
+    def accepts(self, metas: Sequence[AttentionMetadata]) -> bool:
+        """Whether it runs this step (one token per sequence, a batch it is fast at); otherwise the per-op path."""
+        ...
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [num_seqs, hidden], the step's embeddings (may be overwritten)
+        rows: torch.Tensor,  # [num_seqs] int64, each token's row of cos_sin_cache
+        cos_sin_cache: torch.Tensor,  # [num_rows, head_dim] float32
+        metas: Sequence[AttentionMetadata],  # [num_layers]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k, v)
+    ) -> torch.Tensor:  # [num_seqs, hidden], after the final norm
+        ...
 
 
 class Ops(Protocol):
@@ -154,6 +175,13 @@ class Ops(Protocol):
         """Multi-LoRA: for each group g of lora, y[rows] += (x[rows] @ a[adapter].T) @ b[adapter].T (shrink, then
         expand), rows = the group's token rows; the rows of no group (the base model's) are left as they are.
         Returns y."""
+        ...
+
+    def decode_stack(
+        self, spec: ModelSpec, layers: Sequence[LayerWeights], final_norm: torch.Tensor, scale: float
+    ) -> DecodeStack | None:
+        """The llama wiring's decode step over these weights in one call, if this backend has one for the model;
+        None: every step runs op by op."""
         ...
 
     # encoders (bert) ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pllm.compiler.kernels import (
     cpu_decode_attention,
+    cpu_decode_step,
     cpu_quant_linear,
     cpu_rms_norm,
     cpu_rope_kv_write,
@@ -36,6 +37,7 @@ KERNELS: tuple[Kernel, ...] = (
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
     cpu_quant_linear.KERNEL,
+    cpu_decode_step.KERNEL,
     # encoders
     layer_norm.KERNEL,
     encoder_attention.KERNEL,

@@ -55,7 +55,8 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
 
         choice = choose_cpu_kernels(build)
         logger.info("pllm cpu backend: %s", choice.reason)
-        ops = TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, choice.quant_linear)
+        ops = TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, quant_kernel=choice.quant_linear,
+                       decode_step=choice.decode_step)
         return ops, torch.device("cpu"), name
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")

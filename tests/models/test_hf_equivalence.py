@@ -40,6 +40,8 @@ TINY_CASES = [
 def test_tiny_models_match_hf(tiny_dir, tiny_build, model_type, overrides):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir(model_type, **overrides)), dtype=torch.float32)
     llm = LLM(str(tiny_build(model_type, **overrides)), backend="cpu", kv_cache_memory=1 << 24)
+    # decode steps run compiled whole (cpu_decode_step), except on windowed models
+    assert (llm.engine.runner.model.decode_stack is None) == ("sliding_window" in overrides)
     outs = llm.generate(TINY_PROMPTS, GREEDY, use_tqdm=False)
     for out in outs:
         assert len(out.outputs[0].token_ids) == 32

@@ -15,6 +15,7 @@ import torch
 from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
 from pllm.models.quant import QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, why_no_decode_step
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -39,6 +40,7 @@ class CpuKernelChoice:
     rope_kv_write: CpuRopeKvWrite | None  # None: PyTorch ops
     reason: str
     quant_linear: CpuQuantLinear | None = None  # None: packed weights dequantised by PyTorch ops at each call
+    decode_step: CpuDecodeStep | None = None  # None: decode steps op by op
 
 
 class CpuDecodeAttention:
@@ -252,7 +254,7 @@ class CpuQuantLinear:
         return out
 
 
-CpuKernel = CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | CpuQuantLinear
+CpuKernel = CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | CpuQuantLinear | CpuDecodeStep
 
 
 @dataclass(frozen=True)
@@ -284,12 +286,17 @@ def _quant_linear(build: BuildManifest, library: Path) -> CpuQuantLinear:
     return CpuQuantLinear(library)
 
 
+def _decode_step(build: BuildManifest, library: Path) -> CpuDecodeStep:
+    return CpuDecodeStep(library, build.spec, KERNEL_DTYPES[build.dtype], build.block_size)
+
+
 # op (as a kernel's manifest entry names it) -> its binding: the one place the cpu backend knows its kernels
 BINDINGS = {
     "decode_attention": CpuBinding("decode attention", _decode_attention),
     "rms_norm": CpuBinding("RMSNorm", _rms_norm),
     "rope_kv_write": CpuBinding("RoPE + KV write", _rope_kv_write),
     "quant_linear": CpuBinding("packed-weight linear", _quant_linear),
+    "decode_step": CpuBinding("decode step", _decode_step),
 }
 
 
@@ -338,8 +345,13 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
     if not loaded:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
     names = ", ".join(BINDINGS[op].label for op in loaded)
+    step = loaded.get("decode_step")
+    assert step is None or isinstance(step, CpuDecodeStep)
+    step_note = (f"decode steps of up to {MAX_COMPILED_BATCH[step.dtype]} sequences in one call (GEMV: {step.isa})"
+                 if step is not None else f"decode steps op by op ({why_no_decode_step(build.spec, build.dtype)})")
     return CpuKernelChoice(loaded.get("decode_attention"), loaded.get("rms_norm"), loaded.get("rope_kv_write"),
-                           f"compiled {names} ({entry['isa']}), PyTorch for the rest", loaded.get("quant_linear"))
+                           f"compiled {names} ({entry['isa']}), PyTorch for the rest; {step_note}",
+                           quant_linear=loaded.get("quant_linear"), decode_step=step)
 
 
 def _why_not_runnable(build: BuildManifest) -> str | None:

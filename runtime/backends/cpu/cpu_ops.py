@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
 from pllm.models.quant import QuantizedWeight, dequantize
+from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_kernels import (
     CpuDecodeAttention,
     CpuQuantLinear,
@@ -15,6 +18,8 @@ from pllm.runtime.backends.cpu.cpu_kernels import (
     check_step_rows,
 )
 from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
+
+logger = logging.getLogger("pllm")
 
 _HAS_ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
@@ -62,9 +67,11 @@ class TorchOps:
         rms_norm_kernel: CpuRmsNorm | None = None,
         rope_kernel: CpuRopeKvWrite | None = None,
         quant_kernel: CpuQuantLinear | None = None,
+        decode_step: CpuDecodeStep | None = None,
     ) -> None:
         self.decode_attention = decode_attention
         self.quant_kernel = quant_kernel  # builds with packed weights
+        self.decode_step = decode_step  # the build's whole decode step, bound to a model's weights by decode_stack
         self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
         self.rope_kernel = rope_kernel
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
@@ -105,6 +112,15 @@ class TorchOps:
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         return q, k
+
+    def decode_stack(self, spec, layers, final_norm, scale):
+        if self.decode_step is None:
+            return None
+        stack = self.decode_step.bind(layers, final_norm, scale, self._rope_rows)
+        if isinstance(stack, str):  # weights the kernel cannot read: every step runs op by op, said once
+            logger.info("pllm cpu backend: decode steps op by op, not the compiled step (%s)", stack)
+            return None
+        return stack
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
         """cos and signed sin rows [T, 1, rotary_dim] for this step's rows, built once per step, not per layer."""

@@ -1,0 +1,77 @@
+"""The C++ whole-stack decode step of the cpu backend: every layer of the llama wiring in one call per step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
+from pllm.compiler.kernels.cpu_decode_attention import PREFETCH_TOKENS
+from pllm.compiler.kernels.cpu_rope_kv_write import COMPILE_FLAGS as ROPE_COMPILE_FLAGS
+from pllm.compiler.kernels.kernel import Kernel, Language
+from pllm.models.spec import ModelSpec
+
+# The families whose forward is models/llama.py's LlamaModel unchanged and that tests/models check against
+# transformers through this kernel; phi3 shares the class but its partial rotary and longrope stay per-op.
+FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+# The most sequences one call takes: each GEMV tile keeps MAX_BATCH x ROW_TILE fp32 sums on the stack, and past
+# this batch oneDNN's blocked GEMM reads the weights as few times and computes faster (tools/bench_decode_step.py)
+MAX_BATCH = 16
+ROW_TILE = 4  # weight rows per GEMV tile: 4 independent sums per activation row hide the FMA/dot latency
+BATCH_TILE = 4  # activation rows per pass over a tile: 4 x 4 accumulators fit the 32 AVX-512 registers
+# The GEMV requests the weight rows this many tiles ahead into L1 (prefetch instructions never fault past the end):
+# the hardware prefetcher alone left a streaming batch-4 GEMV at a third of the machine's read bandwidth
+PREFETCH_TILES = 2
+PARALLEL_MIN_TOKENS = 1  # the included kernels' entry points (unused here) read it; the step threads every phase
+COMPILE_FLAGS = ROPE_COMPILE_FLAGS  # the included RoPE rounds as PyTorch does: no contraction, no fast-math
+
+
+def supported(spec: ModelSpec, dtype: str) -> bool:
+    """The llama wiring's plain decoder layer (no window, q/k norm, soft-cap, experts, gemma norm, partial rotary)
+    with shapes the included kernels take (head rows of whole vector halves, rows of whole vectors)."""
+    return (
+        spec.model_type in FAMILIES
+        and dtype in CPU_KERNEL_DTYPES
+        and not spec.sliding_layers
+        and not spec.qk_norm
+        and spec.moe is None
+        and spec.attn_logit_softcapping is None
+        and not spec.norm_weight_offset
+        and spec.hidden_act == "silu"
+        and spec.rotary_dim == spec.head_dim
+        and spec.head_dim % (2 * CPU_LANES) == 0
+        and spec.hidden_size % CPU_LANES == 0
+        and spec.intermediate_size % CPU_LANES == 0
+    )
+
+
+def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
+    constants = {
+        "HIDDEN_SIZE": spec.hidden_size,
+        "INTERMEDIATE_SIZE": spec.intermediate_size,
+        "NUM_LAYERS": spec.num_hidden_layers,
+        "NUM_HEADS": spec.num_attention_heads,
+        "NUM_KV_HEADS": spec.num_key_value_heads,
+        "GROUP_SIZE": spec.group_size,
+        "HEAD_DIM": spec.head_dim,
+        "HALF_DIM": spec.head_dim // 2,
+        "Q_SIZE": spec.q_size,
+        "KV_SIZE": spec.kv_size,
+        "QKV_SIZE": spec.q_size + 2 * spec.kv_size,
+        "EPS": spec.rms_norm_eps,
+        "BLOCK_SIZE": block_size,
+        "LANES": CPU_LANES,
+        "PREFETCH_TOKENS": PREFETCH_TOKENS,
+        "PARALLEL_MIN_TOKENS": PARALLEL_MIN_TOKENS,
+        "MAX_BATCH": MAX_BATCH,
+        "ROW_TILE": ROW_TILE,
+        "BATCH_TILE": BATCH_TILE,
+        "PREFETCH_TILES": PREFETCH_TILES,
+    }
+    bf16 = dtype == "bfloat16"
+    options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "sliding_window": False,
+               "softcap": False}
+    return constants, options
+
+
+KERNEL = Kernel("cpu_decode_step", op="decode_step", language=Language.CPP, render=render, applies=supported,
+                compile_flags=COMPILE_FLAGS)

@@ -1,0 +1,164 @@
+"""The build's compiled decode step (kernels/cpu_decode_step.so): every layer of a one-token-per-sequence step in
+one call, and the DecodeStack the llama wiring runs it through."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from pllm.models.ops import AttentionMetadata
+from pllm.models.spec import ModelSpec
+
+logger = logging.getLogger("pllm")
+
+WEIGHTS_PER_LAYER = 7  # the kernel's LayerWeights: input_norm, qkv, qkv_bias, o, post_norm, gate_up, down
+# The most sequences a step runs compiled, by dtype: past this the GEMVs are bound by the dot-product rate, not by
+# reading the weights, and the per-op path (oneDNN's GEMM) is as fast or faster. SmolLM2 on the shared 2-core
+# AVX-512 BF16 VM (tools/bench_decode_step.py; README): bf16 ran 1.08x faster compiled at 8 sequences and 0.71x at
+# 16; fp32 (where the per-op path is F.linear) 1.67x at 16, the kernel's limit (the plan's MAX_BATCH).
+MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 8}
+
+# What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
+# decides what the build carries; these name the reason)
+NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
+    ("sliding-window layers", lambda spec: bool(spec.sliding_layers)),
+    ("q/k norm", lambda spec: spec.qk_norm),
+    ("mixture of experts", lambda spec: spec.moe is not None),
+    ("gemma's norm", lambda spec: bool(spec.norm_weight_offset)),
+    ("attention soft-cap", lambda spec: spec.attn_logit_softcapping is not None),
+    ("partial rotary", lambda spec: spec.rotary_dim != spec.head_dim),
+)
+
+
+def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
+    """Why a build carries no compiled decode step, for the start-up log."""
+    features = [label for label, has in NOT_COMPILED if has(spec)]
+    if features:
+        return ", ".join(features)
+    return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2 in float32/bfloat16 only)"
+
+
+class CpuDecodeStep:
+    """kernels/cpu_decode_step.so, specialised to one model, dtype and block size."""
+
+    def __init__(self, library: Path, spec: ModelSpec, dtype: torch.dtype, block_size: int):
+        self.spec, self.dtype, self.block_size = spec, dtype, block_size
+        lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        self._step = lib.pllm_decode_step
+        self._step.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i32, ptr, ptr, ctypes.c_float,
+                               ctypes.c_int]
+        self._step.restype = ctypes.c_int
+        self._gemv = lib.pllm_gemv
+        self._gemv.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        self._gemv.restype = ctypes.c_int
+        isa = lib.pllm_decode_step_isa
+        isa.restype = ctypes.c_char_p
+        self.isa: str = isa().decode()  # the GEMV inner loop this CPU runs: "avx512_bf16", "avx512f" or "generic"
+
+    def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""
+        assert weight.dtype == x.dtype == self.dtype and weight.is_contiguous() and x.is_contiguous()
+        assert weight.dim() == x.dim() == 2 and weight.shape[1] == x.shape[1], (weight.shape, x.shape)
+        y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+        status = self._gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[0],
+                            y.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"gemv of {tuple(x.shape)} x {tuple(weight.shape)}: batch past the kernel's limit or "
+                             "rows not whole vectors")
+        return y
+
+    def bind(self, layers: Sequence, final_norm: torch.Tensor, scale: float,
+             rope_tables: Callable) -> CompiledDecodeStack | str:
+        """The stack over these weights, or why it cannot run them (a quantised or foreign weight)."""
+        spec = self.spec
+        qkv_rows = spec.q_size + 2 * spec.kv_size
+        shapes = {"input_norm": (spec.hidden_size,), "qkv": (qkv_rows, spec.hidden_size), "qkv_bias": (qkv_rows,),
+                  "o": (spec.hidden_size, spec.q_size), "post_norm": (spec.hidden_size,),
+                  "gate_up": (2 * spec.intermediate_size, spec.hidden_size),
+                  "down": (spec.hidden_size, spec.intermediate_size)}
+        table = []
+        for i, layer in enumerate(layers):
+            for name, shape in shapes.items():
+                w = getattr(layer, name, None)
+                if w is None and name == "qkv_bias" and not spec.attention_bias:
+                    table.append(0)
+                    continue
+                if not isinstance(w, torch.Tensor):
+                    return f"layer {i} {name} is {type(w).__name__}, not a {self.dtype} tensor (quantised weights)"
+                if w.dtype != self.dtype or tuple(w.shape) != shape or not w.is_contiguous() or w.device.type != "cpu":
+                    return f"layer {i} {name}: {w.dtype} {tuple(w.shape)}, the kernel reads contiguous {shape}"
+                table.append(w.data_ptr())
+        if len(layers) != spec.num_hidden_layers:
+            return f"{len(layers)} layers, the kernel was rendered for {spec.num_hidden_layers}"
+        if final_norm.dtype != self.dtype or tuple(final_norm.shape) != (spec.hidden_size,):
+            return f"final norm {final_norm.dtype} {tuple(final_norm.shape)}"
+        weights = torch.tensor(table, dtype=torch.int64)  # [layers * WEIGHTS_PER_LAYER]: the kernel's LayerWeights
+        tensors = [w for layer in layers for w in (getattr(layer, n) for n in shapes) if w is not None]
+        return CompiledDecodeStack(self, weights, [*tensors, final_norm], final_norm, scale, rope_tables)
+
+
+class CompiledDecodeStack:
+    """models.ops.DecodeStack over the compiled step: decode-only steps of up to MAX_COMPILED_BATCH sequences."""
+
+    def __init__(self, kernel: CpuDecodeStep, weights: torch.Tensor, keep: list[torch.Tensor],
+                 final_norm: torch.Tensor, scale: float, rope_tables: Callable):
+        self.kernel, self.weights, self._keep, self.final_norm = kernel, weights, keep, final_norm
+        self.scale = scale
+        self._rope_tables = rope_tables  # (positions, cos_sin_cache, dtype) -> cos, signed_sin [T, 1, D]
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the KV caches the pointers are of
+        self._cache_ptrs: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        self._num_slots = 0
+
+    def accepts(self, metas: Sequence[AttentionMetadata]) -> bool:
+        meta = metas[0]
+        return (meta.is_decode_only and meta.num_seqs <= MAX_COMPILED_BATCH[self.kernel.dtype]
+                and all(m is meta for m in metas))  # one KV group: every layer reads the same tables
+
+    def _cache_pointers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer pointers to the K and V caches, checked and built when the runner's cache list is first seen."""
+        if self._caches is not kv_caches:
+            spec, k = self.kernel.spec, kv_caches[0][0]
+            for kc, vc in kv_caches:
+                for c in (kc, vc):
+                    assert c.dtype == self.kernel.dtype and c.is_contiguous() and c.shape == k.shape, c.shape
+                    assert c.shape[1:] == (self.kernel.block_size, spec.num_key_value_heads, spec.head_dim), c.shape
+            assert len(kv_caches) == spec.num_hidden_layers, len(kv_caches)
+            self._cache_ptrs = (torch.tensor([kc.data_ptr() for kc, _ in kv_caches], dtype=torch.int64),
+                                torch.tensor([vc.data_ptr() for _, vc in kv_caches], dtype=torch.int64))
+            self._caches, self._num_slots = kv_caches, k.shape[0] * k.shape[1]
+        return self._cache_ptrs
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [B, hidden], the step's embeddings: overwritten with the result
+        rows: torch.Tensor,  # [B] int64, each token's row of cos_sin_cache
+        cos_sin_cache: torch.Tensor,  # [num_rows, head_dim] float32
+        metas: Sequence[AttentionMetadata],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:  # [B, hidden] after the final norm
+        meta, kernel = metas[0], self.kernel
+        num_seqs = meta.num_seqs
+        assert self.accepts(metas) and x.shape == (num_seqs, kernel.spec.hidden_size) and x.is_contiguous()
+        assert x.dtype == kernel.dtype
+        k_ptrs, v_ptrs = self._cache_pointers(kv_caches)
+        cos, signed_sin = self._rope_tables(rows, cos_sin_cache, kernel.dtype)  # [B, 1, D] each
+        tables, lens, slots = meta.block_tables, meta.seq_lens, meta.slot_mapping
+        assert tables.dtype == lens.dtype == torch.int32 and slots.dtype == torch.int64
+        assert tables.is_contiguous() and lens.is_contiguous() and slots.is_contiguous()
+        assert tables.shape[0] >= num_seqs and tables.shape[1] * kernel.block_size >= meta.max_seq_len
+        # the indices the kernel trusts are in range (one out of range would corrupt memory)
+        assert 1 <= min(meta.seq_lens_host) and max(meta.seq_lens_host) <= meta.max_seq_len
+        assert 0 <= int(slots.min()) and int(slots.max()) < self._num_slots, "slot_mapping outside the KV cache"
+        status = kernel._step(
+            self.weights.data_ptr(), self.final_norm.data_ptr(), x.data_ptr(), num_seqs, cos.data_ptr(),
+            signed_sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+            meta.max_seq_len, k_ptrs.data_ptr(), v_ptrs.data_ptr(), self.scale, torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError(f"cpu decode step: status {status} (-1: no scratch memory, -2: batch {num_seqs})")
+        return x

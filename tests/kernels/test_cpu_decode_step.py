@@ -1,0 +1,245 @@
+"""cpu_decode_step (the llama wiring's whole decode step, compiled) against the per-op path it stands in for."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis_budget import examples
+
+from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
+from pllm.compiler.kernels.cpu_decode_step import MAX_BATCH
+from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
+from pllm.compiler.plan import make_plan
+from pllm.compiler.render import render_plan
+from pllm.models.llama import LlamaModel, weight_layout
+from pllm.models.ops import AttentionMetadata
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
+from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, why_no_decode_step
+from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+
+from .conftest import make_paged_kv, tiny_spec
+
+SETTINGS = settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BLOCK_SIZE = 16
+MAX_POSITIONS = 256
+U32 = 2.0**-24  # unit roundoff of float32
+U_BF16 = 2.0**-8  # of bfloat16
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
+
+
+@pytest.fixture(scope="module")
+def build_ops(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: (spec, dtype) -> (per-op TorchOps, TorchOps with the compiled step), over one compiled plan. Fresh
+    ops each call (the kernels cached): TorchOps keeps packed weights by address, which a later test's weights may
+    reuse."""
+    cache: dict[tuple, tuple] = {}
+
+    def make(spec, dtype: str) -> tuple[TorchOps, TorchOps]:
+        key = (spec, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("cpu_step")
+            plan = make_plan(spec, dtype, BLOCK_SIZE)
+            render_plan(plan, out)
+            entry = compile_cpu_kernels(out, plan)
+            assert "error" not in entry, entry["error"]
+            lib, tdtype = entry["libraries"], getattr(torch, dtype)
+            h, kv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+            attention = CpuDecodeAttention(out / lib["cpu_decode_attention"], tdtype, BLOCK_SIZE, h, kv, d)
+            rope = CpuRopeKvWrite(out / lib["cpu_rope_kv_write"], tdtype, h, kv, d)
+            norm = CpuRmsNorm(out / lib["cpu_rms_norm"], spec.hidden_size, spec.rms_norm_eps) if "cpu_rms_norm" in lib \
+                else None
+            step = CpuDecodeStep(out / lib["cpu_decode_step"], spec, tdtype, BLOCK_SIZE)
+            cache[key] = (attention, norm, rope, step)
+        attention, norm, rope, step = cache[key]
+        return TorchOps(attention, norm, rope), TorchOps(attention, norm, rope, step)
+
+    return make
+
+
+def random_weights(spec, dtype: torch.dtype, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Weights of the runtime layout at trained-model scales: matrices ~ 1/sqrt(in), norms ~ 1, biases small."""
+    weights = {}
+    for name, tensor in weight_layout(spec).items():
+        shape = tensor.shape
+        if len(shape) == 1:
+            w = 0.1 * torch.randn(shape, generator=gen) + (0.0 if name.endswith("bias") else 1.0)
+        else:
+            w = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+        weights[name] = w.to(dtype)
+    return weights
+
+
+def decode_step(spec, dtype: torch.dtype, context_lens: list[int], gen: torch.Generator):
+    """One decode token per sequence after context_lens cached tokens: metadata, and per-layer paged caches."""
+    seq_lens = [n + 1 for n in context_lens]
+    paged = make_paged_kv(seq_lens, spec.num_key_value_heads, spec.head_dim, BLOCK_SIZE, dtype, "cpu", gen)
+    caches = [(paged.k_cache, paged.v_cache)]
+    for _ in range(1, spec.num_hidden_layers):  # other layers: random rows everywhere, same tables
+        caches.append((torch.randn(paged.k_cache.shape, generator=gen).to(dtype),
+                       torch.randn(paged.k_cache.shape, generator=gen).to(dtype)))
+    slots = torch.stack([s[-1] for s in paged.slot_ids])  # [B]: each new token's slot
+    num_seqs = len(seq_lens)
+    meta = AttentionMetadata(
+        positions=torch.tensor(context_lens, dtype=torch.int64), slot_mapping=slots.to(torch.int64),
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=paged.block_tables, max_query_len=1,
+        max_seq_len=max(seq_lens), query_lens_host=(1,) * num_seqs, seq_lens_host=tuple(seq_lens),
+    )
+    return meta, caches
+
+
+def run_both(build_ops, spec, dtype: str, context_lens: list[int], seed: int):
+    """(compiled, per-op) final hidden states [B, hidden] and caches after one decode step on the same inputs."""
+    per_op, compiled = build_ops(spec, dtype)
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    weights = random_weights(spec, tdtype, gen)
+    meta, caches = decode_step(spec, tdtype, context_lens, gen)
+    ids = torch.randint(0, spec.vocab_size, (len(context_lens),), generator=gen)
+    results = []
+    for ops in (compiled, per_op):
+        model = LlamaModel(spec, weights, ops, MAX_POSITIONS)
+        assert (model.decode_stack is not None) == (ops is compiled)
+        layer_caches = [(k.clone(), v.clone()) for k, v in caches]
+        out = model.forward(ids, [meta] * spec.num_hidden_layers, layer_caches)
+        results.append((out.float(), layer_caches))
+    return results
+
+
+def layered_spec(num_layers: int, attention_bias: bool = False, **fields):
+    return dataclasses.replace(tiny_spec(**fields), num_hidden_layers=num_layers, attention_bias=attention_bias)
+
+
+def rows_scale(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax(dim=-1, keepdim=True)  # [B, 1]
+
+
+# Bounds, relative to each output row's largest value. Only the order of each GEMV's fp32 sum differs from the
+# per-op path (and, in fp32, the norms' sum of squares and silu's exp, a few ulps each). By probabilistic rounding
+# error analysis (Higham and Mary, 2019) a sum of n terms in any order is within lam * sqrt(n) * u * sum|w_i x_i| of
+# the exact sum except with probability 2 exp(-lam^2 / 2) (lam = 8: below 1e-13); with weight rows of norm ~1 (the
+# 1/sqrt(in) scale) Cauchy-Schwarz gives sum|w_i x_i| <= |x|_2 <= sqrt(n) * max|x|. So each GEMV moves its output by
+# at most lam * n * u of the row's scale, n up to the largest input width; the norms keep rows at scale ~1, so
+# layers add, and the final norm counts as one more. In bfloat16 both paths round every op's output to bf16; a
+# different fp32 order flips such a rounding by one bf16 ulp (2^-8 relative) now and then, and a flipped element
+# feeds the next op: per layer ~6 roundings that may flip (qkv, rope, o, norm, gate/up and act, down), 6 ulps.
+def bound(spec, dtype: str) -> float:
+    layers = spec.num_hidden_layers + 1
+    if dtype == "bfloat16":
+        return 6 * U_BF16 * layers
+    widest = max(spec.hidden_size, spec.q_size, spec.intermediate_size)
+    return 8 * widest * U32 * layers
+
+
+# Each shape is one compile per dtype (the layer count is baked in): one layer, and stacks of three
+SPECS = {
+    "smollm2-like-1": dict(num_layers=1, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                           num_key_value_heads=3, head_dim=64),
+    "qwen2-bias-3": dict(num_layers=3, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, attention_bias=True),
+    "mha-odd-rows-3": dict(num_layers=3, hidden_size=96, intermediate_size=200, num_attention_heads=3,
+                           num_key_value_heads=3, head_dim=32),
+}
+
+
+def spec_of(shape: str):
+    return layered_spec(**SPECS[shape])
+
+
+@SETTINGS
+@given(shape=st.sampled_from(sorted(SPECS)), dtype=st.sampled_from(["float32", "bfloat16"]),
+       context_lens=st.lists(st.integers(0, 70), min_size=1, max_size=MAX_BATCH), seed=st.integers(0, 2**16))
+@example(shape="smollm2-like-1", dtype="bfloat16", context_lens=[15], seed=0)  # one layer, batch 1
+@example(shape="smollm2-like-1", dtype="float32", context_lens=[0, 16, 31, 47], seed=1)  # batch 4
+@example(shape="qwen2-bias-3", dtype="bfloat16", context_lens=list(range(0, 80, 5)), seed=2)  # a stack, batch 16
+@example(shape="mha-odd-rows-3", dtype="float32", context_lens=[70, 1, 9], seed=3)
+def test_step_equals_the_per_op_path(build_ops, shape, dtype, context_lens, seed):
+    spec = spec_of(shape)
+    (fused, fused_caches), (ref, ref_caches) = run_both(build_ops, spec, dtype, context_lens, seed)
+    assert torch.isfinite(fused).all()
+    err = (fused - ref).abs() / rows_scale(ref)
+    assert err.max() <= bound(spec, dtype), (err.max().item(), bound(spec, dtype))
+    for (fk, fv), (rk, rv) in zip(fused_caches, ref_caches, strict=True):  # the new K/V rows, and nothing else
+        for f, r in ((fk, rk), (fv, rv)):
+            same = (f == r) | (f.isnan() & r.isnan())
+            assert same.flatten(1).all(dim=1).sum() >= same.shape[0] - len(context_lens)  # only touched blocks
+            diff = (f.float() - r.float()).nan_to_num(0.0).abs()
+            assert diff.max() <= bound(spec, dtype) * max(1.0, r.float().nan_to_num(0.0).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_is_deterministic(build_ops, dtype):
+    """Rows split statically over threads, each attention item summed by one thread: rerun, bit for bit the same."""
+    spec = spec_of("qwen2-bias-3")
+    (a, _), _ = run_both(build_ops, spec, dtype, [5, 9, 33], seed=7)
+    (b, _), _ = run_both(build_ops, spec, dtype, [5, 9, 33], seed=7)
+    assert torch.equal(a, b)
+
+
+@SETTINGS
+@given(dtype=st.sampled_from(["float32", "bfloat16"]), out_features=st.sampled_from([1, 13, 64, 37]),
+       in_features=st.sampled_from([8, 64, 72, 584]), batch=st.integers(1, MAX_BATCH), seed=st.integers(0, 2**16))
+def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, seed):
+    """Each output within gamma_n * sum |w_i x_i| of the exact (fp64) dot product, n = in_features: the worst case
+    of an fp32 sum of exact products in any order (bf16 x bf16 products are exact in fp32)."""
+    spec = spec_of("mha-odd-rows-3")
+    step = build_ops(spec, dtype)[1].decode_step
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn((out_features, in_features), generator=gen).to(tdtype)
+    x = torch.randn((batch, in_features), generator=gen).to(tdtype)
+    y = step.gemv(w, x)
+    exact = x.double() @ w.double().T
+    gamma = in_features * U32 / (1 - in_features * U32)
+    assert ((y.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
+
+
+def test_gemv_refuses_a_batch_past_its_tiles(build_ops):
+    spec = spec_of("mha-odd-rows-3")
+    step = build_ops(spec, "float32")[1].decode_step
+    with pytest.raises(ValueError, match="batch"):
+        step.gemv(torch.zeros((4, 8)), torch.zeros((MAX_BATCH + 1, 8)))
+
+
+def test_large_batches_and_prompts_run_per_op(build_ops):
+    spec = spec_of("mha-odd-rows-3")
+    compiled = build_ops(spec, "float32")[1]
+    model = LlamaModel(spec, random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), compiled,
+                       MAX_POSITIONS)
+    limit = MAX_COMPILED_BATCH[torch.float32]
+    meta, _ = decode_step(spec, torch.float32, [3] * (limit + 1), torch.Generator().manual_seed(1))
+    assert not model.decode_stack.accepts([meta])
+    meta, _ = decode_step(spec, torch.float32, [3] * limit, torch.Generator().manual_seed(1))
+    assert model.decode_stack.accepts([meta])
+
+
+def test_quantised_weights_run_per_op(build_ops, caplog):
+    spec = spec_of("mha-odd-rows-3")
+    compiled = build_ops(spec, "float32")[1]
+    weights = random_weights(spec, torch.float32, torch.Generator().manual_seed(0))
+    rows, cols = weights["layers.0.qkv_proj"].shape
+    weights["layers.0.qkv_proj"] = QuantizedWeight(torch.zeros((rows, cols), dtype=torch.int8),
+                                                   torch.ones((rows, 1)), None, QuantFormat(QuantScheme.INT8, cols))
+    with caplog.at_level("INFO", logger="pllm"):
+        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    assert model.decode_stack is None
+    assert "QuantizedWeight" in caplog.text
+
+
+@pytest.mark.parametrize("quirk, reason", [
+    (dict(sliding_window=8, sliding_layers=(0,)), "sliding-window"),
+    (dict(qk_norm=True), "q/k norm"),
+    (dict(norm_weight_offset=1.0), "gemma"),
+])
+def test_models_off_the_llama_wiring_are_not_compiled(quirk, reason):
+    spec = tiny_spec(**quirk)
+    assert not step_supported(spec, "float32")
+    assert reason in why_no_decode_step(spec, "float32")
+    assert step_supported(tiny_spec(), "float32")

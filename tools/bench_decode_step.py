@@ -1,0 +1,111 @@
+"""Decode step time on the cpu backend: the compiled whole-stack step (cpu_decode_step) against the per-op path.
+
+    chrt -f 10 python tools/bench_decode_step.py build/ [--batch-sizes 1,4,8,16] [--prompt-len 64] [--json out.json]
+
+For each batch size one running batch takes turns between the compiled step and the per-op forward (the same
+engine, the model's decode stack switched off and on), `--steps` engine steps at a time for `--rounds` rounds, so
+drift on a shared machine hits both alike. Prints the best and median ms/step of each and the speed-up.
+
+Then the GEMVs alone: the step's GEMV (kernels/cpu_decode_step.so) over every layer's weight matrices, as GB/s
+of weights read, against the machine's read bandwidth measured in the same run (a sum over a buffer far larger
+than the caches, on torch's threads), and the whole step's weight bytes per step time. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_throughput import time_decode_steps
+
+from pllm import LLM
+from pllm.runtime.backends.cpu import cpu_decode_step
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of summing a buffer far larger than the caches: what streaming weights can reach."""
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return num_bytes / best
+
+
+def gemv_bandwidth(step, weights: list[torch.Tensor], batch: int, repeats: int = 5) -> float:
+    """Bytes/s of weights the step's GEMV reads, over the given matrices in turn (best of `repeats` passes)."""
+    xs = [torch.randn((batch, w.shape[1])).to(w.dtype) for w in weights]
+    total = sum(w.numel() * w.element_size() for w in weights)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        for w, x in zip(weights, xs, strict=True):
+            step.gemv(w, x)
+        best = min(best, time.perf_counter() - t)
+    return total / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build_dir")
+    ap.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated decode batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--compiled-up-to", type=int,
+                    help="run the compiled step up to this batch (default: the runtime's routing limit for the "
+                         "dtype; the kernel takes up to 16), to see where the per-op path wins")
+    args = ap.parse_args()
+    if args.compiled_up_to is not None:  # what CompiledDecodeStack.accepts reads
+        cpu_decode_step.MAX_COMPILED_BATCH = dict.fromkeys(cpu_decode_step.MAX_COMPILED_BATCH, args.compiled_up_to)
+
+    llm = LLM(args.build_dir, backend="cpu", max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")))
+    runner = llm.engine.runner
+    model, ops = runner.model, runner.ops
+    stack = model.decode_stack
+    if stack is None:
+        raise SystemExit(f"{args.build_dir}: no compiled decode step for this build (see the start-up log)")
+    variants = {"compiled": lambda: setattr(model, "decode_stack", stack),
+                "per-op": lambda: setattr(model, "decode_stack", None)}
+    spec = runner.spec
+    # every layer's matrices, in step order: together far larger than the caches, as a step streams them
+    layer_weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    weight_bytes = sum(w.numel() * w.element_size() for w in layer_weights)
+    print(f"{spec.model_type} {runner.dtype} {spec.num_hidden_layers} layers, {weight_bytes / 2**20:.0f} MiB of layer "
+          f"weights; {torch.get_num_threads()} threads; GEMV: {ops.decode_step.isa}")
+
+    results: dict = {"threads": torch.get_num_threads(), "isa": ops.decode_step.isa, "batches": {}}
+    read = read_bandwidth()
+    results["read_GBps"] = read / 1e9
+    print(f"machine read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
+    print(f"{'batch':>5} {'compiled ms':>12} {'per-op ms':>10} {'speed-up':>9} {'step GB/s':>10} {'GEMV GB/s':>10} "
+          f"{'GEMV/read':>9}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        times, _ = time_decode_steps(llm, batch, args.prompt_len, variants, args.rounds, args.steps)
+        best = {name: min(ts) for name, ts in times.items()}
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        gemv = gemv_bandwidth(ops.decode_step, layer_weights, batch)
+        step_bw = weight_bytes / best["compiled"]
+        row = {"best_ms": {k: v * 1e3 for k, v in best.items()},
+               "median_ms": {k: v * 1e3 for k, v in median.items()},
+               "speedup_best": best["per-op"] / best["compiled"],
+               "speedup_median": median["per-op"] / median["compiled"],
+               "step_weight_GBps": step_bw / 1e9, "gemv_GBps": gemv / 1e9, "gemv_over_read": gemv / read}
+        results["batches"][batch] = row
+        print(f"{batch:>5} {best['compiled'] * 1e3:>12.2f} {best['per-op'] * 1e3:>10.2f} "
+              f"{row['speedup_best']:>8.2f}x {step_bw / 1e9:>10.1f} {gemv / 1e9:>10.1f} {gemv / read:>9.2f}")
+        print(f"{'':>5} median {median['compiled'] * 1e3:>5.2f} {median['per-op'] * 1e3:>10.2f} "
+              f"{row['speedup_median']:>8.2f}x")
+    model.decode_stack = stack
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
