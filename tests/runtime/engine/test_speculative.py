@@ -156,3 +156,52 @@ def test_config_errors_name_the_setting():
     for value, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             EngineConfig(speculative_config=value)
+
+
+@pytest.mark.parametrize("model_type, overrides", [("mistral", {"sliding_window": 6}), ("gemma3_text", {})])
+def test_windowed_models_equal_no_speculation(tiny_build, model_type, overrides):
+    """Rolled-back drafts and the blocks a window returns, in one windowed group (mistral) and in a global group
+    beside a windowed one (gemma3), chunked through a small cache."""
+    build = str(tiny_build(model_type, **overrides))
+    small = dict(backend="cpu", kv_cache_memory=1 << 18, max_num_batched_tokens=16, max_num_seqs=4)
+    want = _tokens(LLM(build, **small).generate(PROMPTS, GREEDY, use_tqdm=False))
+    llm = LLM(build, **small, speculative_config=SPEC)
+    assert any(m.group.window is not None for m in llm.engine.kv.managers)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
+    assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
+    assert _pool_is_full(llm)
+
+
+def test_lora_and_base_sequences_share_verify_steps(build, tiny_loras):
+    from pllm.runtime.engine.lora import LoRARequest
+
+    loras = [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(tiny_loras.items())]
+    per_prompt = [loras[i % len(loras)] if i % 2 else None for i in range(len(PROMPTS))]
+    want = _tokens(LLM(build, backend="cpu", kv_cache_memory=1 << 24).generate(
+        PROMPTS, GREEDY, use_tqdm=False, lora_request=per_prompt))
+    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, speculative_config=SPEC)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=per_prompt)) == want
+    assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_structured_output_runs_without_guesses(build):
+    from pllm.runtime.engine.sampling_params import StructuredOutputsParams
+
+    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, speculative_config=SPEC)
+    plain = LLM(build, backend="cpu", kv_cache_memory=1 << 24)
+    params = SamplingParams(temperature=0.0, max_tokens=20,
+                            structured_outputs=StructuredOutputsParams(regex="(ab|ba)+c"))
+    assert _tokens(llm.generate(PROMPTS[:2], params, use_tqdm=False)) == _tokens(
+        plain.generate(PROMPTS[:2], params, use_tqdm=False))
+    assert llm.engine.scheduler.spec_stats.num_drafts == 0
+
+
+def test_longrope_models_refuse_speculation(tiny_build):
+    longrope = {  # Phi-3 128k's scaling, tiny (tests/models/test_hf_equivalence.py's PHI3_LONGROPE)
+        "partial_rotary_factor": 0.5, "max_position_embeddings": 128, "original_max_position_embeddings": 16,
+        "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                         "long_factor": [2.0, 4.0, 8.0, 16.0]},
+    }
+    build = str(tiny_build("phi3", **longrope))
+    with pytest.raises(ValueError, match="speculative_config: not supported for this model"):
+        LLM(build, backend="cpu", kv_cache_memory=1 << 22, speculative_config=SPEC)
