@@ -217,7 +217,7 @@ class KVCacheManager:
         keep = self.num_blocks_for(request.num_computed_tokens)
         while table.num_blocks > keep and table.block_ids:
             block_id = table.block_ids.pop()
-            assert self._block_hashes[block_id] is None, f"block {block_id}: a registered block past the computed tokens"
+            assert self._block_hashes[block_id] is None, f"block {block_id}: registered, past the computed tokens"
             self._release(block_id)
 
     def free(self, request: Request) -> None:

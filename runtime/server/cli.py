@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from pllm import __version__
-from pllm.runtime.engine.config import BACKENDS, EngineConfig
+from pllm.runtime.engine.config import BACKENDS, EngineConfig, SpeculativeConfig
 from pllm.runtime.server.api import create_app
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
@@ -71,6 +71,27 @@ def lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def speculative_config(text: str) -> SpeculativeConfig:
+    """--speculative-config: vLLM's JSON object, checked now so a bad key fails before the model loads."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
+    try:
+        return SpeculativeConfig.from_dict(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def speculative_ngram(text: str) -> SpeculativeConfig:
+    """--speculative-ngram K: n-gram drafting of K tokens a step, lookup n as vLLM's defaults."""
+    try:
+        return SpeculativeConfig(num_speculative_tokens=int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit() else
+                                         f"{text!r} is not a number of tokens") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pllm-serve", description="Serve a pllm build directory over an OpenAI-compatible HTTP API."
@@ -122,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         "those packed into the build by pllm-compile --lora",
     )
     p.add_argument("--max-loras", type=positive_int, default=8, help="LoRA adapters held at once (at most 16)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument(
+        "--speculative-config",
+        type=speculative_config,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (n-gram lookup in the sequence itself; no draft model)',
+    )
+    spec.add_argument(
+        "--speculative-ngram",
+        dest="speculative_config",
+        type=speculative_ngram,
+        metavar="K",
+        help="short for --speculative-config with method ngram and num_speculative_tokens K",
+    )
     p.add_argument(
         "--tool-call-parser",
         choices=[*TOOL_CALL_PARSERS, NO_PARSER],
@@ -276,6 +313,7 @@ def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
         cuda_graph_sizes=tuple(args.cuda_graph_sizes) if args.cuda_graph_sizes else None,
         lora_modules=tuple(args.lora_modules),
         max_loras=args.max_loras,
+        speculative_config=args.speculative_config,
     )
     from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
 

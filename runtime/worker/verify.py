@@ -70,7 +70,7 @@ def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepBatch) -> list
     for start, used, num_drafts in spans:
         tokens = tuple(chosen_rows[start : start + used])
         entries = logprobs[start : start + used]
-        out.append(SampledTokens(tokens, tuple(entries) if entries[0] is not None else None, num_draft_tokens=num_drafts))
+        out.append(SampledTokens(tokens, tuple(entries) if entries[0] is not None else None, num_drafts))
     return out
 
 

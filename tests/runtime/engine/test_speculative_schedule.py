@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from pllm.models.kv_groups import KvGroup
 from pllm.runtime.engine.config import SpeculativeConfig
@@ -19,8 +20,6 @@ from pllm.runtime.engine.scheduler import Scheduler
 from pllm.runtime.worker.sampler import Sampler
 from pllm.runtime.worker.step import StepBatch
 from pllm.runtime.worker.verify import sample_step
-
-from hypothesis_budget import examples
 
 VOCAB = 11  # small: the fake model falls into loops the n-gram lookup predicts, and leaves them
 EOS = 0

@@ -16,7 +16,8 @@ VOCAB = 8
 
 def _step(params: SamplingParams, drafts: tuple[int, ...], rid: str = "r") -> StepBatch:
     rows = tuple(SampleInputs(rid, params, (), (), frozenset()) for _ in range(len(drafts) + 1))
-    seq = SeqStep(rid, (5, *drafts), 3, (), True, 4, sample=rows[0], draft=DraftInputs(drafts, rows) if drafts else None)
+    draft = DraftInputs(drafts, rows) if drafts else None
+    seq = SeqStep(rid, (5, *drafts), 3, (), True, 4, sample=rows[0], draft=draft)
     return StepBatch((seq,))
 
 
