@@ -267,7 +267,10 @@ def args_from_options(options: dict[str, object]) -> argparse.Namespace:
     underscores (`build_dir`, `kv_cache_memory`, ...), values what the flag takes (a list for a flag of several
     values, true/false for a switch). Checked by the same parser, so a bad key or value is refused the same way."""
     parser = build_parser()
-    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    flags: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # a dest two flags share (speculative_config) is spelled by the first
+        if action.dest != "help":
+            flags.setdefault(action.dest, action)
     if "build_dir" not in options:
         raise ValueError("the options name no build_dir (a build directory made by pllm-compile)")
     argv = [str(options["build_dir"])]
@@ -282,6 +285,8 @@ def args_from_options(options: dict[str, object]) -> argparse.Namespace:
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif flags[key].nargs == 0:  # store_true
             argv += [flag] if value else []
+        elif isinstance(value, dict):  # a JSON flag: speculative_config in vLLM's spelling
+            argv += [flag, json.dumps(value)]
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:

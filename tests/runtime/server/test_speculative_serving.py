@@ -58,3 +58,12 @@ def test_bad_speculative_flags_are_refused_by_name():
     ):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parser.parse_args(["b", *bad])
+
+
+def test_ray_serve_options_take_the_dict_spelling():
+    from pllm.runtime.server.cli import args_from_options
+
+    args = args_from_options({"build_dir": "b", "speculative_config": SPEC})
+    assert (args.speculative_config.num_speculative_tokens, args.speculative_config.prompt_lookup_min) == (4, 1)
+    with pytest.raises(ValueError, match="num_speculative_tokens=99"):
+        args_from_options({"build_dir": "b", "speculative_config": {"num_speculative_tokens": 99}})
