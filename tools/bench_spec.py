@@ -6,11 +6,12 @@ Three chat tasks over the text shipped in tools/data/spec_text.txt (repeat it, e
 copies long runs of its input, which is where prompt lookup drafts well. Two engines of the same build, one with
 speculative_config and one without, take turns request by request (the order flips every round), so load on a shared
 machine hits both alike. Each request runs alone (batch 1), greedy, prefix caching off so every round does the same
-work. Prints per task and overall: output tokens/s of each (total tokens over total seconds, every round), the
-speed-up, the draft acceptance rate, mean tokens per step of a verified sequence, and whether the two engines' token
-ids were identical. In float32 they must be (greedy output is the same with speculation on and off). In bf16 a verify
-step's rows are computed in other shapes than one-token steps, and where two tokens' logits are tied or nearly so in
-bf16, either may win, as chunked prefill or batching can already flip them: so for a task whose outputs differ the
+work. Prints per task and overall: the median output tokens/s of each over the requests, the median of the paired
+speed-ups (each request with speculation over the plain one next to it; a stall of the shared machine hits one pair,
+not the figure), the draft acceptance rate, mean tokens per step of a verified sequence, and whether the two engines'
+token ids were identical. In float32 they must be (greedy output is the same with speculation on and off). In bf16 a
+verify step's rows are computed in other shapes than one-token steps, and where two tokens' logits are tied or nearly
+so in bf16, either may win, as chunked prefill or batching can already flip them: so for a task whose outputs differ the
 script reports where, and the gap between the two tokens' logprobs there, scored by the plain engine (not timed).
 A benchmark, not a test: the numbers depend on the machine and its load.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -60,18 +62,21 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--lookup", default="2,4", help="prompt_lookup_min,prompt_lookup_max")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (cpu): one, so no OpenMP barrier waits on a "
+                    "core another job holds")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     low, high = (int(x) for x in args.lookup.split(","))
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": low, "prompt_lookup_max": high}
     common = dict(backend=args.backend, max_num_seqs=1, enable_prefix_caching=False, max_model_len=1024,
-                  kv_cache_memory=64 << 20)
+                  kv_cache_memory=64 << 20, num_threads=args.threads)
     engines = {"off": LLM(args.build_dir, **common), "on": LLM(args.build_dir, **common, speculative_config=spec)}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     for llm in engines.values():  # warm-up: first-call costs out of the timings
         run_one(llm, "Hello", SamplingParams(temperature=0.0, max_tokens=8))
     stats = engines["on"].engine.scheduler.spec_stats
-    totals = {(task, mode): [0, 0.0] for task in TASKS for mode in engines}  # tokens, seconds
+    rates: dict[tuple[str, str], list[float]] = {(task, mode): [] for task in TASKS for mode in engines}  # tok/s
+    num_tokens = {task: 0 for task in TASKS}
     accepted = {task: [0, 0, 0] for task in TASKS}  # drafts (verify steps), draft tokens, accepted tokens
     identical = {task: True for task in TASKS}
     diverged: dict[str, dict] = {}
@@ -81,8 +86,8 @@ def main() -> None:
             for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 before = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)
                 outputs[mode], seconds, prompt_ids = run_one(engines[mode], prompt, params)
-                totals[task, mode][0] += len(outputs[mode])
-                totals[task, mode][1] += seconds
+                rates[task, mode].append(len(outputs[mode]) / seconds)
+                num_tokens[task] += len(outputs[mode]) if mode == "on" else 0
                 if mode == "on":
                     after = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)
                     accepted[task] = [a + (x - y) for a, x, y in zip(accepted[task], after, before, strict=True)]
@@ -94,24 +99,28 @@ def main() -> None:
     rows = []
     for task in [*TASKS, "all"]:
         keys = list(TASKS) if task == "all" else [task]
-        tok = {m: sum(totals[t, m][0] for t in keys) for m in engines}
-        sec = {m: sum(totals[t, m][1] for t in keys) for m in engines}
+        off = [x for t in keys for x in rates[t, "off"]]
+        on = [x for t in keys for x in rates[t, "on"]]
         drafts, drafted, acc = (sum(accepted[t][i] for t in keys) for i in range(3))
         rows.append({
             "task": task,
-            "off_tok_s": tok["off"] / sec["off"],
-            "on_tok_s": tok["on"] / sec["on"],
-            "speedup": (tok["on"] / sec["on"]) / (tok["off"] / sec["off"]),
+            "off_tok_s": statistics.median(off),
+            "on_tok_s": statistics.median(on),
+            "speedup": statistics.median(b / a for a, b in zip(off, on, strict=True)),
+            "speedup_range": [min(b / a for a, b in zip(off, on)), max(b / a for a, b in zip(off, on))],
             "acceptance_rate": acc / drafted if drafted else 0.0,
             "mean_tokens_per_verify": 1 + acc / drafts if drafts else 0.0,
-            "output_tokens_per_request": tok["on"] / (args.rounds * len(keys)),
+            "output_tokens_per_request": sum(num_tokens[t] for t in keys) / (args.rounds * len(keys)),
             "identical": all(identical[t] for t in keys),
         })
-    print(f"\nbuild {args.build_dir}, k={args.k}, lookup n {low}..{high}, {args.rounds} rounds, batch 1, greedy")
-    print(f"{'task':<10} {'off tok/s':>9} {'on tok/s':>9} {'speed-up':>8} {'accept':>7} {'tok/verify':>10} "
-          f"{'out tok':>7}  identical")
+    print(f"\nbuild {args.build_dir}, k={args.k}, lookup n {low}..{high}, {args.rounds} rounds, batch 1, greedy, "
+          f"{args.threads} thread(s); medians")
+    print(f"{'task':<10} {'off tok/s':>9} {'on tok/s':>9} {'speed-up':>8} {'(range)':>13} {'accept':>7} "
+          f"{'tok/verify':>10} {'out tok':>7}  identical")
     for row in rows:
+        slow, fast = row["speedup_range"]
         print(f"{row['task']:<10} {row['off_tok_s']:>9.1f} {row['on_tok_s']:>9.1f} {row['speedup']:>7.2f}x "
+              f"{f'{slow:.2f}-{fast:.2f}x':>13} "
               f"{100 * row['acceptance_rate']:>6.1f}% {row['mean_tokens_per_verify']:>10.2f} "
               f"{row['output_tokens_per_request']:>7.0f}  {row['identical']}")
     for task, where in diverged.items():

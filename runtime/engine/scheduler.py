@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from pllm.runtime.engine.config import SpeculativeConfig
 from pllm.runtime.engine.kv_coordinator import KvCoordinator
@@ -18,13 +19,13 @@ from pllm.runtime.engine.request import (
 )
 
 
+@dataclass
 class SpecDecodeStats:
     """Speculative decoding's cumulative counters (vLLM's vllm:spec_decode_* series)."""
 
-    def __init__(self) -> None:
-        self.num_drafts = 0  # verify steps of a sequence
-        self.num_draft_tokens = 0  # tokens guessed
-        self.num_accepted_tokens = 0  # guesses the model confirmed
+    num_drafts: int = 0  # verify steps of a sequence
+    num_draft_tokens: int = 0  # tokens guessed
+    num_accepted_tokens: int = 0  # guesses the model confirmed
 
     def add(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
         self.num_drafts += 1
