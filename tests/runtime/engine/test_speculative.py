@@ -205,3 +205,12 @@ def test_longrope_models_refuse_speculation(tiny_build):
     build = str(tiny_build("phi3", **longrope))
     with pytest.raises(ValueError, match="speculative_config: not supported for this model"):
         LLM(build, backend="cpu", kv_cache_memory=1 << 22, speculative_config=SPEC)
+
+
+def test_interpret_backend_verifies_the_same(build, reference):
+    """The rendered Triton kernels (interpreted) compute a verify step's rows over cached K/V as the cpu ops do."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(build, backend="interpret", kv_cache_memory=1 << 22, speculative_config=SPEC)
+    outs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert _tokens(outs) == [r[:12] for r in reference[:2]]
+    assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
