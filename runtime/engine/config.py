@@ -2,10 +2,65 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 BACKENDS = ("auto", "cpu", "cuda", "interpret")
 MAX_LORAS_LIMIT = 16  # models/lora.py's MAX_LORAS (this module imports nothing of the model; a test ties them)
+SPECULATIVE_METHODS = ("ngram",)  # drafting without a second model: prompt lookup
+MAX_SPECULATIVE_TOKENS = 16  # a verify step's rows grow with it, and n-gram runs past ~10 tokens are rare
+DEFAULT_PROMPT_LOOKUP = 5  # vLLM's choice when neither prompt_lookup_min nor prompt_lookup_max is given
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram (prompt lookup) drafting, spelled as vLLM's speculative_config.
+
+    Each decode step of a sequence proposes up to num_speculative_tokens tokens: the ones that followed the latest
+    earlier occurrence of the sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min), and
+    the model verifies them in the same step."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int | None = None  # None: prompt_lookup_min, or 5 when neither is given (vLLM's rule)
+    prompt_lookup_min: int | None = None  # None: prompt_lookup_max, or 5 when neither is given
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, what: str) -> ValueError:
+            return ValueError(f"speculative_config {name}={value!r}: must be {what}")
+
+        if self.method not in SPECULATIVE_METHODS:
+            raise bad("method", self.method, f"one of {', '.join(SPECULATIVE_METHODS)} (no draft model is supported)")
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise bad("num_speculative_tokens", k, f"an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise bad(name, value, "a positive integer")
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is None and high is None:
+            low = high = DEFAULT_PROMPT_LOOKUP
+        low = high if low is None else low
+        high = low if high is None else high
+        if low > high:
+            raise bad("prompt_lookup_min", low, f"at most prompt_lookup_max={high}")
+        object.__setattr__(self, "prompt_lookup_min", low)
+        object.__setattr__(self, "prompt_lookup_max", high)
+
+    @classmethod
+    def from_dict(cls, value: Mapping) -> SpeculativeConfig:
+        """vLLM's dict spelling ({"method": "ngram", "num_speculative_tokens": 4, ...}); unknown keys are named."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"speculative_config must be a dict or a SpeculativeConfig, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(sorted(known))}")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config: num_speculative_tokens is required")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -27,6 +82,8 @@ class EngineConfig:
     # ranks the model runs split over (processes: this one and N - 1 workers; one GPU each on cuda); must be the
     # build's (pllm-compile --tensor-parallel-size)
     tensor_parallel_size: int = 1
+    # None: no speculative decoding; a dict in vLLM's spelling is read into a SpeculativeConfig
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, what: str) -> ValueError:
@@ -76,6 +133,11 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and modules:
             raise bad("lora_modules", f"{len(modules)} adapters", "empty with tensor_parallel_size > 1 (adapters are "
                       "not split across ranks)")
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise bad("speculative_config", "ngram", "None with tensor_parallel_size > 1 (the workers' step wire "
+                      "does not carry draft tokens yet)")
         fraction = self.kv_cache_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")

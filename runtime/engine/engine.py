@@ -26,6 +26,7 @@ from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
 from pllm.runtime.worker.parallel.runner import make_runner
 from pllm.runtime.worker.sampler import Sampler
 from pllm.runtime.worker.startup_timing import Stage, mark
+from pllm.runtime.worker.verify import sample_step
 
 logger = logging.getLogger("pllm")
 
@@ -81,10 +82,20 @@ class LLMEngine:
             logger.info("pllm: prefix caching off: windowed layers return the blocks that leave their window, so a "
                         "cached prefix would have holes where a later request's window still reads")
         self.eos_token_ids = self._eos_token_ids()
+        speculative = config.speculative_config
+        if speculative is not None and spec.kind is not ModelKind.DECODER:
+            raise ValueError(f"speculative_config: model_type {spec.model_type!r} is an {spec.kind.value}, it does "
+                             "not generate")
+        if speculative is not None and recompute_past_len is not None:
+            raise ValueError(
+                f"speculative_config: not supported for this model: its K/V at every position depends on the "
+                f"sequence length (longrope past {recompute_past_len} tokens), so a guessed token's K/V would be "
+                "computed for a length the sequence may never reach")
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.eos_token_ids,
             recompute_past_len,
             chunk_prompts=spec.kind is ModelKind.DECODER,  # an encoder attends over its whole input at once
+            speculative=speculative,
         )
         self.sampler = Sampler(spec.vocab_size, seed=config.seed)
         self.stop = StopChecker(frozenset(self.eos_token_ids))
@@ -120,6 +131,10 @@ class LLMEngine:
         )
         logger.info("pllm engine: KV budget per layer group: %s",
                     describe_budget(self.runner.kv_budgets, self.build.block_size))
+        if speculative is not None:
+            logger.info("pllm engine: speculative decoding: n-gram lookup (n %d..%d), up to %d tokens a step; not for "
+                        "requests with structured output", speculative.prompt_lookup_min,
+                        speculative.prompt_lookup_max, speculative.num_speculative_tokens)
 
     def close(self) -> None:
         """Stop what the engine started beyond this thread: a tensor-parallel engine's worker processes."""
@@ -304,6 +319,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prefix_queries=self.kv.num_prefix_queries,
             num_prefix_hits=self.kv.num_prefix_hits,
+            spec_decode_num_drafts=self.scheduler.spec_stats.num_drafts,
+            spec_decode_num_draft_tokens=self.scheduler.spec_stats.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.scheduler.spec_stats.num_accepted_tokens,
         )
 
     def _group_id(self, request: Request) -> str:
@@ -322,18 +340,18 @@ class LLMEngine:
         step = batch.snapshot(self.stop)
         step_out = self.runner.execute(step)
         sampling = [s.request for s in batch.seqs if s.samples]
-        out = self.sampler.sample(step_out.logits, step.sampling)
-        sampled = {r.request_id: t for r, t in zip(sampling, out.token_ids)}
-        self.scheduler.update(batch, sampled)
+        out = sample_step(self.sampler, step_out.logits, step)  # drafts verified here
+        lengths = {r.request_id: r.num_tokens for r in sampling}
+        self.scheduler.update(batch, {r.request_id: o.token_ids for r, o in zip(sampling, out)})
         self.stats.num_steps += 1
         self.stats.num_prompt_tokens += sum(
             s.num_new_tokens for s in batch.seqs if s.request.num_computed_tokens <= s.request.num_prompt_tokens
         )
-        self.stats.num_generation_tokens += len(sampling)
+        self.stats.num_generation_tokens += sum(r.num_tokens - lengths[r.request_id] for r in sampling)
         now = time.monotonic()
         pooled = self.pooler.fold(step_out.pooled, now) if step_out.pooled else []
         return self.processor.process(
-            refused + sampling, [None] * len(refused) + out.logprobs, now, step_out.prompt_logprobs
+            refused + sampling, [None] * len(refused) + [o.logprobs for o in out], now, step_out.prompt_logprobs
         ) + pooled
 
     def _refuse_failed_grammars(self) -> list[Request]:

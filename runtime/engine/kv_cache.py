@@ -209,6 +209,17 @@ class KVCacheManager:
                 self._hash_to_block[h] = block_id
         self._req_num_cached_blocks[request.request_id] = num_full_blocks
 
+    def trim(self, request: Request) -> None:
+        """Return the table's blocks past the first num_blocks_for(num_computed_tokens): they hold only K/V of
+        tokens that were rolled back (rejected drafts), never registered, since only full blocks of computed tokens
+        are. Slots of rolled-back tokens in a kept block are simply written again by the next step."""
+        table = self.table(request)
+        keep = self.num_blocks_for(request.num_computed_tokens)
+        while table.num_blocks > keep and table.block_ids:
+            block_id = table.block_ids.pop()
+            assert self._block_hashes[block_id] is None, f"block {block_id}: registered, past the computed tokens"
+            self._release(block_id)
+
     def free(self, request: Request) -> None:
         """Drop the request's references; blocks reaching zero become free (cached ones stay evictable)."""
         table = self.table(request)

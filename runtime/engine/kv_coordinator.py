@@ -103,6 +103,12 @@ class KvCoordinator:
             m.cache_full_blocks(request)
             m.release_out_of_window(request)
 
+    def trim(self, request: Request) -> None:
+        """Return the blocks past the request's computed tokens (a verify step's rejected drafts): every group's
+        table again covers exactly num_computed_tokens positions."""
+        for m in self.managers:
+            m.trim(request)
+
     def free(self, request: Request) -> None:
         for m in self.managers:
             m.free(request)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pllm.runtime.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
-from pllm.runtime.engine.request import Request, StopChecker
+from pllm.runtime.engine.request import FinishReason, Request, StopChecker
 from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
@@ -136,13 +136,15 @@ class OutputProcessor:
             changed[group.request_id] = group
         return [self._output(g, now) for g in changed.values()]
 
-    def _process_tokens(self, state: _SeqState, logprobs) -> None:
+    def _process_tokens(self, state: _SeqState, logprobs: tuple[TokenLogprobs, ...] | None) -> None:
+        """logprobs: one per token the step output (several when drafts were accepted), or None."""
         req = state.request
         new_ids = req.output_token_ids[state.num_processed :]
         state.num_processed = len(req.output_token_ids)
-        if state.logprobs is not None and logprobs is not None and new_ids:
-            state.logprobs.append(logprobs)
-            state.cumulative_logprob += logprobs.logprob
+        if state.logprobs is not None and logprobs is not None:
+            for entry in logprobs[: len(new_ids)]:  # a stop token ended the step's run early: the rest never came
+                state.logprobs.append(entry)
+                state.cumulative_logprob += entry.logprob
         for pos, token_id in enumerate(new_ids, start=len(req.output_token_ids) - len(new_ids)):
             if state.stop_reason is not None:
                 break
@@ -154,6 +156,7 @@ class OutputProcessor:
                 state.stop_reason = state.matcher.stop_string
                 if not req.is_finished:
                     self._finish(req.request_id)
+                self._cut_after(state, pos)
         if req.is_finished and state.stop_reason is None:
             emit, hit = state.matcher.feed(state.detokenizer.flush())
             state.text += emit
@@ -162,6 +165,19 @@ class OutputProcessor:
             else:
                 state.text += state.matcher.flush()
                 state.stop_reason = self.stop.stop_token_reason(req)
+
+    @staticmethod
+    def _cut_after(state: _SeqState, pos: int) -> None:
+        """A stop string ended the sequence at output token pos: tokens after it (accepted drafts of the same
+        step) are dropped, as decoding one token a step would never have made them."""
+        req = state.request
+        if len(req.output_token_ids) > pos + 1:
+            del req.output_token_ids[pos + 1 :]
+            state.num_processed = pos + 1
+            req.finish_reason = FinishReason.STOP  # not a length limit a dropped token reached
+            if state.logprobs is not None:
+                del state.logprobs[pos + 1 :]
+                state.cumulative_logprob = sum(e.logprob for e in state.logprobs)  # in order, as it was summed
 
     def _output(self, group: _Group, now: float) -> RequestOutput:
         finished = all(s.request.is_finished for s in group.seqs)

@@ -66,3 +66,7 @@ class EngineSnapshot:
     num_preemptions: int
     num_prefix_queries: int  # prompt tokens looked up in the prefix cache
     num_prefix_hits: int  # of those, served from the cache
+    # speculative decoding (0 when off): verify steps of a sequence, tokens guessed, guesses the model confirmed
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0

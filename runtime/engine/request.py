@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.worker.step import (
+    DraftInputs,
     GroupBlockTable,
     Pooling,
     PromptLogprobInputs,
@@ -137,12 +138,18 @@ class ScheduledSeq:
     """The scheduler's view of one sequence in a step: the live request (for update) and its token count."""
 
     request: Request
-    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens, drafts included
+    draft_token_ids: tuple[int, ...] = ()  # guesses computed after the sequence's last token, verified this step
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens of the sequence itself computed this step (num_new_tokens less the drafts)."""
+        return self.num_new_tokens - len(self.draft_token_ids)
 
     @property
     def completes(self) -> bool:
         """True when this step reaches the end of the sequence."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_known_tokens == self.request.num_tokens
 
     @property
     def samples(self) -> bool:
@@ -172,18 +179,25 @@ class ScheduledBatch:
 def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
     req = seq.request
     start = req.num_computed_tokens
-    end = start + seq.num_new_tokens
+    end = start + seq.num_known_tokens
+    sample = sample_inputs(req, stop) if seq.samples else None
+    draft = None
+    if seq.draft_token_ids:
+        drafts = seq.draft_token_ids
+        rows = (sample, *(sample_inputs(req, stop, drafts[: j + 1]) for j in range(len(drafts))))
+        draft = DraftInputs(drafts, rows)
     return SeqStep(
         request_id=req.request_id,
-        token_ids=req.token_slice(start, end),
+        token_ids=req.token_slice(start, end) + seq.draft_token_ids,
         start_position=start,
         block_tables=tuple([t.frozen() for t in req.block_tables]),
         completes=seq.completes,
         seq_total_len=req.num_tokens,
-        sample=sample_inputs(req, stop) if seq.samples else None,
+        sample=sample,
         pooling=req.pooling,
         prompt_logprobs=prompt_logprob_inputs(req, start, end),
         lora_slot=req.lora_slot,
+        draft=draft,
     )
 
 
@@ -199,17 +213,19 @@ def prompt_logprob_inputs(request: Request, start: int, end: int) -> PromptLogpr
     return PromptLogprobInputs(request.params.prompt_logprobs, first, targets)
 
 
-def sample_inputs(request: Request, stop: StopChecker) -> SampleInputs:
-    """What the sampler needs of a request about to yield a token; token histories only where a penalty reads them."""
+def sample_inputs(request: Request, stop: StopChecker, drafted: tuple[int, ...] = ()) -> SampleInputs:
+    """What the sampler needs of a request about to yield a token; token histories only where a penalty reads them.
+    drafted: guesses taken as if already output (a verify step's later rows; never with a grammar)."""
     p = request.params
     repetition = p.repetition_penalty != 1.0
     penalised = repetition or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    assert not drafted or request.grammar is None, "a grammar's matcher cannot follow guesses"
     return SampleInputs(
         request_id=request.request_id,
         params=p,
         prompt_token_ids=tuple(request.prompt_token_ids) if repetition else (),
-        output_token_ids=tuple(request.output_token_ids) if penalised else (),
-        masked_token_ids=stop.masked_token_ids(request),
+        output_token_ids=(*request.output_token_ids, *drafted) if penalised else (),
+        masked_token_ids=stop.masked_token_ids(request, len(drafted)),
         token_bitmask=request.grammar.next_token_bitmask() if request.grammar is not None else None,
     )
 
@@ -231,10 +247,11 @@ class StopChecker:
         ids = frozenset(params.stop_token_ids)
         return ids if params.ignore_eos else ids | self.eos_token_ids
 
-    def masked_token_ids(self, request: Request) -> frozenset[int]:
-        """Ids the sampler must not pick yet: every stopping id while fewer than min_tokens are out (vLLM's rule).
-        Once a grammar's match is complete, the grammar decides: a finished JSON value allows only EOS."""
-        if len(request.output_token_ids) < request.params.min_tokens and (
+    def masked_token_ids(self, request: Request, num_drafted: int = 0) -> frozenset[int]:
+        """Ids the sampler must not pick yet: every stopping id while fewer than min_tokens are out (vLLM's rule),
+        counting num_drafted guesses as out. Once a grammar's match is complete, the grammar decides: a finished
+        JSON value allows only EOS."""
+        if len(request.output_token_ids) + num_drafted < request.params.min_tokens and (
             request.grammar is None or not request.grammar.can_end
         ):
             return self.stop_token_ids(request.params)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+from pllm.runtime.engine.config import SpeculativeConfig
 from pllm.runtime.engine.kv_coordinator import KvCoordinator
+from pllm.runtime.engine.ngram import propose_ngram
 from pllm.runtime.engine.request import (
     FinishReason,
     Request,
@@ -13,6 +17,20 @@ from pllm.runtime.engine.request import (
     ScheduledSeq,
     StopChecker,
 )
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding's cumulative counters (vLLM's vllm:spec_decode_* series)."""
+
+    num_drafts: int = 0  # verify steps of a sequence
+    num_draft_tokens: int = 0  # tokens guessed
+    num_accepted_tokens: int = 0  # guesses the model confirmed
+
+    def add(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
 
 
 class Scheduler:
@@ -32,9 +50,11 @@ class Scheduler:
         eos_token_ids: tuple[int, ...],
         recompute_past_len: int | None = None,
         chunk_prompts: bool = True,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         """recompute_past_len: a running sequence whose length first passes it is computed again from its first
-        token (a model whose K/V at every position depends on the whole length: models.rotary.recompute_length)."""
+        token (a model whose K/V at every position depends on the whole length: models.rotary.recompute_length).
+        speculative: draft tokens by n-gram lookup for each decoding sequence, verified in its step."""
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -51,6 +71,9 @@ class Scheduler:
         # starting over keeps the blocks, which a windowed group may already have returned
         assert recompute_past_len is None or all(m.group.window is None for m in kv.managers)
         self.recompute_past_len = recompute_past_len
+        # a draft's K/V would be computed with the table of a length the sequence may never reach
+        assert speculative is None or recompute_past_len is None, "speculative decoding needs length-free K/V"
+        self.speculative = speculative
         self.stop = StopChecker(frozenset(eos_token_ids))
         # False for an encoder: each prompt is computed whole in one step, waiting for a step with room for it
         self.chunk_prompts = chunk_prompts
@@ -58,6 +81,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: oldest first, preemption victims from the end
         self._requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
 
     @property
     def num_running(self) -> int:
@@ -123,6 +147,13 @@ class Scheduler:
             self._recompute_if_length_passed(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request.request_id
+            drafts = self._drafts(request, budget) if num_new == 1 else ()
+            # drafts only where their blocks are free: a guess never preempts anyone
+            if drafts and self.kv.allocate_slots(request, num_new + len(drafts)):
+                seqs.append(ScheduledSeq(request, num_new + len(drafts), drafts))
+                budget -= num_new + len(drafts)
+                i += 1
+                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -167,26 +198,62 @@ class Scheduler:
         assert sum(s.num_new_tokens for s in seqs) <= self.max_num_batched_tokens
         return ScheduledBatch(tuple(seqs), tuple(preempted))
 
-    def update(self, batch: ScheduledBatch, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Advance the batch's requests past the step the runner computed; return those that finished."""
+    def _drafts(self, request: Request, budget: int) -> tuple[int, ...]:
+        """The guesses a decoding request verifies in its next step: as many as the budget, max_tokens and
+        max_model_len leave room for beside the token the step yields anyway (a verify step yields accepted + 1)."""
+        spec = self.speculative
+        if (
+            spec is None
+            or not request.output_token_ids  # prompts and recomputes run as usual
+            or request.grammar is not None  # its matcher follows output tokens only: no guesses to undo
+            or request.num_tokens - request.num_computed_tokens != 1
+        ):
+            return ()
+        room = min(
+            spec.num_speculative_tokens,
+            budget - 1,
+            request.max_tokens - len(request.output_token_ids) - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return propose_ngram(request.all_token_ids, spec, room) if room > 0 else ()
+
+    def update(self, batch: ScheduledBatch, sampled_token_ids: Mapping[str, int | Sequence[int]]) -> list[Request]:
+        """Advance the batch's requests past the step the runner computed; return those that finished.
+
+        sampled_token_ids: per sequence that samples, its token, or for one that verified drafts its accepted
+        drafts and the token after them. The tokens go out one at a time until one stops the sequence; the
+        rejected drafts' K/V is rolled back (their slots are written again later, blocks past the sequence's
+        computed tokens go back to the pool)."""
         finished: list[Request] = []
         for seq in batch.seqs:
             request = seq.request
             if request.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted between schedule and update: its result is dropped
             samples = seq.samples  # reads num_computed_tokens, so before advancing it
-            request.num_computed_tokens += seq.num_new_tokens
+            request.num_computed_tokens += seq.num_known_tokens
             assert request.num_computed_tokens <= request.num_tokens, request.request_id
             if request.needs_prompt_logprobs:  # the step scored the chunk's prompt rows (snapshot's rule)
                 scored = min(request.num_computed_tokens, request.num_prompt_tokens - 1)
                 request.num_prompt_logprob_rows = max(request.num_prompt_logprob_rows, scored)
             reason = None
             if samples:
-                token_id = sampled_token_ids[request.request_id]
-                request.output_token_ids.append(token_id)
-                if request.grammar is not None:
-                    request.grammar.accept(token_id)  # the matcher follows exactly the tokens output
-                reason = self.stop.check(request, self.max_model_len)
+                sampled = sampled_token_ids[request.request_id]
+                tokens = (sampled,) if isinstance(sampled, int) else tuple(sampled)
+                drafts = seq.draft_token_ids
+                assert 1 <= len(tokens) <= len(drafts) + 1 and tokens[:-1] == drafts[: len(tokens) - 1], (
+                    request.request_id, tokens, drafts)
+                if drafts:
+                    self.spec_stats.add(len(drafts), len(tokens) - 1)
+                for token_id in tokens:
+                    request.output_token_ids.append(token_id)
+                    if request.grammar is not None:
+                        request.grammar.accept(token_id)  # the matcher follows exactly the tokens output
+                    reason = self.stop.check(request, self.max_model_len)
+                    if reason is not None:
+                        break  # what follows a stop is never output
+                if drafts and reason is None:
+                    request.num_computed_tokens += len(tokens) - 1  # the accepted drafts' K/V stands
+                    self.kv.trim(request)
             elif request.pooling is not None and request.num_computed_tokens == request.num_tokens:
                 reason = FinishReason.STOP  # pooled: its blocks go back at once
             self.kv.advance(request)  # prefix-cache registration; blocks out of a window go back

@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from pllm import __version__
-from pllm.runtime.engine.config import BACKENDS, EngineConfig
+from pllm.runtime.engine.config import BACKENDS, EngineConfig, SpeculativeConfig
 from pllm.runtime.server.api import create_app
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
@@ -71,6 +71,27 @@ def lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def speculative_config(text: str) -> SpeculativeConfig:
+    """--speculative-config: vLLM's JSON object, checked now so a bad key fails before the model loads."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
+    try:
+        return SpeculativeConfig.from_dict(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def speculative_ngram(text: str) -> SpeculativeConfig:
+    """--speculative-ngram K: n-gram drafting of K tokens a step, lookup n as vLLM's defaults."""
+    try:
+        return SpeculativeConfig(num_speculative_tokens=int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit() else
+                                         f"{text!r} is not a number of tokens") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pllm-serve", description="Serve a pllm build directory over an OpenAI-compatible HTTP API."
@@ -122,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         "those packed into the build by pllm-compile --lora",
     )
     p.add_argument("--max-loras", type=positive_int, default=8, help="LoRA adapters held at once (at most 16)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument(
+        "--speculative-config",
+        type=speculative_config,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (n-gram lookup in the sequence itself; no draft model)',
+    )
+    spec.add_argument(
+        "--speculative-ngram",
+        dest="speculative_config",
+        type=speculative_ngram,
+        metavar="K",
+        help="short for --speculative-config with method ngram and num_speculative_tokens K",
+    )
     p.add_argument(
         "--tensor-parallel-size",
         type=positive_int,
@@ -258,7 +295,10 @@ def args_from_options(options: dict[str, object]) -> argparse.Namespace:
     underscores (`build_dir`, `kv_cache_memory`, ...), values what the flag takes (a list for a flag of several
     values, true/false for a switch). Checked by the same parser, so a bad key or value is refused the same way."""
     parser = build_parser()
-    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    flags: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # a dest two flags share (speculative_config) is spelled by the first
+        if action.dest != "help":
+            flags.setdefault(action.dest, action)
     if "build_dir" not in options:
         raise ValueError("the options name no build_dir (a build directory made by pllm-compile)")
     argv = [str(options["build_dir"])]
@@ -273,6 +313,8 @@ def args_from_options(options: dict[str, object]) -> argparse.Namespace:
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif flags[key].nargs == 0:  # store_true
             argv += [flag] if value else []
+        elif isinstance(value, dict):  # a JSON flag: speculative_config in vLLM's spelling
+            argv += [flag, json.dumps(value)]
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:
@@ -305,6 +347,7 @@ def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
         lora_modules=tuple(args.lora_modules),
         max_loras=args.max_loras,
         tensor_parallel_size=args.tensor_parallel_size,
+        speculative_config=args.speculative_config,
     )
     from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
 

@@ -54,6 +54,10 @@ class ServerMetrics:
         self.num_preemptions = counter("num_preemptions", "Preemptions (recompute) of running sequences.")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        self.spec_decode_num_drafts = counter("spec_decode_num_drafts", "Speculative verify steps of a sequence.")
+        self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative tokens guessed.")
+        self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                                       "Speculative tokens the model accepted.")
         self._success = Counter(
             "pllm:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=r
         )
@@ -69,6 +73,7 @@ class ServerMetrics:
         self._log_time = time.monotonic()
         self._log_prompt_tokens = 0
         self._log_generation_tokens = 0
+        self._log_spec = (0, 0, 0)  # drafts, draft tokens, accepted tokens at the last stats line
         self._logged_idle = False
 
     # -- updates (engine thread) -----------------------------------------------------------------
@@ -86,6 +91,11 @@ class ServerMetrics:
             self.num_preemptions.inc(max(0, snap.num_preemptions - last.num_preemptions))
             self.prefix_cache_queries.inc(max(0, snap.num_prefix_queries - last.num_prefix_queries))
             self.prefix_cache_hits.inc(max(0, snap.num_prefix_hits - last.num_prefix_hits))
+            self.spec_decode_num_drafts.inc(max(0, snap.spec_decode_num_drafts - last.spec_decode_num_drafts))
+            self.spec_decode_num_draft_tokens.inc(
+                max(0, snap.spec_decode_num_draft_tokens - last.spec_decode_num_draft_tokens))
+            self.spec_decode_num_accepted_tokens.inc(
+                max(0, snap.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens))
         self._last = snap
 
     def observe_first_token(self, num_prompt_tokens: int, ttft_s: float) -> None:
@@ -127,3 +137,12 @@ class ServerMetrics:
             100.0 * snap.kv_cache_usage,
             100.0 * hit_rate,
         )
+        spec = (snap.spec_decode_num_drafts, snap.spec_decode_num_draft_tokens, snap.spec_decode_num_accepted_tokens)
+        drafts, drafted, accepted = (now_ - then for now_, then in zip(spec, self._log_spec, strict=True))
+        self._log_spec = spec
+        if drafts:  # vLLM's second line, for the interval: how many guesses the model took
+            logger.info(
+                "SpecDecoding metrics: Draft acceptance rate: %.1f%%, Mean acceptance length: %.2f, "
+                "Accepted: %d tokens, Drafted: %d tokens",
+                100.0 * accepted / drafted, 1.0 + accepted / drafts, accepted, drafted,
+            )

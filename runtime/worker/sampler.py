@@ -292,11 +292,7 @@ class Sampler:
             if req.params.seed is None:
                 shared_rows.append(j)
                 continue
-            gen = self._request_generators.get(req.request_id)
-            if gen is None:
-                gen = torch.Generator(device=device).manual_seed(req.params.seed)
-                self._request_generators[req.request_id] = gen
-            uniform[j] = torch.rand(1, generator=gen, device=device)
+            uniform[j] = torch.rand(1, generator=self.generator_of(req, device), device=device)
         if shared_rows:
             uniform[shared_rows] = torch.rand(len(shared_rows), 1, generator=self._shared_generator(device),
                                               device=device)
@@ -308,6 +304,26 @@ class Sampler:
             live = cdf[overflow] < cdf[overflow][:, -1:]  # [num_overflow, vocab_size]: before the last step
             token_ids[overflow] = live.sum(dim=-1)
         return token_ids
+
+    def generator_of(self, request: SampleInputs, device: torch.device) -> torch.Generator:
+        """The generator a request's draws come from: its own when seeded (made at its first draw), else the
+        shared one."""
+        if request.params.seed is None:
+            return self._shared_generator(device)
+        gen = self._request_generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(request.params.seed)
+            self._request_generators[request.request_id] = gen
+        return gen
+
+    def draw(self, probs: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
+        """Token ids [num_rows] drawn from unnormalised probabilities [num_rows, vocab_size] (written into)."""
+        return self._draw(probs, requests)
+
+    def probs(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
+        """Sampling probabilities [num_rows, vocab_size] of processed logits of non-greedy rows: temperature,
+        min_p, top_k and top_p applied, unnormalised."""
+        return self._probs(logits, [r.params for r in requests])
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._shared_generators.get(device)

@@ -9,7 +9,7 @@ import torch
 from pllm.models.pooling import Pooling
 from pllm.runtime.engine.sampling_params import SamplingParams
 
-__all__ = ["GroupBlockTable", "Pooling", "SampleInputs", "SeqStep", "StepBatch", "StepOutput"]
+__all__ = ["DraftInputs", "GroupBlockTable", "Pooling", "SampleInputs", "SeqStep", "StepBatch", "StepOutput"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,19 @@ class PromptLogprobInputs:
 
 
 @dataclass(frozen=True)
+class DraftInputs:
+    """A decode step that verifies drafted tokens (speculative decoding): the last len(token_ids) tokens of the
+    step are guesses, and each of the step's last len(token_ids) + 1 rows is scored. Row j predicts the token after
+    the j-th guess (row 0: after the last known token), as the sequence would stand had guesses 0..j-1 been right."""
+
+    token_ids: tuple[int, ...]  # [num_drafts] the guessed tokens, the tail of SeqStep.token_ids
+    rows: tuple[SampleInputs, ...]  # [num_drafts + 1] the sampler's inputs at each scored row, in order
+
+    def __post_init__(self) -> None:
+        assert self.token_ids and len(self.rows) == len(self.token_ids) + 1, "one scored row per draft, and one more"
+
+
+@dataclass(frozen=True)
 class SeqStep:
     """One sequence's part of a step: which tokens to compute, where they go in the KV cache, and what follows."""
 
@@ -68,10 +81,18 @@ class SeqStep:
     pooling: Pooling | None = None  # set for an embedding sequence: its rows are pooled
     prompt_logprobs: PromptLogprobInputs | None = None  # set when rows of this chunk score prompt tokens
     lora_slot: int = 0  # 0: the base model; k >= 1: the k-th loaded LoRA adapter (the runner's stack index k - 1)
+    draft: DraftInputs | None = None  # set when the step verifies drafted tokens; then sample is draft.rows[0]
 
     @property
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_scored_rows(self) -> int:
+        """Rows of StepOutput.logits this sequence owns: its drafts + 1 when verifying, 1 when sampling, else 0."""
+        if self.draft is not None:
+            return len(self.draft.rows)
+        return 1 if self.sample is not None else 0
 
     @property
     def end_position(self) -> int:
@@ -86,13 +107,24 @@ class StepBatch:
 
     @property
     def sampling(self) -> tuple[SampleInputs, ...]:
-        """The sequences that yield a token, in batch order: the rows of StepOutput.logits."""
-        return tuple(s.sample for s in self.seqs if s.sample is not None)
+        """The rows of StepOutput.logits, in batch order: one per sequence that yields a token, and for one that
+        verifies drafts, one per scored row (DraftInputs.rows)."""
+        rows: list[SampleInputs] = []
+        for s in self.seqs:
+            if s.draft is not None:
+                rows.extend(s.draft.rows)
+            elif s.sample is not None:
+                rows.append(s.sample)
+        return tuple(rows)
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(s.draft is not None for s in self.seqs)
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits: torch.Tensor  # [num_sampling_seqs, vocab_size] float32, in batch order
+    logits: torch.Tensor  # [num_scored_rows, vocab_size] float32, in batch order (StepBatch.sampling)
     # request_id -> [hidden_size] float32 for each pooling sequence this step: its pooled part (a sum of this
     # chunk's rows for mean pooling over several chunks; the mean of a whole prompt; the last token's row; the
     # chunk's first row for CLS pooling, of which the pooler keeps the first chunk's)

@@ -16,7 +16,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     # one per KV layer group: the same positions and lengths, each with its group's slot mapping and block tables
     metas: tuple[AttentionMetadata, ...]
-    sample_indices: torch.Tensor  # [num_sampling_seqs] int64, row of each sampling sequence's last token
+    # [num_scored_rows] int64: the row of each sampling sequence's last token; a sequence verifying drafts scores
+    # its last num_drafts + 1 rows
+    sample_indices: torch.Tensor
     pool_rows: tuple[tuple[int, int, int], ...]  # (batch index, first row, end row) of each pooling sequence
     # [num_scored_rows] int64, the rows SeqStep.prompt_logprobs score, in order; None when no sequence asks
     prompt_logprob_rows: torch.Tensor | None
@@ -73,7 +75,7 @@ def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...],
             first = query_start[-2] + s.prompt_logprobs.first_position - start
             prompt_rows.extend(range(first, first + len(s.prompt_logprobs.target_token_ids)))
         if s.sample is not None:
-            sample_rows.append(query_start[-1] - 1)
+            sample_rows.extend(range(query_start[-1] - s.num_scored_rows, query_start[-1]))
         elif s.pooling is not None:
             pool_rows.append((i, query_start[-2], query_start[-1]))
     dev = device
