@@ -26,6 +26,10 @@ MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"
 KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
+# the tokenizer as transformers resolved it at compile time (compiler/tokenizer_snapshot.py), listed among the
+# tokenizer files when the tokenizer has a `tokenizers` backend; serving reads it without transformers
+TOKENIZER_SNAPSHOT = "pllm_tokenizer.json"
+TOKENIZER_SNAPSHOT_FORMAT = 1
 LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
