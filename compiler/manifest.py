@@ -29,6 +29,10 @@ MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights
 KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
+# the tokenizer as transformers resolved it at compile time (compiler/tokenizer_snapshot.py), listed among the
+# tokenizer files when the tokenizer has a `tokenizers` backend; serving reads it without transformers
+TOKENIZER_SNAPSHOT = "pllm_tokenizer.json"
+TOKENIZER_SNAPSHOT_FORMAT = 1
 LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # a quantised runtime tensor `name` is stored as name.codes, name.scales and (int4) name.mins: models/quant.py's layout

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
+from pllm.compiler.tokenizer_snapshot import write_tokenizer_snapshot
 from pllm.models.quant import QuantizedWeight
 
 DEFAULT_MODEL = "smollm2"
@@ -278,8 +279,9 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
     if not {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"} & set(copied):
         raise ModelSourceError(f"{source.tokenizer_dir}: no tokenizer files (tokenizer.json or tokenizer.model)")
     try:
-        AutoTokenizer.from_pretrained(str(out_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     except Exception as e:  # tokenizers and transformers raise many types for a bad file; all mean "cannot serve"
         files = ", ".join(str(source.tokenizer_dir / f) for f in copied)
         raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
-    return copied
+    snapshot = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads this without transformers
+    return copied + ([snapshot] if snapshot else [])

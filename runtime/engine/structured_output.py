@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pllm.runtime.engine.sampling_params import InvalidParam, StructuredOutputsParams
+from pllm.runtime.worker.loader import transformers_tokenizer
 
 logger = logging.getLogger("pllm")
 
@@ -117,7 +118,7 @@ class GrammarCache:
             import xgrammar as xgr  # lazily: pllm imports, and serves free text, without it
 
             info = xgr.TokenizerInfo.from_huggingface(
-                self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
+                transformers_tokenizer(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
             )
             # our cache replaces xgrammar's (keyed by canonical spec, bounded in entries)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import torch
 
-from pllm.compiler.manifest import GENERATION_CONFIG, QUANT_PARTS, BuildDirError, BuildManifest, json_object
+from pllm.compiler.manifest import (
+    GENERATION_CONFIG,
+    QUANT_PARTS,
+    TOKENIZER_SNAPSHOT,
+    TOKENIZER_SNAPSHOT_FORMAT,
+    BuildDirError,
+    BuildManifest,
+    json_object,
+)
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -48,11 +56,36 @@ def gather_quantized(tensors: dict[str, torch.Tensor], record: dict[str, dict],
 
 
 def load_tokenizer(build: BuildManifest):
+    """The served tokenizer: from the build's tokenizer snapshot with the `tokenizers` library alone when the build
+    has one (compiler/tokenizer_snapshot.py), else through transformers (load_transformers_tokenizer)."""
+    if TOKENIZER_SNAPSHOT not in build.manifest["tokenizer_files"]:
+        return load_transformers_tokenizer(build)
+    from pllm.runtime.worker.fast_tokenizer import FastTokenizer
+
+    snapshot = build.read_json(TOKENIZER_SNAPSHOT)
+    if snapshot.get("format") != TOKENIZER_SNAPSHOT_FORMAT:
+        raise BuildDirError(f"{build.path / TOKENIZER_SNAPSHOT}: format {snapshot.get('format')!r}, this pllm reads "
+                            f"{TOKENIZER_SNAPSHOT_FORMAT}: compile the model again")
+    try:
+        return FastTokenizer(snapshot, str(build.path), lambda: load_transformers_tokenizer(build))
+    except Exception as e:  # tokenizers raises its own exception types for a bad backend; all mean the same
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        raise BuildDirError(f"{build.path / TOKENIZER_SNAPSHOT}: the tokenizer does not load ({why})") from None
+
+
+def transformers_tokenizer(tokenizer):
+    """The transformers tokenizer behind the served one (xgrammar reads only that type)."""
+    from pllm.runtime.worker.fast_tokenizer import FastTokenizer
+
+    return tokenizer.transformers() if isinstance(tokenizer, FastTokenizer) else tokenizer
+
+
+def load_transformers_tokenizer(build: BuildManifest):
     """The tokenizer from a private copy of exactly the listed tokenizer files: the build folder may hold other
     files (added_tokens.json, special_tokens_map.json, ...) that Hugging Face would otherwise pick up."""
     from transformers import AutoTokenizer
 
-    names = [name for name in build.manifest["tokenizer_files"] if name != GENERATION_CONFIG]
+    names = [name for name in build.manifest["tokenizer_files"] if name not in (GENERATION_CONFIG, TOKENIZER_SNAPSHOT)]
     with tempfile.TemporaryDirectory(prefix="pllm-tokenizer-") as tmp:
         for name in names:
             data = build.read_bytes(name)

@@ -15,9 +15,16 @@ import pytest
 import torch
 
 from pllm import LLM, SamplingParams
-from pllm.compiler.manifest import MANIFEST, MANIFEST_DIGEST_KEY, BuildDirError, manifest_digest, open_build
+from pllm.compiler.manifest import (
+    MANIFEST,
+    MANIFEST_DIGEST_KEY,
+    TOKENIZER_SNAPSHOT,
+    BuildDirError,
+    manifest_digest,
+    open_build,
+)
 from pllm.runtime.backends.cpu.cpu_kernels import choose_cpu_kernels
-from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
+from pllm.runtime.worker.loader import load_generation_config, load_tokenizer, load_transformers_tokenizer
 from pllm.runtime.worker.model_runner import select_backend
 
 PROBE = "Hello, world! <|im_start|>user probe<|im_end|> ok<|endoftext|>"
@@ -201,7 +208,8 @@ def test_files_changed_after_verification_are_refused_when_read(copy):
     build = copy()
     loaded = open_build(build)
     cases = [
-        ("tokenizer.json", lambda: load_tokenizer(loaded)),
+        (TOKENIZER_SNAPSHOT, lambda: load_tokenizer(loaded)),
+        ("tokenizer.json", lambda: load_transformers_tokenizer(loaded)),  # a build without a snapshot reads these
         ("generation_config.json", lambda: load_generation_config(loaded)),
         ("kernels/rms_norm.py", lambda: select_backend(TRITON_BACKEND, loaded)),
     ]
@@ -218,11 +226,16 @@ def test_garbage_tokenizer_and_generation_config_are_named(copy):
         ("tokenizer_config.json", b"[1, 2]", "must be a JSON object"),
         ("generation_config.json", b'{"eos_token_id": "two"}', "'eos_token_id'"),
         ("tokenizer.json", b'{"version": "1.0"}', "do not load"),
+        (TOKENIZER_SNAPSHOT, b"garbage", "not valid JSON"),
+        (TOKENIZER_SNAPSHOT, b'{"format": 1, "backend": {"version": "1.0"}}', "does not load"),
+        (TOKENIZER_SNAPSHOT, b'{"format": 99}', "compile the model again"),
     ]:
         build = copy()
         (build / rel).write_bytes(data)
         _edit_manifest(build, _set(["files", rel], hashlib.sha256(data).hexdigest()), resign=True)
-        load = load_generation_config if rel == "generation_config.json" else load_tokenizer
+        # the tokenizer files proper are read only for a build without a snapshot (or for xgrammar)
+        load = {"generation_config.json": load_generation_config, TOKENIZER_SNAPSHOT: load_tokenizer}.get(
+            rel, load_transformers_tokenizer)
         named = build / rel if why != "do not load" else build
         message = _refused(build, named, lambda b, load=load: load(open_build(b)))
         assert why in message and "\n" not in message, message
@@ -239,10 +252,11 @@ def test_stray_tokenizer_files_have_no_effect(copy, pristine_tokens, name):
     build = copy()
     assert name not in json.loads((build / MANIFEST).read_text())["files"]
     (build / name).write_text(json.dumps(STRAY_TOKENIZER_FILES[name]))
-    tok = load_tokenizer(open_build(build))
-    assert {"ids": tok.encode(PROBE), "eos": tok.eos_token_id, "pad": tok.pad_token_id, "len": len(tok)} == (
-        pristine_tokens
-    )
+    for load in (load_tokenizer, load_transformers_tokenizer):  # the snapshot, and the files without one
+        tok = load(open_build(build))
+        assert {"ids": tok.encode(PROBE), "eos": tok.eos_token_id, "pad": tok.pad_token_id, "len": len(tok)} == (
+            pristine_tokens
+        )
 
 
 def test_stray_generation_config_is_not_read(copy):

@@ -1,0 +1,49 @@
+"""The tokenizer as transformers resolves it, written into the build so serving need not import transformers.
+
+Loading a tokenizer through transformers costs a second or more of a server's start-up (its import, then
+AutoTokenizer's class resolution and the edits it makes to the backend: post-processor rewritten for add_bos_token,
+special tokens registered, truncation and padding cleared). The compiler loads the tokenizer that way anyway, to check
+it; here it also records the result: the `tokenizers` backend exactly as transformers left it (its JSON), and the few
+facts transformers keeps beside it (special tokens, chat template, whether decode cleans up spaces). The runtime's
+runtime/worker/fast_tokenizer.py serves from this file with the `tokenizers` library alone. A tokenizer without a
+`tokenizers` backend (a slow, sentencepiece-only one) or with several named chat templates gets no snapshot, and
+serving loads it through transformers as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pllm.compiler.manifest import TOKENIZER_SNAPSHOT, TOKENIZER_SNAPSHOT_FORMAT
+
+
+def tokenizer_snapshot(tokenizer) -> dict | None:
+    """What serving needs of a loaded transformers tokenizer, as plain JSON; None when it has no fast backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    template = tokenizer.chat_template
+    if backend is None or not (template is None or isinstance(template, str)):
+        return None
+    clean_up = bool(tokenizer.clean_up_tokenization_spaces)
+    if clean_up and type(backend.model).__name__ == "BPE":  # transformers' _decode skips the clean-up for BPE
+        clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+                                False))
+    return {
+        "format": TOKENIZER_SNAPSHOT_FORMAT,
+        "backend": json.loads(backend.to_str()),
+        "special_tokens_map": dict(tokenizer.special_tokens_map),
+        "all_special_ids": sorted(set(tokenizer.all_special_ids)),
+        "clean_up_tokenization_spaces": clean_up,
+        "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
+        "truncation_side": tokenizer.truncation_side,
+        "chat_template": template,
+    }
+
+
+def write_tokenizer_snapshot(tokenizer, out_dir: Path) -> str | None:
+    """Write the snapshot into `out_dir`; its file name, or None when this tokenizer has none."""
+    snapshot = tokenizer_snapshot(tokenizer)
+    if snapshot is None:
+        return None
+    (out_dir / TOKENIZER_SNAPSHOT).write_text(json.dumps(snapshot, ensure_ascii=False, sort_keys=True))
+    return TOKENIZER_SNAPSHOT

@@ -1,0 +1,89 @@
+"""tools/bench_vs_llamacpp.py's pure parts, without building llama.cpp: argument parsing, the result table with its
+ratios and targets, and the reading of llama-bench's JSON (a sample saved from a real run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+SAMPLE = Path(__file__).parent / "data" / "llama_bench_sample.json"
+sys.path.insert(0, str(TOOLS))
+
+import bench_vs_llamacpp as bench  # noqa: E402
+import llamacpp  # noqa: E402
+from random_llama import LLAMA_1B, num_parameters  # noqa: E402
+
+
+def test_defaults_and_options():
+    args = bench.parse_args([])
+    assert args.models == ["smollm2"] and args.rows == list(bench.ROWS) and args.precisions == list(bench.PRECISIONS)
+    assert args.concurrency == [1, 4, 16] and args.threads == 2 and args.output_len == 128
+    args = bench.parse_args(["--models", "llama1b,smollm2", "--rows", "serve", "--concurrency", "16,1,4,4",
+                             "--quick"])
+    assert args.models == ["llama1b", "smollm2"] and args.rows == ["serve"] and args.concurrency == [1, 4, 16]
+    assert (args.reps, args.num_requests, args.decode_steps) == (1, 8, 16)
+
+
+@pytest.mark.parametrize("argv", [["--models", "gpt5"], ["--rows", "decode,nope"], ["--precisions", "fp8"],
+                                  ["--concurrency", "0,4"], ["--concurrency", "x"], ["--threads", "0"],
+                                  ["--models", ""]])
+def test_bad_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_table_ratios_and_targets():
+    rows = [
+        bench.Row("smollm2", "decode b1 tok/s", "bf16", "BF16", 120.0, 100.0, bench.Target(bench.Goal.AT_LEAST, 1.2)),
+        bench.Row("smollm2", "decode b1 tok/s", "int4", "Q4_K", None, 150.0, bench.Target(bench.Goal.AT_LEAST, 1.2),
+                  "not available: pllm-compile has no --quantization int4"),
+        bench.Row("smollm2", "serve c16 out tok/s", "bf16", "BF16", 300.0, 200.0, bench.serve_targets(16)[0]),
+        bench.Row("smollm2", "serve c16 TTFT p50 ms", "bf16", "BF16", 90.0, 60.0, bench.serve_targets(16)[1]),
+        bench.Row("smollm2", "prefill 512 tok/s", "bf16", "BF16", 1000.0, 2000.0, None),
+    ]
+    assert rows[0].ratio == pytest.approx(1.2) and rows[1].ratio is None and rows[3].ratio == pytest.approx(1.5)
+    lines = bench.format_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    decode, missing, tput, ttft, prefill = lines[2:]
+    assert "1.20x" in decode and ">=1.2x" in decode and decode.split()[-1] == "yes"
+    assert "n/a" in missing and "not available" in missing and " 150.0" in missing
+    assert "1.50x" in tput and ">=2x" in tput and tput.split()[-1] == "no"
+    assert "<=1x" in ttft and ttft.split()[-1] == "no"
+    assert "0.50x" in prefill and prefill.rstrip().endswith("-")
+
+
+def test_serve_targets_follow_the_issue():
+    assert bench.serve_targets(1) == (bench.Target(bench.Goal.AT_LEAST, 1.2), None)
+    assert bench.serve_targets(4) == (None, None)
+    for c in (8, 16, 32):
+        tput, ttft = bench.serve_targets(c)
+        assert tput.met(2.0) and not tput.met(1.99) and ttft.met(1.0) and not ttft.met(1.01)
+
+
+def test_llama_bench_json_sample_is_read():
+    results = llamacpp.parse_bench_json(SAMPLE.read_text())
+    assert [r.test for r in results] == ["pp64", "tg16"]
+    raw = json.loads(SAMPLE.read_text())
+    assert results[0].tokens_per_s == pytest.approx(raw[0]["avg_ts"]) and results[0].threads == 2
+    assert results[1].n_gen == 16 and results[1].n_prompt == 0 and results[1].stddev >= 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("garbage", "no JSON"),
+    ('{"a": 1}', "expected a list"),
+    ('[{"n_prompt": 1}]', "lacks n_gen"),
+    ('[{"n_prompt": 8, "n_gen": 8, "avg_ts": 1, "stddev_ts": 0, "n_threads": 2}]', "mixed"),
+])
+def test_bad_llama_bench_output_is_named(text, message):
+    with pytest.raises(llamacpp.LlamaCppError, match=message):
+        llamacpp.parse_bench_json(text)
+
+
+def test_the_random_model_has_about_a_billion_parameters():
+    assert 1.0e9 < num_parameters(LLAMA_1B, 49152) < 1.25e9

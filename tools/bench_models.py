@@ -1,0 +1,81 @@
+"""The models of tools/bench_vs_llamacpp.py on both sides: llama.cpp's GGUF files and pllm's builds, one per
+precision compared."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import llamacpp
+from random_llama import LLAMA_1B, make_random_llama, num_parameters
+
+PLLM_QUANTIZATION = {"int8": "int8", "int4": "int4"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    ggufs: dict[str, Path]  # llama.cpp precision (bf16, q8_0, q4_0, q4_k) -> GGUF file
+    pllm_builds: dict[str, tuple[Path | None, str]]  # pllm precision -> (build, "") or (None, why it is missing)
+
+
+class QuantizationRefused(RuntimeError):
+    """pllm-compile has no --quantization flag (or not this value): the rows say "not available", never a figure."""
+
+
+def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
+    """pllm-compile SOURCE at bf16, quantised to int8/int4 when asked; raises QuantizationRefused when this pllm's
+    compiler refuses --quantization."""
+    if reuse and (out / "manifest.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]
+    if precision in PLLM_QUANTIZATION:
+        cmd += ["--quantization", PLLM_QUANTIZATION[precision]]
+    print(f"pllm-compile {source.name} -> {out.name}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        if precision in PLLM_QUANTIZATION and "--quantization" in proc.stderr and proc.returncode == 2:
+            raise QuantizationRefused(f"not available: pllm-compile refuses --quantization ({err})")
+        raise RuntimeError(f"pllm-compile {source} failed: {proc.stderr[-3000:]}")
+    return out
+
+
+def prepare_model(model: str, args, llama: llamacpp.LlamaCpp, work: Path) -> Prepared:
+    precisions = args.precisions if "decode" in args.rows else ["bf16"]
+    if model == "smollm2":
+        from pllm.compiler.source import default_gguf_path
+
+        source = default_gguf_path()
+        bf16 = llamacpp.quantize(llama, source, work / "smollm2-bf16.gguf", "bf16", requantize=True)
+        print(f"smollm2: llama.cpp's BF16 file is {source.name} re-quantised to BF16 (--allow-requantize): the only "
+              "bf16 source here; Q8_0/Q4_0/Q4_K are made from it", flush=True)
+    elif model == "llama1b":
+        tokenizer = compile_pllm(_default_source(), work / "smollm2-pllm-bf16", "bf16", reuse=True)
+        source = make_random_llama(work / "llama1b-hf", tokenizer)
+        print(f"llama1b: {num_parameters(LLAMA_1B, 49152) / 1e9:.2f}B parameters, random weights, in {source}",
+              flush=True)
+        bf16 = llamacpp.convert_hf(llama, source, work / "llama1b-bf16.gguf")
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    ggufs = {"bf16": bf16}
+    for p in precisions:
+        for lp in ("q8_0",) if p == "int8" else ("q4_0", "q4_k") if p == "int4" else ():
+            ggufs[lp] = llamacpp.quantize(llama, bf16, work / f"{model}-{lp}.gguf", lp)
+    builds: dict[str, tuple[Path | None, str]] = {}
+    for p in precisions:
+        try:
+            builds[p] = (compile_pllm(source, work / f"{model}-pllm-{p}", p, args.reuse_builds), "")
+        except QuantizationRefused as e:
+            print(f"{model} {p}: {e}", flush=True)
+            builds[p] = (None, "not available: pllm-compile has no --quantization " + PLLM_QUANTIZATION[p])
+    return Prepared(ggufs, builds)
+
+
+def _default_source() -> Path:
+    from pllm.compiler.source import default_gguf_path
+
+    return default_gguf_path()
