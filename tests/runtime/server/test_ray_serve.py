@@ -1,6 +1,7 @@
 """pllm on Ray Serve: two replicas of the tiny model on a local Ray instance (two CPUs), one engine each, behind
-Serve's proxy; both answer, the API is pllm-serve's (errors, streaming, /metrics), and a replica killed under load
-is replaced while only the requests it held fail. Ray is stopped at the end."""
+Serve's proxy and pllm's prefix-affinity ingress (the default); both answer, the API is pllm-serve's (errors,
+streaming, /metrics), requests sharing a long prompt prefix stay on one replica and hit its prefix cache, and a
+replica killed under load is replaced while only the requests it held fail. Ray is stopped at the end."""
 
 from __future__ import annotations
 
@@ -78,6 +79,34 @@ def test_the_api_is_pllm_serves(ray_url):
     metrics = httpx.get(ray_url + "/metrics", timeout=10).text
     assert 'pllm:num_requests_waiting{model_name="tiny"}' in metrics
     assert 'vllm:num_requests_waiting{model_name="tiny"}' in metrics
+
+
+def chat(http: httpx.Client, url: str, system: str, user: str) -> tuple[str, int]:
+    """One greedy one-token chat turn: the replica that answered and the prompt tokens it found cached."""
+    body = {"model": "tiny", "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}  # fmt: skip
+    r = http.post(url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.headers["x-pllm-replica"], r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_a_shared_prompt_prefix_stays_on_the_replica_that_cached_it(ray_url):
+    # 16 system prompts, ~1.5k characters each (~6 routing chunks), distinct from their first word
+    systems = [f"Policy {i}: " + " ".join(f"rule {i}.{j} is to answer briefly." for j in range(50)) for i in range(16)]
+    holder: dict[int, str] = {}
+    with httpx.Client(timeout=60) as http:
+        for i, system in enumerate(systems):
+            replica, _ = chat(http, ray_url, system, "first question")
+            holder[i] = replica
+        # each prefix's later turns land where its first did, and reuse its KV blocks there
+        for i in (13, 14, 15):  # the latest, whose blocks no later prompt has evicted
+            for turn in range(3):
+                replica, cached = chat(http, ray_url, systems[i], f"follow-up {turn} of thread {i}")
+                assert replica == holder[i], (i, turn, replica, holder)
+                assert cached >= 64, (i, turn, cached)  # the system prompt's blocks, not a block or two of chance
+    # a new prefix goes by power of two choices, so distinct prefixes spread over both replicas
+    # (all 16 on one replica by chance: 2 / 2**16)
+    assert len(set(holder.values())) == 2, holder
 
 
 def test_serve_owned_options_are_refused():
