@@ -84,12 +84,12 @@ class PllmReplica:
         self.engine = launch_engine(self.args, self.names)
         # the replica's actor name (namespace "serve"): what `ray.get_actor` and Serve's logs call it
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
-        self.app = ReplicaHeader(app_for(self.engine, self.args, self.names), self.replica)
+        self.asgi_app = ReplicaHeader(app_for(self.engine, self.args, self.names), self.replica)
 
     async def handle_forwarded(self, request: ForwardedRequest):
         """A request forwarded by PllmIngress (the prefix-affinity path): the same app answers it, message by
         message."""
-        async for message in run_forwarded(self.app, request):
+        async for message in run_forwarded(self.asgi_app, request):
             yield message
 
     def check_health(self) -> None:
@@ -108,7 +108,7 @@ class PllmServer(PllmReplica):
     """A replica that Serve's proxy calls directly (--no-prefix-affinity)."""
 
     def __serve_build_asgi_app__(self):
-        return self.app
+        return self.asgi_app
 
 
 def deployment(options: dict[str, object], prefix_affinity: bool = True, **deployment_options) -> serve.Application:

@@ -24,8 +24,12 @@ OPTIONS = {"backend": "cpu", "served_model_name": ["tiny"], "max_model_len": 409
 
 
 @pytest.fixture(scope="module")
-def ray_url(tiny_build):
-    serve_build = tiny_build("llama", max_position_embeddings=8192)
+def serve_build(tiny_build):
+    return tiny_build("llama", max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="module")
+def ray_url(serve_build):
     from pllm.runtime.server.ray_serve import deployment
 
     saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "OMP_NUM_THREADS")}
@@ -107,6 +111,22 @@ def test_a_shared_prompt_prefix_stays_on_the_replica_that_cached_it(ray_url):
     # a new prefix goes by power of two choices, so distinct prefixes spread over both replicas
     # (all 16 on one replica by chance: 2 / 2**16)
     assert len(set(holder.values())) == 2, holder
+
+
+def test_without_prefix_affinity_the_proxy_calls_the_replicas_directly(ray_url, serve_build):
+    from pllm.runtime.server.ray_serve import deployment
+
+    # a second application beside the first, one replica, no CPU reserved (the first holds both)
+    app = deployment({"build_dir": str(serve_build), **OPTIONS}, False, ray_actor_options={"num_cpus": 0})
+    serve.run(app, name="direct", route_prefix="/direct")
+    try:
+        assert set(serve.status().applications["direct"].deployments) == {"PllmServer"}  # no ingress in front
+        r = httpx.post(ray_url + "/direct/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert "#PllmServer#" in r.headers["x-pllm-replica"]
+    finally:
+        serve.delete("direct")
 
 
 def test_serve_owned_options_are_refused():
