@@ -139,6 +139,16 @@ class IngressApp:
         await self.ingress.asgi(scope, receive, send)
 
 
+# Serve's default max_ongoing_requests (5) would cap the whole service at 5 requests in flight; the ingress holds
+# only waiting coroutines, so the limits that matter are the engine replicas' (their max_ongoing_requests, and
+# pllm's own queue bound behind it)
+INGRESS_MAX_ONGOING_REQUESTS = 4096
+
+
 def ingress_deployment():
     """PllmIngress as a Serve deployment: zero CPUs (it only moves bytes), so it fits beside the engine replicas."""
-    return serve.deployment(serve.ingress()(PllmIngress), ray_actor_options={"num_cpus": 0})
+    return serve.deployment(
+        serve.ingress()(PllmIngress),
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -111,6 +112,38 @@ def test_a_shared_prompt_prefix_stays_on_the_replica_that_cached_it(ray_url):
     # a new prefix goes by power of two choices, so distinct prefixes spread over both replicas
     # (all 16 on one replica by chance: 2 / 2**16)
     assert len(set(holder.values())) == 2, holder
+
+
+def replica_metrics(url: str, want: set[str] | None = None, timeout_s: float = 60) -> dict[str, dict[str, float]]:
+    """The unlabelled pllm: series of each replica (or of those in `want`), by replica: /metrics reaches the replica
+    Serve picks, so ask until each has answered. Serve's pick prefers the shorter queue, so a replica still holding
+    a request is reached only once the others are as busy or it is free again."""
+    seen: dict[str, dict[str, float]] = {}
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=30) as http:
+        while len(seen) < 2 if want is None else not want <= set(seen):
+            assert time.monotonic() < deadline, f"/metrics reached only {sorted(seen)} in {timeout_s:g} s"
+            r = http.get(url + "/metrics")
+            series = re.findall(r'^pllm:(\w+)\{model_name="tiny"\} (\S+)$', r.text, re.MULTILINE)
+            seen[r.headers["x-pllm-replica"]] = {k: float(v) for k, v in series}
+    return seen
+
+
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(ray_url):
+    before = replica_metrics(ray_url)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3000, "min_tokens": 3000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", ray_url + "/v1/completions", json=body, timeout=60) as r:
+        replica = r.headers["x-pllm-replica"]
+        for n, _ in enumerate(r.iter_lines()):
+            if n == 4:
+                break  # leave after a few tokens: closing the connection is the disconnect
+    deadline = time.monotonic() + 60
+    while (now := replica_metrics(ray_url, {replica})[replica])["num_requests_running"] > 0:
+        assert time.monotonic() < deadline, "the request kept running on its replica after its client left"
+        time.sleep(0.2)
+    generated = now["generation_tokens_total"] - before[replica]["generation_tokens_total"]
+    assert 0 < generated < 3000, generated  # aborted, not run to its 3000 tokens
 
 
 def test_without_prefix_affinity_the_proxy_calls_the_replicas_directly(ray_url, serve_build):
