@@ -4,9 +4,12 @@
     (or, in a Serve config / KubeRay RayService: import_path pllm.runtime.server.ray_serve:build_app, args = the
     same flags by name, e.g. {build_dir: /models/build, kv_cache_memory: 1G})
 
-Each replica is `PllmServer`: its constructor launches the engine thread exactly as pllm-serve does, and Serve's
-late-bound ingress (`__serve_build_asgi_app__`) serves the app `create_app` makes over it, so the OpenAI API,
-errors, streaming and /metrics are pllm-serve's. Serve owns HTTP (host, port, connections) and shutdown: a replica
+Each replica (the `PllmServer` deployment) launches the engine thread exactly as pllm-serve does and serves the app
+`create_app` makes over it, so the OpenAI API, errors, streaming and /metrics are pllm-serve's. With prefix affinity
+(the default), Serve's proxy calls `PllmIngress` (ray_ingress.py), which forwards each request to the replica
+`PrefixAffinityRouter` picks (ray_router.py); without it, the replica is Serve's ingress itself
+(`__serve_build_asgi_app__`) and the proxy picks by power of two choices.
+Serve owns HTTP (host, port, connections) and shutdown: a replica
 being removed gets --shutdown-timeout seconds for its requests (graceful_shutdown_timeout_s), then its engine stops.
 Serve's autoscaler counts the requests each replica holds, running and queued in pllm's engine alike.
 Needs the `ray` extra: pip install 'pllm[ray]'.
