@@ -4,9 +4,12 @@
     (or, in a Serve config / KubeRay RayService: import_path pllm.runtime.server.ray_serve:build_app, args = the
     same flags by name, e.g. {build_dir: /models/build, kv_cache_memory: 1G})
 
-Each replica is `PllmServer`: its constructor launches the engine thread exactly as pllm-serve does, and Serve's
-late-bound ingress (`__serve_build_asgi_app__`) serves the app `create_app` makes over it, so the OpenAI API,
-errors, streaming and /metrics are pllm-serve's. Serve owns HTTP (host, port, connections) and shutdown: a replica
+Each replica (the `PllmServer` deployment) launches the engine thread exactly as pllm-serve does and serves the app
+`create_app` makes over it, so the OpenAI API, errors, streaming and /metrics are pllm-serve's. With prefix affinity
+(the default), Serve's proxy calls `PllmIngress` (ray_ingress.py), which forwards each request to the replica
+`PrefixAffinityRouter` picks (ray_router.py); without it, the replica is Serve's ingress itself
+(`__serve_build_asgi_app__`) and the proxy picks by power of two choices.
+Serve owns HTTP (host, port, connections) and shutdown: a replica
 being removed gets --shutdown-timeout seconds for its requests (graceful_shutdown_timeout_s), then its engine stops.
 Serve's autoscaler counts the requests each replica holds, running and queued in pllm's engine alike.
 Needs the `ray` extra: pip install 'pllm[ray]'.
@@ -21,6 +24,7 @@ import sys
 import threading
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from pllm.runtime.server.cli import (
     LOG_FORMAT,
@@ -31,6 +35,8 @@ from pllm.runtime.server.cli import (
     positive_int,
     served_names,
 )
+from pllm.runtime.server.ray_ingress import ingress_deployment, run_forwarded
+from pllm.runtime.server.ray_router import ForwardedRequest, PrefixAffinityRouter
 
 logger = logging.getLogger("pllm.server")
 
@@ -71,9 +77,9 @@ class ReplicaHeader:
         return await self.app(scope, receive, send_named)
 
 
-@serve.ingress()  # the app is made in each replica, over that replica's engine (__serve_build_asgi_app__)
-class PllmServer:
-    """One replica: one engine over the build, and pllm's FastAPI app over it."""
+class PllmReplica:
+    """One replica: one engine over the build, and pllm's FastAPI app over it. Behind PllmIngress (prefix
+    affinity) it answers forwarded requests; as PllmServer it is Serve's ingress itself."""
 
     def __init__(self, options: dict[str, object]):
         self.args = check_options(options)
@@ -81,9 +87,13 @@ class PllmServer:
         self.engine = launch_engine(self.args, self.names)
         # the replica's actor name (namespace "serve"): what `ray.get_actor` and Serve's logs call it
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+        self.asgi_app = ReplicaHeader(app_for(self.engine, self.args, self.names), self.replica)
 
-    def __serve_build_asgi_app__(self):
-        return ReplicaHeader(app_for(self.engine, self.args, self.names), self.replica)
+    async def handle_forwarded(self, request: ForwardedRequest):
+        """A request forwarded by PllmIngress (the prefix-affinity path): the same app answers it, message by
+        message."""
+        async for message in run_forwarded(self.asgi_app, request):
+            yield message
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine loop died is replaced."""
@@ -96,18 +106,43 @@ class PllmServer:
             engine.stop()
 
 
-def deployment(options: dict[str, object], **deployment_options) -> serve.Application:
+@serve.ingress()  # the app is made in each replica, over that replica's engine (__serve_build_asgi_app__)
+class PllmServer(PllmReplica):
+    """A replica that Serve's proxy calls directly (--no-prefix-affinity)."""
+
+    def __serve_build_asgi_app__(self):
+        return self.asgi_app
+
+
+def deployment(options: dict[str, object], prefix_affinity: bool = True, **deployment_options) -> serve.Application:
     """The Serve application: PllmServer over the options (pllm-serve's flags by name), with Serve's deployment
-    options (num_replicas or autoscaling_config, ray_actor_options, max_ongoing_requests, ...)."""
+    options (num_replicas or autoscaling_config, ray_actor_options, max_ongoing_requests, ...).
+    prefix_affinity: Serve's proxy calls PllmIngress, which routes to the PllmServer replicas by prompt prefix
+    (ray_router.py); without it, the proxy calls the PllmServer replicas itself (power of two choices)."""
     args = check_options(options)  # refuse bad options here, before any replica starts
     deployment_options.setdefault("graceful_shutdown_timeout_s", args.shutdown_timeout)
-    return serve.deployment(PllmServer).options(**deployment_options).bind(dict(options))
+    if prefix_affinity:
+        # a holder a whole batch busier than the least loaded replica is passed over (PrefixAffinityRouter)
+        router = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter, request_router_kwargs={"max_imbalance": args.max_num_seqs}
+        )
+        deployment_options.setdefault("request_router_config", router)
+    if not prefix_affinity:
+        return serve.deployment(PllmServer).options(**deployment_options).bind(dict(options))
+    # the same name either way, so a Serve config's `deployments` entry for PllmServer holds for both
+    engines = serve.deployment(PllmReplica, name="PllmServer").options(**deployment_options).bind(dict(options))
+    return ingress_deployment().bind(engines, args.max_body_bytes, args.request_body_timeout)
 
 
 def build_app(args: dict[str, object]) -> serve.Application:
     """Serve's application builder (import_path pllm.runtime.server.ray_serve:build_app): `args` are pllm-serve's
-    flags by name; replicas, autoscaling and resources come from the config's `deployments` entry."""
-    return deployment(dict(args))
+    flags by name, plus prefix_affinity (default true); replicas, autoscaling and resources come from the
+    config's `deployments` entry for PllmServer."""
+    args = dict(args)
+    prefix_affinity = args.pop("prefix_affinity", True)
+    if not isinstance(prefix_affinity, bool):
+        raise ValueError(f"prefix_affinity must be true or false, not {prefix_affinity!r}")
+    return deployment(args, prefix_affinity)
 
 
 # -- pllm-serve-ray: a local Ray instance (or --address) serving the replicas ------------------------------------
@@ -133,6 +168,13 @@ def build_ray_parser() -> argparse.ArgumentParser:
     )
     ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     ray.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="1 per replica on a GPU host")
+    ray.add_argument(
+        "--prefix-affinity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="route requests that share a prompt prefix to the replica that has it cached, else by power of two "
+        "choices; --no-prefix-affinity: Serve's proxy picks replicas itself, one hop fewer (default: on)",
+    )
     return p
 
 
@@ -161,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_ray_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
     try:
-        app = deployment(engine_options(args), **deployment_options(args))
+        app = deployment(engine_options(args), args.prefix_affinity, **deployment_options(args))
     except ValueError as exc:
         print(f"pllm-serve-ray: error: {exc}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
 """pllm on Ray Serve: two replicas of the tiny model on a local Ray instance (two CPUs), one engine each, behind
-Serve's proxy; both answer, the API is pllm-serve's (errors, streaming, /metrics), and a replica killed under load
-is replaced while only the requests it held fail. Ray is stopped at the end."""
+Serve's proxy and pllm's prefix-affinity ingress (the default); both answer, the API is pllm-serve's (errors,
+streaming, /metrics), requests sharing a long prompt prefix stay on one replica and hit its prefix cache, and a
+replica killed under load is replaced while only the requests it held fail. Ray is stopped at the end."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -23,8 +25,12 @@ OPTIONS = {"backend": "cpu", "served_model_name": ["tiny"], "max_model_len": 409
 
 
 @pytest.fixture(scope="module")
-def ray_url(tiny_build):
-    serve_build = tiny_build("llama", max_position_embeddings=8192)
+def serve_build(tiny_build):
+    return tiny_build("llama", max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="module")
+def ray_url(serve_build):
     from pllm.runtime.server.ray_serve import deployment
 
     saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "OMP_NUM_THREADS")}
@@ -78,6 +84,82 @@ def test_the_api_is_pllm_serves(ray_url):
     metrics = httpx.get(ray_url + "/metrics", timeout=10).text
     assert 'pllm:num_requests_waiting{model_name="tiny"}' in metrics
     assert 'vllm:num_requests_waiting{model_name="tiny"}' in metrics
+
+
+def chat(http: httpx.Client, url: str, system: str, user: str) -> tuple[str, int]:
+    """One greedy one-token chat turn: the replica that answered and the prompt tokens it found cached."""
+    body = {"model": "tiny", "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}  # fmt: skip
+    r = http.post(url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.headers["x-pllm-replica"], r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_a_shared_prompt_prefix_stays_on_the_replica_that_cached_it(ray_url):
+    # 16 system prompts, ~1.5k characters each (~6 routing chunks), distinct from their first word
+    systems = [f"Policy {i}: " + " ".join(f"rule {i}.{j} is to answer briefly." for j in range(50)) for i in range(16)]
+    holder: dict[int, str] = {}
+    with httpx.Client(timeout=60) as http:
+        for i, system in enumerate(systems):
+            replica, _ = chat(http, ray_url, system, "first question")
+            holder[i] = replica
+        # each prefix's later turns land where its first did, and reuse its KV blocks there
+        for i in (13, 14, 15):  # the latest, whose blocks no later prompt has evicted
+            for turn in range(3):
+                replica, cached = chat(http, ray_url, systems[i], f"follow-up {turn} of thread {i}")
+                assert replica == holder[i], (i, turn, replica, holder)
+                assert cached >= 64, (i, turn, cached)  # the system prompt's blocks, not a block or two of chance
+    # a new prefix goes by power of two choices, so distinct prefixes spread over both replicas
+    # (all 16 on one replica by chance: 2 / 2**16)
+    assert len(set(holder.values())) == 2, holder
+
+
+def replica_metrics(url: str, want: set[str] | None = None, timeout_s: float = 60) -> dict[str, dict[str, float]]:
+    """The unlabelled pllm: series of each replica (or of those in `want`), by replica: /metrics reaches the replica
+    Serve picks, so ask until each has answered. Serve's pick prefers the shorter queue, so a replica still holding
+    a request is reached only once the others are as busy or it is free again."""
+    seen: dict[str, dict[str, float]] = {}
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=30) as http:
+        while len(seen) < 2 if want is None else not want <= set(seen):
+            assert time.monotonic() < deadline, f"/metrics reached only {sorted(seen)} in {timeout_s:g} s"
+            r = http.get(url + "/metrics")
+            series = re.findall(r'^pllm:(\w+)\{model_name="tiny"\} (\S+)$', r.text, re.MULTILINE)
+            seen[r.headers["x-pllm-replica"]] = {k: float(v) for k, v in series}
+    return seen
+
+
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(ray_url):
+    before = replica_metrics(ray_url)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3000, "min_tokens": 3000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", ray_url + "/v1/completions", json=body, timeout=60) as r:
+        replica = r.headers["x-pllm-replica"]
+        for n, _ in enumerate(r.iter_lines()):
+            if n == 4:
+                break  # leave after a few tokens: closing the connection is the disconnect
+    deadline = time.monotonic() + 60
+    while (now := replica_metrics(ray_url, {replica})[replica])["num_requests_running"] > 0:
+        assert time.monotonic() < deadline, "the request kept running on its replica after its client left"
+        time.sleep(0.2)
+    generated = now["generation_tokens_total"] - before[replica]["generation_tokens_total"]
+    assert 0 < generated < 3000, generated  # aborted, not run to its 3000 tokens
+
+
+def test_without_prefix_affinity_the_proxy_calls_the_replicas_directly(ray_url, serve_build):
+    from pllm.runtime.server.ray_serve import deployment
+
+    # a second application beside the first, one replica, no CPU reserved (the first holds both)
+    app = deployment({"build_dir": str(serve_build), **OPTIONS}, False, ray_actor_options={"num_cpus": 0})
+    serve.run(app, name="direct", route_prefix="/direct")
+    try:
+        assert set(serve.status().applications["direct"].deployments) == {"PllmServer"}  # no ingress in front
+        r = httpx.post(ray_url + "/direct/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert "#PllmServer#" in r.headers["x-pllm-replica"]
+    finally:
+        serve.delete("direct")
 
 
 def test_serve_owned_options_are_refused():

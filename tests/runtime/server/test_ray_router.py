@@ -1,0 +1,48 @@
+"""The prefix-affinity router's pure parts, without a Ray instance: what a prompt's routing text is, the hash
+chain over it, and which replica holds the longest known prefix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'pllm[ray]')")
+
+from pllm.runtime.server.ray_router import CHUNK_CHARS, prefix_chain, prompt_text  # noqa: E402
+
+
+def chat_body(system: str, user: str, **extra) -> bytes:
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return json.dumps({"model": "m", "messages": msgs, **extra}).encode()
+
+
+def test_chain_covers_full_chunks_and_shares_a_common_prefix():
+    system = "s" * (3 * CHUNK_CHARS)
+    a = prefix_chain(prompt_text("/v1/chat/completions", chat_body(system, "question one")))
+    b = prefix_chain(prompt_text("/v1/chat/completions", chat_body(system, "another, longer question")))
+    assert len(a) == 3 and len(b) == 3  # the partial last chunk is not hashed
+    assert a[:2] == b[:2]  # the system prompt's chunks agree
+    other = prefix_chain(prompt_text("/v1/chat/completions", chat_body("t" + system[1:], "question one")))
+    assert not set(other) & set(a)  # a change in the first chunk changes every hash after it
+
+
+def test_what_splits_the_engine_cache_splits_the_chain():
+    system = "s" * (2 * CHUNK_CHARS)
+    base = prefix_chain(prompt_text("/v1/chat/completions", chat_body(system, "q")))
+    salted = prefix_chain(prompt_text("/v1/chat/completions", chat_body(system, "q", cache_salt="tenant-2")))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with_tools = prefix_chain(prompt_text("/v1/chat/completions", chat_body(system, "q", tools=tools)))
+    assert base[0] != salted[0] and base[0] != with_tools[0]
+
+
+def test_completion_prompts_and_bad_bodies():
+    text = "p" * (2 * CHUNK_CHARS)
+    body = json.dumps({"model": "m", "prompt": text}).encode()
+    batch = json.dumps({"model": "m", "prompt": [text, "other"]}).encode()
+    assert prefix_chain(prompt_text("/v1/completions", body)) == prefix_chain(prompt_text("/v1/completions", batch))
+    assert len(prefix_chain(prompt_text("/v1/completions", body))) == 2
+    assert prompt_text("/v1/completions", b"{not json") == ""
+    assert prompt_text("/v1/completions", b"[1, 2]") == ""
+    assert prompt_text("/v1/embeddings", body) == ""
+    assert prefix_chain("") == ()
