@@ -58,7 +58,7 @@ def build_ops(tmp_path_factory: pytest.TempPathFactory):
             step = CpuDecodeStep(out / lib["cpu_decode_step"], spec, tdtype, BLOCK_SIZE)
             cache[key] = (attention, norm, rope, step)
         attention, norm, rope, step = cache[key]
-        return TorchOps(attention, norm, rope), TorchOps(attention, norm, rope, step)
+        return TorchOps(attention, norm, rope), TorchOps(attention, norm, rope, decode_step=step)
 
     return make
 
