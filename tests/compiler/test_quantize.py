@@ -86,3 +86,21 @@ def test_cli_quantization_flags(tiny_dir, tmp_path, capsys):
     assert compile_main([str(tiny_dir("llama")), "-o", str(tmp_path / "c"), "-q", "--quantization", "int4",
                          "--quant-group-size", "48"]) == 1
     assert "not multiples" in capsys.readouterr().err
+
+
+def test_lora_adapters_serve_on_packed_weights(tiny_dir, tmp_path):
+    """An adapter's shrink and expand read activations, not the base weights: a packed build serves it, and its
+    output differs from the base model's in the same batch."""
+    from lora_adapters import ALL_MODULES, make_adapter
+
+    from pllm import LoRARequest
+
+    src = tiny_dir("llama")
+    adapter = make_adapter(src, tmp_path / "adapter", 7, r=8, lora_alpha=16, target_modules=ALL_MODULES)
+    out = build(str(src), tmp_path / "b", BuildOptions(dtype="float32", progress=False,
+                                                       quantization=Quantization.INT8, loras=(("a", str(adapter)),)))
+    llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    adapted, base = llm.generate(["hello world"] * 2, params, lora_request=[LoRARequest("a", 1), None],
+                                 use_tqdm=False)
+    assert len(adapted.outputs[0].token_ids) == 8 and adapted.outputs[0].token_ids != base.outputs[0].token_ids

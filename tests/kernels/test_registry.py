@@ -39,11 +39,13 @@ def test_manifest_records_each_kernels_op_and_language():
     plan = make_plan(tiny_spec(qk_norm=True, moe=moe), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
     lora = {"lora_shrink", "lora_expand"}  # adapters are stacked for the dense llama wiring only
+    dense_only = lora | {"cpu_decode_step"}  # so is the compiled decode step (no q/k norm, no experts)
     # a float build: no kernel reading packed weights
-    decoder_kernels = [k for k in KERNELS if ModelKind.DECODER in k.kinds and k.name not in lora and not k.quantized]
+    decoder_kernels = [k for k in KERNELS
+                       if ModelKind.DECODER in k.kinds and k.name not in dense_only and not k.quantized]
     assert list(entries) == [k.name for k in decoder_kernels]  # every other one applies to this spec, in order
     dense = make_plan(tiny_spec(), "bfloat16", 16).to_manifest()["kernels"]
-    assert "moe" not in dense and lora <= set(dense)  # dense: no moe kernel, the LoRA kernels
+    assert "moe" not in dense and dense_only <= set(dense)  # dense: no moe kernel, the LoRA kernels, the step
     packed = make_plan(tiny_spec(), "bfloat16", 16, quant=QuantFormat(QuantScheme.INT4, 32))
     quantized = {k.name for k in KERNELS if k.quantized}
     assert quantized and quantized <= set(packed.to_manifest()["kernels"]) and not quantized & set(dense)
