@@ -166,8 +166,10 @@ def build_ray_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --max-replicas: requests per replica Serve aims for (default: --max-num-seqs, a full batch)",
     )
-    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
-    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="1 per replica on a GPU host")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=None,
+                     help="default: one per tensor-parallel rank on the cpu backends, 1 with --backend cuda")
+    ray.add_argument("--num-gpus-per-replica", type=float, default=None,
+                     help="default: the replica's --tensor-parallel-size with --backend cuda, none otherwise")
     ray.add_argument(
         "--prefix-affinity",
         action=argparse.BooleanOptionalAction,
@@ -178,8 +180,20 @@ def build_ray_parser() -> argparse.ArgumentParser:
     return p
 
 
+def replica_resources(args: argparse.Namespace) -> dict[str, float]:
+    """What Ray reserves for one replica: a GPU per tensor-parallel rank on cuda, a CPU per rank otherwise (each
+    rank is a process of its own), unless given."""
+    ranks, on_gpus = args.tensor_parallel_size, args.backend == "cuda"
+    gpus = args.num_gpus_per_replica if args.num_gpus_per_replica is not None else float(ranks if on_gpus else 0)
+    cpus = args.num_cpus_per_replica if args.num_cpus_per_replica is not None else float(1 if on_gpus else ranks)
+    if on_gpus and gpus < ranks:
+        raise ValueError(f"--num-gpus-per-replica {gpus:g} is fewer than --tensor-parallel-size {ranks}: each rank "
+                         "needs a GPU of its own")
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
 def deployment_options(args: argparse.Namespace) -> dict[str, object]:
-    actor = {"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica}
+    actor = replica_resources(args)
     if args.max_replicas is None:
         return {"num_replicas": args.num_replicas, "ray_actor_options": actor}
     target = args.target_ongoing_requests or args.max_num_seqs

@@ -76,7 +76,9 @@ class TorchOps:
         self.rope_kernel = rope_kernel
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
         self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
-        self._packed: dict[int, torch.Tensor | None] = {}  # weight data_ptr -> oneDNN-packed copy (None: not packable)
+        # (data_ptr, shape, stride, dtype) -> (the weight, kept alive so no other tensor reuses its address; its
+        # oneDNN-packed copy, None: not packable)
+        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         # window (None: whole context) -> that step's decode rows and mask
         self._decode_cached: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -250,13 +252,13 @@ class TorchOps:
         """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
         a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
         F.linear, so fp32 keeps F.linear and its equality with Hugging Face."""
-        key = weight.data_ptr()
+        key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self._packed:
             packed = None
             if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _HAS_ONEDNN_LINEAR:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-            self._packed[key] = packed
-        return self._packed[key]
+            self._packed[key] = (weight, packed)
+        return self._packed[key][1]
 
     def mlp(self, x, gate_up_weight, down_weight, activation="silu"):
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]

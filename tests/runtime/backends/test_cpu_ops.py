@@ -47,3 +47,13 @@ def test_compiled_cpu_kernels_in_the_engine_equal_pytorch_ops(tiny_build, dtype)
             setattr(ops, name, None)
     plain = llm.generate(prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_weights_sharing_an_address_each_get_their_own_packing():
+    ops = TorchOps()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    storage = torch.randn(64 * 64).to(torch.bfloat16)
+    # two weights starting at one address (the second a prefix of the first's rows), as a freed weight's address
+    # reused by the next one would be
+    for weight in (storage.view(64, 64), storage[: 32 * 64].view(32, 64)):
+        assert torch.equal(ops.linear(x, weight), torch.nn.functional.linear(x, weight))

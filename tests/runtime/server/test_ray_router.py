@@ -46,3 +46,24 @@ def test_completion_prompts_and_bad_bodies():
     assert prompt_text("/v1/completions", b"[1, 2]") == ""
     assert prompt_text("/v1/embeddings", body) == ""
     assert prefix_chain("") == ()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"num_cpus": 1.0, "num_gpus": 0.0}),
+    (["--tensor-parallel-size", "2"], {"num_cpus": 2.0, "num_gpus": 0.0}),  # a cpu rank is a process of its own
+    (["--backend", "cuda", "--tensor-parallel-size", "4"], {"num_cpus": 1.0, "num_gpus": 4.0}),
+    (["--num-cpus-per-replica", "3", "--num-gpus-per-replica", "0.5"], {"num_cpus": 3.0, "num_gpus": 0.5}),
+])
+def test_a_replica_reserves_one_device_per_tensor_parallel_rank(argv, expected):
+    from pllm.runtime.server.ray_serve import build_ray_parser, replica_resources
+
+    assert replica_resources(build_ray_parser().parse_args(["build", *argv])) == expected
+
+
+def test_too_few_gpus_for_the_ranks_are_refused_by_name():
+    from pllm.runtime.server.ray_serve import build_ray_parser, replica_resources
+
+    args = build_ray_parser().parse_args(["build", "--backend", "cuda", "--tensor-parallel-size", "2",
+                                          "--num-gpus-per-replica", "1"])
+    with pytest.raises(ValueError, match="--num-gpus-per-replica 1 is fewer than --tensor-parallel-size 2"):
+        replica_resources(args)
