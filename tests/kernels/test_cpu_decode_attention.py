@@ -196,7 +196,7 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
     else:
         assert choice.attention is not None and choice.rms_norm is None  # float32: PyTorch's RMSNorm, as HF's
         assert choice.rope_kv_write is not None
-        assert f"compiled decode attention, RoPE + KV write ({isa})" in choice.reason
+        assert f"compiled decode attention, decode step, RoPE + KV write ({isa})" in choice.reason
 
     def choose(entry: dict | None):
         manifest = json.loads(json.dumps(build.manifest))

@@ -8,6 +8,7 @@ import torch
 from pllm.models.config import ConfigError
 from pllm.models.registry import FAMILIES, SUPPORTED_MODEL_TYPES, family_of
 from pllm.models.spec import ModelKind
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 CONFIG = {
     "hidden_size": 64,
@@ -57,7 +58,7 @@ def test_every_layout_tensor_reaches_the_model_once(model_type, tied):
     spec = family.spec_from_config(config_of(model_type, tie_word_embeddings=tied), "cfg.json")
     layout = family.weight_layout(spec)
     weights = {name: torch.zeros(entry.shape) for name, entry in layout.items()}
-    model = family.model(spec, weights, None, 16)  # the constructor only keeps the ops
+    model = family.model(spec, weights, TorchOps(), 16)  # plain PyTorch ops: no compiled decode step to bind
     per_layer = [getattr(layer, f.name) for layer in model.layers for f in fields(layer)]
     used = [t for t in per_layer if isinstance(t, torch.Tensor)] + [weights["embed_tokens"], weights["norm"]]
     used += [] if tied else [weights["lm_head"]]
