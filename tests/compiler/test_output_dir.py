@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_checks import run_cli, snapshot
 
-from pllm.compiler import build as build_module
+from pllm.compiler import output_dir as output_dir_module
 from pllm.compiler import source as source_module
 from pllm.compiler.build import BuildOptions, build
 from pllm.compiler.manifest import FORMAT_VERSION
@@ -93,14 +93,14 @@ def test_edited_build_file_is_the_users_and_kept(old_build, tiny_dir, tmp_path, 
 def test_user_file_saved_while_the_build_is_swapped_is_kept(old_build, tiny_dir, tmp_path, monkeypatch, capsys):
     """A file saved into the output after the last look but before the previous build is moved aside must not be
     deleted with that build: the compile fails naming it, and output and file are as they were."""
-    real = build_module.make_scratch_dir
+    real = output_dir_module.make_scratch_dir
 
     def save_then_make(parent: Path, prefix: str) -> Path:
-        if ".old-" in prefix:  # _replace_dir has checked the output and is about to move it aside
+        if ".old-" in prefix:  # replace_dir has checked the output and is about to move it aside
             (old_build / "results.csv").write_text("mine")
         return real(parent, prefix)
 
-    monkeypatch.setattr(build_module, "make_scratch_dir", save_then_make)
+    monkeypatch.setattr(output_dir_module, "make_scratch_dir", save_then_make)
     before = snapshot(old_build)
     line = run_cli([str(tiny_dir("llama")), "-o", str(old_build)], capsys)
     assert str(old_build) in line and "results.csv" in line, line
