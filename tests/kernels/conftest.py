@@ -17,6 +17,7 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
+from pllm.models.quant import QuantFormat
 from pllm.models.spec import ModelKind, ModelSpec
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
@@ -65,7 +66,8 @@ def tiny_spec(
 
 @pytest.fixture(scope="session")
 def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
-    """Factory: (interpret, dtype, block_size, **spec fields) -> TritonOps over freshly rendered kernels.
+    """Factory: (interpret, dtype, block_size, quant, **spec fields) -> TritonOps over freshly rendered kernels
+    (quant: the build keeps packed weights of that format, so its plan carries the quantised kernels).
 
     Cached per shape: hypothesis draws the same shapes again and again, and each render + import costs ~0.1 s.
     A process runs Triton either interpreted or compiled (see compiler/kernel_modules.py); a test asking for the
@@ -73,10 +75,11 @@ def kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Triton
     """
     cache: dict[tuple, TritonOps] = {}
 
-    def make(*, interpret: bool, dtype: str, block_size: int = 16, **spec_fields: Any) -> TritonOps:
-        key = (interpret, dtype, block_size, tuple(sorted(spec_fields.items())))
+    def make(*, interpret: bool, dtype: str, block_size: int = 16, quant: QuantFormat | None = None,
+             **spec_fields: Any) -> TritonOps:
+        key = (interpret, dtype, block_size, quant, tuple(sorted(spec_fields.items())))
         if key not in cache:
-            plan = make_plan(tiny_spec(**spec_fields), dtype, block_size)
+            plan = make_plan(tiny_spec(**spec_fields), dtype, block_size, quant)
             out_dir = tmp_path_factory.mktemp("kernels")
             render_plan(plan, out_dir)
             try:

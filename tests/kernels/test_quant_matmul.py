@@ -10,10 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
 
-from pllm.compiler.kernel_modules import TritonModeError
-from pllm.compiler.manifest import Language
 from pllm.compiler.plan import make_plan
-from pllm.compiler.render import render_plan
 from pllm.models.ops import ACTIVATIONS
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize, pack_int4, unpack_int4
 from pllm.runtime.backends.triton.triton_ops import TritonOps
@@ -39,21 +36,11 @@ BUILD_FORMAT = QuantFormat(QuantScheme.INT4, 32)
 
 
 @pytest.fixture(scope="session")
-def quant_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TritonOps]:
-    """Factory: (interpret, dtype, quantized) -> TritonOps over a freshly rendered quantised (or float) plan."""
-    cache: dict[tuple, TritonOps] = {}
+def quant_ops(kernel_ops: Callable[..., TritonOps]) -> Callable[..., TritonOps]:
+    """kernel_ops over a build keeping BUILD_FORMAT weights (quantized=False: a float build of the same model)."""
 
     def make(*, interpret: bool, dtype: str, quantized: bool = True) -> TritonOps:
-        key = (interpret, dtype, quantized)
-        if key not in cache:
-            plan = make_plan(tiny_spec(), dtype, 16, BUILD_FORMAT if quantized else None)
-            out_dir = tmp_path_factory.mktemp("quant-kernels")
-            render_plan(plan, out_dir)
-            try:
-                cache[key] = TritonOps(out_dir, interpret, plan.op_files(Language.TRITON))
-            except TritonModeError as e:
-                pytest.skip(str(e))
-        return cache[key]
+        return kernel_ops(interpret=interpret, dtype=dtype, quant=BUILD_FORMAT if quantized else None)
 
     return make
 
