@@ -26,15 +26,8 @@ import threading
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from pllm.runtime.server.cli import (
-    LOG_FORMAT,
-    app_for,
-    args_from_options,
-    build_parser,
-    launch_engine,
-    positive_int,
-    served_names,
-)
+from pllm.runtime.server.cli import LOG_FORMAT, app_for, launch_engine
+from pllm.runtime.server.cli_args import args_from_options, build_parser, positive_int, served_names
 from pllm.runtime.server.ray_ingress import ingress_deployment, run_forwarded
 from pllm.runtime.server.ray_router import ForwardedRequest, PrefixAffinityRouter
 

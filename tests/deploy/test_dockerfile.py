@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from pllm.runtime.server.cli import build_parser
+from pllm.runtime.server.cli_args import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

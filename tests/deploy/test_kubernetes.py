@@ -15,7 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pllm.runtime.server.cli import CONNECTIONS_CLOSE_TIMEOUT_S, args_from_options, build_parser
+from pllm.runtime.server.cli import CONNECTIONS_CLOSE_TIMEOUT_S
+from pllm.runtime.server.cli_args import args_from_options, build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"

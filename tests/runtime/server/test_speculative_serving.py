@@ -44,7 +44,7 @@ def test_speculative_server_gives_the_same_text_and_counts_guesses(launch, serve
 
 
 def test_bad_speculative_flags_are_refused_by_name():
-    from pllm.runtime.server.cli import build_parser
+    from pllm.runtime.server.cli_args import build_parser
 
     parser = build_parser()
     parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
@@ -61,7 +61,7 @@ def test_bad_speculative_flags_are_refused_by_name():
 
 
 def test_ray_serve_options_take_the_dict_spelling():
-    from pllm.runtime.server.cli import args_from_options
+    from pllm.runtime.server.cli_args import args_from_options
 
     args = args_from_options({"build_dir": "b", "speculative_config": SPEC})
     assert (args.speculative_config.num_speculative_tokens, args.speculative_config.prompt_lookup_min) == (4, 1)

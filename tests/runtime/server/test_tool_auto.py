@@ -159,7 +159,7 @@ def test_the_auto_parser_and_the_start_up_line_saying_why(caplog, flag, template
 
 
 def test_the_cli_offers_every_registered_parser():
-    from pllm.runtime.server.cli import build_parser
+    from pllm.runtime.server.cli_args import build_parser
     from pllm.runtime.server.tool_parsers import TOOL_CALL_PARSERS
 
     for name in [*TOOL_CALL_PARSERS, "none"]:

@@ -130,7 +130,7 @@ def test_cuda_graphs_equal_eager_on_gpu(tiny_build):
 
 
 def test_server_flags():
-    from pllm.runtime.server.cli import build_parser
+    from pllm.runtime.server.cli_args import build_parser
 
     args = build_parser().parse_args(["build", "--enforce-eager", "--cuda-graph-sizes", "1", "8", "32"])
     assert args.enforce_eager and args.cuda_graph_sizes == [1, 8, 32]
