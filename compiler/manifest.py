@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -47,11 +48,24 @@ def weights_file(rank: int, size: int) -> str:
     return WEIGHTS_FILE if size == 1 else f"model-rank{rank}.safetensors"
 
 
+HASH_SPAN = 1 << 30  # bytes of a mapped file hashed per call
+
+
 def sha256_file(path: Path) -> str:
+    """The file's sha256, hashed from a read-only mapping in spans of HASH_SPAN: hashlib releases the GIL for each
+    call, and the page faults happen inside it, so a thread hashing beside Python work (pllm-serve's imports) takes
+    the GIL back once per span, not once per buffer read. Nothing is copied; pages the kernel may drop again."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file (nothing to map), or one that cannot be mapped: read it
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        with mapped, memoryview(mapped) as view:
+            for start in range(0, len(view), HASH_SPAN):
+                h.update(view[start:start + HASH_SPAN])
     return h.hexdigest()
 
 

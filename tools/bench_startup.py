@@ -30,7 +30,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-SERVER_STAGES = ("imports", "tokenizer", "manifest", "kernels", "weights", "model", "kv_pool", "engine", "app", "bind")
+# in the order pllm-serve marks them; "manifest" is an older checkout's (its hashing, now inside "tokenizer")
+SERVER_STAGES = ("imports", "tokenizer", "manifest", "kernels", "weights", "model", "kv_pool", "engine", "warm_up",
+                 "server_imports", "app", "bind")
 CLIENT_STAGES = ("health", "first completion")
 POLL_S = 0.005
 START_TIMEOUT_S = 120.0
@@ -137,7 +139,7 @@ def main() -> None:
     width = max(12, *(len(p) for p in paths))
     print(f"{'stage':<27}" + "".join(f"{p:>{width + 2}}" for p in paths))
     for kind, table in medians.items():
-        for s in table[paths[0]]:
+        for s in _stages([table[p] for p in paths]):  # every checkout's stages: a newer one may mark more
             print(f"{kind + ' ' + s:<27}" + "".join(f"{table[p].get(s, 0.0):>{width + 2}.3f}" for p in paths))
     for kind, table in medians.items():
         base = table[paths[0]]["total"]
@@ -147,10 +149,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"runs": runs, "medians": medians}, indent=2))
 
 
+def _stages(runs: list[dict[str, float]]) -> list[str]:
+    """The stages any of the runs has, in start-up order."""
+    return [s for s in (*SERVER_STAGES, *CLIENT_STAGES, "health + first completion", "total")
+            if any(s in t for t in runs)]
+
+
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
-    stages = [s for s in (*SERVER_STAGES, *CLIENT_STAGES, "health + first completion", "total")
-              if any(s in t for t in runs)]
-    return {s: statistics.median(t.get(s, 0.0) for t in runs) for s in stages}
+    return {s: statistics.median(t.get(s, 0.0) for t in runs) for s in _stages(runs)}
 
 
 if __name__ == "__main__":

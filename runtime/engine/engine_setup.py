@@ -5,12 +5,11 @@ hashing), model runner and KV cache, LoRA adapters, KV coordinator, scheduler, s
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pllm.compiler.manifest import open_build, verify_files
 from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
+from pllm.runtime.engine.build_open import BuildOpening, open_verified
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.kv_coordinator import KvCoordinator
 from pllm.runtime.engine.lora import LoraRegistry, LoRARequest
@@ -20,10 +19,11 @@ from pllm.runtime.engine.request import FinishReason, StopChecker
 from pllm.runtime.engine.scheduler import Scheduler
 from pllm.runtime.engine.structured_output import GrammarCache
 from pllm.runtime.worker.kv_budget import describe_budget
-from pllm.runtime.worker.loader import load_generation_config, load_tokenizer
 from pllm.runtime.worker.parallel.runner import make_runner
 from pllm.runtime.worker.sampler import Sampler
 from pllm.runtime.worker.startup_timing import Stage, mark
+from pllm.runtime.worker.text_loader import load_generation_config
+from pllm.runtime.worker.warm_up import warm_up
 
 logger = logging.getLogger("pllm")
 
@@ -49,20 +49,16 @@ class EngineStats:
 class LoadedEngine:
     """An engine's parts over one build, loaded and checked; no request yet (LLMEngine adds them)."""
 
-    def __init__(self, build_dir: str, config: EngineConfig):
+    def __init__(self, build_dir: str, config: EngineConfig, opening: BuildOpening | None = None):
+        """opening: the build already being opened (pllm-serve starts that before its imports); else opened here."""
         _default_logging()
         self.config = config
-        self.build = open_build(build_dir, verify=False)
+        opened = open_verified(build_dir) if opening is None else opening.result()
+        mark(Stage.TOKENIZER)
+        self.build = opened.build
         spec = self.build.spec
         self.spec = spec
-        # Every listed file is hashed before anything but the tokenizer is read (which reads only files it hashes
-        # itself); the hashing releases the GIL, so it runs beside the tokenizer's mostly-Python loading.
-        with ThreadPoolExecutor(1, thread_name_prefix="pllm-verify") as pool:
-            verified = pool.submit(verify_files, self.build)
-            self.tokenizer = load_tokenizer(self.build)
-            mark(Stage.TOKENIZER)
-            verified.result()
-        mark(Stage.MANIFEST)
+        self.tokenizer = opened.tokenizer
         self.generation_config = load_generation_config(self.build)
         # this process alone, or rank 0 of config.tensor_parallel_size (runtime/worker/parallel/)
         self.runner = make_runner(self.build, config, self._resolve_max_model_len(config))
@@ -111,6 +107,8 @@ class LoadedEngine:
         self.stats = EngineStats()
         self._next_id = 0
         mark(Stage.ENGINE)
+        if warm_up(self.runner):  # the first forward's one-time costs, before the first request
+            mark(Stage.WARM_UP)
         if pooling is not None:
             logger.info(
                 "pllm engine: backend=%s dtype=%s encoder, no KV cache; embeddings: %s pooling%s, inputs truncated "

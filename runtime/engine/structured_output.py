@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pllm.runtime.engine.sampling_params import InvalidParam, StructuredOutputsParams
-from pllm.runtime.worker.loader import transformers_tokenizer
+from pllm.runtime.worker.text_loader import transformers_tokenizer
 
 logger = logging.getLogger("pllm")
 

@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm import __version__
 from pllm.runtime.server.async_engine import AsyncEngine
-from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S, RequestGuard
+from pllm.runtime.server.guard import RequestGuard
 from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
+from pllm.runtime.server.limits import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

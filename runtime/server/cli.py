@@ -1,24 +1,28 @@
-"""pllm-serve: uvicorn and the SIGTERM drain around the OpenAI-compatible app, over the engine thread the flags
-(cli_args.py) describe."""
+"""pllm-serve: the flags (cli_args.py), the engine thread over the build, and the HTTP server (draining.py) on it.
+
+Start-up runs three ways at once, so the time to the first answer is close to what the imports alone take: the
+build is opened (manifest, every file hashed, the tokenizer) on a thread while torch and the engine's modules
+import; then the engine thread loads the model and runs its first forward (warm_up.py) while this thread imports
+FastAPI and uvicorn. Hashing, file reads and torch's ops release the GIL; the imports hold it, so two imports at
+once would only take turns. The server listens only once the engine is ready, so /health never answers before it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import logging
-import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import uvicorn
-
-from pllm.runtime.server.api import create_app
-from pllm.runtime.server.async_engine import AsyncEngine
+from pllm.runtime.engine.build_open import BuildOpening
 from pllm.runtime.server.cli_args import build_parser, engine_config, served_names
-from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
-from pllm.runtime.server.metrics import ServerMetrics
 from pllm.runtime.worker.startup_timing import Stage, mark
+
+if TYPE_CHECKING:
+    from pllm.runtime.server.async_engine import AsyncEngine
 
 logger = logging.getLogger("pllm.server")
 
@@ -27,73 +31,17 @@ LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 # supervisor's grace period (Kubernetes' terminationGracePeriodSeconds) must cover both, and engine teardown.
 CONNECTIONS_CLOSE_TIMEOUT_S = 5
 
-ENGINE_WATCH_INTERVAL_S = 0.25  # how often the server looks whether its engine is still alive
-DEAD_ENGINE_EXIT_DELAY_S = 2.0  # seconds /health answers 503 after the engine died, before the server exits
 
+def launch_engine(args: argparse.Namespace, names: list[str], opening: BuildOpening | None = None) -> AsyncEngine:
+    """The engine thread over args.build_dir, with its metrics (raises ValueError or OSError on a bad build).
+    opening: the build already being opened; else the engine opens it."""
+    from pllm.runtime.engine.engine import LLMEngine
+    from pllm.runtime.server.async_engine import AsyncEngine
+    from pllm.runtime.server.metrics import ServerMetrics
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains (new requests 503, running ones finish) before exiting."""
-
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float, url: str):
-        super().__init__(config)
-        self.engine = engine
-        self.shutdown_timeout_s = shutdown_timeout_s
-        self.url = url
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task | None = None
-        self._watch_task: asyncio.Task | None = None
-        self.engine_died = False
-
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        self._loop = asyncio.get_running_loop()
-        if self.started:
-            mark(Stage.BIND)
-            print(f"pllm-serve: ready at {self.url} (OpenAI API under {self.url}/v1)", flush=True)
-            self._watch_task = asyncio.ensure_future(self._watch_engine())
-
-    async def _watch_engine(self) -> None:
-        """An engine that died (a tensor-parallel worker killed, a bug in its loop) cannot recover: /health says
-        503 for a moment, so probes and balancers see it, then the server exits non-zero for its supervisor."""
-        while not self.should_exit:
-            if not self.engine.is_alive and not self.engine.draining:
-                logger.error("the engine died (%s); exiting in %.0f s so a supervisor restarts the server",
-                             self.engine.dead_reason, DEAD_ENGINE_EXIT_DELAY_S)
-                self.engine_died = True
-                await asyncio.sleep(DEAD_ENGINE_EXIT_DELAY_S)
-                self.should_exit = True
-                return
-            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if self._loop is None or self.engine.draining:  # not started yet, or a second signal: stop now
-            super().handle_exit(sig, frame)
-            return
-        logger.info(
-            "received %s: draining (new requests get 503) for up to %.0f s",
-            signal.Signals(sig).name,
-            self.shutdown_timeout_s,
-        )
-        self.engine.draining = True
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        self._drain_task = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            await self.engine.drain(self.shutdown_timeout_s)
-        finally:
-            self.should_exit = True
-
-
-def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
-    """The engine thread over args.build_dir, with its metrics (raises ValueError or OSError on a bad build)."""
     config = engine_config(args)
-    from pllm.runtime.engine.engine import LLMEngine  # imported here so --help stays fast
-
     return AsyncEngine.launch(
-        lambda: LLMEngine(args.build_dir, config),
+        lambda: LLMEngine(args.build_dir, config, opening),
         metrics=ServerMetrics(names[0]),
         max_queued_requests=args.max_queued_requests,
         log_stats_interval_s=args.log_stats_interval,
@@ -102,22 +50,36 @@ def launch_engine(args: argparse.Namespace, names: list[str]) -> AsyncEngine:
 
 def app_for(engine: AsyncEngine, args: argparse.Namespace, names: list[str]):
     """pllm's FastAPI app over a launched engine, as the flags configure it."""
+    from pllm.runtime.server.api import create_app
+
     return create_app(
         engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    mark(Stage.IMPORTS)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
     names = served_names(args)
     start = time.perf_counter()
-    try:
-        engine = launch_engine(args, names)
-    except (ValueError, OSError) as exc:
-        print(f"pllm-serve: error: {exc}", file=sys.stderr)
-        return 2
+    opening = BuildOpening(args.build_dir)  # hashing and file reads, beside the imports below
+    import pllm.runtime.server.async_engine  # noqa: F401  (torch and the engine, before the engine thread needs them)
+
+    mark(Stage.IMPORTS)
+    with ThreadPoolExecutor(1, thread_name_prefix="pllm-launch") as pool:
+        launching = pool.submit(launch_engine, args, names, opening)  # the model loads and warms up meanwhile
+        import uvicorn
+
+        from pllm.runtime.server.api import create_app  # noqa: F401  (FastAPI, pydantic: the app's modules)
+        from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
+        from pllm.runtime.server.draining import DrainingServer
+
+        mark(Stage.SERVER_IMPORTS)
+        try:
+            engine = launching.result()
+        except (ValueError, OSError) as exc:
+            print(f"pllm-serve: error: {exc}", file=sys.stderr)
+            return 2
     app = app_for(engine, args, names)
     mark(Stage.APP)
     limits = ConnectionLimits(args.request_header_timeout, args.max_connections)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from pllm import __version__
 from pllm.runtime.engine.config import BACKENDS, EngineConfig, SpeculativeConfig
-from pllm.runtime.server.guard import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
-from pllm.runtime.server.serving_tools import NO_PARSER
-from pllm.runtime.server.tool_parsers import TOOL_CALL_PARSERS
+from pllm.runtime.server.limits import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
+from pllm.runtime.server.tool_parsers import NO_PARSER, TOOL_CALL_PARSERS
 
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 

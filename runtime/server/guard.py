@@ -11,8 +11,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm.runtime.server.sse import error_response
 
-MAX_BODY_BYTES = 4 * 2**20  # as vLLM's h11 limit after CVE-2025-48956
-REQUEST_BODY_TIMEOUT_S = 60.0  # a 4 MiB body at 70 KB/s still makes it
 MAX_REQUEST_ID_LEN = 128
 
 

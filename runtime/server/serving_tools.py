@@ -21,6 +21,7 @@ from pllm.runtime.server.protocol_responses import (
 from pllm.runtime.server.protocol_tools import NamedToolChoice
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.tool_parsers import (
+    NO_PARSER,
     TOOL_CALL_PARSERS,
     NamedCallFormat,
     RequiredCallsFormat,
@@ -31,8 +32,6 @@ from pllm.runtime.server.tool_parsers import (
 )
 
 logger = logging.getLogger("pllm.server")
-
-NO_PARSER = "none"  # --tool-call-parser none: tool_choice "auto" is refused even if the template shows a format
 
 
 class ToolCalling:

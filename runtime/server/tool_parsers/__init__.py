@@ -17,6 +17,8 @@ from pllm.runtime.server.tool_parsers.stream import (
     parse_tool_calls,
 )
 
+NO_PARSER = "none"  # --tool-call-parser none: tool_choice "auto" is refused even if the template shows a format
+
 # A new format: one module with a ModelToolCallFormat class (stream.py), and a line here.
 TOOL_CALL_PARSERS: dict[str, ModelToolCallFormat] = {
     f.name: f

@@ -24,8 +24,8 @@ from pllm.compiler.manifest import (
     open_build,
 )
 from pllm.runtime.backends.cpu.cpu_kernels import choose_cpu_kernels
-from pllm.runtime.worker.loader import load_generation_config, load_tokenizer, load_transformers_tokenizer
 from pllm.runtime.worker.model_runner import select_backend
+from pllm.runtime.worker.text_loader import load_generation_config, load_tokenizer, load_transformers_tokenizer
 
 PROBE = "Hello, world! <|im_start|>user probe<|im_end|> ok<|endoftext|>"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

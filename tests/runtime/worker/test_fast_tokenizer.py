@@ -10,7 +10,7 @@ import pytest
 
 from pllm.compiler.manifest import TOKENIZER_SNAPSHOT, BuildDirError, open_build
 from pllm.runtime.worker.fast_tokenizer import FastTokenizer
-from pllm.runtime.worker.loader import load_tokenizer, load_transformers_tokenizer, transformers_tokenizer
+from pllm.runtime.worker.text_loader import load_tokenizer, load_transformers_tokenizer, transformers_tokenizer
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",

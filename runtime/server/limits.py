@@ -1,0 +1,5 @@
+"""The server's default request limits, shared by the flags (cli_args.py) and the ASGI guard (guard.py); no imports,
+so parsing pllm-serve's flags stays light."""
+
+MAX_BODY_BYTES = 4 * 2**20  # as vLLM's h11 limit after CVE-2025-48956
+REQUEST_BODY_TIMEOUT_S = 60.0  # a 4 MiB body at 70 KB/s still makes it
