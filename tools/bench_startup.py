@@ -1,6 +1,6 @@
 """Start-up time of pllm-serve: from process start to the first successful completion, stage by stage.
 
-    python tools/bench_startup.py build/ [--runs 5] [--pythonpath A --pythonpath B] [--json f] [-- serve args]
+    python tools/bench_startup.py build/ [--runs 5] [--pythonpath A --pythonpath B] [--entry-point] [--json f] [-- serve args]
 
 Each run starts `python -m pllm.runtime.server BUILD` with $PLLM_STARTUP_TIMING set (runtime/worker/startup_timing.py:
 every start-up stage appends the wall time it ended at), polls GET /health until it answers 200, then sends one
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -61,7 +62,7 @@ def _complete(url: str) -> dict:
         return json.loads(r.read())
 
 
-def one_run(build_dir: str, pythonpath: str | None, extra: list[str]) -> dict[str, float]:
+def one_run(build_dir: str, pythonpath: str | None, extra: list[str], launcher: list[str]) -> dict[str, float]:
     """Seconds per stage of one start-up, and the total."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pllm-startup-") as tmp:
@@ -69,7 +70,7 @@ def one_run(build_dir: str, pythonpath: str | None, extra: list[str]) -> dict[st
         env = {**os.environ, "PLLM_STARTUP_TIMING": str(marks)}
         if pythonpath is not None:
             env["PYTHONPATH"] = pythonpath
-        cmd = [sys.executable, "-m", "pllm.runtime.server", build_dir, "--port", str(port), "--disable-access-log",
+        cmd = [*launcher, build_dir, "--port", str(port), "--disable-access-log",
                "--log-level", "warning", *extra]
         log = open(Path(tmp) / "server.log", "w+")
         t0 = time.time()
@@ -123,14 +124,23 @@ def main() -> None:
                     help="a folder holding the pllm package to run (repeat to compare checkouts; default: as this "
                          "interpreter imports it)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--entry-point", action="store_true",
+                    help="start the installed `pllm-serve` script beside this interpreter (the README's command) "
+                         "instead of `python -m pllm.runtime.server`; both import the checkout --pythonpath names")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # after --: more pllm-serve arguments
     args, extra = ap.parse_args(argv[:cut]), argv[cut + 1 :]
+    launcher = [sys.executable, "-m", "pllm.runtime.server"]
+    if args.entry_point:
+        script = shutil.which("pllm-serve", path=str(Path(sys.executable).parent))
+        if script is None:
+            ap.error(f"--entry-point: no pllm-serve script beside {sys.executable}")
+        launcher = [script]
     paths = [str(p) if p else "pllm" for p in (args.pythonpath or [None])]
     runs: dict[str, list[dict[str, dict[str, float]]]] = {p: [] for p in paths}
     for i in range(args.runs):
         for p in paths:
-            t = one_run(args.build_dir, None if p == "pllm" else p, extra)
+            t = one_run(args.build_dir, None if p == "pllm" else p, extra, launcher)
             runs[p].append(t)
             print(f"run {i + 1} {p}: {t['wall']['total']:.2f} s, {t['cpu']['total']:.2f} CPU s", flush=True)
     medians = {kind: {p: _medians([t[kind] for t in r]) for p, r in runs.items()} for kind in ("wall", "cpu")}
