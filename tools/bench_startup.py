@@ -1,14 +1,17 @@
 """Start-up time of pllm-serve: from process start to the first successful completion, stage by stage.
 
-    python tools/bench_startup.py build/ [--runs 5] [--pythonpath A --pythonpath B] [--entry-point] [--json f] [-- serve args]
+    python tools/bench_startup.py build/ [--runs 5] [--pythonpath A --pythonpath B] [--entry-point] [--json f]
+        [-- serve args]
 
-Each run starts `python -m pllm.runtime.server BUILD` with $PLLM_STARTUP_TIMING set (runtime/worker/startup_timing.py:
-every start-up stage appends the wall time it ended at), polls GET /health until it answers 200, then sends one
-greedy completion and waits for its 200. The time from just before the process is spawned to that answer is split
-into the server's stages (imports, tokenizer, manifest, kernels, weights, model, kv_pool, engine, app, bind), then
-`health` (bind to the first 200 from /health, polling every 5 ms) and `first completion` (the first request, the
-first forward pass included). Prints the median of each stage over the runs, in wall time and in the server
-process's CPU time (all threads; far less sensitive than wall time to other work on a shared machine).
+Each run starts `python -m pllm.runtime.server BUILD` (with --entry-point: the installed `pllm-serve` script) with
+$PLLM_STARTUP_TIMING set (runtime/worker/startup_timing.py: every start-up stage appends the wall time it ended at),
+polls GET /health until it answers 200, then sends one greedy completion and waits for its 200. The time from just
+before the process is spawned to that answer is split into the server's stages (imports, tokenizer, kernels,
+weights, model, kv_pool, engine, warm_up, server_imports, app, bind; an older checkout's manifest), then `health`
+(bind to the first 200 from /health, polling every 5 ms) and `first completion` (the first request). Stages that
+overlap on two threads count from whichever mark came before. Prints the median of each stage over the runs, in wall
+time and in the server process's CPU time (all threads; far less sensitive than wall time to other work on a shared
+machine).
 
 With several --pythonpath values (checkouts of pllm, each a folder holding a `pllm` package), the runs take turns
 between them, so load on a shared machine hits each alike, and the totals print as ratios against the first: a
