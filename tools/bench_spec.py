@@ -2,8 +2,9 @@
 
     python tools/bench_spec.py build/ [--rounds 3] [--max-tokens 160] [--k 4] [--lookup 2,4] [--json out.json]
 
-Three chat tasks over the text shipped in tools/data/spec_text.txt (repeat it, edit it, summarise it): the output
-copies long runs of its input, which is where prompt lookup drafts well. Two engines of the same build, one with
+Four chat tasks over the text shipped in tools/data/spec_text.txt (repeat it, edit it, summarise it, copy it into a
+JSON object under a JSON schema, so with structured output): the output copies long runs of its input, which is
+where prompt lookup drafts well. Two engines of the same build, one with
 speculative_config and one without, take turns request by request (the order flips every round), so load on a shared
 machine hits both alike. Each request runs alone (batch 1), greedy, prefix caching off so every round does the same
 work. Prints per task and overall: the median output tokens/s of each over the requests, the median of the paired
@@ -24,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from pllm import LLM, SamplingParams
+from pllm import LLM, SamplingParams, StructuredOutputsParams
 
 TEXT = (Path(__file__).parent / "data" / "spec_text.txt").read_text().strip()
 TASKS = {
@@ -32,7 +33,11 @@ TASKS = {
     "edit": "Rewrite the following text, changing only 'village library' to 'town library' and 'ten cents' to "
             f"'twenty cents'. Keep everything else as it is.\n\n{TEXT}",
     "summarise": f"Summarise the following text in a few sentences, keeping its wording where you can.\n\n{TEXT}",
+    "json": "Copy the following text word for word into a JSON object of the form {\"text\": \"...\"}, and write "
+            f"nothing else.\n\n{TEXT}",
 }
+# tasks whose output is constrained (structured output): guesses are cut by the grammar, each row masked
+SCHEMAS = {"json": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}
 
 
 def run_one(llm: LLM, prompt: str, params: SamplingParams) -> tuple[list[int], float, list[int]]:
@@ -64,28 +69,39 @@ def main() -> None:
     ap.add_argument("--lookup", default="2,4", help="prompt_lookup_min,prompt_lookup_max")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (cpu): one, so no OpenMP barrier waits on a "
                     "core another job holds")
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    unknown = set(args.tasks.split(",")) - set(TASKS)
+    if unknown:
+        ap.error(f"--tasks: unknown {', '.join(sorted(unknown))}; known: {', '.join(TASKS)}")
+    tasks = {t: TASKS[t] for t in args.tasks.split(",")}
     low, high = (int(x) for x in args.lookup.split(","))
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": low, "prompt_lookup_max": high}
     common = dict(backend=args.backend, max_num_seqs=1, enable_prefix_caching=False, max_model_len=1024,
                   kv_cache_memory=64 << 20, num_threads=args.threads)
     engines = {"off": LLM(args.build_dir, **common), "on": LLM(args.build_dir, **common, speculative_config=spec)}
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    for llm in engines.values():  # warm-up: first-call costs out of the timings
+    plain = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    task_params = {task: SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                        structured_outputs=StructuredOutputsParams(json=SCHEMAS[task]))
+                   if task in SCHEMAS else plain for task in tasks}
+    for llm in engines.values():  # warm-up: first-call costs (and each schema's compilation) out of the timings
         run_one(llm, "Hello", SamplingParams(temperature=0.0, max_tokens=8))
+        for schema in SCHEMAS.values():
+            run_one(llm, "Hello", SamplingParams(temperature=0.0, max_tokens=8,
+                                                 structured_outputs=StructuredOutputsParams(json=schema)))
     stats = engines["on"].engine.scheduler.spec_stats
-    rates: dict[tuple[str, str], list[float]] = {(task, mode): [] for task in TASKS for mode in engines}  # tok/s
-    num_tokens = {task: 0 for task in TASKS}
-    accepted = {task: [0, 0, 0] for task in TASKS}  # drafts (verify steps), draft tokens, accepted tokens
-    identical = {task: True for task in TASKS}
+    rates: dict[tuple[str, str], list[float]] = {(task, mode): [] for task in tasks for mode in engines}  # tok/s
+    num_tokens = {task: 0 for task in tasks}
+    accepted = {task: [0, 0, 0] for task in tasks}  # drafts (verify steps), draft tokens, accepted tokens
+    identical = {task: True for task in tasks}
     diverged: dict[str, dict] = {}
     for r in range(args.rounds):
-        for task, prompt in TASKS.items():
+        for task, prompt in tasks.items():
             outputs = {}
             for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 before = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)
-                outputs[mode], seconds, prompt_ids = run_one(engines[mode], prompt, params)
+                outputs[mode], seconds, prompt_ids = run_one(engines[mode], prompt, task_params[task])
                 rates[task, mode].append(len(outputs[mode]) / seconds)
                 num_tokens[task] += len(outputs[mode]) if mode == "on" else 0
                 if mode == "on":
@@ -97,8 +113,8 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     rows = []
-    for task in [*TASKS, "all"]:
-        keys = list(TASKS) if task == "all" else [task]
+    for task in [*tasks, "all"]:
+        keys = list(tasks) if task == "all" else [task]
         off = [x for t in keys for x in rates[t, "off"]]
         on = [x for t in keys for x in rates[t, "on"]]
         drafts, drafted, acc = (sum(accepted[t][i] for t in keys) for i in range(3))

@@ -135,9 +135,6 @@ class EngineConfig:
                       "not split across ranks)")
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
-        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
-            raise bad("speculative_config", "ngram", "None with tensor_parallel_size > 1 (the workers' step wire "
-                      "does not carry draft tokens yet)")
         fraction = self.kv_cache_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")

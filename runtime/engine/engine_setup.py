@@ -129,9 +129,9 @@ class LoadedEngine:
         logger.info("pllm engine: KV budget per layer group: %s",
                     describe_budget(self.runner.kv_budgets, self.build.block_size))
         if speculative is not None:
-            logger.info("pllm engine: speculative decoding: n-gram lookup (n %d..%d), up to %d tokens a step; not for "
-                        "requests with structured output", speculative.prompt_lookup_min,
-                        speculative.prompt_lookup_max, speculative.num_speculative_tokens)
+            logger.info("pllm engine: speculative decoding: n-gram lookup (n %d..%d), up to %d tokens a step",
+                        speculative.prompt_lookup_min, speculative.prompt_lookup_max,
+                        speculative.num_speculative_tokens)
 
     def close(self) -> None:
         """Stop what the engine started beyond this thread: a tensor-parallel engine's worker processes."""

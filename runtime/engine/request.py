@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from pllm.runtime.engine.structured_output import SequenceGrammar
+    from pllm.runtime.engine.structured_output import GrammarState, SequenceGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -184,7 +184,10 @@ def _seq_step(seq: ScheduledSeq, stop: StopChecker) -> SeqStep:
     draft = None
     if seq.draft_token_ids:
         drafts = seq.draft_token_ids
-        rows = (sample, *(sample_inputs(req, stop, drafts[: j + 1]) for j in range(len(drafts))))
+        # row j as the sequence would stand after guesses 0..j-1: with a grammar, its matcher walked over them
+        states = req.grammar.states_along(drafts) if req.grammar is not None else (None,) * (len(drafts) + 1)
+        rows = tuple(sample_inputs(req, stop, drafts[:j], states[j]) for j in range(len(drafts) + 1))
+        sample = rows[0]
         draft = DraftInputs(drafts, rows)
     return SeqStep(
         request_id=req.request_id,
@@ -213,20 +216,24 @@ def prompt_logprob_inputs(request: Request, start: int, end: int) -> PromptLogpr
     return PromptLogprobInputs(request.params.prompt_logprobs, first, targets)
 
 
-def sample_inputs(request: Request, stop: StopChecker, drafted: tuple[int, ...] = ()) -> SampleInputs:
+def sample_inputs(request: Request, stop: StopChecker, drafted: tuple[int, ...] = (),
+                  grammar: GrammarState | None = None) -> SampleInputs:
     """What the sampler needs of a request about to yield a token; token histories only where a penalty reads them.
-    drafted: guesses taken as if already output (a verify step's later rows; never with a grammar)."""
+    drafted: guesses taken as if already output (a verify step's later rows); grammar: the request's matcher state
+    after them (SequenceGrammar.states_along), required with drafts when the request has a grammar."""
     p = request.params
     repetition = p.repetition_penalty != 1.0
     penalised = repetition or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-    assert not drafted or request.grammar is None, "a grammar's matcher cannot follow guesses"
+    if request.grammar is not None and grammar is None:
+        assert not drafted, "a guessed row's grammar state must come from the matcher walked over the guesses"
+        grammar = request.grammar.state()
     return SampleInputs(
         request_id=request.request_id,
         params=p,
         prompt_token_ids=tuple(request.prompt_token_ids) if repetition else (),
         output_token_ids=(*request.output_token_ids, *drafted) if penalised else (),
-        masked_token_ids=stop.masked_token_ids(request, len(drafted)),
-        token_bitmask=request.grammar.next_token_bitmask() if request.grammar is not None else None,
+        masked_token_ids=stop.masked_token_ids(request, len(drafted), grammar),
+        token_bitmask=grammar.bitmask if grammar is not None else None,
     )
 
 
@@ -247,13 +254,15 @@ class StopChecker:
         ids = frozenset(params.stop_token_ids)
         return ids if params.ignore_eos else ids | self.eos_token_ids
 
-    def masked_token_ids(self, request: Request, num_drafted: int = 0) -> frozenset[int]:
+    def masked_token_ids(self, request: Request, num_drafted: int = 0,
+                         grammar: GrammarState | None = None) -> frozenset[int]:
         """Ids the sampler must not pick yet: every stopping id while fewer than min_tokens are out (vLLM's rule),
         counting num_drafted guesses as out. Once a grammar's match is complete, the grammar decides: a finished
-        JSON value allows only EOS."""
-        if len(request.output_token_ids) + num_drafted < request.params.min_tokens and (
-            request.grammar is None or not request.grammar.can_end
-        ):
+        JSON value allows only EOS. grammar: the request's matcher state after the guesses (its state now when
+        None)."""
+        if len(request.output_token_ids) + num_drafted >= request.params.min_tokens:
+            return frozenset()
+        if request.grammar is None or not (grammar.can_end if grammar is not None else request.grammar.can_end):
             return self.stop_token_ids(request.params)
         return frozenset()
 

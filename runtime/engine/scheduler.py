@@ -200,12 +200,12 @@ class Scheduler:
 
     def _drafts(self, request: Request, budget: int) -> tuple[int, ...]:
         """The guesses a decoding request verifies in its next step: as many as the budget, max_tokens and
-        max_model_len leave room for beside the token the step yields anyway (a verify step yields accepted + 1)."""
+        max_model_len leave room for beside the token the step yields anyway (a verify step yields accepted + 1).
+        With structured output, the guesses end before the first one the grammar refuses (or that would end it)."""
         spec = self.speculative
         if (
             spec is None
             or not request.output_token_ids  # prompts and recomputes run as usual
-            or request.grammar is not None  # its matcher follows output tokens only: no guesses to undo
             or request.num_tokens - request.num_computed_tokens != 1
         ):
             return ()
@@ -215,7 +215,10 @@ class Scheduler:
             request.max_tokens - len(request.output_token_ids) - 1,
             self.max_model_len - request.num_tokens - 1,
         )
-        return propose_ngram(request.all_token_ids, spec, room) if room > 0 else ()
+        drafts = propose_ngram(request.all_token_ids, spec, room) if room > 0 else ()
+        if drafts and request.grammar is not None:
+            drafts = drafts[: request.grammar.valid_prefix(drafts)]
+        return drafts
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: Mapping[str, int | Sequence[int]]) -> list[Request]:
         """Advance the batch's requests past the step the runner computed; return those that finished.

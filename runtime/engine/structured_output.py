@@ -7,8 +7,9 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,10 +129,19 @@ class GrammarCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class GrammarState:
+    """What the sampler reads of a matcher at one position: the tokens allowed next, and whether EOS is."""
+
+    bitmask: torch.Tensor | None  # [ceil(vocab_size / 32)] int32, bit t set when token t is allowed; None: all are
+    can_end: bool  # the output up to here is a complete match
+
+
 class SequenceGrammar:
     """One sequence's place in its grammar: a matcher made once the compiled grammar is ready, advanced with every
     token the sequence outputs. Preemption by recompute keeps the output tokens, so the matcher, which has accepted
-    exactly those, stays valid; were it ever rebuilt, start() replays them."""
+    exactly those, stays valid; were it ever rebuilt, start() replays them. Speculative decoding walks it over a
+    step's guesses and rolls it back (valid_prefix, states_along): between steps it holds the output tokens only."""
 
     def __init__(self, future: Future, vocab_size: int) -> None:
         self._future = future
@@ -151,15 +161,20 @@ class SequenceGrammar:
     def start(self, output_token_ids: list[int]) -> None:
         import xgrammar as xgr
 
+        # rollback has no bound (xgrammar 0.2's max_rollback_tokens is deprecated, always unlimited)
         self._matcher = xgr.GrammarMatcher(self._future.result())
         self.num_accepted = 0
         for token_id in output_token_ids:
             self.accept(token_id)
 
-    def accept(self, token_id: int) -> None:
+    @property
+    def matcher(self) -> Any:
         if self._matcher is None:
             self.start([])
-        if not self._matcher.accept_token(token_id):
+        return self._matcher
+
+    def accept(self, token_id: int) -> None:
+        if not self.matcher.accept_token(token_id):
             logger.error("structured output: token %d was outside the grammar; stopping the sequence", token_id)
             self.rejected = True
         self.num_accepted += 1
@@ -172,17 +187,54 @@ class SequenceGrammar:
     @property
     def can_end(self) -> bool:
         """The output so far is a complete match: EOS is allowed now (and is all a finished JSON value allows)."""
-        if self._matcher is None:
-            self.start([])
-        return self._matcher.is_completed()
+        return self.matcher.is_completed()
 
     def next_token_bitmask(self) -> torch.Tensor | None:
         """[ceil(vocab_size / 32)] int32, bit t set when token t is allowed next; None when every token is."""
         import xgrammar as xgr
 
-        if self._matcher is None:
-            self.start([])
         bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)  # [1, ceil(vocab_size / 32)]
-        if not self._matcher.fill_next_token_bitmask(bitmask, 0):
+        if not self.matcher.fill_next_token_bitmask(bitmask, 0):
             return None
         return bitmask[0]
+
+    def state(self) -> GrammarState:
+        """The matcher's state now, as the sampler reads it."""
+        return GrammarState(self.next_token_bitmask(), self.can_end)
+
+    def valid_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of token_ids (a step's guesses) the grammar takes in order without ending: a
+        guess it refuses, or one that would terminate it (its stop token: nothing may be guessed past it), cuts
+        the guesses there. The matcher is left as it was."""
+        matcher = self.matcher
+        if self.finished:
+            return 0
+        taken = 0
+        for token_id in token_ids:
+            if not matcher.accept_token(token_id):
+                break
+            taken += 1
+            if matcher.is_terminated():
+                taken -= 1
+                self._rollback(taken + 1)
+                return taken
+        self._rollback(taken)
+        return taken
+
+    def states_along(self, token_ids: Sequence[int]) -> tuple[GrammarState, ...]:
+        """[len(token_ids) + 1] the state before each guess and after the last: state j is the matcher's after
+        accepting token_ids[:j] (a verify step's row j). Every guess must be one valid_prefix kept; the matcher
+        is left as it was."""
+        matcher = self.matcher
+        states = [self.state()]
+        for token_id in token_ids:
+            if not matcher.accept_token(token_id):
+                self._rollback(len(states) - 1)
+                raise ValueError(f"guess {token_id} is outside the grammar: valid_prefix should have cut it")
+            states.append(self.state())
+        self._rollback(len(token_ids))
+        return tuple(states)
+
+    def _rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self._matcher.rollback(num_tokens)

@@ -38,8 +38,8 @@ class SampleInputs:
     prompt_token_ids: tuple[int, ...]  # only when params.repetition_penalty applies (it counts the prompt), else ()
     output_token_ids: tuple[int, ...]  # only when a penalty applies, else ()
     masked_token_ids: frozenset[int]  # ids it may not pick yet (the stop ids while under min_tokens)
-    # structured output: [ceil(vocab_size / 32)] int32 on the CPU, bit t set when the grammar allows token t next;
-    # None when unconstrained (or the grammar allows every token)
+    # structured output: [ceil(vocab_size / 32)] int32 on the CPU, bit t set when the grammar allows token t next
+    # (at a verify step's row j: after the guesses before it); None when unconstrained (or every token is allowed)
     token_bitmask: torch.Tensor | None = None
 
 

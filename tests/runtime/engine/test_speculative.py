@@ -184,18 +184,6 @@ def test_lora_and_base_sequences_share_verify_steps(build, tiny_loras):
     assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
 
-def test_structured_output_runs_without_guesses(build):
-    from pllm.runtime.engine.sampling_params import StructuredOutputsParams
-
-    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, speculative_config=SPEC)
-    plain = LLM(build, backend="cpu", kv_cache_memory=1 << 24)
-    params = SamplingParams(temperature=0.0, max_tokens=20,
-                            structured_outputs=StructuredOutputsParams(regex="(ab|ba)+c"))
-    assert _tokens(llm.generate(PROMPTS[:2], params, use_tqdm=False)) == _tokens(
-        plain.generate(PROMPTS[:2], params, use_tqdm=False))
-    assert llm.engine.scheduler.spec_stats.num_drafts == 0
-
-
 def test_longrope_models_refuse_speculation(tiny_build):
     longrope = {  # Phi-3 128k's scaling, tiny (tests/models/test_hf_equivalence.py's PHI3_LONGROPE)
         "partial_rotary_factor": 0.5, "max_position_embeddings": 128, "original_max_position_embeddings": 16,

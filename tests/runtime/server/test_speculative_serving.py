@@ -9,6 +9,9 @@ import pytest
 
 PROMPT = "Paged attention keeps the KV cache in fixed-size blocks. Paged attention keeps the KV cache in"
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "tags": {"type": "array", "items": {"enum": ["ab", "b c"]}, "maxItems": 5}},
+          "required": ["name", "tags"]}
 
 
 def _complete(server, stream: bool = False, **extra) -> str:
@@ -30,6 +33,11 @@ def test_speculative_server_gives_the_same_text_and_counts_guesses(launch, serve
     assert _complete(spec) == want and _complete(spec, stream=True) == want
     stop = want[10:14]
     assert _complete(spec, stop=[stop]) == _complete(server, stop=[stop])
+    before = spec.metric("spec_decode_num_draft_tokens_total")
+    for constraint in ({"regex": "(ab|ba|abc){1,8}(-[0-9]{1,3}){0,6};"}, {"json": PERSON}):  # speculated too
+        extra = {"structured_outputs": constraint, "ignore_eos": False, "max_tokens": 160}
+        assert _complete(spec, **extra) == _complete(server, **extra)
+    assert spec.metric("spec_decode_num_draft_tokens_total") > before
     drafted = spec.metric("spec_decode_num_draft_tokens_total")
     accepted = spec.metric("spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= drafted and spec.metric("spec_decode_num_drafts_total") > 0

@@ -104,3 +104,72 @@ def test_tensor_parallel_size_setting_must_be_a_positive_integer(size):
 
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=size)
+
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+# text that repeats, so the n-gram lookup finds copies to guess from
+SPEC_PROMPTS = [
+    "Paged attention keeps the KV cache in fixed-size blocks. Paged attention keeps the KV cache in",
+    "Hello, world! The quick brown fox jumps over the lazy dog. Hello, world! The quick",
+    "Bonjour le monde. " * 6,
+]
+
+
+def test_speculation_over_two_ranks_gives_the_single_rank_tokens_without_it(tiny_build, tiny_tp_build):
+    """Verify steps over two ranks: every rank computes the guesses' rows (their tokens and scored rows travel in
+    the step's payload) and runs the same LM-head gather; rank 0 verifies. Greedy fp32 tokens, free and under a
+    grammar, equal one rank decoding one token a step."""
+    from pllm.runtime.engine.sampling_params import StructuredOutputsParams
+
+    free = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["ab", "b c"]},
+                                                        "maxItems": 5}, "ok": {"type": "boolean"}},
+              "required": ["tags", "ok"]}
+    json_params = SamplingParams(temperature=0.0, max_tokens=80,
+                                 structured_outputs=StructuredOutputsParams(json=schema))
+    prompts = SPEC_PROMPTS * 2
+    params = [free] * len(SPEC_PROMPTS) + [json_params] * len(SPEC_PROMPTS)
+    one = LLM(str(tiny_build("llama")), backend="cpu")
+    expected = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    with LLM(str(tiny_tp_build("llama", 2)), backend="cpu", tensor_parallel_size=2, speculative_config=SPEC) as two:
+        got = [o.outputs[0].token_ids for o in two.generate(prompts, params, use_tqdm=False)]
+        stats = two.engine.scheduler.spec_stats
+        assert got == expected
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens, vars(stats)
+        # a seeded sampled request is reproducible over two ranks too (rank 0 alone draws)
+        seeded = SamplingParams(temperature=0.5, seed=3, max_tokens=30, ignore_eos=True)
+        first = [o.outputs[0].token_ids for o in two.generate(SPEC_PROMPTS, seeded, use_tqdm=False)]
+        assert [o.outputs[0].token_ids for o in two.generate(SPEC_PROMPTS, seeded, use_tqdm=False)] == first
+
+
+def test_a_verify_step_crosses_the_wire_whole():
+    """A step verifying guesses beside a prompt chunk: the guessed tokens (the tail of the sequence's input ids,
+    at their positions and KV slots) and each scored row arrive at a worker as rank 0 prepared them, through the
+    fixed int64 header and one int64 payload."""
+    import torch
+
+    from pllm.runtime.engine.sampling_params import SamplingParams as Params
+    from pllm.runtime.worker.parallel.wire import HEADER_BYTES, Header, decode, encode
+    from pllm.runtime.worker.step import DraftInputs, GroupBlockTable, SampleInputs, SeqStep, StepBatch
+    from pllm.runtime.worker.step_inputs import prepare_step
+
+    def row(rid: str) -> SampleInputs:
+        return SampleInputs(rid, Params(temperature=0.0), (), (), frozenset())
+
+    drafts = (7, 8, 9)
+    verify = SeqStep("a", (5, *drafts), 17, (GroupBlockTable(0, (3, 4)), GroupBlockTable(1, (6,))), True, 18,
+                     sample=row("a"), draft=DraftInputs(drafts, (row("a"),) * 4))
+    chunk = SeqStep("b", (1, 2, 3, 4, 5), 0, (GroupBlockTable(0, (1,)), GroupBlockTable(0, (2,))), True, 5,
+                    sample=row("b"))
+    inputs = prepare_step(StepBatch((verify, chunk)), 16, (0, 0), torch.device("cpu"))
+    header, payload = encode(inputs)
+    wire = header.to_bytes()
+    assert len(wire) == HEADER_BYTES and payload.dtype == torch.int64
+    got = decode(Header.from_bytes(wire), payload.clone())
+    assert got.input_ids.tolist() == [5, 7, 8, 9, 1, 2, 3, 4, 5]
+    assert got.sample_indices.tolist() == [0, 1, 2, 3, 8]  # the verify step's 4 scored rows, the chunk's last
+    assert got.meta.positions.tolist() == list(range(17, 21)) + list(range(5))
+    for a, b in zip(inputs.metas, got.metas, strict=True):
+        assert a.slot_mapping.equal(b.slot_mapping) and a.block_tables.equal(b.block_tables)
+        assert (a.query_lens_host, a.seq_lens_host, a.max_query_len) == (b.query_lens_host, b.seq_lens_host,
+                                                                          b.max_query_len) == ((4, 5), (21, 5), 5)
