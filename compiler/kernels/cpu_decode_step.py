@@ -21,6 +21,11 @@ BATCH_TILE = 4  # activation rows per pass over a tile: 4 x 4 accumulators fit t
 # The GEMV requests the weight rows this many tiles ahead into L1 (prefetch instructions never fault past the end):
 # the hardware prefetcher alone left a streaming batch-4 GEMV at a third of the machine's read bandwidth
 PREFETCH_TILES = 2
+# Few sequences with short rows (x's rows, all of them, within SEQUENTIAL_X_BYTES: a third of a 48 KiB L1) read the
+# weight rows one after another instead, requesting the row PREFETCH_ROWS ahead: one sequential stream per thread
+# took batches 1-4 from ~0.7 to 0.85-0.9 of the read bandwidth on the AVX-512 BF16 VM (tools/bench_gemv_bandwidth.py)
+PREFETCH_ROWS = 8
+SEQUENTIAL_X_BYTES = 16384
 PARALLEL_MIN_TOKENS = 1  # the included kernels' entry points (unused here) read it; the step threads every phase
 COMPILE_FLAGS = ROPE_COMPILE_FLAGS  # the included RoPE rounds as PyTorch does: no contraction, no fast-math
 
@@ -66,6 +71,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "ROW_TILE": ROW_TILE,
         "BATCH_TILE": BATCH_TILE,
         "PREFETCH_TILES": PREFETCH_TILES,
+        "PREFETCH_ROWS": PREFETCH_ROWS,
+        "SEQUENTIAL_X_BYTES": SEQUENTIAL_X_BYTES,
     }
     bf16 = dtype == "bfloat16"
     options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "sliding_window": False,

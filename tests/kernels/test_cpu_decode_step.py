@@ -201,6 +201,21 @@ def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, se
     assert ((y.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemv_stream_runs_the_same_gemv_over_each_matrix(build_ops, dtype):
+    """The benchmarks' many-matrix call (one parallel region) gives each matrix's product bit for bit as the GEMV."""
+    spec = spec_of("mha-odd-rows-3")
+    step = build_ops(spec, dtype)[1].decode_step
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn((37, 584), generator=gen).to(tdtype) for _ in range(3)]
+    x = torch.randn((MAX_BATCH, 584), generator=gen).to(tdtype)
+    for i in range(len(weights)):
+        assert torch.equal(step.gemv_stream(weights[: i + 1], x)(), step.gemv(weights[i], x))
+    with pytest.raises(ValueError, match="batch"):
+        step.gemv_stream(weights, torch.zeros((MAX_BATCH + 1, 584), dtype=tdtype))()
+
+
 def test_gemv_refuses_a_batch_past_its_tiles(build_ops):
     spec = spec_of("mha-odd-rows-3")
     step = build_ops(spec, "float32")[1].decode_step

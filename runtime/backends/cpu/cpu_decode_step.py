@@ -16,11 +16,11 @@ from pllm.models.spec import ModelSpec
 logger = logging.getLogger("pllm")
 
 WEIGHTS_PER_LAYER = 7  # the kernel's LayerWeights: input_norm, qkv, qkv_bias, o, post_norm, gate_up, down
-# The most sequences a step runs compiled, by dtype: past this the GEMVs are bound by the dot-product rate, not by
-# reading the weights, and the per-op path (oneDNN's GEMM) is as fast or faster. SmolLM2 on the shared 2-core
-# AVX-512 BF16 VM (tools/bench_decode_step.py; README): bf16 ran 1.08x faster compiled at 8 sequences and 0.71x at
-# 16; fp32 (where the per-op path is F.linear) 1.67x at 16, the kernel's limit (the plan's MAX_BATCH).
-MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 8}
+# The most sequences a step runs compiled, by dtype: past this the per-op path (oneDNN's GEMM for bf16, F.linear for
+# fp32) would be as fast or faster. SmolLM2 bf16 on the shared 2-core AVX-512 BF16 VM (tools/bench_decode_step.py;
+# README): 1.18x faster compiled at 16 sequences once the GEMV tiles kept their sums in registers (0.71x before);
+# fp32 1.67x at 16. Both run up to the kernel's limit (the plan's MAX_BATCH).
+MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 16}
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
@@ -56,6 +56,9 @@ class CpuDecodeStep:
         self._gemv = lib.pllm_gemv
         self._gemv.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._gemv.restype = ctypes.c_int
+        self._gemv_many = lib.pllm_gemv_many
+        self._gemv_many.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        self._gemv_many.restype = ctypes.c_int
         isa = lib.pllm_decode_step_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()  # the GEMV inner loop this CPU runs: "avx512_bf16", "avx512f" or "generic"
@@ -71,6 +74,28 @@ class CpuDecodeStep:
             raise ValueError(f"gemv of {tuple(x.shape)} x {tuple(weight.shape)}: batch past the kernel's limit or "
                              "rows not whole vectors")
         return y
+
+    def gemv_stream(self, weights: Sequence[torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """A call that runs the step's GEMV of x over each of these same-shaped matrices in turn, in one parallel
+        region as the step runs its linears (benchmarks: the weights' streaming rate without a call per matrix).
+        Returns the last product, [B, out] float32."""
+        first = weights[0]
+        for w in weights:
+            assert w.dtype == x.dtype == self.dtype and w.is_contiguous() and w.shape == first.shape, w.shape
+        assert x.dim() == first.dim() == 2 and x.is_contiguous() and first.shape[1] == x.shape[1], x.shape
+        table = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64)
+        y = torch.empty((x.shape[0], first.shape[0]), dtype=torch.float32)
+        args = (table.data_ptr(), len(weights), first.shape[0], first.shape[1], x.data_ptr(), x.shape[0], y.data_ptr())
+        keep = (table, list(weights), x)
+
+        def run() -> torch.Tensor:
+            assert keep
+            if self._gemv_many(*args, torch.get_num_threads()) != 0:
+                raise ValueError(f"gemv of {tuple(x.shape)} x {tuple(first.shape)}: batch past the kernel's limit or "
+                                 "rows not whole vectors")
+            return y
+
+        return run
 
     def bind(self, layers: Sequence, final_norm: torch.Tensor, scale: float,
              rope_tables: Callable) -> CompiledDecodeStack | str:
