@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pllm.compiler.kernels import cpu_quant_linear
 from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
 from pllm.compiler.kernels.cpu_decode_attention import PREFETCH_TOKENS
 from pllm.compiler.kernels.cpu_rope_kv_write import COMPILE_FLAGS as ROPE_COMPILE_FLAGS
@@ -21,6 +22,10 @@ BATCH_TILE = 4  # activation rows per pass over a tile: 4 x 4 accumulators fit t
 # The GEMV requests the weight rows this many tiles ahead into L1 (prefetch instructions never fault past the end):
 # the hardware prefetcher alone left a streaming batch-4 GEMV at a third of the machine's read bandwidth
 PREFETCH_TILES = 2
+# Packed weights (builds that keep some): output rows per work-sharing item of a packed GEMV, handed whole to the
+# packed linear's row code (cpu_quant_linear), which takes them 4 at a time; 32 rows of INT8 codes of a 576-wide
+# model are 18 KB, enough per item to keep the prefetcher streaming and few enough items to share out evenly
+PACKED_ROWS = 32
 PARALLEL_MIN_TOKENS = 1  # the included kernels' entry points (unused here) read it; the step threads every phase
 COMPILE_FLAGS = ROPE_COMPILE_FLAGS  # the included RoPE rounds as PyTorch does: no contraction, no fast-math
 
@@ -66,6 +71,10 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "ROW_TILE": ROW_TILE,
         "BATCH_TILE": BATCH_TILE,
         "PREFETCH_TILES": PREFETCH_TILES,
+        "PACKED_ROWS": PACKED_ROWS,
+        # the included packed linear's own constants, renamed so they do not meet the step's (the template gives
+        # them back their names around the include)
+        **{f"QUANT_{name}": value for name, value in cpu_quant_linear.render(spec, dtype, block_size)[0].items()},
     }
     bf16 = dtype == "bfloat16"
     options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "sliding_window": False,
@@ -74,4 +83,4 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
 
 
 KERNEL = Kernel("cpu_decode_step", op="decode_step", language=Language.CPP, render=render, applies=supported,
-                compile_flags=COMPILE_FLAGS)
+                compile_flags=COMPILE_FLAGS, packed_option=True)
