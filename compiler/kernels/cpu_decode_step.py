@@ -12,8 +12,9 @@ from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
 # The families whose forward is models/llama.py's LlamaModel unchanged and that tests/models check against
-# transformers through this kernel; phi3 shares the class but its partial rotary and longrope stay per-op.
-FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+# transformers through this kernel (qwen3: with its q/k norm); phi3 shares the class but its partial rotary and
+# longrope stay per-op.
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # The most sequences one call takes: each GEMV tile keeps MAX_BATCH x ROW_TILE fp32 sums on the stack, and past
 # this batch oneDNN's blocked GEMM reads the weights as few times and computes faster (tools/bench_decode_step.py)
 MAX_BATCH = 16
@@ -31,13 +32,13 @@ COMPILE_FLAGS = ROPE_COMPILE_FLAGS  # the included RoPE rounds as PyTorch does: 
 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
-    """The llama wiring's plain decoder layer (no window, q/k norm, soft-cap, experts, gemma norm, partial rotary)
-    with shapes the included kernels take (head rows of whole vector halves, rows of whole vectors)."""
+    """The llama wiring's plain decoder layer, or with qwen3's q/k norm (no window, soft-cap, experts, gemma norm,
+    partial rotary), with shapes the included kernels take (head rows of whole vector halves, rows of whole
+    vectors)."""
     return (
         spec.model_type in FAMILIES
         and dtype in CPU_KERNEL_DTYPES
         and not spec.sliding_layers
-        and not spec.qk_norm
         and spec.moe is None
         and spec.attn_logit_softcapping is None
         and not spec.norm_weight_offset
@@ -77,8 +78,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         **{f"QUANT_{name}": value for name, value in cpu_quant_linear.render(spec, dtype, block_size)[0].items()},
     }
     bf16 = dtype == "bfloat16"
-    options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "sliding_window": False,
-               "softcap": False}
+    options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "qk_norm": spec.qk_norm,
+               "sliding_window": False, "softcap": False}
     return constants, options
 
 

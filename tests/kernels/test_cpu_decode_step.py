@@ -160,6 +160,9 @@ SPECS = {
                          num_key_value_heads=2, head_dim=32, attention_bias=True),
     "mha-odd-rows-3": dict(num_layers=3, hidden_size=96, intermediate_size=200, num_attention_heads=3,
                            num_key_value_heads=3, head_dim=32),
+    # qwen3: q/k norm, and heads wider than hidden / heads (q_size 256 against hidden 128)
+    "qwen3-qk-norm-2": dict(num_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, qk_norm=True),
 }
 
 
@@ -174,6 +177,8 @@ def spec_of(shape: str):
 @example(shape="smollm2-like-1", dtype="float32", context_lens=[0, 16, 31, 47], seed=1)  # batch 4
 @example(shape="qwen2-bias-3", dtype="bfloat16", context_lens=list(range(0, 80, 5)), seed=2)  # a stack, batch 16
 @example(shape="mha-odd-rows-3", dtype="float32", context_lens=[70, 1, 9], seed=3)
+@example(shape="qwen3-qk-norm-2", dtype="bfloat16", context_lens=[0, 33], seed=4)
+@example(shape="qwen3-qk-norm-2", dtype="float32", context_lens=[12], seed=5)
 def test_step_equals_the_per_op_path(build_ops, shape, dtype, context_lens, seed):
     spec = spec_of(shape)
     (fused, fused_caches), (ref, ref_caches) = run_both(build_ops, spec, dtype, context_lens, seed)
@@ -249,14 +254,23 @@ def test_packed_weights_run_per_op_on_a_float_build(build_ops, caplog):
 
 @pytest.mark.parametrize("quirk, reason", [
     (dict(sliding_window=8, sliding_layers=(0,)), "sliding-window"),
-    (dict(qk_norm=True), "q/k norm"),
     (dict(norm_weight_offset=1.0), "gemma"),
+    (dict(qk_norm=True, norm_weight_offset=1.0), "gemma"),  # gemma3's q/k norm (offset weights) stays per-op
 ])
 def test_models_off_the_llama_wiring_are_not_compiled(quirk, reason):
     spec = tiny_spec(**quirk)
     assert not step_supported(spec, "float32")
     assert reason in why_no_decode_step(spec, "float32")
-    assert step_supported(tiny_spec(), "float32")
+    assert step_supported(tiny_spec(), "float32") and step_supported(tiny_spec(qk_norm=True), "float32")
+
+
+def test_the_plan_renders_the_step_for_the_builds_weights():
+    """A build with packed weights gets the step that reads them; a float build's step carries no packed code."""
+    spec = spec_of("qwen2-bias-3")
+    packed = make_plan(spec, "bfloat16", BLOCK_SIZE, QuantFormat(QuantScheme.INT4, 32)).kernel("cpu_decode_step")
+    plain = make_plan(spec, "bfloat16", BLOCK_SIZE).kernel("cpu_decode_step")
+    assert packed.options["packed"] and not plain.options["packed"]
+    assert packed.constants["QUANT_LANES"] == 16 and packed.constants["LANES"] == 8
 
 
 # ---- packed weights (builds made with --quantization) ----

@@ -18,9 +18,9 @@ from pllm.models.spec import ModelSpec
 
 logger = logging.getLogger("pllm")
 
-# The kernel's LayerWeights in int64 words: input_norm, post_norm, qkv_bias (0 without one), then per linear (qkv,
-# o, gate_up, down) its LinearWeight: kind, data, scales, mins, group
-NORMS = ("input_norm", "post_norm", "qkv_bias")
+# The kernel's LayerWeights in int64 words: input_norm, post_norm, qkv_bias (0 without one), q_norm and k_norm (0
+# without q/k norm), then per linear (qkv, o, gate_up, down) its LinearWeight: kind, data, scales, mins, group
+NORMS = ("input_norm", "post_norm", "qkv_bias", "q_norm", "k_norm")
 LINEARS = ("qkv", "o", "gate_up", "down")
 WORDS_PER_LINEAR = 5
 WEIGHT_WORDS_PER_LAYER = len(NORMS) + WORDS_PER_LINEAR * len(LINEARS)
@@ -51,7 +51,6 @@ MAX_COMPILED_BATCH_PACKED = 16
 # decides what the build carries; these name the reason)
 NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("sliding-window layers", lambda spec: bool(spec.sliding_layers)),
-    ("q/k norm", lambda spec: spec.qk_norm),
     ("mixture of experts", lambda spec: spec.moe is not None),
     ("gemma's norm", lambda spec: bool(spec.norm_weight_offset)),
     ("attention soft-cap", lambda spec: spec.attn_logit_softcapping is not None),
@@ -64,7 +63,7 @@ def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
     features = [label for label, has in NOT_COMPILED if has(spec)]
     if features:
         return ", ".join(features)
-    return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2 in float32/bfloat16 only)"
+    return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2, qwen3 in float32/bfloat16 only)"
 
 
 class CpuDecodeStep:
@@ -111,7 +110,9 @@ class CpuDecodeStep:
         if len(layers) != spec.num_hidden_layers:
             return f"{len(layers)} layers, the kernel was rendered for {spec.num_hidden_layers}"
         qkv_rows = spec.q_size + 2 * spec.kv_size
-        norms = {"input_norm": (spec.hidden_size,), "post_norm": (spec.hidden_size,), "qkv_bias": (qkv_rows,)}
+        norms = {"input_norm": (spec.hidden_size,), "post_norm": (spec.hidden_size,), "qkv_bias": (qkv_rows,),
+                 "q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)}
+        absent = {"qkv_bias": not spec.attention_bias, "q_norm": not spec.qk_norm, "k_norm": not spec.qk_norm}
         linears = {"qkv": (qkv_rows, spec.hidden_size), "o": (spec.hidden_size, spec.q_size),
                    "gate_up": (2 * spec.intermediate_size, spec.hidden_size),
                    "down": (spec.hidden_size, spec.intermediate_size)}
@@ -121,7 +122,7 @@ class CpuDecodeStep:
         for i, layer in enumerate(layers):
             for name, shape in norms.items():
                 w = getattr(layer, name, None)
-                if w is None and name == "qkv_bias" and not spec.attention_bias:
+                if w is None and absent.get(name, False):
                     table.append(0)
                     continue
                 why = self._why_not_float(w, shape)
