@@ -183,7 +183,7 @@ def _kind_label(w: torch.Tensor | QuantizedWeight) -> str:
 
 
 class CompiledDecodeStack:
-    """models.ops.DecodeStack over the compiled step: decode-only steps of up to MAX_COMPILED_BATCH sequences."""
+    """models.ops.DecodeStack over the compiled step: decode-only steps of up to max_batch sequences."""
 
     def __init__(self, kernel: CpuDecodeStep, weights: torch.Tensor, keep: list[torch.Tensor],
                  final_norm: torch.Tensor, scale: float, rope_tables: Callable, kinds: Counter[str], packed: bool):
