@@ -54,7 +54,7 @@ def make_plan(spec: ModelSpec, dtype: str, block_size: int, quant: QuantFormat |
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported (supported: {BLOCK_SIZES})")
     kernels = tuple(
-        k.spec(spec, dtype, block_size) for k in KERNELS
+        k.spec(spec, dtype, block_size, quant) for k in KERNELS
         if spec.kind in k.kinds and (quant is not None or not k.quantized) and k.applies(spec, dtype)
     )
     return KernelPlan(dtype=dtype, block_size=block_size, kernels=kernels, quant=quant)

@@ -8,7 +8,9 @@ drift on a shared machine hits both alike. Prints the best and median ms/step of
 
 Then the GEMVs alone: the step's GEMV (kernels/cpu_decode_step.so) over every layer's weight matrices, as GB/s
 of weights read, against the machine's read bandwidth measured in the same run (a sum over a buffer far larger
-than the caches, on torch's threads), and the whole step's weight bytes per step time. A benchmark, not a test.
+than the caches, on torch's threads), and the whole step's weight bytes per step time. A build with packed weights
+(pllm-compile --quantization) runs the same comparison, both sides reading the weights packed; its weight bytes
+are the codes, scales and mins, and the float GEMV alone is not measured ("-"). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from bench_throughput import time_decode_steps
 
 from pllm import LLM
-from pllm.runtime.backends.cpu import cpu_decode_step
+from pllm.models.quant import QuantizedWeight
 
 
 def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -50,6 +52,12 @@ def gemv_bandwidth(step, weights: list[torch.Tensor], batch: int, repeats: int =
     return total / best
 
 
+def stored_bytes(w: torch.Tensor | QuantizedWeight) -> int:
+    """Bytes a step reads of one weight: the tensor, or a packed weight's codes, scales and mins."""
+    parts = (w.codes, w.scales, w.mins) if isinstance(w, QuantizedWeight) else (w,)
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("build_dir")
@@ -60,10 +68,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--compiled-up-to", type=int,
                     help="run the compiled step up to this batch (default: the runtime's routing limit for the "
-                         "dtype; the kernel takes up to 16), to see where the per-op path wins")
+                         "build; the kernel takes up to 16), to see where the per-op path wins")
     args = ap.parse_args()
-    if args.compiled_up_to is not None:  # what CompiledDecodeStack.accepts reads
-        cpu_decode_step.MAX_COMPILED_BATCH = dict.fromkeys(cpu_decode_step.MAX_COMPILED_BATCH, args.compiled_up_to)
 
     llm = LLM(args.build_dir, backend="cpu", max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")))
     runner = llm.engine.runner
@@ -71,16 +77,22 @@ def main() -> None:
     stack = model.decode_stack
     if stack is None:
         raise SystemExit(f"{args.build_dir}: no compiled decode step for this build (see the start-up log)")
+    if args.compiled_up_to is not None:  # what CompiledDecodeStack.accepts reads
+        stack.max_batch = args.compiled_up_to
     variants = {"compiled": lambda: setattr(model, "decode_stack", stack),
                 "per-op": lambda: setattr(model, "decode_stack", None)}
     spec = runner.spec
     # every layer's matrices, in step order: together far larger than the caches, as a step streams them
     layer_weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    weight_bytes = sum(w.numel() * w.element_size() for w in layer_weights)
+    weight_bytes = sum(stored_bytes(w) for w in layer_weights)
+    kinds = ", ".join(f"{n} {label}" for label, n in sorted(stack.kinds.items()))
     print(f"{spec.model_type} {runner.dtype} {spec.num_hidden_layers} layers, {weight_bytes / 2**20:.0f} MiB of layer "
-          f"weights; {torch.get_num_threads()} threads; GEMV: {ops.decode_step.isa}")
+          f"weights ({kinds}); {torch.get_num_threads()} threads; GEMV: {ops.decode_step.isa}; compiled up to batch "
+          f"{stack.max_batch}")
+    float_weights = not stack.packed  # the step's float GEMV alone reads float weights only
 
-    results: dict = {"threads": torch.get_num_threads(), "isa": ops.decode_step.isa, "batches": {}}
+    results: dict = {"threads": torch.get_num_threads(), "isa": ops.decode_step.isa, "linears": dict(stack.kinds),
+                     "batches": {}}
     read = read_bandwidth()
     results["read_GBps"] = read / 1e9
     print(f"machine read bandwidth (sum of 1 GiB): {read / 1e9:.1f} GB/s")
@@ -90,16 +102,18 @@ def main() -> None:
         times, _ = time_decode_steps(llm, batch, args.prompt_len, variants, args.rounds, args.steps)
         best = {name: min(ts) for name, ts in times.items()}
         median = {name: statistics.median(ts) for name, ts in times.items()}
-        gemv = gemv_bandwidth(ops.decode_step, layer_weights, batch)
+        gemv = gemv_bandwidth(ops.decode_step, layer_weights, batch) if float_weights else None
         step_bw = weight_bytes / best["compiled"]
         row = {"best_ms": {k: v * 1e3 for k, v in best.items()},
                "median_ms": {k: v * 1e3 for k, v in median.items()},
                "speedup_best": best["per-op"] / best["compiled"],
                "speedup_median": median["per-op"] / median["compiled"],
-               "step_weight_GBps": step_bw / 1e9, "gemv_GBps": gemv / 1e9, "gemv_over_read": gemv / read}
+               "step_weight_GBps": step_bw / 1e9, "gemv_GBps": gemv and gemv / 1e9,
+               "gemv_over_read": gemv and gemv / read}
         results["batches"][batch] = row
+        gemv_cells = f"{gemv / 1e9:>10.1f} {gemv / read:>9.2f}" if gemv else f"{'-':>10} {'-':>9}"
         print(f"{batch:>5} {best['compiled'] * 1e3:>12.2f} {best['per-op'] * 1e3:>10.2f} "
-              f"{row['speedup_best']:>8.2f}x {step_bw / 1e9:>10.1f} {gemv / 1e9:>10.1f} {gemv / read:>9.2f}")
+              f"{row['speedup_best']:>8.2f}x {step_bw / 1e9:>10.1f} {gemv_cells}")
         print(f"{'':>5} median {median['compiled'] * 1e3:>5.2f} {median['per-op'] * 1e3:>10.2f} "
               f"{row['speedup_median']:>8.2f}x")
     model.decode_stack = stack

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pllm.compiler.kernels import cpu_quant_linear
 from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
 from pllm.compiler.kernels.cpu_decode_attention import PREFETCH_TOKENS
 from pllm.compiler.kernels.cpu_rope_kv_write import COMPILE_FLAGS as ROPE_COMPILE_FLAGS
@@ -11,8 +12,9 @@ from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
 # The families whose forward is models/llama.py's LlamaModel unchanged and that tests/models check against
-# transformers through this kernel; phi3 shares the class but its partial rotary and longrope stay per-op.
-FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+# transformers through this kernel (qwen3: with its q/k norm); phi3 shares the class but its partial rotary and
+# longrope stay per-op.
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # The most sequences one call takes: each GEMV tile keeps MAX_BATCH x ROW_TILE fp32 sums on the stack, and past
 # this batch oneDNN's blocked GEMM reads the weights as few times and computes faster (tools/bench_decode_step.py)
 MAX_BATCH = 16
@@ -26,18 +28,22 @@ PREFETCH_TILES = 2
 # took batches 1-4 from ~0.7 to 0.85-0.9 of the read bandwidth on the AVX-512 BF16 VM (tools/bench_gemv_bandwidth.py)
 PREFETCH_ROWS = 8
 SEQUENTIAL_X_BYTES = 16384
+# Packed weights (builds that keep some): output rows per work-sharing item of a packed GEMV, handed whole to the
+# packed linear's row code (cpu_quant_linear), which takes them 4 at a time; 32 rows of INT8 codes of a 576-wide
+# model are 18 KB, enough per item to keep the prefetcher streaming and few enough items to share out evenly
+PACKED_ROWS = 32
 PARALLEL_MIN_TOKENS = 1  # the included kernels' entry points (unused here) read it; the step threads every phase
 COMPILE_FLAGS = ROPE_COMPILE_FLAGS  # the included RoPE rounds as PyTorch does: no contraction, no fast-math
 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
-    """The llama wiring's plain decoder layer (no window, q/k norm, soft-cap, experts, gemma norm, partial rotary)
-    with shapes the included kernels take (head rows of whole vector halves, rows of whole vectors)."""
+    """The llama wiring's plain decoder layer, or with qwen3's q/k norm (no window, soft-cap, experts, gemma norm,
+    partial rotary), with shapes the included kernels take (head rows of whole vector halves, rows of whole
+    vectors)."""
     return (
         spec.model_type in FAMILIES
         and dtype in CPU_KERNEL_DTYPES
         and not spec.sliding_layers
-        and not spec.qk_norm
         and spec.moe is None
         and spec.attn_logit_softcapping is None
         and not spec.norm_weight_offset
@@ -73,12 +79,16 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "PREFETCH_TILES": PREFETCH_TILES,
         "PREFETCH_ROWS": PREFETCH_ROWS,
         "SEQUENTIAL_X_BYTES": SEQUENTIAL_X_BYTES,
+        "PACKED_ROWS": PACKED_ROWS,
+        # the included packed linear's own constants, renamed so they do not meet the step's (the template gives
+        # them back their names around the include)
+        **{f"QUANT_{name}": value for name, value in cpu_quant_linear.render(spec, dtype, block_size)[0].items()},
     }
     bf16 = dtype == "bfloat16"
-    options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "sliding_window": False,
-               "softcap": False}
+    options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "qk_norm": spec.qk_norm,
+               "sliding_window": False, "softcap": False}
     return constants, options
 
 
 KERNEL = Kernel("cpu_decode_step", op="decode_step", language=Language.CPP, render=render, applies=supported,
-                compile_flags=COMPILE_FLAGS)
+                compile_flags=COMPILE_FLAGS, packed_option=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pllm.compiler.manifest import Language
+from pllm.models.quant import QuantFormat
 from pllm.models.spec import ModelKind, ModelSpec
 
 __all__ = ["Kernel", "KernelSpec", "Language"]
@@ -63,9 +64,14 @@ class Kernel:
     # the model kinds whose plans may carry it (then `applies` decides): decoder kernels read a KV cache
     kinds: frozenset[ModelKind] = frozenset({ModelKind.DECODER})
     quantized: bool = False  # reads packed weights (models/quant.py): in the plan only of a build that keeps some
+    # reads float weights, and packed ones too when the build keeps some: rendered with the option `packed` (whether
+    # it does), so a float build's kernel carries no packed-weight code
+    packed_option: bool = False
 
-    def spec(self, model: ModelSpec, dtype: str, block_size: int) -> KernelSpec:
+    def spec(self, model: ModelSpec, dtype: str, block_size: int, quant: QuantFormat | None = None) -> KernelSpec:
         constants, options = self.render(model, dtype, block_size)
+        if self.packed_option:
+            options = {**options, "packed": quant is not None}
         suffix = self.language.suffix
         return KernelSpec(self.name, f"{self.name}.{suffix}.jinja", f"{self.name}.{suffix}", constants, options,
                           self.op, self.language, self.compile_flags)

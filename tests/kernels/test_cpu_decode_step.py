@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis_budget import examples
 
@@ -15,12 +16,18 @@ from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
 from pllm.compiler.kernels.cpu_decode_step import MAX_BATCH
 from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
+from pllm.compiler.quantize import quantize_int4, quantize_int8
 from pllm.compiler.render import render_plan
 from pllm.models.llama import LlamaModel, weight_layout
 from pllm.models.ops import AttentionMetadata
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, why_no_decode_step
-from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuRmsNorm, CpuRopeKvWrite
+from pllm.runtime.backends.cpu.cpu_decode_step import (
+    MAX_COMPILED_BATCH,
+    MAX_COMPILED_BATCH_PACKED,
+    CpuDecodeStep,
+    why_no_decode_step,
+)
+from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, CpuQuantLinear, CpuRmsNorm, CpuRopeKvWrite
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 from .conftest import make_paged_kv, tiny_spec
@@ -41,11 +48,12 @@ def build_ops(tmp_path_factory: pytest.TempPathFactory):
     reuse."""
     cache: dict[tuple, tuple] = {}
 
-    def make(spec, dtype: str) -> tuple[TorchOps, TorchOps]:
-        key = (spec, dtype)
+    def make(spec, dtype: str, packed: bool = False) -> tuple[TorchOps, TorchOps]:
+        """packed: a build that keeps packed weights (its plan carries the packed linear, the step reads them)."""
+        key = (spec, dtype, packed)
         if key not in cache:
             out = tmp_path_factory.mktemp("cpu_step")
-            plan = make_plan(spec, dtype, BLOCK_SIZE)
+            plan = make_plan(spec, dtype, BLOCK_SIZE, QuantFormat(QuantScheme.INT8, 32) if packed else None)
             render_plan(plan, out)
             entry = compile_cpu_kernels(out, plan)
             assert "error" not in entry, entry["error"]
@@ -56,9 +64,12 @@ def build_ops(tmp_path_factory: pytest.TempPathFactory):
             norm = CpuRmsNorm(out / lib["cpu_rms_norm"], spec.hidden_size, spec.rms_norm_eps) if "cpu_rms_norm" in lib \
                 else None
             step = CpuDecodeStep(out / lib["cpu_decode_step"], spec, tdtype, BLOCK_SIZE)
-            cache[key] = (attention, norm, rope, step)
-        attention, norm, rope, step = cache[key]
-        return TorchOps(attention, norm, rope), TorchOps(attention, norm, rope, decode_step=step)
+            assert step.packed == packed
+            quant = CpuQuantLinear(out / lib["cpu_quant_linear"]) if packed else None
+            cache[key] = (attention, norm, rope, quant, step)
+        attention, norm, rope, quant, step = cache[key]
+        return (TorchOps(attention, norm, rope, quant_kernel=quant),
+                TorchOps(attention, norm, rope, quant_kernel=quant, decode_step=step))
 
     return make
 
@@ -95,12 +106,15 @@ def decode_step(spec, dtype: torch.dtype, context_lens: list[int], gen: torch.Ge
     return meta, caches
 
 
-def run_both(build_ops, spec, dtype: str, context_lens: list[int], seed: int):
-    """(compiled, per-op) final hidden states [B, hidden] and caches after one decode step on the same inputs."""
-    per_op, compiled = build_ops(spec, dtype)
+def run_both(build_ops, spec, dtype: str, context_lens: list[int], seed: int, pack: Callable | None = None):
+    """(compiled, per-op) final hidden states [B, hidden] and caches after one decode step on the same inputs.
+    pack: (weights, generator) -> the weights with some linears packed, on a build that keeps packed weights."""
+    per_op, compiled = build_ops(spec, dtype, packed=pack is not None)
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     weights = random_weights(spec, tdtype, gen)
+    if pack is not None:
+        weights = pack(weights, gen)
     meta, caches = decode_step(spec, tdtype, context_lens, gen)
     ids = torch.randint(0, spec.vocab_size, (len(context_lens),), generator=gen)
     results = []
@@ -146,6 +160,9 @@ SPECS = {
                          num_key_value_heads=2, head_dim=32, attention_bias=True),
     "mha-odd-rows-3": dict(num_layers=3, hidden_size=96, intermediate_size=200, num_attention_heads=3,
                            num_key_value_heads=3, head_dim=32),
+    # qwen3: q/k norm, and heads wider than hidden / heads (q_size 256 against hidden 128)
+    "qwen3-qk-norm-2": dict(num_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, qk_norm=True),
 }
 
 
@@ -160,6 +177,8 @@ def spec_of(shape: str):
 @example(shape="smollm2-like-1", dtype="float32", context_lens=[0, 16, 31, 47], seed=1)  # batch 4
 @example(shape="qwen2-bias-3", dtype="bfloat16", context_lens=list(range(0, 80, 5)), seed=2)  # a stack, batch 16
 @example(shape="mha-odd-rows-3", dtype="float32", context_lens=[70, 1, 9], seed=3)
+@example(shape="qwen3-qk-norm-2", dtype="bfloat16", context_lens=[0, 33], seed=4)
+@example(shape="qwen3-qk-norm-2", dtype="float32", context_lens=[12], seed=5)
 def test_step_equals_the_per_op_path(build_ops, shape, dtype, context_lens, seed):
     spec = spec_of(shape)
     (fused, fused_caches), (ref, ref_caches) = run_both(build_ops, spec, dtype, context_lens, seed)
@@ -235,7 +254,7 @@ def test_large_batches_and_prompts_run_per_op(build_ops):
     assert model.decode_stack.accepts([meta])
 
 
-def test_quantised_weights_run_per_op(build_ops, caplog):
+def test_packed_weights_run_per_op_on_a_float_build(build_ops, caplog):
     spec = spec_of("mha-odd-rows-3")
     compiled = build_ops(spec, "float32")[1]
     weights = random_weights(spec, torch.float32, torch.Generator().manual_seed(0))
@@ -245,16 +264,147 @@ def test_quantised_weights_run_per_op(build_ops, caplog):
     with caplog.at_level("INFO", logger="pllm"):
         model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
     assert model.decode_stack is None
-    assert "QuantizedWeight" in caplog.text
+    assert "layer 0 qkv: packed, and the build's decode step was rendered for float weights only" in caplog.text
 
 
 @pytest.mark.parametrize("quirk, reason", [
     (dict(sliding_window=8, sliding_layers=(0,)), "sliding-window"),
-    (dict(qk_norm=True), "q/k norm"),
     (dict(norm_weight_offset=1.0), "gemma"),
+    (dict(qk_norm=True, norm_weight_offset=1.0), "gemma"),  # gemma3's q/k norm (offset weights) stays per-op
 ])
 def test_models_off_the_llama_wiring_are_not_compiled(quirk, reason):
     spec = tiny_spec(**quirk)
     assert not step_supported(spec, "float32")
     assert reason in why_no_decode_step(spec, "float32")
-    assert step_supported(tiny_spec(), "float32")
+    assert step_supported(tiny_spec(), "float32") and step_supported(tiny_spec(qk_norm=True), "float32")
+
+
+def test_the_plan_renders_the_step_for_the_builds_weights():
+    """A build with packed weights gets the step that reads them; a float build's step carries no packed code."""
+    spec = spec_of("qwen2-bias-3")
+    packed = make_plan(spec, "bfloat16", BLOCK_SIZE, QuantFormat(QuantScheme.INT4, 32)).kernel("cpu_decode_step")
+    plain = make_plan(spec, "bfloat16", BLOCK_SIZE).kernel("cpu_decode_step")
+    assert packed.options["packed"] and not plain.options["packed"]
+    assert packed.constants["QUANT_LANES"] == 16 and packed.constants["LANES"] == 8
+
+
+# ---- packed weights (builds made with --quantization) ----
+
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# How a test build keeps each linear: pllm's int8 (one scale per row), GGUF's Q8_0 (int8, groups of 32), int4 with
+# groups of 32 (pllm's default, Q4_0/Q4_K's layout) or 64, or a GGUF-like mix of these and float per linear
+FORMATS = {"int8": None, "q8_0": QuantFormat(QuantScheme.INT8, 32), "int4-32": QuantFormat(QuantScheme.INT4, 32),
+           "int4-64": QuantFormat(QuantScheme.INT4, 64)}
+BUILDS = (*FORMATS, "mixed")
+# Shapes whose every linear input width is a whole number of 64-weight groups (so each format applies), but for
+# "odd-rows-3" (int8 and mixed builds): output rows that leave a part of PACKED_ROWS over (240, 208, 144)
+QUANT_SPECS = {
+    "smollm2-like-1": SPECS["smollm2-like-1"],
+    "qwen2-bias-3": dict(num_layers=3, hidden_size=128, intermediate_size=384, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, attention_bias=True),
+    "odd-rows-3": dict(num_layers=3, hidden_size=144, intermediate_size=208, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=16),
+}
+
+
+def pack_as(fmt_name: str, w: torch.Tensor) -> QuantizedWeight | torch.Tensor:
+    """One linear's weight as a build of that format keeps it (float when the format's groups do not fit)."""
+    if fmt_name == "float":
+        return w
+    fmt = FORMATS[fmt_name]
+    if fmt is None:
+        return quantize_int8(w)
+    if w.shape[1] % fmt.group_size:
+        return w
+    if fmt.scheme is QuantScheme.INT4:
+        return quantize_int4(w, fmt.group_size)
+    groups = w.float().view(w.shape[0], -1, fmt.group_size)  # Q8_0: int8 groups with a scale each
+    scale = groups.abs().amax(dim=-1) / 127
+    codes = torch.round(groups / scale.clamp_min(1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(codes.view(w.shape), scale.contiguous(), None, fmt)
+
+
+def packer(build: str) -> Callable:
+    """(weights, generator) -> the weights with every layer's linears kept as the build keeps them."""
+    def pack(weights: dict, gen: torch.Generator) -> dict:
+        out = dict(weights)
+        for name, w in weights.items():
+            if name.split(".")[-1] in LINEARS:
+                choice = build
+                if build == "mixed":
+                    options = ("float", *FORMATS)
+                    choice = options[int(torch.randint(len(options), (1,), generator=gen))]
+                out[name] = pack_as(choice, w)
+        return out
+    return pack
+
+
+def fits(spec, build: str) -> bool:
+    """Whether every linear of the spec takes the build's format whole (else it would silently be a mixed build)."""
+    fmt = FORMATS.get(build)
+    return fmt is None or all(k % fmt.group_size == 0 for k in (spec.hidden_size, spec.q_size, spec.intermediate_size))
+
+
+# Bounds with packed weights. Each packed linear runs the per-op path's own code (cpu_quant_linear's quant_prepare
+# and row code, its multiply-adds fused as in its library) and the same epilogue (bias added to the fp32 sum, one
+# rounding), so on equal inputs it gives equal outputs, bit for bit. What differs is outside the linears: silu's exp
+# (libm's expf against PyTorch's vectorised exp) and, in float32, the norms' sum of squares (lane order against
+# PyTorch's), a few ulps each, say at most 8 u relative per element. A GEMV turns a relative change d of its inputs
+# into at most d * sum|w_i x_i| <= d * |x|_2 <= d * sqrt(n) * max|x| (rows of norm ~1, Cauchy-Schwarz): per layer
+# 8 sqrt(n) u of the row's scale, n the widest input, against the float step's 8 n u. In bfloat16 such a change
+# flips a rounding to bf16 now and then, and a flipped element feeds every later op as in the float step's case:
+# the same 6 bf16 ulps per layer (most steps come out bit for bit equal).
+def packed_bound(spec, dtype: str) -> float:
+    layers = spec.num_hidden_layers + 1
+    if dtype == "bfloat16":
+        return 6 * U_BF16 * layers
+    widest = max(spec.hidden_size, spec.q_size, spec.intermediate_size)
+    return 8 * math.sqrt(widest) * U32 * layers
+
+
+@SETTINGS
+@given(shape=st.sampled_from(sorted(QUANT_SPECS)), dtype=st.sampled_from(["float32", "bfloat16"]),
+       build=st.sampled_from(BUILDS),
+       context_lens=st.lists(st.integers(0, 70), min_size=1, max_size=MAX_COMPILED_BATCH_PACKED),
+       seed=st.integers(0, 2**16))
+@example(shape="smollm2-like-1", dtype="bfloat16", build="int8", context_lens=[15], seed=0)  # batch 1
+@example(shape="smollm2-like-1", dtype="float32", build="int4-64", context_lens=[0, 16, 31, 47], seed=1)
+@example(shape="qwen2-bias-3", dtype="bfloat16", build="int4-32", context_lens=list(range(0, 80, 5)), seed=2)
+@example(shape="qwen2-bias-3", dtype="float32", build="mixed", context_lens=[70, 1, 9], seed=3)
+@example(shape="odd-rows-3", dtype="bfloat16", build="mixed", context_lens=[3, 40], seed=4)
+@example(shape="odd-rows-3", dtype="float32", build="int8", context_lens=[5] * MAX_COMPILED_BATCH_PACKED, seed=5)
+def test_step_with_packed_weights_equals_the_per_op_packed_path(build_ops, shape, dtype, build, context_lens, seed):
+    spec = layered_spec(**QUANT_SPECS[shape])
+    assume(fits(spec, build))
+    (fused, fused_caches), (ref, ref_caches) = run_both(build_ops, spec, dtype, context_lens, seed, packer(build))
+    assert torch.isfinite(fused).all()
+    err = (fused - ref).abs() / rows_scale(ref)
+    assert err.max() <= packed_bound(spec, dtype), (err.max().item(), packed_bound(spec, dtype))
+
+
+def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog):
+    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
+    compiled = build_ops(spec, "bfloat16", packed=True)[1]
+    weights = packer("int4-32")(random_weights(spec, torch.bfloat16, torch.Generator().manual_seed(0)), None)
+    with caplog.at_level("INFO", logger="pllm"):
+        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    assert model.decode_stack.max_batch == MAX_COMPILED_BATCH_PACKED
+    assert "reading packed weights (linears: 12 int4 group 32)" in caplog.text
+    metas = {n: decode_step(spec, torch.bfloat16, [3] * n, torch.Generator().manual_seed(1))[0]
+             for n in (MAX_COMPILED_BATCH_PACKED, MAX_COMPILED_BATCH_PACKED + 1)}
+    assert model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED]])
+    assert not model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED + 1]])
+
+
+def test_packed_weights_the_step_cannot_read_run_per_op(build_ops, caplog):
+    """Groups of part of a vector of codes (here int8 groups of 8): the model decodes op by op, and says why."""
+    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
+    compiled = build_ops(spec, "float32", packed=True)[1]
+    weights = packer("int8")(random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), None)
+    w = weights["layers.1.down_proj"]
+    weights["layers.1.down_proj"] = QuantizedWeight(w.codes, w.scales.repeat(1, w.shape[1] // 8),
+                                                    None, QuantFormat(QuantScheme.INT8, 8))
+    with caplog.at_level("INFO", logger="pllm"):
+        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    assert model.decode_stack is None
+    assert "layer 1 down: int8 groups of 8, the kernel reads groups of whole 16-weight vectors" in caplog.text

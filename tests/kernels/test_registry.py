@@ -39,7 +39,7 @@ def test_manifest_records_each_kernels_op_and_language():
     plan = make_plan(tiny_spec(qk_norm=True, moe=moe), "bfloat16", 16)
     entries = plan.to_manifest()["kernels"]
     lora = {"lora_shrink", "lora_expand"}  # adapters are stacked for the dense llama wiring only
-    dense_only = lora | {"cpu_decode_step"}  # so is the compiled decode step (no q/k norm, no experts)
+    dense_only = lora | {"cpu_decode_step"}  # so is the compiled decode step (no experts)
     # a float build: no kernel reading packed weights
     decoder_kernels = [k for k in KERNELS
                        if ModelKind.DECODER in k.kinds and k.name not in dense_only and not k.quantized]

@@ -4,29 +4,53 @@ one call, and the DecodeStack the llama wiring runs it through."""
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from pllm.models.ops import AttentionMetadata
+from pllm.models.quant import QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
 
 logger = logging.getLogger("pllm")
 
-WEIGHTS_PER_LAYER = 7  # the kernel's LayerWeights: input_norm, qkv, qkv_bias, o, post_norm, gate_up, down
+# The kernel's LayerWeights in int64 words: input_norm, post_norm, qkv_bias (0 without one), q_norm and k_norm (0
+# without q/k norm), then per linear (qkv, o, gate_up, down) its LinearWeight: kind, data, scales, mins, group
+NORMS = ("input_norm", "post_norm", "qkv_bias", "q_norm", "k_norm")
+LINEARS = ("qkv", "o", "gate_up", "down")
+WORDS_PER_LINEAR = 5
+WEIGHT_WORDS_PER_LAYER = len(NORMS) + WORDS_PER_LINEAR * len(LINEARS)
+# The packed rows' vector (cpu_quant_linear's, as cpu_kernels.QUANT_LANES): groups of whole vectors of codes
+PACKED_LANES = 16
+
+
+class WeightKind(enum.IntEnum):
+    """The kernel's WeightKind: how the build keeps one linear's weight."""
+
+    FLOAT = 0
+    INT8 = 1
+    INT4 = 2
+
+
+PACKED_KINDS = {QuantScheme.INT8: WeightKind.INT8, QuantScheme.INT4: WeightKind.INT4}
 # The most sequences a step runs compiled, by dtype: past this the per-op path (oneDNN's GEMM for bf16, F.linear for
 # fp32) would be as fast or faster. SmolLM2 bf16 on the shared 2-core AVX-512 BF16 VM (tools/bench_decode_step.py;
 # README): 1.18x faster compiled at 16 sequences once the GEMV tiles kept their sums in registers (0.71x before);
 # fp32 1.67x at 16. Both run up to the kernel's limit (the plan's MAX_BATCH).
 MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 16}
+# With packed weights (any linear of the model): the step runs the per-op path's packed GEMV, which reads the codes
+# once per step whatever the batch; compiled it only saves the crossings, so up to the kernel's limit (measured:
+# README, tools/bench_decode_step.py --quantization)
+MAX_COMPILED_BATCH_PACKED = 16
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
 NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("sliding-window layers", lambda spec: bool(spec.sliding_layers)),
-    ("q/k norm", lambda spec: spec.qk_norm),
     ("mixture of experts", lambda spec: spec.moe is not None),
     ("gemma's norm", lambda spec: bool(spec.norm_weight_offset)),
     ("attention soft-cap", lambda spec: spec.attn_logit_softcapping is not None),
@@ -39,7 +63,7 @@ def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
     features = [label for label, has in NOT_COMPILED if has(spec)]
     if features:
         return ", ".join(features)
-    return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2 in float32/bfloat16 only)"
+    return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2, qwen3 in float32/bfloat16 only)"
 
 
 class CpuDecodeStep:
@@ -62,6 +86,12 @@ class CpuDecodeStep:
         isa = lib.pllm_decode_step_isa
         isa.restype = ctypes.c_char_p
         self.isa: str = isa().decode()  # the GEMV inner loop this CPU runs: "avx512_bf16", "avx512f" or "generic"
+        self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
+
+    @property
+    def max_batch(self) -> int:
+        """The most sequences a step of this build runs compiled (a build with packed weights: their limit)."""
+        return MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[self.dtype]
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""
@@ -99,40 +129,93 @@ class CpuDecodeStep:
 
     def bind(self, layers: Sequence, final_norm: torch.Tensor, scale: float,
              rope_tables: Callable) -> CompiledDecodeStack | str:
-        """The stack over these weights, or why it cannot run them (a quantised or foreign weight)."""
+        """The stack over these weights, or why it cannot run them (a foreign weight, or a packed one the kernel
+        does not read)."""
         spec = self.spec
-        qkv_rows = spec.q_size + 2 * spec.kv_size
-        shapes = {"input_norm": (spec.hidden_size,), "qkv": (qkv_rows, spec.hidden_size), "qkv_bias": (qkv_rows,),
-                  "o": (spec.hidden_size, spec.q_size), "post_norm": (spec.hidden_size,),
-                  "gate_up": (2 * spec.intermediate_size, spec.hidden_size),
-                  "down": (spec.hidden_size, spec.intermediate_size)}
-        table = []
-        for i, layer in enumerate(layers):
-            for name, shape in shapes.items():
-                w = getattr(layer, name, None)
-                if w is None and name == "qkv_bias" and not spec.attention_bias:
-                    table.append(0)
-                    continue
-                if not isinstance(w, torch.Tensor):
-                    return f"layer {i} {name} is {type(w).__name__}, not a {self.dtype} tensor (quantised weights)"
-                if w.dtype != self.dtype or tuple(w.shape) != shape or not w.is_contiguous() or w.device.type != "cpu":
-                    return f"layer {i} {name}: {w.dtype} {tuple(w.shape)}, the kernel reads contiguous {shape}"
-                table.append(w.data_ptr())
         if len(layers) != spec.num_hidden_layers:
             return f"{len(layers)} layers, the kernel was rendered for {spec.num_hidden_layers}"
-        if final_norm.dtype != self.dtype or tuple(final_norm.shape) != (spec.hidden_size,):
-            return f"final norm {final_norm.dtype} {tuple(final_norm.shape)}"
-        weights = torch.tensor(table, dtype=torch.int64)  # [layers * WEIGHTS_PER_LAYER]: the kernel's LayerWeights
-        tensors = [w for layer in layers for w in (getattr(layer, n) for n in shapes) if w is not None]
-        return CompiledDecodeStack(self, weights, [*tensors, final_norm], final_norm, scale, rope_tables)
+        qkv_rows = spec.q_size + 2 * spec.kv_size
+        norms = {"input_norm": (spec.hidden_size,), "post_norm": (spec.hidden_size,), "qkv_bias": (qkv_rows,),
+                 "q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)}
+        absent = {"qkv_bias": not spec.attention_bias, "q_norm": not spec.qk_norm, "k_norm": not spec.qk_norm}
+        linears = {"qkv": (qkv_rows, spec.hidden_size), "o": (spec.hidden_size, spec.q_size),
+                   "gate_up": (2 * spec.intermediate_size, spec.hidden_size),
+                   "down": (spec.hidden_size, spec.intermediate_size)}
+        table: list[int] = []
+        keep: list[torch.Tensor] = []
+        kinds: Counter[str] = Counter()  # what the start-up log says the linears are
+        for i, layer in enumerate(layers):
+            for name, shape in norms.items():
+                w = getattr(layer, name, None)
+                if w is None and absent.get(name, False):
+                    table.append(0)
+                    continue
+                why = self._why_not_float(w, shape)
+                if why is not None:
+                    return f"layer {i} {name}: {why}"
+                table.append(w.data_ptr())
+                keep.append(w)
+            for name, shape in linears.items():
+                w = getattr(layer, name, None)
+                words = self._linear_words(w, shape)
+                if isinstance(words, str):
+                    return f"layer {i} {name}: {words}"
+                table.extend(words)
+                keep.extend(t for t in _tensors(w) if t is not None)
+                kinds[_kind_label(w)] += 1
+        why = self._why_not_float(final_norm, (spec.hidden_size,))
+        if why is not None:
+            return f"final norm: {why}"
+        weights = torch.tensor(table, dtype=torch.int64)  # [layers * WEIGHT_WORDS_PER_LAYER]: the LayerWeights
+        assert weights.numel() == len(layers) * WEIGHT_WORDS_PER_LAYER
+        packed = any(isinstance(getattr(layer, name), QuantizedWeight) for layer in layers for name in linears)
+        return CompiledDecodeStack(self, weights, [*keep, final_norm], final_norm, scale, rope_tables, kinds, packed)
+
+    def _why_not_float(self, w: object, shape: tuple[int, ...]) -> str | None:
+        if not isinstance(w, torch.Tensor):
+            return f"{type(w).__name__}, not a {self.dtype} tensor"
+        if w.dtype != self.dtype or tuple(w.shape) != shape or not w.is_contiguous() or w.device.type != "cpu":
+            return f"{w.dtype} {tuple(w.shape)}, the kernel reads contiguous {shape} in {self.dtype}"
+        return None
+
+    def _linear_words(self, w: object, shape: tuple[int, int]) -> list[int] | str:
+        """The kernel's LinearWeight for one linear (kind, data, scales, mins, group), or why it cannot read it."""
+        if not isinstance(w, QuantizedWeight):
+            why = self._why_not_float(w, shape)
+            return why if why is not None else [WeightKind.FLOAT, w.data_ptr(), 0, 0, 0]  # type: ignore[union-attr]
+        if not self.packed:
+            return "packed, and the build's decode step was rendered for float weights only"
+        kind, group = PACKED_KINDS[w.fmt.scheme], w.fmt.group_size
+        vector = 2 * PACKED_LANES if kind is WeightKind.INT4 else PACKED_LANES
+        if tuple(w.shape) != shape:
+            return f"packed {tuple(w.shape)}, the kernel reads {shape}"
+        if group % vector:
+            return f"{w.fmt.scheme.value} groups of {group}, the kernel reads groups of whole {vector}-weight vectors"
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in _tensors(w) if t is not None):
+            return "packed tensors not contiguous on the cpu"
+        mins = w.mins.data_ptr() if w.mins is not None else 0
+        return [kind, w.codes.data_ptr(), w.scales.data_ptr(), mins, group]
+
+
+def _tensors(w: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor | None, ...]:
+    return (w.codes, w.scales, w.mins) if isinstance(w, QuantizedWeight) else (w,)
+
+
+def _kind_label(w: torch.Tensor | QuantizedWeight) -> str:
+    if isinstance(w, QuantizedWeight):
+        return f"{w.fmt.scheme.value} group {w.fmt.group_size}"
+    return str(w.dtype).removeprefix("torch.")
 
 
 class CompiledDecodeStack:
-    """models.ops.DecodeStack over the compiled step: decode-only steps of up to MAX_COMPILED_BATCH sequences."""
+    """models.ops.DecodeStack over the compiled step: decode-only steps of up to max_batch sequences."""
 
     def __init__(self, kernel: CpuDecodeStep, weights: torch.Tensor, keep: list[torch.Tensor],
-                 final_norm: torch.Tensor, scale: float, rope_tables: Callable):
+                 final_norm: torch.Tensor, scale: float, rope_tables: Callable, kinds: Counter[str], packed: bool):
         self.kernel, self.weights, self._keep, self.final_norm = kernel, weights, keep, final_norm
+        self.kinds = kinds  # "int8 group 32", "bfloat16", ... -> how many linears are kept so (the start-up log)
+        self.packed = packed  # some linear is packed
+        self.max_batch = MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[kernel.dtype]
         self.scale = scale
         self._rope_tables = rope_tables  # (positions, cos_sin_cache, dtype) -> cos, signed_sin [T, 1, D]
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the KV caches the pointers are of
@@ -141,7 +224,7 @@ class CompiledDecodeStack:
 
     def accepts(self, metas: Sequence[AttentionMetadata]) -> bool:
         meta = metas[0]
-        return (meta.is_decode_only and meta.num_seqs <= MAX_COMPILED_BATCH[self.kernel.dtype]
+        return (meta.is_decode_only and meta.num_seqs <= self.max_batch
                 and all(m is meta for m in metas))  # one KV group: every layer reads the same tables
 
     def _cache_pointers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,5 +268,6 @@ class CompiledDecodeStack:
             meta.max_seq_len, k_ptrs.data_ptr(), v_ptrs.data_ptr(), self.scale, torch.get_num_threads(),
         )
         if status != 0:
-            raise MemoryError(f"cpu decode step: status {status} (-1: no scratch memory, -2: batch {num_seqs})")
+            raise MemoryError(f"cpu decode step: status {status} (-1: no scratch memory, -2: batch {num_seqs}, "
+                              "-3: packed weights in a step for float ones)")
         return x

@@ -15,7 +15,7 @@ import torch
 from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
 from pllm.models.quant import QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
-from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, why_no_decode_step
+from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, why_no_decode_step
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -347,7 +347,8 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
     names = ", ".join(BINDINGS[op].label for op in loaded)
     step = loaded.get("decode_step")
     assert step is None or isinstance(step, CpuDecodeStep)
-    step_note = (f"decode steps of up to {MAX_COMPILED_BATCH[step.dtype]} sequences in one call (GEMV: {step.isa})"
+    step_note = (f"decode steps of up to {step.max_batch} sequences in one call (GEMV: {step.isa}"
+                 f"{'; packed weights read packed' if step.packed else ''})"
                  if step is not None else f"decode steps op by op ({why_no_decode_step(build.spec, build.dtype)})")
     return CpuKernelChoice(loaded.get("decode_attention"), loaded.get("rms_norm"), loaded.get("rope_kv_write"),
                            f"compiled {names} ({entry['isa']}), PyTorch for the rest; {step_note}",

@@ -122,6 +122,10 @@ class TorchOps:
         if isinstance(stack, str):  # weights the kernel cannot read: every step runs op by op, said once
             logger.info("pllm cpu backend: decode steps op by op, not the compiled step (%s)", stack)
             return None
+        if stack.packed:  # said once: the step reads the build's packed weights as they are
+            kept = ", ".join(f"{count} {label}" for label, count in sorted(stack.kinds.items()))
+            logger.info("pllm cpu backend: decode steps of up to %d sequences compiled, reading packed weights "
+                        "(linears: %s)", stack.max_batch, kept)
         return stack
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):

@@ -1,0 +1,34 @@
+"""Quantised builds decode through the compiled step (packed weights read packed) and give the tokens the per-op
+packed path gives, in float32."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pllm import LLM, SamplingParams
+from pllm.compiler.build import BuildOptions, build
+from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.quantize import Quantization
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+PROMPTS = ["Hello, world!", "Paged attention keeps the KV cache", "def main():"]
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
+
+
+@pytest.mark.parametrize("model_type, quantization", [("llama", Quantization.INT8), ("qwen2", Quantization.INT4)])
+def test_greedy_tokens_equal_on_and_off_the_compiled_step(tiny_dir, tmp_path, caplog, model_type, quantization):
+    out = build(str(tiny_dir(model_type)), tmp_path / "b",
+                BuildOptions(dtype="float32", progress=False, quantization=quantization))
+    with caplog.at_level(logging.INFO, logger="pllm"):
+        llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24)
+    model = llm.engine.runner.model
+    assert model.decode_stack is not None and model.decode_stack.packed
+    assert "reading packed weights" in caplog.text
+    compiled = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    model.decode_stack = None  # every decode step op by op, through the same packed GEMV
+    per_op = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in compiled)
+    assert compiled == per_op
