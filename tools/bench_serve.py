@@ -3,8 +3,8 @@
     python tools/bench_serve.py --url http://127.0.0.1:8000 [--concurrency 1,4,16] [--num-requests 64]
     python tools/bench_serve.py --build build/ [--serve-arg=--backend=cpu ...]   # launches pllm-serve itself
 
-Each level sends --num-requests requests (token-id prompts of --input-len, greedy, ignore_eos, --output-len
-tokens) with at most C in flight, and stops after --max-duration-s. Metrics follow vLLM's `bench serve`
+Each level sends --num-requests requests (fresh random token-id prompts of --input-len, greedy, ignore_eos,
+--output-len tokens) with at most C in flight, and stops after --max-duration-s. Metrics follow vLLM's `bench serve`
 (performance-anchors.md section 1.1), all client-side: TTFT = first content chunk - send; ITL = gaps between
 content chunks, pooled over requests; TPOT = (e2e - TTFT) / (output tokens - 1) per request; request/s and output
 tokens/s = completed / wall time of the level. The ratio column compares each level's output tokens/s with
@@ -250,14 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             args.model = httpx.get(f"{base}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         rng = random.Random(args.seed)
-        prompts = [
-            [rng.randrange(3, args.max_token_id) for _ in range(args.input_len)] for _ in range(args.num_requests)
-        ]
+
+        def fresh_prompts(n: int) -> list[list[int]]:
+            return [[rng.randrange(3, args.max_token_id) for _ in range(args.input_len)] for _ in range(n)]
+
         url = f"{base}/v1/completions"
-        asyncio.run(run_level(args, url, prompts[: min(2, len(prompts))], 1))  # warm-up, not reported
+        asyncio.run(run_level(args, url, fresh_prompts(2), 1))  # warm-up, not reported
         stats = []
-        for c in levels:
-            stats.append(asyncio.run(run_level(args, url, prompts, c)))
+        for c in levels:  # fresh prompts per level: a prompt the server has seen would be a prefix-cache hit
+            stats.append(asyncio.run(run_level(args, url, fresh_prompts(args.num_requests), c)))
             print(f"  c={c}: {stats[-1].num_completed} done in {stats[-1].duration_s:.1f} s", file=sys.stderr)
     finally:
         if proc is not None:

@@ -16,7 +16,8 @@ Rows (pllm / llama.cpp, both with --threads threads):
   `pllm-compile --quantization int8|int4`; where pllm-compile refuses that flag, the rows say "not available".
 - prefill: tok/s of a 512-token prompt; pllm one 512-token prefill in-process, llama-bench pp512.
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
-  random token-id prompts, greedy, ignore_eos, --output-len tokens; the two servers take turns level by level.
+  random token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
+  --output-len tokens; the two servers take turns level by level.
 Ratios are pllm / llama.cpp; the targets of issue 15 print beside them. A benchmark, not a test.
 """
 
@@ -236,7 +237,10 @@ def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, w
     build, why_not = prepared.pllm_builds["bf16"]
     gguf = prepared.ggufs["bf16"]
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 256) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+
+    def fresh_prompts(n: int) -> list[list[int]]:
+        return [[rng.randrange(3, 256) for _ in range(args.input_len)] for _ in range(n)]
+
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     stats: dict[str, dict[int, bench_serve.LevelStats]] = {"pllm": {}, "llama.cpp": {}}
     try:
@@ -246,9 +250,13 @@ def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, w
             servers["pllm"] = bench_serve.launch_server(str(build), ["--backend", "cpu"])
         clients = {name: SimpleNamespace(model=served_model(url), api_key=None, output_len=args.output_len,
                                          max_duration_s=600.0) for name, (_, url) in servers.items()}
+        warm_up = fresh_prompts(2)
         for name, (_, url) in servers.items():  # warm-up, not reported
-            asyncio.run(bench_serve.run_level(clients[name], f"{url}/v1/completions", prompts[:2], 1))
+            asyncio.run(bench_serve.run_level(clients[name], f"{url}/v1/completions", warm_up, 1))
         for c in args.concurrency:
+            # Fresh prompts at each level, the same for both servers: a prompt either server has seen would be a
+            # prefix-cache hit (both keep finished prompts' K/V), and TTFT would then time one token, not a prefill.
+            prompts = fresh_prompts(args.num_requests)
             for name, (_, url) in servers.items():  # the two servers take turns, level by level
                 s = asyncio.run(bench_serve.run_level(clients[name], f"{url}/v1/completions", prompts, c))
                 stats[name][c] = s

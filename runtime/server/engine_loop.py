@@ -13,12 +13,18 @@ from pllm.runtime.engine.engine import LLMEngine
 from pllm.runtime.engine.outputs import CompletionOutput, EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam
 from pllm.runtime.server.metrics import ServerMetrics
-from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, RequestStream
+from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, RequestStream, StepHandoff
 from pllm.runtime.worker.parallel.group import WorkerDied
 
 logger = logging.getLogger("pllm.server")
 
 MAX_COMMANDS_PER_STEP = 1024  # keeps a flood of submissions from starving the running batch
+# StepHandoff: the longest the engine thread waits, after a step, for an event loop to run its outputs' handlers (a
+# bound, so a loop stalled elsewhere never stalls the engine; one with a core runs them in under a millisecond), and
+# how long a loop may leave outputs unhandled before the engine waits for it (far under a 100 ms time slice, far
+# over the few milliseconds a loaded scheduler takes to give a woken thread a core).
+HANDOFF_TIMEOUT_S = 0.05
+HANDOFF_MAX_LAG_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class EngineLoop:
         self.log_stats_interval_s = log_stats_interval_s
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # engine thread only
+        self._handoff = StepHandoff(HANDOFF_TIMEOUT_S, HANDOFF_MAX_LAG_S)  # engine thread only
         self._lock = threading.Lock()  # guards the counters below and dead_reason
         self._num_pending = 0  # requests submitted but not yet added by the engine thread
         # Published by the engine thread: requests that wait for a place in the running batch, and the places
@@ -200,9 +207,10 @@ class EngineLoop:
             return
         now = time.monotonic()
         for out in outputs:
-            self._dispatch(out, now)
+            self._dispatch(out, now, self._handoff)
+        self._handoff.deliver()
 
-    def _dispatch(self, out: RequestOutput | EmbeddingRequestOutput, now: float) -> None:
+    def _dispatch(self, out: RequestOutput | EmbeddingRequestOutput, now: float, handoff: StepHandoff) -> None:
         route = self._routes.get(out.request_id)
         if route is None:
             return
@@ -214,6 +222,7 @@ class EngineLoop:
                 metrics.observe_first_token(len(out.prompt_token_ids), first - route.request.arrival_time)
             else:
                 metrics.inter_token_latency.observe(now - route.last_time)
+        first = route.last_time is None
         if not pooled:
             route.last_output, route.last_time = out, now
         if out.finished:
@@ -221,7 +230,7 @@ class EngineLoop:
             if metrics is not None:
                 reason = "stop" if pooled else out.outputs[0].finish_reason or "stop"
                 metrics.observe_finished(reason, now - route.request.arrival_time)
-        route.stream.put(out)
+        handoff.add(route.stream, out, first=first)
 
     def _fail_running(self) -> None:
         running = self.engine.running_request_ids()

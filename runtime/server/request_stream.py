@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +76,14 @@ class RequestStream:
         except RuntimeError:  # the event loop is gone (shutdown); nobody is listening any more
             pass
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def receive(self, item: StreamItem) -> None:
+        """Event loop: queue an item the engine thread handed over (StepHandoff)."""
+        self._queue.put_nowait(item)
+
     async def wait_accepted(self) -> None:
         item = await self._queue.get()
         if isinstance(item, EngineError):
@@ -103,3 +113,57 @@ class RequestStream:
         """Event loop: the client disconnected; abort and wake the consumer."""
         self.close()
         self._queue.put_nowait(Cancelled())
+
+
+class StepHandoff:
+    """The engine thread's side of output delivery: each step's outputs go to each event loop in one callback; then
+    the engine thread waits (at most timeout_s) until the loop has run the handlers they woke, when one of them is a
+    request's first output (its time to first token), or when a loop has left a callback unrun for max_lag_s.
+
+    Why wait at all: the engine thread and its OpenMP workers keep every core busy from one step to the next, so a
+    loop woken with tokens to send may get no core for many steps; under round-robin real-time scheduling not until
+    a compute thread's 100 ms time slice runs out (measured on the 2-core VM: a stream's first token reached its
+    socket 160 ms after the step that made it, later tokens in bursts a time slice apart). Blocking the engine
+    thread frees a core for the loop. Why not after every step: a loop that gets a core within a few milliseconds
+    (the usual case) needs no help, and waiting for it each step cost a small model's 1 ms steps 4x on a loaded VM.
+    """
+
+    def __init__(self, timeout_s: float, max_lag_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.max_lag_s = max_lag_s
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StreamItem]]] = {}
+        self._first = False  # some item is a request's first output
+        self._unrun: list[tuple[threading.Event, float]] = []  # callbacks not yet run: (set once run, when posted)
+
+    def add(self, stream: RequestStream, item: StreamItem, first: bool = False) -> None:
+        """Queue an item for this step's delivery; first: the request's first output."""
+        self._items.setdefault(stream.loop, []).append((stream, item))
+        self._first |= first
+
+    def deliver(self) -> None:
+        """Engine thread, after each step: hand over the step's items, then wait as the class says."""
+        now = time.monotonic()
+        posted: list[threading.Event] = []
+        for loop, items in self._items.items():
+            done = threading.Event()
+            try:
+                loop.call_soon_threadsafe(_deliver, loop, items, done)
+            except RuntimeError:  # the event loop is gone (shutdown); nobody is listening any more
+                continue
+            posted.append(done)
+        unrun = [(done, t) for done, t in self._unrun if not done.is_set()] + [(done, now) for done in posted]
+        if self._first:
+            waits = [done for done, _ in unrun]
+        else:  # a loop runs its callbacks in order: the oldest unrun one says how far it lags
+            waits = [done for done, t in unrun if now - t >= self.max_lag_s]
+        self._items, self._first = {}, False
+        for done in waits:  # one after another: the loops run meanwhile, so the waits overlap
+            done.wait(self.timeout_s)
+        self._unrun = [(done, t) for done, t in unrun if not done.is_set()]
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestStream, StreamItem]], done: threading.Event):
+    """Event loop: queue each item, then set done once the handlers they woke have run (call_soon keeps order)."""
+    for stream, item in items:
+        stream.receive(item)
+    loop.call_soon(done.set)
