@@ -32,8 +32,8 @@ from pllm.compiler.quantize import INT4_DEFAULT_GROUP, quantize_int4, quantize_i
 from pllm.compiler.render import render_plan
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
-from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 
 # (hidden, intermediate, q_size, kv_size): SmolLM2-135M and a TinyLlama-shaped 1.1B
 SHAPES = {"smollm2": (576, 1536, 576, 192), "1b": (2048, 5632, 2048, 256)}
