@@ -8,7 +8,7 @@ linear (TorchOps.linear: oneDNN's packed bf16 GEMM), INT8 per channel and INT4 a
 the compiled kernel's packed rows (`kernel.gemv`: on a CPU with AVX512-VNNI the integer rows). With --routes, also
 each packed weight's other routes, to choose between them: the float rows (the kernel's fp32 code the CPUs
 without VNNI run, `limit_isa(1)`) and dequantise-then-GEMM (the prefill path: the compiled dequantiser to bf16 and
-oneDNN's GEMM). Each round times every variant in turn (alternating, so drift on a shared machine hits all alike)
+oneDNN's GEMM, the weight dequantised into a buffer kept per shape, as the cpu backend does). Each round times every variant in turn (alternating, so drift on a shared machine hits all alike)
 over all layers; the read bandwidth is a streaming fp32 sum over a 1 GB buffer, timed in the same rounds. Prints
 the median us per layer, the effective GB/s of weight bytes streamed, the ratio to bf16 and to the bandwidth. A
 benchmark, not a test.
@@ -92,8 +92,11 @@ def main() -> None:
                 return kernel.gemv(x, w, None)
             return run
 
+        buffers: dict[tuple, torch.Tensor] = {}  # as the cpu backend's prefill path: one per shape, reused
+
         def dequantise_then_gemm(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-            return F.linear(x, kernel.dequantize(w, x.dtype))
+            out = buffers.setdefault((*w.shape, x.dtype), torch.empty(w.shape, dtype=x.dtype))
+            return F.linear(x, kernel.dequantize(w, x.dtype, out=out))
 
         # name -> (layers, how one linear runs)
         variants: dict[str, tuple[list, Callable]] = {"bf16": (bf16, ops.linear)}

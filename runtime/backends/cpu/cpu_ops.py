@@ -75,6 +75,7 @@ class TorchOps:
         # (data_ptr, shape, stride, dtype) -> (the weight, kept alive so no other tensor reuses its address; its
         # oneDNN-packed copy, None: not packable)
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._dequantized: dict[tuple, torch.Tensor] = {}  # (out, in, dtype) -> the prefill path's weight buffer
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         # window (None: whole context) -> that step's decode rows and mask
         self._decode_cached: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -242,12 +243,16 @@ class TorchOps:
         if usable and packed_rows:
             y = kernel.gemv(x2.contiguous(), weight, bias)
         elif packed_rows and x2.shape[1] % ACTIVATION_BLOCK == 0:
-            w = kernel.dequantize(weight, torch.float32) if usable else dequantize(weight)
             xq = dequantize_activation(*quantize_activation(x2))
-            y = F.linear(xq, w, None if bias is None else bias.float()).to(x.dtype)
-        else:
-            w = kernel.dequantize(weight, x.dtype) if usable else dequantize(weight, x.dtype)
+            y = F.linear(xq, dequantize(weight), None if bias is None else bias.float()).to(x.dtype)
+        elif usable:  # into one buffer per shape, reused: the result is consumed before the next call
+            key = (*weight.shape, x.dtype)
+            if key not in self._dequantized:
+                self._dequantized[key] = torch.empty(weight.shape, dtype=x.dtype)
+            w = kernel.dequantize(weight, x.dtype, out=self._dequantized[key])
             y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        else:
+            y = F.linear(x2, dequantize(weight, x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:

@@ -84,11 +84,14 @@ class CpuQuantLinear:
             raise MemoryError("cpu quantised GEMV could not allocate its scratch buffer")
         return out
 
-    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-        """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass."""
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass; into `out` when given (a
+        buffer kept between calls: a fresh one of a large weight costs more in page faults than the pass itself)."""
         n, k = weight.shape
         assert dtype in (torch.float32, torch.bfloat16) and self.accepts(weight), (dtype, weight.fmt)
-        out = torch.empty((n, k), dtype=dtype)
+        if out is None:
+            out = torch.empty((n, k), dtype=dtype)
+        assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous(), (out.shape, out.dtype)
         int4 = weight.fmt.scheme is QuantScheme.INT4
         self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size, weight.scales.data_ptr(),
                          weight.mins.data_ptr() if int4 else None, out.data_ptr(), int(dtype == torch.bfloat16),
