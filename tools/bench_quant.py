@@ -7,11 +7,11 @@ the bf16 copy exceed 256 MB (so no variant runs out of cache), in these forms: b
 linear (TorchOps.linear: oneDNN's packed bf16 GEMM), INT8 per channel and INT4 at the default group (32) through
 the compiled kernel's packed rows (`kernel.gemv`: on a CPU with AVX512-VNNI the integer rows). With --routes, also
 each packed weight's other routes, to choose between them: the float rows (the kernel's fp32 code the CPUs
-without VNNI run, `limit_isa(1)`) and dequantise-then-GEMM (the prefill path: the compiled dequantiser to bf16 and
-oneDNN's GEMM, the weight dequantised into a buffer kept per shape, as the cpu backend does). Each round times every variant in turn (alternating, so drift on a shared machine hits all alike)
-over all layers; the read bandwidth is a streaming fp32 sum over a 1 GB buffer, timed in the same rounds. Prints
-the median us per layer, the effective GB/s of weight bytes streamed, the ratio to bf16 and to the bandwidth. A
-benchmark, not a test.
+without VNNI run, `limit_isa(1)`) and dequantise-then-GEMM (the prefill path: the compiled dequantiser to bf16,
+into a buffer kept per shape as the cpu backend does, and oneDNN's GEMM). Each round times every variant in turn
+(alternating, so drift on a shared machine hits all alike) over all layers; the read bandwidth is a streaming fp32
+sum over a 1 GB buffer, timed in the same rounds. Prints the median us per layer, the effective GB/s of weight
+bytes streamed, the ratio to bf16 and to the bandwidth. A benchmark, not a test.
 """
 
 from __future__ import annotations
