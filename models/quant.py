@@ -3,7 +3,9 @@
 One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4`) and GGUF blocks kept as they
 are: Q8_0 is INT8 with groups of 32; Q4_0 (w = d * (q - 8)), Q4_1 (w = d * q + m) and Q4_K (per 32-element
 sub-block: w = d * sc * q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in
-float32. A kernel reading this layout is correct when it equals `dequantize` followed by a float matmul.
+float32. A kernel reading this layout is correct when it equals `dequantize` followed by a float matmul, of the
+activations as given or, where the kernel multiplies integers (the cpu backend's packed rows, as llama.cpp does),
+of the activations rounded by `quantize_activation`: `dequantize(W) @ dequantize_activation(*quantize_activation(x))`.
 """
 
 from __future__ import annotations
@@ -84,3 +86,25 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     else:
         values = weight.codes.float().view(out, -1, group) * weight.scales[..., None]
     return values.reshape(out, in_features).to(dtype)
+
+
+ACTIVATION_BLOCK = 32  # consecutive input elements sharing one activation scale (llama.cpp's Q8_0 block)
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [..., in] (in a multiple of ACTIVATION_BLOCK) -> (int8 codes [..., in], float32 scales
+    [..., in // ACTIVATION_BLOCK]): per block d = max|x| / 127 and q = x * (1 / d) rounded to nearest even (q = 0
+    where d = 0), all in float32. Symmetric 8-bit, so a block's largest element keeps its value to 1/254 of it."""
+    if x.shape[-1] % ACTIVATION_BLOCK:
+        raise ValueError(f"activation width {x.shape[-1]} is not a multiple of {ACTIVATION_BLOCK}")
+    blocks = x.float().reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    scales = blocks.abs().amax(-1) / 127
+    inverse = torch.where(scales != 0, 1 / scales, torch.zeros_like(scales))
+    codes = torch.round(blocks * inverse[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(x.shape), scales
+
+
+def dequantize_activation(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_activation's meaning: float32 [..., in], each element code * its block's scale, rounded once."""
+    blocks = codes.float().reshape(*scales.shape, ACTIVATION_BLOCK) * scales[..., None]
+    return blocks.reshape(codes.shape)

@@ -1,13 +1,16 @@
 """Perplexity of builds on a fixed text: what quantising the weights costs in quality.
 
     python tools/eval_ppl.py BUILD [BUILD ...] [--text tools/data/declaration.txt] [--window 256] [--generate]
+                             [--max-batched-tokens N]
 
 The text (default: the Declaration of Independence, public domain, 8 KB) is tokenised once and cut into
 non-overlapping windows of --window tokens, each starting with the model's BOS token where it has one; every build
 scores the same windows through the engine's prompt logprobs (each token's log-probability given the tokens before
 it in its window). Perplexity = exp(mean negative log-likelihood) over all scored tokens. With --generate, each
-build's greedy completion of a chat prompt is printed too, to show the output stays sensible. An evaluation, not a
-test.
+build's greedy completion of a chat prompt is printed too, to show the output stays sensible. --max-batched-tokens
+caps the tokens of each engine step (the windows are then prefilled in chunks): at the cpu backend's packed-row
+limit (64) or below, a quantised build scores every token through the packed rows, activations quantised as in
+decode, rather than through the prefill path's float GEMM. An evaluation, not a test.
 """
 
 from __future__ import annotations
@@ -57,11 +60,14 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--window", type=int, default=256, help="tokens per scored window (default 256)")
     ap.add_argument("--generate", action="store_true", help="also print each build's greedy chat completion")
+    ap.add_argument("--max-batched-tokens", type=int, default=None,
+                    help="tokens per engine step (default: the engine's); 64 or fewer scores through the packed rows")
     args = ap.parse_args()
     text = args.text.read_text()
     rows = []
     for build in args.builds:
-        llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28)
+        limit = {} if args.max_batched_tokens is None else {"max_num_batched_tokens": args.max_batched_tokens}
+        llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28, **limit)
         ppl, count = perplexity(llm, windows(llm, text, args.window))
         size = sum(f.stat().st_size for f in build.glob("*.safetensors"))
         rows.append((str(build), describe(build), size, ppl, count))

@@ -23,6 +23,11 @@ ROW_TILE = 4
 # on the dev machine (tools/bench_quant.py's shapes, one thread): 1 KB 1.8x, 4 KB 2.4x, 16 KB 3.5x faster INT8 GEMV
 # than none
 PREFETCH_BYTES = 16384
+# the AVX512-VNNI rows: rows sharing each chunk of a token's quantised activations; 4 rows x 4 tokens is 16
+# accumulators + 4 code vectors + 4 lane-scale vectors in AVX-512's 32 registers
+VNNI_ROW_TILE = 4
+# the row ranges an including kernel should hand quant_rows (a multiple of both row tiles)
+QUANT_ROW_TILE = 16
 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
@@ -31,7 +36,8 @@ def supported(spec: ModelSpec, dtype: str) -> bool:
 
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
-    return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES}, {}
+    return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES,
+            "VNNI_ROW_TILE": VNNI_ROW_TILE, "QUANT_ROW_TILE": QUANT_ROW_TILE}, {}
 
 
 KERNEL = Kernel("cpu_quant_linear", op="quant_linear", language=Language.CPP, render=render, applies=supported,

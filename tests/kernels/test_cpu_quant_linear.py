@@ -1,16 +1,25 @@
-"""cpu_quant_linear (the cpu backend's compiled packed-weight GEMV and dequantiser) vs dequantize-then-matmul.
+"""cpu_quant_linear (the cpu backend's compiled packed-weight rows and dequantiser) vs its meaning in models/quant.py:
+dequantize(W) times the activations rounded by quantize_activation (int8 per block of 32), in float.
 
-Bounds, from the arithmetic (u = 2^-24, fp32's unit roundoff; gamma(n) = n u / (1 - n u)):
-- The reference is x @ dequantize(W)^T in fp32: each w_i = fl(fl(c_i s) + m) is within 2.01 u (|c_i s| + |m|) of
-  c_i s + m, and the matmul's sum of K products, in whatever order torch takes, is within gamma(K) sum |w_i x_i|
-  of the exact sum over those w_i.
-- The kernel sums the same terms regrouped (s * sum c_i x_i + m * sum x_i per group, vector lanes, group
-  totals): every term passes through fewer than K + 8 roundings, so it is within gamma(K + 8) A of the exact
-  sum_i (c_i s + m) x_i, where A = sum_i (|c_i s| + |m|) |x_i| + |b| (the bias add is one rounding more).
-Together |kernel - reference| <= (gamma(K) + gamma(K + 8) + 2.01 u) A <= 2 gamma(K + 10) A. A bfloat16 output is
+Bounds, from the arithmetic (u = 2^-24, fp32's unit roundoff; gamma(n) = n u / (1 - n u)). Write xq_i = q_i d_b
+for the exact product of an activation code and its block's scale, and xr_i = fl(q_i d_b) for the reference's
+dequantised activation; the kernel computes the same codes and scales as quantize_activation (every step one
+correctly rounded IEEE operation; the exact test below would catch a differing code).
+- The reference is xr @ dequantize(W)^T in fp32: each w_i = fl(fl(c_i s) + m) is within 2.01 u (|c_i s| + |m|) of
+  c_i s + m, each xr_i within u |xq_i| of xq_i, and the matmul's sum of K products, in whatever order torch takes,
+  is within gamma(K) sum |w_i xr_i| of the exact sum over those values.
+- The kernel sums the same terms regrouped. The integer rows (AVX512-VNNI) sum c_i q_i exactly in int32 per block
+  (at most 32 * 255 * 127, exact in fp32 too), then multiply by fl(d_b * s) (2 roundings) and accumulate; INT4 adds
+  min * fl(sum of the block-dequantised activations over the group) (fewer than 32 + 3 roundings a term). The float
+  rows multiply fp32 xr_i by the codes as before. Either way every term passes through fewer than K + 8 roundings,
+  so the kernel is within gamma(K + 8) A of the exact sum_i (c_i s + m) xq_i (plus u A for xr against xq), where
+  A = sum_i (|c_i s| + |m|) |xq_i| + |b| (the bias add is one rounding more).
+Together |kernel - reference| <= (gamma(K) + gamma(K + 8) + 3.01 u) A <= 2 gamma(K + 10) A. A bfloat16 output is
 then rounded once more: within 2^-8 of the kernel's fp32 value, relatively. This bound is far from loose enough
-to pass a wrong nibble, group or scale (those move results by O(A / K)), and a second test makes all arithmetic
-exact (small-integer x, power-of-two scales and mins) where the two must agree bit for bit.
+to pass a wrong nibble, group, scale, lane or activation block (those move results by O(A / K)), and a second
+test makes all arithmetic exact (activations whose quantisation is exact, power-of-two scales and mins, sums below
+2^24 of the finest unit) where the two must agree bit for bit. Each test runs every row code this CPU has: the
+integer rows (with AVX512-VNNI), the AVX-512 float rows and the AVX2 baseline's float rows.
 """
 
 from __future__ import annotations
@@ -25,13 +34,23 @@ from hypothesis_budget import examples
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.plan import make_plan
 from pllm.compiler.quantize import quantize_int4, quantize_int8
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize, pack_int4
-from pllm.runtime.backends.cpu.cpu_kernels import CpuQuantLinear
-from pllm.runtime.backends.cpu.cpu_ops import QUANT_GEMV_MAX_TOKENS, TorchOps
+from pllm.models.quant import (
+    QuantFormat,
+    QuantizedWeight,
+    QuantScheme,
+    dequantize,
+    dequantize_activation,
+    pack_int4,
+    quantize_activation,
+)
+from pllm.runtime.backends.cpu.cpu_ops import TorchOps
+from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
 
 from .conftest import compile_cpu_kernel, tiny_spec
 
-SETTINGS = settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `kernel` is function-scoped only to pick the row code; every example of a test runs under the same one
+SETTINGS = settings(max_examples=examples(30), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 U = 2.0**-24
 BF16_U = 2.0**-8
 
@@ -39,9 +58,21 @@ pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> CpuQuantLinear:
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> CpuQuantLinear:
     plan = make_plan(tiny_spec(), "bfloat16", 16, quant=QuantFormat(QuantScheme.INT4, 32))
     return CpuQuantLinear(compile_cpu_kernel(tmp_path_factory.mktemp("cpu_quant_linear"), plan, "cpu_quant_linear"))
+
+
+# the row codes (CpuQuantLinear.limit_isa): the best this CPU has (the integer rows with AVX512-VNNI), the float
+# rows, the AVX2 baseline's float rows; on a CPU without one the kernel runs the next below it
+ISA_LEVELS = {"best": 2, "float-rows": 1, "avx2": 0}
+
+
+@pytest.fixture(params=list(ISA_LEVELS))
+def kernel(compiled: CpuQuantLinear, request: pytest.FixtureRequest):
+    compiled.limit_isa(ISA_LEVELS[request.param])
+    yield compiled
+    compiled.limit_isa(2)
 
 
 def gamma(n: int) -> float:
@@ -49,8 +80,21 @@ def gamma(n: int) -> float:
 
 
 def random_weight(int4: bool, n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:
+    """INT4 at `group`; INT8 per channel when group == k, else grouped (GGUF's Q8_0 is INT8 in groups of 32)."""
     w = torch.randn((n, k), generator=gen) * 0.05 + 0.01 * torch.randn((n, 1), generator=gen)
-    return quantize_int4(w, group) if int4 else quantize_int8(w)
+    if int4:
+        return quantize_int4(w, group)
+    if group == k:
+        return quantize_int8(w)
+    blocks = w.view(n, -1, group)
+    scales = blocks.abs().amax(-1) / 127
+    codes = torch.round(blocks / scales[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    return QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, group))
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """The activations the packed rows multiply: x quantised per block of 32, dequantised to fp32."""
+    return dequantize_activation(*quantize_activation(x))
 
 
 def error_bound(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,28 +106,29 @@ def error_bound(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
     magnitude = (codes * weight.scales.double()[..., None]).abs()
     if weight.mins is not None:
         magnitude = magnitude + weight.mins.double().abs()[..., None]
-    a = x.double().abs() @ magnitude.reshape(n, k).T  # [T, N]
+    a = rounded(x).double().abs() @ magnitude.reshape(n, k).T  # [T, N] (|xq_i| = |xr_i| to within u, covered)
     if bias is not None:
         a = a + bias.double().abs()
     return 2 * gamma(k + 10) * a
 
 
 def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32: x @ dequantize(W)^T + b."""
-    return F.linear(x.float(), dequantize(weight), None if bias is None else bias.float())
+    """fp32: dequantize_activation(quantize_activation(x)) @ dequantize(W)^T + b."""
+    return F.linear(rounded(x), dequantize(weight), None if bias is None else bias.float())
 
 
 @SETTINGS
 @given(int4=st.booleans(), n=st.integers(1, 70), groups=st.integers(1, 6), group=st.sampled_from([32, 64, 128]),
-       num_tokens=st.integers(1, 2 * QUANT_GEMV_MAX_TOKENS), bf16=st.booleans(), with_bias=st.booleans(),
+       num_tokens=st.integers(1, QUANT_GEMV_MAX_TOKENS + 9), bf16=st.booleans(), with_bias=st.booleans(),
        seed=st.integers(0, 2**16))
 @example(int4=False, n=576, groups=1, group=576, num_tokens=1, bf16=True, with_bias=False, seed=0)  # SmolLM2 qkv
 @example(int4=True, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, seed=1)
 @example(int4=True, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, seed=2)  # tile remainder
-def test_gemv_equals_dequantize_then_matmul(kernel, int4, n, groups, group, num_tokens, bf16, with_bias, seed):
+@example(int4=False, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, seed=3)  # Q8_0-like
+def test_gemv_equals_its_reference(kernel, int4, n, groups, group, num_tokens, bf16, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    weight = random_weight(int4, n, k, group if int4 else k, gen)
+    weight = random_weight(int4, n, k, group if int4 or seed % 2 else k, gen)  # INT8 per channel or grouped
     x = torch.randn((num_tokens, k), generator=gen)
     x = x.bfloat16() if bf16 else x
     bias = torch.randn(n, generator=gen) if with_bias else None
@@ -98,26 +143,42 @@ def test_gemv_equals_dequantize_then_matmul(kernel, int4, n, groups, group, num_
     assert bool((err <= bound).all()), f"max excess {(err - bound).max():.3g}"
 
 
+def exact_activations(num_tokens: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """x whose quantisation is exact: per block of 32, d = 2^e (e in -2..0) and codes q, one of them +-127 (so max|x|
+    = 127 d and max|x| / 127 = d exactly), the rest in -8..8: x = q d, and quantize_activation gives back q and d."""
+    q = torch.randint(-8, 9, (num_tokens, k // 32, 32), generator=gen).float()
+    peak = torch.randint(0, 32, (num_tokens, k // 32, 1), generator=gen)
+    q.scatter_(-1, peak, 127.0 * (torch.randint(0, 2, peak.shape, generator=gen).float() * 2 - 1))
+    d = 2.0 ** torch.randint(-2, 1, (num_tokens, k // 32, 1), generator=gen).float()
+    return (q * d).reshape(num_tokens, k)
+
+
 @SETTINGS
 @given(int4=st.booleans(), n=st.integers(1, 40), groups=st.integers(1, 4), group=st.sampled_from([32, 64]),
-       num_tokens=st.integers(1, 9), bf16=st.booleans(), seed=st.integers(0, 2**16))
-def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, num_tokens, bf16, seed):
-    """Small-integer x, power-of-two scales and mins: every product and partial sum is an integer multiple of a
-    power of two below 2^24, so any summation order gives the same fp32 value, and the kernel must equal the
-    reference bit for bit: a misplaced nibble, group, scale or min cannot hide."""
+       per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per_channel, num_tokens, bf16, seed):
+    """Exactly quantisable activations, power-of-two scales and mins, small codes: every product and partial sum is
+    an integer multiple of 2^-6 below 2^23 * 2^-6 in magnitude (K <= 256: |c s q d| <= 15 * 2 * 127 or
+    15 * 0.25 * 127 (INT8 codes -15..15, scales <= 1/4), a block's |q| sum <= 127 + 31 * 8), so any summation order
+    gives the same fp32 value, and the kernel must equal the reference bit for bit: a misplaced nibble, group,
+    scale, min, lane or activation code cannot hide."""
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    g = groups if int4 else 1
-    scales = 2.0 ** torch.randint(-4, 2, (n, g), generator=gen).float()
+    if not int4 and per_channel:
+        group = k
+    g = k // group
     if int4:
+        scales = 2.0 ** torch.randint(-4, 2, (n, g), generator=gen).float()
         codes = pack_int4(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
-        mins = -(2.0 ** torch.randint(-3, 3, (n, g), generator=gen).float())
+        mins = -(2.0 ** torch.randint(-3, 2, (n, g), generator=gen).float())
         weight = QuantizedWeight(codes, scales, mins, QuantFormat(QuantScheme.INT4, group))
     else:
-        codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-        weight = QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, k))
-    x = torch.randint(-8, 9, (num_tokens, k), generator=gen).float()
-    x = x.bfloat16() if bf16 else x
+        scales = 2.0 ** torch.randint(-4, -1, (n, g), generator=gen).float()
+        codes = torch.randint(-15, 16, (n, k), generator=gen, dtype=torch.int8)
+        weight = QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, group))
+    x = exact_activations(num_tokens, k, gen)
+    assert torch.equal(rounded(x), x)  # the construction's claim
+    x = x.bfloat16() if bf16 else x  # q d is exact in bf16 too (|q| < 2^8)
     want = reference(x, weight, None)
     assert torch.equal(kernel.gemv(x, weight, None), want.to(x.dtype))
 
@@ -125,31 +186,35 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, num
 @SETTINGS
 @given(int4=st.booleans(), n=st.integers(1, 50), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
        bf16=st.booleans(), seed=st.integers(0, 2**16))
-def test_dequantize_is_bit_exact(kernel, int4, n, groups, group, bf16, seed):
+def test_dequantize_is_bit_exact(compiled, int4, n, groups, group, bf16, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
     weight = random_weight(int4, n, k, group if int4 else k, gen)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    assert torch.equal(kernel.dequantize(weight, dtype), dequantize(weight, dtype))
+    assert torch.equal(compiled.dequantize(weight, dtype), dequantize(weight, dtype))
 
 
 @pytest.mark.parametrize("num_tokens", [1, QUANT_GEMV_MAX_TOKENS, QUANT_GEMV_MAX_TOKENS + 1, 70])
 @pytest.mark.parametrize("with_kernel", [True, False])
-def test_ops_linear_and_mlp_take_packed_weights(kernel, num_tokens, with_kernel):
-    """TorchOps.linear: the GEMV up to QUANT_GEMV_MAX_TOKENS rows (within the bound above), beyond it (or with no
-    compiled kernel) exactly the float GEMM of dequantize(W) in x's dtype; mlp goes through linear."""
+def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kernel):
+    """TorchOps.linear: up to QUANT_GEMV_MAX_TOKENS rows the packed rows' meaning (the compiled rows within the
+    bound above; with no compiled kernel, the reference itself in PyTorch ops), beyond it exactly the float GEMM
+    of dequantize(W) in x's dtype; mlp goes through linear."""
     gen = torch.Generator().manual_seed(num_tokens)
-    ops = TorchOps(quant_kernel=kernel if with_kernel else None)
+    ops = TorchOps(quant_kernel=compiled if with_kernel else None)
     weight = random_weight(True, 96, 128, 32, gen)
     x = torch.randn((num_tokens, 128), generator=gen).bfloat16()
     got = ops.linear(x, weight)
-    float_path = F.linear(x, dequantize(weight, torch.bfloat16))
-    if with_kernel and num_tokens <= QUANT_GEMV_MAX_TOKENS:
-        want = reference(x, weight, None).double()
+    want = reference(x, weight, None)
+    if num_tokens > QUANT_GEMV_MAX_TOKENS:
+        assert torch.equal(got, F.linear(x, dequantize(weight, torch.bfloat16)))
+    elif with_kernel:
         bound = error_bound(x, weight, None)
+        want = want.double()
         assert bool(((got.double() - want).abs() <= bound + BF16_U * (want.abs() + bound)).all())
     else:
-        assert torch.equal(got, float_path)
-    down = random_weight(False, 128, 48, 48, gen)
+        assert torch.equal(got, want.bfloat16())
+    down = random_weight(False, 128, 48, 48, gen)  # no whole activation blocks: the float GEMM at any row count
     h = F.silu(got[:, :48]) * got[:, 48:]
     assert torch.equal(ops.mlp(x, weight, down), ops.linear(h, down))
+    assert torch.equal(ops.linear(h, down), F.linear(h, dequantize(down, torch.bfloat16)))

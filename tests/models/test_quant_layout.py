@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize, pack_int4, unpack_int4
+from pllm.models.quant import (
+    ACTIVATION_BLOCK,
+    QuantFormat,
+    QuantizedWeight,
+    QuantScheme,
+    dequantize,
+    dequantize_activation,
+    pack_int4,
+    quantize_activation,
+    unpack_int4,
+)
 
 
 def test_int4_nibbles_round_trip_with_even_elements_low():
@@ -43,3 +53,20 @@ def test_dequantize_int8_is_code_times_scale():
 def test_malformed_weights_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_activation_quantiser_rounds_each_block_to_its_own_scale():
+    """quantize_activation: per block of 32, d = max|x| / 127 and each element within d / 2 of code * d (plus fp32
+    rounding); an all-zero block keeps scale 0 and codes 0; a width that is not whole blocks is refused."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((3, 4 * ACTIVATION_BLOCK), generator=gen) * torch.tensor([1e-3, 1.0, 1e3, 0.0]).repeat_interleave(
+        ACTIVATION_BLOCK)
+    codes, scales = quantize_activation(x)
+    assert codes.dtype == torch.int8 and scales.shape == (3, 4)
+    blocks = x.view(3, 4, ACTIVATION_BLOCK)
+    assert torch.equal(scales, blocks.abs().amax(-1) / 127)
+    assert int(codes.abs().max()) == 127 and bool((codes.view(3, 4, -1)[:, 3] == 0).all())
+    err = (dequantize_activation(codes, scales) - x).view(3, 4, -1).abs()
+    assert bool((err <= scales[..., None] * (0.5 + 1e-5)).all())
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        quantize_activation(torch.zeros(2, 48))

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
-from pllm.models.quant import QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, why_no_decode_step
+from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
 ISA_CAPABILITIES = {"avx2-fma": ("AVX2", "AVX512")}
@@ -184,74 +184,6 @@ class CpuRopeKvWrite:
             num_tokens, torch.get_num_threads(),
         )
         return q_out, k_out
-
-
-QUANT_LANES = 16  # the kernel's vector width (compiler/kernels/cpu_quant_linear.py): groups are whole vectors
-
-
-class CpuQuantLinear:
-    """kernels/cpu_quant_linear.so: y = x W^T + b reading W packed (GEMV), or W dequantised for the float GEMM."""
-
-    def __init__(self, library: Path):
-        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._gemv = _load_function(library, "pllm_quant_gemv",
-                                    [ptr, i32, i64, i64, i64, ptr, i32, i64, ptr, ptr, ptr, ptr, i32])
-        self._dequantize = _load_function(library, "pllm_dequantize", [ptr, i32, i64, i64, i64, ptr, ptr, ptr, i32,
-                                                                       i32])
-        self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments), see _prepared
-
-    @staticmethod
-    def accepts(weight: QuantizedWeight) -> bool:
-        """Whether the kernel reads this weight's groups: whole vectors of codes (16 INT8 or 32 INT4 weights)."""
-        int4 = weight.fmt.scheme is QuantScheme.INT4
-        return weight.fmt.group_size % (2 * QUANT_LANES if int4 else QUANT_LANES) == 0 and all(
-            t is None or (t.is_contiguous() and t.device.type == "cpu") for t in (weight.codes, weight.scales,
-                                                                                   weight.mins))
-
-    def _prepared(self, weight: QuantizedWeight) -> tuple | None:
-        """The kernel's view of a weight, checked once: (n, k, codes, int4, group, scales, mins) sizes and
-        pointers, or None when it does not accept the weight. Kept with the weight itself, so its id is never
-        reused while the entry lives (a model's weights live as long as the model)."""
-        entry = self._weights.get(id(weight))
-        if entry is None:
-            n, k = weight.shape
-            int4 = weight.fmt.scheme is QuantScheme.INT4
-            args = (n, k, weight.codes.data_ptr(), int(int4), weight.fmt.group_size, weight.scales.data_ptr(),
-                    weight.mins.data_ptr() if int4 else None) if self.accepts(weight) else None
-            entry = self._weights[id(weight)] = (weight, args)
-        return entry[1]
-
-    def runs(self, weight: QuantizedWeight) -> bool:
-        """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""
-        return self._prepared(weight) is not None
-
-    def gemv(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, K] fp32 or bf16 -> [T, N] in x's dtype, accumulated in fp32 and rounded once."""
-        prepared = self._prepared(weight)
-        assert prepared is not None, f"the kernel does not read {weight.fmt}"
-        n, k, codes, int4, group, scales, mins = prepared
-        assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous(), (x.shape, x.stride(), weight.shape)
-        bf16 = x.dtype == torch.bfloat16
-        assert bf16 or x.dtype == torch.float32, x.dtype
-        bias32 = None if bias is None else bias.float().contiguous()
-        assert bias32 is None or bias32.shape == (n,), bias32.shape
-        out = torch.empty((x.shape[0], n), dtype=x.dtype)
-        status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, int4, group, scales, mins,
-                            None if bias32 is None else bias32.data_ptr(), out.data_ptr(), torch.get_num_threads())
-        if status != 0:
-            raise MemoryError("cpu quantised GEMV could not allocate its scratch buffer")
-        return out
-
-    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-        """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass."""
-        n, k = weight.shape
-        assert dtype in (torch.float32, torch.bfloat16) and self.accepts(weight), (dtype, weight.fmt)
-        out = torch.empty((n, k), dtype=dtype)
-        int4 = weight.fmt.scheme is QuantScheme.INT4
-        self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size, weight.scales.data_ptr(),
-                         weight.mins.data_ptr() if int4 else None, out.data_ptr(), int(dtype == torch.bfloat16),
-                         torch.get_num_threads())
-        return out
 
 
 CpuKernel = CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | CpuQuantLinear | CpuDecodeStep

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
-from pllm.models.quant import QuantizedWeight, dequantize
+from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
 from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_kernels import (
     CpuDecodeAttention,
-    CpuQuantLinear,
     CpuRmsNorm,
     CpuRopeKvWrite,
     check_step_rows,
 )
 from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
+from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
 
 logger = logging.getLogger("pllm")
 
@@ -50,10 +50,6 @@ def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     return (normed * (offset + weight.float())).to(x.dtype)
 
 
-# Packed weights: up to this many token rows the GEMV reads the codes directly (its cost is one pass over W, and
-# each further tile of 4 tokens re-reads the row from L1); above it, W is dequantised once for the float GEMM,
-# whose cost then dominates (tools/bench_quant.py measures both sides of the crossover)
-QUANT_GEMV_MAX_TOKENS = 16
 PADDED_LORA_WASTE = 2  # the padded batched path when padding at most doubles the rows computed
 
 
@@ -79,6 +75,7 @@ class TorchOps:
         # (data_ptr, shape, stride, dtype) -> (the weight, kept alive so no other tensor reuses its address; its
         # oneDNN-packed copy, None: not packable)
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._dequantized: dict[tuple, torch.Tensor] = {}  # (out, in, dtype) -> the prefill path's weight buffer
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         # window (None: whole context) -> that step's decode rows and mask
         self._decode_cached: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -240,16 +237,26 @@ class TorchOps:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """Few rows: the compiled GEMV over the packed codes. Many (prefill), or no compiled kernel: W dequantised to
-        x's dtype (compiled, or models.quant.dequantize) and the float GEMM."""
+        """Up to QUANT_GEMV_MAX_TOKENS rows: the packed rows, whose activations are quantised per block
+        (models.quant.quantize_activation; without a compiled kernel, the same meaning in PyTorch ops). More
+        (prefill): W dequantised to x's dtype (compiled, or models.quant.dequantize) and the float GEMM of x."""
         kernel = self.quant_kernel
         x2 = x.reshape(-1, x.shape[-1])
         usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
-        if usable and x2.shape[0] <= QUANT_GEMV_MAX_TOKENS:
+        packed_rows = x2.shape[0] <= QUANT_GEMV_MAX_TOKENS
+        if usable and packed_rows:
             y = kernel.gemv(x2.contiguous(), weight, bias)
-        else:
-            w = kernel.dequantize(weight, x.dtype) if usable else dequantize(weight, x.dtype)
+        elif packed_rows and x2.shape[1] % ACTIVATION_BLOCK == 0:
+            xq = dequantize_activation(*quantize_activation(x2))
+            y = F.linear(xq, dequantize(weight), None if bias is None else bias.float()).to(x.dtype)
+        elif usable:  # into one buffer per shape, reused: the result is consumed before the next call
+            key = (*weight.shape, x.dtype)
+            if key not in self._dequantized:
+                self._dequantized[key] = torch.empty(weight.shape, dtype=x.dtype)
+            w = kernel.dequantize(weight, x.dtype, out=self._dequantized[key])
             y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        else:
+            y = F.linear(x2, dequantize(weight, x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,99 @@
+"""The build's compiled packed-weight linear (kernels/cpu_quant_linear.so): y = x W^T + b reading W packed (the
+GEMV/GEMM over the codes, up to QUANT_GEMV_MAX_TOKENS rows), or W dequantised for the float GEMM (beyond)."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
+
+# Packed weights: up to this many token rows the kernel reads the codes directly (one pass over W, each chunk of
+# codes meeting 4 tokens at a time from registers; with AVX512-VNNI the activations quantised per block of 32 and
+# multiplied as integers); above it, W is dequantised once for the float GEMM, whose cost then dominates. Measured
+# by tools/bench_quant.py (README "Quantised weights"): the packed rows beat bf16's oneDNN GEMM through 64 rows.
+QUANT_GEMV_MAX_TOKENS = 64
+# the kernel's input chunk (templates/cpu_quant_vnni.cpp.inc): widths it does not divide take the float rows
+VNNI_CHUNK = 64
+
+
+class CpuQuantLinear:
+    """kernels/cpu_quant_linear.so: the packed rows (`gemv`, any token count) and the dequantiser (`dequantize`)."""
+
+    def __init__(self, library: Path):
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
+        self._gemv = lib.pllm_quant_gemv
+        self._gemv.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i64, ptr, ptr, ptr, ptr, i32]
+        self._dequantize = lib.pllm_dequantize
+        self._dequantize.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, ptr, i32, i32]
+        self._set_isa = lib.pllm_quant_set_isa
+        self._set_isa.argtypes = [i32]
+        for fn in (self._gemv, self._dequantize, self._set_isa):
+            fn.restype = ctypes.c_int
+        self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments), see _prepared
+
+    def limit_isa(self, level: int) -> None:
+        """Which row code runs (for tests and benchmarks): 2 the best this CPU has, 1 the float rows even with
+        AVX512-VNNI, 0 the AVX2 baseline's float rows. Both kinds compute the same meaning (module docstring of
+        models/quant.py) in another order."""
+        assert level in (0, 1, 2), level
+        self._set_isa(level)
+
+    @staticmethod
+    def accepts(weight: QuantizedWeight) -> bool:
+        """Whether the kernel reads this weight: groups of whole activation blocks (32 elements), contiguous."""
+        return weight.fmt.group_size % ACTIVATION_BLOCK == 0 and all(
+            t is None or (t.is_contiguous() and t.device.type == "cpu") for t in (weight.codes, weight.scales,
+                                                                                   weight.mins))
+
+    def _prepared(self, weight: QuantizedWeight) -> tuple | None:
+        """The kernel's view of a weight, checked once: (n, k, codes, int4, group, scales, mins) sizes and
+        pointers, or None when it does not accept the weight. Kept with the weight itself, so its id is never
+        reused while the entry lives (a model's weights live as long as the model)."""
+        entry = self._weights.get(id(weight))
+        if entry is None:
+            n, k = weight.shape
+            int4 = weight.fmt.scheme is QuantScheme.INT4
+            args = (n, k, weight.codes.data_ptr(), int(int4), weight.fmt.group_size, weight.scales.data_ptr(),
+                    weight.mins.data_ptr() if int4 else None) if self.accepts(weight) else None
+            entry = self._weights[id(weight)] = (weight, args)
+        return entry[1]
+
+    def runs(self, weight: QuantizedWeight) -> bool:
+        """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""
+        return self._prepared(weight) is not None
+
+    def gemv(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, K] fp32 or bf16 -> [T, N] in x's dtype: dequantize(W) times x's activations as quantised by
+        models.quant.quantize_activation, accumulated in fp32 and rounded once."""
+        prepared = self._prepared(weight)
+        assert prepared is not None, f"the kernel does not read {weight.fmt}"
+        n, k, codes, int4, group, scales, mins = prepared
+        assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous(), (x.shape, x.stride(), weight.shape)
+        bf16 = x.dtype == torch.bfloat16
+        assert bf16 or x.dtype == torch.float32, x.dtype
+        bias32 = None if bias is None else bias.float().contiguous()
+        assert bias32 is None or bias32.shape == (n,), bias32.shape
+        out = torch.empty((x.shape[0], n), dtype=x.dtype)
+        status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, int4, group, scales, mins,
+                            None if bias32 is None else bias32.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("cpu quantised GEMV could not allocate its scratch buffer")
+        return out
+
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass; into `out` when given (a
+        buffer kept between calls: a fresh one of a large weight costs more in page faults than the pass itself)."""
+        n, k = weight.shape
+        assert dtype in (torch.float32, torch.bfloat16) and self.accepts(weight), (dtype, weight.fmt)
+        if out is None:
+            out = torch.empty((n, k), dtype=dtype)
+        assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous(), (out.shape, out.dtype)
+        int4 = weight.fmt.scheme is QuantScheme.INT4
+        self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size, weight.scales.data_ptr(),
+                         weight.mins.data_ptr() if int4 else None, out.data_ptr(), int(dtype == torch.bfloat16),
+                         torch.get_num_threads())
+        return out
