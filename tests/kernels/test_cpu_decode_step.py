@@ -20,7 +20,7 @@ from pllm.compiler.quantize import quantize_int4, quantize_int8
 from pllm.compiler.render import render_plan
 from pllm.models.llama import LlamaModel, weight_layout
 from pllm.models.ops import AttentionMetadata
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
+from pllm.models.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu.cpu_decode_step import (
     MAX_COMPILED_BATCH,
     MAX_COMPILED_BATCH_PACKED,
@@ -297,13 +297,14 @@ FORMATS = {"int8": None, "q8_0": QuantFormat(QuantScheme.INT8, 32), "int4-32": Q
            "int4-64": QuantFormat(QuantScheme.INT4, 64)}
 BUILDS = (*FORMATS, "mixed")
 # Shapes whose every linear input width is a whole number of 64-weight groups (so each format applies), but for
-# "odd-rows-3" (int8 and mixed builds): output rows that leave a part of PACKED_ROWS over (240, 208, 144)
+# "odd-rows-3" (int8, q8_0, int4-32 and mixed builds): inputs of whole 32-element activation blocks only (the packed
+# rows' unit), and output rows that share out unevenly over the threads (320, 160, 448 in PACKED_ROWS items)
 QUANT_SPECS = {
     "smollm2-like-1": SPECS["smollm2-like-1"],
     "qwen2-bias-3": dict(num_layers=3, hidden_size=128, intermediate_size=384, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, attention_bias=True),
-    "odd-rows-3": dict(num_layers=3, hidden_size=144, intermediate_size=208, num_attention_heads=9,
-                       num_key_value_heads=3, head_dim=16),
+    "odd-rows-3": dict(num_layers=3, hidden_size=160, intermediate_size=224, num_attention_heads=10,
+                       num_key_value_heads=5, head_dim=16),
 }
 
 
@@ -342,7 +343,9 @@ def packer(build: str) -> Callable:
 def fits(spec, build: str) -> bool:
     """Whether every linear of the spec takes the build's format whole (else it would silently be a mixed build)."""
     fmt = FORMATS.get(build)
-    return fmt is None or all(k % fmt.group_size == 0 for k in (spec.hidden_size, spec.q_size, spec.intermediate_size))
+    widths = (spec.hidden_size, spec.q_size, spec.intermediate_size)
+    return all(k % ACTIVATION_BLOCK == 0 for k in widths) and (fmt is None or all(k % fmt.group_size == 0
+                                                                                  for k in widths))
 
 
 # Bounds with packed weights. Each packed linear runs the per-op path's own code (cpu_quant_linear's quant_prepare
@@ -353,7 +356,12 @@ def fits(spec, build: str) -> bool:
 # into at most d * sum|w_i x_i| <= d * |x|_2 <= d * sqrt(n) * max|x| (rows of norm ~1, Cauchy-Schwarz): per layer
 # 8 sqrt(n) u of the row's scale, n the widest input, against the float step's 8 n u. In bfloat16 such a change
 # flips a rounding to bf16 now and then, and a flipped element feeds every later op as in the float step's case:
-# the same 6 bf16 ulps per layer (most steps come out bit for bit equal).
+# the same 6 bf16 ulps per layer (most steps come out bit for bit equal). Only bfloat16 is compared here: the packed
+# rows round their input to int8 per 32-element block (models.quant.quantize_activation), and in float32 the
+# norms' few-ulp differences land an element on the other side of a rounding boundary now and then, a whole
+# quantisation step that no ulp bound covers; in bfloat16 the norms are the same code and the step's inputs to every
+# packed linear are bit for bit the per-op path's. Float32 packed steps are proven by their greedy tokens
+# (tests/models/test_quant_decode_step.py).
 def packed_bound(spec, dtype: str) -> float:
     layers = spec.num_hidden_layers + 1
     if dtype == "bfloat16":
@@ -363,16 +371,15 @@ def packed_bound(spec, dtype: str) -> float:
 
 
 @SETTINGS
-@given(shape=st.sampled_from(sorted(QUANT_SPECS)), dtype=st.sampled_from(["float32", "bfloat16"]),
-       build=st.sampled_from(BUILDS),
+@given(shape=st.sampled_from(sorted(QUANT_SPECS)), dtype=st.just("bfloat16"), build=st.sampled_from(BUILDS),
        context_lens=st.lists(st.integers(0, 70), min_size=1, max_size=MAX_COMPILED_BATCH_PACKED),
        seed=st.integers(0, 2**16))
 @example(shape="smollm2-like-1", dtype="bfloat16", build="int8", context_lens=[15], seed=0)  # batch 1
-@example(shape="smollm2-like-1", dtype="float32", build="int4-64", context_lens=[0, 16, 31, 47], seed=1)
+@example(shape="smollm2-like-1", dtype="bfloat16", build="int4-64", context_lens=[0, 16, 31, 47], seed=1)
 @example(shape="qwen2-bias-3", dtype="bfloat16", build="int4-32", context_lens=list(range(0, 80, 5)), seed=2)
-@example(shape="qwen2-bias-3", dtype="float32", build="mixed", context_lens=[70, 1, 9], seed=3)
+@example(shape="qwen2-bias-3", dtype="bfloat16", build="mixed", context_lens=[70, 1, 9], seed=3)
 @example(shape="odd-rows-3", dtype="bfloat16", build="mixed", context_lens=[3, 40], seed=4)
-@example(shape="odd-rows-3", dtype="float32", build="int8", context_lens=[5] * MAX_COMPILED_BATCH_PACKED, seed=5)
+@example(shape="odd-rows-3", dtype="bfloat16", build="int8", context_lens=[5] * MAX_COMPILED_BATCH_PACKED, seed=5)
 def test_step_with_packed_weights_equals_the_per_op_packed_path(build_ops, shape, dtype, build, context_lens, seed):
     spec = layered_spec(**QUANT_SPECS[shape])
     assume(fits(spec, build))
@@ -408,3 +415,18 @@ def test_packed_weights_the_step_cannot_read_run_per_op(build_ops, caplog):
         model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
     assert model.decode_stack is None
     assert "layer 1 down: int8 groups of 8, the kernel reads groups of whole 16-weight vectors" in caplog.text
+
+
+def test_packed_groups_of_part_of_an_activation_block_run_per_op(build_ops, caplog):
+    """int8 groups of 16 (whole vectors of codes, half an activation block): the model decodes op by op, and says
+    why, rather than reading past the block the packed rows quantise."""
+    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
+    compiled = build_ops(spec, "float32", packed=True)[1]
+    weights = packer("int8")(random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), None)
+    w = weights["layers.1.down_proj"]
+    weights["layers.1.down_proj"] = QuantizedWeight(w.codes, w.scales.repeat(1, w.shape[1] // 16),
+                                                    None, QuantFormat(QuantScheme.INT8, 16))
+    with caplog.at_level("INFO", logger="pllm"):
+        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    assert model.decode_stack is None
+    assert "layer 1 down: int8 groups of 16, the packed rows read groups of whole 32-element activation" in caplog.text

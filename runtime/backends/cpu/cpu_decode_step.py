@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pllm.models.ops import AttentionMetadata
-from pllm.models.quant import QuantizedWeight, QuantScheme
+from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
 
 logger = logging.getLogger("pllm")
@@ -191,6 +191,9 @@ class CpuDecodeStep:
             return f"packed {tuple(w.shape)}, the kernel reads {shape}"
         if group % vector:
             return f"{w.fmt.scheme.value} groups of {group}, the kernel reads groups of whole {vector}-weight vectors"
+        if group % ACTIVATION_BLOCK:  # the packed rows quantise their input in whole blocks (models/quant.py)
+            return (f"{w.fmt.scheme.value} groups of {group}, the packed rows read groups of whole "
+                    f"{ACTIVATION_BLOCK}-element activation blocks")
         if not all(t.is_contiguous() and t.device.type == "cpu" for t in _tensors(w) if t is not None):
             return "packed tensors not contiguous on the cpu"
         mins = w.mins.data_ptr() if w.mins is not None else 0
