@@ -403,30 +403,20 @@ def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog):
     assert not model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED + 1]])
 
 
-def test_packed_weights_the_step_cannot_read_run_per_op(build_ops, caplog):
-    """Groups of part of a vector of codes (here int8 groups of 8): the model decodes op by op, and says why."""
+@pytest.mark.parametrize("group, why", [
+    (8, "int8 groups of 8, the kernel reads groups of whole 16-weight vectors"),  # part of a vector of codes
+    # whole vectors of codes, half the activation block the packed rows quantise: not read past the block
+    (16, "int8 groups of 16, the packed rows read groups of whole 32-element activation"),
+])
+def test_packed_weights_the_step_cannot_read_run_per_op(build_ops, caplog, group, why):
+    """Groups the step cannot read: the model decodes op by op, and says why."""
     spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
     compiled = build_ops(spec, "float32", packed=True)[1]
     weights = packer("int8")(random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), None)
     w = weights["layers.1.down_proj"]
-    weights["layers.1.down_proj"] = QuantizedWeight(w.codes, w.scales.repeat(1, w.shape[1] // 8),
-                                                    None, QuantFormat(QuantScheme.INT8, 8))
+    weights["layers.1.down_proj"] = QuantizedWeight(w.codes, w.scales.repeat(1, w.shape[1] // group),
+                                                    None, QuantFormat(QuantScheme.INT8, group))
     with caplog.at_level("INFO", logger="pllm"):
         model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
     assert model.decode_stack is None
-    assert "layer 1 down: int8 groups of 8, the kernel reads groups of whole 16-weight vectors" in caplog.text
-
-
-def test_packed_groups_of_part_of_an_activation_block_run_per_op(build_ops, caplog):
-    """int8 groups of 16 (whole vectors of codes, half an activation block): the model decodes op by op, and says
-    why, rather than reading past the block the packed rows quantise."""
-    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
-    compiled = build_ops(spec, "float32", packed=True)[1]
-    weights = packer("int8")(random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), None)
-    w = weights["layers.1.down_proj"]
-    weights["layers.1.down_proj"] = QuantizedWeight(w.codes, w.scales.repeat(1, w.shape[1] // 16),
-                                                    None, QuantFormat(QuantScheme.INT8, 16))
-    with caplog.at_level("INFO", logger="pllm"):
-        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
-    assert model.decode_stack is None
-    assert "layer 1 down: int8 groups of 16, the packed rows read groups of whole 32-element activation" in caplog.text
+    assert f"layer 1 down: {why}" in caplog.text
