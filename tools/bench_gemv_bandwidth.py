@@ -3,8 +3,9 @@
     chrt -f 10 python tools/bench_gemv_bandwidth.py [--dtypes bfloat16,float32] [--batches 1,2,4,8,16,32,64]
                                                     [--models smollm2-135m,llama-1b] [--tiles 4x4p2s16,4x4p2s0]
 
-For each linear of SmolLM2-135M (qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576) and of a 1B llama
-(TinyLlama's shapes: hidden 2048, intermediate 5632, 32 heads, 4 KV heads) and each batch size, the weight matrix is
+For each linear of SmolLM2-135M (qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576, and the LM head
+576->49152) and of a 1B llama (TinyLlama's shapes: hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocabulary
+32000) and each batch size, the weight matrix is
 copied until the copies fill >= --stream-mib (far past the 32 MiB L3), and one pass multiplies the same activations
 by every copy in turn, as a decode step streams its layers' weights. Timed are:
 
@@ -53,6 +54,7 @@ MODELS = {  # hidden, intermediate, heads, kv heads, head_dim
     "smollm2-135m": (576, 1536, 9, 3, 64),
     "llama-1b": (2048, 5632, 32, 4, 64),
 }
+VOCAB = {"smollm2-135m": 49152, "llama-1b": 32000}  # the LM head's rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +92,12 @@ def make_spec(model: str) -> ModelSpec:
 
 
 def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
-    """name -> (out_features, in_features) of the layer's four weight matrices, as the runtime lays them out."""
+    """name -> (out_features, in_features) of the layer's four weight matrices, as the runtime lays them out, and
+    of the LM head."""
     hidden, intermediate, heads, kv_heads, head_dim = MODELS[model]
     q, kv = heads * head_dim, kv_heads * head_dim
     return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * intermediate, hidden),
-            "down": (hidden, intermediate)}
+            "down": (hidden, intermediate), "lm_head": (VOCAB[model], hidden)}
 
 
 def compile_step(dtype: str, tiles: Tiles, out: Path) -> CpuDecodeStep:
@@ -231,7 +234,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--linears", default="qkv,o,gate_up,down")
+    ap.add_argument("--linears", default="qkv,o,gate_up,down,lm_head")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--tiles", default=None, help="comma-separated GEMV renderings to compare, ROWxBATCHpPREFETCH"
                     "[sKIB] (ROW_TILE, BATCH_TILE, PREFETCH_TILES, SEQUENTIAL_X_BYTES / 1024; default: the build's "

@@ -28,10 +28,16 @@ PREFETCH_TILES = 2
 # took batches 1-4 from ~0.7 to 0.85-0.9 of the read bandwidth on the AVX-512 BF16 VM (tools/bench_gemv_bandwidth.py)
 PREFETCH_ROWS = 8
 SEQUENTIAL_X_BYTES = 16384
+# ... and only up to this many sequences: a row at a time is BATCH_TILE accumulator chains, too few to hide the
+# dot product's latency past 4 (batch 8 on SmolLM2's linears: 0.36-0.71 of the read bandwidth a row at a time,
+# 0.53-0.76 in tiles of 4 rows)
+SEQUENTIAL_MAX_BATCH = 4
 # Packed weights (builds that keep some): output rows per work-sharing item of a packed GEMV, handed whole to the
 # packed linear's row code (cpu_quant_linear), which takes them 4 at a time; 32 rows of INT8 codes of a 576-wide
 # model are 18 KB, enough per item to keep the prefetcher streaming and few enough items to share out evenly
 PACKED_ROWS = 32
+# Up to this many rows each thread quantises a packed linear's input itself rather than wait for one thread to
+PRIVATE_PREPARE_ROWS = 4
 PARALLEL_MIN_TOKENS = 1  # the included kernels' entry points (unused here) read it; the step threads every phase
 COMPILE_FLAGS = ROPE_COMPILE_FLAGS  # the included RoPE rounds as PyTorch does: no contraction, no fast-math
 
@@ -79,7 +85,9 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "PREFETCH_TILES": PREFETCH_TILES,
         "PREFETCH_ROWS": PREFETCH_ROWS,
         "SEQUENTIAL_X_BYTES": SEQUENTIAL_X_BYTES,
+        "SEQUENTIAL_MAX_BATCH": SEQUENTIAL_MAX_BATCH,
         "PACKED_ROWS": PACKED_ROWS,
+        "PRIVATE_PREPARE_ROWS": PRIVATE_PREPARE_ROWS,
         # the included packed linear's own constants, renamed so they do not meet the step's (the template gives
         # them back their names around the include)
         **{f"QUANT_{name}": value for name, value in cpu_quant_linear.render(spec, dtype, block_size)[0].items()},

@@ -47,6 +47,13 @@ MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 16}
 # README, tools/bench_decode_step.py --quantization)
 MAX_COMPILED_BATCH_PACKED = 16
 
+# The step's GEMV reads rows of whole vectors of this many elements (the plan's LANES)
+GEMV_LANES = 8
+# Ops.linear of bf16 weights runs the step's GEMV up to this many rows of x (past it oneDNN's GEMM): the LM head of
+# SmolLM2 (49152 x 576) streamed at 49 against 40 GB/s at batch 1, 40 against 30 at batch 4
+# (tools/bench_gemv_bandwidth.py --linears lm_head)
+GEMV_LINEAR_MAX_ROWS = 4
+
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
 NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
@@ -92,6 +99,13 @@ class CpuDecodeStep:
     def max_batch(self) -> int:
         """The most sequences a step of this build runs compiled (a build with packed weights: their limit)."""
         return MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[self.dtype]
+
+    def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether Ops.linear should hand x @ weight.T to gemv: bf16, at most GEMV_LINEAR_MAX_ROWS rows of x, rows
+        of whole vectors."""
+        return (self.dtype == torch.bfloat16 and weight.dtype == x.dtype == self.dtype and weight.dim() == 2
+                and weight.is_contiguous() and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1]
+                and weight.shape[1] % GEMV_LANES == 0 and x.numel() <= GEMV_LINEAR_MAX_ROWS * weight.shape[1])
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""
