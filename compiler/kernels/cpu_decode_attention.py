@@ -27,7 +27,15 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "PREFETCH_TOKENS": PREFETCH_TOKENS,
     }
     quirk_constants, quirk_options = attention_quirks(spec)
-    return {**constants, **quirk_constants}, {"bf16_cache": dtype == "bfloat16", **quirk_options}
+    options = {"bf16_cache": dtype == "bfloat16", **quirk_options}
+    return {**constants, **quirk_constants}, {**options, "simd_bf16": simd_bf16(options)}
+
+
+def simd_bf16(options: dict[str, bool]) -> bool:
+    """Whether the kernel carries its AVX-512 BF16 code (chosen at load where the CPU has it): bf16 caches, no
+    window, no soft-cap (the code also needs head rows of whole 32-element pairs and blocks of whole 16-token tiles,
+    which the template checks)."""
+    return options["bf16_cache"] and not options["sliding_window"] and not options["softcap"]
 
 
 KERNEL = Kernel("cpu_decode_attention", op="decode_attention", language=Language.CPP, render=render,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pllm.compiler.kernels import cpu_quant_linear
+from pllm.compiler.kernels import cpu_decode_attention, cpu_quant_linear
 from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
 from pllm.compiler.kernels.cpu_decode_attention import PREFETCH_TOKENS
 from pllm.compiler.kernels.cpu_rope_kv_write import COMPILE_FLAGS as ROPE_COMPILE_FLAGS
@@ -95,7 +95,7 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
     bf16 = dtype == "bfloat16"
     options = {"bf16": bf16, "bf16_cache": bf16, "qkv_bias": spec.attention_bias, "qk_norm": spec.qk_norm,
                "sliding_window": False, "softcap": False}
-    return constants, options
+    return constants, {**options, "simd_bf16": cpu_decode_attention.simd_bf16(options)}
 
 
 KERNEL = Kernel("cpu_decode_step", op="decode_step", language=Language.CPP, render=render, applies=supported,

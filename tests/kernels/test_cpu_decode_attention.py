@@ -52,10 +52,12 @@ def cpu_attention(tmp_path_factory: pytest.TempPathFactory):
 
 
 def check(cpu_attention, paged_kv, attention_reference, *, dtype: str, head_dim: int, num_kv_heads: int,
-          group_size: int, block_size: int, seq_lens: list[int], seed: int) -> None:
+          group_size: int, block_size: int, seq_lens: list[int], seed: int, simd: bool = True) -> None:
+    """simd: bf16 items by the AVX-512 BF16 code where the kernel and CPU have it (else the generic code)."""
     num_heads = num_kv_heads * group_size
     kernel = cpu_attention(dtype=dtype, block_size=block_size, head_dim=head_dim, num_attention_heads=num_heads,
                            num_key_value_heads=num_kv_heads)
+    kernel.use_simd(simd)
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     kv = paged_kv(seq_lens, num_kv_heads, head_dim, block_size, torch_dtype, "cpu", gen)
@@ -67,7 +69,10 @@ def check(cpu_attention, paged_kv, attention_reference, *, dtype: str, head_dim:
     out = torch.full_like(q, 7.0)
     scale = head_dim**-0.5
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-    kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens_t, q_rows, max(seq_lens), scale, out)
+    try:
+        kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens_t, q_rows, max(seq_lens), scale, out)
+    finally:
+        kernel.use_simd(True)  # the kernel is cached for later tests
     for i, row in enumerate(q_rows.tolist()):
         expected = attention_reference(q[row : row + 1].float(), kv.keys[i], kv.values[i], scale)
         torch.testing.assert_close(out[row : row + 1].double(), expected, **TOLERANCES[dtype])
@@ -89,12 +94,12 @@ def context_lengths(draw: st.DrawFn, block_size: int) -> int:
 @SETTINGS
 @given(data=st.data(), dtype=st.sampled_from(["float32", "bfloat16"]), head_dim=st.sampled_from([64, 80, 128]),
        num_kv_heads=st.sampled_from([1, 2]), group_size=st.sampled_from([1, 3, 8]),
-       block_size=st.sampled_from([8, 16, 32]), seed=st.integers(0, 2**16))
+       block_size=st.sampled_from([8, 16, 32]), seed=st.integers(0, 2**16), simd=st.booleans())
 def test_matches_reference(cpu_attention, paged_kv, attention_reference, data, dtype, head_dim, num_kv_heads,
-                           group_size, block_size, seed):
+                           group_size, block_size, seed, simd):
     seq_lens = data.draw(st.lists(context_lengths(block_size), min_size=1, max_size=5))
     check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
-          group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=seed)
+          group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=seed, simd=simd)
 
 
 @pytest.mark.parametrize(
@@ -106,10 +111,32 @@ def test_matches_reference(cpu_attention, paged_kv, attention_reference, data, d
         ("float32", 8, 2, 1, 16, [3, 40]),  # one vector per head row, no GQA
     ],
 )
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "generic"])
 def test_awkward_shapes(cpu_attention, paged_kv, attention_reference, dtype, head_dim, num_kv_heads, group_size,
-                        block_size, seq_lens):
+                        block_size, seq_lens, simd):
     check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
-          group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=0)
+          group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=0, simd=simd)
+
+
+def test_bf16_items_run_the_avx512_code_where_the_cpu_has_it(cpu_attention):
+    """The SIMD code is compiled into bf16 kernels of whole-32 head rows and whole-16 blocks and chosen where the CPU
+    has AVX-512 BF16; fp32 kernels and other shapes run the generic code."""
+    flags = _cpu_flags()
+    has = platform.machine() == "x86_64" and all(f in flags for f in ("avx512_bf16", "avx512bw", "avx512vl"))
+    fields = {"head_dim": 64, "num_attention_heads": 6, "num_key_value_heads": 2}
+    assert cpu_attention(dtype="bfloat16", block_size=16, **fields).simd == has
+    assert not cpu_attention(dtype="float32", block_size=16, **fields).simd
+    assert not cpu_attention(dtype="bfloat16", block_size=8, **fields).simd
+    assert not cpu_attention(dtype="bfloat16", block_size=16, head_dim=80, num_attention_heads=6,
+                             num_key_value_heads=2).simd
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
 
 
 def test_large_scores_do_not_overflow(cpu_attention, paged_kv, attention_reference):

@@ -57,6 +57,17 @@ class CpuDecodeAttention:
         self._fn = _load_function(library, "pllm_decode_attention",
                                   [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ctypes.c_int,
                                    ctypes.c_int])
+        try:  # kernels compiled before the SIMD code have no switch: they run the generic code
+            self._use_simd = _load_function(library, "pllm_decode_attention_use_simd", [ctypes.c_int])
+        except AttributeError:
+            self._use_simd = None
+        self.simd = self.use_simd(True)  # bf16 items run the AVX-512 BF16 code (this CPU has it)
+
+    def use_simd(self, on: bool) -> bool:
+        """Run bf16 items by the AVX-512 BF16 code (on, where the kernel and CPU have it) or the generic code (the
+        tests run each); returns whether the SIMD code now runs."""
+        self.simd = self._use_simd is not None and bool(self._use_simd(int(on)))
+        return self.simd
 
     def __call__(
         self,
