@@ -121,3 +121,15 @@ def test_manifest_lm_head_key(tiny_dir, tmp_path):
     _resigned(out, lambda q: q.update(lm_head="int8"))
     with pytest.raises(BuildDirError, match="quantization.lm_head"):
         open_build(out)
+
+
+# the families beside llama's that may be quantised (tied or not); mistral and qwen2 are llama's wiring too
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "qwen3"])
+def test_every_quantisable_family_reads_the_packed_head(tiny_dir, tmp_path, model_type):
+    out = quantised_build(tiny_dir(model_type), tmp_path / "b", Quantization.INT8)
+    llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24)
+    model = llm.engine.runner.model
+    assert isinstance(model.lm_head, QuantizedWeight) and model.lm_head is model.w["lm_head"]
+    assert not isinstance(model.w["embed_tokens"], QuantizedWeight)
+    result = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(result[0].outputs[0].token_ids) == 4
