@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=[q.value for q in Quantization],
         help="keep the decoder's linear weights packed: int8 (per output channel), int4 (groups with a scale and "
-        "min), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K blocks as they are; other types are dequantised). "
-        "Default: float weights in --dtype",
+        "min), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K blocks as they are; other types are dequantised); the "
+        "LM head then at 8 bits (--lm-head). Default: float weights in --dtype",
     )
     p.add_argument(
         "--quant-group-size",
