@@ -2,7 +2,7 @@
 
 With `--quantization`, the LM head is kept packed as INT8 with groups of 32 (models/quant.py's layout; what GGUF's
 Q8_0 is, and what llama.cpp keeps its output matrix at for its 8-bit types): on a small model it is the largest
-matrix a decode step reads (SmolLM2-135M: 49152 x 576, 56.6 MB in bf16, more than all 30 int4 layers). The
+matrix a decode step reads (SmolLM2-135M: 49152 x 576, 56.6 MB in bf16, 0.7x all 30 int4 layers' 79.7 MB). The
 embedding stays float: it is a row gather per token, not a matmul. With tied embeddings the packed head is a
 separate tensor `lm_head` beside the float embedding, so the tie is broken in storage only (models/family.py's
 `lm_head_weight` picks it). A GGUF file's Q8_0 output matrix (or its token embedding, when it has no output matrix)
