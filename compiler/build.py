@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.dtype_choice import DtypeChoice, choose_dtype
+from pllm.compiler.lm_head import LmHead, choose_lm_head, head_source, pack_lm_head
 from pllm.compiler.manifest import (
     FORMAT_VERSION,
     KERNELS_DIR,
@@ -43,6 +44,7 @@ from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
+from pllm.models.family import LM_HEAD
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
 from pllm.models.parallel_layout import TensorParallelError, check_split, rank_spec
 from pllm.models.quant import QuantizedWeight
@@ -69,6 +71,7 @@ class BuildOptions:
     quant_group_size: int | None = None  # int4 only; None: quantize.INT4_DEFAULT_GROUP (32)
     # ranks to split the model over: kernels for one rank's heads, one weights file per rank (model-rank<r>)
     tensor_parallel_size: int = 1
+    lm_head: LmHead | None = None  # None: INT8 group 32 with `quantization`, else float (compiler/lm_head.py)
 
 
 def versions() -> dict[str, str]:
@@ -90,11 +93,14 @@ def resolve_dtype(options: BuildOptions, spec: ModelSpec) -> DtypeChoice:
 
 
 def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: bool,
-                    quantizer: Quantizer | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
+                    quantizer: Quantizer | None = None,
+                    lm_head: LmHead = LmHead.FLOAT) -> dict[str, torch.Tensor | QuantizedWeight]:
     """HF tensors -> runtime tensors (fused qkv and gate_up), checking every name and shape against the config.
     With a quantizer, its targets become QuantizedWeights: GGUF blocks kept as read where the source has them for
-    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4)."""
+    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4). An INT8 `lm_head` is
+    packed from the head's values (compiler/lm_head.py); the embedding stays float, tied or not."""
     layout = family_of(spec.model_type, source.config_file).weight_layout(spec)
+    packed_head = head_source(layout) if lm_head is LmHead.INT8 else None
     available = set(source.tensor_file)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     float_targets = []  # GGUF: targets the file holds in a type pllm does not keep
@@ -124,6 +130,11 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             raise BuildError(
                 f"{source.path}: weight {shapes} contradicts {source.config_file} (runtime '{name}' expects {shape})"
             )
+        if name == packed_head:
+            assert quantizer is not None, "an int8 LM head comes with --quantization"
+            out[LM_HEAD] = pack_lm_head(source, entry, tensor, quantizer.quantization)
+            if name == LM_HEAD:
+                continue
         if quantizer is not None and quantizer.applies(name) and quantizer.quantization is not Quantization.GGUF:
             out[name] = quantizer(tensor)
         else:
@@ -210,11 +221,15 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         check_tensor_parallel(options, spec, source.config_file)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
         quantizer = make_quantizer(options, spec, source)
+        try:
+            lm_head = choose_lm_head(options.lm_head, options.quantization, spec)
+        except QuantizeError as e:
+            raise BuildError(str(e)) from None
         if quantizer is not None:
-            logger.info("quantization %s%s: decoder linear weights kept packed; embeddings, LM head and norms in %s",
+            logger.info("quantization %s%s: decoder linear weights kept packed; the embedding, %snorms in %s",
                         quantizer.quantization.value,
                         f" (group {quantizer.group_size})" if quantizer.quantization is Quantization.INT4 else "",
-                        dtype)
+                        "LM head and " if lm_head is LmHead.FLOAT else "", dtype)
         made = make_parents(out_dir.parent)
         remove_stale_scratch(out_dir.parent, SCRATCH_RE)
         try:
@@ -224,7 +239,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         try:
             tmp_dir = tmp / "build"
             tmp_dir.mkdir()
-            _write_build(source, spec, dtype, options, tmp_dir, loras, quantizer)
+            _write_build(source, spec, dtype, options, tmp_dir, loras, quantizer, lm_head)
             replace_dir(tmp_dir, out_dir)
         finally:
             remove_scratch_dir(tmp)
@@ -281,10 +296,10 @@ def _copy_loras(loras: tuple[tuple[str, str], ...], tmp_dir: Path) -> None:
 
 
 def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: BuildOptions, tmp_dir: Path,
-                 loras: list[dict], quantizer: Quantizer | None = None) -> None:
+                 loras: list[dict], quantizer: Quantizer | None = None, lm_head: LmHead = LmHead.FLOAT) -> None:
     # an encoder embeds as its sentence-transformers files say; read first, so a refusal comes before the work
     pooling = read_pooling_config(source, spec) if spec.kind is ModelKind.ENCODER else None
-    weights, packed = flatten(convert_weights(source, spec, dtype, options.progress, quantizer))
+    weights, packed = flatten(convert_weights(source, spec, dtype, options.progress, quantizer, lm_head))
     _write_shards(weights, spec, options.tensor_parallel_size, tmp_dir)
     del weights
     tokenizer_files = copy_tokenizer_files(source, tmp_dir)
@@ -324,7 +339,8 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         "versions": versions(),
         "files": files,
         "loras": loras,
-        "quantization": {"method": quantizer.quantization.value, "tensors": packed} if quantizer else {},
+        "quantization": {"method": quantizer.quantization.value, "tensors": packed, "lm_head": lm_head.value}
+        if quantizer else {},
     }
     if pooling is not None:
         manifest["pooling"] = pooling.to_dict()

@@ -10,6 +10,7 @@ import time
 
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gpu_compile import GpuCompileError
+from pllm.compiler.lm_head import LmHead
 from pllm.compiler.plan import BLOCK_SIZES
 from pllm.compiler.quantize import INT4_DEFAULT_GROUP, INT4_GROUP_SIZES, Quantization
 from pllm.compiler.source import DEFAULT_MODEL, ModelSourceError
@@ -57,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=[q.value for q in Quantization],
         help="keep the decoder's linear weights packed: int8 (per output channel), int4 (groups with a scale and "
-        "min), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K blocks as they are; other types are dequantised). "
-        "Default: float weights in --dtype",
+        "min), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K blocks as they are; other types are dequantised); the "
+        "LM head then at 8 bits (--lm-head). Default: float weights in --dtype",
     )
     p.add_argument(
         "--quant-group-size",
@@ -66,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"int4 group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]}, dividing the model's input widths "
         f"(default {INT4_DEFAULT_GROUP}, as llama.cpp's 4-bit types)",
+    )
+    p.add_argument(
+        "--lm-head",
+        default=None,
+        choices=[h.value for h in LmHead],
+        help="with --quantization: the LM head's storage, int8 (groups of 32, as GGUF's Q8_0; the default) or float "
+        "(in --dtype). The embedding stays float either way",
     )
     p.add_argument(
         "--tensor-parallel-size",
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     options = BuildOptions(dtype=args.dtype, block_size=args.block_size, target=args.target, progress=not args.quiet,
                            loras=tuple(args.lora), tensor_parallel_size=args.tensor_parallel_size,
                            quantization=None if args.quantization is None else Quantization(args.quantization),
-                           quant_group_size=args.quant_group_size)
+                           quant_group_size=args.quant_group_size,
+                           lm_head=None if args.lm_head is None else LmHead(args.lm_head))
     try:
         with _say_choices():
             out = build(args.model, args.output, options)

@@ -99,9 +99,15 @@ def unpermute_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, dim, 2).transpose(1, 2).reshape(rows)
 
 
+# the matrices read as blocks besides the layers': the output matrix and the token embedding, which is the output
+# matrix of a file without one (tied); the embedding itself is always built float (compiler/lm_head.py)
+OUTPUT_MATRICES = ("model.embed_tokens", "lm_head")
+
+
 def read_kept_blocks(path: Path, config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
-    """Every decoder-layer matrix of the file in a kept type, under its Hugging Face name (q/k rows unpermuted as
-    transformers does for llama files); and every other one's type, by HF name."""
+    """Every decoder-layer matrix of the file in a kept type, and its output matrix and token embedding, under their
+    Hugging Face names (q/k rows unpermuted as transformers does for llama files); and every other one's type, by HF
+    name."""
     from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
 
     reader = GGUFReader(str(path))
@@ -114,8 +120,8 @@ def read_kept_blocks(path: Path, config: dict) -> tuple[dict[str, QuantizedWeigh
     if names is not None:
         hf_bases = [f"model.layers.{i}.{m}" for i in range(n_layers) for m in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")]  # the layers' matrices only: the embedding and LM head stay float
-        for hf in hf_bases:
+            "mlp.up_proj", "mlp.down_proj")]
+        for hf in (*hf_bases, *OUTPUT_MATRICES):
             gguf_name = names.get_name(hf)
             if gguf_name is not None:
                 gguf_to_hf[gguf_name + ".weight"] = hf + ".weight"

@@ -20,7 +20,8 @@ from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 # 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
 # and an encoder's pooling recipe; 5: the LoRA adapters packed into the build (key 'loras', a list, maybe empty);
 # 6: quantised weights (key 'quantization': the method, and each packed tensor's scheme and group size) and the
-# tensor-parallel layout (key 'tensor_parallel_size'; 'weights' lists one weights file per rank)
+# tensor-parallel layout (key 'tensor_parallel_size'; 'weights' lists one weights file per rank). Since added,
+# without a new format (older builds load as they are): 'quantization.lm_head', whether the LM head is packed
 FORMAT_VERSION = 6
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
@@ -40,6 +41,8 @@ LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 QUANT_PARTS = ("codes", "scales", "mins")
 QUANT_SCHEMES = ("int8", "int4")  # models.quant.QuantScheme's values (this module stays torch-free)
 QUANT_METHODS = ("int8", "int4", "gguf")  # compiler.quantize.Quantization's values
+LM_HEAD_KINDS = ("float", "int8")  # compiler.lm_head.LmHead's values; a quantised build's head, stored as LM_HEAD
+LM_HEAD = "lm_head"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -291,13 +294,19 @@ def _check_manifest(m: dict, manifest_file: Path) -> None:
 
 
 def _check_quantization(q: dict, manifest_file: Path) -> None:
-    """{} for a float build; else {"method": ..., "tensors": {name: {"scheme", "group_size"}}}."""
+    """{} for a float build; else {"method": ..., "tensors": {name: {"scheme", "group_size"}}, "lm_head": ...}, where
+    lm_head says whether the LM head is among the packed tensors (absent in builds from before --lm-head, whose head
+    is float)."""
     if not q:
         return
-    if q.get("method") not in QUANT_METHODS or not isinstance(q.get("tensors"), dict) or set(q) != {"method",
-                                                                                                     "tensors"}:
+    if q.get("method") not in QUANT_METHODS or not isinstance(q.get("tensors"), dict) or not {"method", "tensors"} \
+            <= set(q) <= {"method", "tensors", "lm_head"}:
         raise _fail(manifest_file, "quantization", f"an object with a method ({', '.join(QUANT_METHODS)}) and its "
                     "tensors", q)
+    head = q.get("lm_head", LM_HEAD_KINDS[0])
+    if head not in LM_HEAD_KINDS or (head == "int8") != (LM_HEAD in q["tensors"]):
+        raise _fail(manifest_file, "quantization.lm_head", f"one of {', '.join(LM_HEAD_KINDS)}, int8 exactly when "
+                    f"'{LM_HEAD}' is a packed tensor", head)
     for name, entry in q["tensors"].items():
         group = entry.get("group_size") if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or set(entry) != {"scheme", "group_size"} or entry["scheme"] not in \

@@ -13,9 +13,8 @@ from pllm.compiler.manifest import QUANT_PARTS
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, pack_int4
 from pllm.models.spec import ModelKind, ModelSpec
 
-# The runtime tensors kept packed: every decoder layer's four linear weights. The embedding stays float (a row gather
-# per token, not a matmul), and so does the LM head (tied to the embedding in most small models; llama.cpp, too,
-# keeps its output matrix at 6 or 8 bits, since the logits are where quantisation error shows most).
+# The runtime tensors kept packed in the build's format: every decoder layer's four linear weights. The embedding
+# stays float (a row gather per token, not a matmul); the LM head is packed apart, at 8 bits (compiler/lm_head.py).
 QUANTIZED_TARGETS = re.compile(r"layers\.[0-9]+\.(qkv_proj|o_proj|gate_up_proj|down_proj)")
 # int4 group sizes offered: 32 (what GGUF's 4-bit types use) to 128 (AWQ's and GPTQ's usual choice)
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -62,13 +61,19 @@ def int4_group_size(spec: ModelSpec, requested: int | None) -> int:
     return size
 
 
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
-    """float [out, in] -> INT8 codes, one scale per output channel: scale = max|w| / 127, code = round(w / scale)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1, keepdim=True) / INT8_MAX  # [out, 1]
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0, scale 0
-    codes = torch.round(w / safe).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return QuantizedWeight(codes, scale.contiguous(), None, QuantFormat(QuantScheme.INT8, w.shape[1]))
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """float [out, in] -> INT8 codes with one scale per group of `group_size` inputs (None: per output channel):
+    scale = the group's max|w| / 127, code = round(w / scale)."""
+    out, in_features = weight.shape
+    group = in_features if group_size is None else group_size
+    fmt = QuantFormat(QuantScheme.INT8, group)
+    if in_features % group:
+        raise QuantizeError(f"int8 group size {group} does not divide the input width {in_features}")
+    w = weight.float().view(out, in_features // group, group)
+    scale = w.abs().amax(dim=-1) / INT8_MAX  # [out, groups]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, scale 0
+    codes = torch.round(w / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return QuantizedWeight(codes.view(out, in_features), scale.contiguous(), None, fmt)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:

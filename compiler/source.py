@@ -57,6 +57,7 @@ class ModelSource:
     _gguf_state: dict[str, torch.Tensor] | None = None
     _tmp: Path | None = None  # scratch directory owned by this source, removed by close()
     _kept: dict[str, QuantizedWeight] | None = None  # a GGUF file's kept blocks by HF name, read on first use
+    _other_types: dict[str, str] = field(default_factory=dict)  # its matrices in types not kept: HF name -> type
 
     @property
     def is_gguf(self) -> bool:
@@ -71,7 +72,7 @@ class ModelSource:
 
         assert self._gguf_state is not None, "kept blocks come from a GGUF file"
         if self._kept is None:
-            self._kept, others = read_kept_blocks(self.path, self.config)
+            self._kept, self._other_types = read_kept_blocks(self.path, self.config)
             for hf, weight in self._kept.items():
                 if hf in self._gguf_state and not torch.equal(dequantize(weight), self._gguf_state[hf]):
                     raise ModelSourceError(f"{self.path}: tensor '{hf}' ({weight.fmt.scheme.value}) does not decode "
@@ -84,6 +85,10 @@ class ModelSource:
         mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
         return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins,
                                parts[0].fmt)
+
+    def gguf_type(self, hf_name: str) -> str | None:
+        """The GGUF type of a matrix kept_blocks has read and pllm does not keep (Q6_K, F16, ...), else None."""
+        return self._other_types.get(hf_name)
 
     def tensor_names(self) -> list[str]:
         return sorted(self.tensor_file)

@@ -46,6 +46,17 @@ class CausalLM(Protocol):
         ...
 
 
+LM_HEAD = "lm_head"  # the runtime name of an LM head stored apart from the embedding
+
+
+def lm_head_weight(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The LM head: the build's own `lm_head` (an untied model's, or a quantised build's packed copy of a tied
+    embedding, the tie broken in storage only: compiler/lm_head.py), else the tied embedding itself."""
+    if LM_HEAD in weights or not spec.tie_word_embeddings:
+        return weights[LM_HEAD]
+    return weights["embed_tokens"]
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     model_type: str  # config.json's model_type, the registry's key

@@ -21,7 +21,7 @@ from pllm.models.config import (
     rope_scaling,
     token_id,
 )
-from pllm.models.family import ModelFamily, RuntimeTensor
+from pllm.models.family import ModelFamily, RuntimeTensor, lm_head_weight
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata, Ops
 from pllm.models.rotary import rope_cos_sin
 from pllm.models.spec import DTYPES, ModelSpec, RopeScaling
@@ -244,7 +244,7 @@ class Gemma3Model:
         self.local_cos_sin = rope_cos_sin(local, max_positions).to(device)
         # sqrt(hidden) rounded to the model's dtype first, as transformers scales the embeddings
         self.embed_scale = torch.tensor(spec.hidden_size**0.5).to(weights["embed_tokens"].dtype)
-        self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
+        self.lm_head = lm_head_weight(spec, weights)
 
     def forward(
         self,

@@ -20,7 +20,7 @@ from pllm.models.config import (
     rope_scaling,
     token_id,
 )
-from pllm.models.family import ModelFamily, RuntimeTensor
+from pllm.models.family import ModelFamily, RuntimeTensor, lm_head_weight
 from pllm.models.lora import LayerLora, LoraInputs, TargetLora
 from pllm.models.ops import AttentionMetadata, DecodeStack, Ops
 from pllm.models.parallel_layout import Split
@@ -203,7 +203,7 @@ class LlamaModel:
         self.max_positions = max_positions
         self.cos_sin = rope_cos_sin(spec, max_positions).to(weights["embed_tokens"].device)
         self.scale = spec.head_dim**-0.5
-        self.lm_head = weights["embed_tokens"] if spec.tie_word_embeddings else weights["lm_head"]
+        self.lm_head = lm_head_weight(spec, weights)
         # LoRA adapters stacked per layer (models/lora.py), set by the runner; None: no adapter loaded
         self.lora_layers: list[LayerLora] | None = None
         # the other ranks of a tensor-parallel run, set by the runner; this model is then one rank's slice (its

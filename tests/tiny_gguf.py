@@ -29,8 +29,10 @@ LAYER_NAMES = {
 NORM_OFFSET = {"gemma3": 1.0}
 
 
-def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.gguf") -> Path:
-    """model_dir/file_name: the model's config, byte-level BPE tokenizer and weights (matrices in Q8_0)."""
+def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.gguf",
+                    float_matrices: tuple[str, ...] = ()) -> Path:
+    """model_dir/file_name: the model's config, byte-level BPE tokenizer and weights (matrices in Q8_0, but those
+    named in float_matrices, by GGUF name, in F32)."""
     import gguf
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -78,7 +80,8 @@ def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.
         tensor = state[hf].float().numpy()
         if "norm" in hf:
             tensor = tensor + NORM_OFFSET.get(architecture, 0.0)
-        if tensor.ndim == 2:  # quantised, so transformers must dequantise: Q8_0 blocks of 32 along rows
+        if tensor.ndim == 2 and name not in float_matrices:
+            # quantised, so transformers must dequantise: Q8_0 blocks of 32 along rows
             quantised = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(name, quantised, raw_shape=quantised.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:

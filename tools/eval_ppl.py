@@ -50,8 +50,10 @@ def describe(build: Path) -> str:
     q = manifest.get("quantization") or {}
     if not q:
         return manifest["dtype"]
-    formats = sorted({f"{e['scheme']}/g{e['group_size']}" for e in q["tensors"].values()})
-    return f"{manifest['dtype']} + {q['method']} ({', '.join(formats)})"
+    layers = [e for name, e in q["tensors"].items() if name != "lm_head"]
+    formats = sorted({f"{e['scheme']}/g{e['group_size']}" for e in layers})
+    head = q.get("lm_head", "float")  # builds from before --lm-head kept it float
+    return f"{manifest['dtype']} + {q['method']} ({', '.join(formats)}), lm head {head}"
 
 
 def main() -> None:
@@ -77,9 +79,9 @@ def main() -> None:
         del llm
     base = rows[0][3]
     print(f"\ntext: {args.text.name}, {rows[0][4]} scored tokens in windows of {args.window}")
-    print(f"{'build':<28} {'weights':<36} {'MB':>7} {'ppl':>8} {'vs first':>9}")
+    print(f"{'build':<28} {'weights':<52} {'MB':>7} {'ppl':>8} {'vs first':>9}")
     for build, kind, size, ppl, _ in rows:
-        print(f"{build:<28} {kind:<36} {size / 1e6:>7.1f} {ppl:>8.3f} {ppl / base:>8.3f}x")
+        print(f"{build:<28} {kind:<52} {size / 1e6:>7.1f} {ppl:>8.3f} {ppl / base:>8.3f}x")
 
 
 if __name__ == "__main__":

@@ -98,29 +98,57 @@ def test_unpermute_order_is_transformers_reverse_permutation():
     assert np.array_equal(w[unpermute_order(48, 4).numpy()], want)
 
 
-def test_gguf_build_keeps_blocks_losslessly(tmp_path):
-    """A tiny qwen3 GGUF (Q8_0 matrices): --quantization gguf keeps every layer matrix as INT8 group 32 whose
-    dequantised values are exactly the float build's weights; the build serves."""
-    model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_build_keeps_blocks_losslessly(tmp_path, tied):
+    """A tiny qwen3 GGUF (Q8_0 matrices): --quantization gguf keeps every layer matrix and the LM head (output.weight,
+    or token_embd.weight when tied) as INT8 group 32 whose dequantised values are exactly the float build's weights
+    and, for the head, gguf's own dequantiser's; the embedding stays float; the build serves."""
+    model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1,
+                                tie_word_embeddings=tied)
     path = write_tiny_gguf(model_dir, "qwen3")
     kept = build(str(path), tmp_path / "kept", BuildOptions(dtype="float32", progress=False,
                                                             quantization=Quantization.GGUF))
     plain = build(str(path), tmp_path / "plain", BuildOptions(dtype="float32", progress=False))
     manifest = json.loads((kept / "manifest.json").read_text())
-    assert manifest["quantization"]["method"] == "gguf"
+    assert manifest["quantization"]["method"] == "gguf" and manifest["quantization"]["lm_head"] == "int8"
     assert set(manifest["quantization"]["tensors"]) == {f"layers.{i}.{t}" for i in range(2) for t in
-                                                        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+                                                        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")} | {
+                                                           "lm_head"}
     float_weights = load_weights(open_build(plain))
-    for name, weight in load_weights(open_build(kept)).items():
+    weights = load_weights(open_build(kept))
+    head_name = "token_embd.weight" if tied else "output.weight"
+    (tensor,) = [t for t in gguf.GGUFReader(str(path)).tensors if t.name == head_name]
+    assert tensor.tensor_type.name == "Q8_0"
+    head = weights["lm_head"]
+    assert torch.equal(dequantize(head), gguf_dequantize(tensor.data, "Q8_0").reshape(head.shape))
+    for name, weight in weights.items():
         if name in manifest["quantization"]["tensors"]:
             assert weight.fmt.scheme is QuantScheme.INT8 and weight.fmt.group_size == 32
-            assert torch.equal(dequantize(weight), float_weights[name]), name
+            assert torch.equal(dequantize(weight), float_weights["embed_tokens" if tied and name == "lm_head"
+                                                                else name]), name
         else:
             assert torch.equal(weight, float_weights[name]), name
     llm = LLM(str(kept), backend="cpu", kv_cache_memory=1 << 24)
     out = llm.generate(["Hello, world!"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_gguf_head_in_another_type_is_quantised_from_its_float_values(tmp_path, caplog):
+    """An output matrix the file holds in a type pllm does not keep (F32 here, Q6_K in llama.cpp's 4-bit files):
+    --quantization gguf packs it as int8 and int4 do, from the float values, and says so."""
+    from pllm.compiler.quantize import quantize_int8
+
+    model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
+    path = write_tiny_gguf(model_dir, "qwen3", float_matrices=("output.weight",))
+    with caplog.at_level("INFO", logger="pllm"):
+        kept = build(str(path), tmp_path / "kept", BuildOptions(dtype="float32", progress=False,
+                                                                quantization=Quantization.GGUF))
+    assert "'lm_head.weight' is F32 in the file, quantised from its float values" in caplog.text
+    plain = load_weights(open_build(build(str(path), tmp_path / "plain", BuildOptions(dtype="float32",
+                                                                                      progress=False))))
+    head, expect = load_weights(open_build(kept))["lm_head"], quantize_int8(plain["lm_head"], 32)
+    assert torch.equal(head.codes, expect.codes) and torch.equal(head.scales, expect.scales)
 
 
 def test_gguf_keep_refuses_a_safetensors_model(tiny_dir, tmp_path):

@@ -19,12 +19,15 @@ from pllm.runtime.worker.loader import load_weights
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def test_int8_is_per_channel_and_within_half_a_step():
-    w = torch.randn(40, 96) * torch.rand(40, 1)
-    q = quantize_int8(w)
-    assert q.fmt.group_size == 96 and q.scales.shape == (40, 1)
-    assert torch.allclose(q.scales[:, 0], w.abs().amax(1) / 127)
-    assert bool(((dequantize(q) - w).abs() <= q.scales * 0.5 * (1 + 1e-5)).all())
+@pytest.mark.parametrize("group", [None, 32])  # per output channel (--quantization int8), Q8_0's groups (LM head)
+def test_int8_is_within_half_a_step_of_each_group(group):
+    w = torch.randn(40, 96) * torch.rand(40, 1) * torch.rand(1, 96)
+    q = quantize_int8(w, group)
+    size = group or 96
+    assert q.fmt.group_size == size and q.scales.shape == (40, 96 // size)
+    assert torch.allclose(q.scales, w.abs().view(40, -1, size).amax(-1) / 127)
+    step = q.scales.repeat_interleave(size, dim=1)
+    assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5)).all())
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -43,7 +46,8 @@ def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, 
     manifest = json.loads((out / "manifest.json").read_text())
     tensors = manifest["quantization"]["tensors"]
     assert manifest["quantization"]["method"] == quantization.value
-    assert set(tensors) == {f"layers.{i}.{t}" for i in range(2) for t in TARGETS}
+    assert set(tensors) == {f"layers.{i}.{t}" for i in range(2) for t in TARGETS} | {"lm_head"}
+    assert tensors["lm_head"] == {"scheme": "int8", "group_size": 32} and manifest["quantization"]["lm_head"] == "int8"
     group = {Quantization.INT4: 32, Quantization.INT8: None}[quantization]  # int4's default group
     stored = load_file(str(out / "model.safetensors"))
     hf = load_file(str(src / "model.safetensors"))
