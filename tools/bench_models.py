@@ -12,7 +12,12 @@ from pathlib import Path
 import llamacpp
 from random_llama import LLAMA_1B, make_random_llama, num_parameters
 
-PLLM_QUANTIZATION = {"int8": "int8", "int4": "int4"}
+# pllm precision -> pllm-compile's quantisation flags. int4 is the default group of 32 (6 bits a weight with its fp32
+# scale and min); int4g128 groups of 128, 4.5 bits a weight: Q4_0's size (4-bit codes and an fp16 scale per 32)
+PLLM_QUANTIZATION = {"int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"],
+                     "int4g128": ["--quantization", "int4", "--quant-group-size", "128"]}
+# pllm precision -> the llama.cpp types it is compared with
+LLAMA_TYPES = {"bf16": ("bf16",), "int8": ("q8_0",), "int4": ("q4_0", "q4_k"), "int4g128": ("q4_0", "q4_k")}
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,8 @@ class Prepared:
 
 
 class QuantizationRefused(RuntimeError):
-    """pllm-compile has no --quantization flag (or not this value): the rows say "not available", never a figure."""
+    """pllm-compile refuses the quantisation flags (none in this pllm, or not for this model: a group size its widths
+    do not divide): the rows say "not available" and why, never a figure."""
 
 
 def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
@@ -32,14 +38,13 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]
-    if precision in PLLM_QUANTIZATION:
-        cmd += ["--quantization", PLLM_QUANTIZATION[precision]]
+    cmd += PLLM_QUANTIZATION.get(precision, [])
     print(f"pllm-compile {source.name} -> {out.name}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        if precision in PLLM_QUANTIZATION and "--quantization" in proc.stderr and proc.returncode == 2:
-            raise QuantizationRefused(f"not available: pllm-compile refuses --quantization ({err})")
+        if precision in PLLM_QUANTIZATION and "--quant" in err:  # the error names the flag it refuses
+            raise QuantizationRefused(f"not available: {err.removeprefix('pllm-compile: error: ')}")
         raise RuntimeError(f"pllm-compile {source} failed: {proc.stderr[-3000:]}")
     return out
 
@@ -63,15 +68,16 @@ def prepare_model(model: str, args, llama: llamacpp.LlamaCpp, work: Path) -> Pre
         raise ValueError(f"unknown model {model!r}")
     ggufs = {"bf16": bf16}
     for p in precisions:
-        for lp in ("q8_0",) if p == "int8" else ("q4_0", "q4_k") if p == "int4" else ():
-            ggufs[lp] = llamacpp.quantize(llama, bf16, work / f"{model}-{lp}.gguf", lp)
+        for lp in LLAMA_TYPES[p]:
+            if lp not in ggufs:
+                ggufs[lp] = llamacpp.quantize(llama, bf16, work / f"{model}-{lp}.gguf", lp)
     builds: dict[str, tuple[Path | None, str]] = {}
     for p in precisions:
         try:
             builds[p] = (compile_pllm(source, work / f"{model}-pllm-{p}", p, args.reuse_builds), "")
         except QuantizationRefused as e:
             print(f"{model} {p}: {e}", flush=True)
-            builds[p] = (None, "not available: pllm-compile has no --quantization " + PLLM_QUANTIZATION[p])
+            builds[p] = (None, str(e))
     return Prepared(ggufs, builds)
 
 

@@ -1,7 +1,7 @@
 """pllm against llama.cpp on this machine, in one sitting: batch-1 decode, prefill and serving, side by side.
 
     python tools/bench_vs_llamacpp.py [--models smollm2,llama1b] [--rows decode,prefill,serve]
-                                      [--precisions bf16,int8,int4] [--concurrency 1,4,16] [--quick]
+                                      [--precisions bf16,int8,int4,int4g128] [--concurrency 1,4,16] [--quick]
 
 llama.cpp's binaries are found (--llama-cpp-bin, PATH) or built once into --cache from the llama-cpp-python sdist
 (tools/llamacpp.py). Models:
@@ -12,8 +12,9 @@ llama.cpp's binaries are found (--llama-cpp-bin, PATH) or built once into --cach
   by llama.cpp's convert_hf_to_gguf.py; pllm compiles the HF folder.
 Rows (pllm / llama.cpp, both with --threads threads):
 - decode: batch-1 decode tok/s; pllm in-process (decode-only engine steps at a 64-token context), llama.cpp's
-  llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_0 and Q4_K. pllm's quantised builds use
-  `pllm-compile --quantization int8|int4`; where pllm-compile refuses that flag, the rows say "not available".
+  llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 (groups of 32: 6 bits a weight) and int4g128 (groups of 128:
+  4.5 bits a weight, Q4_0's size) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
+  int8|int4 [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
 - prefill: tok/s of a 512-token prompt; pllm one 512-token prefill in-process, llama-bench pp512.
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
   random token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
@@ -39,12 +40,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import llamacpp
-from bench_models import Prepared, prepare_model
+from bench_models import LLAMA_TYPES, Prepared, prepare_model
 
 MODELS = ("smollm2", "llama1b")
 ROWS = ("decode", "prefill", "serve")
-PRECISIONS = ("bf16", "int8", "int4")
-LLAMA_PRECISIONS = {"bf16": ("bf16",), "int8": ("q8_0",), "int4": ("q4_0", "q4_k")}
+PRECISIONS = ("bf16", "int8", "int4", "int4g128")
 PREFILL_TOKENS = 512
 DECODE_CONTEXT = 64
 
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=choices(MODELS), default=["smollm2"], help="smollm2,llama1b (default smollm2)")
     p.add_argument("--rows", type=choices(ROWS), default=list(ROWS), help="decode,prefill,serve (default all)")
     p.add_argument("--precisions", type=choices(PRECISIONS), default=list(PRECISIONS),
-                   help="decode rows' weights: bf16,int8,int4 (default all)")
+                   help="decode rows' weights: bf16,int8,int4,int4g128 (default all)")
     p.add_argument("--concurrency", type=levels, default=[1, 4, 16], help="serving levels (default 1,4,16)")
     p.add_argument("--num-requests", type=int, default=32, help="requests per serving level (default 32)")
     p.add_argument("--input-len", type=int, default=128, help="serving prompt tokens (default 128)")
@@ -199,7 +199,7 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
         if build is not None:
             pllm_decode, pllm_prefill = pllm_in_process(build, args)
         prefill = "prefill" in args.rows and precision == "bf16"
-        for lp in LLAMA_PRECISIONS[precision]:
+        for lp in LLAMA_TYPES[precision]:
             bench = {r.test: r.tokens_per_s for r in llamacpp.llama_bench(
                 llama, prepared.ggufs[lp], args.threads, PREFILL_TOKENS if prefill else 0,
                 args.output_len if "decode" in args.rows else 0, args.reps)}

@@ -118,10 +118,12 @@ def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 
 
 @SETTINGS
-@given(int4=st.booleans(), n=st.integers(1, 70), groups=st.integers(1, 6), group=st.sampled_from([32, 64, 128]),
+@given(int4=st.booleans(), n=st.integers(1, 70), groups=st.integers(1, 6), group=st.sampled_from([32, 64, 96, 128]),
        num_tokens=st.integers(1, QUANT_GEMV_MAX_TOKENS + 9), bf16=st.booleans(), with_bias=st.booleans(),
        seed=st.integers(0, 2**16))
 @example(int4=False, n=576, groups=1, group=576, num_tokens=1, bf16=True, with_bias=False, seed=0)  # SmolLM2 qkv
+@example(int4=True, n=37, groups=2, group=96, num_tokens=1, bf16=True, with_bias=False, seed=4)  # a chunk across groups
+@example(int4=True, n=37, groups=2, group=128, num_tokens=1, bf16=True, with_bias=False, seed=5)  # chunks within one
 @example(int4=True, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, seed=1)
 @example(int4=True, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, seed=2)  # tile remainder
 @example(int4=False, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, seed=3)  # Q8_0-like
