@@ -24,30 +24,20 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def build(tiny_build):
-    return str(tiny_build("llama"))
-
-
-@pytest.fixture(scope="module")
-def roomy(build):
-    return LLM(build, backend="cpu", kv_cache_memory=1 << 24)
-
-
-@pytest.fixture(scope="module")
-def alone(roomy):
+def alone(plain):
     """Each prompt run by itself, with room to spare: the reference for every batched run."""
-    return [roomy.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+    return [plain.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
 
 
 def _pool_is_full(llm: LLM) -> bool:
     return llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
-def test_batched_equals_alone(roomy, alone):
-    outs = roomy.generate(PROMPTS, GREEDY, use_tqdm=False)
+def test_batched_equals_alone(plain, alone):
+    outs = plain.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone
     assert [o.prompt for o in outs] == PROMPTS  # input order kept
-    assert _pool_is_full(roomy)
+    assert _pool_is_full(plain)
 
 
 def test_chunked_prefill_and_preemption_equal_alone(build, alone):
@@ -72,45 +62,45 @@ def test_prefix_cache_hit_gives_same_output(build):
     assert all(o.num_cached_tokens == 0 and o.outputs[0].token_ids == first.outputs[0].token_ids for o in again)
 
 
-def test_token_id_prompts_and_finish_reasons(roomy, alone):
-    ids = roomy.tokenizer(PROMPTS[0]).input_ids
-    out = roomy.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
+def test_token_id_prompts_and_finish_reasons(plain, alone):
+    ids = plain.tokenizer(PROMPTS[0]).input_ids
+    out = plain.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == alone[0] and out.outputs[0].finish_reason == "length"
     assert out.prompt is None and out.prompt_token_ids == ids
     stop_id = alone[0][4]
     cut = alone[0].index(stop_id) + 1
-    out = roomy.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id]),
+    out = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id]),
                          use_tqdm=False)[0]
     assert out.outputs[0].token_ids == alone[0][:cut]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
 
 
-def test_stop_string_cuts_text(roomy):
-    full = roomy.generate([PROMPTS[3]], GREEDY, use_tqdm=False)[0].outputs[0].text
+def test_stop_string_cuts_text(plain):
+    full = plain.generate([PROMPTS[3]], GREEDY, use_tqdm=False)[0].outputs[0].text
     assert len(full) > 8
     stop = full[4:7]
     cut = full.index(stop)
-    out = roomy.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24, stop=[stop]), use_tqdm=False)[0]
+    out = plain.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24, stop=[stop]), use_tqdm=False)[0]
     c = out.outputs[0]
     assert c.text == full[:cut] and c.finish_reason == "stop" and c.stop_reason == stop
-    out = roomy.generate(
+    out = plain.generate(
         [PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24, stop=stop, include_stop_str_in_output=True),
         use_tqdm=False,
     )[0]
     assert out.outputs[0].text == full[: cut + len(stop)]
 
 
-def test_seeded_sampling_reproducible_and_n(roomy):
+def test_seeded_sampling_reproducible_and_n(plain):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, n=3)
-    a = roomy.generate([PROMPTS[0]], params, use_tqdm=False)[0]
-    crowd = roomy.generate([PROMPTS[2], PROMPTS[0], PROMPTS[4]], [GREEDY, params, params], use_tqdm=False)
+    a = plain.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    crowd = plain.generate([PROMPTS[2], PROMPTS[0], PROMPTS[4]], [GREEDY, params, params], use_tqdm=False)
     assert len(a.outputs) == 3 and [o.index for o in a.outputs] == [0, 1, 2]
     assert [o.token_ids for o in crowd[1].outputs] == [o.token_ids for o in a.outputs]
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # seed + index: distinct samples
 
 
-def test_logprobs(roomy):
-    out = roomy.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=6, logprobs=3), use_tqdm=False)[0]
+def test_logprobs(plain):
+    out = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=6, logprobs=3), use_tqdm=False)[0]
     c = out.outputs[0]
     assert len(c.logprobs) == 6
     for token_id, lp in zip(c.token_ids, c.logprobs):
@@ -120,25 +110,25 @@ def test_logprobs(roomy):
     assert math.isclose(c.cumulative_logprob, sum(lp.logprob for lp in c.logprobs), rel_tol=1e-6)
 
 
-def test_embed(roomy):
-    a, b, a2 = roomy.embed(["the quick brown fox", "paged attention", "the quick brown fox"])
+def test_embed(plain):
+    a, b, a2 = plain.embed(["the quick brown fox", "paged attention", "the quick brown fox"])
     va, vb = torch.tensor(a.embedding), torch.tensor(b.embedding)
     assert va.shape == (64,) and math.isclose(va.norm().item(), 1.0, rel_tol=1e-5)
     assert a.embedding == a2.embedding and not torch.allclose(va, vb)
-    mean = roomy.embed("the quick brown fox", pooling="mean")[0]
+    mean = plain.embed("the quick brown fox", pooling="mean")[0]
     assert not torch.allclose(torch.tensor(mean.embedding), va)
-    assert _pool_is_full(roomy)
+    assert _pool_is_full(plain)
 
 
-def test_bad_input_errors(build, roomy):
+def test_bad_input_errors(build, plain):
     with pytest.raises(ValueError, match=r"maximum context length is 64 tokens.*contains 70 input tokens"):
         LLM(build, backend="cpu", max_model_len=64, kv_cache_memory=1 << 22).generate(
             [{"prompt_token_ids": [5] * 70}], use_tqdm=False
         )
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        roomy.generate([{"prompt_token_ids": [1, 10**6]}], use_tqdm=False)
+        plain.generate([{"prompt_token_ids": [1, 10**6]}], use_tqdm=False)
     with pytest.raises(ValueError, match="prompt is empty"):
-        roomy.generate([""], use_tqdm=False)
+        plain.generate([""], use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="max_model_len=100000.*max_position_embeddings=512"):
@@ -150,16 +140,16 @@ def test_bad_input_errors(build, roomy):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="CUDA"):
             LLM(build, backend="cuda")
-    assert _pool_is_full(roomy) and not roomy.engine.has_unfinished()
+    assert _pool_is_full(plain) and not plain.engine.has_unfinished()
 
 
-def test_abort_frees_blocks_at_once(roomy):
-    engine = roomy.engine
+def test_abort_frees_blocks_at_once(plain):
+    engine = plain.engine
     engine.add_request("x", PROMPTS[1], SamplingParams(max_tokens=100, ignore_eos=True))
     engine.step()
     assert engine.kv.num_free_blocks < engine.kv.num_blocks
     engine.abort_request("x")
-    assert _pool_is_full(roomy) and not engine.has_unfinished()
+    assert _pool_is_full(plain) and not engine.has_unfinished()
 
 
 def test_request_counts_treat_n_as_one_request(build):
@@ -176,33 +166,33 @@ def test_request_counts_treat_n_as_one_request(build):
     assert engine.num_requests() == (0, 0)
 
 
-def test_embed_batched_and_chunked_agree(build, roomy):
+def test_embed_batched_and_chunked_agree(build, plain):
     texts = [PROMPTS[1], "a", PROMPTS[6], PROMPTS[2]]
-    together = roomy.embed(texts)
-    alone = [roomy.embed(t)[0] for t in texts]
+    together = plain.embed(texts)
+    alone = [plain.embed(t)[0] for t in texts]
     chunked = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=8).embed(texts, pooling="mean")
-    mean_alone = [roomy.embed(t, pooling="mean")[0] for t in texts]
+    mean_alone = [plain.embed(t, pooling="mean")[0] for t in texts]
     for a, b in zip(together, alone):
         assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
     for a, b in zip(chunked, mean_alone):
         assert a.num_prompt_tokens == b.num_prompt_tokens
         assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
-    assert _pool_is_full(roomy)
+    assert _pool_is_full(plain)
 
 
-def test_python_api_refuses_what_it_cannot_honour(build, roomy):
+def test_python_api_refuses_what_it_cannot_honour(build, plain):
     with pytest.raises(TypeError, match="unknown engine setting.*block_size"):
         LLM(build, backend="cpu", block_size=8)
     with pytest.raises(ValueError, match="max_model_len=True"):
         LLM(build, backend="cpu", max_model_len=True)
     with pytest.raises(ValueError, match="prompt is not valid Unicode.*surrogate"):
-        roomy.generate("\ud800", use_tqdm=False)
+        plain.generate("\ud800", use_tqdm=False)
     with pytest.raises(ValueError, match="prompt is not valid Unicode"):
-        roomy.embed(["fine", "bad \udfff"])
-    if roomy.tokenizer.chat_template:
+        plain.embed(["fine", "bad \udfff"])
+    if plain.tokenizer.chat_template:
         with pytest.raises(ValueError, match="chat messages is not valid Unicode"):
-            roomy.chat([{"role": "user", "content": "x\ud800"}], use_tqdm=False)
-    assert _pool_is_full(roomy) and not roomy.engine.has_unfinished()
+            plain.chat([{"role": "user", "content": "x\ud800"}], use_tqdm=False)
+    assert _pool_is_full(plain) and not plain.engine.has_unfinished()
 
 
 def test_max_model_len_fits_the_kv_cache(build, tiny_build, caplog):
@@ -268,15 +258,15 @@ def _synchronous_embedding(llm: LLM, text: str, pooling: str) -> list[float]:
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_scheduled_embeddings_equal_the_synchronous_ones(build, roomy, pooling):
+def test_scheduled_embeddings_equal_the_synchronous_ones(build, plain, pooling):
     chunky = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=8)
-    for llm in (roomy, chunky):
+    for llm in (plain, chunky):
         for text in (PROMPTS[1], PROMPTS[5], PROMPTS[6]):
             assert llm.embed(text, pooling=pooling)[0].embedding == _synchronous_embedding(llm, text, pooling)
     # a prompt whose blocks the prefix cache holds is still computed in full: the pooled state sees every row
-    roomy.generate(PROMPTS[6], GREEDY, use_tqdm=False)
-    assert roomy.embed(PROMPTS[6], pooling=pooling)[0].embedding == _synchronous_embedding(roomy, PROMPTS[6], pooling)
-    assert _pool_is_full(roomy) and _pool_is_full(chunky)
+    plain.generate(PROMPTS[6], GREEDY, use_tqdm=False)
+    assert plain.embed(PROMPTS[6], pooling=pooling)[0].embedding == _synchronous_embedding(plain, PROMPTS[6], pooling)
+    assert _pool_is_full(plain) and _pool_is_full(chunky)
 
 
 def test_embeddings_are_scheduled_with_generation(build):

@@ -22,11 +22,6 @@ KV_BYTES_PER_BLOCK = 2 * 2 * 16 * 2 * 16 * 4
 
 
 @pytest.fixture(scope="module")
-def build(tiny_build):
-    return str(tiny_build("llama"))
-
-
-@pytest.fixture(scope="module")
 def hf(tiny_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("llama")), dtype=torch.float32)
 

@@ -20,16 +20,6 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def build(tiny_build):
-    return str(tiny_build("llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(build):
-    return LLM(build, backend="cpu", kv_cache_memory=1 << 24)
-
-
-@pytest.fixture(scope="module")
 def reference(plain):
     """Each prompt alone without speculation: what every run below must output."""
     return [plain.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]

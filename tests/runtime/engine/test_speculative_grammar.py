@@ -70,16 +70,6 @@ KINDS = ["json", "regex", "choice", "tool_call"]
 
 
 @pytest.fixture(scope="module")
-def build(tiny_build):
-    return str(tiny_build("llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(build):
-    return LLM(build, backend="cpu", kv_cache_memory=1 << 24)
-
-
-@pytest.fixture(scope="module")
 def spec(build):
     return LLM(build, backend="cpu", kv_cache_memory=1 << 24, speculative_config=SPEC)
 
