@@ -142,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of decode and prefill on both sides")
     p.add_argument("--decode-steps", type=int, default=32, help="pllm decode steps per repetition")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="pllm with its weights in huge pages (huge_pages=True, pllm-serve --huge-pages); llama.cpp "
+                        "maps its file either way")
     p.add_argument("--quick", action="store_true",
                    help="short runs: 1 repetition, 8 requests per level, 16 decode steps")
     p.add_argument("--cache", type=Path, default=cache, help=f"llama.cpp build and models (default {cache})")
@@ -174,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_model(model, args, llama, work)
         rows += measure_model(model, prepared, args, llama, work)
         print("\n" + format_table(rows), flush=True)
-    print(f"\npllm / llama.cpp on this machine ({os.cpu_count()} CPUs, {args.threads} threads each), one sitting")
+    weights = "pllm's weights in huge pages" if args.huge_pages else "both sides' weights mapped from their files"
+    print(f"\npllm / llama.cpp on this machine ({os.cpu_count()} CPUs, {args.threads} threads each; {weights}), "
+          "one sitting")
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps([dict(asdict(r), ratio=r.ratio, target=str(r.target) if r.target else None)
@@ -220,7 +225,8 @@ def pllm_in_process(build: Path, args) -> tuple[float, float]:
 
     from pllm import LLM
 
-    llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28, max_num_batched_tokens=PREFILL_TOKENS)
+    llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28, max_num_batched_tokens=PREFILL_TOKENS,
+              huge_pages=args.huge_pages)
     rng = random.Random(0)
     prefill_seconds(llm, rng)  # warm-up: packed weights, oneDNN primitives
     steps, _ = time_decode_steps(llm, 1, DECODE_CONTEXT, {"pllm": lambda: None}, rounds=args.reps,
@@ -247,7 +253,8 @@ def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, w
         servers["llama.cpp"] = llamacpp.start_server(llama, gguf, args.threads, max(args.concurrency),
                                                      args.input_len + args.output_len + 64, work / "llama-server.log")
         if build is not None:
-            servers["pllm"] = bench_serve.launch_server(str(build), ["--backend", "cpu"])
+            servers["pllm"] = bench_serve.launch_server(
+                str(build), ["--backend", "cpu", *(["--huge-pages"] if args.huge_pages else [])])
         clients = {name: SimpleNamespace(model=served_model(url), api_key=None, output_len=args.output_len,
                                          max_duration_s=600.0) for name, (_, url) in servers.items()}
         warm_up = fresh_prompts(2)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pllm.compiler.manifest import BuildManifest, open_build, verify_files
+from pllm.runtime.worker.huge_pages import ResidentWeights, read_weight_file
 from pllm.runtime.worker.text_loader import load_tokenizer
 
 
@@ -19,25 +20,36 @@ class OpenedBuild:
 
     build: BuildManifest
     tokenizer: Any  # FastTokenizer (runtime/worker/fast_tokenizer.py), or transformers' for a build without a snapshot
+    weights: ResidentWeights | None = None  # its one weights file, read for the cpu backend; None: read at load
 
 
-def open_verified(build_dir: str) -> OpenedBuild:
+def open_verified(build_dir: str, read_weights: bool = False) -> OpenedBuild:
     """Every listed file is hashed before anything but the tokenizer is read (which reads only files it hashes
-    itself); the hashing releases the GIL, so it runs beside the tokenizer's loading."""
+    itself); the hashing releases the GIL, so it runs beside the tokenizer's loading. read_weights: then the weights
+    file of a single-rank build is read into huge pages on the same thread (the page faults and reads release the
+    GIL too), for a cpu engine to load."""
     build = open_build(build_dir, verify=False)
+
+    def verify_then_read() -> ResidentWeights | None:
+        verify_files(build)
+        if not read_weights or len(build.weight_files) != 1:
+            return None
+        return read_weight_file(build.path / build.weight_files[0])
+
     with ThreadPoolExecutor(1, thread_name_prefix="pllm-verify") as pool:
-        verified = pool.submit(verify_files, build)
+        verified = pool.submit(verify_then_read)
         tokenizer = load_tokenizer(build)
-        verified.result()
-    return OpenedBuild(build, tokenizer)
+        weights = verified.result()
+    return OpenedBuild(build, tokenizer, weights)
 
 
 class BuildOpening:
-    """open_verified(build_dir) on a thread of its own, started at once; result() waits for it and raises what it
-    raised."""
+    """open_verified(build_dir, read_weights) on a thread of its own, started at once; result() waits for it and
+    raises what it raised."""
 
-    def __init__(self, build_dir: str) -> None:
+    def __init__(self, build_dir: str, read_weights: bool = False) -> None:
         self.build_dir = build_dir
+        self.read_weights = read_weights
         self._opened: OpenedBuild | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._open, name="pllm-open-build", daemon=True)
@@ -45,7 +57,7 @@ class BuildOpening:
 
     def _open(self) -> None:
         try:
-            self._opened = open_verified(self.build_dir)
+            self._opened = open_verified(self.build_dir, self.read_weights)
         except BaseException as e:  # handed to whoever waits on result()
             self._error = e
 

@@ -61,7 +61,7 @@ class LoadedEngine:
         self.tokenizer = opened.tokenizer
         self.generation_config = load_generation_config(self.build)
         # this process alone, or rank 0 of config.tensor_parallel_size (runtime/worker/parallel/)
-        self.runner = make_runner(self.build, config, self._resolve_max_model_len(config))
+        self.runner = make_runner(self.build, config, self._resolve_max_model_len(config), opened.weights)
         self.max_model_len = self.runner.max_model_len  # lowered to what the KV cache holds when not set
         self.loras = LoraRegistry(spec, config.max_loras)
         self._load_start_loras(config)

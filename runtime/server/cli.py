@@ -1,10 +1,11 @@
 """pllm-serve: the flags (cli_args.py), the engine thread over the build, and the HTTP server (draining.py) on it.
 
 Start-up runs three ways at once, so the time to the first answer is close to what the imports alone take: the
-build is opened (manifest, every file hashed, the tokenizer) on a thread while torch and the engine's modules
-import; then the engine thread loads the model and runs its first forward (warm_up.py) while this thread imports
-FastAPI and uvicorn. Hashing, file reads and torch's ops release the GIL; the imports hold it, so two imports at
-once would only take turns. The server listens only once the engine is ready, so /health never answers before it.
+build is opened (manifest, every file hashed, the tokenizer; with --huge-pages the weights read) on a thread
+while torch and the engine's modules import; then the engine thread loads the model and runs its first forward
+(warm_up.py) while this thread imports FastAPI and uvicorn. Hashing, file reads and torch's ops release the GIL;
+the imports hold it, so two imports at once would only take turns. The server listens only once the engine is
+ready, so /health never answers before it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.build_open import BuildOpening
@@ -57,12 +59,22 @@ def app_for(engine: AsyncEngine, args: argparse.Namespace, names: list[str]):
     )
 
 
+def reads_weights_early(args: argparse.Namespace) -> bool:
+    """Whether the engine will run on the cpu in this one process with --huge-pages: then the thread that opens the
+    build also reads its weights into huge pages (loader.load_weights), beside the imports. `auto` picks cuda where
+    torch sees a GPU; torch is not imported yet, so a GPU's device nodes stand in for that. A wrong guess either
+    way only moves work: the weights are read at load instead, or read early and left unused."""
+    if not args.huge_pages or args.tensor_parallel_size != 1 or args.backend not in ("cpu", "auto"):
+        return False
+    return args.backend == "cpu" or not any(Path("/dev").glob("nvidia[0-9]*")) and not Path("/dev/kfd").exists()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
     names = served_names(args)
     start = time.perf_counter()
-    opening = BuildOpening(args.build_dir)  # hashing and file reads, beside the imports below
+    opening = BuildOpening(args.build_dir, reads_weights_early(args))  # hashing, file reads, beside the imports
     import pllm.runtime.server.async_engine  # noqa: F401  (torch and the engine, before the engine thread needs them)
 
     mark(Stage.IMPORTS)

@@ -13,22 +13,50 @@ from pllm.compiler.manifest import (
     BuildManifest,
 )
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
+from pllm.runtime.worker.huge_pages import ResidentWeights, WeightFileError, read_weight_file
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
-def load_weights(build: BuildManifest, device: str | torch.device = "cpu",
-                 rank: int = 0) -> dict[str, torch.Tensor | QuantizedWeight]:
+def load_weights(build: BuildManifest, device: str | torch.device = "cpu", rank: int = 0, huge_pages: bool = False,
+                 resident: ResidentWeights | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Rank `rank`'s weights file (the only one of a single-rank build), hashed by verify_files for that rank;
     hashing it again here would double the load time. The tensors the manifest records as quantised come back as
-    QuantizedWeights (models/quant.py), gathered from their parts."""
+    QuantizedWeights (models/quant.py), gathered from their parts. Mapped from the file, or on the cpu with
+    huge_pages read into huge pages (huge_pages.py), which the decode step streams faster: `resident`, that file
+    already read so (pllm-serve reads it beside its imports), or read here."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     f = build.path / build.weight_files[rank]
     try:
-        tensors = load_file(str(f), device=str(device))
-    except (SafetensorError, OSError) as e:
+        if huge_pages and torch.device(device).type == "cpu":
+            tensors = cpu_tensors(f, resident)
+        else:
+            tensors = load_file(str(f), device=str(device))
+    except (SafetensorError, WeightFileError, OSError) as e:
         raise BuildDirError(f"{f}: cannot load the weights ({e})") from None
     return gather_quantized(tensors, build.manifest["quantization"].get("tensors", {}), f)
+
+
+def cpu_tensors(f: Path, resident: ResidentWeights | None) -> dict[str, torch.Tensor]:
+    """The tensors of weights file f in huge pages: `resident` if it is that file read already, else read now."""
+    return tensors_of(resident if resident is not None and resident.path == f else read_weight_file(f))
+
+
+def tensors_of(resident: ResidentWeights) -> dict[str, torch.Tensor]:
+    """The file's tensors as views of its arena (which they keep alive)."""
+    whole = torch.frombuffer(resident.memory, dtype=torch.uint8)
+    out = {}
+    for t in resident.tensors:
+        at = resident.start + t.offset
+        out[t.name] = whole[at:at + t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
+    return out
 
 
 def gather_quantized(tensors: dict[str, torch.Tensor], record: dict[str, dict],

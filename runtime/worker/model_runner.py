@@ -18,6 +18,7 @@ from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.cuda_graphs import Capture, DecodeGraphs, cuda_capture, default_capture_sizes
+from pllm.runtime.worker.huge_pages import ResidentWeights
 from pllm.runtime.worker.kv_budget import (
     GroupBudget,
     SchedulingLimits,
@@ -69,10 +70,11 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
 
 class ModelRunner:
     def __init__(self, build: BuildManifest, config: EngineConfig, max_model_len: int,
-                 shard: RankShard | None = None):
+                 shard: RankShard | None = None, resident: ResidentWeights | None = None):
         """shard: this runner is one rank of a tensor-parallel engine (runtime/worker/parallel/): its spec is the
         rank's share of the heads and MLP (the build's kernels were rendered for it), its weights that rank's
-        file, its device that rank's, its model's collectives go through shard.comm."""
+        file, its device that rank's, its model's collectives go through shard.comm. resident: the weights file
+        already read into memory (loader.load_weights uses it on the cpu)."""
         self.shard = shard
         self.spec = build.rank_spec  # the whole model's, or one rank's share of a split build
         self.block_size = build.block_size
@@ -83,7 +85,7 @@ class ModelRunner:
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
-        weights = load_weights(build, self.device, 0 if shard is None else shard.rank)
+        weights = load_weights(build, self.device, 0 if shard is None else shard.rank, config.huge_pages, resident)
         mark(Stage.WEIGHTS)
         family = family_of(self.spec.model_type, str(build.path))
         self.decode_graphs: DecodeGraphs | None = None

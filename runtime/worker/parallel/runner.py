@@ -19,6 +19,7 @@ import torch.distributed as dist
 from pllm.compiler.manifest import BuildManifest
 from pllm.models.lora import LoraAdapter
 from pllm.runtime.engine.config import EngineConfig
+from pllm.runtime.worker.huge_pages import ResidentWeights
 from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.parallel.group import (
     DistCommunicator,
@@ -51,11 +52,13 @@ def check_parallel_size(build: BuildManifest, config: EngineConfig) -> None:
         )
 
 
-def make_runner(build: BuildManifest, config: EngineConfig, max_model_len: int) -> ModelRunner | ParallelRunner:
-    """The engine's runner: this process alone, or rank 0 of config.tensor_parallel_size ranks."""
+def make_runner(build: BuildManifest, config: EngineConfig, max_model_len: int,
+                resident: ResidentWeights | None = None) -> ModelRunner | ParallelRunner:
+    """The engine's runner: this process alone, or rank 0 of config.tensor_parallel_size ranks. resident: the
+    single-rank build's weights file, already read (loader.load_weights)."""
     check_parallel_size(build, config)
     if config.tensor_parallel_size == 1:
-        return ModelRunner(build, config, max_model_len)
+        return ModelRunner(build, config, max_model_len, resident=resident)
     return ParallelRunner(build, config, max_model_len)
 
 

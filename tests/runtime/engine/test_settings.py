@@ -67,6 +67,7 @@ def test_sampling_params_accept_the_edges():
         ("seed", 1.5),
         ("num_threads", 0),
         ("enforce_eager", "no"),
+        ("huge_pages", 1),
         ("enable_prefix_caching", 0),
     ],
 )
