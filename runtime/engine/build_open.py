@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pllm.compiler.manifest import BuildManifest, open_build, verify_files
-from pllm.runtime.worker.huge_pages import ResidentWeights, read_weight_file
+from pllm.compiler.manifest import BuildDirError, BuildManifest, open_build, verify_files
+from pllm.runtime.worker.huge_pages import ResidentWeights, WeightFileError, read_weight_file
 from pllm.runtime.worker.text_loader import load_tokenizer
 
 
@@ -34,7 +34,11 @@ def open_verified(build_dir: str, read_weights: bool = False) -> OpenedBuild:
         verify_files(build)
         if not read_weights or len(build.weight_files) != 1:
             return None
-        return read_weight_file(build.path / build.weight_files[0])
+        f = build.path / build.weight_files[0]
+        try:
+            return read_weight_file(f)
+        except (WeightFileError, OSError) as e:  # as load_weights names it
+            raise BuildDirError(f"{f}: cannot load the weights ({e})") from None
 
     with ThreadPoolExecutor(1, thread_name_prefix="pllm-verify") as pool:
         verified = pool.submit(verify_then_read)

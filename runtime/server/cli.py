@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.build_open import BuildOpening
@@ -61,12 +60,10 @@ def app_for(engine: AsyncEngine, args: argparse.Namespace, names: list[str]):
 
 def reads_weights_early(args: argparse.Namespace) -> bool:
     """Whether the engine will run on the cpu in this one process with --huge-pages: then the thread that opens the
-    build also reads its weights into huge pages (loader.load_weights), beside the imports. `auto` picks cuda where
-    torch sees a GPU; torch is not imported yet, so a GPU's device nodes stand in for that. A wrong guess either
-    way only moves work: the weights are read at load instead, or read early and left unused."""
-    if not args.huge_pages or args.tensor_parallel_size != 1 or args.backend not in ("cpu", "auto"):
-        return False
-    return args.backend == "cpu" or not any(Path("/dev").glob("nvidia[0-9]*")) and not Path("/dev/kfd").exists()
+    build also reads its weights into huge pages (loader.load_weights), beside the imports. Only for an explicit
+    --backend cpu: `auto` may pick a GPU, and weights read for the cpu would then sit unused (`auto` reads them at
+    load instead)."""
+    return args.huge_pages and args.backend == "cpu" and args.tensor_parallel_size == 1
 
 
 def main(argv: list[str] | None = None) -> int:

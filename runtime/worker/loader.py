@@ -51,7 +51,7 @@ def cpu_tensors(f: Path, resident: ResidentWeights | None) -> dict[str, torch.Te
 
 def tensors_of(resident: ResidentWeights) -> dict[str, torch.Tensor]:
     """The file's tensors as views of its arena (which they keep alive)."""
-    whole = torch.frombuffer(resident.memory, dtype=torch.uint8)
+    whole = torch.frombuffer(memoryview(resident.memory), dtype=torch.uint8)  # pins the mapping: no close() under it
     out = {}
     for t in resident.tensors:
         at = resident.start + t.offset

@@ -85,6 +85,9 @@ class ModelRunner:
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
+        if config.huge_pages and self.device.type != "cpu":
+            logger.warning("pllm: huge_pages applies to weights in host memory; the %s backend ignores it",
+                           self.backend)
         weights = load_weights(build, self.device, 0 if shard is None else shard.rank, config.huge_pages, resident)
         mark(Stage.WEIGHTS)
         family = family_of(self.spec.model_type, str(build.path))

@@ -60,34 +60,44 @@ def _write_raw(path, header: dict | bytes, data: bytes = b"", header_len: int | 
     path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("short", "too short"),
-    ("header past the end", "runs past the end"),
-    ("not json", "not JSON"),
-    ("not an object", "not a JSON object"),
-    ("unknown dtype", "tensor 'w': unreadable entry"),
-    ("wrong size", r"tensor 'w' \(F32 \[2, 2\]\): bytes \[0, 12\)"),
-    ("past the data", r"tensor 'w' \(F32 \[2\]\): bytes \[0, 8\) do not fit it or the 4-byte data section"),
+W = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header, data, match", [
+    (b"{not json", b"", "not JSON"),
+    (b"[1, 2]", b"", "not a JSON object"),
+    ({"w": {**W, "dtype": "Q4"}}, bytes(8), "tensor 'w': unreadable entry"),
+    ({"w": {**W, "shape": [2.0]}}, bytes(8), "tensor 'w': unreadable entry"),
+    ({"w": {**W, "shape": "2"}}, bytes(8), "tensor 'w': unreadable entry"),
+    ({"w": {**W, "shape": [-2, -1]}}, bytes(8), "tensor 'w': unreadable entry"),
+    ({"w": {**W, "data_offsets": [False, 8]}}, bytes(8), "tensor 'w': unreadable entry"),
+    ({"w": "F32"}, bytes(8), "tensor 'w': unreadable entry"),
+    ({"w": {**W, "shape": [2, 2]}}, bytes(8), r"tensor 'w' \(F32 \[2, 2\]\): bytes \[0, 8\) do not fit it"),
+    ({"w": W}, bytes(4), r"tensor 'w' \(F32 \[2\]\): bytes \[0, 8\) do not fit it or the 4-byte data section"),
+    ({"w": W, "v": {**W, "data_offsets": [12, 20]}}, bytes(20), "tensor 'v' starts at byte 12 .*a gap or an overlap"),
+    ({"w": W, "v": {**W, "data_offsets": [4, 12]}}, bytes(12), "tensor 'v' starts at byte 4 .*a gap or an overlap"),
+    ({"w": W}, bytes(9), "the tensors end at byte 8 of the 9-byte data section"),
 ])
-def test_a_bad_file_is_named_with_what_is_wrong(tmp_path, case, match):
+def test_a_bad_header_is_named_with_what_is_wrong(tmp_path, header, data, match):
     f = tmp_path / "bad.safetensors"
-    if case == "short":
-        f.write_bytes(b"\x01\x02")
-    elif case == "header past the end":
-        _write_raw(f, {}, header_len=1 << 40)
-    elif case == "not json":
-        _write_raw(f, b"{not json")
-    elif case == "not an object":
-        _write_raw(f, b"[1, 2]")
-    elif case == "unknown dtype":
-        _write_raw(f, {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, b"\0")
-    elif case == "wrong size":
-        _write_raw(f, {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(12))
-    else:
-        _write_raw(f, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4))
+    _write_raw(f, header, data)
     with pytest.raises(WeightFileError, match=match) as e:
         read_weight_file(f)
     assert str(f) in str(e.value)
+
+
+@pytest.mark.parametrize("raw, size, match", [
+    (b"\x01\x02", 2, "too short"),
+    (struct.pack("<Q", 1 << 40) + b"{}", 10, "runs past the end of the file"),
+    (struct.pack("<Q", 200_000_000), 300_000_000, "past safetensors' limit"),  # a sparse file: nothing read
+])
+def test_a_bad_header_length_is_named(tmp_path, raw, size, match):
+    f = tmp_path / "bad.safetensors"
+    with open(f, "wb") as out:
+        out.write(raw)
+        out.truncate(size)
+    with pytest.raises(WeightFileError, match=match):
+        read_weight_file(f)
 
 
 def test_a_weights_file_cut_short_is_a_build_error(tmp_path, tiny_build):
