@@ -1,0 +1,171 @@
+"""cpu_decode_step over builds that keep packed weights (--quantization, GGUF blocks): each packed linear runs the
+per-op path's own row code inside the step, so the step equals the per-op packed path within the bounds below."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.quantize import quantize_int4, quantize_int8
+from pllm.models.llama import LlamaModel
+from pllm.models.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedWeight, QuantScheme
+from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH_PACKED
+
+from .cpu_step_harness import (
+    MAX_POSITIONS,
+    SETTINGS,
+    SPECS,
+    U32,
+    U_BF16,
+    decode_step,
+    layered_spec,
+    make_build_ops,
+    random_weights,
+    rows_scale,
+    run_both,
+)
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
+
+
+@pytest.fixture(scope="module")
+def build_ops(tmp_path_factory: pytest.TempPathFactory):
+    return make_build_ops(tmp_path_factory)
+
+
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# How a test build keeps each linear: pllm's int8 (one scale per row), GGUF's Q8_0 (int8, groups of 32), int4 with
+# groups of 32 (pllm's default, Q4_0/Q4_K's layout) or 64, or a GGUF-like mix of these and float per linear
+FORMATS = {"int8": None, "q8_0": QuantFormat(QuantScheme.INT8, 32), "int4-32": QuantFormat(QuantScheme.INT4, 32),
+           "int4-64": QuantFormat(QuantScheme.INT4, 64)}
+BUILDS = (*FORMATS, "mixed")
+# Shapes whose every linear input width is a whole number of 64-weight groups (so each format applies), but for
+# "odd-rows-3" (int8, q8_0, int4-32 and mixed builds): inputs of whole 32-element activation blocks only (the packed
+# rows' unit), and output rows that share out unevenly over the threads (320, 160, 448 in PACKED_ROWS items)
+QUANT_SPECS = {
+    "smollm2-like-1": SPECS["smollm2-like-1"],
+    "qwen2-bias-3": dict(num_layers=3, hidden_size=128, intermediate_size=384, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, attention_bias=True),
+    "odd-rows-3": dict(num_layers=3, hidden_size=160, intermediate_size=224, num_attention_heads=10,
+                       num_key_value_heads=5, head_dim=16),
+}
+
+
+def pack_as(fmt_name: str, w: torch.Tensor) -> QuantizedWeight | torch.Tensor:
+    """One linear's weight as a build of that format keeps it (float when the format's groups do not fit)."""
+    if fmt_name == "float":
+        return w
+    fmt = FORMATS[fmt_name]
+    if fmt is None:
+        return quantize_int8(w)
+    if w.shape[1] % fmt.group_size:
+        return w
+    if fmt.scheme is QuantScheme.INT4:
+        return quantize_int4(w, fmt.group_size)
+    groups = w.float().view(w.shape[0], -1, fmt.group_size)  # Q8_0: int8 groups with a scale each
+    scale = groups.abs().amax(dim=-1) / 127
+    codes = torch.round(groups / scale.clamp_min(1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(codes.view(w.shape), scale.contiguous(), None, fmt)
+
+
+def packer(build: str) -> Callable:
+    """(weights, generator) -> the weights with every layer's linears kept as the build keeps them."""
+    def pack(weights: dict, gen: torch.Generator) -> dict:
+        out = dict(weights)
+        for name, w in weights.items():
+            if name.split(".")[-1] in LINEARS:
+                choice = build
+                if build == "mixed":
+                    options = ("float", *FORMATS)
+                    choice = options[int(torch.randint(len(options), (1,), generator=gen))]
+                out[name] = pack_as(choice, w)
+        return out
+    return pack
+
+
+def fits(spec, build: str) -> bool:
+    """Whether every linear of the spec takes the build's format whole (else it would silently be a mixed build)."""
+    fmt = FORMATS.get(build)
+    widths = (spec.hidden_size, spec.q_size, spec.intermediate_size)
+    return all(k % ACTIVATION_BLOCK == 0 for k in widths) and (fmt is None or all(k % fmt.group_size == 0
+                                                                                  for k in widths))
+
+
+# Bounds with packed weights. Each packed linear runs the per-op path's own code (cpu_quant_linear's quant_prepare
+# and row code, its multiply-adds fused as in its library) and the same epilogue (bias added to the fp32 sum, one
+# rounding), so on equal inputs it gives equal outputs, bit for bit. What differs is outside the linears: silu's exp
+# (libm's expf against PyTorch's vectorised exp) and, in float32, the norms' sum of squares (lane order against
+# PyTorch's), a few ulps each, say at most 8 u relative per element. A GEMV turns a relative change d of its inputs
+# into at most d * sum|w_i x_i| <= d * |x|_2 <= d * sqrt(n) * max|x| (rows of norm ~1, Cauchy-Schwarz): per layer
+# 8 sqrt(n) u of the row's scale, n the widest input, against the float step's 8 n u. In bfloat16 such a change
+# flips a rounding to bf16 now and then, and a flipped element feeds every later op as in the float step's case:
+# the same 6 bf16 ulps per layer (most steps come out bit for bit equal). Only bfloat16 is compared here: the packed
+# rows round their input to int8 per 32-element block (models.quant.quantize_activation), and in float32 the
+# norms' few-ulp differences land an element on the other side of a rounding boundary now and then, a whole
+# quantisation step that no ulp bound covers; in bfloat16 the norms are the same code and the step's inputs to every
+# packed linear are bit for bit the per-op path's. Float32 packed steps are proven by their greedy tokens
+# (tests/models/test_quant_decode_step.py).
+def packed_bound(spec, dtype: str) -> float:
+    layers = spec.num_hidden_layers + 1
+    if dtype == "bfloat16":
+        return 6 * U_BF16 * layers
+    widest = max(spec.hidden_size, spec.q_size, spec.intermediate_size)
+    return 8 * math.sqrt(widest) * U32 * layers
+
+
+@SETTINGS
+@given(shape=st.sampled_from(sorted(QUANT_SPECS)), dtype=st.just("bfloat16"), build=st.sampled_from(BUILDS),
+       context_lens=st.lists(st.integers(0, 70), min_size=1, max_size=MAX_COMPILED_BATCH_PACKED),
+       seed=st.integers(0, 2**16))
+@example(shape="smollm2-like-1", dtype="bfloat16", build="int8", context_lens=[15], seed=0)  # batch 1
+@example(shape="smollm2-like-1", dtype="bfloat16", build="int4-64", context_lens=[0, 16, 31, 47], seed=1)
+@example(shape="qwen2-bias-3", dtype="bfloat16", build="int4-32", context_lens=list(range(0, 80, 5)), seed=2)
+@example(shape="qwen2-bias-3", dtype="bfloat16", build="mixed", context_lens=[70, 1, 9], seed=3)
+@example(shape="odd-rows-3", dtype="bfloat16", build="mixed", context_lens=[3, 40], seed=4)
+@example(shape="odd-rows-3", dtype="bfloat16", build="int8", context_lens=[5] * MAX_COMPILED_BATCH_PACKED, seed=5)
+def test_step_with_packed_weights_equals_the_per_op_packed_path(build_ops, shape, dtype, build, context_lens, seed):
+    spec = layered_spec(**QUANT_SPECS[shape])
+    assume(fits(spec, build))
+    (fused, fused_caches), (ref, ref_caches) = run_both(build_ops, spec, dtype, context_lens, seed, packer(build))
+    assert torch.isfinite(fused).all()
+    err = (fused - ref).abs() / rows_scale(ref)
+    assert err.max() <= packed_bound(spec, dtype), (err.max().item(), packed_bound(spec, dtype))
+
+
+def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog):
+    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
+    compiled = build_ops(spec, "bfloat16", packed=True)[1]
+    weights = packer("int4-32")(random_weights(spec, torch.bfloat16, torch.Generator().manual_seed(0)), None)
+    with caplog.at_level("INFO", logger="pllm"):
+        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    assert model.decode_stack.max_batch == MAX_COMPILED_BATCH_PACKED
+    assert "reading packed weights (linears: 12 int4 group 32)" in caplog.text
+    metas = {n: decode_step(spec, torch.bfloat16, [3] * n, torch.Generator().manual_seed(1))[0]
+             for n in (MAX_COMPILED_BATCH_PACKED, MAX_COMPILED_BATCH_PACKED + 1)}
+    assert model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED]])
+    assert not model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED + 1]])
+
+
+@pytest.mark.parametrize("group, why", [
+    (8, "int8 groups of 8, the kernel reads groups of whole 16-weight vectors"),  # part of a vector of codes
+    # whole vectors of codes, half the activation block the packed rows quantise: not read past the block
+    (16, "int8 groups of 16, the packed rows read groups of whole 32-element activation"),
+])
+def test_packed_weights_the_step_cannot_read_run_per_op(build_ops, caplog, group, why):
+    """Groups the step cannot read: the model decodes op by op, and says why."""
+    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
+    compiled = build_ops(spec, "float32", packed=True)[1]
+    weights = packer("int8")(random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), None)
+    w = weights["layers.1.down_proj"]
+    weights["layers.1.down_proj"] = QuantizedWeight(w.codes, w.scales.repeat(1, w.shape[1] // group),
+                                                    None, QuantFormat(QuantScheme.INT8, group))
+    with caplog.at_level("INFO", logger="pllm"):
+        model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    assert model.decode_stack is None
+    assert f"layer 1 down: {why}" in caplog.text
