@@ -29,7 +29,7 @@ PREFETCH_TILES = 2
 PREFETCH_ROWS = 8
 # At the end of each float linear every thread requests this much of its first rows of the next one into L2, so the
 # norm, RoPE, attention and barriers between two GEMVs keep the memory bus busy, and the next GEMV does not start on
-# a cold stream (a batch-1 step of SmolLM2 ~3-5% faster, the stack alone taking turns with and without)
+# a cold stream (the stack alone taking turns with and without: within the dev VM's noise, a few percent either way)
 NEXT_PREFETCH_BYTES = 16384
 SEQUENTIAL_X_BYTES = 16384
 # ... and only up to this many sequences: a row at a time is BATCH_TILE accumulator chains, too few to hide the

@@ -36,17 +36,12 @@ def load_weights(build: BuildManifest, device: str | torch.device = "cpu", rank:
     f = build.path / build.weight_files[rank]
     try:
         if huge_pages and torch.device(device).type == "cpu":
-            tensors = cpu_tensors(f, resident)
+            tensors = tensors_of(resident if resident is not None and resident.path == f else read_weight_file(f))
         else:
             tensors = load_file(str(f), device=str(device))
     except (SafetensorError, WeightFileError, OSError) as e:
         raise BuildDirError(f"{f}: cannot load the weights ({e})") from None
     return gather_quantized(tensors, build.manifest["quantization"].get("tensors", {}), f)
-
-
-def cpu_tensors(f: Path, resident: ResidentWeights | None) -> dict[str, torch.Tensor]:
-    """The tensors of weights file f in huge pages: `resident` if it is that file read already, else read now."""
-    return tensors_of(resident if resident is not None and resident.path == f else read_weight_file(f))
 
 
 def tensors_of(resident: ResidentWeights) -> dict[str, torch.Tensor]:
