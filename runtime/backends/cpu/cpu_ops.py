@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -26,6 +27,21 @@ _HAS_ONEDNN_LINEAR = (
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
+
+
+@functools.cache
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN packs bf16 linear weights on this CPU: its bf16 path needs AVX512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, and says so only by raising (an AVX2-only CPU, e.g. AMD Zen 3, has neither). Asked once, on a
+    small weight; without it bf16 linears run F.linear (the same results, without the prepacking's speed)."""
+    if not _HAS_ONEDNN_LINEAR:
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 64, dtype=torch.bfloat16), 64)
+    except RuntimeError as e:
+        logger.info("cpu backend: bf16 linears use F.linear, not oneDNN's packed weights (%s)", e)
+        return False
+    return True
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -272,7 +288,7 @@ class TorchOps:
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self._packed:
             packed = None
-            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _HAS_ONEDNN_LINEAR:
+            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn_packs_bf16():
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
             self._packed[key] = (weight, packed)
         return self._packed[key][1]
