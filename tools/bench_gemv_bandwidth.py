@@ -2,6 +2,7 @@
 
     chrt -f 10 python tools/bench_gemv_bandwidth.py [--dtypes bfloat16,float32] [--batches 1,2,4,8,16,32,64]
                                                     [--models smollm2-135m,llama-1b] [--tiles 4x4p2s16,4x4p2s0]
+                                                    [--isa best,generic]
 
 For each linear of SmolLM2-135M (qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576, and the LM head
 576->49152) and of a 1B llama (TinyLlama's shapes: hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocabulary
@@ -11,7 +12,8 @@ by every copy in turn, as a decode step streams its layers' weights. Timed are:
 
   - the compiled step's GEMV (kernels/cpu_decode_step.so's pllm_gemv_many: the step's work-sharing loop over row
     tiles in one parallel region, so no call per matrix) for batches up to its MAX_BATCH, one column per --tiles
-    variant (ROW_TILE x BATCH_TILE, pPREFETCH_TILES, sSEQUENTIAL_X_BYTES in KiB; the first is the engine's);
+    variant (ROW_TILE x BATCH_TILE, pPREFETCH_TILES, sSEQUENTIAL_X_BYTES in KiB; the first is the engine's), and
+    per --isa level (CpuDecodeStep.limit_isa: the best inner loop the CPU has, or the generic vector code);
   - the per-op path (TorchOps.linear: oneDNN on weights packed once for bf16, F.linear for fp32), one call each.
 
 The engine runs the first up to MAX_COMPILED_BATCH (runtime/backends/cpu/cpu_decode_step.py) and the second past
@@ -31,6 +33,7 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import platform
 import shlex
 import statistics
 import subprocess
@@ -42,7 +45,7 @@ from pathlib import Path
 import torch
 from bench_throughput import matmul_roofline
 
-from pllm.compiler.cpu_compile import BASE_FLAGS, compile_cpu_kernels, find_compiler
+from pllm.compiler.cpu_compile import BASE_FLAGS, CPU_TARGETS, compile_cpu_kernels, find_compiler
 from pllm.compiler.kernels import cpu_decode_step as step_kernel
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
@@ -100,8 +103,12 @@ def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
             "down": (hidden, intermediate), "lm_head": (VOCAB[model], hidden)}
 
 
-def compile_step(dtype: str, tiles: Tiles, out: Path) -> CpuDecodeStep:
-    """The decode step rendered with these tiles (the GEMV takes any shape: SmolLM2's rendering serves all)."""
+ISA_LEVELS = {"best": 1, "generic": 0}  # CpuDecodeStep.limit_isa's levels
+
+
+def compile_step(dtype: str, tiles: Tiles, out: Path, isa: str = "best") -> CpuDecodeStep:
+    """The decode step rendered with these tiles (the GEMV takes any shape: SmolLM2's rendering serves all), its
+    inner loop limited to the isa level (a library of its own per level: the choice is the library's)."""
     spec = make_spec("smollm2-135m")
     names = ("ROW_TILE", "BATCH_TILE", "PREFETCH_TILES", "SEQUENTIAL_X_BYTES", "MAX_BATCH")
     saved = {name: getattr(step_kernel, name) for name in names}
@@ -118,7 +125,9 @@ def compile_step(dtype: str, tiles: Tiles, out: Path) -> CpuDecodeStep:
             setattr(step_kernel, name, value)
     if "error" in entry:
         raise SystemExit(f"compiling the decode step ({tiles}): {entry['error']}")
-    return CpuDecodeStep(out / entry["libraries"]["cpu_decode_step"], spec, getattr(torch, dtype), 16)
+    step = CpuDecodeStep(out / entry["libraries"]["cpu_decode_step"], spec, getattr(torch, dtype), 16)
+    step.limit_isa(ISA_LEVELS[isa])
+    return step
 
 
 class ReadBandwidth:
@@ -133,7 +142,8 @@ class ReadBandwidth:
         compiler = find_compiler()
         if compiler is None:
             raise SystemExit("no C++ compiler for tools/stream_read.cpp (set $CXX, or install g++)")
-        subprocess.run([*shlex.split(compiler), *BASE_FLAGS, str(source), "-o", str(library)], check=True)
+        arch = CPU_TARGETS.get(platform.machine(), ("", []))[1]  # the build's baseline instruction set
+        subprocess.run([*shlex.split(compiler), *BASE_FLAGS, *arch, str(source), "-o", str(library)], check=True)
         self._read = ctypes.CDLL(str(library)).pllm_stream_read
         self._read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
         self._read.restype = ctypes.c_float
@@ -239,6 +249,8 @@ def main() -> None:
     ap.add_argument("--tiles", default=None, help="comma-separated GEMV renderings to compare, ROWxBATCHpPREFETCH"
                     "[sKIB] (ROW_TILE, BATCH_TILE, PREFETCH_TILES, SEQUENTIAL_X_BYTES / 1024; default: the build's "
                     "own constants only, the first is the engine's)")
+    ap.add_argument("--isa", default="best", help=f"comma-separated GEMV inner loops to compare, of "
+                    f"{', '.join(ISA_LEVELS)} (limited to what this CPU runs; the first is the engine's)")
     ap.add_argument("--kernel-max-batch", type=int, default=step_kernel.MAX_BATCH,
                     help="render the step's GEMV for up to this batch (its MAX_BATCH)")
     ap.add_argument("--stream-mib", type=int, default=256, help="copies of each matrix fill at least this much")
@@ -248,6 +260,14 @@ def main() -> None:
     default = (f"{step_kernel.ROW_TILE}x{step_kernel.BATCH_TILE}p{step_kernel.PREFETCH_TILES}"
                f"s{step_kernel.SEQUENTIAL_X_BYTES // 1024}")
     tiles = [Tiles.parse(t, args.kernel_max_batch) for t in (args.tiles or default).split(",")]
+    isas = args.isa.split(",")
+    if unknown := sorted(set(isas) - set(ISA_LEVELS)):
+        raise SystemExit(f"--isa {','.join(unknown)}: expected some of {', '.join(ISA_LEVELS)}")
+    variants = [(t, isa) for t in tiles for isa in isas]  # the first is the engine's
+
+    def variant_name(t: Tiles, isa: str) -> str:
+        return f"gemv {t}" + (f" {isa}" if len(isas) > 1 else "")
+
     batches = [int(b) for b in args.batches.split(",")]
     results: dict = {"threads": torch.get_num_threads(), "dtypes": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,11 +275,11 @@ def main() -> None:
         print(f"{torch.get_num_threads()} threads; read bandwidth {read.measure() / 1e9:.1f} GB/s so far")
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            steps = {f"gemv {t}": (compile_step(dtype_name, t, Path(tmp) / f"{dtype_name}-{t}"), t.max_batch)
-                     for t in tiles}
+            steps = {variant_name(t, isa): (compile_step(dtype_name, t, Path(tmp) / f"{dtype_name}-{t}-{isa}", isa),
+                                            t.max_batch) for t, isa in variants}
             peak = max(matmul_roofline(dtype) for _ in range(3))  # best of 3 x 5: the busy VM lowers single runs
             per_dtype = results["dtypes"][dtype_name] = {
-                "matmul_GFLOPs": peak / 1e9, "isa": next(iter(steps.values()))[0].isa,
+                "matmul_GFLOPs": peak / 1e9, "isa": ", ".join(step.isa for step, _ in steps.values()),
                 "engine_limit": MAX_COMPILED_BATCH[dtype], "rows": []}
             for model in args.models.split(","):
                 for linear in args.linears.split(","):
@@ -269,7 +289,7 @@ def main() -> None:
                     nbytes = shape[0] * shape[1] * dtype.itemsize
                     copies_bytes = nbytes * max(1, -(-(args.stream_mib << 20) // nbytes))
                     for batch, per_path in times.items():
-                        engine = f"gemv {tiles[0]}" if batch <= per_dtype["engine_limit"] else "per-op"
+                        engine = variant_name(*variants[0]) if batch <= per_dtype["engine_limit"] else "per-op"
                         row = {"model": model, "linear": linear, "shape": list(shape), "batch": batch,
                                "engine_path": engine, "paths": {}}
                         row["read_GBps"] = copies_bytes / min(per_path.pop("read")) / 1e9
@@ -295,7 +315,7 @@ def main() -> None:
         per_dtype["bound_batch"] = per_dtype["peak_GFLOPs"] * 1e9 * dtype.itemsize / (2 * read.bytes_per_s)
         for row in per_dtype["rows"]:
             row["bandwidth_bound"] = row["batch"] < per_dtype["bound_batch"]
-        print_table(dtype_name, per_dtype, [*(f"gemv {t}" for t in tiles), "per-op"], batches)
+        print_table(dtype_name, per_dtype, [*(variant_name(t, isa) for t, isa in variants), "per-op"], batches)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

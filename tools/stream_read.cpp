@@ -3,31 +3,39 @@
 // contiguous share of the buffer as STREAMS interleaved sub-ranges read in step, 256 bytes of each at a time into
 // independent sums, requesting each `prefetch` bytes ahead (0: the hardware prefetcher alone), as a GEMV tile reads
 // several weight rows at once.
-#include <immintrin.h>
+// Portable vector code (GCC vector extensions): the loads are what is measured, so any instruction set that loads a
+// register at a time reads as fast; the benchmark compiles it with the build's baseline (AVX2 on x86-64).
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
 
 template <int STREAMS>
-__attribute__((target("avx512f"))) static float read_share(const float *base, int64_t part, int64_t ahead) {
-    __m512 acc[STREAMS][4];
-    for (int s = 0; s < STREAMS; s++)
-        for (int i = 0; i < 4; i++) acc[s][i] = _mm512_setzero_ps();
+static float read_share(const float *base, int64_t part, int64_t ahead) {
+    v8 acc[STREAMS][8] = {};
     for (int64_t k = 0; k < part; k += 64) {
 #pragma GCC unroll 8
         for (int s = 0; s < STREAMS; s++) {
             const float *p = base + s * part + k;
             if (ahead) {
-                _mm_prefetch((const char *)(p + ahead), _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + ahead + 32), _MM_HINT_T0);
+                __builtin_prefetch(p + ahead);
+                __builtin_prefetch(p + ahead + 32);
             }
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) acc[s][i] = _mm512_add_ps(acc[s][i], _mm512_loadu_ps(p + 16 * i));
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) {
+                v8 v;
+                memcpy(&v, p + 8 * i, sizeof(v));
+                acc[s][i] += v;
+            }
         }
     }
-    __m512 total = _mm512_setzero_ps();
+    v8 total = {};
     for (int s = 0; s < STREAMS; s++)
-        for (int i = 0; i < 4; i++) total = _mm512_add_ps(total, acc[s][i]);
-    return _mm512_reduce_add_ps(total);
+        for (int i = 0; i < 8; i++) total += acc[s][i];
+    float sum = 0.f;
+    for (int i = 0; i < 8; i++) sum += total[i];
+    return sum;
 }
 
 // The sum of buf's first n floats (rounded down to whole 256-byte pieces per stream and thread), so no read is

@@ -91,6 +91,50 @@ def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, se
     assert ((y.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
 
 
+# The GEMV inner loops a CPU may run, by CpuDecodeStep.limit_isa's level: the best it has (AVX-512 where present), the
+# generic vector code (what an AVX2-only CPU runs)
+ISA_LEVELS = {"best": 1, "generic": 0}
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS.values(), ids=ISA_LEVELS.keys())
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level):
+    """Each GEMV inner loop this CPU runs: within the fp32 bound of the exact product, and each row of x's outputs
+    bit for bit the same alone as in a batch of any size up to MAX_BATCH (the batch picks the tiles: rows one after
+    another up to 4 sequences, whole tiles past; a sequence's tokens must not depend on what it is batched with).
+    Widths that are not whole AVX-512 steps (72, 584) and a last tile of fewer than 4 rows (37)."""
+    step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(level)
+    step.limit_isa(level)
+    try:
+        for in_features in (72, 584):
+            w = torch.randn((37, in_features), generator=gen).to(tdtype)
+            x = torch.randn((MAX_BATCH, in_features), generator=gen).to(tdtype)
+            alone = torch.cat([step.gemv(w, x[i : i + 1]) for i in range(MAX_BATCH)])
+            for batch in range(2, MAX_BATCH + 1):
+                assert torch.equal(step.gemv(w, x[:batch]), alone[:batch]), (step.isa, in_features, batch)
+            exact = x.double() @ w.double().T
+            gamma = in_features * U32 / (1 - in_features * U32)
+            assert ((alone.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
+    finally:
+        step.limit_isa(ISA_LEVELS["best"])
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS.values(), ids=ISA_LEVELS.keys())
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_gemv_code_steps_as_the_per_op_path(build_ops, dtype, level):
+    """The whole step over each GEMV inner loop this CPU runs, against the per-op path (a stack, batch 5: the
+    sequential rows for 4, then one more)."""
+    spec = spec_of("qwen2-bias-3")
+    build_ops(spec, dtype)[1].decode_step.limit_isa(level)
+    try:
+        (fused, _), (ref, _) = run_both(build_ops, spec, dtype, [0, 7, 16, 33, 70], seed=level)
+    finally:
+        build_ops(spec, dtype)[1].decode_step.limit_isa(ISA_LEVELS["best"])
+    assert ((fused - ref).abs() / rows_scale(ref)).max() <= bound(spec, dtype)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gemv_stream_runs_the_same_gemv_over_each_matrix(build_ops, dtype):
     """The benchmarks' many-matrix call (one parallel region) gives each matrix's product bit for bit as the GEMV."""

@@ -90,10 +90,22 @@ class CpuDecodeStep:
         self._gemv_many = lib.pllm_gemv_many
         self._gemv_many.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
         self._gemv_many.restype = ctypes.c_int
-        isa = lib.pllm_decode_step_isa
-        isa.restype = ctypes.c_char_p
-        self.isa: str = isa().decode()  # the GEMV inner loop this CPU runs: "avx512_bf16", "avx512f" or "generic"
+        self._isa = lib.pllm_decode_step_isa
+        self._isa.restype = ctypes.c_char_p
+        self._limit_isa = lib.pllm_decode_step_limit_isa
+        self._limit_isa.argtypes = [ctypes.c_int]
         self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
+
+    @property
+    def isa(self) -> str:
+        """The GEMV inner loop this CPU runs: "avx512_bf16" or "avx512f" (by the dtype), or "generic" (LANES-wide
+        vector code: AVX2 + FMA on x86-64)."""
+        return self._isa().decode()
+
+    def limit_isa(self, level: int) -> None:
+        """The best GEMV inner loop the step may choose: 1 the best this CPU runs, 0 the generic vector code (for
+        tests and benchmarks; a process-wide choice of the library)."""
+        self._limit_isa(level)
 
     @property
     def max_batch(self) -> int:
