@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pllm.compiler import kernel_cache
 from pllm.compiler.kernels import Language
 from pllm.compiler.plan import KernelPlan
 
@@ -35,10 +36,12 @@ def find_compiler() -> str | None:
 def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     """Compile every rendered .cpp of the plan in kernel_dir into a .so beside it.
 
-    Returns the manifest entry: {} when the plan has no cpu kernel (float16), {"error": why} when they cannot be
-    built here (the cpu backend then runs its PyTorch attention and says so at start-up), else the machine,
-    instruction set, compiler, flags and each kernel's library. Same sources and compiler -> identical files
-    (the compiler runs in kernel_dir on relative names, without debug info, so no path is embedded).
+    A library compiled before from the same source, compiler and command comes from the kernel cache
+    (compiler/kernel_cache.py) instead. Returns the manifest entry: {} when the plan has no cpu kernel (float16),
+    {"error": why} when they cannot be built here (the cpu backend then runs its PyTorch attention and says so at
+    start-up), else the machine, instruction set, compiler, flags and each kernel's library. Same sources and
+    compiler -> identical files (the compiler runs in kernel_dir on relative names, without debug info, so no path is
+    embedded).
     """
     sources = [k for k in plan.kernels if k.language is Language.CPP]
     if not sources:
@@ -49,20 +52,26 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     machine = platform.machine()
     isa, arch_flags = CPU_TARGETS.get(machine, ("native-default", []))
     flags = [*BASE_FLAGS, *arch_flags]
+    version = _compiler_version(compiler)
     libraries = {}
     for kernel in sources:
         library = kernel.file_name.removesuffix(".cpp") + ".so"
         cmd = [*shlex.split(compiler), *flags, *kernel.compile_flags, kernel.file_name, "-o", library]
+        key = kernel_cache.kernel_key((Path(kernel_dir) / kernel.file_name).read_bytes(), version, [machine, *cmd])
+        if kernel_cache.fetch(key, Path(kernel_dir) / library):
+            libraries[kernel.name] = library
+            continue
         error = _run_compiler(cmd, kernel_dir)
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
                 (Path(kernel_dir) / done).unlink(missing_ok=True)
             return {"error": f"{compiler} failed on {kernel.file_name}: {error}"}
+        kernel_cache.store(key, Path(kernel_dir) / library)
         libraries[kernel.name] = library
     return {
         "machine": machine,
         "isa": isa,
-        "compiler": _compiler_version(compiler),
+        "compiler": version,
         "flags": flags,
         "kernel_flags": {k.name: list(k.compile_flags) for k in sources if k.compile_flags},
         "libraries": libraries,
@@ -81,6 +90,10 @@ def _run_compiler(cmd: list[str], cwd: Path) -> str | None:
 
 
 def _compiler_version(compiler: str) -> str:
-    result = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run([*shlex.split(compiler), "--version"], capture_output=True, text=True, check=False,
+                                timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return compiler  # it will not compile either: _run_compiler says why
     lines = result.stdout.strip().splitlines()
     return lines[0] if lines else compiler

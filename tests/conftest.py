@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,12 @@ from hypothesis_budget import load_bounded_profile  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
 load_bounded_profile()
+
+# The session's compiled cpu kernels kept in a fresh folder of its own (compiler/kernel_cache.py): the many tiny
+# builds of the same shapes compile each kernel once, and no user's cache is read or written. Child processes
+# (pllm-compile, pllm-serve) inherit it.
+os.environ["PLLM_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-kernels-")
+atexit.register(shutil.rmtree, os.environ["PLLM_KERNEL_CACHE"], ignore_errors=True)
 
 
 def _fix_triton_mode() -> None:

@@ -1,0 +1,92 @@
+"""The cpu kernel cache (compiler/kernel_cache.py): a kernel compiled once is fetched, never half-read, and a cache
+that cannot be used costs only the time it would have saved."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pllm.compiler import cpu_compile, kernel_cache
+from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
+from pllm.compiler.plan import make_plan
+from pllm.compiler.render import render_plan
+from pllm.models.spec import ModelSpec
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
+
+SPEC = ModelSpec(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, rope_scaling=None, max_position_embeddings=128, tie_word_embeddings=False,
+                 attention_bias=False, torch_dtype="float32", bos_token_id=1, eos_token_ids=(2,))
+
+
+def compile_rope(out, head_dim: int = 16):
+    """The smallest kernel (the RoPE + KV write) rendered into out and compiled: (manifest entry, library bytes)."""
+    plan = make_plan(dataclasses.replace(SPEC, head_dim=head_dim), "float32", 16)
+    plan = dataclasses.replace(plan, kernels=(plan.kernel("cpu_rope_kv_write"),))
+    render_plan(plan, out)
+    entry = compile_cpu_kernels(out, plan)
+    assert "error" not in entry, entry
+    return entry, (out / entry["libraries"]["cpu_rope_kv_write"]).read_bytes()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("PLLM_KERNEL_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """How many times the compiler ran."""
+    runs = []
+    real = cpu_compile._run_compiler
+    monkeypatch.setattr(cpu_compile, "_run_compiler", lambda cmd, cwd: runs.append(cmd) or real(cmd, cwd))
+    return runs
+
+
+def test_a_kernel_compiled_once_is_fetched_as_the_compiler_made_it(tmp_path, cache, compiles):
+    entry, first = compile_rope(tmp_path / "a")
+    assert len(compiles) == 1 and len(list(cache.glob("*.so"))) == 1
+    again, fetched = compile_rope(tmp_path / "b")
+    assert len(compiles) == 1 and again == entry and fetched == first
+    name = entry["libraries"]["cpu_rope_kv_write"]
+    assert (tmp_path / "b" / name).stat().st_mode == (tmp_path / "a" / name).stat().st_mode  # the linker's mode
+    compile_rope(tmp_path / "c", head_dim=32)  # another source: another entry
+    assert len(compiles) == 2 and len(list(cache.glob("*.so"))) == 2
+
+
+def test_a_damaged_entry_is_compiled_afresh(tmp_path, cache, compiles, caplog):
+    _, first = compile_rope(tmp_path / "a")
+    (entry,) = cache.glob("*.so")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed after the hash was recorded
+    entry.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="pllm"):
+        _, again = compile_rope(tmp_path / "b")
+    assert len(compiles) == 2 and again == first and "does not match its recorded hash" in caplog.text
+
+
+def test_an_empty_setting_turns_the_cache_off(tmp_path, monkeypatch, compiles):
+    monkeypatch.setenv("PLLM_KERNEL_CACHE", "")
+    assert kernel_cache.cache_dir() is None
+    compile_rope(tmp_path / "a")
+    compile_rope(tmp_path / "b")
+    assert len(compiles) == 2
+
+
+def test_an_unusable_cache_folder_only_costs_the_compile(tmp_path, monkeypatch, compiles):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PLLM_KERNEL_CACHE", str(blocker / "cache"))
+    _, first = compile_rope(tmp_path / "a")
+    _, again = compile_rope(tmp_path / "b")
+    assert len(compiles) == 2 and again == first
+
+
+def test_the_default_folder_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("PLLM_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernel_cache.cache_dir() == tmp_path / "pllm" / "kernels"
