@@ -2,7 +2,7 @@
 
     chrt -f 10 python tools/bench_gemv_bandwidth.py [--dtypes bfloat16,float32] [--batches 1,2,4,8,16,32,64]
                                                     [--models smollm2-135m,llama-1b] [--tiles 4x4p2s16,4x4p2s0]
-                                                    [--isa best,generic]
+                                                    [--isa best,baseline,generic]
 
 For each linear of SmolLM2-135M (qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576, and the LM head
 576->49152) and of a 1B llama (TinyLlama's shapes: hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocabulary
@@ -13,7 +13,8 @@ by every copy in turn, as a decode step streams its layers' weights. Timed are:
   - the compiled step's GEMV (kernels/cpu_decode_step.so's pllm_gemv_many: the step's work-sharing loop over row
     tiles in one parallel region, so no call per matrix) for batches up to its MAX_BATCH, one column per --tiles
     variant (ROW_TILE x BATCH_TILE, pPREFETCH_TILES, sSEQUENTIAL_X_BYTES in KiB; the first is the engine's), and
-    per --isa level (CpuDecodeStep.limit_isa: the best inner loop the CPU has, or the generic vector code);
+    per --isa level (CpuDecodeStep.limit_isa: the best inner loop the CPU has, the x86-64 baseline's AVX2 tiles
+    (bf16; fp32 runs the generic code there too), the generic vector code);
   - the per-op path (TorchOps.linear: oneDNN on weights packed once for bf16, F.linear for fp32), one call each.
 
 The engine runs the first up to MAX_COMPILED_BATCH (runtime/backends/cpu/cpu_decode_step.py) and the second past
@@ -103,7 +104,7 @@ def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
             "down": (hidden, intermediate), "lm_head": (VOCAB[model], hidden)}
 
 
-ISA_LEVELS = {"best": 1, "generic": 0}  # CpuDecodeStep.limit_isa's levels
+ISA_LEVELS = {"best": 2, "baseline": 1, "generic": 0}  # CpuDecodeStep.limit_isa's levels
 
 
 def compile_step(dtype: str, tiles: Tiles, out: Path, isa: str = "best") -> CpuDecodeStep:

@@ -92,8 +92,8 @@ def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, se
 
 
 # The GEMV inner loops a CPU may run, by CpuDecodeStep.limit_isa's level: the best it has (AVX-512 where present), the
-# generic vector code (what an AVX2-only CPU runs)
-ISA_LEVELS = {"best": 1, "generic": 0}
+# x86-64 baseline (AVX2 + FMA tiles for bf16; the generic code for fp32 and on other machines), the generic code
+ISA_LEVELS = {"best": 2, "baseline": 1, "generic": 0}
 
 
 @pytest.mark.parametrize("level", ISA_LEVELS.values(), ids=ISA_LEVELS.keys())
@@ -102,7 +102,7 @@ def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level)
     """Each GEMV inner loop this CPU runs: within the fp32 bound of the exact product, and each row of x's outputs
     bit for bit the same alone as in a batch of any size up to MAX_BATCH (the batch picks the tiles: rows one after
     another up to 4 sequences, whole tiles past; a sequence's tokens must not depend on what it is batched with).
-    Widths that are not whole AVX-512 steps (72, 584) and a last tile of fewer than 4 rows (37)."""
+    Widths with an odd 8 past the 16- and 32-wide steps (72, 584) and a last tile of fewer than 4 rows (37)."""
     step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(level)

@@ -98,13 +98,13 @@ class CpuDecodeStep:
 
     @property
     def isa(self) -> str:
-        """The GEMV inner loop this CPU runs: "avx512_bf16" or "avx512f" (by the dtype), or "generic" (LANES-wide
-        vector code: AVX2 + FMA on x86-64)."""
+        """The GEMV inner loop this CPU runs: "avx512_bf16" or "avx512f" (by the dtype), "avx2" (bf16 on an
+        AVX2-only CPU), or "generic" (LANES-wide vector code: fp32 on an AVX2-only CPU, other machines)."""
         return self._isa().decode()
 
     def limit_isa(self, level: int) -> None:
-        """The best GEMV inner loop the step may choose: 1 the best this CPU runs, 0 the generic vector code (for
-        tests and benchmarks; a process-wide choice of the library)."""
+        """The best GEMV inner loop the step may choose: 2 the best this CPU runs, 1 not AVX-512, 0 the generic
+        vector code (for tests and benchmarks; a process-wide choice of the library)."""
         self._limit_isa(level)
 
     @property
