@@ -43,6 +43,7 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     compiler -> identical files (the compiler runs in kernel_dir on relative names, without debug info, so no path is
     embedded).
     """
+    kernel_dir = Path(kernel_dir)
     sources = [k for k in plan.kernels if k.language is Language.CPP]
     if not sources:
         return {}
@@ -57,16 +58,16 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     for kernel in sources:
         library = kernel.file_name.removesuffix(".cpp") + ".so"
         cmd = [*shlex.split(compiler), *flags, *kernel.compile_flags, kernel.file_name, "-o", library]
-        key = kernel_cache.kernel_key((Path(kernel_dir) / kernel.file_name).read_bytes(), version, [machine, *cmd])
-        if kernel_cache.fetch(key, Path(kernel_dir) / library):
+        key = kernel_cache.kernel_key((kernel_dir / kernel.file_name).read_bytes(), version, [machine, *cmd])
+        if kernel_cache.fetch(key, kernel_dir / library):
             libraries[kernel.name] = library
             continue
         error = _run_compiler(cmd, kernel_dir)
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
-                (Path(kernel_dir) / done).unlink(missing_ok=True)
+                (kernel_dir / done).unlink(missing_ok=True)
             return {"error": f"{compiler} failed on {kernel.file_name}: {error}"}
-        kernel_cache.store(key, Path(kernel_dir) / library)
+        kernel_cache.store(key, kernel_dir / library)
         libraries[kernel.name] = library
     return {
         "machine": machine,

@@ -75,4 +75,3 @@ def store(key: str, library: Path) -> None:
             os.replace(tmp, folder / f"{key}{suffix}")
     except OSError as e:
         logger.debug("kernel cache: not kept in %s (%s)", folder, e)
-

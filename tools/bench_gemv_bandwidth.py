@@ -51,7 +51,7 @@ from pllm.compiler.kernels import cpu_decode_step as step_kernel
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
-from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep
+from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, GemvIsa
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 MODELS = {  # hidden, intermediate, heads, kv heads, head_dim
@@ -104,7 +104,7 @@ def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
             "down": (hidden, intermediate), "lm_head": (VOCAB[model], hidden)}
 
 
-ISA_LEVELS = {"best": 2, "baseline": 1, "generic": 0}  # CpuDecodeStep.limit_isa's levels
+ISA_LEVELS = {level.name.lower(): level for level in GemvIsa}  # --isa's names
 
 
 def compile_step(dtype: str, tiles: Tiles, out: Path, isa: str = "best") -> CpuDecodeStep:

@@ -15,7 +15,12 @@ from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu.cpu_decode_step import GEMV_LINEAR_MAX_ROWS, MAX_COMPILED_BATCH, why_no_decode_step
+from pllm.runtime.backends.cpu.cpu_decode_step import (
+    GEMV_LINEAR_MAX_ROWS,
+    MAX_COMPILED_BATCH,
+    GemvIsa,
+    why_no_decode_step,
+)
 
 from .conftest import tiny_spec
 from .cpu_step_harness import (
@@ -91,12 +96,7 @@ def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, se
     assert ((y.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
 
 
-# The GEMV inner loops a CPU may run, by CpuDecodeStep.limit_isa's level: the best it has (AVX-512 where present), the
-# x86-64 baseline (AVX2 + FMA tiles for bf16; the generic code for fp32 and on other machines), the generic code
-ISA_LEVELS = {"best": 2, "baseline": 1, "generic": 0}
-
-
-@pytest.mark.parametrize("level", ISA_LEVELS.values(), ids=ISA_LEVELS.keys())
+@pytest.mark.parametrize("level", list(GemvIsa), ids=lambda level: level.name.lower())
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level):
     """Each GEMV inner loop this CPU runs: within the fp32 bound of the exact product, and each row of x's outputs
@@ -118,20 +118,21 @@ def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level)
             gamma = in_features * U32 / (1 - in_features * U32)
             assert ((alone.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
     finally:
-        step.limit_isa(ISA_LEVELS["best"])
+        step.limit_isa(GemvIsa.BEST)
 
 
-@pytest.mark.parametrize("level", ISA_LEVELS.values(), ids=ISA_LEVELS.keys())
+@pytest.mark.parametrize("level", list(GemvIsa), ids=lambda level: level.name.lower())
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_each_gemv_code_steps_as_the_per_op_path(build_ops, dtype, level):
     """The whole step over each GEMV inner loop this CPU runs, against the per-op path (a stack, batch 5: the
     sequential rows for 4, then one more)."""
     spec = spec_of("qwen2-bias-3")
-    build_ops(spec, dtype)[1].decode_step.limit_isa(level)
+    step = build_ops(spec, dtype)[1].decode_step  # the library run_both's compiled ops share
+    step.limit_isa(level)
     try:
         (fused, _), (ref, _) = run_both(build_ops, spec, dtype, [0, 7, 16, 33, 70], seed=level)
     finally:
-        build_ops(spec, dtype)[1].decode_step.limit_isa(ISA_LEVELS["best"])
+        step.limit_isa(GemvIsa.BEST)
     assert ((fused - ref).abs() / rows_scale(ref)).max() <= bound(spec, dtype)
 
 

@@ -37,6 +37,16 @@ class WeightKind(enum.IntEnum):
 
 
 PACKED_KINDS = {QuantScheme.INT8: WeightKind.INT8, QuantScheme.INT4: WeightKind.INT4}
+
+
+class GemvIsa(enum.IntEnum):
+    """The best GEMV inner loop the step may choose (pllm_decode_step_limit_isa's levels): the best this CPU runs
+    (AVX-512 where present), the x86-64 baseline (AVX2 + FMA tiles for bf16; the generic code for fp32 and on other
+    machines), the generic vector code."""
+
+    BEST = 2
+    BASELINE = 1
+    GENERIC = 0
 # The most sequences a step runs compiled, by dtype: past this the per-op path (oneDNN's GEMM for bf16, F.linear for
 # fp32) would be as fast or faster. SmolLM2 bf16 on the shared 2-core AVX-512 BF16 VM (tools/bench_decode_step.py;
 # README): 1.18x faster compiled at 16 sequences once the GEMV tiles kept their sums in registers (0.71x before);
@@ -102,10 +112,10 @@ class CpuDecodeStep:
         AVX2-only CPU), or "generic" (LANES-wide vector code: fp32 on an AVX2-only CPU, other machines)."""
         return self._isa().decode()
 
-    def limit_isa(self, level: int) -> None:
-        """The best GEMV inner loop the step may choose: 2 the best this CPU runs, 1 not AVX-512, 0 the generic
-        vector code (for tests and benchmarks; a process-wide choice of the library)."""
-        self._limit_isa(level)
+    def limit_isa(self, level: GemvIsa) -> None:
+        """The best GEMV inner loop the step may choose (for tests and benchmarks; a process-wide choice of the
+        library)."""
+        self._limit_isa(int(level))
 
     @property
     def max_batch(self) -> int:
