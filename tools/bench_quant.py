@@ -5,13 +5,13 @@
 A decoder layer's four matrices (fused qkv, o, gate_up, down) of the chosen shape, as many distinct layers as make
 the bf16 copy exceed 256 MB (so no variant runs out of cache), in these forms: bf16 through the cpu backend's float
 linear (TorchOps.linear: oneDNN's packed bf16 GEMM), INT8 per channel and INT4 at the default group (32) through
-the compiled kernel's packed rows (`kernel.gemv`: on a CPU with AVX512-VNNI the integer rows). With --routes, also
-each packed weight's other routes, to choose between them: the float rows (the kernel's fp32 code the CPUs
-without VNNI run, `limit_isa(1)`) and dequantise-then-GEMM (the prefill path: the compiled dequantiser to bf16,
-into a buffer kept per shape as the cpu backend does, and oneDNN's GEMM). Each round times every variant in turn
-(alternating, so drift on a shared machine hits all alike) over all layers; the read bandwidth is a streaming fp32
-sum over a 1 GB buffer, timed in the same rounds. Prints the median us per layer, the effective GB/s of weight
-bytes streamed, the ratio to bf16 and to the bandwidth. A benchmark, not a test.
+the compiled kernel's packed rows (`kernel.gemv`: the integer rows on x86-64). With --routes, also each packed
+weight's other routes, to choose between them: the float rows (the kernel's fp32 code, which x86-64 CPUs ran
+before the integer rows, `limit_isa(QuantRows.FLOAT_AVX512)`) and dequantise-then-GEMM (the prefill path: the
+compiled dequantiser to bf16, into a buffer kept per shape as the cpu backend does, and oneDNN's GEMM). Each
+round times every variant in turn (alternating, so drift on a shared machine hits all alike) over all layers; the
+read bandwidth is a streaming fp32 sum over a 1 GB buffer, timed in the same rounds. Prints the median us per
+layer, the effective GB/s of weight bytes streamed, the ratio to bf16 and to the bandwidth. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pllm.compiler.render import render_plan
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
-from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
+from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear, QuantRows
 
 # (hidden, intermediate, q_size, kv_size): SmolLM2-135M and a TinyLlama-shaped 1.1B
 SHAPES = {"smollm2": (576, 1536, 576, 192), "1b": (2048, 5632, 2048, 256)}
@@ -86,7 +86,7 @@ def main() -> None:
         kernel = compile_kernel(Path(tmp))
         ops = TorchOps(quant_kernel=kernel)
 
-        def rows(isa: int) -> Callable:
+        def rows(isa: QuantRows) -> Callable:
             def run(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
                 kernel.limit_isa(isa)
                 return kernel.gemv(x, w, None)
@@ -101,9 +101,9 @@ def main() -> None:
         # name -> (layers, how one linear runs)
         variants: dict[str, tuple[list, Callable]] = {"bf16": (bf16, ops.linear)}
         for name, layers in packed.items():
-            variants[name] = (layers, rows(2))
+            variants[name] = (layers, rows(QuantRows.INT_VNNI))
             if args.routes:
-                variants[f"{name} float rows"] = (layers, rows(1))
+                variants[f"{name} float rows"] = (layers, rows(QuantRows.FLOAT_AVX512))
                 variants[f"{name} deq+GEMM"] = (layers, dequantise_then_gemm)
         stream = torch.ones(BANDWIDTH_BYTES // 4)
         token_counts = [int(t) for t in args.tokens.split(",")]
@@ -126,7 +126,7 @@ def main() -> None:
                         for w in layer:
                             run(xs[t][w.shape[1]], w)
                     times.setdefault((name, t), []).append((time.perf_counter() - t0) / num_layers)
-        kernel.limit_isa(2)
+        kernel.limit_isa(QuantRows.INT_VNNI)
     gbs = statistics.median(bandwidth)
     print(f"model shape {args.model}: {num_layers} distinct layers, {torch.get_num_threads()} threads; "
           f"read bandwidth (fp32 sum of 1 GB): {gbs:.1f} GB/s")

@@ -29,7 +29,12 @@ VNNI_ROW_TILE = 4
 # up to this many tokens the INT8 VNNI rows go one at a time instead (one sequential stream of codes per thread): a
 # batch-1 decode step's INT8 linears ~10% faster on the AVX512-VNNI VM, batch 2 slower, INT4 25% slower
 VNNI_SEQUENTIAL_TOKENS = 1
-# the row ranges an including kernel should hand quant_rows (a multiple of both row tiles)
+# the AVX2 integer rows (no VNNI; vpmaddubsw): rows per tile, and up to how many tokens INT8 and INT4 rows go one at
+# a time (a single sequential stream of codes per thread). Measured on the AVX2-only EPYC (tools/bench_quant.py)
+AVX2_INT_ROW_TILE = 2
+AVX2_INT8_SEQUENTIAL_TOKENS = 1
+AVX2_INT4_SEQUENTIAL_TOKENS = 1
+# the row ranges an including kernel should hand quant_rows (a multiple of every row tile)
 QUANT_ROW_TILE = 16
 
 
@@ -41,7 +46,8 @@ def supported(spec: ModelSpec, dtype: str) -> bool:
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
     return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES,
             "VNNI_ROW_TILE": VNNI_ROW_TILE, "VNNI_SEQUENTIAL_TOKENS": VNNI_SEQUENTIAL_TOKENS,
-            "QUANT_ROW_TILE": QUANT_ROW_TILE}, {}
+            "AVX2_INT_ROW_TILE": AVX2_INT_ROW_TILE, "AVX2_INT8_SEQUENTIAL_TOKENS": AVX2_INT8_SEQUENTIAL_TOKENS,
+            "AVX2_INT4_SEQUENTIAL_TOKENS": AVX2_INT4_SEQUENTIAL_TOKENS, "QUANT_ROW_TILE": QUANT_ROW_TILE}, {}
 
 
 KERNEL = Kernel("cpu_quant_linear", op="quant_linear", language=Language.CPP, render=render, applies=supported,

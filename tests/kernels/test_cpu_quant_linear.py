@@ -8,18 +8,18 @@ correctly rounded IEEE operation; the exact test below would catch a differing c
 - The reference is xr @ dequantize(W)^T in fp32: each w_i = fl(fl(c_i s) + m) is within 2.01 u (|c_i s| + |m|) of
   c_i s + m, each xr_i within u |xq_i| of xq_i, and the matmul's sum of K products, in whatever order torch takes,
   is within gamma(K) sum |w_i xr_i| of the exact sum over those values.
-- The kernel sums the same terms regrouped. The integer rows (AVX512-VNNI) sum c_i q_i exactly in int32 per block
-  (at most 32 * 255 * 127, exact in fp32 too), then multiply by fl(d_b * s) (2 roundings) and accumulate; INT4 adds
-  min * fl(sum of the block-dequantised activations over the group) (fewer than 32 + 3 roundings a term). The float
-  rows multiply fp32 xr_i by the codes as before. Either way every term passes through fewer than K + 8 roundings,
-  so the kernel is within gamma(K + 8) A of the exact sum_i (c_i s + m) xq_i (plus u A for xr against xq), where
-  A = sum_i (|c_i s| + |m|) |xq_i| + |b| (the bias add is one rounding more).
+- The kernel sums the same terms regrouped. The integer rows (AVX512-VNNI, AVX2) sum c_i q_i exactly in int32
+  per block (at most 32 * 255 * 127, exact in fp32 too), then multiply by fl(d_b * s) (2 roundings) and
+  accumulate; INT4 adds min * fl(sum of the block-dequantised activations over the group) (fewer than 32 + 3
+  roundings a term). The float rows multiply fp32 xr_i by the codes as before. Either way every term passes
+  through fewer than K + 8 roundings, so the kernel is within gamma(K + 8) A of the exact sum_i (c_i s + m) xq_i
+  (plus u A for xr against xq), where A = sum_i (|c_i s| + |m|) |xq_i| + |b| (the bias add is one rounding more).
 Together |kernel - reference| <= (gamma(K) + gamma(K + 8) + 3.01 u) A <= 2 gamma(K + 10) A. A bfloat16 output is
 then rounded once more: within 2^-8 of the kernel's fp32 value, relatively. This bound is far from loose enough
 to pass a wrong nibble, group, scale, lane or activation block (those move results by O(A / K)), and a second
 test makes all arithmetic exact (activations whose quantisation is exact, power-of-two scales and mins, sums below
 2^24 of the finest unit) where the two must agree bit for bit. Each test runs every row code this CPU has: the
-integer rows (with AVX512-VNNI), the AVX-512 float rows and the AVX2 baseline's float rows.
+integer rows of AVX512-VNNI and of AVX2, the AVX-512 float rows and the AVX2 baseline's float rows.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pllm.models.quant import (
     quantize_activation,
 )
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
-from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
+from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear, QuantRows
 
 from .conftest import compile_cpu_kernel, tiny_spec
 
@@ -63,16 +63,17 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> CpuQuantLinear:
     return CpuQuantLinear(compile_cpu_kernel(tmp_path_factory.mktemp("cpu_quant_linear"), plan, "cpu_quant_linear"))
 
 
-# the row codes (CpuQuantLinear.limit_isa): the best this CPU has (the integer rows with AVX512-VNNI), the float
-# rows, the AVX2 baseline's float rows; on a CPU without one the kernel runs the next below it
-ISA_LEVELS = {"best": 2, "float-rows": 1, "avx2": 0}
-
-
-@pytest.fixture(params=list(ISA_LEVELS))
+# every row code (CpuQuantLinear.limit_isa) this CPU runs; a level it does not have runs the next below it, tested
+# under that one's own name
+@pytest.fixture(params=list(QuantRows), ids=lambda rows: rows.name.lower())
 def kernel(compiled: CpuQuantLinear, request: pytest.FixtureRequest):
-    compiled.limit_isa(ISA_LEVELS[request.param])
-    yield compiled
-    compiled.limit_isa(2)
+    runs = compiled.limit_isa(request.param)
+    try:
+        if runs is not request.param:
+            pytest.skip(f"this CPU runs {runs.name} for {request.param.name}")
+        yield compiled
+    finally:
+        compiled.limit_isa(QuantRows.INT_VNNI)
 
 
 def gamma(n: int) -> float:

@@ -4,6 +4,7 @@ GEMV/GEMM over the codes, up to QUANT_GEMV_MAX_TOKENS rows), or W dequantised fo
 from __future__ import annotations
 
 import ctypes
+from enum import IntEnum
 from pathlib import Path
 
 import torch
@@ -15,8 +16,20 @@ from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 # multiplied as integers); above it, W is dequantised once for the float GEMM, whose cost then dominates. Measured
 # by tools/bench_quant.py (README "Quantised weights"): the packed rows beat bf16's oneDNN GEMM through 64 rows.
 QUANT_GEMV_MAX_TOKENS = 64
-# the kernel's input chunk (templates/cpu_quant_vnni.cpp.inc): widths it does not divide take the float rows
-VNNI_CHUNK = 64
+# the integer rows' input chunk (templates/cpu_quant_vnni.cpp.inc): widths it does not divide take the float rows
+INT_CHUNK = 64
+
+
+class QuantRows(IntEnum):
+    """The kernel's row codes (its RowCode), each better than the one before where the CPU runs it: the float rows
+    (codes widened to fp32; the AVX2 baseline's, or elsewhere the portable ones; AVX-512's) and the integer rows
+    (the activations' int8 codes times the weights' codes; AVX2's vpmaddubsw, AVX512-VNNI's vpdpbusd). Both kinds
+    compute the same meaning (models/quant.py's module docstring) in another order."""
+
+    FLOAT_AVX2 = 0
+    FLOAT_AVX512 = 1
+    INT_AVX2 = 2
+    INT_VNNI = 3
 
 
 class CpuQuantLinear:
@@ -35,12 +48,10 @@ class CpuQuantLinear:
             fn.restype = ctypes.c_int
         self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments), see _prepared
 
-    def limit_isa(self, level: int) -> None:
-        """Which row code runs (for tests and benchmarks): 2 the best this CPU has, 1 the float rows even with
-        AVX512-VNNI, 0 the AVX2 baseline's float rows. Both kinds compute the same meaning (module docstring of
-        models/quant.py) in another order."""
-        assert level in (0, 1, 2), level
-        self._set_isa(level)
+    def limit_isa(self, level: QuantRows) -> QuantRows:
+        """Run the best row code this CPU has up to `level` (for tests and benchmarks; INT_VNNI, the default,
+        leaves the choice to the CPU). Returns the one that now runs for widths the integer rows take."""
+        return QuantRows(self._set_isa(int(QuantRows(level))))
 
     @staticmethod
     def accepts(weight: QuantizedWeight) -> bool:
