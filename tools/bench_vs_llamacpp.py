@@ -15,7 +15,8 @@ Rows (pllm / llama.cpp, both with --threads threads):
   llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 (groups of 32: 6 bits a weight) and int4g128 (groups of 128:
   4.5 bits a weight, Q4_0's size) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
   int8|int4 [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
-- prefill: tok/s of a 512-token prompt; pllm one 512-token prefill in-process, llama-bench pp512.
+- prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,
+  llama-bench pp512.
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
   random token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
   --output-len tokens; the two servers take turns level by level.
@@ -198,12 +199,12 @@ def measure_model(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp
 
 def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp) -> list[Row]:
     rows = []
-    for precision in args.precisions if "decode" in args.rows else ["bf16"]:
+    for precision in args.precisions:
         build, why_not = prepared.pllm_builds[precision]
         pllm_decode = pllm_prefill = None
         if build is not None:
             pllm_decode, pllm_prefill = pllm_in_process(build, args)
-        prefill = "prefill" in args.rows and precision == "bf16"
+        prefill = "prefill" in args.rows
         for lp in LLAMA_TYPES[precision]:
             bench = {r.test: r.tokens_per_s for r in llamacpp.llama_bench(
                 llama, prepared.ggufs[lp], args.threads, PREFILL_TOKENS if prefill else 0,

@@ -43,6 +43,7 @@ from pllm.models.quant import (
     pack_int4,
     quantize_activation,
 )
+from pllm.runtime.backends.cpu import cpu_ops
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear, QuantRows
 
@@ -199,17 +200,22 @@ def test_dequantize_is_bit_exact(compiled, int4, n, groups, group, bf16, seed):
 
 @pytest.mark.parametrize("num_tokens", [1, QUANT_GEMV_MAX_TOKENS, QUANT_GEMV_MAX_TOKENS + 1, 70])
 @pytest.mark.parametrize("with_kernel", [True, False])
-def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kernel):
-    """TorchOps.linear: up to QUANT_GEMV_MAX_TOKENS rows the packed rows' meaning (the compiled rows within the
-    bound above; with no compiled kernel, the reference itself in PyTorch ops), beyond it exactly the float GEMM
-    of dequantize(W) in x's dtype; mlp goes through linear."""
+@pytest.mark.parametrize("onednn_bf16", [True, False])
+def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kernel, onednn_bf16, monkeypatch):
+    """TorchOps.linear: the packed rows' meaning up to QUANT_GEMV_MAX_TOKENS rows, and for bf16 at any count where
+    oneDNN has no bf16 GEMM (the compiled rows within the bound above; with no compiled kernel, the reference itself
+    in PyTorch ops); otherwise exactly the float GEMM of dequantize(W) in x's dtype. mlp goes through linear."""
+    monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
     gen = torch.Generator().manual_seed(num_tokens)
     ops = TorchOps(quant_kernel=compiled if with_kernel else None)
     weight = random_weight(True, 96, 128, 32, gen)
     x = torch.randn((num_tokens, 128), generator=gen).bfloat16()
     got = ops.linear(x, weight)
     want = reference(x, weight, None)
-    if num_tokens > QUANT_GEMV_MAX_TOKENS:
+    packed_rows = num_tokens <= QUANT_GEMV_MAX_TOKENS or not onednn_bf16
+    assert ops.packed_rows_take(num_tokens, torch.bfloat16) == packed_rows
+    assert ops.packed_rows_take(num_tokens, torch.float32) == (num_tokens <= QUANT_GEMV_MAX_TOKENS)
+    if not packed_rows:
         assert torch.equal(got, F.linear(x, dequantize(weight, torch.bfloat16)))
     elif with_kernel:
         bound = error_bound(x, weight, None)
