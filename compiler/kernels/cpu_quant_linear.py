@@ -29,11 +29,15 @@ VNNI_ROW_TILE = 4
 # up to this many tokens the INT8 VNNI rows go one at a time instead (one sequential stream of codes per thread): a
 # batch-1 decode step's INT8 linears ~10% faster on the AVX512-VNNI VM, batch 2 slower, INT4 25% slower
 VNNI_SEQUENTIAL_TOKENS = 1
-# the AVX2 integer rows (no VNNI; vpmaddubsw): rows per tile, and up to how many tokens INT8 and INT4 rows go one at
-# a time (a single sequential stream of codes per thread). Measured on the AVX2-only EPYC (tools/bench_quant.py)
+# the AVX2 integer rows (no VNNI; vpmaddubsw): rows per tile (2 rows x 4 tokens: 8 accumulators and 4 code vectors
+# in AVX2's 16 registers), and up to how many tokens INT8 and INT4 rows go one at a time (a single sequential stream
+# of codes per thread). Measured on the AVX2-only EPYC (tools/bench_quant.py, SmolLM2 shapes, 1 token): INT8 one row
+# at a time 300-306 us a layer against 367 in tiles of 2; INT4 in tiles of 2 295-309 against 347-348 one at a time
+# (a row of INT4 is short work beside its per-chunk scales, so two accumulator chains help); tiles of 1 or 4 at 4
+# tokens were no faster than 2
 AVX2_INT_ROW_TILE = 2
 AVX2_INT8_SEQUENTIAL_TOKENS = 1
-AVX2_INT4_SEQUENTIAL_TOKENS = 1
+AVX2_INT4_SEQUENTIAL_TOKENS = 0
 # the row ranges an including kernel should hand quant_rows (a multiple of every row tile)
 QUANT_ROW_TILE = 16
 
