@@ -50,7 +50,7 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
 
 
 def prepare_model(model: str, args, llama: llamacpp.LlamaCpp, work: Path) -> Prepared:
-    precisions = args.precisions if "decode" in args.rows else ["bf16"]
+    precisions = args.precisions if "decode" in args.rows or "prefill" in args.rows else ["bf16"]
     if model == "smollm2":
         from pllm.compiler.source import default_gguf_path
 

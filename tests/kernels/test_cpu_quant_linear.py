@@ -129,6 +129,8 @@ def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 @example(int4=True, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, seed=1)
 @example(int4=True, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, seed=2)  # tile remainder
 @example(int4=False, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, seed=3)  # Q8_0-like
+@example(int4=False, n=37, groups=2, group=96, num_tokens=5, bf16=False, with_bias=True, seed=1)  # INT8 chunks
+# across groups
 def test_gemv_equals_its_reference(kernel, int4, n, groups, group, num_tokens, bf16, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
@@ -202,9 +204,9 @@ def test_dequantize_is_bit_exact(compiled, int4, n, groups, group, bf16, seed):
 @pytest.mark.parametrize("with_kernel", [True, False])
 @pytest.mark.parametrize("onednn_bf16", [True, False])
 def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kernel, onednn_bf16, monkeypatch):
-    """TorchOps.linear: the packed rows' meaning up to QUANT_GEMV_MAX_TOKENS rows, and for bf16 at any count where
-    oneDNN has no bf16 GEMM (the compiled rows within the bound above; with no compiled kernel, the reference itself
-    in PyTorch ops); otherwise exactly the float GEMM of dequantize(W) in x's dtype. mlp goes through linear."""
+    """TorchOps.linear: up to QUANT_GEMV_MAX_TOKENS rows the packed rows' meaning (the compiled rows within the
+    bound above; with no compiled kernel, the reference itself in PyTorch ops), beyond it exactly the float GEMM of
+    dequantize(W) in x's dtype, or in fp32 rounded to bf16 where oneDNN has no bf16 GEMM; mlp goes through linear."""
     monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
     gen = torch.Generator().manual_seed(num_tokens)
     ops = TorchOps(quant_kernel=compiled if with_kernel else None)
@@ -212,11 +214,10 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     x = torch.randn((num_tokens, 128), generator=gen).bfloat16()
     got = ops.linear(x, weight)
     want = reference(x, weight, None)
-    packed_rows = num_tokens <= QUANT_GEMV_MAX_TOKENS or not onednn_bf16
-    assert ops.packed_rows_take(num_tokens, torch.bfloat16) == packed_rows
-    assert ops.packed_rows_take(num_tokens, torch.float32) == (num_tokens <= QUANT_GEMV_MAX_TOKENS)
-    if not packed_rows:
-        assert torch.equal(got, F.linear(x, dequantize(weight, torch.bfloat16)))
+    gemm = torch.bfloat16 if onednn_bf16 else torch.float32
+    assert ops.prefill_gemm_dtype(torch.bfloat16) == gemm and ops.prefill_gemm_dtype(torch.float32) == torch.float32
+    if num_tokens > QUANT_GEMV_MAX_TOKENS:
+        assert torch.equal(got, F.linear(x.to(gemm), dequantize(weight, gemm)).bfloat16())
     elif with_kernel:
         bound = error_bound(x, weight, None)
         want = want.double()
@@ -226,4 +227,4 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     down = random_weight(False, 128, 48, 48, gen)  # no whole activation blocks: the float GEMM at any row count
     h = F.silu(got[:, :48]) * got[:, 48:]
     assert torch.equal(ops.mlp(x, weight, down), ops.linear(h, down))
-    assert torch.equal(ops.linear(h, down), F.linear(h, dequantize(down, torch.bfloat16)))
+    assert torch.equal(ops.linear(h, down), F.linear(h.to(gemm), dequantize(down, gemm)).bfloat16())

@@ -258,34 +258,36 @@ class TorchOps:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
-    def packed_rows_take(self, num_tokens: int, dtype: torch.dtype) -> bool:
-        """Whether a packed linear of num_tokens rows of `dtype` runs the packed rows (else W dequantised and the
-        float GEMM): up to QUANT_GEMV_MAX_TOKENS rows; bf16 at any count where oneDNN has no bf16 GEMM of its own
-        (on AVX2 the compiled integer rows ran 4.7-5.5x faster than the bf16 GEMM at 512 rows, README "Quantised
-        weights")."""
-        return num_tokens <= QUANT_GEMV_MAX_TOKENS or (dtype == torch.bfloat16 and not onednn_packs_bf16())
+    def prefill_gemm_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a packed linear's prefill route (W dequantised, then the float GEMM) multiplies in for
+        activations of `dtype`: their own, but fp32 for bf16 where oneDNN has no bf16 GEMM (AVX2-only CPUs: torch's
+        bf16 GEMM there ran 4.7-6x slower than dequantise-to-fp32-then-GEMM at 512 rows, README "On an AVX2-only
+        CPU"); the result is rounded back to bf16."""
+        return torch.float32 if dtype == torch.bfloat16 and not onednn_packs_bf16() else dtype
 
     def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """The packed rows (packed_rows_take), whose activations are quantised per block
-        (models.quant.quantize_activation; without a compiled kernel, the same meaning in PyTorch ops). Otherwise
-        (prefill): W dequantised to x's dtype (compiled, or models.quant.dequantize) and the float GEMM of x."""
+        """Up to QUANT_GEMV_MAX_TOKENS rows: the packed rows, whose activations are quantised per block
+        (models.quant.quantize_activation; without a compiled kernel, the same meaning in PyTorch ops). More
+        (prefill): W dequantised (compiled, or models.quant.dequantize) and the float GEMM of x, both in
+        prefill_gemm_dtype, rounded to x's dtype."""
         kernel = self.quant_kernel
         x2 = x.reshape(-1, x.shape[-1])
         usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
-        packed_rows = self.packed_rows_take(x2.shape[0], x.dtype)
+        packed_rows = x2.shape[0] <= QUANT_GEMV_MAX_TOKENS
+        gemm = self.prefill_gemm_dtype(x.dtype)
         if usable and packed_rows:
             y = kernel.gemv(x2.contiguous(), weight, bias)
         elif packed_rows and x2.shape[1] % ACTIVATION_BLOCK == 0:
             xq = dequantize_activation(*quantize_activation(x2))
             y = F.linear(xq, dequantize(weight), None if bias is None else bias.float()).to(x.dtype)
         elif usable:  # into one buffer per shape, reused: the result is consumed before the next call
-            key = (*weight.shape, x.dtype)
+            key = (*weight.shape, gemm)
             if key not in self._dequantized:
-                self._dequantized[key] = torch.empty(weight.shape, dtype=x.dtype)
-            w = kernel.dequantize(weight, x.dtype, out=self._dequantized[key])
-            y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+                self._dequantized[key] = torch.empty(weight.shape, dtype=gemm)
+            w = kernel.dequantize(weight, gemm, out=self._dequantized[key])
+            y = F.linear(x2.to(gemm), w, None if bias is None else bias.to(gemm)).to(x.dtype)
         else:
-            y = F.linear(x2, dequantize(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+            y = F.linear(x2.to(gemm), dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:

@@ -12,11 +12,12 @@ import torch
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 
 # Packed weights: up to this many token rows the kernel reads the codes directly (one pass over W, each chunk of
-# codes meeting 4 tokens at a time from registers; with AVX512-VNNI the activations quantised per block of 32 and
+# codes meeting 4 tokens at a time from registers; on x86-64 the activations quantised per block of 32 and
 # multiplied as integers); above it, W is dequantised once for the float GEMM, whose cost then dominates. Measured
 # by tools/bench_quant.py (README "Quantised weights"): the packed rows beat bf16's oneDNN GEMM through 64 rows.
 QUANT_GEMV_MAX_TOKENS = 64
-# the integer rows' input chunk (templates/cpu_quant_vnni.cpp.inc): widths it does not divide take the float rows
+# the integer rows' input chunk (templates/cpu_quant_vnni.cpp.inc, cpu_quant_avx2_int.cpp.inc): widths it does not
+# divide take the float rows
 INT_CHUNK = 64
 
 
