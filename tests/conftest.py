@@ -22,9 +22,11 @@ load_bounded_profile()
 
 # The session's compiled cpu kernels kept in a fresh folder of its own (compiler/kernel_cache.py): the many tiny
 # builds of the same shapes compile each kernel once, and no user's cache is read or written. Child processes
-# (pllm-compile, pllm-serve) inherit it.
-os.environ["PLLM_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-kernels-")
-atexit.register(shutil.rmtree, os.environ["PLLM_KERNEL_CACHE"], ignore_errors=True)
+# (pllm-compile, pllm-serve) inherit it, and so do pytest-xdist's workers (the cache's entries are written by atomic
+# rename, so processes share it safely): a worker keeps the folder its controller made.
+if "PYTEST_XDIST_WORKER" not in os.environ or not os.environ.get("PLLM_KERNEL_CACHE"):
+    os.environ["PLLM_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-kernels-")
+    atexit.register(shutil.rmtree, os.environ["PLLM_KERNEL_CACHE"], ignore_errors=True)
 
 
 def _fix_triton_mode() -> None:
