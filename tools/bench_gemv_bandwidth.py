@@ -14,7 +14,7 @@ by every copy in turn, as a decode step streams its layers' weights. Timed are:
     tiles in one parallel region, so no call per matrix) for batches up to its MAX_BATCH, one column per --tiles
     variant (ROW_TILE x BATCH_TILE, pPREFETCH_TILES, sSEQUENTIAL_X_BYTES in KiB; the first is the engine's), and
     per --isa level (CpuDecodeStep.limit_isa: the best inner loop the CPU has, the x86-64 baseline's AVX2 tiles
-    (bf16; fp32 runs the generic code there too), the generic vector code);
+    (both dtypes), the generic vector code);
   - the per-op path (TorchOps.linear: oneDNN on weights packed once for bf16, F.linear for fp32), one call each.
 
 The engine runs the first up to MAX_COMPILED_BATCH (runtime/backends/cpu/cpu_decode_step.py) and the second past

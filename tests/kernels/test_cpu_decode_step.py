@@ -151,24 +151,25 @@ def test_gemv_stream_runs_the_same_gemv_over_each_matrix(build_ops, dtype):
         step.gemv_stream(weights, torch.zeros((MAX_BATCH + 1, 584), dtype=tdtype))()
 
 
-def test_ops_linear_of_a_few_bf16_rows_is_the_gemv_rounded_once(build_ops):
-    """TorchOps.linear hands up to GEMV_LINEAR_MAX_ROWS rows of bf16 without a bias (a decode step's LM head) to the
-    step's GEMV, its fp32 sums rounded once to bf16 as F.linear's are; more rows, a bias or fp32 keep F.linear's path,
-    bit for bit."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, dtype):
+    """TorchOps.linear hands up to GEMV_LINEAR_MAX_ROWS rows (by dtype) without a bias (a decode step's LM head) to
+    the step's GEMV, its fp32 sums rounded once to the dtype as F.linear's are; more rows, or a bias, keep
+    F.linear's path, bit for bit."""
     spec = spec_of("mha-odd-rows-3")
+    tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(11)
-    w, b = torch.randn((37, 584), generator=gen), torch.randn(37, generator=gen)
-    ops = build_ops(spec, "bfloat16")[1]
-    wb = w.to(torch.bfloat16)
-    for rows in range(1, GEMV_LINEAR_MAX_ROWS + 1):
-        x = torch.randn((1, rows, 584), generator=gen).to(torch.bfloat16)
-        assert torch.equal(ops.linear(x, wb), ops.decode_step.gemv(wb, x[0]).to(torch.bfloat16)[None])
-        assert torch.equal(ops.linear(x, wb, b.to(torch.bfloat16)), F.linear(x, wb, b.to(torch.bfloat16)))
-    x = torch.randn((GEMV_LINEAR_MAX_ROWS + 1, 584), generator=gen).to(torch.bfloat16)
-    assert torch.equal(ops.linear(x, wb), F.linear(x, wb))
-    ops = build_ops(spec, "float32")[1]
-    x = torch.randn((1, 584), generator=gen)
-    assert torch.equal(ops.linear(x, w), F.linear(x, w))
+    w = torch.randn((37, 584), generator=gen).to(tdtype)
+    b = torch.randn(37, generator=gen).to(tdtype)
+    ops = build_ops(spec, dtype)[1]
+    most = GEMV_LINEAR_MAX_ROWS[tdtype]
+    for rows in range(1, most + 1):
+        x = torch.randn((1, rows, 584), generator=gen).to(tdtype)
+        assert torch.equal(ops.linear(x, w), ops.decode_step.gemv(w, x[0]).to(tdtype)[None])
+        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+    for rows in (0, most + 1):  # no rows (a step that samples none), or past the GEMV's
+        x = torch.randn((rows, 584), generator=gen).to(tdtype)
+        assert torch.equal(ops.linear(x, w), F.linear(x, w))
 
 
 def test_gemv_refuses_a_batch_past_its_tiles(build_ops):

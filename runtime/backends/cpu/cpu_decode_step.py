@@ -41,8 +41,8 @@ PACKED_KINDS = {QuantScheme.INT8: WeightKind.INT8, QuantScheme.INT4: WeightKind.
 
 class GemvIsa(enum.IntEnum):
     """The best GEMV inner loop the step may choose (pllm_decode_step_limit_isa's levels): the best this CPU runs
-    (AVX-512 where present), the x86-64 baseline (AVX2 + FMA tiles for bf16; the generic code for fp32 and on other
-    machines), the generic vector code."""
+    (AVX-512 where present), the x86-64 baseline (AVX2 + FMA tiles; the generic code on other machines), the
+    generic vector code."""
 
     BEST = 2
     BASELINE = 1
@@ -59,10 +59,12 @@ MAX_COMPILED_BATCH_PACKED = 16
 
 # The step's GEMV reads rows of whole vectors of this many elements (the plan's LANES)
 GEMV_LANES = 8
-# Ops.linear of bf16 weights runs the step's GEMV up to this many rows of x (past it oneDNN's GEMM): the LM head of
-# SmolLM2 (49152 x 576) streamed at 49 against 40 GB/s at batch 1, 40 against 30 at batch 4
-# (tools/bench_gemv_bandwidth.py --linears lm_head)
-GEMV_LINEAR_MAX_ROWS = 4
+# Ops.linear runs the step's GEMV up to this many rows of x, by dtype (past it the float GEMM: oneDNN's for bf16,
+# F.linear for fp32). bf16: the LM head of SmolLM2 (49152 x 576) streamed at 49 against oneDNN's 40 GB/s at batch 1,
+# 40 against 30 at batch 4 on the AVX-512 BF16 VM. fp32 (the --dtype auto build of a CPU without bf16): on the
+# AVX2-only EPYC, 24.3 against F.linear's 10.1 GB/s at batch 1, 19.6 against 4.5 at 4, 13.5 against 4.5 at 8, and
+# SmolLM2's layer shapes 7-10 against 6 GB/s at 16 (tools/bench_gemv_bandwidth.py), so up to the kernel's limit
+GEMV_LINEAR_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
@@ -108,8 +110,8 @@ class CpuDecodeStep:
 
     @property
     def isa(self) -> str:
-        """The GEMV inner loop this CPU runs: "avx512_bf16" or "avx512f" (by the dtype), "avx2" (bf16 on an
-        AVX2-only CPU), or "generic" (LANES-wide vector code: fp32 on an AVX2-only CPU, other machines)."""
+        """The GEMV inner loop this CPU runs: "avx512_bf16" or "avx512f" (by the dtype), "avx2" (an
+        AVX2-only x86-64 CPU), or "generic" (LANES-wide vector code: other machines)."""
         return self._isa().decode()
 
     def limit_isa(self, level: GemvIsa) -> None:
@@ -123,11 +125,11 @@ class CpuDecodeStep:
         return MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[self.dtype]
 
     def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor) -> bool:
-        """Whether Ops.linear should hand x @ weight.T to gemv: bf16, at most GEMV_LINEAR_MAX_ROWS rows of x, rows
-        of whole vectors."""
-        return (self.dtype == torch.bfloat16 and weight.dtype == x.dtype == self.dtype and weight.dim() == 2
-                and weight.is_contiguous() and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1]
-                and weight.shape[1] % GEMV_LANES == 0 and x.numel() <= GEMV_LINEAR_MAX_ROWS * weight.shape[1])
+        """Whether Ops.linear should hand x @ weight.T to gemv: the build's dtype, 1 to GEMV_LINEAR_MAX_ROWS rows
+        of x (by dtype), rows of whole vectors."""
+        return (weight.dtype == x.dtype == self.dtype and weight.dim() == 2 and weight.is_contiguous()
+                and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1] and weight.shape[1] % GEMV_LANES == 0
+                and 0 < x.numel() <= GEMV_LINEAR_MAX_ROWS[self.dtype] * weight.shape[1])
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""

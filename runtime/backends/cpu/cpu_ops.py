@@ -249,8 +249,9 @@ class TorchOps:
             return self._quant_linear(x, weight, bias)
         step = self.decode_step
         if bias is None and step is not None and step.gemv_runs(weight, x):
-            # a few bf16 rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams
-            # the weights faster than oneDNN's GEMM there; its fp32 sums rounded once to bf16, as F.linear's are
+            # a few rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams the
+            # weights faster than oneDNN's GEMM or F.linear there; its fp32 sums rounded once to the dtype, as
+            # F.linear's are
             y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous()).to(x.dtype)
             return y.reshape(*x.shape[:-1], weight.shape[0])
         packed = self._packed_weight(weight)
