@@ -15,7 +15,9 @@ from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
+from pllm.runtime.backends.cpu import cpu_ops
 from pllm.runtime.backends.cpu.cpu_decode_step import (
+    GEMV_BEFORE_ONEDNN_MAX_ROWS,
     GEMV_LINEAR_MAX_ROWS,
     MAX_COMPILED_BATCH,
     GemvIsa,
@@ -151,25 +153,29 @@ def test_gemv_stream_runs_the_same_gemv_over_each_matrix(build_ops, dtype):
         step.gemv_stream(weights, torch.zeros((MAX_BATCH + 1, 584), dtype=tdtype))()
 
 
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, dtype):
-    """TorchOps.linear hands up to GEMV_LINEAR_MAX_ROWS rows (by dtype) without a bias (a decode step's LM head) to
-    the step's GEMV, its fp32 sums rounded once to the dtype as F.linear's are; more rows, or a bias, keep
-    F.linear's path, bit for bit."""
+def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatch, dtype, onednn_bf16):
+    """TorchOps.linear hands 1 to GEMV_LINEAR_MAX_ROWS rows without a bias (a decode step's LM head) to the step's
+    GEMV, or to GEMV_BEFORE_ONEDNN_MAX_ROWS for bf16 where oneDNN packs bf16 (either CPU, by the probe), its fp32
+    sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias keep F.linear's path, bit for
+    bit."""
+    monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(cpu_ops.TorchOps, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
     spec = spec_of("mha-odd-rows-3")
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(11)
     w = torch.randn((37, 584), generator=gen).to(tdtype)
     b = torch.randn(37, generator=gen).to(tdtype)
     ops = build_ops(spec, dtype)[1]
-    most = GEMV_LINEAR_MAX_ROWS[tdtype]
+    most = GEMV_BEFORE_ONEDNN_MAX_ROWS if dtype == "bfloat16" and onednn_bf16 else GEMV_LINEAR_MAX_ROWS
     for rows in range(1, most + 1):
         x = torch.randn((1, rows, 584), generator=gen).to(tdtype)
-        assert torch.equal(ops.linear(x, w), ops.decode_step.gemv(w, x[0]).to(tdtype)[None])
+        assert torch.equal(ops.linear(x, w), ops.decode_step.gemv(w, x[0]).to(tdtype)[None]), rows
         assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
     for rows in (0, most + 1):  # no rows (a step that samples none), or past the GEMV's
         x = torch.randn((rows, 584), generator=gen).to(tdtype)
-        assert torch.equal(ops.linear(x, w), F.linear(x, w))
+        assert torch.equal(ops.linear(x, w), F.linear(x, w)), rows
 
 
 def test_gemv_refuses_a_batch_past_its_tiles(build_ops):

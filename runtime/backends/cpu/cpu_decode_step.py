@@ -59,12 +59,15 @@ MAX_COMPILED_BATCH_PACKED = 16
 
 # The step's GEMV reads rows of whole vectors of this many elements (the plan's LANES)
 GEMV_LANES = 8
-# Ops.linear runs the step's GEMV up to this many rows of x, by dtype (past it the float GEMM: oneDNN's for bf16,
-# F.linear for fp32). bf16: the LM head of SmolLM2 (49152 x 576) streamed at 49 against oneDNN's 40 GB/s at batch 1,
-# 40 against 30 at batch 4 on the AVX-512 BF16 VM. fp32 (the --dtype auto build of a CPU without bf16): on the
-# AVX2-only EPYC, 24.3 against F.linear's 10.1 GB/s at batch 1, 19.6 against 4.5 at 4, 13.5 against 4.5 at 8, and
-# SmolLM2's layer shapes 7-10 against 6 GB/s at 16 (tools/bench_gemv_bandwidth.py), so up to the kernel's limit
-GEMV_LINEAR_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 16}
+# Ops.linear runs the step's GEMV up to this many rows of x where the float GEMM past it is F.linear (fp32; bf16 on a
+# CPU where oneDNN cannot pack bf16): on the AVX2-only EPYC the LM head of SmolLM2 (49152 x 576) in fp32 streamed
+# at 24.3 against F.linear's 10.1 GB/s at batch 1, 19.6 against 4.5 at 4, 13.5 against 4.5 at 8, and SmolLM2's
+# layer shapes 7-10 against 6 GB/s at 16 (tools/bench_gemv_bandwidth.py); torch's bf16 GEMM there is slower still.
+# So up to the kernel's limit.
+GEMV_LINEAR_MAX_ROWS = 16
+# ... and up to this many where oneDNN's packed bf16 GEMM is the alternative: the same LM head streamed at 49
+# against 40 GB/s at batch 1, 40 against 30 at batch 4 on the AVX-512 BF16 VM
+GEMV_BEFORE_ONEDNN_MAX_ROWS = 4
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
@@ -124,12 +127,12 @@ class CpuDecodeStep:
         """The most sequences a step of this build runs compiled (a build with packed weights: their limit)."""
         return MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[self.dtype]
 
-    def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor) -> bool:
-        """Whether Ops.linear should hand x @ weight.T to gemv: the build's dtype, 1 to GEMV_LINEAR_MAX_ROWS rows
-        of x (by dtype), rows of whole vectors."""
+    def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor, max_rows: int) -> bool:
+        """Whether Ops.linear should hand x @ weight.T to gemv: the build's dtype, 1 to max_rows rows of x (at most
+        the kernel's MAX_BATCH), rows of whole vectors."""
         return (weight.dtype == x.dtype == self.dtype and weight.dim() == 2 and weight.is_contiguous()
                 and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1] and weight.shape[1] % GEMV_LANES == 0
-                and 0 < x.numel() <= GEMV_LINEAR_MAX_ROWS[self.dtype] * weight.shape[1])
+                and 0 < x.numel() <= max_rows * weight.shape[1])
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""

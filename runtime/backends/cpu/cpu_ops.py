@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
-from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep
+from pllm.runtime.backends.cpu.cpu_decode_step import GEMV_BEFORE_ONEDNN_MAX_ROWS, GEMV_LINEAR_MAX_ROWS, CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_kernels import (
     CpuDecodeAttention,
     CpuRmsNorm,
@@ -248,7 +248,7 @@ class TorchOps:
         if isinstance(weight, QuantizedWeight):
             return self._quant_linear(x, weight, bias)
         step = self.decode_step
-        if bias is None and step is not None and step.gemv_runs(weight, x):
+        if bias is None and step is not None and step.gemv_runs(weight, x, self._gemv_max_rows(weight)):
             # a few rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams the
             # weights faster than oneDNN's GEMM or F.linear there; its fp32 sums rounded once to the dtype, as
             # F.linear's are
@@ -291,10 +291,18 @@ class TorchOps:
             y = F.linear(x2.to(gemm), dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
+    @staticmethod
+    def _gemv_max_rows(weight: torch.Tensor) -> int:
+        """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
+        is the alternative than where F.linear is."""
+        if weight.dtype == torch.bfloat16 and onednn_packs_bf16():
+            return GEMV_BEFORE_ONEDNN_MAX_ROWS
+        return GEMV_LINEAR_MAX_ROWS
+
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
         """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
         a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
-        F.linear, so fp32 keeps F.linear and its equality with Hugging Face."""
+        F.linear, so fp32 prefill GEMMs keep F.linear (and its order, which transformers' shares)."""
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self._packed:
             packed = None
