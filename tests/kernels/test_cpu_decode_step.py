@@ -158,8 +158,8 @@ def test_gemv_stream_runs_the_same_gemv_over_each_matrix(build_ops, dtype):
 def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatch, dtype, onednn_bf16):
     """TorchOps.linear hands 1 to GEMV_LINEAR_MAX_ROWS rows without a bias (a decode step's LM head) to the step's
     GEMV, or to GEMV_BEFORE_ONEDNN_MAX_ROWS for bf16 where oneDNN packs bf16 (either CPU, by the probe), its fp32
-    sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias keep F.linear's path, bit for
-    bit."""
+    sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias take the float GEMM, bit for
+    bit: F.linear in the dtype, or for bf16 without oneDNN's bf16 GEMM in fp32, rounded once to bf16."""
     monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)
     monkeypatch.setattr(cpu_ops.TorchOps, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
     spec = spec_of("mha-odd-rows-3")
@@ -169,13 +169,25 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     b = torch.randn(37, generator=gen).to(tdtype)
     ops = build_ops(spec, dtype)[1]
     most = GEMV_BEFORE_ONEDNN_MAX_ROWS if dtype == "bfloat16" and onednn_bf16 else GEMV_LINEAR_MAX_ROWS
+    widened = dtype == "bfloat16" and not onednn_bf16
+
+    def gemm(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not widened:
+            return F.linear(x, w, bias)
+        return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(tdtype)
+
     for rows in range(1, most + 1):
         x = torch.randn((1, rows, 584), generator=gen).to(tdtype)
         assert torch.equal(ops.linear(x, w), ops.decode_step.gemv(w, x[0]).to(tdtype)[None]), rows
-        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
-    for rows in (0, most + 1):  # no rows (a step that samples none), or past the GEMV's
+        assert torch.equal(ops.linear(x, w, b), gemm(x, b))
+    for rows in (0, most + 1, 64):  # no rows (a step that samples none), or past the GEMV's
         x = torch.randn((rows, 584), generator=gen).to(tdtype)
-        assert torch.equal(ops.linear(x, w), F.linear(x, w)), rows
+        assert torch.equal(ops.linear(x, w), gemm(x)), rows
+    seen = []  # the dtype of the GEMM the last rows ran (the two routes may agree bit for bit on these values)
+    linear = F.linear
+    monkeypatch.setattr(cpu_ops.F, "linear", lambda x, *args: seen.append(x.dtype) or linear(x, *args))
+    ops.linear(x, w)
+    assert seen == [torch.float32 if widened else tdtype]
 
 
 def test_gemv_refuses_a_batch_past_its_tiles(build_ops):

@@ -215,7 +215,7 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     got = ops.linear(x, weight)
     want = reference(x, weight, None)
     gemm = torch.bfloat16 if onednn_bf16 else torch.float32
-    assert ops.prefill_gemm_dtype(torch.bfloat16) == gemm and ops.prefill_gemm_dtype(torch.float32) == torch.float32
+    assert ops.gemm_dtype(torch.bfloat16) == gemm and ops.gemm_dtype(torch.float32) == torch.float32
     if num_tokens > QUANT_GEMV_MAX_TOKENS:
         assert torch.equal(got, F.linear(x.to(gemm), dequantize(weight, gemm)).bfloat16())
     elif with_kernel:

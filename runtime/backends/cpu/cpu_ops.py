@@ -255,27 +255,30 @@ class TorchOps:
             y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous()).to(x.dtype)
             return y.reshape(*x.shape[:-1], weight.shape[0])
         packed = self._packed_weight(weight)
-        if packed is None:
-            return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        gemm = self.gemm_dtype(weight.dtype)
+        if gemm != weight.dtype and x.dtype == weight.dtype:  # bf16 without oneDNN's bf16 GEMM: widened, rounded once
+            return F.linear(x.to(gemm), weight.to(gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
+        return F.linear(x, weight, bias)
 
-    def prefill_gemm_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype a packed linear's prefill route (W dequantised, then the float GEMM) multiplies in for
-        activations of `dtype`: their own, but fp32 for bf16 where oneDNN has no bf16 GEMM (AVX2-only CPUs: torch's
-        bf16 GEMM there ran 4.7-6x slower than dequantise-to-fp32-then-GEMM at 512 rows, README "On an AVX2-only
-        CPU"); the result is rounded back to bf16."""
+    def gemm_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the float GEMM (more rows than the GEMV takes: prefill, big batches) multiplies in for weights,
+        or a packed linear's activations, of `dtype`: their own, but fp32 for bf16 where oneDNN has no bf16 GEMM
+        (AVX2-only CPUs: torch's bf16 GEMM there ran 4.7-7x slower than widening to fp32 and its GEMM at 512 rows,
+        3.4x at 64, README "On an AVX2-only CPU"); the result is rounded back to bf16."""
         return torch.float32 if dtype == torch.bfloat16 and not onednn_packs_bf16() else dtype
 
     def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """Up to QUANT_GEMV_MAX_TOKENS rows: the packed rows, whose activations are quantised per block
         (models.quant.quantize_activation; without a compiled kernel, the same meaning in PyTorch ops). More
         (prefill): W dequantised (compiled, or models.quant.dequantize) and the float GEMM of x, both in
-        prefill_gemm_dtype, rounded to x's dtype."""
+        gemm_dtype, rounded to x's dtype."""
         kernel = self.quant_kernel
         x2 = x.reshape(-1, x.shape[-1])
         usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
         packed_rows = x2.shape[0] <= QUANT_GEMV_MAX_TOKENS
-        gemm = self.prefill_gemm_dtype(x.dtype)
+        gemm = self.gemm_dtype(x.dtype)
         if usable and packed_rows:
             y = kernel.gemv(x2.contiguous(), weight, bias)
         elif packed_rows and x2.shape[1] % ACTIVATION_BLOCK == 0:
