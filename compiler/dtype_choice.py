@@ -57,7 +57,7 @@ def choose_dtype(option: str, checkpoint_dtype: str, for_gpu: bool, machine: str
     native = [f for f in NATIVE_BF16_FLAGS.get(machine, ()) if f in flags]
     if native:
         return DtypeChoice("bfloat16", f"auto: this CPU has native bf16 arithmetic ({', '.join(native)}), the fast "
-                                       "path; --dtype float32 matches transformers bit for bit")
+                                       "path; --dtype float32 matches transformers token for token")
     wanted = " or ".join(NATIVE_BF16_FLAGS.get(machine, ())) or "a known bf16 flag"
     return DtypeChoice("float32", f"auto: this {machine} CPU has no native bf16 arithmetic (no {wanted}), so "
                                   "float32: bf16 would be widened to fp32 for every matmul (--dtype bfloat16 still "

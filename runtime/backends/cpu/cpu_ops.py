@@ -33,7 +33,7 @@ _HAS_ONEDNN_LINEAR = (
 def onednn_packs_bf16() -> bool:
     """Whether oneDNN packs bf16 linear weights on this CPU: its bf16 path needs AVX512 (BW, VL, DQ) or
     AVX-NE-CONVERT, and says so only by raising (an AVX2-only CPU, e.g. AMD Zen 3, has neither). Asked once, on a
-    small weight; without it bf16 linears run F.linear (the same results, without the prepacking's speed)."""
+    small weight; without it bf16 float GEMMs run F.linear widened to fp32 (gemm_dtype), rounded once to bf16."""
     if not _HAS_ONEDNN_LINEAR:
         return False
     try:
@@ -305,7 +305,7 @@ class TorchOps:
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
         """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
         a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
-        F.linear, so fp32 prefill GEMMs keep F.linear (and its order, which transformers' shares)."""
+        F.linear, so fp32 GEMMs past the step's GEMV rows keep F.linear."""
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self._packed:
             packed = None
