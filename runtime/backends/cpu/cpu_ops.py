@@ -66,6 +66,26 @@ def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     return (normed * (offset + weight.float())).to(x.dtype)
 
 
+# A widened GEMM (TorchOps.gemm_dtype) widens at most this many weight elements at a time: a big LM head (Llama 3's
+# 128256 x 4096) would otherwise take a 2 GB fp32 copy on every call
+WIDEN_ELEMENTS = 1 << 24
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   gemm: torch.dtype) -> torch.Tensor:
+    """F.linear of x, weight and bias widened to `gemm`, rounded once to x's dtype; the weight widened
+    WIDEN_ELEMENTS at a time (blocks of its output rows), each block's outputs its own GEMM's."""
+    xg = x.to(gemm)
+    rows = max(1, WIDEN_ELEMENTS // max(1, weight.shape[1]))
+    if weight.shape[0] <= rows:
+        return F.linear(xg, weight.to(gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype)
+    for r in range(0, weight.shape[0], rows):
+        block = F.linear(xg, weight[r : r + rows].to(gemm), None if bias is None else bias[r : r + rows].to(gemm))
+        out[..., r : r + rows] = block  # rounded to x's dtype as .to() rounds
+    return out
+
+
 PADDED_LORA_WASTE = 2  # the padded batched path when padding at most doubles the rows computed
 
 
@@ -259,7 +279,7 @@ class TorchOps:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         gemm = self.gemm_dtype(weight.dtype)
         if gemm != weight.dtype and x.dtype == weight.dtype:  # bf16 without oneDNN's bf16 GEMM: widened, rounded once
-            return F.linear(x.to(gemm), weight.to(gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
+            return widened_linear(x, weight, bias, gemm)
         return F.linear(x, weight, bias)
 
     def gemm_dtype(self, dtype: torch.dtype) -> torch.dtype:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.runtime.backends.cpu import cpu_ops
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 
@@ -27,6 +28,31 @@ def test_linear_equals_f_linear_bit_for_bit(dtype, num_tokens):
     assert torch.equal(ops.linear(x, w, b), linear(x, w, b))
     assert torch.equal(ops.mlp(x, torch.cat([w, w.flip(0)]), w.t().contiguous()),
                        linear(F.silu(linear(x, w)) * linear(x, w.flip(0)), w.t().contiguous()))
+
+
+def test_widened_linear_widens_a_big_weight_a_block_of_rows_at_a_time(monkeypatch):
+    """Past WIDEN_ELEMENTS the weight is widened in blocks of output rows (the last one short): each output within
+    fp32's sum bound of the exact product before one rounding to bf16, as is the whole GEMM's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 96, generator=g).bfloat16()
+    w = torch.randn(150, 96, generator=g).bfloat16()
+    b = torch.randn(150, generator=g).bfloat16()
+    whole = cpu_ops.widened_linear(x, w, b, torch.float32)
+    assert torch.equal(whole, F.linear(x.float(), w.float(), b.float()).bfloat16())
+    widened = []  # the weight each GEMM multiplies
+    linear = F.linear
+    monkeypatch.setattr(cpu_ops, "WIDEN_ELEMENTS", 64 * 96)  # blocks of 64, 64 and 22 rows
+    monkeypatch.setattr(cpu_ops.F, "linear",
+                        lambda x, w, b: widened.append((tuple(w.shape), w.dtype)) or linear(x, w, b))
+    blocked = cpu_ops.widened_linear(x, w, b, torch.float32)
+    monkeypatch.undo()
+    assert widened == [((64, 96), torch.float32), ((64, 96), torch.float32), ((22, 96), torch.float32)]
+    exact = x.double() @ w.double().T + b.double()
+    gamma = 97 * 2.0**-24 / (1 - 97 * 2.0**-24)
+    bound = gamma * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    for y in (blocked, whole):  # each rounded once from within the bound
+        lo, hi = (exact - bound).bfloat16().double(), (exact + bound).bfloat16().double()
+        assert bool(((y.double() >= torch.minimum(lo, hi)) & (y.double() <= torch.maximum(lo, hi))).all())
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
