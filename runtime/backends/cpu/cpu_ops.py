@@ -77,8 +77,6 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     WIDEN_ELEMENTS at a time (blocks of its output rows), each block's outputs its own GEMM's."""
     xg = x.to(gemm)
     rows = max(1, WIDEN_ELEMENTS // max(1, weight.shape[1]))
-    if weight.shape[0] <= rows:
-        return F.linear(xg, weight.to(gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
     out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype)
     for r in range(0, weight.shape[0], rows):
         block = F.linear(xg, weight[r : r + rows].to(gemm), None if bias is None else bias[r : r + rows].to(gemm))
