@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -12,13 +14,15 @@ def grouped_moe(
     topk_ids: torch.Tensor,  # [T, K] int64
     gate_up_weights: torch.Tensor,  # [E, 2 * I, H], gate rows first
     down_weights: torch.Tensor,  # [E, H, I]
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,  # (rows, weight) -> rows @ weight.T
 ) -> torch.Tensor:  # [T, H]
     """One sort groups the T * K pairs by expert; each active expert then runs once over all its rows.
 
     The Python loop is over experts (at most E, usually far fewer active for decode), never over tokens, and the
     inputs are gathered and the outputs scattered with one index op each. Results equal transformers' loop:
-    the same per-expert F.linear calls on the same rows, and index_add_ adds each token's terms in the order of
-    the sorted pairs, ascending expert id, as transformers' loop over the experts does.
+    the same per-expert F.linear calls on the same rows (`linear`, F.linear unless the backend passes its own GEMM),
+    and index_add_ adds each token's terms in the order of the sorted pairs, ascending expert id, as transformers'
+    loop over the experts does.
     """
     num_tokens, top_k = topk_ids.shape
     num_experts = gate_up_weights.shape[0]
@@ -33,8 +37,8 @@ def grouped_moe(
         if count == 0:
             continue
         end = start + count
-        gate, up = F.linear(rows[start:end], gate_up_weights[expert]).chunk(2, dim=-1)  # [n, I] each
-        outs[start:end] = F.linear(F.silu(gate) * up, down_weights[expert])  # [n, H]
+        gate, up = linear(rows[start:end], gate_up_weights[expert]).chunk(2, dim=-1)  # [n, I] each
+        outs[start:end] = linear(F.silu(gate) * up, down_weights[expert])  # [n, H]
         start = end
     weights = topk_weights.flatten().index_select(0, order)[:, None]  # [P, 1] float32
     terms = (outs * weights).to(x.dtype)  # weighted in float32 (x's dtype times float32), rounded once

@@ -69,6 +69,10 @@ def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
 # A widened GEMM (TorchOps.gemm_dtype) widens at most this many weight elements at a time: a big LM head (Llama 3's
 # 128256 x 4096) would otherwise take a 2 GB fp32 copy on every call
 WIDEN_ELEMENTS = 1 << 24
+# ... and only for this many rows of x or more: fewer, torch's bf16 GEMV reads the weight once where widening reads
+# it, writes it in fp32 and reads that again (bf16 F.linear against widened, AVX2-only EPYC, 576-2048 wide weights:
+# 1 row 1.9-2.6x faster, 4 rows 0.8-1.85x, 8 rows 0.7-1.0x, 16 rows 0.43-0.46x)
+WIDEN_MIN_ROWS = 8
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -276,13 +280,14 @@ class TorchOps:
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         gemm = self.gemm_dtype(weight.dtype)
-        if gemm != weight.dtype and x.dtype == weight.dtype:  # bf16 without oneDNN's bf16 GEMM: widened, rounded once
-            return widened_linear(x, weight, bias, gemm)
+        if gemm != weight.dtype and x.dtype == weight.dtype and x.numel() >= WIDEN_MIN_ROWS * weight.shape[1]:
+            return widened_linear(x, weight, bias, gemm)  # bf16 without oneDNN's bf16 GEMM: widened, rounded once
         return F.linear(x, weight, bias)
 
     def gemm_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype the float GEMM (more rows than the GEMV takes: prefill, big batches) multiplies in for weights,
-        or a packed linear's activations, of `dtype`: their own, but fp32 for bf16 where oneDNN has no bf16 GEMM
+        """The dtype the float GEMM (more rows than the GEMV takes: prefill, big batches; at least WIDEN_MIN_ROWS
+        for float weights) multiplies in for weights, or a packed linear's activations, of `dtype`: their own, but
+        fp32 for bf16 where oneDNN has no bf16 GEMM
         (AVX2-only CPUs: torch's bf16 GEMM there ran 4.7-7x slower than widening to fp32 and its GEMM at 512 rows,
         3.4x at 64, README "On an AVX2-only CPU"); the result is rounded back to bf16."""
         return torch.float32 if dtype == torch.bfloat16 and not onednn_packs_bf16() else dtype
@@ -338,7 +343,12 @@ class TorchOps:
         return self.linear(ACTIVATIONS[activation](gate) * up, down_weight)
 
     def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
-        return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
+        # F.linear per expert (transformers' own call), but where gemm_dtype widens (bf16 without oneDNN's bf16
+        # GEMM, whose torch fallback ran up to 7x slower) the experts take the dense linears' route: the step's
+        # GEMV for a few rows, else the GEMM widened to fp32, rounded once
+        widened = self.gemm_dtype(gate_up_weights.dtype) != gate_up_weights.dtype
+        return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights,
+                           self.linear if widened else F.linear)
 
     def lora(self, y, x, a, b, lora):
         # Grouped by adapter (Punica's SGMV on the CPU); the base model's rows are never touched. Groups of similar

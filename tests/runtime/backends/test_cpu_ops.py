@@ -13,13 +13,14 @@ from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 @pytest.mark.parametrize("num_tokens", [1, 5, 64, 300])
 def test_linear_equals_f_linear_bit_for_bit(dtype, num_tokens):
     """oneDNN's packed bf16 weights (where the CPU has its bf16 GEMM) give F.linear's bits; without it bf16 runs
-    F.linear widened to fp32 (gemm_dtype), rounded once, and fp32 F.linear itself."""
+    F.linear widened to fp32 (gemm_dtype), rounded once, from WIDEN_MIN_ROWS rows (fewer: bf16 F.linear), and fp32
+    F.linear itself."""
     g = torch.Generator().manual_seed(num_tokens)
     x = torch.randn(num_tokens, 96, generator=g).to(dtype)
     w = torch.randn(160, 96, generator=g).to(dtype)
     b = torch.randn(160, generator=g).to(dtype)
     ops = TorchOps()
-    gemm = ops.gemm_dtype(dtype)
+    gemm = ops.gemm_dtype(dtype) if num_tokens >= cpu_ops.WIDEN_MIN_ROWS else dtype
 
     def linear(x, w, b=None):
         return F.linear(x.to(gemm), w.to(gemm), None if b is None else b.to(gemm)).to(dtype)
@@ -90,3 +91,34 @@ def test_weights_sharing_an_address_each_get_their_own_packing():
     # reused by the next one would be
     for weight in (storage.view(64, 64), storage[: 32 * 64].view(32, 64)):
         assert torch.equal(ops.linear(x, weight), torch.nn.functional.linear(x, weight))
+
+
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
+@pytest.mark.parametrize("num_tokens", [3, 64])
+def test_bf16_experts_take_the_dense_linears_gemm(monkeypatch, onednn_bf16, num_tokens):
+    """A bf16 MoE's experts multiply as the dense linears do: F.linear in bf16 where oneDNN has its bf16 GEMM,
+    else widened to fp32 and rounded once from WIDEN_MIN_ROWS rows (either CPU's route, on any CPU, by the probe):
+    3 tokens give each expert a few rows, 64 tokens (top 2 of 4) dozens."""
+    from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
+
+    monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(cpu_ops.TorchOps, "_packed_weight", lambda self, weight: None)
+    g = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 64, generator=g).bfloat16()
+    gate_up = (torch.randn(4, 96, 64, generator=g) / 8).bfloat16()
+    down = (torch.randn(4, 64, 48, generator=g) / 7).bfloat16()
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, 2, generator=g)
+
+    def widened(rows, w):  # from WIDEN_MIN_ROWS rows, as the dense linears
+        return F.linear(rows.float(), w.float()).bfloat16() if len(rows) >= cpu_ops.WIDEN_MIN_ROWS else F.linear(rows, w)
+
+    seen = []  # the dtype each expert GEMM multiplied in
+    linear = F.linear
+    monkeypatch.setattr(cpu_ops.F, "linear", lambda a, *args: seen.append(a.dtype) or linear(a, *args))
+    out = TorchOps().moe(x, weights, ids, gate_up, down)
+    monkeypatch.undo()
+    expected = grouped_moe(x, weights, ids, gate_up, down, F.linear if onednn_bf16 else widened)
+    assert torch.equal(out, expected)
+    widens = not onednn_bf16 and num_tokens * 2 >= 4 * cpu_ops.WIDEN_MIN_ROWS  # experts of many rows
+    assert seen and set(seen) == {torch.float32 if widens else torch.bfloat16}
