@@ -15,7 +15,7 @@ from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu import cpu_ops
+from pllm.runtime.backends.cpu import cpu_linear
 from pllm.runtime.backends.cpu.cpu_decode_step import (
     GEMV_BEFORE_ONEDNN_MAX_ROWS,
     GEMV_LINEAR_MAX_ROWS,
@@ -160,8 +160,8 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     GEMV, or to GEMV_BEFORE_ONEDNN_MAX_ROWS for bf16 where oneDNN packs bf16 (either CPU, by the probe), its fp32
     sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias take the float GEMM, bit for
     bit: F.linear in the dtype, or for bf16 without oneDNN's bf16 GEMM in fp32, rounded once to bf16."""
-    monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)
-    monkeypatch.setattr(cpu_ops.TorchOps, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
+    monkeypatch.setattr(cpu_linear, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
     spec = spec_of("mha-odd-rows-3")
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(11)
@@ -185,7 +185,7 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
         assert torch.equal(ops.linear(x, w), gemm(x)), rows
     seen = []  # the dtype of the GEMM the last rows ran (the two routes may agree bit for bit on these values)
     linear = F.linear
-    monkeypatch.setattr(cpu_ops.F, "linear", lambda x, *args: seen.append(x.dtype) or linear(x, *args))
+    monkeypatch.setattr(cpu_linear.F, "linear", lambda x, *args: seen.append(x.dtype) or linear(x, *args))
     ops.linear(x, w)
     assert seen == [torch.float32 if widened else tdtype]
 

@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
-from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
-from pllm.runtime.backends.cpu.cpu_decode_step import GEMV_BEFORE_ONEDNN_MAX_ROWS, GEMV_LINEAR_MAX_ROWS, CpuDecodeStep
+from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_kernels import (
     CpuDecodeAttention,
     CpuRmsNorm,
     CpuRopeKvWrite,
     check_step_rows,
 )
+from pllm.runtime.backends.cpu.cpu_linear import CpuLinear
 from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
-from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
+from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 
 logger = logging.getLogger("pllm")
-
-_HAS_ONEDNN_LINEAR = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-@functools.cache
-def onednn_packs_bf16() -> bool:
-    """Whether oneDNN packs bf16 linear weights on this CPU: its bf16 path needs AVX512 (BW, VL, DQ) or
-    AVX-NE-CONVERT, and says so only by raising (an AVX2-only CPU, e.g. AMD Zen 3, has neither). Asked once, on a
-    small weight; without it bf16 float GEMMs run F.linear widened to fp32 (gemm_dtype), rounded once to bf16."""
-    if not _HAS_ONEDNN_LINEAR:
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 64, dtype=torch.bfloat16), 64)
-    except RuntimeError as e:
-        logger.info("cpu backend: bf16 linears use F.linear, not oneDNN's packed weights (%s)", e)
-        return False
-    return True
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -66,28 +44,6 @@ def _head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     return (normed * (offset + weight.float())).to(x.dtype)
 
 
-# A widened GEMM (TorchOps.gemm_dtype) widens at most this many weight elements at a time: a big LM head (Llama 3's
-# 128256 x 4096) would otherwise take a 2 GB fp32 copy on every call
-WIDEN_ELEMENTS = 1 << 24
-# ... and only for this many rows of x or more: fewer, torch's bf16 GEMV reads the weight once where widening reads
-# it, writes it in fp32 and reads that again (bf16 F.linear against widened, AVX2-only EPYC, 576-2048 wide weights:
-# 1 row 1.9-2.6x faster, 4 rows 0.8-1.85x, 8 rows 0.7-1.0x, 16 rows 0.43-0.46x)
-WIDEN_MIN_ROWS = 8
-
-
-def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   gemm: torch.dtype) -> torch.Tensor:
-    """F.linear of x, weight and bias widened to `gemm`, rounded once to x's dtype; the weight widened
-    WIDEN_ELEMENTS at a time (blocks of its output rows), each block's outputs its own GEMM's."""
-    xg = x.to(gemm)
-    rows = max(1, WIDEN_ELEMENTS // max(1, weight.shape[1]))
-    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype)
-    for r in range(0, weight.shape[0], rows):
-        block = F.linear(xg, weight[r : r + rows].to(gemm), None if bias is None else bias[r : r + rows].to(gemm))
-        out[..., r : r + rows] = block  # rounded to x's dtype as .to() rounds
-    return out
-
-
 PADDED_LORA_WASTE = 2  # the padded batched path when padding at most doubles the rows computed
 
 
@@ -106,14 +62,11 @@ class TorchOps:
         self.decode_attention = decode_attention
         self.quant_kernel = quant_kernel  # builds with packed weights
         self.decode_step = decode_step  # the build's whole decode step, bound to a model's weights by decode_stack
+        self.linears = CpuLinear(quant_kernel, decode_step)  # every linear's route (cpu_linear.py)
         self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
         self.rope_kernel = rope_kernel
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached
         self._kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
-        # (data_ptr, shape, stride, dtype) -> (the weight, kept alive so no other tensor reuses its address; its
-        # oneDNN-packed copy, None: not packable)
-        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._dequantized: dict[tuple, torch.Tensor] = {}  # (out, in, dtype) -> the prefill path's weight buffer
         self._decode_meta: AttentionMetadata | None = None  # the step whose decode layout is cached
         # window (None: whole context) -> that step's decode rows and mask
         self._decode_cached: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -267,75 +220,11 @@ class TorchOps:
         return out.reshape(num_seqs, num_heads, head_dim)
 
     def linear(self, x, weight, bias=None):
-        if isinstance(weight, QuantizedWeight):
-            return self._quant_linear(x, weight, bias)
-        step = self.decode_step
-        if bias is None and step is not None and step.gemv_runs(weight, x, self._gemv_max_rows(weight)):
-            # a few rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams the
-            # weights faster than oneDNN's GEMM or F.linear there; its fp32 sums rounded once to the dtype, as
-            # F.linear's are
-            y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous()).to(x.dtype)
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-        packed = self._packed_weight(weight)
-        if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        gemm = self.gemm_dtype(weight.dtype)
-        if gemm != weight.dtype and x.dtype == weight.dtype and x.numel() >= WIDEN_MIN_ROWS * weight.shape[1]:
-            return widened_linear(x, weight, bias, gemm)  # bf16 without oneDNN's bf16 GEMM: widened, rounded once
-        return F.linear(x, weight, bias)
+        return self.linears(x, weight, bias)
 
     def gemm_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype the float GEMM (more rows than the GEMV takes: prefill, big batches; at least WIDEN_MIN_ROWS
-        for float weights) multiplies in for weights, or a packed linear's activations, of `dtype`: their own, but
-        fp32 for bf16 where oneDNN has no bf16 GEMM
-        (AVX2-only CPUs: torch's bf16 GEMM there ran 4.7-7x slower than widening to fp32 and its GEMM at 512 rows,
-        3.4x at 64, README "On an AVX2-only CPU"); the result is rounded back to bf16."""
-        return torch.float32 if dtype == torch.bfloat16 and not onednn_packs_bf16() else dtype
-
-    def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        """Up to QUANT_GEMV_MAX_TOKENS rows: the packed rows, whose activations are quantised per block
-        (models.quant.quantize_activation; without a compiled kernel, the same meaning in PyTorch ops). More
-        (prefill): W dequantised (compiled, or models.quant.dequantize) and the float GEMM of x, both in
-        gemm_dtype, rounded to x's dtype."""
-        kernel = self.quant_kernel
-        x2 = x.reshape(-1, x.shape[-1])
-        usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
-        packed_rows = x2.shape[0] <= QUANT_GEMV_MAX_TOKENS
-        gemm = self.gemm_dtype(x.dtype)
-        if usable and packed_rows:
-            y = kernel.gemv(x2.contiguous(), weight, bias)
-        elif packed_rows and x2.shape[1] % ACTIVATION_BLOCK == 0:
-            xq = dequantize_activation(*quantize_activation(x2))
-            y = F.linear(xq, dequantize(weight), None if bias is None else bias.float()).to(x.dtype)
-        elif usable:  # into one buffer per shape, reused: the result is consumed before the next call
-            key = (*weight.shape, gemm)
-            if key not in self._dequantized:
-                self._dequantized[key] = torch.empty(weight.shape, dtype=gemm)
-            w = kernel.dequantize(weight, gemm, out=self._dequantized[key])
-            y = F.linear(x2.to(gemm), w, None if bias is None else bias.to(gemm)).to(x.dtype)
-        else:
-            y = F.linear(x2.to(gemm), dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def _gemv_max_rows(weight: torch.Tensor) -> int:
-        """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
-        is the alternative than where F.linear is."""
-        if weight.dtype == torch.bfloat16 and onednn_packs_bf16():
-            return GEMV_BEFORE_ONEDNN_MAX_ROWS
-        return GEMV_LINEAR_MAX_ROWS
-
-    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
-        a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
-        F.linear, so fp32 GEMMs past the step's GEMV rows keep F.linear."""
-        key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
-        if key not in self._packed:
-            packed = None
-            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn_packs_bf16():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-            self._packed[key] = (weight, packed)
-        return self._packed[key][1]
+        """CpuLinear.gemm_dtype: the dtype the float GEMM multiplies in for weights of `dtype`."""
+        return self.linears.gemm_dtype(dtype)
 
     def mlp(self, x, gate_up_weight, down_weight, activation="silu"):
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]

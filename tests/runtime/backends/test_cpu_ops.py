@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.runtime.backends.cpu import cpu_ops
+from pllm.runtime.backends.cpu import cpu_linear
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 
@@ -20,7 +20,7 @@ def test_linear_equals_f_linear_bit_for_bit(dtype, num_tokens):
     w = torch.randn(160, 96, generator=g).to(dtype)
     b = torch.randn(160, generator=g).to(dtype)
     ops = TorchOps()
-    gemm = ops.gemm_dtype(dtype) if num_tokens >= cpu_ops.WIDEN_MIN_ROWS else dtype
+    gemm = ops.gemm_dtype(dtype) if num_tokens >= cpu_linear.WIDEN_MIN_ROWS else dtype
 
     def linear(x, w, b=None):
         return F.linear(x.to(gemm), w.to(gemm), None if b is None else b.to(gemm)).to(dtype)
@@ -38,14 +38,14 @@ def test_widened_linear_widens_a_big_weight_a_block_of_rows_at_a_time(monkeypatc
     x = torch.randn(2, 40, 96, generator=g).bfloat16()
     w = torch.randn(150, 96, generator=g).bfloat16()
     b = torch.randn(150, generator=g).bfloat16()
-    whole = cpu_ops.widened_linear(x, w, b, torch.float32)
+    whole = cpu_linear.widened_linear(x, w, b, torch.float32)
     assert torch.equal(whole, F.linear(x.float(), w.float(), b.float()).bfloat16())
     widened = []  # the weight each GEMM multiplies
     linear = F.linear
-    monkeypatch.setattr(cpu_ops, "WIDEN_ELEMENTS", 64 * 96)  # blocks of 64, 64 and 22 rows
-    monkeypatch.setattr(cpu_ops.F, "linear",
+    monkeypatch.setattr(cpu_linear, "WIDEN_ELEMENTS", 64 * 96)  # blocks of 64, 64 and 22 rows
+    monkeypatch.setattr(cpu_linear.F, "linear",
                         lambda x, w, b: widened.append((tuple(w.shape), w.dtype)) or linear(x, w, b))
-    blocked = cpu_ops.widened_linear(x, w, b, torch.float32)
+    blocked = cpu_linear.widened_linear(x, w, b, torch.float32)
     monkeypatch.undo()
     assert widened == [((64, 96), torch.float32), ((64, 96), torch.float32), ((22, 96), torch.float32)]
     exact = x.double() @ w.double().T + b.double()
@@ -101,8 +101,8 @@ def test_bf16_experts_take_the_dense_linears_gemm(monkeypatch, onednn_bf16, num_
     3 tokens give each expert a few rows, 64 tokens (top 2 of 4) dozens."""
     from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
 
-    monkeypatch.setattr(cpu_ops, "onednn_packs_bf16", lambda: onednn_bf16)
-    monkeypatch.setattr(cpu_ops.TorchOps, "_packed_weight", lambda self, weight: None)
+    monkeypatch.setattr(cpu_linear, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)
     g = torch.Generator().manual_seed(num_tokens)
     x = torch.randn(num_tokens, 64, generator=g).bfloat16()
     gate_up = (torch.randn(4, 96, 64, generator=g) / 8).bfloat16()
@@ -111,14 +111,16 @@ def test_bf16_experts_take_the_dense_linears_gemm(monkeypatch, onednn_bf16, num_
     weights = torch.rand(num_tokens, 2, generator=g)
 
     def widened(rows, w):  # from WIDEN_MIN_ROWS rows, as the dense linears
-        return F.linear(rows.float(), w.float()).bfloat16() if len(rows) >= cpu_ops.WIDEN_MIN_ROWS else F.linear(rows, w)
+        if len(rows) < cpu_linear.WIDEN_MIN_ROWS:
+            return F.linear(rows, w)
+        return F.linear(rows.float(), w.float()).bfloat16()
 
     seen = []  # the dtype each expert GEMM multiplied in
     linear = F.linear
-    monkeypatch.setattr(cpu_ops.F, "linear", lambda a, *args: seen.append(a.dtype) or linear(a, *args))
+    monkeypatch.setattr(cpu_linear.F, "linear", lambda a, *args: seen.append(a.dtype) or linear(a, *args))
     out = TorchOps().moe(x, weights, ids, gate_up, down)
     monkeypatch.undo()
     expected = grouped_moe(x, weights, ids, gate_up, down, F.linear if onednn_bf16 else widened)
     assert torch.equal(out, expected)
-    widens = not onednn_bf16 and num_tokens * 2 >= 4 * cpu_ops.WIDEN_MIN_ROWS  # experts of many rows
+    widens = not onednn_bf16 and num_tokens * 2 >= 4 * cpu_linear.WIDEN_MIN_ROWS  # experts of many rows
     assert seen and set(seen) == {torch.float32 if widens else torch.bfloat16}
