@@ -48,7 +48,7 @@ def onednn_packs_bf16() -> bool:
 WIDEN_ELEMENTS = 1 << 24
 # ... and only for this many rows of x or more: fewer, torch's bf16 GEMV reads the weight once where widening reads
 # it, writes it in fp32 and reads that again (bf16 F.linear against widened, AVX2-only EPYC, 576-2048 wide weights:
-# 1 row 1.9-2.6x faster, 4 rows 0.8-1.85x, 8 rows 0.7-1.0x, 16 rows 0.43-0.46x)
+# 1 row 1.9-2.6x faster, 4 rows 1.0-1.85x, 8 rows 0.7-1.0x, 16 rows 0.43-0.46x)
 WIDEN_MIN_ROWS = 8
 
 
