@@ -159,7 +159,8 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     """TorchOps.linear hands 1 to GEMV_LINEAR_MAX_ROWS rows without a bias (a decode step's LM head) to the step's
     GEMV, or to GEMV_BEFORE_ONEDNN_MAX_ROWS for bf16 where oneDNN packs bf16 (either CPU, by the probe), its fp32
     sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias take the float GEMM, bit for
-    bit: F.linear in the dtype, or for bf16 without oneDNN's bf16 GEMM in fp32, rounded once to bf16."""
+    bit: F.linear in the dtype, or for bf16 without oneDNN's bf16 GEMM from WIDEN_MIN_ROWS rows in fp32, rounded
+    once to bf16."""
     monkeypatch.setattr(cpu_linear, "onednn_packs_bf16", lambda: onednn_bf16)
     monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
     spec = spec_of("mha-odd-rows-3")
@@ -172,7 +173,7 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     widened = dtype == "bfloat16" and not onednn_bf16
 
     def gemm(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not widened:
+        if not widened or x.numel() < cpu_linear.WIDEN_MIN_ROWS * w.shape[1]:  # few rows keep bf16 F.linear
             return F.linear(x, w, bias)
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(tdtype)
 

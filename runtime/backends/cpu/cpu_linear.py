@@ -32,7 +32,8 @@ _HAS_ONEDNN_LINEAR = (
 def onednn_packs_bf16() -> bool:
     """Whether oneDNN packs bf16 linear weights on this CPU: its bf16 path needs AVX512 (BW, VL, DQ) or
     AVX-NE-CONVERT, and says so only by raising (an AVX2-only CPU, e.g. AMD Zen 3, has neither). Asked once, on a
-    small weight; without it bf16 float GEMMs run F.linear widened to fp32 (gemm_dtype), rounded once to bf16."""
+    small weight; without it bf16 float GEMMs of WIDEN_MIN_ROWS rows or more run F.linear widened to fp32
+    (gemm_dtype), rounded once to bf16."""
     if not _HAS_ONEDNN_LINEAR:
         return False
     try:

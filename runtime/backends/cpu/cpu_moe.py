@@ -19,10 +19,11 @@ def grouped_moe(
     """One sort groups the T * K pairs by expert; each active expert then runs once over all its rows.
 
     The Python loop is over experts (at most E, usually far fewer active for decode), never over tokens, and the
-    inputs are gathered and the outputs scattered with one index op each. Results equal transformers' loop:
-    the same per-expert F.linear calls on the same rows (`linear`, F.linear unless the backend passes its own GEMM),
-    and index_add_ adds each token's terms in the order of the sorted pairs, ascending expert id, as transformers'
-    loop over the experts does.
+    inputs are gathered and the outputs scattered with one index op each. With the default `linear` results equal
+    transformers' loop: the same per-expert F.linear calls on the same rows, and index_add_ adds each token's terms
+    in the order of the sorted pairs, ascending expert id, as transformers' loop over the experts does. A backend
+    may pass its own GEMM (the cpu backend's bf16 widened to fp32 on CPUs without oneDNN's bf16 GEMM): the same
+    products, summed in its order.
     """
     num_tokens, top_k = topk_ids.shape
     num_experts = gate_up_weights.shape[0]

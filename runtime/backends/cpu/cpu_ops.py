@@ -233,8 +233,8 @@ class TorchOps:
 
     def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
         # F.linear per expert (transformers' own call), but where gemm_dtype widens (bf16 without oneDNN's bf16
-        # GEMM, whose torch fallback ran up to 7x slower) the experts take the dense linears' route: the step's
-        # GEMV for a few rows, else the GEMM widened to fp32, rounded once
+        # GEMM, whose torch fallback ran up to 7x slower) the experts take the dense linears' route: bf16 F.linear
+        # below WIDEN_MIN_ROWS rows, else the GEMM widened to fp32, rounded once (MoE models have no compiled step)
         widened = self.gemm_dtype(gate_up_weights.dtype) != gate_up_weights.dtype
         return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights,
                            self.linear if widened else F.linear)
