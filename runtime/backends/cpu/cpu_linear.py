@@ -93,6 +93,12 @@ class CpuLinear:
         packed = self._packed_weight(weight)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return self.float_gemm(x, weight, bias)
+
+    def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The float GEMM without a packed copy of the weight: F.linear, or for bf16 where gemm_dtype widens, from
+        WIDEN_MIN_ROWS rows, F.linear widened to fp32 and rounded once (a MoE's experts take it whole: packing every
+        expert for oneDNN would double their memory)."""
         gemm = self.gemm_dtype(weight.dtype)
         if gemm != weight.dtype and x.dtype == weight.dtype and x.numel() >= WIDEN_MIN_ROWS * weight.shape[1]:
             return widened_linear(x, weight, bias, gemm)  # bf16 without oneDNN's bf16 GEMM: widened, rounded once

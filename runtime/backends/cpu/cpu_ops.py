@@ -232,12 +232,9 @@ class TorchOps:
         return self.linear(ACTIVATIONS[activation](gate) * up, down_weight)
 
     def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
-        # F.linear per expert (transformers' own call), but where gemm_dtype widens (bf16 without oneDNN's bf16
-        # GEMM, whose torch fallback ran up to 7x slower) the experts take the dense linears' route: bf16 F.linear
-        # below WIDEN_MIN_ROWS rows, else the GEMM widened to fp32, rounded once (MoE models have no compiled step)
-        widened = self.gemm_dtype(gate_up_weights.dtype) != gate_up_weights.dtype
-        return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights,
-                           self.linear if widened else F.linear)
+        # each expert by the float GEMM: F.linear (transformers' own call), but for bf16 without oneDNN's bf16 GEMM,
+        # whose torch fallback ran up to 7x slower, widened to fp32 from WIDEN_MIN_ROWS rows, rounded once
+        return grouped_moe(x, topk_weights, topk_ids, gate_up_weights, down_weights, self.linears.float_gemm)
 
     def lora(self, y, x, a, b, lora):
         # Grouped by adapter (Punica's SGMV on the CPU); the base model's rows are never touched. Groups of similar
