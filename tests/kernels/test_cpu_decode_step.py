@@ -104,13 +104,14 @@ def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level)
     """Each GEMV inner loop this CPU runs: within the fp32 bound of the exact product, and each row of x's outputs
     bit for bit the same alone as in a batch of any size up to MAX_BATCH (the batch picks the tiles: rows one after
     another up to 4 sequences, whole tiles past; a sequence's tokens must not depend on what it is batched with).
-    Widths with an odd 8 past the 16- and 32-wide steps (72, 584) and a last tile of fewer than 4 rows (37)."""
+    Widths with an odd 8 past the 16- and 32-wide steps (72, 584), one of whole steps wide enough that 2 to 4
+    sequences (and one fp32 sequence) take the tiles too (4128), and a last tile of fewer than 4 rows (37)."""
     step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(level)
     step.limit_isa(level)
     try:
-        for in_features in (72, 584):
+        for in_features in (72, 584, 4128):
             w = torch.randn((37, in_features), generator=gen).to(tdtype)
             x = torch.randn((MAX_BATCH, in_features), generator=gen).to(tdtype)
             alone = torch.cat([step.gemv(w, x[i : i + 1]) for i in range(MAX_BATCH)])
