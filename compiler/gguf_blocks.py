@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, pack_int4
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4
 
 GROUP = 32  # elements per group of every kept type (Q4_K's sub-blocks)
 SUPER_BLOCK = 256  # Q4_K
@@ -59,7 +59,7 @@ def weight_from_blocks(type_name: str, raw: np.ndarray, shape: tuple[int, int]) 
         blocks = raw.reshape(-1, 34)
         d, qs = _f16(blocks[:, :2]), blocks[:, 2:].view(np.int8)
         codes = torch.from_numpy(qs.reshape(out, in_features).copy())
-        scales = torch.from_numpy(d.reshape(out, -1).copy())
+        scales, _ = half_if_exact(torch.from_numpy(d.reshape(out, -1).copy()))  # the blocks' own fp16 d
         return QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, GROUP))
     if type_name in ("Q4_0", "Q4_1"):
         size = 18 if type_name == "Q4_0" else 20
@@ -78,12 +78,10 @@ def weight_from_blocks(type_name: str, raw: np.ndarray, shape: tuple[int, int]) 
     else:
         return None
     values = torch.from_numpy(np.ascontiguousarray(q).reshape(out, in_features))
-    return QuantizedWeight(
-        pack_int4(values),
+    scales_t, mins_t = half_if_exact(  # Q4_0's and Q4_1's fp16 d and m stay fp16; Q4_K's products where exact
         torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(out, -1)),
-        torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(out, -1)),
-        QuantFormat(QuantScheme.INT4, GROUP),
-    )
+        torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(out, -1)))
+    return QuantizedWeight(pack_int4(values), scales_t, mins_t, QuantFormat(QuantScheme.INT4, GROUP))
 
 
 def permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.compiler.manifest import QUANT_PARTS
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, pack_int4
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4, round_to_half
 from pllm.models.spec import ModelKind, ModelSpec
 
 # The runtime tensors kept packed in the build's format: every decoder layer's four linear weights. The embedding
@@ -18,9 +18,9 @@ from pllm.models.spec import ModelKind, ModelSpec
 QUANTIZED_TARGETS = re.compile(r"layers\.[0-9]+\.(qkv_proj|o_proj|gate_up_proj|down_proj)")
 # int4 group sizes offered: 32 (what GGUF's 4-bit types use) to 128 (AWQ's and GPTQ's usual choice)
 INT4_GROUP_SIZES = (32, 64, 128)
-# The default: what llama.cpp's 4-bit types use on the CPU (Q4_0, Q4_1, Q4_K's sub-blocks), 6 bits per weight with
-# the fp32 scale and min. Measured on the default model (README, Quantised weights): group 64 raised perplexity
-# 1.63x over bf16, group 32 not at all (its weights are Q4_1 at group 32, which int4/32 reproduces exactly).
+# The default: what llama.cpp's 4-bit types use on the CPU (Q4_0, Q4_1, Q4_K's sub-blocks), 5 bits per weight with
+# the fp16 scale and min (Q4_1's size). Measured on the default model (README, Quantised weights): group 64 raised
+# perplexity 1.64x over bf16, group 32 not at all (its weights are Q4_1 at group 32, which int4/32 reproduces exactly).
 INT4_DEFAULT_GROUP = 32
 INT8_MAX = 127  # symmetric codes -127..127: -128 is never used, so negation stays in range
 
@@ -63,7 +63,8 @@ def int4_group_size(spec: ModelSpec, requested: int | None) -> int:
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
     """float [out, in] -> INT8 codes with one scale per group of `group_size` inputs (None: per output channel):
-    scale = the group's max|w| / 127, code = round(w / scale)."""
+    scale = the group's max|w| / 127 (groups: rounded to float16 and kept so, as Q8_0 keeps its scales, where all
+    are normal float16s), code = round(w / scale)."""
     out, in_features = weight.shape
     group = in_features if group_size is None else group_size
     fmt = QuantFormat(QuantScheme.INT8, group)
@@ -71,22 +72,28 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
         raise QuantizeError(f"int8 group size {group} does not divide the input width {in_features}")
     w = weight.float().view(out, in_features // group, group)
     scale = w.abs().amax(dim=-1) / INT8_MAX  # [out, groups]
+    if group_size is not None:  # one scale per channel is a negligible share of the bytes: kept exact
+        scale = round_to_half(scale)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, scale 0
     codes = torch.round(w / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return QuantizedWeight(codes.view(out, in_features), scale.contiguous(), None, fmt)
+    scales, _ = half_if_exact(scale.contiguous())
+    return QuantizedWeight(codes.view(out, in_features), scales, None, fmt)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     """float [out, in] -> INT4 with a scale and a min per group: min = the group's least value, scale = range / 15,
-    code = round((w - min) / scale), so each group's extremes are represented exactly up to rounding of scale."""
+    code = round((w - min) / scale), so each group's extremes are represented exactly up to rounding of scale. The
+    scale and min are rounded to float16 first (and kept so) where all are normal float16s."""
     out, in_features = weight.shape
     fmt = QuantFormat(QuantScheme.INT4, group_size)
     w = weight.float().view(out, in_features // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
-    scale = (high - low) / 15
+    scale = round_to_half((high - low) / 15)
+    low = round_to_half(low)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0, w = min exactly
     codes = torch.round((w - low[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
-    return QuantizedWeight(pack_int4(codes.view(out, in_features)), scale.contiguous(), low.contiguous(), fmt)
+    scales, mins = half_if_exact(scale.contiguous(), low.contiguous())
+    return QuantizedWeight(pack_int4(codes.view(out, in_features)), scales, mins, fmt)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.tokenizer_snapshot import write_tokenizer_snapshot
-from pllm.models.quant import QuantizedWeight
+from pllm.models.quant import QuantizedWeight, half_if_exact
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,9 +82,13 @@ class ModelSource:
             return None
         if len(parts) == 1:
             return parts[0]
-        mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
-        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins,
-                               parts[0].fmt)
+        # parts whose scales differ in dtype (an fp16 Q4_0 beside a Q4_K kept in fp32) join in fp32, then narrow
+        # again if every value is a float16
+        wide = any(p.scales.dtype != parts[0].scales.dtype for p in parts)
+        scales = torch.cat([p.scales.float() if wide else p.scales for p in parts])
+        mins = None if parts[0].mins is None else torch.cat([p.mins.float() if wide else p.mins for p in parts])
+        scales, mins = half_if_exact(scales, mins)
+        return QuantizedWeight(torch.cat([p.codes for p in parts]), scales, mins, parts[0].fmt)
 
     def gguf_type(self, hf_name: str) -> str | None:
         """The GGUF type of a matrix kept_blocks has read and pllm does not keep (Q6_K, F16, ...), else None."""

@@ -3,7 +3,10 @@
 One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4`) and GGUF blocks kept as they
 are: Q8_0 is INT8 with groups of 32; Q4_0 (w = d * (q - 8)), Q4_1 (w = d * q + m) and Q4_K (per 32-element
 sub-block: w = d * sc * q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in
-float32. A kernel reading this layout is correct when it equals `dequantize` followed by a float matmul, of the
+float32. Scales and mins are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0 and Q4_1
+store theirs so; pllm's own grouped quantisation rounds them so), which keeps a Q4_1 block's 5 bits a weight
+rather than 6, else float32. A kernel reading this layout is correct when it equals `dequantize` followed by a
+float matmul, of the
 activations as given or, where the kernel multiplies integers (the cpu backend's packed rows, as llama.cpp does),
 of the activations rounded by `quantize_activation`: `dequantize(W) @ dequantize_activation(*quantize_activation(x))`.
 """
@@ -31,13 +34,19 @@ class QuantFormat:
             raise ValueError(f"{self.scheme.value}: group size {self.group_size} must be positive (and even for int4)")
 
 
+# The dtypes a packed weight's scales (and mins) come in: float32, or float16 where every value is one (half the
+# bytes: a group of 32 INT4 codes with its scale and min reads 20 bytes, not 24)
+SCALE_DTYPES = (torch.float32, torch.float16)
+FP16_NORMAL_MIN = 2.0**-14  # the least normal float16: a rounded scale below it keeps fewer than 11 bits
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A linear layer's weight [out, in], packed. INT4: input element 2j is byte j's low nibble, 2j + 1 its high one."""
 
     codes: torch.Tensor  # INT8: int8 [out, in]; INT4: uint8 [out, in // 2]
-    scales: torch.Tensor  # float32 [out, in // group_size]
-    mins: torch.Tensor | None  # INT4: float32 [out, in // group_size]; INT8: None
+    scales: torch.Tensor  # a SCALE_DTYPES dtype [out, in // group_size]
+    mins: torch.Tensor | None  # INT4: the scales' dtype [out, in // group_size]; INT8: None
     fmt: QuantFormat
 
     def __post_init__(self) -> None:
@@ -49,18 +58,41 @@ class QuantizedWeight:
             raise ValueError(f"{self.fmt.scheme.value} codes must be {code_dtype}, got {self.codes.dtype}")
         if in_features % self.fmt.group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of group size {self.fmt.group_size}")
-        if self.scales.shape != (out, groups) or self.scales.dtype != torch.float32:
-            raise ValueError(f"scales {tuple(self.scales.shape)} {self.scales.dtype}: expected ({out}, {groups}) fp32")
+        if self.scales.shape != (out, groups) or self.scales.dtype not in SCALE_DTYPES:
+            raise ValueError(f"scales {tuple(self.scales.shape)} {self.scales.dtype}: expected ({out}, {groups}) "
+                             "float32 or float16")
         has_mins = self.fmt.scheme is QuantScheme.INT4
         if (self.mins is not None) != has_mins:
             raise ValueError(f"{self.fmt.scheme.value} weights {'need' if has_mins else 'take no'} mins")
-        if self.mins is not None and (self.mins.shape != self.scales.shape or self.mins.dtype != torch.float32):
-            raise ValueError(f"mins {tuple(self.mins.shape)} {self.mins.dtype}: expected the scales' shape, fp32")
+        if self.mins is not None and (self.mins.shape != self.scales.shape or self.mins.dtype != self.scales.dtype):
+            raise ValueError(f"mins {tuple(self.mins.shape)} {self.mins.dtype}: expected the scales' shape and dtype")
 
     @property
     def shape(self) -> tuple[int, int]:
         out, packed = self.codes.shape
         return (out, packed * 2 if self.fmt.scheme is QuantScheme.INT4 else packed)
+
+
+def half_if_exact(scales: torch.Tensor, mins: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 scales (and mins) as float16 where every value survives the round trip exactly (GGUF's fp16 block
+    scales, pllm's rounded ones), else unchanged: a lossless narrowing."""
+    parts = [t for t in (scales, mins) if t is not None]
+    if any(t.dtype != torch.float32 for t in parts):
+        return scales, mins
+    halves = [t.half() for t in parts]
+    if not all(torch.equal(h.float(), t) for h, t in zip(halves, parts)):
+        return scales, mins
+    return halves[0], (halves[1] if mins is not None else None)
+
+
+def round_to_half(values: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to the nearest float16 (still float32), where every rounded value is a normal float16
+    or zero: a quantiser's scales and mins computed this way narrow losslessly (half_if_exact). Else unchanged (tiny
+    or huge values keep their float32 precision)."""
+    rounded = values.half().float()
+    magnitude = rounded.abs()
+    normal = torch.isfinite(rounded) & ((magnitude == 0) | (magnitude >= FP16_NORMAL_MIN))
+    return rounded if bool(normal.all()) else values
 
 
 def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -82,9 +114,9 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     group = weight.fmt.group_size
     if weight.fmt.scheme is QuantScheme.INT4:
         codes = unpack_int4(weight.codes).float().view(out, -1, group)
-        values = codes * weight.scales[..., None] + weight.mins[..., None]
+        values = codes * weight.scales.float()[..., None] + weight.mins.float()[..., None]
     else:
-        values = weight.codes.float().view(out, -1, group) * weight.scales[..., None]
+        values = weight.codes.float().view(out, -1, group) * weight.scales.float()[..., None]
     return values.reshape(out, in_features).to(dtype)
 
 

@@ -193,10 +193,10 @@ def build_cases(ops: TritonOps, spec: ModelSpec, dtype: torch.dtype, block_size:
 
 
 def random_quantized(fmt: QuantFormat, out_features: int, in_features: int, device: str) -> QuantizedWeight:
-    """Codes over their whole range with scales that keep the product O(1): timing does not care, the smoke
-    check compares against the dequantised weight."""
+    """Codes over their whole range with scales that keep the product O(1), in fp16 as GGUF's Q8_0/Q4_0 keep theirs:
+    timing does not care, the smoke check compares against the dequantised weight."""
     groups = in_features // fmt.group_size
-    scales = torch.rand((out_features, groups), device=device) * in_features**-0.5 / 16
+    scales = (torch.rand((out_features, groups), device=device) * in_features**-0.5 / 16).half()
     if fmt.scheme is QuantScheme.INT8:
         codes = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device)
         return QuantizedWeight(codes, scales, None, fmt)
@@ -214,7 +214,8 @@ def build_quant_cases(ops: TritonOps, spec: ModelSpec, dtype: torch.dtype, devic
         for name, (out_features, in_features) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
             weight = random_quantized(fmt, out_features, in_features, device)
             dense = dequantize(weight, dtype)  # the float build's weight: the baseline
-            packed = weight.codes.numel() + weight.scales.numel() * 4 * (1 if weight.mins is None else 2)
+            packed = sum(t.numel() * t.element_size() for t in (weight.codes, weight.scales, weight.mins)
+                         if t is not None)
             for t in ([1, 20] if smoke else [1, 16, 2048]):  # decode, batched decode, a prefill chunk
                 x = torch.randn((t, in_features), dtype=dtype, device=device)
                 moved = packed + t * (in_features + out_features) * elem

@@ -40,6 +40,9 @@ AVX2_INT8_SEQUENTIAL_TOKENS = 1
 AVX2_INT4_SEQUENTIAL_TOKENS = 0
 # the row ranges an including kernel should hand quant_rows (a multiple of every row tile)
 QUANT_ROW_TILE = 16
+# fp16 scales and mins are widened a few rows at a time into per-thread buffers of this many floats each (32 KB):
+# L1-sized, and so rows of at most this many groups take fp16 scales (cpu_quant_linear.cpp.jinja, ScaleType)
+WIDE_FLOATS = 8192
 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
@@ -51,7 +54,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
     return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES,
             "VNNI_ROW_TILE": VNNI_ROW_TILE, "VNNI_SEQUENTIAL_TOKENS": VNNI_SEQUENTIAL_TOKENS,
             "AVX2_INT_ROW_TILE": AVX2_INT_ROW_TILE, "AVX2_INT8_SEQUENTIAL_TOKENS": AVX2_INT8_SEQUENTIAL_TOKENS,
-            "AVX2_INT4_SEQUENTIAL_TOKENS": AVX2_INT4_SEQUENTIAL_TOKENS, "QUANT_ROW_TILE": QUANT_ROW_TILE}, {}
+            "AVX2_INT4_SEQUENTIAL_TOKENS": AVX2_INT4_SEQUENTIAL_TOKENS, "QUANT_ROW_TILE": QUANT_ROW_TILE,
+            "WIDE_FLOATS": WIDE_FLOATS}, {}
 
 
 KERNEL = Kernel("cpu_quant_linear", op="quant_linear", language=Language.CPP, render=render, applies=supported,

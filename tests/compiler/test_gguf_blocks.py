@@ -50,6 +50,10 @@ def test_random_block_bytes_decode_as_gguf_does(type_name, seed):
     weight = weight_from_blocks(type_name, raw, (rows, cols))
     assert weight.fmt.scheme is KEPT[type_name] and weight.fmt.group_size == 32
     assert torch.equal(dequantize(weight), gguf_dequantize(raw, type_name))
+    # the blocks' own fp16 d (and m, and Q4_0's -8 d, a power-of-two multiple) stay fp16: the file's bytes per
+    # weight; Q4_K's products d * sc of random fields are not all fp16 values, so they stay fp32
+    assert weight.scales.dtype == (torch.float32 if type_name == "Q4_K" else torch.float16)
+    assert weight.mins is None or weight.mins.dtype == weight.scales.dtype
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])  # the types gguf's Python quantiser makes
@@ -86,6 +90,7 @@ def test_default_model_real_blocks_decode_as_gguf_does():
         shape = (raw.shape[0], int(t.shape[0]))
         weight = weight_from_blocks(t.tensor_type.name, raw, shape)
         assert torch.equal(dequantize(weight), gguf_dequantize(raw, t.tensor_type.name).reshape(shape)), t.name
+        assert weight.scales.dtype == torch.float16, t.name  # kept at the file's size: Q4_1 5 bits, Q8_0 8.5
         seen.add(t.tensor_type.name)
     assert seen == {"Q4_1", "Q8_0"}
 

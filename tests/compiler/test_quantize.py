@@ -21,13 +21,27 @@ TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 @pytest.mark.parametrize("group", [None, 32])  # per output channel (--quantization int8), Q8_0's groups (LM head)
 def test_int8_is_within_half_a_step_of_each_group(group):
-    w = torch.randn(40, 96) * torch.rand(40, 1) * torch.rand(1, 96)
+    w = torch.randn(40, 96) * (0.1 + torch.rand(40, 1)) * (0.1 + torch.rand(1, 96))  # every scale a normal fp16
     q = quantize_int8(w, group)
     size = group or 96
     assert q.fmt.group_size == size and q.scales.shape == (40, 96 // size)
-    assert torch.allclose(q.scales, w.abs().view(40, -1, size).amax(-1) / 127)
-    step = q.scales.repeat_interleave(size, dim=1)
+    # groups (Q8_0's layout): the scale rounded to the nearest fp16 and kept so; per channel: fp32, exact
+    assert q.scales.dtype == (torch.float16 if group else torch.float32)
+    exact = w.abs().view(40, -1, size).amax(-1) / 127
+    assert torch.equal(q.scales, exact.half() if group else exact)
+    step = q.scales.float().repeat_interleave(size, dim=1)
     assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5)).all())
+
+
+def test_scales_below_fp16s_normal_range_stay_fp32():
+    """One group of tiny weights (scale under 2^-14, where fp16 keeps fewer than 11 bits): the whole matrix keeps
+    exact fp32 scales (and int4's mins), so no group loses precision to the narrower dtype."""
+    w = torch.randn(8, 64)
+    w[3, :32] *= 1e-4
+    q8, q4 = quantize_int8(w, 32), quantize_int4(w, 32)
+    assert q8.scales.dtype == q4.scales.dtype == q4.mins.dtype == torch.float32
+    assert torch.equal(q8.scales, w.abs().view(8, 2, 32).amax(-1) / 127)
+    assert quantize_int8(w[4:], 32).scales.dtype == quantize_int4(w[4:], 32).scales.dtype == torch.float16
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -35,7 +49,8 @@ def test_int4_is_within_half_a_step_of_each_group(group):
     w = torch.randn(16, 256) + torch.randn(16, 1)
     q = quantize_int4(w, group)
     assert q.scales.shape == q.mins.shape == (16, 256 // group)
-    step = q.scales.repeat_interleave(group, dim=1)
+    assert q.scales.dtype == q.mins.dtype == torch.float16  # rounded to fp16 first, the codes taken against them
+    step = q.scales.float().repeat_interleave(group, dim=1)
     assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + 1e-6).all())
 
 

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.kernels import cpu_quant_linear as cpu_quant_kernel
 from pllm.compiler.plan import make_plan
 from pllm.compiler.quantize import quantize_int4, quantize_int8
 from pllm.models.quant import (
@@ -45,7 +46,7 @@ from pllm.models.quant import (
 )
 from pllm.runtime.backends.cpu import cpu_linear
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
-from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear, QuantRows
+from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, WIDE_FLOATS, CpuQuantLinear, QuantRows
 
 from .conftest import compile_cpu_kernel, tiny_spec
 
@@ -94,6 +95,14 @@ def random_weight(int4: bool, n: int, k: int, group: int, gen: torch.Generator) 
     return QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, group))
 
 
+def with_scales(weight: QuantizedWeight, half: bool) -> QuantizedWeight:
+    """The weight with its scales and mins stored in fp16 (half; rounded, and the rounded values are then the
+    weight's meaning) or fp32: the kernel reads either (models.quant.SCALE_DTYPES)."""
+    dtype = torch.float16 if half else torch.float32
+    mins = None if weight.mins is None else weight.mins.to(dtype)
+    return QuantizedWeight(weight.codes, weight.scales.to(dtype), mins, weight.fmt)
+
+
 def rounded(x: torch.Tensor) -> torch.Tensor:
     """The activations the packed rows multiply: x quantised per block of 32, dequantised to fp32."""
     return dequantize_activation(*quantize_activation(x))
@@ -122,19 +131,24 @@ def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 @SETTINGS
 @given(int4=st.booleans(), n=st.integers(1, 70), groups=st.integers(1, 6), group=st.sampled_from([32, 64, 96, 128]),
        num_tokens=st.integers(1, QUANT_GEMV_MAX_TOKENS + 9), bf16=st.booleans(), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16))
-@example(int4=False, n=576, groups=1, group=576, num_tokens=1, bf16=True, with_bias=False, seed=0)  # SmolLM2 qkv
-@example(int4=True, n=37, groups=2, group=96, num_tokens=1, bf16=True, with_bias=False, seed=4)  # a chunk across groups
-@example(int4=True, n=37, groups=2, group=128, num_tokens=1, bf16=True, with_bias=False, seed=5)  # chunks within one
-@example(int4=True, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, seed=1)
-@example(int4=True, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, seed=2)  # tile remainder
-@example(int4=False, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, seed=3)  # Q8_0-like
-@example(int4=False, n=37, groups=2, group=96, num_tokens=5, bf16=False, with_bias=True, seed=1)  # INT8 chunks
-# across groups
-def test_gemv_equals_its_reference(kernel, int4, n, groups, group, num_tokens, bf16, with_bias, seed):
+       half=st.booleans(), seed=st.integers(0, 2**16))
+# SmolLM2's qkv; a chunk across groups; chunks within one; tile remainders; Q8_0-like; INT8 chunks across groups
+@example(int4=False, n=576, groups=1, group=576, num_tokens=1, bf16=True, with_bias=False, half=False, seed=0)
+@example(int4=True, n=37, groups=2, group=96, num_tokens=1, bf16=True, with_bias=False, half=True, seed=4)
+@example(int4=True, n=37, groups=2, group=128, num_tokens=1, bf16=True, with_bias=False, half=False, seed=5)
+@example(int4=True, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, half=True, seed=1)
+@example(int4=True, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, half=True, seed=2)
+@example(int4=False, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, half=True, seed=3)
+@example(int4=False, n=37, groups=2, group=96, num_tokens=5, bf16=False, with_bias=True, half=False, seed=1)
+# fp16 scales of rows so long (600 groups) that each thread widens them a few rows at a time (wide_rows: 13 of each
+# thread's 20 rows, then 7), bias and outputs moved along with them
+@example(int4=True, n=40, groups=600, group=32, num_tokens=3, bf16=True, with_bias=True, half=True, seed=6)
+@example(int4=False, n=40, groups=600, group=32, num_tokens=2, bf16=False, with_bias=True, half=True, seed=7)
+def test_gemv_equals_its_reference(kernel, int4, n, groups, group, num_tokens, bf16, with_bias, half, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
     weight = random_weight(int4, n, k, group if int4 or seed % 2 else k, gen)  # INT8 per channel or grouped
+    weight = with_scales(weight, half)
     x = torch.randn((num_tokens, k), generator=gen)
     x = x.bfloat16() if bf16 else x
     bias = torch.randn(n, generator=gen) if with_bias else None
@@ -161,8 +175,10 @@ def exact_activations(num_tokens: int, k: int, gen: torch.Generator) -> torch.Te
 
 @SETTINGS
 @given(int4=st.booleans(), n=st.integers(1, 40), groups=st.integers(1, 4), group=st.sampled_from([32, 64]),
-       per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(), seed=st.integers(0, 2**16))
-def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per_channel, num_tokens, bf16, seed):
+       per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(), half=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per_channel, num_tokens, bf16, half,
+                                             seed):
     """Exactly quantisable activations, power-of-two scales and mins, small codes: every product and partial sum is
     an integer multiple of 2^-6 below 2^23 * 2^-6 in magnitude (K <= 256: |c s q d| <= 15 * 2 * 127 or
     15 * 0.25 * 127 (INT8 codes -15..15, scales <= 1/4), a block's |q| sum <= 127 + 31 * 8), so any summation order
@@ -182,6 +198,7 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per
         scales = 2.0 ** torch.randint(-4, -1, (n, g), generator=gen).float()
         codes = torch.randint(-15, 16, (n, k), generator=gen, dtype=torch.int8)
         weight = QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, group))
+    weight = with_scales(weight, half)  # powers of two: exact in fp16 too
     x = exact_activations(num_tokens, k, gen)
     assert torch.equal(rounded(x), x)  # the construction's claim
     x = x.bfloat16() if bf16 else x  # q d is exact in bf16 too (|q| < 2^8)
@@ -191,11 +208,13 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per
 
 @SETTINGS
 @given(int4=st.booleans(), n=st.integers(1, 50), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
-       bf16=st.booleans(), seed=st.integers(0, 2**16))
-def test_dequantize_is_bit_exact(compiled, int4, n, groups, group, bf16, seed):
+       bf16=st.booleans(), half=st.booleans(), seed=st.integers(0, 2**16))
+@example(int4=True, n=40, groups=700, group=32, bf16=True, half=True, seed=1)  # widened 11 rows at a time
+@example(int4=False, n=40, groups=300, group=32, bf16=False, half=True, seed=2)
+def test_dequantize_is_bit_exact(compiled, int4, n, groups, group, bf16, half, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    weight = random_weight(int4, n, k, group if int4 else k, gen)
+    weight = with_scales(random_weight(int4, n, k, group if int4 or seed % 2 else k, gen), half)
     dtype = torch.bfloat16 if bf16 else torch.float32
     assert torch.equal(compiled.dequantize(weight, dtype), dequantize(weight, dtype))
 
@@ -228,3 +247,17 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     h = F.silu(got[:, :48]) * got[:, 48:]
     assert torch.equal(ops.mlp(x, weight, down), ops.linear(h, down))
     assert torch.equal(ops.linear(h, down), F.linear(h.to(gemm), dequantize(down, gemm)).bfloat16())
+
+
+def test_fp16_scales_of_rows_past_the_widening_buffer_are_left_to_pytorch(compiled):
+    """The kernel widens fp16 scales a few rows at a time into WIDE_FLOATS-float buffers: rows with more groups than
+    that are not its to read (the linear then dequantises in PyTorch); fp32 scales of the same shape are."""
+    assert WIDE_FLOATS == cpu_quant_kernel.WIDE_FLOATS  # the runtime's copy of the rendered constant
+    k = 32 * (WIDE_FLOATS + 1)
+    weight = QuantizedWeight(torch.zeros(2, k, dtype=torch.int8), torch.ones(2, k // 32, dtype=torch.float16), None,
+                             QuantFormat(QuantScheme.INT8, 32))
+    assert not compiled.accepts(weight) and not compiled.runs(weight)
+    assert compiled.accepts(with_scales(weight, half=False))
+    narrower = QuantizedWeight(weight.codes[:, : k - 32].contiguous(), weight.scales[:, :-1].contiguous(), None,
+                               weight.fmt)
+    assert compiled.accepts(narrower)

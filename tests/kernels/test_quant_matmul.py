@@ -72,10 +72,14 @@ def magnitudes(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 
 def check_linear(ops: TritonOps, *, device: str, dtype: str, scheme: QuantScheme, group_size: int, num_tokens: int,
-                 out_features: int, in_features: int, bias: bool, seed: int) -> None:
+                 out_features: int, in_features: int, bias: bool, seed: int, half_scales: bool = False) -> None:
+    """half_scales: the weight's scales and mins stored in fp16 (GGUF's Q8_0/Q4_0/Q4_1 blocks keep theirs so)."""
     torch_dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     weight = random_weight(scheme, out_features, in_features, group_size, gen)
+    if half_scales:  # the rounded values are the weight's meaning from here on
+        weight = QuantizedWeight(weight.codes, weight.scales.half(), None if weight.mins is None
+                                 else weight.mins.half(), weight.fmt)
     x = torch.randn((num_tokens, in_features), generator=gen).to(torch_dtype)  # [T, K]
     b = torch.randn((out_features,), generator=gen).to(torch_dtype) if bias else None
     on_device = QuantizedWeight(weight.codes.to(device), weight.scales.to(device),
@@ -114,19 +118,24 @@ def assert_within_bound(out: torch.Tensor, x: torch.Tensor, weight: QuantizedWei
     num_tokens=st.sampled_from([1, 3, 64, 70]),
     out_features=st.sampled_from([8, 40, 100]),
     bias=st.booleans(),
+    half_scales=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 # one decode step whose K splits (512 / 32 = 16 K tiles: 4 splits), and one per scheme at the largest group
 @example(dtype="float16", scheme=QuantScheme.INT4, group_size=32, groups=16, num_tokens=1, out_features=40,
-         bias=True, seed=0)
+         bias=True, half_scales=True, seed=0)
 @example(dtype="float32", scheme=QuantScheme.INT8, group_size=32, groups=16, num_tokens=3, out_features=100,
-         bias=False, seed=1)
+         bias=False, half_scales=False, seed=1)
 @example(dtype="float32", scheme=QuantScheme.INT4, group_size=128, groups=4, num_tokens=70, out_features=100,
-         bias=True, seed=2)
-def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, num_tokens, out_features, bias, seed):
+         bias=True, half_scales=False, seed=2)
+@example(dtype="float32", scheme=QuantScheme.INT8, group_size=32, groups=2, num_tokens=64, out_features=40,
+         bias=False, half_scales=True, seed=3)
+def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, num_tokens, out_features, bias,
+                                half_scales, seed):
     ops = quant_ops(interpret=True, dtype=dtype)
     check_linear(ops, device="cpu", dtype=dtype, scheme=scheme, group_size=group_size, num_tokens=num_tokens,
-                 out_features=out_features, in_features=groups * group_size, bias=bias, seed=seed)
+                 out_features=out_features, in_features=groups * group_size, bias=bias, seed=seed,
+                 half_scales=half_scales)
 
 
 def test_decode_steps_split_k_and_prefill_steps_do_not(quant_ops):
@@ -195,9 +204,11 @@ def test_only_a_quantised_plan_carries_the_kernel():
     num_tokens=st.sampled_from([1, 8, 17, 256]),
     shape=st.sampled_from([(576, 576), (1536, 576), (576, 1536), (4096, 4096)]),
     bias=st.booleans(),
+    half_scales=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_quant_matmul_cuda(quant_ops, cuda_device, dtype, scheme, group_size, num_tokens, shape, bias, seed):
+def test_quant_matmul_cuda(quant_ops, cuda_device, dtype, scheme, group_size, num_tokens, shape, bias, half_scales,
+                           seed):
     ops = quant_ops(interpret=False, dtype=dtype)
     check_linear(ops, device=cuda_device, dtype=dtype, scheme=scheme, group_size=group_size, num_tokens=num_tokens,
-                 out_features=shape[0], in_features=shape[1], bias=bias, seed=seed)
+                 out_features=shape[0], in_features=shape[1], bias=bias, seed=seed, half_scales=half_scales)

@@ -15,14 +15,16 @@ import torch
 from pllm.models.ops import AttentionMetadata
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.cpu.cpu_quant_linear import WIDE_FLOATS, scales_fit, scales_fp16
 
 logger = logging.getLogger("pllm")
 
 # The kernel's LayerWeights in int64 words: input_norm, post_norm, qkv_bias (0 without one), q_norm and k_norm (0
-# without q/k norm), then per linear (qkv, o, gate_up, down) its LinearWeight: kind, data, scales, mins, group
+# without q/k norm), then per linear (qkv, o, gate_up, down) its LinearWeight: kind, data, scales, mins, group,
+# scale type
 NORMS = ("input_norm", "post_norm", "qkv_bias", "q_norm", "k_norm")
 LINEARS = ("qkv", "o", "gate_up", "down")
-WORDS_PER_LINEAR = 5
+WORDS_PER_LINEAR = 6
 WEIGHT_WORDS_PER_LAYER = len(NORMS) + WORDS_PER_LINEAR * len(LINEARS)
 # The packed rows' vector (cpu_quant_linear's, as cpu_kernels.QUANT_LANES): groups of whole vectors of codes
 PACKED_LANES = 16
@@ -220,10 +222,11 @@ class CpuDecodeStep:
         return None
 
     def _linear_words(self, w: object, shape: tuple[int, int]) -> list[int] | str:
-        """The kernel's LinearWeight for one linear (kind, data, scales, mins, group), or why it cannot read it."""
+        """The kernel's LinearWeight for one linear (kind, data, scales, mins, group, scale type), or why it cannot
+        read it."""
         if not isinstance(w, QuantizedWeight):
             why = self._why_not_float(w, shape)
-            return why if why is not None else [WeightKind.FLOAT, w.data_ptr(), 0, 0, 0]  # type: ignore[union-attr]
+            return why if why is not None else [WeightKind.FLOAT, w.data_ptr(), 0, 0, 0, 0]  # type: ignore[union-attr]
         if not self.packed:
             return "packed, and the build's decode step was rendered for float weights only"
         kind, group = PACKED_KINDS[w.fmt.scheme], w.fmt.group_size
@@ -237,8 +240,10 @@ class CpuDecodeStep:
                     f"{ACTIVATION_BLOCK}-element activation blocks")
         if not all(t.is_contiguous() and t.device.type == "cpu" for t in _tensors(w) if t is not None):
             return "packed tensors not contiguous on the cpu"
+        if not scales_fit(w):
+            return f"fp16 scales in rows of {w.shape[1] // group} groups, the kernel widens at most {WIDE_FLOATS}"
         mins = w.mins.data_ptr() if w.mins is not None else 0
-        return [kind, w.codes.data_ptr(), w.scales.data_ptr(), mins, group]
+        return [kind, w.codes.data_ptr(), w.scales.data_ptr(), mins, group, scales_fp16(w)]
 
 
 def _tensors(w: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor | None, ...]:

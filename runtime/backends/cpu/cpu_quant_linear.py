@@ -16,9 +16,22 @@ from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 # multiplied as integers); above it, W is dequantised once for the float GEMM, whose cost then dominates. Measured
 # by tools/bench_quant.py (README "Quantised weights"): the packed rows beat bf16's oneDNN GEMM through 64 rows.
 QUANT_GEMV_MAX_TOKENS = 64
+# the kernel's WIDE_FLOATS (compiler/kernels/cpu_quant_linear.py renders it; tests hold the two equal): fp16 scales
+# are widened a few rows at a time into per-thread buffers of this many floats, so rows of more groups keep fp32
+WIDE_FLOATS = 8192
 # the integer rows' input chunk (templates/cpu_quant_vnni.cpp.inc, cpu_quant_avx2_int.cpp.inc): widths it does not
 # divide take the float rows
 INT_CHUNK = 64
+
+
+def scales_fp16(weight: QuantizedWeight) -> int:
+    """The kernel's scales_fp16 argument (its ScaleType): 1 for fp16 scales and mins, 0 for fp32."""
+    return int(weight.scales.dtype == torch.float16)
+
+
+def scales_fit(weight: QuantizedWeight) -> bool:
+    """Whether the kernel reads this weight's scales: fp32 any size; fp16 in rows of at most WIDE_FLOATS groups."""
+    return not scales_fp16(weight) or weight.shape[1] // weight.fmt.group_size <= WIDE_FLOATS
 
 
 class QuantRows(IntEnum):
@@ -40,9 +53,9 @@ class CpuQuantLinear:
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
         self._gemv = lib.pllm_quant_gemv
-        self._gemv.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i64, ptr, ptr, ptr, ptr, i32]
+        self._gemv.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32, ptr, ptr, i32]
         self._dequantize = lib.pllm_dequantize
-        self._dequantize.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, ptr, i32, i32]
+        self._dequantize.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr, i32, i32]
         self._set_isa = lib.pllm_quant_set_isa
         self._set_isa.argtypes = [i32]
         for fn in (self._gemv, self._dequantize, self._set_isa):
@@ -56,21 +69,22 @@ class CpuQuantLinear:
 
     @staticmethod
     def accepts(weight: QuantizedWeight) -> bool:
-        """Whether the kernel reads this weight: groups of whole activation blocks (32 elements), contiguous."""
-        return weight.fmt.group_size % ACTIVATION_BLOCK == 0 and all(
+        """Whether the kernel reads this weight: groups of whole activation blocks (32 elements), contiguous; fp16
+        scales for rows of at most WIDE_FLOATS groups (the kernel widens them a few rows at a time)."""
+        return weight.fmt.group_size % ACTIVATION_BLOCK == 0 and scales_fit(weight) and all(
             t is None or (t.is_contiguous() and t.device.type == "cpu") for t in (weight.codes, weight.scales,
                                                                                    weight.mins))
 
     def _prepared(self, weight: QuantizedWeight) -> tuple | None:
-        """The kernel's view of a weight, checked once: (n, k, codes, int4, group, scales, mins) sizes and
-        pointers, or None when it does not accept the weight. Kept with the weight itself, so its id is never
+        """The kernel's view of a weight, checked once: (n, k, codes, int4, group, scales, mins, scales_fp16)
+        sizes and pointers, or None when it does not accept the weight. Kept with the weight itself, so its id is never
         reused while the entry lives (a model's weights live as long as the model)."""
         entry = self._weights.get(id(weight))
         if entry is None:
             n, k = weight.shape
             int4 = weight.fmt.scheme is QuantScheme.INT4
             args = (n, k, weight.codes.data_ptr(), int(int4), weight.fmt.group_size, weight.scales.data_ptr(),
-                    weight.mins.data_ptr() if int4 else None) if self.accepts(weight) else None
+                    weight.mins.data_ptr() if int4 else None, scales_fp16(weight)) if self.accepts(weight) else None
             entry = self._weights[id(weight)] = (weight, args)
         return entry[1]
 
@@ -83,14 +97,14 @@ class CpuQuantLinear:
         models.quant.quantize_activation, accumulated in fp32 and rounded once."""
         prepared = self._prepared(weight)
         assert prepared is not None, f"the kernel does not read {weight.fmt}"
-        n, k, codes, int4, group, scales, mins = prepared
+        n, k, codes, int4, group, scales, mins, fp16 = prepared
         assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous(), (x.shape, x.stride(), weight.shape)
         bf16 = x.dtype == torch.bfloat16
         assert bf16 or x.dtype == torch.float32, x.dtype
         bias32 = None if bias is None else bias.float().contiguous()
         assert bias32 is None or bias32.shape == (n,), bias32.shape
         out = torch.empty((x.shape[0], n), dtype=x.dtype)
-        status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, int4, group, scales, mins,
+        status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, int4, group, scales, mins, fp16,
                             None if bias32 is None else bias32.data_ptr(), out.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError("cpu quantised GEMV could not allocate its scratch buffer")
@@ -106,6 +120,7 @@ class CpuQuantLinear:
         assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous(), (out.shape, out.dtype)
         int4 = weight.fmt.scheme is QuantScheme.INT4
         self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size, weight.scales.data_ptr(),
-                         weight.mins.data_ptr() if int4 else None, out.data_ptr(), int(dtype == torch.bfloat16),
+                         weight.mins.data_ptr() if int4 else None, scales_fp16(weight), out.data_ptr(),
+                         int(dtype == torch.bfloat16),
                          torch.get_num_threads())
         return out
