@@ -12,8 +12,8 @@ llama.cpp's binaries are found (--llama-cpp-bin, PATH) or built once into --cach
   by llama.cpp's convert_hf_to_gguf.py; pllm compiles the HF folder.
 Rows (pllm / llama.cpp, both with --threads threads):
 - decode: batch-1 decode tok/s; pllm in-process (decode-only engine steps at a 64-token context), llama.cpp's
-  llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 (groups of 32: 6 bits a weight) and int4g128 (groups of 128:
-  4.5 bits a weight, Q4_0's size) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
+  llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 (groups of 32: 5 bits a weight, Q4_1's size) and int4g128
+  (groups of 128: 4.25 bits a weight) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
   int8|int4 [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
 - prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,
   llama-bench pp512.
