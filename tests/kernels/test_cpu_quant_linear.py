@@ -24,6 +24,9 @@ integer rows of AVX512-VNNI and of AVX2, the AVX-512 float rows and the AVX2 bas
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,9 +63,14 @@ pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> CpuQuantLinear:
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plan = make_plan(tiny_spec(), "bfloat16", 16, quant=QuantFormat(QuantScheme.INT4, 32))
-    return CpuQuantLinear(compile_cpu_kernel(tmp_path_factory.mktemp("cpu_quant_linear"), plan, "cpu_quant_linear"))
+    return compile_cpu_kernel(tmp_path_factory.mktemp("cpu_quant_linear"), plan, "cpu_quant_linear")
+
+
+@pytest.fixture(scope="module")
+def compiled(library: Path) -> CpuQuantLinear:
+    return CpuQuantLinear(library)
 
 
 # every row code (CpuQuantLinear.limit_isa) this CPU runs; a level it does not have runs the next below it, tested
@@ -261,3 +269,18 @@ def test_fp16_scales_of_rows_past_the_widening_buffer_are_left_to_pytorch(compil
     narrower = QuantizedWeight(weight.codes[:, : k - 32].contiguous(), weight.scales[:, :-1].contiguous(), None,
                                weight.fmt)
     assert compiled.accepts(narrower)
+
+
+@pytest.mark.parametrize("portable", [True, False])
+def test_fp16_scales_widen_exactly_for_every_half(library, portable):
+    """The kernels' fp16 -> fp32 widening of scales and mins, portable and as this CPU does it (F16C), against
+    PyTorch's on all 65536 bit patterns: zeros, subnormals, infinities and NaNs included (NaNs stay NaNs of the same
+    sign and payload)."""
+    halves = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    got = torch.empty(1 << 16, dtype=torch.float32)
+    widen = ctypes.CDLL(str(library)).pllm_quant_widen_halves
+    widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    widen.restype = None
+    widen(halves.data_ptr(), got.data_ptr(), 1 << 16, int(portable))
+    want = halves.view(torch.float16).float()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
