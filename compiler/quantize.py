@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.compiler.manifest import QUANT_PARTS
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4, round_to_half
+from pllm.models.quant import FP16_NORMAL_MIN, QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4
 from pllm.models.spec import ModelKind, ModelSpec
 
 # The runtime tensors kept packed in the build's format: every decoder layer's four linear weights. The embedding
@@ -61,6 +61,20 @@ def int4_group_size(spec: ModelSpec, requested: int | None) -> int:
     return size
 
 
+def fp16_grid(values: torch.Tensor, down: bool = False) -> torch.Tensor | None:
+    """float32 values on float16's grid (still float32): the nearest float16, or with `down` the largest float16 at
+    most each value; None unless every one is a normal float16 or zero (a tiny or huge value would keep fewer than
+    11 bits: the caller then keeps float32, exact)."""
+    halves = values.half()
+    if down:
+        halves = torch.where(halves.float() > values, torch.nextafter(halves, torch.full_like(halves, -torch.inf)),
+                             halves)
+    grid = halves.float()
+    magnitude = grid.abs()
+    normal = torch.isfinite(grid) & ((magnitude == 0) | (magnitude >= FP16_NORMAL_MIN))
+    return grid if bool(normal.all()) else None
+
+
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
     """float [out, in] -> INT8 codes with one scale per group of `group_size` inputs (None: per output channel):
     scale = the group's max|w| / 127 (groups: rounded to float16 and kept so, as Q8_0 keeps its scales, where all
@@ -73,7 +87,10 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
     w = weight.float().view(out, in_features // group, group)
     scale = w.abs().amax(dim=-1) / INT8_MAX  # [out, groups]
     if group_size is not None:  # one scale per channel is a negligible share of the bytes: kept exact
-        scale = round_to_half(scale)
+        # the nearest fp16 is within 2^-11 of the scale, so a group's largest |w| is at most 127.06 steps: its code
+        # clamps to 127 within a tenth of a step
+        narrow = fp16_grid(scale)
+        scale = scale if narrow is None else narrow
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, scale 0
     codes = torch.round(w / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     scales, _ = half_if_exact(scale.contiguous())
@@ -82,14 +99,19 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     """float [out, in] -> INT4 with a scale and a min per group: min = the group's least value, scale = range / 15,
-    code = round((w - min) / scale), so each group's extremes are represented exactly up to rounding of scale. The
-    scale and min are rounded to float16 first (and kept so) where all are normal float16s."""
+    code = round((w - min) / scale), so every weight is within half a step of its value. Where they land on normal
+    float16s (all of a matrix's, else none), the min is rounded down to float16 (no weight falls below the grid),
+    the scale then taken from it and rounded to the nearest float16 (within 2^-11: the group's top stays within
+    15.01 steps of the min), and both kept so."""
     out, in_features = weight.shape
     fmt = QuantFormat(QuantScheme.INT4, group_size)
     w = weight.float().view(out, in_features // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
-    scale = round_to_half((high - low) / 15)
-    low = round_to_half(low)
+    scale = (high - low) / 15
+    low16 = fp16_grid(low, down=True)
+    scale16 = None if low16 is None else fp16_grid((high - low16) / 15)
+    if scale16 is not None:  # both on fp16's grid, or both exact in fp32
+        low, scale = low16, scale16
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0, w = min exactly
     codes = torch.round((w - low[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
     scales, mins = half_if_exact(scale.contiguous(), low.contiguous())

@@ -85,16 +85,6 @@ def half_if_exact(scales: torch.Tensor, mins: torch.Tensor | None = None) -> tup
     return halves[0], (halves[1] if mins is not None else None)
 
 
-def round_to_half(values: torch.Tensor) -> torch.Tensor:
-    """float32 values rounded to the nearest float16 (still float32), where every rounded value is a normal float16
-    or zero: a quantiser's scales and mins computed this way narrow losslessly (half_if_exact). Else unchanged (tiny
-    or huge values keep their float32 precision)."""
-    rounded = values.half().float()
-    magnitude = rounded.abs()
-    normal = torch.isfinite(rounded) & ((magnitude == 0) | (magnitude >= FP16_NORMAL_MIN))
-    return rounded if bool(normal.all()) else values
-
-
 def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in // 2] -> uint8 [out, in], each value 0..15."""
     return torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(codes.shape[0], -1)

@@ -44,14 +44,28 @@ def test_scales_below_fp16s_normal_range_stay_fp32():
     assert quantize_int8(w[4:], 32).scales.dtype == quantize_int4(w[4:], 32).scales.dtype == torch.float16
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0, 16.0, 300.0])  # groups far from zero: the min's rounding is large
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_is_within_half_a_step_of_each_group(group):
-    w = torch.randn(16, 256) + torch.randn(16, 1)
+def test_int4_is_within_half_a_step_of_each_group(group, offset):
+    w = torch.randn(16, 256) * 0.05 + torch.randn(16, 1) + offset
     q = quantize_int4(w, group)
     assert q.scales.shape == q.mins.shape == (16, 256 // group)
-    assert q.scales.dtype == q.mins.dtype == torch.float16  # rounded to fp16 first, the codes taken against them
+    assert q.scales.dtype == q.mins.dtype == torch.float16  # on fp16's grid, the codes taken against it
     step = q.scales.float().repeat_interleave(group, dim=1)
-    assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + 1e-6).all())
+    slack = 2**-22 * w.abs()  # the fp32 roundings of (w - min) / scale and code * scale + min
+    assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + slack).all())
+
+
+def test_int4_groups_that_stay_fp32_keep_exact_scales_and_mins():
+    """A matrix with one near-constant group (its scale under fp16's normal range) keeps fp32 for all its groups:
+    every min the group's exact least value and every weight within half a step, as before fp16 scales."""
+    w = torch.randn(8, 64) * 0.05
+    w[2, :32] = 0.3001 + 3e-4 * torch.rand(32)
+    q = quantize_int4(w, 32)
+    assert q.scales.dtype == q.mins.dtype == torch.float32
+    assert torch.equal(q.mins, w.view(8, 2, 32).amin(-1))
+    step = q.scales.repeat_interleave(32, dim=1)
+    assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + 1e-7).all())
 
 
 @pytest.mark.parametrize("quantization", [Quantization.INT8, Quantization.INT4])

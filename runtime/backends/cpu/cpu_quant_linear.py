@@ -106,8 +106,11 @@ class CpuQuantLinear:
         out = torch.empty((x.shape[0], n), dtype=x.dtype)
         status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, int4, group, scales, mins, fp16,
                             None if bias32 is None else bias32.data_ptr(), out.data_ptr(), torch.get_num_threads())
-        if status != 0:
+        if status == 1:
             raise MemoryError("cpu quantised GEMV could not allocate its scratch buffer")
+        if status != 0:  # 2: fp16 scales in rows longer than the kernel widens (runs() refuses those first)
+            raise ValueError(f"cpu quantised GEMV refused {weight.fmt} {tuple(weight.shape)} with "
+                             f"{weight.scales.dtype} scales (status {status})")
         return out
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,8 +122,11 @@ class CpuQuantLinear:
             out = torch.empty((n, k), dtype=dtype)
         assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous(), (out.shape, out.dtype)
         int4 = weight.fmt.scheme is QuantScheme.INT4
-        self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size, weight.scales.data_ptr(),
-                         weight.mins.data_ptr() if int4 else None, scales_fp16(weight), out.data_ptr(),
-                         int(dtype == torch.bfloat16),
-                         torch.get_num_threads())
+        status = self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size,
+                                  weight.scales.data_ptr(), weight.mins.data_ptr() if int4 else None,
+                                  scales_fp16(weight), out.data_ptr(), int(dtype == torch.bfloat16),
+                                  torch.get_num_threads())
+        if status != 0:  # 2, as gemv's: accepts() refuses those first
+            raise ValueError(f"cpu dequantiser refused {weight.fmt} {tuple(weight.shape)} with "
+                             f"{weight.scales.dtype} scales (status {status})")
         return out
