@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.compiler.manifest import QUANT_PARTS
-from pllm.models.quant import FP16_NORMAL_MIN, QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4
 from pllm.models.spec import ModelKind, ModelSpec
 
 # The runtime tensors kept packed in the build's format: every decoder layer's four linear weights. The embedding
@@ -23,6 +23,7 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # perplexity 1.64x over bf16, group 32 not at all (its weights are Q4_1 at group 32, which int4/32 reproduces exactly).
 INT4_DEFAULT_GROUP = 32
 INT8_MAX = 127  # symmetric codes -127..127: -128 is never used, so negation stays in range
+FP16_NORMAL_MIN = 2.0**-14  # the least normal float16: a scale or min rounded below it keeps fewer than 11 bits
 
 
 class Quantization(enum.Enum):

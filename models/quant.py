@@ -37,7 +37,6 @@ class QuantFormat:
 # The dtypes a packed weight's scales (and mins) come in: float32, or float16 where every value is one (half the
 # bytes: a group of 32 INT4 codes with its scale and min reads 20 bytes, not 24)
 SCALE_DTYPES = (torch.float32, torch.float16)
-FP16_NORMAL_MIN = 2.0**-14  # the least normal float16: a rounded scale below it keeps fewer than 11 bits
 
 
 @dataclass(frozen=True)
