@@ -12,8 +12,8 @@ from pathlib import Path
 import llamacpp
 from random_llama import LLAMA_1B, make_random_llama, num_parameters
 
-# pllm precision -> pllm-compile's quantisation flags. int4 is the default group of 32 (6 bits a weight with its fp32
-# scale and min); int4g128 groups of 128, 4.5 bits a weight: Q4_0's size (4-bit codes and an fp16 scale per 32)
+# pllm precision -> pllm-compile's quantisation flags. int4 is the default group of 32 (5 bits a weight with its fp16
+# scale and min); int4g128 groups of 128, 4.25 bits a weight: under Q4_0's 4.5 (4-bit codes and an fp16 scale per 32)
 PLLM_QUANTIZATION = {"int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"],
                      "int4g128": ["--quantization", "int4", "--quant-group-size", "128"]}
 # pllm precision -> the llama.cpp types it is compared with
@@ -31,10 +31,21 @@ class QuantizationRefused(RuntimeError):
     do not divide): the rows say "not available" and why, never a figure."""
 
 
+def current_build(out: Path) -> bool:
+    """Whether `out` holds a build this pllm loads: one left by an older format is compiled again, not reused."""
+    from pllm.compiler.manifest import BuildDirError, open_build
+
+    try:
+        open_build(out, verify=False)
+    except BuildDirError:
+        return False
+    return True
+
+
 def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
     """pllm-compile SOURCE at bf16, quantised to int8/int4 when asked; raises QuantizationRefused when this pllm's
     compiler refuses --quantization."""
-    if reuse and (out / "manifest.json").is_file():
+    if reuse and current_build(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]

@@ -4,9 +4,10 @@
     python tools/bench_throughput.py build-tp2/ --tensor-parallel-size 2 --single-rank-build build/ [--rounds 2]
 
 Prints output tokens/s for both, their ratio, peak memory, and pllm's decode step at batch 64 (and at batch 1) as a
-fraction of the CPU's matmul roofline (in the build's dtype) measured in the same run; where the build has compiled
-cpu kernels, the same steps run beside them with the PyTorch attention, and with PyTorch ops only, as baselines. A
-benchmark, not a test: numbers depend on the machine.
+fraction of the CPU's matmul roofline (in the dtype the engine's float GEMMs multiply in: fp32 for bf16 where oneDNN
+has no bf16 GEMM) measured in the same run; where the build has compiled cpu kernels, the same steps run beside them
+with the PyTorch attention, and with PyTorch ops only, as baselines. A benchmark, not a test: numbers depend on the
+machine.
 
 With --tensor-parallel-size N: the same requests through LLM(tensor_parallel_size=N) on the split build and through
 one process on --single-rank-build (the same model compiled for one rank), taking turns for --rounds rounds, and
@@ -193,8 +194,13 @@ def main() -> None:
     print(f"{args.num_requests} requests, prompts {sum(len(p) for p, _ in reqs)} tokens, "
           f"outputs {sum(m for _, m in reqs)} tokens, dtype {manifest['dtype']}, {torch.get_num_threads()} threads")
 
-    peak = matmul_roofline(dtype)
-    print(f"matmul roofline ({manifest['dtype']}, 2048^3): {peak / 1e9:.0f} GFLOP/s")
+    # in the dtype the engine's float GEMMs multiply in: fp32 for bf16 on a CPU where oneDNN has no bf16 GEMM (torch's
+    # own bf16 matmul there is two orders of magnitude slower, no ceiling for anything the engine runs)
+    from pllm.runtime.backends.cpu.cpu_linear import CpuLinear
+
+    gemm = CpuLinear().gemm_dtype(dtype)
+    peak = matmul_roofline(gemm)
+    print(f"matmul roofline ({str(gemm).removeprefix('torch.')}, 2048^3): {peak / 1e9:.0f} GFLOP/s")
     results = []
     pllm_res = bench_pllm(args.build_dir, reqs, manifest["dtype"])
     llm = pllm_res.pop("llm")
