@@ -23,11 +23,13 @@ from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
 # tensor-parallel layout (key 'tensor_parallel_size'; 'weights' lists one weights file per rank). Since added,
 # without a new format (older builds load as they are): 'quantization.lm_head', whether the LM head is packed;
 # 7: packed weights' scales and mins may be fp16 (models/quant.py), and the cpu kernels' packed-linear interface
-# carries their dtype, so a format-6 build's compiled kernels would misread what this runtime passes them
-FORMAT_VERSION = 7
+# carries their dtype, so a format-6 build's compiled kernels would misread what this runtime passes them;
+# 8: the cpu decode step takes up to 64 sequences and says how many (pllm_decode_step_max_batch), which this runtime
+# asks a build's step library (a format-7 library lacks the question)
+FORMAT_VERSION = 8
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
-REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7)
+REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7, 8)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights

@@ -17,7 +17,7 @@ by every copy in turn, as a decode step streams its layers' weights. Timed are:
     (both dtypes), the generic vector code);
   - the per-op path (TorchOps.linear: oneDNN on weights packed once for bf16, F.linear for fp32), one call each.
 
-The engine runs the first up to MAX_COMPILED_BATCH (runtime/backends/cpu/cpu_decode_step.py) and the second past
+The engine runs the first up to compiled_batch_limit (runtime/backends/cpu/cpu_decode_step.py) and the second past
 it; that column is starred. The variants take turns within each of --rounds rounds (best of rounds reported), so
 drift on a shared machine hits them alike. Measured in the same run: the read bandwidth, the best of torch's sum over
 a 1 GiB buffer and tools/stream_read.cpp's streaming read of it (1, 4 or 8 streams per thread, with and without
@@ -51,7 +51,7 @@ from pllm.compiler.kernels import cpu_decode_step as step_kernel
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
-from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH, CpuDecodeStep, GemvIsa
+from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, GemvIsa, compiled_batch_limit
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 MODELS = {  # hidden, intermediate, heads, kv heads, head_dim
@@ -281,7 +281,7 @@ def main() -> None:
             peak = max(matmul_roofline(dtype) for _ in range(3))  # best of 3 x 5: the busy VM lowers single runs
             per_dtype = results["dtypes"][dtype_name] = {
                 "matmul_GFLOPs": peak / 1e9, "isa": ", ".join(step.isa for step, _ in steps.values()),
-                "engine_limit": MAX_COMPILED_BATCH[dtype], "rows": []}
+                "engine_limit": compiled_batch_limit(dtype, False), "rows": []}
             for model in args.models.split(","):
                 for linear in args.linears.split(","):
                     print(f"{dtype_name} {model} {linear}: read {read.measure() / 1e9:.1f} GB/s so far", flush=True)

@@ -15,9 +15,12 @@ from pllm.models.spec import ModelSpec
 # transformers through this kernel (qwen3: with its q/k norm); phi3 shares the class but its partial rotary and
 # longrope stay per-op.
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# The most sequences one call takes: each GEMV tile keeps MAX_BATCH x ROW_TILE fp32 sums on the stack, and past
-# this batch oneDNN's blocked GEMM reads the weights as few times and computes faster (tools/bench_decode_step.py)
-MAX_BATCH = 16
+# The most sequences one call takes (the library says so: pllm_decode_step_max_batch); each GEMV tile keeps
+# MAX_BATCH x ROW_TILE fp32 sums on the stack. How far the engine uses it is the runtime's choice, by what the per-op
+# path would run instead (runtime/backends/cpu/cpu_decode_step.py's compiled_batch_limit): past 16 sequences
+# oneDNN's packed bf16 GEMM wins where the CPU has one, while F.linear (fp32; bf16 widened where oneDNN has no bf16
+# GEMM) lost to the step's tiles at 32 and 64 sequences on the AVX2-only EPYC
+MAX_BATCH = 64
 ROW_TILE = 4  # weight rows per GEMV tile: 4 independent sums per activation row hide the FMA/dot latency
 BATCH_TILE = 4  # activation rows per pass over a tile: 4 x 4 accumulators fit the 32 AVX-512 registers
 # The GEMV requests the weight rows this many tiles ahead into L1 (prefetch instructions never fault past the end):

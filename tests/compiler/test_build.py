@@ -22,7 +22,7 @@ OPTS = BuildOptions(progress=False)
 def test_manifest_lists_every_file_with_sha256(tiny_build):
     out = tiny_build("llama")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 7
+    assert manifest["format_version"] == FORMAT_VERSION == 8
     assert manifest["tensor_parallel_size"] == 1 and manifest["weights"] == ["model.safetensors"]
     assert manifest["dtype"] == "float32" and manifest["block_size"] == 16
     assert set(manifest["versions"]) == {"pllm", "torch", "triton"}

@@ -15,12 +15,14 @@ from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu import cpu_linear
+from pllm.runtime.backends.cpu import cpu_decode_step, cpu_linear
 from pllm.runtime.backends.cpu.cpu_decode_step import (
+    COMPILED_BATCH_BEFORE_ONEDNN,
     GEMV_BEFORE_ONEDNN_MAX_ROWS,
     GEMV_LINEAR_MAX_ROWS,
     MAX_COMPILED_BATCH,
     GemvIsa,
+    compiled_batch_limit,
     why_no_decode_step,
 )
 
@@ -54,6 +56,7 @@ def build_ops(tmp_path_factory: pytest.TempPathFactory):
 @example(shape="smollm2-like-1", dtype="bfloat16", context_lens=[15], seed=0)  # one layer, batch 1
 @example(shape="smollm2-like-1", dtype="float32", context_lens=[0, 16, 31, 47], seed=1)  # batch 4
 @example(shape="qwen2-bias-3", dtype="bfloat16", context_lens=list(range(0, 80, 5)), seed=2)  # a stack, batch 16
+@example(shape="qwen2-bias-3", dtype="float32", context_lens=[i % 71 for i in range(0, 7 * MAX_BATCH, 7)], seed=6)
 @example(shape="mha-odd-rows-3", dtype="float32", context_lens=[70, 1, 9], seed=3)
 @example(shape="qwen3-qk-norm-2", dtype="bfloat16", context_lens=[0, 33], seed=4)
 @example(shape="qwen3-qk-norm-2", dtype="float32", context_lens=[12], seed=5)
@@ -182,7 +185,7 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
         x = torch.randn((1, rows, 584), generator=gen).to(tdtype)
         assert torch.equal(ops.linear(x, w), ops.decode_step.gemv(w, x[0]).to(tdtype)[None]), rows
         assert torch.equal(ops.linear(x, w, b), gemm(x, b))
-    for rows in (0, most + 1, 64):  # no rows (a step that samples none), or past the GEMV's
+    for rows in (0, most + 1, 2 * most + 3):  # no rows (a step that samples none), or past the GEMV's
         x = torch.randn((rows, 584), generator=gen).to(tdtype)
         assert torch.equal(ops.linear(x, w), gemm(x)), rows
     seen = []  # the dtype of the GEMM the last rows ran (the two routes may agree bit for bit on these values)
@@ -199,15 +202,23 @@ def test_gemv_refuses_a_batch_past_its_tiles(build_ops):
         step.gemv(torch.zeros((4, 8)), torch.zeros((MAX_BATCH + 1, 8)))
 
 
-def test_large_batches_and_prompts_run_per_op(build_ops):
-    spec = spec_of("mha-odd-rows-3")
-    compiled = build_ops(spec, "float32")[1]
-    model = LlamaModel(spec, random_weights(spec, torch.float32, torch.Generator().manual_seed(0)), compiled,
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_batches_and_prompts_run_per_op(build_ops, monkeypatch, dtype, onednn_bf16):
+    """Steps of up to compiled_batch_limit sequences run compiled, more per-op: the kernel's whole range where the
+    per-op GEMM is F.linear, 16 where it is oneDNN's packed bf16 GEMM (either CPU, by the probe); the library says
+    the limit it was rendered with."""
+    monkeypatch.setattr(cpu_decode_step, "onednn_packs_bf16", lambda: onednn_bf16)
+    spec, tdtype = spec_of("mha-odd-rows-3"), getattr(torch, dtype)
+    compiled = build_ops(spec, dtype)[1]
+    assert compiled.decode_step.kernel_max_batch == MAX_BATCH == MAX_COMPILED_BATCH
+    model = LlamaModel(spec, random_weights(spec, tdtype, torch.Generator().manual_seed(0)), compiled,
                        MAX_POSITIONS)
-    limit = MAX_COMPILED_BATCH[torch.float32]
-    meta, _ = decode_step(spec, torch.float32, [3] * (limit + 1), torch.Generator().manual_seed(1))
+    limit = COMPILED_BATCH_BEFORE_ONEDNN if dtype == "bfloat16" and onednn_bf16 else MAX_BATCH
+    assert model.decode_stack.max_batch == compiled_batch_limit(tdtype, False) == limit
+    meta, _ = decode_step(spec, tdtype, [3] * (limit + 1), torch.Generator().manual_seed(1))
     assert not model.decode_stack.accepts([meta])
-    meta, _ = decode_step(spec, torch.float32, [3] * limit, torch.Generator().manual_seed(1))
+    meta, _ = decode_step(spec, tdtype, [3] * limit, torch.Generator().manual_seed(1))
     assert model.decode_stack.accepts([meta])
 
 

@@ -16,6 +16,7 @@ from pllm.models.ops import AttentionMetadata
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.cpu.cpu_quant_linear import WIDE_FLOATS, scales_fit, scales_fp16
+from pllm.runtime.backends.cpu.onednn import onednn_packs_bf16
 
 logger = logging.getLogger("pllm")
 
@@ -49,14 +50,17 @@ class GemvIsa(enum.IntEnum):
     BEST = 2
     BASELINE = 1
     GENERIC = 0
-# The most sequences a step runs compiled, by dtype: past this the per-op path (oneDNN's GEMM for bf16, F.linear for
-# fp32) would be as fast or faster. SmolLM2 bf16 on the shared 2-core AVX-512 BF16 VM (tools/bench_decode_step.py;
-# README): 1.18x faster compiled at 16 sequences once the GEMV tiles kept their sums in registers (0.71x before);
-# fp32 1.67x at 16. Both run up to the kernel's limit (the plan's MAX_BATCH).
-MAX_COMPILED_BATCH = {torch.float32: 16, torch.bfloat16: 16}
+# The most sequences a step runs compiled where the per-op path's GEMM is F.linear (fp32; bf16 on a CPU where
+# oneDNN has no bf16 GEMM, widened to fp32): the kernel's own limit. SmolLM2 on the AVX2-only EPYC
+# (tools/bench_decode_step.py, README): fp32 1.39x faster compiled at 32 sequences, 1.07x at 64; bf16 1.32x and
+# 1.11x (medians 1.53x, 1.36x); on the AVX-512 BF16 VM fp32 1.67x at 16, the most measured there.
+MAX_COMPILED_BATCH = 64
+# ... and where oneDNN's packed bf16 GEMM is the per-op path's: 1.18x faster compiled at 16 sequences on the AVX-512
+# BF16 VM once the GEMV tiles kept their sums in registers (0.71x before), not measured past 16
+COMPILED_BATCH_BEFORE_ONEDNN = 16
 # With packed weights (any linear of the model): the step runs the per-op path's packed GEMV, which reads the codes
-# once per step whatever the batch; compiled it only saves the crossings, so up to the kernel's limit (measured:
-# README, tools/bench_decode_step.py --quantization)
+# once per step whatever the batch; compiled it only saves the crossings: up to 16, the kernel's limit when it was
+# measured (README, tools/bench_decode_step.py --quantization); not measured past it
 MAX_COMPILED_BATCH_PACKED = 16
 
 # The step's GEMV reads rows of whole vectors of this many elements (the plan's LANES)
@@ -65,8 +69,10 @@ GEMV_LANES = 8
 # CPU where oneDNN cannot pack bf16): on the AVX2-only EPYC the LM head of SmolLM2 (49152 x 576) in fp32 streamed
 # at 24.3 against F.linear's 10.1 GB/s at batch 1, 19.6 against 4.5 at 4, 13.5 against 4.5 at 8, and SmolLM2's
 # layer shapes 7-10 against 6 GB/s at 16 (tools/bench_gemv_bandwidth.py); torch's bf16 GEMM there is slower still.
-# So up to the kernel's limit.
-GEMV_LINEAR_MAX_ROWS = 16
+# Past 16 rows, the same VM, weights streamed: the LM head 3.1x faster than F.linear at 16 rows, 2.3x at 32, 1.8x at
+# 64 (fp32), 8.4x to 2.9x than the widened bf16 GEMM; a 3072 x 576 layer 1.9x to 1.2x (fp32), 1.8x to level (bf16).
+# So up to the kernel's limit (MAX_COMPILED_BATCH, which the library confirms).
+GEMV_LINEAR_MAX_ROWS = 64
 # ... and up to this many where oneDNN's packed bf16 GEMM is the alternative: the same LM head streamed at 49
 # against 40 GB/s at batch 1, 40 against 30 at batch 4 on the AVX-512 BF16 VM
 GEMV_BEFORE_ONEDNN_MAX_ROWS = 4
@@ -80,6 +86,17 @@ NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
     ("attention soft-cap", lambda spec: spec.attn_logit_softcapping is not None),
     ("partial rotary", lambda spec: spec.rotary_dim != spec.head_dim),
 )
+
+
+def compiled_batch_limit(dtype: torch.dtype, packed: bool) -> int:
+    """The most sequences a step runs compiled (before the kernel's own limit): past it the per-op path is as fast
+    or faster. By what that path runs: a build with packed weights their GEMV (MAX_COMPILED_BATCH_PACKED), bf16
+    oneDNN's packed GEMM where the CPU has it (COMPILED_BATCH_BEFORE_ONEDNN), else F.linear (MAX_COMPILED_BATCH)."""
+    if packed:
+        return MAX_COMPILED_BATCH_PACKED
+    if dtype == torch.bfloat16 and onednn_packs_bf16():
+        return COMPILED_BATCH_BEFORE_ONEDNN
+    return MAX_COMPILED_BATCH
 
 
 def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
@@ -112,6 +129,7 @@ class CpuDecodeStep:
         self._limit_isa = lib.pllm_decode_step_limit_isa
         self._limit_isa.argtypes = [ctypes.c_int]
         self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
+        self.kernel_max_batch = int(lib.pllm_decode_step_max_batch())  # the most rows of x one call takes
 
     @property
     def isa(self) -> str:
@@ -126,15 +144,16 @@ class CpuDecodeStep:
 
     @property
     def max_batch(self) -> int:
-        """The most sequences a step of this build runs compiled (a build with packed weights: their limit)."""
-        return MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[self.dtype]
+        """The most sequences a step of this build runs compiled: compiled_batch_limit, within the kernel's."""
+        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, self.packed))
 
     def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor, max_rows: int) -> bool:
         """Whether Ops.linear should hand x @ weight.T to gemv: the build's dtype, 1 to max_rows rows of x (at most
-        the kernel's MAX_BATCH), rows of whole vectors."""
+        the kernel's limit), rows of whole vectors."""
+        rows = min(max_rows, self.kernel_max_batch)
         return (weight.dtype == x.dtype == self.dtype and weight.dim() == 2 and weight.is_contiguous()
                 and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1] and weight.shape[1] % GEMV_LANES == 0
-                and 0 < x.numel() <= max_rows * weight.shape[1])
+                and 0 < x.numel() <= rows * weight.shape[1])
 
     def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""
@@ -264,7 +283,7 @@ class CompiledDecodeStack:
         self.kernel, self.weights, self._keep, self.final_norm = kernel, weights, keep, final_norm
         self.kinds = kinds  # "int8 group 32", "bfloat16", ... -> how many linears are kept so (the start-up log)
         self.packed = packed  # some linear is packed
-        self.max_batch = MAX_COMPILED_BATCH_PACKED if self.packed else MAX_COMPILED_BATCH[kernel.dtype]
+        self.max_batch = min(kernel.kernel_max_batch, compiled_batch_limit(kernel.dtype, packed))
         self.scale = scale
         self._rope_tables = rope_tables  # (positions, cos_sin_cache, dtype) -> cos, signed_sin [T, 1, D]
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the KV caches the pointers are of

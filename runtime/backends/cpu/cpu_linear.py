@@ -9,7 +9,6 @@ for the float GEMM. TorchOps (cpu_ops.py) runs every linear of the Ops contract 
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -18,30 +17,9 @@ import torch.nn.functional as F
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
 from pllm.runtime.backends.cpu.cpu_decode_step import GEMV_BEFORE_ONEDNN_MAX_ROWS, GEMV_LINEAR_MAX_ROWS, CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
+from pllm.runtime.backends.cpu.onednn import onednn_packs_bf16
 
 logger = logging.getLogger("pllm")
-
-_HAS_ONEDNN_LINEAR = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-@functools.cache
-def onednn_packs_bf16() -> bool:
-    """Whether oneDNN packs bf16 linear weights on this CPU: its bf16 path needs AVX512 (BW, VL, DQ) or
-    AVX-NE-CONVERT, and says so only by raising (an AVX2-only CPU, e.g. AMD Zen 3, has neither). Asked once, on a
-    small weight; without it bf16 float GEMMs of WIDEN_MIN_ROWS rows or more run F.linear widened to fp32
-    (gemm_dtype), rounded once to bf16."""
-    if not _HAS_ONEDNN_LINEAR:
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 64, dtype=torch.bfloat16), 64)
-    except RuntimeError as e:
-        logger.info("cpu backend: bf16 linears use F.linear, not oneDNN's packed weights (%s)", e)
-        return False
-    return True
 
 
 # A widened GEMM (TorchOps.gemm_dtype) widens at most this many weight elements at a time: a big LM head (Llama 3's
