@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=("auto", *DTYPES),
         help="weight dtype (auto: for the CPU, bfloat16 where it has native bf16 arithmetic, else float32; for a "
-        "GPU, the checkpoint's). float32 matches transformers bit for bit",
+        "GPU, the checkpoint's). float32 for comparison with transformers: its greedy tokens equal transformers'",
     )
     p.add_argument("--block-size", type=int, default=16, choices=BLOCK_SIZES, help="KV-cache block size in tokens")
     p.add_argument(

@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--compiled-up-to", type=int,
                     help="run the compiled step up to this batch (default: the runtime's routing limit for the "
-                         "build; the kernel takes up to 16), to see where the per-op path wins")
+                         "build; at most the kernel's own limit, 64), to see where the per-op path wins")
     args = ap.parse_args()
 
     llm = LLM(args.build_dir, backend="cpu", max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")))
@@ -78,6 +78,9 @@ def main() -> None:
     if stack is None:
         raise SystemExit(f"{args.build_dir}: no compiled decode step for this build (see the start-up log)")
     if args.compiled_up_to is not None:  # what CompiledDecodeStack.accepts reads
+        if not 1 <= args.compiled_up_to <= stack.kernel.kernel_max_batch:
+            raise SystemExit(f"--compiled-up-to {args.compiled_up_to}: this build's step takes 1 to "
+                             f"{stack.kernel.kernel_max_batch} sequences")
         stack.max_batch = args.compiled_up_to
     variants = {"compiled": lambda: setattr(model, "decode_stack", stack),
                 "per-op": lambda: setattr(model, "decode_stack", None)}

@@ -249,7 +249,8 @@ def main() -> None:
                 print(f"  {what}: the step is {base['step_ms'] / full['step_ms']:.2f}x faster "
                       f"(median {base['median_step_ms'] / full['median_step_ms']:.2f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "decode": decodes, "roofline": peak}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": results, "decode": decodes, "roofline": peak,
+                                                "roofline_dtype": str(gemm).removeprefix("torch.")}, indent=2))
 
 
 def bench_tensor_parallel(args: argparse.Namespace) -> None:

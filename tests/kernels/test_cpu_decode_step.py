@@ -15,7 +15,7 @@ from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu import cpu_decode_step, cpu_linear
+from pllm.runtime.backends.cpu import cpu_linear, onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import (
     COMPILED_BATCH_BEFORE_ONEDNN,
     GEMV_BEFORE_ONEDNN_MAX_ROWS,
@@ -165,7 +165,7 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias take the float GEMM, bit for
     bit: F.linear in the dtype, or for bf16 without oneDNN's bf16 GEMM from WIDEN_MIN_ROWS rows in fp32, rounded
     once to bf16."""
-    monkeypatch.setattr(cpu_linear, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
     monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
     spec = spec_of("mha-odd-rows-3")
     tdtype = getattr(torch, dtype)
@@ -208,14 +208,14 @@ def test_large_batches_and_prompts_run_per_op(build_ops, monkeypatch, dtype, one
     """Steps of up to compiled_batch_limit sequences run compiled, more per-op: the kernel's whole range where the
     per-op GEMM is F.linear, 16 where it is oneDNN's packed bf16 GEMM (either CPU, by the probe); the library says
     the limit it was rendered with."""
-    monkeypatch.setattr(cpu_decode_step, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
     spec, tdtype = spec_of("mha-odd-rows-3"), getattr(torch, dtype)
     compiled = build_ops(spec, dtype)[1]
     assert compiled.decode_step.kernel_max_batch == MAX_BATCH == MAX_COMPILED_BATCH
     model = LlamaModel(spec, random_weights(spec, tdtype, torch.Generator().manual_seed(0)), compiled,
                        MAX_POSITIONS)
     limit = COMPILED_BATCH_BEFORE_ONEDNN if dtype == "bfloat16" and onednn_bf16 else MAX_BATCH
-    assert model.decode_stack.max_batch == compiled_batch_limit(tdtype, False) == limit
+    assert model.decode_stack.max_batch == compiled_batch_limit(tdtype, False, True) == limit
     meta, _ = decode_step(spec, tdtype, [3] * (limit + 1), torch.Generator().manual_seed(1))
     assert not model.decode_stack.accepts([meta])
     meta, _ = decode_step(spec, tdtype, [3] * limit, torch.Generator().manual_seed(1))

@@ -15,7 +15,8 @@ from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.quantize import quantize_int4, quantize_int8
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu.cpu_decode_step import MAX_COMPILED_BATCH_PACKED
+from pllm.runtime.backends.cpu import onednn
+from pllm.runtime.backends.cpu.cpu_decode_step import COMPILED_BATCH_BEFORE_ONEDNN, MAX_COMPILED_BATCH_PACKED
 
 from .cpu_step_harness import (
     MAX_POSITIONS,
@@ -145,18 +146,29 @@ def test_step_with_packed_weights_equals_the_per_op_packed_path(build_ops, shape
     assert err.max() <= packed_bound(spec, dtype), (err.max().item(), packed_bound(spec, dtype))
 
 
-def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog):
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
+@pytest.mark.parametrize("one_float", [False, True], ids=["all-packed", "one-float"])
+def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog, monkeypatch, one_float, onednn_bf16):
+    """A stack of packed linears runs compiled up to MAX_COMPILED_BATCH_PACKED sequences on either CPU (by the
+    probe); with a float linear among them (a GGUF build's mix), up to 16 where oneDNN's bf16 GEMM would take that one
+    per-op."""
+    monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
     spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
     compiled = build_ops(spec, "bfloat16", packed=True)[1]
-    weights = packer("int4-32")(random_weights(spec, torch.bfloat16, torch.Generator().manual_seed(0)), None)
+    floats = random_weights(spec, torch.bfloat16, torch.Generator().manual_seed(0))
+    weights = packer("int4-32")(dict(floats), None)
+    if one_float:
+        weights["layers.1.o_proj"] = floats["layers.1.o_proj"]
     with caplog.at_level("INFO", logger="pllm"):
         model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
-    assert model.decode_stack.max_batch == MAX_COMPILED_BATCH_PACKED
-    assert "reading packed weights (linears: 12 int4 group 32)" in caplog.text
+    limit = COMPILED_BATCH_BEFORE_ONEDNN if one_float and onednn_bf16 else MAX_COMPILED_BATCH_PACKED
+    assert model.decode_stack.max_batch == limit
+    kept = "1 bfloat16, 11 int4 group 32" if one_float else "12 int4 group 32"
+    assert f"reading packed weights (linears: {kept})" in caplog.text
     metas = {n: decode_step(spec, torch.bfloat16, [3] * n, torch.Generator().manual_seed(1))[0]
-             for n in (MAX_COMPILED_BATCH_PACKED, MAX_COMPILED_BATCH_PACKED + 1)}
-    assert model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED]])
-    assert not model.decode_stack.accepts([metas[MAX_COMPILED_BATCH_PACKED + 1]])
+             for n in (limit, limit + 1)}
+    assert model.decode_stack.accepts([metas[limit]])
+    assert not model.decode_stack.accepts([metas[limit + 1]])
 
 
 @pytest.mark.parametrize("group, why", [

@@ -47,7 +47,7 @@ from pllm.models.quant import (
     pack_int4,
     quantize_activation,
 )
-from pllm.runtime.backends.cpu import cpu_linear
+from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, WIDE_FLOATS, CpuQuantLinear, QuantRows
 
@@ -237,7 +237,7 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     """TorchOps.linear: up to QUANT_GEMV_MAX_TOKENS rows the packed rows' meaning (the compiled rows within the
     bound above; with no compiled kernel, the reference itself in PyTorch ops), beyond it exactly the float GEMM of
     dequantize(W) in x's dtype, or in fp32 rounded to bf16 where oneDNN has no bf16 GEMM; mlp goes through linear."""
-    monkeypatch.setattr(cpu_linear, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
+    monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
     gen = torch.Generator().manual_seed(num_tokens)
     ops = TorchOps(quant_kernel=compiled if with_kernel else None)
     weight = random_weight(True, 96, 128, 32, gen)

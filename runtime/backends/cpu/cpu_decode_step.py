@@ -15,8 +15,8 @@ import torch
 from pllm.models.ops import AttentionMetadata
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
 from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_quant_linear import WIDE_FLOATS, scales_fit, scales_fp16
-from pllm.runtime.backends.cpu.onednn import onednn_packs_bf16
 
 logger = logging.getLogger("pllm")
 
@@ -89,15 +89,17 @@ NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
 )
 
 
-def compiled_batch_limit(dtype: torch.dtype, packed: bool) -> int:
+def compiled_batch_limit(dtype: torch.dtype, packed: bool, floats: bool) -> int:
     """The most sequences a step runs compiled (before the kernel's own limit): past it the per-op path is as fast
-    or faster. By what that path runs: a build with packed weights their GEMV (MAX_COMPILED_BATCH_PACKED), bf16
-    oneDNN's packed GEMM where the CPU has it (COMPILED_BATCH_BEFORE_ONEDNN), else F.linear (MAX_COMPILED_BATCH)."""
+    or faster. By what that path runs for the step's linears, packed (some are) and float (some are; a GGUF build
+    mixes them): packed ones their GEMV (MAX_COMPILED_BATCH_PACKED), float ones F.linear (MAX_COMPILED_BATCH) or for
+    bf16 oneDNN's packed GEMM where the CPU has it (COMPILED_BATCH_BEFORE_ONEDNN); the least of those that apply."""
+    limits = [MAX_COMPILED_BATCH]
     if packed:
-        return MAX_COMPILED_BATCH_PACKED
-    if dtype == torch.bfloat16 and onednn_packs_bf16():
-        return COMPILED_BATCH_BEFORE_ONEDNN
-    return MAX_COMPILED_BATCH
+        limits.append(MAX_COMPILED_BATCH_PACKED)
+    if floats and dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
+        limits.append(COMPILED_BATCH_BEFORE_ONEDNN)
+    return min(limits)
 
 
 def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
@@ -145,8 +147,10 @@ class CpuDecodeStep:
 
     @property
     def max_batch(self) -> int:
-        """The most sequences a step of this build runs compiled: compiled_batch_limit, within the kernel's."""
-        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, self.packed))
+        """The most sequences a step of this build runs compiled: compiled_batch_limit, within the kernel's, for
+        linears of every kind the build may hold (bound to its weights, a stack of packed linears only may take
+        more: CompiledDecodeStack.max_batch)."""
+        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, self.packed, floats=True))
 
     def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor, max_rows: int) -> bool:
         """Whether Ops.linear should hand x @ weight.T to gemv: the build's dtype, 1 to max_rows rows of x (at most
@@ -231,8 +235,9 @@ class CpuDecodeStep:
             return f"final norm: {why}"
         weights = torch.tensor(table, dtype=torch.int64)  # [layers * WEIGHT_WORDS_PER_LAYER]: the LayerWeights
         assert weights.numel() == len(layers) * WEIGHT_WORDS_PER_LAYER
-        packed = any(isinstance(getattr(layer, name), QuantizedWeight) for layer in layers for name in linears)
-        return CompiledDecodeStack(self, weights, [*keep, final_norm], final_norm, scale, rope_tables, kinds, packed)
+        packed = [isinstance(getattr(layer, name), QuantizedWeight) for layer in layers for name in linears]
+        return CompiledDecodeStack(self, weights, [*keep, final_norm], final_norm, scale, rope_tables, kinds,
+                                   any(packed), not all(packed))
 
     def _why_not_float(self, w: object, shape: tuple[int, ...]) -> str | None:
         if not isinstance(w, torch.Tensor):
@@ -280,11 +285,12 @@ class CompiledDecodeStack:
     """models.ops.DecodeStack over the compiled step: decode-only steps of up to max_batch sequences."""
 
     def __init__(self, kernel: CpuDecodeStep, weights: torch.Tensor, keep: list[torch.Tensor],
-                 final_norm: torch.Tensor, scale: float, rope_tables: Callable, kinds: Counter[str], packed: bool):
+                 final_norm: torch.Tensor, scale: float, rope_tables: Callable, kinds: Counter[str], packed: bool,
+                 floats: bool):
         self.kernel, self.weights, self._keep, self.final_norm = kernel, weights, keep, final_norm
         self.kinds = kinds  # "int8 group 32", "bfloat16", ... -> how many linears are kept so (the start-up log)
-        self.packed = packed  # some linear is packed
-        self.max_batch = min(kernel.kernel_max_batch, compiled_batch_limit(kernel.dtype, packed))
+        self.packed = packed  # some linear is packed (and some float, where `floats`)
+        self.max_batch = min(kernel.kernel_max_batch, compiled_batch_limit(kernel.dtype, packed, floats))
         self.scale = scale
         self._rope_tables = rope_tables  # (positions, cos_sin_cache, dtype) -> cos, signed_sin [T, 1, D]
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the KV caches the pointers are of

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
+from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import GEMV_BEFORE_ONEDNN_MAX_ROWS, GEMV_LINEAR_MAX_ROWS, CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
-from pllm.runtime.backends.cpu.onednn import onednn_packs_bf16
 
 logger = logging.getLogger("pllm")
 
@@ -88,7 +88,7 @@ class CpuLinear:
         fp32 for bf16 where oneDNN has no bf16 GEMM
         (AVX2-only CPUs: torch's bf16 GEMM there ran 4.7-7x slower than widening to fp32 and its GEMM at 512 rows,
         3.4x at 64, README "On an AVX2-only CPU"); the result is rounded back to bf16."""
-        return torch.float32 if dtype == torch.bfloat16 and not onednn_packs_bf16() else dtype
+        return torch.float32 if dtype == torch.bfloat16 and not onednn.onednn_packs_bf16() else dtype
 
     def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """Up to QUANT_GEMV_MAX_TOKENS rows: the packed rows, whose activations are quantised per block
@@ -119,7 +119,7 @@ class CpuLinear:
     def _gemv_max_rows(weight: torch.Tensor) -> int:
         """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
         is the alternative than where F.linear is."""
-        if weight.dtype == torch.bfloat16 and onednn_packs_bf16():
+        if weight.dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
             return GEMV_BEFORE_ONEDNN_MAX_ROWS
         return GEMV_LINEAR_MAX_ROWS
 
@@ -130,7 +130,7 @@ class CpuLinear:
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self._packed:
             packed = None
-            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn_packs_bf16():
+            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn.onednn_packs_bf16():
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
             self._packed[key] = (weight, packed)
         return self._packed[key][1]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.runtime.backends.cpu import cpu_linear
+from pllm.runtime.backends.cpu import cpu_linear, onednn
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 
@@ -101,7 +101,7 @@ def test_bf16_experts_take_the_dense_linears_gemm(monkeypatch, onednn_bf16, num_
     3 tokens give each expert a few rows, 64 tokens (top 2 of 4) dozens."""
     from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
 
-    monkeypatch.setattr(cpu_linear, "onednn_packs_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
     monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)
     g = torch.Generator().manual_seed(num_tokens)
     x = torch.randn(num_tokens, 64, generator=g).bfloat16()
