@@ -145,12 +145,16 @@ class CpuDecodeStep:
         library)."""
         self._limit_isa(int(level))
 
+    def batch_limit(self, packed: bool, floats: bool) -> int:
+        """The most sequences a step over linears of these kinds runs compiled: compiled_batch_limit, within the
+        kernel's own limit."""
+        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, packed, floats))
+
     @property
     def max_batch(self) -> int:
-        """The most sequences a step of this build runs compiled: compiled_batch_limit, within the kernel's, for
-        linears of every kind the build may hold (bound to its weights, a stack of packed linears only may take
-        more: CompiledDecodeStack.max_batch)."""
-        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, self.packed, floats=True))
+        """batch_limit for linears of every kind the build may hold (bound to its weights, a stack of packed linears
+        only may take more: CompiledDecodeStack.max_batch)."""
+        return self.batch_limit(self.packed, floats=True)
 
     def gemv_runs(self, weight: torch.Tensor, x: torch.Tensor, max_rows: int) -> bool:
         """Whether Ops.linear should hand x @ weight.T to gemv: the build's dtype, 1 to max_rows rows of x (at most
@@ -290,7 +294,7 @@ class CompiledDecodeStack:
         self.kernel, self.weights, self._keep, self.final_norm = kernel, weights, keep, final_norm
         self.kinds = kinds  # "int8 group 32", "bfloat16", ... -> how many linears are kept so (the start-up log)
         self.packed = packed  # some linear is packed (and some float, where `floats`)
-        self.max_batch = min(kernel.kernel_max_batch, compiled_batch_limit(kernel.dtype, packed, floats))
+        self.max_batch = kernel.batch_limit(packed, floats)
         self.scale = scale
         self._rope_tables = rope_tables  # (positions, cos_sin_cache, dtype) -> cos, signed_sin [T, 1, D]
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the KV caches the pointers are of
