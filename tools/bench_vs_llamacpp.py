@@ -1,7 +1,8 @@
 """pllm against llama.cpp on this machine, in one sitting: batch-1 decode, prefill and serving, side by side.
 
     python tools/bench_vs_llamacpp.py [--models smollm2,llama1b] [--rows decode,prefill,serve]
-                                      [--precisions bf16,int8,int4,int4g128] [--concurrency 1,4,16] [--quick]
+                                      [--precisions bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0]
+                                      [--concurrency 1,4,16] [--quick]
 
 llama.cpp's binaries are found (--llama-cpp-bin, PATH) or built once into --cache from the llama-cpp-python sdist
 (tools/llamacpp.py). Models:
@@ -15,6 +16,9 @@ Rows (pllm / llama.cpp, both with --threads threads):
   llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 (groups of 32: 5 bits a weight, Q4_1's size) and int4g128
   (groups of 128: 4.25 bits a weight) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
   int8|int4 [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
+  gguf-q8_0 and gguf-q4_0: pllm compiles llama.cpp's own Q8_0 / Q4_0 file with `--quantization gguf`, keeping its
+  blocks, so both sides read the same bytes (a tensor of a type pllm does not keep, such as a Q6_K output, pllm
+  dequantises to bf16 and reads so).
 - prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,
   llama-bench pp512.
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
@@ -45,7 +49,7 @@ from bench_models import LLAMA_TYPES, Prepared, prepare_model
 
 MODELS = ("smollm2", "llama1b")
 ROWS = ("decode", "prefill", "serve")
-PRECISIONS = ("bf16", "int8", "int4", "int4g128")
+PRECISIONS = ("bf16", "int8", "int4", "int4g128", "gguf-q8_0", "gguf-q4_0")
 PREFILL_TOKENS = 512
 DECODE_CONTEXT = 64
 
@@ -135,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=choices(MODELS), default=["smollm2"], help="smollm2,llama1b (default smollm2)")
     p.add_argument("--rows", type=choices(ROWS), default=list(ROWS), help="decode,prefill,serve (default all)")
     p.add_argument("--precisions", type=choices(PRECISIONS), default=list(PRECISIONS),
-                   help="decode rows' weights: bf16,int8,int4,int4g128 (default all)")
+                   help="decode rows' weights: bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0 (default all)")
     p.add_argument("--concurrency", type=levels, default=[1, 4, 16], help="serving levels (default 1,4,16)")
     p.add_argument("--num-requests", type=int, default=32, help="requests per serving level (default 32)")
     p.add_argument("--input-len", type=int, default=128, help="serving prompt tokens (default 128)")

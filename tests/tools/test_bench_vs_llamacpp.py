@@ -87,3 +87,17 @@ def test_bad_llama_bench_output_is_named(text, message):
 
 def test_the_random_model_has_about_a_billion_parameters():
     assert 1.0e9 < num_parameters(LLAMA_1B, 49152) < 1.25e9
+
+
+def test_every_precision_names_its_llama_types_and_source():
+    """Each precision the tool takes is compared with llama.cpp types it knows; a kept-GGUF precision compiles the
+    one llama.cpp file it is compared with (so both sides read the same blocks), keeping them."""
+    import bench_models
+
+    for precision in bench.PRECISIONS:
+        types = bench_models.LLAMA_TYPES[precision]
+        assert types and all(t in llamacpp.QUANT_TYPES for t in types)
+        if precision in bench_models.KEPT_GGUF:
+            assert types == (bench_models.KEPT_GGUF[precision],)
+            assert bench_models.PLLM_QUANTIZATION[precision] == ["--quantization", "gguf"]
+    assert set(bench_models.KEPT_GGUF) <= set(bench.PRECISIONS)
