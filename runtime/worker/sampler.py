@@ -14,6 +14,16 @@ from pllm.runtime.worker.logprobs import TokenLogprobs, gather_logprobs, raw_log
 from pllm.runtime.worker.step import SampleInputs
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """[num_rows] int64: each row's argmax, the first where tied, a NaN counting as the largest (torch's rules, and
+    NumPy's). float32 on the CPU goes through NumPy: torch's CPU argmax reduces about one element a nanosecond (55 us
+    for a 49152-token row on the dev VM, 450 us for 16 rows: a tenth of a small model's decode step on its own
+    Python side), NumPy's ten times faster."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(logits.numpy(), axis=-1))
+    return logits.argmax(dim=-1)
+
+
 @dataclass(frozen=True)
 class SamplerOutput:
     token_ids: list[int]  # [num_seqs], one per request in the order given
@@ -198,11 +208,11 @@ class Sampler:
         device = logits.device
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy_rows) == len(requests):
-            return logits.argmax(dim=-1)  # [num_seqs]
+            return greedy_ids(logits)  # [num_seqs]
         token_ids = torch.empty(len(requests), dtype=torch.long, device=device)  # [num_seqs]
         if greedy_rows:
             g = torch.tensor(greedy_rows, device=device)
-            token_ids[g] = logits[g].argmax(dim=-1)
+            token_ids[g] = greedy_ids(logits[g])
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         random_reqs = [requests[i] for i in random_rows]
         if greedy_rows:

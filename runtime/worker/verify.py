@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pllm.runtime.worker.logprobs import TokenLogprobs, gather_logprobs, raw_logprobs_of
-from pllm.runtime.worker.sampler import Sampler
+from pllm.runtime.worker.sampler import Sampler, greedy_ids
 from pllm.runtime.worker.step import StepBatch
 
 
@@ -38,7 +38,7 @@ def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepBatch) -> list
     assert tuple(logits.shape) == (len(rows), sampler.vocab_size), (tuple(logits.shape), len(rows))
     raw_logprobs = raw_logprobs_of(logits, rows)  # before anything below changes the logits
     processed = sampler.process_logits(logits, rows)  # [num_rows, vocab_size] float32
-    greedy_ids = processed.argmax(dim=-1).tolist()  # [num_rows]: every row's, read by the greedy ones
+    greedy = greedy_ids(processed).tolist()  # [num_rows]: every row's, read by the greedy ones
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     probs: dict[int, torch.Tensor] = {}
     if random_rows:
@@ -56,7 +56,7 @@ def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepBatch) -> list
         used = 0
         for j in range(len(drafts) + 1):
             row = first + j
-            token, accepted = _verify_row(sampler, rows[row], greedy_ids[row], probs.get(row),
+            token, accepted = _verify_row(sampler, rows[row], greedy[row], probs.get(row),
                                           drafts[j] if j < len(drafts) else None)
             chosen_rows[row] = token
             used += 1

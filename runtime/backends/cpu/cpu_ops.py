@@ -72,6 +72,8 @@ class TorchOps:
         self._decode_cached: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_key: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # the step's rows are cached for
         self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
+        # (cos_sin_cache, dtype, (cos table, signed sin table)): _rope_table's, one per cache and dtype
+        self._rope_tables: list[tuple[torch.Tensor, torch.dtype, tuple[torch.Tensor, torch.Tensor]]] = []
         self._encoder_meta: AttentionMetadata | None = None  # the step whose padded layout is cached
         self._encoder_cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
@@ -117,16 +119,29 @@ class TorchOps:
         return stack
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
-        """cos and signed sin rows [T, 1, rotary_dim] for this step's rows, built once per step, not per layer."""
+        """cos and signed sin rows [T, 1, rotary_dim] for this step's rows, built once per step, not per layer: two
+        row gathers from tables made once per cache and dtype (the same elementwise ops over every row, so the same
+        values; a decode step spent ~0.1 ms making them from the cache)."""
         key = self._rope_key
         if key is None or key[0] is not positions or key[1] is not cos_sin_cache or key[2] != dtype:
-            half = cos_sin_cache.shape[-1] // 2
-            cs = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
-            cos = cs[:, :half].repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, rotary_dim]
-            sin = cs[:, half:]
-            signed_sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+            cos_table, sin_table = self._rope_table(cos_sin_cache, dtype)
+            cos = cos_table.index_select(0, positions)[:, None, :]  # [T, 1, rotary_dim]
+            signed_sin = sin_table.index_select(0, positions)[:, None, :]
             self._rope_key, self._rope_cached = (positions, cos_sin_cache, dtype), (cos, signed_sin)
         return self._rope_cached
+
+    def _rope_table(self, cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[num_rows, rotary_dim] cos (each half's values twice) and signed sin (-sin, sin) in dtype: together the
+        cache's size in that dtype. Kept per cache (a model may hold two: gemma3's local and global)."""
+        for cache, table_dtype, tables in self._rope_tables:
+            if cache is cos_sin_cache and table_dtype == dtype:
+                return tables
+        half = cos_sin_cache.shape[-1] // 2
+        cos = cos_sin_cache[:, :half].repeat(1, 2).to(dtype)
+        sin = cos_sin_cache[:, half:]
+        tables = (cos.contiguous(), torch.cat((-sin, sin), dim=-1).to(dtype).contiguous())
+        self._rope_tables.append((cos_sin_cache, dtype, tables))
+        return tables
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, window=None, softcap=None):
         if self.decode_attention is None and meta.is_decode_only:

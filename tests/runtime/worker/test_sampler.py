@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pllm.runtime.engine.request import Request, StopChecker, sample_inputs
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.worker.logprobs import TokenLogprobs
-from pllm.runtime.worker.sampler import Sampler, SamplerOutput
+from pllm.runtime.worker.sampler import Sampler, SamplerOutput, greedy_ids
 from pllm.runtime.worker.step import SampleInputs
 
 VOCAB = 32
@@ -355,3 +355,18 @@ def test_grammar_bitmask_on_the_gpu():
     logits, requests, expected = _grammar_rows("cuda")
     processed = Sampler(70, seed=0).process_logits(logits, requests)  # xgrammar's Triton kernel
     assert processed.is_cuda and torch.equal(processed.cpu(), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_greedy_ids_is_torch_argmax(num_rows, vocab, seed, with_nan):
+    """Each row's first maximum, a NaN counting as the largest: what torch's argmax picks, ties included (values
+    drawn from a few integers, so rows tie often), for float32 (NumPy's path) and bfloat16 (torch's)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-2, 3, (num_rows, vocab), generator=gen).float()
+    if with_nan:
+        logits.view(-1)[int(torch.randint(0, num_rows * vocab, (1,), generator=gen))] = float("nan")
+    logits[0] = -math.inf if vocab == 1 else logits[0]  # an all -inf row
+    for x in (logits, logits.bfloat16()):
+        got = greedy_ids(x)
+        assert got.dtype == torch.int64 and got.tolist() == x.argmax(dim=-1).tolist()
