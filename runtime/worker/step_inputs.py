@@ -78,39 +78,46 @@ def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...],
             sample_rows.extend(range(query_start[-1] - s.num_scored_rows, query_start[-1]))
         elif s.pooling is not None:
             pool_rows.append((i, query_start[-2], query_start[-1]))
-    dev = device
+    # two host-to-device copies a step, not nine: every int64 vector in one tensor, every int32 one (the padded
+    # block tables flattened) in another, handed out as views (each contiguous; nothing writes into them)
+    longs = torch.tensor(input_ids + positions + total_lens + [x for g in slots for x in g] + sample_rows + prompt_rows,
+                         dtype=torch.int64, device=device)
+    num_tokens = len(input_ids)
+    input_ids_t, positions_t, total_lens_t, *slots_t, sample_rows_t, prompt_rows_t = longs.split(
+        [num_tokens] * (3 + num_groups) + [len(sample_rows), len(prompt_rows)])
+    num_seqs = len(seq_lens)
+    table_size = num_seqs * max_blocks
+    ints = torch.tensor(query_start + seq_lens + [x for g in tables for x in _padded(g, max_blocks)],
+                        dtype=torch.int32, device=device)
+    query_start_t, seq_lens_t, *tables_t = ints.split([num_seqs + 1, num_seqs] + [table_size] * num_groups)
     shared = dict(
-        positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-        query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        positions=positions_t,
+        query_start_loc=query_start_t,
+        seq_lens=seq_lens_t,
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_host=tuple(query_lens),
         seq_lens_host=tuple(seq_lens),
-        seq_total_lens=torch.tensor(total_lens, dtype=torch.int64, device=dev),
+        seq_total_lens=total_lens_t,
     )
     metas = tuple(
-        AttentionMetadata(
-            slot_mapping=torch.tensor(slots[g], dtype=torch.int64, device=dev),
-            block_tables=_block_tables(tables[g], max_blocks).to(dev),
-            **shared,
-        )
+        AttentionMetadata(slot_mapping=slots_t[g], block_tables=tables_t[g].view(num_seqs, max_blocks), **shared)
         for g in range(num_groups)
     )
     return StepInputs(
-        torch.tensor(input_ids, dtype=torch.int64, device=dev),
+        input_ids_t,
         metas,
-        torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+        sample_rows_t,
         tuple(pool_rows),
-        torch.tensor(prompt_rows, dtype=torch.int64, device=dev) if prompt_rows else None,
-        LoraInputs.from_slots(lora_rows, dev),
+        prompt_rows_t if prompt_rows else None,
+        LoraInputs.from_slots(lora_rows, device),
     )
 
 
-def _block_tables(tables: list[tuple[int, ...]], max_blocks: int) -> torch.Tensor:
-    """[num_seqs, max_blocks] int32, each row its sequence's table padded with 0."""
-    out = torch.zeros((len(tables), max_blocks), dtype=torch.int32)
-    for i, ids in enumerate(tables):
-        ids = ids[:max_blocks]
-        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-    return out
+def _padded(tables: list[tuple[int, ...]], max_blocks: int) -> list[int]:
+    """[num_seqs * max_blocks]: each sequence's table cut or padded with 0 to max_blocks, row after row."""
+    flat: list[int] = []
+    for ids in tables:
+        flat.extend(ids[:max_blocks])
+        flat.extend([0] * (max_blocks - min(len(ids), max_blocks)))
+    return flat
