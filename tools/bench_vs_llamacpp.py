@@ -17,8 +17,8 @@ Rows (pllm / llama.cpp, both with --threads threads):
   (groups of 128: 4.25 bits a weight) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
   int8|int4 [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
   gguf-q8_0 and gguf-q4_0: pllm compiles llama.cpp's own Q8_0 / Q4_0 file with `--quantization gguf`, keeping its
-  blocks, so both sides read the same bytes (a tensor of a type pllm does not keep, such as a Q6_K output, pllm
-  dequantises to bf16 and reads so).
+  blocks, so both sides read the same layer bytes. The LM head too where it is Q8_0 (SmolLM2's tied one); a Q6_K
+  output (the 1.17B model's Q4_0 file) pllm re-quantises to its int8 head (8.5 bits a weight against 6.56).
 - prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,
   llama-bench pp512.
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
@@ -209,7 +209,7 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
         if build is not None:
             pllm_decode, pllm_prefill = pllm_in_process(build, args)
         prefill = "prefill" in args.rows
-        for lp in LLAMA_TYPES[precision]:
+        for lp in LLAMA_TYPES[precision]:  # measured beside each pllm row, so a file compared twice is timed twice
             bench = {r.test: r.tokens_per_s for r in llamacpp.llama_bench(
                 llama, prepared.ggufs[lp], args.threads, PREFILL_TOKENS if prefill else 0,
                 args.output_len if "decode" in args.rows else 0, args.reps)}

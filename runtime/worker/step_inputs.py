@@ -78,18 +78,14 @@ def prepare_step(batch: StepBatch, block_size: int, pad_blocks: tuple[int, ...],
             sample_rows.extend(range(query_start[-1] - s.num_scored_rows, query_start[-1]))
         elif s.pooling is not None:
             pool_rows.append((i, query_start[-2], query_start[-1]))
-    # two host-to-device copies a step, not nine: every int64 vector in one tensor, every int32 one (the padded
-    # block tables flattened) in another, handed out as views (each contiguous; nothing writes into them)
-    longs = torch.tensor(input_ids + positions + total_lens + [x for g in slots for x in g] + sample_rows + prompt_rows,
-                         dtype=torch.int64, device=device)
-    num_tokens = len(input_ids)
-    input_ids_t, positions_t, total_lens_t, *slots_t, sample_rows_t, prompt_rows_t = longs.split(
-        [num_tokens] * (3 + num_groups) + [len(sample_rows), len(prompt_rows)])
+    # two host-to-device copies a step: every int64 vector in one tensor, every int32 one (the padded block tables
+    # flattened) in another, handed out as views (contiguous, each starting on a 64-byte boundary as a tensor of its
+    # own would: Triton specialises a kernel on its pointers' 16-byte alignment; nothing writes into them)
     num_seqs = len(seq_lens)
-    table_size = num_seqs * max_blocks
-    ints = torch.tensor(query_start + seq_lens + [x for g in tables for x in _padded(g, max_blocks)],
-                        dtype=torch.int32, device=device)
-    query_start_t, seq_lens_t, *tables_t = ints.split([num_seqs + 1, num_seqs] + [table_size] * num_groups)
+    input_ids_t, positions_t, total_lens_t, *slots_t, sample_rows_t, prompt_rows_t = _views(
+        [input_ids, positions, total_lens, *slots, sample_rows, prompt_rows], torch.int64, device)
+    query_start_t, seq_lens_t, *tables_t = _views(
+        [query_start, seq_lens, *(_padded(g, max_blocks) for g in tables)], torch.int32, device)
     shared = dict(
         positions=positions_t,
         query_start_loc=query_start_t,
@@ -121,3 +117,20 @@ def _padded(tables: list[tuple[int, ...]], max_blocks: int) -> list[int]:
         flat.extend(ids[:max_blocks])
         flat.extend([0] * (max_blocks - min(len(ids), max_blocks)))
     return flat
+
+
+ALIGN_BYTES = 64  # where each of _views' views starts in its shared tensor
+
+
+def _views(vectors: list[list[int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One tensor of `dtype` on `device` holding every vector, each padded with zeros to ALIGN_BYTES; the views of
+    the vectors' own lengths, in order."""
+    per = ALIGN_BYTES // dtype.itemsize
+    flat: list[int] = []
+    starts: list[int] = []
+    for v in vectors:
+        starts.append(len(flat))
+        flat.extend(v)
+        flat.extend([0] * (-len(v) % per))
+    whole = torch.tensor(flat, dtype=dtype, device=device)
+    return [whole[start : start + len(v)] for start, v in zip(starts, vectors)]

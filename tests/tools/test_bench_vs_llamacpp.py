@@ -101,3 +101,31 @@ def test_every_precision_names_its_llama_types_and_source():
             assert types == (bench_models.KEPT_GGUF[precision],)
             assert bench_models.PLLM_QUANTIZATION[precision] == ["--quantization", "gguf"]
     assert set(bench_models.KEPT_GGUF) <= set(bench.PRECISIONS)
+
+
+def test_a_kept_gguf_build_compiles_llama_cpp_s_own_file(monkeypatch, tmp_path):
+    """prepare_model hands pllm-compile the Q8_0 / Q4_0 file llama.cpp runs for the gguf-* precisions, and the
+    model's own source for the others (llama.cpp's tools and the compiler stubbed: only the wiring is checked)."""
+    import bench_models
+
+    made: dict[str, Path] = {}
+
+    def quantize(llama, source, out, kind, requantize=False):
+        made[kind] = out
+        return out
+
+    compiled: dict[str, tuple[Path, list[str]]] = {}
+
+    def compile_pllm(source, out, precision, reuse):
+        compiled[precision] = (source, bench_models.PLLM_QUANTIZATION.get(precision, []))
+        return out
+
+    monkeypatch.setattr(llamacpp, "quantize", quantize)
+    monkeypatch.setattr(bench_models, "compile_pllm", compile_pllm)
+    args = bench.parse_args(["--precisions", "int8,gguf-q8_0,gguf-q4_0", "--rows", "decode"])
+    args.reuse_builds = False
+    prepared = bench_models.prepare_model("smollm2", args, None, tmp_path)
+    assert compiled["gguf-q8_0"] == (made["q8_0"], ["--quantization", "gguf"]) == (prepared.ggufs["q8_0"],
+                                                                                     ["--quantization", "gguf"])
+    assert compiled["gguf-q4_0"][0] == made["q4_0"]
+    assert compiled["int8"][0].suffix == ".gguf" and compiled["int8"][0] not in made.values()  # the default model

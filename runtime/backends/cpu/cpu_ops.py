@@ -73,7 +73,7 @@ class TorchOps:
         self._rope_key: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # the step's rows are cached for
         self._rope_cached: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         # (cos_sin_cache, dtype, (cos table, signed sin table)): _rope_table's, one per cache and dtype
-        self._rope_tables: list[tuple[torch.Tensor, torch.dtype, tuple[torch.Tensor, torch.Tensor]]] = []
+        self._rope_table_cache: list[tuple[torch.Tensor, torch.dtype, tuple[torch.Tensor, torch.Tensor]]] = []
         self._encoder_meta: AttentionMetadata | None = None  # the step whose padded layout is cached
         self._encoder_cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
 
@@ -120,8 +120,8 @@ class TorchOps:
 
     def _rope_rows(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
         """cos and signed sin rows [T, 1, rotary_dim] for this step's rows, built once per step, not per layer: two
-        row gathers from tables made once per cache and dtype (the same elementwise ops over every row, so the same
-        values; a decode step spent ~0.1 ms making them from the cache)."""
+        row gathers from tables made once per cache and dtype (_rope_table: the same elementwise ops over every row,
+        so the same values, where building them from the cache every step took eight tensor ops)."""
         key = self._rope_key
         if key is None or key[0] is not positions or key[1] is not cos_sin_cache or key[2] != dtype:
             cos_table, sin_table = self._rope_table(cos_sin_cache, dtype)
@@ -131,16 +131,17 @@ class TorchOps:
         return self._rope_cached
 
     def _rope_table(self, cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[num_rows, rotary_dim] cos (each half's values twice) and signed sin (-sin, sin) in dtype: together the
-        cache's size in that dtype. Kept per cache (a model may hold two: gemma3's local and global)."""
-        for cache, table_dtype, tables in self._rope_tables:
+        """[num_rows, rotary_dim] cos (each half's values twice) and signed sin (-sin, sin) in dtype, each the cache's
+        size in that dtype (a bf16 pair is the fp32 cache's size: 64 MiB beside a 128K-position, 128-dim cache). Kept
+        per cache, found by identity (a model may hold two of one shape: gemma3's local and global)."""
+        for cache, table_dtype, tables in self._rope_table_cache:
             if cache is cos_sin_cache and table_dtype == dtype:
                 return tables
         half = cos_sin_cache.shape[-1] // 2
         cos = cos_sin_cache[:, :half].repeat(1, 2).to(dtype)
         sin = cos_sin_cache[:, half:]
         tables = (cos.contiguous(), torch.cat((-sin, sin), dim=-1).to(dtype).contiguous())
-        self._rope_tables.append((cos_sin_cache, dtype, tables))
+        self._rope_table_cache.append((cos_sin_cache, dtype, tables))
         return tables
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, window=None, softcap=None):

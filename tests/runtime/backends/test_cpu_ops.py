@@ -126,21 +126,27 @@ def test_bf16_experts_take_the_dense_linears_gemm(monkeypatch, onednn_bf16, num_
     assert seen and set(seen) == {torch.float32 if widens else torch.bfloat16}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_rows_are_the_cache_rows_expanded(dtype):
+def test_rope_rows_are_the_cache_rows_expanded():
     """The step's cos and signed-sin rows, gathered from tables made once per cache and dtype, equal the rows built
-    from the cache directly (cos's half twice; -sin then sin), for two caches of one model, in any order."""
+    from the cache directly (cos's half twice; -sin then sin): for two caches of one shape (gemma3's local and
+    global), a third of another rotary_dim, two dtypes on one ops, and steps that keep their positions tensor while
+    the cache or the dtype changes (a model's layers alternate caches within one step)."""
     ops = TorchOps()
-    local = torch.randn(40, 16)
-    global_ = torch.randn(40, 24)  # another rotary_dim, as a model's two tables may differ
-    for cache, positions in [(local, [3, 0, 39]), (global_, [7]), (local, [5, 5]), (global_, [39, 1, 2, 3])]:
-        rows = torch.tensor(positions)
+    local, global_ = torch.randn(40, 16), torch.randn(40, 16)
+    other = torch.randn(40, 24)
+    same_step = torch.tensor([5, 5, 0])
+    f32, bf16 = torch.float32, torch.bfloat16
+    calls = [(local, [3, 0, 39], f32), (global_, [3, 0, 39], f32), (other, [7], f32), (local, [3, 0, 39], bf16),
+             (local, same_step, f32), (global_, same_step, f32), (global_, same_step, bf16),
+             (other, [39, 1, 2, 3], bf16)]
+    for cache, positions, dtype in calls:
+        rows = positions if isinstance(positions, torch.Tensor) else torch.tensor(positions)
         cos, signed_sin = ops._rope_rows(rows, cache, dtype)
         half = cache.shape[1] // 2
         picked = cache[rows]
         want_cos = torch.cat((picked[:, :half], picked[:, :half]), dim=-1).to(dtype)[:, None, :]
         want_sin = torch.cat((-picked[:, half:], picked[:, half:]), dim=-1).to(dtype)[:, None, :]
-        assert cos.is_contiguous() and signed_sin.is_contiguous()  # the kernels index them as [T, rotary_dim]
+        assert cos.shape == want_cos.shape and cos.stride() == want_cos.stride()  # the kernels index [T, rotary_dim]
         assert torch.equal(cos, want_cos) and torch.equal(signed_sin, want_sin)
         assert cos.dtype == signed_sin.dtype == dtype
-    assert len(ops._rope_tables) == 2  # one pair per cache and dtype, not one per step
+    assert len(ops._rope_table_cache) == 6  # one pair per (cache, dtype) met: 3 caches x 2 dtypes, not per step

@@ -358,15 +358,31 @@ def test_grammar_bitmask_on_the_gpu():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+@given(st.integers(2, 4), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
 def test_greedy_ids_is_torch_argmax(num_rows, vocab, seed, with_nan):
-    """Each row's first maximum, a NaN counting as the largest: what torch's argmax picks, ties included (values
-    drawn from a few integers, so rows tie often), for float32 (NumPy's path) and bfloat16 (torch's)."""
+    """Each row's first maximum, a NaN counting as the largest (even beside +inf): what torch's argmax picks, ties
+    included (values drawn from a few integers, so rows tie often), for float32 (NumPy's path) and bfloat16
+    (torch's); row 0 all -inf, row 1 with +inf where there is room."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randint(-2, 3, (num_rows, vocab), generator=gen).float()
+    logits[0] = -math.inf
+    if vocab > 1:
+        logits[1, int(torch.randint(0, vocab, (1,), generator=gen))] = math.inf
     if with_nan:
         logits.view(-1)[int(torch.randint(0, num_rows * vocab, (1,), generator=gen))] = float("nan")
-    logits[0] = -math.inf if vocab == 1 else logits[0]  # an all -inf row
     for x in (logits, logits.bfloat16()):
         got = greedy_ids(x)
         assert got.dtype == torch.int64 and got.tolist() == x.argmax(dim=-1).tolist()
+
+
+def test_greedy_ids_of_wide_rows_and_one_row():
+    """Rows as wide as a real vocabulary (NumPy's vector loop, not its tail), ties and a NaN placed past the first
+    vector; a 1-D row gives a 0-d index, as torch's argmax does."""
+    logits = torch.zeros(3, 49152)
+    logits[0, 30000] = logits[0, 40000] = 2.0
+    logits[1, 100] = 1.0
+    logits[1, 45000] = float("nan")
+    logits[2, 49151] = 0.5
+    assert greedy_ids(logits).tolist() == logits.argmax(dim=-1).tolist() == [30000, 45000, 49151]
+    one = greedy_ids(logits[0])
+    assert one.dim() == 0 and one.item() == 30000
