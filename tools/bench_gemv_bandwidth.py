@@ -281,7 +281,7 @@ def main() -> None:
             peak = max(matmul_roofline(dtype) for _ in range(3))  # best of 3 x 5: the busy VM lowers single runs
             per_dtype = results["dtypes"][dtype_name] = {
                 "matmul_GFLOPs": peak / 1e9, "isa": ", ".join(step.isa for step, _ in steps.values()),
-                "engine_limit": compiled_batch_limit(dtype, False, True), "rows": []}
+                "engine_limit": compiled_batch_limit(dtype, packed=False, floats=True), "rows": []}
             for model in args.models.split(","):
                 for linear in args.linears.split(","):
                     print(f"{dtype_name} {model} {linear}: read {read.measure() / 1e9:.1f} GB/s so far", flush=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+
+from bench_throughput import decode_batch
 
 PIECES = ("schedule", "inputs", "layers", "lm head", "sample", "update", "output")
 
@@ -56,32 +57,21 @@ def instrument(engine, clock: Clock) -> None:
     engine_module.sample_step = clock.wrap("sample", engine_module.sample_step)
 
 
-def split(engine, clock: Clock, batch: int, prompt_len: int, steps: int, rounds: int) -> dict:
+def split(llm, clock: Clock, batch: int, prompt_len: int, steps: int, rounds: int) -> dict:
     """{"total": [ms per step per round], piece: [...]} for decode-only steps of `batch` sequences."""
-    from pllm import SamplingParams
-
-    rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, max_tokens=rounds * steps + 8, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"split-{i}", [rng.randrange(100, engine.spec.vocab_size) for _ in range(prompt_len)],
-                           params)
-    sched = engine.scheduler
-    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-        engine.step()
-    engine.step()  # warm-up
     out: dict[str, list[float]] = {name: [] for name in ("total", *PIECES, "engine, other")}
-    for _ in range(rounds):
-        clock.seconds.clear()
-        t = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        total = (time.perf_counter() - t) / steps * 1e3
-        out["total"].append(total)
-        for name in PIECES:
-            out[name].append(clock.seconds[name] / steps * 1e3)
-        out["engine, other"].append(total - sum(clock.seconds[name] for name in PIECES) / steps * 1e3)
-    for i in range(batch):
-        engine.abort_request(f"split-{i}")
+    with decode_batch(llm, batch, prompt_len, rounds * steps + 8) as engine:
+        engine.step()  # warm-up
+        for _ in range(rounds):
+            clock.seconds.clear()
+            t = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            total = (time.perf_counter() - t) / steps * 1e3
+            out["total"].append(total)
+            for name in PIECES:
+                out[name].append(clock.seconds[name] / steps * 1e3)
+            out["engine, other"].append(total - sum(clock.seconds[name] for name in PIECES) / steps * 1e3)
     return out
 
 
@@ -117,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.build}: layers {layers}; {args.steps} steps x {args.rounds} rounds, {args.prompt_len}-token prompts")
     results = {}
     for batch in batches:
-        results[batch] = split(llm.engine, clock, batch, args.prompt_len, args.steps, args.rounds)
+        results[batch] = split(llm, clock, batch, args.prompt_len, args.steps, args.rounds)
         print(table(batch, results[batch]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"build": str(args.build), "layers": layers, "batches": results}, indent=1))

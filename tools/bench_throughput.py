@@ -21,6 +21,7 @@ import json
 import random
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,6 +96,27 @@ def bench_hf(hf_model, reqs, batch_size: int, pad_id: int, device: str = "cpu") 
     return {"engine": "HF transformers generate", "seconds": time.perf_counter() - t, "output_tokens": num_out}
 
 
+@contextmanager
+def decode_batch(llm, batch: int, prompt_len: int, num_steps: int):
+    """`batch` requests of random `prompt_len`-token prompts, greedy, each allowed `num_steps` more tokens, prefilled
+    so every later engine step is decode-only; aborted on leaving."""
+    from pllm import SamplingParams
+
+    engine = llm.engine
+    rng = random.Random(1)
+    for i in range(batch):
+        ids = [rng.randrange(100, engine.spec.vocab_size) for _ in range(prompt_len)]
+        engine.add_request(f"decode-{i}", ids, SamplingParams(temperature=0.0, max_tokens=num_steps, ignore_eos=True))
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        engine.step()
+    try:
+        yield engine
+    finally:
+        for i in range(batch):
+            engine.abort_request(f"decode-{i}")
+
+
 def time_decode_steps(llm, batch: int, prompt_len: int, variants: dict, rounds: int = 4,
                       steps: int = 8) -> tuple[dict[str, list[float]], int]:
     """Seconds per decode-only step at `batch` sequences, per variant and round; and the mean context length.
@@ -102,31 +124,19 @@ def time_decode_steps(llm, batch: int, prompt_len: int, variants: dict, rounds: 
     `variants` maps a name to a function that switches the engine to it. The variants take turns on the same batch,
     `steps` steps at a time for `rounds` rounds, so drift on a shared machine hits them alike.
     """
-    from pllm import SamplingParams
-
-    engine = llm.engine
-    rng = random.Random(1)
     num_steps = rounds * len(variants) * steps
-    for i in range(batch):
-        ids = [rng.randrange(100, engine.spec.vocab_size) for _ in range(prompt_len)]
-        params = SamplingParams(temperature=0.0, max_tokens=num_steps + len(variants) + 8, ignore_eos=True)
-        engine.add_request(f"decode-{i}", ids, params)
-    sched = engine.scheduler
-    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-        engine.step()
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for activate in variants.values():  # warm-up: one step each
-        activate()
-        engine.step()
-    for _ in range(rounds):
-        for name, activate in variants.items():
+    with decode_batch(llm, batch, prompt_len, num_steps + len(variants) + 8) as engine:
+        for activate in variants.values():  # warm-up: one step each
             activate()
-            t = time.perf_counter()
-            for _ in range(steps):
-                engine.step()  # returns sampled tokens to the host: the step has finished on any device
-            times[name].append((time.perf_counter() - t) / steps)
-    for i in range(batch):
-        engine.abort_request(f"decode-{i}")
+            engine.step()
+        for _ in range(rounds):
+            for name, activate in variants.items():
+                activate()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()  # returns sampled tokens to the host: the step has finished on any device
+                times[name].append((time.perf_counter() - t) / steps)
     return times, prompt_len + num_steps // 2
 
 

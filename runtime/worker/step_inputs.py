@@ -10,6 +10,8 @@ from pllm.models.lora import LoraInputs
 from pllm.models.ops import AttentionMetadata
 from pllm.runtime.worker.step import StepBatch
 
+ALIGN_BYTES = 64  # where each of _views' views starts in its shared tensor
+
 
 @dataclass(frozen=True)
 class StepInputs:
@@ -117,9 +119,6 @@ def _padded(tables: list[tuple[int, ...]], max_blocks: int) -> list[int]:
         flat.extend(ids[:max_blocks])
         flat.extend([0] * (max_blocks - min(len(ids), max_blocks)))
     return flat
-
-
-ALIGN_BYTES = 64  # where each of _views' views starts in its shared tensor
 
 
 def _views(vectors: list[list[int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
