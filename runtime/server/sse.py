@@ -36,8 +36,15 @@ class SeqCursor:
     started: bool = False  # the first chunk (which carries an echoed prompt) went out
 
 
+# JSON may carry U+0085, U+2028 and U+2029 raw, and a model can emit them; SSE ends lines only at CR and LF, but
+# Python's str.splitlines (so httpx's iter_lines) and some JavaScript parsers also break at them, cutting an event
+# in two. Escaped (the same JSON value), every event stays one line for whatever line splitter the client uses.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: BaseModel | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
+    text = payload if isinstance(payload, str) else payload.model_dump_json()
+    return f"data: {text if text.isascii() else text.translate(_LINE_BREAKS)}\n\n"
 
 
 def usage_of(finals: dict[str, RequestOutput]) -> UsageInfo:
