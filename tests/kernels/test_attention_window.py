@@ -160,3 +160,32 @@ def test_cpu_decode_kernel_window_softcap(tmp_path, paged_kv, attention_referenc
 
         run_case(attend, paged_kv, attention_reference, segs=segs, block_size=block_size, window=window,
                  softcap=softcap, windowed=windowed, seed=3)
+
+
+@pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_decode_kernel_window_cut_into_parts(tmp_path, paged_kv, attention_reference, threads):
+    """One long sequence on several threads: its context is cut into parts, and under a window only the visible
+    keys are (the window starting mid-block, the blocks before it NaN), soft-capped, against the reference."""
+    window, block_size, softcap = 301, 16, 3.0
+    spec = tiny_spec(head_dim=HEAD_DIM, num_attention_heads=NUM_KV_HEADS * GROUP_SIZE,
+                     num_key_value_heads=NUM_KV_HEADS, **quirks(window, softcap))
+    library = compile_cpu_kernel(tmp_path, make_plan(spec, "float32", block_size), "cpu_decode_attention")
+    kernel = CpuDecodeAttention(library, torch.float32, block_size, NUM_KV_HEADS * GROUP_SIZE, NUM_KV_HEADS,
+                                HEAD_DIM, window, softcap)
+    assert kernel.parts(1, threads) > 1
+    segs = [(900, 1)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for windowed in (True, False):
+
+            def attend(q, kv, meta, scale, windowed=windowed):
+                out = torch.empty_like(q)
+                return kernel(q, kv.k_cache, kv.v_cache, meta.block_tables, meta.seq_lens, torch.arange(1),
+                              meta.max_seq_len, scale, out, window if windowed else None, softcap)
+
+            run_case(attend, paged_kv, attention_reference, segs=segs, block_size=block_size, window=window,
+                     softcap=softcap, windowed=windowed, seed=4)
+    finally:
+        torch.set_num_threads(saved)

@@ -52,8 +52,10 @@ def cpu_attention(tmp_path_factory: pytest.TempPathFactory):
 
 
 def check(cpu_attention, paged_kv, attention_reference, *, dtype: str, head_dim: int, num_kv_heads: int,
-          group_size: int, block_size: int, seq_lens: list[int], seed: int, simd: bool = True) -> None:
-    """simd: bf16 items by the AVX-512 BF16 code where the kernel and CPU have it (else the generic code)."""
+          group_size: int, block_size: int, seq_lens: list[int], seed: int, simd: bool = True,
+          threads: int | None = None) -> None:
+    """simd: bf16 items by the AVX-512 BF16 code where the kernel and CPU have it (else the generic code).
+    threads: the OpenMP threads the kernel runs on (torch's count otherwise)."""
     num_heads = num_kv_heads * group_size
     kernel = cpu_attention(dtype=dtype, block_size=block_size, head_dim=head_dim, num_attention_heads=num_heads,
                            num_key_value_heads=num_kv_heads)
@@ -69,9 +71,12 @@ def check(cpu_attention, paged_kv, attention_reference, *, dtype: str, head_dim:
     out = torch.full_like(q, 7.0)
     scale = head_dim**-0.5
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    saved_threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(threads or saved_threads)
         kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens_t, q_rows, max(seq_lens), scale, out)
     finally:
+        torch.set_num_threads(saved_threads)
         kernel.use_simd(True)  # the kernel is cached for later tests
     for i, row in enumerate(q_rows.tolist()):
         expected = attention_reference(q[row : row + 1].float(), kv.keys[i], kv.values[i], scale)
@@ -116,6 +121,29 @@ def test_awkward_shapes(cpu_attention, paged_kv, attention_reference, dtype, hea
                         block_size, seq_lens, simd):
     check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
           group_size=group_size, block_size=block_size, seq_lens=seq_lens, seed=0, simd=simd)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "num_kv_heads", "group_size", "seq_lens", "threads", "parts"),
+    [
+        ("bfloat16", 64, 3, 3, [1000], 2, 2),  # SmolLM2's heads, one sequence on 2 threads: 3 items -> 6 parts
+        ("bfloat16", 64, 3, 3, [129], 2, 2),  # parts of whole tiles: 80 + 49 keys, the last ending mid-tile
+        ("float32", 64, 1, 4, [700, 70, 127, 5], 3, 3),  # 4 items on 3 threads; the short ones stay whole
+        ("float32", 128, 1, 8, [2001], 4, 8),  # one item on 4 threads
+        ("bfloat16", 64, 2, 3, [300, 64], 4, 2),  # 4 items on 4 threads, cut in 2; a 64-key context stays whole
+    ],
+)
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "generic"])
+def test_short_batches_cut_contexts_into_parts(cpu_attention, paged_kv, attention_reference, dtype, head_dim,
+                                               num_kv_heads, group_size, seq_lens, threads, parts, simd):
+    """Fewer (sequence, KV head) items than twice the threads: each context of 128 keys or more is cut into parts
+    that threads attend apart, then combined by their maxima; the result is the reference's, to the same bounds."""
+    kernel = cpu_attention(dtype=dtype, block_size=16, head_dim=head_dim,
+                           num_attention_heads=num_kv_heads * group_size, num_key_value_heads=num_kv_heads)
+    assert kernel.parts(len(seq_lens), threads) == parts
+    assert kernel.parts(len(seq_lens), 1) == 1 and kernel.parts(2 * threads, threads) == 1  # nothing to balance
+    check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
+          group_size=group_size, block_size=16, seq_lens=seq_lens, seed=1, simd=simd, threads=threads)
 
 
 def test_bf16_items_run_the_avx512_code_where_the_cpu_has_it(cpu_attention):

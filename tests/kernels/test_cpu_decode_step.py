@@ -83,6 +83,25 @@ def test_step_is_deterministic(build_ops, dtype):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("context_lens", "threads"), [([200], 2), ([180, 150], 4)])
+def test_short_batches_attend_long_contexts_in_parts(build_ops, dtype, context_lens, threads):
+    """Fewer (sequence, KV head) items than twice the threads: the step's attention cuts each context into parts
+    (cpu_decode_attention's parts_per_item: here 2 each), attended apart and combined; the step still equals the
+    per-op path, and reruns bit for bit."""
+    spec = spec_of("smollm2-like-1")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (fused, _), (ref, _) = run_both(build_ops, spec, dtype, context_lens, seed=8)
+        (again, _), _ = run_both(build_ops, spec, dtype, context_lens, seed=8)
+    finally:
+        torch.set_num_threads(saved)
+    err = (fused - ref).abs() / rows_scale(ref)
+    assert err.max() <= bound(spec, dtype), (err.max().item(), bound(spec, dtype))
+    assert torch.equal(fused, again)
+
+
 @SETTINGS
 @given(dtype=st.sampled_from(["float32", "bfloat16"]), out_features=st.sampled_from([1, 13, 64, 37]),
        in_features=st.sampled_from([8, 64, 72, 584]), batch=st.integers(1, MAX_BATCH), seed=st.integers(0, 2**16))

@@ -62,12 +62,21 @@ class CpuDecodeAttention:
         except AttributeError:
             self._use_simd = None
         self.simd = self.use_simd(True)  # bf16 items run the AVX-512 BF16 code (this CPU has it)
+        try:  # kernels compiled before contexts were cut into parts attend each item whole
+            self._parts = _load_function(library, "pllm_decode_attention_parts", [i64, ctypes.c_int])
+        except AttributeError:
+            self._parts = None
 
     def use_simd(self, on: bool) -> bool:
         """Run bf16 items by the AVX-512 BF16 code (on, where the kernel and CPU have it) or the generic code (the
         tests run each); returns whether the SIMD code now runs."""
         self.simd = self._use_simd is not None and bool(self._use_simd(int(on)))
         return self.simd
+
+    def parts(self, num_seqs: int, num_threads: int) -> int:
+        """How many parts each (sequence, KV head) item's context is cut into, to share a short batch out between
+        threads (a context gets at most one part per 64 visible keys, so under 128 it stays whole)."""
+        return 1 if self._parts is None else int(self._parts(num_seqs, num_threads))
 
     def __call__(
         self,
