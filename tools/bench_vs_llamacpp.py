@@ -2,7 +2,7 @@
 
     python tools/bench_vs_llamacpp.py [--models smollm2,llama1b] [--rows decode,prefill,serve]
                                       [--precisions bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0]
-                                      [--concurrency 1,4,16] [--quick]
+                                      [--concurrency 1,4,16] [--decode-depths 2000] [--quick]
 
 llama.cpp's binaries are found (--llama-cpp-bin, PATH) or built once into --cache from the llama-cpp-python sdist
 (tools/llamacpp.py). Models:
@@ -19,6 +19,8 @@ Rows (pllm / llama.cpp, both with --threads threads):
   gguf-q8_0 and gguf-q4_0: pllm compiles llama.cpp's own Q8_0 / Q4_0 file with `--quantization gguf`, keeping its
   blocks, so both sides read the same layer bytes. The LM head too where it is Q8_0 (SmolLM2's tied one); a Q6_K
   output (the 1.17B model's Q4_0 file) pllm re-quantises to its int8 head (8.5 bits a weight against 6.56).
+  With --decode-depths, the decode rows also at those contexts: pllm's steps with that long a prompt before them,
+  llama-bench tg after -d that many tokens (a chat's history: the attention then reads its K and V every token).
 - prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,
   llama-bench pp512.
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
@@ -147,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of decode and prefill on both sides")
     p.add_argument("--decode-steps", type=int, default=32, help="pllm decode steps per repetition")
+    p.add_argument("--decode-depths", type=levels, default=[],
+                   help="decode rows also after contexts of these many tokens, e.g. 2000 (default none)")
     p.add_argument("--huge-pages", action="store_true",
                    help="pllm with its weights in huge pages (huge_pages=True, pllm-serve --huge-pages); llama.cpp "
                         "maps its file either way")
@@ -206,8 +210,9 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
     for precision in args.precisions:
         build, why_not = prepared.pllm_builds[precision]
         pllm_decode = pllm_prefill = None
+        pllm_deep: dict[int, float | None] = dict.fromkeys(args.decode_depths)
         if build is not None:
-            pllm_decode, pllm_prefill = pllm_in_process(build, args)
+            pllm_decode, pllm_prefill, pllm_deep = pllm_in_process(build, args)
         prefill = "prefill" in args.rows
         for lp in LLAMA_TYPES[precision]:  # measured beside each pllm row, so a file compared twice is timed twice
             bench = {r.test: r.tokens_per_s for r in llamacpp.llama_bench(
@@ -220,11 +225,17 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
             if prefill:
                 rows.append(Row(model, f"prefill {PREFILL_TOKENS} tok/s", precision, label, pllm_prefill,
                                 bench[f"pp{PREFILL_TOKENS}"], None, why_not))
+            for depth in args.decode_depths if "decode" in args.rows else ():
+                (deep,) = llamacpp.llama_bench(llama, prepared.ggufs[lp], args.threads, 0, args.output_len, args.reps,
+                                               depth)
+                rows.append(Row(model, f"decode b1 @{depth} tok/s", precision, label, pllm_deep[depth],
+                                deep.tokens_per_s, Target(Goal.AT_LEAST, 1.2), why_not))
     return rows
 
 
-def pllm_in_process(build: Path, args) -> tuple[float, float]:
-    """(batch-1 decode tok/s, 512-token prefill tok/s): medians over --reps."""
+def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, float]]:
+    """(batch-1 decode tok/s, 512-token prefill tok/s, batch-1 decode tok/s after each of --decode-depths):
+    medians over --reps."""
     from bench_dtype import prefill_seconds
     from bench_throughput import time_decode_steps
 
@@ -236,10 +247,15 @@ def pllm_in_process(build: Path, args) -> tuple[float, float]:
     prefill_seconds(llm, rng)  # warm-up: packed weights, oneDNN primitives
     steps, _ = time_decode_steps(llm, 1, DECODE_CONTEXT, {"pllm": lambda: None}, rounds=args.reps,
                                  steps=args.decode_steps)
+    deep = {}
+    for depth in args.decode_depths:
+        deep_steps, _ = time_decode_steps(llm, 1, depth, {"pllm": lambda: None}, rounds=args.reps,
+                                          steps=args.decode_steps)
+        deep[depth] = 1.0 / statistics.median(deep_steps["pllm"])
     prefill = [prefill_seconds(llm, rng) for _ in range(args.reps)]
     del llm
     gc.collect()
-    return 1.0 / statistics.median(steps["pllm"]), PREFILL_TOKENS / statistics.median(prefill)
+    return 1.0 / statistics.median(steps["pllm"]), PREFILL_TOKENS / statistics.median(prefill), deep
 
 
 def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path) -> list[Row]:

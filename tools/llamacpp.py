@@ -50,7 +50,8 @@ class LlamaCpp:
 
 @dataclass(frozen=True)
 class BenchResult:
-    """One llama-bench test: pp<n_prompt> (prefill) or tg<n_gen> (decode), tokens/s mean and deviation."""
+    """One llama-bench test: pp<n_prompt> (prefill) or tg<n_gen> (decode), with @d<n_depth> after a context of
+    n_depth tokens; tokens/s mean and deviation."""
 
     test: str
     n_prompt: int
@@ -58,6 +59,7 @@ class BenchResult:
     tokens_per_s: float
     stddev: float
     threads: int
+    n_depth: int = 0
 
 
 def _run(cmd: list[str], step: str, cwd: Path | None = None, env: dict | None = None) -> str:
@@ -150,7 +152,8 @@ def quantize(llama: LlamaCpp, src: Path, out: Path, precision: str, requantize: 
 
 
 def parse_bench_json(text: str) -> list[BenchResult]:
-    """llama-bench -o json: a list of tests, each with n_prompt, n_gen, avg_ts, stddev_ts, n_threads."""
+    """llama-bench -o json: a list of tests, each with n_prompt, n_gen, avg_ts, stddev_ts, n_threads (and n_depth,
+    where llama-bench has -d: 0 without it)."""
     try:
         tests = json.loads(text)
     except json.JSONDecodeError as e:
@@ -165,15 +168,19 @@ def parse_bench_json(text: str) -> list[BenchResult]:
         n_prompt, n_gen = int(t["n_prompt"]), int(t["n_gen"])
         if (n_prompt > 0) == (n_gen > 0):
             raise LlamaCppError(f"llama-bench JSON: mixed pp+tg test (n_prompt {n_prompt}, n_gen {n_gen})")
-        name = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+        depth = int(t.get("n_depth", 0))
+        name = (f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (f"@d{depth}" if depth else "")
         results.append(BenchResult(name, n_prompt, n_gen, float(t["avg_ts"]), float(t["stddev_ts"]),
-                                   int(t["n_threads"])))
+                                   int(t["n_threads"]), depth))
     return results
 
 
-def llama_bench(llama: LlamaCpp, gguf: Path, threads: int, prompt: int, gen: int, reps: int) -> list[BenchResult]:
+def llama_bench(llama: LlamaCpp, gguf: Path, threads: int, prompt: int, gen: int, reps: int,
+                depth: int = 0) -> list[BenchResult]:
+    """depth: each test after a context of that many tokens (llama-bench -d)."""
+    depth_args = ["-d", str(depth)] if depth else []
     out = _run([llama.tool("llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
-                "-r", str(reps), "-o", "json"], f"llama-bench {gguf.name}")
+                *depth_args, "-r", str(reps), "-o", "json"], f"llama-bench {gguf.name}")
     return parse_bench_json(out)
 
 

@@ -26,11 +26,12 @@ def test_defaults_and_options():
                              "--quick"])
     assert args.models == ["llama1b", "smollm2"] and args.rows == ["serve"] and args.concurrency == [1, 4, 16]
     assert (args.reps, args.num_requests, args.decode_steps) == (1, 8, 16)
+    assert args.decode_depths == [] and bench.parse_args(["--decode-depths", "2000,500"]).decode_depths == [500, 2000]
 
 
 @pytest.mark.parametrize("argv", [["--models", "gpt5"], ["--rows", "decode,nope"], ["--precisions", "fp8"],
                                   ["--concurrency", "0,4"], ["--concurrency", "x"], ["--threads", "0"],
-                                  ["--models", ""]])
+                                  ["--models", ""], ["--decode-depths", "0"]])
 def test_bad_options_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
@@ -72,6 +73,13 @@ def test_llama_bench_json_sample_is_read():
     raw = json.loads(SAMPLE.read_text())
     assert results[0].tokens_per_s == pytest.approx(raw[0]["avg_ts"]) and results[0].threads == 2
     assert results[1].n_gen == 16 and results[1].n_prompt == 0 and results[1].stddev >= 0
+
+
+def test_llama_bench_depth_tests_are_named_by_their_depth():
+    raw = json.loads(SAMPLE.read_text())
+    deep = [{**raw[1], "n_depth": 2000}, {**raw[1], "n_depth": 0}]
+    results = llamacpp.parse_bench_json(json.dumps(deep))
+    assert [(r.test, r.n_depth) for r in results] == [("tg16@d2000", 2000), ("tg16", 0)]
 
 
 @pytest.mark.parametrize("text, message", [
