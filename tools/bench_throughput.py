@@ -103,6 +103,9 @@ def decode_batch(llm, batch: int, prompt_len: int, num_steps: int):
     from pllm import SamplingParams
 
     engine = llm.engine
+    if prompt_len + num_steps > engine.max_model_len:  # the engine would cut max_tokens, and steps would run empty
+        raise ValueError(f"a {prompt_len}-token context and {num_steps} steps pass the model's "
+                         f"{engine.max_model_len} positions")
     rng = random.Random(1)
     for i in range(batch):
         ids = [rng.randrange(100, engine.spec.vocab_size) for _ in range(prompt_len)]

@@ -210,7 +210,7 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
     for precision in args.precisions:
         build, why_not = prepared.pllm_builds[precision]
         pllm_decode = pllm_prefill = None
-        pllm_deep: dict[int, float | None] = dict.fromkeys(args.decode_depths)
+        pllm_deep: dict[int, float | str] = dict.fromkeys(args.decode_depths, why_not)
         if build is not None:
             pllm_decode, pllm_prefill, pllm_deep = pllm_in_process(build, args)
         prefill = "prefill" in args.rows
@@ -228,14 +228,16 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
             for depth in args.decode_depths if "decode" in args.rows else ():
                 (deep,) = llamacpp.llama_bench(llama, prepared.ggufs[lp], args.threads, 0, args.output_len, args.reps,
                                                depth)
-                rows.append(Row(model, f"decode b1 @{depth} tok/s", precision, label, pllm_deep[depth],
-                                deep.tokens_per_s, Target(Goal.AT_LEAST, 1.2), why_not))
+                ours = pllm_deep[depth]  # tok/s, or why there is none
+                rows.append(Row(model, f"decode b1 @{depth} tok/s", precision, label,
+                                ours if isinstance(ours, float) else None, deep.tokens_per_s,
+                                Target(Goal.AT_LEAST, 1.2), ours if isinstance(ours, str) else None))
     return rows
 
 
-def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, float]]:
-    """(batch-1 decode tok/s, 512-token prefill tok/s, batch-1 decode tok/s after each of --decode-depths):
-    medians over --reps."""
+def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, float | str]]:
+    """(batch-1 decode tok/s, 512-token prefill tok/s, batch-1 decode tok/s after each of --decode-depths, or why
+    not where the model has too few positions for it): medians over --reps."""
     from bench_dtype import prefill_seconds
     from bench_throughput import time_decode_steps
 
@@ -247,10 +249,14 @@ def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, float]]:
     prefill_seconds(llm, rng)  # warm-up: packed weights, oneDNN primitives
     steps, _ = time_decode_steps(llm, 1, DECODE_CONTEXT, {"pllm": lambda: None}, rounds=args.reps,
                                  steps=args.decode_steps)
-    deep = {}
+    deep: dict[int, float | str] = {}
     for depth in args.decode_depths:
-        deep_steps, _ = time_decode_steps(llm, 1, depth, {"pllm": lambda: None}, rounds=args.reps,
-                                          steps=args.decode_steps)
+        try:
+            deep_steps, _ = time_decode_steps(llm, 1, depth, {"pllm": lambda: None}, rounds=args.reps,
+                                              steps=args.decode_steps)
+        except ValueError as e:  # the model's positions end before the steps do
+            deep[depth] = f"not available: {e}"
+            continue
         deep[depth] = 1.0 / statistics.median(deep_steps["pllm"])
     prefill = [prefill_seconds(llm, rng) for _ in range(args.reps)]
     del llm

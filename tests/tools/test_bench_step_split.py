@@ -35,3 +35,18 @@ def test_bad_sizes_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_step_split.main([str(tmp_path), "--batch-sizes", "0,2"])
     assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_a_decode_batch_past_the_model_s_positions_is_refused(tiny_build):
+    """The engine would cut such requests short and the timed steps would run empty: a named error instead."""
+    import pytest
+    from bench_throughput import decode_batch
+
+    from pllm import LLM
+
+    llm = LLM(str(tiny_build("llama")), backend="cpu", kv_cache_memory=1 << 24)
+    limit = llm.engine.max_model_len
+    with pytest.raises(ValueError, match=f"{limit} positions"), decode_batch(llm, 1, limit - 8, 9):
+        pass
+    with decode_batch(llm, 1, limit - 8, 8) as engine:  # exactly fits
+        assert len(engine.scheduler.running) == 1
