@@ -137,13 +137,26 @@ def test_awkward_shapes(cpu_attention, paged_kv, attention_reference, dtype, hea
 def test_short_batches_cut_contexts_into_parts(cpu_attention, paged_kv, attention_reference, dtype, head_dim,
                                                num_kv_heads, group_size, seq_lens, threads, parts, simd):
     """Fewer (sequence, KV head) items than twice the threads: each context of 128 keys or more is cut into parts
-    that threads attend apart, then combined by their maxima; the result is the reference's, to the same bounds."""
+    that threads attend apart, then combined by their maxima; the result is the reference's, to the same bounds.
+    An empty batch writes nothing."""
     kernel = cpu_attention(dtype=dtype, block_size=16, head_dim=head_dim,
                            num_attention_heads=num_kv_heads * group_size, num_key_value_heads=num_kv_heads)
     assert kernel.parts(len(seq_lens), threads) == parts
     assert kernel.parts(len(seq_lens), 1) == 1 and kernel.parts(2 * threads, threads) == 1  # nothing to balance
+    assert kernel.parts(0, threads) == 1  # and no batch at all
     check(cpu_attention, paged_kv, attention_reference, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads,
           group_size=group_size, block_size=16, seq_lens=seq_lens, seed=1, simd=simd, threads=threads)
+    q = torch.ones((2, num_kv_heads * group_size, head_dim), dtype=getattr(torch, dtype))
+    out = torch.full_like(q, 7.0)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cache = torch.zeros((1, 16, num_kv_heads, head_dim), dtype=q.dtype)
+        kernel(q, cache, cache, torch.zeros((1, 1), dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+               torch.zeros(0, dtype=torch.int64), 1, 1.0, out)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.all(out == 7.0)
 
 
 def test_bf16_items_run_the_avx512_code_where_the_cpu_has_it(cpu_attention):

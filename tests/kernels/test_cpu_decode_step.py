@@ -76,7 +76,8 @@ def test_step_equals_the_per_op_path(build_ops, shape, dtype, context_lens, seed
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_step_is_deterministic(build_ops, dtype):
-    """Rows split statically over threads, each attention item summed by one thread: rerun, bit for bit the same."""
+    """Rows split statically over threads, each attention item (or part of one) summed by one thread and the parts
+    combined in a fixed order: rerun, bit for bit the same."""
     spec = spec_of("qwen2-bias-3")
     (a, _), _ = run_both(build_ops, spec, dtype, [5, 9, 33], seed=7)
     (b, _), _ = run_both(build_ops, spec, dtype, [5, 9, 33], seed=7)
@@ -84,21 +85,29 @@ def test_step_is_deterministic(build_ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("context_lens", "threads"), [([200], 2), ([180, 150], 4)])
+@pytest.mark.parametrize(("context_lens", "threads"), [([200], 2), ([180, 150], 4), ([200, 40], 4)])
 def test_short_batches_attend_long_contexts_in_parts(build_ops, dtype, context_lens, threads):
-    """Fewer (sequence, KV head) items than twice the threads: the step's attention cuts each context into parts
-    (cpu_decode_attention's parts_per_item: here 2 each), attended apart and combined; the step still equals the
-    per-op path, and reruns bit for bit."""
+    """Fewer (sequence, KV head) items than twice the threads: the step's attention cuts each context of 128 keys or
+    more into parts (cpu_decode_attention's parts_per_item: here 2 each; a 41-key context stays whole), attended
+    apart and combined. On one thread every context is whole; the GEMVs sum each output on one thread either way,
+    so only the attention's fp32 sums differ: the split step is the one-thread step within the step's bound (and the
+    per-op path, which splits alike), and reruns bit for bit."""
     spec = spec_of("smollm2-like-1")
+    per_op, _ = build_ops(spec, dtype)
+    assert per_op.decode_attention.parts(len(context_lens), threads) == 2
+    assert per_op.decode_attention.parts(len(context_lens), 1) == 1
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
+        torch.set_num_threads(1)
+        (whole, _), _ = run_both(build_ops, spec, dtype, context_lens, seed=8)
+        torch.set_num_threads(threads)
         (fused, _), (ref, _) = run_both(build_ops, spec, dtype, context_lens, seed=8)
         (again, _), _ = run_both(build_ops, spec, dtype, context_lens, seed=8)
     finally:
         torch.set_num_threads(saved)
-    err = (fused - ref).abs() / rows_scale(ref)
-    assert err.max() <= bound(spec, dtype), (err.max().item(), bound(spec, dtype))
+    for other in (whole, ref):
+        err = (fused - other).abs() / rows_scale(other)
+        assert err.max() <= bound(spec, dtype), (err.max().item(), bound(spec, dtype))
     assert torch.equal(fused, again)
 
 

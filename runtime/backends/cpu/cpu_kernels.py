@@ -75,7 +75,7 @@ class CpuDecodeAttention:
 
     def parts(self, num_seqs: int, num_threads: int) -> int:
         """How many parts each (sequence, KV head) item's context is cut into, to share a short batch out between
-        threads (a context gets at most one part per 64 visible keys, so under 128 it stays whole)."""
+        threads (a context gets at most one part per 64 keys from its first visible 16-key tile: under 128, whole)."""
         return 1 if self._parts is None else int(self._parts(num_seqs, num_threads))
 
     def __call__(
