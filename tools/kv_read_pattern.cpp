@@ -11,6 +11,7 @@
 //   one head, in order   - the same with the blocks in order
 //   all heads, shuffled  - whole token rows (every head), blocks shuffled
 //   flat                 - the same bytes end to end
+//   heads within a block - each block's rows one KV head at a time (its K, its V), then the next block
 // Portable vector code (GCC vector extensions), as tools/stream_read.cpp: the loads are what is measured.
 #include <stdint.h>
 #include <stdio.h>
@@ -58,11 +59,12 @@ int main(int argc, char **argv) {
     std::vector<int> order(blocks);
     for (int i = 0; i < blocks; i++) order[i] = i;
     std::mt19937 rng(1);
-    const char *names[] = {"one head, shuffled", "one head, in order", "all heads, shuffled", "flat"};
+    const char *names[] = {"one head, shuffled", "one head, in order", "all heads, shuffled", "flat",
+                           "heads within a block"};
     const double pass_bytes = 2.0 * layers * layer_bytes;
     printf("%d tokens, %d KV heads of %d, %d layers: %.1f MB of K and V a pass\n", tokens, kv_heads, head_dim, layers,
            pass_bytes / 1e6);
-    for (int mode = 0; mode < 4; mode++) {
+    for (int mode = 0; mode < 5; mode++) {
         if (mode == 1 || mode == 3)
             std::sort(order.begin(), order.end());
         else
@@ -75,6 +77,16 @@ int main(int argc, char **argv) {
                 if (mode == 3) {
                     acc = read_span(caches[2 * l], layer_bytes, acc);
                     acc = read_span(caches[2 * l + 1], layer_bytes, acc);
+                    continue;
+                }
+                if (mode == 4) {
+                    for (int b = 0; b < blocks; b++)
+                        for (int h = 0; h < kv_heads; h++)
+                            for (int kv = 0; kv < 2; kv++) {
+                                const char *block = caches[2 * l + kv] + (int64_t)order[b] * block_size * row;
+                                for (int i = 0; i < block_size; i++)
+                                    acc = read_span(block + i * row + h * head_bytes, head_bytes, acc);
+                            }
                     continue;
                 }
                 const bool whole = mode == 2;
