@@ -19,7 +19,7 @@ from pllm.compiler.plan import make_plan
 from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
-from .conftest import compile_cpu_kernel, tiny_spec
+from .conftest import compile_cpu_kernel, tiny_spec, torch_threads
 from .test_prefill_attention import make_metadata
 
 # float32 throughout (the precision the greedy-equality promise runs in). Without a soft-cap the tolerances are
@@ -175,9 +175,7 @@ def test_cpu_decode_kernel_window_cut_into_parts(tmp_path, paged_kv, attention_r
                                 HEAD_DIM, window, softcap)
     assert kernel.parts(1, threads) > 1
     segs = [(900, 1)]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for windowed in (True, False):
 
             def attend(q, kv, meta, scale, windowed=windowed):
@@ -187,5 +185,3 @@ def test_cpu_decode_kernel_window_cut_into_parts(tmp_path, paged_kv, attention_r
 
             run_case(attend, paged_kv, attention_reference, segs=segs, block_size=block_size, window=window,
                      softcap=softcap, windowed=windowed, seed=4)
-    finally:
-        torch.set_num_threads(saved)

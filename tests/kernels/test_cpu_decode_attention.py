@@ -19,7 +19,7 @@ from pllm.models.ops import AttentionMetadata
 from pllm.runtime.backends.cpu.cpu_kernels import CpuDecodeAttention, choose_cpu_kernels
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
-from .conftest import compile_cpu_kernel, tiny_spec
+from .conftest import compile_cpu_kernel, tiny_spec, torch_threads
 
 # Reference: softmax(q k^T * scale) v in fp64 on the same rounded q, K, V. The kernel keeps scores, probabilities
 # and sums in fp32 and rounds only the output. Tolerances:
@@ -71,12 +71,10 @@ def check(cpu_attention, paged_kv, attention_reference, *, dtype: str, head_dim:
     out = torch.full_like(q, 7.0)
     scale = head_dim**-0.5
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-    saved_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(threads or saved_threads)
-        kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens_t, q_rows, max(seq_lens), scale, out)
+        with torch_threads(threads or torch.get_num_threads()):
+            kernel(q, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens_t, q_rows, max(seq_lens), scale, out)
     finally:
-        torch.set_num_threads(saved_threads)
         kernel.use_simd(True)  # the kernel is cached for later tests
     for i, row in enumerate(q_rows.tolist()):
         expected = attention_reference(q[row : row + 1].float(), kv.keys[i], kv.values[i], scale)
@@ -148,14 +146,10 @@ def test_short_batches_cut_contexts_into_parts(cpu_attention, paged_kv, attentio
           group_size=group_size, block_size=16, seq_lens=seq_lens, seed=1, simd=simd, threads=threads)
     q = torch.ones((2, num_kv_heads * group_size, head_dim), dtype=getattr(torch, dtype))
     out = torch.full_like(q, 7.0)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        cache = torch.zeros((1, 16, num_kv_heads, head_dim), dtype=q.dtype)
+    cache = torch.zeros((1, 16, num_kv_heads, head_dim), dtype=q.dtype)
+    with torch_threads(threads):
         kernel(q, cache, cache, torch.zeros((1, 1), dtype=torch.int32), torch.ones(1, dtype=torch.int32),
                torch.zeros(0, dtype=torch.int64), 1, 1.0, out)
-    finally:
-        torch.set_num_threads(saved)
     assert torch.all(out == 7.0)
 
 

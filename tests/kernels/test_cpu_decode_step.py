@@ -26,7 +26,7 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     why_no_decode_step,
 )
 
-from .conftest import tiny_spec
+from .conftest import tiny_spec, torch_threads
 from .cpu_step_harness import (
     BLOCK_SIZE,
     MAX_POSITIONS,
@@ -96,15 +96,11 @@ def test_short_batches_attend_long_contexts_in_parts(build_ops, dtype, context_l
     per_op, _ = build_ops(spec, dtype)
     assert per_op.decode_attention.parts(len(context_lens), threads) == 2
     assert per_op.decode_attention.parts(len(context_lens), 1) == 1
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         (whole, _), _ = run_both(build_ops, spec, dtype, context_lens, seed=8)
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         (fused, _), (ref, _) = run_both(build_ops, spec, dtype, context_lens, seed=8)
         (again, _), _ = run_both(build_ops, spec, dtype, context_lens, seed=8)
-    finally:
-        torch.set_num_threads(saved)
     for other in (whole, ref):
         err = (fused - other).abs() / rows_scale(other)
         assert err.max() <= bound(spec, dtype), (err.max().item(), bound(spec, dtype))
