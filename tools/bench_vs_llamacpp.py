@@ -89,6 +89,14 @@ class Row:
         return self.pllm / self.llama if self.pllm is not None and self.llama else None
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One pllm figure, or why there is none."""
+
+    value: float | None
+    why_not: str = ""
+
+
 def serve_targets(concurrency: int) -> tuple[Target | None, Target | None]:
     """(output tok/s, TTFT p50) targets: batch-1 through the servers >= 1.2x; concurrency 8-16 >= 2x with TTFT no
     worse; none in between."""
@@ -210,7 +218,7 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
     for precision in args.precisions:
         build, why_not = prepared.pllm_builds[precision]
         pllm_decode = pllm_prefill = None
-        pllm_deep: dict[int, float | str] = dict.fromkeys(args.decode_depths, why_not)
+        pllm_deep = dict.fromkeys(args.decode_depths, Measured(None, why_not))
         if build is not None:
             pllm_decode, pllm_prefill, pllm_deep = pllm_in_process(build, args)
         prefill = "prefill" in args.rows
@@ -228,18 +236,16 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
             for depth in args.decode_depths if "decode" in args.rows else ():
                 (deep,) = llamacpp.llama_bench(llama, prepared.ggufs[lp], args.threads, 0, args.output_len, args.reps,
                                                depth)
-                ours = pllm_deep[depth]  # tok/s, or why there is none
-                rows.append(Row(model, f"decode b1 @{depth} tok/s", precision, label,
-                                ours if isinstance(ours, float) else None, deep.tokens_per_s,
-                                Target(Goal.AT_LEAST, 1.2), ours if isinstance(ours, str) else None))
+                ours = pllm_deep[depth]
+                rows.append(Row(model, f"decode b1 @{depth} tok/s", precision, label, ours.value, deep.tokens_per_s,
+                                Target(Goal.AT_LEAST, 1.2), ours.why_not))
     return rows
 
 
-def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, float | str]]:
+def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, Measured]]:
     """(batch-1 decode tok/s, 512-token prefill tok/s, batch-1 decode tok/s after each of --decode-depths, or why
     not where the model has too few positions for it): medians over --reps."""
     from bench_dtype import prefill_seconds
-    from bench_throughput import time_decode_steps
 
     from pllm import LLM
 
@@ -247,21 +253,25 @@ def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, float | 
               huge_pages=args.huge_pages)
     rng = random.Random(0)
     prefill_seconds(llm, rng)  # warm-up: packed weights, oneDNN primitives
-    steps, _ = time_decode_steps(llm, 1, DECODE_CONTEXT, {"pllm": lambda: None}, rounds=args.reps,
-                                 steps=args.decode_steps)
-    deep: dict[int, float | str] = {}
+    decode = decode_tok_s(llm, DECODE_CONTEXT, args)
+    deep: dict[int, Measured] = {}
     for depth in args.decode_depths:
         try:
-            deep_steps, _ = time_decode_steps(llm, 1, depth, {"pllm": lambda: None}, rounds=args.reps,
-                                              steps=args.decode_steps)
+            deep[depth] = Measured(decode_tok_s(llm, depth, args))
         except ValueError as e:  # the model's positions end before the steps do
-            deep[depth] = f"not available: {e}"
-            continue
-        deep[depth] = 1.0 / statistics.median(deep_steps["pllm"])
+            deep[depth] = Measured(None, f"not available: {e}")
     prefill = [prefill_seconds(llm, rng) for _ in range(args.reps)]
     del llm
     gc.collect()
-    return 1.0 / statistics.median(steps["pllm"]), PREFILL_TOKENS / statistics.median(prefill), deep
+    return decode, PREFILL_TOKENS / statistics.median(prefill), deep
+
+
+def decode_tok_s(llm, context: int, args) -> float:
+    """Batch-1 decode tok/s after a `context`-token prompt: the median over --reps rounds of --decode-steps steps."""
+    from bench_throughput import time_decode_steps
+
+    steps, _ = time_decode_steps(llm, 1, context, {"pllm": lambda: None}, rounds=args.reps, steps=args.decode_steps)
+    return 1.0 / statistics.median(steps["pllm"])
 
 
 def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path) -> list[Row]:
