@@ -43,6 +43,15 @@ SEQUENTIAL_MAX_BATCH = 4
 # packed linear's row code (cpu_quant_linear), which takes them 4 at a time; 32 rows of INT8 codes of a 576-wide
 # model are 18 KB, enough per item to keep the prefetcher streaming and few enough items to share out evenly
 PACKED_ROWS = 32
+# bf16 builds on a CPU with AMX-BF16 (cpu_decode_step_amx.cpp.inc): output rows per work-sharing item of a float
+# linear, two tiles of 16 (each B tile of x loaded serves two tile products), and how far ahead in each weight row
+# its next chunk is requested (elements: one 64-byte line past the chunk the tile loads next)
+AMX_ROWS = 32
+AMX_PREFETCH_K = 64
+# ... from this many sequences: one or two stream their weights faster through the AVX-512 rows, one row after
+# another (SmolLM2's qkv, gate_up and down on a 2-core Sapphire Rapids VM, tools/bench_gemv_bandwidth.py: batch 1
+# 0.85-0.95x as fast as AVX-512 in tiles, batch 2 0.93-1.04x, batch 3 1.05-1.17x, batch 8 1.6-1.9x)
+AMX_MIN_BATCH = 3
 # Up to this many rows each thread quantises a packed linear's input itself rather than wait for one thread to
 PRIVATE_PREPARE_ROWS = 4
 PARALLEL_MIN_TOKENS = 1  # the included kernels' entry points (unused here) read it; the step threads every phase
@@ -95,6 +104,9 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "SEQUENTIAL_X_BYTES": SEQUENTIAL_X_BYTES,
         "SEQUENTIAL_MAX_BATCH": SEQUENTIAL_MAX_BATCH,
         "PACKED_ROWS": PACKED_ROWS,
+        "AMX_ROWS": AMX_ROWS,
+        "AMX_PREFETCH_K": AMX_PREFETCH_K,
+        "AMX_MIN_BATCH": AMX_MIN_BATCH,
         "PRIVATE_PREPARE_ROWS": PRIVATE_PREPARE_ROWS,
         # the included packed linear's own constants, renamed so they do not meet the step's (the template gives
         # them back their names around the include)

@@ -10,15 +10,18 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.compiler.kernels.cpu_decode_step import MAX_BATCH
+from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, MAX_BATCH
 from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu import cpu_linear, onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import (
+    AMX_ISA,
     COMPILED_BATCH_BEFORE_ONEDNN,
+    COMPILED_BATCH_BEFORE_ONEDNN_AMX,
     GEMV_BEFORE_ONEDNN_MAX_ROWS,
+    GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX,
     GEMV_LINEAR_MAX_ROWS,
     MAX_COMPILED_BATCH,
     GemvIsa,
@@ -128,25 +131,33 @@ def test_gemv_error_bound(build_ops, dtype, out_features, in_features, batch, se
 @pytest.mark.parametrize("level", list(GemvIsa), ids=lambda level: level.name.lower())
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level):
-    """Each GEMV inner loop this CPU runs: within the fp32 bound of the exact product, and each row of x's outputs
-    bit for bit the same alone as in a batch of any size up to MAX_BATCH (the batch picks the tiles: rows one after
-    another up to 4 sequences, whole tiles past; a sequence's tokens must not depend on what it is batched with).
-    Widths with an odd 8 past the 16- and 32-wide steps (72, 584), one of whole steps wide enough that 2 to 4
-    sequences (and one fp32 sequence) take the tiles too (4128), and a last tile of fewer than 4 rows (37)."""
+    """Each GEMV code this CPU runs: within the fp32 bound of the exact product, and each row of x's outputs bit for
+    bit the same alone as in a batch of any size up to MAX_BATCH (the batch picks the tiles: rows one after another
+    up to 4 sequences, whole tiles past; a sequence's tokens must not depend on what it is batched with). The AMX
+    tiles (bf16 on a CPU with AMX-BF16) run from AMX_MIN_BATCH rows of x, the AVX-512 rows below it, so there a row
+    sums alike in every batch below AMX_MIN_BATCH, and alike in every batch from it on (as in the whole MAX_BATCH).
+    Widths with an odd 8 past the 16- and 32-wide steps (72, 584), SmolLM2's (576: whole AMX steps), one of whole
+    steps wide enough that 2 to 4 sequences (and one fp32 sequence) take the tiles too (4128), and a last tile of
+    fewer than 4 rows (37: past the AMX tiles' two of 16)."""
     step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(level)
     step.limit_isa(level)
     try:
-        for in_features in (72, 584, 4128):
+        split = AMX_MIN_BATCH if step.isa == "amx_bf16" else MAX_BATCH + 1  # the first batch the tiles run
+        for in_features in (72, 576, 584, 4128):
             w = torch.randn((37, in_features), generator=gen).to(tdtype)
             x = torch.randn((MAX_BATCH, in_features), generator=gen).to(tdtype)
             alone = torch.cat([step.gemv(w, x[i : i + 1]) for i in range(MAX_BATCH)])
+            whole = step.gemv(w, x)
             for batch in range(2, MAX_BATCH + 1):
-                assert torch.equal(step.gemv(w, x[:batch]), alone[:batch]), (step.isa, in_features, batch)
+                same_as = alone if batch < split else whole
+                assert torch.equal(step.gemv(w, x[:batch]), same_as[:batch]), (step.isa, in_features, batch)
             exact = x.double() @ w.double().T
             gamma = in_features * U32 / (1 - in_features * U32)
-            assert ((alone.double() - exact).abs() <= gamma * (x.double().abs() @ w.double().abs().T)).all()
+            bound = gamma * (x.double().abs() @ w.double().abs().T)
+            assert ((alone.double() - exact).abs() <= bound).all()
+            assert ((whole.double() - exact).abs() <= bound).all()
     finally:
         step.limit_isa(GemvIsa.BEST)
 
@@ -197,7 +208,9 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     w = torch.randn((37, 584), generator=gen).to(tdtype)
     b = torch.randn(37, generator=gen).to(tdtype)
     ops = build_ops(spec, dtype)[1]
-    most = GEMV_BEFORE_ONEDNN_MAX_ROWS if dtype == "bfloat16" and onednn_bf16 else GEMV_LINEAR_MAX_ROWS
+    amx = ops.decode_step.isa == AMX_ISA
+    before_onednn = GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if amx else GEMV_BEFORE_ONEDNN_MAX_ROWS
+    most = before_onednn if dtype == "bfloat16" and onednn_bf16 else GEMV_LINEAR_MAX_ROWS
     widened = dtype == "bfloat16" and not onednn_bf16
 
     def gemm(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,16 +243,18 @@ def test_gemv_refuses_a_batch_past_its_tiles(build_ops):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_batches_and_prompts_run_per_op(build_ops, monkeypatch, dtype, onednn_bf16):
     """Steps of up to compiled_batch_limit sequences run compiled, more per-op: the kernel's whole range where the
-    per-op GEMM is F.linear, 16 where it is oneDNN's packed bf16 GEMM (either CPU, by the probe); the library says
-    the limit it was rendered with."""
+    per-op GEMM is F.linear, 16 where it is oneDNN's packed bf16 GEMM (either CPU, by the probe; 32 where the step's
+    GEMV runs AMX tiles); the library says the limit it was rendered with."""
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
     spec, tdtype = spec_of("mha-odd-rows-3"), getattr(torch, dtype)
     compiled = build_ops(spec, dtype)[1]
     assert compiled.decode_step.kernel_max_batch == MAX_BATCH == MAX_COMPILED_BATCH
     model = LlamaModel(spec, random_weights(spec, tdtype, torch.Generator().manual_seed(0)), compiled,
                        MAX_POSITIONS)
-    limit = COMPILED_BATCH_BEFORE_ONEDNN if dtype == "bfloat16" and onednn_bf16 else MAX_BATCH
-    assert model.decode_stack.max_batch == compiled_batch_limit(tdtype, False, True) == limit
+    amx = compiled.decode_step.isa == AMX_ISA
+    before_onednn = COMPILED_BATCH_BEFORE_ONEDNN_AMX if amx else COMPILED_BATCH_BEFORE_ONEDNN
+    limit = before_onednn if dtype == "bfloat16" and onednn_bf16 else MAX_BATCH
+    assert model.decode_stack.max_batch == compiled_batch_limit(tdtype, False, True, amx) == limit
     meta, _ = decode_step(spec, tdtype, [3] * (limit + 1), torch.Generator().manual_seed(1))
     assert not model.decode_stack.accepts([meta])
     meta, _ = decode_step(spec, tdtype, [3] * limit, torch.Generator().manual_seed(1))

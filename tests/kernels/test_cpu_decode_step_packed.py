@@ -16,7 +16,12 @@ from pllm.compiler.quantize import quantize_int4, quantize_int8
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu import onednn
-from pllm.runtime.backends.cpu.cpu_decode_step import COMPILED_BATCH_BEFORE_ONEDNN, MAX_COMPILED_BATCH_PACKED
+from pllm.runtime.backends.cpu.cpu_decode_step import (
+    AMX_ISA,
+    COMPILED_BATCH_BEFORE_ONEDNN,
+    COMPILED_BATCH_BEFORE_ONEDNN_AMX,
+    MAX_COMPILED_BATCH_PACKED,
+)
 
 from .cpu_step_harness import (
     MAX_POSITIONS,
@@ -150,8 +155,8 @@ def test_step_with_packed_weights_equals_the_per_op_packed_path(build_ops, shape
 @pytest.mark.parametrize("one_float", [False, True], ids=["all-packed", "one-float"])
 def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog, monkeypatch, one_float, onednn_bf16):
     """A stack of packed linears runs compiled up to MAX_COMPILED_BATCH_PACKED sequences on either CPU (by the
-    probe); with a float linear among them (a GGUF build's mix), up to 16 where oneDNN's bf16 GEMM would take that one
-    per-op."""
+    probe); with a float linear among them (a GGUF build's mix), up to 16 (32 where the step's GEMV runs AMX tiles)
+    where oneDNN's bf16 GEMM would take that one per-op."""
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
     spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
     compiled = build_ops(spec, "bfloat16", packed=True)[1]
@@ -161,7 +166,9 @@ def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog, monkey
         weights["layers.1.o_proj"] = floats["layers.1.o_proj"]
     with caplog.at_level("INFO", logger="pllm"):
         model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
-    limit = COMPILED_BATCH_BEFORE_ONEDNN if one_float and onednn_bf16 else MAX_COMPILED_BATCH_PACKED
+    amx = compiled.decode_step.isa == AMX_ISA
+    before_onednn = COMPILED_BATCH_BEFORE_ONEDNN_AMX if amx else COMPILED_BATCH_BEFORE_ONEDNN
+    limit = before_onednn if one_float and onednn_bf16 else MAX_COMPILED_BATCH_PACKED
     assert model.decode_stack.max_batch == limit
     kept = "1 bfloat16, 11 int4 group 32" if one_float else "12 int4 group 32"
     assert f"reading packed weights (linears: {kept})" in caplog.text

@@ -43,11 +43,12 @@ PACKED_KINDS = {QuantScheme.INT8: WeightKind.INT8, QuantScheme.INT4: WeightKind.
 
 
 class GemvIsa(enum.IntEnum):
-    """The best GEMV inner loop the step may choose (pllm_decode_step_limit_isa's levels): the best this CPU runs
-    (AVX-512 where present), the x86-64 baseline (AVX2 + FMA tiles; the generic code on other machines), the
-    generic vector code."""
+    """The best GEMV code the step may choose (pllm_decode_step_limit_isa's levels): the best this CPU runs (a bf16
+    build's AMX tiles where present, else as AVX512), AVX-512 where present, the x86-64 baseline (AVX2 + FMA tiles;
+    the generic code on other machines), the generic vector code. A level the CPU lacks runs the next below it."""
 
-    BEST = 2
+    BEST = 3
+    AVX512 = 2
     BASELINE = 1
     GENERIC = 0
 # The most sequences a step runs compiled where the per-op path's GEMM is F.linear (fp32; bf16 on a CPU where
@@ -58,6 +59,10 @@ MAX_COMPILED_BATCH = 64
 # ... and where oneDNN's packed bf16 GEMM is the per-op path's: 1.18x faster compiled at 16 sequences on the AVX-512
 # BF16 VM once the GEMV tiles kept their sums in registers (0.71x before), not measured past 16
 COMPILED_BATCH_BEFORE_ONEDNN = 16
+# ... and where the step's GEMV runs AMX tiles (bf16 on a CPU with AMX-BF16; oneDNN's GEMM uses them too): SmolLM2's
+# whole step on a 2-core Sapphire Rapids VM 1.75x faster compiled at 16 sequences, 1.46x at 32, level at 64
+# (tools/bench_decode_step.py)
+COMPILED_BATCH_BEFORE_ONEDNN_AMX = 32
 # With packed weights (any linear of the model): the step runs the per-op path's packed GEMV, which reads the codes
 # once per step whatever the batch; compiled it only saves the crossings, so up to the kernel's limit (measured:
 # README, tools/bench_decode_step.py; on the AVX2-only EPYC, bf16 builds of SmolLM2, int8 1.14x faster compiled at
@@ -77,6 +82,10 @@ GEMV_LINEAR_MAX_ROWS = 64
 # ... and up to this many where oneDNN's packed bf16 GEMM is the alternative: the same LM head streamed at 49
 # against 40 GB/s at batch 1, 40 against 30 at batch 4 on the AVX-512 BF16 VM
 GEMV_BEFORE_ONEDNN_MAX_ROWS = 4
+# ... and where the GEMV runs AMX tiles: the LM head at 16.9 against 13.3 GB/s at 16 rows, 9.9 against 8.6 at 32,
+# 5.3 against 9.6 at 64 on the Sapphire Rapids VM (tools/bench_gemv_bandwidth.py)
+GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX = 32
+AMX_ISA = "amx_bf16"  # CpuDecodeStep.isa where the GEMV runs AMX tiles
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
@@ -89,16 +98,17 @@ NOT_COMPILED: tuple[tuple[str, Callable[[ModelSpec], bool]], ...] = (
 )
 
 
-def compiled_batch_limit(dtype: torch.dtype, packed: bool, floats: bool) -> int:
+def compiled_batch_limit(dtype: torch.dtype, packed: bool, floats: bool, amx: bool = False) -> int:
     """The most sequences a step runs compiled (before the kernel's own limit): past it the per-op path is as fast
     or faster. By what that path runs for the step's linears, packed (some are) and float (some are; a GGUF build
     mixes them): packed ones their GEMV (MAX_COMPILED_BATCH_PACKED), float ones F.linear (MAX_COMPILED_BATCH) or for
-    bf16 oneDNN's packed GEMM where the CPU has it (COMPILED_BATCH_BEFORE_ONEDNN); the least of those that apply."""
+    bf16 oneDNN's packed GEMM where the CPU has it (COMPILED_BATCH_BEFORE_ONEDNN, or with the step's float GEMV on
+    AMX tiles, amx, COMPILED_BATCH_BEFORE_ONEDNN_AMX); the least of those that apply."""
     limits = [MAX_COMPILED_BATCH]
     if packed:
         limits.append(MAX_COMPILED_BATCH_PACKED)
     if floats and dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
-        limits.append(COMPILED_BATCH_BEFORE_ONEDNN)
+        limits.append(COMPILED_BATCH_BEFORE_ONEDNN_AMX if amx else COMPILED_BATCH_BEFORE_ONEDNN)
     return min(limits)
 
 
@@ -108,6 +118,16 @@ def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
     if features:
         return ", ".join(features)
     return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2, qwen3 in float32/bfloat16 only)"
+
+
+def _check_gemv(status: int, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """pllm_gemv(_many)'s status as an error naming the shapes: -1 no memory for the prepared input, -2 a batch past
+    the kernel's limit or rows not whole vectors."""
+    if status == -1:
+        raise MemoryError(f"gemv of {tuple(x.shape)} x {tuple(weight.shape)}: no memory for its prepared input")
+    if status != 0:
+        raise ValueError(f"gemv of {tuple(x.shape)} x {tuple(weight.shape)}: batch past the kernel's limit or rows "
+                         "not whole vectors")
 
 
 class CpuDecodeStep:
@@ -136,8 +156,9 @@ class CpuDecodeStep:
 
     @property
     def isa(self) -> str:
-        """The GEMV inner loop this CPU runs: "avx512_bf16" or "avx512f" (by the dtype), "avx2" (an
-        AVX2-only x86-64 CPU), or "generic" (LANES-wide vector code: other machines)."""
+        """The GEMV code this CPU runs: "amx_bf16" (a bf16 build on a CPU with AMX-BF16 that Linux lets this
+        process use), "avx512_bf16" or "avx512f" (by the dtype), "avx2" (an AVX2-only x86-64 CPU), or "generic"
+        (LANES-wide vector code: other machines)."""
         return self._isa().decode()
 
     def limit_isa(self, level: GemvIsa) -> None:
@@ -148,7 +169,7 @@ class CpuDecodeStep:
     def batch_limit(self, packed: bool, floats: bool) -> int:
         """The most sequences a step over linears of these kinds runs compiled: compiled_batch_limit, within the
         kernel's own limit."""
-        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, packed, floats))
+        return min(self.kernel_max_batch, compiled_batch_limit(self.dtype, packed, floats, self.isa == AMX_ISA))
 
     @property
     def max_batch(self) -> int:
@@ -171,9 +192,7 @@ class CpuDecodeStep:
         y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
         status = self._gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[0],
                             y.data_ptr(), torch.get_num_threads())
-        if status != 0:
-            raise ValueError(f"gemv of {tuple(x.shape)} x {tuple(weight.shape)}: batch past the kernel's limit or "
-                             "rows not whole vectors")
+        _check_gemv(status, x, weight)
         return y
 
     def gemv_stream(self, weights: Sequence[torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -191,9 +210,7 @@ class CpuDecodeStep:
 
         def run() -> torch.Tensor:
             assert keep
-            if self._gemv_many(*args, torch.get_num_threads()) != 0:
-                raise ValueError(f"gemv of {tuple(x.shape)} x {tuple(first.shape)}: batch past the kernel's limit or "
-                                 "rows not whole vectors")
+            _check_gemv(self._gemv_many(*args, torch.get_num_threads()), x, first)
             return y
 
         return run

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
 from pllm.runtime.backends.cpu import onednn
-from pllm.runtime.backends.cpu.cpu_decode_step import GEMV_BEFORE_ONEDNN_MAX_ROWS, GEMV_LINEAR_MAX_ROWS, CpuDecodeStep
+from pllm.runtime.backends.cpu.cpu_decode_step import (
+    AMX_ISA,
+    GEMV_BEFORE_ONEDNN_MAX_ROWS,
+    GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX,
+    GEMV_LINEAR_MAX_ROWS,
+    CpuDecodeStep,
+)
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
 
 logger = logging.getLogger("pllm")
@@ -62,7 +68,7 @@ class CpuLinear:
         if isinstance(weight, QuantizedWeight):
             return self._quant_linear(x, weight, bias)
         step = self.decode_step
-        if bias is None and step is not None and step.gemv_runs(weight, x, self._gemv_max_rows(weight)):
+        if bias is None and step is not None and step.gemv_runs(weight, x, self._gemv_max_rows(weight, step)):
             # a few rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams the
             # weights faster than oneDNN's GEMM or F.linear there; its fp32 sums rounded once to the dtype, as
             # F.linear's are
@@ -116,11 +122,11 @@ class CpuLinear:
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def _gemv_max_rows(weight: torch.Tensor) -> int:
+    def _gemv_max_rows(weight: torch.Tensor, step: CpuDecodeStep) -> int:
         """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
-        is the alternative than where F.linear is."""
+        is the alternative than where F.linear is (more of them where the GEMV runs AMX tiles)."""
         if weight.dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
-            return GEMV_BEFORE_ONEDNN_MAX_ROWS
+            return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if step.isa == AMX_ISA else GEMV_BEFORE_ONEDNN_MAX_ROWS
         return GEMV_LINEAR_MAX_ROWS
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
