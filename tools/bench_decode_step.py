@@ -1,10 +1,14 @@
 """Decode step time on the cpu backend: the compiled whole-stack step (cpu_decode_step) against the per-op path.
 
     chrt -f 10 python tools/bench_decode_step.py build/ [--batch-sizes 1,4,8,16] [--prompt-len 64] [--json out.json]
+                                                 [--against-isa avx512]
 
 For each batch size one running batch takes turns between the compiled step and the per-op forward (the same
 engine, the model's decode stack switched off and on), `--steps` engine steps at a time for `--rounds` rounds, so
-drift on a shared machine hits both alike. Prints the best and median ms/step of each and the speed-up.
+drift on a shared machine hits both alike. Prints the best and median ms/step of each and the speed-up. With
+`--against-isa avx512` (or baseline, generic) a third variant takes the same turns: the compiled step with its GEMV
+limited to that code (CpuDecodeStep.limit_isa), to weigh the best code against it in one run (AMX tiles against
+the AVX-512 rows on a CPU with both).
 
 Then the GEMVs alone: the step's GEMV (kernels/cpu_decode_step.so) over every layer's weight matrices, as GB/s
 of weights read, against the machine's read bandwidth measured in the same run (a sum over a buffer far larger
@@ -19,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ from bench_throughput import time_decode_steps
 
 from pllm import LLM
 from pllm.models.quant import QuantizedWeight
+from pllm.runtime.backends.cpu.cpu_decode_step import GemvIsa
 
 
 def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -69,6 +75,10 @@ def main() -> None:
     ap.add_argument("--compiled-up-to", type=int,
                     help="run the compiled step up to this batch (default: the runtime's routing limit for the "
                          "build; at most the kernel's own limit, 64), to see where the per-op path wins")
+    ap.add_argument("--against-isa", choices=[level.name.lower() for level in GemvIsa if level != GemvIsa.BEST],
+                    help="also time the compiled step with its GEMV limited to this code (avx512: the AVX-512 rows "
+                         "on a CPU whose best is AMX tiles), taking turns with the others; prints its time and the "
+                         "best code's speed-up over it")
     args = ap.parse_args()
 
     llm = LLM(args.build_dir, backend="cpu", max_num_seqs=max(int(b) for b in args.batch_sizes.split(",")))
@@ -82,8 +92,16 @@ def main() -> None:
             raise SystemExit(f"--compiled-up-to {args.compiled_up_to}: this build's step takes 1 to "
                              f"{stack.kernel.kernel_max_batch} sequences")
         stack.max_batch = args.compiled_up_to
-    variants = {"compiled": lambda: setattr(model, "decode_stack", stack),
-                "per-op": lambda: setattr(model, "decode_stack", None)}
+    def variant(compiled: bool, level: GemvIsa = GemvIsa.BEST) -> Callable[[], None]:
+        def use() -> None:
+            model.decode_stack = stack if compiled else None
+            ops.decode_step.limit_isa(level)  # the LM head's GEMV too, in every variant
+        return use
+
+    variants = {"compiled": variant(True), "per-op": variant(False)}
+    against = GemvIsa[args.against_isa.upper()] if args.against_isa else None
+    if against is not None:
+        variants[f"compiled {args.against_isa}"] = variant(True, against)
     spec = runner.spec
     # every layer's matrices, in step order: together far larger than the caches, as a step streams them
     layer_weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -103,6 +121,7 @@ def main() -> None:
           f"{'GEMV/read':>9}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         times, _ = time_decode_steps(llm, batch, args.prompt_len, variants, args.rounds, args.steps)
+        ops.decode_step.limit_isa(GemvIsa.BEST)  # the GEMV alone below runs the best code
         best = {name: min(ts) for name, ts in times.items()}
         median = {name: statistics.median(ts) for name, ts in times.items()}
         gemv = gemv_bandwidth(ops.decode_step, layer_weights, batch) if float_weights else None
@@ -119,7 +138,15 @@ def main() -> None:
               f"{row['speedup_best']:>8.2f}x {step_bw / 1e9:>10.1f} {gemv_cells}")
         print(f"{'':>5} median {median['compiled'] * 1e3:>5.2f} {median['per-op'] * 1e3:>10.2f} "
               f"{row['speedup_median']:>8.2f}x")
+        if against is not None:
+            other = f"compiled {args.against_isa}"
+            row["against_isa"] = {"isa": args.against_isa, "best_ms": best[other] * 1e3,
+                                  "median_ms": median[other] * 1e3}
+            print(f"{'':>5} compiled with the {args.against_isa} GEMV: {best[other] * 1e3:.2f} ms (median "
+                  f"{median[other] * 1e3:.2f}); {results['isa']} {best[other] / best['compiled']:.2f}x faster "
+                  f"(median {median[other] / median['compiled']:.2f}x)")
     model.decode_stack = stack
+    ops.decode_step.limit_isa(GemvIsa.BEST)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
