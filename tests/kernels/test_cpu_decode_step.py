@@ -3,6 +3,9 @@ builds that keep packed weights: test_cpu_decode_step_packed.py."""
 
 from __future__ import annotations
 
+import ctypes
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.dtype_choice import host_cpu_flags
 from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, MAX_BATCH
 from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
@@ -158,6 +162,27 @@ def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level)
             bound = gamma * (x.double().abs() @ w.double().abs().T)
             assert ((alone.double() - exact).abs() <= bound).all()
             assert ((whole.double() - exact).abs() <= bound).all()
+    finally:
+        step.limit_isa(GemvIsa.BEST)
+
+
+def amx_granted() -> bool:
+    """Whether Linux lets this process use AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)."""
+    if platform.machine() != "x86_64" or "amx_bf16" not in host_cpu_flags():
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bf16_gemv_takes_the_amx_tiles_where_the_cpu_has_them(build_ops, dtype):
+    """The best GEMV code of a bf16 step is the AMX tiles exactly where the CPU lists amx_bf16 and Linux grants the
+    tile data; an fp32 step never takes them (AMX multiplies bf16 and int8 only), nor does a step limited to AVX512."""
+    step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
+    assert (step.isa == AMX_ISA) == (dtype == "bfloat16" and amx_granted()), step.isa
+    step.limit_isa(GemvIsa.AVX512)
+    try:
+        assert step.isa != AMX_ISA
     finally:
         step.limit_isa(GemvIsa.BEST)
 
