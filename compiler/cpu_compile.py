@@ -54,27 +54,34 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     isa, arch_flags = CPU_TARGETS.get(machine, ("native-default", []))
     flags = [*BASE_FLAGS, *arch_flags]
     version = _compiler_version(compiler)
-    libraries = {}
+    libraries, kernel_flags = {}, {}
     for kernel in sources:
         library = kernel.file_name.removesuffix(".cpp") + ".so"
-        cmd = [*shlex.split(compiler), *flags, *kernel.compile_flags, kernel.file_name, "-o", library]
-        key = kernel_cache.kernel_key((kernel_dir / kernel.file_name).read_bytes(), version, [machine, *cmd])
-        if kernel_cache.fetch(key, kernel_dir / library):
-            libraries[kernel.name] = library
-            continue
-        error = _run_compiler(cmd, kernel_dir)
+        tries = [list(kernel.compile_flags)]
+        if kernel.fallback_flags:  # a second try without what the toolchain may lack
+            tries.append([*kernel.compile_flags, *kernel.fallback_flags])
+        for own_flags in tries:
+            cmd = [*shlex.split(compiler), *flags, *own_flags, kernel.file_name, "-o", library]
+            key = kernel_cache.kernel_key((kernel_dir / kernel.file_name).read_bytes(), version, [machine, *cmd])
+            fetched = kernel_cache.fetch(key, kernel_dir / library)
+            error = None if fetched else _run_compiler(cmd, kernel_dir)
+            if error is None:
+                if not fetched:
+                    kernel_cache.store(key, kernel_dir / library)
+                break
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
                 (kernel_dir / done).unlink(missing_ok=True)
             return {"error": f"{compiler} failed on {kernel.file_name}: {error}"}
-        kernel_cache.store(key, kernel_dir / library)
         libraries[kernel.name] = library
+        if own_flags:
+            kernel_flags[kernel.name] = own_flags
     return {
         "machine": machine,
         "isa": isa,
         "compiler": version,
         "flags": flags,
-        "kernel_flags": {k.name: list(k.compile_flags) for k in sources if k.compile_flags},
+        "kernel_flags": kernel_flags,
         "libraries": libraries,
     }
 

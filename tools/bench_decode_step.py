@@ -95,7 +95,8 @@ def main() -> None:
     def variant(compiled: bool, level: GemvIsa = GemvIsa.BEST) -> Callable[[], None]:
         def use() -> None:
             model.decode_stack = stack if compiled else None
-            ops.decode_step.limit_isa(level)  # the LM head's GEMV too, in every variant
+            # the LM head's GEMV too, in every variant, and its routing: as many rows as on a CPU whose best is that
+            ops.decode_step.limit_isa(level)
         return use
 
     variants = {"compiled": variant(True), "per-op": variant(False)}

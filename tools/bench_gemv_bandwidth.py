@@ -2,7 +2,7 @@
 
     chrt -f 10 python tools/bench_gemv_bandwidth.py [--dtypes bfloat16,float32] [--batches 1,2,4,8,16,32,64]
                                                     [--models smollm2-135m,llama-1b] [--tiles 4x4p2s16,4x4p2s0]
-                                                    [--isa best,baseline,generic]
+                                                    [--isa best,avx512,baseline,generic]
 
 For each linear of SmolLM2-135M (qkv 576->960, o 576->576, gate_up 576->3072, down 1536->576, and the LM head
 576->49152) and of a 1B llama (TinyLlama's shapes: hidden 2048, intermediate 5632, 32 heads, 4 KV heads, vocabulary
@@ -13,8 +13,8 @@ by every copy in turn, as a decode step streams its layers' weights. Timed are:
   - the compiled step's GEMV (kernels/cpu_decode_step.so's pllm_gemv_many: the step's work-sharing loop over row
     tiles in one parallel region, so no call per matrix) for batches up to its MAX_BATCH, one column per --tiles
     variant (ROW_TILE x BATCH_TILE, pPREFETCH_TILES, sSEQUENTIAL_X_BYTES in KiB; the first is the engine's), and
-    per --isa level (CpuDecodeStep.limit_isa: the best inner loop the CPU has, the x86-64 baseline's AVX2 tiles
-    (both dtypes), the generic vector code);
+    per --isa level (CpuDecodeStep.limit_isa: the best code the CPU has (bf16: AMX tiles from 3 rows where it has
+    AMX-BF16), AVX-512, the x86-64 baseline's AVX2 tiles (both dtypes), the generic vector code);
   - the per-op path (TorchOps.linear: oneDNN on weights packed once for bf16, F.linear for fp32), one call each.
 
 The engine runs the first up to compiled_batch_limit (runtime/backends/cpu/cpu_decode_step.py) and the second past

@@ -15,11 +15,12 @@ from pllm.models.spec import ModelSpec
 # transformers through this kernel (qwen3: with its q/k norm); phi3 shares the class but its partial rotary and
 # longrope stay per-op.
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# The most sequences one call takes (the library says so: pllm_decode_step_max_batch); each GEMV tile keeps
-# MAX_BATCH x ROW_TILE fp32 sums on the stack. How far the engine uses it is the runtime's choice, by what the per-op
-# path would run instead (runtime/backends/cpu/cpu_decode_step.py's compiled_batch_limit): past 16 sequences
-# oneDNN's packed bf16 GEMM wins where the CPU has one, while F.linear (fp32; bf16 widened where oneDNN has no bf16
-# GEMM) lost to the step's tiles at 32 and 64 sequences on the AVX2-only EPYC
+# The most sequences one call takes (the library says so: pllm_decode_step_max_batch); each GEMV work item keeps
+# MAX_BATCH x its rows (ROW_TILE, or AMX_ROWS on AMX tiles) fp32 sums on the stack. How far the engine uses it is the
+# runtime's choice, by what the per-op path would run instead (runtime/backends/cpu/cpu_decode_step.py's
+# compiled_batch_limit): past 16 sequences (32 on AMX tiles) oneDNN's packed bf16 GEMM wins where the CPU has one,
+# while F.linear (fp32; bf16 widened where oneDNN has no bf16 GEMM) lost to the step's tiles at 32 and 64 sequences
+# on the AVX2-only EPYC
 MAX_BATCH = 64
 ROW_TILE = 4  # weight rows per GEMV tile: 4 independent sums per activation row hide the FMA/dot latency
 BATCH_TILE = 4  # activation rows per pass over a tile: 4 x 4 accumulators fit the 32 AVX-512 registers
@@ -118,5 +119,8 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
     return constants, {**options, "simd_bf16": cpu_decode_attention.simd_bf16(options)}
 
 
+# Built again without the AMX tiles where the first compile fails (an assembler older than their instructions: the
+# library then runs the AVX-512 rows, and says so: pllm_decode_step_amx_compiled)
+FALLBACK_FLAGS = ("-DHAVE_AMX=0",)
 KERNEL = Kernel("cpu_decode_step", op="decode_step", language=Language.CPP, render=render, applies=supported,
-                compile_flags=COMPILE_FLAGS, packed_option=True)
+                compile_flags=COMPILE_FLAGS, fallback_flags=FALLBACK_FLAGS, packed_option=True)

@@ -28,6 +28,9 @@ class KernelSpec:
     op: str  # what the backends bind it by ("rms_norm" for rms_norm and cpu_rms_norm; Ops.attention uses two)
     language: Language
     compile_flags: tuple[str, ...] = ()  # C++ only: flags this kernel needs beyond the shared ones
+    # C++ only: added for a second try where the first compile fails (a toolchain without an optional instruction set
+    # the source uses where it can, e.g. an assembler older than the AMX tile instructions)
+    fallback_flags: tuple[str, ...] = ()
 
     def to_manifest(self) -> dict[str, Any]:
         entry = {
@@ -61,6 +64,7 @@ class Kernel:
     render: Render
     applies: Callable[[ModelSpec, str], bool] = _always  # (spec, dtype): whether the plan carries it
     compile_flags: tuple[str, ...] = ()  # C++ only
+    fallback_flags: tuple[str, ...] = ()  # C++ only: KernelSpec.fallback_flags
     # the model kinds whose plans may carry it (then `applies` decides): decoder kernels read a KV cache
     kinds: frozenset[ModelKind] = frozenset({ModelKind.DECODER})
     quantized: bool = False  # reads packed weights (models/quant.py): in the plan only of a build that keeps some
@@ -74,4 +78,4 @@ class Kernel:
             options = {**options, "packed": quant is not None}
         suffix = self.language.suffix
         return KernelSpec(self.name, f"{self.name}.{suffix}.jinja", f"{self.name}.{suffix}", constants, options,
-                          self.op, self.language, self.compile_flags)
+                          self.op, self.language, self.compile_flags, self.fallback_flags)

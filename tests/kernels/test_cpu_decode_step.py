@@ -4,6 +4,7 @@ builds that keep packed weights: test_cpu_decode_step_packed.py."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 
 import pytest
@@ -12,11 +13,13 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.cpu_compile import compile_cpu_kernels, find_compiler
 from pllm.compiler.dtype_choice import host_cpu_flags
-from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, MAX_BATCH
+from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, FALLBACK_FLAGS, MAX_BATCH
+from pllm.compiler.kernels.cpu_decode_step import COMPILE_FLAGS as STEP_COMPILE_FLAGS
 from pllm.compiler.kernels.cpu_decode_step import supported as step_supported
 from pllm.compiler.plan import make_plan
+from pllm.compiler.render import render_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu import cpu_linear, onednn
@@ -28,6 +31,7 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX,
     GEMV_LINEAR_MAX_ROWS,
     MAX_COMPILED_BATCH,
+    CpuDecodeStep,
     GemvIsa,
     compiled_batch_limit,
     why_no_decode_step,
@@ -142,15 +146,15 @@ def test_each_gemv_code_sums_a_row_alike_in_every_batch(build_ops, dtype, level)
     sums alike in every batch below AMX_MIN_BATCH, and alike in every batch from it on (as in the whole MAX_BATCH).
     Widths with an odd 8 past the 16- and 32-wide steps (72, 584), SmolLM2's (576: whole AMX steps), one of whole
     steps wide enough that 2 to 4 sequences (and one fp32 sequence) take the tiles too (4128), and a last tile of
-    fewer than 4 rows (37: past the AMX tiles' two of 16)."""
+    fewer than 4 rows (37: past the AMX tiles' two of 16; 53: one AMX tile of 16 past an item of 32, then 5 rows)."""
     step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(level)
     step.limit_isa(level)
     try:
         split = AMX_MIN_BATCH if step.isa == "amx_bf16" else MAX_BATCH + 1  # the first batch the tiles run
-        for in_features in (72, 576, 584, 4128):
-            w = torch.randn((37, in_features), generator=gen).to(tdtype)
+        for out_features, in_features in ((37, 72), (53, 576), (37, 584), (37, 4128)):
+            w = torch.randn((out_features, in_features), generator=gen).to(tdtype)
             x = torch.randn((MAX_BATCH, in_features), generator=gen).to(tdtype)
             alone = torch.cat([step.gemv(w, x[i : i + 1]) for i in range(MAX_BATCH)])
             whole = step.gemv(w, x)
@@ -177,14 +181,45 @@ def amx_granted() -> bool:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bf16_gemv_takes_the_amx_tiles_where_the_cpu_has_them(build_ops, dtype):
     """The best GEMV code of a bf16 step is the AMX tiles exactly where the CPU lists amx_bf16 and Linux grants the
-    tile data; an fp32 step never takes them (AMX multiplies bf16 and int8 only), nor does a step limited to AVX512."""
+    tile data (and the toolchain knows them: GCC 11 on, an assembler that takes them); an fp32 step is never built
+    with them (AMX multiplies bf16 and int8 only), and a step limited to AVX512 does not take them."""
     step = build_ops(spec_of("mha-odd-rows-3"), dtype)[1].decode_step
-    assert (step.isa == AMX_ISA) == (dtype == "bfloat16" and amx_granted()), step.isa
+    if dtype == "float32" or platform.machine() != "x86_64":
+        assert not step.amx_compiled
+    assert (step.isa == AMX_ISA) == (step.amx_compiled and amx_granted()), step.isa
     step.limit_isa(GemvIsa.AVX512)
     try:
         assert step.isa != AMX_ISA
     finally:
         step.limit_isa(GemvIsa.BEST)
+
+
+def test_a_toolchain_without_the_amx_tiles_builds_the_step_without_them(tmp_path, monkeypatch):
+    """Where the step's first compile fails (an assembler older than the tile instructions: a compiler wrapper here
+    that refuses any command without -DHAVE_AMX=0), cpu_compile builds it again with the kernel's fallback flags:
+    the build keeps a compiled step, which says the tiles are not compiled in and runs other rows, and the manifest
+    entry records the flags it was built with."""
+    real = find_compiler()
+    fake = tmp_path / "old-toolchain-g++"
+    fake.write_text(f"""#!/bin/sh
+case " $* " in *" -DHAVE_AMX=0 "*|*" --version "*|*" -dumpversion "*) exec {real} "$@";; esac
+echo "Error: no such instruction: tileloadd" >&2
+exit 1
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    spec = spec_of("mha-odd-rows-3")
+    plan = make_plan(spec, "bfloat16", BLOCK_SIZE)
+    plan = dataclasses.replace(plan, kernels=(plan.kernel("cpu_decode_step"),))
+    out = tmp_path / "kernels"
+    render_plan(plan, out)
+    entry = compile_cpu_kernels(out, plan)
+    assert "error" not in entry, entry["error"]
+    assert entry["kernel_flags"]["cpu_decode_step"] == [*STEP_COMPILE_FLAGS, *FALLBACK_FLAGS]
+    step = CpuDecodeStep(out / entry["libraries"]["cpu_decode_step"], spec, torch.bfloat16, BLOCK_SIZE)
+    assert not step.amx_compiled and step.isa != AMX_ISA
+    x, w = torch.randn((5, 96)).bfloat16(), torch.randn((37, 96)).bfloat16()
+    assert torch.allclose(step.gemv(w, x), x.float() @ w.float().T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("level", list(GemvIsa), ids=lambda level: level.name.lower())
@@ -217,9 +252,10 @@ def test_gemv_stream_runs_the_same_gemv_over_each_matrix(build_ops, dtype):
         step.gemv_stream(weights, torch.zeros((MAX_BATCH + 1, 584), dtype=tdtype))()
 
 
+@pytest.mark.parametrize("width", [584, 576])
 @pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatch, dtype, onednn_bf16):
+def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatch, dtype, onednn_bf16, width):
     """TorchOps.linear hands 1 to GEMV_LINEAR_MAX_ROWS rows without a bias (a decode step's LM head) to the step's
     GEMV, or to GEMV_BEFORE_ONEDNN_MAX_ROWS for bf16 where oneDNN packs bf16 (either CPU, by the probe), its fp32
     sums rounded once to the dtype as F.linear's are; no rows, more rows, or a bias take the float GEMM, bit for
@@ -230,10 +266,10 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     spec = spec_of("mha-odd-rows-3")
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(11)
-    w = torch.randn((37, 584), generator=gen).to(tdtype)
+    w = torch.randn((37, width), generator=gen).to(tdtype)
     b = torch.randn(37, generator=gen).to(tdtype)
     ops = build_ops(spec, dtype)[1]
-    amx = ops.decode_step.isa == AMX_ISA
+    amx = ops.decode_step.tiles_for(width)  # up to 32 rows where the GEMV runs AMX tiles (widths of whole steps)
     before_onednn = GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if amx else GEMV_BEFORE_ONEDNN_MAX_ROWS
     most = before_onednn if dtype == "bfloat16" and onednn_bf16 else GEMV_LINEAR_MAX_ROWS
     widened = dtype == "bfloat16" and not onednn_bf16
@@ -244,11 +280,11 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
         return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(tdtype)
 
     for rows in range(1, most + 1):
-        x = torch.randn((1, rows, 584), generator=gen).to(tdtype)
+        x = torch.randn((1, rows, width), generator=gen).to(tdtype)
         assert torch.equal(ops.linear(x, w), ops.decode_step.gemv(w, x[0]).to(tdtype)[None]), rows
         assert torch.equal(ops.linear(x, w, b), gemm(x, b))
     for rows in (0, most + 1, 2 * most + 3):  # no rows (a step that samples none), or past the GEMV's
-        x = torch.randn((rows, 584), generator=gen).to(tdtype)
+        x = torch.randn((rows, width), generator=gen).to(tdtype)
         assert torch.equal(ops.linear(x, w), gemm(x)), rows
     seen = []  # the dtype of the GEMM the last rows ran (the two routes may agree bit for bit on these values)
     linear = F.linear
@@ -276,7 +312,7 @@ def test_large_batches_and_prompts_run_per_op(build_ops, monkeypatch, dtype, one
     assert compiled.decode_step.kernel_max_batch == MAX_BATCH == MAX_COMPILED_BATCH
     model = LlamaModel(spec, random_weights(spec, tdtype, torch.Generator().manual_seed(0)), compiled,
                        MAX_POSITIONS)
-    amx = compiled.decode_step.isa == AMX_ISA
+    amx = compiled.decode_step.tiles_for_all()  # 32 where every linear runs AMX tiles
     before_onednn = COMPILED_BATCH_BEFORE_ONEDNN_AMX if amx else COMPILED_BATCH_BEFORE_ONEDNN
     limit = before_onednn if dtype == "bfloat16" and onednn_bf16 else MAX_BATCH
     assert model.decode_stack.max_batch == compiled_batch_limit(tdtype, False, True, amx) == limit

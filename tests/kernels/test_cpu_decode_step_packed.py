@@ -17,7 +17,6 @@ from pllm.models.llama import LlamaModel
 from pllm.models.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import (
-    AMX_ISA,
     COMPILED_BATCH_BEFORE_ONEDNN,
     COMPILED_BATCH_BEFORE_ONEDNN_AMX,
     MAX_COMPILED_BATCH_PACKED,
@@ -166,7 +165,7 @@ def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog, monkey
         weights["layers.1.o_proj"] = floats["layers.1.o_proj"]
     with caplog.at_level("INFO", logger="pllm"):
         model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
-    amx = compiled.decode_step.isa == AMX_ISA
+    amx = compiled.decode_step.tiles_for_all()  # 32 where every linear runs AMX tiles
     before_onednn = COMPILED_BATCH_BEFORE_ONEDNN_AMX if amx else COMPILED_BATCH_BEFORE_ONEDNN
     limit = before_onednn if one_float and onednn_bf16 else MAX_COMPILED_BATCH_PACKED
     assert model.decode_stack.max_batch == limit

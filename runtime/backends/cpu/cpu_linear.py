@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, dequantize_activation, quantize_activation
 from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import (
-    AMX_ISA,
     GEMV_BEFORE_ONEDNN_MAX_ROWS,
     GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX,
     GEMV_LINEAR_MAX_ROWS,
@@ -126,7 +125,7 @@ class CpuLinear:
         """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
         is the alternative than where F.linear is (more of them where the GEMV runs AMX tiles)."""
         if weight.dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
-            return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if step.isa == AMX_ISA else GEMV_BEFORE_ONEDNN_MAX_ROWS
+            return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if step.tiles_for(weight.shape[1]) else GEMV_BEFORE_ONEDNN_MAX_ROWS
         return GEMV_LINEAR_MAX_ROWS
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
