@@ -51,7 +51,7 @@ from pllm.compiler.kernels import cpu_decode_step as step_kernel
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
-from pllm.runtime.backends.cpu.cpu_decode_step import AMX_ISA, CpuDecodeStep, GemvIsa, compiled_batch_limit
+from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, GemvIsa, compiled_batch_limit
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
 MODELS = {  # hidden, intermediate, heads, kv heads, head_dim
@@ -282,7 +282,7 @@ def main() -> None:
             per_dtype = results["dtypes"][dtype_name] = {
                 "matmul_GFLOPs": peak / 1e9, "isa": ", ".join(step.isa for step, _ in steps.values()),
                 "engine_limit": compiled_batch_limit(dtype, packed=False, floats=True,
-                                                     amx=next(iter(steps.values()))[0].isa == AMX_ISA), "rows": []}
+                                                     amx=next(iter(steps.values()))[0].tiles_for_all()), "rows": []}
             for model in args.models.split(","):
                 for linear in args.linears.split(","):
                     print(f"{dtype_name} {model} {linear}: read {read.measure() / 1e9:.1f} GB/s so far", flush=True)

@@ -187,9 +187,10 @@ def test_bf16_gemv_takes_the_amx_tiles_where_the_cpu_has_them(build_ops, dtype):
     if dtype == "float32" or platform.machine() != "x86_64":
         assert not step.amx_compiled
     assert (step.isa == AMX_ISA) == (step.amx_compiled and amx_granted()), step.isa
+    assert (step.tiles_k > 0) == (step.isa == AMX_ISA)  # what the routing reads (tiles_for)
     step.limit_isa(GemvIsa.AVX512)
     try:
-        assert step.isa != AMX_ISA
+        assert step.isa != AMX_ISA and step.tiles_k == 0
     finally:
         step.limit_isa(GemvIsa.BEST)
 

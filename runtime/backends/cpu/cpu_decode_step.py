@@ -85,8 +85,7 @@ GEMV_BEFORE_ONEDNN_MAX_ROWS = 4
 # ... and where the GEMV runs AMX tiles: the LM head at 16.9 against 13.3 GB/s at 16 rows, 9.9 against 8.6 at 32,
 # 5.3 against 9.6 at 64 on the Sapphire Rapids VM (tools/bench_gemv_bandwidth.py)
 GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX = 32
-AMX_ISA = "amx_bf16"  # CpuDecodeStep.isa where the GEMV runs AMX tiles ...
-AMX_TILE_K = 32  # ... for input widths of whole tile steps (32 bf16: cpu_decode_step_amx.cpp.inc's TILE_K)
+AMX_ISA = "amx_bf16"  # CpuDecodeStep.isa where the GEMV runs AMX tiles
 
 # What keeps a model off the compiled step, as the start-up log says it (the compiler's cpu_decode_step.supported
 # decides what the build carries; these name the reason)
@@ -152,9 +151,11 @@ class CpuDecodeStep:
         self._isa.restype = ctypes.c_char_p
         self._limit_isa = lib.pllm_decode_step_limit_isa
         self._limit_isa.argtypes = [ctypes.c_int]
+        self._tiles_k = lib.pllm_decode_step_tiles_k
         self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
         self.amx_compiled = bool(lib.pllm_decode_step_amx_compiled())  # built with AMX tiles (bf16, new toolchain)
         self.kernel_max_batch = int(lib.pllm_decode_step_max_batch())  # the most rows of x one call takes
+        self.tiles_k = int(self._tiles_k())  # the library's choice, read again by limit_isa: see tiles_for
 
     @property
     def isa(self) -> str:
@@ -167,6 +168,7 @@ class CpuDecodeStep:
         """The best GEMV inner loop the step may choose (for tests and benchmarks; a process-wide choice of the
         library)."""
         self._limit_isa(int(level))
+        self.tiles_k = int(self._tiles_k())
 
     def batch_limit(self, packed: bool, floats: bool) -> int:
         """The most sequences a step over linears of these kinds runs compiled: compiled_batch_limit, within the
@@ -175,8 +177,9 @@ class CpuDecodeStep:
 
     def tiles_for(self, in_features: int) -> bool:
         """Whether a float GEMV of this input width runs AMX tiles (from AMX_MIN_BATCH rows): the library chose them
-        and the width is whole tile steps."""
-        return self.isa == AMX_ISA and in_features % AMX_TILE_K == 0
+        (tiles_k, the input elements per tile step, is not 0) and the width is whole tile steps. Read on every
+        Ops.linear, so no call into the library."""
+        return self.tiles_k > 0 and in_features % self.tiles_k == 0
 
     def tiles_for_all(self) -> bool:
         """Whether every float linear of the step's model runs AMX tiles (input widths hidden, q, intermediate)."""
