@@ -26,6 +26,8 @@ Rows (pllm / llama.cpp, both with --threads threads):
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
   random token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
   --output-len tokens; the two servers take turns level by level.
+Decode and prefill figures are medians of --reps repetitions, the two sides taking turns repetition by repetition
+(pllm in this process, then llama-bench -r 1), so the machine's drift hits both alike.
 Ratios are pllm / llama.cpp; the targets of issue 15 print beside them. A benchmark, not a test.
 """
 
@@ -213,73 +215,121 @@ def measure_model(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp
     return rows
 
 
+@dataclass(frozen=True)
+class InProcessTest:
+    """One in-process row: a decode at a context (llama-bench tg after -d `depth`) or the 512-token prefill (pp512)."""
+
+    metric: str
+    prompt: int  # llama-bench -p
+    gen: int  # llama-bench -n
+    depth: int  # llama-bench -d; pllm's prompt before the decode steps (DECODE_CONTEXT for the plain decode row)
+    target: Target | None
+
+
+def in_process_tests(args) -> list[InProcessTest]:
+    tests = []
+    if "decode" in args.rows:
+        tests.append(InProcessTest("decode b1 tok/s", 0, args.output_len, 0, Target(Goal.AT_LEAST, 1.2)))
+    if "prefill" in args.rows:
+        tests.append(InProcessTest(f"prefill {PREFILL_TOKENS} tok/s", PREFILL_TOKENS, 0, 0, None))
+    if "decode" in args.rows:
+        tests += [InProcessTest(f"decode b1 @{d} tok/s", 0, args.output_len, d, Target(Goal.AT_LEAST, 1.2))
+                  for d in args.decode_depths]
+    return tests
+
+
+class Samples:
+    """A figure's repetitions, or why it has none (the first failure stops the rest)."""
+
+    def __init__(self, why_not: str = ""):
+        self.values: list[float] = []
+        self.why_not = why_not
+
+    def add(self, measure) -> None:
+        if self.why_not:
+            return
+        got = measure()
+        if got.value is None:
+            self.why_not = got.why_not
+        else:
+            self.values.append(got.value)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values and not self.why_not else None
+
+
 def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp) -> list[Row]:
+    """The decode and prefill rows, the two sides taking turns repetition by repetition (one pllm repetition, then one
+    llama-bench run of each llama.cpp file it is compared with, --reps times): the VM's memory bandwidth drifts from
+    minute to minute, and all of one side's repetitions before the other's let that drift decide the ratio."""
     rows = []
+    tests = in_process_tests(args)
     for precision in args.precisions:
         build, why_not = prepared.pllm_builds[precision]
-        pllm_decode = pllm_prefill = None
-        pllm_deep = dict.fromkeys(args.decode_depths, Measured(None, why_not))
-        if build is not None:
-            pllm_decode, pllm_prefill, pllm_deep = pllm_in_process(build, args)
-        for lp in LLAMA_TYPES[precision]:  # measured beside each pllm row, so a file compared twice is timed twice
-            gguf = prepared.ggufs[lp]
+        ours = {t: Samples(why_not) for t in tests}
+        theirs = {(t, lp): Samples() for t in tests for lp in LLAMA_TYPES[precision]}
+        pllm = PllmInProcess(build, args) if build is not None else None
+        try:
+            for _ in range(args.reps):
+                for t in tests:
+                    if pllm is not None:
+                        ours[t].add(lambda t=t, pllm=pllm: pllm.measure(t))
+                    for lp in LLAMA_TYPES[precision]:
+                        theirs[t, lp].add(lambda t=t, lp=lp: llama_rate(llama, prepared.ggufs[lp], args, t))
+        finally:
+            if pllm is not None:
+                pllm.close()
+        for lp in LLAMA_TYPES[precision]:  # a file compared with two pllm builds is timed beside each
             label = llamacpp.QUANT_TYPES[lp].removesuffix("_M")
-            if "decode" in args.rows:
-                theirs = llama_rate(llama, gguf, args, 0, args.output_len)
-                rows.append(Row(model, "decode b1 tok/s", precision, label, pllm_decode, theirs.value,
-                                Target(Goal.AT_LEAST, 1.2), why_not or theirs.why_not))
-            if "prefill" in args.rows:
-                theirs = llama_rate(llama, gguf, args, PREFILL_TOKENS, 0)
-                rows.append(Row(model, f"prefill {PREFILL_TOKENS} tok/s", precision, label, pllm_prefill,
-                                theirs.value, None, why_not or theirs.why_not))
-            for depth in args.decode_depths if "decode" in args.rows else ():
-                theirs, ours = llama_rate(llama, gguf, args, 0, args.output_len, depth), pllm_deep[depth]
-                rows.append(Row(model, f"decode b1 @{depth} tok/s", precision, label, ours.value, theirs.value,
-                                Target(Goal.AT_LEAST, 1.2), ours.why_not or theirs.why_not))
+            for t in tests:
+                mine, other = ours[t], theirs[t, lp]
+                rows.append(Row(model, t.metric, precision, label, mine.median, other.median, t.target,
+                                mine.why_not or other.why_not))
     return rows
 
 
-def llama_rate(llama: llamacpp.LlamaCpp, gguf: Path, args, prompt: int, gen: int, depth: int = 0) -> Measured:
-    """llama-bench's tok/s for one test (a prompt of `prompt` tokens, or `gen` generated), or why there is none: a
-    llama-bench that fails (e.g. killed by an illegal instruction: its prompt processing of Q8_0 and Q4_0 did so on a
-    Sapphire Rapids VM) spoils only its own rows."""
+def llama_rate(llama: llamacpp.LlamaCpp, gguf: Path, args, test: InProcessTest) -> Measured:
+    """llama-bench's tok/s for one repetition of a test, or why there is none: a llama-bench that fails (e.g. killed by
+    an illegal instruction: its prompt processing of Q8_0 and Q4_0 did so on a Sapphire Rapids VM) spoils only its own
+    rows."""
     try:
-        (result,) = llamacpp.llama_bench(llama, gguf, args.threads, prompt, gen, args.reps, depth)
+        (result,) = llamacpp.llama_bench(llama, gguf, args.threads, test.prompt, test.gen, 1, test.depth)
     except llamacpp.LlamaCppError as e:
         return Measured(None, f"llama.cpp: {str(e).splitlines()[0][:160]}")
     return Measured(result.tokens_per_s)
 
 
-def pllm_in_process(build: Path, args) -> tuple[float, float, dict[int, Measured]]:
-    """(batch-1 decode tok/s, 512-token prefill tok/s, batch-1 decode tok/s after each of --decode-depths, or why
-    not where the model has too few positions for it): medians over --reps."""
-    from bench_dtype import prefill_seconds
+class PllmInProcess:
+    """A pllm build loaded in this process, measured one repetition at a time."""
 
-    from pllm import LLM
+    def __init__(self, build: Path, args):
+        from bench_dtype import prefill_seconds
 
-    llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28, max_num_batched_tokens=PREFILL_TOKENS,
-              huge_pages=args.huge_pages)
-    rng = random.Random(0)
-    prefill_seconds(llm, rng)  # warm-up: packed weights, oneDNN primitives
-    decode = decode_tok_s(llm, DECODE_CONTEXT, args)
-    deep: dict[int, Measured] = {}
-    for depth in args.decode_depths:
-        try:
-            deep[depth] = Measured(decode_tok_s(llm, depth, args))
+        from pllm import LLM
+
+        self.args = args
+        self.llm = LLM(str(build), backend="cpu", kv_cache_memory=1 << 28, max_num_batched_tokens=PREFILL_TOKENS,
+                       huge_pages=args.huge_pages)
+        self.rng = random.Random(0)
+        prefill_seconds(self.llm, self.rng)  # warm-up: packed weights, oneDNN primitives
+
+    def measure(self, test: InProcessTest) -> Measured:
+        from bench_dtype import prefill_seconds
+        from bench_throughput import time_decode_steps
+
+        if test.prompt:
+            return Measured(PREFILL_TOKENS / prefill_seconds(self.llm, self.rng))
+        try:  # fresh requests each repetition, so every one decodes at the same contexts
+            steps, _ = time_decode_steps(self.llm, 1, test.depth or DECODE_CONTEXT, {"pllm": lambda: None},
+                                         rounds=1, steps=self.args.decode_steps)
         except ValueError as e:  # the model's positions end before the steps do
-            deep[depth] = Measured(None, f"not available: {e}")
-    prefill = [prefill_seconds(llm, rng) for _ in range(args.reps)]
-    del llm
-    gc.collect()
-    return decode, PREFILL_TOKENS / statistics.median(prefill), deep
+            return Measured(None, f"not available: {e}")
+        return Measured(1.0 / steps["pllm"][0])
 
-
-def decode_tok_s(llm, context: int, args) -> float:
-    """Batch-1 decode tok/s after a `context`-token prompt: the median over --reps rounds of --decode-steps steps."""
-    from bench_throughput import time_decode_steps
-
-    steps, _ = time_decode_steps(llm, 1, context, {"pllm": lambda: None}, rounds=args.reps, steps=args.decode_steps)
-    return 1.0 / statistics.median(steps["pllm"])
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
 
 
 def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path) -> list[Row]:
