@@ -55,7 +55,7 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
         from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
         choice = choose_cpu_kernels(build)
-        logger.info("pllm cpu backend: %s", choice.reason)
+        (logger.warning if choice.op_by_op else logger.info)("pllm cpu backend: %s", choice.reason)
         ops = TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, quant_kernel=choice.quant_linear,
                        decode_step=choice.decode_step)
         return ops, torch.device("cpu"), name

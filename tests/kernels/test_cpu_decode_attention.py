@@ -259,6 +259,7 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
         assert choice.attention is not None and choice.rms_norm is None  # float32: PyTorch's RMSNorm, as HF's
         assert choice.rope_kv_write is not None
         assert f"compiled decode attention, decode step, RoPE + KV write ({isa})" in choice.reason
+        assert not choice.op_by_op
 
     def choose(entry: dict | None):
         manifest = json.loads(json.dumps(build.manifest))
@@ -279,6 +280,11 @@ def test_backend_says_which_attention_it_runs(tiny_build, monkeypatch):
     ]:
         other = choose(entry)
         assert other.attention is other.rms_norm is other.rope_kv_write is None and reason in other.reason, other.reason
+        assert other.op_by_op  # the start-up log warns: every step runs in PyTorch ops
+    # a library that loads but lacks a symbol this pllm calls: made by another version of pllm
+    other = choose({**build.manifest["cpu_kernels"], "libraries": {
+        "cpu_decode_attention": build.manifest["cpu_kernels"]["libraries"]["cpu_rope_kv_write"]}})
+    assert other.op_by_op and "another version of pllm" in other.reason, other.reason
     # an x86 CPU without AVX2 (torch's capability names) never loads an avx2-fma library
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     other = choose({**build.manifest["cpu_kernels"], "machine": platform.machine(), "isa": "avx2-fma"})

@@ -42,6 +42,12 @@ class CpuKernelChoice:
     quant_linear: CpuQuantLinear | None = None  # None: packed weights dequantised by PyTorch ops at each call
     decode_step: CpuDecodeStep | None = None  # None: decode steps op by op
 
+    @property
+    def op_by_op(self) -> bool:
+        """No compiled kernel runs: every step is PyTorch ops, several times slower (the start-up log warns)."""
+        return all(k is None for k in (self.attention, self.rms_norm, self.rope_kv_write, self.quant_linear,
+                                       self.decode_step))
+
 
 class CpuDecodeAttention:
     """kernels/cpu_decode_attention.so: paged attention of one query token per sequence, read in place."""
@@ -293,7 +299,8 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
                 loaded[op] = BINDINGS[op].load(build, path)
             except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no symbol
                 why = str(e).replace(tmp, str(build.kernel_dir))
-                return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {why}; rebuild here)")
+                return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {why}; a build "
+                                       "made by another version of pllm, or elsewhere: run pllm-compile again here)")
     if not loaded:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
     names = ", ".join(BINDINGS[op].label for op in loaded)
