@@ -36,15 +36,36 @@ class QuantizationRefused(RuntimeError):
     do not divide): the rows say "not available" and why, never a figure."""
 
 
+def compiler_fingerprint() -> str:
+    """A hash of what decides a build's contents in this pllm: its compiler's and kernel templates' source files."""
+    import hashlib
+
+    import pllm
+
+    root = Path(pllm.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for folder in ("compiler", "templates", "models") for p in (root / folder).rglob("*")
+                       if p.is_file() and p.suffix in (".py", ".jinja", ".inc")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fingerprint_file(out: Path) -> Path:
+    return out.with_name(out.name + ".compiler-sha256")
+
+
 def current_build(out: Path) -> bool:
-    """Whether `out` holds a build this pllm loads: one left by an older format is compiled again, not reused."""
+    """Whether `out` holds a build this pllm made: one left by an older format, or by another version of the compiler
+    or its kernel templates (whose libraries may load and run old code, or fail to load and leave the engine op by op),
+    is compiled again, not reused."""
     from pllm.compiler.manifest import BuildDirError, open_build
 
     try:
         open_build(out, verify=False)
     except BuildDirError:
         return False
-    return True
+    stamp = _fingerprint_file(out)
+    return stamp.is_file() and stamp.read_text().strip() == compiler_fingerprint()
 
 
 def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
@@ -53,6 +74,7 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
     if reuse and current_build(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
+    _fingerprint_file(out).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]
     cmd += PLLM_QUANTIZATION.get(precision, [])
     print(f"pllm-compile {source.name} -> {out.name}", flush=True)
@@ -62,6 +84,7 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
         if precision in PLLM_QUANTIZATION and "--quant" in err:  # the error names the flag it refuses
             raise QuantizationRefused(f"not available: {err.removeprefix('pllm-compile: error: ')}")
         raise RuntimeError(f"pllm-compile {source} failed: {proc.stderr[-3000:]}")
+    _fingerprint_file(out).write_text(compiler_fingerprint() + "\n")
     return out
 
 

@@ -168,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="short runs: 1 repetition, 8 requests per level, 16 decode steps")
     p.add_argument("--cache", type=Path, default=cache, help=f"llama.cpp build and models (default {cache})")
     p.add_argument("--reuse-builds", action="store_true",
-                   help="keep pllm's builds in --cache/work and reuse them (default: compile afresh each run)")
+                   help="keep pllm's builds in --cache/work and reuse those this pllm's compiler and kernel "
+                        "templates made (default: compile afresh each run)")
     p.add_argument("--llama-cpp-bin", default=None, help="a folder with llama-server, llama-bench, llama-quantize")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
