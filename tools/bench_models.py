@@ -73,6 +73,7 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
     QuantizationRefused when this pllm's compiler refuses --quantization."""
     if reuse and current_build(out):
         return out
+    fingerprint = compiler_fingerprint()  # before compiling: sources edited meanwhile must not stamp this build
     shutil.rmtree(out, ignore_errors=True)
     _fingerprint_file(out).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]
@@ -84,7 +85,7 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
         if precision in PLLM_QUANTIZATION and "--quant" in err:  # the error names the flag it refuses
             raise QuantizationRefused(f"not available: {err.removeprefix('pllm-compile: error: ')}")
         raise RuntimeError(f"pllm-compile {source} failed: {proc.stderr[-3000:]}")
-    _fingerprint_file(out).write_text(compiler_fingerprint() + "\n")
+    _fingerprint_file(out).write_text(fingerprint + "\n")
     return out
 
 
