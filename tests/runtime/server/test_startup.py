@@ -3,6 +3,7 @@ imported; the opened build is what the engine would open itself, and its errors 
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import sys
@@ -95,3 +96,4 @@ def test_a_tampered_build_is_named_by_the_opening(tiny_build, tmp_path):
 def test_pllm_serve_names_a_bad_build_and_exits_2(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), "--port", "1"]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+    assert gc.isenabled()  # start-up holds collection off only until it ends, however it ends
