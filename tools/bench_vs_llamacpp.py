@@ -44,87 +44,18 @@ import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 
 import llamacpp
 from bench_models import LLAMA_TYPES, Prepared, prepare_model
+from vs_rows import Goal, Measured, Row, Target, format_table, serve_targets
 
 MODELS = ("smollm2", "llama1b")
 ROWS = ("decode", "prefill", "serve")
 PRECISIONS = ("bf16", "int8", "int4", "int4g128", "gguf-q8_0", "gguf-q4_0")
 PREFILL_TOKENS = 512
 DECODE_CONTEXT = 64
-
-
-class Goal(Enum):
-    AT_LEAST = ">="  # pllm / llama.cpp must reach the ratio (throughput)
-    AT_MOST = "<="  # pllm / llama.cpp must stay under it (latency)
-
-
-@dataclass(frozen=True)
-class Target:
-    goal: Goal
-    ratio: float
-
-    def met(self, ratio: float) -> bool:
-        return ratio >= self.ratio if self.goal is Goal.AT_LEAST else ratio <= self.ratio
-
-    def __str__(self) -> str:
-        return f"{self.goal.value}{self.ratio:g}x"
-
-
-@dataclass(frozen=True)
-class Row:
-    model: str
-    metric: str  # e.g. "decode b1 tok/s", "serve c16 out tok/s"
-    pllm_weights: str  # precision on each side, e.g. "int4" / "Q4_K"
-    llama_weights: str
-    pllm: float | None  # None: not measured, `note` says why
-    llama: float | None
-    target: Target | None
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        return self.pllm / self.llama if self.pllm is not None and self.llama else None
-
-
-@dataclass(frozen=True)
-class Measured:
-    """One pllm figure, or why there is none."""
-
-    value: float | None
-    why_not: str = ""
-
-
-def serve_targets(concurrency: int) -> tuple[Target | None, Target | None]:
-    """(output tok/s, TTFT p50) targets: batch-1 through the servers >= 1.2x; concurrency 8-16 >= 2x with TTFT no
-    worse; none in between."""
-    if concurrency == 1:
-        return Target(Goal.AT_LEAST, 1.2), None
-    if concurrency >= 8:
-        return Target(Goal.AT_LEAST, 2.0), Target(Goal.AT_MOST, 1.0)
-    return None, None
-
-
-def format_table(rows: list[Row]) -> str:
-    head = (f"{'model':<9} {'metric':<22} {'weights pllm/llama.cpp':<23} {'pllm':>9} {'llama.cpp':>10} "
-            f"{'ratio':>7} {'target':>8} {'met':>4}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        def cell(v: float | None) -> str:
-            return f"{v:>9.1f}" if v is not None else f"{'n/a':>9}"
-
-        ratio = r.ratio
-        met = "" if ratio is None or r.target is None else ("yes" if r.target.met(ratio) else "no")
-        lines.append(
-            f"{r.model:<9} {r.metric:<22} {r.pllm_weights + ' / ' + r.llama_weights:<23} {cell(r.pllm)} "
-            f"{cell(r.llama):>10} {(f'{ratio:.2f}x' if ratio is not None else '-'):>7} "
-            f"{(str(r.target) if r.target else '-'):>8} {met:>4}" + (f"  {r.note}" if r.note else "")
-        )
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
