@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import mmap
 import re
 from dataclasses import dataclass
@@ -12,9 +13,13 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pllm.compiler import verify_stamp
+from pllm.compiler.verify_stamp import FileIdentity
 from pllm.models.parallel_layout import rank_spec
 from pllm.models.pooling import Pooling, PoolingConfig
 from pllm.models.spec import DTYPES, ModelKind, ModelSpec, MoeSpec, RopeScaling
+
+logger = logging.getLogger("pllm")
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language;
 # 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
@@ -190,20 +195,34 @@ def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:
 
 def verify_files(build: BuildManifest, rank: int = 0) -> None:
     """Every listed file rank `rank` reads against its sha256 (the other ranks' weight shards are theirs to check);
-    raises BuildDirError naming the first that differs. open_build runs it unless told not to, for a caller that
-    runs it itself (the engine: on a thread, beside loading the tokenizer, as hashing releases the GIL), and must
-    then not use the build's unread files before it returns."""
+    raises BuildDirError naming the first that differs. A file unchanged since it last hashed correctly here, as
+    the file system identifies it, is not hashed again (verify_stamp.py says why that is safe, and when it is not
+    trusted). open_build runs it unless told not to, for a caller that runs it itself (the engine: on a thread,
+    beside loading the tokenizer, as hashing releases the GIL), and must then not use the build's unread files
+    before it returns."""
     others = {f for r, f in enumerate(build.weight_files) if r != rank}
-    for rel, digest in build.manifest["files"].items():
-        if rel in others:
-            continue
-        f = _listed_file(build.path, rel)
+    listed = {rel: _listed_file(build.path, rel) for rel in build.manifest["files"] if rel not in others}
+    identities: dict[str, FileIdentity] = {}
+    for rel, f in listed.items():  # before any hashing: a change while a file hashes shows next time
         try:
-            matches = sha256_file(f) == digest  # streamed: the weights may be larger than spare memory
+            identities[rel] = FileIdentity.of(f)
+        except OSError as e:
+            raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
+    key = manifest_digest(build.manifest)
+    hashed_before = verify_stamp.unchanged(build.path, key, rank, identities)
+    for rel, f in listed.items():
+        if rel in hashed_before:
+            continue
+        try:
+            matches = sha256_file(f) == build.manifest["files"][rel]  # streamed: weights may exceed spare memory
         except OSError as e:
             raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
         if not matches:
             raise BuildDirError(_modified(f))
+    verify_stamp.record(build.path, key, rank, identities)
+    if hashed_before:
+        logger.info("%s: %d of %d files hashed against the manifest; %d unchanged since they last matched it",
+                    build.path, len(listed) - len(hashed_before), len(listed), len(hashed_before))
 
 
 def _modified(f: Path) -> str:

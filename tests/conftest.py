@@ -27,6 +27,10 @@ load_bounded_profile()
 if "PYTEST_XDIST_WORKER" not in os.environ or not os.environ.get("PLLM_KERNEL_CACHE"):
     os.environ["PLLM_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-kernels-")
     atexit.register(shutil.rmtree, os.environ["PLLM_KERNEL_CACHE"], ignore_errors=True)
+# Likewise the stamps of verified builds (compiler/verify_stamp.py): on, as users run, in a folder of the session's.
+if "PYTEST_XDIST_WORKER" not in os.environ or not os.environ.get("PLLM_VERIFY_CACHE"):
+    os.environ["PLLM_VERIFY_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-verified-")
+    atexit.register(shutil.rmtree, os.environ["PLLM_VERIFY_CACHE"], ignore_errors=True)
 
 
 def _fix_triton_mode() -> None:
