@@ -90,7 +90,9 @@ def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
 
 
 def prepare_model(model: str, args, llama: llamacpp.LlamaCpp, work: Path) -> Prepared:
-    precisions = args.precisions if "decode" in args.rows or "prefill" in args.rows else ["bf16"]
+    in_process = args.precisions if "decode" in args.rows or "prefill" in args.rows else []
+    served = args.serve_precisions if "serve" in args.rows else []
+    precisions = list(dict.fromkeys([*in_process, *served]))
     if model == "smollm2":
         from pllm.compiler.source import default_gguf_path
 

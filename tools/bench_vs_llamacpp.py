@@ -2,7 +2,8 @@
 
     python tools/bench_vs_llamacpp.py [--models smollm2,llama1b] [--rows decode,prefill,serve]
                                       [--precisions bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0]
-                                      [--concurrency 1,4,16] [--decode-depths 2000] [--quick]
+                                      [--serve-precisions bf16,int8,int4] [--concurrency 1,4,16]
+                                      [--decode-depths 2000] [--quick]
 
 llama.cpp's binaries are found (--llama-cpp-bin, PATH) or built once into --cache from the llama-cpp-python sdist
 (tools/llamacpp.py). Models:
@@ -23,8 +24,9 @@ Rows (pllm / llama.cpp, both with --threads threads):
   llama-bench tg after -d that many tokens (a chat's history: the attention then reads its K and V every token).
 - prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,
   llama-bench pp512.
-- serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds), the same
-  random token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
+- serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds; with
+  --serve-precisions also others, each against the first llama.cpp file of its decode rows), the same random
+  token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
   --output-len tokens; the two servers take turns level by level.
 Decode and prefill figures are medians of --reps repetitions, the two sides taking turns repetition by repetition
 (pllm in this process, then llama-bench -r 1), so the machine's drift hits both alike.
@@ -83,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=choices(ROWS), default=list(ROWS), help="decode,prefill,serve (default all)")
     p.add_argument("--precisions", type=choices(PRECISIONS), default=list(PRECISIONS),
                    help="decode rows' weights: bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0 (default all)")
+    p.add_argument("--serve-precisions", type=choices(PRECISIONS), default=["bf16"],
+                   help="serve rows' weights, each against the first llama.cpp file of its decode rows (int8: Q8_0, "
+                        "int4: Q4_0; default bf16)")
     p.add_argument("--concurrency", type=levels, default=[1, 4, 16], help="serving levels (default 1,4,16)")
     p.add_argument("--num-requests", type=int, default=32, help="requests per serving level (default 32)")
     p.add_argument("--input-len", type=int, default=128, help="serving prompt tokens (default 128)")
@@ -265,11 +270,20 @@ class PllmInProcess:
 
 
 def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path) -> list[Row]:
+    rng = random.Random(0)
+    return [row for precision in args.serve_precisions
+            for row in serve_precision(model, precision, prepared, args, llama, work, rng)]
+
+
+def serve_precision(model: str, precision: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path,
+                    rng: random.Random) -> list[Row]:
+    """Both servers over one precision's weights (pllm's build, llama.cpp's first file of its decode rows), the
+    levels in turn."""
     import bench_serve
 
-    build, why_not = prepared.pllm_builds["bf16"]
-    gguf = prepared.ggufs["bf16"]
-    rng = random.Random(0)
+    build, why_not = prepared.pllm_builds[precision]
+    theirs = LLAMA_TYPES[precision][0]
+    gguf, label = prepared.ggufs[theirs], llamacpp.QUANT_TYPES[theirs].removesuffix("_M")
 
     def fresh_prompts(n: int) -> list[list[int]]:
         return [[rng.randrange(3, 256) for _ in range(args.input_len)] for _ in range(n)]
@@ -294,7 +308,7 @@ def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, w
             for name, (_, url) in servers.items():  # the two servers take turns, level by level
                 s = asyncio.run(bench_serve.run_level(clients[name], f"{url}/v1/completions", prompts, c))
                 stats[name][c] = s
-                print(f"  {model} {name} c={c}: {s.output_tokens_per_s:.1f} out tok/s, TTFT p50 "
+                print(f"  {model} {precision} {name} c={c}: {s.output_tokens_per_s:.1f} out tok/s, TTFT p50 "
                       f"{s.ttft_ms[0]:.0f} ms, {s.num_completed} done, {s.num_failed} failed", flush=True)
     finally:
         for proc, _ in servers.values():
@@ -303,9 +317,9 @@ def serve_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, w
     for c in args.concurrency:
         tput_target, ttft_target = serve_targets(c)
         p, q = stats["pllm"].get(c), stats["llama.cpp"][c]
-        rows.append(Row(model, f"serve c{c} out tok/s", "bf16", "BF16", p.output_tokens_per_s if p else None,
+        rows.append(Row(model, f"serve c{c} out tok/s", precision, label, p.output_tokens_per_s if p else None,
                         q.output_tokens_per_s, tput_target, why_not))
-        rows.append(Row(model, f"serve c{c} TTFT p50 ms", "bf16", "BF16", p.ttft_ms[0] if p else None,
+        rows.append(Row(model, f"serve c{c} TTFT p50 ms", precision, label, p.ttft_ms[0] if p else None,
                         q.ttft_ms[0], ttft_target, why_not))
     return rows
 

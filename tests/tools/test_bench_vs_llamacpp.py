@@ -22,6 +22,8 @@ def test_defaults_and_options():
     args = bench.parse_args([])
     assert args.models == ["smollm2"] and args.rows == list(bench.ROWS) and args.precisions == list(bench.PRECISIONS)
     assert args.concurrency == [1, 4, 16] and args.threads == 2 and args.output_len == 128
+    assert args.serve_precisions == ["bf16"]
+    assert bench.parse_args(["--serve-precisions", "int4,bf16"]).serve_precisions == ["int4", "bf16"]
     args = bench.parse_args(["--models", "llama1b,smollm2", "--rows", "serve", "--concurrency", "16,1,4,4",
                              "--quick"])
     assert args.models == ["llama1b", "smollm2"] and args.rows == ["serve"] and args.concurrency == [1, 4, 16]
@@ -30,6 +32,7 @@ def test_defaults_and_options():
 
 
 @pytest.mark.parametrize("argv", [["--models", "gpt5"], ["--rows", "decode,nope"], ["--precisions", "fp8"],
+                                  ["--serve-precisions", "q4"],
                                   ["--concurrency", "0,4"], ["--concurrency", "x"], ["--threads", "0"],
                                   ["--models", ""], ["--decode-depths", "0"]])
 def test_bad_options_are_refused(argv, capsys):
@@ -137,6 +140,14 @@ def test_a_kept_gguf_build_compiles_llama_cpp_s_own_file(monkeypatch, tmp_path):
                                                                                      ["--quantization", "gguf"])
     assert compiled["gguf-q4_0"][0] == made["q4_0"]
     assert compiled["int8"][0].suffix == ".gguf" and compiled["int8"][0] not in made.values()  # the default model
+    # serving rows alone: the builds and files of --serve-precisions, no others
+    compiled.clear()
+    made.clear()
+    args = bench.parse_args(["--serve-precisions", "int8,gguf-q4_0", "--rows", "serve"])
+    args.reuse_builds = False
+    prepared = bench_models.prepare_model("smollm2", args, None, tmp_path)
+    assert set(compiled) == {"int8", "gguf-q4_0"} and set(made) == {"bf16", "q8_0", "q4_0"}
+    assert set(prepared.pllm_builds) == {"int8", "gguf-q4_0"}
 
 
 def test_reuse_takes_only_builds_this_compiler_made(tiny_build, tmp_path, monkeypatch):
