@@ -291,8 +291,13 @@ def serve_precision(model: str, precision: str, prepared: Prepared, args, llama:
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     stats: dict[str, dict[int, bench_serve.LevelStats]] = {"pllm": {}, "llama.cpp": {}}
     try:
-        servers["llama.cpp"] = llamacpp.start_server(llama, gguf, args.threads, max(args.concurrency),
-                                                     args.input_len + args.output_len + 64, work / "llama-server.log")
+        try:  # one that dies (e.g. of an illegal instruction in its warm-up) spoils only its own rows
+            servers["llama.cpp"] = llamacpp.start_server(llama, gguf, args.threads, max(args.concurrency),
+                                                         args.input_len + args.output_len + 64,
+                                                         work / "llama-server.log")
+        except llamacpp.LlamaCppError as e:
+            why_not = why_not or f"llama.cpp: {str(e).splitlines()[0][:160]}"
+            print(f"  {model} {precision}: {why_not}", flush=True)
         if build is not None:
             servers["pllm"] = bench_serve.launch_server(
                 str(build), ["--backend", "cpu", *(["--huge-pages"] if args.huge_pages else [])])
@@ -316,11 +321,11 @@ def serve_precision(model: str, precision: str, prepared: Prepared, args, llama:
     rows = []
     for c in args.concurrency:
         tput_target, ttft_target = serve_targets(c)
-        p, q = stats["pllm"].get(c), stats["llama.cpp"][c]
+        p, q = stats["pllm"].get(c), stats["llama.cpp"].get(c)
         rows.append(Row(model, f"serve c{c} out tok/s", precision, label, p.output_tokens_per_s if p else None,
-                        q.output_tokens_per_s, tput_target, why_not))
+                        q.output_tokens_per_s if q else None, tput_target, why_not))
         rows.append(Row(model, f"serve c{c} TTFT p50 ms", precision, label, p.ttft_ms[0] if p else None,
-                        q.ttft_ms[0], ttft_target, why_not))
+                        q.ttft_ms[0] if q else None, ttft_target, why_not))
     return rows
 
 
