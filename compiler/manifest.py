@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 import mmap
+import os
 import re
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -67,18 +69,24 @@ def sha256_file(path: Path) -> str:
     """The file's sha256, hashed from a read-only mapping in spans of HASH_SPAN: hashlib releases the GIL for each
     call, and the page faults happen inside it, so a thread hashing beside Python work (pllm-serve's imports) takes
     the GIL back once per span, not once per buffer read. Nothing is copied; pages the kernel may drop again."""
+    return sha256_and_identity(path)[0]
+
+
+def sha256_and_identity(path: Path) -> tuple[str, FileIdentity]:
+    """sha256_file's digest, and the identity (verify_stamp) of the very file hashed, taken as it was opened."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        identity = FileIdentity.from_stat(os.fstat(f.fileno()))
         try:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (ValueError, OSError):  # an empty file (nothing to map), or one that cannot be mapped: read it
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-            return h.hexdigest()
+            return h.hexdigest(), identity
         with mapped, memoryview(mapped) as view:
             for start in range(0, len(view), HASH_SPAN):
                 h.update(view[start:start + HASH_SPAN])
-    return h.hexdigest()
+    return h.hexdigest(), identity
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -202,8 +210,9 @@ def verify_files(build: BuildManifest, rank: int = 0) -> None:
     before it returns."""
     others = {f for r, f in enumerate(build.weight_files) if r != rank}
     listed = {rel: _listed_file(build.path, rel) for rel in build.manifest["files"] if rel not in others}
+    taken_ns = time.time_ns()  # before any identity: a file changed since (or in the same tick) is not stamped
     identities: dict[str, FileIdentity] = {}
-    for rel, f in listed.items():  # before any hashing: a change while a file hashes shows next time
+    for rel, f in listed.items():
         try:
             identities[rel] = FileIdentity.of(f)
         except OSError as e:
@@ -213,13 +222,14 @@ def verify_files(build: BuildManifest, rank: int = 0) -> None:
     for rel, f in listed.items():
         if rel in hashed_before:
             continue
-        try:
-            matches = sha256_file(f) == build.manifest["files"][rel]  # streamed: weights may exceed spare memory
+        try:  # the identity stamped is the hashed file's own, taken as it was opened (a link retargeted since the
+            # identities above were taken is then stamped as what it now leads to)
+            digest, identities[rel] = sha256_and_identity(f)  # streamed: weights may exceed spare memory
         except OSError as e:
             raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
-        if not matches:
+        if digest != build.manifest["files"][rel]:
             raise BuildDirError(_modified(f))
-    verify_stamp.record(build.path, key, rank, identities)
+    verify_stamp.record(build.path, key, rank, identities, taken_ns)
     if hashed_before:
         logger.info("%s: %d of %d files hashed against the manifest; %d unchanged since they last matched it",
                     build.path, len(listed) - len(hashed_before), len(listed), len(hashed_before))

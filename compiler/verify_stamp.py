@@ -12,7 +12,11 @@ sets its change time (ctime) to the present, which no user can set back; a copy 
 things could still hide a change, and neither is trusted: a write within the file system's timestamp granularity of
 the moment the stamp was taken (so a file whose ctime is less than RACY_NS before the stamp is left out of it, and
 hashed next time), and bytes changed under the file system (bit rot, a raw write to the device), which the storage's
-own checks are for. A stamp that cannot be read or written is no error: the files are hashed, as without one.
+own checks are for (and a stamp older than STAMP_MAX_AGE_S is not used, so every file is hashed again at least that
+often). Only file systems that keep these promises themselves are trusted (LOCAL_FILE_SYSTEMS, read from
+/proc/self/mountinfo): on a network or FUSE mount the server or daemon reports the times and inode numbers, some
+derive ctime from a settable mtime or renumber inodes at each mount, so there every file is hashed every time, as on
+a system without /proc. A stamp that cannot be read or written is no error: the files are hashed, as without one.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import tempfile
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 ENV = "PLLM_VERIFY_CACHE"
 RACY_NS = 2_000_000_000  # FAT's 2 s timestamps are the coarsest in common use; ext4, xfs and overlayfs keep ~4 ms
+STAMP_MAX_AGE_S = 7 * 24 * 3600
 FORMAT = 1
+# file systems whose ctime and inode numbers the kernel itself keeps (mountinfo's type field)
+_OCTAL = re.compile(rb"\\([0-7]{3})")  # mountinfo's escapes of space, tab, newline and backslash
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs"})
 
 
 @dataclass(frozen=True)
@@ -41,57 +51,92 @@ class FileIdentity:
 
     @staticmethod
     def of(path: Path) -> FileIdentity:
-        st = os.stat(path)
+        return FileIdentity.from_stat(os.stat(path))
+
+    @staticmethod
+    def from_stat(st: os.stat_result) -> FileIdentity:
         return FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def stamp_dir() -> Path | None:
-    """Where stamps live, or None where $PLLM_VERIFY_CACHE is set empty (every start hashes every file)."""
+    """Where stamps live, or None where $PLLM_VERIFY_CACHE is set empty (every start hashes every file) or there is
+    no cache folder to name (no home, and no absolute $XDG_CACHE_HOME)."""
     configured = os.environ.get(ENV)
     if configured is not None:
         return Path(configured) if configured else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pllm" / "verified"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "pllm" / "verified"
+    try:
+        return Path.home() / ".cache" / "pllm" / "verified"
+    except RuntimeError:  # no $HOME and no passwd entry
+        return None
+
+
+def file_system_type(path: Path) -> str | None:
+    """The type of the file system `path` is on (its deepest mount in /proc/self/mountinfo), None where unknown."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_bytes().split(b"\n")
+    except OSError:
+        return None
+    target, best, kind = os.path.realpath(path), "", None
+    for line in lines:
+        fields = line.split(b" ")
+        try:
+            mount = os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4]))  # \040: a space
+            fs = fields[fields.index(b"-", 6) + 1].decode("ascii")
+        except (IndexError, ValueError):
+            continue
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fs
+    return kind
 
 
 def _stamp_path(build_path: Path, manifest_digest: str, rank: int) -> Path | None:
     folder = stamp_dir()
-    if folder is None:
+    if folder is None or file_system_type(build_path) not in LOCAL_FILE_SYSTEMS:
         return None
-    key = hashlib.sha256(f"{build_path.resolve()}\0{manifest_digest}\0{rank}".encode()).hexdigest()
+    key = hashlib.sha256(os.fsencode(build_path.resolve()) + f"\0{manifest_digest}\0{rank}".encode()).hexdigest()
     return folder / f"{key}.json"
 
 
 def unchanged(build_path: Path, manifest_digest: str, rank: int, current: dict[str, FileIdentity]) -> set[str]:
     """The files (relative paths) whose identity now equals the one stamped when they last hashed correctly."""
-    stamp = _stamp_path(build_path, manifest_digest, rank)
-    if stamp is None:
-        return set()
     try:
+        stamp = _stamp_path(build_path, manifest_digest, rank)
+        if stamp is None:
+            return set()
         recorded = json.loads(stamp.read_text())
-        if recorded.get("format") != FORMAT:
+        if recorded.get("format") != FORMAT or not time.time() - STAMP_MAX_AGE_S < recorded["written_s"] <= time.time():
             return set()
         files = {rel: FileIdentity(*ident) for rel, ident in recorded["files"].items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return set()
     return {rel for rel, ident in current.items() if files.get(rel) == ident}
 
 
-def record(build_path: Path, manifest_digest: str, rank: int, verified: dict[str, FileIdentity]) -> None:
+def record(build_path: Path, manifest_digest: str, rank: int, verified: dict[str, FileIdentity],
+           taken_ns: int) -> None:
     """Stamps the files that just hashed correctly, each with the identity it had before it was hashed, leaving out
-    those changed too recently to tell apart from a change still to come (RACY_NS). Written whole or not at all."""
-    stamp = _stamp_path(build_path, manifest_digest, rank)
-    if stamp is None:
-        return
-    settled = time.time_ns() - RACY_NS
-    files = {rel: astuple(ident) for rel, ident in verified.items() if ident.ctime_ns < settled}
-    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    those changed within RACY_NS of taken_ns (the clock read before any identity was taken): too recently to tell
+    apart from a change in the same timestamp tick. Written whole or not at all."""
     try:
+        stamp = _stamp_path(build_path, manifest_digest, rank)
+        if stamp is None:
+            return
+        files = {rel: astuple(ident) for rel, ident in verified.items() if ident.ctime_ns < taken_ns - RACY_NS}
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"format": FORMAT, "build": str(build_path.resolve()), "files": files}))
+        fd, tmp = tempfile.mkstemp(prefix=f".{stamp.name}.", dir=stamp.parent)
+    except (OSError, UnicodeError):
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": FORMAT, "written_s": time.time(), "build": str(build_path.resolve()), "files": files},
+                      f)
         os.replace(tmp, stamp)
-    except OSError:
+    except (OSError, UnicodeError):
         try:
-            tmp.unlink(missing_ok=True)
+            os.unlink(tmp)
         except OSError:
             pass

@@ -19,13 +19,13 @@ SETTLE_NS = 50_000_000  # the racy window the tests use, so a fresh copy is trus
 def hashes(monkeypatch):
     """The files hashed by verify_files, in order, as it runs."""
     seen: list[str] = []
-    real = manifest.sha256_file
+    real = manifest.sha256_and_identity
 
     def counting(path):
         seen.append(path.name)
         return real(path)
 
-    monkeypatch.setattr(manifest, "sha256_file", counting)
+    monkeypatch.setattr(manifest, "sha256_and_identity", counting)
     return seen
 
 
@@ -33,6 +33,7 @@ def hashes(monkeypatch):
 def settled_build(tiny_build, tmp_path, monkeypatch):
     """A copy of a tiny build whose files are older than the (shortened) racy window."""
     monkeypatch.setattr(verify_stamp, "RACY_NS", SETTLE_NS)
+    monkeypatch.setattr(verify_stamp, "file_system_type", lambda path: "ext4")  # whatever the test machine's /tmp is
     monkeypatch.setenv(verify_stamp.ENV, str(tmp_path / "stamps"))
     build = tmp_path / "build"
     shutil.copytree(tiny_build("llama"), build)
@@ -85,6 +86,7 @@ def test_a_file_replaced_by_another_of_the_same_size_and_times_is_found(settled_
 
 def test_a_file_changed_within_the_racy_window_is_not_trusted(tiny_build, tmp_path, monkeypatch, hashes):
     """Files changed less than RACY_NS before the verification are hashed every time until they have settled."""
+    monkeypatch.setattr(verify_stamp, "file_system_type", lambda path: "ext4")
     monkeypatch.setenv(verify_stamp.ENV, str(tmp_path / "stamps"))
     build = tmp_path / "build"
     shutil.copytree(tiny_build("llama"), build)  # just now: within the real 2 s window
@@ -116,3 +118,55 @@ def test_no_usable_stamp_means_hashing_every_time(settled_build, tmp_path, monke
             stamp.write_text('{"format": 1, "files": {"model.safetensors": [1, 2]}}')
     open_build(settled_build)
     assert len(hashes) == 2 * len(listed(settled_build))
+
+
+def test_the_racy_window_counts_from_before_the_identities_were_taken(settled_build, tmp_path):
+    """A file whose ctime is within RACY_NS of the moment the identities were taken is left out of the stamp, however
+    long the hashing took after that moment."""
+    weights = settled_build / "model.safetensors"
+    ident = verify_stamp.FileIdentity.of(weights)
+    digest = "0" * 64
+    verify_stamp.record(settled_build, digest, 0, {"model.safetensors": ident}, ident.ctime_ns + SETTLE_NS // 2)
+    assert verify_stamp.unchanged(settled_build, digest, 0, {"model.safetensors": ident}) == set()
+    verify_stamp.record(settled_build, digest, 0, {"model.safetensors": ident}, ident.ctime_ns + 2 * SETTLE_NS)
+    assert verify_stamp.unchanged(settled_build, digest, 0, {"model.safetensors": ident}) == {"model.safetensors"}
+
+
+def test_a_stale_stamp_or_an_untrusted_file_system_means_hashing(settled_build, monkeypatch, hashes):
+    open_build(settled_build)
+    max_age = verify_stamp.STAMP_MAX_AGE_S
+    monkeypatch.setattr(verify_stamp, "STAMP_MAX_AGE_S", 0)  # every stamp is too old
+    open_build(settled_build)
+    monkeypatch.setattr(verify_stamp, "STAMP_MAX_AGE_S", max_age)
+    monkeypatch.setattr(verify_stamp, "file_system_type", lambda path: "nfs4")  # the server reports the times
+    open_build(settled_build)
+    assert len(hashes) == 3 * len(listed(settled_build))
+
+
+def test_a_build_under_a_path_that_is_not_utf8(settled_build, tmp_path, hashes):
+    odd = tmp_path / os.fsdecode(b"mod\xe8le")
+    shutil.copytree(settled_build, odd)
+    time.sleep(2 * SETTLE_NS / 1e9)
+    open_build(odd)
+    hashes.clear()
+    open_build(odd)
+    assert hashes == []
+
+
+def test_no_home_means_no_stamps(monkeypatch):
+    for name in (verify_stamp.ENV, "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(verify_stamp.Path, "home", staticmethod(no_home))
+    assert verify_stamp.stamp_dir() is None
+
+
+def test_the_file_system_type_is_read_from_mountinfo(tmp_path):
+    if not os.path.exists("/proc/self/mountinfo"):
+        pytest.skip("no /proc here: no file system is trusted, every file hashed")
+    assert verify_stamp.file_system_type(tmp_path) is not None
+    assert verify_stamp.file_system_type("/proc/self") == "proc"
