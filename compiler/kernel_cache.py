@@ -3,8 +3,9 @@
 A library is a pure function of its rendered source, the compiler (its version line) and the command line (relative
 names, no debug info: cpu_compile's promise that the same inputs give identical files), so those, hashed, name it.
 The cache is a folder of <hash>.so files: $PLLM_KERNEL_CACHE if set (set and empty: no cache), else
-$XDG_CACHE_HOME/pllm/kernels, else ~/.cache/pllm/kernels. Entries are written under a temporary name and renamed into
-place, so a reader never sees a partial library, and two compiles of one kernel at once both succeed. The cache only
+$XDG_CACHE_HOME/pllm/kernels (an absolute one), else ~/.cache/pllm/kernels (user_cache.py). Entries are written
+under a temporary name and renamed into place, so a reader never sees a partial library, and two compiles of one
+kernel at once both succeed. The cache only
 saves time: a folder that cannot be made or written is passed over (a build never fails for it), and an entry is
 checked against the hash of its bytes recorded beside it before it is used. Triton keeps its GPU kernels the same
 way (~/.triton/cache).
@@ -18,16 +19,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from pllm.compiler.user_cache import user_cache_folder
+
 logger = logging.getLogger("pllm")
 
 
 def cache_dir() -> Path | None:
-    """The folder entries live in, or None where $PLLM_KERNEL_CACHE is set empty."""
-    configured = os.environ.get("PLLM_KERNEL_CACHE")
-    if configured is not None:
-        return Path(configured) if configured else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pllm" / "kernels"
+    """The folder entries live in, or None where $PLLM_KERNEL_CACHE is set empty (or no home can be named)."""
+    return user_cache_folder("PLLM_KERNEL_CACHE", "kernels")
 
 
 def kernel_key(source: bytes, compiler_version: str, command: list[str]) -> str:

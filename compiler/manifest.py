@@ -217,8 +217,8 @@ def verify_files(build: BuildManifest, rank: int = 0) -> None:
             identities[rel] = FileIdentity.of(f)
         except OSError as e:
             raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
-    key = manifest_digest(build.manifest)
-    hashed_before = verify_stamp.unchanged(build.path, key, rank, identities)
+    stamp = verify_stamp.stamp_for(build.path, manifest_digest(build.manifest), rank)
+    hashed_before = verify_stamp.unchanged(stamp, identities)
     for rel, f in listed.items():
         if rel in hashed_before:
             continue
@@ -229,7 +229,7 @@ def verify_files(build: BuildManifest, rank: int = 0) -> None:
             raise BuildDirError(f"{f}: cannot be read ({e.strerror or e})") from None
         if digest != build.manifest["files"][rel]:
             raise BuildDirError(_modified(f))
-    verify_stamp.record(build.path, key, rank, identities, taken_ns)
+    verify_stamp.record(stamp, identities, taken_ns)
     if hashed_before:
         logger.info("%s: %d of %d files hashed against the manifest; %d unchanged since they last matched it",
                     build.path, len(listed) - len(hashed_before), len(listed), len(hashed_before))

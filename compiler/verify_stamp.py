@@ -30,6 +30,8 @@ import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from pllm.compiler.user_cache import user_cache_folder
+
 ENV = "PLLM_VERIFY_CACHE"
 RACY_NS = 2_000_000_000  # FAT's 2 s timestamps are the coarsest in common use; ext4, xfs and overlayfs keep ~4 ms
 STAMP_MAX_AGE_S = 7 * 24 * 3600
@@ -59,18 +61,9 @@ class FileIdentity:
 
 
 def stamp_dir() -> Path | None:
-    """Where stamps live, or None where $PLLM_VERIFY_CACHE is set empty (every start hashes every file) or there is
-    no cache folder to name (no home, and no absolute $XDG_CACHE_HOME)."""
-    configured = os.environ.get(ENV)
-    if configured is not None:
-        return Path(configured) if configured else None
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if os.path.isabs(xdg):
-        return Path(xdg) / "pllm" / "verified"
-    try:
-        return Path.home() / ".cache" / "pllm" / "verified"
-    except RuntimeError:  # no $HOME and no passwd entry
-        return None
+    """Where stamps live, or None where $PLLM_VERIFY_CACHE is set empty (every start hashes every file) or no cache
+    folder can be named."""
+    return user_cache_folder(ENV, "verified")
 
 
 def file_system_type(path: Path) -> str | None:
@@ -93,21 +86,34 @@ def file_system_type(path: Path) -> str | None:
     return kind
 
 
-def _stamp_path(build_path: Path, manifest_digest: str, rank: int) -> Path | None:
-    folder = stamp_dir()
-    if folder is None or file_system_type(build_path) not in LOCAL_FILE_SYSTEMS:
-        return None
-    key = hashlib.sha256(os.fsencode(build_path.resolve()) + f"\0{manifest_digest}\0{rank}".encode()).hexdigest()
-    return folder / f"{key}.json"
+@dataclass(frozen=True)
+class Stamp:
+    """Where one build's stamp for one rank lives."""
+
+    path: Path
+    build: str  # the build's resolved path, written into the stamp for whoever reads it
 
 
-def unchanged(build_path: Path, manifest_digest: str, rank: int, current: dict[str, FileIdentity]) -> set[str]:
-    """The files (relative paths) whose identity now equals the one stamped when they last hashed correctly."""
+def stamp_for(build_path: Path, manifest_digest: str, rank: int) -> Stamp | None:
+    """The stamp of this build (its resolved path and manifest digest) for `rank`; None where stamps are off, no
+    cache folder can be named, or the build is not on a trusted file system."""
     try:
-        stamp = _stamp_path(build_path, manifest_digest, rank)
-        if stamp is None:
-            return set()
-        recorded = json.loads(stamp.read_text())
+        folder = stamp_dir()
+        if folder is None or file_system_type(build_path) not in LOCAL_FILE_SYSTEMS:
+            return None
+        resolved = build_path.resolve()
+    except (OSError, RuntimeError):  # (a link loop)
+        return None
+    key = hashlib.sha256(os.fsencode(resolved) + f"\0{manifest_digest}\0{rank}".encode()).hexdigest()
+    return Stamp(folder / f"{key}.json", str(resolved))
+
+
+def unchanged(stamp: Stamp | None, current: dict[str, FileIdentity]) -> set[str]:
+    """The files (relative paths) whose identity now equals the one stamped when they last hashed correctly."""
+    if stamp is None:
+        return set()
+    try:
+        recorded = json.loads(stamp.path.read_text())
         if recorded.get("format") != FORMAT or not time.time() - STAMP_MAX_AGE_S < recorded["written_s"] <= time.time():
             return set()
         files = {rel: FileIdentity(*ident) for rel, ident in recorded["files"].items()}
@@ -116,25 +122,22 @@ def unchanged(build_path: Path, manifest_digest: str, rank: int, current: dict[s
     return {rel for rel, ident in current.items() if files.get(rel) == ident}
 
 
-def record(build_path: Path, manifest_digest: str, rank: int, verified: dict[str, FileIdentity],
-           taken_ns: int) -> None:
+def record(stamp: Stamp | None, verified: dict[str, FileIdentity], taken_ns: int) -> None:
     """Stamps the files that just hashed correctly, each with the identity it had before it was hashed, leaving out
     those changed within RACY_NS of taken_ns (the clock read before any identity was taken): too recently to tell
     apart from a change in the same timestamp tick. Written whole or not at all."""
+    if stamp is None:
+        return
+    files = {rel: astuple(ident) for rel, ident in verified.items() if ident.ctime_ns < taken_ns - RACY_NS}
     try:
-        stamp = _stamp_path(build_path, manifest_digest, rank)
-        if stamp is None:
-            return
-        files = {rel: astuple(ident) for rel, ident in verified.items() if ident.ctime_ns < taken_ns - RACY_NS}
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{stamp.name}.", dir=stamp.parent)
-    except (OSError, UnicodeError):
+        stamp.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stamp.path.name}.", dir=stamp.path.parent)
+    except OSError:
         return
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"format": FORMAT, "written_s": time.time(), "build": str(build_path.resolve()), "files": files},
-                      f)
-        os.replace(tmp, stamp)
+            json.dump({"format": FORMAT, "written_s": time.time(), "build": stamp.build, "files": files}, f)
+        os.replace(tmp, stamp.path)
     except (OSError, UnicodeError):
         try:
             os.unlink(tmp)

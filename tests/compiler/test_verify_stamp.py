@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pllm.compiler import manifest, verify_stamp
+from pllm.compiler import kernel_cache, manifest, user_cache, verify_stamp
 from pllm.compiler.manifest import BuildDirError, open_build
 
 SETTLE_NS = 50_000_000  # the racy window the tests use, so a fresh copy is trusted after a short sleep
@@ -125,11 +125,11 @@ def test_the_racy_window_counts_from_before_the_identities_were_taken(settled_bu
     long the hashing took after that moment."""
     weights = settled_build / "model.safetensors"
     ident = verify_stamp.FileIdentity.of(weights)
-    digest = "0" * 64
-    verify_stamp.record(settled_build, digest, 0, {"model.safetensors": ident}, ident.ctime_ns + SETTLE_NS // 2)
-    assert verify_stamp.unchanged(settled_build, digest, 0, {"model.safetensors": ident}) == set()
-    verify_stamp.record(settled_build, digest, 0, {"model.safetensors": ident}, ident.ctime_ns + 2 * SETTLE_NS)
-    assert verify_stamp.unchanged(settled_build, digest, 0, {"model.safetensors": ident}) == {"model.safetensors"}
+    stamp = verify_stamp.stamp_for(settled_build, "0" * 64, 0)
+    verify_stamp.record(stamp, {"model.safetensors": ident}, ident.ctime_ns + SETTLE_NS // 2)
+    assert verify_stamp.unchanged(stamp, {"model.safetensors": ident}) == set()
+    verify_stamp.record(stamp, {"model.safetensors": ident}, ident.ctime_ns + 2 * SETTLE_NS)
+    assert verify_stamp.unchanged(stamp, {"model.safetensors": ident}) == {"model.safetensors"}
 
 
 def test_a_stale_stamp_or_an_untrusted_file_system_means_hashing(settled_build, monkeypatch, hashes):
@@ -154,15 +154,16 @@ def test_a_build_under_a_path_that_is_not_utf8(settled_build, tmp_path, hashes):
 
 
 def test_no_home_means_no_stamps(monkeypatch):
-    for name in (verify_stamp.ENV, "XDG_CACHE_HOME"):
+    for name in (verify_stamp.ENV, "PLLM_KERNEL_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
-    monkeypatch.setattr(verify_stamp.Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(user_cache.Path, "home", staticmethod(no_home))
     assert verify_stamp.stamp_dir() is None
+    assert kernel_cache.cache_dir() is None  # the same rule for every per-user cache
 
 
 def test_the_file_system_type_is_read_from_mountinfo(tmp_path):
