@@ -54,10 +54,10 @@ def _fingerprint_file(out: Path) -> Path:
     return out.with_name(out.name + ".compiler-sha256")
 
 
-def current_build(out: Path) -> bool:
-    """Whether `out` holds a build this pllm made: one left by an older format, or by another version of the compiler
-    or its kernel templates (whose libraries may load and run old code, or fail to load and leave the engine op by op),
-    is compiled again, not reused."""
+def current_build(out: Path, fingerprint: str) -> bool:
+    """Whether `out` holds a build the pllm whose compiler_fingerprint() is `fingerprint` made: one left by an older
+    format, or by another version of the compiler or its kernel templates (whose libraries may load and run old code,
+    or fail to load and leave the engine op by op), is compiled again, not reused."""
     from pllm.compiler.manifest import BuildDirError, open_build
 
     try:
@@ -65,15 +65,15 @@ def current_build(out: Path) -> bool:
     except BuildDirError:
         return False
     stamp = _fingerprint_file(out)
-    return stamp.is_file() and stamp.read_text().strip() == compiler_fingerprint()
+    return stamp.is_file() and stamp.read_text().strip() == fingerprint
 
 
 def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
     """pllm-compile SOURCE at bf16, quantised to int8/int4 or its GGUF blocks kept when asked; raises
     QuantizationRefused when this pllm's compiler refuses --quantization."""
-    if reuse and current_build(out):
-        return out
     fingerprint = compiler_fingerprint()  # before compiling: sources edited meanwhile must not stamp this build
+    if reuse and current_build(out, fingerprint):
+        return out
     shutil.rmtree(out, ignore_errors=True)
     _fingerprint_file(out).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]

@@ -150,7 +150,7 @@ def test_a_kept_gguf_build_compiles_llama_cpp_s_own_file(monkeypatch, tmp_path):
     assert set(prepared.pllm_builds) == {"int8", "gguf-q4_0"}
 
 
-def test_reuse_takes_only_builds_this_compiler_made(tiny_build, tmp_path, monkeypatch):
+def test_reuse_takes_only_builds_this_compiler_made(tiny_build, tmp_path):
     """--reuse-builds keeps a build only while pllm's compiler and kernel templates are those that made it: a build
     from other templates may load and run their old code (or fail to load, and the engine runs op by op)."""
     import shutil
@@ -159,9 +159,9 @@ def test_reuse_takes_only_builds_this_compiler_made(tiny_build, tmp_path, monkey
 
     out = tmp_path / "smollm2-pllm-int4"
     shutil.copytree(tiny_build("llama"), out)
-    assert not bench_models.current_build(out)  # no record of the compiler that made it
-    bench_models._fingerprint_file(out).write_text(bench_models.compiler_fingerprint() + "\n")
-    assert bench_models.current_build(out)
-    monkeypatch.setattr(bench_models, "compiler_fingerprint", lambda: "0" * 64)  # the templates changed since
-    assert not bench_models.current_build(out)
-    assert not bench_models.current_build(tmp_path / "missing")
+    ours = bench_models.compiler_fingerprint()
+    assert not bench_models.current_build(out, ours)  # no record of the compiler that made it
+    bench_models._fingerprint_file(out).write_text(ours + "\n")
+    assert bench_models.current_build(out, ours)
+    assert not bench_models.current_build(out, "0" * 64)  # the templates changed since
+    assert not bench_models.current_build(tmp_path / "missing", ours)
