@@ -24,13 +24,11 @@ load_bounded_profile()
 # builds of the same shapes compile each kernel once, and no user's cache is read or written. Child processes
 # (pllm-compile, pllm-serve) inherit it, and so do pytest-xdist's workers (the cache's entries are written by atomic
 # rename, so processes share it safely): a worker keeps the folder its controller made.
-if "PYTEST_XDIST_WORKER" not in os.environ or not os.environ.get("PLLM_KERNEL_CACHE"):
-    os.environ["PLLM_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-kernels-")
-    atexit.register(shutil.rmtree, os.environ["PLLM_KERNEL_CACHE"], ignore_errors=True)
 # Likewise the stamps of verified builds (compiler/verify_stamp.py): on, as users run, in a folder of the session's.
-if "PYTEST_XDIST_WORKER" not in os.environ or not os.environ.get("PLLM_VERIFY_CACHE"):
-    os.environ["PLLM_VERIFY_CACHE"] = tempfile.mkdtemp(prefix="pllm-test-verified-")
-    atexit.register(shutil.rmtree, os.environ["PLLM_VERIFY_CACHE"], ignore_errors=True)
+for _env, _prefix in (("PLLM_KERNEL_CACHE", "pllm-test-kernels-"), ("PLLM_VERIFY_CACHE", "pllm-test-verified-")):
+    if "PYTEST_XDIST_WORKER" not in os.environ or not os.environ.get(_env):
+        os.environ[_env] = tempfile.mkdtemp(prefix=_prefix)
+        atexit.register(shutil.rmtree, os.environ[_env], ignore_errors=True)
 
 
 def _fix_triton_mode() -> None:
