@@ -151,14 +151,14 @@ def make_quantizer(options: BuildOptions, spec: ModelSpec, source: ModelSource) 
     q = options.quantization
     if q is None:
         if options.quant_group_size is not None:
-            raise BuildError(f"--quant-group-size {options.quant_group_size} needs --quantization int4")
+            raise BuildError(f"--quant-group-size {options.quant_group_size} needs --quantization int4 or int4_sym")
         return None
     try:
         check_quantizable(spec, q)
-        if q is Quantization.INT4:
+        if q.grouped:
             return Quantizer(q, int4_group_size(spec, options.quant_group_size))
         if options.quant_group_size is not None:
-            raise QuantizeError(f"--quant-group-size applies to int4 only; {q.value} "
+            raise QuantizeError(f"--quant-group-size applies to int4 and int4_sym only; {q.value} "
                                 f"{'is per output channel' if q is Quantization.INT8 else 'keeps the file groups'}")
     except QuantizeError as e:
         raise BuildError(str(e)) from None
@@ -228,7 +228,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         if quantizer is not None:
             logger.info("quantization %s%s: decoder linear weights kept packed; the embedding, %snorms in %s",
                         quantizer.quantization.value,
-                        f" (group {quantizer.group_size})" if quantizer.quantization is Quantization.INT4 else "",
+                        f" (group {quantizer.group_size})" if quantizer.quantization.grouped else "",
                         "LM head and " if lm_head is LmHead.FLOAT else "", dtype)
         made = make_parents(out_dir.parent)
         remove_stale_scratch(out_dir.parent, SCRATCH_RE)

@@ -58,15 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=[q.value for q in Quantization],
         help="keep the decoder's linear weights packed: int8 (per output channel), int4 (groups with a scale and "
-        "min), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K blocks as they are; other types are dequantised); the "
-        "LM head then at 8 bits (--lm-head). Default: float weights in --dtype",
+        "min), int4_sym (groups with a scale, llama.cpp's Q4_0 rule), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K "
+        "blocks as they are; other types are dequantised); the LM head then at 8 bits (--lm-head). Default: float "
+        "weights in --dtype",
     )
     p.add_argument(
         "--quant-group-size",
         type=int,
         default=None,
-        help=f"int4 group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]}, dividing the model's input widths "
-        f"(default {INT4_DEFAULT_GROUP}, as llama.cpp's 4-bit types)",
+        help=f"int4 and int4_sym group size, even, {INT4_GROUP_SIZES[0]}..{INT4_GROUP_SIZES[-1]}, dividing the "
+        f"model's input widths (default {INT4_DEFAULT_GROUP}, as llama.cpp's 4-bit types)",
     )
     p.add_argument(
         "--lm-head",

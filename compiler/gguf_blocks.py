@@ -3,7 +3,7 @@ converted losslessly into models/quant.py's layout, each tensor under its Huggin
 
 The conversions (d, m, dmin are the blocks' float16 fields, widened; q the stored codes):
   Q8_0: INT8, groups of 32: scale = d                         (w = d * q)
-  Q4_0: INT4, groups of 32: scale = d, min = -8 d             (w = d * (q - 8))
+  Q4_0: INT4_SYM, groups of 32: scale = d (min -8 d, implied) (w = d * (q - 8)), the file's 18 bytes a block
   Q4_1: INT4, groups of 32: scale = d, min = m                (w = d * q + m)
   Q4_K: INT4, groups of 32 (the 8 sub-blocks of a 256-element super-block): scale = d * sc_j, min = -(dmin * m_j),
         sc_j and m_j the 6-bit values packed in its 12 scale bytes      (w = d sc_j q - dmin m_j)
@@ -61,13 +61,15 @@ def weight_from_blocks(type_name: str, raw: np.ndarray, shape: tuple[int, int]) 
         codes = torch.from_numpy(qs.reshape(out, in_features).copy())
         scales, _ = half_if_exact(torch.from_numpy(d.reshape(out, -1).copy()))  # the blocks' own fp16 d
         return QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, GROUP))
-    if type_name in ("Q4_0", "Q4_1"):
-        size = 18 if type_name == "Q4_0" else 20
-        blocks = raw.reshape(-1, size)
-        d = _f16(blocks[:, :2])
-        m = -8 * d if type_name == "Q4_0" else _f16(blocks[:, 2:4])  # -8 d: exact (a power-of-two multiple)
-        q = _nibbles(blocks[:, size - 16 :], 16)  # [blocks, 32]
-        scales, mins = d, m
+    if type_name == "Q4_0":
+        blocks = raw.reshape(-1, 18)
+        values = torch.from_numpy(np.ascontiguousarray(_nibbles(blocks[:, 2:], 16)).reshape(out, in_features))
+        scales, _ = half_if_exact(torch.from_numpy(_f16(blocks[:, :2]).reshape(out, -1).copy()))  # the fp16 d
+        return QuantizedWeight(pack_int4(values), scales, None, QuantFormat(QuantScheme.INT4_SYM, GROUP))
+    if type_name == "Q4_1":
+        blocks = raw.reshape(-1, 20)
+        scales, mins = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+        q = _nibbles(blocks[:, 4:], 16)  # [blocks, 32]
     elif type_name == "Q4_K":
         blocks = raw.reshape(-1, 144)
         d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
@@ -78,7 +80,7 @@ def weight_from_blocks(type_name: str, raw: np.ndarray, shape: tuple[int, int]) 
     else:
         return None
     values = torch.from_numpy(np.ascontiguousarray(q).reshape(out, in_features))
-    scales_t, mins_t = half_if_exact(  # Q4_0's and Q4_1's fp16 d and m stay fp16; Q4_K's products where exact
+    scales_t, mins_t = half_if_exact(  # Q4_1's fp16 d and m stay fp16; Q4_K's products where exact
         torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(out, -1)),
         torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(out, -1)))
     return QuantizedWeight(pack_int4(values), scales_t, mins_t, QuantFormat(QuantScheme.INT4, GROUP))

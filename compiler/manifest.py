@@ -32,7 +32,8 @@ logger = logging.getLogger("pllm")
 # 7: packed weights' scales and mins may be fp16 (models/quant.py), and the cpu kernels' packed-linear interface
 # carries their dtype, so a format-6 build's compiled kernels would misread what this runtime passes them;
 # 8: the cpu decode step takes up to 64 sequences and says how many (pllm_decode_step_max_batch), which this runtime
-# asks a build's step library (a format-7 library lacks the question)
+# asks a build's step library (a format-7 library lacks the question). Since added, without a new format: the packed
+# scheme 'int4_sym' (GGUF's Q4_0 kept; format-8 builds never hold it and their kernels get the values they always did)
 FORMAT_VERSION = 8
 # builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
 # later also carry their digest, which must then match
@@ -48,10 +49,11 @@ TOKENIZER_SNAPSHOT = "pllm_tokenizer.json"
 TOKENIZER_SNAPSHOT_FORMAT = 1
 LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# a quantised runtime tensor `name` is stored as name.codes, name.scales and (int4) name.mins: models/quant.py's layout
+# a quantised runtime tensor `name` is stored as name.codes, name.scales and (int4, not int4_sym) name.mins:
+# models/quant.py's layout
 QUANT_PARTS = ("codes", "scales", "mins")
-QUANT_SCHEMES = ("int8", "int4")  # models.quant.QuantScheme's values (this module stays torch-free)
-QUANT_METHODS = ("int8", "int4", "gguf")  # compiler.quantize.Quantization's values
+QUANT_SCHEMES = ("int8", "int4", "int4_sym")  # models.quant.QuantScheme's values (this module stays torch-free)
+QUANT_METHODS = ("int8", "int4", "int4_sym", "gguf")  # compiler.quantize.Quantization's values
 LM_HEAD_KINDS = ("float", "int8")  # compiler.lm_head.LmHead's values; a quantised build's head, stored as LM_HEAD
 LM_HEAD = "lm_head"
 _SHA256 = re.compile(r"[0-9a-f]{64}")

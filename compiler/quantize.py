@@ -31,7 +31,13 @@ class Quantization(enum.Enum):
 
     INT8 = "int8"  # per output channel, symmetric
     INT4 = "int4"  # groups along the input, with a scale and a min each
+    INT4_SYM = "int4_sym"  # groups along the input, a scale each (llama.cpp's Q4_0 rule at group 32)
     GGUF = "gguf"  # a GGUF input's Q8_0, Q4_0, Q4_1 and Q4_K blocks kept as they are (compiler/gguf_blocks.py)
+
+    @property
+    def grouped(self) -> bool:
+        """Takes --quant-group-size (the 4-bit methods)."""
+        return self in (Quantization.INT4, Quantization.INT4_SYM)
 
 
 class QuantizeError(ValueError):
@@ -119,20 +125,45 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     return QuantizedWeight(pack_int4(codes.view(out, in_features)), scales, mins, fmt)
 
 
+def quantize_int4_sym(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """float [out, in] -> INT4_SYM by llama.cpp's Q4_0 rule, step for step in float32: per group, d = (the value of
+    largest magnitude) / -8 and code = trunc(w * (1 / d) + 8.5) clamped to 0..15, so w ~ (code - 8) d (the largest
+    magnitude on code 0 exactly, the others within half a step); d is then stored in float16, as Q4_0 stores it,
+    where every d of the matrix is a normal float16 or zero, else kept in float32. At group 32 with float16 d this
+    gives Q4_0's very blocks (tests/compiler/test_gguf_blocks.py)."""
+    out, in_features = weight.shape
+    w = weight.float().view(out, in_features // group_size, group_size)
+    peak = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [out, groups, 1], signed
+    scale = peak / -8
+    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))  # an all-zero group: codes 8, w = 0
+    codes = torch.trunc(w * inverse + 8.5).clamp_(0, 15).to(torch.uint8)
+    scale = scale.squeeze(-1)
+    narrow = fp16_grid(scale)
+    scales, _ = half_if_exact((scale if narrow is None else narrow).contiguous())
+    return QuantizedWeight(pack_int4(codes.view(out, in_features)), scales, None,
+                           QuantFormat(QuantScheme.INT4_SYM, group_size))
+
+
 @dataclass(frozen=True)
 class Quantizer:
     """Turns each quantised target of a build into a QuantizedWeight; other tensors pass through."""
 
-    quantization: Quantization
-    group_size: int  # int4's group; int8 uses one group per output channel
+    quantization: Quantization  # one of QUANTISERS' (GGUF keeps the file's blocks instead: compiler/gguf_blocks.py)
+    group_size: int  # the 4-bit methods' group; int8 uses one group per output channel
 
     def applies(self, name: str) -> bool:
         return QUANTIZED_TARGETS.fullmatch(name) is not None
 
     def __call__(self, weight: torch.Tensor) -> QuantizedWeight:
-        if self.quantization is Quantization.INT8:
-            return quantize_int8(weight)
-        return quantize_int4(weight, self.group_size)
+        return QUANTISERS[self.quantization](weight, self.group_size)
+
+
+# pllm's own methods: (float weight [out, in], group size) -> the packed weight
+QUANTISERS = {
+    Quantization.INT8: lambda weight, _group: quantize_int8(weight),
+    Quantization.INT4: quantize_int4,
+    Quantization.INT4_SYM: quantize_int4_sym,
+}
 
 
 def flatten(weights: dict[str, torch.Tensor | QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.tokenizer_snapshot import write_tokenizer_snapshot
-from pllm.models.quant import QuantizedWeight, half_if_exact
+from pllm.models.quant import QuantizedWeight, as_asymmetric, half_if_exact
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,7 +78,11 @@ class ModelSource:
                     raise ModelSourceError(f"{self.path}: tensor '{hf}' ({weight.fmt.scheme.value}) does not decode "
                                            "to the values transformers reads; refusing to keep its blocks")
         parts = [self._kept.get(name) for name in hf_names]
-        if any(p is None for p in parts) or len({p.fmt for p in parts}) != 1:
+        if any(p is None for p in parts):
+            return None
+        if len({p.fmt for p in parts}) != 1:  # a Q4_0 part beside Q4_1 or Q4_K ones joins them with its mins stored
+            parts = [as_asymmetric(p) for p in parts]
+        if len({p.fmt for p in parts}) != 1:
             return None
         if len(parts) == 1:
             return parts[0]

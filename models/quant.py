@@ -3,7 +3,8 @@
 One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4`) and GGUF blocks kept as they
 are: Q8_0 is INT8 with groups of 32; Q4_0 (w = d * (q - 8)), Q4_1 (w = d * q + m) and Q4_K (per 32-element
 sub-block: w = d * sc * q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in
-float32. Scales and mins are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0 and Q4_1
+float32; Q4_0 is kept symmetric (INT4_SYM: its min is -8 times its scale, so only d is stored, the file's 4.5 bits a
+weight). Scales and mins are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0 and Q4_1
 store theirs so; pllm's own grouped quantisation rounds them so), which keeps a Q4_1 block's 5 bits a weight
 rather than 6, else float32. A kernel reading this layout is correct when it equals `dequantize` followed by a
 float matmul, of the
@@ -22,6 +23,21 @@ import torch
 class QuantScheme(enum.Enum):
     INT8 = "int8"  # codes int8 [out, in]; w = code * scale (symmetric)
     INT4 = "int4"  # codes uint8 [out, in // 2], two per byte; w = code * scale + min (code 0..15)
+    INT4_SYM = "int4_sym"  # INT4's codes and formula with min = -8 * scale, not stored: w = (code - 8) * scale
+
+    @property
+    def nibbles(self) -> bool:
+        """Two 4-bit codes a byte (element 2j in byte j's low nibble, 2j + 1 in its high one)."""
+        return self is not QuantScheme.INT8
+
+    @property
+    def stores_mins(self) -> bool:
+        return self is QuantScheme.INT4
+
+
+# INT4_SYM's min, as a multiple of its scale: exact in every float format (a power of two), so INT4_SYM means
+# exactly INT4 with mins = SYM_MIN_PER_SCALE * scales
+SYM_MIN_PER_SCALE = -8.0
 
 
 @dataclass(frozen=True)
@@ -30,7 +46,7 @@ class QuantFormat:
     group_size: int  # consecutive input elements sharing one scale (and min); in_features: one per output channel
 
     def __post_init__(self) -> None:
-        if self.group_size <= 0 or (self.scheme is QuantScheme.INT4 and self.group_size % 2):
+        if self.group_size <= 0 or (self.scheme.nibbles and self.group_size % 2):
             raise ValueError(f"{self.scheme.value}: group size {self.group_size} must be positive (and even for int4)")
 
 
@@ -45,13 +61,13 @@ class QuantizedWeight:
 
     codes: torch.Tensor  # INT8: int8 [out, in]; INT4: uint8 [out, in // 2]
     scales: torch.Tensor  # a SCALE_DTYPES dtype [out, in // group_size]
-    mins: torch.Tensor | None  # INT4: the scales' dtype [out, in // group_size]; INT8: None
+    mins: torch.Tensor | None  # INT4: the scales' dtype [out, in // group_size]; INT8 and INT4_SYM: None
     fmt: QuantFormat
 
     def __post_init__(self) -> None:
         out, packed = self.codes.shape
-        in_features = packed * 2 if self.fmt.scheme is QuantScheme.INT4 else packed
-        code_dtype = torch.uint8 if self.fmt.scheme is QuantScheme.INT4 else torch.int8
+        in_features = packed * 2 if self.fmt.scheme.nibbles else packed
+        code_dtype = torch.uint8 if self.fmt.scheme.nibbles else torch.int8
         groups = in_features // self.fmt.group_size
         if self.codes.dtype != code_dtype:
             raise ValueError(f"{self.fmt.scheme.value} codes must be {code_dtype}, got {self.codes.dtype}")
@@ -60,7 +76,7 @@ class QuantizedWeight:
         if self.scales.shape != (out, groups) or self.scales.dtype not in SCALE_DTYPES:
             raise ValueError(f"scales {tuple(self.scales.shape)} {self.scales.dtype}: expected ({out}, {groups}) "
                              "float32 or float16")
-        has_mins = self.fmt.scheme is QuantScheme.INT4
+        has_mins = self.fmt.scheme.stores_mins
         if (self.mins is not None) != has_mins:
             raise ValueError(f"{self.fmt.scheme.value} weights {'need' if has_mins else 'take no'} mins")
         if self.mins is not None and (self.mins.shape != self.scales.shape or self.mins.dtype != self.scales.dtype):
@@ -69,7 +85,23 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         out, packed = self.codes.shape
-        return (out, packed * 2 if self.fmt.scheme is QuantScheme.INT4 else packed)
+        return (out, packed * 2 if self.fmt.scheme.nibbles else packed)
+
+    def group_mins(self) -> torch.Tensor | None:
+        """Each group's min as the INT4 formula reads it, in float32: the stored ones (INT4), -8 * the scales
+        (INT4_SYM), None (INT8)."""
+        if self.fmt.scheme is QuantScheme.INT4_SYM:
+            return self.scales.float() * SYM_MIN_PER_SCALE
+        return None if self.mins is None else self.mins.float()
+
+
+def as_asymmetric(weight: QuantizedWeight) -> QuantizedWeight:
+    """An INT4_SYM weight as INT4 with its mins stored (the same values; fp16 where both are exact there, as
+    half_if_exact), so it can join INT4 parts; other weights unchanged."""
+    if weight.fmt.scheme is not QuantScheme.INT4_SYM:
+        return weight
+    scales, mins = half_if_exact(weight.scales.float(), weight.group_mins())
+    return QuantizedWeight(weight.codes, scales, mins, QuantFormat(QuantScheme.INT4, weight.fmt.group_size))
 
 
 def half_if_exact(scales: torch.Tensor, mins: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,9 +133,9 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     """The reference meaning of a packed weight: float [out, in], computed in float32 and rounded once to dtype."""
     out, in_features = weight.shape
     group = weight.fmt.group_size
-    if weight.fmt.scheme is QuantScheme.INT4:
+    if weight.fmt.scheme.nibbles:
         codes = unpack_int4(weight.codes).float().view(out, -1, group)
-        values = codes * weight.scales.float()[..., None] + weight.mins.float()[..., None]
+        values = codes * weight.scales.float()[..., None] + weight.group_mins()[..., None]
     else:
         values = weight.codes.float().view(out, -1, group) * weight.scales.float()[..., None]
     return values.reshape(out, in_features).to(dtype)

@@ -30,9 +30,10 @@ NORM_OFFSET = {"gemma3": 1.0}
 
 
 def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.gguf",
-                    float_matrices: tuple[str, ...] = ()) -> Path:
+                    float_matrices: tuple[str, ...] = (), matrix_types: dict[str, str] | None = None) -> Path:
     """model_dir/file_name: the model's config, byte-level BPE tokenizer and weights (matrices in Q8_0, but those
-    named in float_matrices, by GGUF name, in F32)."""
+    named in float_matrices, by GGUF name, in F32, and those whose GGUF name contains a key of matrix_types in that
+    quantised type, e.g. {"attn_v": "Q4_1"})."""
     import gguf
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -81,9 +82,11 @@ def write_tiny_gguf(model_dir: Path, architecture: str, file_name: str = "model.
         if "norm" in hf:
             tensor = tensor + NORM_OFFSET.get(architecture, 0.0)
         if tensor.ndim == 2 and name not in float_matrices:
-            # quantised, so transformers must dequantise: Q8_0 blocks of 32 along rows
-            quantised = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, quantised, raw_shape=quantised.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            # quantised, so transformers must dequantise: Q8_0 (or the asked type) blocks of 32 along rows
+            kind = next((t for key, t in (matrix_types or {}).items() if key in name), "Q8_0")
+            qtype = gguf.GGMLQuantizationType[kind]
+            quantised = gguf.quants.quantize(tensor, qtype)
+            writer.add_tensor(name, quantised, raw_shape=quantised.shape, raw_dtype=qtype)
         else:
             writer.add_tensor(name, tensor.astype(np.float32))
     writer.write_header_to_file()

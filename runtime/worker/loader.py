@@ -56,11 +56,12 @@ def tensors_of(resident: ResidentWeights) -> dict[str, torch.Tensor]:
 
 def gather_quantized(tensors: dict[str, torch.Tensor], record: dict[str, dict],
                      f: Path) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """name.codes, name.scales (and int4's name.mins) of each recorded tensor -> one QuantizedWeight under `name`."""
+    """name.codes, name.scales (and int4's name.mins; not int4_sym's) of each recorded tensor -> one QuantizedWeight
+    under `name`."""
     out: dict[str, torch.Tensor | QuantizedWeight] = dict(tensors)
     for name, entry in record.items():
         fmt = QuantFormat(QuantScheme(entry["scheme"]), entry["group_size"])
-        wanted = QUANT_PARTS if fmt.scheme is QuantScheme.INT4 else QUANT_PARTS[:2]
+        wanted = QUANT_PARTS if fmt.scheme.stores_mins else QUANT_PARTS[:2]
         missing = [f"{name}.{part}" for part in wanted if f"{name}.{part}" not in out]
         if missing:
             raise BuildDirError(f"{f}: quantised weight '{name}' lacks {', '.join(missing)}")

@@ -16,12 +16,12 @@ from pllm import LLM, SamplingParams
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gguf_blocks import unpermute_order, weight_from_blocks
 from pllm.compiler.manifest import open_build
-from pllm.compiler.quantize import Quantization
+from pllm.compiler.quantize import Quantization, quantize_int4_sym
 from pllm.models.quant import QuantScheme, dequantize
 from pllm.runtime.worker.loader import load_weights
 
 gguf = pytest.importorskip("gguf")
-KEPT = {"Q8_0": QuantScheme.INT8, "Q4_0": QuantScheme.INT4, "Q4_1": QuantScheme.INT4, "Q4_K": QuantScheme.INT4}
+KEPT = {"Q8_0": QuantScheme.INT8, "Q4_0": QuantScheme.INT4_SYM, "Q4_1": QuantScheme.INT4, "Q4_K": QuantScheme.INT4}
 
 
 def gguf_dequantize(raw: np.ndarray, type_name: str) -> torch.Tensor:
@@ -50,10 +50,11 @@ def test_random_block_bytes_decode_as_gguf_does(type_name, seed):
     weight = weight_from_blocks(type_name, raw, (rows, cols))
     assert weight.fmt.scheme is KEPT[type_name] and weight.fmt.group_size == 32
     assert torch.equal(dequantize(weight), gguf_dequantize(raw, type_name))
-    # the blocks' own fp16 d (and m, and Q4_0's -8 d, a power-of-two multiple) stay fp16: the file's bytes per
+    # the blocks' own fp16 d (and m) stay fp16, and Q4_0 keeps no mins (its -8 d is implied): the file's bytes per
     # weight; Q4_K's products d * sc of random fields are not all fp16 values, so they stay fp32
     assert weight.scales.dtype == (torch.float32 if type_name == "Q4_K" else torch.float16)
     assert weight.mins is None or weight.mins.dtype == weight.scales.dtype
+    assert (weight.mins is None) == (type_name in ("Q8_0", "Q4_0"))
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])  # the types gguf's Python quantiser makes
@@ -66,6 +67,23 @@ def test_quantised_random_blocks_decode_as_gguf_does(type_name, seed):
     weight = weight_from_blocks(type_name, raw, (rows, cols))
     assert weight.fmt.scheme is KEPT[type_name] and weight.fmt.group_size == 32
     assert torch.equal(dequantize(weight), gguf_dequantize(raw, type_name))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_int4_sym_quantises_as_q4_0(seed):
+    """pllm's own symmetric INT4 at group 32 (compiler.quantize.quantize_int4_sym) is llama.cpp's Q4_0: from the
+    same float weights, the codes and fp16 scales of gguf's Q4_0 quantiser, bit for bit (all-zero groups, exact
+    halves and ties included)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = 24, 512
+    values = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 2, (rows, 1))).astype(np.float32)
+    values[0, :32] = 0  # an all-zero group
+    values[1, :32] = np.arange(-16, 16) / 2  # codes on exact halves (trunc(x + 8.5) breaks the ties upwards)
+    raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_0)
+    ours = quantize_int4_sym(torch.from_numpy(values), 32)
+    theirs = weight_from_blocks("Q4_0", raw, (rows, cols))
+    assert ours.fmt == theirs.fmt and ours.scales.dtype == torch.float16
+    assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.scales, theirs.scales)
 
 
 def test_other_types_are_not_kept():
@@ -133,6 +151,32 @@ def test_gguf_build_keeps_blocks_losslessly(tmp_path, tied):
                                                                 else name]), name
         else:
             assert torch.equal(weight, float_weights[name]), name
+    llm = LLM(str(kept), backend="cpu", kv_cache_memory=1 << 24)
+    out = llm.generate(["Hello, world!"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_gguf_build_keeps_q4_0_symmetric_and_joins_it_with_q4_1(tmp_path):
+    """Q4_0 matrices are kept as INT4_SYM (no mins: the file's 18 bytes a block); a fused matrix whose parts mix
+    Q4_0 and Q4_1 (q and k Q4_0, v Q4_1) is kept as INT4 with the Q4_0 parts' mins, -8 d, stored. Either way the
+    values are exactly the float build's, and the build serves through the compiled step."""
+    model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
+    path = write_tiny_gguf(model_dir, "qwen3", matrix_types={"attn_v": "Q4_1", "blk": "Q4_0"})
+    kept = build(str(path), tmp_path / "kept", BuildOptions(dtype="float32", progress=False,
+                                                            quantization=Quantization.GGUF))
+    float_weights = load_weights(open_build(build(str(path), tmp_path / "plain",
+                                                  BuildOptions(dtype="float32", progress=False))))
+    manifest = json.loads((kept / "manifest.json").read_text())
+    weights = load_weights(open_build(kept))
+    for i in range(2):
+        assert weights[f"layers.{i}.qkv_proj"].fmt.scheme is QuantScheme.INT4
+        for name in ("o_proj", "gate_up_proj", "down_proj"):
+            weight = weights[f"layers.{i}.{name}"]
+            assert weight.fmt.scheme is QuantScheme.INT4_SYM and weight.mins is None
+            assert manifest["quantization"]["tensors"][f"layers.{i}.{name}"]["scheme"] == "int4_sym"
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            assert torch.equal(dequantize(weights[f"layers.{i}.{name}"]), float_weights[f"layers.{i}.{name}"])
     llm = LLM(str(kept), backend="cpu", kv_cache_memory=1 << 24)
     out = llm.generate(["Hello, world!"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)

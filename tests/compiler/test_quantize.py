@@ -12,8 +12,8 @@ from pllm import LLM, SamplingParams
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.cli import main as compile_main
 from pllm.compiler.manifest import open_build
-from pllm.compiler.quantize import Quantization, quantize_int4, quantize_int8
-from pllm.models.quant import QuantizedWeight, dequantize
+from pllm.compiler.quantize import QUANTISERS, Quantization, quantize_int4, quantize_int4_sym, quantize_int8
+from pllm.models.quant import QuantizedWeight, dequantize, unpack_int4
 from pllm.runtime.worker.loader import load_weights
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -56,6 +56,28 @@ def test_int4_is_within_half_a_step_of_each_group(group, offset):
     assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + slack).all())
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0, 16.0])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_sym_is_within_half_a_step_of_each_group_but_past_its_last_code(group, offset):
+    """Symmetric around zero, as Q4_0: the step is |peak| / 8 for the group's largest magnitude, which lands on code
+    0 exactly; every weight is within half a step of its value, but those on the side opposite the peak beyond 7.5
+    steps (code 15 is the last: 7 steps out), which are within their distance past 7 steps (at most one step)."""
+    gen = torch.Generator().manual_seed(group)
+    w = torch.randn((16, 256), generator=gen) * 0.05 + torch.randn((16, 1), generator=gen) * 0.1 + offset
+    w[0, :group] = torch.linspace(-1, 0.97, group)  # peak -1: a step of 1/8, so 0.97 lies 7.76 steps out
+    q = quantize_int4_sym(w, group)
+    assert q.mins is None and q.scales.shape == (16, 256 // group) and q.scales.dtype == torch.float16
+    scale = q.scales.float().repeat_interleave(group, dim=1)
+    steps = w / scale  # in units of the step, signed: the peak's side is -8
+    allowed = torch.clamp(steps - 7, min=0.5) * scale.abs()
+    slack = 2**-8 * scale.abs() + 2**-22 * w.abs()  # codes taken against the fp32 scale, stored in fp16 (Q4_0's way)
+    assert bool(((dequantize(q) - w).abs() <= allowed + slack).all())
+    peak = w.view(16, -1, group).abs().argmax(-1)
+    codes = unpack_int4(q.codes).view(16, -1, group)
+    assert bool((codes.gather(-1, peak[..., None]) == 0).all())
+    assert float(steps[0, group - 1]) > 7.5  # the exception is met, not only allowed
+
+
 def test_int4_groups_that_stay_fp32_keep_exact_scales_and_mins():
     """A matrix with one near-constant group (its scale under fp16's normal range) keeps fp32 for all its groups:
     every min the group's exact least value and every weight within half a step, as before fp16 scales."""
@@ -68,7 +90,7 @@ def test_int4_groups_that_stay_fp32_keep_exact_scales_and_mins():
     assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5) + 1e-7).all())
 
 
-@pytest.mark.parametrize("quantization", [Quantization.INT8, Quantization.INT4])
+@pytest.mark.parametrize("quantization", [Quantization.INT8, Quantization.INT4, Quantization.INT4_SYM])
 def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, quantization):
     src = tiny_dir("llama")
     out = build(str(src), tmp_path / "b", BuildOptions(dtype="bfloat16", progress=False, quantization=quantization))
@@ -77,16 +99,18 @@ def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, 
     assert manifest["quantization"]["method"] == quantization.value
     assert set(tensors) == {f"layers.{i}.{t}" for i in range(2) for t in TARGETS} | {"lm_head"}
     assert tensors["lm_head"] == {"scheme": "int8", "group_size": 32} and manifest["quantization"]["lm_head"] == "int8"
-    group = {Quantization.INT4: 32, Quantization.INT8: None}[quantization]  # int4's default group
+    group = {Quantization.INT8: None}.get(quantization, 32)  # the 4-bit methods' default group
     stored = load_file(str(out / "model.safetensors"))
     hf = load_file(str(src / "model.safetensors"))
     assert stored["embed_tokens"].dtype == torch.bfloat16 and "layers.0.qkv_proj" not in stored
     weights = load_weights(open_build(out))
     down = weights["layers.1.down_proj"]
     assert isinstance(down, QuantizedWeight)
-    expect = (quantize_int4(hf["model.layers.1.mlp.down_proj.weight"], group) if group
-              else quantize_int8(hf["model.layers.1.mlp.down_proj.weight"]))
+    expect = QUANTISERS[quantization](hf["model.layers.1.mlp.down_proj.weight"], group)
     assert torch.equal(down.codes, expect.codes) and torch.equal(down.scales, expect.scales)
+    assert (down.mins is None) == (quantization is not Quantization.INT4)
+    if quantization is Quantization.INT4_SYM:
+        assert "layers.1.down_proj.mins" not in stored and tensors["layers.1.down_proj"]["scheme"] == "int4_sym"
     assert down.fmt == expect.fmt
     assert manifest["kernels"]["kernels"]["cpu_quant_linear"]["op"] == "quant_linear"
     llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24)
@@ -98,7 +122,8 @@ def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, 
     (dict(quantization=Quantization.INT4, quant_group_size=48), "48: the model's input widths"),
     (dict(quantization=Quantization.INT4, quant_group_size=33), "even sizes"),
     (dict(quantization=Quantization.INT4, quant_group_size=256), "even sizes"),
-    (dict(quantization=Quantization.INT8, quant_group_size=32), "int4 only"),
+    (dict(quantization=Quantization.INT8, quant_group_size=32), "int4 and int4_sym only"),
+    (dict(quantization=Quantization.INT4_SYM, quant_group_size=48), "48: the model's input widths"),
     (dict(quant_group_size=32), "needs --quantization int4"),
 ])
 def test_bad_combinations_are_refused(tiny_dir, tmp_path, options, message):

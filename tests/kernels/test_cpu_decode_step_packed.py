@@ -12,7 +12,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.compiler.quantize import quantize_int4, quantize_int8
+from pllm.compiler.quantize import quantize_int4, quantize_int4_sym, quantize_int8
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu import onednn
@@ -47,9 +47,11 @@ def build_ops(tmp_path_factory: pytest.TempPathFactory):
 LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # How a test build keeps each linear: pllm's int8 (one scale per row, fp32), GGUF's Q8_0 (int8, groups of 32, fp16
 # scales), int4 with groups of 32 (pllm's default, Q4_0/Q4_1's layout: fp16 scales and mins) or 64, int4 groups of
-# 32 with fp32 scales and mins (Q4_K's products), or a GGUF-like mix of these and float per linear
+# 32 with fp32 scales and mins (Q4_K's products), symmetric int4 groups of 32 with fp16 scales and no mins (Q4_0), or
+# a GGUF-like mix of these and float per linear
 FORMATS = {"int8": None, "q8_0": QuantFormat(QuantScheme.INT8, 32), "int4-32": QuantFormat(QuantScheme.INT4, 32),
-           "int4-64": QuantFormat(QuantScheme.INT4, 64), "q4_k": QuantFormat(QuantScheme.INT4, 32)}
+           "int4-64": QuantFormat(QuantScheme.INT4, 64), "q4_k": QuantFormat(QuantScheme.INT4, 32),
+           "q4_0": QuantFormat(QuantScheme.INT4_SYM, 32)}
 BUILDS = (*FORMATS, "mixed")
 # Shapes whose every linear input width is a whole number of 64-weight groups (so each format applies), but for
 # "odd-rows-3" (int8, q8_0, int4-32 and mixed builds): inputs of whole 32-element activation blocks only (the packed
@@ -77,6 +79,10 @@ def pack_as(fmt_name: str, w: torch.Tensor) -> QuantizedWeight | torch.Tensor:
         assert q.scales.dtype == torch.float16
         if fmt_name == "q4_k":
             return QuantizedWeight(q.codes, q.scales.float() * 1.0001, q.mins.float(), fmt)  # no fp16 values
+        return q
+    if fmt.scheme is QuantScheme.INT4_SYM:
+        q = quantize_int4_sym(w, fmt.group_size)
+        assert q.scales.dtype == torch.float16 and q.mins is None
         return q
     groups = w.float().view(w.shape[0], -1, fmt.group_size)  # Q8_0: int8 groups with an fp16 scale each
     scale = (groups.abs().amax(dim=-1) / 127).half()
@@ -137,6 +143,7 @@ def packed_bound(spec, dtype: str) -> float:
 @example(shape="smollm2-like-1", dtype="bfloat16", build="int4-64", context_lens=[0, 16, 31, 47], seed=1)
 @example(shape="smollm2-like-1", dtype="bfloat16", build="q4_k", context_lens=[7, 20], seed=6)
 @example(shape="odd-rows-3", dtype="bfloat16", build="q8_0", context_lens=[2, 9, 30], seed=7)
+@example(shape="smollm2-like-1", dtype="bfloat16", build="q4_0", context_lens=[11], seed=8)
 @example(shape="qwen2-bias-3", dtype="bfloat16", build="int4-32", context_lens=list(range(0, 80, 5)), seed=2)
 @example(shape="qwen2-bias-3", dtype="bfloat16", build="mixed", context_lens=[70, 1, 9], seed=3)
 @example(shape="odd-rows-3", dtype="bfloat16", build="mixed", context_lens=[3, 40], seed=4)

@@ -37,7 +37,7 @@ from hypothesis_budget import examples
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels import cpu_quant_linear as cpu_quant_kernel
 from pllm.compiler.plan import make_plan
-from pllm.compiler.quantize import quantize_int4, quantize_int8
+from pllm.compiler.quantize import quantize_int4, quantize_int4_sym, quantize_int8
 from pllm.models.quant import (
     QuantFormat,
     QuantizedWeight,
@@ -57,6 +57,7 @@ from .conftest import compile_cpu_kernel, tiny_spec
 SETTINGS = settings(max_examples=examples(30), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 U = 2.0**-24
+INT8, INT4, INT4_SYM = QuantScheme.INT8, QuantScheme.INT4, QuantScheme.INT4_SYM
 BF16_U = 2.0**-8
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
@@ -90,11 +91,14 @@ def gamma(n: int) -> float:
     return n * U / (1 - n * U)
 
 
-def random_weight(int4: bool, n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:
-    """INT4 at `group`; INT8 per channel when group == k, else grouped (GGUF's Q8_0 is INT8 in groups of 32)."""
+def random_weight(scheme: QuantScheme, n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:
+    """INT4 or INT4_SYM at `group`; INT8 per channel when group == k, else grouped (GGUF's Q8_0 is INT8 in groups
+    of 32)."""
     w = torch.randn((n, k), generator=gen) * 0.05 + 0.01 * torch.randn((n, 1), generator=gen)
-    if int4:
+    if scheme is QuantScheme.INT4:
         return quantize_int4(w, group)
+    if scheme is QuantScheme.INT4_SYM:
+        return quantize_int4_sym(w, group)
     if group == k:
         return quantize_int8(w)
     blocks = w.view(n, -1, group)
@@ -120,11 +124,12 @@ def error_bound(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
     """2 gamma(K + 10) A per output, A = sum_i (|c_i s| + |m|) |x_i| + |b| (module docstring), in float64."""
     n, k = weight.shape
     group = weight.fmt.group_size
-    codes = (torch.stack((weight.codes & 15, weight.codes >> 4), -1).reshape(n, k) if weight.mins is not None
+    codes = (torch.stack((weight.codes & 15, weight.codes >> 4), -1).reshape(n, k) if weight.fmt.scheme.nibbles
              else weight.codes).double().view(n, -1, group)
     magnitude = (codes * weight.scales.double()[..., None]).abs()
-    if weight.mins is not None:
-        magnitude = magnitude + weight.mins.double().abs()[..., None]
+    mins = weight.group_mins()
+    if mins is not None:
+        magnitude = magnitude + mins.double().abs()[..., None]
     a = rounded(x).double().abs() @ magnitude.reshape(n, k).T  # [T, N] (|xq_i| = |xr_i| to within u, covered)
     if bias is not None:
         a = a + bias.double().abs()
@@ -137,28 +142,32 @@ def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 
 
 @SETTINGS
-@given(int4=st.booleans(), n=st.integers(1, 70), groups=st.integers(1, 6), group=st.sampled_from([32, 64, 96, 128]),
+@given(scheme=st.sampled_from(list(QuantScheme)), n=st.integers(1, 70), groups=st.integers(1, 6),
+       group=st.sampled_from([32, 64, 96, 128]),
        num_tokens=st.integers(1, QUANT_GEMV_MAX_TOKENS + 9), bf16=st.booleans(), with_bias=st.booleans(),
        half=st.booleans(), seed=st.integers(0, 2**16))
 # SmolLM2's qkv; a chunk across groups; chunks within one; tile remainders; Q8_0-like; INT8 chunks across groups
-@example(int4=False, n=576, groups=1, group=576, num_tokens=1, bf16=True, with_bias=False, half=False, seed=0)
-@example(int4=True, n=37, groups=2, group=96, num_tokens=1, bf16=True, with_bias=False, half=True, seed=4)
-@example(int4=True, n=37, groups=2, group=128, num_tokens=1, bf16=True, with_bias=False, half=False, seed=5)
-@example(int4=True, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, half=True, seed=1)
-@example(int4=True, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, half=True, seed=2)
-@example(int4=False, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, half=True, seed=3)
-@example(int4=False, n=37, groups=2, group=96, num_tokens=5, bf16=False, with_bias=True, half=False, seed=1)
+@example(scheme=INT8, n=576, groups=1, group=576, num_tokens=1, bf16=True, with_bias=False, half=False, seed=0)
+@example(scheme=INT4, n=37, groups=2, group=96, num_tokens=1, bf16=True, with_bias=False, half=True, seed=4)
+@example(scheme=INT4, n=37, groups=2, group=128, num_tokens=1, bf16=True, with_bias=False, half=False, seed=5)
+@example(scheme=INT4, n=1536, groups=9, group=64, num_tokens=4, bf16=True, with_bias=True, half=True, seed=1)
+@example(scheme=INT4, n=3, groups=1, group=32, num_tokens=7, bf16=False, with_bias=False, half=True, seed=2)
+@example(scheme=INT8, n=9, groups=3, group=32, num_tokens=64, bf16=True, with_bias=True, half=True, seed=3)
+@example(scheme=INT8, n=37, groups=2, group=96, num_tokens=5, bf16=False, with_bias=True, half=False, seed=1)
+# GGUF's Q4_0 (symmetric, no mins): decode, a batch, groups across chunks, mins from fp16 scales of 18 groups a row
+@example(scheme=INT4_SYM, n=576, groups=18, group=32, num_tokens=1, bf16=True, with_bias=False, half=True, seed=10)
+@example(scheme=INT4_SYM, n=37, groups=2, group=96, num_tokens=6, bf16=False, with_bias=True, half=False, seed=11)
 # fp16 mins of 18 and 13 groups a row: the last vector's 2 or 5 (loaded as the row's last 8, moved down)
-@example(int4=True, n=40, groups=18, group=32, num_tokens=5, bf16=True, with_bias=False, half=True, seed=8)
-@example(int4=True, n=9, groups=13, group=64, num_tokens=1, bf16=False, with_bias=True, half=True, seed=9)
+@example(scheme=INT4, n=40, groups=18, group=32, num_tokens=5, bf16=True, with_bias=False, half=True, seed=8)
+@example(scheme=INT4, n=9, groups=13, group=64, num_tokens=1, bf16=False, with_bias=True, half=True, seed=9)
 # fp16 scales of rows so long (600 groups) that each thread widens them a few rows at a time (wide_rows: 3 of each
 # thread's 20 rows), bias and outputs moved along with them (the float rows; AVX2's integer rows read them directly)
-@example(int4=True, n=40, groups=600, group=32, num_tokens=3, bf16=True, with_bias=True, half=True, seed=6)
-@example(int4=False, n=40, groups=600, group=32, num_tokens=2, bf16=False, with_bias=True, half=True, seed=7)
-def test_gemv_equals_its_reference(kernel, int4, n, groups, group, num_tokens, bf16, with_bias, half, seed):
+@example(scheme=INT4, n=40, groups=600, group=32, num_tokens=3, bf16=True, with_bias=True, half=True, seed=6)
+@example(scheme=INT8, n=40, groups=600, group=32, num_tokens=2, bf16=False, with_bias=True, half=True, seed=7)
+def test_gemv_equals_its_reference(kernel, scheme, n, groups, group, num_tokens, bf16, with_bias, half, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    weight = random_weight(int4, n, k, group if int4 or seed % 2 else k, gen)  # INT8 per channel or grouped
+    weight = random_weight(scheme, n, k, group if scheme.nibbles or seed % 2 else k, gen)  # INT8 per channel or not
     weight = with_scales(weight, half)
     x = torch.randn((num_tokens, k), generator=gen)
     x = x.bfloat16() if bf16 else x
@@ -185,10 +194,10 @@ def exact_activations(num_tokens: int, k: int, gen: torch.Generator) -> torch.Te
 
 
 @SETTINGS
-@given(int4=st.booleans(), n=st.integers(1, 40), groups=st.integers(1, 4), group=st.sampled_from([32, 64]),
-       per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(), half=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per_channel, num_tokens, bf16, half,
+@given(scheme=st.sampled_from(list(QuantScheme)), n=st.integers(1, 40), groups=st.integers(1, 4),
+       group=st.sampled_from([32, 64]), per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(),
+       half=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, per_channel, num_tokens, bf16, half,
                                              seed):
     """Exactly quantisable activations, power-of-two scales and mins, small codes: every product and partial sum is
     an integer multiple of 2^-6 below 2^23 * 2^-6 in magnitude (K <= 256: |c s q d| <= 15 * 2 * 127 or
@@ -197,14 +206,14 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per
     scale, min, lane or activation code cannot hide."""
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    if not int4 and per_channel:
+    if not scheme.nibbles and per_channel:
         group = k
     g = k // group
-    if int4:
+    if scheme.nibbles:
         scales = 2.0 ** torch.randint(-4, 2, (n, g), generator=gen).float()
         codes = pack_int4(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
-        mins = -(2.0 ** torch.randint(-3, 2, (n, g), generator=gen).float())
-        weight = QuantizedWeight(codes, scales, mins, QuantFormat(QuantScheme.INT4, group))
+        mins = -(2.0 ** torch.randint(-3, 2, (n, g), generator=gen).float()) if scheme.stores_mins else None
+        weight = QuantizedWeight(codes, scales, mins, QuantFormat(scheme, group))
     else:
         scales = 2.0 ** torch.randint(-4, -1, (n, g), generator=gen).float()
         codes = torch.randint(-15, 16, (n, k), generator=gen, dtype=torch.int8)
@@ -218,14 +227,15 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, int4, n, groups, group, per
 
 
 @SETTINGS
-@given(int4=st.booleans(), n=st.integers(1, 50), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
-       bf16=st.booleans(), half=st.booleans(), seed=st.integers(0, 2**16))
-@example(int4=True, n=40, groups=700, group=32, bf16=True, half=True, seed=1)  # widened 2 rows at a time
-@example(int4=False, n=40, groups=3000, group=32, bf16=False, half=True, seed=2)  # and one
-def test_dequantize_is_bit_exact(compiled, int4, n, groups, group, bf16, half, seed):
+@given(scheme=st.sampled_from(list(QuantScheme)), n=st.integers(1, 50), groups=st.integers(1, 5),
+       group=st.sampled_from([32, 64, 128]), bf16=st.booleans(), half=st.booleans(), seed=st.integers(0, 2**16))
+@example(scheme=INT4, n=40, groups=700, group=32, bf16=True, half=True, seed=1)  # widened 2 rows at a time
+@example(scheme=INT8, n=40, groups=3000, group=32, bf16=False, half=True, seed=2)  # and one
+@example(scheme=INT4_SYM, n=40, groups=700, group=32, bf16=True, half=True, seed=3)
+def test_dequantize_is_bit_exact(compiled, scheme, n, groups, group, bf16, half, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    weight = with_scales(random_weight(int4, n, k, group if int4 or seed % 2 else k, gen), half)
+    weight = with_scales(random_weight(scheme, n, k, group if scheme.nibbles or seed % 2 else k, gen), half)
     dtype = torch.bfloat16 if bf16 else torch.float32
     assert torch.equal(compiled.dequantize(weight, dtype), dequantize(weight, dtype))
 
@@ -240,7 +250,7 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
     gen = torch.Generator().manual_seed(num_tokens)
     ops = TorchOps(quant_kernel=compiled if with_kernel else None)
-    weight = random_weight(True, 96, 128, 32, gen)
+    weight = random_weight(INT4, 96, 128, 32, gen)
     x = torch.randn((num_tokens, 128), generator=gen).bfloat16()
     got = ops.linear(x, weight)
     want = reference(x, weight, None)
@@ -254,7 +264,7 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
         assert bool(((got.double() - want).abs() <= bound + BF16_U * (want.abs() + bound)).all())
     else:
         assert torch.equal(got, want.bfloat16())
-    down = random_weight(False, 128, 48, 48, gen)  # no whole activation blocks: the float GEMM at any row count
+    down = random_weight(INT8, 128, 48, 48, gen)  # no whole activation blocks: the float GEMM at any row count
     h = F.silu(got[:, :48]) * got[:, 48:]
     assert torch.equal(ops.mlp(x, weight, down), ops.linear(h, down))
     assert torch.equal(ops.linear(h, down), F.linear(h.to(gemm), dequantize(down, gemm)).bfloat16())

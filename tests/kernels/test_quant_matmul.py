@@ -26,7 +26,7 @@ from .conftest import tiny_spec
 # - the output is rounded once to x's dtype: u_out |y| (u_out 2**-24 fp32, 2**-11 fp16, 2**-8 bf16).
 # So |kernel - reference| <= (K + 8) u A + u_out |reference| (the slack covers u_out times the fp32 error).
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-SCHEMES = {"int8": QuantScheme.INT8, "int4": QuantScheme.INT4}
+SCHEMES = {"int8": QuantScheme.INT8, "int4": QuantScheme.INT4, "int4_sym": QuantScheme.INT4_SYM}
 
 SETTINGS = settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,7 +48,8 @@ def quant_ops(kernel_ops: Callable[..., TritonOps]) -> Callable[..., TritonOps]:
 def random_weight(scheme: QuantScheme, out_features: int, in_features: int, group_size: int,
                   gen: torch.Generator) -> QuantizedWeight:
     """Codes over their whole range, scales making each product entry O(1) for O(1) inputs; int4 mins near -8
-    scales (GGUF Q4_0's centring) with noise, so both terms of w = q * s + m matter."""
+    scales (GGUF Q4_0's centring) with noise, so both terms of w = q * s + m matter; int4_sym's exactly -8 scales,
+    not stored."""
     groups = in_features // group_size
     spread = (torch.rand((out_features, groups), generator=gen) + 0.5) * in_features**-0.5
     fmt = QuantFormat(scheme, group_size)
@@ -58,16 +59,17 @@ def random_weight(scheme: QuantScheme, out_features: int, in_features: int, grou
     values = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
     scales = spread / 8
     mins = -8 * scales + torch.randn((out_features, groups), generator=gen) * scales
-    return QuantizedWeight(pack_int4(values), scales, mins, fmt)
+    return QuantizedWeight(pack_int4(values), scales, mins if scheme.stores_mins else None, fmt)
 
 
 def magnitudes(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """A = sum_k |x_k| (|q_k s| + |m|) for each output: [T, N] float64."""
     group_size = weight.fmt.group_size
-    codes = unpack_int4(weight.codes) if weight.mins is not None else weight.codes
+    codes = unpack_int4(weight.codes) if weight.fmt.scheme.nibbles else weight.codes
     terms = (codes.double() * weight.scales.double().repeat_interleave(group_size, dim=1)).abs()
-    if weight.mins is not None:
-        terms = terms + weight.mins.double().abs().repeat_interleave(group_size, dim=1)
+    mins = weight.group_mins()
+    if mins is not None:
+        terms = terms + mins.double().abs().repeat_interleave(group_size, dim=1)
     return x.double().abs() @ terms.T
 
 
@@ -130,6 +132,10 @@ def assert_within_bound(out: torch.Tensor, x: torch.Tensor, weight: QuantizedWei
          bias=True, half_scales=False, seed=2)
 @example(dtype="float32", scheme=QuantScheme.INT8, group_size=32, groups=2, num_tokens=64, out_features=40,
          bias=False, half_scales=True, seed=3)
+@example(dtype="float16", scheme=QuantScheme.INT4_SYM, group_size=32, groups=16, num_tokens=1, out_features=40,
+         bias=False, half_scales=True, seed=4)
+@example(dtype="float32", scheme=QuantScheme.INT4_SYM, group_size=64, groups=2, num_tokens=70, out_features=100,
+         bias=True, half_scales=False, seed=5)
 def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, num_tokens, out_features, bias,
                                 half_scales, seed):
     ops = quant_ops(interpret=True, dtype=dtype)

@@ -8,6 +8,7 @@ from pllm.models.quant import (
     QuantFormat,
     QuantizedWeight,
     QuantScheme,
+    as_asymmetric,
     dequantize,
     dequantize_activation,
     pack_int4,
@@ -34,6 +35,21 @@ def test_dequantize_int4_is_code_times_scale_plus_min_per_group():
     assert w.shape == (2, 8)
 
 
+def test_dequantize_int4_sym_is_code_minus_8_times_scale_and_equals_its_asymmetric_form():
+    """INT4_SYM (GGUF's Q4_0): w = (code - 8) * scale with no mins stored; as_asymmetric stores -8 * scale as the
+    mins (fp16 where the scales are) and means the same values."""
+    values = torch.randint(0, 16, (3, 8), dtype=torch.uint8)
+    scales = torch.tensor([[0.5, 2.0], [1.0, -1.5], [6e4, 3e-5]], dtype=torch.float16)  # -8 * 6e4 overflows fp16
+    w = QuantizedWeight(pack_int4(values), scales, None, QuantFormat(QuantScheme.INT4_SYM, 4))
+    expected = (values.float() - 8) * scales.float().repeat_interleave(4, 1)
+    assert torch.equal(dequantize(w), expected) and w.shape == (3, 8)
+    wide = as_asymmetric(w)
+    assert wide.fmt == QuantFormat(QuantScheme.INT4, 4) and torch.equal(dequantize(wide), expected)
+    assert wide.mins.dtype == torch.float32  # -8 * 6e4 is no fp16: both kept in fp32
+    narrow = as_asymmetric(QuantizedWeight(w.codes[:2], scales[:2].contiguous(), None, w.fmt))
+    assert narrow.mins.dtype == torch.float16 and torch.equal(narrow.mins.float(), -8 * scales[:2].float())
+
+
 def test_dequantize_int8_is_code_times_scale():
     codes = torch.randint(-127, 128, (3, 6), dtype=torch.int8)
     scales = torch.rand(3, 1)
@@ -48,6 +64,9 @@ def test_dequantize_int8_is_code_times_scale():
                             QuantFormat(QuantScheme.INT8, 4)),  # scales for the wrong group count
     lambda: QuantizedWeight(torch.zeros(2, 2, dtype=torch.uint8), torch.zeros(2, 1), None,
                             QuantFormat(QuantScheme.INT4, 4)),  # int4 without mins
+    lambda: QuantizedWeight(torch.zeros(2, 2, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1),
+                            QuantFormat(QuantScheme.INT4_SYM, 4)),  # symmetric int4 with mins
+    lambda: QuantFormat(QuantScheme.INT4_SYM, 5),
     lambda: QuantFormat(QuantScheme.INT4, 3),
 ])
 def test_malformed_weights_are_refused(make):

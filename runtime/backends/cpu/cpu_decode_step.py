@@ -37,9 +37,11 @@ class WeightKind(enum.IntEnum):
     FLOAT = 0
     INT8 = 1
     INT4 = 2
+    INT4_SYM = 3
 
 
-PACKED_KINDS = {QuantScheme.INT8: WeightKind.INT8, QuantScheme.INT4: WeightKind.INT4}
+PACKED_KINDS = {QuantScheme.INT8: WeightKind.INT8, QuantScheme.INT4: WeightKind.INT4,
+                QuantScheme.INT4_SYM: WeightKind.INT4_SYM}
 
 
 class GemvIsa(enum.IntEnum):
@@ -291,7 +293,7 @@ class CpuDecodeStep:
         if not self.packed:
             return "packed, and the build's decode step was rendered for float weights only"
         kind, group = PACKED_KINDS[w.fmt.scheme], w.fmt.group_size
-        vector = 2 * PACKED_LANES if kind is WeightKind.INT4 else PACKED_LANES
+        vector = 2 * PACKED_LANES if w.fmt.scheme.nibbles else PACKED_LANES
         if tuple(w.shape) != shape:
             return f"packed {tuple(w.shape)}, the kernel reads {shape}"
         if group % vector:

@@ -34,6 +34,18 @@ def scales_fit(weight: QuantizedWeight) -> bool:
     return not scales_fp16(weight) or weight.shape[1] // weight.fmt.group_size <= WIDE_FLOATS
 
 
+class CodeScheme(IntEnum):
+    """The kernel's CodeScheme: how a weight's codes are kept (models.quant.QuantScheme)."""
+
+    INT8 = 0
+    INT4 = 1
+    INT4_SYM = 2
+
+
+CODE_SCHEMES = {QuantScheme.INT8: CodeScheme.INT8, QuantScheme.INT4: CodeScheme.INT4,
+                QuantScheme.INT4_SYM: CodeScheme.INT4_SYM}
+
+
 class QuantRows(IntEnum):
     """The kernel's row codes (its RowCode), each better than the one before where the CPU runs it: the float rows
     (codes widened to fp32; the AVX2 baseline's, or elsewhere the portable ones; AVX-512's) and the integer rows
@@ -76,15 +88,15 @@ class CpuQuantLinear:
                                                                                    weight.mins))
 
     def _prepared(self, weight: QuantizedWeight) -> tuple | None:
-        """The kernel's view of a weight, checked once: (n, k, codes, int4, group, scales, mins, scales_fp16)
+        """The kernel's view of a weight, checked once: (n, k, codes, scheme, group, scales, mins, scales_fp16)
         sizes and pointers, or None when it does not accept the weight. Kept with the weight itself, so its id is never
         reused while the entry lives (a model's weights live as long as the model)."""
         entry = self._weights.get(id(weight))
         if entry is None:
             n, k = weight.shape
-            int4 = weight.fmt.scheme is QuantScheme.INT4
-            args = (n, k, weight.codes.data_ptr(), int(int4), weight.fmt.group_size, weight.scales.data_ptr(),
-                    weight.mins.data_ptr() if int4 else None, scales_fp16(weight)) if self.accepts(weight) else None
+            args = (n, k, weight.codes.data_ptr(), int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size,
+                    weight.scales.data_ptr(), None if weight.mins is None else weight.mins.data_ptr(),
+                    scales_fp16(weight)) if self.accepts(weight) else None
             entry = self._weights[id(weight)] = (weight, args)
         return entry[1]
 
@@ -97,14 +109,14 @@ class CpuQuantLinear:
         models.quant.quantize_activation, accumulated in fp32 and rounded once."""
         prepared = self._prepared(weight)
         assert prepared is not None, f"the kernel does not read {weight.fmt}"
-        n, k, codes, int4, group, scales, mins, fp16 = prepared
+        n, k, codes, scheme, group, scales, mins, fp16 = prepared
         assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous(), (x.shape, x.stride(), weight.shape)
         bf16 = x.dtype == torch.bfloat16
         assert bf16 or x.dtype == torch.float32, x.dtype
         bias32 = None if bias is None else bias.float().contiguous()
         assert bias32 is None or bias32.shape == (n,), bias32.shape
         out = torch.empty((x.shape[0], n), dtype=x.dtype)
-        status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, int4, group, scales, mins, fp16,
+        status = self._gemv(x.data_ptr(), bf16, x.shape[0], k, n, codes, scheme, group, scales, mins, fp16,
                             None if bias32 is None else bias32.data_ptr(), out.data_ptr(), torch.get_num_threads())
         if status == 1:
             raise MemoryError("cpu quantised GEMV could not allocate its scratch buffer")
@@ -121,9 +133,9 @@ class CpuQuantLinear:
         if out is None:
             out = torch.empty((n, k), dtype=dtype)
         assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous(), (out.shape, out.dtype)
-        int4 = weight.fmt.scheme is QuantScheme.INT4
-        status = self._dequantize(weight.codes.data_ptr(), int(int4), k, n, weight.fmt.group_size,
-                                  weight.scales.data_ptr(), weight.mins.data_ptr() if int4 else None,
+        status = self._dequantize(weight.codes.data_ptr(), int(CODE_SCHEMES[weight.fmt.scheme]), k, n,
+                                  weight.fmt.group_size, weight.scales.data_ptr(),
+                                  None if weight.mins is None else weight.mins.data_ptr(),
                                   scales_fp16(weight), out.data_ptr(), int(dtype == torch.bfloat16),
                                   torch.get_num_threads())
         if status != 0:  # 2, as gemv's: accepts() refuses those first

@@ -185,7 +185,7 @@ class TritonOps:
                                "float build): build with --quantization")
         out = self.kernels["quant_matmul"].quant_matmul(
             x.reshape(-1, x.shape[-1]), weight.codes, weight.scales, weight.mins, weight.fmt.group_size,
-            weight.fmt.scheme is QuantScheme.INT4, bias,
+            weight.fmt.scheme.nibbles, bias, sym=weight.fmt.scheme is QuantScheme.INT4_SYM,
         )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
