@@ -13,14 +13,16 @@ import llamacpp
 from random_llama import LLAMA_1B, make_random_llama, num_parameters
 
 # pllm precision -> pllm-compile's quantisation flags. int4 is the default group of 32 (5 bits a weight with its fp16
-# scale and min); int4g128 groups of 128, 4.25 bits a weight: under Q4_0's 4.5 (4-bit codes and an fp16 scale per 32).
+# scale and min); int4g128 groups of 128, 4.25 bits a weight: under Q4_0's 4.5 (4-bit codes and an fp16 scale per 32);
+# int4_sym Q4_0's own rule and size (groups of 32, an fp16 scale each, no min).
 # gguf-q8_0 and gguf-q4_0 compile llama.cpp's own Q8_0 / Q4_0 file keeping its blocks: both sides read the same bytes
 PLLM_QUANTIZATION = {"int8": ["--quantization", "int8"], "int4": ["--quantization", "int4"],
                      "int4g128": ["--quantization", "int4", "--quant-group-size", "128"],
+                     "int4_sym": ["--quantization", "int4_sym"],
                      "gguf-q8_0": ["--quantization", "gguf"], "gguf-q4_0": ["--quantization", "gguf"]}
 # pllm precision -> the llama.cpp types it is compared with
 LLAMA_TYPES = {"bf16": ("bf16",), "int8": ("q8_0",), "int4": ("q4_0", "q4_k"), "int4g128": ("q4_0", "q4_k"),
-               "gguf-q8_0": ("q8_0",), "gguf-q4_0": ("q4_0",)}
+               "int4_sym": ("q4_0",), "gguf-q8_0": ("q8_0",), "gguf-q4_0": ("q4_0",)}
 # pllm precision -> the llama.cpp file pllm compiles for it (the rest compile the model's own source)
 KEPT_GGUF = {"gguf-q8_0": "q8_0", "gguf-q4_0": "q4_0"}
 

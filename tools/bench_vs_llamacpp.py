@@ -55,7 +55,7 @@ from vs_rows import Goal, Measured, Row, Target, format_table, serve_targets
 
 MODELS = ("smollm2", "llama1b")
 ROWS = ("decode", "prefill", "serve")
-PRECISIONS = ("bf16", "int8", "int4", "int4g128", "gguf-q8_0", "gguf-q4_0")
+PRECISIONS = ("bf16", "int8", "int4", "int4g128", "int4_sym", "gguf-q8_0", "gguf-q4_0")
 PREFILL_TOKENS = 512
 DECODE_CONTEXT = 64
 
