@@ -18,12 +18,12 @@ from pllm.compiler.cpu_compile import compile_cpu_kernels
 from pllm.compiler.dtype_choice import DtypeChoice, choose_dtype
 from pllm.compiler.lm_head import LmHead, choose_lm_head, head_source, pack_lm_head
 from pllm.compiler.manifest import (
-    FORMAT_VERSION,
     KERNELS_DIR,
     LORA_DIR,
     LORA_FILES,
     MANIFEST,
     MANIFEST_DIGEST_KEY,
+    format_version_for,
     manifest_digest,
     sha256_file,
     weights_file,
@@ -68,7 +68,7 @@ class BuildOptions:
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters to pack: (name, PEFT adapter folder) each
     progress: bool = True
     quantization: Quantization | None = None  # None: float weights in `dtype`
-    quant_group_size: int | None = None  # int4 only; None: quantize.INT4_DEFAULT_GROUP (32)
+    quant_group_size: int | None = None  # int4 and int4_sym only; None: quantize.INT4_DEFAULT_GROUP (32)
     # ranks to split the model over: kernels for one rank's heads, one weights file per rank (model-rank<r>)
     tensor_parallel_size: int = 1
     lm_head: LmHead | None = None  # None: INT8 group 32 with `quantization`, else float (compiler/lm_head.py)
@@ -97,8 +97,8 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
                     lm_head: LmHead = LmHead.FLOAT) -> dict[str, torch.Tensor | QuantizedWeight]:
     """HF tensors -> runtime tensors (fused qkv and gate_up), checking every name and shape against the config.
     With a quantizer, its targets become QuantizedWeights: GGUF blocks kept as read where the source has them for
-    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4). An INT8 `lm_head` is
-    packed from the head's values (compiler/lm_head.py); the embedding stays float, tied or not."""
+    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4, int4_sym). An INT8
+    `lm_head` is packed from the head's values (compiler/lm_head.py); the embedding stays float, tied or not."""
     layout = family_of(spec.model_type, source.config_file).weight_layout(spec)
     packed_head = head_source(layout) if lm_head is LmHead.INT8 else None
     available = set(source.tensor_file)
@@ -325,7 +325,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
         str(p.relative_to(tmp_dir)): sha256_file(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()
     }
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(packed),
         "source": source.name,
         "spec": spec.to_dict(),
         "dtype": dtype,

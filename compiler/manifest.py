@@ -32,12 +32,15 @@ logger = logging.getLogger("pllm")
 # 7: packed weights' scales and mins may be fp16 (models/quant.py), and the cpu kernels' packed-linear interface
 # carries their dtype, so a format-6 build's compiled kernels would misread what this runtime passes them;
 # 8: the cpu decode step takes up to 64 sequences and says how many (pllm_decode_step_max_batch), which this runtime
-# asks a build's step library (a format-7 library lacks the question). Since added, without a new format: the packed
-# scheme 'int4_sym' (GGUF's Q4_0 kept; format-8 builds never hold it and their kernels get the values they always did)
-FORMAT_VERSION = 8
-# builds of these formats may be replaced by a new compile (loading needs FORMAT_VERSION): 1 lists its files, 2 and
-# later also carry their digest, which must then match
-REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7, 8)
+# asks a build's step library (a format-7 library lacks the question); 9: a packed tensor may be 'int4_sym' (GGUF's
+# Q4_0 kept, --quantization int4_sym), which a format-8 runtime cannot read. A build holding none is still written as
+# format 8 (format_version_for): its kernels' interfaces are format 8's, so older runtimes load it as before, and this
+# runtime passes a format-8 build's kernels the values they always took (LOADABLE_FORMATS)
+FORMAT_VERSION = 9
+LOADABLE_FORMATS = (8, 9)
+# builds of these formats may be replaced by a new compile: 1 lists its files, 2 and later also carry their digest,
+# which must then match
+REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights
@@ -57,6 +60,12 @@ QUANT_METHODS = ("int8", "int4", "int4_sym", "gguf")  # compiler.quantize.Quanti
 LM_HEAD_KINDS = ("float", "int8")  # compiler.lm_head.LmHead's values; a quantised build's head, stored as LM_HEAD
 LM_HEAD = "lm_head"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def format_version_for(quantized: dict[str, dict]) -> int:
+    """The format a build is written in: FORMAT_VERSION where a packed tensor (name -> {"scheme", "group_size"})
+    needs it, else the oldest format that holds the build, so older runtimes still load it."""
+    return FORMAT_VERSION if any(e["scheme"] == "int4_sym" for e in quantized.values()) else LOADABLE_FORMATS[0]
 
 
 def weights_file(rank: int, size: int) -> str:
@@ -262,8 +271,9 @@ def _read_manifest(manifest_file: Path) -> dict:
     if not isinstance(manifest, dict):
         raise BuildDirError(f"{manifest_file}: must be a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise BuildDirError(f"{manifest_file}: format_version {version!r} is not {FORMAT_VERSION}; rebuild it")
+    if type(version) is not int or version not in LOADABLE_FORMATS:
+        raise BuildDirError(f"{manifest_file}: format_version {version!r} is not one this pllm loads "
+                            f"({', '.join(map(str, LOADABLE_FORMATS))}); rebuild it")
     if manifest.get(MANIFEST_DIGEST_KEY) != manifest_digest(manifest):
         raise BuildDirError(f"{manifest_file}: modified since it was built (its digest does not match)")
     return manifest

@@ -1,5 +1,5 @@
-"""pllm's own weight quantisation (`pllm-compile --quantization int8|int4`) into models/quant.py's packed layout, and
-how a build stores packed weights in its safetensors file and manifest."""
+"""pllm's own weight quantisation (`pllm-compile --quantization int8|int4|int4_sym`) into models/quant.py's packed
+layout, and how a build stores packed weights in its safetensors file and manifest."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def int4_group_size(spec: ModelSpec, requested: int | None) -> int:
     widths = {spec.hidden_size, spec.q_size, spec.intermediate_size}
     size = INT4_DEFAULT_GROUP if requested is None else requested
     if size not in range(INT4_GROUP_SIZES[0], INT4_GROUP_SIZES[-1] + 1) or size % 2:
-        raise QuantizeError(f"--quant-group-size {size}: int4 groups are even sizes from {INT4_GROUP_SIZES[0]} to "
+        raise QuantizeError(f"--quant-group-size {size}: 4-bit groups are even sizes from {INT4_GROUP_SIZES[0]} to "
                             f"{INT4_GROUP_SIZES[-1]}")
     bad = sorted(w for w in widths if w % size)
     if bad:
@@ -111,6 +111,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     the scale then taken from it and rounded to the nearest float16 (within 2^-11: the group's top stays within
     15.01 steps of the min), and both kept so."""
     out, in_features = weight.shape
+    if in_features % group_size:
+        raise QuantizeError(f"4-bit group size {group_size} does not divide the input width {in_features}")
     fmt = QuantFormat(QuantScheme.INT4, group_size)
     w = weight.float().view(out, in_features // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
@@ -132,6 +134,8 @@ def quantize_int4_sym(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     where every d of the matrix is a normal float16 or zero, else kept in float32. At group 32 with float16 d this
     gives Q4_0's very blocks (tests/compiler/test_gguf_blocks.py)."""
     out, in_features = weight.shape
+    if in_features % group_size:
+        raise QuantizeError(f"4-bit group size {group_size} does not divide the input width {in_features}")
     w = weight.float().view(out, in_features // group_size, group_size)
     peak = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [out, groups, 1], signed
     scale = peak / -8

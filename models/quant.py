@@ -1,14 +1,13 @@
 """Quantised linear weights: the packed layout every backend reads, and the dequantiser that defines its meaning.
 
-One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4`) and GGUF blocks kept as they
-are: Q8_0 is INT8 with groups of 32; Q4_0 (w = d * (q - 8)), Q4_1 (w = d * q + m) and Q4_K (per 32-element
-sub-block: w = d * sc * q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in
-float32; Q4_0 is kept symmetric (INT4_SYM: its min is -8 times its scale, so only d is stored, the file's 4.5 bits a
-weight). Scales and mins are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0 and Q4_1
-store theirs so; pllm's own grouped quantisation rounds them so), which keeps a Q4_1 block's 5 bits a weight
-rather than 6, else float32. A kernel reading this layout is correct when it equals `dequantize` followed by a
-float matmul, of the
-activations as given or, where the kernel multiplies integers (the cpu backend's packed rows, as llama.cpp does),
+One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4|int4_sym`) and GGUF blocks kept
+as they are: Q8_0 is INT8 with groups of 32; Q4_1 (w = d * q + m) and Q4_K (per 32-element sub-block: w = d * sc *
+q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in float32; Q4_0 (w = d * (q - 8))
+is INT4_SYM, INT4 whose min is -8 times its scale and not stored (the file's 4.5 bits a weight). Scales and mins
+are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0 and Q4_1 store theirs so; pllm's
+own grouped quantisation rounds them so), which keeps a Q4_1 block's 5 bits a weight rather than 6, else float32. A
+kernel reading this layout is correct when it equals `dequantize` followed by a float matmul, of the activations
+as given or, where the kernel multiplies integers (the cpu backend's packed rows, as llama.cpp does),
 of the activations rounded by `quantize_activation`: `dequantize(W) @ dequantize_activation(*quantize_activation(x))`.
 """
 
@@ -35,8 +34,8 @@ class QuantScheme(enum.Enum):
         return self is QuantScheme.INT4
 
 
-# INT4_SYM's min, as a multiple of its scale: exact in every float format (a power of two), so INT4_SYM means
-# exactly INT4 with mins = SYM_MIN_PER_SCALE * scales
+# INT4_SYM's min, as a multiple of its scale: a power of two, so the product is exact in float32 (every kernel
+# takes it there, after widening fp16 scales), and INT4_SYM means exactly INT4 with those mins
 SYM_MIN_PER_SCALE = -8.0
 
 
@@ -47,7 +46,8 @@ class QuantFormat:
 
     def __post_init__(self) -> None:
         if self.group_size <= 0 or (self.scheme.nibbles and self.group_size % 2):
-            raise ValueError(f"{self.scheme.value}: group size {self.group_size} must be positive (and even for int4)")
+            raise ValueError(f"{self.scheme.value}: group size {self.group_size} must be positive (and even for "
+                             "4-bit codes)")
 
 
 # The dtypes a packed weight's scales (and mins) come in: float32, or float16 where every value is one (half the

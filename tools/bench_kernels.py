@@ -43,8 +43,8 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim
     "llama8b": (4096, 14336, 32, 8, 128),
     "tiny": (64, 128, 4, 2, 64),  # --smoke
 }
-# the packed formats timed: GGUF's Q8_0 and Q4_0/Q4_1 group, the one the default model ships in
-QUANT_FORMATS = (QuantFormat(QuantScheme.INT8, 32), QuantFormat(QuantScheme.INT4, 32))
+# the packed formats timed, all in groups of 32: GGUF's Q8_0, Q4_1 (the default model's) and Q4_0 (INT4_SYM)
+QUANT_FORMATS = tuple(QuantFormat(scheme, 32) for scheme in QuantScheme)
 CASE_SETS = ("all", "float", "quant")
 
 
@@ -201,7 +201,7 @@ def random_quantized(fmt: QuantFormat, out_features: int, in_features: int, devi
         codes = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, device=device)
         return QuantizedWeight(codes, scales, None, fmt)
     values = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, device=device)
-    return QuantizedWeight(pack_int4(values), scales, -8 * scales, fmt)
+    return QuantizedWeight(pack_int4(values), scales, -8 * scales if fmt.scheme.stores_mins else None, fmt)
 
 
 def build_quant_cases(ops: TritonOps, spec: ModelSpec, dtype: torch.dtype, device: str, smoke: bool) -> list[Case]:

@@ -71,7 +71,7 @@ def current_build(out: Path, fingerprint: str) -> bool:
 
 
 def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
-    """pllm-compile SOURCE at bf16, quantised to int8/int4 or its GGUF blocks kept when asked; raises
+    """pllm-compile SOURCE at bf16, quantised to int8/int4/int4_sym or its GGUF blocks kept when asked; raises
     QuantizationRefused when this pllm's compiler refuses --quantization."""
     fingerprint = compiler_fingerprint()  # before compiling: sources edited meanwhile must not stamp this build
     if reuse and current_build(out, fingerprint):

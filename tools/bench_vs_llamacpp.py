@@ -1,7 +1,7 @@
 """pllm against llama.cpp on this machine, in one sitting: batch-1 decode, prefill and serving, side by side.
 
     python tools/bench_vs_llamacpp.py [--models smollm2,llama1b] [--rows decode,prefill,serve]
-                                      [--precisions bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0]
+                                      [--precisions bf16,int8,int4,int4g128,int4_sym,gguf-q8_0,gguf-q4_0]
                                       [--serve-precisions bf16,int8,int4] [--concurrency 1,4,16]
                                       [--decode-depths 2000] [--quick]
 
@@ -16,7 +16,7 @@ Rows (pllm / llama.cpp, both with --threads threads):
 - decode: batch-1 decode tok/s; pllm in-process (decode-only engine steps at a 64-token context), llama.cpp's
   llama-bench tg. bf16 vs BF16, int8 vs Q8_0, int4 (groups of 32: 5 bits a weight, Q4_1's size) and int4g128
   (groups of 128: 4.25 bits a weight) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
-  int8|int4 [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
+  int8|int4|int4_sym [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
   gguf-q8_0 and gguf-q4_0: pllm compiles llama.cpp's own Q8_0 / Q4_0 file with `--quantization gguf`, keeping its
   blocks, so both sides read the same layer bytes. The LM head too where it is Q8_0 (SmolLM2's tied one); a Q6_K
   output (the 1.17B model's Q4_0 file) pllm re-quantises to its int8 head (8.5 bits a weight against 6.56).
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=choices(MODELS), default=["smollm2"], help="smollm2,llama1b (default smollm2)")
     p.add_argument("--rows", type=choices(ROWS), default=list(ROWS), help="decode,prefill,serve (default all)")
     p.add_argument("--precisions", type=choices(PRECISIONS), default=list(PRECISIONS),
-                   help="decode rows' weights: bf16,int8,int4,int4g128,gguf-q8_0,gguf-q4_0 (default all)")
+                   help="decode rows' weights: bf16,int8,int4,int4g128,int4_sym,gguf-q8_0,gguf-q4_0 (default all)")
     p.add_argument("--serve-precisions", type=choices(PRECISIONS), default=["bf16"],
                    help="serve rows' weights, each against the first llama.cpp file of its decode rows (int8: Q8_0, "
                         "int4: Q4_0; default bf16)")

@@ -11,8 +11,8 @@ step still runs; the steps after model_build read the build it leaves):
   machine       GPU name, SM count, memory, torch/triton/CUDA/driver versions; copy bandwidth and bf16 matmul rate
   tests         the gpu-marked tests (found by grep), hypothesis examples capped by PLLM_MAX_EXAMPLES
   kernels       tools/bench_kernels.py on the llama8b shape in bf16 (decode B=64 L=4096 among its cases)
-  quant_kernels tools/bench_kernels.py --set quant: the int8 and int4 (group 32) dequantise-in-the-matmul kernels
-                on llama8b's MLP weights at decode and prefill sizes, against the bf16 matmul (cuBLAS)
+  quant_kernels tools/bench_kernels.py --set quant: the int8, int4 and int4_sym (group 32) dequantise-in-the-matmul
+                kernels on llama8b's MLP weights at decode and prefill sizes, against the bf16 matmul (cuBLAS)
   model_build   a Llama-3.2-1B-shaped model with random bf16 weights, compiled by pllm
   throughput    256 requests of 512 prompt / 256 output tokens through LLM.generate, beside HF generate
   decode_graphs tools/bench_decode.py: decode steps replayed from CUDA graphs against eager, batch 1 to 32

@@ -157,7 +157,7 @@ def test_gguf_build_keeps_blocks_losslessly(tmp_path, tied):
     assert len(out[0].outputs[0].token_ids) == 8
 
 
-def test_gguf_build_keeps_q4_0_symmetric_and_joins_it_with_q4_1(tmp_path):
+def test_gguf_build_keeps_q4_0_symmetric_and_joins_it_with_q4_1(tmp_path, caplog):
     """Q4_0 matrices are kept as INT4_SYM (no mins: the file's 18 bytes a block); a fused matrix whose parts mix
     Q4_0 and Q4_1 (q and k Q4_0, v Q4_1) is kept as INT4 with the Q4_0 parts' mins, -8 d, stored. Either way the
     values are exactly the float build's, and the build serves through the compiled step."""
@@ -177,7 +177,9 @@ def test_gguf_build_keeps_q4_0_symmetric_and_joins_it_with_q4_1(tmp_path):
             assert manifest["quantization"]["tensors"][f"layers.{i}.{name}"]["scheme"] == "int4_sym"
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             assert torch.equal(dequantize(weights[f"layers.{i}.{name}"]), float_weights[f"layers.{i}.{name}"])
-    llm = LLM(str(kept), backend="cpu", kv_cache_memory=1 << 24)
+    with caplog.at_level("INFO", logger="pllm"):
+        llm = LLM(str(kept), backend="cpu", kv_cache_memory=1 << 24)
+    assert "compiled, reading packed weights (linears: 2 int4 group 32, 6 int4_sym group 32)" in caplog.text
     out = llm.generate(["Hello, world!"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8

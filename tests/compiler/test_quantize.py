@@ -109,6 +109,7 @@ def test_build_stores_packed_layers_and_loader_returns_them(tiny_dir, tmp_path, 
     expect = QUANTISERS[quantization](hf["model.layers.1.mlp.down_proj.weight"], group)
     assert torch.equal(down.codes, expect.codes) and torch.equal(down.scales, expect.scales)
     assert (down.mins is None) == (quantization is not Quantization.INT4)
+    assert manifest["format_version"] == (9 if quantization is Quantization.INT4_SYM else 8)  # 8: older runtimes load
     if quantization is Quantization.INT4_SYM:
         assert "layers.1.down_proj.mins" not in stored and tensors["layers.1.down_proj"]["scheme"] == "int4_sym"
     assert down.fmt == expect.fmt

@@ -200,10 +200,11 @@ def exact_activations(num_tokens: int, k: int, gen: torch.Generator) -> torch.Te
 def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, per_channel, num_tokens, bf16, half,
                                              seed):
     """Exactly quantisable activations, power-of-two scales and mins, small codes: every product and partial sum is
-    an integer multiple of 2^-6 below 2^23 * 2^-6 in magnitude (K <= 256: |c s q d| <= 15 * 2 * 127 or
-    15 * 0.25 * 127 (INT8 codes -15..15, scales <= 1/4), a block's |q| sum <= 127 + 31 * 8), so any summation order
-    gives the same fp32 value, and the kernel must equal the reference bit for bit: a misplaced nibble, group,
-    scale, min, lane or activation code cannot hide."""
+    an integer multiple of 2^-6 below 2^24 * 2^-6 = 2^18 in magnitude (K <= 256, so at most 8 blocks, each of |q|
+    sum <= 127 + 31 * 8 = 375, at d <= 1: the codes' terms total at most 8 * 375 * 15 * 2 = 90000 (INT8 codes
+    -15..15 at scales <= 1/4, less), the mins' (|min| <= 2, INT4_SYM's -8 * scale <= 16) at most 8 * 375 * 16 =
+    48000), so any summation order gives the same fp32 value, and the kernel must equal the reference bit for bit:
+    a misplaced nibble, group, scale, min, lane or activation code cannot hide."""
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
     if not scheme.nibbles and per_channel:

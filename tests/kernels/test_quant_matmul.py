@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import pytest
@@ -144,6 +145,27 @@ def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, nu
                  half_scales=half_scales)
 
 
+def test_a_format_8_builds_kernel_is_called_as_it_was_rendered(quant_ops):
+    """A build compiled before INT4_SYM (format 8) carries a quant_matmul that takes no `sym` argument: its int8 and
+    int4 weights must reach it with the arguments it was rendered for."""
+    ops = quant_ops(interpret=True, dtype="float32")
+    calls = []
+
+    def old_quant_matmul(x, codes, scales, mins, group_size, int4, bias=None):  # the format-8 signature
+        calls.append(int4)
+        return torch.zeros((x.shape[0], codes.shape[0]), dtype=x.dtype)
+
+    kernels = dict(ops.kernels)
+    ops.kernels = {**kernels, "quant_matmul": types.SimpleNamespace(quant_matmul=old_quant_matmul)}
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for scheme in (QuantScheme.INT8, QuantScheme.INT4):
+            ops.linear(torch.randn((2, 64), generator=gen), random_weight(scheme, 8, 64, 32, gen))
+    finally:
+        ops.kernels = kernels
+    assert calls == [False, True]
+
+
 def test_decode_steps_split_k_and_prefill_steps_do_not(quant_ops):
     """The explicit examples above reach the split path: the launch's own arithmetic says so."""
     kernel = quant_ops(interpret=True, dtype="float16").kernels["quant_matmul"]
@@ -180,7 +202,8 @@ def test_one_build_serves_both_schemes_and_any_group_of_16s(quant_ops):
     ops = quant_ops(interpret=True, dtype="float32")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((2, 3, 96), generator=gen)
-    for scheme, group_size in ((QuantScheme.INT8, 96), (QuantScheme.INT4, 48), (QuantScheme.INT8, 16)):
+    for scheme, group_size in ((QuantScheme.INT8, 96), (QuantScheme.INT4, 48), (QuantScheme.INT8, 16),
+                              (QuantScheme.INT4_SYM, 48)):
         weight = random_weight(scheme, 24, 96, group_size, gen)
         out = ops.linear(x, weight)
         assert out.shape == (2, 3, 24)

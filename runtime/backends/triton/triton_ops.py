@@ -183,9 +183,11 @@ class TritonOps:
         if "quant_matmul" not in self.kernels:
             raise RuntimeError(f"a {weight.fmt.scheme.value} weight, but this build has no quant_matmul kernel (a "
                                "float build): build with --quantization")
+        # `sym` only where it is true: a format-8 build's rendered kernel (no int4_sym weights) takes no such argument
+        symmetric = {"sym": True} if weight.fmt.scheme is QuantScheme.INT4_SYM else {}
         out = self.kernels["quant_matmul"].quant_matmul(
             x.reshape(-1, x.shape[-1]), weight.codes, weight.scales, weight.mins, weight.fmt.group_size,
-            weight.fmt.scheme.nibbles, bias, sym=weight.fmt.scheme is QuantScheme.INT4_SYM,
+            weight.fmt.scheme.nibbles, bias, **symmetric,
         )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
