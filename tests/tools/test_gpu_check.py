@@ -58,7 +58,7 @@ def test_steps_report_what_the_gpu_run_needs(dry_run):
     checked = {case["kernel"] for case in steps["kernels"]["result"]["checked"]}
     assert checked == {"rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp"}
     quant = {(case["kernel"], case["label"]) for case in steps["quant_kernels"]["result"]["checked"]}
-    assert {kernel for kernel, _ in quant} == {"quant_matmul_int8", "quant_matmul_int4"}
+    assert {kernel for kernel, _ in quant} == {"quant_matmul_int8", "quant_matmul_int4", "quant_matmul_int4_sym"}
     assert {label.split()[1] for _, label in quant} == {"T=1", "T=20"}  # decode- and prefill-sized launches
     assert any("test_quant_matmul_cuda" in name for name in tests["tests"])
     model = steps["model_build"]["result"]
