@@ -61,29 +61,31 @@ def weight_from_blocks(type_name: str, raw: np.ndarray, shape: tuple[int, int]) 
         codes = torch.from_numpy(qs.reshape(out, in_features).copy())
         scales, _ = half_if_exact(torch.from_numpy(d.reshape(out, -1).copy()))  # the blocks' own fp16 d
         return QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, GROUP))
-    if type_name == "Q4_0":
+    if type_name == "Q4_0":  # no mins: INT4_SYM's are -8 d
         blocks = raw.reshape(-1, 18)
-        values = torch.from_numpy(np.ascontiguousarray(_nibbles(blocks[:, 2:], 16)).reshape(out, in_features))
-        scales, _ = half_if_exact(torch.from_numpy(_f16(blocks[:, :2]).reshape(out, -1).copy()))  # the fp16 d
-        return QuantizedWeight(pack_int4(values), scales, None, QuantFormat(QuantScheme.INT4_SYM, GROUP))
-    if type_name == "Q4_1":
+        scheme, scales, mins = QuantScheme.INT4_SYM, _f16(blocks[:, :2]), None
+        q = _nibbles(blocks[:, 2:], 16)  # [blocks, 32]
+    elif type_name == "Q4_1":
         blocks = raw.reshape(-1, 20)
-        scales, mins = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+        scheme, scales, mins = QuantScheme.INT4, _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
         q = _nibbles(blocks[:, 4:], 16)  # [blocks, 32]
     elif type_name == "Q4_K":
         blocks = raw.reshape(-1, 144)
         d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
         sc, mn = _q4k_scales(blocks[:, 4:16])
-        scales = d * sc.astype(np.float32)  # [blocks, 8]
+        scheme, scales = QuantScheme.INT4, d * sc.astype(np.float32)  # [blocks, 8]
         mins = -(dmin * mn.astype(np.float32))
         q = _nibbles(blocks[:, 16:], 32)  # [blocks, 256]
     else:
         return None
     values = torch.from_numpy(np.ascontiguousarray(q).reshape(out, in_features))
-    scales_t, mins_t = half_if_exact(  # Q4_1's fp16 d and m stay fp16; Q4_K's products where exact
-        torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(out, -1)),
-        torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(out, -1)))
-    return QuantizedWeight(pack_int4(values), scales_t, mins_t, QuantFormat(QuantScheme.INT4, GROUP))
+
+    def per_row(groups: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(groups, dtype=np.float32).reshape(out, -1))
+
+    # Q4_0's and Q4_1's fp16 d (and m) stay fp16; Q4_K's products where exact
+    scales_t, mins_t = half_if_exact(per_row(scales), None if mins is None else per_row(mins))
+    return QuantizedWeight(pack_int4(values), scales_t, mins_t, QuantFormat(scheme, GROUP))
 
 
 def permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:

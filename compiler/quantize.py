@@ -82,6 +82,14 @@ def fp16_grid(values: torch.Tensor, down: bool = False) -> torch.Tensor | None:
     return grid if bool(normal.all()) else None
 
 
+def in_groups(weight: torch.Tensor, group_size: int, method: str) -> torch.Tensor:
+    """float [out, in] -> float32 [out, in // group_size, group_size], refusing a group that does not divide `in`."""
+    out, in_features = weight.shape
+    if in_features % group_size:
+        raise QuantizeError(f"{method} group size {group_size} does not divide the input width {in_features}")
+    return weight.float().view(out, in_features // group_size, group_size)
+
+
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
     """float [out, in] -> INT8 codes with one scale per group of `group_size` inputs (None: per output channel):
     scale = the group's max|w| / 127 (groups: rounded to float16 and kept so, as Q8_0 keeps its scales, where all
@@ -89,9 +97,7 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
     out, in_features = weight.shape
     group = in_features if group_size is None else group_size
     fmt = QuantFormat(QuantScheme.INT8, group)
-    if in_features % group:
-        raise QuantizeError(f"int8 group size {group} does not divide the input width {in_features}")
-    w = weight.float().view(out, in_features // group, group)
+    w = in_groups(weight, group, "int8")
     scale = w.abs().amax(dim=-1) / INT8_MAX  # [out, groups]
     if group_size is not None:  # one scale per channel is a negligible share of the bytes: kept exact
         # the nearest fp16 is within 2^-11 of the scale, so a group's largest |w| is at most 127.06 steps: its code
@@ -111,10 +117,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     the scale then taken from it and rounded to the nearest float16 (within 2^-11: the group's top stays within
     15.01 steps of the min), and both kept so."""
     out, in_features = weight.shape
-    if in_features % group_size:
-        raise QuantizeError(f"4-bit group size {group_size} does not divide the input width {in_features}")
     fmt = QuantFormat(QuantScheme.INT4, group_size)
-    w = weight.float().view(out, in_features // group_size, group_size)
+    w = in_groups(weight, group_size, "4-bit")
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
     scale = (high - low) / 15
     low16 = fp16_grid(low, down=True)
@@ -134,9 +138,7 @@ def quantize_int4_sym(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     where every d of the matrix is a normal float16 or zero, else kept in float32. At group 32 with float16 d this
     gives Q4_0's very blocks (tests/compiler/test_gguf_blocks.py)."""
     out, in_features = weight.shape
-    if in_features % group_size:
-        raise QuantizeError(f"4-bit group size {group_size} does not divide the input width {in_features}")
-    w = weight.float().view(out, in_features // group_size, group_size)
+    w = in_groups(weight, group_size, "4-bit")
     peak = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [out, groups, 1], signed
     scale = peak / -8
     inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))  # an all-zero group: codes 8, w = 0

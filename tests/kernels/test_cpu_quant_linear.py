@@ -46,6 +46,7 @@ from pllm.models.quant import (
     dequantize_activation,
     pack_int4,
     quantize_activation,
+    unpack_int4,
 )
 from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
@@ -124,8 +125,7 @@ def error_bound(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
     """2 gamma(K + 10) A per output, A = sum_i (|c_i s| + |m|) |x_i| + |b| (module docstring), in float64."""
     n, k = weight.shape
     group = weight.fmt.group_size
-    codes = (torch.stack((weight.codes & 15, weight.codes >> 4), -1).reshape(n, k) if weight.fmt.scheme.nibbles
-             else weight.codes).double().view(n, -1, group)
+    codes = (unpack_int4(weight.codes) if weight.fmt.scheme.nibbles else weight.codes).double().view(n, -1, group)
     magnitude = (codes * weight.scales.double()[..., None]).abs()
     mins = weight.group_mins()
     if mins is not None:
