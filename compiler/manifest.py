@@ -47,9 +47,16 @@ WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights
 KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
 # the tokenizer as transformers resolved it at compile time (compiler/tokenizer_snapshot.py), listed among the
-# tokenizer files when the tokenizer has a `tokenizers` backend; serving reads it without transformers
-TOKENIZER_SNAPSHOT = "pllm_tokenizer.json"
-TOKENIZER_SNAPSHOT_FORMAT = 1
+# tokenizer files when the tokenizer has a `tokenizers` backend; serving reads it without transformers. Format 2: the
+# facts transformers keeps beside the backend in TOKENIZER_SNAPSHOT, the backend itself in TOKENIZER_BACKEND as the
+# tokenizers library writes it, which it reads back as it is. Format 1 (builds before it, under the older name) held
+# the backend inside the snapshot as a JSON object, parsed into Python and written back out as text at every start:
+# ~0.13 s holding the interpreter's lock beside torch's import. The new names keep older runtimes, which know only
+# format 1, loading new builds: they find no snapshot of theirs and read the tokenizer files through transformers.
+TOKENIZER_SNAPSHOT = "pllm_tokenizer_v2.json"
+TOKENIZER_BACKEND = "pllm_tokenizer_backend.json"
+TOKENIZER_SNAPSHOT_FORMAT = 2
+TOKENIZER_SNAPSHOTS = {TOKENIZER_SNAPSHOT: TOKENIZER_SNAPSHOT_FORMAT, "pllm_tokenizer.json": 1}  # file -> format
 LORA_DIR = "lora"  # lora/<name>/ holds a packed adapter's adapter_config.json and adapter_model.safetensors
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # a quantised runtime tensor `name` is stored as name.codes, name.scales and (int4, not int4_sym) name.mins:

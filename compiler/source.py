@@ -296,5 +296,4 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
     except Exception as e:  # tokenizers and transformers raise many types for a bad file; all mean "cannot serve"
         files = ", ".join(str(source.tokenizer_dir / f) for f in copied)
         raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
-    snapshot = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads this without transformers
-    return copied + ([snapshot] if snapshot else [])
+    return copied + write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers

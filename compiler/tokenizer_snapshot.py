@@ -3,11 +3,11 @@
 Loading a tokenizer through transformers costs a second or more of a server's start-up (its import, then
 AutoTokenizer's class resolution and the edits it makes to the backend: post-processor rewritten for add_bos_token,
 special tokens registered, truncation and padding cleared). The compiler loads the tokenizer that way anyway, to check
-it; here it also records the result: the `tokenizers` backend exactly as transformers left it (its JSON), and the few
-facts transformers keeps beside it (special tokens, chat template, whether decode cleans up spaces). The runtime's
-runtime/worker/fast_tokenizer.py serves from this file with the `tokenizers` library alone. A tokenizer without a
-`tokenizers` backend (a slow, sentencepiece-only one) or with several named chat templates gets no snapshot, and
-serving loads it through transformers as before.
+it; here it also records the result: the `tokenizers` backend exactly as transformers left it (its JSON, a file of
+its own), and the few facts transformers keeps beside it (special tokens, chat template, whether decode cleans up
+spaces). The runtime's runtime/worker/fast_tokenizer.py serves from these files with the `tokenizers` library alone.
+A tokenizer without a `tokenizers` backend (a slow, sentencepiece-only one) or with several named chat templates gets
+no snapshot, and serving loads it through transformers as before.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pllm.compiler.manifest import TOKENIZER_SNAPSHOT, TOKENIZER_SNAPSHOT_FORMAT
+from pllm.compiler.manifest import TOKENIZER_BACKEND, TOKENIZER_SNAPSHOT, TOKENIZER_SNAPSHOT_FORMAT
 
 
 def tokenizer_snapshot(tokenizer) -> dict | None:
@@ -30,7 +30,6 @@ def tokenizer_snapshot(tokenizer) -> dict | None:
                                 False))
     return {
         "format": TOKENIZER_SNAPSHOT_FORMAT,
-        "backend": json.loads(backend.to_str()),
         "special_tokens_map": dict(tokenizer.special_tokens_map),
         "all_special_ids": sorted(set(tokenizer.all_special_ids)),
         "clean_up_tokenization_spaces": clean_up,
@@ -40,10 +39,11 @@ def tokenizer_snapshot(tokenizer) -> dict | None:
     }
 
 
-def write_tokenizer_snapshot(tokenizer, out_dir: Path) -> str | None:
-    """Write the snapshot into `out_dir`; its file name, or None when this tokenizer has none."""
+def write_tokenizer_snapshot(tokenizer, out_dir: Path) -> list[str]:
+    """Write the snapshot and its backend into `out_dir`; their file names, none when this tokenizer has no snapshot."""
     snapshot = tokenizer_snapshot(tokenizer)
     if snapshot is None:
-        return None
+        return []
     (out_dir / TOKENIZER_SNAPSHOT).write_text(json.dumps(snapshot, ensure_ascii=False, sort_keys=True))
-    return TOKENIZER_SNAPSHOT
+    (out_dir / TOKENIZER_BACKEND).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
+    return [TOKENIZER_SNAPSHOT, TOKENIZER_BACKEND]

@@ -33,10 +33,10 @@ def clean_up_tokenization(text: str) -> str:
 
 
 class FastTokenizer:
-    def __init__(self, snapshot: dict, name_or_path: str, load_transformers: Callable[[], Any]) -> None:
-        import json
-
-        self._backend_json = json.dumps(snapshot["backend"])
+    def __init__(self, snapshot: dict, backend_json: str, name_or_path: str,
+                 load_transformers: Callable[[], Any]) -> None:
+        """snapshot: compiler/tokenizer_snapshot.py's facts; backend_json: its `tokenizers` backend as JSON text."""
+        self._backend_json = backend_json
         self._tokenizer = self._fresh_backend()
         self._truncating: dict[int, Any] = {}
         self._lock = threading.Lock()

@@ -3,13 +3,14 @@ server reads these on a thread while torch is still importing."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from pllm.compiler.manifest import (
     GENERATION_CONFIG,
-    TOKENIZER_SNAPSHOT,
-    TOKENIZER_SNAPSHOT_FORMAT,
+    TOKENIZER_BACKEND,
+    TOKENIZER_SNAPSHOTS,
     BuildDirError,
     BuildManifest,
     json_object,
@@ -21,19 +22,25 @@ TOKENIZER_JSON = "tokenizer.json"
 def load_tokenizer(build: BuildManifest):
     """The served tokenizer: from the build's tokenizer snapshot with the `tokenizers` library alone when the build
     has one (compiler/tokenizer_snapshot.py), else through transformers (load_transformers_tokenizer)."""
-    if TOKENIZER_SNAPSHOT not in build.manifest["tokenizer_files"]:
+    name = next((n for n in TOKENIZER_SNAPSHOTS if n in build.manifest["tokenizer_files"]), None)
+    if name is None:
         return load_transformers_tokenizer(build)
     from pllm.runtime.worker.fast_tokenizer import FastTokenizer
 
-    snapshot = build.read_json(TOKENIZER_SNAPSHOT)
-    if snapshot.get("format") != TOKENIZER_SNAPSHOT_FORMAT:
-        raise BuildDirError(f"{build.path / TOKENIZER_SNAPSHOT}: format {snapshot.get('format')!r}, this pllm reads "
-                            f"{TOKENIZER_SNAPSHOT_FORMAT}: compile the model again")
+    snapshot, expected = build.read_json(name), TOKENIZER_SNAPSHOTS[name]
+    if snapshot.get("format") != expected:
+        raise BuildDirError(f"{build.path / name}: format {snapshot.get('format')!r}, where this pllm reads format "
+                            f"{expected}: compile the model again")
     try:
-        return FastTokenizer(snapshot, str(build.path), lambda: load_transformers_tokenizer(build))
+        # format 1 held the backend as a JSON object, written back out as text for the tokenizers library
+        backend = build.read_bytes(TOKENIZER_BACKEND).decode() if expected >= 2 else json.dumps(snapshot["backend"])
+        return FastTokenizer(snapshot, backend, str(build.path), lambda: load_transformers_tokenizer(build))
+    except BuildDirError:  # not listed, or not what was verified: named as such
+        raise
     except Exception as e:  # tokenizers raises its own exception types for a bad backend; all mean the same
         why = " ".join(f"{type(e).__name__}: {e}".split())
-        raise BuildDirError(f"{build.path / TOKENIZER_SNAPSHOT}: the tokenizer does not load ({why})") from None
+        files = f"{build.path / name}" + (f" with {TOKENIZER_BACKEND} beside it" if expected >= 2 else "")
+        raise BuildDirError(f"{files}: the tokenizer does not load ({why})") from None
 
 
 def transformers_tokenizer(tokenizer):
@@ -48,7 +55,8 @@ def load_transformers_tokenizer(build: BuildManifest):
     files (added_tokens.json, special_tokens_map.json, ...) that Hugging Face would otherwise pick up."""
     from transformers import AutoTokenizer
 
-    names = [name for name in build.manifest["tokenizer_files"] if name not in (GENERATION_CONFIG, TOKENIZER_SNAPSHOT)]
+    names = [name for name in build.manifest["tokenizer_files"]
+             if name not in (GENERATION_CONFIG, TOKENIZER_BACKEND) and name not in TOKENIZER_SNAPSHOTS]
     with tempfile.TemporaryDirectory(prefix="pllm-tokenizer-") as tmp:
         for name in names:
             data = build.read_bytes(name)

@@ -18,6 +18,7 @@ from pllm import LLM, SamplingParams
 from pllm.compiler.manifest import (
     MANIFEST,
     MANIFEST_DIGEST_KEY,
+    TOKENIZER_BACKEND,
     TOKENIZER_SNAPSHOT,
     BuildDirError,
     manifest_digest,
@@ -208,6 +209,7 @@ def test_files_changed_after_verification_are_refused_when_read(copy):
     build = copy()
     loaded = open_build(build)
     cases = [
+        (TOKENIZER_BACKEND, lambda: load_tokenizer(loaded)),  # (each case's change stays: the backend's first)
         (TOKENIZER_SNAPSHOT, lambda: load_tokenizer(loaded)),
         ("tokenizer.json", lambda: load_transformers_tokenizer(loaded)),  # a build without a snapshot reads these
         ("generation_config.json", lambda: load_generation_config(loaded)),
@@ -227,16 +229,22 @@ def test_garbage_tokenizer_and_generation_config_are_named(copy):
         ("generation_config.json", b'{"eos_token_id": "two"}', "'eos_token_id'"),
         ("tokenizer.json", b'{"version": "1.0"}', "do not load"),
         (TOKENIZER_SNAPSHOT, b"garbage", "not valid JSON"),
-        (TOKENIZER_SNAPSHOT, b'{"format": 1, "backend": {"version": "1.0"}}', "does not load"),
+        (TOKENIZER_BACKEND, b'{"version": "1.0"}', "does not load"),
+        (TOKENIZER_BACKEND, b"\xff\xfe", "does not load"),
+        (TOKENIZER_SNAPSHOT, b'{"format": 1}', "compile the model again"),
         (TOKENIZER_SNAPSHOT, b'{"format": 99}', "compile the model again"),
     ]:
         build = copy()
         (build / rel).write_bytes(data)
         _edit_manifest(build, _set(["files", rel], hashlib.sha256(data).hexdigest()), resign=True)
         # the tokenizer files proper are read only for a build without a snapshot (or for xgrammar)
-        load = {"generation_config.json": load_generation_config, TOKENIZER_SNAPSHOT: load_tokenizer}.get(
-            rel, load_transformers_tokenizer)
-        named = build / rel if why != "do not load" else build
+        load = {"generation_config.json": load_generation_config, TOKENIZER_SNAPSHOT: load_tokenizer,
+                TOKENIZER_BACKEND: load_tokenizer}.get(rel, load_transformers_tokenizer)
+        named = build / rel
+        if why == "do not load":  # the tokenizer files proper are named together
+            named = build
+        elif rel == TOKENIZER_BACKEND:  # named with the snapshot that brings it
+            named = build / TOKENIZER_SNAPSHOT
         message = _refused(build, named, lambda b, load=load: load(open_build(b)))
         assert why in message and "\n" not in message, message
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pllm.compiler.manifest import TOKENIZER_SNAPSHOT, BuildDirError, open_build
+from pllm.compiler.manifest import TOKENIZER_BACKEND, TOKENIZER_SNAPSHOT, BuildDirError, open_build
 from pllm.runtime.worker.fast_tokenizer import FastTokenizer
 from pllm.runtime.worker.text_loader import load_tokenizer, load_transformers_tokenizer, transformers_tokenizer
 
@@ -135,11 +135,11 @@ def test_a_damaged_snapshot_is_named(tiny_build, tmp_path):
     import shutil
 
     build = shutil.copytree(tiny_build("llama"), tmp_path / "b")
-    snapshot = json.loads((build / TOKENIZER_SNAPSHOT).read_text())
-    snapshot["backend"]["model"] = {"type": "NoSuchModel"}
-    (build / TOKENIZER_SNAPSHOT).write_text(json.dumps(snapshot))
+    backend = json.loads((build / TOKENIZER_BACKEND).read_text())
+    backend["model"] = {"type": "NoSuchModel"}
+    (build / TOKENIZER_BACKEND).write_text(json.dumps(backend))
     manifest = json.loads((build / "manifest.json").read_text())
-    manifest["files"][TOKENIZER_SNAPSHOT] = hashlib.sha256((build / TOKENIZER_SNAPSHOT).read_bytes()).hexdigest()
+    manifest["files"][TOKENIZER_BACKEND] = hashlib.sha256((build / TOKENIZER_BACKEND).read_bytes()).hexdigest()
     manifest.pop("manifest_sha256")
     from pllm.compiler.manifest import manifest_digest
 
@@ -147,3 +147,58 @@ def test_a_damaged_snapshot_is_named(tiny_build, tmp_path):
     (build / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BuildDirError, match=TOKENIZER_SNAPSHOT):
         load_tokenizer(open_build(str(build)))
+
+
+def _resign(build, manifest: dict) -> None:
+    from pllm.compiler.manifest import manifest_digest
+
+    manifest.pop("manifest_sha256")
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (build / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_format_1_snapshot_still_serves(tiny_build, tmp_path):
+    """Builds compiled before format 2 held the backend inside the snapshot, as a JSON object, under the older name:
+    this runtime still serves them without transformers, with the same tokens."""
+    import hashlib
+    import shutil
+
+    new = tiny_build("llama")
+    build = shutil.copytree(new, tmp_path / "b")
+    snapshot = json.loads((build / TOKENIZER_SNAPSHOT).read_text())
+    old = {**snapshot, "format": 1, "backend": json.loads((build / TOKENIZER_BACKEND).read_text())}
+    (build / TOKENIZER_SNAPSHOT).unlink()
+    (build / TOKENIZER_BACKEND).unlink()
+    (build / "pllm_tokenizer.json").write_text(json.dumps(old))
+    manifest = json.loads((build / "manifest.json").read_text())
+    for name in (TOKENIZER_SNAPSHOT, TOKENIZER_BACKEND):
+        del manifest["files"][name]
+        manifest["tokenizer_files"].remove(name)
+    manifest["files"]["pllm_tokenizer.json"] = hashlib.sha256((build / "pllm_tokenizer.json").read_bytes()).hexdigest()
+    manifest["tokenizer_files"].append("pllm_tokenizer.json")
+    _resign(build, manifest)
+    served, current = load_tokenizer(open_build(str(build))), load_tokenizer(open_build(str(new)))
+    assert isinstance(served, FastTokenizer)
+    for text in TEXTS:
+        assert served(text).input_ids == current(text).input_ids
+        assert served.decode(current(text).input_ids) == current.decode(current(text).input_ids)
+
+
+def test_a_runtime_that_knows_only_format_1_loads_a_new_build_through_transformers(tiny_build, tmp_path):
+    """Such a runtime finds none of its snapshot's name among the tokenizer files, so it copies every listed one but
+    the generation config into a folder and has transformers load that: the new files beside them change nothing."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    build = tiny_build("llama")
+    manifest = open_build(str(build))
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in manifest.manifest["tokenizer_files"]:
+        if name != "generation_config.json":
+            shutil.copy(build / name, folder / name)
+    assert (folder / TOKENIZER_BACKEND).exists()
+    older, current = AutoTokenizer.from_pretrained(folder, local_files_only=True), load_tokenizer(manifest)
+    for text in TEXTS:
+        assert older(text).input_ids == current(text).input_ids
