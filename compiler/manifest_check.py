@@ -20,6 +20,8 @@ from pllm.compiler.manifest_format import (
     MANIFEST_DIGEST_KEY,
     QUANT_METHODS,
     QUANT_SCHEMES,
+    TOKENIZER_BACKEND,
+    TOKENIZER_SNAPSHOT,
     BuildDirError,
     Language,
     manifest_digest,
@@ -105,6 +107,9 @@ def check_manifest(m: dict, manifest_file: Path) -> None:
     _check_quantization(m["quantization"], manifest_file)
     if any("/" in name for name in m["tokenizer_files"]):  # copied by name into a private folder to load
         raise _fail(manifest_file, "tokenizer_files", "file names in the build's top folder", m["tokenizer_files"])
+    if (TOKENIZER_SNAPSHOT in m["tokenizer_files"]) != (TOKENIZER_BACKEND in m["tokenizer_files"]):
+        raise _fail(manifest_file, "tokenizer_files", f"{TOKENIZER_SNAPSHOT} and {TOKENIZER_BACKEND} together or "
+                    "neither", m["tokenizer_files"])
 
 
 def _check_quantization(q: dict, manifest_file: Path) -> None:

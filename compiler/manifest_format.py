@@ -32,7 +32,7 @@ WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights
 KERNELS_DIR = "kernels"
 GENERATION_CONFIG = "generation_config.json"
 # the tokenizer as transformers resolved it at compile time (compiler/tokenizer_snapshot.py), listed among the
-# tokenizer files when the tokenizer has a `tokenizers` backend; serving reads it without transformers. Format 2: the
+# tokenizer files when the tokenizer has a `tokenizers` backend; serving reads them without transformers. Format 2: the
 # facts transformers keeps beside the backend in TOKENIZER_SNAPSHOT, the backend itself in TOKENIZER_BACKEND as the
 # tokenizers library writes it, which it reads back as it is. Format 1 (builds before it, under the older name) held
 # the backend inside the snapshot as a JSON object, parsed into Python and written back out as text at every start:

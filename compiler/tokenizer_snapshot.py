@@ -44,6 +44,7 @@ def write_tokenizer_snapshot(tokenizer, out_dir: Path) -> list[str]:
     snapshot = tokenizer_snapshot(tokenizer)
     if snapshot is None:
         return []
-    (out_dir / TOKENIZER_SNAPSHOT).write_text(json.dumps(snapshot, ensure_ascii=False, sort_keys=True))
+    (out_dir / TOKENIZER_SNAPSHOT).write_text(json.dumps(snapshot, ensure_ascii=False, sort_keys=True),
+                                              encoding="utf-8")
     (out_dir / TOKENIZER_BACKEND).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
     return [TOKENIZER_SNAPSHOT, TOKENIZER_BACKEND]

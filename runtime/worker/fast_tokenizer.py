@@ -33,11 +33,12 @@ def clean_up_tokenization(text: str) -> str:
 
 
 class FastTokenizer:
-    def __init__(self, snapshot: dict, backend_json: str, name_or_path: str,
+    def __init__(self, snapshot: dict, backend_json: str, backend: Any, name_or_path: str,
                  load_transformers: Callable[[], Any]) -> None:
-        """snapshot: compiler/tokenizer_snapshot.py's facts; backend_json: its `tokenizers` backend as JSON text."""
+        """snapshot: compiler/tokenizer_snapshot.py's facts; backend_json: its `tokenizers` backend as JSON text, and
+        backend that text parsed (parse_backend)."""
         self._backend_json = backend_json
-        self._tokenizer = self._fresh_backend()
+        self._tokenizer = backend
         self._truncating: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._load_transformers = load_transformers
@@ -50,10 +51,12 @@ class FastTokenizer:
         self.name_or_path = name_or_path
         self._tokenizer.encode_special_tokens = snapshot["split_special_tokens"]
 
-    def _fresh_backend(self):
+    @staticmethod
+    def parse_backend(backend_json: str):
+        """A `tokenizers` Tokenizer from its JSON text, as transformers leaves it for a plain call."""
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(self._backend_json)
+        tok = Tokenizer.from_str(backend_json)
         tok.no_truncation()  # transformers clears both on a call without truncation or padding
         tok.no_padding()
         return tok
@@ -90,7 +93,7 @@ class FastTokenizer:
         with self._lock:
             tok = self._truncating.get(max_length)
             if tok is None:
-                tok = self._fresh_backend()
+                tok = self.parse_backend(self._backend_json)
                 tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction=self.truncation_side)
                 tok.encode_special_tokens = self._tokenizer.encode_special_tokens
                 self._truncating[max_length] = tok

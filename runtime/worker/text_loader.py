@@ -30,17 +30,24 @@ def load_tokenizer(build: BuildManifest):
     snapshot, expected = build.read_json(name), TOKENIZER_SNAPSHOTS[name]
     if snapshot.get("format") != expected:
         raise BuildDirError(f"{build.path / name}: format {snapshot.get('format')!r}, where this pllm reads format "
-                            f"{expected}: compile the model again")
+                            f"{expected} in a file of this name: compile the model again")
+    backend_file = TOKENIZER_BACKEND if expected >= 2 else name
     try:
         # format 1 held the backend as a JSON object, written back out as text for the tokenizers library
-        backend = build.read_bytes(TOKENIZER_BACKEND).decode() if expected >= 2 else json.dumps(snapshot["backend"])
-        return FastTokenizer(snapshot, backend, str(build.path), lambda: load_transformers_tokenizer(build))
+        text = build.read_bytes(TOKENIZER_BACKEND).decode() if expected >= 2 else json.dumps(snapshot["backend"])
+        backend = FastTokenizer.parse_backend(text)
     except BuildDirError:  # not listed, or not what was verified: named as such
         raise
     except Exception as e:  # tokenizers raises its own exception types for a bad backend; all mean the same
-        why = " ".join(f"{type(e).__name__}: {e}".split())
-        files = f"{build.path / name}" + (f" with {TOKENIZER_BACKEND} beside it" if expected >= 2 else "")
-        raise BuildDirError(f"{files}: the tokenizer does not load ({why})") from None
+        raise BuildDirError(f"{build.path / backend_file}: the tokenizer does not load ({_why(e)})") from None
+    try:
+        return FastTokenizer(snapshot, text, backend, str(build.path), lambda: load_transformers_tokenizer(build))
+    except Exception as e:  # a fact missing or of the wrong type
+        raise BuildDirError(f"{build.path / name}: the tokenizer does not load ({_why(e)})") from None
+
+
+def _why(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def transformers_tokenizer(tokenizer):

@@ -164,6 +164,8 @@ RESIGNED_EDITS = {
     "files a list": (_set(["files"], ["model.safetensors"]), "'files'"),
     "weights unlisted": (_set(["weights"], ["other.safetensors"]), "'weights'"),
     "tokenizer file unlisted": (lambda m: m["tokenizer_files"].append("vocab.json"), "'tokenizer_files'"),
+    "tokenizer snapshot without its backend": (lambda m: m["tokenizer_files"].remove(TOKENIZER_BACKEND),
+                                               "'tokenizer_files'"),
     "library unlisted": (_set(["cpu_kernels", "libraries", "cpu_decode_attention"], "x.so"), "cpu_decode_attention"),
     "format_version": (_set(["format_version"], 1), "rebuild it"),
     "kernel op missing": (_drop(["kernels", "kernels", "rms_norm", "op"]), "'kernels.kernels.rms_norm.op'"),
@@ -240,11 +242,7 @@ def test_garbage_tokenizer_and_generation_config_are_named(copy):
         # the tokenizer files proper are read only for a build without a snapshot (or for xgrammar)
         load = {"generation_config.json": load_generation_config, TOKENIZER_SNAPSHOT: load_tokenizer,
                 TOKENIZER_BACKEND: load_tokenizer}.get(rel, load_transformers_tokenizer)
-        named = build / rel
-        if why == "do not load":  # the tokenizer files proper are named together
-            named = build
-        elif rel == TOKENIZER_BACKEND:  # named with the snapshot that brings it
-            named = build / TOKENIZER_SNAPSHOT
+        named = build if why == "do not load" else build / rel  # the tokenizer files proper are named together
         message = _refused(build, named, lambda b, load=load: load(open_build(b)))
         assert why in message and "\n" not in message, message
 

@@ -145,7 +145,7 @@ def test_a_damaged_snapshot_is_named(tiny_build, tmp_path):
 
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (build / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BuildDirError, match=TOKENIZER_SNAPSHOT):
+    with pytest.raises(BuildDirError, match=TOKENIZER_BACKEND):
         load_tokenizer(open_build(str(build)))
 
 
