@@ -14,7 +14,7 @@ also checks every kept tensor against the float weights transformers reads from 
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,13 +106,12 @@ def unpermute_order(rows: int, n_head: int) -> torch.Tensor:
 OUTPUT_MATRICES = ("model.embed_tokens", "lm_head")
 
 
-def read_kept_blocks(path: Path, config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
-    """Every decoder-layer matrix of the file in a kept type, and its output matrix and token embedding, under their
-    Hugging Face names (q/k rows unpermuted as transformers does for llama files); and every other one's type, by HF
-    name."""
-    from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+def read_kept_blocks(reader: Any, config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
+    """Every decoder-layer matrix of the file (reader: its gguf GGUFReader) in a kept type, and its output matrix and
+    token embedding, under their Hugging Face names (q/k rows unpermuted as transformers does for llama files); and
+    every other one's type, by HF name."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
-    reader = GGUFReader(str(path))
     field = reader.fields["general.architecture"]
     arch_name = bytes(field.parts[field.data[0]]).decode()
     arch = {name: a for a, name in MODEL_ARCH_NAMES.items()}.get(arch_name)

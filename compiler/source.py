@@ -10,10 +10,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from pllm.compiler.gguf_reading import parsed_once
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.tokenizer_snapshot import write_tokenizer_snapshot
 from pllm.models.quant import QuantizedWeight, as_asymmetric, half_if_exact
@@ -56,6 +58,7 @@ class ModelSource:
     root: Path | None = None  # every file read must resolve inside this folder (None: tokenizer_dir)
     _gguf_state: dict[str, torch.Tensor] | None = None
     _tmp: Path | None = None  # scratch directory owned by this source, removed by close()
+    _gguf_reader: Any = None  # a GGUF file's one parse (compiler/gguf_reading.py), for its kept blocks
     _kept: dict[str, QuantizedWeight] | None = None  # a GGUF file's kept blocks by HF name, read on first use
     _other_types: dict[str, str] = field(default_factory=dict)  # its matrices in types not kept: HF name -> type
 
@@ -72,7 +75,7 @@ class ModelSource:
 
         assert self._gguf_state is not None, "kept blocks come from a GGUF file"
         if self._kept is None:
-            self._kept, self._other_types = read_kept_blocks(self.path, self.config)
+            self._kept, self._other_types = read_kept_blocks(self._gguf_reader, self.config)
             for hf, weight in self._kept.items():
                 if hf in self._gguf_state and not torch.equal(dequantize(weight), self._gguf_state[hf]):
                     raise ModelSourceError(f"{self.path}: tensor '{hf}' ({weight.fmt.scheme.value}) does not decode "
@@ -246,9 +249,11 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
 
     folder, file = str(path.parent), path.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=file)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        with parsed_once() as parsed:  # transformers opens the file four times: parsed once
+            config = AutoConfig.from_pretrained(folder, gguf_file=file)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+            reader = parsed.reader(path)
     except Exception as e:
         raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
     scratch_parent = Path(tempfile.gettempdir())
@@ -267,7 +272,8 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
     if config_dict.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp)
+    return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
+                       reader)
 
 
 def iter_tokenizer_files(source: ModelSource) -> Iterator[Path]:
