@@ -210,7 +210,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
     own listed files, as it wrote them, is replaced."""
     out_dir = Path(os.path.abspath(out_dir))  # not resolve(): a symlinked output must be seen, and refused
     check_output_dir(out_dir)
-    source = open_model(model)
+    source = open_model(model, keeps_blocks=options.quantization is Quantization.GGUF)
     made: list[Path] = []  # parent folders this compile created, removed again if it fails
     try:
         spec = spec_from_config(source.config, source.config_file)

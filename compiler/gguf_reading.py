@@ -12,6 +12,7 @@ it gets these; were that to change, it would parse as before (slower, the same r
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,16 +44,22 @@ class ParsedGguf:
         return self.name_maps[key]
 
 
+# held while the gguf package is patched: two threads' parsed_once would otherwise restore each other's functions
+_PATCHING = threading.RLock()
+
+
 @contextmanager
 def parsed_once() -> Iterator[ParsedGguf]:
-    """gguf.GGUFReader and gguf.get_tensor_name_map made to share their results while it is open; the ParsedGguf
-    it yields keeps the readers for use after (compiler/gguf_blocks.py reads the kept blocks from the same one)."""
+    """gguf.GGUFReader and gguf.get_tensor_name_map made to share their results while it is open (the gguf package
+    is patched for the whole process: another thread's parsed_once waits); the ParsedGguf it yields keeps the readers
+    for use after (compiler/gguf_blocks.py reads the kept blocks from the same one)."""
     import gguf
 
-    parsed = ParsedGguf()
-    real = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader, gguf.get_tensor_name_map = parsed.reader, parsed.name_map
-    try:
-        yield parsed
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real
+    with _PATCHING:
+        parsed = ParsedGguf()
+        real = gguf.GGUFReader, gguf.get_tensor_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = parsed.reader, parsed.name_map
+        try:
+            yield parsed
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real

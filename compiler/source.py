@@ -58,7 +58,7 @@ class ModelSource:
     root: Path | None = None  # every file read must resolve inside this folder (None: tokenizer_dir)
     _gguf_state: dict[str, torch.Tensor] | None = None
     _tmp: Path | None = None  # scratch directory owned by this source, removed by close()
-    _gguf_reader: Any = None  # a GGUF file's one parse (compiler/gguf_reading.py), for its kept blocks
+    _gguf_reader: Any = None  # a GGUF file's one parse (gguf_reading.py), kept until its kept blocks are read
     _kept: dict[str, QuantizedWeight] | None = None  # a GGUF file's kept blocks by HF name, read on first use
     _other_types: dict[str, str] = field(default_factory=dict)  # its matrices in types not kept: HF name -> type
 
@@ -75,7 +75,9 @@ class ModelSource:
 
         assert self._gguf_state is not None, "kept blocks come from a GGUF file"
         if self._kept is None:
+            assert self._gguf_reader is not None, "open_model(..., keeps_blocks=True) keeps the file's parse for them"
             self._kept, self._other_types = read_kept_blocks(self._gguf_reader, self.config)
+            self._gguf_reader = None  # ~150 MB of parsed metadata for the default model: not held past its use
             for hf, weight in self._kept.items():
                 if hf in self._gguf_state and not torch.equal(dequantize(weight), self._gguf_state[hf]):
                     raise ModelSourceError(f"{self.path}: tensor '{hf}' ({weight.fmt.scheme.value}) does not decode "
@@ -115,6 +117,7 @@ class ModelSource:
             raise ModelSourceError(f"{file}: cannot read tensor '{name}' ({e})") from None
 
     def close(self) -> None:
+        self._gguf_reader = None
         if self._tmp is not None:
             remove_scratch_dir(self._tmp)
             self._tmp = None
@@ -129,15 +132,16 @@ def default_gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
 
 
-def open_model(model: str | None) -> ModelSource:
-    """Resolve the user's model argument (None or a short name: the default SmolLM2) and open it."""
+def open_model(model: str | None, keeps_blocks: bool = False) -> ModelSource:
+    """Resolve the user's model argument (None or a short name: the default SmolLM2) and open it. keeps_blocks: a
+    GGUF file's quantised blocks will be read (kept_blocks), from the parse that read its config and tensors."""
     if model is None or model.lower() in SHORT_NAMES:
-        return _open_gguf(default_gguf_path(), model or DEFAULT_MODEL)
+        return _open_gguf(default_gguf_path(), model or DEFAULT_MODEL, keeps_blocks)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"{path}: GGUF file not found")
-        return _open_gguf(path, model)
+        return _open_gguf(path, model, keeps_blocks)
     if path.is_dir():
         return _open_hf_dir(path, model, root=_cache_repo(path))
     if path.exists():
@@ -243,7 +247,7 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
     return ModelSource(name, path, config, str(config_file), path, tensor_file, tensor_shape, root)
 
 
-def _open_gguf(path: Path, name: str) -> ModelSource:
+def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
     """Dequantise a GGUF checkpoint to float through transformers, which also undoes llama.cpp's q/k permutation."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -253,7 +257,7 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
             config = AutoConfig.from_pretrained(folder, gguf_file=file)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-            reader = parsed.reader(path)
+            reader = parsed.reader(path) if keeps_blocks else None
     except Exception as e:
         raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
     scratch_parent = Path(tempfile.gettempdir())

@@ -31,13 +31,19 @@ def _tiny_gguf(tmp_path):
 def test_a_gguf_source_is_parsed_once_kept_blocks_included(tmp_path, monkeypatch):
     path = _tiny_gguf(tmp_path)
     parses = _counting_parses(monkeypatch)
-    source = open_model(str(path))
+    source = open_model(str(path), keeps_blocks=True)
     try:
         assert len(parses) == 1, parses  # config, tokenizer and weights: transformers opened it more than once
         assert source.kept_blocks(("model.layers.0.self_attn.o_proj.weight",)) is not None
         assert len(parses) == 1, parses  # the kept blocks came from the same parse
+        assert source._gguf_reader is None  # and it is not held past them
     finally:
         source.close()
+    plain = open_model(str(path))  # no kept blocks to read: the parse is not kept at all
+    try:
+        assert plain._gguf_reader is None and len(parses) == 2
+    finally:
+        plain.close()
     assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
     assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
 
