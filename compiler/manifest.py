@@ -5,7 +5,6 @@ re-exported here, where every reader imports them from."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import mmap
 import os
@@ -39,6 +38,7 @@ from pllm.compiler.manifest_format import (
     KernelEntry,
     Language,
     format_version_for,
+    json_object,
     manifest_digest,
     weights_file,
 )
@@ -136,16 +136,6 @@ class BuildManifest:
 
     def read_json(self, rel: str) -> dict:
         return json_object(self.path / rel, self.read_bytes(rel))
-
-
-def json_object(f: Path, data: bytes) -> dict:
-    try:
-        value = json.loads(data)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise BuildDirError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise BuildDirError(f"{f}: must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def open_build(build_dir: str | Path, verify: bool = True) -> BuildManifest:

@@ -4,7 +4,6 @@ loader relies on, so a malformed or tampered manifest is named, never a KeyError
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,6 +23,7 @@ from pllm.compiler.manifest_format import (
     TOKENIZER_SNAPSHOT,
     BuildDirError,
     Language,
+    json_object,
     manifest_digest,
     weights_file,
 )
@@ -35,12 +35,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def read_manifest(manifest_file: Path) -> dict:
     """The manifest as written by pllm-compile: format version first (old builds: rebuild), then its own digest."""
-    try:
-        manifest = json.loads(manifest_file.read_bytes())
-    except ValueError as e:
-        raise BuildDirError(f"{manifest_file}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BuildDirError(f"{manifest_file}: must be a JSON object, got {type(manifest).__name__}")
+    manifest = json_object(manifest_file, manifest_file.read_bytes())
     version = manifest.get("format_version")
     if type(version) is not int or version not in LOADABLE_FORMATS:
         raise BuildDirError(f"{manifest_file}: format_version {version!r} is not one this pllm loads "

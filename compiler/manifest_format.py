@@ -1,5 +1,5 @@
 """The build directory's format: its file names, format versions, the manifest's digest, and the kernel entries and
-error every reader of a build shares (torch-free)."""
+error every reader of a build shares, and the reading of its JSON files (torch-free)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 # 2: the manifest records its own digest (MANIFEST_DIGEST_KEY); 3: each kernel entry names its op and language;
 # 4: the spec carries the new families' fields (model kind, q/k norm, norm offset, partial rotary, MoE, windows)
@@ -93,3 +94,14 @@ class KernelEntry:
 
 class BuildDirError(ValueError):
     """The build directory is missing, incomplete or tampered with; the message names the file."""
+
+
+def json_object(f: Path, data: bytes) -> dict:
+    """A build file's bytes as a JSON object; BuildDirError naming the file otherwise."""
+    try:
+        value = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise BuildDirError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise BuildDirError(f"{f}: must be a JSON object, got {type(value).__name__}")
+    return value
