@@ -23,6 +23,11 @@ ROW_TILE = 4
 # on the dev machine (tools/bench_quant.py's shapes, one thread): 1 KB 1.8x, 4 KB 2.4x, 16 KB 3.5x faster INT8 GEMV
 # than none
 PREFETCH_BYTES = 16384
+# the AVX512-VNNI panels (INT4 repacked 16 rows a panel, one stream of codes per panel): how far ahead they request
+# codes. tools/bench_int4_panels.cpp's shapes on the 2-core Xeon VM: weights streamed from memory (600 MB, a 1B
+# model's down proj) 1.2-1.4x faster with 2-4 KB ahead than with none, and level with none where they sit in L3
+# (60 MB, SmolLM2's layers); 8 KB no better
+PANEL_PREFETCH_BYTES = 4096
 # the AVX512-VNNI rows: rows sharing each chunk of a token's quantised activations; 4 rows x 4 tokens is 16
 # accumulators + 4 code vectors + 4 lane-scale vectors in AVX-512's 32 registers
 VNNI_ROW_TILE = 4
@@ -52,6 +57,7 @@ def supported(spec: ModelSpec, dtype: str) -> bool:
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
     return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES,
+            "PANEL_PREFETCH_BYTES": PANEL_PREFETCH_BYTES,
             "VNNI_ROW_TILE": VNNI_ROW_TILE, "VNNI_SEQUENTIAL_TOKENS": VNNI_SEQUENTIAL_TOKENS,
             "AVX2_INT_ROW_TILE": AVX2_INT_ROW_TILE, "AVX2_INT8_SEQUENTIAL_TOKENS": AVX2_INT8_SEQUENTIAL_TOKENS,
             "AVX2_INT4_SEQUENTIAL_TOKENS": AVX2_INT4_SEQUENTIAL_TOKENS, "QUANT_ROW_TILE": QUANT_ROW_TILE,

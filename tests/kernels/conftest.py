@@ -18,8 +18,9 @@ from pllm.compiler.kernel_modules import TritonModeError, ensure_triton_mode
 from pllm.compiler.manifest import Language
 from pllm.compiler.plan import KernelPlan, make_plan
 from pllm.compiler.render import render_plan
-from pllm.models.quant import QuantFormat
+from pllm.models.quant import QuantFormat, QuantScheme
 from pllm.models.spec import ModelKind, ModelSpec
+from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 from pllm.runtime.backends.triton.triton_ops import TritonOps
 
 # One process runs Triton one way (see compiler/kernel_modules.py): fix it here, before any test imports triton, so the
@@ -222,3 +223,15 @@ def encoder_kernel_ops(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quant_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cpu_quant_linear.so, compiled once for the packed-weight kernel tests."""
+    plan = make_plan(tiny_spec(), "bfloat16", 16, quant=QuantFormat(QuantScheme.INT4, 32))
+    return compile_cpu_kernel(tmp_path_factory.mktemp("cpu_quant_linear"), plan, "cpu_quant_linear")
+
+
+@pytest.fixture(scope="session")
+def compiled_quant(quant_library: Path) -> CpuQuantLinear:
+    return CpuQuantLinear(quant_library)

@@ -25,7 +25,6 @@ integer rows of AVX512-VNNI and of AVX2, the AVX-512 float rows and the AVX2 bas
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +35,6 @@ from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels import cpu_quant_linear as cpu_quant_kernel
-from pllm.compiler.plan import make_plan
 from pllm.compiler.quantize import quantize_int4, quantize_int4_sym, quantize_int8
 from pllm.models.quant import (
     QuantFormat,
@@ -52,8 +50,6 @@ from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, WIDE_FLOATS, CpuQuantLinear, QuantRows
 
-from .conftest import compile_cpu_kernel, tiny_spec
-
 # `kernel` is function-scoped only to pick the row code; every example of a test runs under the same one
 SETTINGS = settings(max_examples=examples(30), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -64,28 +60,17 @@ BF16_U = 2.0**-8
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 
 
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    plan = make_plan(tiny_spec(), "bfloat16", 16, quant=QuantFormat(QuantScheme.INT4, 32))
-    return compile_cpu_kernel(tmp_path_factory.mktemp("cpu_quant_linear"), plan, "cpu_quant_linear")
-
-
-@pytest.fixture(scope="module")
-def compiled(library: Path) -> CpuQuantLinear:
-    return CpuQuantLinear(library)
-
-
 # every row code (CpuQuantLinear.limit_isa) this CPU runs; a level it does not have runs the next below it, tested
 # under that one's own name
 @pytest.fixture(params=list(QuantRows), ids=lambda rows: rows.name.lower())
-def kernel(compiled: CpuQuantLinear, request: pytest.FixtureRequest):
-    runs = compiled.limit_isa(request.param)
+def kernel(compiled_quant: CpuQuantLinear, request: pytest.FixtureRequest):
+    runs = compiled_quant.limit_isa(request.param)
     try:
         if runs is not request.param:
             pytest.skip(f"this CPU runs {runs.name} for {request.param.name}")
-        yield compiled
+        yield compiled_quant
     finally:
-        compiled.limit_isa(QuantRows.INT_VNNI)
+        compiled_quant.limit_isa(QuantRows.INT_VNNI)
 
 
 def gamma(n: int) -> float:
@@ -157,6 +142,12 @@ def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 # GGUF's Q4_0 (symmetric, no mins): decode, a batch, groups across chunks, mins from fp16 scales of 18 groups a row
 @example(scheme=INT4_SYM, n=576, groups=18, group=32, num_tokens=1, bf16=True, with_bias=False, half=True, seed=10)
 @example(scheme=INT4_SYM, n=37, groups=2, group=96, num_tokens=6, bf16=False, with_bias=True, half=False, seed=11)
+# INT4 rows in whole panels of 16 (AVX512-VNNI reads them repacked, tests/kernels/test_cpu_quant_panels.py): one
+# token (two panels a tile, then one), tokens in tiles of 4 and a tail, fp32 scales, groups of whole chunks
+@example(scheme=INT4, n=48, groups=9, group=64, num_tokens=1, bf16=True, with_bias=True, half=True, seed=12)
+@example(scheme=INT4, n=32, groups=4, group=32, num_tokens=7, bf16=False, with_bias=False, half=False, seed=13)
+@example(scheme=INT4_SYM, n=64, groups=18, group=32, num_tokens=1, bf16=True, with_bias=False, half=True, seed=14)
+@example(scheme=INT4_SYM, n=16, groups=2, group=128, num_tokens=5, bf16=False, with_bias=True, half=False, seed=15)
 # fp16 mins of 18 and 13 groups a row: the last vector's 2 or 5 (loaded as the row's last 8, moved down)
 @example(scheme=INT4, n=40, groups=18, group=32, num_tokens=5, bf16=True, with_bias=False, half=True, seed=8)
 @example(scheme=INT4, n=9, groups=13, group=64, num_tokens=1, bf16=False, with_bias=True, half=True, seed=9)
@@ -197,6 +188,9 @@ def exact_activations(num_tokens: int, k: int, gen: torch.Generator) -> torch.Te
 @given(scheme=st.sampled_from(list(QuantScheme)), n=st.integers(1, 40), groups=st.integers(1, 4),
        group=st.sampled_from([32, 64]), per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(),
        half=st.booleans(), seed=st.integers(0, 2**16))
+# rows in whole panels of 16 (read repacked where the CPU has AVX512-VNNI): one token and a batch
+@example(scheme=INT4, n=32, groups=2, group=64, per_channel=False, num_tokens=1, bf16=True, half=True, seed=1)
+@example(scheme=INT4_SYM, n=48, groups=4, group=32, per_channel=False, num_tokens=6, bf16=False, half=False, seed=2)
 def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, per_channel, num_tokens, bf16, half,
                                              seed):
     """Exactly quantisable activations, power-of-two scales and mins, small codes: every product and partial sum is
@@ -233,24 +227,24 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, p
 @example(scheme=INT4, n=40, groups=700, group=32, bf16=True, half=True, seed=1)  # widened 2 rows at a time
 @example(scheme=INT8, n=40, groups=3000, group=32, bf16=False, half=True, seed=2)  # and one
 @example(scheme=INT4_SYM, n=40, groups=700, group=32, bf16=True, half=True, seed=3)
-def test_dequantize_is_bit_exact(compiled, scheme, n, groups, group, bf16, half, seed):
+def test_dequantize_is_bit_exact(compiled_quant, scheme, n, groups, group, bf16, half, seed):
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
     weight = with_scales(random_weight(scheme, n, k, group if scheme.nibbles or seed % 2 else k, gen), half)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    assert torch.equal(compiled.dequantize(weight, dtype), dequantize(weight, dtype))
+    assert torch.equal(compiled_quant.dequantize(weight, dtype), dequantize(weight, dtype))
 
 
 @pytest.mark.parametrize("num_tokens", [1, QUANT_GEMV_MAX_TOKENS, QUANT_GEMV_MAX_TOKENS + 1, 70])
 @pytest.mark.parametrize("with_kernel", [True, False])
 @pytest.mark.parametrize("onednn_bf16", [True, False])
-def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kernel, onednn_bf16, monkeypatch):
+def test_ops_linear_and_mlp_take_packed_weights(compiled_quant, num_tokens, with_kernel, onednn_bf16, monkeypatch):
     """TorchOps.linear: up to QUANT_GEMV_MAX_TOKENS rows the packed rows' meaning (the compiled rows within the
     bound above; with no compiled kernel, the reference itself in PyTorch ops), beyond it exactly the float GEMM of
     dequantize(W) in x's dtype, or in fp32 rounded to bf16 where oneDNN has no bf16 GEMM; mlp goes through linear."""
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
     gen = torch.Generator().manual_seed(num_tokens)
-    ops = TorchOps(quant_kernel=compiled if with_kernel else None)
+    ops = TorchOps(quant_kernel=compiled_quant if with_kernel else None)
     weight = random_weight(INT4, 96, 128, 32, gen)
     x = torch.randn((num_tokens, 128), generator=gen).bfloat16()
     got = ops.linear(x, weight)
@@ -271,28 +265,28 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled, num_tokens, with_kerne
     assert torch.equal(ops.linear(h, down), F.linear(h.to(gemm), dequantize(down, gemm)).bfloat16())
 
 
-def test_fp16_scales_of_rows_past_the_widening_buffer_are_left_to_pytorch(compiled):
+def test_fp16_scales_of_rows_past_the_widening_buffer_are_left_to_pytorch(compiled_quant):
     """The kernel widens fp16 scales a few rows at a time into WIDE_FLOATS-float buffers: rows with more groups than
     that are not its to read (the linear then dequantises in PyTorch); fp32 scales of the same shape are."""
     assert WIDE_FLOATS == cpu_quant_kernel.WIDE_FLOATS  # the runtime's copy of the rendered constant
     k = 32 * (WIDE_FLOATS + 1)
     weight = QuantizedWeight(torch.zeros(2, k, dtype=torch.int8), torch.ones(2, k // 32, dtype=torch.float16), None,
                              QuantFormat(QuantScheme.INT8, 32))
-    assert not compiled.accepts(weight) and not compiled.runs(weight)
-    assert compiled.accepts(with_scales(weight, half=False))
+    assert not compiled_quant.accepts(weight) and not compiled_quant.runs(weight)
+    assert compiled_quant.accepts(with_scales(weight, half=False))
     narrower = QuantizedWeight(weight.codes[:, : k - 32].contiguous(), weight.scales[:, :-1].contiguous(), None,
                                weight.fmt)
-    assert compiled.accepts(narrower)
+    assert compiled_quant.accepts(narrower)
 
 
 @pytest.mark.parametrize("portable", [True, False])
-def test_fp16_scales_widen_exactly_for_every_half(library, portable):
+def test_fp16_scales_widen_exactly_for_every_half(quant_library, portable):
     """The kernels' fp16 -> fp32 widening of scales and mins, portable and as this CPU does it (F16C), against
     PyTorch's on all 65536 bit patterns: zeros, subnormals, infinities and NaNs included (NaNs stay NaNs of the same
     sign and payload)."""
     halves = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
     got = torch.empty(1 << 16, dtype=torch.float32)
-    widen = ctypes.CDLL(str(library)).pllm_quant_widen_halves
+    widen = ctypes.CDLL(str(quant_library)).pllm_quant_widen_halves
     widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     widen.restype = None
     widen(halves.data_ptr(), got.data_ptr(), 1 << 16, int(portable))

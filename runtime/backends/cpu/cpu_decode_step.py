@@ -22,10 +22,10 @@ logger = logging.getLogger("pllm")
 
 # The kernel's LayerWeights in int64 words: input_norm, post_norm, qkv_bias (0 without one), q_norm and k_norm (0
 # without q/k norm), then per linear (qkv, o, gate_up, down) its LinearWeight: kind, data, scales, mins, group,
-# scale type
+# scale type, panels (0 without)
 NORMS = ("input_norm", "post_norm", "qkv_bias", "q_norm", "k_norm")
 LINEARS = ("qkv", "o", "gate_up", "down")
-WORDS_PER_LINEAR = 6
+WORDS_PER_LINEAR = 7
 WEIGHT_WORDS_PER_LAYER = len(NORMS) + WORDS_PER_LINEAR * len(LINEARS)
 # The packed rows' vector (cpu_quant_linear's, as cpu_kernels.QUANT_LANES): groups of whole vectors of codes
 PACKED_LANES = 16
@@ -232,10 +232,11 @@ class CpuDecodeStep:
 
         return run
 
-    def bind(self, layers: Sequence, final_norm: torch.Tensor, scale: float,
-             rope_tables: Callable) -> CompiledDecodeStack | str:
+    def bind(self, layers: Sequence, final_norm: torch.Tensor, scale: float, rope_tables: Callable,
+             panels: Callable[[QuantizedWeight], torch.Tensor | None] | None = None) -> CompiledDecodeStack | str:
         """The stack over these weights, or why it cannot run them (a foreign weight, or a packed one the kernel
-        does not read)."""
+        does not read). panels: the packed GEMV's repacked copy of a weight, which the step then reads too (so a
+        row sums the same in the step as op by op); None: every packed weight read as its rows."""
         spec = self.spec
         if len(layers) != spec.num_hidden_layers:
             return f"{len(layers)} layers, the kernel was rendered for {spec.num_hidden_layers}"
@@ -265,9 +266,10 @@ class CpuDecodeStep:
                 words = self._linear_words(w, shape)
                 if isinstance(words, str):
                     return f"layer {i} {name}: {words}"
-                table.extend(words)
-                keep.extend(t for t in _tensors(w) if t is not None)
-                kinds[_kind_label(w)] += 1
+                repacked = panels(w) if panels is not None and isinstance(w, QuantizedWeight) else None
+                table.extend([*words, 0 if repacked is None else repacked.data_ptr()])
+                keep.extend(t for t in (*_tensors(w), repacked) if t is not None)
+                kinds[_kind_label(w) + ("" if repacked is None else " in panels")] += 1
         why = self._why_not_float(final_norm, (spec.hidden_size,))
         if why is not None:
             return f"final norm: {why}"
@@ -285,8 +287,8 @@ class CpuDecodeStep:
         return None
 
     def _linear_words(self, w: object, shape: tuple[int, int]) -> list[int] | str:
-        """The kernel's LinearWeight for one linear (kind, data, scales, mins, group, scale type), or why it cannot
-        read it."""
+        """The kernel's LinearWeight for one linear but its panels (kind, data, scales, mins, group, scale type), or
+        why it cannot read it."""
         if not isinstance(w, QuantizedWeight):
             why = self._why_not_float(w, shape)
             return why if why is not None else [WeightKind.FLOAT, w.data_ptr(), 0, 0, 0, 0]  # type: ignore[union-attr]

@@ -108,7 +108,8 @@ class TorchOps:
     def decode_stack(self, spec, layers, final_norm, scale):
         if self.decode_step is None:
             return None
-        stack = self.decode_step.bind(layers, final_norm, scale, self._rope_rows)
+        panels = None if self.quant_kernel is None else self.quant_kernel.panels
+        stack = self.decode_step.bind(layers, final_norm, scale, self._rope_rows, panels)
         if isinstance(stack, str):  # weights the kernel cannot read: every step runs op by op, said once
             logger.info("pllm cpu backend: decode steps op by op, not the compiled step (%s)", stack)
             return None
