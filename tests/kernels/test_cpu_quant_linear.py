@@ -142,8 +142,11 @@ def reference(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 # GGUF's Q4_0 (symmetric, no mins): decode, a batch, groups across chunks, mins from fp16 scales of 18 groups a row
 @example(scheme=INT4_SYM, n=576, groups=18, group=32, num_tokens=1, bf16=True, with_bias=False, half=True, seed=10)
 @example(scheme=INT4_SYM, n=37, groups=2, group=96, num_tokens=6, bf16=False, with_bias=True, half=False, seed=11)
-# INT4 rows in whole panels of 16 (AVX512-VNNI reads them repacked, tests/kernels/test_cpu_quant_panels.py): one
-# token (two panels a tile, then one), tokens in tiles of 4 and a tail, fp32 scales, groups of whole chunks
+# rows in whole panels of 16 (AVX512-VNNI reads them repacked, tests/kernels/test_cpu_quant_panels.py): one token
+# (two panels a tile, then one), tokens in tiles of 4 and a tail, fp32 scales, groups of whole chunks; INT8 per
+# channel (even seed) and in groups of 32 (odd)
+@example(scheme=INT8, n=48, groups=2, group=64, num_tokens=1, bf16=True, with_bias=True, half=False, seed=16)
+@example(scheme=INT8, n=32, groups=4, group=32, num_tokens=6, bf16=False, with_bias=False, half=True, seed=17)
 @example(scheme=INT4, n=48, groups=9, group=64, num_tokens=1, bf16=True, with_bias=True, half=True, seed=12)
 @example(scheme=INT4, n=32, groups=4, group=32, num_tokens=7, bf16=False, with_bias=False, half=False, seed=13)
 @example(scheme=INT4_SYM, n=64, groups=18, group=32, num_tokens=1, bf16=True, with_bias=False, half=True, seed=14)
@@ -188,9 +191,12 @@ def exact_activations(num_tokens: int, k: int, gen: torch.Generator) -> torch.Te
 @given(scheme=st.sampled_from(list(QuantScheme)), n=st.integers(1, 40), groups=st.integers(1, 4),
        group=st.sampled_from([32, 64]), per_channel=st.booleans(), num_tokens=st.integers(1, 9), bf16=st.booleans(),
        half=st.booleans(), seed=st.integers(0, 2**16))
-# rows in whole panels of 16 (read repacked where the CPU has AVX512-VNNI): one token and a batch
+# rows in whole panels of 16 (read repacked where the CPU has AVX512-VNNI): one token and a batch; INT8 grouped and
+# per channel
 @example(scheme=INT4, n=32, groups=2, group=64, per_channel=False, num_tokens=1, bf16=True, half=True, seed=1)
 @example(scheme=INT4_SYM, n=48, groups=4, group=32, per_channel=False, num_tokens=6, bf16=False, half=False, seed=2)
+@example(scheme=INT8, n=32, groups=2, group=32, per_channel=False, num_tokens=1, bf16=True, half=True, seed=3)
+@example(scheme=INT8, n=16, groups=4, group=64, per_channel=True, num_tokens=5, bf16=False, half=False, seed=4)
 def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, per_channel, num_tokens, bf16, half,
                                              seed):
     """Exactly quantisable activations, power-of-two scales and mins, small codes: every product and partial sum is

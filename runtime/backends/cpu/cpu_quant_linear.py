@@ -109,9 +109,10 @@ class CpuQuantLinear:
         return entry[1]
 
     def _repacked(self, weight: QuantizedWeight) -> torch.Tensor | None:
-        """INT4 codes repacked into panels of 16 rows (templates/cpu_quant_panels.cpp.inc), which the kernel's
-        AVX512-VNNI code reads about twice as fast as the rows at one token; None where it would not read them (other
-        schemes and CPUs, rows or widths not in whole panels), the rows then read as they are."""
+        """The codes repacked into panels of 16 rows (templates/cpu_quant_panels.cpp.inc), which the kernel's
+        AVX512-VNNI code reads in place of the rows (INT4 about twice as fast at one token with the weights in L3);
+        None where it would not read them (CPUs without AVX512-VNNI, rows or widths not in whole panels and chunks),
+        the rows then read as they are."""
         n, k = weight.shape
         scheme, group, fp16 = int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size, scales_fp16(weight)
         size = self._panel_bytes(scheme, k, n, group, fp16)
