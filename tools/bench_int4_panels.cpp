@@ -1,14 +1,18 @@
 // A standalone benchmark, not product code: INT4 in groups of 32 at one token (a batch-1 decode's GEMV), pllm's packed
 // row layout (templates/cpu_quant_vnni.cpp.inc's 4-row tile: blocks in the lanes, one horizontal sum per row)
-// against a prototype of llama.cpp's repacked form (16 rows a panel interleaved 4 bytes at a time: rows in the lanes,
-// each block's fp16 scales and mins applied once for 16 rows, 16 outputs stored whole), the same values in both,
-// both checked against an fp64 reference, AVX512-VNNI, 2 OpenMP threads, copies of the weight filling 256 MB so
-// every pass streams from memory; the two take turns for 9 rounds and the medians print with their ratio.
+// against the panels the cpu backend repacks INT4 into on AVX512-VNNI CPUs (templates/cpu_quant_vnni_panels.cpp.inc
+// at one token: 16 rows a panel interleaved 4 bytes at a time, rows in the lanes, each block's fp16 scales and mins
+// applied once for 16 rows, two panels at a time), the same values in both, both checked against an fp64
+// reference, 2 OpenMP threads, copies of the weight filling MB megabytes (256 by default: past the L3, every pass
+// streams from memory; 60: SmolLM2's layers, which the VM's L3 can hold). Each round runs each layout's pass twice
+// and times the second (the first brings its copies back after the other layout's pass); 9 rounds, the medians
+// print with their ratio.
 //
 //   g++ -O3 -std=c++17 -fopenmp -march=native tools/bench_int4_panels.cpp -o /tmp/bench_int4_panels
-//   for s in "3072 576" "960 576" "576 1536" "576 576"; do /tmp/bench_int4_panels $s; done   # N K: SmolLM2's linears
+//   for s in "3072 576" "960 576" "576 1536" "576 576"; do /tmp/bench_int4_panels $s [MB]; done  # SmolLM2's N K
 //
-// It measures whether repacking pays before the engine is changed for it (README, Against llama.cpp, ninth sitting).
+// It measured whether repacking pays before the engine was changed for it (README, Against llama.cpp, ninth and
+// twelfth sittings).
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -127,48 +131,67 @@ static inline void rows_tile4(const Mat &m, const Act &a, int n, float *y) {
     for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// the 16-row panel: rows in lanes
-static inline void panel16(const Mat &m, const Act &a, int p, float *y) {
-    const uint8_t *base = m.panels.data() + (size_t)p * m.G * 256;
-    const uint16_t *S = m.ps.data() + (size_t)p * m.G * 16, *M = m.pm.data() + (size_t)p * m.G * 16;
+// Two 16-row panels at a time (rows in lanes), as templates/cpu_quant_vnni_panels.cpp.inc reads them at one token:
+// the high nibbles masked in place (16 times the code), the block's sum (16 low + high) / 16, codes requested 4 KB
+// ahead (PANEL_PREFETCH_BYTES)
+#define PANEL_PF 4096
+static inline void panels2(const Mat &m, const Act &a, int p, float *y) {
     const int32_t *x32 = (const int32_t *)a.q.data();
-    __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-    const __m512i lo4 = _mm512_set1_epi8(0x0F);
-    for (int b = 0; b < m.G; b++) {
-        const uint8_t *blk = base + (size_t)b * 256;
-        __builtin_prefetch(blk + PF); __builtin_prefetch(blk + PF + 64); __builtin_prefetch(blk + PF + 128); __builtin_prefetch(blk + PF + 192);
-        if (b % 2 == 0) { __builtin_prefetch(S + 16 * b + PF / 8); __builtin_prefetch(M + 16 * b + PF / 8); }
-        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-        for (int j = 0; j < 4; j++) {
-            const __m512i v = _mm512_loadu_si512(blk + 64 * j);
-            s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, lo4), _mm512_set1_epi32(x32[8 * b + j]));
-            s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4), _mm512_set1_epi32(x32[8 * b + 4 + j]));
-        }
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + 16 * b)));
-        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(M + 16 * b)));
-        acc = _mm512_fmadd_ps(f, _mm512_mul_ps(sc, _mm512_set1_ps(a.d[b])), acc);
-        acc2 = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.xsum[b]), acc2);
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0);
+    __m512 acc[2];
+    const uint8_t *base[2];
+    const uint16_t *S[2], *M[2];
+    for (int q = 0; q < 2; q++) {
+        acc[q] = _mm512_setzero_ps();
+        base[q] = m.panels.data() + (size_t)(p + q) * m.G * 256;
+        S[q] = m.ps.data() + (size_t)(p + q) * m.G * 16;
+        M[q] = m.pm.data() + (size_t)(p + q) * m.G * 16;
     }
-    _mm512_storeu_ps(y + 16 * p, _mm512_add_ps(acc, acc2));
+    for (int b = 0; b < m.G; b++) {
+        const __m512 d = _mm512_set1_ps(a.d[b]);
+        __m512i xe[4], xo[4];
+        for (int j = 0; j < 4; j++) { xe[j] = _mm512_set1_epi32(x32[8 * b + j]); xo[j] = _mm512_set1_epi32(x32[8 * b + 4 + j]); }
+        for (int q = 0; q < 2; q++) {
+            const uint8_t *blk = base[q] + (size_t)b * 256;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                __builtin_prefetch(blk + 64 * j + PANEL_PF);
+                const __m512i v = _mm512_loadu_si512(blk + 64 * j);
+                s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, lo4), xe[j]);
+                s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(v, hi4), xo[j]);
+            }
+            const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(s0, 4), s1)), _mm512_set1_ps(0.0625f));
+            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S[q] + 16 * b)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(M[q] + 16 * b)));
+            acc[q] = _mm512_fmadd_ps(f, _mm512_mul_ps(sc, d), acc[q]);
+            acc[q] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.xsum[b]), acc[q]);
+        }
+    }
+    for (int q = 0; q < 2; q++) _mm512_storeu_ps(y + 16 * (p + q), acc[q]);
 }
 
 int main(int argc, char **argv) {
     int N = argc > 1 ? atoi(argv[1]) : 3072, K = argc > 2 ? atoi(argv[2]) : 576;
+    const double megabytes = argc > 3 ? atof(argv[3]) : 256;  // the copies' total: past the L3, or within it
+    if (N % 32 || K % 64) {
+        fprintf(stderr, "N must be a multiple of 32 (two panels) and K of 64\n");
+        return 2;
+    }
     const size_t bytes1 = (size_t)N * K / 2 + (size_t)N * (K / 32) * 4;
-    const int copies = (int)(256e6 / bytes1) + 1;
+    const int copies = (int)(megabytes * 1e6 / bytes1) + 1;
     std::vector<Mat> mats; for (int i = 0; i < copies; i++) mats.push_back(make(N, K, 1 + i));
     Act a = prepare(K, 7);
     std::vector<float> y1(N), y2(N), yr(N);
     reference(mats[0], a, yr.data());
     for (int n = 0; n < N; n += 4) rows_tile4(mats[0], a, n, y1.data());
-    for (int p = 0; p < N / 16; p++) panel16(mats[0], a, p, y2.data());
+    for (int p = 0; p < N / 16; p += 2) panels2(mats[0], a, p, y2.data());
     double e1 = 0, e2 = 0, mx = 0;
     for (int n = 0; n < N; n++) { e1 = std::max(e1, (double)fabsf(y1[n] - yr[n])); e2 = std::max(e2, (double)fabsf(y2[n] - yr[n])); mx = std::max(mx, (double)fabsf(yr[n])); }
     printf("N=%d K=%d copies=%d (%.0f MB): max err rows %.2e panel %.2e (max |y| %.2e)\n", N, K, copies, copies * bytes1 / 1e6, e1, e2, mx);
     std::vector<double> tr, tp;
     for (int round = 0; round < 9; round++) {
-        for (int v = 0; v < 2; v++) {
+        for (int v = 0; v < 2; v++)
+          for (int pass = 0; pass < 2; pass++) {  // the second pass is timed
             auto t0 = std::chrono::steady_clock::now();
             for (int i = 0; i < copies; i++) {
                 const Mat &m = mats[i];
@@ -177,14 +200,14 @@ int main(int argc, char **argv) {
                     for (int n = 0; n < N; n += 4) rows_tile4(m, a, n, y1.data());
                 } else {
 #pragma omp parallel for schedule(static) num_threads(2)
-                    for (int p = 0; p < N / 16; p++) panel16(m, a, p, y2.data());
+                    for (int p = 0; p < N / 16; p += 2) panels2(m, a, p, y2.data());
                 }
             }
             double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            (v == 0 ? tr : tp).push_back(s);
-        }
+            if (pass == 1) (v == 0 ? tr : tp).push_back(s);
+          }
     }
     std::sort(tr.begin(), tr.end()); std::sort(tp.begin(), tp.end());
     printf("rows (tile 4):  median %.2f ms  %.1f GB/s\n", tr[4] * 1e3, copies * bytes1 / tr[4] / 1e9);
-    printf("panels of 16:   median %.2f ms  %.1f GB/s  (%.2fx)\n", tp[4] * 1e3, copies * bytes1 / tp[4] / 1e9, tr[4] / tp[4]);
+    printf("panels (2 x 16): median %.2f ms  %.1f GB/s  (%.2fx)\n", tp[4] * 1e3, copies * bytes1 / tp[4] / 1e9, tr[4] / tp[4]);
 }
