@@ -22,7 +22,7 @@ from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.llama import LlamaModel
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu import cpu_linear, onednn
+from pllm.runtime.backends.cpu import cpu_decode_step, cpu_linear, onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import (
     AMX_ISA,
     COMPILED_BATCH_BEFORE_ONEDNN,
@@ -292,6 +292,17 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     monkeypatch.setattr(cpu_linear.F, "linear", lambda x, *args: seen.append(x.dtype) or linear(x, *args))
     ops.linear(x, w)
     assert seen == [torch.float32 if widened else tdtype]
+
+
+def test_a_library_reading_another_weight_table_is_refused(build_ops, monkeypatch):
+    """The step reads a table of int64 words per layer that Python builds; a library rendered for another layout of
+    it (another pllm version's build) is refused at load, so the loader falls back with its reason, never runs it."""
+    step = build_ops(spec_of("mha-odd-rows-3"), "float32")[1].decode_step
+    assert type(step)(step.library, step.spec, step.dtype, step.block_size).kernel_max_batch == MAX_BATCH
+    words = cpu_decode_step.WEIGHT_WORDS_PER_LAYER
+    monkeypatch.setattr(cpu_decode_step, "WEIGHT_WORDS_PER_LAYER", words - 4)
+    with pytest.raises(OSError, match=f"reads {words}-word layer tables, this pllm writes {words - 4}"):
+        type(step)(step.library, step.spec, step.dtype, step.block_size)
 
 
 def test_gemv_refuses_a_batch_past_its_tiles(build_ops):

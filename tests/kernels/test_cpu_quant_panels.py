@@ -92,7 +92,7 @@ def test_a_row_sums_alike_in_every_batch(compiled_quant, scheme, panels, groups,
     on the CPU's best row code (the panels where it has AVX512-VNNI)."""
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
-    # INT8 per channel (one group a row) for odd seeds, as test_cpu_quant_linear draws it
+    # INT8 per channel (one group a row) for odd seeds, in groups for even ones
     weight = with_scales(random_weight(scheme, 16 * panels, k, group if scheme.nibbles or seed % 2 == 0 else k, gen),
                          half)
     x = torch.randn((num_tokens, k), generator=gen)

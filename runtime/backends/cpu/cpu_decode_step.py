@@ -137,7 +137,14 @@ class CpuDecodeStep:
 
     def __init__(self, library: Path, spec: ModelSpec, dtype: torch.dtype, block_size: int):
         self.spec, self.dtype, self.block_size = spec, dtype, block_size
+        self.library = library
         lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
+        # the weight table's layout: a library from before it had this function (AttributeError) or with another
+        # width reads the table this runtime builds as something else, so neither is run (the loader says why)
+        words = int(lib.pllm_decode_step_weight_words())
+        if words != WEIGHT_WORDS_PER_LAYER:
+            raise OSError(f"{library}: its decode step reads {words}-word layer tables, this pllm writes "
+                          f"{WEIGHT_WORDS_PER_LAYER}")
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         self._step = lib.pllm_decode_step
         self._step.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i32, ptr, ptr, ctypes.c_float,
