@@ -100,34 +100,34 @@ class CpuQuantLinear:
         if entry is None:
             args, panels = None, None
             if self.accepts(weight):
-                panels = self._repacked(weight)
                 n, k = weight.shape
-                args = (n, k, weight.codes.data_ptr(), int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size,
+                rows = (weight.codes.data_ptr(), int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size,
                         weight.scales.data_ptr(), None if weight.mins is None else weight.mins.data_ptr(),
-                        scales_fp16(weight), None if panels is None else panels.data_ptr())
+                        scales_fp16(weight))
+                panels = self._repacked(n, k, *rows)
+                args = (n, k, *rows, None if panels is None else panels.data_ptr())
             entry = self._weights[id(weight)] = (weight, args, panels)
         return entry[1]
 
-    def _repacked(self, weight: QuantizedWeight) -> torch.Tensor | None:
+    def _repacked(self, n: int, k: int, codes: int, scheme: int, group: int, scales: int, mins: int | None,
+                  fp16: int) -> torch.Tensor | None:
         """The codes repacked into panels of 16 rows (templates/cpu_quant_panels.cpp.inc), which the kernel's
         AVX512-VNNI code reads in place of the rows (INT4 about twice as fast at one token with the weights in L3);
         None where it would not read them (CPUs without AVX512-VNNI, rows or widths not in whole panels and chunks),
         the rows then read as they are."""
-        n, k = weight.shape
-        scheme, group, fp16 = int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size, scales_fp16(weight)
         size = self._panel_bytes(scheme, k, n, group, fp16)
         if size == 0:
             return None
         panels = torch.empty(size, dtype=torch.uint8)
-        status = self._make_panels(weight.codes.data_ptr(), scheme, k, n, group, weight.scales.data_ptr(),
-                                   None if weight.mins is None else weight.mins.data_ptr(), fp16, panels.data_ptr())
+        status = self._make_panels(codes, scheme, k, n, group, scales, mins, fp16, panels.data_ptr())
         assert status == 0, status  # the kernel sized them itself
         return panels
 
     def panels(self, weight: QuantizedWeight) -> torch.Tensor | None:
         """The panels the GEMV reads for this weight (made at its first use), or None where it reads the rows: for
         the compiled decode step, which must read what the per-op GEMV reads (the same sums, bit for bit)."""
-        return self._weights[id(weight)][2] if self._prepared(weight) is not None else None
+        self._prepared(weight)
+        return self._weights[id(weight)][2]
 
     def runs(self, weight: QuantizedWeight) -> bool:
         """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""
