@@ -165,6 +165,15 @@ class ReadBandwidth:
             self.best[name] = max(rate, self.best.get(name, 0.0))
         return self.bytes_per_s
 
+    def sample(self) -> float:
+        """The read bandwidth now (bytes/s): one read by each method, the best of them (each also kept in best)."""
+        now = 0.0
+        for name, fn in self.methods(self.buf).items():
+            rate = self.buf.numel() * 4 / time_once(fn)
+            self.best[name] = max(rate, self.best.get(name, 0.0))
+            now = max(now, rate)
+        return now
+
     def reader(self, num_bytes: int) -> Callable[[], object]:
         """The best method so far over the first num_bytes of the buffer: a read taking turns with the GEMVs."""
         method = max(self.best, key=self.best.__getitem__)

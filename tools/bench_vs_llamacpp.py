@@ -28,6 +28,10 @@ Rows (pllm / llama.cpp, both with --threads threads):
   --serve-precisions also others, each against the first llama.cpp file of its decode rows), the same random
   token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
   --output-len tokens; the two servers take turns level by level.
+Decode rows also print as rates of memory (vs_rows.format_bytes_table): the weight bytes a token reads on each
+side (tools/step_bytes.py), the GB/s of each side's tok/s, and their share of the read bandwidth, measured between
+the repetitions (tools/stream_read.cpp over 1 GiB, as tools/bench_gemv_bandwidth.py): where both sides stream from
+memory, the ratio at the same precision is held near the ratio of their bytes.
 Decode and prefill figures are medians of --reps repetitions, the two sides taking turns repetition by repetition
 (pllm in this process, then llama-bench -r 1), so the machine's drift hits both alike.
 Ratios are pllm / llama.cpp; the targets of issue 15 print beside them. A benchmark, not a test.
@@ -51,7 +55,8 @@ from types import SimpleNamespace
 
 import llamacpp
 from bench_models import LLAMA_TYPES, Prepared, prepare_model
-from vs_rows import Goal, Measured, Row, Target, format_table, serve_targets
+from step_bytes import gguf_step_bytes, pllm_step_bytes
+from vs_rows import Goal, Measured, Row, Target, format_bytes_table, format_table, serve_targets
 
 MODELS = ("smollm2", "llama1b")
 ROWS = ("decode", "prefill", "serve")
@@ -129,24 +134,53 @@ def main(argv: list[str] | None = None) -> int:
     work = args.cache / "work"
     work.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
+    memory = ReadSamples(work) if "decode" in args.rows else None
     for model in args.models:
         prepared = prepare_model(model, args, llama, work)
-        rows += measure_model(model, prepared, args, llama, work)
+        rows += measure_model(model, prepared, args, llama, work, memory)
         print("\n" + format_table(rows), flush=True)
     weights = "pllm's weights in huge pages" if args.huge_pages else "both sides' weights mapped from their files"
     print(f"\npllm / llama.cpp on this machine ({os.cpu_count()} CPUs, {args.threads} threads each; {weights}), "
           "one sitting")
     print(format_table(rows))
+    if memory is not None:
+        print(f"\ndecode rows as rates of memory; read bandwidth {memory.describe()}")
+        print(format_bytes_table(rows, memory.median))
     if args.json:
         args.json.write_text(json.dumps([dict(asdict(r), ratio=r.ratio, target=str(r.target) if r.target else None)
                                          for r in rows], indent=1))
     return 0
 
 
-def measure_model(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path) -> list[Row]:
+class ReadSamples:
+    """The machine's read bandwidth, sampled between the in-process repetitions: the bar the decode rows' GB/s are
+    set against, from the same minutes."""
+
+    def __init__(self, work: Path):
+        from bench_gemv_bandwidth import ReadBandwidth
+
+        self.reader = ReadBandwidth(work)
+        self.values: list[float] = []  # bytes/s
+
+    def sample(self) -> None:
+        self.values.append(self.reader.sample())
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    def describe(self) -> str:
+        if not self.values:
+            return "not measured"
+        return (f"median {self.median / 1e9:.1f} GB/s ({min(self.values) / 1e9:.1f}-{max(self.values) / 1e9:.1f}, "
+                f"{len(self.values)} samples between repetitions)")
+
+
+def measure_model(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path,
+                  memory: ReadSamples | None) -> list[Row]:
     rows: list[Row] = []
     if "decode" in args.rows or "prefill" in args.rows:
-        rows += in_process_rows(model, prepared, args, llama)
+        rows += in_process_rows(model, prepared, args, llama, memory)
     if "serve" in args.rows:
         rows += serve_rows(model, prepared, args, llama, work)
     return rows
@@ -196,7 +230,8 @@ class Samples:
         return statistics.median(self.values) if self.values and not self.why_not else None
 
 
-def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp) -> list[Row]:
+def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp,
+                    memory: ReadSamples | None) -> list[Row]:
     """The decode and prefill rows, the two sides taking turns repetition by repetition (one pllm repetition, then one
     llama-bench run of each llama.cpp file it is compared with, --reps times): the VM's memory bandwidth drifts from
     minute to minute, and all of one side's repetitions before the other's let that drift decide the ratio."""
@@ -214,6 +249,8 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
                         ours[t].add(lambda t=t, pllm=pllm: pllm.measure(t))
                     for lp in LLAMA_TYPES[precision]:
                         theirs[t, lp].add(lambda t=t, lp=lp: llama_rate(llama, prepared.ggufs[lp], args, t))
+                if memory is not None:
+                    memory.sample()
         finally:
             if pllm is not None:
                 pllm.close()
@@ -221,8 +258,11 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
             label = llamacpp.QUANT_TYPES[lp].removesuffix("_M")
             for t in tests:
                 mine, other = ours[t], theirs[t, lp]
+                decode = not t.prompt and build is not None
                 rows.append(Row(model, t.metric, precision, label, mine.median, other.median, t.target,
-                                mine.why_not or other.why_not))
+                                mine.why_not or other.why_not,
+                                pllm_step_bytes(build) if decode else None,
+                                gguf_step_bytes(prepared.ggufs[lp]) if decode else None))
     return rows
 
 

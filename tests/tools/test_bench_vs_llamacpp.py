@@ -165,3 +165,57 @@ def test_reuse_takes_only_builds_this_compiler_made(tiny_build, tmp_path):
     assert bench_models.current_build(out, ours)
     assert not bench_models.current_build(out, "0" * 64)  # the templates changed since
     assert not bench_models.current_build(tmp_path / "missing", ours)
+
+
+def test_step_bytes_count_what_a_decode_token_reads(tmp_path):
+    """The weights a token streams: every tensor once but the embedding table (one row a token), unless the table
+    is the LM head too; on both sides' files."""
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+    from step_bytes import gguf_step_bytes, pllm_step_bytes
+
+    layer = {"layers.0.qkv_proj.codes": torch.zeros(48, 16, dtype=torch.uint8),
+             "layers.0.qkv_proj.scales": torch.zeros(48, 1, dtype=torch.float16), "norm": torch.zeros(32)}
+    embed = {"embed_tokens": torch.zeros(100, 32, dtype=torch.bfloat16)}
+    head = {"lm_head.codes": torch.zeros(100, 32, dtype=torch.uint8), "lm_head.scales": torch.zeros(100, 1)}
+    untied, tied = tmp_path / "untied", tmp_path / "tied"
+    for folder, tensors in ((untied, {**layer, **embed, **head}), (tied, {**layer, **embed})):
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"))
+    layer_bytes = 48 * 16 + 48 * 2 + 32 * 4
+    assert pllm_step_bytes(untied) == layer_bytes + 100 * 32 + 100 * 4
+    assert pllm_step_bytes(tied) == layer_bytes + 100 * 32 * 2
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        pllm_step_bytes(tmp_path)
+
+    def write_gguf(path: Path, names: list[str]) -> Path:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        for name in names:
+            writer.add_tensor(name, torch.zeros(8, 32).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    one = 8 * 32 * 4
+    assert gguf_step_bytes(write_gguf(tmp_path / "untied.gguf", ["token_embd.weight", "output.weight",
+                                                                 "blk.0.attn_q.weight"])) == 2 * one
+    assert gguf_step_bytes(write_gguf(tmp_path / "tied.gguf", ["token_embd.weight", "blk.0.attn_q.weight"])) == 2 * one
+
+
+def test_bytes_table_sets_each_side_against_the_read_bandwidth():
+    from vs_rows import format_bytes_table
+
+    row = bench.Row("llama1b", "decode b1 tok/s", "int8", "Q8_0", 20.0, 16.0, bench.Target(bench.Goal.AT_LEAST, 1.2),
+                    pllm_bytes=1_000_000_000, llama_bytes=1_100_000_000)
+    prefill = bench.Row("llama1b", "prefill 512 tok/s", "int8", "Q8_0", 100.0, 90.0, None)
+    lines = format_bytes_table([row, prefill], 25e9).splitlines()
+    assert len(lines) == 3  # the header, its rule, the one decode row
+    cells = lines[2]
+    # 20 tok/s x 1.0 GB = 20 GB/s (80% of 25), 16 x 1.1 = 17.6 (70%); at equal GB/s 1.10x; at 25 GB/s pllm would
+    # make 25 tok/s, 1.56x llama.cpp's 16
+    assert "1000.0 / 1100.0" in cells and "20.0 / 17.6" in cells and "80 / 70" in cells
+    assert "1.10x" in cells and cells.rstrip().endswith("1.56x")
+    assert "-" in format_bytes_table([row], None).splitlines()[2]

@@ -1,0 +1,52 @@
+"""The bytes of weights one batch-1 decode token reads, on each side of tools/bench_vs_llamacpp.py: what a decode row's
+tok/s is a rate of, when the weights stream from memory (its GB/s = these bytes times tok/s, set against the read
+bandwidth measured in the same sitting).
+
+Counted: every tensor a step multiplies by or scales with (the layers' linears and norms, the final norm, the LM
+head), each once, as stored. Left out: the token embedding table, of which a token reads one row, except where it is
+the LM head too (a tied head kept as the table itself); and the KV cache (64 tokens of context in the decode row:
+under 1% of either model's weights). pllm's panels (runtime/backends/cpu/cpu_quant_linear.py) are the same bytes in
+another order, read in place of the rows, so the build's file counts for them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+# pllm's build: the embedding table's tensor, and the prefix of the LM head's (absent where the head is tied)
+PLLM_EMBEDDING = "embed_tokens"
+PLLM_HEAD_PREFIX = "lm_head"
+# llama.cpp's GGUF: the embedding table, and the output matrix (absent where tied to the table)
+GGUF_EMBEDDING = "token_embd.weight"
+GGUF_HEAD = "output.weight"
+
+
+def _safetensors_sizes(path: Path) -> dict[str, int]:
+    """tensor name -> bytes, from a safetensors file's header."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()
+            if name != "__metadata__"}
+
+
+def pllm_step_bytes(build: Path) -> int:
+    """Weight bytes a decode token of this pllm build reads."""
+    sizes: dict[str, int] = {}
+    for path in sorted(build.glob("*.safetensors")):
+        sizes.update(_safetensors_sizes(path))
+    if not sizes:
+        raise FileNotFoundError(f"{build}: no .safetensors weights")
+    tied = not any(name.startswith(PLLM_HEAD_PREFIX) for name in sizes)
+    return sum(size for name, size in sizes.items() if tied or name != PLLM_EMBEDDING)
+
+
+def gguf_step_bytes(path: Path) -> int:
+    """Weight bytes a decode token of llama.cpp over this GGUF file reads."""
+    import gguf
+
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    tied = GGUF_HEAD not in sizes
+    return sum(size for name, size in sizes.items() if tied or name != GGUF_EMBEDDING)
