@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if memory is not None:
         print(f"\ndecode rows as rates of memory; read bandwidth {memory.describe()}")
-        print(format_bytes_table(rows, memory.median))
+        print(format_bytes_table(rows))
     if args.json:
         args.json.write_text(json.dumps([dict(asdict(r), ratio=r.ratio, target=str(r.target) if r.target else None)
                                          for r in rows], indent=1))
@@ -162,18 +162,16 @@ class ReadSamples:
         self.reader = ReadBandwidth(work)
         self.values: list[float] = []  # bytes/s
 
-    def sample(self) -> None:
+    def sample(self) -> float:
         self.values.append(self.reader.sample())
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.values) if self.values else None
+        return self.values[-1]
 
     def describe(self) -> str:
         if not self.values:
             return "not measured"
-        return (f"median {self.median / 1e9:.1f} GB/s ({min(self.values) / 1e9:.1f}-{max(self.values) / 1e9:.1f}, "
-                f"{len(self.values)} samples between repetitions)")
+        return (f"{min(self.values) / 1e9:.1f}-{max(self.values) / 1e9:.1f} GB/s over the sitting "
+                f"(median {statistics.median(self.values) / 1e9:.1f}, {len(self.values)} samples); each row's "
+                "\"read GB/s\" the median of those between its own repetitions")
 
 
 def measure_model(model: str, prepared: Prepared, args, llama: llamacpp.LlamaCpp, work: Path,
@@ -242,6 +240,7 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
         ours = {t: Samples(why_not) for t in tests}
         theirs = {(t, lp): Samples() for t in tests for lp in LLAMA_TYPES[precision]}
         pllm = PllmInProcess(build, args) if build is not None else None
+        read: list[float] = []  # bytes/s, sampled between this precision's repetitions
         try:
             for _ in range(args.reps):
                 for t in tests:
@@ -250,7 +249,7 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
                     for lp in LLAMA_TYPES[precision]:
                         theirs[t, lp].add(lambda t=t, lp=lp: llama_rate(llama, prepared.ggufs[lp], args, t))
                 if memory is not None:
-                    memory.sample()
+                    read.append(memory.sample())
         finally:
             if pllm is not None:
                 pllm.close()
@@ -262,7 +261,8 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
                 rows.append(Row(model, t.metric, precision, label, mine.median, other.median, t.target,
                                 mine.why_not or other.why_not,
                                 pllm_step_bytes(build) if decode else None,
-                                gguf_step_bytes(prepared.ggufs[lp]) if decode else None))
+                                gguf_step_bytes(prepared.ggufs[lp]) if decode else None,
+                                statistics.median(read) if decode and read else None))
     return rows
 
 

@@ -36,6 +36,7 @@ class Row:
     note: str = ""
     pllm_bytes: int | None = None  # decode rows: weight bytes a token reads (tools/step_bytes.py)
     llama_bytes: int | None = None
+    read_bytes_per_s: float | None = None  # decode rows: the read bandwidth sampled between the row's repetitions
 
     @property
     def ratio(self) -> float | None:
@@ -78,14 +79,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def format_bytes_table(rows: list[Row], read_bytes_per_s: float | None) -> str:
+def format_bytes_table(rows: list[Row]) -> str:
     """The decode rows as rates of memory: MB of weights a token reads on each side, the GB/s that makes at the
-    row's tok/s, and that as a share of the read bandwidth measured in the same sitting (over 100%: read partly from
-    the caches). "at equal GB/s": the ratio if both sides streamed their bytes equally fast (llama.cpp's bytes over
-    pllm's); "pllm at read bw": pllm's tok/s were its bytes to stream at the read bandwidth, over llama.cpp's tok/s,
-    the most a memory-bound pllm row can show."""
+    row's tok/s, and that as a share of the read bandwidth measured between the row's repetitions (over 100%: read
+    partly from the caches). "at equal GB/s": the ratio if both sides streamed their bytes equally fast (llama.cpp's
+    bytes over pllm's); "pllm at read bw": pllm's tok/s were its bytes to stream at the read bandwidth, over
+    llama.cpp's tok/s, the most a memory-bound pllm row can show."""
     head = (f"{'model':<9} {'metric':<22} {'weights pllm/llama.cpp':<23} {'MB/token':>15} {'GB/s':>13} "
-            f"{'% of read bw':>13} {'at equal GB/s':>14} {'pllm at read bw':>16}")
+            f"{'read GB/s':>9} {'% of read':>9} {'at equal GB/s':>14} {'pllm at read bw':>16}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.pllm_bytes is None or r.llama_bytes is None:
@@ -95,12 +96,14 @@ def format_bytes_table(rows: list[Row], read_bytes_per_s: float | None) -> str:
             return None if tok_s is None else tok_s * nbytes / 1e9
 
         ours, theirs = rate(r.pllm, r.pllm_bytes), rate(r.llama, r.llama_bytes)
+        read_bytes_per_s = r.read_bytes_per_s
         share = "-" if read_bytes_per_s is None or ours is None or theirs is None else (
             f"{100 * ours * 1e9 / read_bytes_per_s:.0f} / {100 * theirs * 1e9 / read_bytes_per_s:.0f}")
         ceiling = "-" if read_bytes_per_s is None or not r.llama else (
             f"{read_bytes_per_s / r.pllm_bytes / r.llama:.2f}x")
         rates = "-" if ours is None or theirs is None else f"{ours:.1f} / {theirs:.1f}"
+        read = "-" if read_bytes_per_s is None else f"{read_bytes_per_s / 1e9:.1f}"
         lines.append(f"{r.model:<9} {r.metric:<22} {r.pllm_weights + ' / ' + r.llama_weights:<23} "
-                     f"{f'{r.pllm_bytes / 1e6:.1f} / {r.llama_bytes / 1e6:.1f}':>15} {rates:>13} {share:>13} "
+                     f"{f'{r.pllm_bytes / 1e6:.1f} / {r.llama_bytes / 1e6:.1f}':>15} {rates:>13} {read:>9} {share:>9} "
                      f"{f'{r.llama_bytes / r.pllm_bytes:.2f}x':>14} {ceiling:>16}")
     return "\n".join(lines)

@@ -206,16 +206,19 @@ def test_step_bytes_count_what_a_decode_token_reads(tmp_path):
 
 
 def test_bytes_table_sets_each_side_against_the_read_bandwidth():
+    import dataclasses
+
     from vs_rows import format_bytes_table
 
     row = bench.Row("llama1b", "decode b1 tok/s", "int8", "Q8_0", 20.0, 16.0, bench.Target(bench.Goal.AT_LEAST, 1.2),
-                    pllm_bytes=1_000_000_000, llama_bytes=1_100_000_000)
+                    pllm_bytes=1_000_000_000, llama_bytes=1_100_000_000, read_bytes_per_s=25e9)
     prefill = bench.Row("llama1b", "prefill 512 tok/s", "int8", "Q8_0", 100.0, 90.0, None)
-    lines = format_bytes_table([row, prefill], 25e9).splitlines()
+    lines = format_bytes_table([row, prefill]).splitlines()
     assert len(lines) == 3  # the header, its rule, the one decode row
     cells = lines[2]
     # 20 tok/s x 1.0 GB = 20 GB/s (80% of 25), 16 x 1.1 = 17.6 (70%); at equal GB/s 1.10x; at 25 GB/s pllm would
     # make 25 tok/s, 1.56x llama.cpp's 16
-    assert "1000.0 / 1100.0" in cells and "20.0 / 17.6" in cells and "80 / 70" in cells
+    assert "1000.0 / 1100.0" in cells and "20.0 / 17.6" in cells and " 25.0 " in cells and "80 / 70" in cells
     assert "1.10x" in cells and cells.rstrip().endswith("1.56x")
-    assert "-" in format_bytes_table([row], None).splitlines()[2]
+    unmeasured = format_bytes_table([dataclasses.replace(row, read_bytes_per_s=None)]).splitlines()[2]
+    assert "20.0 / 17.6" in unmeasured and "1.10x" in unmeasured and unmeasured.rstrip().endswith("-")
