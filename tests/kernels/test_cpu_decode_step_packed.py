@@ -157,6 +157,34 @@ def test_step_with_packed_weights_equals_the_per_op_packed_path(build_ops, shape
     assert err.max() <= packed_bound(spec, dtype), (err.max().item(), packed_bound(spec, dtype))
 
 
+@pytest.mark.parametrize("build", ["int8", "int4-32", "q4_0"])
+def test_the_step_reads_the_panels_the_per_op_gemv_reads(build_ops, build):
+    """Where the packed GEMV repacks a weight into panels (AVX512-VNNI), the compiled step reads those same panels,
+    not the rows (the two orders of a row's sums differ; the step must sum as the per-op path does): zeroing one
+    weight's rows leaves the step's output as it was, bit for bit; zeroing its panels changes it."""
+    spec = layered_spec(**QUANT_SPECS["qwen2-bias-3"])
+    compiled = build_ops(spec, "bfloat16", packed=True)[1]
+    gen = torch.Generator().manual_seed(11)
+    weights = packer(build)(random_weights(spec, torch.bfloat16, gen), gen)
+    model = LlamaModel(spec, weights, compiled, MAX_POSITIONS)
+    weight = weights["layers.1.down_proj"]
+    panels = compiled.quant_kernel.panels(weight)
+    if panels is None:
+        pytest.skip("the packed GEMV reads rows on this CPU (no AVX512-VNNI): no panels to read")
+    meta, caches = decode_step(spec, torch.bfloat16, [4, 17], gen)
+    ids = torch.randint(0, spec.vocab_size, (2,), generator=gen)
+    assert model.decode_stack.accepts([meta] * spec.num_hidden_layers)
+
+    def step() -> torch.Tensor:
+        return model.forward(ids, [meta] * spec.num_hidden_layers, [(k.clone(), v.clone()) for k, v in caches])
+
+    before = step()
+    weight.codes.zero_()
+    assert torch.equal(step(), before)
+    panels.zero_()
+    assert not torch.equal(step(), before)
+
+
 @pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
 @pytest.mark.parametrize("one_float", [False, True], ids=["all-packed", "one-float"])
 def test_packed_builds_run_up_to_their_own_batch_limit(build_ops, caplog, monkeypatch, one_float, onednn_bf16):

@@ -96,6 +96,13 @@ class CpuQuantLinear:
         """The kernel's view of a weight, checked once: (n, k, codes, scheme, group, scales, mins, scales_fp16,
         panels) sizes and pointers, or None when it does not accept the weight. Kept with the weight itself (and its
         panels), so its id is never reused while the entry lives (a model's weights live as long as the model)."""
+        return self._entry(weight)[1]
+
+    def _entry(self, weight: QuantizedWeight) -> tuple:
+        """(weight, its kernel arguments or None, its panels or None), made at the weight's first use. Two threads
+        meeting a weight first at once may both make one (the library releases the GIL); the first stored is the
+        one kept, and a caller holds the entry it reads for the length of its call, so no panels it points at are
+        freed under it."""
         entry = self._weights.get(id(weight))
         if entry is None:
             args, panels = None, None
@@ -106,15 +113,15 @@ class CpuQuantLinear:
                         scales_fp16(weight))
                 panels = self._repacked(n, k, *rows)
                 args = (n, k, *rows, None if panels is None else panels.data_ptr())
-            entry = self._weights[id(weight)] = (weight, args, panels)
-        return entry[1]
+            entry = self._weights.setdefault(id(weight), (weight, args, panels))
+        return entry
 
     def _repacked(self, n: int, k: int, codes: int, scheme: int, group: int, scales: int, mins: int | None,
                   fp16: int) -> torch.Tensor | None:
         """The codes repacked into panels of 16 rows (templates/cpu_quant_panels.cpp.inc), which the kernel's
-        AVX512-VNNI code reads in place of the rows (INT4 about twice as fast at one token with the weights in L3);
-        None where it would not read them (CPUs without AVX512-VNNI, rows or widths not in whole panels and chunks),
-        the rows then read as they are."""
+        AVX512-VNNI code reads in place of the rows (INT4 at one token 1.3-1.5x as fast with the weights in L3,
+        1.0-1.3x from memory: templates/cpu_quant_vnni_panels.cpp.inc); None where it would not read them (CPUs
+        without AVX512-VNNI, rows or widths not in whole panels and chunks), the rows then read as they are."""
         size = self._panel_bytes(scheme, k, n, group, fp16)
         if size == 0:
             return None
@@ -126,8 +133,7 @@ class CpuQuantLinear:
     def panels(self, weight: QuantizedWeight) -> torch.Tensor | None:
         """The panels the GEMV reads for this weight (made at its first use), or None where it reads the rows: for
         the compiled decode step, which must read what the per-op GEMV reads (the same sums, bit for bit)."""
-        self._prepared(weight)
-        return self._weights[id(weight)][2]
+        return self._entry(weight)[2]
 
     def runs(self, weight: QuantizedWeight) -> bool:
         """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""
@@ -136,9 +142,9 @@ class CpuQuantLinear:
     def gemv(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, K] fp32 or bf16 -> [T, N] in x's dtype: dequantize(W) times x's activations as quantised by
         models.quant.quantize_activation, accumulated in fp32 and rounded once."""
-        prepared = self._prepared(weight)
-        assert prepared is not None, f"the kernel does not read {weight.fmt}"
-        n, k, codes, scheme, group, scales, mins, fp16, panels = prepared
+        entry = self._entry(weight)  # held to the end of the call: its panels stay alive while the kernel reads
+        assert entry[1] is not None, f"the kernel does not read {weight.fmt}"
+        n, k, codes, scheme, group, scales, mins, fp16, panels = entry[1]
         assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous(), (x.shape, x.stride(), weight.shape)
         bf16 = x.dtype == torch.bfloat16
         assert bf16 or x.dtype == torch.float32, x.dtype
