@@ -16,6 +16,7 @@ sys.path.insert(0, str(TOOLS))
 import bench_vs_llamacpp as bench  # noqa: E402
 import llamacpp  # noqa: E402
 from random_llama import LLAMA_1B, num_parameters  # noqa: E402
+from vs_rows import Goal, Target  # noqa: E402
 
 
 def test_defaults_and_options():
@@ -44,8 +45,8 @@ def test_bad_options_are_refused(argv, capsys):
 
 def test_table_ratios_and_targets():
     rows = [
-        bench.Row("smollm2", "decode b1 tok/s", "bf16", "BF16", 120.0, 100.0, bench.Target(bench.Goal.AT_LEAST, 1.2)),
-        bench.Row("smollm2", "decode b1 tok/s", "int4", "Q4_K", None, 150.0, bench.Target(bench.Goal.AT_LEAST, 1.2),
+        bench.Row("smollm2", "decode b1 tok/s", "bf16", "BF16", 120.0, 100.0, Target(Goal.AT_LEAST, 1.2)),
+        bench.Row("smollm2", "decode b1 tok/s", "int4", "Q4_K", None, 150.0, Target(Goal.AT_LEAST, 1.2),
                   "not available: pllm-compile has no --quantization int4"),
         bench.Row("smollm2", "serve c16 out tok/s", "bf16", "BF16", 300.0, 200.0, bench.serve_targets(16)[0]),
         bench.Row("smollm2", "serve c16 TTFT p50 ms", "bf16", "BF16", 90.0, 60.0, bench.serve_targets(16)[1]),
@@ -63,7 +64,7 @@ def test_table_ratios_and_targets():
 
 
 def test_serve_targets_follow_the_issue():
-    assert bench.serve_targets(1) == (bench.Target(bench.Goal.AT_LEAST, 1.2), None)
+    assert bench.serve_targets(1) == (Target(Goal.AT_LEAST, 1.2), None)
     assert bench.serve_targets(4) == (None, None)
     for c in (8, 16, 32):
         tput, ttft = bench.serve_targets(c)
@@ -210,7 +211,7 @@ def test_bytes_table_sets_each_side_against_the_read_bandwidth():
 
     from vs_rows import format_bytes_table
 
-    row = bench.Row("llama1b", "decode b1 tok/s", "int8", "Q8_0", 20.0, 16.0, bench.Target(bench.Goal.AT_LEAST, 1.2),
+    row = bench.Row("llama1b", "decode b1 tok/s", "int8", "Q8_0", 20.0, 16.0, Target(Goal.AT_LEAST, 1.2),
                     pllm_bytes=1_000_000_000, llama_bytes=1_100_000_000, read_bytes_per_s=25e9)
     prefill = bench.Row("llama1b", "prefill 512 tok/s", "int8", "Q8_0", 100.0, 90.0, None)
     lines = format_bytes_table([row, prefill]).splitlines()
