@@ -11,9 +11,9 @@ another order, read in place of the rows, so the build's file counts for them.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
+
+from pllm.runtime.worker.huge_pages import read_header
 
 # pllm's build: the embedding table's tensor, and the prefix of the LM head's (absent where the head is tied)
 PLLM_EMBEDDING = "embed_tokens"
@@ -24,12 +24,10 @@ GGUF_HEAD = "output.weight"
 
 
 def _safetensors_sizes(path: Path) -> dict[str, int]:
-    """tensor name -> bytes, from a safetensors file's header."""
+    """tensor name -> bytes, from a safetensors file's header (read and checked as the weights' loader reads it)."""
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()
-            if name != "__metadata__"}
+        entries, _ = read_header(f, path, path.stat().st_size)
+    return {e.name: e.end - e.begin for e in entries}
 
 
 def pllm_step_bytes(build: Path) -> int:

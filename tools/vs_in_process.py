@@ -109,15 +109,17 @@ def in_process_rows(model: str, prepared: Prepared, args, llama: llamacpp.LlamaC
         finally:
             if pllm is not None:
                 pllm.close()
+        decodes = build is not None and any(not t.prompt for t in tests)
+        our_bytes = pllm_step_bytes(build) if decodes else None
         for lp in LLAMA_TYPES[precision]:  # a file compared with two pllm builds is timed beside each
             label = llamacpp.QUANT_TYPES[lp].removesuffix("_M")
+            their_bytes = gguf_step_bytes(prepared.ggufs[lp]) if our_bytes is not None else None
             for t in tests:
                 mine, other = ours[t], theirs[t, lp]
-                decode = not t.prompt and build is not None
+                decode = not t.prompt and our_bytes is not None
                 rows.append(Row(model, t.metric, precision, label, mine.median, other.median, t.target,
-                                mine.why_not or other.why_not,
-                                pllm_step_bytes(build) if decode else None,
-                                gguf_step_bytes(prepared.ggufs[lp]) if decode else None,
+                                mine.why_not or other.why_not, our_bytes if decode else None,
+                                their_bytes if decode else None,
                                 statistics.median(read) if decode and read else None))
     return rows
 
