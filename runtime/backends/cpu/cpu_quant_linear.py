@@ -77,7 +77,7 @@ class CpuQuantLinear:
         self._make_panels.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr]
         for fn in (self._gemv, self._dequantize, self._set_isa, self._make_panels):
             fn.restype = ctypes.c_int
-        self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments), see _prepared
+        self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments, its panels), see _entry
 
     def limit_isa(self, level: QuantRows) -> QuantRows:
         """Run the best row code this CPU has up to `level` (for tests and benchmarks; INT_VNNI, the default,
