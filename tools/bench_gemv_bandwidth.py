@@ -159,10 +159,11 @@ class ReadBandwidth:
         return out
 
     def measure(self, repeats: int = 3) -> float:
-        for name, fn in self.methods(self.buf).items():
+        """The best read bandwidth seen so far (bytes/s), after a warm-up read by each method and `repeats` samples."""
+        for fn in self.methods(self.buf).values():
             fn()
-            rate = self.buf.numel() * 4 / min(time_once(fn) for _ in range(repeats))
-            self.best[name] = max(rate, self.best.get(name, 0.0))
+        for _ in range(repeats):
+            self.sample()
         return self.bytes_per_s
 
     def sample(self) -> float:
