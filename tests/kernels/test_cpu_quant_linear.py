@@ -233,12 +233,13 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, p
 @example(scheme=INT4, n=40, groups=700, group=32, bf16=True, half=True, seed=1)  # widened 2 rows at a time
 @example(scheme=INT8, n=40, groups=3000, group=32, bf16=False, half=True, seed=2)  # and one
 @example(scheme=INT4_SYM, n=40, groups=700, group=32, bf16=True, half=True, seed=3)
-def test_dequantize_is_bit_exact(compiled_quant, scheme, n, groups, group, bf16, half, seed):
+def test_dequantize_is_bit_exact(kernel, scheme, n, groups, group, bf16, half, seed):
+    """On each instruction set's dequantiser (the float rows')."""
     gen = torch.Generator().manual_seed(seed)
     k = groups * group
     weight = with_scales(random_weight(scheme, n, k, group if scheme.nibbles or seed % 2 else k, gen), half)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    assert torch.equal(compiled_quant.dequantize(weight, dtype), dequantize(weight, dtype))
+    assert torch.equal(kernel.dequantize(weight, dtype), dequantize(weight, dtype))
 
 
 @pytest.mark.parametrize("num_tokens", [1, QUANT_GEMV_MAX_TOKENS, QUANT_GEMV_MAX_TOKENS + 1, 70])

@@ -12,7 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.models.quant import QuantScheme
+from pllm.models.quant import QuantScheme, dequantize
 from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear, QuantRows
 
 from .test_cpu_quant_linear import SETTINGS, random_weight, with_scales
@@ -101,3 +101,42 @@ def test_a_row_sums_alike_in_every_batch(compiled_quant, scheme, panels, groups,
     batch = compiled_quant.gemv(x, weight, bias)
     for t in range(num_tokens):
         assert torch.equal(compiled_quant.gemv(x[t : t + 1].contiguous(), weight, bias)[0], batch[t]), t
+
+
+@SETTINGS
+@given(scheme=st.sampled_from(list(QuantScheme)), panels=st.integers(1, 5), groups=st.integers(1, 6),
+       group=st.sampled_from([32, 64, 128]), bf16=st.booleans(), half=st.booleans(), seed=st.integers(0, 2**16))
+@example(scheme=INT4, panels=3, groups=350, group=32, bf16=True, half=True, seed=1)  # fp16 widened 2 rows at a time
+@example(scheme=INT8, panels=2, groups=3, group=64, bf16=False, half=False, seed=3)  # per channel
+def test_the_dequantiser_reads_the_panels_and_not_the_rows(compiled_quant, vnni, scheme, panels, groups, group, bf16,
+                                                           half, seed):
+    """Where a weight has panels, the dequantiser (the prefill GEMM's weights) reads them, not the rows, so the rows
+    can go cold once they are made: its output equals models.quant.dequantize of the weight bit for bit, and stays
+    so with the rows' codes, scales and mins then overwritten. (INT8 per channel for odd seeds.)"""
+    gen = torch.Generator().manual_seed(seed)
+    k = groups * 128
+    group = group if scheme.nibbles or seed % 2 == 0 else k
+    weight = with_scales(random_weight(scheme, 16 * panels, k, group, gen), half)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    want = dequantize(weight, dtype)
+    if compiled_quant.panels(weight) is None:
+        assert not vnni
+        return
+    for part in (weight.codes, weight.scales, weight.mins):
+        if part is not None:
+            part.view(torch.uint8).fill_(0x5A)  # what the rows hold no longer matters
+    assert torch.equal(compiled_quant.dequantize(weight, dtype), want)
+
+
+def test_dropped_pages_of_a_mapped_tensor_read_back_from_the_file(tmp_path):
+    """The rows of a weight with panels are dropped from the process (rows_mapped: views of the loader's file
+    mapping); their values are still there to read, from the page cache or the file."""
+    from safetensors.torch import load_file, save_file
+
+    from pllm.runtime.backends.cpu.cpu_quant_linear import drop_mapped_pages
+
+    values = torch.randint(-128, 128, (512, 4096), dtype=torch.int8)  # 2 MiB: whole pages inside
+    save_file({"codes": values}, tmp_path / "w.safetensors")
+    mapped = load_file(tmp_path / "w.safetensors")["codes"]
+    drop_mapped_pages(mapped)
+    assert torch.equal(mapped, values)

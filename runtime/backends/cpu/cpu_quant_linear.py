@@ -4,6 +4,8 @@ GEMV/GEMM over the codes, up to QUANT_GEMV_MAX_TOKENS rows), or W dequantised fo
 from __future__ import annotations
 
 import ctypes
+import mmap
+import sys
 from enum import IntEnum
 from pathlib import Path
 
@@ -34,6 +36,25 @@ def scales_fit(weight: QuantizedWeight) -> bool:
     return not scales_fp16(weight) or weight.shape[1] // weight.fmt.group_size <= WIDE_FLOATS
 
 
+MADV_DONTNEED = 4  # Linux's: drop these pages from the process (a file mapping's come back from the file if read)
+
+
+def drop_mapped_pages(t: torch.Tensor | None) -> None:
+    """Drop the whole pages inside t's bytes from this process (MADV_DONTNEED), for a view of a file's read-only
+    mapping only: its pages stay in the page cache, free for the OS to reclaim, and come back from it or the file if
+    read again. On anonymous memory it would zero them: callers pass mapped tensors only (CpuQuantLinear's
+    rows_mapped, the loader's mapping). Linux only (elsewhere the pages stay); where madvise fails nothing changes."""
+    if t is None or t.numel() == 0 or not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(start, end - start, MADV_DONTNEED)
+
+
 class CodeScheme(IntEnum):
     """The kernel's CodeScheme: how a weight's codes are kept (models.quant.QuantScheme)."""
 
@@ -61,13 +82,16 @@ class QuantRows(IntEnum):
 class CpuQuantLinear:
     """kernels/cpu_quant_linear.so: the packed rows (`gemv`, any token count) and the dequantiser (`dequantize`)."""
 
-    def __init__(self, library: Path):
+    def __init__(self, library: Path, rows_mapped: bool = False):
+        """rows_mapped: the weights' rows are views of their file's mapping (the loader's, without huge pages), so
+        the pages of a weight whose panels are made can be dropped (see _entry)."""
+        self.rows_mapped = rows_mapped
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
         self._gemv = lib.pllm_quant_gemv
         self._gemv.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32, ptr, ptr, i32, ptr]
         self._dequantize = lib.pllm_dequantize
-        self._dequantize.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr, i32, i32]
+        self._dequantize.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr, i32, i32, ptr]
         self._set_isa = lib.pllm_quant_set_isa
         self._set_isa.argtypes = [i32]
         self._panel_bytes = lib.pllm_quant_panel_bytes
@@ -102,7 +126,9 @@ class CpuQuantLinear:
         """(weight, its kernel arguments or None, its panels or None), made at the weight's first use. Two threads
         meeting a weight first at once may both make one (the library releases the GIL); the first stored is the
         one kept, and a caller holds the entry it reads for the length of its call, so no panels it points at are
-        freed under it."""
+        freed under it. Where panels are made, every reader here (the GEMV, the dequantiser, the decode step) reads
+        them and not the rows; with rows_mapped the rows' pages are then dropped from the process, so a packed
+        model's weights are resident once, not twice (the rows stay readable, faulting back in if read)."""
         entry = self._weights.get(id(weight))
         if entry is None:
             args, panels = None, None
@@ -114,6 +140,9 @@ class CpuQuantLinear:
                 panels = self._repacked(n, k, *rows)
                 args = (n, k, *rows, None if panels is None else panels.data_ptr())
             entry = self._weights.setdefault(id(weight), (weight, args, panels))
+            if entry[2] is not None and entry[2] is panels and self.rows_mapped:
+                for part in (weight.codes, weight.scales, weight.mins):
+                    drop_mapped_pages(part)
         return entry
 
     def _repacked(self, n: int, k: int, codes: int, scheme: int, group: int, scales: int, mins: int | None,
@@ -162,10 +191,12 @@ class CpuQuantLinear:
         return out
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass; into `out` when given (a
-        buffer kept between calls: a fresh one of a large weight costs more in page faults than the pass itself)."""
+        """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass over the weight's panels where
+        it has them (each back into rows in a small buffer), else its rows; into `out` when given (a buffer kept
+        between calls: a fresh one of a large weight costs more in page faults than the pass itself)."""
         n, k = weight.shape
         assert dtype in (torch.float32, torch.bfloat16) and self.accepts(weight), (dtype, weight.fmt)
+        entry = self._entry(weight)  # held to the end of the call, as gemv's: the panels, read where made
         if out is None:
             out = torch.empty((n, k), dtype=dtype)
         assert out.shape == (n, k) and out.dtype == dtype and out.is_contiguous(), (out.shape, out.dtype)
@@ -173,7 +204,9 @@ class CpuQuantLinear:
                                   weight.fmt.group_size, weight.scales.data_ptr(),
                                   None if weight.mins is None else weight.mins.data_ptr(),
                                   scales_fp16(weight), out.data_ptr(), int(dtype == torch.bfloat16),
-                                  torch.get_num_threads())
+                                  torch.get_num_threads(), None if entry[2] is None else entry[2].data_ptr())
+        if status == 1:
+            raise MemoryError("cpu dequantiser could not allocate its panel buffer")
         if status != 0:  # 2, as gemv's: accepts() refuses those first
             raise ValueError(f"cpu dequantiser refused {weight.fmt} {tuple(weight.shape)} with "
                              f"{weight.scales.dtype} scales (status {status})")

@@ -4,6 +4,7 @@ that asks for huge pages; and a named error for each way the file can be wrong."
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,26 @@ def test_a_weights_file_cut_short_is_a_build_error(tmp_path, tiny_build):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(BuildDirError, match=f"{f}: cannot load the weights .*do not fit it"):
         load_weights(build, huge_pages=True)
+
+
+def _mapping_of(address: int) -> str:
+    """The file (or '' for anonymous memory) of this process's mapping holding `address` (/proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(a, 16) for a in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5].strip() if len(fields) == 6 else ""
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_without_huge_pages_the_weights_are_views_of_the_files_mapping(tiny_build, huge_pages):
+    """What the cpu backend's rows_mapped relies on (it drops the pages of packed rows once their panels are made,
+    which on anonymous memory would zero them): weights loaded without huge pages lie in the weights file's mapping;
+    with huge pages, in anonymous memory."""
+    build = open_build(tiny_build("llama"))
+    f = (build.path / build.weight_files[0]).resolve()
+    for name, t in load_weights(build, huge_pages=huge_pages).items():
+        if t.numel():
+            assert _mapping_of(t.data_ptr()) == ("" if huge_pages else str(f)), name
