@@ -126,17 +126,3 @@ def test_the_dequantiser_reads_the_panels_and_not_the_rows(compiled_quant, vnni,
         if part is not None:
             part.view(torch.uint8).fill_(0x5A)  # what the rows hold no longer matters
     assert torch.equal(compiled_quant.dequantize(weight, dtype), want)
-
-
-def test_dropped_pages_of_a_mapped_tensor_read_back_from_the_file(tmp_path):
-    """The rows of a weight with panels are dropped from the process (rows_mapped: views of the loader's file
-    mapping); their values are still there to read, from the page cache or the file."""
-    from safetensors.torch import load_file, save_file
-
-    from pllm.runtime.backends.cpu.cpu_quant_linear import drop_mapped_pages
-
-    values = torch.randint(-128, 128, (512, 4096), dtype=torch.int8)  # 2 MiB: whole pages inside
-    save_file({"codes": values}, tmp_path / "w.safetensors")
-    mapped = load_file(tmp_path / "w.safetensors")["codes"]
-    drop_mapped_pages(mapped)
-    assert torch.equal(mapped, values)

@@ -32,3 +32,20 @@ def test_greedy_tokens_equal_on_and_off_the_compiled_step(tiny_dir, tmp_path, ca
     per_op = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert all(len(tokens) == GREEDY.max_tokens for tokens in compiled)
     assert compiled == per_op
+
+
+def test_packed_rows_leave_the_process_and_the_tokens_stay(tiny_dir, tmp_path):
+    """A packed build loaded mapped (the default): once panels are made the rows' pages are dropped (on CPUs that
+    make panels), and greedy tokens, a prefill past the packed GEMV's 64 rows (the dequantiser) included, equal an
+    engine that keeps its rows (weights read into huge pages: anonymous memory, never dropped)."""
+    out = build(str(tiny_dir("llama")), tmp_path / "b",
+                BuildOptions(dtype="float32", progress=False, quantization=Quantization.INT4))
+    prompts = [*PROMPTS, " ".join(["tokens"] * 20)]  # ~120 tokens
+    tokens = {}
+    for huge_pages in (False, True):
+        llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24, huge_pages=huge_pages)
+        tokens[huge_pages] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        kernel = llm.engine.runner.ops.quant_kernel
+        made = any(entry[2] is not None for entry in kernel._weights.values())
+        assert (kernel.rows_dropped > 0) == (made and not huge_pages), (made, kernel.rows_dropped)
+    assert tokens[False] == tokens[True]

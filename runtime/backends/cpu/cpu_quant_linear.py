@@ -4,14 +4,13 @@ GEMV/GEMM over the codes, up to QUANT_GEMV_MAX_TOKENS rows), or W dequantised fo
 from __future__ import annotations
 
 import ctypes
-import mmap
-import sys
 from enum import IntEnum
 from pathlib import Path
 
 import torch
 
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
+from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages
 
 # Packed weights: up to this many token rows the kernel reads the codes directly (one pass over W, each chunk of
 # codes meeting 4 tokens at a time from registers; on x86-64 the activations quantised per block of 32 and
@@ -34,25 +33,6 @@ def scales_fp16(weight: QuantizedWeight) -> int:
 def scales_fit(weight: QuantizedWeight) -> bool:
     """Whether the kernel reads this weight's scales: fp32 any size; fp16 in rows of at most WIDE_FLOATS groups."""
     return not scales_fp16(weight) or weight.shape[1] // weight.fmt.group_size <= WIDE_FLOATS
-
-
-MADV_DONTNEED = 4  # Linux's: drop these pages from the process (a file mapping's come back from the file if read)
-
-
-def drop_mapped_pages(t: torch.Tensor | None) -> None:
-    """Drop the whole pages inside t's bytes from this process (MADV_DONTNEED), for a view of a file's read-only
-    mapping only: its pages stay in the page cache, free for the OS to reclaim, and come back from it or the file if
-    read again. On anonymous memory it would zero them: callers pass mapped tensors only (CpuQuantLinear's
-    rows_mapped, the loader's mapping). Linux only (elsewhere the pages stay); where madvise fails nothing changes."""
-    if t is None or t.numel() == 0 or not sys.platform.startswith("linux"):
-        return
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end > start:
-        libc = ctypes.CDLL(None)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(start, end - start, MADV_DONTNEED)
 
 
 class CodeScheme(IntEnum):
@@ -84,8 +64,9 @@ class CpuQuantLinear:
 
     def __init__(self, library: Path, rows_mapped: bool = False):
         """rows_mapped: the weights' rows are views of their file's mapping (the loader's, without huge pages), so
-        the pages of a weight whose panels are made can be dropped (see _entry)."""
+        the pages of a weight whose panels are made are dropped (see _entry; mapped_pages.py checks each)."""
         self.rows_mapped = rows_mapped
+        self.rows_dropped = 0  # bytes of rows whose pages were dropped so far
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
         self._gemv = lib.pllm_quant_gemv
@@ -142,7 +123,8 @@ class CpuQuantLinear:
             entry = self._weights.setdefault(id(weight), (weight, args, panels))
             if entry[2] is not None and entry[2] is panels and self.rows_mapped:
                 for part in (weight.codes, weight.scales, weight.mins):
-                    drop_mapped_pages(part)
+                    if drop_file_pages(part):
+                        self.rows_dropped += part.numel() * part.element_size()
         return entry
 
     def _repacked(self, n: int, k: int, codes: int, scheme: int, group: int, scales: int, mins: int | None,
@@ -192,8 +174,8 @@ class CpuQuantLinear:
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """models.quant.dequantize(weight, dtype), bit for bit, in one parallel pass over the weight's panels where
-        it has them (each back into rows in a small buffer), else its rows; into `out` when given (a buffer kept
-        between calls: a fresh one of a large weight costs more in page faults than the pass itself)."""
+        it has them, else its rows; into `out` when given (a buffer kept between calls: a fresh one of a large
+        weight costs more in page faults than the pass itself)."""
         n, k = weight.shape
         assert dtype in (torch.float32, torch.bfloat16) and self.accepts(weight), (dtype, weight.fmt)
         entry = self._entry(weight)  # held to the end of the call, as gemv's: the panels, read where made
@@ -205,9 +187,7 @@ class CpuQuantLinear:
                                   None if weight.mins is None else weight.mins.data_ptr(),
                                   scales_fp16(weight), out.data_ptr(), int(dtype == torch.bfloat16),
                                   torch.get_num_threads(), None if entry[2] is None else entry[2].data_ptr())
-        if status == 1:
-            raise MemoryError("cpu dequantiser could not allocate its panel buffer")
-        if status != 0:  # 2, as gemv's: accepts() refuses those first
+        if status != 0:  # 2, as gemv's: accepts() refuses those first; 3, panels it has none of: never made
             raise ValueError(f"cpu dequantiser refused {weight.fmt} {tuple(weight.shape)} with "
                              f"{weight.scales.dtype} scales (status {status})")
         return out

@@ -1,0 +1,56 @@
+"""Dropping a tensor's pages from the process (runtime/backends/cpu/mapped_pages.py): only where a file's mapping
+holds it, and its values read back after."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, file_mapping
+from pllm.runtime.worker.huge_pages import read_weight_file
+from pllm.runtime.worker.loader import tensors_of
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's madvise and /proc/self/maps")
+MIB = 1 << 20
+
+
+def resident_bytes(address: int) -> int:
+    """Rss of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+def test_a_mapped_tensor_leaves_the_process_and_reads_back(tmp_path):
+    values = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8)  # 4 MiB: whole pages inside it
+    save_file({"codes": values}, tmp_path / "w.safetensors")
+    mapped = load_file(tmp_path / "w.safetensors")["codes"]
+    assert file_mapping(mapped.data_ptr(), mapped.data_ptr() + mapped.numel()) == str(tmp_path / "w.safetensors")
+    assert torch.equal(mapped, values)  # every page read in
+    before = resident_bytes(mapped.data_ptr())
+    assert drop_file_pages(mapped)
+    assert resident_bytes(mapped.data_ptr()) <= before - 4 * MIB + 2 * 4096
+    assert torch.equal(mapped, values)  # back from the page cache or the file
+
+
+def test_anonymous_memory_is_never_dropped(tmp_path):
+    """The heap, an mmap'd allocation, and the huge-page arena the loader reads weights into: all anonymous, where
+    dropping would zero them."""
+    big = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8)  # malloc maps it anonymously
+    small = torch.arange(3000, dtype=torch.int32)
+    save_file({"codes": big}, tmp_path / "w.safetensors")
+    arena = tensors_of(read_weight_file(tmp_path / "w.safetensors"))["codes"]
+    for t in (big, small, arena):
+        kept = t.clone()
+        assert not drop_file_pages(t)
+        assert torch.equal(t, kept)
+    assert not drop_file_pages(None) and not drop_file_pages(torch.empty(0))
