@@ -13,6 +13,7 @@ from pllm.compiler.manifest import (
     BuildManifest,
 )
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
+from pllm.runtime.backends.cpu.mapped_pages import make_read_only
 from pllm.runtime.worker.huge_pages import ResidentWeights, WeightFileError, read_weight_file
 
 TORCH_DTYPES = {
@@ -27,7 +28,8 @@ def load_weights(build: BuildManifest, device: str | torch.device = "cpu", rank:
                  resident: ResidentWeights | None = None) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Rank `rank`'s weights file (the only one of a single-rank build), hashed by verify_files for that rank;
     hashing it again here would double the load time. The tensors the manifest records as quantised come back as
-    QuantizedWeights (models/quant.py), gathered from their parts. Mapped from the file, or on the cpu with
+    QuantizedWeights (models/quant.py), gathered from their parts. Mapped from the file (on the cpu, the mapping
+    made read-only: weights are never written, and the cpu backend drops pages of it), or on the cpu with
     huge_pages read into huge pages (huge_pages.py), which the decode step streams faster: `resident`, that file
     already read so (pllm-serve reads it beside its imports), or read here."""
     from safetensors import SafetensorError
@@ -39,6 +41,10 @@ def load_weights(build: BuildManifest, device: str | torch.device = "cpu", rank:
             tensors = tensors_of(resident if resident is not None and resident.path == f else read_weight_file(f))
         else:
             tensors = load_file(str(f), device=str(device))
+            if torch.device(device).type == "cpu":  # views of the file's mapping: never written, so read-only
+                mapped = next((t for t in tensors.values() if t.numel()), None)
+                if mapped is not None:
+                    make_read_only(mapped)
     except (SafetensorError, WeightFileError, OSError) as e:
         raise BuildDirError(f"{f}: cannot load the weights ({e})") from None
     return gather_quantized(tensors, build.manifest["quantization"].get("tensors", {}), f)

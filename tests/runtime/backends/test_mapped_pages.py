@@ -1,5 +1,5 @@
-"""Dropping a tensor's pages from the process (runtime/backends/cpu/mapped_pages.py): only where a file's mapping
-holds it, and its values read back after."""
+"""Weights mapped from their file (runtime/backends/cpu/mapped_pages.py): the mapping made read-only, and a tensor's
+pages dropped from the process only where a read-only file mapping holds it, its values read back after."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, file_mapping
+from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, make_read_only, mapping_of
 from pllm.runtime.worker.huge_pages import read_weight_file
 from pllm.runtime.worker.loader import tensors_of
 
@@ -30,19 +30,27 @@ def resident_bytes(address: int) -> int:
     raise AssertionError(f"{address:#x} is in no mapping")
 
 
-def test_a_mapped_tensor_leaves_the_process_and_reads_back(tmp_path):
-    values = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8)  # 4 MiB: whole pages inside it
+def mapped(tmp_path, values: torch.Tensor) -> torch.Tensor:
     save_file({"codes": values}, tmp_path / "w.safetensors")
-    mapped = load_file(tmp_path / "w.safetensors")["codes"]
-    assert file_mapping(mapped.data_ptr(), mapped.data_ptr() + mapped.numel()) == str(tmp_path / "w.safetensors")
-    assert torch.equal(mapped, values)  # every page read in
-    before = resident_bytes(mapped.data_ptr())
-    assert drop_file_pages(mapped)
-    assert resident_bytes(mapped.data_ptr()) <= before - 4 * MIB + 2 * 4096
-    assert torch.equal(mapped, values)  # back from the page cache or the file
+    return load_file(tmp_path / "w.safetensors")["codes"]
 
 
-def test_anonymous_memory_is_never_dropped(tmp_path):
+def test_a_read_only_mapped_tensor_leaves_the_process_and_reads_back(tmp_path):
+    values = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8)  # 4 MiB: whole pages inside it
+    t = mapped(tmp_path, values)
+    found = mapping_of(t.data_ptr(), t.data_ptr() + t.numel())
+    assert found.is_file and found.path == str(tmp_path / "w.safetensors")
+    assert not drop_file_pages(t)  # safetensors maps it writable: a page written since would be reverted
+    assert make_read_only(t)
+    assert "w" not in mapping_of(t.data_ptr(), t.data_ptr() + 1).perms
+    assert torch.equal(t, values)  # every page read in
+    before = resident_bytes(t.data_ptr())
+    assert drop_file_pages(t)
+    assert resident_bytes(t.data_ptr()) <= before - 4 * MIB + 2 * 4096
+    assert torch.equal(t, values)  # back from the page cache or the file
+
+
+def test_anonymous_memory_is_never_dropped_nor_protected(tmp_path):
     """The heap, an mmap'd allocation, and the huge-page arena the loader reads weights into: all anonymous, where
     dropping would zero them."""
     big = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8)  # malloc maps it anonymously
@@ -51,6 +59,7 @@ def test_anonymous_memory_is_never_dropped(tmp_path):
     arena = tensors_of(read_weight_file(tmp_path / "w.safetensors"))["codes"]
     for t in (big, small, arena):
         kept = t.clone()
-        assert not drop_file_pages(t)
+        assert not make_read_only(t) and not drop_file_pages(t)
         assert torch.equal(t, kept)
+        t.view(-1)[0] = 1  # still writable
     assert not drop_file_pages(None) and not drop_file_pages(torch.empty(0))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pllm.compiler.manifest import BuildDirError, open_build
+from pllm.runtime.backends.cpu.mapped_pages import mapping_of
 from pllm.runtime.worker.huge_pages import ALIGN, HUGE_PAGE, WeightFileError, huge_page_arena, read_weight_file
 from pllm.runtime.worker.loader import TORCH_DTYPES, load_weights, tensors_of
 
@@ -114,24 +115,19 @@ def test_a_weights_file_cut_short_is_a_build_error(tmp_path, tiny_build):
         load_weights(build, huge_pages=True)
 
 
-def _mapping_of(address: int) -> str:
-    """The file (or '' for anonymous memory) of this process's mapping holding `address` (/proc/self/maps)."""
-    for line in open("/proc/self/maps"):
-        fields = line.split(maxsplit=5)
-        lo, hi = (int(a, 16) for a in fields[0].split("-"))
-        if lo <= address < hi:
-            return fields[5].strip() if len(fields) == 6 else ""
-    raise AssertionError(f"{address:#x} is in no mapping")
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 @pytest.mark.parametrize("huge_pages", [False, True])
-def test_without_huge_pages_the_weights_are_views_of_the_files_mapping(tiny_build, huge_pages):
-    """What the cpu backend's rows_mapped relies on (it drops the pages of packed rows once their panels are made,
-    which on anonymous memory would zero them): weights loaded without huge pages lie in the weights file's mapping;
-    with huge pages, in anonymous memory."""
+def test_without_huge_pages_the_weights_are_views_of_the_files_read_only_mapping(tiny_build, huge_pages):
+    """What the cpu backend relies on to drop the pages of packed rows once their panels are made (mapped_pages.py,
+    which on anonymous or written memory would zero or revert them): weights loaded without huge pages lie in the
+    weights file's mapping, made read-only; with huge pages, in anonymous memory."""
     build = open_build(tiny_build("llama"))
     f = (build.path / build.weight_files[0]).resolve()
     for name, t in load_weights(build, huge_pages=huge_pages).items():
         if t.numel():
-            assert _mapping_of(t.data_ptr()) == ("" if huge_pages else str(f)), name
+            found = mapping_of(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+            assert found is not None, name
+            if huge_pages:
+                assert not found.is_file and "w" in found.perms, (name, found)
+            else:
+                assert found.path == str(f) and "w" not in found.perms, (name, found)
