@@ -46,6 +46,14 @@ class Resident:
                 kb[name] = int(value.split()[0])
         return cls(*(kb[name] * 1024 / MB for name in FIELDS))
 
+    @classmethod
+    def of_process(cls, pid: int) -> Resident | None:
+        """A running process's (another's: a server's), or None where /proc does not say."""
+        try:
+            return cls.parse(Path(f"/proc/{pid}/status").read_text())
+        except (OSError, KeyError):
+            return None
+
 
 @dataclass(frozen=True)
 class Run:

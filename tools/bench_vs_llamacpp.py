@@ -27,7 +27,8 @@ Rows (pllm / llama.cpp, both with --threads threads):
 - serve: tools/bench_serve.py's streaming client against pllm-serve and llama-server (bf16 builds; with
   --serve-precisions also others, each against the first llama.cpp file of its decode rows), the same random
   token-id prompts (fresh at each level, so neither server's prefix cache holds them), greedy, ignore_eos,
-  --output-len tokens; the two servers take turns level by level.
+  --output-len tokens; the two servers take turns level by level. Then each server's resident memory (VmRSS, after
+  its last level; tools/bench_memory.py reads it), a row without a target.
 Decode rows also print as rates of memory (vs_rows.format_bytes_table): the weight bytes a token reads on each
 side (tools/step_bytes.py), the GB/s of each side's tok/s, and their share of the read bandwidth, measured between
 the repetitions (tools/stream_read.cpp over 1 GiB, as tools/bench_gemv_bandwidth.py): where both sides stream from
@@ -52,6 +53,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import llamacpp
+from bench_memory import Resident
 from bench_models import LLAMA_TYPES, Prepared, prepare_model
 from vs_in_process import ReadSamples, in_process_rows
 from vs_rows import Row, format_bytes_table, format_table, serve_targets
@@ -179,6 +181,7 @@ def serve_precision(model: str, precision: str, prepared: Prepared, args, llama:
 
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     stats: dict[str, dict[int, bench_serve.LevelStats]] = {"pllm": {}, "llama.cpp": {}}
+    resident: dict[str, Resident | None] = {}  # each server's memory after its last level
     try:
         try:  # one that dies (e.g. of an illegal instruction in its warm-up) spoils only its own rows
             servers["llama.cpp"] = llamacpp.start_server(llama, gguf, args.threads, max(args.concurrency),
@@ -204,6 +207,7 @@ def serve_precision(model: str, precision: str, prepared: Prepared, args, llama:
                 stats[name][c] = s
                 print(f"  {model} {precision} {name} c={c}: {s.output_tokens_per_s:.1f} out tok/s, TTFT p50 "
                       f"{s.ttft_ms[0]:.0f} ms, {s.num_completed} done, {s.num_failed} failed", flush=True)
+        resident = {name: Resident.of_process(proc.pid) for name, (proc, _) in servers.items()}
     finally:
         for proc, _ in servers.values():
             llamacpp.stop_server(proc)
@@ -215,6 +219,9 @@ def serve_precision(model: str, precision: str, prepared: Prepared, args, llama:
                         q.output_tokens_per_s if q else None, tput_target, why_not))
         rows.append(Row(model, f"serve c{c} TTFT p50 ms", precision, label, p.ttft_ms[0] if p else None,
                         q.ttft_ms[0] if q else None, ttft_target, why_not))
+    p, q = (resident.get(name) for name in ("pllm", "llama.cpp"))  # after the last level: no target
+    rows.append(Row(model, "serve resident MiB", precision, label, p.total if p else None, q.total if q else None,
+                    None, why_not))
     return rows
 
 
