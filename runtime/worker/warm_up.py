@@ -1,7 +1,10 @@
 """The first forward before the first request: on the cpu backend it pays one-time costs (oneDNN creating its matmul
-primitives, OpenMP starting its thread pool) that would otherwise land on the first request."""
+primitives, OpenMP starting its thread pool, packed weights repacked into panels) that would otherwise land on the
+first request; then logs what the panels hold."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -11,6 +14,7 @@ from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.step import GroupBlockTable, SampleInputs, SeqStep, StepBatch
 
 WARM_UP_ID = "pllm-warm-up"
+logger = logging.getLogger("pllm")
 
 
 def warm_up(runner: object) -> bool:
@@ -36,4 +40,10 @@ def warm_up(runner: object) -> bool:
             runner.execute(StepBatch((SeqStep(WARM_UP_ID, ids, start, tables, True, start + num_tokens, row),)))
     finally:
         torch.set_num_threads(threads)
+    from pllm.runtime.backends.cpu.cpu_ops import TorchOps  # the cpu backend's, as the runner's is here
+
+    kernel = runner.ops.quant_kernel if isinstance(runner.ops, TorchOps) else None
+    note = None if kernel is None else kernel.memory_note()  # every packed weight has run once by now
+    if note is not None:
+        logger.info("pllm cpu backend: %s", note)
     return True

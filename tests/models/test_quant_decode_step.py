@@ -36,7 +36,7 @@ def test_greedy_tokens_equal_on_and_off_the_compiled_step(tiny_dir, tmp_path, ca
     assert compiled == per_op
 
 
-def test_packed_rows_leave_the_process_and_the_tokens_stay(tiny_dir, tmp_path):
+def test_packed_rows_leave_the_process_and_the_tokens_stay(tiny_dir, tmp_path, caplog):
     """A packed build loaded mapped (the default): once panels are made the rows' pages are dropped (on CPUs that
     make panels) and read back from the file as they were: each such weight's dequantisation from its panels equals
     models.quant.dequantize of its rows. Greedy tokens, a prefill past the packed GEMV's 64 rows (the dequantiser)
@@ -46,11 +46,15 @@ def test_packed_rows_leave_the_process_and_the_tokens_stay(tiny_dir, tmp_path):
     prompts = [*PROMPTS, " ".join(["tokens"] * 20)]  # ~120 tokens
     tokens = {}
     for huge_pages in (False, True):
-        llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24, huge_pages=huge_pages)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pllm"):
+            llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24, huge_pages=huge_pages)
         tokens[huge_pages] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         kernel = llm.engine.runner.ops.quant_kernel
         repacked = [entry[0] for entry in kernel._weights.values() if entry[2] is not None]
         assert (kernel.rows_dropped > 0) == (bool(repacked) and not huge_pages), (len(repacked), kernel.rows_dropped)
+        said = "rows' pages dropped from the process" if not huge_pages else "beside their rows, which stay resident"
+        assert (said in caplog.text) == bool(repacked), caplog.text
         for weight in repacked:
             assert torch.equal(kernel.dequantize(weight, torch.float32), dequantize(weight))
     assert tokens[False] == tokens[True]

@@ -146,6 +146,17 @@ class CpuQuantLinear:
         the compiled decode step, which must read what the per-op GEMV reads (the same sums, bit for bit)."""
         return self._entry(weight)[2]
 
+    def memory_note(self) -> str | None:
+        """What the panels made so far hold and what became of their rows, for the start-up log; None without
+        panels."""
+        made = sum(entry[2].numel() for entry in self._weights.values() if entry[2] is not None)
+        if made == 0:
+            return None
+        panels = f"packed weights read from panels ({made / 1e6:.0f} MB)"
+        if self.rows_dropped:
+            return f"{panels}; their rows' pages dropped from the process ({self.rows_dropped / 1e6:.0f} MB)"
+        return f"{panels} beside their rows, which stay resident" + ("" if self.rows_mapped else " (huge pages)")
+
     def runs(self, weight: QuantizedWeight) -> bool:
         """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""
         return self._prepared(weight) is not None
