@@ -46,9 +46,8 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
 
 
-def select_backend(name: str, build: BuildManifest, mapped_weights: bool = False) -> tuple[Ops, torch.device, str]:
-    """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu. mapped_weights:
-    the cpu weights will be views of their file's mapping (loader.load_weights without huge pages)."""
+def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, str]:
+    """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -56,8 +55,6 @@ def select_backend(name: str, build: BuildManifest, mapped_weights: bool = False
         from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
         choice = choose_cpu_kernels(build)
-        if choice.quant_linear is not None:
-            choice.quant_linear.rows_mapped = mapped_weights
         (logger.warning if choice.op_by_op else logger.info)("pllm cpu backend: %s", choice.reason)
         ops = TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, quant_kernel=choice.quant_linear,
                        decode_step=choice.decode_step)
@@ -81,7 +78,7 @@ class ModelRunner:
         self.shard = shard
         self.spec = build.rank_spec  # the whole model's, or one rank's share of a split build
         self.block_size = build.block_size
-        self.ops, self.device, self.backend = select_backend(config.backend, build, not config.huge_pages)
+        self.ops, self.device, self.backend = select_backend(config.backend, build)
         if shard is not None:
             self.device = shard.device
         mark(Stage.KERNELS)

@@ -62,11 +62,8 @@ class QuantRows(IntEnum):
 class CpuQuantLinear:
     """kernels/cpu_quant_linear.so: the packed rows (`gemv`, any token count) and the dequantiser (`dequantize`)."""
 
-    def __init__(self, library: Path, rows_mapped: bool = False):
-        """rows_mapped: the weights' rows are views of their file's mapping (the loader's, without huge pages), so
-        the pages of a weight whose panels are made are dropped (see _entry; mapped_pages.py checks each)."""
-        self.rows_mapped = rows_mapped
-        self.rows_dropped = 0  # bytes of rows whose pages were dropped so far
+    def __init__(self, library: Path):
+        self.rows_dropped = 0  # bytes of rows whose pages were dropped so far (see _entry)
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib = ctypes.CDLL(str(library))  # after `import torch`: binds to torch's libgomp
         self._gemv = lib.pllm_quant_gemv
@@ -108,8 +105,9 @@ class CpuQuantLinear:
         meeting a weight first at once may both make one (the library releases the GIL); the first stored is the
         one kept, and a caller holds the entry it reads for the length of its call, so no panels it points at are
         freed under it. Where panels are made, every reader here (the GEMV, the dequantiser, the decode step) reads
-        them and not the rows; with rows_mapped the rows' pages are then dropped from the process, so a packed
-        model's weights are resident once, not twice (the rows stay readable, faulting back in if read)."""
+        them and not the rows; where the rows lie in a read-only file mapping (the loader's, without huge pages)
+        their pages are then dropped from the process (mapped_pages.py), so a packed model's weights are resident
+        once, not twice (the rows stay readable, faulting back in if read)."""
         entry = self._weights.get(id(weight))
         if entry is None:
             args, panels = None, None
@@ -121,10 +119,8 @@ class CpuQuantLinear:
                 panels = self._repacked(n, k, *rows)
                 args = (n, k, *rows, None if panels is None else panels.data_ptr())
             entry = self._weights.setdefault(id(weight), (weight, args, panels))
-            if entry[2] is not None and entry[2] is panels and self.rows_mapped:
-                for part in (weight.codes, weight.scales, weight.mins):
-                    if drop_file_pages(part):
-                        self.rows_dropped += part.numel() * part.element_size()
+            if entry[2] is not None and entry[2] is panels:
+                self.rows_dropped += drop_file_pages(weight.codes, weight.scales, weight.mins)
         return entry
 
     def _repacked(self, n: int, k: int, codes: int, scheme: int, group: int, scales: int, mins: int | None,
@@ -155,7 +151,7 @@ class CpuQuantLinear:
         panels = f"packed weights read from panels ({made / 1e6:.0f} MB)"
         if self.rows_dropped:
             return f"{panels}; their rows' pages dropped from the process ({self.rows_dropped / 1e6:.0f} MB)"
-        return f"{panels} beside their rows, which stay resident" + ("" if self.rows_mapped else " (huge pages)")
+        return f"{panels} beside their rows, which stay resident (not in a read-only file mapping: huge pages)"
 
     def runs(self, weight: QuantizedWeight) -> bool:
         """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""

@@ -9,6 +9,7 @@ tensor. Linux only; elsewhere nothing is changed."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from dataclasses import dataclass
@@ -35,20 +36,28 @@ class Mapping:
         return self.path.startswith("/") and not self.path.startswith(NOT_FILES)
 
 
-def mapping_of(begin: int, end: int) -> Mapping | None:
-    """The mapping in this process that holds all of [begin, end), or None (a range across mappings, no /proc)."""
+def read_maps() -> list[Mapping]:
+    """This process's mappings (/proc/self/maps), or none where there is no /proc."""
     if not sys.platform.startswith("linux"):
-        return None
+        return []
+    found = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
                 lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                if lo <= begin < hi:
-                    path = fields[5].strip() if len(fields) == 6 else ""
-                    return Mapping(lo, hi, fields[1], path) if end <= hi else None
+                found.append(Mapping(lo, hi, fields[1], fields[5].strip() if len(fields) == 6 else ""))
     except OSError:
-        pass
+        return []
+    return found
+
+
+def mapping_of(begin: int, end: int, maps: list[Mapping] | None = None) -> Mapping | None:
+    """The mapping that holds all of [begin, end) (in `maps`, else read now), or None (a range across mappings, no
+    /proc)."""
+    for m in read_maps() if maps is None else maps:
+        if m.start <= begin < m.end:
+            return m if end <= m.end else None
     return None
 
 
@@ -57,6 +66,7 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -74,15 +84,23 @@ def make_read_only(t: torch.Tensor) -> bool:
     return _libc().mprotect(found.start, found.end - found.start, PROT_READ) == 0
 
 
-def drop_file_pages(t: torch.Tensor | None) -> bool:
-    """Drop the whole pages inside t's bytes from this process if a read-only file mapping holds t; True when they
-    went."""
-    if t is None or t.numel() == 0:
-        return False
-    begin, end = _extent(t)
+def drop_file_pages(*tensors: torch.Tensor | None) -> int:
+    """Drop the whole pages inside each tensor's bytes from this process where a read-only file mapping holds it
+    (the mappings read once for all of them); the bytes of the tensors whose pages went."""
+    maps = None
+    dropped = 0
     page = mmap.PAGESIZE
-    first, last = -(-begin // page) * page, end // page * page
-    found = mapping_of(begin, end)
-    if last <= first or found is None or not found.is_file or "w" in found.perms:
-        return False
-    return _libc().madvise(first, last - first, getattr(mmap, "MADV_DONTNEED", MADV_DONTNEED)) == 0
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        begin, end = _extent(t)
+        first, last = -(-begin // page) * page, end // page * page
+        if last <= first:
+            continue
+        maps = read_maps() if maps is None else maps
+        found = mapping_of(begin, end, maps)
+        if found is None or not found.is_file or "w" in found.perms:
+            continue
+        if _libc().madvise(first, last - first, getattr(mmap, "MADV_DONTNEED", MADV_DONTNEED)) == 0:
+            dropped += end - begin
+    return dropped
