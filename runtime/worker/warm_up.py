@@ -1,6 +1,6 @@
 """The first forward before the first request: on the cpu backend it pays one-time costs (oneDNN creating its matmul
-primitives, OpenMP starting its thread pool, packed weights repacked into panels) that would otherwise land on the
-first request; then logs what the panels hold."""
+primitives, OpenMP starting its thread pool, packed weights repacked into panels, bf16 weights packed for oneDNN)
+that would otherwise land on the first request; then logs what the panels hold."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def warm_up(runner: object) -> bool:
         torch.set_num_threads(threads)
     from pllm.runtime.backends.cpu.cpu_ops import TorchOps  # the cpu backend's, as the runner's is here
 
-    kernel = runner.ops.quant_kernel if isinstance(runner.ops, TorchOps) else None
-    note = None if kernel is None else kernel.memory_note()  # every packed weight has run once by now
-    if note is not None:
-        logger.info("pllm cpu backend: %s", note)
+    if isinstance(runner.ops, TorchOps):  # every weight has run once by now
+        kernel = runner.ops.quant_kernel
+        for note in (None if kernel is None else kernel.memory_note(), runner.ops.linears.memory_note()):
+            if note is not None:
+                logger.info("pllm cpu backend: %s", note)
     return True

@@ -263,7 +263,8 @@ def test_ops_linear_of_a_few_rows_is_the_gemv_rounded_once(build_ops, monkeypatc
     bit: F.linear in the dtype, or for bf16 without oneDNN's bf16 GEMM from WIDEN_MIN_ROWS rows in fp32, rounded
     once to bf16."""
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
-    monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)  # F.linear, on either CPU
+    monkeypatch.setattr(cpu_linear.CpuLinear, "packed",  # F.linear, on either CPU
+                        lambda self, weight: cpu_linear.PackedFloat(weight, None, None))
     spec = spec_of("mha-odd-rows-3")
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(11)

@@ -19,13 +19,17 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     WeightKind,
 )
 from pllm.runtime.backends.cpu.cpu_quant_linear import WIDE_FLOATS, scales_fit, scales_fp16
+from pllm.runtime.backends.cpu.onednn import Panels
 
 
 def bind_stack(kernel: CpuDecodeStep, layers: Sequence, final_norm: torch.Tensor, scale: float, rope_tables: Callable,
-               panels: Callable[[QuantizedWeight], torch.Tensor | None] | None = None) -> CompiledDecodeStack | str:
+               panels: Callable[[QuantizedWeight], torch.Tensor | None] | None = None,
+               float_panels: Callable[[torch.Tensor], Panels | None] | None = None) -> CompiledDecodeStack | str:
     """The kernel's stack over these weights, or why it cannot run them (a foreign weight, or a packed one the kernel
     does not read). panels: the packed GEMV's repacked copy of a weight, which the step then reads too (so a
-    row sums the same in the step as op by op); None: every packed weight read as its rows."""
+    row sums the same in the step as op by op); None: every packed weight read as its rows. float_panels: a bf16
+    weight in oneDNN's panels (cpu_linear's CpuLinear.panels), which the step then reads instead of its rows
+    (gate_up only where its up half starts on a panel); None: every float weight read as its rows."""
     spec = kernel.spec
     if len(layers) != spec.num_hidden_layers:
         return f"{len(layers)} layers, the kernel was rendered for {spec.num_hidden_layers}"
@@ -55,10 +59,20 @@ def bind_stack(kernel: CpuDecodeStep, layers: Sequence, final_norm: torch.Tensor
             words = _linear_words(kernel, w, shape)
             if isinstance(words, str):
                 return f"layer {i} {name}: {words}"
-            repacked = panels(w) if panels is not None and isinstance(w, QuantizedWeight) else None
-            table.extend([*words, 0 if repacked is None else repacked.data_ptr()])
-            keep.extend(t for t in (*_tensors(w), repacked) if t is not None)
-            kinds[_kind_label(w) + ("" if repacked is None else " in panels")] += 1
+            if isinstance(w, QuantizedWeight):
+                repacked = panels(w) if panels is not None else None
+                table.extend([*words, 0 if repacked is None else repacked.data_ptr()])
+                keep.extend(t for t in (*_tensors(w), repacked) if t is not None)
+                kinds[_kind_label(w) + ("" if repacked is None else " in panels")] += 1
+                continue
+            held = float_panels(w) if float_panels is not None and kernel.reads_panels else None
+            if held is not None and name == "gate_up" and (shape[0] // 2) % held.rows:
+                held = None  # the step reads the up half from a panel's first row
+            if held is not None:
+                words[4] = held.rows  # FLOAT's group: rows per panel
+            table.extend([*words, 0 if held is None else held.address])
+            keep.extend(t for t in (w, None if held is None else held.packed) if t is not None)
+            kinds[_kind_label(w) + ("" if held is None else " in oneDNN's panels")] += 1
     why = _why_not_float(kernel.dtype, final_norm, (spec.hidden_size,))
     if why is not None:
         return f"final norm: {why}"

@@ -13,6 +13,7 @@ import torch
 from pllm.models.quant import QuantScheme
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.cpu import onednn
+from pllm.runtime.backends.cpu.onednn import Panels
 
 # The kernel's LayerWeights in int64 words: input_norm, post_norm, qkv_bias (0 without one), q_norm and k_norm (0
 # without q/k norm), then per linear (qkv, o, gate_up, down) its LinearWeight: kind, data, scales, mins, group,
@@ -155,6 +156,15 @@ class CpuDecodeStep:
         self._limit_isa = lib.pllm_decode_step_limit_isa
         self._limit_isa.argtypes = [ctypes.c_int]
         self._tiles_k = lib.pllm_decode_step_tiles_k
+        # bf16 steps: the GEMV over weights in oneDNN's panels, and the check of a weight's panels against its rows
+        self._gemv_panels = getattr(lib, "pllm_gemv_panels", None)
+        if self._gemv_panels is not None:
+            self._gemv_panels.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+            self._gemv_panels.restype = ctypes.c_int
+        self._panels_match = getattr(lib, "pllm_panels_match", None)
+        if self._panels_match is not None:
+            self._panels_match.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int]
+            self._panels_match.restype = ctypes.c_int
         self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
         self.amx_compiled = bool(lib.pllm_decode_step_amx_compiled())  # built with AMX tiles (bf16, new toolchain)
         self.kernel_max_batch = int(lib.pllm_decode_step_max_batch())  # the most rows of x one call takes
@@ -203,32 +213,58 @@ class CpuDecodeStep:
                 and weight.device.type == "cpu" and x.shape[-1] == weight.shape[1] and weight.shape[1] % GEMV_LANES == 0
                 and 0 < x.numel() <= rows * weight.shape[1])
 
-    def gemv(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV (tests and benchmarks)."""
+    @property
+    def reads_panels(self) -> bool:
+        """Whether the step reads bf16 weights in oneDNN's panels (a bf16 library of this pllm)."""
+        return self._gemv_panels is not None and self._panels_match is not None
+
+    def gemv(self, weight: torch.Tensor, x: torch.Tensor, panels: Panels | None = None) -> torch.Tensor:
+        """x [B, in] @ weight [out, in].T -> [B, out] float32, through the step's GEMV: over the weight's rows, or its
+        panels where given (reads_panels; the weight's rows then untouched)."""
         assert weight.dtype == x.dtype == self.dtype and weight.is_contiguous() and x.is_contiguous()
         assert weight.dim() == x.dim() == 2 and weight.shape[1] == x.shape[1], (weight.shape, x.shape)
         y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
-        status = self._gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[0],
-                            y.data_ptr(), torch.get_num_threads())
+        if panels is not None:
+            assert self.reads_panels
+            address = ctypes.c_void_p(panels.address)
+            status = self._gemv_panels(ctypes.addressof(address), 1, panels.rows, weight.shape[0], weight.shape[1],
+                                       x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        else:
+            status = self._gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[0],
+                                y.data_ptr(), torch.get_num_threads())
         _check_gemv(status, x, weight)
         return y
 
-    def gemv_stream(self, weights: Sequence[torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """A call that runs the step's GEMV of x over each of these same-shaped matrices in turn, in one parallel
-        region as the step runs its linears (benchmarks: the weights' streaming rate without a call per matrix).
-        Returns the last product, [B, out] float32."""
+    def panels_match(self, weight: torch.Tensor, panels: Panels) -> bool:
+        """Whether panels hold weight's elements where the step's panel code looks for them (each, compared)."""
+        assert self.reads_panels and weight.dtype == self.dtype and weight.is_contiguous() and weight.dim() == 2
+        status = self._panels_match(weight.data_ptr(), weight.shape[0], weight.shape[1], panels.address, panels.rows,
+                                    torch.get_num_threads())
+        return status == 1
+
+    def gemv_stream(self, weights: Sequence[torch.Tensor], x: torch.Tensor,
+                    panels: Sequence[Panels] | None = None) -> Callable[[], torch.Tensor]:
+        """A call that runs the step's GEMV of x over each of these same-shaped matrices in turn (over their panels
+        where given), in one parallel region as the step runs its linears (benchmarks: the weights' streaming rate
+        without a call per matrix). Returns the last product, [B, out] float32."""
         first = weights[0]
         for w in weights:
             assert w.dtype == x.dtype == self.dtype and w.is_contiguous() and w.shape == first.shape, w.shape
         assert x.dim() == first.dim() == 2 and x.is_contiguous() and first.shape[1] == x.shape[1], x.shape
-        table = torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64)
+        addresses = [w.data_ptr() for w in weights] if panels is None else [p.address for p in panels]
+        table = torch.tensor(addresses, dtype=torch.int64)
         y = torch.empty((x.shape[0], first.shape[0]), dtype=torch.float32)
         args = (table.data_ptr(), len(weights), first.shape[0], first.shape[1], x.data_ptr(), x.shape[0], y.data_ptr())
-        keep = (table, list(weights), x)
+        keep = (table, list(weights), x, panels)
 
         def run() -> torch.Tensor:
             assert keep
-            _check_gemv(self._gemv_many(*args, torch.get_num_threads()), x, first)
+            if panels is None:
+                _check_gemv(self._gemv_many(*args, torch.get_num_threads()), x, first)
+            else:
+                assert len(panels) == len(weights) and self.reads_panels
+                status = self._gemv_panels(args[0], args[1], panels[0].rows, *args[2:], torch.get_num_threads())
+                _check_gemv(status, x, first)
             return y
 
         return run

@@ -2,14 +2,18 @@
 
 Float weights: up to a few rows without a bias (a decode step's LM head, a model's linears op by op) the compiled
 step's GEMV; else bf16 weights packed once for oneDNN's bf16 GEMM where the CPU has it; else F.linear, for bf16
-without oneDNN's bf16 GEMM (AVX2-only CPUs) widened to fp32 and rounded once from WIDEN_MIN_ROWS rows. Packed
+without oneDNN's bf16 GEMM (AVX2-only CPUs) widened to fp32 and rounded once from WIDEN_MIN_ROWS rows. Where
+oneDNN's packed copy is in panels the step reads (AVX-512 BF16 and AMX CPUs: onednn.panel_rows), the step's GEMV reads
+that copy too and the weight's mapped rows leave the process, so a bf16 weight is held once (CpuLinear.packed). Packed
 weights (models/quant.py): the compiled packed rows up to QUANT_GEMV_MAX_TOKENS rows, else the weight dequantised
 for the float GEMM. TorchOps (cpu_ops.py) runs every linear of the Ops contract through one CpuLinear.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,8 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     CpuDecodeStep,
 )
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
+from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages
+from pllm.runtime.backends.cpu.onednn import Panels
 
 logger = logging.getLogger("pllm")
 
@@ -49,6 +55,20 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedFloat:
+    """What CpuLinear keeps of one float weight: oneDNN's packed copy where it packs the dtype, and where the compiled
+    step reads that copy too, as panels."""
+
+    weight: torch.Tensor  # kept alive, so no other tensor reuses its address (the key)
+    packed: torch.Tensor | None  # oneDNN's copy; None: not packed (fp32, or no bf16 GEMM in oneDNN)
+    panels: Panels | None  # packed, as the step's GEMV reads it: every route reads it, none the weight's rows
+
+
+def _key(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+
+
 class CpuLinear:
     """The build's linear routes, with what they keep between calls: oneDNN's packed copies of bf16 weights and the
     prefill path's dequantised-weight buffers."""
@@ -56,9 +76,9 @@ class CpuLinear:
     def __init__(self, quant_kernel: CpuQuantLinear | None = None, decode_step: CpuDecodeStep | None = None) -> None:
         self.quant_kernel = quant_kernel  # builds with packed weights
         self.decode_step = decode_step  # the build's compiled step, whose GEMV takes a few rows
-        # (data_ptr, shape, stride, dtype) -> (the weight, kept alive so no other tensor reuses its address; its
-        # oneDNN-packed copy, None: not packable)
-        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._packed: dict[tuple, PackedFloat] = {}  # (data_ptr, shape, stride, dtype) -> what is kept of it
+        self.rows_dropped = 0  # bytes of float weights' rows dropped from the process once nothing reads them
+        self._mismatch_said = False
         self._dequantized: dict[tuple, torch.Tensor] = {}  # (out, in, dtype) -> the prefill path's weight buffer
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
@@ -71,9 +91,9 @@ class CpuLinear:
             # a few rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams the
             # weights faster than oneDNN's GEMM or F.linear there; its fp32 sums rounded once to the dtype, as
             # F.linear's are
-            y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous()).to(x.dtype)
+            y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous(), self.panels(weight)).to(x.dtype)
             return y.reshape(*x.shape[:-1], weight.shape[0])
-        packed = self._packed_weight(weight)
+        packed = self.packed(weight).packed
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return self.float_gemm(x, weight, bias)
@@ -128,14 +148,73 @@ class CpuLinear:
             return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if step.tiles_for(weight.shape[1]) else GEMV_BEFORE_ONEDNN_MAX_ROWS
         return GEMV_LINEAR_MAX_ROWS
 
-    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """bf16 weights packed once into oneDNN's blocked layout: the same results as F.linear, bit for bit, without
-        a reorder on every call (about 2x faster for decode-sized batches). fp32 packing rounds differently from
-        F.linear, so fp32 GEMMs past the step's GEMV rows keep F.linear."""
-        key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
-        if key not in self._packed:
-            packed = None
-            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn.onednn_packs_bf16():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-            self._packed[key] = (weight, packed)
-        return self._packed[key][1]
+    def packed(self, weight: torch.Tensor) -> PackedFloat:
+        """What is kept of a float weight, made at its first use by any route: bf16 weights packed once into
+        oneDNN's blocked layout (the same results as F.linear, bit for bit, without a reorder on every call: about
+        2x faster for decode-sized batches; fp32 packing rounds differently from F.linear, so fp32 keeps F.linear).
+        Where this CPU's layout is panels the compiled step reads (onednn.panel_rows) and this weight's panels hold
+        its elements, element by element, the step's GEMV reads them too; then, and where no compiled step reads
+        rows at all, nothing reads the weight's rows any more and their pages leave the process (mapped_pages: a
+        read-only file mapping's, read again from the file if ever touched), so the weight is held once."""
+        entry = self._packed.get(_key(weight))
+        return entry if entry is not None else self.pack_all([weight])[0]
+
+    def pack_all(self, weights: Sequence[torch.Tensor]) -> list[PackedFloat]:
+        """packed() of each weight, those not yet made made together: the rows of those no route reads any more are
+        dropped with one read of the process's mappings (a read costs ~1 ms beside torch's hundreds of libraries)."""
+        entries, unread = [], []
+        for weight in weights:
+            key = _key(weight)
+            entry = self._packed.get(key)
+            if entry is None:
+                packed = panels = None
+                if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn.onednn_packs_bf16():
+                    packed = onednn.pack(weight)
+                    panels = self._checked_panels(weight, packed)
+                    if (panels is not None or self.decode_step is None) and weight.is_contiguous():
+                        unread.append(weight)
+                entry = self._packed[key] = PackedFloat(weight, packed, panels)
+            entries.append(entry)
+        if unread:
+            self.rows_dropped += drop_file_pages(*unread)
+        return entries
+
+    @property
+    def reads_panels(self) -> bool:
+        """Whether the compiled step reads bf16 weights in oneDNN's panels here: a step that reads them, on a CPU
+        where oneDNN packs bf16 in that layout."""
+        step = self.decode_step
+        return step is not None and step.reads_panels and onednn.panel_rows() is not None
+
+    def panels(self, weight: torch.Tensor) -> Panels | None:
+        """The panels the compiled step reads for this weight (packed at its first use), or None: its rows (also,
+        without packing it, where the step reads no panels: oneDNN's copy is then made at the first GEMM)."""
+        if weight.dtype != torch.bfloat16 or not self.reads_panels:
+            return None
+        return self.packed(weight).panels
+
+    def _checked_panels(self, weight: torch.Tensor, packed: torch.Tensor) -> Panels | None:
+        step = self.decode_step
+        if step is None or not step.reads_panels or weight.dtype != step.dtype or not weight.is_contiguous():
+            return None
+        panels = onednn.panels_of(weight, packed)
+        if panels is None:
+            return None
+        if not step.panels_match(weight, panels):  # a layout other than the probe's for this shape: never misread
+            if not self._mismatch_said:
+                logger.warning("pllm cpu backend: oneDNN packed a %s weight in another layout than its probe's; "
+                               "the compiled step reads such weights' rows", tuple(weight.shape))
+                self._mismatch_said = True
+            return None
+        return panels
+
+    def memory_note(self) -> str | None:
+        """What the panels made so far hold and what became of their rows, for the start-up log; None without
+        panels."""
+        held = sum(e.panels.nbytes for e in self._packed.values() if e.panels is not None)
+        if held == 0:
+            return None
+        note = f"bf16 weights read by the compiled step in oneDNN's packed copy ({held / 1e6:.0f} MB)"
+        if self.rows_dropped:
+            return f"{note}; their rows' pages dropped from the process ({self.rows_dropped / 1e6:.0f} MB)"
+        return f"{note} beside their rows, which stay resident (not in a read-only file mapping: huge pages)"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
 from pllm.runtime.backends.cpu.cpu_decode_stack import bind_stack
-from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep
+from pllm.runtime.backends.cpu.cpu_decode_step import LINEARS, CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_kernels import (
     CpuDecodeAttention,
     CpuRmsNorm,
@@ -110,7 +110,10 @@ class TorchOps:
         if self.decode_step is None:
             return None
         panels = None if self.quant_kernel is None else self.quant_kernel.panels
-        stack = bind_stack(self.decode_step, layers, final_norm, scale, self._rope_rows, panels)
+        if self.linears.reads_panels:  # the float linears packed together, so their rows leave in one pass
+            self.linears.pack_all([w for layer in layers for name in LINEARS
+                                   if isinstance(w := getattr(layer, name, None), torch.Tensor)])
+        stack = bind_stack(self.decode_step, layers, final_norm, scale, self._rope_rows, panels, self.linears.panels)
         if isinstance(stack, str):  # weights the kernel cannot read: every step runs op by op, said once
             logger.info("pllm cpu backend: decode steps op by op, not the compiled step (%s)", stack)
             return None

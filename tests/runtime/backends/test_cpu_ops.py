@@ -102,7 +102,8 @@ def test_bf16_experts_take_the_dense_linears_gemm(monkeypatch, onednn_bf16, num_
     from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
 
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)
-    monkeypatch.setattr(cpu_linear.CpuLinear, "_packed_weight", lambda self, weight: None)
+    monkeypatch.setattr(cpu_linear.CpuLinear, "packed",
+                        lambda self, weight: cpu_linear.PackedFloat(weight, None, None))
     g = torch.Generator().manual_seed(num_tokens)
     x = torch.randn(num_tokens, 64, generator=g).bfloat16()
     gate_up = (torch.randn(4, 96, 64, generator=g) / 8).bfloat16()
