@@ -51,6 +51,7 @@ from pllm.compiler.kernels import cpu_decode_step as step_kernel
 from pllm.compiler.plan import make_plan
 from pllm.compiler.render import render_plan
 from pllm.models.spec import ModelSpec
+from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, GemvIsa, compiled_batch_limit
 from pllm.runtime.backends.cpu.cpu_ops import TorchOps
 
@@ -199,6 +200,10 @@ def bench_shape(shape: tuple[int, int], dtype: torch.dtype, batches: list[int],
     one = torch.randn(shape) / in_f**0.5
     copies = [one.to(dtype, copy=True) for _ in range(max(1, -(-stream_bytes // (one.numel() * dtype.itemsize))))]
     ops = TorchOps()  # the per-op path's linear: packs bf16 weights once, as the engine's ops do
+    # oneDNN's packed copies as panels, where this CPU packs bf16 in a layout the step reads (held apart from ops')
+    packs = [onednn.pack(w) for w in copies] if dtype == torch.bfloat16 and onednn.panel_rows() is not None else []
+    panels = [onednn.panels_of(w, p) for w, p in zip(copies, packs, strict=True)]
+    panels = panels if panels and all(p is not None for p in panels) else []
     times: dict[int, dict[str, list[float]]] = {}
     for batch in batches:
         x = torch.randn((batch, in_f)).to(dtype)
@@ -206,6 +211,8 @@ def bench_shape(shape: tuple[int, int], dtype: torch.dtype, batches: list[int],
         for name, (step, max_batch) in steps.items():
             if batch <= max_batch:
                 paths[name] = step.gemv_stream(copies, x)
+                if step.reads_panels and panels:  # the same GEMV code's choice over oneDNN's panels of each copy
+                    paths[f"{name} panels"] = step.gemv_stream(copies, x, panels)
 
         def per_op(x=x) -> None:
             for w in copies:
@@ -302,6 +309,8 @@ def main() -> None:
                     copies_bytes = nbytes * max(1, -(-(args.stream_mib << 20) // nbytes))
                     for batch, per_path in times.items():
                         engine = variant_name(*variants[0]) if batch <= per_dtype["engine_limit"] else "per-op"
+                        if f"{engine} panels" in per_path:  # the engine's step reads bf16 weights as panels here
+                            engine = f"{engine} panels"
                         row = {"model": model, "linear": linear, "shape": list(shape), "batch": batch,
                                "engine_path": engine, "paths": {}}
                         row["read_GBps"] = copies_bytes / min(per_path.pop("read")) / 1e9
@@ -327,7 +336,9 @@ def main() -> None:
         per_dtype["bound_batch"] = per_dtype["peak_GFLOPs"] * 1e9 * dtype.itemsize / (2 * read.bytes_per_s)
         for row in per_dtype["rows"]:
             row["bandwidth_bound"] = row["batch"] < per_dtype["bound_batch"]
-        print_table(dtype_name, per_dtype, [*(variant_name(t, isa) for t, isa in variants), "per-op"], batches)
+        seen = {name for row in per_dtype["rows"] for name in row["paths"]}
+        names = [name for t, isa in variants for name in (variant_name(t, isa), f"{variant_name(t, isa)} panels")]
+        print_table(dtype_name, per_dtype, [*(name for name in names if name in seen), "per-op"], batches)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
