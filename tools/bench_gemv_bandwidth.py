@@ -14,7 +14,9 @@ by every copy in turn, as a decode step streams its layers' weights. Timed are:
     tiles in one parallel region, so no call per matrix) for batches up to its MAX_BATCH, one column per --tiles
     variant (ROW_TILE x BATCH_TILE, pPREFETCH_TILES, sSEQUENTIAL_X_BYTES in KiB; the first is the engine's), and
     per --isa level (CpuDecodeStep.limit_isa: the best code the CPU has (bf16: AMX tiles from 3 rows where it has
-    AMX-BF16), AVX-512, the x86-64 baseline's AVX2 tiles (both dtypes), the generic vector code);
+    AMX-BF16), AVX-512, the x86-64 baseline's AVX2 tiles (both dtypes), the generic vector code); for bf16 where
+    oneDNN packs in panels the step reads (runtime/backends/cpu/onednn.py), each variant again over oneDNN's packed
+    copy of each matrix ("panels": the engine's path there, its rows then dropped);
   - the per-op path (TorchOps.linear: oneDNN on weights packed once for bf16, F.linear for fp32), one call each.
 
 The engine runs the first up to compiled_batch_limit (runtime/backends/cpu/cpu_decode_step.py) and the second past
