@@ -211,7 +211,8 @@ class LlamaModel:
         self.comm: Communicator = SINGLE_RANK
         # the backend's one-call decode step over these weights, if it has one for this model (None: op by op)
         self.decode_stack: DecodeStack | None = (
-            ops.decode_stack(spec, self.layers, weights["norm"], self.scale) if self.compiled_decode else None
+            ops.decode_stack(spec, self.layers, weights["norm"], self.scale, self.lm_head)
+            if self.compiled_decode else None
         )
 
     @property

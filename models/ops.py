@@ -178,10 +178,12 @@ class Ops(Protocol):
         ...
 
     def decode_stack(
-        self, spec: ModelSpec, layers: Sequence[LayerWeights], final_norm: torch.Tensor, scale: float
+        self, spec: ModelSpec, layers: Sequence[LayerWeights], final_norm: torch.Tensor, scale: float,
+        lm_head: torch.Tensor | None = None,
     ) -> DecodeStack | None:
         """The llama wiring's decode step over these weights in one call, if this backend has one for the model;
-        None: every step runs op by op."""
+        None: every step runs op by op. lm_head: the model's LM head, which the backend may then hold only in the
+        layout its linears read (where it is tied to the embedding, the lookups still read the rows they need)."""
         ...
 
     # encoders (bert) ------------------------------------------------------------------------------

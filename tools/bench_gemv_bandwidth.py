@@ -214,6 +214,7 @@ def bench_shape(shape: tuple[int, int], dtype: torch.dtype, batches: list[int],
             if batch <= max_batch:
                 paths[name] = step.gemv_stream(copies, x)
                 if step.reads_panels and panels:  # the same GEMV code's choice over oneDNN's panels of each copy
+                    assert all(step.panels_match(w, p) for w, p in zip(copies, panels, strict=True))
                     paths[f"{name} panels"] = step.gemv_stream(copies, x, panels)
 
         def per_op(x=x) -> None:

@@ -19,7 +19,7 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     WeightKind,
 )
 from pllm.runtime.backends.cpu.cpu_quant_linear import WIDE_FLOATS, scales_fit, scales_fp16
-from pllm.runtime.backends.cpu.onednn import Panels
+from pllm.runtime.backends.cpu.onednn import PANEL_ROWS, Panels
 
 
 def bind_stack(kernel: CpuDecodeStep, layers: Sequence, final_norm: torch.Tensor, scale: float, rope_tables: Callable,
@@ -43,6 +43,7 @@ def bind_stack(kernel: CpuDecodeStep, layers: Sequence, final_norm: torch.Tensor
     table: list[int] = []
     keep: list[torch.Tensor] = []
     kinds: Counter[str] = Counter()  # what the start-up log says the linears are
+    in_panels: list[torch.Tensor] = []  # float linears the step reads in oneDNN's panels
     for i, layer in enumerate(layers):
         for name, shape in norms.items():
             w = getattr(layer, name, None)
@@ -73,6 +74,9 @@ def bind_stack(kernel: CpuDecodeStep, layers: Sequence, final_norm: torch.Tensor
             table.extend([*words, 0 if held is None else held.address])
             keep.extend(t for t in (w, None if held is None else held.packed) if t is not None)
             kinds[_kind_label(w) + ("" if held is None else " in oneDNN's panels")] += 1
+            if held is not None:
+                assert held.rows in PANEL_ROWS, held.rows  # the step's buffers take panels of up to 64 rows
+                in_panels.append(w)
     why = _why_not_float(kernel.dtype, final_norm, (spec.hidden_size,))
     if why is not None:
         return f"final norm: {why}"
@@ -80,7 +84,7 @@ def bind_stack(kernel: CpuDecodeStep, layers: Sequence, final_norm: torch.Tensor
     assert weights.numel() == len(layers) * WEIGHT_WORDS_PER_LAYER
     packed = [isinstance(getattr(layer, name), QuantizedWeight) for layer in layers for name in linears]
     return CompiledDecodeStack(kernel, weights, [*keep, final_norm], final_norm, scale, rope_tables, kinds,
-                               any(packed), not all(packed))
+                               any(packed), not all(packed), tuple(in_panels))
 
 
 def _why_not_float(dtype: torch.dtype, w: object, shape: tuple[int, ...]) -> str | None:
@@ -131,8 +135,9 @@ class CompiledDecodeStack:
 
     def __init__(self, kernel: CpuDecodeStep, weights: torch.Tensor, keep: list[torch.Tensor],
                  final_norm: torch.Tensor, scale: float, rope_tables: Callable, kinds: Counter[str], packed: bool,
-                 floats: bool):
+                 floats: bool, float_panels: tuple[torch.Tensor, ...] = ()):
         self.kernel, self.weights, self._keep, self.final_norm = kernel, weights, keep, final_norm
+        self.float_panels = float_panels  # the float linears it reads in oneDNN's panels (not their rows)
         self.kinds = kinds  # "int8 group 32", "bfloat16", ... -> how many linears are kept so (the start-up log)
         self.packed = packed  # some linear is packed (and some float, where `floats`)
         self.max_batch = kernel.batch_limit(packed, floats)

@@ -153,31 +153,26 @@ class CpuLinear:
         oneDNN's blocked layout (the same results as F.linear, bit for bit, without a reorder on every call: about
         2x faster for decode-sized batches; fp32 packing rounds differently from F.linear, so fp32 keeps F.linear).
         Where this CPU's layout is panels the compiled step reads (onednn.panel_rows) and this weight's panels hold
-        its elements, element by element, the step's GEMV reads them too; then, and where no compiled step reads
-        rows at all, nothing reads the weight's rows any more and their pages leave the process (mapped_pages: a
-        read-only file mapping's, read again from the file if ever touched), so the weight is held once."""
-        entry = self._packed.get(_key(weight))
-        return entry if entry is not None else self.pack_all([weight])[0]
+        its elements, element by element, the step's GEMV reads them too (the rows then unread by any route here;
+        drop_rows lets them go once the step is bound)."""
+        key = _key(weight)
+        entry = self._packed.get(key)
+        if entry is None:
+            packed = panels = None
+            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn.onednn_packs_bf16():
+                packed = onednn.pack(weight)
+                panels = self._checked_panels(weight, packed)
+            entry = self._packed[key] = PackedFloat(weight, packed, panels)
+        return entry
 
-    def pack_all(self, weights: Sequence[torch.Tensor]) -> list[PackedFloat]:
-        """packed() of each weight, those not yet made made together: the rows of those no route reads any more are
-        dropped with one read of the process's mappings (a read costs ~1 ms beside torch's hundreds of libraries)."""
-        entries, unread = [], []
-        for weight in weights:
-            key = _key(weight)
-            entry = self._packed.get(key)
-            if entry is None:
-                packed = panels = None
-                if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn.onednn_packs_bf16():
-                    packed = onednn.pack(weight)
-                    panels = self._checked_panels(weight, packed)
-                    if (panels is not None or self.decode_step is None) and weight.is_contiguous():
-                        unread.append(weight)
-                entry = self._packed[key] = PackedFloat(weight, packed, panels)
-            entries.append(entry)
-        if unread:
-            self.rows_dropped += drop_file_pages(*unread)
-        return entries
+    def drop_rows(self, weights: Sequence[torch.Tensor]) -> None:
+        """Drop from the process the rows' pages of these weights, each read only in its panels from now on (the
+        caller knows no other reader: the compiled step bound to the panels, an LM head not tied to the embedding),
+        with one read of the process's mappings (~1 ms each beside torch's hundreds of libraries). mapped_pages
+        acts only on a read-only file mapping: pages the file gives back if anything reads them again."""
+        held = [w for w in weights if w.is_contiguous() and self.packed(w).panels is not None]
+        if held:
+            self.rows_dropped += drop_file_pages(*held)
 
     @property
     def reads_panels(self) -> bool:
@@ -189,7 +184,7 @@ class CpuLinear:
     def panels(self, weight: torch.Tensor) -> Panels | None:
         """The panels the compiled step reads for this weight (packed at its first use), or None: its rows (also,
         without packing it, where the step reads no panels: oneDNN's copy is then made at the first GEMM)."""
-        if weight.dtype != torch.bfloat16 or not self.reads_panels:
+        if not isinstance(weight, torch.Tensor) or weight.dtype != torch.bfloat16 or not self.reads_panels:
             return None
         return self.packed(weight).panels
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pllm.models.ops import ACTIVATIONS, AttentionMetadata
 from pllm.runtime.backends.cpu.cpu_decode_stack import bind_stack
-from pllm.runtime.backends.cpu.cpu_decode_step import LINEARS, CpuDecodeStep
+from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep
 from pllm.runtime.backends.cpu.cpu_kernels import (
     CpuDecodeAttention,
     CpuRmsNorm,
@@ -106,17 +106,21 @@ class TorchOps:
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
         return q, k
 
-    def decode_stack(self, spec, layers, final_norm, scale):
+    def decode_stack(self, spec, layers, final_norm, scale, lm_head=None):
         if self.decode_step is None:
             return None
         panels = None if self.quant_kernel is None else self.quant_kernel.panels
-        if self.linears.reads_panels:  # the float linears packed together, so their rows leave in one pass
-            self.linears.pack_all([w for layer in layers for name in LINEARS
-                                   if isinstance(w := getattr(layer, name, None), torch.Tensor)])
         stack = bind_stack(self.decode_step, layers, final_norm, scale, self._rope_rows, panels, self.linears.panels)
         if isinstance(stack, str):  # weights the kernel cannot read: every step runs op by op, said once
             logger.info("pllm cpu backend: decode steps op by op, not the compiled step (%s)", stack)
             return None
+        # Every linear reader of these now reads oneDNN's copy (the step, the GEMV, oneDNN's GEMM): their rows leave
+        # the process, in one pass over its mappings. The LM head's too, packed now (its GEMV reads its panels); where
+        # it is the embedding too, the lookups fault back only the pages of the tokens they read.
+        held = list(stack.float_panels)
+        if isinstance(lm_head, torch.Tensor) and self.linears.panels(lm_head) is not None:
+            held.append(lm_head)
+        self.linears.drop_rows(held)
         if stack.packed:  # said once: the step reads the build's packed weights as they are
             kept = ", ".join(f"{count} {label}" for label, count in sorted(stack.kinds.items()))
             logger.info("pllm cpu backend: decode steps of up to %d sequences compiled, reading packed weights "

@@ -73,9 +73,11 @@ def panel_rows() -> int | None:
     oneDNN its own copy). Each weight is checked again before the step reads it (CpuLinear)."""
     if not onednn_packs_bf16() or not HAS_PACKED_POINTERS:
         return None
-    out_features, in_features = 128, 64
-    bits = torch.arange(1, out_features * in_features + 1, dtype=torch.int32).to(torch.int16)
-    weight = bits.view(torch.bfloat16).reshape(out_features, in_features)  # element i holds bit pattern i + 1
+    # 128 x 128: two panels of 64 rows, four of 32, and inputs past a 64-element block (a layout blocked on the
+    # input first would agree with panels on a narrower probe); bit patterns 0x80 on: every value a normal number
+    out_features, in_features = 128, 128
+    bits = torch.arange(0x80, 0x80 + out_features * in_features, dtype=torch.int32).to(torch.int16)
+    weight = bits.view(torch.bfloat16).reshape(out_features, in_features)
     packed = pack(weight)
     nbytes = int(torch.ops.mkldnn._nbytes(packed))
     raw = (ctypes.c_int16 * (nbytes // 2)).from_address(int(torch.ops.mkldnn.data_ptr(packed)))

@@ -215,7 +215,7 @@ class TritonOps:
     ) -> torch.Tensor:
         return self.kernels["moe"].moe(x, topk_weights, topk_ids, gate_up_weights, down_weights)
 
-    def decode_stack(self, spec, layers, final_norm, scale):
+    def decode_stack(self, spec, layers, final_norm, scale, lm_head=None):
         return None  # decode steps are op by op here; on cuda, CUDA graphs remove their launch overhead
 
     def lora(self, y, x, a, b, lora):
