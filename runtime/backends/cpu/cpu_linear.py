@@ -27,7 +27,7 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     CpuDecodeStep,
 )
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
-from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages
+from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, held_once_note
 from pllm.runtime.backends.cpu.onednn import Panels
 
 logger = logging.getLogger("pllm")
@@ -207,9 +207,5 @@ class CpuLinear:
         """What the panels made so far hold and what became of their rows, for the start-up log; None without
         panels."""
         held = sum(e.panels.nbytes for e in self._packed.values() if e.panels is not None)
-        if held == 0:
-            return None
-        note = f"bf16 weights read by the compiled step in oneDNN's packed copy ({held / 1e6:.0f} MB)"
-        if self.rows_dropped:
-            return f"{note}; their rows' pages dropped from the process ({self.rows_dropped / 1e6:.0f} MB)"
-        return f"{note} beside their rows, which stay resident (not in a read-only file mapping: huge pages)"
+        return held_once_note("bf16 weights read by the compiled step in oneDNN's packed copy", held,
+                              self.rows_dropped)

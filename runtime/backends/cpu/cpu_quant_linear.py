@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
-from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages
+from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, held_once_note
 
 # Packed weights: up to this many token rows the kernel reads the codes directly (one pass over W, each chunk of
 # codes meeting 4 tokens at a time from registers; on x86-64 the activations quantised per block of 32 and
@@ -146,12 +146,7 @@ class CpuQuantLinear:
         """What the panels made so far hold and what became of their rows, for the start-up log; None without
         panels."""
         made = sum(entry[2].numel() for entry in self._weights.values() if entry[2] is not None)
-        if made == 0:
-            return None
-        panels = f"packed weights read from panels ({made / 1e6:.0f} MB)"
-        if self.rows_dropped:
-            return f"{panels}; their rows' pages dropped from the process ({self.rows_dropped / 1e6:.0f} MB)"
-        return f"{panels} beside their rows, which stay resident (not in a read-only file mapping: huge pages)"
+        return held_once_note("packed weights read from panels", made, self.rows_dropped)
 
     def runs(self, weight: QuantizedWeight) -> bool:
         """accepts(weight), remembered per weight: the per-call check of the cpu backend's linear."""

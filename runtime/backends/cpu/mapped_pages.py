@@ -61,6 +61,18 @@ def mapping_of(begin: int, end: int, maps: list[Mapping] | None = None) -> Mappi
     return None
 
 
+def held_once_note(held: str, held_bytes: int, dropped_bytes: int) -> str | None:
+    """The start-up log's line for weights read from a copy of their own (`held`: what it is, held_bytes of it) and
+    their rows: dropped_bytes of them dropped, or none (rows not in a read-only file mapping: huge pages); None when
+    no weight has such a copy."""
+    if held_bytes == 0:
+        return None
+    note = f"{held} ({held_bytes / 1e6:.0f} MB)"
+    if dropped_bytes:
+        return f"{note}; their rows' pages dropped from the process ({dropped_bytes / 1e6:.0f} MB)"
+    return f"{note} beside their rows, which stay resident (not in a read-only file mapping: huge pages)"
+
+
 def _extent(t: torch.Tensor) -> tuple[int, int]:
     assert t.is_contiguous(), t.stride()
     return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
