@@ -1,6 +1,8 @@
-"""Weights in huge pages against weights as safetensors maps them: the evidence behind runtime/worker/huge_pages.py.
+"""Weights in huge pages against weights as safetensors maps them: the evidence behind runtime/worker/huge_pages.py;
+with `--panels`, packed weights' panels in huge pages against ordinary ones: the evidence behind
+runtime/backends/cpu/huge_page_memory.py.
 
-    python tools/bench_huge_pages.py BUILD [BUILD ...] [--batches 1,16] [--rounds 40] [--steps 4]
+    python tools/bench_huge_pages.py BUILD [BUILD ...] [--batches 1,16] [--rounds 40] [--steps 4] [--panels]
 
 Each build loads twice on the cpu backend, side by side: with `huge_pages=True` (the weights read into memory that
 asks for 2 MiB pages) and without (the file mapped by `safetensors.torch.load_file`: 4 KiB page-cache pages). The
@@ -8,19 +10,25 @@ same decode-only batch (prompts of 64 random tokens) runs on both, the two takin
 for --rounds rounds, so drift on a shared machine hits both alike. Prints per build and batch size the median ms
 per step of each, and the median over rounds of (mapped / huge pages) time: above 1, huge pages are faster. Also
 how much memory the kernel backed with huge pages for the huge-pages engine (the process's AnonHugePages).
-A benchmark, not a test.
+With --panels (builds made with `pllm-compile --quantization`, on a CPU where the step reads panels: AVX512-VNNI),
+both engines map the weights as safetensors does, and the second makes its panels in ordinary anonymous memory: the
+same mappings without the madvise(MADV_HUGEPAGE) request, the one thing that differs. A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import mmap
 import random
 import statistics
 import time
+import unittest.mock
 from pathlib import Path
 
 from pllm import LLM, SamplingParams
+from pllm.runtime.backends.cpu import huge_page_memory
 
 PROMPT_TOKENS = 64
 
@@ -33,23 +41,31 @@ def anon_huge_mib() -> float:
     return 0.0
 
 
-def start(build: str, batch: int, huge_pages: bool):
-    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 28, huge_pages=huge_pages)
-    engine = llm.engine
-    rng = random.Random(1)
-    for i in range(batch):
-        ids = [rng.randrange(100, engine.spec.vocab_size) for _ in range(PROMPT_TOKENS)]
-        engine.add_request(f"r{i}", ids, SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True))
-    for _ in range(4):  # prefill, then a few decode steps
-        engine.step()
+def ordinary_arena(nbytes: int) -> tuple[mmap.mmap, int]:
+    """huge_page_memory.huge_page_arena's mapping without its madvise: what the panels lie in for the comparison."""
+    return mmap.mmap(-1, nbytes + huge_page_memory.HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), 0
+
+
+def start(build: str, batch: int, huge_pages: bool, ordinary_panels: bool = False):
+    swap = (contextlib.nullcontext() if not ordinary_panels else
+            unittest.mock.patch.object(huge_page_memory, "huge_page_arena", ordinary_arena))
+    with swap:  # the panels are made as the engine warms up and at the first steps
+        llm = LLM(build, backend="cpu", kv_cache_memory=1 << 28, huge_pages=huge_pages)
+        engine = llm.engine
+        rng = random.Random(1)
+        for i in range(batch):
+            ids = [rng.randrange(100, engine.spec.vocab_size) for _ in range(PROMPT_TOKENS)]
+            engine.add_request(f"r{i}", ids, SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True))
+        for _ in range(4):  # prefill, then a few decode steps
+            engine.step()
     return llm
 
 
-def measure(build: str, batch: int, rounds: int, steps: int) -> None:
+def measure(build: str, batch: int, rounds: int, steps: int, panels: bool) -> None:
     before = anon_huge_mib()
-    huge = start(build, batch, True)
+    huge = start(build, batch, not panels)
     huge_mib = anon_huge_mib() - before
-    plain = start(build, batch, False)
+    plain = start(build, batch, False, ordinary_panels=panels)
     times: dict[str, list[float]] = {"huge pages": [], "mapped": []}
     for _ in range(rounds):
         for name, llm in (("huge pages", huge), ("mapped", plain)):
@@ -58,8 +74,10 @@ def measure(build: str, batch: int, rounds: int, steps: int) -> None:
                 llm.engine.step()
             times[name].append((time.perf_counter() - t) / steps)
     ratio = statistics.median(m / h for m, h in zip(times["mapped"], times["huge pages"], strict=True))
-    cells = "  ".join(f"{name} {statistics.median(v) * 1e3:.2f} ms" for name, v in times.items())
-    print(f"{Path(build).name:>24}  batch {batch:>2}: {cells}  mapped / huge pages {ratio:.3f}x "
+    plain_name = "ordinary panels" if panels else "mapped"
+    cells = "  ".join(f"{name if name != 'mapped' else plain_name} {statistics.median(v) * 1e3:.2f} ms"
+                      for name, v in times.items())
+    print(f"{Path(build).name:>24}  batch {batch:>2}: {cells}  {plain_name} / huge pages {ratio:.3f}x "
           f"(huge pages backing {huge_mib:.0f} MiB)", flush=True)
     huge.close()
     plain.close()
@@ -73,10 +91,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1", help="comma-separated decode batch sizes")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--panels", action="store_true",
+                    help="compare packed weights' panels in huge pages with panels in ordinary pages")
     args = ap.parse_args()
     for build in args.builds:
         for batch in (int(b) for b in args.batches.split(",")):
-            measure(build, batch, args.rounds, args.steps)
+            measure(build, batch, args.rounds, args.steps, args.panels)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ tensor is read once, from the file into its place in the arena (64-byte aligned,
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-HUGE_PAGE = 2 << 20
+from pllm.runtime.backends.cpu.huge_page_memory import huge_page_arena
+
 ALIGN = 64  # each tensor starts on a cache line
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 DTYPE_SIZES = {
@@ -56,20 +56,6 @@ class ResidentWeights:
     memory: mmap.mmap
     start: int
     tensors: tuple[TensorPlace, ...]
-
-
-def huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
-    """(anonymous memory of nbytes past a 2 MiB boundary, that boundary's offset in it), huge pages requested."""
-    memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere ordinary pages
-        try:
-            memory.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel built without transparent huge pages
-            pass
-    first = ctypes.c_char.from_buffer(memory)
-    address = ctypes.addressof(first)
-    del first  # an exported buffer would pin the mapping
-    return memory, -address % HUGE_PAGE
 
 
 @dataclass(frozen=True)

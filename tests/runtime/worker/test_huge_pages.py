@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pllm.compiler.manifest import BuildDirError, open_build
 from pllm.runtime.backends.cpu.mapped_pages import mapping_of
-from pllm.runtime.worker.huge_pages import ALIGN, HUGE_PAGE, WeightFileError, huge_page_arena, read_weight_file
+from pllm.runtime.worker.huge_pages import ALIGN, WeightFileError, read_weight_file
 from pllm.runtime.worker.loader import TORCH_DTYPES, load_weights, tensors_of
 
 
@@ -42,12 +42,6 @@ def test_reads_what_safetensors_reads(tmp_path):
         assert got[name].data_ptr() % ALIGN == 0, name
     got["w.f32"][0, 0, 0] = 7.0  # writable, and the file is not
     assert load_file(str(f))["w.f32"][0, 0, 0] != 7.0
-
-
-def test_the_arena_starts_on_a_huge_page():
-    memory, start = huge_page_arena(3 * HUGE_PAGE + 5)
-    whole = torch.frombuffer(memory, dtype=torch.uint8)
-    assert whole[start:].numel() >= 3 * HUGE_PAGE + 5 and whole[start:].data_ptr() % HUGE_PAGE == 0
 
 
 def test_every_safetensors_dtype_has_a_torch_dtype_of_its_size():

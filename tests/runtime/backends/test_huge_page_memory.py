@@ -1,0 +1,127 @@
+"""Memory that asks for 2 MiB pages (runtime/backends/cpu/huge_page_memory.py): the arena starts on a huge page, the
+request is made (VmFlags 'hg' in /proc/self/smaps, whether or not the kernel then grants the pages), and PageArena
+hands out pieces that are aligned, never overlap, and stay valid as long as they are held."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+import torch
+
+from pllm.runtime.backends.cpu.huge_page_memory import ALIGN, HUGE_PAGE, PageArena, huge_page_arena
+
+
+def thp_offered() -> bool:
+    """Whether this kernel hands out transparent huge pages at all (on request or always)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+THP = sys.platform.startswith("linux") and thp_offered()
+
+
+def vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+def piece(arena: PageArena, nbytes: int) -> torch.Tensor:
+    memory, offset = arena.take(nbytes)
+    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset)
+
+
+def test_the_arena_starts_on_a_huge_page():
+    memory, start = huge_page_arena(3 * HUGE_PAGE + 5)
+    whole = torch.frombuffer(memory, dtype=torch.uint8)
+    assert whole[start:].numel() >= 3 * HUGE_PAGE + 5 and whole[start:].data_ptr() % HUGE_PAGE == 0
+
+
+@pytest.mark.skipif(not THP, reason="a Linux kernel with transparent huge pages")
+def test_the_arena_asks_for_huge_pages():
+    memory, start = huge_page_arena(HUGE_PAGE)
+    assert "hg" in vm_flags(torch.frombuffer(memory, dtype=torch.uint8)[start:].data_ptr())
+
+
+def test_pieces_follow_each_other_on_cache_lines_without_overlapping():
+    arena = PageArena(chunk=1 << 20)
+    sizes = [1, 63, 64, 65, 4096, 100_000, 7]
+    pieces = [piece(arena, n) for n in sizes]
+    assert arena.mappings == 1  # all of them fit the first mapping
+    assert pieces[0].data_ptr() % HUGE_PAGE == 0
+    for p, n in zip(pieces, sizes, strict=True):
+        assert p.numel() == n and p.data_ptr() % ALIGN == 0
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel()) for p in pieces)
+    assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
+    for i, p in enumerate(pieces):
+        p.fill_(i + 1)
+    assert all(bool((p == i + 1).all()) for i, p in enumerate(pieces))  # no piece wrote over another
+
+
+def test_a_piece_that_does_not_fit_starts_a_new_mapping_and_a_big_one_gets_its_own():
+    arena = PageArena(chunk=1 << 20)
+    first = piece(arena, (1 << 20) - 100)
+    second = piece(arena, 200)  # past the first mapping's end
+    assert arena.mappings == 2 and second.data_ptr() % HUGE_PAGE == 0
+    big = piece(arena, 3 << 20)
+    assert arena.mappings == 3 and big.numel() == 3 << 20 and big.data_ptr() % HUGE_PAGE == 0
+    big[-1] = 5  # all of it is there
+    after = piece(arena, 10)  # the big one's mapping is full: a new one
+    assert arena.mappings == 4
+    assert len({first.data_ptr(), second.data_ptr(), big.data_ptr(), after.data_ptr()}) == 4
+
+
+def test_a_piece_outlives_its_arena():
+    arena = PageArena(chunk=1 << 20)
+    kept = piece(arena, 1000)
+    kept.fill_(3)
+    del arena
+    assert int(kept.sum()) == 3000
+    kept.fill_(4)  # still mapped, still writable
+    assert int(kept.sum()) == 4000
+
+
+def test_threads_taking_pieces_at_once_get_disjoint_ones():
+    arena = PageArena(chunk=1 << 16)
+    got: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    keep: list[torch.Tensor] = []
+
+    def take() -> None:
+        for n in range(1, 200):
+            p = piece(arena, 37 * n)
+            with lock:
+                got.append((p.data_ptr(), p.data_ptr() + p.numel()))
+                keep.append(p)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = sorted(got)
+    assert len(spans) == 4 * 199
+    assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("nbytes", [0, -1])
+def test_an_empty_or_negative_piece_is_refused(nbytes):
+    with pytest.raises(ValueError, match="positive size"):
+        PageArena().take(nbytes)
+
+
+def test_a_chunk_must_be_positive():
+    with pytest.raises(ValueError, match="chunk must be positive"):
+        PageArena(chunk=0)
