@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from proc_smaps import thp_offered, vm_flags
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.models.quant import QuantScheme, dequantize
 from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear, QuantRows
 
-from ..runtime.backends.test_huge_page_memory import THP, vm_flags
 from .test_cpu_quant_linear import SETTINGS, random_weight, with_scales
 
 INT8, INT4, INT4_SYM = QuantScheme.INT8, QuantScheme.INT4, QuantScheme.INT4_SYM
@@ -68,7 +68,7 @@ def test_rows_in_whole_panels_are_repacked_as_the_layout_says(compiled_quant, vn
     sides = 1 if weight.mins is None else 2
     assert panels.numel() == weight.codes.numel() + sides * weight.scales.numel() * weight.scales.element_size()
     assert compiled_quant.panels(weight) is panels  # made once, kept with the weight
-    if THP:  # in memory that asked for 2 MiB pages, as every weight's panels (huge_page_memory.PageArena)
+    if thp_offered():  # in memory that asked for 2 MiB pages, as every weight's panels (huge_page_memory.PageArena)
         assert "hg" in vm_flags(panels.data_ptr())
 
 

@@ -4,38 +4,15 @@ hands out pieces that are aligned, never overlap, and stay valid as long as they
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import pytest
 import torch
+from proc_smaps import thp_offered, vm_flags
 
 from pllm.runtime.backends.cpu.huge_page_memory import ALIGN, HUGE_PAGE, PageArena, huge_page_arena
 
-
-def thp_offered() -> bool:
-    """Whether this kernel hands out transparent huge pages at all (on request or always)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
-
-
-THP = sys.platform.startswith("linux") and thp_offered()
-
-
-def vm_flags(address: int) -> list[str]:
-    """VmFlags of the mapping holding `address` (/proc/self/smaps)."""
-    inside = False
-    for line in open("/proc/self/smaps"):
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(a, 16) for a in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"{address:#x} is in no mapping")
+THP = thp_offered()
 
 
 def piece(arena: PageArena, nbytes: int) -> torch.Tensor:

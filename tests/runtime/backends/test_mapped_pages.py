@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from proc_smaps import resident_bytes
 from safetensors.torch import load_file, save_file
 
 from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, make_read_only, mapping_of
@@ -15,19 +16,6 @@ from pllm.runtime.worker.loader import tensors_of
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's madvise and /proc/self/maps")
 MIB = 1 << 20
-
-
-def resident_bytes(address: int) -> int:
-    """Rss of the mapping holding `address` (/proc/self/smaps)."""
-    inside = False
-    for line in open("/proc/self/smaps"):
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(a, 16) for a in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "Rss:":
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"{address:#x} is in no mapping")
 
 
 def mapped(tmp_path, values: torch.Tensor) -> torch.Tensor:
