@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import mmap
 import random
@@ -42,8 +43,15 @@ def anon_huge_mib() -> float:
 
 
 def ordinary_arena(nbytes: int) -> tuple[mmap.mmap, int]:
-    """huge_page_memory.huge_page_arena's mapping without its madvise: what the panels lie in for the comparison."""
-    return mmap.mmap(-1, nbytes + huge_page_memory.HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), 0
+    """huge_page_memory.huge_page_arena's mapping, the same size and start, asking for ordinary pages instead
+    (MADV_NOHUGEPAGE, so not even a kernel whose huge pages are `always` gives it any): what the other engine's
+    panels lie in."""
+    memory = mmap.mmap(-1, nbytes + huge_page_memory.HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_NOHUGEPAGE)
+    first = ctypes.c_char.from_buffer(memory)
+    address = ctypes.addressof(first)
+    del first  # an exported buffer would pin the mapping
+    return memory, -address % huge_page_memory.HUGE_PAGE
 
 
 def start(build: str, batch: int, huge_pages: bool, ordinary_panels: bool = False):
@@ -66,6 +74,7 @@ def measure(build: str, batch: int, rounds: int, steps: int, panels: bool) -> No
     huge = start(build, batch, not panels)
     huge_mib = anon_huge_mib() - before
     plain = start(build, batch, False, ordinary_panels=panels)
+    plain_mib = anon_huge_mib() - before - huge_mib
     times: dict[str, list[float]] = {"huge pages": [], "mapped": []}
     for _ in range(rounds):
         for name, llm in (("huge pages", huge), ("mapped", plain)):
@@ -78,7 +87,8 @@ def measure(build: str, batch: int, rounds: int, steps: int, panels: bool) -> No
     cells = "  ".join(f"{name if name != 'mapped' else plain_name} {statistics.median(v) * 1e3:.2f} ms"
                       for name, v in times.items())
     print(f"{Path(build).name:>24}  batch {batch:>2}: {cells}  {plain_name} / huge pages {ratio:.3f}x "
-          f"(huge pages backing {huge_mib:.0f} MiB)", flush=True)
+          f"(2 MiB pages backing {huge_mib:.0f} MiB of the huge-pages engine, {plain_mib:.0f} MiB of the other)",
+          flush=True)
     huge.close()
     plain.close()
     del huge, plain

@@ -25,9 +25,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pllm.runtime.backends.cpu.huge_page_memory import huge_page_arena
+from pllm.runtime.backends.cpu.huge_page_memory import ALIGN, huge_page_arena  # each tensor on a cache line
 
-ALIGN = 64  # each tensor starts on a cache line
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,

@@ -4,6 +4,7 @@ GEMV/GEMM over the codes, up to QUANT_GEMV_MAX_TOKENS rows), or W dequantised fo
 from __future__ import annotations
 
 import ctypes
+import threading
 from enum import IntEnum
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class CpuQuantLinear:
             fn.restype = ctypes.c_int
         self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments, its panels), see _entry
         self._arena = PageArena()  # the panels' memory: 2 MiB pages where the kernel gives them (huge_page_memory.py)
+        self._making = threading.Lock()  # one thread makes a weight's entry (_entry)
 
     def limit_isa(self, level: QuantRows) -> QuantRows:
         """Run the best row code this CPU has up to `level` (for tests and benchmarks; INT_VNNI, the default,
@@ -103,26 +105,30 @@ class CpuQuantLinear:
         return self._entry(weight)[1]
 
     def _entry(self, weight: QuantizedWeight) -> tuple:
-        """(weight, its kernel arguments or None, its panels or None), made at the weight's first use. Two threads
-        meeting a weight first at once may both make one (the library releases the GIL); the first stored is the
-        one kept, and a caller holds the entry it reads for the length of its call, so no panels it points at are
-        freed under it. Where panels are made, every reader here (the GEMV, the dequantiser, the decode step) reads
-        them and not the rows; where the rows lie in a read-only file mapping (the loader's, without huge pages)
-        their pages are then dropped from the process (mapped_pages.py), so a packed model's weights are resident
-        once, not twice (the rows stay readable, faulting back in if read)."""
+        """(weight, its kernel arguments or None, its panels or None), made at the weight's first use, by one thread:
+        another meeting the same weight at once waits for it (panels, once carved from the arena, are never given
+        back). Kept with the weight itself, so its id is never reused while the entry lives. Where panels are made,
+        every reader here (the GEMV, the dequantiser, the decode step) reads them and not the rows; where the rows lie
+        in a read-only file mapping (the loader's, without huge pages) their pages are then dropped from the process
+        (mapped_pages.py), so a packed model's weights are resident once, not twice (the rows stay readable, faulting
+        back in if read)."""
         entry = self._weights.get(id(weight))
-        if entry is None:
-            args, panels = None, None
-            if self.accepts(weight):
-                n, k = weight.shape
-                rows = (weight.codes.data_ptr(), int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size,
-                        weight.scales.data_ptr(), None if weight.mins is None else weight.mins.data_ptr(),
-                        scales_fp16(weight))
-                panels = self._repacked(n, k, *rows)
-                args = (n, k, *rows, None if panels is None else panels.data_ptr())
-            entry = self._weights.setdefault(id(weight), (weight, args, panels))
-            if entry[2] is not None and entry[2] is panels:
-                self.rows_dropped += drop_file_pages(weight.codes, weight.scales, weight.mins)
+        if entry is not None:
+            return entry
+        with self._making:
+            entry = self._weights.get(id(weight))
+            if entry is None:
+                args, panels = None, None
+                if self.accepts(weight):
+                    n, k = weight.shape
+                    rows = (weight.codes.data_ptr(), int(CODE_SCHEMES[weight.fmt.scheme]), weight.fmt.group_size,
+                            weight.scales.data_ptr(), None if weight.mins is None else weight.mins.data_ptr(),
+                            scales_fp16(weight))
+                    panels = self._repacked(n, k, *rows)
+                    args = (n, k, *rows, None if panels is None else panels.data_ptr())
+                entry = self._weights[id(weight)] = (weight, args, panels)
+                if panels is not None:
+                    self.rows_dropped += drop_file_pages(weight.codes, weight.scales, weight.mins)
         return entry
 
     def _repacked(self, n: int, k: int, codes: int, scheme: int, group: int, scales: int, mins: int | None,
@@ -131,13 +137,12 @@ class CpuQuantLinear:
         AVX512-VNNI code reads in place of the rows (INT4 at one token 1.3-1.5x as fast with the weights in L3,
         1.0-1.3x from memory: templates/cpu_quant_vnni_panels.cpp.inc); None where it would not read them (CPUs
         without AVX512-VNNI, rows or widths not in whole panels and chunks), the rows then read as they are. They
-        lie one after another in memory that asks for 2 MiB pages, which a decode step streams faster (1.13x whole
-        batch-1 steps of a 1B int4_sym build on the dev VM, huge_page_memory.py)."""
+        lie one after another in memory that asks for 2 MiB pages, which a decode step streams faster (whole batch-1
+        steps 1.03-1.13x on the dev VM, huge_page_memory.py)."""
         size = self._panel_bytes(scheme, k, n, group, fp16)
         if size == 0:
             return None
-        memory, offset = self._arena.take(size)
-        panels = torch.frombuffer(memory, dtype=torch.uint8, count=size, offset=offset)
+        panels = torch.frombuffer(self._arena.take(size), dtype=torch.uint8)  # pins its mapping
         status = self._make_panels(codes, scheme, k, n, group, scales, mins, fp16, panels.data_ptr())
         assert status == 0, status  # the kernel sized them itself
         return panels

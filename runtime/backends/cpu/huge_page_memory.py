@@ -5,10 +5,13 @@ with huge_pages (runtime/worker/huge_pages.py) and the panels the cpu backend re
 Streaming memory in 4 KiB pages costs a TLB entry per page, and in a virtual machine each miss walks two page tables
 (the guest's and the hypervisor's). On the dev VM (2-core Xeon, 2026-12-06) the INT4 panel GEMV alone read a 1B
 model's gate_up copies at 22.6 GB/s in ordinary pages and 28.8 GB/s in 2 MiB ones (a load-only pass over the same
-layout: 25.7 against 33.0), and whole batch-1 steps of the 1.17B model's int4_sym build ran 1.13x faster with its
-panels here (README, "Weights in huge pages"). Where the kernel hands huge pages out only on request (`enabled` =
+layout: 25.7 against 33.0); whole batch-1 steps ran 1.03-1.05x faster with the panels here on the 1.17B model's
+int4_sym build and 1.13x on SmolLM2's (README, "Weights in huge pages"). The cost is at load: 2 MiB pages can be
+slower to fault in than 4 KiB ones (where the hypervisor has not backed them yet, as on the dev VM, or where the
+kernel compacts memory to find them). Where the kernel hands huge pages out only on request (`enabled` =
 madvise, a common default) the request is `madvise(MADV_HUGEPAGE)` before the memory is first written; where it has
-none, this is ordinary anonymous memory and everything works the same, only slower.
+none (or `enabled` is never: the system's opt-out), this is ordinary anonymous memory and everything works the
+same.
 """
 
 from __future__ import annotations
@@ -37,32 +40,38 @@ def huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
 
 
 class PageArena:
-    """Pieces of huge-page memory handed out one after another from mappings of CHUNK bytes, for things made once and
-    kept as long as the model (no piece is ever returned). A piece is (mapping, offset): whoever wraps it (e.g.
-    torch.frombuffer) holds the mapping, which stays mapped while any piece of it is held. Pages of a mapping no
-    piece reaches are never touched, so never backed. Safe to call from several threads."""
+    """Pieces of huge-page memory handed out one after another from mappings of `chunk` bytes, for things made once and
+    kept as long as the model (no piece is ever returned). A piece bigger than a chunk gets a mapping of its own, and
+    the current chunk goes on serving the smaller ones. Each piece is a memoryview, which pins its mapping: the mapping
+    stays mapped while anything made from the view (e.g. torch.frombuffer's tensor) lives, and cannot be closed under
+    it. Pages no piece reaches are never touched, so never backed (with huge pages granted, the 2 MiB page a piece
+    ends in is backed whole). Safe to call from several threads."""
 
     def __init__(self, chunk: int = CHUNK):
         if chunk <= 0:
             raise ValueError(f"PageArena chunk must be positive, got {chunk}")
         self.chunk = chunk
         self._lock = threading.Lock()
-        self._memory: mmap.mmap | None = None
-        self._next = 0  # the first free byte of _memory
-        self._end = 0  # the end of _memory's usable part
+        self._memory: mmap.mmap | None = None  # the current chunk
+        self._next = 0  # its first free byte
+        self._end = 0  # the end of its usable part
         self.mappings = 0  # how many mappings were made so far
 
-    def take(self, nbytes: int) -> tuple[mmap.mmap, int]:
-        """A piece of nbytes (> 0): its mapping and its offset there, a multiple of ALIGN bytes past the mapping's
-        first 2 MiB boundary."""
+    def take(self, nbytes: int) -> memoryview:
+        """A piece of nbytes (> 0), starting on a cache line (the first piece of a mapping on a 2 MiB boundary)."""
         if nbytes <= 0:
             raise ValueError(f"PageArena pieces must have a positive size, got {nbytes}")
         with self._lock:
+            if nbytes > self.chunk:  # a mapping of its own; the current chunk goes on serving smaller pieces
+                memory, start = self._map(nbytes)
+                return memoryview(memory)[start:start + nbytes]
             start = -(-self._next // ALIGN) * ALIGN
             if self._memory is None or start + nbytes > self._end:
-                size = max(nbytes, self.chunk)
-                self._memory, start = huge_page_arena(size)
-                self._end = start + size
-                self.mappings += 1
+                self._memory, start = self._map(self.chunk)
+                self._end = start + self.chunk
             self._next = start + nbytes
-            return self._memory, start
+            return memoryview(self._memory)[start:start + nbytes]
+
+    def _map(self, nbytes: int) -> tuple[mmap.mmap, int]:
+        self.mappings += 1
+        return huge_page_arena(nbytes)

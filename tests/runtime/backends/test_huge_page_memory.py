@@ -5,19 +5,20 @@ hands out pieces that are aligned, never overlap, and stay valid as long as they
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 from proc_smaps import thp_offered, vm_flags
 
+from pllm.runtime.backends.cpu import huge_page_memory
 from pllm.runtime.backends.cpu.huge_page_memory import ALIGN, HUGE_PAGE, PageArena, huge_page_arena
 
 THP = thp_offered()
 
 
 def piece(arena: PageArena, nbytes: int) -> torch.Tensor:
-    memory, offset = arena.take(nbytes)
-    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset)
+    return torch.frombuffer(arena.take(nbytes), dtype=torch.uint8)
 
 
 def test_the_arena_starts_on_a_huge_page():
@@ -55,8 +56,9 @@ def test_a_piece_that_does_not_fit_starts_a_new_mapping_and_a_big_one_gets_its_o
     big = piece(arena, 3 << 20)
     assert arena.mappings == 3 and big.numel() == 3 << 20 and big.data_ptr() % HUGE_PAGE == 0
     big[-1] = 5  # all of it is there
-    after = piece(arena, 10)  # the big one's mapping is full: a new one
-    assert arena.mappings == 4
+    after = piece(arena, 10)  # the second mapping goes on serving small pieces
+    assert arena.mappings == 3
+    assert after.data_ptr() == second.data_ptr() + 256  # 200 rounded up to a cache line
     assert len({first.data_ptr(), second.data_ptr(), big.data_ptr(), after.data_ptr()}) == 4
 
 
@@ -70,18 +72,40 @@ def test_a_piece_outlives_its_arena():
     assert int(kept.sum()) == 4000
 
 
-def test_threads_taking_pieces_at_once_get_disjoint_ones():
+def test_a_held_piece_pins_its_mapping():
+    arena = PageArena(chunk=1 << 20)
+    view = arena.take(100)
+    mapping = view.obj
+    kept = torch.frombuffer(view, dtype=torch.uint8)
+    del view
+    with pytest.raises(BufferError):
+        mapping.close()
+    kept.fill_(1)
+    assert int(kept.sum()) == 100
+
+
+class SlowAlign(int):
+    """huge_page_memory.ALIGN for the race test: rounding up to it sleeps (the GIL released) between take() reading
+    where the next piece goes and recording it, so threads racing there without the lock would get the same piece."""
+
+    def __rfloordiv__(self, other: int) -> int:
+        time.sleep(0.002)
+        return int(other) // int(self)
+
+
+def test_threads_taking_pieces_at_once_get_disjoint_ones(monkeypatch):
+    monkeypatch.setattr(huge_page_memory, "ALIGN", SlowAlign(ALIGN))
     arena = PageArena(chunk=1 << 16)
     got: list[tuple[int, int]] = []
-    lock = threading.Lock()
     keep: list[torch.Tensor] = []
+    start = threading.Barrier(4)
 
     def take() -> None:
-        for n in range(1, 200):
+        start.wait()
+        for n in range(1, 20):
             p = piece(arena, 37 * n)
-            with lock:
-                got.append((p.data_ptr(), p.data_ptr() + p.numel()))
-                keep.append(p)
+            got.append((p.data_ptr(), p.data_ptr() + p.numel()))  # list.append is atomic
+            keep.append(p)
 
     threads = [threading.Thread(target=take) for _ in range(4)]
     for t in threads:
@@ -89,7 +113,7 @@ def test_threads_taking_pieces_at_once_get_disjoint_ones():
     for t in threads:
         t.join()
     spans = sorted(got)
-    assert len(spans) == 4 * 199
+    assert len(spans) == 4 * 19
     assert all(end <= begin for (_, end), (begin, _) in zip(spans, spans[1:]))
 
 
