@@ -46,8 +46,9 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
 
 
-def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, str]:
-    """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu."""
+def select_backend(name: str, build: BuildManifest, huge_pages: bool = False) -> tuple[Ops, torch.device, str]:
+    """The one place that maps a backend name to ops and a device; `auto` resolves to cuda or cpu. huge_pages
+    (EngineConfig's, cpu only): what the decode step streams kept in 2 MiB pages."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -57,7 +58,7 @@ def select_backend(name: str, build: BuildManifest) -> tuple[Ops, torch.device, 
         choice = choose_cpu_kernels(build)
         (logger.warning if choice.op_by_op else logger.info)("pllm cpu backend: %s", choice.reason)
         ops = TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, quant_kernel=choice.quant_linear,
-                       decode_step=choice.decode_step)
+                       decode_step=choice.decode_step, huge_pages=huge_pages)
         return ops, torch.device("cpu"), name
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")
@@ -78,7 +79,7 @@ class ModelRunner:
         self.shard = shard
         self.spec = build.rank_spec  # the whole model's, or one rank's share of a split build
         self.block_size = build.block_size
-        self.ops, self.device, self.backend = select_backend(config.backend, build)
+        self.ops, self.device, self.backend = select_backend(config.backend, build, config.huge_pages)
         if shard is not None:
             self.device = shard.device
         mark(Stage.KERNELS)

@@ -46,6 +46,9 @@ def test_rows_leave_the_process_and_the_tokens_stay(tiny_dir, tmp_path, caplog):
         assert (ops.linears.rows_dropped > 0) == (not huge_pages), ops.linears.rows_dropped
         said = "rows' pages dropped from the process" if not huge_pages else "beside their rows, which stay resident"
         assert said in caplog.text, caplog.text
+        # with huge_pages the panels are asked into 2 MiB pages too (the tiny model's hold no whole one)
+        assert ops.linears.huge_pages == huge_pages
+        assert ("moved into 2 MiB pages (huge_pages)" in caplog.text) == huge_pages, caplog.text
         for entry in held:
             assert ops.decode_step.panels_match(entry.weight, entry.panels)
     assert tokens[False] == tokens[True]

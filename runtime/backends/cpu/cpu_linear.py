@@ -27,6 +27,7 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     CpuDecodeStep,
 )
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
+from pllm.runtime.backends.cpu.huge_page_memory import collapse
 from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, held_once_note
 from pllm.runtime.backends.cpu.onednn import Panels
 
@@ -73,9 +74,13 @@ class CpuLinear:
     """The build's linear routes, with what they keep between calls: oneDNN's packed copies of bf16 weights and the
     prefill path's dequantised-weight buffers."""
 
-    def __init__(self, quant_kernel: CpuQuantLinear | None = None, decode_step: CpuDecodeStep | None = None) -> None:
+    def __init__(self, quant_kernel: CpuQuantLinear | None = None, decode_step: CpuDecodeStep | None = None,
+                 huge_pages: bool = False) -> None:
         self.quant_kernel = quant_kernel  # builds with packed weights
         self.decode_step = decode_step  # the build's compiled step, whose GEMV takes a few rows
+        # huge_pages (EngineConfig): the panels the step reads moved into 2 MiB pages as they are made (packed)
+        self.huge_pages = huge_pages
+        self.collapsed = 0  # bytes of panels asked into 2 MiB pages so far
         self._packed: dict[tuple, PackedFloat] = {}  # (data_ptr, shape, stride, dtype) -> what is kept of it
         self.rows_dropped = 0  # bytes of float weights' rows dropped from the process once nothing reads them
         self._mismatch_said = False
@@ -154,7 +159,8 @@ class CpuLinear:
         2x faster for decode-sized batches; fp32 packing rounds differently from F.linear, so fp32 keeps F.linear).
         Where this CPU's layout is panels the compiled step reads (onednn.panel_rows) and this weight's panels hold
         its elements, element by element, the step's GEMV reads them too (the rows then unread by any route here;
-        drop_rows lets them go once the step is bound)."""
+        drop_rows lets them go once the step is bound); with huge_pages, in 2 MiB pages (huge_page_memory.collapse:
+        oneDNN allocates them in ordinary ones)."""
         key = _key(weight)
         entry = self._packed.get(key)
         if entry is None:
@@ -162,6 +168,8 @@ class CpuLinear:
             if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and onednn.onednn_packs_bf16():
                 packed = onednn.pack(weight)
                 panels = self._checked_panels(weight, packed)
+                if panels is not None and self.huge_pages:  # what the step streams, as huge_pages promises
+                    self.collapsed += collapse(panels.address, panels.nbytes)
             entry = self._packed[key] = PackedFloat(weight, packed, panels)
         return entry
 
@@ -207,5 +215,8 @@ class CpuLinear:
         """What the panels made so far hold and what became of their rows, for the start-up log; None without
         panels."""
         held = sum(e.panels.nbytes for e in self._packed.values() if e.panels is not None)
-        return held_once_note("bf16 weights read by the compiled step in oneDNN's packed copy", held,
+        note = held_once_note("bf16 weights read by the compiled step in oneDNN's packed copy", held,
                               self.rows_dropped)
+        if note is not None and self.huge_pages:
+            note += f"; {self.collapsed / 1e6:.0f} MB of it moved into 2 MiB pages (huge_pages)"
+        return note

@@ -59,11 +59,12 @@ class TorchOps:
         rope_kernel: CpuRopeKvWrite | None = None,
         quant_kernel: CpuQuantLinear | None = None,
         decode_step: CpuDecodeStep | None = None,
+        huge_pages: bool = False,
     ) -> None:
         self.decode_attention = decode_attention
         self.quant_kernel = quant_kernel  # builds with packed weights
         self.decode_step = decode_step  # the build's whole decode step, bound to a model's weights by decode_stack
-        self.linears = CpuLinear(quant_kernel, decode_step)  # every linear's route (cpu_linear.py)
+        self.linears = CpuLinear(quant_kernel, decode_step, huge_pages)  # every linear's route (cpu_linear.py)
         self.rms_norm_kernel = rms_norm_kernel  # bfloat16 builds only
         self.rope_kernel = rope_kernel
         self._kernel_meta: AttentionMetadata | None = None  # the step whose one-token-query rows are cached

@@ -17,12 +17,15 @@ same.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
+import sys
 import threading
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each piece starts on a cache line
 CHUNK = 64 << 20  # PageArena's mappings: a piece bigger than this gets one of its own size
+MADV_COLLAPSE = 25  # Linux 6.1 on (include/uapi/asm-generic/mman-common.h); Python's mmap module lacks the name
 
 
 def huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
@@ -37,6 +40,31 @@ def huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
     address = ctypes.addressof(first)
     del first  # an exported buffer would pin the mapping
     return memory, -address % HUGE_PAGE
+
+
+def collapse(address: int, nbytes: int) -> int:
+    """Ask the kernel to move the whole 2 MiB pages inside [address, address + nbytes) of memory someone else
+    allocated in ordinary pages (oneDNN's packed bf16 copies) into huge pages now, in place: madvise(MADV_COLLAPSE),
+    which copies each into a fresh 2 MiB page, the contents and addresses unchanged. Returns the bytes asked for: 0
+    where the range holds no whole 2 MiB page, or the kernel refuses (before Linux 6.1, no transparent huge pages,
+    a platform without madvise). Synchronous: about 3 s a GB on the dev VM, whose hypervisor backs fresh pages
+    slowly; for a caller who asked to pay at load (huge_pages)."""
+    lo = -(-address // HUGE_PAGE) * HUGE_PAGE
+    hi = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
+    libc = _libc()
+    if hi <= lo or libc is None:
+        return 0
+    return hi - lo if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE) == 0 else 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc
 
 
 class PageArena:

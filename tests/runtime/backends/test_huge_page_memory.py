@@ -4,15 +4,16 @@ hands out pieces that are aligned, never overlap, and stay valid as long as they
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 
 import pytest
 import torch
-from proc_smaps import thp_offered, vm_flags
+from proc_smaps import smaps_field, thp_offered, vm_flags
 
 from pllm.runtime.backends.cpu import huge_page_memory
-from pllm.runtime.backends.cpu.huge_page_memory import ALIGN, HUGE_PAGE, PageArena, huge_page_arena
+from pllm.runtime.backends.cpu.huge_page_memory import ALIGN, HUGE_PAGE, PageArena, collapse, huge_page_arena
 
 THP = thp_offered()
 
@@ -126,3 +127,30 @@ def test_an_empty_or_negative_piece_is_refused(nbytes):
 def test_a_chunk_must_be_positive():
     with pytest.raises(ValueError, match="chunk must be positive"):
         PageArena(chunk=0)
+
+
+def kernel_collapses() -> bool:
+    """Linux 6.1 on (madvise(MADV_COLLAPSE)) with transparent huge pages offered."""
+    major, minor = (int(part) if part.isdigit() else 0 for part in platform.release().split(".")[:2])
+    return thp_offered() and (major, minor) >= (6, 1)
+
+
+def test_collapse_moves_whole_huge_pages_of_memory_allocated_elsewhere_and_keeps_it():
+    """torch's own allocation (ordinary pages, as oneDNN's packed copies): the 2 MiB pages inside it asked into huge
+    pages, its contents and address unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 256, (5 * HUGE_PAGE + 12345,), dtype=torch.uint8, generator=gen)
+    t = values.clone()
+    asked = collapse(t.data_ptr(), t.numel())
+    assert asked % HUGE_PAGE == 0 and asked <= t.numel()
+    assert torch.equal(t, values)
+    if kernel_collapses():
+        assert asked >= 4 * HUGE_PAGE  # all whole 2 MiB pages inside 5 of them and a bit, however it is aligned
+        backed_kib = int(smaps_field(t.data_ptr() + t.numel() // 2, "AnonHugePages").split()[0])
+        assert backed_kib * 1024 >= asked
+
+
+def test_collapse_asks_nothing_of_a_range_without_a_whole_huge_page():
+    t = torch.zeros(2 * HUGE_PAGE, dtype=torch.uint8)
+    assert collapse(t.data_ptr() + 1, HUGE_PAGE - 2) == 0  # shorter than one: wherever it starts, none inside
+    assert collapse(t.data_ptr(), 0) == 0
