@@ -76,8 +76,10 @@ class EngineConfig:
     num_threads: int | None = None  # cpu backend: torch intra-op threads (None: torch's default)
     enforce_eager: bool = False  # cuda backend: never capture decode steps as CUDA graphs
     # cpu backend: the weights read into memory on 2 MiB pages (runtime/worker/huge_pages.py) rather than mapped from
-    # the file: batch-1 decode 1.03x (SmolLM2) to 1.12x (1B int8) faster; start-up slower by reading them (SmolLM2's
-    # 270 MB took ~0.35 s on the dev VM, whose fresh memory is slow), and a private copy per process
+    # the file, and the bf16 panels the decode step reads moved into 2 MiB pages (huge_page_memory.collapse): batch-1
+    # decode 1.0x (SmolLM2) to 1.07-1.13x (1.17B bf16) faster; start-up slower by reading them (SmolLM2's 270 MB took
+    # ~0.35 s on the dev VM, whose fresh memory is slow) and moving the panels (~3 s a GB there), and a private copy
+    # per process
     huge_pages: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture (None: 1, 2, 4, 8, 16, 24, ...)
     # LoRA adapters to load at start, (name, PEFT adapter folder) each, beside those packed in the build

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="cuda: run decode steps without CUDA graphs")
     p.add_argument("--huge-pages", action="store_true",
-                   help="cpu: read the weights into memory on 2 MiB pages instead of mapping the file (faster decode, "
-                        "slower start)")
+                   help="cpu: read the weights into memory on 2 MiB pages instead of mapping the file, and move the "
+                        "bf16 copies the decode step reads into 2 MiB pages too (faster decode, slower start)")
     p.add_argument(
         "--cuda-graph-sizes",
         type=positive_int,
