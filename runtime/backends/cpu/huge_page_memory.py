@@ -1,6 +1,7 @@
-"""Anonymous memory that asks the kernel for 2 MiB pages, for what a decode step streams every token: the weights read
-with huge_pages (runtime/worker/huge_pages.py) and the panels the cpu backend repacks packed weights into at load
-(cpu_quant_linear.py). No torch here, so the server's build-opening thread can use it beside its imports.
+"""2 MiB pages for what a decode step streams every token: anonymous memory that asks for them, holding the weights
+read with huge_pages (runtime/worker/huge_pages.py) and the panels the cpu backend repacks packed weights into at
+load (cpu_quant_linear.py); and, with huge_pages, oneDNN's bf16 copies moved into them in place (collapse,
+cpu_linear.py). No torch here, so the server's build-opening thread can use it beside its imports.
 
 Streaming memory in 4 KiB pages costs a TLB entry per page, and in a virtual machine each miss walks two page tables
 (the guest's and the hypervisor's). On the dev VM (2-core Xeon, 2026-12-06) the INT4 panel GEMV alone read a 1B
