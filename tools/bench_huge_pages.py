@@ -12,14 +12,14 @@ per step of each, and the median over rounds of (mapped / huge pages) time: abov
 how much memory the kernel backed with huge pages for the huge-pages engine (the process's AnonHugePages).
 With --panels (builds made with `pllm-compile --quantization`, on a CPU where the step reads panels: AVX512-VNNI),
 both engines map the weights as safetensors does, and the second makes its panels in ordinary anonymous memory: the
-same mappings without the madvise(MADV_HUGEPAGE) request, the one thing that differs. A benchmark, not a test.
+same mappings asking for ordinary pages (MADV_NOHUGEPAGE) instead of huge ones, the one thing that differs. A
+benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import mmap
 import random
@@ -43,15 +43,9 @@ def anon_huge_mib() -> float:
 
 
 def ordinary_arena(nbytes: int) -> tuple[mmap.mmap, int]:
-    """huge_page_memory.huge_page_arena's mapping, the same size and start, asking for ordinary pages instead
-    (MADV_NOHUGEPAGE, so not even a kernel whose huge pages are `always` gives it any): what the other engine's
-    panels lie in."""
-    memory = mmap.mmap(-1, nbytes + huge_page_memory.HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_NOHUGEPAGE)
-    first = ctypes.c_char.from_buffer(memory)
-    address = ctypes.addressof(first)
-    del first  # an exported buffer would pin the mapping
-    return memory, -address % huge_page_memory.HUGE_PAGE
+    """huge_page_memory.huge_page_arena's mapping, the same size and start, asking for ordinary pages instead: what
+    the other engine's panels lie in."""
+    return huge_page_memory.anonymous_arena(nbytes, huge_pages=False)
 
 
 def start(build: str, batch: int, huge_pages: bool, ordinary_panels: bool = False):

@@ -31,10 +31,18 @@ MADV_COLLAPSE = 25  # Linux 6.1 on (include/uapi/asm-generic/mman-common.h); Pyt
 
 def huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
     """(anonymous memory of nbytes past a 2 MiB boundary, that boundary's offset in it), huge pages requested."""
+    return anonymous_arena(nbytes, huge_pages=True)
+
+
+def anonymous_arena(nbytes: int, huge_pages: bool) -> tuple[mmap.mmap, int]:
+    """huge_page_arena's mapping asking for 2 MiB pages (MADV_HUGEPAGE) or for ordinary ones (MADV_NOHUGEPAGE: the
+    benchmarks' control, which not even a kernel whose huge pages are `always` backs with them), before anything is
+    written; where the platform or kernel knows no such request, ordinary pages either way."""
     memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere ordinary pages
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
+    if advice is not None:  # Linux
         try:
-            memory.madvise(mmap.MADV_HUGEPAGE)
+            memory.madvise(advice)
         except OSError:  # a kernel built without transparent huge pages
             pass
     first = ctypes.c_char.from_buffer(memory)
@@ -52,20 +60,21 @@ def collapse(address: int, nbytes: int) -> int:
     slowly; for a caller who asked to pay at load (huge_pages)."""
     lo = -(-address // HUGE_PAGE) * HUGE_PAGE
     hi = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
-    libc = _libc()
-    if hi <= lo or libc is None:
+    lib = libc()
+    if hi <= lo or lib is None:
         return 0
-    return hi - lo if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE) == 0 else 0
+    return hi - lo if lib.madvise(lo, hi - lo, MADV_COLLAPSE) == 0 else 0
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library's madvise and mprotect (Linux; None elsewhere): this module's and mapped_pages.py's."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.restype = ctypes.c_int
-    return libc
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.madvise.argtypes = lib.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.madvise.restype = lib.mprotect.restype = ctypes.c_int
+    return lib
 
 
 class PageArena:

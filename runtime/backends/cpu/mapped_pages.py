@@ -8,13 +8,13 @@ tensor. Linux only; elsewhere nothing is changed."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import mmap
 import sys
 from dataclasses import dataclass
 
 import torch
+
+from pllm.runtime.backends.cpu.huge_page_memory import libc  # called only past /proc/self/maps: Linux, not None
 
 MADV_DONTNEED = 4  # Linux's value (mmap.MADV_DONTNEED where Python defines it)
 PROT_READ = 1
@@ -78,13 +78,6 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
 def make_read_only(t: torch.Tensor) -> bool:
     """Make the file mapping holding t read-only (all of it: the loader's mapping of one weights file); True when
     done. Anonymous memory is left as it is."""
@@ -93,7 +86,7 @@ def make_read_only(t: torch.Tensor) -> bool:
     found = mapping_of(*_extent(t))
     if found is None or not found.is_file:
         return False
-    return _libc().mprotect(found.start, found.end - found.start, PROT_READ) == 0
+    return libc().mprotect(found.start, found.end - found.start, PROT_READ) == 0
 
 
 def drop_file_pages(*tensors: torch.Tensor | None) -> int:
@@ -113,6 +106,6 @@ def drop_file_pages(*tensors: torch.Tensor | None) -> int:
         found = mapping_of(begin, end, maps)
         if found is None or not found.is_file or "w" in found.perms:
             continue
-        if _libc().madvise(first, last - first, getattr(mmap, "MADV_DONTNEED", MADV_DONTNEED)) == 0:
+        if libc().madvise(first, last - first, getattr(mmap, "MADV_DONTNEED", MADV_DONTNEED)) == 0:
             dropped += end - begin
     return dropped
