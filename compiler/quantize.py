@@ -78,7 +78,8 @@ def fp16_grid(values: torch.Tensor, down: bool = False) -> torch.Tensor | None:
                              halves)
     grid = halves.float()
     magnitude = grid.abs()
-    normal = torch.isfinite(grid) & ((magnitude == 0) | (magnitude >= FP16_NORMAL_MIN))
+    # zero only where the value is zero: a tiny one that rounds to zero would lose its whole group
+    normal = torch.isfinite(grid) & ((values == 0) | (magnitude >= FP16_NORMAL_MIN))
     return grid if bool(normal.all()) else None
 
 

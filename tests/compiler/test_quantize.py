@@ -44,6 +44,20 @@ def test_scales_below_fp16s_normal_range_stay_fp32():
     assert quantize_int8(w[4:], 32).scales.dtype == quantize_int4(w[4:], 32).scales.dtype == torch.float16
 
 
+@pytest.mark.parametrize("tiny", [1e-6, 1e-8])
+def test_a_scale_that_rounds_to_fp16_zero_keeps_the_matrix_fp32(tiny):
+    """A group whose scale is under fp16's smallest step (it would round to zero, and every weight of the group
+    with it): the matrix keeps fp32 scales, as for any scale below fp16's normal range, and the group its values."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(4, 64, generator=g) * 0.05
+    w[1, :32] = torch.randn(32, generator=g) * tiny
+    for q in (quantize_int8(w, 32), quantize_int4(w, 32), quantize_int4_sym(w, 32)):
+        assert q.scales.dtype == torch.float32, q.fmt
+        group = dequantize(q)[1, :32]
+        assert bool((group != 0).any()), q.fmt
+        assert float((group - w[1, :32]).abs().max()) <= float(w[1, :32].abs().max()) / 7, q.fmt
+
+
 @pytest.mark.parametrize("offset", [0.0, 1.0, 16.0, 300.0])  # groups far from zero: the min's rounding is large
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_is_within_half_a_step_of_each_group(group, offset):
