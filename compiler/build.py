@@ -118,7 +118,7 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             if hf_name not in available:
                 raise BuildError(f"{source.path}: missing weight '{hf_name}' (needed by {source.config_file})")
             t = source.load_tensor(hf_name)
-            where = f"{source.path / source.tensor_file[hf_name]}: tensor '{hf_name}'"
+            where = f"{source.file_of(hf_name)}: tensor '{hf_name}'"
             if t.dtype not in SOURCE_DTYPES:
                 raise BuildError(f"{where} has dtype {t.dtype}; pllm reads float weights only")
             if not torch.isfinite(t).all():

@@ -79,7 +79,10 @@ class ModelSource:
             self._kept, self._other_types = read_kept_blocks(self._gguf_reader, self.config)
             self._gguf_reader = None  # ~150 MB of parsed metadata for the default model: not held past its use
             for hf, weight in self._kept.items():
-                if hf in self._gguf_state and not torch.equal(dequantize(weight), self._gguf_state[hf]):
+                values = dequantize(weight)
+                if not torch.isfinite(values).all():  # (an inf decodes to itself, so equality alone would pass it)
+                    raise ModelSourceError(f"{self.path}: tensor '{hf}' holds NaN or infinite values")
+                if hf in self._gguf_state and not torch.equal(values, self._gguf_state[hf]):
                     raise ModelSourceError(f"{self.path}: tensor '{hf}' ({weight.fmt.scheme.value}) does not decode "
                                            "to the values transformers reads; refusing to keep its blocks")
         parts = [self._kept.get(name) for name in hf_names]
@@ -106,10 +109,14 @@ class ModelSource:
     def tensor_names(self) -> list[str]:
         return sorted(self.tensor_file)
 
+    def file_of(self, name: str) -> Path:
+        """The file HF tensor `name` is read from: the GGUF file itself, or its safetensors file in the folder."""
+        return self.path if self._gguf_state is not None else self.path / self.tensor_file[name]
+
     def load_tensor(self, name: str) -> torch.Tensor:
         if self._gguf_state is not None:
             return self._gguf_state[name]
-        file = self.path / self.tensor_file[name]
+        file = self.file_of(name)
         try:
             with safe_open(str(file), framework="pt") as f:
                 return f.get_tensor(name)

@@ -18,6 +18,7 @@ from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.gguf_blocks import unpermute_order, weight_from_blocks
 from pllm.compiler.manifest import open_build
 from pllm.compiler.quantize import Quantization, quantize_int4_sym
+from pllm.compiler.source import ModelSourceError
 from pllm.models.quant import QuantScheme, dequantize
 from pllm.runtime.worker.loader import load_weights
 
@@ -208,3 +209,23 @@ def test_gguf_head_in_another_type_is_quantised_from_its_float_values(tmp_path, 
 def test_gguf_keep_refuses_a_safetensors_model(tiny_dir, tmp_path):
     with pytest.raises(BuildError, match="not a .gguf file"):
         build(str(tiny_dir("llama")), tmp_path / "b", BuildOptions(progress=False, quantization=Quantization.GGUF))
+
+
+@pytest.mark.parametrize("quantization", [None, Quantization.GGUF])
+@pytest.mark.parametrize("bits", [0x7C00, 0x7E00], ids=["inf", "nan"])
+def test_a_block_scale_that_is_not_finite_is_refused_naming_the_file(tmp_path, bits, quantization):
+    """A Q8_0 block whose fp16 scale is +inf or NaN in the file: refused with or without its blocks kept (an inf
+    dequantises to itself, so the kept blocks' equality check alone let it through), the message naming the
+    .gguf file once and the tensor, and no build left."""
+    model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
+    path = write_tiny_gguf(model_dir, "qwen3")
+    (tensor,) = [t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.ffn_down.weight"]
+    assert tensor.tensor_type.name == "Q8_0"
+    with open(path, "r+b") as f:  # the tensor's first block: its fp16 scale, then 32 codes
+        f.seek(tensor.data_offset)
+        f.write(np.array([bits], dtype=np.uint16).tobytes())
+    out = tmp_path / "out"
+    with pytest.raises((BuildError, ModelSourceError)) as err:
+        build(str(path), out, BuildOptions(dtype="float32", progress=False, quantization=quantization))
+    assert str(err.value).startswith(f"{path}: tensor 'model.layers.0.mlp.down_proj.weight' holds NaN or infinite")
+    assert not out.exists()
