@@ -8,7 +8,9 @@ are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0
 own grouped quantisation rounds them so), which keeps a Q4_1 block's 5 bits a weight rather than 6, else float32. A
 kernel reading this layout is correct when it equals `dequantize` followed by a float matmul, of the activations
 as given or, where the kernel multiplies integers (the cpu backend's packed rows, as llama.cpp does),
-of the activations rounded by `quantize_activation`: `dequantize(W) @ dequantize_activation(*quantize_activation(x))`.
+of the activations rounded by `quantize_activation`: `dequantize(W) @ dequantize_activation(*quantize_activation(x))`
+(the cpu backend's fp32 GEMM over the dequantised weight, for steps longer than its packed rows take, rounds them
+too, so in fp32 every step size computes the one meaning there).
 """
 
 from __future__ import annotations

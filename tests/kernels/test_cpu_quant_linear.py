@@ -248,7 +248,8 @@ def test_dequantize_is_bit_exact(kernel, scheme, n, groups, group, bf16, half, s
 def test_ops_linear_and_mlp_take_packed_weights(compiled_quant, num_tokens, with_kernel, onednn_bf16, monkeypatch):
     """TorchOps.linear: up to QUANT_GEMV_MAX_TOKENS rows the packed rows' meaning (the compiled rows within the
     bound above; with no compiled kernel, the reference itself in PyTorch ops), beyond it exactly the float GEMM of
-    dequantize(W) in x's dtype, or in fp32 rounded to bf16 where oneDNN has no bf16 GEMM; mlp goes through linear."""
+    dequantize(W) in x's dtype, or where oneDNN has no bf16 GEMM in fp32 of the activations rounded as the packed
+    rows round them (the same meaning), rounded to bf16; mlp goes through linear."""
     monkeypatch.setattr(onednn, "onednn_packs_bf16", lambda: onednn_bf16)  # either CPU's routes, on any CPU
     gen = torch.Generator().manual_seed(num_tokens)
     ops = TorchOps(quant_kernel=compiled_quant if with_kernel else None)
@@ -259,7 +260,8 @@ def test_ops_linear_and_mlp_take_packed_weights(compiled_quant, num_tokens, with
     gemm = torch.bfloat16 if onednn_bf16 else torch.float32
     assert ops.gemm_dtype(torch.bfloat16) == gemm and ops.gemm_dtype(torch.float32) == torch.float32
     if num_tokens > QUANT_GEMV_MAX_TOKENS:
-        assert torch.equal(got, F.linear(x.to(gemm), dequantize(weight, gemm)).bfloat16())
+        taken = x.to(gemm) if gemm == torch.bfloat16 else dequantize_activation(*quantize_activation(x))
+        assert torch.equal(got, F.linear(taken, dequantize(weight, gemm)).bfloat16())
     elif with_kernel:
         bound = error_bound(x, weight, None)
         want = want.double()

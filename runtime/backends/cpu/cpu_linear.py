@@ -123,16 +123,22 @@ class CpuLinear:
     def _quant_linear(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         """Up to QUANT_GEMV_MAX_TOKENS rows: the packed rows, whose activations are quantised per block
         (models.quant.quantize_activation; without a compiled kernel, the same meaning in PyTorch ops). More
-        (prefill): W dequantised (compiled, or models.quant.dequantize) and the float GEMM of x, both in
-        gemm_dtype, rounded to x's dtype."""
+        (prefill, verify steps, large batches): W dequantised (compiled, or models.quant.dequantize) and the float
+        GEMM, both in gemm_dtype, rounded to x's dtype. An fp32 GEMM takes x's activations rounded as the packed rows
+        round them: the same meaning, so a token's logits differ between step sizes only by the order of the sums
+        (fp32 greedy output does not hang on how a sequence's steps were cut: speculation, prefix hits). A bf16 GEMM
+        takes x as it is: rounding x to bf16 for it is an error of the size of that rounding either way, and skipping
+        it keeps the prefill's pass over x out (about a sixth of a 512-token prefill of SmolLM2 int8 in bf16)."""
         kernel = self.quant_kernel
         x2 = x.reshape(-1, x.shape[-1])
         usable = kernel is not None and x.dtype in (torch.float32, torch.bfloat16) and kernel.runs(weight)
         packed_rows = x2.shape[0] <= QUANT_GEMV_MAX_TOKENS
         gemm = self.gemm_dtype(x.dtype)
+        rounds = x2.shape[1] % ACTIVATION_BLOCK == 0  # always, for weights packed in whole blocks
+        exact = rounds and gemm == torch.float32
         if usable and packed_rows:
             y = kernel.gemv(x2.contiguous(), weight, bias)
-        elif packed_rows and x2.shape[1] % ACTIVATION_BLOCK == 0:
+        elif packed_rows and rounds:
             xq = dequantize_activation(*quantize_activation(x2))
             y = F.linear(xq, dequantize(weight), None if bias is None else bias.float()).to(x.dtype)
         elif usable:  # into one buffer per shape, reused: the result is consumed before the next call
@@ -140,9 +146,11 @@ class CpuLinear:
             if key not in self._dequantized:
                 self._dequantized[key] = torch.empty(weight.shape, dtype=gemm)
             w = kernel.dequantize(weight, gemm, out=self._dequantized[key])
-            y = F.linear(x2.to(gemm), w, None if bias is None else bias.to(gemm)).to(x.dtype)
+            xr = kernel.round_activations(x2.contiguous()) if exact else x2.to(gemm)
+            y = F.linear(xr, w, None if bias is None else bias.to(gemm)).to(x.dtype)
         else:
-            y = F.linear(x2.to(gemm), dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
+            xr = dequantize_activation(*quantize_activation(x2)) if exact else x2.to(gemm)
+            y = F.linear(xr, dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod

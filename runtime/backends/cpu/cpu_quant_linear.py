@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme
+from pllm.models.quant import ACTIVATION_BLOCK, QuantizedWeight, QuantScheme, dequantize_activation, quantize_activation
 from pllm.runtime.backends.cpu.huge_page_memory import PageArena
 from pllm.runtime.backends.cpu.mapped_pages import drop_file_pages, held_once_note
 
@@ -81,6 +81,11 @@ class CpuQuantLinear:
         self._make_panels.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr]
         for fn in (self._gemv, self._dequantize, self._set_isa, self._make_panels):
             fn.restype = ctypes.c_int
+        # (builds compiled before it lack it: round_activations then takes PyTorch's ops, the same bits)
+        self._round = getattr(lib, "pllm_quant_round_activations", None)
+        if self._round is not None:
+            self._round.argtypes = [ptr, i32, i64, i64, ptr, i32]
+            self._round.restype = None
         self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, its kernel arguments, its panels), see _entry
         self._arena = PageArena()  # the panels' memory: 2 MiB pages where the kernel gives them (huge_page_memory.py)
         self._making = threading.Lock()  # one thread makes a weight's entry (_entry)
@@ -182,6 +187,19 @@ class CpuQuantLinear:
         if status != 0:  # 2: fp16 scales in rows longer than the kernel widens (runs() refuses those first)
             raise ValueError(f"cpu quantised GEMV refused {weight.fmt} {tuple(weight.shape)} with "
                              f"{weight.scales.dtype} scales (status {status})")
+        return out
+
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] fp32 or bf16 (K a multiple of ACTIVATION_BLOCK) -> fp32 [T, K]: each element as the packed rows
+        multiply it, models.quant.dequantize_activation(*quantize_activation(x)) bit for bit, in one parallel pass.
+        For the fp32 GEMM that takes more rows than the packed rows, so a row means the same at every step size."""
+        assert x.dim() == 2 and x.shape[1] % ACTIVATION_BLOCK == 0 and x.is_contiguous(), (x.shape, x.stride())
+        assert x.dtype in (torch.float32, torch.bfloat16), x.dtype
+        if self._round is None:
+            return dequantize_activation(*quantize_activation(x))
+        out = torch.empty(x.shape, dtype=torch.float32)
+        self._round(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], out.data_ptr(),
+                    torch.get_num_threads())
         return out
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
