@@ -21,7 +21,16 @@ from pllm.runtime.server.protocol_responses import (
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
 from pllm.runtime.server.serving_tools import ToolCalling, finish_reason
-from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, sse, usage_chunk, usage_of
+from pllm.runtime.server.sse import (
+    SeqCursor,
+    advance,
+    choice_chunk,
+    collect,
+    guarded,
+    opening_chunk,
+    usage_chunk,
+    usage_of,
+)
 from pllm.runtime.server.tool_parsers import ToolCallStream
 from pllm.runtime.worker.logprobs import TokenLogprobs
 
@@ -125,8 +134,10 @@ class ChatServing:
             return ChatCompletionChunk(id=rid, created=prep.created, model=model, choices=list(choices))
 
         async def chunks() -> AsyncIterator[str]:
+            prompt_tokens = sum(len(r.prompt_token_ids) for r in prep.requests)
             for index in range(req.n):  # the role chunk comes first, as OpenAI sends it
-                yield sse(chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))))
+                role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                yield opening_chunk(chunk(role), opts, prompt_tokens)
             async for out in stream:
                 finals[out.request_id] = out
                 for o in out.outputs:

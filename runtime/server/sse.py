@@ -69,6 +69,14 @@ def choice_chunk(chunk: Chunk, opts: StreamOptions | None, finals: dict[str, Req
     return sse(chunk)
 
 
+def opening_chunk(chunk: Chunk, opts: StreamOptions | None, prompt_tokens: int) -> str:
+    """A chunk sent before any output (chat's role chunk); with stream_options.continuous_usage_stats it carries the
+    prompt's tokens and none completed, as vLLM's does."""
+    if opts and opts.include_usage and opts.continuous_usage_stats:
+        chunk.usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+    return sse(chunk)
+
+
 def usage_chunk(chunk: Chunk, finals: dict[str, RequestOutput]) -> str:
     """The last chunk when stream_options.include_usage: no choices, the whole request's usage."""
     chunk.choices, chunk.usage = [], usage_of(finals)

@@ -108,6 +108,10 @@ def test_continuous_usage_stats_ride_on_every_chunk(server, path):
     counts = [c["usage"]["completion_tokens"] for c in content]
     assert content and counts == sorted(counts) and counts[-1] == 6
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    if path == "/v1/chat/completions":  # the role chunk too: the prompt's tokens, none completed (vLLM's)
+        prompt = chunks[-1]["usage"]["prompt_tokens"]
+        opening = chunks[0]["usage"]
+        assert (opening["prompt_tokens"], opening["completion_tokens"], opening["total_tokens"]) == (prompt, 0, prompt)
 
 
 def test_n_and_seed(client):
