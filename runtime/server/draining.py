@@ -18,7 +18,9 @@ DEAD_ENGINE_EXIT_DELAY_S = 2.0  # seconds /health answers 503 after the engine d
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains (new requests 503, running ones finish) before exiting."""
+    """uvicorn, but the first SIGTERM/SIGINT drains (new requests 503, running ones finish) before exiting; a second
+    cuts the drain short (the running requests end with finish_reason abort, as at the drain's timeout), a third
+    stops at once."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float, url: str):
         super().__init__(config)
@@ -28,6 +30,7 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
+        self._hurried = False
         self.engine_died = False
 
     async def startup(self, sockets=None) -> None:
@@ -52,8 +55,14 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self._loop is None or self.engine.draining:  # not started yet, or a second signal: stop now
+        if self._loop is None or self._hurried:  # not started yet, or a third signal: stop now
             super().handle_exit(sig, frame)
+            return
+        if self.engine.draining:  # a second signal: abort what runs (each answered), then exit as a drain does
+            logger.info("received %s again: aborting the %d unfinished requests now", signal.Signals(sig).name,
+                        self.engine.num_unfinished())
+            self._hurried = True
+            self.engine.hurry()
             return
         logger.info(
             "received %s: draining (new requests get 503) for up to %.0f s",

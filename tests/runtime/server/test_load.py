@@ -132,3 +132,31 @@ def test_sigterm_with_zero_timeout_exits_fast(launch_long):
         t.join(15)
     assert time.monotonic() - start < 8
     assert [o[0] for o in outs] == ["abort"] * 3 and all(o[1] for o in outs), outs
+
+
+def test_a_second_sigterm_aborts_the_running_requests_then_exits(launch_long):
+    """A second SIGTERM during the drain: the running requests end now, each answered as at the drain's timeout
+    (streams with finish_reason abort and [DONE], the non-streaming one a 200 with finish_reason abort), none cut off
+    with a bare 500 and a traceback in the log; the server exits 0 long before the drain's 60 s."""
+    server = launch_long("--max-num-seqs", "4", "--max-model-len", "4096", "--kv-cache-memory", "4M",
+                         "--shutdown-timeout", "60")  # fmt: skip
+    body = {"prompt": "Hello", "max_tokens": 4000, "min_tokens": 4000, "ignore_eos": True}
+    outs: list = []
+    threads = start_streams(server.api + "/completions", {**body, "stream": True}, 2, outs)
+    answers: list = []
+    plain = threading.Thread(target=lambda: answers.append(httpx.post(server.api + "/completions", json=body,
+                                                                      timeout=60)))
+    plain.start()
+    server.wait_metric("num_requests_running", 3)
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    for t in [*threads, plain]:
+        t.join(30)
+    assert time.monotonic() - start < 15
+    assert outs == [("abort", True)] * 2, outs
+    (answer,) = answers
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "abort", answer.text[:200]
+    assert "aborting the" in server.log() and "Traceback" not in server.log()
