@@ -164,7 +164,7 @@ def make_quantizer(options: BuildOptions, spec: ModelSpec, source: ModelSource) 
         raise BuildError(str(e)) from None
     if q is Quantization.GGUF and not source.is_gguf:
         raise BuildError(f"--quantization gguf keeps a GGUF file's blocks, but {source.path} is not a .gguf file "
-                         "(use int8 or int4)")
+                         "(use int8, int4 or int4_sym)")
     return Quantizer(q, 0)
 
 

@@ -64,7 +64,9 @@ def int4_group_size(spec: ModelSpec, requested: int | None) -> int:
                             f"{INT4_GROUP_SIZES[-1]}")
     bad = sorted(w for w in widths if w % size)
     if bad:
-        raise QuantizeError(f"--quant-group-size {size}: the model's input widths {bad} are not multiples of it")
+        which = f"--quant-group-size {size}" if requested is not None else f"4-bit groups of {size} (the default)"
+        raise QuantizeError(f"{which}: the model's input widths {bad} are not multiples of it; --quant-group-size "
+                            f"takes even sizes from {INT4_GROUP_SIZES[0]} to {INT4_GROUP_SIZES[-1]} that divide them")
     return size
 
 

@@ -161,7 +161,12 @@ def test_cli_quantization_flags(tiny_dir, tmp_path, capsys):
     assert "quantization int4 (group 64)" in capsys.readouterr().out
     assert compile_main([str(tiny_dir("llama")), "-o", str(tmp_path / "c"), "-q", "--quantization", "int4",
                          "--quant-group-size", "48"]) == 1
-    assert "not multiples" in capsys.readouterr().err
+    assert "--quant-group-size 48: the model's input widths" in capsys.readouterr().err
+    # a width the default group does not divide: the message says it was the default, not a flag never given
+    assert compile_main([str(tiny_dir("llama", intermediate_size=200)), "-o", str(tmp_path / "d"), "-q",
+                         "--quantization", "int4"]) == 1
+    err = capsys.readouterr().err
+    assert "4-bit groups of 32 (the default): the model's input widths [200]" in err and "--quant-group-size 32" not in err
 
 
 def test_lora_adapters_serve_on_packed_weights(tiny_dir, tmp_path):

@@ -350,6 +350,8 @@ def test_packed_weights_run_per_op_on_a_float_build(build_ops, caplog):
 
 @pytest.mark.parametrize("quirk, reason", [
     (dict(sliding_window=8, sliding_layers=(0,)), "sliding-window"),
+    (dict(head_dim=24), "a head size that is a multiple of 16 and hidden and intermediate sizes that are multiples "
+                        "of 8 (this model: silu, head 24"),
     (dict(norm_weight_offset=1.0), "gemma"),
     (dict(qk_norm=True, norm_weight_offset=1.0), "gemma"),  # gemma3's q/k norm (offset weights) stays per-op
 ])

@@ -114,7 +114,10 @@ def why_no_decode_step(spec: ModelSpec, dtype: str) -> str:
     features = [label for label, has in NOT_COMPILED if has(spec)]
     if features:
         return ", ".join(features)
-    return f"not compiled for {spec.model_type} in {dtype} (llama, mistral, qwen2, qwen3 in float32/bfloat16 only)"
+    return (f"not compiled for {spec.model_type} in {dtype}: the step takes llama, mistral, qwen2 and qwen3 in "
+            "float32 or bfloat16, with SiLU, a head size that is a multiple of 16 and hidden and intermediate sizes "
+            f"that are multiples of 8 (this model: {spec.hidden_act}, head {spec.head_dim}, hidden "
+            f"{spec.hidden_size}, intermediate {spec.intermediate_size}; compiler/kernels/cpu_decode_step.py)")
 
 
 def _check_gemv(status: int, x: torch.Tensor, weight: torch.Tensor) -> None:
