@@ -45,8 +45,8 @@ def test_tied_head_is_packed_apart_and_the_embedding_stays_float(tiny_dir, tmp_p
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_are_the_packed_head_times_the_rounded_activations(tiny_dir, tmp_path, tied):
     """The model's logits read the packed head: dequantize(W) @ the activations rounded per block of 32 (the packed
-    rows' meaning, models/quant.py) up to 64 rows, dequantize(W) @ x beyond, to float32 rounding; not the float
-    head's values."""
+    rows' meaning, models/quant.py) at every row count (past 64 rows the fp32 GEMM takes them rounded so), to float32
+    rounding; not the float head's values."""
     src = tiny_dir("llama", tie_word_embeddings=tied)
     model = LLM(str(quantised_build(src, tmp_path / "b")), backend="cpu", kv_cache_memory=1 << 24).engine.runner.model
     assert isinstance(model.lm_head, QuantizedWeight) and model.lm_head is model.w["lm_head"]
@@ -56,7 +56,7 @@ def test_logits_are_the_packed_head_times_the_rounded_activations(tiny_dir, tmp_
     gen = torch.Generator().manual_seed(0)
     for rows in (1, 5, 64, 80):
         hidden = torch.randn((rows, model.spec.hidden_size), generator=gen)
-        x = dequantize_activation(*quantize_activation(hidden)) if rows <= 64 else hidden
+        x = dequantize_activation(*quantize_activation(hidden))
         logits = model.logits(hidden)
         torch.testing.assert_close(logits, F.linear(x, w))
         assert not torch.allclose(logits, F.linear(hidden, float_head), rtol=0, atol=1e-5)
