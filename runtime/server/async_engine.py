@@ -32,7 +32,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_queued_requests = max_queued_requests
         self.draining = False
-        self._hurried = False  # a second shutdown signal: the drain aborts what runs now
+        self.hurried = False  # a second shutdown signal (hurry): the drain aborts what runs now
         self._loop = EngineLoop(engine, metrics, log_stats_interval_s)
         self._thread = threading.Thread(target=self._loop.run, name="pllm-engine", daemon=True)
 
@@ -115,17 +115,18 @@ class AsyncEngine:
 
     def hurry(self) -> None:
         """Cut a drain short: its live requests are aborted now rather than at its timeout."""
-        self._hurried = True
+        self.hurried = True
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests, let live ones finish for up to timeout_s (or until hurry()), then abort the rest
         (finish_reason abort)."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while self.num_unfinished() and time.monotonic() < deadline and self.is_alive and not self._hurried:
+        while self.num_unfinished() and time.monotonic() < deadline and self.is_alive and not self.hurried:
             await asyncio.sleep(0.05)
         if self.num_unfinished() and self.is_alive:
-            logger.info("shutdown timeout reached: aborting %d unfinished requests", self.num_unfinished())
+            logger.info("%s: aborting %d unfinished requests",
+                        "drain cut short" if self.hurried else "shutdown timeout reached", self.num_unfinished())
             self._submit(AbortAll())
             for _ in range(40):  # give the handlers a moment to send their final chunks
                 if not self.num_unfinished():

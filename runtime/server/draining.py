@@ -30,7 +30,6 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
-        self._hurried = False
         self.engine_died = False
 
     async def startup(self, sockets=None) -> None:
@@ -55,13 +54,12 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self._loop is None or self._hurried:  # not started yet, or a third signal: stop now
+        if self._loop is None or self.engine.hurried:  # not started yet, or a third signal: stop now
             super().handle_exit(sig, frame)
             return
         if self.engine.draining:  # a second signal: abort what runs (each answered), then exit as a drain does
             logger.info("received %s again: aborting the %d unfinished requests now", signal.Signals(sig).name,
                         self.engine.num_unfinished())
-            self._hurried = True
             self.engine.hurry()
             return
         logger.info(
