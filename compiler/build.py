@@ -97,10 +97,11 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
                     lm_head: LmHead = LmHead.FLOAT) -> dict[str, torch.Tensor | QuantizedWeight]:
     """HF tensors -> runtime tensors (fused qkv and gate_up), checking every name and shape against the config.
     With a quantizer, its targets become QuantizedWeights: GGUF blocks kept as read where the source has them for
-    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4, int4_sym). An INT8
-    `lm_head` is packed from the head's values (compiler/lm_head.py); the embedding stays float, tied or not."""
+    every part (compiler/gguf_blocks.py), else quantised from the float values (int8, int4, int4_sym). A packed
+    `lm_head` (INT8, INT6) is made from the head's values (compiler/lm_head.py); the embedding stays float, tied or
+    not."""
     layout = family_of(spec.model_type, source.config_file).weight_layout(spec)
-    packed_head = head_source(layout) if lm_head is LmHead.INT8 else None
+    packed_head = head_source(layout) if lm_head.fmt is not None else None
     available = set(source.tensor_file)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     float_targets = []  # GGUF: targets the file holds in a type pllm does not keep
@@ -131,8 +132,8 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
                 f"{source.path}: weight {shapes} contradicts {source.config_file} (runtime '{name}' expects {shape})"
             )
         if name == packed_head:
-            assert quantizer is not None, "an int8 LM head comes with --quantization"
-            out[LM_HEAD] = pack_lm_head(source, entry, tensor, quantizer.quantization)
+            assert quantizer is not None, "a packed LM head comes with --quantization"
+            out[LM_HEAD] = pack_lm_head(source, entry, tensor, quantizer.quantization, lm_head)
             if name == LM_HEAD:
                 continue
         if quantizer is not None and quantizer.applies(name) and quantizer.quantization is not Quantization.GGUF:

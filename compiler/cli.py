@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lm-head",
         default=None,
         choices=[h.value for h in LmHead],
-        help="with --quantization: the LM head's storage, int8 (groups of 32, as GGUF's Q8_0; the default) or float "
-        "(in --dtype). The embedding stays float either way",
+        help="with --quantization: the LM head's storage, int8 (groups of 32, as GGUF's Q8_0; the default), int6 "
+        "(groups of 32, 6.5 bits a weight, as llama.cpp's 4-bit files keep theirs at Q6_K) or float (in --dtype). "
+        "The embedding stays float either way",
     )
     p.add_argument(
         "--tensor-parallel-size",

@@ -118,9 +118,11 @@ def _check_quantization(q: dict, manifest_file: Path) -> None:
         raise _fail(manifest_file, "quantization", f"an object with a method ({', '.join(QUANT_METHODS)}) and its "
                     "tensors", q)
     head = q.get("lm_head", LM_HEAD_KINDS[0])
-    if head not in LM_HEAD_KINDS or (head == "int8") != (LM_HEAD in q["tensors"]):
-        raise _fail(manifest_file, "quantization.lm_head", f"one of {', '.join(LM_HEAD_KINDS)}, int8 exactly when "
-                    f"'{LM_HEAD}' is a packed tensor", head)
+    packed = q["tensors"].get(LM_HEAD) if isinstance(q["tensors"].get(LM_HEAD), dict) else None
+    if head not in LM_HEAD_KINDS or (head != "float") != (packed is not None) or \
+            (packed is not None and packed.get("scheme") != head):
+        raise _fail(manifest_file, "quantization.lm_head", f"one of {', '.join(LM_HEAD_KINDS)}, packed (int8, int6) "
+                    f"exactly when '{LM_HEAD}' is a packed tensor of that scheme", head)
     for name, entry in q["tensors"].items():
         group = entry.get("group_size") if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or set(entry) != {"scheme", "group_size"} or entry["scheme"] not in \

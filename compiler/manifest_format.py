@@ -21,12 +21,13 @@ from pathlib import Path
 # asks a build's step library (a format-7 library lacks the question); 9: a packed tensor may be 'int4_sym' (GGUF's
 # Q4_0 kept, --quantization int4_sym), which a format-8 runtime cannot read. A build holding none is still written as
 # format 8 (format_version_for): its kernels' interfaces are format 8's, so older runtimes load it as before, and this
-# runtime passes a format-8 build's kernels the values they always took (LOADABLE_FORMATS)
-FORMAT_VERSION = 9
-LOADABLE_FORMATS = (8, 9)
+# runtime passes a format-8 build's kernels the values they always took (LOADABLE_FORMATS); 10: a packed tensor may be
+# 'int6' (`--lm-head int6`), whose code the cpu kernels of format 9 do not know. Written only where a build holds one.
+FORMAT_VERSION = 10
+LOADABLE_FORMATS = (8, 9, 10)
 # builds of these formats may be replaced by a new compile: 1 lists its files, 2 and later also carry their digest,
 # which must then match
-REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+REPLACEABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 WEIGHTS_FILE = "model.safetensors"  # a single-rank build's weights
@@ -48,16 +49,17 @@ LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # a quantised runtime tensor `name` is stored as name.codes, name.scales and (int4, not int4_sym) name.mins:
 # models/quant.py's layout
 QUANT_PARTS = ("codes", "scales", "mins")
-QUANT_SCHEMES = ("int8", "int4", "int4_sym")  # models.quant.QuantScheme's values (this module stays torch-free)
+QUANT_SCHEMES = ("int8", "int4", "int4_sym", "int6")  # models.quant.QuantScheme's values (this module stays torch-free)
 QUANT_METHODS = ("int8", "int4", "int4_sym", "gguf")  # compiler.quantize.Quantization's values
-LM_HEAD_KINDS = ("float", "int8")  # compiler.lm_head.LmHead's values; a quantised build's head, stored as LM_HEAD
+LM_HEAD_KINDS = ("float", "int8", "int6")  # compiler.lm_head.LmHead's values; a packed one is stored as LM_HEAD
 LM_HEAD = "lm_head"
 
 
 def format_version_for(quantized: dict[str, dict]) -> int:
     """The format a build is written in: FORMAT_VERSION where a packed tensor (name -> {"scheme", "group_size"})
     needs it, else the oldest format that holds the build, so older runtimes still load it."""
-    return FORMAT_VERSION if any(e["scheme"] == "int4_sym" for e in quantized.values()) else LOADABLE_FORMATS[0]
+    schemes = {e["scheme"] for e in quantized.values()}
+    return FORMAT_VERSION if "int6" in schemes else 9 if "int4_sym" in schemes else LOADABLE_FORMATS[0]
 
 
 def weights_file(rank: int, size: int) -> str:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from pllm.compiler.manifest import QUANT_PARTS
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4
+from pllm.models.quant import INT6_LIMIT, QuantFormat, QuantizedWeight, QuantScheme, half_if_exact, pack_int4
 from pllm.models.spec import ModelKind, ModelSpec
 
 # The runtime tensors kept packed in the build's format: every decoder layer's four linear weights. The embedding
-# stays float (a row gather per token, not a matmul); the LM head is packed apart, at 8 bits (compiler/lm_head.py).
+# stays float (a row gather per token, not a matmul); the LM head is packed apart, at 8 or 6 bits (compiler/lm_head.py).
 QUANTIZED_TARGETS = re.compile(r"layers\.[0-9]+\.(qkv_proj|o_proj|gate_up_proj|down_proj)")
 # int4 group sizes offered: 32 (what GGUF's 4-bit types use) to 128 (AWQ's and GPTQ's usual choice)
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -97,18 +97,31 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Quanti
     """float [out, in] -> INT8 codes with one scale per group of `group_size` inputs (None: per output channel):
     scale = the group's max|w| / 127 (groups: rounded to float16 and kept so, as Q8_0 keeps its scales, where all
     are normal float16s), code = round(w / scale)."""
+    return _quantize_symmetric(weight, group_size, QuantScheme.INT8, INT8_MAX)
+
+
+def quantize_int6(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """float [out, in] -> INT6 (INT8's formula, codes -31..31) with a float16 scale per group (where all are normal
+    float16s, else float32): scale = the group's max|w| / 31, code = round(w / scale). 6.5 bits a weight at group 32,
+    as llama.cpp's Q6_K spends 6.56 on its output matrix."""
+    return _quantize_symmetric(weight, group_size, QuantScheme.INT6, INT6_LIMIT)
+
+
+def _quantize_symmetric(weight: torch.Tensor, group_size: int | None, scheme: QuantScheme,
+                        limit: int) -> QuantizedWeight:
+    """float [out, in] -> codes -limit..limit, one scale per group (None: per output channel, kept fp32)."""
     out, in_features = weight.shape
     group = in_features if group_size is None else group_size
-    fmt = QuantFormat(QuantScheme.INT8, group)
-    w = in_groups(weight, group, "int8")
-    scale = w.abs().amax(dim=-1) / INT8_MAX  # [out, groups]
+    fmt = QuantFormat(scheme, group)
+    w = in_groups(weight, group, scheme.value)
+    scale = w.abs().amax(dim=-1) / limit  # [out, groups]
     if group_size is not None:  # one scale per channel is a negligible share of the bytes: kept exact
-        # the nearest fp16 is within 2^-11 of the scale, so a group's largest |w| is at most 127.06 steps: its code
-        # clamps to 127 within a tenth of a step
+        # the nearest fp16 is within 2^-11 of the scale, so a group's largest |w| is at most limit * (1 + 2^-11)
+        # steps: its code clamps to the limit within a tenth of a step
         narrow = fp16_grid(scale)
         scale = scale if narrow is None else narrow
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, scale 0
-    codes = torch.round(w / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    codes = torch.round(w / safe[..., None]).clamp_(-limit, limit).to(torch.int8)
     scales, _ = half_if_exact(scale.contiguous())
     return QuantizedWeight(codes.view(out, in_features), scales, None, fmt)
 

@@ -3,7 +3,9 @@
 One layout serves pllm's own quantisation (`pllm-compile --quantization int8|int4|int4_sym`) and GGUF blocks kept
 as they are: Q8_0 is INT8 with groups of 32; Q4_1 (w = d * q + m) and Q4_K (per 32-element sub-block: w = d * sc *
 q - dmin * m) are INT4 groups of 32 whose scale and min are those products, exact in float32; Q4_0 (w = d * (q - 8))
-is INT4_SYM, INT4 whose min is -8 times its scale and not stored (the file's 4.5 bits a weight). Scales and mins
+is INT4_SYM, INT4 whose min is -8 times its scale and not stored (the file's 4.5 bits a weight). INT6 is INT8 whose
+codes lie in -32..31 (`--lm-head int6`: the LM head at llama.cpp's Q6_K share of bits); stored a byte a code, so every
+reader of INT8 reads it as it is, and the cpu backend's panels keep it at 6 bits. Scales and mins
 are float16 where every one of a weight's values is a float16 (GGUF's Q8_0, Q4_0 and Q4_1 store theirs so; pllm's
 own grouped quantisation rounds them so), which keeps a Q4_1 block's 5 bits a weight rather than 6, else float32. A
 kernel reading this layout is correct when it equals `dequantize` followed by a float matmul, of the activations
@@ -25,16 +27,20 @@ class QuantScheme(enum.Enum):
     INT8 = "int8"  # codes int8 [out, in]; w = code * scale (symmetric)
     INT4 = "int4"  # codes uint8 [out, in // 2], two per byte; w = code * scale + min (code 0..15)
     INT4_SYM = "int4_sym"  # INT4's codes and formula with min = -8 * scale, not stored: w = (code - 8) * scale
+    INT6 = "int6"  # INT8's codes and formula, each code in -INT6_LIMIT - 1 .. INT6_LIMIT (6 bits; stored a byte each)
 
     @property
     def nibbles(self) -> bool:
         """Two 4-bit codes a byte (element 2j in byte j's low nibble, 2j + 1 in its high one)."""
-        return self is not QuantScheme.INT8
+        return self in (QuantScheme.INT4, QuantScheme.INT4_SYM)
 
     @property
     def stores_mins(self) -> bool:
         return self is QuantScheme.INT4
 
+
+# INT6's largest code (its least is -32): the panels the cpu backend streams hold code + 32, in 0..63
+INT6_LIMIT = 31
 
 # INT4_SYM's min, as a multiple of its scale: a power of two, so the product is exact in float32 (every kernel
 # takes it there, after widening fp16 scales), and INT4_SYM means exactly INT4 with those mins
@@ -61,9 +67,9 @@ SCALE_DTYPES = (torch.float32, torch.float16)
 class QuantizedWeight:
     """A linear layer's weight [out, in], packed. INT4: input element 2j is byte j's low nibble, 2j + 1 its high one."""
 
-    codes: torch.Tensor  # INT8: int8 [out, in]; INT4: uint8 [out, in // 2]
+    codes: torch.Tensor  # INT8 and INT6: int8 [out, in]; INT4 and INT4_SYM: uint8 [out, in // 2]
     scales: torch.Tensor  # a SCALE_DTYPES dtype [out, in // group_size]
-    mins: torch.Tensor | None  # INT4: the scales' dtype [out, in // group_size]; INT8 and INT4_SYM: None
+    mins: torch.Tensor | None  # INT4: the scales' dtype [out, in // group_size]; the others: None
     fmt: QuantFormat
 
     def __post_init__(self) -> None:

@@ -22,8 +22,8 @@ OPTS = BuildOptions(progress=False)
 def test_manifest_lists_every_file_with_sha256(tiny_build):
     out = tiny_build("llama")
     manifest = json.loads((out / "manifest.json").read_text())
-    # a build with no packed int4_sym tensor keeps format 8, which older runtimes load (compiler/manifest.py)
-    assert manifest["format_version"] == LOADABLE_FORMATS[0] == 8 and FORMAT_VERSION == 9
+    # a build with no packed int4_sym or int6 tensor keeps format 8, which older runtimes load (compiler/manifest.py)
+    assert manifest["format_version"] == LOADABLE_FORMATS[0] == 8 and FORMAT_VERSION == 10
     assert manifest["tensor_parallel_size"] == 1 and manifest["weights"] == ["model.safetensors"]
     assert manifest["dtype"] == "float32" and manifest["block_size"] == 16
     assert set(manifest["versions"]) == {"pllm", "torch", "triton"}

@@ -1,5 +1,6 @@
-"""pllm-compile --quantization ... --lm-head int8|float (compiler/lm_head.py): the LM head packed as INT8 group 32
-apart from the float embedding, what the logits compute with it, and --lm-head float giving the float head."""
+"""pllm-compile --quantization ... --lm-head int8|int6|float (compiler/lm_head.py): the LM head packed as INT8 (or
+INT6) group 32 apart from the float embedding, what the logits compute with it, and --lm-head float giving the float
+head."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.cli import main as compile_main
 from pllm.compiler.lm_head import LmHead
 from pllm.compiler.manifest import MANIFEST, MANIFEST_DIGEST_KEY, BuildDirError, manifest_digest, open_build
-from pllm.compiler.quantize import Quantization, quantize_int8
+from pllm.compiler.quantize import Quantization, quantize_int6, quantize_int8
 from pllm.models.quant import QuantizedWeight, QuantScheme, dequantize, dequantize_activation, quantize_activation
 from pllm.runtime.worker.loader import load_weights
 
@@ -133,3 +134,40 @@ def test_every_quantisable_family_reads_the_packed_head(tiny_dir, tmp_path, mode
     assert not isinstance(model.w["embed_tokens"], QuantizedWeight)
     result = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(result[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_int6_is_packed_at_six_bits(tiny_dir, tmp_path, tied):
+    """--lm-head int6: the head as INT6 group 32 quantised from the source's values (codes -31..31, fp16 scales), a
+    format-10 build (a format-9 runtime's kernels do not know the scheme), whose logits are dequantize(W) times the
+    activations rounded per block of 32, as an int8 head's are; it generates."""
+    src = tiny_dir("llama", tie_word_embeddings=tied)
+    out = quantised_build(src, tmp_path / "b", Quantization.INT4_SYM, dtype="bfloat16", lm_head=LmHead.INT6)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 10 and manifest["quantization"]["lm_head"] == "int6"
+    assert manifest["quantization"]["tensors"]["lm_head"] == {"scheme": "int6", "group_size": 32}
+    hf = load_file(str(src / "model.safetensors"))
+    expect = quantize_int6(hf[EMBED if tied else "lm_head.weight"], 32)
+    llm = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24)
+    model = llm.engine.runner.model
+    head = model.lm_head
+    assert head.fmt.scheme is QuantScheme.INT6 and head.scales.dtype == torch.float16
+    assert torch.equal(head.codes, expect.codes) and torch.equal(head.scales, expect.scales)
+    assert int(head.codes.abs().max()) == 31  # each group's largest weight on the top code
+    gen = torch.Generator().manual_seed(1)
+    for rows in (1, 5, 80):
+        hidden = torch.randn((rows, model.spec.hidden_size), generator=gen).bfloat16()
+        x = dequantize_activation(*quantize_activation(hidden))
+        want = F.linear(x, dequantize(head))
+        torch.testing.assert_close(model.logits(hidden), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+    result = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert len(result[0].outputs[0].token_ids) == 6
+
+
+def test_an_int6_head_contradicting_the_manifest_is_refused(tiny_dir, tmp_path):
+    """quantization.lm_head must name the packed head's scheme: int6 over an int8-packed head (or the reverse) is a
+    damaged manifest, refused naming the key."""
+    out = quantised_build(tiny_dir("llama"), tmp_path / "b", Quantization.INT8)
+    _resigned(out, lambda q: q.update(lm_head="int6"))
+    with pytest.raises(BuildDirError, match="quantization.lm_head"):
+        open_build(out)

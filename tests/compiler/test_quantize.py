@@ -12,7 +12,14 @@ from pllm import LLM, SamplingParams
 from pllm.compiler.build import BuildError, BuildOptions, build
 from pllm.compiler.cli import main as compile_main
 from pllm.compiler.manifest import open_build
-from pllm.compiler.quantize import QUANTISERS, Quantization, quantize_int4, quantize_int4_sym, quantize_int8
+from pllm.compiler.quantize import (
+    QUANTISERS,
+    Quantization,
+    quantize_int4,
+    quantize_int4_sym,
+    quantize_int6,
+    quantize_int8,
+)
 from pllm.models.quant import QuantizedWeight, dequantize, unpack_int4
 from pllm.runtime.worker.loader import load_weights
 
@@ -30,6 +37,19 @@ def test_int8_is_within_half_a_step_of_each_group(group):
     exact = w.abs().view(40, -1, size).amax(-1) / 127
     assert torch.equal(q.scales, exact.half() if group else exact)
     step = q.scales.float().repeat_interleave(size, dim=1)
+    assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5)).all())
+
+
+def test_int6_is_within_half_a_step_of_each_group():
+    """INT6 (the --lm-head int6 head): scale = max|w| / 31 on fp16's grid, codes -31..31 (6 bits, -32 unused, as
+    INT8 leaves -128), each weight within half a step; the largest of each group on the top code."""
+    w = torch.randn(40, 96) * (0.1 + torch.rand(40, 1)) * (0.1 + torch.rand(1, 96))
+    q = quantize_int6(w, 32)
+    assert q.fmt.scheme.value == "int6" and q.codes.dtype == torch.int8 and q.scales.dtype == torch.float16
+    assert torch.equal(q.scales, (w.abs().view(40, -1, 32).amax(-1) / 31).half())
+    assert int(q.codes.min()) >= -31 and int(q.codes.max()) <= 31
+    assert torch.equal(q.codes.view(40, -1, 32).abs().amax(-1), torch.full((40, 3), 31, dtype=torch.int8))
+    step = q.scales.float().repeat_interleave(32, dim=1)
     assert bool(((dequantize(q) - w).abs() <= step * 0.5 * (1 + 1e-5)).all())
 
 

@@ -35,7 +35,7 @@ from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels import cpu_quant_linear as cpu_quant_kernel
-from pllm.compiler.quantize import quantize_int4, quantize_int4_sym, quantize_int8
+from pllm.compiler.quantize import quantize_int4, quantize_int4_sym, quantize_int6, quantize_int8
 from pllm.models.quant import (
     QuantFormat,
     QuantizedWeight,
@@ -78,13 +78,15 @@ def gamma(n: int) -> float:
 
 
 def random_weight(scheme: QuantScheme, n: int, k: int, group: int, gen: torch.Generator) -> QuantizedWeight:
-    """INT4 or INT4_SYM at `group`; INT8 per channel when group == k, else grouped (GGUF's Q8_0 is INT8 in groups
-    of 32)."""
+    """INT4, INT4_SYM or INT6 at `group`; INT8 per channel when group == k, else grouped (GGUF's Q8_0 is INT8 in
+    groups of 32)."""
     w = torch.randn((n, k), generator=gen) * 0.05 + 0.01 * torch.randn((n, 1), generator=gen)
     if scheme is QuantScheme.INT4:
         return quantize_int4(w, group)
     if scheme is QuantScheme.INT4_SYM:
         return quantize_int4_sym(w, group)
+    if scheme is QuantScheme.INT6:
+        return quantize_int6(w, group)
     if group == k:
         return quantize_int8(w)
     blocks = w.view(n, -1, group)
@@ -218,7 +220,7 @@ def test_gemv_exact_when_arithmetic_is_exact(kernel, scheme, n, groups, group, p
     else:
         scales = 2.0 ** torch.randint(-4, -1, (n, g), generator=gen).float()
         codes = torch.randint(-15, 16, (n, k), generator=gen, dtype=torch.int8)
-        weight = QuantizedWeight(codes, scales, None, QuantFormat(QuantScheme.INT8, group))
+        weight = QuantizedWeight(codes, scales, None, QuantFormat(scheme, group))  # INT8 or INT6: codes -15..15
     weight = with_scales(weight, half)  # powers of two: exact in fp16 too
     x = exact_activations(num_tokens, k, gen)
     assert torch.equal(rounded(x), x)  # the construction's claim

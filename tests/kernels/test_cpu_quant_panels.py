@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from proc_smaps import thp_offered, vm_flags
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.models.quant import QuantScheme, dequantize
+from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize
 from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear, QuantRows
 
 from .test_cpu_quant_linear import SETTINGS, random_weight, with_scales
 
-INT8, INT4, INT4_SYM = QuantScheme.INT8, QuantScheme.INT4, QuantScheme.INT4_SYM
+INT8, INT4, INT4_SYM, INT6 = QuantScheme.INT8, QuantScheme.INT4, QuantScheme.INT4_SYM, QuantScheme.INT6
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 
@@ -129,3 +129,64 @@ def test_the_dequantiser_reads_the_panels_and_not_the_rows(compiled_quant, vnni,
         if part is not None:
             part.view(torch.uint8).fill_(0x5A)  # what the rows hold no longer matters
     assert torch.equal(compiled_quant.dequantize(weight, dtype), want)
+
+
+def six_bit_codes(panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """INT6 panels' codes read back into the rows' layout (int8 [n, k]), as cpu_quant_panels.cpp.inc lays them out:
+    per panel and block, 4 vectors of low nibbles (element 4j + i low, 16 + 4j + i high, in byte i of vector j) and 2
+    of 2-bit pieces (element 4p + i, and 16 + 4p + i, at bits 2p of byte i), each row 4 bytes of a vector."""
+    v = panels[: n * k * 3 // 4].view(n // 16, k // 32, 6, 16, 4).permute(0, 3, 1, 2, 4).long()  # [P, 16, B, 6, 4]
+    lo_first, lo_second = v[..., :4, :] & 15, v[..., :4, :] >> 4  # [P, 16, B, j, i]
+    p = torch.arange(4).view(4, 1)
+    hi_first, hi_second = (v[..., 4:5, :] >> (2 * p)) & 3, (v[..., 5:6, :] >> (2 * p)) & 3  # [P, 16, B, p, i]
+    first, second = lo_first + 16 * hi_first, lo_second + 16 * hi_second  # elements 4j + i and 16 + 4j + i
+    return (torch.cat((first, second), dim=-2).reshape(n, k) - 32).to(torch.int8)
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_int6_panels_keep_six_bits_a_code(compiled_quant, vnni, half):
+    """An INT6 weight's panels hold its codes in three quarters of the rows' bytes, as the layout says, and its scales
+    as stored: what the step streams is 6 bits a code, not the rows' 8."""
+    gen = torch.Generator().manual_seed(6 + half)
+    weight = with_scales(random_weight(INT6, 48, 256, 32, gen), half)
+    assert int(weight.codes.min()) >= -32 and int(weight.codes.max()) <= 31
+    panels = compiled_quant.panels(weight)
+    if not vnni:
+        assert panels is None
+        return
+    n, k = weight.shape
+    assert panels.numel() == n * k * 3 // 4 + weight.scales.numel() * weight.scales.element_size()
+    assert torch.equal(six_bit_codes(panels, n, k), weight.codes)
+    scales = panels[n * k * 3 // 4 :].view(n // 16, k // 32, 16, -1).permute(0, 2, 1, 3).reshape(n, -1)
+    assert torch.equal(scales, weight.scales.contiguous().view(torch.uint8).view(n, -1))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 9])
+@pytest.mark.parametrize(("half", "per_channel"), [(True, False), (False, False), (False, True)])
+def test_int6_computes_what_int8_computes_on_its_codes(compiled_quant, num_tokens, half, per_channel):
+    """INT6 is INT8 whose codes fit 6 bits: over the same codes and scales, its GEMV (panels at 6 bits where the CPU
+    has AVX512-VNNI, else the INT8 rows) and its dequantiser equal INT8's bit for bit, extreme codes -32 and 31
+    included; the 6-bit sums are exact integers, so no order of theirs may show."""
+    gen = torch.Generator().manual_seed(num_tokens + 2 * half + 4 * per_channel)
+    n, k = 64, 384
+    group = k if per_channel else 32
+    codes = torch.randint(-32, 32, (n, k), generator=gen, dtype=torch.int8)
+    codes[0, :32], codes[1, :32] = -32, 31
+    scales = torch.rand((n, k // group), generator=gen) * 0.01 + 0.001
+    six = with_scales(QuantizedWeight(codes, scales, None, QuantFormat(INT6, group)), half)
+    eight = with_scales(QuantizedWeight(codes.clone(), scales.clone(), None, QuantFormat(INT8, group)), half)
+    x = torch.randn((num_tokens, k), generator=gen).bfloat16()
+    assert torch.equal(compiled_quant.gemv(x, six, None), compiled_quant.gemv(x, eight, None))
+    assert torch.equal(compiled_quant.dequantize(six, torch.float32), dequantize(eight))
+
+
+def test_int6_codes_past_six_bits_are_refused(compiled_quant, vnni):
+    """A code outside -32..31 (a damaged build: the compiler makes -31..31) would wrap in 6 bits; the panels are not
+    made and the error says so."""
+    if not vnni:
+        pytest.skip("panels are made only where the CPU has AVX512-VNNI")
+    codes = torch.zeros((16, 64), dtype=torch.int8)
+    codes[3, 5] = 40
+    weight = QuantizedWeight(codes, torch.ones((16, 2)), None, QuantFormat(INT6, 32))
+    with pytest.raises(ValueError, match="outside -32..31"):
+        compiled_quant.gemv(torch.randn((1, 64)), weight, None)

@@ -63,9 +63,9 @@ LORA_KERNELS = {"lora_shrink", "lora_expand"}  # every dense llama-wiring plan (
 for _name in ("qknorm_partial_hd128_bf16", "qknorm_offset_partial_hd80_fp32", "gemma3_bf16", "smollm2_dense_fp16"):
     OPTIONAL_KERNELS[_name] = OPTIONAL_KERNELS.get(_name, set()) | LORA_KERNELS
 # quantised builds, in tf32-capable bf16 and in fp32 (ieee dots): the one quant_matmul file compiles every scheme,
-# each with fp32 and fp16 scales
+# each with fp32 and fp16 scales (INT6 weights, codes of a byte each, run INT8's)
 QUANT = {"hd80_fp32": QuantFormat(QuantScheme.INT8, 128), "gemma3_bf16": QuantFormat(QuantScheme.INT4, 32)}
-QUANT_KERNELS = {f"quant_matmul_{scheme.value}_{scales}_scales_{variant}" for scheme in QuantScheme
+QUANT_KERNELS = {f"quant_matmul_{scheme}_{scales}_scales_{variant}" for scheme in ("int8", "int4", "int4_sym")
                  for scales in ("fp32", "fp16")
                  for variant in ("small_m_split", "small_m", "small_m_bias", "large_m", "large_m_bias")}
 QUANT_KERNELS |= {"quant_matmul_split_reduce", "quant_matmul_split_reduce_bias"}

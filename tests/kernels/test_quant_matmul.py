@@ -27,7 +27,8 @@ from .conftest import tiny_spec
 # - the output is rounded once to x's dtype: u_out |y| (u_out 2**-24 fp32, 2**-11 fp16, 2**-8 bf16).
 # So |kernel - reference| <= (K + 8) u A + u_out |reference| (the slack covers u_out times the fp32 error).
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-SCHEMES = {"int8": QuantScheme.INT8, "int4": QuantScheme.INT4, "int4_sym": QuantScheme.INT4_SYM}
+SCHEMES = {"int8": QuantScheme.INT8, "int4": QuantScheme.INT4, "int4_sym": QuantScheme.INT4_SYM,
+           "int6": QuantScheme.INT6}  # int6 (the --lm-head int6 head): int8's kernels over codes -32..31
 
 SETTINGS = settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -57,6 +58,9 @@ def random_weight(scheme: QuantScheme, out_features: int, in_features: int, grou
     if scheme is QuantScheme.INT8:
         codes = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
         return QuantizedWeight(codes, spread / 64, None, fmt)
+    if scheme is QuantScheme.INT6:
+        codes = torch.randint(-32, 32, (out_features, in_features), generator=gen, dtype=torch.int8)
+        return QuantizedWeight(codes, spread / 16, None, fmt)
     values = torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)
     scales = spread / 8
     mins = -8 * scales + torch.randn((out_features, groups), generator=gen) * scales
@@ -135,6 +139,8 @@ def assert_within_bound(out: torch.Tensor, x: torch.Tensor, weight: QuantizedWei
          bias=False, half_scales=True, seed=3)
 @example(dtype="float16", scheme=QuantScheme.INT4_SYM, group_size=32, groups=16, num_tokens=1, out_features=40,
          bias=False, half_scales=True, seed=4)
+@example(dtype="float16", scheme=QuantScheme.INT6, group_size=32, groups=16, num_tokens=1, out_features=40,
+         bias=False, half_scales=True, seed=7)
 @example(dtype="float32", scheme=QuantScheme.INT4_SYM, group_size=64, groups=2, num_tokens=70, out_features=100,
          bias=True, half_scales=False, seed=5)
 def test_quant_matmul_interpret(quant_ops, dtype, scheme, group_size, groups, num_tokens, out_features, bias,

@@ -43,10 +43,11 @@ class CodeScheme(IntEnum):
     INT8 = 0
     INT4 = 1
     INT4_SYM = 2
+    INT6 = 3  # rows read as INT8's; panels at 6 bits a code
 
 
 CODE_SCHEMES = {QuantScheme.INT8: CodeScheme.INT8, QuantScheme.INT4: CodeScheme.INT4,
-                QuantScheme.INT4_SYM: CodeScheme.INT4_SYM}
+                QuantScheme.INT4_SYM: CodeScheme.INT4_SYM, QuantScheme.INT6: CodeScheme.INT6}
 
 
 class QuantRows(IntEnum):
@@ -149,6 +150,9 @@ class CpuQuantLinear:
             return None
         panels = torch.frombuffer(self._arena.take(size), dtype=torch.uint8)  # pins its mapping
         status = self._make_panels(codes, scheme, k, n, group, scales, mins, fp16, panels.data_ptr())
+        if status == 4:
+            raise ValueError(f"an int6 weight [{n}, {k}] holds codes outside -32..31, which 6 bits cannot keep: the "
+                             "build is damaged; rebuild it")
         assert status == 0, status  # the kernel sized them itself
         return panels
 
