@@ -25,6 +25,10 @@ LLAMA_TYPES = {"bf16": ("bf16",), "int8": ("q8_0",), "int4": ("q4_0", "q4_k"), "
                "int4_sym": ("q4_0",), "gguf-q8_0": ("q8_0",), "gguf-q4_0": ("q4_0",)}
 # pllm precision -> the llama.cpp file pllm compiles for it (the rest compile the model's own source)
 KEPT_GGUF = {"gguf-q8_0": "q8_0", "gguf-q4_0": "q4_0"}
+# The LM head at the precision of the compared llama.cpp file's output matrix: where that is Q6_K (llama-quantize's
+# choice for an untied output in its 4-bit types: 6.56 bits a weight), pllm's `--lm-head int6` (6.5); else pllm's
+# default int8 head (8.5 bits, Q8_0's: llama.cpp's 8-bit files, and a tied table, which it keeps at Q8_0)
+HEAD_FLAGS = {"Q6_K": ["--lm-head", "int6"]}
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,24 @@ def current_build(out: Path, fingerprint: str) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == fingerprint
 
 
-def compile_pllm(source: Path, out: Path, precision: str, reuse: bool) -> Path:
-    """pllm-compile SOURCE at bf16, quantised to int8/int4/int4_sym or its GGUF blocks kept when asked; raises
-    QuantizationRefused when this pllm's compiler refuses --quantization."""
+def output_type(gguf_file: Path) -> str:
+    """The GGUF type name of a file's output matrix (its token embedding where the output is tied to it)."""
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    return types.get("output.weight", types["token_embd.weight"])
+
+
+def compile_pllm(source: Path, out: Path, precision: str, reuse: bool, extra: list[str] = ()) -> Path:
+    """pllm-compile SOURCE at bf16, quantised to int8/int4/int4_sym or its GGUF blocks kept when asked (with the
+    `extra` flags); raises QuantizationRefused when this pllm's compiler refuses --quantization."""
     fingerprint = compiler_fingerprint()  # before compiling: sources edited meanwhile must not stamp this build
     if reuse and current_build(out, fingerprint):
         return out
     shutil.rmtree(out, ignore_errors=True)
     _fingerprint_file(out).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pllm.compiler.cli", str(source), "-o", str(out), "--dtype", "bfloat16", "-q"]
-    cmd += PLLM_QUANTIZATION.get(precision, [])
+    cmd += [*PLLM_QUANTIZATION.get(precision, []), *extra]
     print(f"pllm-compile {source.name} -> {out.name}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -119,7 +131,12 @@ def prepare_model(model: str, args, llama: llamacpp.LlamaCpp, work: Path) -> Pre
     for p in precisions:
         try:
             p_source = ggufs[KEPT_GGUF[p]] if p in KEPT_GGUF else source
-            builds[p] = (compile_pllm(p_source, work / f"{model}-pllm-{p}", p, args.reuse_builds), "")
+            head = HEAD_FLAGS.get(output_type(ggufs[LLAMA_TYPES[p][0]]), []) if p in PLLM_QUANTIZATION else []
+            name = f"{model}-pllm-{p}" + ("-" + head[-1] + "-head" if head else "")
+            if head:
+                print(f"{model} {p}: llama.cpp's output matrix is {output_type(ggufs[LLAMA_TYPES[p][0]])}; pllm "
+                      f"compiles its head {' '.join(head)}", flush=True)
+            builds[p] = (compile_pllm(p_source, work / name, p, args.reuse_builds, head), "")
         except QuantizationRefused as e:
             print(f"{model} {p}: {e}", flush=True)
             builds[p] = (None, str(e))

@@ -18,8 +18,10 @@ Rows (pllm / llama.cpp, both with --threads threads):
   (groups of 128: 4.25 bits a weight) vs Q4_0 and Q4_K. pllm's quantised builds use `pllm-compile --quantization
   int8|int4|int4_sym [--quant-group-size 128]`; where pllm-compile refuses that flag, the rows say "not available".
   gguf-q8_0 and gguf-q4_0: pllm compiles llama.cpp's own Q8_0 / Q4_0 file with `--quantization gguf`, keeping its
-  blocks, so both sides read the same layer bytes. The LM head too where it is Q8_0 (SmolLM2's tied one); a Q6_K
-  output (the 1.17B model's Q4_0 file) pllm re-quantises to its int8 head (8.5 bits a weight against 6.56).
+  blocks, so both sides read the same layer bytes. The LM head too where it is Q8_0 (SmolLM2's tied one). Where the
+  compared llama.cpp file's output matrix is Q6_K (llama-quantize's choice for an untied output in its 4-bit types:
+  the 1.17B model's Q4_0 and Q4_K files), pllm's build of that row takes `--lm-head int6` (6.5 bits a weight against
+  6.56; tools/bench_models.py's HEAD_FLAGS), else its default int8 head.
   With --decode-depths, the decode rows also at those contexts: pllm's steps with that long a prompt before them,
   llama-bench tg after -d that many tokens (a chat's history: the attention then reads its K and V every token).
 - prefill: tok/s of a 512-token prompt, at each precision as decode; pllm one 512-token prefill in-process,

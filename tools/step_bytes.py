@@ -6,11 +6,14 @@ Counted: every tensor a step multiplies by or scales with (the layers' linears a
 head), each once, as stored. Left out: the token embedding table, of which a token reads one row, except where it is
 the LM head too (a tied head kept as the table itself); and the KV cache (64 tokens of context in the decode row:
 under 1% of either model's weights). pllm's panels (runtime/backends/cpu/cpu_quant_linear.py) are the same bytes in
-another order, read in place of the rows, so the build's file counts for them.
+another order, read in place of the rows, so the build's file counts for them; but for an INT6 tensor (`--lm-head
+int6`), whose panels keep 6 bits of each code byte the file stores: three quarters of its codes' bytes, where the CPU
+makes panels (AVX512-VNNI; elsewhere the rows are read, a byte a code).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pllm.runtime.worker.huge_pages import read_header
@@ -38,7 +41,18 @@ def pllm_step_bytes(build: Path) -> int:
     if not sizes:
         raise FileNotFoundError(f"{build}: no .safetensors weights")
     tied = not any(name.startswith(PLLM_HEAD_PREFIX) for name in sizes)
-    return sum(size for name, size in sizes.items() if tied or name != PLLM_EMBEDDING)
+    packed = json.loads((build / "manifest.json").read_text()).get("quantization", {}).get("tensors", {})
+    six = {f"{name}.codes" for name, entry in packed.items() if entry["scheme"] == "int6"} if _has_vnni() else set()
+    return sum(size * 3 // 4 if name in six else size for name, size in sizes.items()
+               if tied or name != PLLM_EMBEDDING)
+
+
+def _has_vnni() -> bool:
+    """Whether this CPU has AVX512-VNNI, where the cpu backend reads packed weights from its panels."""
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def gguf_step_bytes(path: Path) -> int:

@@ -117,7 +117,9 @@ def test_every_precision_names_its_llama_types_and_source():
 
 def test_a_kept_gguf_build_compiles_llama_cpp_s_own_file(monkeypatch, tmp_path):
     """prepare_model hands pllm-compile the Q8_0 / Q4_0 file llama.cpp runs for the gguf-* precisions, and the
-    model's own source for the others (llama.cpp's tools and the compiler stubbed: only the wiring is checked)."""
+    model's own source for the others; the head at the compared file's output precision (`--lm-head int6` where that
+    is Q6_K, here the Q4_0 file's) in a build of its own name (llama.cpp's tools and the compiler stubbed: only the
+    wiring is checked)."""
     import bench_models
 
     made: dict[str, Path] = {}
@@ -126,21 +128,24 @@ def test_a_kept_gguf_build_compiles_llama_cpp_s_own_file(monkeypatch, tmp_path):
         made[kind] = out
         return out
 
-    compiled: dict[str, tuple[Path, list[str]]] = {}
+    compiled: dict[str, tuple[Path, list[str], Path]] = {}
 
-    def compile_pllm(source, out, precision, reuse):
-        compiled[precision] = (source, bench_models.PLLM_QUANTIZATION.get(precision, []))
+    def compile_pllm(source, out, precision, reuse, extra=()):
+        compiled[precision] = (source, [*bench_models.PLLM_QUANTIZATION.get(precision, []), *extra], out)
         return out
 
     monkeypatch.setattr(llamacpp, "quantize", quantize)
     monkeypatch.setattr(bench_models, "compile_pllm", compile_pllm)
+    monkeypatch.setattr(bench_models, "output_type", lambda f: "Q6_K" if "q4_0" in f.name else "Q8_0")
     args = bench.parse_args(["--precisions", "int8,gguf-q8_0,gguf-q4_0", "--rows", "decode"])
     args.reuse_builds = False
     prepared = bench_models.prepare_model("smollm2", args, None, tmp_path)
-    assert compiled["gguf-q8_0"] == (made["q8_0"], ["--quantization", "gguf"]) == (prepared.ggufs["q8_0"],
-                                                                                     ["--quantization", "gguf"])
-    assert compiled["gguf-q4_0"][0] == made["q4_0"]
+    assert compiled["gguf-q8_0"][:2] == (made["q8_0"], ["--quantization", "gguf"])
+    assert prepared.ggufs["q8_0"] == made["q8_0"]
+    assert compiled["gguf-q4_0"][:2] == (made["q4_0"], ["--quantization", "gguf", "--lm-head", "int6"])
+    assert compiled["gguf-q4_0"][2].name == "smollm2-pllm-gguf-q4_0-int6-head"  # never reused as an int8-head one
     assert compiled["int8"][0].suffix == ".gguf" and compiled["int8"][0] not in made.values()  # the default model
+    assert compiled["int8"][1] == ["--quantization", "int8"]
     # serving rows alone: the builds and files of --serve-precisions, no others
     compiled.clear()
     made.clear()
@@ -168,10 +173,11 @@ def test_reuse_takes_only_builds_this_compiler_made(tiny_build, tmp_path):
     assert not bench_models.current_build(tmp_path / "missing", ours)
 
 
-def test_step_bytes_count_what_a_decode_token_reads(tmp_path):
+def test_step_bytes_count_what_a_decode_token_reads(tmp_path, monkeypatch):
     """The weights a token streams: every tensor once but the embedding table (one row a token), unless the table
     is the LM head too; on both sides' files."""
     import gguf
+    import step_bytes
     import torch
     from safetensors.torch import save_file
     from step_bytes import gguf_step_bytes, pllm_step_bytes
@@ -180,13 +186,22 @@ def test_step_bytes_count_what_a_decode_token_reads(tmp_path):
              "layers.0.qkv_proj.scales": torch.zeros(48, 1, dtype=torch.float16), "norm": torch.zeros(32)}
     embed = {"embed_tokens": torch.zeros(100, 32, dtype=torch.bfloat16)}
     head = {"lm_head.codes": torch.zeros(100, 32, dtype=torch.uint8), "lm_head.scales": torch.zeros(100, 1)}
-    untied, tied = tmp_path / "untied", tmp_path / "tied"
-    for folder, tensors in ((untied, {**layer, **embed, **head}), (tied, {**layer, **embed})):
+    untied, tied, six = tmp_path / "untied", tmp_path / "tied", tmp_path / "six"
+    packed = {"layers.0.qkv_proj": {"scheme": "int4", "group_size": 32}}
+    for folder, tensors, head_scheme in ((untied, {**layer, **embed, **head}, "int8"), (tied, {**layer, **embed}, None),
+                                         (six, {**layer, **embed, **head}, "int6")):
         folder.mkdir()
         save_file(tensors, str(folder / "model.safetensors"))
+        schemes = {**packed, **({"lm_head": {"scheme": head_scheme, "group_size": 32}} if head_scheme else {})}
+        (folder / "manifest.json").write_text(json.dumps({"quantization": {"method": "int4", "tensors": schemes}}))
     layer_bytes = 48 * 16 + 48 * 2 + 32 * 4
     assert pllm_step_bytes(untied) == layer_bytes + 100 * 32 + 100 * 4
     assert pllm_step_bytes(tied) == layer_bytes + 100 * 32 * 2
+    # an int6 head's codes: 6 bits of each stored byte where the CPU reads panels (AVX512-VNNI), else the bytes
+    monkeypatch.setattr(step_bytes, "_has_vnni", lambda: True)
+    assert pllm_step_bytes(six) == layer_bytes + 100 * 32 * 3 // 4 + 100 * 4
+    monkeypatch.setattr(step_bytes, "_has_vnni", lambda: False)
+    assert pllm_step_bytes(six) == pllm_step_bytes(untied)
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         pllm_step_bytes(tmp_path)
 
