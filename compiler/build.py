@@ -44,6 +44,7 @@ from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
+from pllm.compiler.tied_head import untie_stored_head
 from pllm.models.family import LM_HEAD
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
 from pllm.models.parallel_layout import TensorParallelError, check_split, rank_spec
@@ -219,6 +220,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
         logger.info("dtype %s (%s)", choice.dtype, choice.reason)
         dtype = choice.dtype
         check_against_weights(source, spec)
+        spec = untie_stored_head(source, spec)  # a stored head that differs from the tied embedding wins
         check_tensor_parallel(options, spec, source.config_file)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file
         quantizer = make_quantizer(options, spec, source)

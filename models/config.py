@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pllm.models.spec import RopeScaling
@@ -52,6 +53,23 @@ def finite_positive(config: dict, key: str, source: str, default: Any = ...) -> 
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{source}: key '{key}' must be a finite positive number, got {value!r}")
     return float(value)
+
+
+def rope_parameter(config: dict, key: str, read: Callable[[dict, str, str, Any], Any], source: str,
+                   default: Any) -> Any:
+    """A RoPE key a config may give twice: at the top level (the older configs' `rope_theta`, `partial_rotary_factor`)
+    and inside transformers 5's `rope_parameters`. transformers 5 reads the block and ignores the top-level copy, so
+    the two disagreeing is a config that says two things; refused, naming both, rather than one picked in silence."""
+    params = config.get("rope_parameters")
+    top = read(config, key, source, None)
+    inner = read(params, key, f"{source}: rope_parameters", None) if isinstance(params, dict) else None
+    if top is not None and inner is not None and top != inner:
+        raise ConfigError(f"{source}: key '{key}' is {top!r} but key 'rope_parameters.{key}' is {inner!r}; they "
+                          "contradict (transformers 5 reads rope_parameters): remove one or make them agree")
+    for value in (inner, top):
+        if value is not None:
+            return value
+    return default
 
 
 def token_id(value: Any, key: str, vocab_size: int, source: str) -> int:

@@ -17,6 +17,7 @@ from pllm.models.config import (
     finite_positive,
     get_value,
     positive,
+    rope_parameter,
     rope_scaling,
     token_id,
 )
@@ -43,6 +44,9 @@ class ConfigRules:
     # A window in use makes every layer windowed (mistral), run as transformers masks it; otherwise it is refused
     # (qwen2 and qwen3 window only the layers past max_window_layers: not wired yet)
     every_layer_windowed: bool = False
+    # The window reaches only the layers `layer_types` marks sliding_attention, or without it those from
+    # max_window_layers on (qwen2, qwen3: transformers' rule); a window no layer uses changes nothing
+    windows_by_layer_type: bool = False
 
 
 def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
@@ -77,6 +81,8 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
     window = positive(config, "sliding_window", source, None)
     uses_window = get_value(config, "use_sliding_window", bool, source, rules.sliding_window_by_default)
     windowed = window is not None and uses_window and window < max_pos
+    if windowed and rules.windows_by_layer_type:
+        windowed = bool(windowed_layers(config, source, positive(config, "num_hidden_layers", source)))
     if windowed and not rules.every_layer_windowed:
         raise ConfigError(
             f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
@@ -97,10 +103,8 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
     if get_value(config, "mlp_bias", bool, source, False):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
 
-    rope_parameters = get_value(config, "rope_parameters", dict, source, {})
-    theta = finite_positive(config, "rope_theta", source, None)
-    if theta is None:
-        theta = finite_positive(rope_parameters, "rope_theta", f"{source}: rope_parameters", 10000.0)
+    get_value(config, "rope_parameters", dict, source, {})  # an object when given (its scaling: rope_scaling())
+    theta = rope_parameter(config, "rope_theta", finite_positive, source, 10000.0)
     eps = finite_positive(config, "rms_norm_eps", source, 1e-6)
     bias = get_value(config, "attention_bias", bool, source, False)
     if bias and rules.attention_bias_refused:
@@ -128,6 +132,21 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         sliding_window=window if windowed else None,
         sliding_layers=tuple(range(positive(config, "num_hidden_layers", source))) if windowed else (),
     )
+
+
+def windowed_layers(config: dict, source: str, num_layers: int) -> list[int]:
+    """The layers a qwen2/qwen3 window applies to, as transformers derives them: `layer_types`' sliding_attention
+    entries when the config lists them, else every layer from `max_window_layers` (default 28) on."""
+    layer_types = get_value(config, "layer_types", list, source, None)
+    if layer_types is None:
+        first = get_value(config, "max_window_layers", int, source, 28)
+        if first < 0:
+            raise ConfigError(f"{source}: key 'max_window_layers' must be a non-negative integer, got {first!r}")
+        return list(range(first, num_layers))
+    if len(layer_types) != num_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        raise ConfigError(f"{source}: key 'layer_types' must list 'full_attention' or 'sliding_attention' for each "
+                          f"of the num_hidden_layers={num_layers} layers, got {layer_types!r}")
+    return [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
 
 
 def weight_layout(spec: ModelSpec) -> dict[str, RuntimeTensor]:

@@ -81,8 +81,28 @@ def module_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
             "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
-def read_adapter_config(name: str, path: Path) -> tuple[int, float, tuple[str, ...]]:
-    """adapter_config.json -> (rank, scaling, target modules), refusing anything the stacks do not compute."""
+def module_key(layer: int, module: str) -> str:
+    """The PEFT key of a layer's linear module: its path in the transformers model, as target_modules matches it."""
+    return f"model.layers.{layer}.{'mlp' if TARGET_MODULES[module][0] in ('gate_up', 'down') else 'self_attn'}.{module}"
+
+
+def targeted_modules(targets: str | list[str], num_layers: int) -> tuple[frozenset[tuple[int, str]], list[str]]:
+    """PEFT's rule (check_target_module_exists) over this model's adaptable linears: a string is a regex the whole
+    key must match; a list entry matches a key equal to it or ending in '.' + it (a bare `q_proj`, or a full path
+    `model.layers.0.self_attn.q_proj` as peft writes for "all-linear" on a small model, which selects one layer).
+    -> ((layer, module) selected, the entries that select none of them)."""
+    keys = {(layer, module): module_key(layer, module) for layer in range(num_layers) for module in TARGET_MODULES}
+    if isinstance(targets, str):
+        selected = frozenset(lm for lm, key in keys.items() if re.fullmatch(targets, key))
+        return selected, [] if selected else [targets]
+    hits = {t: {lm for lm, key in keys.items() if key == t or key.endswith("." + t)} for t in targets}
+    return frozenset().union(*hits.values()), [t for t, found in hits.items() if not found]
+
+
+def read_adapter_config(name: str, path: Path, num_layers: int) -> tuple[int, float, frozenset[tuple[int, str]]]:
+    """adapter_config.json -> (rank, scaling, the (layer, module) pairs target_modules selects), refusing anything
+    the stacks do not compute. A layer target_modules leaves out keeps the base weights there: its stacks hold
+    zeros for this adapter, as for a module an adapter does not target."""
     f = path / ADAPTER_CONFIG
     if not f.is_file():
         raise LoraError(f"LoRA adapter {name!r}: {f} not found (a PEFT adapter folder holds {ADAPTER_CONFIG})")
@@ -109,18 +129,22 @@ def read_adapter_config(name: str, path: Path) -> tuple[int, float, tuple[str, .
         if value not in (None, [], {}) and value != default:
             raise bad(key, f"only {default!r} is supported")
     targets = config.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise bad("target_modules", "must list the adapted modules by name")
-    unknown = sorted(set(targets) - set(TARGET_MODULES))
+    if not (isinstance(targets, str) and targets) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    ):
+        raise bad("target_modules", "must list the adapted modules by name (or be one regular expression)")
+    try:
+        selected, unknown = targeted_modules(targets, num_layers)
+    except re.error as e:
+        raise bad("target_modules", f"is not a valid regular expression ({e})") from None
     if unknown:
-        raise bad("target_modules", f"unknown target module(s) {unknown}; supported: {', '.join(TARGET_MODULES)}")
+        raise bad("target_modules", f"unknown target module(s) {sorted(unknown)}; supported: "
+                  f"{', '.join(TARGET_MODULES)}, by name or by path in layers 0..{num_layers - 1}")
     rslora = config.get("use_rslora", False)
     if type(rslora) is not bool:
         raise bad("use_rslora", "must be true or false")
     scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-    return rank, float(scaling), tuple(t for t in TARGET_MODULES if t in targets)
+    return rank, float(scaling), selected
 
 
 def read_adapter(name: str, path: str | Path, spec: ModelSpec) -> LoraAdapter:
@@ -133,7 +157,7 @@ def read_adapter(name: str, path: str | Path, spec: ModelSpec) -> LoraAdapter:
     folder = Path(path)
     if not folder.is_dir():
         raise LoraError(f"LoRA adapter {name!r}: {folder} is not a directory (a PEFT adapter folder)")
-    rank, scaling, targets = read_adapter_config(name, folder)
+    rank, scaling, targets = read_adapter_config(name, folder, spec.num_hidden_layers)
     f = folder / ADAPTER_WEIGHTS
     if not f.is_file():
         raise LoraError(f"LoRA adapter {name!r}: {f} not found (only safetensors adapters are read)")
@@ -147,12 +171,13 @@ def read_adapter(name: str, path: str | Path, spec: ModelSpec) -> LoraAdapter:
                     raise LoraError(f"LoRA adapter {name!r}: {f}: tensor {key!r} is not a LoRA A/B weight of a "
                                     f"supported module ({', '.join(TARGET_MODULES)})")
                 layer, module, which = int(m.group(1)), m.group(3), m.group(4)
-                if module not in targets:
-                    raise LoraError(f"LoRA adapter {name!r}: {f}: tensor {key!r} adapts {module!r}, which is not "
-                                    f"in target_modules {list(targets)} (or not supported)")
                 if layer >= spec.num_hidden_layers:
                     raise LoraError(f"LoRA adapter {name!r}: {f}: tensor {key!r} names layer {layer}; the model "
                                     f"has {spec.num_hidden_layers}")
+                path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                if module not in TARGET_MODULES or path != module_key(layer, module) or (layer, module) not in targets:
+                    raise LoraError(f"LoRA adapter {name!r}: {f}: tensor {key!r} adapts {module!r} of layer "
+                                    f"{layer}, which its target_modules do not select (or is not supported)")
                 in_f, out_f = shapes[module]
                 want = (rank, in_f) if which == "A" else (out_f, rank)
                 t = st.get_tensor(key)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 
-from pllm.models.config import ConfigError, finite_positive, get_value, positive
+from pllm.models.config import ConfigError, finite_positive, get_value, positive, rope_parameter
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.llama import ConfigRules, LlamaModel, llama_spec
 from pllm.models.llama import weight_layout as llama_layout
@@ -29,15 +29,17 @@ def phi3_spec(config: dict, source: str) -> ModelSpec:
     theta = {"rope_type": "default", **{k: v for k, v in rope_parameters.items() if k == "rope_theta"}}
     spec = llama_spec({**config, "rope_scaling": None, "rope_parameters": theta}, source, RULES)
 
-    factor = get_value(config, "partial_rotary_factor", (int, float), source, None)
-    if factor is None:
-        factor = get_value(rope_parameters, "partial_rotary_factor", (int, float), f"{source}: rope_parameters", 1.0)
+    factor = rope_parameter(config, "partial_rotary_factor", _number, source, 1.0)
     rotary_dim = int(spec.head_dim * factor)
     if not 0 < factor <= 1 or rotary_dim < 2 or rotary_dim % 2:
         raise ConfigError(f"{source}: key 'partial_rotary_factor' is {factor!r}: it must be in (0, 1] and turn an "
                           f"even number of head dims (head_dim {spec.head_dim} -> {rotary_dim})")
     spec = dataclasses.replace(spec, partial_rotary_factor=float(factor))
     return dataclasses.replace(spec, rope_scaling=_rope_scaling(config, scaling, spec, source))
+
+
+def _number(config: dict, key: str, source: str, default: float | None) -> float | None:
+    return get_value(config, key, (int, float), source, default)
 
 
 def _rope_scaling(config: dict, rs: dict, spec: ModelSpec, source: str) -> RopeScaling | None:

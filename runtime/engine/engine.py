@@ -27,9 +27,12 @@ class LLMEngine(LoadedEngine):
         self._next_id += 1
         return str(self._next_id)
 
-    def tokenize(self, prompt: str | list[int] | dict, max_length: int | None = None) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: str | list[int] | dict, max_length: int | None = None,
+                 tokenizes_empty_text: bool = False) -> tuple[str | None, list[int]]:
         """A text, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."} -> (text, ids); a text
-        is truncated to max_length tokens when one is given (token ids are taken as they are)."""
+        is truncated to max_length tokens when one is given (token ids are taken as they are).
+        tokenizes_empty_text: an empty text is tokenized rather than refused, for an embedding: an encoder's tokenizer
+        makes it [CLS] [SEP], which sentence-transformers embeds; what comes out with no tokens is still refused."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = list(prompt["prompt_token_ids"])
@@ -38,9 +41,12 @@ class LLMEngine(LoadedEngine):
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
-            if not prompt:
+            if not prompt and not tokenizes_empty_text:
                 raise ValueError("prompt is empty")
-            return prompt, self.encode(prompt, "prompt", max_length=max_length)
+            ids = self.encode(prompt, "prompt", max_length=max_length)
+            if not ids:
+                raise ValueError("prompt is empty: the text has no tokens")
+            return prompt, ids
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt_token_ids is empty")
@@ -212,7 +218,7 @@ class LLMEngine(LoadedEngine):
         sentence-transformers truncates them."""
         if request_id in self.processor or request_id in self.pooler:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = self.tokenize(prompt, self.embedding_max_length)[1]
+        ids = self.tokenize(prompt, self.embedding_max_length, tokenizes_empty_text=True)[1]
         request = self.pooler.new_request(request_id, ids, pooling or self.default_pooling, arrival_time)
         if len(ids) > self.max_model_len:
             raise ValueError(

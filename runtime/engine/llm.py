@@ -89,16 +89,19 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
         tools: list[dict] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """One conversation or a list of them, rendered with the model's chat template (and `tools`, OpenAI's tool
-        objects, passed to it as transformers does; the output is not parsed for calls here)."""
+        objects, passed to it as transformers does; the output is not parsed for calls here). lora_request: as for
+        generate(), one adapter for every conversation or one (or None) per conversation, as the server's chat
+        endpoint takes an adapter by model name."""
         self.engine.check_generates()
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
             {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs, tools)}
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def apply_chat_template(
         self,

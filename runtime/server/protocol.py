@@ -45,7 +45,8 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 MIN_TOP_P = 1e-6
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
-TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
+# strict: JSON true, 1.0 and "101" are not token ids (a lax int would run them as 1, 1 and 101)
+TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]]
 Name = Annotated[str, Field(max_length=MAX_NAME_LEN)]
 BiasValue = Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]
 LogitBias = Annotated[dict[int, BiasValue], Field(max_length=MAX_LOGIT_BIAS)]

@@ -39,10 +39,13 @@ class EmbeddingServing:
         requests = []
         for i, item in enumerate(req.inputs()):
             if isinstance(item, str):
-                self.base.check_chars(item)
+                # an empty text is tokenized, not refused: an encoder's tokenizer makes it [CLS] [SEP], which
+                # sentence-transformers embeds; only an input with no tokens at all is refused below
+                if item:
+                    self.base.check_chars(item)
                 item = await self.base.in_tokenizer_thread(self.base.encode_for_embedding, item)
             if not item:
-                raise EngineError(400, "The input is empty; provide a non-empty input.")
+                raise EngineError(400, "The input is empty (it has no tokens); provide a non-empty input.")
             requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival,
                                           pooling=self.base.default_pooling))
         return requests

@@ -43,6 +43,30 @@ def test_transformers5_rope_parameters():
 
 
 @pytest.mark.parametrize(
+    "config, key, values",
+    [
+        ({**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": 500.0},
+         "rope_theta", ["500.0", "10000.0"]),
+        ({**BASE, "model_type": "qwen3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+         "rope_theta", ["10000.0", "1000000.0"]),
+        ({**BASE, "model_type": "phi3", "rope_scaling": None, "partial_rotary_factor": 0.5,
+          "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}},
+         "partial_rotary_factor", ["0.5", "1.0"]),
+        ({**BASE, "model_type": "phi3", "rope_scaling": None, "rope_theta": 500.0,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "rope_theta", ["500.0", "10000.0"]),
+    ],
+)
+def test_a_rope_key_given_twice_with_two_values_is_refused(config, key, values):
+    """transformers 5 reads rope_parameters and ignores the top-level copy: two values are a contradiction, named."""
+    with pytest.raises(ConfigError) as e:
+        spec_from_config(config, "cfg.json")
+    for word in (f"'{key}'", f"'rope_parameters.{key}'", "cfg.json", *values):
+        assert word in str(e.value)
+    agreeing = {**config, key: config["rope_parameters"][key]}
+    assert getattr(spec_from_config(agreeing), key) == config["rope_parameters"][key]
+
+
+@pytest.mark.parametrize(
     "change, words",
     [
         ({"model_type": "gpt2"}, ["model_type", "'gpt2'", "cfg.json"]),
@@ -54,7 +78,8 @@ def test_transformers5_rope_parameters():
         ({"rope_scaling": {"rope_type": "linear", "factor": -1}}, ["factor", "-1"]),
         ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
-        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, ["sliding_window"]),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0},
+         ["sliding_window"]),
         ({"attention_bias": True}, ["attention_bias", "llama", "o_proj", "cfg.json"]),  # HF biases o_proj too
     ],
 )
@@ -189,6 +214,16 @@ def test_qwen3_window_that_changes_nothing_is_accepted():
     assert spec_from_config({**QWEN3, "use_sliding_window": True, "sliding_window": 256}).qk_norm
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("layers", [{"max_window_layers": 2}, {}, {"layer_types": ["full_attention"] * 2}])
+def test_qwen_window_that_no_layer_uses_is_accepted(model_type, layers):
+    """transformers windows only layer_types' sliding_attention layers, else those from max_window_layers (default
+    28) on: with none of the 2 layers past it, the window is in effect nowhere and the build attends fully."""
+    spec = spec_from_config({**QWEN3, "model_type": model_type, "use_sliding_window": True, "sliding_window": 8,
+                             **layers})
+    assert spec.sliding_window is None and spec.sliding_layers == ()
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -216,7 +251,12 @@ def test_gemma3_bad_configs_name_key_and_file(change, words):
     "change, words",
     [
         ({"attention_bias": True}, ["attention_bias", "qwen3", "cfg.json"]),
-        ({"use_sliding_window": True, "sliding_window": 64}, ["sliding_window=64", "cfg.json"]),
+        ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}, ["sliding_window=64", "cfg.json"]),
+        ({"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]},
+         ["sliding_window=64"]),
+        ({"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention"]},
+         ["layer_types", "num_hidden_layers=2"]),
+        ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": -1}, ["max_window_layers", "-1"]),
         ({"head_dim": 0}, ["head_dim", "0", "cfg.json"]),
         ({"head_dim": 33}, ["head_dim", "33", "cfg.json"]),
         ({"use_sliding_window": "yes"}, ["use_sliding_window", "'yes'"]),

@@ -74,6 +74,13 @@ def test_texts_are_truncated_as_sentence_transformers_does(st_bert_dir, st_bert_
     assert [o.num_prompt_tokens for o in llm.embed(long_texts)] == [12, 12, 4]
 
 
+def test_the_empty_text_is_embedded_as_sentence_transformers_does(st_bert_dir, st_bert_build):
+    """"" tokenizes to [CLS] [SEP], which sentence-transformers embeds; one in a batch fails nothing."""
+    texts = ["", TEXTS[0], ""]
+    assert_close(embed(st_bert_build(), texts), reference(st_bert_dir(), texts))
+    assert [o.num_prompt_tokens for o in LLM(str(st_bert_build())).embed(texts)] == [2, 4, 2]
+
+
 def test_the_manifest_records_the_recipe(st_bert_build):
     pooling = open_build(st_bert_build("cls", False)).pooling
     assert (pooling.pooling.value, pooling.normalize, pooling.max_seq_length) == ("cls", False, 128)

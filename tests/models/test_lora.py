@@ -68,7 +68,39 @@ def test_grouping_by_adapter():
     assert LoraInputs.from_slots([(0, 4, 0)], torch.device("cpu")) is None
 
 
+def test_target_modules_match_as_peft_matches_them(spec, tiny_loras, tmp_path):
+    """peft matches a list entry by '.'-suffix (a bare name, or the full path it writes for "all-linear" on a small
+    model) and a string as a regex over the whole path; a path may pick some layers, the others keep the base."""
+    everything = read_adapter("alpha", tiny_loras["alpha"], spec).weights
+    paths = [f"model.layers.{i}.{'mlp' if m.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{m}"
+             for i in range(2) for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    full = copy_adapter(tiny_loras["alpha"], tmp_path / "full", {"target_modules": paths})
+    assert read_adapter("full", full, spec).weights.keys() == everything.keys()
+    regex = copy_adapter(tiny_loras["alpha"], tmp_path / "regex", {"target_modules": r".*\.(self_attn|mlp)\..*"})
+    assert read_adapter("regex", regex, spec).weights.keys() == everything.keys()
+
+    def layer_1_gone(tensors):
+        for key in [k for k in tensors if ".layers.1." in k]:
+            del tensors[key]
+
+    layer_0 = [p for p in paths if ".layers.0." in p]
+    one = copy_adapter(tiny_loras["alpha"], tmp_path / "one", {"target_modules": layer_0}, layer_1_gone)
+    assert {layer for layer, _ in read_adapter("one", one, spec).weights} == {0}
+    stacks = stack_adapters([read_adapter("one", one, spec)], spec, torch.float32, torch.device("cpu"))
+    assert stacks[0].qkv is not None and stacks[1] == type(stacks[1])(None, None, None, None)
+    # layer 1's tensors kept while target_modules selects layer 0 only: peft would not have written them
+    stray = copy_adapter(tiny_loras["alpha"], tmp_path / "stray", {"target_modules": layer_0})
+    with pytest.raises(LoraError, match="layer 1, which its target_modules do not select"):
+        read_adapter("stray", stray, spec)
+
+
 REFUSALS = [
+    ({"target_modules": ["model.layers.7.self_attn.q_proj"]}, None,
+     "unknown target module\\(s\\) \\['model.layers.7.self_attn.q_proj'\\].*layers 0..1"),
+    ({"target_modules": ["model.layers.0.mlp.q_proj"]}, None, "unknown target module"),
+    ({"target_modules": "(unclosed"}, None, "'target_modules'.*not a valid regular expression"),
+    ({"target_modules": "lm_head"}, None, "unknown target module"),
+
     ({"r": 128}, None, "'r' is 128; the rank must be an integer in \\[1, 64\\]"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, None, "unknown target module\\(s\\) \\['embed_tokens'\\]"),
     ({"peft_type": "IA3"}, None, "only 'LORA'"),

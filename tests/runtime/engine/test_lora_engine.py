@@ -99,3 +99,23 @@ def test_other_llama_wiring_families_match_merged_peft(tiny_dir, tiny_build, tmp
     for out, ref in zip(outs, [merged, merged, base, base], strict=True):
         assert out.outputs[0].token_ids == hf_greedy(ref, out.prompt_token_ids, 8)
     assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
+
+
+def test_an_adapter_of_some_layers_by_path_matches_merged_peft(tiny_dir, tmp_path, llm):
+    """target_modules as full paths naming layer 0 only (peft writes paths for "all-linear" on small models): layer
+    1 runs the base weights, as in transformers + peft; LLM.chat takes the adapter as generate does."""
+    from lora_adapters import make_adapter
+
+    model_dir = tiny_dir("llama")
+    targets = [f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    adapter = make_adapter(model_dir, tmp_path / "adapter", 5, r=8, lora_alpha=16,
+                           target_modules=[*targets, "model.layers.0.mlp.down_proj"])
+    lora = LoRARequest("layer0", 9, str(adapter))
+    outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=lora)
+    merged = merged_model(model_dir, adapter)
+    for out in outs:
+        assert out.outputs[0].token_ids == hf_greedy(merged, out.prompt_token_ids, 12)
+    conversation = [{"role": "user", "content": PROMPTS[1]}]
+    chat = llm.chat(conversation, GREEDY, use_tqdm=False, lora_request=lora)[0]
+    assert chat.outputs[0].token_ids == hf_greedy(merged, chat.prompt_token_ids, 12)
+    assert chat.outputs[0].token_ids != llm.chat(conversation, GREEDY, use_tqdm=False)[0].outputs[0].token_ids

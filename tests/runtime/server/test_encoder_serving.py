@@ -47,3 +47,16 @@ def test_generation_requests_get_a_400_naming_the_model_kind(encoder_client):
     assert [m.id for m in encoder_client.models.list().data] == ["tiny-bert"]
     # the server is still serving
     assert len(encoder_client.embeddings.create(model="tiny-bert", input="hello").data[0].embedding) == 64
+
+
+def test_the_empty_text_is_embedded_over_http(encoder_client, st_bert_dir):
+    """"" is [CLS] [SEP] to the tokenizer and a vector to sentence-transformers: a 200, not an empty-input 400."""
+    from sentence_transformers import SentenceTransformer
+
+    response = encoder_client.embeddings.create(model="tiny-bert", input=["", "a"])
+    got = torch.tensor([d.embedding for d in sorted(response.data, key=lambda d: d.index)])
+    want = SentenceTransformer(str(st_bert_dir()), device="cpu").encode(["", "a"], convert_to_tensor=True).float()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() >= 0.9999
+    assert response.usage.prompt_tokens == 2 + 3
+    with pytest.raises(openai.BadRequestError, match="input is empty"):  # no tokens at all: still refused
+        encoder_client.embeddings.create(model="tiny-bert", input=[[]])
