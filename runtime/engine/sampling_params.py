@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -40,6 +41,8 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # a client's spec; a subclass may allow more where something else bounds the spec (a forced tool call's schema)
+    max_chars: ClassVar[int] = MAX_STRUCTURED_CHARS
 
     def __post_init__(self) -> None:
         if isinstance(self.json, str):  # JSON text: parsed here, so a bad document is an error naming the field
@@ -89,8 +92,8 @@ class StructuredOutputsParams:
                 size = len(self.key()[1])
             except (TypeError, ValueError) as exc:  # from Python: a value JSON cannot hold
                 raise _bad(field_name, "a schema", f"JSON data ({exc})") from None
-            if size > MAX_STRUCTURED_CHARS:
-                raise _bad(field_name, f"{size} characters", f"at most {MAX_STRUCTURED_CHARS} characters as JSON")
+            if size > self.max_chars:
+                raise _bad(field_name, f"{size} characters", f"at most {self.max_chars} characters as JSON")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_STRUCTURED_CHARS):

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from pllm.runtime.engine.regex_grammar import regex_to_ebnf
 from pllm.runtime.engine.sampling_params import InvalidParam, StructuredOutputsParams
+from pllm.runtime.engine.schema_rewrite import REGEX_NODE, mark_patterns
 from pllm.runtime.worker.text_loader import transformers_tokenizer
 
 logger = logging.getLogger("pllm")
@@ -46,11 +48,21 @@ def _json_grammar(compiler: Any, schema: dict, strict: bool) -> Any:
 
     # Compact JSON (no free whitespace between tokens): a model cannot stall in an endless run of spaces, and the
     # output is what json.dumps(..., separators=(", ", ": ")) writes. Strict: no properties beyond the schema's.
-    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+    marked, patterns = mark_patterns(schema)
+    grammar = xgr.Grammar.from_json_schema(json.dumps(marked), any_whitespace=False, strict_mode=strict)
     text = str(grammar)
     for wrong, right in _STRING_CHAR_FIXES:
         text = text.replace(wrong, right)
-    return compiler.compile_grammar(_HEX_ESCAPE.sub(r"\1\\u00\2", text))
+    text = _HEX_ESCAPE.sub(r"\1\\u00\2", text)
+    for marker, regex in patterns.items():  # the patterns xgrammar 0.2.9 gets wrong, written by regex_grammar
+        node = REGEX_NODE.format(marker)
+        if node in text:
+            text = text.replace(node, f"({regex_to_ebnf(regex, json_string=True)})")
+    return compiler.compile_grammar(text)
+
+
+def _regex(compiler: Any, spec: StructuredOutputsParams) -> Any:
+    return compiler.compile_grammar(f"root ::= {regex_to_ebnf(spec.regex)}")
 
 
 def _choice(compiler: Any, spec: StructuredOutputsParams) -> Any:
@@ -62,7 +74,7 @@ def _choice(compiler: Any, spec: StructuredOutputsParams) -> Any:
 # kind (StructuredOutputsParams.kind) -> how xgrammar compiles it: a new kind is one entry here
 GRAMMAR_COMPILERS: dict[str, Callable[[Any, StructuredOutputsParams], Any]] = {
     "json": lambda compiler, spec: _json_grammar(compiler, spec.json, strict=True),
-    "regex": lambda compiler, spec: compiler.compile_regex(spec.regex),
+    "regex": _regex,
     "choice": _choice,
     "grammar": lambda compiler, spec: compiler.compile_grammar(spec.grammar),
     # OpenAI's json_object: any JSON object (xgrammar's builtin JSON grammar also admits arrays and scalars)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 
 from pllm.runtime.engine.outputs import CompletionOutput
-from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, StructuredOutputsParams
+from pllm.runtime.engine.sampling_params import (
+    MAX_STRUCTURED_CHARS,
+    InvalidParam,
+    SamplingParams,
+    StructuredOutputsParams,
+)
+from pllm.runtime.engine.schema_rewrite import embed_schema
 from pllm.runtime.engine.structured_output import GrammarCache
 from pllm.runtime.server.protocol import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
@@ -18,7 +25,7 @@ from pllm.runtime.server.protocol_responses import (
     FunctionCallOut,
     ToolCallOut,
 )
-from pllm.runtime.server.protocol_tools import NamedToolChoice
+from pllm.runtime.server.protocol_tools import MAX_TOOLS_JSON_CHARS, NamedToolChoice
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.tool_parsers import (
     NO_PARSER,
@@ -32,6 +39,17 @@ from pllm.runtime.server.tool_parsers import (
 )
 
 logger = logging.getLogger("pllm.server")
+# a tool without parameters: the only arguments are {} (strict mode would still take any keys of {"type": "object"})
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+class ForcedCallSchema(StructuredOutputsParams):
+    """The structured output of a forced tool_choice. Under "required" its schema holds every tool's, which
+    `tools` already bounds (MAX_TOOLS_JSON_CHARS), each one bounded as a client's schema is (forced_schema), so
+    the whole gets the bound of `tools` rather than a client schema's: twice it, as rebasing a reference
+    ("#" to "#/$defs/t127") at most doubles it and each tool's wrapper adds a little."""
+
+    max_chars = 2 * MAX_TOOLS_JSON_CHARS
 
 
 class ToolCalling:
@@ -90,7 +108,7 @@ class ToolCalling:
                 param="tool_choice",
             )
         try:
-            spec = StructuredOutputsParams(json=schema)
+            spec = ForcedCallSchema(json=schema)
             await asyncio.wrap_future(grammars.compile(spec))
         except InvalidParam as exc:
             message = str(exc).replace("structured_outputs.json", "the tool parameters schema")
@@ -109,27 +127,37 @@ class ToolCalling:
     @staticmethod
     def forced_schema(req: ChatCompletionRequest) -> dict | None:
         """The JSON schema that makes a named or required tool_choice's output always parse, in the shape
-        NamedCallFormat or RequiredCallsFormat reads; None for the other choices."""
+        NamedCallFormat or RequiredCallsFormat reads; None for the other choices. A tool without parameters
+        takes none (vLLM and OpenAI read a missing schema so): an empty object, not any object."""
         choice = req.effective_tool_choice
         if not req.tools or not (isinstance(choice, NamedToolChoice) or choice == "required"):
             return None
-        params = {t.function.name: t.function.parameters or {"type": "object"} for t in req.tools}
+        params = {t.function.name: t.function.parameters or NO_PARAMETERS for t in req.tools}
+        for name, schema in params.items():  # what compiling takes grows with one schema's size, not the tools'
+            size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
+            if size > MAX_STRUCTURED_CHARS:
+                raise EngineError(400, f"tools: the parameters schema of {name!r} takes {size} characters of JSON, "
+                                  f"more than {MAX_STRUCTURED_CHARS} (as any one schema)", param="tools")
         if isinstance(choice, NamedToolChoice):
-            return params[choice.function.name]
+            return params[choice.function.name]  # the whole schema, so its "#" and "$defs" are its own
+        # Each tool's schema goes under the root's $defs, its references rebased, so that "#/$defs/X" and "#"
+        # still mean its own definitions and itself inside the array (pydantic's nested models use them).
+        defs: dict = {}
         call = [
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "parameters": schema},
+                "properties": {"name": {"const": name}, "parameters": embed_schema(schema, f"t{i}", defs)},
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
-            for name, schema in params.items()
+            for i, (name, schema) in enumerate(params.items())
         ]
         return {
             "type": "array",
             "items": {"anyOf": call},
             "minItems": 1,
             **({"maxItems": 1} if not req.parallel_tool_calls else {}),
+            "$defs": defs,
         }
 
     @staticmethod
