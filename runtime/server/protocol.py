@@ -267,7 +267,10 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("tool_choice")
     @classmethod
     def _check_tool_choice(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
-        check_tool_choice(choice, info.data.get("tools"))
+        # tools that failed their own validation are missing from info.data (an omitted one is there as None):
+        # their error is the request's, not a second one about tool_choice
+        if "tools" in info.data:
+            check_tool_choice(choice, info.data["tools"])
         return choice
 
     @field_validator("messages")

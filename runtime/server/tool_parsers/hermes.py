@@ -6,9 +6,9 @@ from pllm.runtime.server.tool_parsers.scan import (
     WHITESPACE,
     PartialCall,
     Scan,
-    content_unless_called,
+    calls_and_content,
     held_back,
-    json_call_object,
+    read_json_call,
     skip_ws,
 )
 
@@ -27,15 +27,13 @@ class HermesFormat:
         if first < 0:
             return Scan(text if final else held_back(text, OPEN))
         calls: list[PartialCall] = []
-        start = first
+        start, rest = first, None
         while start >= 0:
-            i = skip_ws(text, start + len(OPEN))
-            if i >= len(text) or text[i] != "{":
+            read = read_json_call(text, skip_ws(text, start + len(OPEN)))
+            if read is None:
+                rest = start  # this tag's call is still open, or is none: calls after it are not read
                 break
-            call, end = json_call_object(text, i)
-            calls.append(call)
-            if end is None:
-                break
+            calls.append(read[0])
             # Text between calls (a newline, the closing tag) and after them is markup, not content.
-            start = text.find(OPEN, end)
-        return content_unless_called(text, tuple(calls), final, text[:first].rstrip(WHITESPACE))
+            start = text.find(OPEN, read[1])
+        return calls_and_content(text, text[:first].rstrip(WHITESPACE), tuple(calls), rest, final)

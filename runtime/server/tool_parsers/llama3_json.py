@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pllm.runtime.server.tool_parsers.scan import Scan, content_unless_called, json_calls, skip_ws
+from pllm.runtime.server.tool_parsers.scan import Scan, calls_and_content, json_calls, skip_ws
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -22,4 +22,5 @@ class Llama3JsonFormat:
             return Scan("")  # nothing yet, or the start of the tag
         if i < len(text) and text[i] != "{":
             return Scan(text)  # a message that does not open with a call is plain content
-        return content_unless_called(text, json_calls(text, i, ";"), final, "")
+        calls, rest = json_calls(text, i, ";")
+        return calls_and_content(text, "", calls, rest, final)

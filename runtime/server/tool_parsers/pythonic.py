@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import ast
-import json
 import re
 
-from pllm.runtime.server.tool_parsers.scan import Malformed, PartialCall, Scan, content_unless_called, skip_ws
+from pllm.runtime.server.tool_parsers.scan import (
+    Malformed,
+    PartialCall,
+    Scan,
+    arguments_json,
+    calls_and_content,
+    skip_ws,
+)
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 OPENERS = {"(": ")", "[": "]", "{": "}"}
@@ -27,12 +33,13 @@ class PythonicFormat:
             return Scan(text)
         calls: list[PartialCall] = []
         j = skip_ws(text, i + 1)
+        rest: int | None = j  # where the calls stopped at text that is not (yet) a call
         while (m := NAME.match(text, j)) is not None:
             paren = skip_ws(text, m.end())
             if paren >= len(text) or text[paren] != "(":
                 break
             # A call is read only once whole: Python cannot be checked piecewise, and a call that turns out
-            # not to parse leaves the text plain content, as nothing of it was sent.
+            # not to parse is content at the end, as nothing of it was sent.
             end = _python_args_end(text, paren)
             if end is None:
                 break
@@ -40,12 +47,13 @@ class PythonicFormat:
                 arguments = _keyword_arguments_json(text[paren:end])
             except Malformed:
                 break
-            calls.append(PartialCall(m.group(), arguments, True))
+            calls.append(PartialCall(m.group(), arguments))
             j = skip_ws(text, end)
             if j >= len(text) or text[j] != ",":
+                rest = None  # the list closes (what follows it is not content), or may still go on
                 break
-            j = skip_ws(text, j + 1)
-        return content_unless_called(text, tuple(calls), final, "")
+            j = rest = skip_ws(text, j + 1)
+        return calls_and_content(text, "", tuple(calls), rest, final)
 
 
 def _opens_call_list(text: str, i: int) -> bool | None:
@@ -88,11 +96,15 @@ def _python_args_end(text: str, i: int) -> int | None:
 
 
 def _keyword_arguments_json(source: str) -> str:
-    """'(city="Paris", days=3)' -> '{"city": "Paris", "days": 3}': keyword arguments of Python literals only."""
+    """'(city="Paris", days=3)' -> '{"city": "Paris", "days": 3}': keyword arguments of Python literals only
+    (float("inf") is not one, but 1e999 reads as inf: arguments_json refuses it, with sets and bytes)."""
     try:
         call = ast.parse("f" + source, mode="eval").body
         if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
             raise Malformed("only keyword arguments")
-        return json.dumps({k.arg: ast.literal_eval(k.value) for k in call.keywords}, ensure_ascii=False)
+        if len({k.arg for k in call.keywords}) != len(call.keywords):
+            raise Malformed("an argument given twice")  # Python itself refuses f(a=1, a=2)
+        arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         raise Malformed("not a call of Python literals") from None
+    return arguments_json(arguments)

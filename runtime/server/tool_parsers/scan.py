@@ -10,18 +10,18 @@ ARGUMENT_KEYS = ("arguments", "parameters")  # Hermes/Qwen say "arguments", Llam
 
 
 class Malformed(ValueError):
-    """The text cannot become a tool call of this format, however it continues."""
+    """The text is not a valid tool call of this format."""
 
 
 @dataclass(frozen=True)
 class PartialCall:
-    """One tool call as far as the text goes. Every field only grows as the text does: a later reading of a
-    longer text has the same name (once known) and arguments that extend these, which is what lets a stream
-    send them as deltas."""
+    """One tool call as far as the text goes. A later reading of a longer text has the same name and arguments
+    that extend these, which is what lets a stream send them as deltas. The formats a model writes of its own
+    accord only report a call once it is whole and valid (see read_json_call); a forced call (NamedCallFormat)
+    grows, as its grammar cannot let it turn invalid."""
 
-    name: str | None  # None until the whole name has been read
-    arguments: str  # the raw JSON text of the arguments object so far ("" until it starts)
-    complete: bool  # the call's text has ended
+    name: str
+    arguments: str  # OpenAI's JSON text of the arguments object (so far)
 
 
 @dataclass(frozen=True)
@@ -48,130 +48,82 @@ def held_back(text: str, marker: str) -> str:
     return text.rstrip(WHITESPACE)
 
 
-def json_string_end(text: str, i: int) -> int | None:
-    """text[i] is '"': the index after the closing quote, None if the text ends first."""
-    i += 1
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            return i + 1
-        i += 1
-    return None
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # {"name": "a", "name": "b"} or an argument given twice: which one the model meant is a guess, so not a call.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise Malformed("a key appears twice")
+    return obj
 
 
-def json_value_end(text: str, i: int) -> int | None:
-    """The index after the JSON value starting at text[i], None if the text ends first (Malformed when the
-    brackets cannot balance). Validity inside is left to json.loads on the whole value."""
-    if text[i] == '"':
-        return json_string_end(text, i)
-    if text[i] not in "{[":
-        j = i
-        while j < len(text) and text[j] not in ",}] \t\r\n":
-            j += 1
-        return j if j < len(text) else None  # a number may still have digits to come
-    stack = []
-    j = i
-    while j < len(text):
-        c = text[j]
-        if c == '"':
-            end = json_string_end(text, j)
-            if end is None:
-                return None
-            j = end
-            continue
-        if c in "{[":
-            stack.append("}" if c == "{" else "]")
-        elif c in "}]":
-            if not stack or stack.pop() != c:
-                raise Malformed(f"unbalanced {c!r}")
-            if not stack:
-                return j + 1
-        j += 1
-    return None
+def _no_constant(word: str):
+    raise Malformed(f"{word} is not JSON")  # Python's json reads NaN and Infinity; OpenAI clients' parsers do not
 
 
-def loads(text: str):
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def arguments_json(value: object) -> str:
+    """A call's arguments as OpenAI's JSON text of an object (compact separators aside, as vLLM writes them).
+    Some models write the object as a JSON string ("arguments": "{\\"city\\": ...}"): a string that holds an
+    object is taken as that object. Anything else, or a number that is not finite (1e999 overflows to inf),
+    is Malformed: the text is then not a call, rather than a call with invented or unparseable arguments."""
     try:
-        return json.loads(text)
-    except ValueError:
-        raise Malformed("invalid JSON") from None
+        if isinstance(value, str):
+            value = _DECODER.decode(value)
+        if not isinstance(value, dict):
+            raise Malformed("the arguments are not an object")
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):  # Malformed is a ValueError
+        raise Malformed("the arguments are not a JSON object") from None
 
 
-def json_call_object(text: str, i: int) -> tuple[PartialCall, int | None]:
-    """text[i] is '{' opening {"name": ..., "arguments" | "parameters": {...}}: the call so far, and the index
-    after the object (None while it is open, or when it broke off: then the call is what was read, complete, as
-    a stream may already have sent it). Other keys are skipped; the arguments' raw text is kept as it is, so
-    what a stream sends piecewise equals what a whole reading returns."""
-    found: dict = {"name": None, "arguments": "", "done": False}
+def read_json_call(text: str, i: int) -> tuple[PartialCall, int] | None:
+    """The call whose whole JSON object {"name": ..., "arguments" | "parameters": ...} starts at text[i], and
+    the index after it; None while the object is still open, and when it is not a valid call (a longer text
+    cannot make a closed object valid, and the formats stop reading there either way).
+
+    Only whole, valid calls are read, so a stream sends each call once, complete: arguments streamed piecewise
+    could turn out unclosable or invalid ({"city": "Paris"]), and what a client was sent cannot be taken back.
+    Other keys are ignored; a call without arguments has an empty object, one with both keys is ambiguous."""
+    if i >= len(text) or text[i] != "{":
+        return None
     try:
-        end = _read_call_object(text, i, found)
-    except Malformed:  # arguments never begun are an empty object; begun ones stay as sent
-        return PartialCall(found["name"], found["arguments"] or "{}", True), None
-    if end is None:
-        return PartialCall(found["name"], found["arguments"], False), None
-    return PartialCall(found["name"], found["arguments"] if found["done"] else "{}", True), end
+        obj, end = _DECODER.raw_decode(text, i)
+        name = obj.get("name")
+        if not isinstance(name, str) or not name:
+            raise Malformed("the name is not a non-empty string")
+        given = [obj[k] for k in ARGUMENT_KEYS if k in obj]
+        if len(given) > 1:
+            raise Malformed("both arguments and parameters")
+        return PartialCall(name, arguments_json(given[0] if given else {})), end
+    except (ValueError, RecursionError):  # still open, or not a call (JSONDecodeError and Malformed alike)
+        return None
 
 
-def _read_call_object(text: str, i: int, found: dict) -> int | None:
-    j = i + 1
-    while True:
-        j = skip_ws(text, j)
-        if j < len(text) and text[j] == ",":
-            j = skip_ws(text, j + 1)
-        if j >= len(text):
-            return None
-        if text[j] == "}":
-            return j + 1
-        if text[j] != '"':
-            raise Malformed(f"expected a key at {j}")
-        key_end = json_string_end(text, j)
-        colon = skip_ws(text, key_end) if key_end is not None else len(text)
-        value = skip_ws(text, colon + 1)
-        if value >= len(text):
-            return None
-        if text[colon] != ":":
-            raise Malformed(f"expected ':' at {colon}")
-        key = loads(text[j:key_end])
-        end = json_value_end(text, value)
-        if key == "name" and end is not None:
-            name = loads(text[value:end])
-            if not isinstance(name, str) or not name:
-                raise Malformed("the name is not a non-empty string")
-            found["name"] = name
-        elif key in ARGUMENT_KEYS:
-            if text[value] != "{":
-                raise Malformed("the arguments are not an object")
-            found["arguments"] = text[value : end if end is not None else len(text)]
-            if end is not None:
-                loads(found["arguments"])
-                found["done"] = True
-        if end is None:
-            return None
-        j = end
-
-
-def json_calls(text: str, i: int, separator: str) -> tuple[PartialCall, ...]:
-    """Call objects from text[i] on, separated by `separator`: as many as read, stopping quietly at text that is
-    not one (what follows the calls is not content in any format here)."""
+def json_calls(text: str, i: int, separator: str) -> tuple[tuple[PartialCall, ...], int | None]:
+    """Call objects from text[i] on, separated by `separator`; and where the reading stopped at text that is
+    not (yet) a call, or None when it stopped after a call at something else (ignored: what follows the calls
+    is not content in any format here)."""
     calls: list[PartialCall] = []
-    while i < len(text) and text[i] == "{":
-        call, end = json_call_object(text, i)
-        calls.append(call)
-        if end is None:
-            break
-        i = skip_ws(text, end)
-        if i >= len(text) or text[i] != separator:
-            break
-        i = skip_ws(text, i + 1)
-    return tuple(calls)
+    while (read := read_json_call(text, i)) is not None:
+        calls.append(read[0])
+        j = skip_ws(text, read[1])
+        if j >= len(text) or text[j] != separator:
+            return tuple(calls), None
+        i = skip_ws(text, j + 1)
+    return tuple(calls), i
 
 
-def content_unless_called(text: str, calls: tuple[PartialCall, ...], final: bool, content: str) -> Scan:
-    """At the end of the text, a reading that named no call was plain content all along: nothing of it was sent
-    as a call, and what was sent as content is a prefix of the whole text."""
-    if final and not any(c.name for c in calls):
+def calls_and_content(text: str, lead: str, calls: tuple[PartialCall, ...], rest: int | None, final: bool) -> Scan:
+    """A format's reading: `lead` is the content before the first call, `rest` where the calls stopped at text
+    that is not (yet) a whole, valid call. Until the end that text is held, as it may still close into one.
+    At the end it is content: all of the text when no call was read (finish_reason stays stop or length, as
+    vLLM returns an unparseable call), else what follows the last call, after `lead`. Either way what was sent
+    as content, `lead`, is a prefix of it."""
+    if not final or (calls and rest is None):
+        return Scan(lead, calls)
+    if not calls:
         return Scan(text)
-    return Scan(content, calls)
+    tail = text[len(text[:rest].rstrip(WHITESPACE)) :] if lead else text[rest:]
+    return Scan(lead + tail, calls)

@@ -53,7 +53,8 @@ def new_call_id() -> str:
 
 class ToolCallStream:
     """Feed the cumulative text of one sequence; get what is new since the last feed. Content is sent only once
-    it cannot turn out to be markup, a call only once its name is whole, and arguments as they grow."""
+    it cannot turn out to be markup, a call once the format reports it (whole and valid, but for a forced named
+    call, whose arguments grow): its id and name, then its arguments, in fragments as they grow."""
 
     def __init__(self, fmt: ToolCallFormat, max_calls: int | None = None):
         self.fmt = fmt
@@ -67,8 +68,6 @@ class ToolCallStream:
         content, self.content = scan.content[len(self.content) :], scan.content
         deltas = []
         for index, call in enumerate(scan.calls[: self.max_calls]):
-            if call.name is None:
-                break  # calls are sent in order, each starting with its name
             if index == len(self.calls):
                 self.calls.append(ToolCall(new_call_id(), call.name, ""))
                 deltas.append(ToolCallDelta(index, self.calls[index].id, call.name, ""))

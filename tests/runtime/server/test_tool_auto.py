@@ -123,9 +123,60 @@ def test_auto_plain_answer_stays_content():
         assert choice.finish_reason == "stop"
 
 
-def test_a_call_cut_by_max_tokens_finishes_with_length():
-    choice = serve(CALLS[:60], stream=False, finish_reason="length").choices[0]
-    assert choice.finish_reason == "length" and choice.message.tool_calls[0].function.name == "get_weather"
+def accumulated(text: str, stream: bool, finish_reason: str = "stop", step: int = 3):
+    """The choice a client ends up with, streamed (accumulated by openai's own client) or not."""
+    out = serve(text, stream=stream, finish_reason=finish_reason, step=step)
+    if stream:
+        state = ChatCompletionStreamState(input_tools=TOOLS)
+        for chunk in out:
+            state.handle_chunk(chunk)
+        out = state.current_completion_snapshot  # get_final_completion() refuses a "length" finish
+    return out.choices[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_tokens_finishes_with_length(stream):
+    # Cut inside the only call: no call was made, the unfinished text is content (never arguments "").
+    choice = accumulated(CALLS[:60], stream, finish_reason="length")
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert choice.message.content == CALLS[:60]
+    # Cut inside the second: the first call stands, the unfinished one is content after it.
+    cut = CALLS.index("get_time") + 5
+    choice = accumulated(CALLS[:cut], stream, finish_reason="length")
+    assert choice.finish_reason == "length"
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_weather", '{"city": "Paris", "days": 3}')
+    ]
+    assert choice.message.content == "Let me look.\n" + CALLS[CALLS.index("<tool_call>", 20) : cut]
+
+
+MALFORMED = [
+    'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"]}}\n</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"a": [1}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "name": "get_time", "arguments": {}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"a": 1}, "parameters": {"b": 2}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": \'Paris\'}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris",}}</tool_call>',
+]
+
+
+@pytest.mark.parametrize("text", MALFORMED)
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_a_malformed_call_is_content_streamed_or_not(text, step):
+    # What the parser cannot read as a call is returned as the model wrote it, streamed or not, finish "stop":
+    # no error mid-stream, no call with invented arguments.
+    for stream in (False, True):
+        choice = accumulated(text, stream, step=step)
+        assert choice.finish_reason == "stop" and not choice.message.tool_calls
+        assert choice.message.content == text
+
+
+def test_arguments_written_as_a_json_string_are_that_object():
+    text = '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>'
+    for stream in (False, True):
+        choice = accumulated(text, stream)
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        assert [c.function.arguments for c in choice.message.tool_calls] == ['{"city": "Paris"}']
 
 
 def test_parallel_tool_calls_false_returns_the_first_call_only():

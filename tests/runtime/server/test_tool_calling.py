@@ -237,6 +237,17 @@ def test_bad_tool_fields_are_400_naming_the_field(tool_server, fields, param, ne
     assert needle is None or needle in error["message"], error
 
 
+def test_invalid_tools_are_the_only_error_named(tool_server):
+    """tools that fail validation make a 400 about tools alone: the tool_choice beside them is not also refused as
+    if no tools were given."""
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": ["object", "null"]}}}]
+    body = {"messages": USER, "max_tokens": 1, "tools": bad, "tool_choice": "auto"}
+    r = httpx.post(f"{tool_server.api}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "tools" and "tool_choice" not in error["message"], error
+
+
 def test_auto_without_a_known_format_is_400_naming_tool_choice(server):
     # The shared test server's template shows no tool-call format and no --tool-call-parser was given.
     body = {"messages": USER, "tools": TOOLS, "max_tokens": 1}

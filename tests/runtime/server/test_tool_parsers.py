@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import keyword
+import math
 import re
 
 import pytest
@@ -43,8 +45,13 @@ CASES = [
     ),
     (HERMES, '<tool_call>{"arguments": {"q": 1}, "name": "f"}</tool_call>', None, [("f", {"q": 1})]),
     (HERMES, '<tool_call>{"name": "noargs"}</tool_call>', None, [("noargs", {})]),
-    # Arguments that are not an object: the call (whose name a stream has already sent) has none.
-    (HERMES, '<tool_call>{"name": "f", "arguments": "x"}</tool_call>', None, [("f", {})]),
+    # Arguments written as a JSON string that holds an object (some models do): that object.
+    (
+        HERMES,
+        '<tool_call>{"name": "f", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>',
+        None,
+        [("f", {"city": "Paris"})],
+    ),
     (HERMES, "a < b, and <tool but no call <", "a < b, and <tool but no call <", []),
     (HERMES, "Plain answer.\n\n", "Plain answer.\n\n", []),
     (HERMES, "<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
@@ -81,14 +88,77 @@ CASES = [
         [("a", {"x": 1}), ("b", {})],
     ),
 ]
+# Text that is not a valid call: a call only when its arguments are a JSON object (vLLM's rule), so these stay
+# content, whole (finish_reason stop or length, not tool_calls), and never a call with invented arguments.
+NOT_CALLS = [
+    (HERMES, '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"]}}</tool_call>'),
+    (HERMES, 'Let me see.\n<tool_call>{"name": "f", "arguments": {"a": [1}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "name": "g", "arguments": {}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": {"a": 1}, "parameters": {"b": 2}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": {"city": \'Paris\'}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": {"city": "Paris",}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": "x"}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": null}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "f", "arguments": {"x": 1e999}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "", "arguments": {}}</tool_call>'),
+    (HERMES, '<tool_call>{"name": "get_weather", "arguments": {"ci'),  # cut by max_tokens
+    (HERMES, '<tool_call>{"name": "get_weather"'),  # cut right after the name
+    (LLAMA3, '{"name": "get_weather", "parameters": {"city": ["Paris"}}'),
+    (LLAMA3, '{"name": "f", "parameters": {"x": -Infinity}}'),
+    (PYTHONIC, "[get_weather(x=1e999)]"),
+    (PYTHONIC, "[f(a={1, 2})]"),
+    (PYTHONIC, "[f(a=1, a=2)]"),
+    (RequiredCallsFormat(), '[{"name": "a", "parameters": {"x": 1'),
+]
+CASES += [(fmt, text, text, []) for fmt, text in NOT_CALLS]
+# A valid call, then one that is not: the call stands (a stream has sent it), the rest is content after it.
+CASES += [
+    (
+        HERMES,
+        'Let me check.\n<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", '
+        '"arguments": {"x": [1}}</tool_call>',
+        'Let me check.\n<tool_call>{"name": "b", "arguments": {"x": [1}}</tool_call>',
+        [("a", {})],
+    ),
+    (
+        HERMES,
+        '<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n<tool_call>{"name": "b", "arg',
+        '<tool_call>{"name": "b", "arg',
+        [("a", {"x": 1})],
+    ),
+    (
+        LLAMA3,
+        '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": NaN}}',
+        '{"name": "b", "parameters": {"x": NaN}}',
+        [("a", {})],
+    ),
+    (PYTHONIC, "[f(a=1), g(b=1e999)]", "g(b=1e999)]", [("f", {"a": 1})]),
+]
 IDS = [f"{type(c[0]).__name__}-{i}" for i, c in enumerate(CASES)]
+
+
+def strict_object(arguments: str) -> dict:
+    """OpenAI's arguments as a strict JSON parser reads them: an object, no NaN or Infinity."""
+
+    def refuse(word: str):
+        raise ValueError(word)
+
+    def finite(number: str) -> float:
+        assert math.isfinite(float(number)), number
+        return float(number)
+
+    value = json.loads(arguments, parse_constant=refuse, parse_float=finite)
+    assert isinstance(value, dict)
+    return value
 
 
 @pytest.mark.parametrize(("fmt", "text", "content", "calls"), CASES, ids=IDS)
 def test_whole_text(fmt, text, content, calls):
     parsed = parse_tool_calls(fmt, text)
     assert parsed.content == content
-    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == calls
+    assert [(c.name, strict_object(c.arguments)) for c in parsed.tool_calls] == calls
     assert all(c.id.startswith("call_") and len(c.id) > 10 for c in parsed.tool_calls)
     assert len({c.id for c in parsed.tool_calls}) == len(calls)
 
@@ -136,11 +206,27 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
     assert [c.name for c in parsed.tool_calls] == ["a"]
 
 
-def test_arguments_stream_in_fragments_before_the_call_ends():
+def test_a_call_is_sent_once_whole_and_valid():
+    # Arguments sent piecewise could turn out invalid ({"city": "Paris"]) and cannot be taken back, so nothing of
+    # a call is sent until its object closes; then its start and its arguments.
     stream = ToolCallStream(HERMES)
     text = CASES[0][1]
-    first = stream.update(text[: text.index("Paris")], final=False)
-    assert [(d.name, d.arguments) for d in first.tool_calls] == [("get_weather", ""), (None, '{"city": "')]
+    close = text.rindex("}") + 1
+    for k in range(close):
+        assert stream.update(text[:k], final=False).tool_calls == ()
+    whole = stream.update(text[:close], final=False)
+    assert [(d.name, d.arguments) for d in whole.tool_calls] == [
+        ("get_weather", ""),
+        (None, '{"city": "Paris", "unit": "c"}'),
+    ]
+
+
+def test_a_forced_named_call_streams_its_arguments_and_never_sends_them_empty():
+    named = NamedCallFormat("f")
+    assert stream_pieces(named, [" ", "\n", '{"a": ', "1}"]) == ("", [("f", '{"a": 1}')])
+    assert stream_pieces(named, [" ", " "]) == ("  ", [])  # cut before the arguments began: no call
+    # Cut by max_tokens inside the arguments: the call keeps what was written, as vLLM returns it.
+    assert [c.arguments for c in parse_tool_calls(named, '{"a": [1').tool_calls] == ['{"a": [1']
 
 
 @pytest.mark.parametrize(
@@ -161,7 +247,7 @@ def test_parser_from_template(template, expected):
 
 
 # Drawn calls, written as each model family writes them, read back whole and streamed in drawn pieces.
-IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(lambda s: not keyword.iskeyword(s))  # f(if=1)
 SCALARS = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=6)
 VALUES = st.recursive(SCALARS, lambda v: st.lists(v, max_size=3) | st.dictionaries(st.text(max_size=4), v, max_size=3),
                       max_leaves=6)  # fmt: skip
@@ -199,3 +285,30 @@ def test_drawn_plain_text_stays_content(fmt, text, points):
     parsed = parse_tool_calls(fmt, text)
     assert parsed.content == text and parsed.tool_calls == ()
     assert stream_pieces(fmt, cut(text, points)) == (text, [])
+
+
+CORRUPTIONS = "{}[]\",:;'()0 aeNI"
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    fmt=st.sampled_from([HERMES, LLAMA3, PYTHONIC]),
+    calls=CALLS,
+    edits=st.lists(st.tuples(st.integers(0, 10**4), st.booleans(), st.sampled_from(CORRUPTIONS)), max_size=3),
+    points=st.lists(st.integers(0, 10**4)),
+)
+def test_corrupted_calls_stream_as_they_read_whole_and_every_call_is_valid(fmt, calls, edits, points):
+    # A model's slip anywhere in its calls: never an exception, streamed equals whole, and a call only with a
+    # JSON object for arguments; text read as no call is all content.
+    text = write(fmt, calls)
+    for at, insert, char in edits:
+        at %= len(text) + 1
+        text = text[:at] + char + text[at:] if insert else text[:at] + text[at + 1 :]
+    parsed = parse_tool_calls(fmt, text)
+    for call in parsed.tool_calls:
+        strict_object(call.arguments)
+    if not parsed.tool_calls:
+        assert parsed.content == text
+    expected = (parsed.content or "", [(c.name, c.arguments) for c in parsed.tool_calls])
+    assert stream_pieces(fmt, cut(text, points)) == expected
+    assert stream_pieces(fmt, list(text)) == expected
