@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[q.value for q in Quantization],
         help="keep the decoder's linear weights packed: int8 (per output channel), int4 (groups with a scale and "
         "min), int4_sym (groups with a scale, llama.cpp's Q4_0 rule), or gguf (a .gguf input's Q8_0/Q4_0/Q4_1/Q4_K "
-        "blocks as they are; other types are dequantised); the LM head then at 8 bits (--lm-head). Default: float "
+        "blocks as they are; other types are dequantised); the LM head then at 8 bits, or 6 or float (--lm-head). "
+        "Default: float "
         "weights in --dtype",
     )
     p.add_argument(

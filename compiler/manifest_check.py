@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pllm.compiler.manifest_format import (
+    HEAD_ONLY_SCHEMES,
     KERNELS_DIR,
     LM_HEAD,
     LM_HEAD_KINDS,
@@ -128,6 +129,9 @@ def _check_quantization(q: dict, manifest_file: Path) -> None:
         if not isinstance(entry, dict) or set(entry) != {"scheme", "group_size"} or entry["scheme"] not in \
                 QUANT_SCHEMES or type(group) is not int or group <= 0:
             raise _fail(manifest_file, f"quantization.tensors.{name}", "a scheme and a positive group size", entry)
+        if entry["scheme"] in HEAD_ONLY_SCHEMES and name != LM_HEAD:  # the compiler packs only the head so
+            raise _fail(manifest_file, f"quantization.tensors.{name}", f"a scheme other than {entry['scheme']} "
+                        f"(kept for '{LM_HEAD}' only)", entry)
 
 
 def _check_kernel_entries(entries: Any, manifest_file: Path) -> None:

@@ -50,6 +50,7 @@ LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # models/quant.py's layout
 QUANT_PARTS = ("codes", "scales", "mins")
 QUANT_SCHEMES = ("int8", "int4", "int4_sym", "int6")  # models.quant.QuantScheme's values (this module stays torch-free)
+HEAD_ONLY_SCHEMES = ("int6",)  # schemes a build keeps for its LM head alone (the decode step reads no INT6 layer)
 QUANT_METHODS = ("int8", "int4", "int4_sym", "gguf")  # compiler.quantize.Quantization's values
 LM_HEAD_KINDS = ("float", "int8", "int6")  # compiler.lm_head.LmHead's values; a packed one is stored as LM_HEAD
 LM_HEAD = "lm_head"

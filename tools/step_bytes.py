@@ -8,7 +8,8 @@ the LM head too (a tied head kept as the table itself); and the KV cache (64 tok
 under 1% of either model's weights). pllm's panels (runtime/backends/cpu/cpu_quant_linear.py) are the same bytes in
 another order, read in place of the rows, so the build's file counts for them; but for an INT6 tensor (`--lm-head
 int6`), whose panels keep 6 bits of each code byte the file stores: three quarters of its codes' bytes, where the CPU
-makes panels (AVX512-VNNI; elsewhere the rows are read, a byte a code).
+makes panels (AVX512-VNNI) and the matrix is in whole panels (rows a multiple of 16, width of 64: the kernel's
+panels_fit); elsewhere its rows are read, a byte a code.
 """
 
 from __future__ import annotations
@@ -26,16 +27,23 @@ GGUF_EMBEDDING = "token_embd.weight"
 GGUF_HEAD = "output.weight"
 
 
-def _safetensors_sizes(path: Path) -> dict[str, int]:
-    """tensor name -> bytes, from a safetensors file's header (read and checked as the weights' loader reads it)."""
+def _safetensors_sizes(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """tensor name -> (bytes, shape), from a safetensors file's header (read and checked as the weights' loader
+    reads it)."""
     with open(path, "rb") as f:
         entries, _ = read_header(f, path, path.stat().st_size)
-    return {e.name: e.end - e.begin for e in entries}
+    return {e.name: (e.end - e.begin, tuple(e.shape)) for e in entries}
+
+
+def _in_panels(shape: tuple[int, ...]) -> bool:
+    """Whether an INT6 codes matrix [n, k] is repacked into panels (cpu_quant_panels.cpp.inc's panels_fit: whole
+    panels of 16 rows, whole 64-element chunks; its groups of 32 always divide)."""
+    return len(shape) == 2 and shape[0] % 16 == 0 and shape[0] > 0 and shape[1] % 64 == 0
 
 
 def pllm_step_bytes(build: Path) -> int:
     """Weight bytes a decode token of this pllm build reads."""
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, tuple[int, ...]]] = {}
     for path in sorted(build.glob("*.safetensors")):
         sizes.update(_safetensors_sizes(path))
     if not sizes:
@@ -43,7 +51,7 @@ def pllm_step_bytes(build: Path) -> int:
     tied = not any(name.startswith(PLLM_HEAD_PREFIX) for name in sizes)
     packed = json.loads((build / "manifest.json").read_text()).get("quantization", {}).get("tensors", {})
     six = {f"{name}.codes" for name, entry in packed.items() if entry["scheme"] == "int6"} if _has_vnni() else set()
-    return sum(size * 3 // 4 if name in six else size for name, size in sizes.items()
+    return sum(size * 3 // 4 if name in six and _in_panels(shape) else size for name, (size, shape) in sizes.items()
                if tied or name != PLLM_EMBEDDING)
 
 

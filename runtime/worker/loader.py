@@ -12,7 +12,7 @@ from pllm.compiler.manifest import (
     BuildDirError,
     BuildManifest,
 )
-from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme
+from pllm.models.quant import INT6_LIMIT, QuantFormat, QuantizedWeight, QuantScheme
 from pllm.runtime.backends.cpu.mapped_pages import make_read_only
 from pllm.runtime.worker.huge_pages import ResidentWeights, WeightFileError, read_weight_file
 
@@ -76,4 +76,10 @@ def gather_quantized(tensors: dict[str, torch.Tensor], record: dict[str, dict],
             out[name] = QuantizedWeight(codes, scales, mins, fmt)
         except ValueError as e:
             raise BuildDirError(f"{f}: quantised weight '{name}': {e}") from None
+        if fmt.scheme is QuantScheme.INT6 and codes.numel() and not (
+                int(codes.min()) >= -INT6_LIMIT - 1 and int(codes.max()) <= INT6_LIMIT):
+            # every reader would take such a code as INT8 does, but the cpu backend's 6-bit panels cannot hold it:
+            # refused here, on every CPU and shape alike
+            raise BuildDirError(f"{f}: quantised weight '{name}' is int6 but holds codes outside "
+                                f"{-INT6_LIMIT - 1}..{INT6_LIMIT}; the build is damaged: rebuild it")
     return out

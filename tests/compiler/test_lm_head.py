@@ -5,6 +5,7 @@ head."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,34 @@ def test_an_int6_head_contradicting_the_manifest_is_refused(tiny_dir, tmp_path):
     _resigned(out, lambda q: q.update(lm_head="int6"))
     with pytest.raises(BuildDirError, match="quantization.lm_head"):
         open_build(out)
+
+
+def test_int6_is_for_the_head_only(tiny_dir, tmp_path):
+    """A manifest that marks a layer's weight int6 is refused naming it (the compiler packs only the head so, and
+    the compiled decode step reads no INT6 layer); were one to reach the step, it says why it cannot read it
+    rather than failing on a missing key."""
+    from types import SimpleNamespace
+
+    from pllm.runtime.backends.cpu.cpu_decode_stack import _linear_words
+
+    out = quantised_build(tiny_dir("llama"), tmp_path / "b", Quantization.INT8)
+    _resigned(out, lambda q: q["tensors"]["layers.0.qkv_proj"].update(scheme="int6"))
+    with pytest.raises(BuildDirError, match="quantization.tensors.layers.0.qkv_proj"):
+        open_build(out)
+    six = quantize_int6(torch.randn(32, 64), 32)
+    why = _linear_words(SimpleNamespace(packed=True, dtype=torch.bfloat16), six, (32, 64))
+    assert isinstance(why, str) and "int6" in why
+
+
+def test_int6_codes_past_six_bits_are_refused_at_load():
+    """An int6 tensor holding a code outside -32..31 (a damaged build) is refused by the loader on every CPU and
+    shape, not only where the cpu backend makes 6-bit panels of it."""
+    from pllm.runtime.worker.loader import gather_quantized
+
+    codes = torch.zeros((3, 96), dtype=torch.int8)  # 3 rows of 96: no panels would be made of it
+    codes[1, 7] = 100
+    tensors = {"lm_head.codes": codes, "lm_head.scales": torch.ones((3, 3), dtype=torch.float16)}
+    with pytest.raises(BuildDirError, match="lm_head' is int6 but holds codes outside -32..31"):
+        gather_quantized(tensors, {"lm_head": {"scheme": "int6", "group_size": 32}}, Path("model.safetensors"))
+    codes[1, 7] = -32  # the extremes are kept
+    gather_quantized(tensors, {"lm_head": {"scheme": "int6", "group_size": 32}}, Path("model.safetensors"))

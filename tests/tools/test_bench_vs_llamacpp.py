@@ -186,10 +186,12 @@ def test_step_bytes_count_what_a_decode_token_reads(tmp_path, monkeypatch):
              "layers.0.qkv_proj.scales": torch.zeros(48, 1, dtype=torch.float16), "norm": torch.zeros(32)}
     embed = {"embed_tokens": torch.zeros(100, 32, dtype=torch.bfloat16)}
     head = {"lm_head.codes": torch.zeros(100, 32, dtype=torch.uint8), "lm_head.scales": torch.zeros(100, 1)}
-    untied, tied, six = tmp_path / "untied", tmp_path / "tied", tmp_path / "six"
+    head6 = {"lm_head.codes": torch.zeros(96, 64, dtype=torch.int8), "lm_head.scales": torch.zeros(96, 2)}
+    untied, tied, six, six_rows = (tmp_path / n for n in ("untied", "tied", "six", "six_rows"))
     packed = {"layers.0.qkv_proj": {"scheme": "int4", "group_size": 32}}
     for folder, tensors, head_scheme in ((untied, {**layer, **embed, **head}, "int8"), (tied, {**layer, **embed}, None),
-                                         (six, {**layer, **embed, **head}, "int6")):
+                                         (six, {**layer, **embed, **head6}, "int6"),
+                                         (six_rows, {**layer, **embed, **head}, "int6")):
         folder.mkdir()
         save_file(tensors, str(folder / "model.safetensors"))
         schemes = {**packed, **({"lm_head": {"scheme": head_scheme, "group_size": 32}} if head_scheme else {})}
@@ -197,11 +199,13 @@ def test_step_bytes_count_what_a_decode_token_reads(tmp_path, monkeypatch):
     layer_bytes = 48 * 16 + 48 * 2 + 32 * 4
     assert pllm_step_bytes(untied) == layer_bytes + 100 * 32 + 100 * 4
     assert pllm_step_bytes(tied) == layer_bytes + 100 * 32 * 2
-    # an int6 head's codes: 6 bits of each stored byte where the CPU reads panels (AVX512-VNNI), else the bytes
+    # an int6 head's codes: 6 bits of each stored byte where the CPU reads panels (AVX512-VNNI) and the matrix is in
+    # whole panels (rows a multiple of 16, width of 64); else the bytes as stored
     monkeypatch.setattr(step_bytes, "_has_vnni", lambda: True)
-    assert pllm_step_bytes(six) == layer_bytes + 100 * 32 * 3 // 4 + 100 * 4
+    assert pllm_step_bytes(six) == layer_bytes + 96 * 64 * 3 // 4 + 96 * 2 * 4
+    assert pllm_step_bytes(six_rows) == pllm_step_bytes(untied)  # 100 x 32: no panels
     monkeypatch.setattr(step_bytes, "_has_vnni", lambda: False)
-    assert pllm_step_bytes(six) == pllm_step_bytes(untied)
+    assert pllm_step_bytes(six) == layer_bytes + 96 * 64 + 96 * 2 * 4
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         pllm_step_bytes(tmp_path)
 

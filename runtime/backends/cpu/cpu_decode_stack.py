@@ -103,6 +103,8 @@ def _linear_words(kernel: CpuDecodeStep, w: object, shape: tuple[int, int]) -> l
         return why if why is not None else [WeightKind.FLOAT, w.data_ptr(), 0, 0, 0, 0]  # type: ignore[union-attr]
     if not kernel.packed:
         return "packed, and the build's decode step was rendered for float weights only"
+    if w.fmt.scheme not in PACKED_KINDS:  # INT6: an LM head's scheme, read by the packed linear alone
+        return f"{w.fmt.scheme.value}, a scheme the decode step does not read"
     kind, group = PACKED_KINDS[w.fmt.scheme], w.fmt.group_size
     vector = 2 * PACKED_LANES if w.fmt.scheme.nibbles else PACKED_LANES
     if tuple(w.shape) != shape:
