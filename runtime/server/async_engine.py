@@ -71,7 +71,7 @@ class AsyncEngine:
 
     @property
     def dead_reason(self) -> str | None:
-        return self._loop.dead_reason
+        return self._loop.failure
 
     @property
     def is_alive(self) -> bool:

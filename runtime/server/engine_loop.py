@@ -85,6 +85,20 @@ class EngineLoop:
         self.dead_reason: str | None = None
 
     # -- called from the event loop ------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot go on, or None: the loop's own death, or a tensor-parallel worker's exit. The
+        runner's watcher sees an exit within milliseconds, even while this loop's thread is blocked in a collective
+        with the dead rank (gloo can wait out its 60 s timeout before the step raises), so /health and admission
+        read it here rather than wait for the loop to die."""
+        if self.dead_reason is not None:
+            return self.dead_reason
+        try:
+            self.engine.check_workers()  # reads the watcher's verdict only: safe from any thread
+        except WorkerDied as e:
+            return str(e)
+        return None
+
     def submit(self, command: Command) -> bool:
         """Queue a command unless the engine is dead (checked under the lock _die takes, so none is lost)."""
         with self._lock:

@@ -131,6 +131,41 @@ def test_dead_loop_turns_health_503(stack):
     no_leak(gen)
 
 
+def test_a_dead_worker_turns_health_503_while_the_step_is_still_blocked(stack):
+    """A tensor-parallel worker killed mid-step can leave the engine thread blocked in a collective with it (gloo
+    waits out a 60 s timeout before the step raises), yet the runner's watcher has seen the exit: /health answers
+    503 and new requests are refused at once, not after the timeout (a CI run saw the server stay healthy for 60 s)."""
+    from pllm.runtime.worker.parallel.group import WorkerDied
+
+    llm, engine, app = stack
+    in_step, release, died = threading.Event(), threading.Event(), threading.Event()
+
+    def blocked_step():
+        in_step.set()
+        release.wait(30)
+        raise WorkerDied("tensor-parallel worker rank 1 (pid 1) exited with code -9")
+
+    def check_workers():
+        if died.is_set():
+            raise WorkerDied("tensor-parallel worker rank 1 (pid 1) exited with code -9")
+
+    llm.step, llm.check_workers = blocked_step, check_workers
+    pending = threading.Thread(target=call, args=(app, ("POST", "/v1/completions", {"prompt": "hi"})))
+    pending.start()
+    try:
+        assert in_step.wait(10)
+        (health,) = call(app, ("GET", "/health", None))
+        assert health.status_code == 200 and engine.is_alive  # the step is slow, nothing known dead
+        died.set()
+        health, gen = call(app, ("GET", "/health", None), ("POST", "/v1/completions", {"prompt": "hi"}))
+        assert health.status_code == 503 and not engine.is_alive and "rank 1" in engine.dead_reason
+        assert gen.status_code == 500 and "restart" in gen.json()["error"]["message"]
+        assert engine._thread.is_alive()  # still blocked in the step: the verdict came from the watcher
+    finally:
+        release.set()
+        pending.join(30)
+
+
 def test_handler_bug_is_a_bare_500(stack, monkeypatch):
     _, _, app = stack
     serving = app.app.state.embeddings
