@@ -156,12 +156,14 @@ class OutputProcessor:
                 state.stop_reason = state.matcher.stop_string
                 if not req.is_finished:
                     self._finish(req.request_id)
+                req.finish_reason = FinishReason.STOP  # also where max_tokens ended it on this token (vLLM's)
                 self._cut_after(state, pos)
         if req.is_finished and state.stop_reason is None:
             emit, hit = state.matcher.feed(state.detokenizer.flush())
             state.text += emit
             if hit:
                 state.stop_reason = state.matcher.stop_string
+                req.finish_reason = FinishReason.STOP
             else:
                 state.text += state.matcher.flush()
                 state.stop_reason = self.stop.stop_token_reason(req)

@@ -90,6 +90,24 @@ def test_stop_string_cuts_text(plain):
     assert out.outputs[0].text == full[: cut + len(stop)]
 
 
+def test_a_stop_string_on_the_last_allowed_token_finishes_with_stop(plain):
+    """A stop string that the max_tokens-th token completes ends the output as a stop string does anywhere else:
+    finish_reason stop, not length (vLLM's rule; a stop token on that token already did so)."""
+    for n in range(6, 24):
+        shorter = plain.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=n - 1, ignore_eos=True),
+                                 use_tqdm=False)[0].outputs[0].text
+        full = plain.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].text
+        last = full[len(shorter):]  # what the n-th token added
+        if last.strip() and "\ufffd" not in last and full.index(last) == len(shorter):
+            break
+    else:
+        pytest.skip("no token whose text is new and whole in this model's output")
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=[last])
+    c = plain.generate([PROMPTS[3]], params, use_tqdm=False)[0].outputs[0]
+    assert c.text == shorter and c.finish_reason == "stop" and c.stop_reason == last, (c.text, c.finish_reason)
+
+
 def test_seeded_sampling_reproducible_and_n(plain):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, n=3)
     a = plain.generate([PROMPTS[0]], params, use_tqdm=False)[0]
