@@ -131,11 +131,12 @@ def prepare_model(model: str, args, llama: llamacpp.LlamaCpp, work: Path) -> Pre
     for p in precisions:
         try:
             p_source = ggufs[KEPT_GGUF[p]] if p in KEPT_GGUF else source
-            head = HEAD_FLAGS.get(output_type(ggufs[LLAMA_TYPES[p][0]]), []) if p in PLLM_QUANTIZATION else []
+            their_head = output_type(ggufs[LLAMA_TYPES[p][0]]) if p in PLLM_QUANTIZATION else None
+            head = HEAD_FLAGS.get(their_head, [])
             name = f"{model}-pllm-{p}" + ("-" + head[-1] + "-head" if head else "")
             if head:
-                print(f"{model} {p}: llama.cpp's output matrix is {output_type(ggufs[LLAMA_TYPES[p][0]])}; pllm "
-                      f"compiles its head {' '.join(head)}", flush=True)
+                print(f"{model} {p}: llama.cpp's output matrix is {their_head}; pllm compiles its head "
+                      f"{' '.join(head)}", flush=True)
             builds[p] = (compile_pllm(p_source, work / name, p, args.reuse_builds, head), "")
         except QuantizationRefused as e:
             print(f"{model} {p}: {e}", flush=True)

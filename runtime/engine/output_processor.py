@@ -176,7 +176,6 @@ class OutputProcessor:
         if len(req.output_token_ids) > pos + 1:
             del req.output_token_ids[pos + 1 :]
             state.num_processed = pos + 1
-            req.finish_reason = FinishReason.STOP  # not a length limit a dropped token reached
             if state.logprobs is not None:
                 del state.logprobs[pos + 1 :]
                 state.cumulative_logprob = sum(e.logprob for e in state.logprobs)  # in order, as it was summed

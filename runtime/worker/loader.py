@@ -77,7 +77,7 @@ def gather_quantized(tensors: dict[str, torch.Tensor], record: dict[str, dict],
         except ValueError as e:
             raise BuildDirError(f"{f}: quantised weight '{name}': {e}") from None
         if fmt.scheme is QuantScheme.INT6 and codes.numel() and not (
-                int(codes.min()) >= -INT6_LIMIT - 1 and int(codes.max()) <= INT6_LIMIT):
+                -INT6_LIMIT - 1 <= int((bounds := torch.aminmax(codes)).min) and int(bounds.max) <= INT6_LIMIT):
             # every reader would take such a code as INT8 does, but the cpu backend's 6-bit panels cannot hold it:
             # refused here, on every CPU and shape alike
             raise BuildDirError(f"{f}: quantised weight '{name}' is int6 but holds codes outside "
