@@ -98,7 +98,6 @@ class LoadedEngine:
             self.tokenizer,
             self.stop,
             finish=lambda request_id: self.scheduler.finish_request(request_id, FinishReason.STOP),
-            release=self.sampler.free,
         )
         pooling = self.build.pooling  # an encoder's recipe; decoders pool "last" and normalise by default
         self.pooler = Pooler(normalize=pooling.normalize if pooling else True)  # unfinished embedding requests

@@ -43,8 +43,7 @@ class _Group:
 class OutputProcessor:
     """Owns every generating request's text; turns each step's new tokens into the outputs that changed.
 
-    finish(request_id) ends a sequence a stop string matched (the scheduler's finish_request); release(request_id)
-    is called once per sequence when its request is done (the sampler frees its generator).
+    finish(request_id) ends a sequence a stop string matched (the scheduler's finish_request).
     """
 
     def __init__(
@@ -52,12 +51,10 @@ class OutputProcessor:
         tokenizer,
         stop: StopChecker,
         finish: Callable[[str], None],
-        release: Callable[[str], None],
     ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self._finish = finish
-        self._release = release
         self.groups: dict[str, _Group] = {}
         self.seq_states: dict[str, _SeqState] = {}
 
@@ -94,7 +91,6 @@ class OutputProcessor:
             return []
         seq_ids = [s.request.request_id for s in group.seqs]
         for rid in seq_ids:
-            self._release(rid)
             self.seq_states.pop(rid, None)
         return seq_ids
 
@@ -198,7 +194,6 @@ class OutputProcessor:
             group.metrics["finished_time"] = now
             del self.groups[group.request_id]
             for s in group.seqs:
-                self._release(s.request.request_id)
                 self.seq_states.pop(s.request.request_id, None)
         return RequestOutput(
             group.request_id,

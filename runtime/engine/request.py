@@ -228,7 +228,7 @@ def sample_inputs(request: Request, stop: StopChecker, drafted: tuple[int, ...] 
         assert not drafted, "a guessed row's grammar state must come from the matcher walked over the guesses"
         grammar = request.grammar.state()
     return SampleInputs(
-        request_id=request.request_id,
+        draw_index=len(request.output_token_ids) + len(drafted),
         params=p,
         prompt_token_ids=tuple(request.prompt_token_ids) if repetition else (),
         output_token_ids=(*request.output_token_ids, *drafted) if penalised else (),

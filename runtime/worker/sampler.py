@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,20 +100,16 @@ class Sampler:
     greedy rows argmax; for the others temperature, min_p, top_k, top_p, and a draw. Logprobs are taken from the raw
     logits, before any of this (vLLM v1's default "raw_logprobs"), so they describe the model, not the sampling.
 
-    A request with a seed draws from its own torch.Generator, created from the seed at its first sample and
-    kept under its request_id until free(request_id): its tokens then do not depend on what else is in the
-    batch. Requests without a seed share one sampler-level generator (seeded by `seed` when given).
+    A request with a seed draws its token at output index i from seeded_uniform(seed, i), a function of the two
+    alone: its tokens do not depend on what else is in the batch, nor on how many draws came before (a verify step
+    samples several positions of one sequence at once). Requests without a seed share one sampler-level generator
+    (seeded by `seed` when given).
     """
 
     def __init__(self, vocab_size: int, seed: int | None = None) -> None:
         self.vocab_size = vocab_size
         self._seed = seed
-        self._request_generators: dict[str, torch.Generator] = {}
         self._shared_generators: dict[torch.device, torch.Generator] = {}
-
-    def free(self, request_id: str) -> None:
-        """Drop a finished or aborted request's generator (a no-op for requests without a seed)."""
-        self._request_generators.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> SamplerOutput:
         num_seqs = len(requests)
@@ -292,16 +290,17 @@ class Sampler:
     def _draw(self, probs: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
         """Inverse-CDF sampling: one uniform draw per row, scaled by the row's mass, found in its cumsum.
 
-        A seeded row takes its uniform from its own generator, so its token does not depend on other rows.
+        A seeded row's uniform is seeded_uniform(seed, draw_index), so its token does not depend on other rows.
         """
         device = probs.device
-        uniform = torch.empty(len(requests), 1, device=device)  # [num_rows, 1]
+        uniform = torch.empty(len(requests), 1)  # [num_rows, 1], filled on the CPU, moved once
         shared_rows = []
         for j, req in enumerate(requests):
             if req.params.seed is None:
                 shared_rows.append(j)
-                continue
-            uniform[j] = torch.rand(1, generator=self.generator_of(req, device), device=device)
+            else:
+                uniform[j] = seeded_uniform(req.params.seed, req.draw_index)
+        uniform = uniform.to(device, non_blocking=True)
         if shared_rows:
             uniform[shared_rows] = torch.rand(len(shared_rows), 1, generator=self._shared_generator(device),
                                               device=device)
@@ -314,26 +313,6 @@ class Sampler:
             token_ids[overflow] = live.sum(dim=-1)
         return token_ids
 
-    def generator_of(self, request: SampleInputs, device: torch.device) -> torch.Generator:
-        """The generator a request's draws come from: its own when seeded (made at its first draw), else the
-        shared one."""
-        if request.params.seed is None:
-            return self._shared_generator(device)
-        gen = self._request_generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=device).manual_seed(request.params.seed)
-            self._request_generators[request.request_id] = gen
-        return gen
-
-    def draw(self, probs: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
-        """Token ids [num_rows] drawn from unnormalised probabilities [num_rows, vocab_size] (written into)."""
-        return self._draw(probs, requests)
-
-    def probs(self, logits: torch.Tensor, requests: Sequence[SampleInputs]) -> torch.Tensor:
-        """Sampling probabilities [num_rows, vocab_size] of processed logits of non-greedy rows: temperature,
-        min_p, top_k and top_p applied, unnormalised."""
-        return self._probs(logits, [r.params for r in requests])
-
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._shared_generators.get(device)
         if gen is None:
@@ -344,3 +323,11 @@ class Sampler:
                 gen.manual_seed(self._seed)
             self._shared_generators[device] = gen
         return gen
+
+
+def seeded_uniform(seed: int, draw_index: int) -> float:
+    """A uniform in [0, 1) on float32's grid of 2^-24, a function of (seed, draw_index) alone: a counter-based
+    stream (BLAKE2b over the pair), so a seeded request's i-th token comes from the same draw however many tokens
+    each step samples for it, and on any device or torch version."""
+    digest = hashlib.blake2b(struct.pack("<qQ", seed, draw_index), digest_size=8, person=b"pllm.draw").digest()
+    return (int.from_bytes(digest, "little") >> 40) * 2.0**-24

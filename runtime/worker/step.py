@@ -33,7 +33,7 @@ class TokenLogprobs:
 class SampleInputs:
     """What the sampler needs of one sequence whose step yields a token."""
 
-    request_id: str  # keys the sequence's seeded generator
+    draw_index: int  # which of the sequence's output tokens this row yields: a seeded request's draw is keyed by it
     params: SamplingParams
     prompt_token_ids: tuple[int, ...]  # only when params.repetition_penalty applies (it counts the prompt), else ()
     output_token_ids: tuple[int, ...]  # only when a penalty applies, else ()

@@ -27,7 +27,7 @@ def warm_up(runner: object) -> bool:
     if runner.spec.kind is not ModelKind.DECODER:
         return False
     tables = tuple(GroupBlockTable(0, (pad,)) for pad in runner.pad_blocks)
-    row = SampleInputs(WARM_UP_ID, SamplingParams(), (), (), frozenset())
+    row = SampleInputs(0, SamplingParams(), (), (), frozenset())
     prompt = min(8, runner.block_size - 1)  # the prompt and the decode token fit one block (block_size >= 8)
     # One thread: pllm-serve warms up while its main thread imports the HTTP server, and an OpenMP team sharing
     # the cores with that spins at every barrier for the member that lost its core (seconds on 2 cores, against

@@ -118,15 +118,25 @@ def test_penalties_and_min_tokens_follow_the_guesses(build, plain):
         assert _tokens(llm.generate(PROMPTS, p, use_tqdm=False)) == want, p
 
 
-def test_seeded_sampling_is_reproducible(build):
-    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, speculative_config=SPEC)
+def test_seeded_sampling_equals_no_speculation_whatever_the_batch_and_budget(build, plain):
+    """A seeded request's draw at each output index is keyed by that index: its tokens are those without
+    speculation, alone, batched, with n > 1, and when a small step budget and a small pool cut its guesses."""
     # a low temperature: the random model's distributions are flat, and its guesses are then never accepted
-    params = SamplingParams(temperature=0.1, top_p=0.9, max_tokens=30, seed=7, ignore_eos=True)
-    first = _tokens(llm.generate(PROMPTS, params, use_tqdm=False))
-    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
-    assert first == alone  # a seeded request draws from its own generator, whatever shares its steps
+    params = SamplingParams(temperature=0.1, top_p=0.9, max_tokens=30, seed=7, ignore_eos=True, n=2)
+    want = [[c.token_ids for c in o.outputs] for o in plain.generate(PROMPTS, params, use_tqdm=False)]
+    llm = LLM(build, backend="cpu", kv_cache_memory=1 << 24, speculative_config=SPEC)
+    assert [[c.token_ids for c in o.outputs] for o in llm.generate(PROMPTS, params, use_tqdm=False)] == want
+    assert [[c.token_ids for c in llm.generate([p], params, use_tqdm=False)[0].outputs] for p in PROMPTS] == want
     stats = llm.engine.scheduler.spec_stats
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    kv_bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head_dim, fp32
+    tight = LLM(build, backend="cpu", kv_cache_memory=12 * kv_bytes_per_block, max_num_batched_tokens=16,
+                max_num_seqs=6, speculative_config=dict(SPEC, num_speculative_tokens=7))
+    greedy_beside = [GREEDY] * len(PROMPTS)
+    outs = tight.generate(PROMPTS + PROMPTS, [params] * len(PROMPTS) + greedy_beside, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in outs[: len(PROMPTS)]] == want
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
 
 def test_config_errors_name_the_setting():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pllm.runtime.engine.request import Request, StopChecker, sample_inputs
 from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.worker.logprobs import TokenLogprobs
-from pllm.runtime.worker.sampler import Sampler, SamplerOutput, greedy_ids
+from pllm.runtime.worker.sampler import Sampler, SamplerOutput, greedy_ids, seeded_uniform
 from pllm.runtime.worker.step import SampleInputs
 
 VOCAB = 32
@@ -176,14 +176,23 @@ def test_seeded_requests_reproducible_whatever_the_batch():
         sampler = EngineSampler(VOCAB, EOS, seed=sampler_seed)
         run_steps(sampler, batch, logits_for, 20)
         assert target.output_token_ids == alone.output_token_ids
-    # free() forgets the generator: a new request under the freed id starts again from its seed
+    # a seeded draw is keyed by the output index alone: a new request under the same id and seed repeats it
     sampler = EngineSampler(VOCAB, EOS)
     first = seeded("same", 42)
     run_steps(sampler, [first], logits_for, 5)
-    sampler.free("same")
     second = seeded("same", 42)
     run_steps(sampler, [second], logits_for, 5)
     assert first.output_token_ids == second.output_token_ids == alone.output_token_ids[:5]
+
+
+def test_seeded_uniform_is_a_function_of_seed_and_index():
+    draws = [[seeded_uniform(seed, i) for i in range(2000)] for seed in (0, 1, -1, 2**63 - 1, -(2**63))]
+    assert draws[0] == [seeded_uniform(0, i) for i in range(2000)]
+    for row in draws:
+        assert all(0.0 <= u < 1.0 and u * 2**24 == int(u * 2**24) for u in row)  # on float32's grid below 1
+        assert len(set(row)) > 1990  # no short cycle
+        assert abs(sum(row) / len(row) - 0.5) < 4.5 * math.sqrt(1 / 12 / len(row))  # 4.5 sigma
+    assert len({tuple(row[:8]) for row in draws}) == len(draws)  # each seed its own stream
 
 
 def test_unseeded_sampler_seed_is_deterministic():
@@ -328,7 +337,7 @@ def _grammar_rows(device: str) -> tuple[torch.Tensor, list[SampleInputs], torch.
     allowed = [{5, 33, 69}, None, {0}, None]
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)] * 2
     requests = [
-        SampleInputs(f"r{i}", p, (), (), frozenset(), _bitmask(a, vocab) if a is not None else None)
+        SampleInputs(0, p, (), (), frozenset(), _bitmask(a, vocab) if a is not None else None)
         for i, (p, a) in enumerate(zip(params, allowed))
     ]
     expected = logits.float().cpu().clone()

@@ -13,7 +13,7 @@ PAD = (99, 98)  # each group's padding block
 
 
 def sample(rid: str) -> SampleInputs:
-    return SampleInputs(rid, SamplingParams(temperature=0.0), (), (), frozenset())
+    return SampleInputs(0, SamplingParams(temperature=0.0), (), (), frozenset())
 
 
 def test_every_vector_and_table_starts_aligned_and_holds_its_values():

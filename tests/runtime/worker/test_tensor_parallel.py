@@ -154,7 +154,7 @@ def test_a_verify_step_crosses_the_wire_whole():
     from pllm.runtime.worker.step_inputs import prepare_step
 
     def row(rid: str) -> SampleInputs:
-        return SampleInputs(rid, Params(temperature=0.0), (), (), frozenset())
+        return SampleInputs(0, Params(temperature=0.0), (), (), frozenset())
 
     drafts = (7, 8, 9)
     verify = SeqStep("a", (5, *drafts), 17, (GroupBlockTable(0, (3, 4)), GroupBlockTable(1, (6,))), True, 18,

@@ -1,4 +1,5 @@
-"""Verifying drafts: greedy rows keep the argmax run; sampled rows are distributed as the target samples them."""
+"""Verifying drafts: greedy rows keep the argmax run; sampled rows are distributed as the target samples them, and a
+seeded row yields the token one-at-a-time sampling draws at its output index."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pllm.runtime.worker.verify import sample_step
 VOCAB = 8
 
 
-def _step(params: SamplingParams, drafts: tuple[int, ...], rid: str = "r") -> StepBatch:
-    rows = tuple(SampleInputs(rid, params, (), (), frozenset()) for _ in range(len(drafts) + 1))
+def _step(params: SamplingParams, drafts: tuple[int, ...], rid: str = "r", num_out: int = 0) -> StepBatch:
+    """One sequence with num_out tokens out verifying `drafts`: row j yields its output token num_out + j."""
+    rows = tuple(SampleInputs(num_out + j, params, (), (), frozenset()) for j in range(len(drafts) + 1))
     draft = DraftInputs(drafts, rows) if drafts else None
     seq = SeqStep(rid, (5, *drafts), 3, (), True, 4, sample=rows[0], draft=draft)
     return StepBatch((seq,))
@@ -82,3 +84,26 @@ def test_seeded_rows_repeat():
     runs = [[sample_step(Sampler(VOCAB), logits, _step(params, (1, 2)))[0].token_ids for _ in range(20)]
             for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_seeded_tokens_are_one_at_a_time_sampling_whatever_the_guesses():
+    """A seeded sequence's token at each output index is the one sampling that row alone draws, so a step's
+    tokens do not depend on how many guesses it verifies, nor on which of them were right."""
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(4)) * 0.3  # flat: guesses often miss
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=2024)
+    for num_out in (0, 7):
+        alone = [Sampler(VOCAB).sample(logits[j : j + 1], _step(params, (), num_out=num_out + j).sampling)
+                 .token_ids[0] for j in range(5)]
+        # every guess right: the step keeps all five rows' tokens, each the lone draw at its index
+        assert sample_step(Sampler(VOCAB), logits, _step(params, tuple(alone[:4]), num_out=num_out))[0].token_ids \
+            == tuple(alone)
+        for num_drafts in range(1, 5):
+            for miss in range(num_drafts):  # guesses right before `miss`, wrong at it
+                drafts = tuple(alone[:miss]) + ((alone[miss] + 1) % VOCAB,) + tuple(alone[miss + 1 : num_drafts])
+                out = sample_step(Sampler(VOCAB, seed=miss), logits[: num_drafts + 1],
+                                  _step(params, drafts, num_out=num_out))[0]
+                assert out.token_ids == tuple(alone[: miss + 1]), (num_out, num_drafts, miss)
+    # and other seeds or indices give other draws (the index is part of the key)
+    draws = {Sampler(VOCAB).sample(logits[:1], _step(SamplingParams(temperature=1.0, seed=s), (), num_out=i)
+                                   .sampling).token_ids[0] for s in range(4) for i in range(4)}
+    assert len(draws) > 1

@@ -23,7 +23,7 @@ def _runner(build_dir, backend: str = "cpu") -> ModelRunner:
 def _prompt_step(runner: ModelRunner) -> StepBatch:
     ids = (5, 17, 3, 99, 42)
     tables = tuple(GroupBlockTable(0, (0,)) for _ in runner.pad_blocks)  # block 0: a block the allocator hands out
-    row = SampleInputs("r", SamplingParams(), (), (), frozenset())
+    row = SampleInputs(0, SamplingParams(), (), (), frozenset())
     return StepBatch((SeqStep("r", ids, 0, tables, True, len(ids), row),))
 
 
