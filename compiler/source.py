@@ -61,6 +61,7 @@ class ModelSource:
     _gguf_reader: Any = None  # a GGUF file's one parse (gguf_reading.py), kept until its kept blocks are read
     _kept: dict[str, QuantizedWeight] | None = None  # a GGUF file's kept blocks by HF name, read on first use
     _other_types: dict[str, str] = field(default_factory=dict)  # its matrices in types not kept: HF name -> type
+    _stored_as: dict[str, str] = field(default_factory=dict)  # HF name -> the stored tensor it is read from (alias)
 
     @property
     def is_gguf(self) -> bool:
@@ -109,11 +110,20 @@ class ModelSource:
     def tensor_names(self) -> list[str]:
         return sorted(self.tensor_file)
 
+    def alias(self, name: str, stored: str) -> None:
+        """Read HF tensor `name`, which the checkpoint lacks, from its tensor `stored` (one weight under two names,
+        as a tied embedding and LM head are)."""
+        assert name not in self.tensor_file and stored in self.tensor_file, (name, stored)
+        self._stored_as[name] = stored
+        self.tensor_file[name] = self.tensor_file[stored]
+        self.tensor_shape[name] = self.tensor_shape[stored]
+
     def file_of(self, name: str) -> Path:
         """The file HF tensor `name` is read from: the GGUF file itself, or its safetensors file in the folder."""
         return self.path if self._gguf_state is not None else self.path / self.tensor_file[name]
 
     def load_tensor(self, name: str) -> torch.Tensor:
+        name = self._stored_as.get(name, name)
         if self._gguf_state is not None:
             return self._gguf_state[name]
         file = self.file_of(name)

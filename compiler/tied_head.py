@@ -1,4 +1,5 @@
-"""A config that says tied, a checkpoint that holds its own LM head: settled as transformers settles it."""
+"""A config that says tied, a checkpoint that holds its own LM head (beside the embedding, or in its place): settled
+as transformers settles it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def untie_stored_head(source: ModelSource, spec: ModelSpec) -> ModelSpec:
     default) yet the checkpoint also holds an LM head with other values. transformers then keeps both ("we will NOT
     tie them") and its logits read the stored head; a build that read the embedding instead would greedy-decode
     differently from the same folder under transformers. Equal values keep the tie (one tensor stored, not two).
+    A tied checkpoint that stores the LM head and no embedding is one weight under the other name, as transformers
+    loads it: the embedding is read from the stored head (source.alias).
     A GGUF source never gets here untied: its config is tied exactly when the file has no output matrix."""
     if not spec.tie_word_embeddings:
         return spec
@@ -29,6 +32,11 @@ def untie_stored_head(source: ModelSource, spec: ModelSpec) -> ModelSpec:
     if entry is None:  # a family with no LM head of its own to read (an encoder)
         return spec
     (head_name,) = entry.hf_names
+    if head_name in source.tensor_file and family.hf_embedding not in source.tensor_file:
+        logger.info("%s: the tied embedding '%s' is read from the stored '%s'", source.path, family.hf_embedding,
+                    head_name)
+        source.alias(family.hf_embedding, head_name)
+        return spec
     if head_name not in source.tensor_file or family.hf_embedding not in source.tensor_file:
         return spec  # the missing tensor is named by the weight conversion, as for any other
     head, embedding = source.load_tensor(head_name), source.load_tensor(family.hf_embedding)

@@ -68,3 +68,27 @@ def test_the_packed_head_is_made_from_the_stored_head(tiny_dir, tmp_path):
     head = load_weights(open_build(out))["lm_head"]
     expect = quantize_int8(load_file(str(src / "model.safetensors"))["lm_head.weight"], 32)
     assert torch.equal(head.codes, expect.codes) and torch.equal(head.scales, expect.scales)
+
+
+def test_a_tied_checkpoint_storing_only_the_head_reads_it_as_the_embedding(tiny_dir, tmp_path):
+    """Tied, with lm_head.weight stored and no embedding: transformers loads the one weight into both; so does the
+    build, and its greedy tokens are transformers'."""
+    import transformers
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir("llama", tie_word_embeddings=True), model)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop(EMBED)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = build(str(model), tmp_path / "b", BuildOptions(dtype="float32", progress=False))
+    assert json.loads((out / "manifest.json").read_text())["spec"]["tie_word_embeddings"] is True
+    assert torch.equal(head_of(out), tensors["lm_head.weight"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    prompt = [1, 5, 9, 22, 7]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    from pllm import SamplingParams
+
+    got = LLM(str(out), backend="cpu", kv_cache_memory=1 << 24).generate(
+        [{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].token_ids
+    assert list(got) == want
