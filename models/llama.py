@@ -28,6 +28,7 @@ from pllm.models.parallel_layout import Split
 from pllm.models.rotary import rope_cos_sin, rope_rows
 from pllm.models.spec import DTYPES, ModelSpec
 from pllm.models.tensor_parallel import SINGLE_RANK, Communicator, vocab_embedding
+from pllm.models.windows import WindowRule, sliding_layers
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,12 @@ class ConfigRules:
     """What a llama-shaped family decides that its config.json may leave unsaid."""
 
     model_type: str
-    sliding_window_by_default: bool  # `use_sliding_window` when the config omits it (mistral: windowed)
     attention_bias_always: bool  # q, k, v carry a bias whatever the config says (qwen2)
     qk_norm: bool = False  # an RMSNorm per q and k head before RoPE (qwen3)
     default_head_dim: int | None = None  # head_dim when the config omits it (qwen3: 128); None: hidden / heads
     # The config's `attention_bias` also puts a bias on o_proj in these families; the runtime layout has none
     attention_bias_refused: bool = False
-    # A window in use makes every layer windowed (mistral), run as transformers masks it; otherwise it is refused
-    # (qwen2 and qwen3 window only the layers past max_window_layers: not wired yet)
-    every_layer_windowed: bool = False
-    # The window reaches only the layers `layer_types` marks sliding_attention, or without it those from
-    # max_window_layers on (qwen2, qwen3: transformers' rule); a window no layer uses changes nothing
-    windows_by_layer_type: bool = False
+    window: WindowRule = WindowRule.NONE  # whether and where `sliding_window` limits attention (models/windows.py)
 
 
 def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
@@ -71,23 +66,13 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
     if head_dim % 2:
         raise ConfigError(f"{source}: head_dim ({head_dim}) must be even for rotary embeddings")
 
-    # Sliding-window attention: every layer windowed where the family says so, else refused when it would actually
-    # change the output.
     max_pos = positive(config, "max_position_embeddings", source, 2048)
     if max_pos > MAX_POSITION_EMBEDDINGS:
         raise ConfigError(
             f"{source}: key 'max_position_embeddings' is {max_pos}; pllm supports at most {MAX_POSITION_EMBEDDINGS}"
         )
-    window = positive(config, "sliding_window", source, None)
-    uses_window = get_value(config, "use_sliding_window", bool, source, rules.sliding_window_by_default)
-    windowed = window is not None and uses_window and window < max_pos
-    if windowed and rules.windows_by_layer_type:
-        windowed = bool(windowed_layers(config, source, positive(config, "num_hidden_layers", source)))
-    if windowed and not rules.every_layer_windowed:
-        raise ConfigError(
-            f"{source}: sliding_window={window} (< max_position_embeddings={max_pos}) is not supported by the "
-            "runtime; pllm attends to the full context and would give different results"
-        )
+    num_layers = positive(config, "num_hidden_layers", source)
+    window, windowed_layers = sliding_layers(config, source, rules.window, num_layers, max_pos)
 
     dtype = config.get("torch_dtype", config.get("dtype", "float32")) or "float32"
     if dtype not in DTYPES:
@@ -114,7 +99,7 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         model_type=rules.model_type,
         hidden_size=hidden,
         intermediate_size=positive(config, "intermediate_size", source),
-        num_hidden_layers=positive(config, "num_hidden_layers", source),
+        num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv,
         head_dim=head_dim,
@@ -129,24 +114,9 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
         qk_norm=rules.qk_norm,
-        sliding_window=window if windowed else None,
-        sliding_layers=tuple(range(positive(config, "num_hidden_layers", source))) if windowed else (),
+        sliding_window=window,
+        sliding_layers=windowed_layers,
     )
-
-
-def windowed_layers(config: dict, source: str, num_layers: int) -> list[int]:
-    """The layers a qwen2/qwen3 window applies to, as transformers derives them: `layer_types`' sliding_attention
-    entries when the config lists them, else every layer from `max_window_layers` (default 28) on."""
-    layer_types = get_value(config, "layer_types", list, source, None)
-    if layer_types is None:
-        first = get_value(config, "max_window_layers", int, source, 28)
-        if first < 0:
-            raise ConfigError(f"{source}: key 'max_window_layers' must be a non-negative integer, got {first!r}")
-        return list(range(first, num_layers))
-    if len(layer_types) != num_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
-        raise ConfigError(f"{source}: key 'layer_types' must list 'full_attention' or 'sliding_attention' for each "
-                          f"of the num_hidden_layers={num_layers} layers, got {layer_types!r}")
-    return [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
 
 
 def weight_layout(spec: ModelSpec) -> dict[str, RuntimeTensor]:
@@ -323,5 +293,5 @@ def llama_family(rules: ConfigRules) -> ModelFamily:
 
 # transformers biases all four projections when attention_bias is set; the layout has no o_proj bias, so refuse
 LLAMA = llama_family(
-    ConfigRules("llama", sliding_window_by_default=False, attention_bias_always=False, attention_bias_refused=True)
+    ConfigRules("llama", attention_bias_always=False, attention_bias_refused=True)
 )

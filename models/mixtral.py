@@ -1,4 +1,5 @@
-"""Mixtral: the llama attention (a sliding window only where it changes nothing) and a top-k of N experts MLP."""
+"""Mixtral: the llama attention (a sliding window on every layer, as transformers applies it) and a top-k of N
+experts MLP."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pllm.models.family import ModelFamily
 from pllm.models.llama import ConfigRules, llama_spec, weight_layout
 from pllm.models.moe import ExpertNames, MoeModel, moe_weight_layout, read_top_k
 from pllm.models.spec import ModelSpec, MoeSpec
+from pllm.models.windows import WindowRule
 
-# Mixtral applies `sliding_window` whenever it is set: no `use_sliding_window` key switches it off
-RULES = ConfigRules("mixtral", sliding_window_by_default=True, attention_bias_always=False)
+# Mixtral applies `sliding_window` whenever it is set: no `use_sliding_window` key switches it off (none is read)
+RULES = ConfigRules("mixtral", attention_bias_always=False, window=WindowRule.EVERY_LAYER)
 NAMES = ExpertNames(block="block_sparse_moe", gate="w1", up="w3", down="w2")
 
 

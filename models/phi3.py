@@ -11,10 +11,12 @@ from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.llama import ConfigRules, LlamaModel, llama_spec
 from pllm.models.llama import weight_layout as llama_layout
 from pllm.models.spec import ModelSpec, RopeScaling
+from pllm.models.windows import WindowRule
 
 # Phi3 configs name a window that transformers applies whenever it is set (no use_sliding_window key); Phi3 has no
 # qkv bias (a stray attention_bias key would otherwise add one).
-RULES = ConfigRules("phi3", sliding_window_by_default=True, attention_bias_always=False, attention_bias_refused=True)
+RULES = ConfigRules("phi3", attention_bias_always=False, attention_bias_refused=True,
+                    window=WindowRule.EVERY_LAYER)
 # rope types Phi3Config accepts; it renames the "su" and "yarn" of older Phi-3 configs to longrope
 ROPE_TYPES = {"default": None, "longrope": "longrope", "su": "longrope", "yarn": "longrope"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pllm.models.llama import ConfigRules, llama_family
+from pllm.models.windows import WindowRule
 
-QWEN2 = llama_family(ConfigRules("qwen2", sliding_window_by_default=False, attention_bias_always=True,
-                                windows_by_layer_type=True))
+QWEN2 = llama_family(ConfigRules("qwen2", attention_bias_always=True,
+                                window=WindowRule.SWITCHED_BY_LAYER_TYPE))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pllm.models.llama import ConfigRules, llama_family
+from pllm.models.windows import WindowRule
 
-QWEN3 = llama_family(ConfigRules("qwen3", sliding_window_by_default=False, attention_bias_always=False, qk_norm=True,
+QWEN3 = llama_family(ConfigRules("qwen3", attention_bias_always=False, qk_norm=True,
                                  default_head_dim=128, attention_bias_refused=True,
-                                 windows_by_layer_type=True))
+                                 window=WindowRule.SWITCHED_BY_LAYER_TYPE))

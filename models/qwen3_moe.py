@@ -12,10 +12,11 @@ from pllm.models.family import ModelFamily
 from pllm.models.llama import ConfigRules, llama_spec, weight_layout
 from pllm.models.moe import ExpertNames, MoeModel, moe_weight_layout, read_top_k
 from pllm.models.spec import ModelSpec, MoeSpec
+from pllm.models.windows import WindowRule
 
 # Unlike qwen3, Qwen3MoeConfig has no head_dim default of its own: an omitted head_dim is hidden / heads
-RULES = ConfigRules("qwen3_moe", sliding_window_by_default=False, attention_bias_always=False, qk_norm=True,
-                    attention_bias_refused=True)
+RULES = ConfigRules("qwen3_moe", attention_bias_always=False, qk_norm=True,
+                    attention_bias_refused=True, window=WindowRule.SWITCHED_EVERY_LAYER)
 NAMES = ExpertNames(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
 

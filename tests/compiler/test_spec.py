@@ -78,8 +78,6 @@ def test_a_rope_key_given_twice_with_two_values_is_refused(config, key, values):
         ({"rope_scaling": {"rope_type": "linear", "factor": -1}}, ["factor", "-1"]),
         ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
-        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0},
-         ["sliding_window"]),
         ({"attention_bias": True}, ["attention_bias", "llama", "o_proj", "cfg.json"]),  # HF biases o_proj too
     ],
 )
@@ -92,11 +90,18 @@ def test_bad_configs_name_key_and_file(change, words):
         assert w in str(e.value), (w, str(e.value))
 
 
-def test_mistral_window_makes_every_layer_windowed():
-    spec = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 128})
-    assert spec.sliding_window == 128 and spec.sliding_layers == (0, 1) and spec.layer_window(1) == 128
-    off = spec_from_config({**BASE, "model_type": "mistral", "sliding_window": 128, "use_sliding_window": False})
-    assert off.sliding_layers == () and off.layer_window(0) is None
+@pytest.mark.parametrize("model_type", ["mistral", "phi3"])
+def test_mistral_and_phi3_windows_make_every_layer_windowed(model_type):
+    """transformers windows every layer whenever `sliding_window` is set (Phi-3-mini-4k: 2047 of 4096), and reads
+    no `use_sliding_window` for these families: a false one switches nothing off."""
+    for extra in ({}, {"use_sliding_window": False}):
+        spec = spec_from_config({**BASE, "model_type": model_type, "sliding_window": 128, **extra})
+        assert spec.sliding_window == 128 and spec.sliding_layers == (0, 1) and spec.layer_window(1) == 128
+
+
+def test_llama_reads_no_window():
+    spec = spec_from_config({**BASE, "sliding_window": 128, "use_sliding_window": True})  # transformers' llama neither
+    assert spec.sliding_window is None and spec.sliding_layers == ()
 
 
 def test_sliding_window_that_covers_the_context_is_accepted():
@@ -127,8 +132,9 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
         ({"eos_token_id": True}, ["eos_token_id", "True"]),
         ({"eos_token_id": 100}, ["eos_token_id", "100", "vocab_size=100"]),
         ({"bos_token_id": -1}, ["bos_token_id", "-1"]),
-        ({"sliding_window": "abc"}, ["sliding_window", "'abc'"]),
-        ({"use_sliding_window": "yes"}, ["use_sliding_window", "'yes'"]),
+        ({"model_type": "mistral", "sliding_window": "abc"}, ["sliding_window", "'abc'"]),
+        ({"model_type": "qwen2", "use_sliding_window": "yes"}, ["use_sliding_window", "'yes'"]),
+        ({"model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention"] * 2}, ["layer_types"]),
         ({"max_position_embeddings": 10**15}, ["max_position_embeddings", str(10**15), str(2**27)]),
         ({"rope_theta": -1.0}, ["rope_theta", "-1.0"]),
         ({"rope_theta": 0}, ["rope_theta", "0"]),
@@ -208,6 +214,15 @@ def test_qwen3_head_dim_defaults_to_128_as_transformers():
     assert spec_from_config(cfg).head_dim == 128
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize(("layers", "windowed"), [({"max_window_layers": 1}, (1,)), ({"max_window_layers": 0}, (0, 1)),
+                                                  ({"layer_types": ["sliding_attention", "full_attention"]}, (0,))])
+def test_qwen_window_reaches_the_layers_transformers_windows(model_type, layers, windowed):
+    spec = spec_from_config({**QWEN3, "model_type": model_type, "use_sliding_window": True, "sliding_window": 64,
+                             **layers})
+    assert spec.sliding_window == 64 and spec.sliding_layers == windowed
+
+
 def test_qwen3_window_that_changes_nothing_is_accepted():
     # transformers drops the window unless use_sliding_window is set (the default)
     assert spec_from_config({**QWEN3, "sliding_window": 64}).qk_norm
@@ -251,9 +266,6 @@ def test_gemma3_bad_configs_name_key_and_file(change, words):
     "change, words",
     [
         ({"attention_bias": True}, ["attention_bias", "qwen3", "cfg.json"]),
-        ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}, ["sliding_window=64", "cfg.json"]),
-        ({"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]},
-         ["sliding_window=64"]),
         ({"use_sliding_window": True, "sliding_window": 64, "layer_types": ["full_attention"]},
          ["layer_types", "num_hidden_layers=2"]),
         ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": -1}, ["max_window_layers", "-1"]),
@@ -317,7 +329,6 @@ def test_phi3_partial_rotary_and_longrope_in_both_config_formats():
         ({"partial_rotary_factor": 0.5, "original_max_position_embeddings": None, "rope_scaling": LONGROPE},
          ["original_max_position_embeddings", "missing"]),
         ({"rope_scaling": "longrope"}, ["rope_scaling", "'longrope'"]),
-        ({"sliding_window": 128}, ["sliding_window=128", "not supported"]),
         ({"attention_bias": True}, ["attention_bias", "phi3"]),
     ],
 )

@@ -66,7 +66,6 @@ def test_stacking_concatenates_each_group_then_stacks():
         ({"num_experts_per_tok": None}, ["num_experts_per_tok", "missing"]),
         ({"num_experts_per_tok": 5}, ["num_experts_per_tok", "5", "4 experts"]),
         ({"num_experts_per_tok": True}, ["num_experts_per_tok", "True"]),
-        ({"sliding_window": 128}, ["sliding_window=128", "not supported"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
     ],
 )
@@ -80,6 +79,17 @@ def test_bad_mixtral_configs_name_key_value_and_file(change, words):
 
 def test_mixtral_window_covering_the_context_is_accepted():
     assert spec_from_config({**MIXTRAL, "sliding_window": 4096}).moe.num_experts == 4
+
+
+def test_moe_windows_reach_every_layer_as_transformers_applies_them():
+    """mixtral windows whenever `sliding_window` is set (no `use_sliding_window` read), qwen3_moe only with
+    `use_sliding_window` true; both on every layer."""
+    for extra in ({}, {"use_sliding_window": False}):
+        spec = spec_from_config({**MIXTRAL, "sliding_window": 128, **extra})
+        assert spec.sliding_window == 128 and spec.sliding_layers == tuple(range(spec.num_hidden_layers))
+    spec = spec_from_config({**QWEN3_MOE, "use_sliding_window": True, "sliding_window": 64})
+    assert spec.sliding_window == 64 and spec.sliding_layers == (0, 1, 2, 3)
+    assert spec_from_config({**QWEN3_MOE, "sliding_window": 64}).sliding_layers == ()
 
 
 QWEN3_MOE = {
@@ -134,7 +144,6 @@ def test_qwen3_moe_layout_mixes_dense_and_sparse_layers():
         ({"mlp_only_layers": 1}, ["mlp_only_layers", "1"]),
         ({"mlp_only_layers": [4]}, ["mlp_only_layers", "4", "num_hidden_layers=4"]),
         ({"mlp_only_layers": ["0"]}, ["mlp_only_layers", "'0'"]),
-        ({"use_sliding_window": True, "sliding_window": 64}, ["sliding_window=64", "not supported"]),
         ({"attention_bias": True}, ["attention_bias"]),
     ],
 )

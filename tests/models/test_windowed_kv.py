@@ -28,6 +28,36 @@ def test_mistral_windowed_matches_hf_batched_chunked_preempted(tiny_dir, tiny_bu
     check_family_matches_hf(hf, tiny_build("mistral", sliding_window=6))
 
 
+@pytest.mark.parametrize("model_type, overrides", [("phi3", {"sliding_window": 6, "rope_scaling": None}),
+                                                    ("mistral", {"sliding_window": 6, "use_sliding_window": False}),
+                                                    ("mixtral", {"sliding_window": 6}),
+                                                    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 6})])
+def test_families_windowing_every_layer_match_hf_batched_chunked_preempted(tiny_dir, tiny_build, model_type,
+                                                                           overrides):
+    """phi3 (Phi-3-mini-4k's 2047 of 4096), mistral (whose `use_sliding_window` transformers does not read), mixtral
+    and qwen3_moe window every layer whenever the window is in use, as transformers masks them."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir(model_type, **overrides)), dtype=torch.float32)
+    build = tiny_build(model_type, **overrides)
+    check_family_matches_hf(hf, build)
+    groups = LLM(str(build), backend="cpu", kv_cache_memory=1 << 22).engine.kv.managers
+    assert [m.group.window for m in groups] == [6]
+
+
+@pytest.mark.parametrize("model_type, layers", [("qwen2", {"max_window_layers": 1}),
+                                                 ("qwen3", {"layer_types": ["sliding_attention", "full_attention"]})])
+def test_qwen_windows_on_some_layers_match_hf_batched_chunked_preempted(tiny_dir, tiny_build, model_type, layers):
+    """qwen2/qwen3 window only the layers transformers derives (from max_window_layers on, or layer_types'
+    sliding_attention ones): one windowed and one global group, equal to transformers batched, then chunked 16
+    tokens a step through an 8-block cache, which preempts."""
+    overrides = {"use_sliding_window": True, "sliding_window": 6, **layers}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir(model_type, **overrides)), dtype=torch.float32)
+    assert hf.config.layer_types.count("sliding_attention") == 1
+    build = tiny_build(model_type, **overrides)
+    check_family_matches_hf(hf, build)
+    groups = LLM(str(build), backend="cpu", kv_cache_memory=1 << 22).engine.kv.managers
+    assert sorted(str(m.group.window) for m in groups) == ["6", "None"]
+
+
 def test_mistral_windowed_interpret_matches_hf_chunked_preempted(tiny_dir, tiny_build):
     """The rendered Triton kernels read the windowed tables (returned blocks pointing at the padding block)."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("mistral", sliding_window=6)),
