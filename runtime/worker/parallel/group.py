@@ -25,7 +25,8 @@ class WorkerDied(RuntimeError):
 class GroupAddress:
     """Where rank 0's TCP store listens, and how the ranks talk: gloo on cpu, nccl between GPUs."""
 
-    init_method: str  # tcp://127.0.0.1:<port>
+    host: str
+    port: int
     size: int
     device_type: str  # "cpu" or "cuda"
 
@@ -43,13 +44,35 @@ def local_address(size: int, device_type: str) -> GroupAddress:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return GroupAddress(f"tcp://127.0.0.1:{port}", size, device_type)
+    return GroupAddress("127.0.0.1", port, size, device_type)
 
 
-def join_group(address: GroupAddress, rank: int) -> None:
+def _joining_key(rank: int) -> str:
+    return f"pllm/rank{rank}/joining"
+
+
+def host_store(address: GroupAddress) -> dist.TCPStore:
+    """Rank 0's TCP store, listening at once without waiting for the other ranks (rank 0 polls joined_ranks, so
+    a worker that dies before it connects fails the start at once instead of after the store's timeout)."""
+    return dist.TCPStore(address.host, address.port, address.size, is_master=True,
+                         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), wait_for_workers=False)
+
+
+def joined_ranks(store: dist.TCPStore, size: int) -> bool:
+    """Whether every rank beyond 0 has reached the store and is joining the group (does not block)."""
+    return store.check([_joining_key(rank) for rank in range(1, size)])
+
+
+def join_group(address: GroupAddress, rank: int, store: dist.TCPStore | None = None) -> None:
+    """Join the default process group: rank 0 over the store it hosts (host_store), once joined_ranks says all
+    the others are joining; a worker connects to it and says so first."""
     if address.device_type == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group(address.backend, init_method=address.init_method, rank=rank, world_size=address.size,
+    if store is None:
+        store = dist.TCPStore(address.host, address.port, address.size, is_master=False,
+                              timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        store.set(_joining_key(rank), b"1")
+    dist.init_process_group(address.backend, store=store, rank=rank, world_size=address.size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 

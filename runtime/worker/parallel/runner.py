@@ -3,15 +3,15 @@ step to the others; a rank that dies takes the engine down with WorkerDied, neve
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import multiprocessing
-import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
@@ -22,14 +22,17 @@ from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.worker.huge_pages import ResidentWeights
 from pllm.runtime.worker.model_runner import ModelRunner
 from pllm.runtime.worker.parallel.group import (
+    COLLECTIVE_TIMEOUT_S,
     DistCommunicator,
     RankShard,
     WorkerDied,
+    host_store,
     join_group,
-    leave_group,
+    joined_ranks,
     local_address,
 )
-from pllm.runtime.worker.parallel.wire import STOP, encode
+from pllm.runtime.worker.parallel.lifetime import WorkerExit, Workers, claim_process, rank_threads, stop
+from pllm.runtime.worker.parallel.wire import encode
 from pllm.runtime.worker.parallel.worker import worker_main
 from pllm.runtime.worker.step import StepBatch, StepOutput
 
@@ -38,7 +41,10 @@ logger = logging.getLogger("pllm")
 # After a collective fails, how long to wait for the watcher to name the rank that died (its exit is usually what
 # made the collective fail, and is seen within milliseconds).
 DEATH_GRACE_S = 2.0
-STOP_TIMEOUT_S = 10.0  # a worker asked to stop that has not exited by then is killed
+# How long rank 0 waits for the workers to reach its store at start (they import torch and connect); a worker that
+# exits meanwhile fails the start at once.
+JOIN_TIMEOUT_S = COLLECTIVE_TIMEOUT_S
+JOIN_POLL_S = 0.05
 
 
 def check_parallel_size(build: BuildManifest, config: EngineConfig) -> None:
@@ -77,37 +83,58 @@ class ParallelRunner:
         if address.device_type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"engine setting tensor_parallel_size={size}: needs {size} GPUs, "
                              f"{torch.cuda.device_count()} visible")
-        if address.device_type == "cpu" and config.num_threads is None:  # the ranks share the cores
-            config = dataclasses.replace(config, num_threads=max(1, (os.cpu_count() or 1) // size))
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
-        self.workers: list[multiprocessing.Process] = []
-        self.pipes: list[Connection] = []
-        self.errors: list[Connection] = []  # each worker's last words: the error it exits on
+        if address.device_type == "cpu" and config.num_threads is None:  # the ranks share the process's threads
+            config = dataclasses.replace(config, num_threads=rank_threads(size))
+        claim_process()  # one tensor-parallel engine per process: refused here, before anything starts
+        self._workers = Workers()
+        # stop() runs once: from close(), garbage collection, or the interpreter's exit (before multiprocessing's
+        # own exit hook, registered earlier, would terminate() the workers, which ignore SIGTERM)
+        self._finalizer = weakref.finalize(self, stop, self._workers)
+        atexit.register(self._finalizer)
+        self.exited: WorkerExit | None = None
         self.failure: str | None = None
-        self._closing = threading.Event()
-        for rank in range(1, size):
-            receive, send = ctx.Pipe(duplex=False)
-            error_in, error_out = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, name=f"pllm-tp-rank{rank}", daemon=True,
-                            args=(str(build.path), config, max_model_len, address, rank, receive, error_out))
-            p.start()
-            receive.close()
-            error_out.close()
-            self.workers.append(p)
-            self.pipes.append(send)
-            self.errors.append(error_in)
-        self._finalizer = weakref.finalize(self, _stop, self.workers, self.pipes)
-        threading.Thread(target=self._watch, name="pllm-tp-watch", daemon=True).start()
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
         try:
-            join_group(address, 0)
+            store = host_store(address)
+            for rank in range(1, size):
+                receive, send = ctx.Pipe(duplex=False)
+                error_in, error_out = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=worker_main, name=f"pllm-tp-rank{rank}", daemon=True,
+                                args=(str(build.path), config, max_model_len, address, rank, receive, error_out))
+                p.start()
+                receive.close()
+                error_out.close()
+                self._workers.processes.append(p)
+                self._workers.pipes.append(send)
+                self._workers.errors.append(error_in)
+            self._watcher = threading.Thread(target=self._watch, name="pllm-tp-watch", daemon=True)
+            self._watcher.start()
+            self._await_workers(store, size)
+            join_group(address, 0, store)
+            self._workers.joined = True
             shard = RankShard(0, size, address.device(0), DistCommunicator(0, size))
             self.local = ModelRunner(build, config, max_model_len, shard)
         except Exception as e:
-            error = self._died(e)  # names the worker whose exit broke the start, if one did
+            error = self._died(e, "start")  # names the worker whose exit broke the start, if one did
             self.close()
             raise error from e
         logger.info("pllm: tensor parallel over %d ranks (%s, %s), rank 0 in this process, workers pid %s", size,
                     address.backend, address.device_type, ", ".join(str(p.pid) for p in self.workers))
+
+    @property
+    def workers(self) -> list[multiprocessing.Process]:
+        return self._workers.processes
+
+    def _await_workers(self, store: dist.TCPStore, size: int) -> None:
+        """Wait until every worker has reached rank 0's store, failing at once when one exits meanwhile (a script
+        without the __main__ guard, a crash while importing) instead of after the store's timeout."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while not joined_ranks(store, size):
+            self.check()
+            if time.monotonic() > deadline:
+                raise WorkerDied(f"tensor-parallel workers (pid {', '.join(str(p.pid) for p in self.workers)}) did "
+                                 f"not reach rank 0's store within {JOIN_TIMEOUT_S:.0f} s")
+            time.sleep(JOIN_POLL_S)
 
     # -- what the engine reads ------------------------------------------------------------------------
     @property
@@ -145,58 +172,39 @@ class ParallelRunner:
         header, payload = encode(inputs)
         data = header.to_bytes()
         try:
-            for pipe in self.pipes:
+            for pipe in self._workers.pipes:
                 pipe.send_bytes(data)
             dist.broadcast(payload, src=0)
             return self.local.run(batch, inputs)
         except Exception as e:
-            raise self._died(e) from e
+            raise self._died(e, "step") from e
 
-    def _died(self, e: Exception) -> WorkerDied:
-        """The error to raise after a send or collective failed: the rank that died, once the watcher saw it."""
+    def _died(self, e: Exception, action: str) -> WorkerDied:
+        """The error to raise after the start or a step failed (`action` says which): the rank that died, once the
+        watcher saw it."""
         deadline = time.monotonic() + DEATH_GRACE_S
-        while self.failure is None and time.monotonic() < deadline and not self._closing.is_set():
+        waiting = bool(self.workers) and not self._workers.closing.is_set()  # none started: no watcher to wait on
+        while waiting and self.failure is None and time.monotonic() < deadline and not self._workers.closing.is_set():
             time.sleep(0.02)
         if self.failure is None:
-            self.failure = f"tensor-parallel step failed ({type(e).__name__}: {e})"
+            self.failure = f"tensor-parallel {action} failed ({type(e).__name__}: {e})"
         return WorkerDied(self.failure)
 
     def _watch(self) -> None:
         """Wait on every worker's sentinel; the first to exit while the engine runs is the engine's end."""
         sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.workers, start=1)}
         ready = wait(list(sentinels))
-        if self._closing.is_set():
+        if self._workers.closing.is_set():
             return
         rank, p = sentinels[ready[0]]
         p.join(0.1)
-        why = ""
-        errors = self.errors[rank - 1]
-        try:
-            if errors.poll():
-                why = f" ({errors.recv_bytes().decode(errors='replace')})"
-        except (OSError, EOFError):
-            pass
-        self.failure = (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}{why}; the "
-                        "engine cannot continue and must be restarted")
+        self.exited = WorkerExit(rank, p.pid, p.exitcode, self._workers.last_words(rank))
+        if self._workers.closing.is_set():  # stopped meanwhile (close, or the interpreter's exit): not a failure
+            return
+        self.failure = self.exited.describe(self._workers.joined)
         logger.error("pllm: %s", self.failure)
 
     def close(self) -> None:
         """Stop the workers (STOP, then kill what has not exited) and leave the process group."""
-        self._closing.set()
         self._finalizer()
-        leave_group()
-
-
-def _stop(workers: list[multiprocessing.Process], pipes: list[Connection]) -> None:
-    for pipe in pipes:
-        try:
-            pipe.send_bytes(STOP.to_bytes())
-        except OSError:
-            pass  # that worker is gone already
-        pipe.close()
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for p in workers:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+        atexit.unregister(self._finalizer)

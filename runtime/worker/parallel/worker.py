@@ -4,14 +4,22 @@ It follows rank 0: each step's fixed header arrives on its pipe (an idle engine 
 collective that would time out), the payload by broadcast; it runs the same forward pass and the same LM-head
 collectives as rank 0 and throws the logits away (rank 0 samples). EOF on the pipe (rank 0 is gone) or a STOP
 header ends it.
+
+It obeys rank 0 alone: SIGINT and SIGTERM are ignored, since a terminal's Ctrl-C and systemd's stop reach every
+process of the group or cgroup and rank 0 may be draining its requests (it sends STOP when done). So that nothing is
+orphaned, the worker exits as soon as rank 0's process is gone, whatever it was doing (a thread waits on it).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 import sys
+import threading
 import traceback
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 import torch
 import torch.distributed as dist
@@ -31,6 +39,7 @@ def worker_main(build_dir: str, config: EngineConfig, max_model_len: int, addres
     """The process's entry point (multiprocessing spawn); exits non-zero on any error, which rank 0 watches for,
     after writing the error's one-line text to `errors` for rank 0 to name."""
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
+    follow_rank0_alone()
     try:
         join_group(address, rank)
         build = open_build(build_dir, verify=False)
@@ -49,6 +58,22 @@ def worker_main(build_dir: str, config: EngineConfig, max_model_len: int, addres
             pass  # rank 0 is gone
         sys.exit(1)
     leave_group()
+
+
+def follow_rank0_alone() -> None:
+    """Ignore the stop signals a whole process group gets (rank 0 decides when this worker stops), and exit at
+    once when rank 0's process ends: the header pipe's EOF says so only while idle, not while joining, loading or
+    blocked in a collective."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="pllm-tp-rank0-watch", daemon=True).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    wait([sentinel])
+    os._exit(1)
 
 
 @torch.inference_mode()
