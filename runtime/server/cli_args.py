@@ -245,7 +245,8 @@ def args_from_options(options: dict[str, object]) -> argparse.Namespace:
             argv += [flag, str(value)]
 
     def refuse(message: str):
-        raise ValueError(f"bad pllm-serve options ({' '.join(argv)}): {message}")
+        shown = ["<hidden>" if i and argv[i - 1] == "--api-key" else a for i, a in enumerate(argv)]  # no key in logs
+        raise ValueError(f"bad pllm-serve options ({' '.join(shown)}): {message}")
 
     parser.error = refuse  # raise instead of printing usage and exiting
     return parser.parse_args(argv)

@@ -4,6 +4,8 @@
 (ray_router.py) and forwards the request, whole, to an engine replica through a deployment handle whose router
 (`PrefixAffinityRouter`) picks the replica; the response's ASGI messages stream back as they are made. A client that
 disconnects cancels the call, which cancels the replica's handling and so aborts its engine requests.
+A replica whose engine is dead answers `ReplicaUnavailable` before sending anything, and the ingress tries another
+replica (up to MAX_ATTEMPTS), so the seconds until Serve's health check removes it cost no request.
 `run_forwarded` is the replica's side: it runs the replica's own app (pllm-serve's, unchanged) on the forwarded
 request and yields what the app sends.
 """
@@ -11,15 +13,18 @@ request and yields what the app sends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pllm.runtime.server.ray_router import ForwardedRequest, prefix_chain, prompt_text
+from pllm.runtime.server.ray_router import ForwardedRequest, ReplicaUnavailable, prefix_chain, prompt_text
 from pllm.runtime.server.sse import error_response
 
 logger = logging.getLogger("pllm.server")
+
+MAX_ATTEMPTS = 3  # replicas a request is offered to while each answers that its engine is dead
 
 
 async def run_forwarded(app, request: ForwardedRequest):
@@ -106,27 +111,45 @@ class PllmIngress:
         await self.forward(request, receive, send)
 
     async def forward(self, request: ForwardedRequest, receive, send) -> None:
-        response = self.engine.handle_forwarded.remote(request)
+        """Send the request to a replica and its response to the client; a replica with a dead engine answers before
+        sending anything, and the request goes to another (the router skips those in `request.avoid`)."""
+        calls = []
 
         async def watch():
             while (await receive())["type"] != "http.disconnect":
                 pass
-            response.cancel()
+            calls[-1].cancel()
 
-        watcher = asyncio.create_task(watch())
+        watcher = None
         started = False
         try:
-            async for message in response:
-                started = started or message["type"] == "http.response.start"
-                await send(message)
+            for _ in range(MAX_ATTEMPTS):
+                calls.append(self.engine.handle_forwarded.remote(request))
+                watcher = watcher or asyncio.create_task(watch())
+                unavailable = None
+                async for message in calls[-1]:
+                    if isinstance(message, ReplicaUnavailable):
+                        unavailable = message
+                        break
+                    started = started or message["type"] == "http.response.start"
+                    await send(message)
+                if unavailable is None:
+                    return
+                logger.warning("replica %s cannot serve %s (%s); trying another", unavailable.replica,
+                               request.path, unavailable.reason)
+                request = dataclasses.replace(request, avoid=(*request.avoid, unavailable.replica))
+            reply = error_response(503, f"No replica could serve the request: the engines of {len(request.avoid)} "
+                                   "replicas tried are dead.", None, 1)
+            await reply(request.scope(), receive, send)
         except Exception as exc:
-            if started or watcher.done():
+            if started or watcher is None or watcher.done():
                 raise  # the response is cut short: the connection closes without its end
             logger.warning("request to %s failed on its replica: %r", request.path, exc)
             reply = error_response(503, f"The replica serving this request failed: {type(exc).__name__}.", None, 1)
             await reply(request.scope(), receive, send)
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
 
 class IngressApp:
@@ -145,10 +168,12 @@ class IngressApp:
 INGRESS_MAX_ONGOING_REQUESTS = 4096
 
 
-def ingress_deployment():
-    """PllmIngress as a Serve deployment: zero CPUs (it only moves bytes), so it fits beside the engine replicas."""
+def ingress_deployment(graceful_shutdown_timeout_s: float):
+    """PllmIngress as a Serve deployment: zero CPUs (it only moves bytes), so it fits beside the engine replicas. It
+    drains as long as the engine replicas do (--shutdown-timeout), as the streams it forwards are theirs."""
     return serve.deployment(
         serve.ingress()(PllmIngress),
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
     )

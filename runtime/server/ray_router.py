@@ -30,6 +30,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
+
 CHUNK_CHARS = 256  # ~64 tokens of English: several KV blocks, so a matched chunk is worth its routing
 MAX_CHUNKS = 256  # hash at most the first 64k characters; a longer shared prefix stays on one replica anyway
 MAX_ENTRIES = 200_000  # chunk hashes remembered (LRU), ~20 MB
@@ -51,6 +53,7 @@ class ForwardedRequest:
     client: tuple[str, int] | None
     body: bytes
     prefix: tuple[bytes, ...]
+    avoid: tuple[str, ...] = ()  # replicas (full actor names) that answered ReplicaUnavailable for this request
 
     def scope(self) -> dict:
         return {
@@ -70,6 +73,15 @@ class ForwardedRequest:
         }
 
 
+@dataclass(frozen=True)
+class ReplicaUnavailable:
+    """What an engine replica yields, instead of any ASGI message, for a request it cannot serve because its engine
+    is dead: nothing was sent, so the ingress tries another replica (`ForwardedRequest.avoid`)."""
+
+    replica: str
+    reason: str
+
+
 def _text(content: object) -> str:
     """A message's content as text: a string, or the text parts of a list of parts (images etc. by their JSON)."""
     if isinstance(content, str):
@@ -84,9 +96,9 @@ def prompt_text(path: str, body: bytes) -> str:
     """The text a request's prompt starts with, for routing only ("" when there is none or the body is not JSON:
     the engine replica answers that request's errors). Everything that splits the engine's prefix cache (model or
     adapter, cache_salt) or comes before the messages in a chat template (tools) leads the text."""
-    try:
-        req = json.loads(body) if body else None
-    except ValueError:
+    try:  # pllm-serve's own strict parse: a body too deep for json.loads is refused here as there (JSONBodyError)
+        req = parse_json_body(body) if body else None
+    except JSONBodyError:
         return ""
     if not isinstance(req, dict):
         return ""
@@ -118,23 +130,34 @@ def prefix_chain(text: str, chunk_chars: int = CHUNK_CHARS, max_chunks: int = MA
     return tuple(chain)
 
 
+def _forwarded(pending_request: PendingRequest | None):
+    """The request's ForwardedRequest, if it has one: by field, not isinstance, as Serve ships the router class to the
+    handle's process by value (cloudpickle), with its own copy of this module's ForwardedRequest."""
+    for arg in pending_request.args if pending_request is not None else ():
+        if isinstance(getattr(arg, "prefix", None), tuple):
+            return arg
+    return None
+
+
 def request_prefix(pending_request: PendingRequest | None) -> tuple[bytes, ...]:
-    if pending_request is None:
-        return ()
-    for arg in pending_request.args:
-        # by field, not isinstance: Serve ships the router class to the handle's process by value (cloudpickle),
-        # with its own copy of this module's ForwardedRequest
-        prefix = getattr(arg, "prefix", None)
-        if isinstance(prefix, tuple):
-            return prefix
-    return ()
+    forwarded = _forwarded(pending_request)
+    return forwarded.prefix if forwarded is not None else ()
+
+
+def request_avoid(pending_request: PendingRequest | None) -> frozenset[str]:
+    """The replicas this request already found with a dead engine (ReplicaUnavailable)."""
+    forwarded = _forwarded(pending_request)
+    return frozenset(getattr(forwarded, "avoid", ()))
 
 
 class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """Ranks the replica that last served the request's longest known prefix first, unless it holds `max_imbalance`
-    more requests than the least loaded replica (then a new request would wait behind a whole batch there, which
-    costs more than recomputing the prefix); the next rank is two random replicas, of which Serve takes the one with
-    the shorter queue (power of two choices). A full holder is skipped by Serve itself, falling to that rank."""
+    more requests than the least loaded replica (then a new request would wait behind a batch there, which costs
+    more than recomputing the prefix); the next rank is two random replicas, of which Serve takes the one with the
+    shorter queue (power of two choices). A full holder is skipped by Serve itself, falling to that rank.
+    The queue lengths Serve reports stop at a replica's max_ongoing_requests, so the imbalance that counts is at most
+    half of that (a larger one could never be seen). Replicas a request names in `avoid` (their engine is dead) are
+    not picked for it while another is there."""
 
     def initialize_state(self, max_imbalance: int = 8, max_entries: int = MAX_ENTRIES) -> None:
         if max_imbalance < 1 or max_entries < 1:
@@ -154,21 +177,34 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 found, depth = owner, i + 1
         return found, depth
 
+    def max_imbalance(self, holder: RunningReplica) -> int:
+        """The imbalance that passes the holder over: `max_imbalance`, but at most half the holder's
+        max_ongoing_requests, the most Serve reports of its queue."""
+        return max(1, min(self._max_imbalance, holder.max_ongoing_requests // 2))
+
     def _overloaded(self, holder: ReplicaID, candidates: list[RunningReplica]) -> bool:
         cache = self.replica_queue_len_cache
         lens = [q for q in (cache.get(r.replica_id) for r in candidates) if q is not None]
         mine = cache.get(holder)
-        return mine is not None and bool(lens) and mine - min(lens) >= self._max_imbalance
+        return mine is not None and bool(lens) and mine - min(lens) >= self.max_imbalance(self._replicas[holder])
 
-    def _two_choices(self, pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
-        ids = list(self.apply_locality_routing(pending_request=pending_request))
+    def _two_choices(self, pending_request: PendingRequest | None, avoid: frozenset[str]) -> list[list[RunningReplica]]:
+        located = self.apply_locality_routing(pending_request=pending_request)
+        ids = [i for i in located if i in self._replicas and i.to_full_id_str() not in avoid] or [
+            i for i in located if i in self._replicas
+        ]
         chosen = random.sample(ids, min(2, len(ids)))
-        return [[self._replicas[i] for i in chosen if i in self._replicas]]
+        return [[self._replicas[i] for i in chosen]]
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        fallback = self._two_choices(pending_request)
+        avoid = request_avoid(pending_request)
+        if avoid:  # a retry: only the replicas it has not tried, unless there are none
+            candidate_replicas = [r for r in candidate_replicas if r.replica_id.to_full_id_str() not in avoid] or (
+                candidate_replicas
+            )
+        fallback = self._two_choices(pending_request, avoid)
         prefix = request_prefix(pending_request)
         if not prefix:
             return fallback

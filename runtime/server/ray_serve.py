@@ -10,8 +10,11 @@ Each replica (the `PllmServer` deployment) launches the engine thread exactly as
 `PrefixAffinityRouter` picks (ray_router.py); without it, the replica is Serve's ingress itself
 (`__serve_build_asgi_app__`) and the proxy picks by power of two choices.
 Serve owns HTTP (host, port, connections) and shutdown: a replica
-being removed gets --shutdown-timeout seconds for its requests (graceful_shutdown_timeout_s), then its engine stops.
-Serve's autoscaler counts the requests each replica holds, running and queued in pllm's engine alike.
+being removed gets --shutdown-timeout seconds for its requests (graceful_shutdown_timeout_s), then its engine stops;
+pllm-serve-ray's SIGTERM removes the application that way before stopping Serve. A replica takes a full engine batch
+plus a few control requests at once (max_ongoing_requests); Serve's autoscaler counts the requests each replica
+holds, running and queued in pllm's engine alike. A replica whose engine died fails Serve's health check, which
+runs every HEALTH_CHECK_PERIOD_S.
 Needs the `ray` extra: pip install 'pllm[ray]'.
 """
 
@@ -22,6 +25,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -29,7 +33,7 @@ from ray.serve.config import RequestRouterConfig
 from pllm.runtime.server.cli import LOG_FORMAT, app_for, launch_engine
 from pllm.runtime.server.cli_args import args_from_options, build_parser, positive_int, served_names
 from pllm.runtime.server.ray_ingress import ingress_deployment, run_forwarded
-from pllm.runtime.server.ray_router import ForwardedRequest, PrefixAffinityRouter
+from pllm.runtime.server.ray_router import ForwardedRequest, PrefixAffinityRouter, ReplicaUnavailable
 
 logger = logging.getLogger("pllm.server")
 
@@ -37,7 +41,22 @@ logger = logging.getLogger("pllm.server")
 SERVE_OWNED_OPTIONS = frozenset(
     {"host", "port", "timeout_keep_alive", "max_connections", "request_header_timeout", "disable_access_log"}
 )
+# pllm-serve's flags for its own HTTP server that pllm-serve-ray has no use for (Serve's proxy holds the connections):
+# refused by name when given, rather than ignored
+UNUSED_HTTP_FLAGS = {
+    "max_connections": "--max-connections",
+    "timeout_keep_alive": "--timeout-keep-alive",
+    "request_header_timeout": "--request-header-timeout",
+    "disable_access_log": "--disable-access-log",
+}
 REPLICA_HEADER = "x-pllm-replica"  # which replica answered (its actor name), for logs, debugging and tests
+APP_NAME = "pllm"  # the Serve application pllm-serve-ray runs
+# requests a replica takes beyond a full engine batch (max_num_seqs): /health, /metrics, /v1/models beside it
+CONTROL_REQUESTS = 8
+# seconds between Serve's health checks of a replica (Serve's default: 10); Serve removes a replica after 3 failed
+# checks in a row, so one whose engine died leaves routing within a few seconds
+HEALTH_CHECK_PERIOD_S = 1.0
+DRAIN_SLACK_S = 10.0  # beyond --shutdown-timeout: Serve stopping the replicas after their drain
 
 
 def check_options(options: dict[str, object]) -> argparse.Namespace:
@@ -76,6 +95,7 @@ class PllmReplica:
 
     def __init__(self, options: dict[str, object]):
         self.args = check_options(options)
+        logging.getLogger("pllm").setLevel(self.args.log_level.upper())
         self.names = served_names(self.args)
         self.engine = launch_engine(self.args, self.names)
         # the replica's actor name (namespace "serve"): what `ray.get_actor` and Serve's logs call it
@@ -84,7 +104,10 @@ class PllmReplica:
 
     async def handle_forwarded(self, request: ForwardedRequest):
         """A request forwarded by PllmIngress (the prefix-affinity path): the same app answers it, message by
-        message."""
+        message. A dead engine answers ReplicaUnavailable instead, so the ingress tries another replica."""
+        if not self.engine.is_alive:
+            yield ReplicaUnavailable(self.replica, self.engine.dead_reason or "the engine loop has stopped")
+            return
         async for message in run_forwarded(self.asgi_app, request):
             yield message
 
@@ -114,8 +137,11 @@ def deployment(options: dict[str, object], prefix_affinity: bool = True, **deplo
     (ray_router.py); without it, the proxy calls the PllmServer replicas itself (power of two choices)."""
     args = check_options(options)  # refuse bad options here, before any replica starts
     deployment_options.setdefault("graceful_shutdown_timeout_s", args.shutdown_timeout)
+    deployment_options.setdefault("health_check_period_s", HEALTH_CHECK_PERIOD_S)
+    deployment_options.setdefault("max_ongoing_requests", replica_max_ongoing_requests(args.max_num_seqs))
     if prefix_affinity:
-        # a holder a whole batch busier than the least loaded replica is passed over (PrefixAffinityRouter)
+        # a holder a whole batch busier than the least loaded replica is passed over (PrefixAffinityRouter; at most
+        # half the replica's max_ongoing_requests, which caps the queue lengths Serve reports)
         router = RequestRouterConfig(
             request_router_class=PrefixAffinityRouter, request_router_kwargs={"max_imbalance": args.max_num_seqs}
         )
@@ -124,7 +150,7 @@ def deployment(options: dict[str, object], prefix_affinity: bool = True, **deplo
         return serve.deployment(PllmServer).options(**deployment_options).bind(dict(options))
     # the same name either way, so a Serve config's `deployments` entry for PllmServer holds for both
     engines = serve.deployment(PllmReplica, name="PllmServer").options(**deployment_options).bind(dict(options))
-    return ingress_deployment().bind(engines, args.max_body_bytes, args.request_body_timeout)
+    return ingress_deployment(args.shutdown_timeout).bind(engines, args.max_body_bytes, args.request_body_timeout)
 
 
 def build_app(args: dict[str, object]) -> serve.Application:
@@ -143,6 +169,9 @@ def build_ray_parser() -> argparse.ArgumentParser:
     p = build_parser()
     p.prog = "pllm-serve-ray"
     p.description = "Serve a pllm build in replicas on Ray Serve, one engine each, behind one OpenAI-compatible API."
+    for action in p._actions:  # refused when given (check_ray_args): None tells given from not
+        if action.dest in UNUSED_HTTP_FLAGS:
+            action.default, action.help = None, "not for pllm-serve-ray: Serve's proxy holds the connections"
     ray = p.add_argument_group("Ray Serve")
     ray.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
     scale = ray.add_mutually_exclusive_group()
@@ -157,7 +186,8 @@ def build_ray_parser() -> argparse.ArgumentParser:
         "--target-ongoing-requests",
         type=positive_int,
         default=None,
-        help="with --max-replicas: requests per replica Serve aims for (default: --max-num-seqs, a full batch)",
+        help="with --max-replicas: requests per replica Serve aims for (default: --max-num-seqs, a full batch); "
+        "without it, refused",
     )
     ray.add_argument("--num-cpus-per-replica", type=float, default=None,
                      help="default: one per tensor-parallel rank on the cpu backends, 1 with --backend cuda")
@@ -185,45 +215,96 @@ def replica_resources(args: argparse.Namespace) -> dict[str, float]:
     return {"num_cpus": cpus, "num_gpus": gpus}
 
 
+def replica_max_ongoing_requests(max_num_seqs: int) -> int:
+    """The requests Serve sends one replica at once: a full engine batch and the control requests beside it (Serve's
+    own default, 5, would cap the batch at 5)."""
+    return max_num_seqs + CONTROL_REQUESTS
+
+
 def deployment_options(args: argparse.Namespace) -> dict[str, object]:
     actor = replica_resources(args)
+    batch = replica_max_ongoing_requests(args.max_num_seqs)
     if args.max_replicas is None:
-        return {"num_replicas": args.num_replicas, "ray_actor_options": actor}
+        return {"num_replicas": args.num_replicas, "max_ongoing_requests": batch, "ray_actor_options": actor}
     target = args.target_ongoing_requests or args.max_num_seqs
     return {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": target},
-        "max_ongoing_requests": max(target * 2, target + 1),
+        "max_ongoing_requests": max(target * 2, batch),  # room above the target, so the queue Serve sees can grow
         "ray_actor_options": actor,
     }
 
 
+def check_ray_args(args: argparse.Namespace) -> None:
+    """pllm-serve's flags that mean nothing under Serve, and --target-ongoing-requests without autoscaling: refused
+    by name (ValueError), not ignored."""
+    given = [flag for dest, flag in UNUSED_HTTP_FLAGS.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: pllm-serve's own HTTP server's, not pllm-serve-ray's (Ray Serve's "
+                         "proxy holds the connections; see Serve's http_options)")
+    if args.target_ongoing_requests is not None and args.max_replicas is None:
+        raise ValueError("--target-ongoing-requests is for autoscaling: give --max-replicas too")
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
-    """The pllm-serve options a replica takes: those given on the command line, by name."""
+    """The pllm-serve options a replica takes: those given on the command line, by name, and the API key however it
+    was given (its default, $PLLM_API_KEY, is read here: a replica on another node has another environment)."""
     defaults = vars(build_parser().parse_args([args.build_dir]))
-    keep = set(defaults) - SERVE_OWNED_OPTIONS - {"log_level"}
-    return {k: getattr(args, k) for k in keep if getattr(args, k) != defaults[k] or k == "build_dir"}
+    keep = set(defaults) - SERVE_OWNED_OPTIONS
+    return {
+        k: getattr(args, k)
+        for k in keep
+        if getattr(args, k) != defaults[k] or k == "build_dir" or (k == "api_key" and args.api_key is not None)
+    }
+
+
+class StopSignals:
+    """SIGTERM/SIGINT: the first drains (`drain`), a second stops at once (`now`)."""
+
+    def __init__(self):
+        self.drain = threading.Event()
+        self.now = threading.Event()
+
+    def __call__(self, signum, frame) -> None:
+        (self.now if self.drain.is_set() else self.drain).set()
+
+
+def drain(app_name: str, timeout_s: float, now: threading.Event) -> bool:
+    """Delete the application as Serve removes replicas: its routes go (new requests get Serve's 404), each replica
+    (and ingress) finishes the requests it holds for up to timeout_s, then stops. True once it is gone; False when
+    `now` was set or it outlived timeout_s + DRAIN_SLACK_S."""
+    serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + timeout_s + DRAIN_SLACK_S
+    while app_name in serve.status().applications:
+        if now.wait(0.5) or time.monotonic() > deadline:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     import ray  # the CLI alone starts Ray
 
-    args = build_ray_parser().parse_args(argv)
+    parser = build_ray_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
     try:
+        check_ray_args(args)
         app = deployment(engine_options(args), args.prefix_affinity, **deployment_options(args))
     except ValueError as exc:
         print(f"pllm-serve-ray: error: {exc}", file=sys.stderr)
         return 2
     ray.init(address=args.address)
-    stop = threading.Event()
+    stop = StopSignals()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name="pllm", route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"pllm-serve-ray: ready at http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
-        stop.wait()
-        logger.info("stopping: replicas drain for up to %.0f s", args.shutdown_timeout)
+        stop.drain.wait()
+        logger.info("stopping: new requests get 404 from Serve's proxy; requests in flight finish for up to %.0f s "
+                    "(a second signal stops at once)", args.shutdown_timeout)
+        if not drain(APP_NAME, args.shutdown_timeout, stop.now):
+            logger.warning("drain cut short: stopping Serve with requests still in flight")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -159,6 +159,16 @@ def test_rayservice_serve_config_names_pllms_application_builder():
     assert f'"ray[serve]=={rayversion}"' in pyproject  # the image's ray is the cluster's ray
 
 
+def test_rayservice_replicas_can_fill_their_engines_batch():
+    ray_serve = pytest.importorskip("pllm.runtime.server.ray_serve", reason="ray is not installed (pllm[ray])")
+    (app,) = yaml.safe_load(resource("RayService")["spec"]["serveConfigV2"])["applications"]
+    (deployment,) = app["deployments"]
+    batch = args_from_options(app["args"]).max_num_seqs
+    # Serve sends a replica at most max_ongoing_requests at once: a full batch, and the control requests beside it
+    assert deployment["max_ongoing_requests"] >= ray_serve.replica_max_ongoing_requests(batch)
+    assert deployment["max_ongoing_requests"] > deployment["autoscaling_config"]["target_ongoing_requests"]
+
+
 def test_rayservice_serve_config_matches_rays_schema():
     schema = pytest.importorskip("ray.serve.schema", reason="ray is not installed (pip install pllm[ray])")
     config = yaml.safe_load(resource("RayService")["spec"]["serveConfigV2"])

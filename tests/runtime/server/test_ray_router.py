@@ -67,3 +67,61 @@ def test_too_few_gpus_for_the_ranks_are_refused_by_name():
                                           "--num-gpus-per-replica", "1"])
     with pytest.raises(ValueError, match="--num-gpus-per-replica 1 is fewer than --tensor-parallel-size 2"):
         replica_resources(args)
+
+
+def test_a_body_nested_too_deep_is_left_to_the_replica():
+    # json.loads raises RecursionError on this; the replica answers it 400 as pllm-serve does (its strict parse)
+    deep = b'{"prompt":"hi","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert prompt_text("/v1/completions", deep) == ""
+    chat = b'{"messages":[{"role":"user","content":[' + b"[" * 3000 + b"]" * 3000 + b"]}]}"
+    assert prompt_text("/v1/chat/completions", chat) == ""
+
+
+class Replica:
+    """What the router reads of a Serve RunningReplica: its id and max_ongoing_requests."""
+
+    def __init__(self, name: str, max_ongoing_requests: int):
+        self.replica_id = ReplicaName(name)
+        self.max_ongoing_requests = max_ongoing_requests
+
+
+class ReplicaName(str):
+    def to_full_id_str(self) -> str:
+        return str(self)
+
+
+class Pending:
+    def __init__(self, request):
+        self.args = [request]
+
+
+def router(replicas: list[Replica], queues: dict[str, int], max_imbalance: int):
+    from pllm.runtime.server.ray_router import PrefixAffinityRouter
+
+    r = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # no Serve around it: only what choose_replicas reads
+    r.initialize_state(max_imbalance=max_imbalance)
+    r._replicas = {x.replica_id: x for x in replicas}
+    r._replica_queue_len_cache = {x.replica_id: queues[x.replica_id] for x in replicas}
+    r.apply_locality_routing = lambda pending_request: set(r._replicas)
+    return r
+
+
+def test_an_overloaded_holder_is_passed_over_at_an_imbalance_serve_can_report():
+    import asyncio
+
+    from pllm.runtime.server.ray_router import ForwardedRequest
+
+    a, b = Replica("a", 40), Replica("b", 40)  # max_num_seqs 32: max_ongoing_requests 40, the most Serve reports
+    prefix = prefix_chain("p" * (2 * CHUNK_CHARS))
+    request = ForwardedRequest("POST", "/v1/completions", "", b"/", b"", (), "1.1", "http", None, b"", prefix)
+    busy = router([a, b], {"a": 30, "b": 5}, max_imbalance=32)
+    busy._owner = {h: a.replica_id for h in prefix}
+    assert busy.max_imbalance(a) == 20  # half of 40: 32 could never be seen
+    ranks = asyncio.run(busy.choose_replicas([a, b], Pending(request)))
+    assert len(ranks) == 1  # passed over: power of two choices only
+    idle = router([a, b], {"a": 10, "b": 5}, max_imbalance=32)
+    idle._owner = {h: a.replica_id for h in prefix}
+    assert asyncio.run(idle.choose_replicas([a, b], Pending(request)))[0] == [a]
+    # a retry names the replica whose engine was dead: the holder is not offered again while another is there
+    retry = ForwardedRequest("POST", "/v1/completions", "", b"/", b"", (), "1.1", "http", None, b"", prefix, ("a",))
+    assert asyncio.run(idle.choose_replicas([a, b], Pending(retry))) == [[b]]
