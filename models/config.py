@@ -18,13 +18,29 @@ class ConfigError(ValueError):
     """A model's config.json says something pllm cannot build; the message names the key, value and file."""
 
 
+# Keys whose null transformers' config classes read as "not given" although pllm's default for them is a value:
+# LlamaConfig, Qwen2Config and Qwen3Config derive num_key_value_heads from num_attention_heads when it is None, and
+# every config class takes `rope_parameters: null` for no block. Any other null with a non-None default is refused.
+NULL_MEANS_DEFAULT = frozenset({"num_key_value_heads", "rope_parameters"})
+
+
 def get_value(config: dict, key: str, kind: type | tuple[type, ...], source: str, default: Any = ...) -> Any:
-    """config[key] checked to be of `kind`; absent or null gives `default`, and with no default is an error."""
-    if key not in config or config[key] is None:
+    """config[key] checked to be of `kind`. Absent gives `default`, and with no default is an error. Null is what
+    config.json writes for an optional key that is off: it gives None when `default` is None (and `default` for the
+    keys in NULL_MEANS_DEFAULT); any other null is refused by name, as transformers' typed config fields refuse it,
+    rather than replaced by a default transformers would not use."""
+    if key not in config:
         if default is ...:
             raise ConfigError(f"{source}: missing required key '{key}'")
         return default
     value = config[key]
+    if value is None:
+        if default is None or (default is not ... and key in NULL_MEANS_DEFAULT):
+            return default
+        if default is ...:
+            raise ConfigError(f"{source}: missing required key '{key}' (it is null)")
+        raise ConfigError(f"{source}: key '{key}' is null; it needs {_kind_name(kind)} (transformers' typed config "
+                          "field refuses a null): give a value or leave the key out")
     if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else ()):
         raise ConfigError(f"{source}: key '{key}' must be {_kind_name(kind)}, got {value!r}")
     if not isinstance(value, kind):
@@ -55,17 +71,34 @@ def finite_positive(config: dict, key: str, source: str, default: Any = ...) -> 
     return float(value)
 
 
+# RoPE keys whose top-level null transformers' convert_rope_params_to_dict skips (`if partial_rotary_factor is not
+# None`); a null rope_theta it copies into the block, and the model then fails to build.
+ROPE_NULL_IS_UNSET = frozenset({"partial_rotary_factor"})
+
+
+def rope_block(config: dict) -> Any:
+    """The RoPE block transformers 5 reads: `rope_scaling` when it is given (not null or empty), else
+    `rope_parameters`. transformers drops `rope_parameters` whole when `rope_scaling` is given
+    (convert_rope_params_to_dict: `rope_parameters = rope_scaling or rope_parameters`), theta included."""
+    return config.get("rope_scaling") or config.get("rope_parameters")
+
+
 def rope_parameter(config: dict, key: str, read: Callable[[dict, str, str, Any], Any], source: str,
                    default: Any) -> Any:
     """A RoPE key a config may give twice: at the top level (the older configs' `rope_theta`, `partial_rotary_factor`)
-    and inside transformers 5's `rope_parameters`. transformers 5 reads the block and ignores the top-level copy, so
-    the two disagreeing is a config that says two things; refused, naming both, rather than one picked in silence."""
-    params = config.get("rope_parameters")
+    and inside the block transformers 5 reads (rope_block()). transformers reads the block's copy and ignores the
+    top-level one, so the two disagreeing is a config that says two things; refused, naming both, rather than one
+    picked in silence. Neither given: `default`, transformers' class default."""
+    params = rope_block(config)
+    block = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
     top = read(config, key, source, None)
-    inner = read(params, key, f"{source}: rope_parameters", None) if isinstance(params, dict) else None
+    inner = read(params, key, f"{source}: {block}", None) if isinstance(params, dict) else None
     if top is not None and inner is not None and top != inner:
-        raise ConfigError(f"{source}: key '{key}' is {top!r} but key 'rope_parameters.{key}' is {inner!r}; they "
-                          "contradict (transformers 5 reads rope_parameters): remove one or make them agree")
+        raise ConfigError(f"{source}: key '{key}' is {top!r} but key '{block}.{key}' is {inner!r}; they "
+                          f"contradict (transformers 5 reads {block}): remove one or make them agree")
+    if inner is None and top is None and key in config and key not in ROPE_NULL_IS_UNSET:
+        raise ConfigError(f"{source}: key '{key}' is null and '{block}' gives none; transformers would build its "
+                          f"RoPE from the null: give a value or leave the key out")
     for value in (inner, top):
         if value is not None:
             return value
@@ -90,8 +123,9 @@ def eos_token_ids(config: dict, vocab_size: int, source: str) -> tuple[int, ...]
 
 
 def rope_scaling(config: dict, source: str) -> RopeScaling | None:
-    # transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_scaling`.
-    rs = config.get("rope_scaling") or config.get("rope_parameters")
+    # transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_scaling`. The legacy
+    # `type` spelling is the type when `rope_type` is absent, as transformers' standardize_rope_params reads it.
+    rs = rope_block(config)
     if rs is None:
         return None
     if not isinstance(rs, dict):

@@ -53,9 +53,9 @@ NORM_WEIGHT_OFFSET = 1.0  # Gemma's RMSNorm multiplies by (1 + w)
 
 def gemma3_text_spec(config: dict, source: str, model_type: str = "gemma3_text") -> ModelSpec:
     """Validate a Gemma3TextConfig dict and derive the ModelSpec; errors name the key and the file."""
-    c = {**TEXT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-    c["attn_logit_softcapping"] = config.get("attn_logit_softcapping")
-    c["final_logit_softcapping"] = config.get("final_logit_softcapping")
+    # An explicit null stays null: get_value() refuses it where Gemma3TextConfig's typed field does (sliding_window,
+    # query_pre_attn_scalar, rms_norm_eps, ...) and reads it as "off" where the field is optional.
+    c = {**TEXT_DEFAULTS, **config}
     hidden = positive(c, "hidden_size", source)
     num_heads = positive(c, "num_attention_heads", source)
     num_kv = positive(c, "num_key_value_heads", source)
@@ -78,12 +78,16 @@ def gemma3_text_spec(config: dict, source: str, model_type: str = "gemma3_text")
     act = get_value(c, "hidden_activation", str, source)
     if act not in ACTIVATIONS:
         raise ConfigError(f"{source}: hidden_activation {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-    for key in ("attention_bias", "use_bidirectional_attention"):
-        if get_value(c, key, bool, source, False):
+    # use_bidirectional_attention is `bool | None` in Gemma3TextConfig (null: off); attention_bias a plain bool
+    for key, default in (("attention_bias", False), ("use_bidirectional_attention", None)):
+        if get_value(c, key, bool, source, default):
             raise ConfigError(f"{source}: {key}=true is not supported")
     vocab_size = positive(c, "vocab_size", source)
     bos = c.get("bos_token_id")
     global_theta, local_theta, scaling = _rope(c, source)
+    sliding_layers = _sliding_layers(c, num_layers, source)
+    # a null window is refused (transformers fails to build the mask) unless no layer slides
+    window = positive(c, "sliding_window", source, ... if sliding_layers else None)
     return ModelSpec(
         model_type=model_type,
         hidden_size=hidden,
@@ -108,8 +112,8 @@ def gemma3_text_spec(config: dict, source: str, model_type: str = "gemma3_text")
         query_pre_attn_scalar=finite_positive(c, "query_pre_attn_scalar", source),
         attn_logit_softcapping=finite_positive(c, "attn_logit_softcapping", source, None),
         final_logit_softcapping=finite_positive(c, "final_logit_softcapping", source, None),
-        sliding_window=positive(c, "sliding_window", source),
-        sliding_layers=_sliding_layers(c, num_layers, source),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
         rope_local_theta=local_theta,
     )
 
@@ -137,29 +141,47 @@ def _sliding_layers(c: dict, num_layers: int, source: str) -> tuple[int, ...]:
 
 
 def _rope(c: dict, source: str) -> tuple[float, float, RopeScaling | None]:
-    """(global theta, local theta, global scaling): transformers 5's rope_parameters per layer type, or the older
-    rope_theta / rope_local_base_freq / rope_scaling keys."""
+    """(global theta, local theta, global scaling), read as Gemma3TextConfig.convert_rope_params_to_dict does:
+    transformers 5's `rope_parameters` per layer type (each {"rope_type": "default"} when absent or null), the older
+    top-level `rope_scaling` merged over its full_attention entry, and the top-level `rope_theta` /
+    `rope_local_base_freq` (or the class defaults) for an entry that gives no theta."""
     params = c.get("rope_parameters")
-    if params is not None:
-        where = f"{source}: rope_parameters"
-        if not isinstance(params, dict) or not params or not set(params) <= set(LAYER_TYPES):
-            raise ConfigError(f"{where}: must map layer types ({', '.join(LAYER_TYPES)}) to their RoPE parameters, "
-                              f"got {params!r}")
-        full = get_value(params, "full_attention", dict, where, {})
-        local = get_value(params, "sliding_attention", dict, where, {})
-        if local.get("rope_type", "default") != "default":
-            raise ConfigError(f"{where}: sliding_attention rope_type {local.get('rope_type')!r} is not supported "
-                              "(only 'default')")
-        global_theta = finite_positive(full, "rope_theta", f"{where}.full_attention", TEXT_DEFAULTS["rope_theta"])
-        local_theta = finite_positive(local, "rope_theta", f"{where}.sliding_attention",
-                                      TEXT_DEFAULTS["rope_local_base_freq"])
-        return global_theta, local_theta, _global_scaling(full, f"{where}.full_attention")
-    global_theta = finite_positive(c, "rope_theta", source)
-    local_theta = finite_positive(c, "rope_local_base_freq", source)
-    return global_theta, local_theta, _global_scaling(c.get("rope_scaling"), source)
+    where = f"{source}: rope_parameters"
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict) or not params or not set(params) <= set(LAYER_TYPES):
+        raise ConfigError(f"{where}: must map layer types ({', '.join(LAYER_TYPES)}) to their RoPE parameters, "
+                          f"got {params!r}")
+    full = get_value(params, "full_attention", dict, where, None) or {"rope_type": "default"}
+    local = get_value(params, "sliding_attention", dict, where, None) or {"rope_type": "default"}
+    legacy = c.get("rope_scaling")
+    if legacy is not None:
+        if not isinstance(legacy, dict):
+            raise ConfigError(f"{source}: key 'rope_scaling' must be an object or null, got {legacy!r}")
+        if "rope_type" not in legacy and legacy.get("type", "default") != "default" and "rope_type" in full:
+            # transformers merges it over {"rope_type": "default", ...}, so the `type` spelling is ignored and no
+            # scaling applied; the config says otherwise, so it is refused rather than run either way in silence
+            raise ConfigError(f"{source}: key 'rope_scaling' is {legacy!r}: for gemma3, transformers 5 ignores the "
+                              f"legacy 'type' spelling (it keeps rope_type {full['rope_type']!r} and applies no "
+                              "scaling); spell it 'rope_type'")
+        full = {**full, **legacy}
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ConfigError(f"{where}: sliding_attention rope_type {local.get('rope_type')!r} is not supported "
+                          "(only 'default')")
+    global_theta = _theta(full, c, "rope_theta", f"{where}.full_attention", source)
+    local_theta = _theta(local, c, "rope_local_base_freq", f"{where}.sliding_attention", source)
+    return global_theta, local_theta, _global_scaling(full, f"{where}.full_attention")
 
 
-def _global_scaling(params: dict | None, source: str) -> RopeScaling | None:
+def _theta(entry: dict, c: dict, top_key: str, where: str, source: str) -> float:
+    """An entry's rope_theta, else the top-level key's (transformers' setdefault: a top-level null becomes the theta,
+    and the model fails to build, so it is refused here)."""
+    if "rope_theta" in entry:
+        return finite_positive(entry, "rope_theta", where)
+    return finite_positive(c, top_key, source)
+
+
+def _global_scaling(params: dict, source: str) -> RopeScaling | None:
     """The global layers' RoPE scaling: none, or linear (Gemma 3's 4B and larger); others are refused."""
     scaling = rope_scaling({"rope_scaling": params}, source)
     if scaling is not None and scaling.rope_type != "linear":

@@ -15,17 +15,25 @@ WORDS = ["the", "quick", "brown", "fox", "jump", "##s", "over", "lazy", "dog", "
          "##ing", "##ed", "embed", "model", "hello", "world"]
 
 
+def wordpiece_vocab() -> dict[str, int]:
+    """Token -> id: the specials, whole words, every letter, digit and punctuation mark, and their ## continuations
+    (each once), so any ASCII text tokenises without [UNK]."""
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = SPECIAL + WORDS + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
 def make_wordpiece_tokenizer(out_dir: Path):
-    """A BertTokenizerFast over a tiny WordPiece vocabulary: whole words, every letter, digit and punctuation mark,
-    and their ## continuations, so any ASCII text tokenises without [UNK]."""
+    """A BertTokenizerFast over wordpiece_vocab(). transformers 5 takes the vocabulary itself (`vocab=`); given only
+    a `vocab_file` it silently falls back to the five special tokens, and every word becomes [UNK]."""
     from transformers import BertTokenizerFast
 
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = SPECIAL + WORDS + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab = wordpiece_vocab()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
-    (out_dir / "vocab.txt").unlink()  # the saved folder carries it again, next to tokenizer.json
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    if len(tokenizer) != len(vocab) or tokenizer.convert_tokens_to_ids("fox") != vocab["fox"]:
+        raise RuntimeError(f"the test WordPiece tokenizer did not take its {len(vocab)}-token vocabulary "
+                           f"(it has {len(tokenizer)} tokens)")
     return tokenizer
 
 

@@ -46,6 +46,20 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got.norm(dim=-1), want.norm(dim=-1), rtol=1e-4, atol=1e-5)
 
 
+def test_the_test_texts_tokenise_into_real_vocabulary_ids(st_bert_dir):
+    """The equivalence tests below compare real token embeddings: the helper's tokenizer has its whole WordPiece
+    vocabulary (not only the specials), so the texts become many distinct ids and no [UNK]."""
+    from sentence_transformers import SentenceTransformer
+
+    tokenizer = SentenceTransformer(str(st_bert_dir()), device="cpu").tokenizer
+    ids = [i for text in TEXTS for i in tokenizer(text)["input_ids"]]
+    assert len(tokenizer) > 100
+    assert tokenizer.unk_token_id not in ids
+    assert len(set(ids)) >= 40, sorted(set(ids))
+    assert tokenizer.convert_ids_to_tokens(tokenizer("the quick brown fox jumps")["input_ids"]) == [
+        "[CLS]", "the", "quick", "brown", "fox", "jump", "##s", "[SEP]"]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "interpret"])
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("lasttoken", True)])
 def test_embeddings_equal_sentence_transformers(st_bert_dir, st_bert_build, backend, pooling, normalize):
@@ -56,8 +70,9 @@ def test_embeddings_equal_sentence_transformers(st_bert_dir, st_bert_build, back
 @pytest.mark.parametrize("backend", ["cpu", "interpret"])
 def test_a_batched_step_of_mixed_lengths_equals_one_text_at_a_time(st_bert_build, backend):
     build_dir = st_bert_build()
-    # a 48-token budget: several steps, each packing texts of different lengths whole, none split
-    batched = embed(build_dir, TEXTS, backend=backend, max_num_batched_tokens=48)
+    # a 64-token budget (the longest text is 52 tokens): several steps, each packing whole texts of different
+    # lengths, none split
+    batched = embed(build_dir, TEXTS, backend=backend, max_num_batched_tokens=64)
     llm = LLM(str(build_dir), backend=backend)
     alone = torch.tensor([llm.embed(text)[0].embedding for text in TEXTS])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
@@ -124,7 +139,7 @@ def test_an_encoder_build_keeps_no_kv_cache_and_only_embeds(st_bert_build):
 def test_an_input_longer_than_the_token_budget_is_refused_by_name(st_bert_build):
     """An encoder cannot chunk a prompt: one longer than the step's token budget could never run."""
     llm = LLM(str(st_bert_build()), max_num_batched_tokens=8)
-    with pytest.raises(ValueError, match=r"input of 11 tokens exceeds max_num_batched_tokens 8.*encoder"):
+    with pytest.raises(ValueError, match=r"input of 12 tokens exceeds max_num_batched_tokens 8.*encoder"):
         llm.embed("the quick brown fox jumps over the lazy dog")
     assert len(llm.embed("hello world")[0].embedding) == 64  # 4 tokens fit: served
 
