@@ -42,6 +42,7 @@ class ConfigRules:
     # The config's `attention_bias` also puts a bias on o_proj in these families; the runtime layout has none
     attention_bias_refused: bool = False
     window: WindowRule = WindowRule.NONE  # whether and where `sliding_window` limits attention (models/windows.py)
+    default_rope_theta: float = 10000.0  # rope_theta when the config gives none (the config class's default_theta)
 
 
 def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
@@ -89,7 +90,7 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
 
     get_value(config, "rope_parameters", dict, source, {})  # an object when given (its scaling: rope_scaling())
-    theta = rope_parameter(config, "rope_theta", finite_positive, source, 10000.0)
+    theta = rope_parameter(config, "rope_theta", finite_positive, source, rules.default_rope_theta)
     eps = finite_positive(config, "rms_norm_eps", source, 1e-6)
     bias = get_value(config, "attention_bias", bool, source, False)
     if bias and rules.attention_bias_refused:

@@ -15,7 +15,8 @@ from pllm.models.spec import ModelSpec, MoeSpec
 from pllm.models.windows import WindowRule
 
 # Mixtral applies `sliding_window` whenever it is set: no `use_sliding_window` key switches it off (none is read)
-RULES = ConfigRules("mixtral", attention_bias_always=False, window=WindowRule.EVERY_LAYER)
+# MixtralConfig's default_theta is 1e6 (the other llama-wired families' 1e4)
+RULES = ConfigRules("mixtral", attention_bias_always=False, window=WindowRule.EVERY_LAYER, default_rope_theta=1e6)
 NAMES = ExpertNames(block="block_sparse_moe", gate="w1", up="w3", down="w2")
 
 

@@ -27,8 +27,9 @@ def phi3_spec(config: dict, source: str) -> ModelSpec:
     scaling = config.get("rope_scaling") or rope_parameters
     if not isinstance(scaling, dict):
         raise ConfigError(f"{source}: key 'rope_scaling' must be an object or null, got {scaling!r}")
-    # the llama rules read theta only; scaling is Phi3's own (llama's reader refuses longrope)
-    theta = {"rope_type": "default", **{k: v for k, v in rope_parameters.items() if k == "rope_theta"}}
+    # the llama rules read theta only, from the block transformers reads (rope_scaling when given, which drops
+    # rope_parameters whole); scaling is Phi3's own (llama's reader refuses longrope)
+    theta = {"rope_type": "default", **{k: v for k, v in scaling.items() if k == "rope_theta"}}
     spec = llama_spec({**config, "rope_scaling": None, "rope_parameters": theta}, source, RULES)
 
     factor = rope_parameter(config, "partial_rotary_factor", _number, source, 1.0)

@@ -78,6 +78,28 @@ def test_rope_scaling_drops_rope_parameters_as_transformers_does(model_type, top
     assert spec.rope_theta == (top_theta or 10000.0)
 
 
+def test_phi3_takes_its_theta_from_the_block_transformers_reads():
+    """rope_scaling given: rope_parameters is dropped whole, its theta too, for phi3 as for the others."""
+    for top_theta in (None, 300.0):
+        config = {**LLAMA, "model_type": "phi3", "rope_scaling": {"rope_type": "default"},
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
+        if top_theta is not None:
+            config["rope_theta"] = top_theta
+        assert spec_from_config(config).rope_theta == hf_config(config).rope_parameters["rope_theta"] == (
+            top_theta or 10000.0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3"])
+def test_an_absent_theta_is_the_config_class_default(model_type):
+    """MixtralConfig's default_theta is 1e6, the others' 1e4."""
+    config = {**LLAMA, "model_type": model_type, "num_local_experts": 4, "num_experts_per_tok": 2,
+              "num_experts": 4, "moe_intermediate_size": 32}
+    if model_type not in ("mixtral", "qwen3_moe"):
+        config = {k: v for k, v in config.items() if k not in ("num_local_experts", "num_experts_per_tok",
+                                                                "num_experts", "moe_intermediate_size")}
+    assert spec_from_config(config).rope_theta == hf_config(config).rope_parameters["rope_theta"]
+
+
 def test_a_theta_inside_rope_scaling_is_the_theta():
     config = {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 900.0},
               "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}
