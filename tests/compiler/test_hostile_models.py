@@ -87,7 +87,7 @@ CASES = {
         ["{m}/config.json", "eos_token_id", "'x'"],
     ),
     "sliding_window abc": (
-        lambda m: edit_config(m, sliding_window="abc"),
+        lambda m: edit_config(m, model_type="mistral", sliding_window="abc"),  # llama reads no window
         ["{m}/config.json", "sliding_window", "'abc'"],
     ),
     "max_position_embeddings 1e15": (
