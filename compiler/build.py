@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pllm.compiler.cpu_compile import compile_cpu_kernels
@@ -28,7 +27,15 @@ from pllm.compiler.manifest import (
     sha256_file,
     weights_file,
 )
-from pllm.compiler.output_dir import BuildError, as_umask_allows, check_output_dir, make_parents, replace_dir
+from pllm.compiler.output_dir import (
+    BuildError,
+    as_umask_allows,
+    check_output_dir,
+    make_parents,
+    remove_stale_swaps,
+    replace_dir,
+    write_weights,
+)
 from pllm.compiler.plan import make_plan
 from pllm.compiler.pooling import read_pooling_config
 from pllm.compiler.quantize import (
@@ -41,7 +48,7 @@ from pllm.compiler.quantize import (
     principal_format,
 )
 from pllm.compiler.render import render_plan
-from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
+from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir
 from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.compiler.tied_head import untie_stored_head
@@ -57,8 +64,6 @@ logger = logging.getLogger("pllm")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # checkpoint dtypes that hold plain float weights; int8/bool/fp8 tensors need scales or are not weights at all
 SOURCE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# scratch siblings of any output in the same parent: `.<name>.tmp-<pid>-<random>` and `.<name>.old-<pid>-<random>`
-SCRATCH_RE = scratch_pattern(r"\..+\.(?:tmp|old)-")
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,8 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
     """Compile `model` into `out_dir`. Nothing is left behind on failure; only a pllm build holding nothing but its
     own listed files, as it wrote them, is replaced."""
     out_dir = Path(os.path.abspath(out_dir))  # not resolve(): a symlinked output must be seen, and refused
-    check_output_dir(out_dir)
+    remove_stale_swaps(out_dir.parent)  # first: a killed compile's previous build of out_dir goes back in place
+    seen = check_output_dir(out_dir)
     source = open_model(model, keeps_blocks=options.quantization is Quantization.GGUF)
     made: list[Path] = []  # parent folders this compile created, removed again if it fails
     try:
@@ -234,7 +240,6 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
                         f" (group {quantizer.group_size})" if quantizer.quantization.grouped else "",
                         "LM head and " if lm_head is LmHead.FLOAT else "", dtype)
         made = make_parents(out_dir.parent)
-        remove_stale_scratch(out_dir.parent, SCRATCH_RE)
         try:
             tmp = make_scratch_dir(out_dir.parent, f".{out_dir.name}.tmp-")
         except OSError as e:
@@ -243,7 +248,7 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
             tmp_dir = tmp / "build"
             tmp_dir.mkdir()
             _write_build(source, spec, dtype, options, tmp_dir, loras, quantizer, lm_head)
-            replace_dir(tmp_dir, out_dir)
+            replace_dir(tmp_dir, out_dir, seen)
         finally:
             remove_scratch_dir(tmp)
     except BaseException:
@@ -359,7 +364,6 @@ def _write_shards(weights: dict[str, torch.Tensor], spec: ModelSpec, size: int, 
         shard = weights if size == 1 else {name: shard_tensor(t, layout[name].split, spec, size, rank).contiguous()
                                            for name, t in weights.items()}
         f = tmp_dir / weights_file(rank, size)
-        save_file(shard, str(f), metadata={"format": "pt"})
-        as_umask_allows(f)
+        write_weights(shard, f)
 
 

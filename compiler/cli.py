@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import time
 
@@ -107,14 +108,41 @@ def main(argv: list[str] | None = None) -> int:
                            quant_group_size=args.quant_group_size,
                            lm_head=None if args.lm_head is None else LmHead(args.lm_head))
     try:
-        with _say_choices():
+        with _say_choices(), _terminate_as_interrupt():
             out = build(args.model, args.output, options)
     except (BuildError, ModelSourceError, ConfigError, GpuCompileError) as e:
         return _error(str(e))
-    except OSError as e:  # disk full, permissions changed mid-compile: the OS names the file
-        return _error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except OSError as e:  # disk full, permissions changed mid-compile: the OS names the file (a write, not always)
+        return _error(f"{e.filename or args.output}: {e.strerror or e}")
+    except KeyboardInterrupt as e:  # the build has cleaned up on its way out, as for any failure
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        _error(f"interrupted by {signum.name}; the compile stopped and removed what it had written")
+        return 128 + signum
     print(f"pllm-compile: wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, timeout), raised where the compile is, so it cleans up as for Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the clean-up short
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (an embedding application's): its own handling stands
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import shlex
@@ -26,6 +27,10 @@ CPU_TARGETS = {"x86_64": ("avx2-fma", ["-mavx2", "-mfma"]), "aarch64": ("armv8-a
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 # A hung compiler's limit, not a slow one's: on a loaded shared machine a kernel's ~1 s of CPU took over 2 minutes
 COMPILE_TIMEOUT_S = 600
+# A compiler that fails for one of these fails for the disk, not the toolchain: the build must fail then (a build
+# that fell back to the PyTorch ops would serve slowly for want of space). Compilers print the C library's
+# strerror text for them ("ld: final link failed: No space left on device").
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
 def find_compiler() -> str | None:
@@ -39,9 +44,9 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
     A library compiled before from the same source, compiler and command comes from the kernel cache
     (compiler/kernel_cache.py) instead. Returns the manifest entry: {} when the plan has no cpu kernel (float16),
     {"error": why} when they cannot be built here (the cpu backend then runs its PyTorch attention and says so at
-    start-up), else the machine, instruction set, compiler, flags and each kernel's library. Same sources and
-    compiler -> identical files (the compiler runs in kernel_dir on relative names, without debug info, so no path is
-    embedded).
+    start-up; raised as an OSError instead where the disk, not the toolchain, failed), else the machine, instruction
+    set, compiler, flags and each kernel's library. Same sources and compiler -> identical files (the compiler runs
+    in kernel_dir on relative names, without debug info, so no path is embedded).
     """
     kernel_dir = Path(kernel_dir)
     sources = [k for k in plan.kernels if k.language is Language.CPP]
@@ -72,6 +77,9 @@ def compile_cpu_kernels(kernel_dir: Path, plan: KernelPlan) -> dict[str, Any]:
         if error is not None:
             for done in [*libraries.values(), library]:  # the build lists every file it holds: leave none behind
                 (kernel_dir / done).unlink(missing_ok=True)
+            code = next((code for code in DISK_ERRNOS if os.strerror(code) in error), None)
+            if code is not None:
+                raise OSError(code, f"{os.strerror(code)} ({compiler}: {error})", str(kernel_dir / library))
             return {"error": f"{compiler} failed on {kernel.file_name}: {error}"}
         libraries[kernel.name] = library
         if own_flags:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_PID = 1 << 22  # Linux's pid_max ceiling; a larger number in a name is not one of ours
@@ -39,22 +40,26 @@ def scratch_pattern(prefix_regex: str) -> re.Pattern[str]:
     return re.compile(rf"{prefix_regex}(?P<pid>[0-9]+)-[a-z0-9_]{{8}}")
 
 
-def _owner_gone(path: str, pid: int) -> bool:
+_NO_LOCK = -1  # _claim of a directory made without a lock file, whose owner's pid is gone
+
+
+def _claim(path: str, pid: int) -> int | None:
+    """The lock of a scratch directory whose owner is gone, now held by this process (_NO_LOCK where it has none),
+    or None while its owner may live."""
     if Path(path) in _held:
-        return False
+        return None
     try:
         fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:  # made by a compile without locks, or one still between mkdtemp and its lock
-        return _process_gone(pid)
+        return _NO_LOCK if _process_gone(pid) else None
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False  # a live compile holds it
-    finally:
-        os.close(fd)  # closing drops the lock just taken; the directory is removed next
-    return True
+        os.close(fd)
+        return None  # a live compile holds it, or another compile is cleaning it up
+    return fd
 
 
 def _process_gone(pid: int) -> bool:
@@ -69,8 +74,11 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_scratch(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
-    """Remove directories in `parent` whose names match `pattern` and whose owning compile is gone."""
+def remove_stale_scratch(parent: Path, pattern: re.Pattern[str],
+                         keep: Callable[[Path, re.Match[str]], bool] | None = None) -> list[Path]:
+    """Remove directories in `parent` whose names match `pattern` and whose owning compile is gone, except those
+    `keep` (called while this process holds the directory's lock, so no other compile cleans it at once) says to
+    keep, having seen to what they hold."""
     removed = []
     try:
         entries = list(os.scandir(parent))
@@ -79,8 +87,17 @@ def remove_stale_scratch(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
     for entry in entries:
         m = pattern.fullmatch(entry.name)
         # never a symlink: rmtree would refuse it, and what it points to is not ours
-        if m is None or not entry.is_dir(follow_symlinks=False) or not _owner_gone(entry.path, int(m["pid"])):
+        if m is None or not entry.is_dir(follow_symlinks=False):
             continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(Path(entry.path))
+        fd = _claim(entry.path, int(m["pid"]))
+        if fd is None:
+            continue
+        try:
+            if keep is not None and keep(Path(entry.path), m):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+        finally:
+            if fd != _NO_LOCK:
+                os.close(fd)
     return removed

@@ -4,6 +4,9 @@ that cannot be used costs only the time it would have saved."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import time
 
 import pytest
 
@@ -90,3 +93,96 @@ def test_the_default_folder_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("PLLM_KERNEL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert kernel_cache.cache_dir() == tmp_path / "pllm" / "kernels"
+
+
+def test_disk_full_while_a_cached_kernel_is_copied_fails_leaving_no_part(tmp_path, cache, monkeypatch):
+    """The build's disk, not the cache, is full: the compile fails naming the library, and no `.part` is left to be
+    listed in the build."""
+    compile_rope(tmp_path / "a")
+    real_open = open
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(kernel_cache, "open", lambda path, mode: HalfWritten(real_open(path, mode)), raising=False)
+    out = tmp_path / "b"
+    with pytest.raises(OSError) as raised:
+        compile_rope(out)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out / "cpu_rope_kv_write.so")
+    assert sorted(p.name for p in out.iterdir()) == ["cpu_rope_kv_write.cpp"]
+
+
+def test_a_compiler_out_of_space_fails_the_build_not_the_kernels(tmp_path, monkeypatch):
+    """A compiler without room to write is not a missing toolchain: no quiet fallback to the PyTorch ops."""
+    monkeypatch.setenv("PLLM_KERNEL_CACHE", "")
+    said = {"out of space": "/usr/bin/ld: final link failed: No space left on device | collect2: error",
+            "toolchain": "g++: error: unrecognized command-line option '-mavx2'"}
+    monkeypatch.setattr(cpu_compile, "_run_compiler", lambda cmd, cwd: said[which])
+    which = "out of space"
+    with pytest.raises(OSError, match="final link failed") as raised:
+        compile_rope(tmp_path / "a")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "a" / "cpu_rope_kv_write.so")
+    which = "toolchain"
+    with pytest.raises(AssertionError, match="unrecognized command-line option"):
+        compile_rope(tmp_path / "b")  # the manifest's {"error": ...}: served with the PyTorch ops
+
+
+@pytest.mark.parametrize("failing", [".so", ".sha256"])
+def test_a_failed_store_leaves_no_temporary_and_no_half_entry(tmp_path, cache, monkeypatch, failing):
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode):
+        f = real_fdopen(fd, mode)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(failing):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    monkeypatch.setattr(kernel_cache.os, "fdopen", fdopen)
+    compile_rope(tmp_path / "a")
+    assert list(cache.iterdir()) == []
+
+
+def entry(folder, n: int, size: int, used: float) -> str:
+    key = f"{n:064x}"
+    for suffix, data in ((".so", b"x" * size), (".sha256", b"h" * 64)):
+        (folder / f"{key}{suffix}").write_bytes(data)
+        os.utime(folder / f"{key}{suffix}", (used, used))
+    return key
+
+
+def test_the_cache_keeps_its_size_dropping_the_least_recently_used(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    now = time.time()
+    keys = [entry(folder, n, 1000, now - 100 * (4 - n)) for n in range(4)]  # keys[3] used last
+    (folder / "notes.txt").write_text("not the cache's: never touched")
+    stale_temp, fresh_temp = folder / f".{keys[0]}abcdefgh.so", folder / f".{keys[1]}abcdefgh.sha256"
+    stale_temp.write_bytes(b"killed writer")
+    os.utime(stale_temp, (now - 2 * kernel_cache.STALE_S,) * 2)
+    fresh_temp.write_bytes(b"a writer at work")
+    lone = folder / f"{9:064x}.sha256"  # a hash whose library a killed writer never placed
+    lone.write_bytes(b"h" * 64)
+    os.utime(lone, (now - 2 * kernel_cache.STALE_S,) * 2)
+    kernel_cache.evict(folder, max_bytes=2 * 1064)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [fresh_temp.name, "notes.txt", *(f"{k}{s}" for k in keys[2:] for s in (".so", ".sha256"))])
+
+
+def test_a_use_makes_an_entry_recent(tmp_path, cache, compiles):
+    compile_rope(tmp_path / "a")
+    (library,) = cache.glob("*.so")
+    os.utime(library, (1, 1))
+    compile_rope(tmp_path / "b")
+    assert len(compiles) == 1 and library.stat().st_mtime > time.time() - 60

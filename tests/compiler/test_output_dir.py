@@ -178,6 +178,8 @@ def test_stale_scratch_of_killed_compiles_is_removed(tiny_dir, tmp_path):
     build(str(tiny_dir("llama")), work / "out", OPTS)
     assert not any(d.exists() for d in stale)
     assert alive.exists() and all(d.exists() for d in unrelated)
+    # the previous build of `other` a killed swap had moved aside is its only copy: put back, not deleted
+    assert (work / "other" / "weights").read_text() == "x"
 
 
 def test_scratch_of_a_live_compile_elsewhere_is_kept_until_it_dies(tiny_dir, tmp_path):
