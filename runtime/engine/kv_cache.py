@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 
 from pllm.models.kv_groups import KvGroup
 from pllm.runtime.engine.request import BlockTable, Request
@@ -27,6 +27,32 @@ class PrefixHit:
 
     block_ids: tuple[int, ...]  # [num_hit_blocks], in order from the first block
     num_tokens: int  # num_hit_blocks * block_size; always < request.num_tokens
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Prefix-cache lookups so far, as vLLM's PrefixCacheStats (vllm/v1/metrics/stats.py) counts them: per admitted
+    request, its tokens looked up (`queries`) and those found (`hits`). A request readmitted after preemption is
+    counted apart (`preempted_*`): it finds its own blocks again, which says nothing about prefix sharing, so only
+    the first admissions feed the prefix_cache_queries/hits metrics and the hit rate."""
+
+    requests: int = 0
+    queries: int = 0  # tokens looked up
+    hits: int = 0  # of those, tokens served from the cache
+    preempted_requests: int = 0
+    preempted_queries: int = 0
+    preempted_hits: int = 0
+
+    def record(self, num_tokens: int, num_hits: int, preempted: bool) -> PrefixCacheStats:
+        """These stats with one more lookup (vLLM's record); preempted: request.num_preemptions > 0."""
+        if preempted:
+            return replace(self, preempted_requests=self.preempted_requests + 1,
+                           preempted_queries=self.preempted_queries + num_tokens,
+                           preempted_hits=self.preempted_hits + num_hits)
+        return replace(self, requests=self.requests + 1, queries=self.queries + num_tokens, hits=self.hits + num_hits)
+
+    def __add__(self, other: PrefixCacheStats) -> PrefixCacheStats:
+        return PrefixCacheStats(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 class KVCacheManager:
@@ -66,8 +92,7 @@ class KVCacheManager:
         # Per request: hashes of its full blocks computed so far, and how many of its blocks are registered.
         self._req_hashes: dict[str, list[bytes]] = {}
         self._req_num_cached_blocks: dict[str, int] = {}
-        self.num_prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
-        self.num_prefix_hits = 0  # of those, tokens served from the cache
+        self.prefix_cache_stats = PrefixCacheStats()  # lookups of admitted requests (frozen: replaced, not changed)
 
     @property
     def num_free_blocks(self) -> int:
@@ -78,6 +103,16 @@ class KVCacheManager:
     def usage(self) -> float:
         """Fraction of blocks referenced by some request."""
         return 1.0 - len(self._free) / self.num_blocks
+
+    @property
+    def num_prefix_queries(self) -> int:
+        """Tokens of first admissions looked up in the prefix cache (readmissions after preemption not counted)."""
+        return self.prefix_cache_stats.queries
+
+    @property
+    def num_prefix_hits(self) -> int:
+        """Of num_prefix_queries, the tokens served from the cache."""
+        return self.prefix_cache_stats.hits
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -155,8 +190,8 @@ class KVCacheManager:
         if hit is not None:
             self._req_num_cached_blocks[request.request_id] = len(hit_block_ids)
             if self.enable_prefix_caching:
-                self.num_prefix_queries += request.num_tokens
-                self.num_prefix_hits += hit.num_tokens
+                self.prefix_cache_stats = self.prefix_cache_stats.record(
+                    request.num_tokens, hit.num_tokens, preempted=request.num_preemptions > 0)
         return True
 
     def release_out_of_window(self, request: Request, num_computed: int | None = None) -> None:

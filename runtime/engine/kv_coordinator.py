@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pllm.runtime.engine.kv_cache import KVCacheManager, PrefixHit
+from pllm.runtime.engine.kv_cache import KVCacheManager, PrefixCacheStats, PrefixHit
 from pllm.runtime.engine.request import Request
 from pllm.runtime.worker.kv_budget import GroupBudget
 
@@ -54,12 +54,19 @@ class KvCoordinator:
         return max(m.usage for m in self.managers)
 
     @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Every group's lookups (only a single global group caches prefixes)."""
+        if self._single is not None:
+            return self._single.prefix_cache_stats
+        return sum((m.prefix_cache_stats for m in self.managers), PrefixCacheStats())
+
+    @property
     def num_prefix_queries(self) -> int:
-        return sum(m.num_prefix_queries for m in self.managers)
+        return self.prefix_cache_stats.queries
 
     @property
     def num_prefix_hits(self) -> int:
-        return sum(m.num_prefix_hits for m in self.managers)
+        return self.prefix_cache_stats.hits
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pllm.runtime.engine.kv_cache import PrefixCacheStats
 from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
@@ -64,8 +65,7 @@ class EngineSnapshot:
     kv_cache_usage: float  # fraction of KV blocks referenced, in [0, 1]
     num_generation_tokens: int
     num_preemptions: int
-    num_prefix_queries: int  # prompt tokens looked up in the prefix cache
-    num_prefix_hits: int  # of those, served from the cache
+    prefix_cache: PrefixCacheStats  # lookups at admission; readmissions after preemption counted apart
     # speculative decoding (0 when off): verify steps of a sequence, tokens guessed, guesses the model confirmed
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0

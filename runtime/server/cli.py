@@ -6,8 +6,9 @@ while torch and the engine's modules import; then the engine thread loads the mo
 (warm_up.py) while this thread imports FastAPI and uvicorn. Hashing, file reads and torch's ops release the GIL;
 the imports hold it, so two imports at once would only take turns. (Loading torch's shared library on a third
 thread, beside FastAPI's imports, measured no faster on 2 cores: the hashing already has the second one.) Cyclic
-garbage collection waits until the engine is ready (main). The server listens only once the engine is
-ready, so /health never answers before it.
+garbage collection waits until the engine is ready (main). The listening socket comes first of all
+(listen_socket), so a port in use fails at once; nothing accepts on it until the engine is ready, so /health never
+answers before it (a connection made earlier waits in the backlog, then is served).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import argparse
 import functools
 import gc
 import logging
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.build_open import BuildOpening
-from pllm.runtime.server.cli_args import build_parser, engine_config, served_names
+from pllm.runtime.server.cli_args import address, build_parser, engine_config, served_names
 from pllm.runtime.worker.startup_timing import Stage, mark
 
 if TYPE_CHECKING:
@@ -34,6 +36,23 @@ LOG_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
 # After the drain (--shutdown-timeout): seconds uvicorn gives open connections to close before it exits. A
 # supervisor's grace period (Kubernetes' terminationGracePeriodSeconds) must cover both, and engine teardown.
 CONNECTIONS_CLOSE_TIMEOUT_S = 5
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening before anything loads, then handed to uvicorn: a port in use (or a
+    host that is no address here) fails at once, not once the model has loaded, and no other process can take the
+    port in between. Bound as uvicorn binds: SO_REUSEADDR (a restart need not wait out the previous server's
+    TIME_WAIT connections; a port something listens on is still refused), IPv6 for a host with ':'. OSError."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def launch_engine(args: argparse.Namespace, names: list[str], opening: BuildOpening | None = None) -> AsyncEngine:
@@ -85,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Starts the engine and the HTTP server over args.build_dir and serves until stopped; the exit status."""
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, datefmt="%m-%d %H:%M:%S")
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as exc:
+        where = address(args.host, args.port)
+        print(f"pllm-serve: error: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with sock:
+        return serve_on(args, sock)
+
+
+def serve_on(args: argparse.Namespace, sock: socket.socket) -> int:
+    """serve() once its socket listens."""
     names = served_names(args)
     start = time.perf_counter()
     opening = BuildOpening(args.build_dir, reads_weights_early(args))  # hashing, file reads, beside the imports
@@ -98,17 +129,17 @@ def serve(args: argparse.Namespace) -> int:
         from pllm.runtime.server.api import create_app  # noqa: F401  (FastAPI, pydantic: the app's modules)
         from pllm.runtime.server.connections import ConnectionLimits, LimitedH11Protocol
         from pllm.runtime.server.draining import DrainingServer
+        from pllm.runtime.worker.model_runner import BackendUnavailable
 
         mark(Stage.SERVER_IMPORTS)
         try:
             engine = launching.result()
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, BackendUnavailable) as exc:
             print(f"pllm-serve: error: {exc}", file=sys.stderr)
             return 2
     app = app_for(engine, args, names)
     mark(Stage.APP)
     limits = ConnectionLimits(args.request_header_timeout, args.max_connections)
-    host = f"[{args.host}]" if ":" in args.host else args.host
     uv_config = uvicorn.Config(
         app,
         host=args.host,
@@ -120,12 +151,12 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=CONNECTIONS_CLOSE_TIMEOUT_S,
         log_config=None,  # keep our logging format
     )
-    server = DrainingServer(uv_config, engine, args.shutdown_timeout, f"http://{host}:{args.port}")
+    server = DrainingServer(uv_config, engine, args.shutdown_timeout)
     logger.info("engine ready in %.1f s; serving %s", time.perf_counter() - start, ", ".join(names))
     gc.freeze()
     gc.enable()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.stop()
     return 0 if server.started and not server.engine_died else 1

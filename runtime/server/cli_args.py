@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from pllm import __version__
@@ -25,24 +27,55 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert: type[int] | type[float], low: float, high: float, what: str):
+    """text as convert reads it, within [low, high] (nan never is), else one line naming it."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+        value = float("nan")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, float("inf"), "a positive integer")
 
 
 def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return _number(text, float, math.ulp(0.0), sys.float_info.max, "a positive number of seconds")
+
+
+def non_negative_seconds(text: str) -> float:
+    return _number(text, float, 0.0, sys.float_info.max, "a number of seconds >= 0")
+
+
+def port_number(text: str) -> int:
+    """--port: 0..65535; 0 asks the system for a free (ephemeral) port, which the ready line then names."""
+    return _number(text, int, 0, 65535, "a TCP port (0..65535; 0: any free port)")
+
+
+def positive_bytes(text: str) -> int:
+    value = parse_bytes(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size in bytes")
     return value
+
+
+def model_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name (an empty one no client could ask for)")
+    return text
+
+
+def api_key(text: str) -> str:
+    """--api-key (or $PLLM_API_KEY): an empty key is refused, not taken to mean "no key". vLLM would serve open;
+    but whoever sets a key means the server to be closed, and an empty one (a secret rendered empty, a variable
+    left blank) would leave /v1/* open without a word. Leave both unset for an open server."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} (from --api-key or $PLLM_API_KEY) is empty: it would leave "
+                                         "/v1/* open; give a key, or unset both for an open server")
+    return text
 
 
 def lora_module(text: str) -> tuple[str, str]:
@@ -79,14 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("build_dir", help="a build directory made by pllm-compile")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument(
         "--api-key",
+        type=api_key,
         default=os.environ.get("PLLM_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PLLM_API_KEY; none: open)",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PLLM_API_KEY; neither given: open; an empty key "
+        "is refused)",
     )
     p.add_argument(
         "--served-model-name",
+        type=model_name,
         nargs="+",
         default=None,
         help="model name(s) clients use; the first is reported (default: the source model's name)",
@@ -164,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="waiting requests beyond which new ones get 503 + Retry-After",
     )
-    p.add_argument("--max-body-bytes", type=parse_bytes, default=MAX_BODY_BYTES)
+    p.add_argument("--max-body-bytes", type=positive_bytes, default=MAX_BODY_BYTES)
     p.add_argument(
         "--request-header-timeout",
         type=positive_seconds,
@@ -194,15 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=non_negative_seconds,
         default=30.0,
         help="on SIGTERM, seconds to let running requests finish before aborting them",
     )
-    p.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    p.add_argument("--log-stats-interval", type=positive_seconds, default=10.0, help="seconds between stats lines")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-access-log", action="store_true")
     p.add_argument("--version", action="version", version=f"pllm {__version__}")
     return p
+
+
+def address(host: str, port: int) -> str:
+    """host:port as a URL writes it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def default_model_name(build_dir: str) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import uvicorn
 
 from pllm.runtime.server.async_engine import AsyncEngine
+from pllm.runtime.server.cli_args import address
 from pllm.runtime.worker.startup_timing import Stage, mark
 
 logger = logging.getLogger("pllm.server")
@@ -17,16 +19,21 @@ ENGINE_WATCH_INTERVAL_S = 0.25  # how often the server looks whether its engine 
 DEAD_ENGINE_EXIT_DELAY_S = 2.0  # seconds /health answers 503 after the engine died, before the server exits
 
 
+def bound_url(host: str, sock: socket.socket) -> str:
+    """The address a listening socket serves, as a client would write it: the host as given, the port bound."""
+    return f"http://{address(host, sock.getsockname()[1])}"
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains (new requests 503, running ones finish) before exiting; a second
     cuts the drain short (the running requests end with finish_reason abort, as at the drain's timeout), a third
     stops at once."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float, url: str):
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout_s: float):
         super().__init__(config)
         self.engine = engine
         self.shutdown_timeout_s = shutdown_timeout_s
-        self.url = url
+        self.url = ""  # http://host:port, the port the socket is bound to (--port 0: the one the system chose)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
@@ -37,6 +44,7 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         if self.started:
             mark(Stage.BIND)
+            self.url = bound_url(self.config.host, self.servers[0].sockets[0])
             print(f"pllm-serve: ready at {self.url} (OpenAI API under {self.url}/v1)", flush=True)
             self._watch_task = asyncio.ensure_future(self._watch_engine())
 

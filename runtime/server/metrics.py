@@ -8,6 +8,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pllm.runtime.engine.kv_cache import PrefixCacheStats
 from pllm.runtime.engine.outputs import EngineSnapshot
 
 logger = logging.getLogger("pllm.server")
@@ -23,6 +24,9 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 # its default configuration balances pllm pods as it does vLLM ones; the `pllm:` series stay for dashboards.
 GATEWAY_METRIC_PREFIX = "vllm"
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+# A new engine's counters, before its first step: the first snapshot's counts are all deltas from here.
+START = EngineSnapshot(num_running=0, num_waiting=0, num_running_seqs=0, max_num_seqs=0, kv_cache_usage=0.0,
+                       num_generation_tokens=0, num_preemptions=0, prefix_cache=PrefixCacheStats())
 
 
 class ServerMetrics:
@@ -52,8 +56,11 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.num_preemptions = counter("num_preemptions", "Preemptions (recompute) of running sequences.")
-        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        # vLLM's: first admissions only; a request readmitted after preemption re-finding its own blocks is not a hit
+        self.prefix_cache_queries = counter("prefix_cache_queries",
+                                            "Tokens of newly admitted requests looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits",
+                                         "Tokens of newly admitted requests served from the prefix cache.")
         self.spec_decode_num_drafts = counter("spec_decode_num_drafts", "Speculative verify steps of a sequence.")
         self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative tokens guessed.")
         self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
@@ -68,13 +75,13 @@ class ServerMetrics:
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between outputs.", ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
-        self._last: EngineSnapshot | None = None
+        self._last = START  # the snapshot the counters stand at: the first step's counts are counted too
         self._num_prompt_tokens = 0  # cumulative, for the stats log
         self._log_time = time.monotonic()
         self._log_prompt_tokens = 0
         self._log_generation_tokens = 0
         self._log_spec = (0, 0, 0)  # drafts, draft tokens, accepted tokens at the last stats line
-        self._logged_idle = False
+        self._logged_idle = True  # idle since start: nothing to say until the first request
 
     # -- updates (engine thread) -----------------------------------------------------------------
     def update(self, snap: EngineSnapshot) -> None:
@@ -86,16 +93,15 @@ class ServerMetrics:
         self.gateway_requests_waiting.set(snap.num_waiting)
         self.gateway_kv_cache_usage.set(snap.kv_cache_usage)
         last = self._last
-        if last is not None:
-            self.generation_tokens.inc(max(0, snap.num_generation_tokens - last.num_generation_tokens))
-            self.num_preemptions.inc(max(0, snap.num_preemptions - last.num_preemptions))
-            self.prefix_cache_queries.inc(max(0, snap.num_prefix_queries - last.num_prefix_queries))
-            self.prefix_cache_hits.inc(max(0, snap.num_prefix_hits - last.num_prefix_hits))
-            self.spec_decode_num_drafts.inc(max(0, snap.spec_decode_num_drafts - last.spec_decode_num_drafts))
-            self.spec_decode_num_draft_tokens.inc(
-                max(0, snap.spec_decode_num_draft_tokens - last.spec_decode_num_draft_tokens))
-            self.spec_decode_num_accepted_tokens.inc(
-                max(0, snap.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens))
+        self.generation_tokens.inc(max(0, snap.num_generation_tokens - last.num_generation_tokens))
+        self.num_preemptions.inc(max(0, snap.num_preemptions - last.num_preemptions))
+        self.prefix_cache_queries.inc(max(0, snap.prefix_cache.queries - last.prefix_cache.queries))
+        self.prefix_cache_hits.inc(max(0, snap.prefix_cache.hits - last.prefix_cache.hits))
+        self.spec_decode_num_drafts.inc(max(0, snap.spec_decode_num_drafts - last.spec_decode_num_drafts))
+        self.spec_decode_num_draft_tokens.inc(
+            max(0, snap.spec_decode_num_draft_tokens - last.spec_decode_num_draft_tokens))
+        self.spec_decode_num_accepted_tokens.inc(
+            max(0, snap.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens))
         self._last = snap
 
     def observe_first_token(self, num_prompt_tokens: int, ttft_s: float) -> None:
@@ -115,8 +121,6 @@ class ServerMetrics:
         """vLLM's periodic line; an idle server logs once and then stays quiet."""
         now = time.monotonic() if now is None else now
         snap = self._last
-        if snap is None:
-            return
         elapsed = max(now - self._log_time, 1e-9)
         prompt = self._num_prompt_tokens - self._log_prompt_tokens
         generation = snap.num_generation_tokens - self._log_generation_tokens
@@ -126,7 +130,8 @@ class ServerMetrics:
         if idle and self._logged_idle:
             return
         self._logged_idle = idle
-        hit_rate = snap.num_prefix_hits / snap.num_prefix_queries if snap.num_prefix_queries else 0.0
+        prefix = snap.prefix_cache
+        hit_rate = prefix.hits / prefix.queries if prefix.queries else 0.0
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
             "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pllm.runtime.engine.kv_cache import KVCacheManager, PrefixHit
+from pllm.runtime.engine.kv_cache import KVCacheManager, PrefixCacheStats, PrefixHit
 from pllm.runtime.engine.request import Request
 from pllm.runtime.engine.sampling_params import SamplingParams
 
@@ -83,6 +83,25 @@ def test_repeated_prompt_hits_full_blocks_only_after_compute() -> None:
     kv.free(a)
     kv.free(b)
     assert kv.num_free_blocks == 16
+
+
+def test_a_readmission_after_preemption_is_counted_apart_from_prefix_queries_and_hits() -> None:
+    """As vLLM's PrefixCacheStats: a preempted request re-finding its own blocks is no prefix sharing, so it goes to
+    preempted_*, never to the queries and hits the prefix_cache metrics and the hit rate read."""
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    a = make_request("a", list(range(10)))
+    admit(kv, a)
+    compute(kv, a, 10)
+    kv.free(a)  # what the scheduler's preemption does
+    a.num_computed_tokens, a.num_preemptions = 0, 1
+    assert admit(kv, a).num_tokens == 8  # its own two full blocks, still cached
+    assert kv.prefix_cache_stats == PrefixCacheStats(requests=1, queries=10, hits=0, preempted_requests=1,
+                                                     preempted_queries=10, preempted_hits=8)
+    assert kv.num_prefix_queries == 10 and kv.num_prefix_hits == 0
+    b = make_request("b", list(range(10)))  # a new request sharing the prefix: a real hit
+    admit(kv, b)
+    assert (kv.num_prefix_queries, kv.num_prefix_hits) == (20, 8)
+    assert kv.prefix_cache_stats + kv.prefix_cache_stats == PrefixCacheStats(4, 40, 16, 2, 20, 16)
 
 
 def test_fully_cached_prompt_leaves_one_block_to_compute() -> None:

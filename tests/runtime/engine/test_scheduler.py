@@ -152,6 +152,20 @@ def test_preemption_under_a_tiny_pool_finishes_everything_correctly() -> None:
     assert kv.num_free_blocks == kv.num_blocks
 
 
+def test_preemption_does_not_inflate_prefix_cache_hits() -> None:
+    """Prompts sharing nothing, in a pool too small for them all: every readmission re-finds the request's own
+    blocks, which vLLM counts apart (preempted_*); the prefix queries are the prompts' tokens, once, and no hit."""
+    kv, sched, runner = make(num_blocks=9, block_size=2, max_num_batched_tokens=16)
+    reqs = [make_request(f"r{i}", [i + 1, i + 1, 6, 5], max_tokens=8, ignore_eos=True) for i in range(6)]
+    for r in reqs:
+        sched.add_request(r)
+    run_all(sched, runner)
+    stats = kv.prefix_cache_stats
+    assert sched.num_preemptions > 0 and stats.preempted_requests == sched.num_preemptions
+    assert stats.preempted_hits > 0  # readmissions did hit their own blocks
+    assert (stats.requests, stats.queries, stats.hits) == (6, 24, 0)
+
+
 def test_preempted_request_goes_back_to_the_front_of_the_queue() -> None:
     _, sched, runner = make(num_blocks=4, block_size=2, max_num_seqs=2)
     a, b, c = (make_request(x, [1, 2, 3], max_tokens=5, ignore_eos=True) for x in "abc")

@@ -1,0 +1,53 @@
+"""ServerMetrics over engine snapshots: every step counted, the first after start-up too; readmissions after
+preemption kept out of the prefix-cache series (vLLM's PrefixCacheStats)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from pllm.runtime.engine.kv_cache import PrefixCacheStats
+from pllm.runtime.server.metrics import START, ServerMetrics
+
+
+def value(metrics: ServerMetrics, name: str) -> float:
+    return metrics.registry.get_sample_value(f"pllm:{name}_total", {"model_name": "m"})
+
+
+def test_the_first_step_after_start_up_is_counted() -> None:
+    metrics = ServerMetrics("m")
+    first = dataclasses.replace(
+        START, num_running=1, max_num_seqs=8, num_generation_tokens=1, num_preemptions=1,
+        prefix_cache=PrefixCacheStats(requests=1, queries=5, hits=4),
+        spec_decode_num_drafts=1, spec_decode_num_draft_tokens=3, spec_decode_num_accepted_tokens=2,
+    )  # fmt: skip
+    metrics.update(first)
+    counts = {name: value(metrics, name) for name in (
+        "generation_tokens", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits",
+        "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")}  # fmt: skip
+    assert counts == {
+        "generation_tokens": 1, "num_preemptions": 1, "prefix_cache_queries": 5, "prefix_cache_hits": 4,
+        "spec_decode_num_drafts": 1, "spec_decode_num_draft_tokens": 3, "spec_decode_num_accepted_tokens": 2,
+    }  # fmt: skip
+    metrics.update(dataclasses.replace(first, num_generation_tokens=3))
+    assert value(metrics, "generation_tokens") == 3 and value(metrics, "prefix_cache_queries") == 5
+
+
+def test_readmissions_after_preemption_are_no_prefix_queries_or_hits(caplog) -> None:
+    metrics = ServerMetrics("m")
+    stats = PrefixCacheStats(requests=4, queries=40, hits=0, preempted_requests=9, preempted_queries=90,
+                             preempted_hits=72)
+    metrics.update(dataclasses.replace(START, num_running=4, prefix_cache=stats))
+    assert value(metrics, "prefix_cache_queries") == 40 and value(metrics, "prefix_cache_hits") == 0
+    with caplog.at_level(logging.INFO, logger="pllm.server"):
+        metrics.log_stats()
+    assert "Prefix cache hit rate: 0.0%" in caplog.text
+
+
+def test_an_idle_server_logs_no_stats_line_before_its_first_request(caplog) -> None:
+    metrics = ServerMetrics("m")
+    with caplog.at_level(logging.INFO, logger="pllm.server"):
+        metrics.log_stats()
+        metrics.update(START)
+        metrics.log_stats()
+    assert "Avg prompt throughput" not in caplog.text
