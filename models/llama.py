@@ -55,6 +55,11 @@ def llama_spec(config: dict, source: str, rules: ConfigRules) -> ModelSpec:
             f"{source}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv})"
         )
     head_dim = config.get("head_dim", rules.default_head_dim)
+    if head_dim is None and "head_dim" in config and rules.default_head_dim is not None:
+        # Qwen3Config's head_dim is a plain int (default 128): transformers refuses a null one; the other families'
+        # configs read a null as "derive it"
+        raise ConfigError(f"{source}: key 'head_dim' is null; {rules.model_type} needs an integer (leave the key out "
+                          f"for its default {rules.default_head_dim})")
     if head_dim is None:
         if hidden % num_heads:
             raise ConfigError(

@@ -183,3 +183,14 @@ def test_nulls_transformers_reads_as_absent_keep_working(config):
     head_dim = getattr(want, "head_dim", want.hidden_size // want.num_attention_heads)  # Qwen2Config has none
     assert (spec.num_key_value_heads, spec.head_dim) == (want.num_key_value_heads, head_dim)
     assert spec.rms_norm_eps == want.rms_norm_eps and spec.rope_scaling is None
+
+
+def test_a_null_head_dim_is_derived_where_transformers_derives_it_and_refused_for_qwen3():
+    for model_type in ("llama", "mistral", "qwen2"):
+        config = {**LLAMA, "model_type": model_type, "head_dim": None}
+        assert spec_from_config(config).head_dim == 16
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="head_dim"):  # transformers' own refusal
+        hf_config({**LLAMA, "model_type": "qwen3", "head_dim": None})
+    refused({**LLAMA, "model_type": "qwen3", "head_dim": None}, "'head_dim'", "null", "qwen3")
