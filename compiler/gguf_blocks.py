@@ -101,6 +101,20 @@ def unpermute_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, dim, 2).transpose(1, 2).reshape(rows)
 
 
+# a decoder layer's matrices, by their Hugging Face names within the layer
+LAYER_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj")
+
+
+def _fused_layer_matrices() -> dict[Any, tuple[str, ...]]:
+    """GGUF architectures whose files store Hugging Face's fused matrices as they are: phi3's attn_qkv is qkv_proj
+    (q, k, v rows; llama.cpp's Phi3 converter permutes no rows) and its ffn_up is gate_up_proj (gate rows then up),
+    which gguf's name map would otherwise give mlp.up_proj's name."""
+    from gguf import MODEL_ARCH
+
+    return {MODEL_ARCH.PHI3: ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+
+
 # the matrices read as blocks besides the layers': the output matrix and the token embedding, which is the output
 # matrix of a file without one (tied); the embedding itself is always built float (compiler/lm_head.py)
 OUTPUT_MATRICES = ("model.embed_tokens", "lm_head")
@@ -108,8 +122,8 @@ OUTPUT_MATRICES = ("model.embed_tokens", "lm_head")
 
 def read_kept_blocks(reader: Any, config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
     """Every decoder-layer matrix of the file (reader: its gguf GGUFReader) in a kept type, and its output matrix and
-    token embedding, under their Hugging Face names (q/k rows unpermuted as transformers does for llama files); and
-    every other one's type, by HF name."""
+    token embedding, under their Hugging Face names (q/k rows unpermuted as transformers does for llama files; phi3's
+    fused qkv_proj and gate_up_proj whole); and every other one's type, by HF name."""
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
     field = reader.fields["general.architecture"]
@@ -119,9 +133,8 @@ def read_kept_blocks(reader: Any, config: dict) -> tuple[dict[str, QuantizedWeig
     names = get_tensor_name_map(arch, n_layers) if arch is not None else None
     gguf_to_hf = {}
     if names is not None:
-        hf_bases = [f"model.layers.{i}.{m}" for i in range(n_layers) for m in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")]
+        matrices = _fused_layer_matrices().get(arch, LAYER_MATRICES)
+        hf_bases = [f"model.layers.{i}.{m}" for i in range(n_layers) for m in matrices]
         for hf in (*hf_bases, *OUTPUT_MATRICES):
             gguf_name = names.get_name(hf)
             if gguf_name is not None:

@@ -6,7 +6,9 @@ vocabulary entries and merges, one numpy view per field part), most of a compile
 to the model's, it also builds gguf's TensorNameMap once per submodule (~400 times, ~14 ms each). Inside
 `parsed_once()`, gguf.GGUFReader gives one reader per file and gguf.get_tensor_name_map one map per (architecture,
 layer count): both are only read once made. transformers imports the two names from gguf when it calls them, so
-it gets these; were that to change, it would parse as before (slower, the same result).
+it gets these; were that to change, it would parse as before (slower, the same result). Each parse also leaves a
+small record of the file's RoPE settings (`file_rope_record`, for compiler/gguf_config.py), so reading them after the
+parse is gone costs no second parse.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ParsedGguf:
         key = (os.path.realpath(path), mode)
         if key not in self.readers:
             self.readers[key] = gguf.gguf_reader.GGUFReader(path, mode)
+            _remember(path, self.readers[key])
         return self.readers[key]
 
     def name_map(self, arch: Any, n_blocks: int) -> Any:
@@ -42,6 +45,62 @@ class ParsedGguf:
         if key not in self.name_maps:
             self.name_maps[key] = gguf.tensor_mapping.get_tensor_name_map(arch, n_blocks)
         return self.name_maps[key]
+
+
+@dataclass(frozen=True)
+class RopeRecord:
+    """What a GGUF file says of RoPE beside what transformers reads (compiler/gguf_config.py reads it): its
+    architecture, every `{arch}.rope.*` key's value and every `rope_*` tensor (its type name, shape and, when F32,
+    values). Small: recorded from each parse, so that reading it again after the parse is gone costs nothing."""
+
+    arch: str | None
+    fields: dict[str, Any]
+    tensors: dict[str, tuple[str, tuple[int, ...], Any]]
+
+
+def rope_record(reader: Any) -> RopeRecord:
+    import gguf
+    import numpy as np
+
+    arch_field = reader.fields.get("general.architecture")
+    arch = None if arch_field is None else arch_field.contents()
+    prefix = f"{arch}.rope."
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
+    tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape),
+                        np.array(t.data, dtype=np.float32).reshape(-1)
+                        if t.tensor_type == gguf.GGMLQuantizationType.F32 else None)
+               for t in reader.tensors if t.name.startswith("rope_")}
+    return RopeRecord(arch, fields, tensors)
+
+
+# the RoPE records of the files parsed last, by (real path, size, mtime): a few, as each is small
+_RECORDS: dict[tuple[str, int, int], RopeRecord] = {}
+_KEEP_RECORDS = 8
+
+
+def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def _remember(path: str | os.PathLike, reader: Any) -> None:
+    try:
+        key, record = _file_key(path), rope_record(reader)
+    except Exception:  # a file gguf parses but this cannot summarise: file_rope_record parses it again and says why
+        return
+    with _PATCHING:
+        _RECORDS.pop(key, None)
+        _RECORDS[key] = record
+        while len(_RECORDS) > _KEEP_RECORDS:
+            del _RECORDS[next(iter(_RECORDS))]
+
+
+def file_rope_record(path: str | os.PathLike) -> RopeRecord:
+    """The file's RoPE record: from its parse inside parsed_once when there was one, else from a parse now."""
+    import gguf
+
+    found = _RECORDS.get(_file_key(path))
+    return found if found is not None else rope_record(gguf.gguf_reader.GGUFReader(path, "r"))
 
 
 # held while the gguf package is patched: two threads' parsed_once would otherwise restore each other's functions

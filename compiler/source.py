@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pllm.compiler.gguf_reading import parsed_once
+from pllm.compiler.gguf_config import carried_settings
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
-from pllm.compiler.tokenizer_snapshot import write_tokenizer_snapshot
+from pllm.compiler.tokenizer_snapshot import SAMPLE_TEXT, encoding_problem, write_tokenizer_snapshot
 from pllm.models.quant import QuantizedWeight, as_asymmetric, half_if_exact
 
 DEFAULT_MODEL = "smollm2"
@@ -265,33 +265,27 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
 
 
 def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
-    """Dequantise a GGUF checkpoint to float through transformers, which also undoes llama.cpp's q/k permutation."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Dequantise a GGUF checkpoint to float through transformers, which also undoes llama.cpp's q/k permutation;
+    config, tokenizer and tensors from the file alone (compiler/gguf_source.py)."""
+    from pllm.compiler.gguf_source import keep_saved_tokenizer_faithful, read_gguf
 
-    folder, file = str(path.parent), path.name
-    try:
-        with parsed_once() as parsed:  # transformers opens the file four times: parsed once
-            config = AutoConfig.from_pretrained(folder, gguf_file=file)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-            reader = parsed.reader(path) if keeps_blocks else None
-    except Exception as e:
-        raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
     scratch_parent = Path(tempfile.gettempdir())
     remove_stale_scratch(scratch_parent, scratch_pattern(GGUF_SCRATCH))
     tmp = make_scratch_dir(scratch_parent, GGUF_SCRATCH)
     try:
+        config, tokenizer, state, generation_config, reader = read_gguf(path, tmp, keeps_blocks)
         tokenizer.save_pretrained(str(tmp))
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(str(tmp))
+        keep_saved_tokenizer_faithful(tokenizer, tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(str(tmp))
     except BaseException:
         remove_scratch_dir(tmp)
         raise
-    config_dict = config.to_dict()
+    config_dict = carried_settings(path, config.to_dict())  # what transformers' reader drops (RoPE settings)
     config_dict.setdefault("torch_dtype", "float32")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if config_dict.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
+    file = path.name
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
                        reader)
@@ -323,4 +317,8 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
     except Exception as e:  # tokenizers and transformers raise many types for a bad file; all mean "cannot serve"
         files = ", ".join(str(source.tokenizer_dir / f) for f in copied)
         raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
-    return copied + write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers
+    written = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers
+    if (problem := encoding_problem(tokenizer, out_dir, written)) is not None:
+        where = source.path if source.is_gguf else ", ".join(str(source.tokenizer_dir / f) for f in copied)
+        raise ModelSourceError(f"tokenizer in {where} loads but cannot encode {SAMPLE_TEXT!r} ({problem})")
+    return copied + written

@@ -7,7 +7,8 @@ it; here it also records the result: the `tokenizers` backend exactly as transfo
 its own), and the few facts transformers keeps beside it (special tokens, chat template, whether decode cleans up
 spaces). The runtime's runtime/worker/fast_tokenizer.py serves from these files with the `tokenizers` library alone.
 A tokenizer without a `tokenizers` backend (a slow, sentencepiece-only one) or with several named chat templates gets
-no snapshot, and serving loads it through transformers as before.
+no snapshot, and serving loads it through transformers as before. Either way the compile encodes a sample text with
+the tokenizer as serving will load it (encoding_problem): one that loads but cannot encode is refused.
 """
 
 from __future__ import annotations
@@ -48,3 +49,21 @@ def write_tokenizer_snapshot(tokenizer, out_dir: Path) -> list[str]:
                                               encoding="utf-8")
     (out_dir / TOKENIZER_BACKEND).write_text(tokenizer.backend_tokenizer.to_str(), encoding="utf-8")
     return [TOKENIZER_SNAPSHOT, TOKENIZER_BACKEND]
+
+
+SAMPLE_TEXT = "Hello, world! 123"
+
+
+def encoding_problem(tokenizer, out_dir: Path, written: list[str]) -> str | None:
+    """Why the build's tokenizer cannot encode a sample text, loaded as serving will (the snapshot's backend where
+    one was written, else the transformers tokenizer), or None when it can."""
+    try:
+        if TOKENIZER_BACKEND in written:
+            from tokenizers import Tokenizer
+
+            ids = Tokenizer.from_str((out_dir / TOKENIZER_BACKEND).read_text(encoding="utf-8")).encode(SAMPLE_TEXT).ids
+        else:
+            ids = tokenizer(SAMPLE_TEXT)["input_ids"]
+    except Exception as e:  # tokenizers raises its own Exception type; all mean "cannot serve"
+        return f"{type(e).__name__}: {e}"
+    return None if ids else "it encodes text to no tokens"

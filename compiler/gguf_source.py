@@ -1,0 +1,177 @@
+"""A .gguf file read through transformers from the file alone, refusing what transformers cannot read faithfully.
+
+transformers' GGUF reader takes a folder and a file name, and prefers what the folder holds beside the file (a
+tokenizer.json there wins over the file's own vocabulary, chat template and special tokens): it is given a private
+folder holding only a link to the file. It fills a tensor it cannot place with the model's random initialisation
+and says so only in a log, and it sizes a model from defaults where the file's settings have no mapping (qwen3's
+head_dim, qwen3_moe's expert width): every such tensor is refused here, by name. It reads qwen3_moe's experts fused
+(experts.gate_up_proj, experts.down_proj), which are split into the per-expert names a saved folder holds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pllm.compiler.gguf_reading import parsed_once
+from pllm.compiler.source import ModelSourceError
+
+# GGUF general.architecture -> the model type transformers reads it as, for the families pllm has
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                 "phi3": "phi3", "gemma3": "gemma3_text"}
+MOE_ARCHITECTURES = ("qwen3moe",)  # the others read as dense models, whatever experts the file holds
+KEPT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # the types --quantization gguf keeps (compiler/gguf_blocks.py)
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+# a file's setting that transformers' reader does not read for the architecture -> the config key it defaults instead
+SIZE_SETTINGS = (("attention.key_length", "head_dim"), ("expert_feed_forward_length", "moe_intermediate_size"),
+                 ("feed_forward_length", "intermediate_size"), ("embedding_length", "hidden_size"))
+FUSED_EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.)(gate_up_proj|down_proj)")
+
+
+def field_value(reader: Any, key: str) -> Any:
+    """A metadata value of the file (a string, a number), or None when the file lacks it."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    part = field.parts[field.data[0]]
+    return bytes(part).decode("utf-8", "replace") if field.types and field.types[0].name == "STRING" else part[0].item()
+
+
+def check_file(path: Path, reader: Any, keeps_blocks: bool) -> str:
+    """Refuse, before transformers reads it, a file pllm cannot build; its architecture."""
+    if (count := field_value(reader, "split.count")) is not None and count > 1:
+        raise ModelSourceError(f"{path}: one shard of a split GGUF ({count} files; transformers reads one file): "
+                               "merge them first (llama-gguf-split --merge)")
+    arch = field_value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelSourceError(f"{path}: GGUF architecture {arch!r} is not supported (pllm reads GGUF files of "
+                               f"{', '.join(ARCHITECTURES)})")
+    experts = field_value(reader, f"{arch}.expert_count")
+    if experts and arch not in MOE_ARCHITECTURES:
+        raise ModelSourceError(f"{path}: a mixture of {experts} experts in a {arch!r} GGUF (llama.cpp's mixtral), "
+                               f"which transformers reads as a dense {ARCHITECTURES[arch]} without its experts; "
+                               "compile the Hugging Face folder instead")
+    if keeps_blocks:
+        types = {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) >= 2}
+        if not types & set(KEPT_TYPES):
+            raise ModelSourceError(f"{path}: --quantization gguf keeps {'/'.join(KEPT_TYPES)} blocks, but the file's "
+                                   f"layer matrices are {', '.join(sorted(types)) or 'absent'}; use --quantization "
+                                   "int8, int4 or int4_sym, or none")
+    return arch
+
+
+def check_loading(path: Path, arch: str, reader: Any, config: Any, info: dict) -> None:
+    """Refuse the tensors transformers left at their random initialisation or could not fit, naming them."""
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, in_file, in_model = mismatched[0]
+        why = ""
+        for key, attr in SIZE_SETTINGS:
+            stored, built = field_value(reader, f"{arch}.{key}"), getattr(config, attr, None)
+            if stored is not None and built is not None and stored != built:
+                why = (f": the file's {arch}.{key} is {stored} but transformers' GGUF reader builds {attr} {built} "
+                       "(a default it does not take from the file)")
+                break
+        raise ModelSourceError(f"{path}: tensor '{name}' is {tuple(in_file)} in the file but {tuple(in_model)} in the "
+                               f"model transformers builds ({len(mismatched)} tensors do not fit){why}")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(f"'{k}'" for k in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ModelSourceError(f"{path}: transformers' GGUF reader finds no values for {len(missing)} tensors of the "
+                               f"{config.model_type} model ({shown}); refusing to build them from random values")
+
+
+def split_experts(path: Path, state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """transformers' fused expert tensors ([E, 2I, H] gate rows first, [E, H, I]) as the per-expert tensors of a saved
+    folder (experts.N.gate_proj.weight [I, H], up_proj [I, H], down_proj [H, I])."""
+    out = {}
+    for name, tensor in state.items():
+        m = FUSED_EXPERTS.fullmatch(name)
+        if m is None:
+            out[name] = tensor
+            continue
+        n, inter, hidden = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        gate_up = m[2] == "gate_up_proj"
+        expected = (n, 2 * inter, hidden) if gate_up else (n, hidden, inter)
+        if tuple(tensor.shape) != expected:
+            raise ModelSourceError(f"{path}: tensor '{name}' is {tuple(tensor.shape)}, expected {expected} from "
+                                   "num_experts, moe_intermediate_size and hidden_size")
+        for e in range(n):
+            base = f"{m[1]}{e}."
+            if gate_up:
+                out[base + "gate_proj.weight"] = tensor[e, :inter].contiguous()
+                out[base + "up_proj.weight"] = tensor[e, inter:].contiguous()
+            else:
+                out[base + "down_proj.weight"] = tensor[e].contiguous()
+    return out
+
+
+def read_gguf(path: Path, scratch: Path, keeps_blocks: bool) -> tuple[Any, Any, dict[str, torch.Tensor], Any, Any]:
+    """The file's config, tokenizer, tensors by HF name and generation config, read by transformers from a folder
+    under `scratch` holding only a link to it; and its one parse when keeps_blocks (for its kept blocks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if m := SPLIT_NAME.search(path.name):
+        if int(m[2]) > 1:
+            raise ModelSourceError(f"{path}: shard {int(m[1])} of a split GGUF ({int(m[2])} files; transformers reads "
+                                   "one file): merge them first (llama-gguf-split --merge)")
+    alone = scratch / "gguf"
+    alone.mkdir()
+    (alone / path.name).symlink_to(path.resolve())
+    folder, file = str(alone), path.name
+    try:
+        with parsed_once() as parsed:  # transformers opens the file four times: parsed once
+            try:
+                reader = parsed.reader(path)
+            except Exception as e:
+                raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
+            arch = check_file(path, reader, keeps_blocks)
+            try:
+                config = AutoConfig.from_pretrained(folder, gguf_file=file)
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+                model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32,
+                                                                   output_loading_info=True,
+                                                                   ignore_mismatched_sizes=True)
+            except Exception as e:
+                raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
+            check_loading(path, arch, reader, config, info)
+    finally:
+        shutil.rmtree(alone, ignore_errors=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if any(FUSED_EXPERTS.fullmatch(k) for k in state):
+        state = split_experts(path, state, config)
+    return config, tokenizer, state, model.generation_config, reader if keeps_blocks else None
+
+
+def keep_saved_tokenizer_faithful(tokenizer: Any, folder: Path) -> None:
+    """The tokenizer transformers read from the file, saved into `folder`, reloads there as its class (a gemma3
+    file's GemmaTokenizer) which rebuilds the pipeline from the vocabulary: where that one encodes a sample otherwise
+    than the file's (a GPT-2 BPE vocabulary: no unknown token, no byte-level split), the saved pipeline is loaded as
+    it is (tokenizer_class TokenizersBackend) when that one encodes as the file's; else compile's encoding check
+    refuses it."""
+    from transformers import AutoTokenizer
+
+    from pllm.compiler.tokenizer_snapshot import SAMPLE_TEXT
+
+    def encodes(tok: Any) -> Any:
+        try:
+            return tok(SAMPLE_TEXT)["input_ids"]
+        except Exception as e:  # tokenizers raises a bare Exception for an unknown token missing from the vocabulary
+            return e
+
+    expected, config_file = encodes(tokenizer), folder / "tokenizer_config.json"
+    if isinstance(expected, Exception) or not config_file.is_file() or encodes(
+            AutoTokenizer.from_pretrained(str(folder))) == expected:
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    saved = config.get("tokenizer_class")
+    config["tokenizer_class"] = "TokenizersBackend"
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    if encodes(AutoTokenizer.from_pretrained(str(folder))) != expected:
+        config["tokenizer_class"] = saved
+        config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
