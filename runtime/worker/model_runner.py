@@ -77,6 +77,7 @@ class ModelRunner:
         file, its device that rank's, its model's collectives go through shard.comm. resident: the weights file
         already read into memory (loader.load_weights uses it on the cpu)."""
         self.shard = shard
+        self._threads_before: int | None = None  # torch's thread count before config.num_threads set it (close)
         self.spec = build.rank_spec  # the whole model's, or one rank's share of a split build
         self.block_size = build.block_size
         self.ops, self.device, self.backend = select_backend(config.backend, build, config.huge_pages)
@@ -84,6 +85,7 @@ class ModelRunner:
             self.device = shard.device
         mark(Stage.KERNELS)
         if self.device.type == "cpu" and config.num_threads:
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(config.num_threads)
         self.dtype = getattr(torch, build.dtype)
         if config.huge_pages and self.device.type != "cpu":
@@ -301,7 +303,12 @@ class ModelRunner:
 
 
     def close(self) -> None:
-        """Nothing to stop for a single process (a tensor-parallel runner stops its workers)."""
+        """Give the process back torch's thread count as it was before num_threads set it (torch's setting is the
+        process's: an engine started later, say one rank instead of two, would otherwise inherit this one's share).
+        Nothing else to stop for a single process (a tensor-parallel runner stops its workers)."""
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def check(self) -> None:
         """Nothing can have died beside a single process (a tensor-parallel runner checks its workers)."""

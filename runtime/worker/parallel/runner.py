@@ -205,6 +205,10 @@ class ParallelRunner:
         logger.error("pllm: %s", self.failure)
 
     def close(self) -> None:
-        """Stop the workers (STOP, then kill what has not exited) and leave the process group."""
+        """Stop the workers (STOP, then kill what has not exited), leave the process group, and give the process back
+        its torch thread count (ModelRunner.close)."""
         self._finalizer()
         atexit.unregister(self._finalizer)
+        local = getattr(self, "local", None)  # absent when the start failed before rank 0's runner was made
+        if local is not None:
+            local.close()

@@ -134,9 +134,14 @@ def test_an_engine_uses_omp_num_threads_not_the_core_count(tiny_tp_build, monkey
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # as Ray sets it from an actor's CPUs
     before = torch.get_num_threads()
+    torch.set_num_threads(3)
     try:
         with LLM(str(tiny_tp_build("llama", 2)), backend="cpu", tensor_parallel_size=2):
             assert torch.get_num_threads() == 1  # rank 0's half of 2, not 64 // 2
+        assert torch.get_num_threads() == 3  # close() gives the process its count back, for the next engine
+        with LLM(str(tiny_tp_build("llama", 1)), backend="cpu", num_threads=2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3  # a single process's engine alike
     finally:
         torch.set_num_threads(before)
 
