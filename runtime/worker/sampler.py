@@ -293,14 +293,12 @@ class Sampler:
         A seeded row's uniform is seeded_uniform(seed, draw_index), so its token does not depend on other rows.
         """
         device = probs.device
-        uniform = torch.empty(len(requests), 1)  # [num_rows, 1], filled on the CPU, moved once
-        shared_rows = []
-        for j, req in enumerate(requests):
-            if req.params.seed is None:
-                shared_rows.append(j)
-            else:
-                uniform[j] = seeded_uniform(req.params.seed, req.draw_index)
-        uniform = uniform.to(device, non_blocking=True)
+        uniform = torch.empty(len(requests), 1, device=device)  # [num_rows, 1]
+        seeded_rows = [j for j, req in enumerate(requests) if req.params.seed is not None]
+        shared_rows = [j for j, req in enumerate(requests) if req.params.seed is None]
+        if seeded_rows:  # computed on the host, moved in one copy (none at all for a step without seeds)
+            values = [seeded_uniform(requests[j].params.seed, requests[j].draw_index) for j in seeded_rows]
+            uniform[seeded_rows] = torch.tensor(values).unsqueeze(1).to(device)
         if shared_rows:
             uniform[shared_rows] = torch.rand(len(shared_rows), 1, generator=self._shared_generator(device),
                                               device=device)
