@@ -1,6 +1,6 @@
 """Batch-1 decode of several builds of one model, taking turns in one process: which build decodes faster.
 
-    chrt -r 10 python tools/bench_builds_decode.py BUILD_A BUILD_B [BUILD ...] [--rounds 12] [--steps 32]
+    chrt -r 10 python tools/bench_builds_decode.py BUILD_A BUILD_B [BUILD ...] [--rounds 12] [--steps 32] [--batch 1]
 
 Each build is loaded once (LLM, cpu backend) and warmed up; then, round after round, each decodes `--steps` steps of
 one fresh request after a DECODE_CONTEXT-token prompt, so minute-to-minute drift in this machine's memory bandwidth
@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("builds", nargs="+", type=Path)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1); rates are tokens/s")
     args = p.parse_args(argv)
     if len(args.builds) < 2:
         p.error("give two builds or more: the first is the baseline of the ratios")
@@ -44,16 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     rates: list[list[float]] = [[] for _ in llms]
     try:
         for llm in llms:  # warm-up: packed weights, kernels, first steps
-            time_decode_steps(llm, 1, DECODE_CONTEXT, {"w": lambda: None}, rounds=1, steps=4)
+            time_decode_steps(llm, args.batch, DECODE_CONTEXT, {"w": lambda: None}, rounds=1, steps=4)
         for r in range(args.rounds):
             for i, llm in enumerate(llms):
-                steps, _ = time_decode_steps(llm, 1, DECODE_CONTEXT, {"b": lambda: None}, rounds=1, steps=args.steps)
-                rates[i].append(1.0 / steps["b"][0])
+                steps, _ = time_decode_steps(llm, args.batch, DECODE_CONTEXT, {"b": lambda: None}, rounds=1,
+                                             steps=args.steps)
+                rates[i].append(args.batch / steps["b"][0])
             print(f"round {r + 1}: " + "  ".join(f"{rs[-1]:.1f}" for rs in rates), flush=True)
     finally:
         del llms
         gc.collect()
-    print(f"\nbatch-1 decode tok/s, {args.rounds} rounds of {args.steps} steps, builds taking turns")
+    print(f"\nbatch-{args.batch} decode tok/s, {args.rounds} rounds of {args.steps} steps, builds taking turns")
     for i, (build, rs) in enumerate(zip(args.builds, rates)):
         line = f"{str(build):50s} best {max(rs):7.1f}  median {statistics.median(rs):7.1f}"
         if i:

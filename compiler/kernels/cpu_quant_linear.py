@@ -26,8 +26,14 @@ PREFETCH_BYTES = 16384
 # the AVX512-VNNI panels (packed weights repacked 16 rows a panel, one stream of codes per panel): how far ahead they
 # request codes. A prototype of the INT4 panel loop on the 2-core Xeon VM, a 1B model's gate_up (11264 x 2048) in
 # copies over 600 MB: 16-17 GB/s with 4 KB ahead against 12.5-14 with none (1, 2 and 8 KB: 16-16.7); SmolLM2's
-# gate_up within the L3 (60 MB): level with none
-PANEL_PREFETCH_BYTES = 4096
+# gate_up within the L3 (60 MB): level with none. In the engine's step on the same VM, builds taking turns
+# (tools/bench_builds_decode.py), codes requested 768 bytes ahead into L1 and 4 KB ahead into L2 against 4 KB into
+# L1 alone: the 1.17B llama's INT8 batch-1 decode 1.04-1.06x, batch 4 1.13x, batch 16 1.07x; its INT4_SYM and
+# SmolLM2's INT8 and INT4_SYM level (1.00-1.01x). 768 into L1 alone: the 1.17B INT8 1.02-1.08x but SmolLM2's INT8,
+# half of it served from the L3, 0.94x (the far L2 request is what the L3's latency wants); 768 and 2 KB: the 1.17B
+# 1.08x, SmolLM2 0.94x; 768 and 8 KB: the 1.17B 0.99x; no prefetch at all: 0.98x
+PANEL_PREFETCH_BYTES = 768
+PANEL_PREFETCH_L2_BYTES = 4096
 # the AVX512-VNNI rows: rows sharing each chunk of a token's quantised activations; 4 rows x 4 tokens is 16
 # accumulators + 4 code vectors + 4 lane-scale vectors in AVX-512's 32 registers
 VNNI_ROW_TILE = 4
@@ -58,6 +64,7 @@ def supported(spec: ModelSpec, dtype: str) -> bool:
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
     return {"LANES": QUANT_LANES, "TOKEN_TILE": TOKEN_TILE, "ROW_TILE": ROW_TILE, "PREFETCH_BYTES": PREFETCH_BYTES,
             "PANEL_PREFETCH_BYTES": PANEL_PREFETCH_BYTES,
+            "PANEL_PREFETCH_L2_BYTES": PANEL_PREFETCH_L2_BYTES,
             "VNNI_ROW_TILE": VNNI_ROW_TILE, "VNNI_SEQUENTIAL_TOKENS": VNNI_SEQUENTIAL_TOKENS,
             "AVX2_INT_ROW_TILE": AVX2_INT_ROW_TILE, "AVX2_INT8_SEQUENTIAL_TOKENS": AVX2_INT8_SEQUENTIAL_TOKENS,
             "AVX2_INT4_SEQUENTIAL_TOKENS": AVX2_INT4_SEQUENTIAL_TOKENS, "QUANT_ROW_TILE": QUANT_ROW_TILE,
