@@ -113,6 +113,12 @@ async def _until_disconnect(raw: Request, stream: RequestStream, work) -> Respon
         stream.close()
 
 
+def _is_json_type(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON (application/json or application/*+json)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # Built from errors() (loc and msg only): str(exc) would echo the input, which may be huge.
     errors = exc.errors()
@@ -148,7 +154,13 @@ def create_app(
     app.state.embeddings = embedding_serving
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request, exc: RequestValidationError):
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if not _is_json_type(content_type):  # FastAPI read it as bytes or a form: no field can be named
+            got = f"got Content-Type {content_type[:100]!r}" if content_type else "no Content-Type was sent"
+            return error_response(
+                400, f"The body must be a JSON object sent with Content-Type: application/json ({got})."
+            )
         message, param = _validation_message(exc)
         return error_response(400, message, param)
 
@@ -215,8 +227,7 @@ def create_app(
         log_ignored(body)
         return await tokenize_serving.detokenize(body)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-    async def models():
+    def model_cards() -> list[ModelCard]:
         cards = [
             ModelCard(id=name, root=served_model_names[0], max_model_len=serving.max_model_len)
             for name in served_model_names
@@ -225,7 +236,19 @@ def create_app(
             ModelCard(id=name, root=lora.path, parent=served_model_names[0], max_model_len=serving.max_model_len)
             for name, lora in serving.loras.items()
         ]
-        return ModelList(data=cards)
+        return cards
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models():
+        return ModelList(data=model_cards())
+
+    # OpenAI's retrieve (the openai client's models.retrieve); a served name may hold a slash (org/model)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def model(model_id: str):
+        card = next((c for c in model_cards() if c.id == model_id), None)
+        if card is None:
+            raise EngineError(404, f"The model `{model_id[:256]}` does not exist.", param="model")
+        return card
 
     @app.get("/health", response_class=Response, responses={503: {"model": ErrorResponse}})
     async def health():

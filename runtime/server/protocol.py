@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pllm.runtime.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
@@ -44,11 +44,20 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 MIN_TOP_P = 1e-6
 
+
+def _not_bool(value):
+    """JSON true is not a number: a lax int or float would run it as 1 (OpenAI refuses it; so does this server)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
 # strict: JSON true, 1.0 and "101" are not token ids (a lax int would run them as 1, 1 and 101)
 TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]]
 Name = Annotated[str, Field(max_length=MAX_NAME_LEN)]
-BiasValue = Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]
+BiasValue = Annotated[float, NotBool, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]
 LogitBias = Annotated[dict[int, BiasValue], Field(max_length=MAX_LOGIT_BIAS)]
 
 
@@ -102,6 +111,12 @@ class StructuredOutputsRequest(OpenAIModel):
     json_object: bool | None = None
 
 
+NUMBER_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "seed", "n", "min_tokens", "max_tokens",
+)  # fmt: skip
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions: vLLM's names, OpenAI's defaults."""
 
@@ -133,11 +148,18 @@ class SamplingRequest(OpenAIModel):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
 
-    @model_validator(mode="after")
-    def _check_stream_options(self):
-        if self.stream_options is not None and not self.stream:
+    # numbers only: JSON true is not a count, a seed or a temperature
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _numbers_only(cls, value):
+        return _not_bool(value)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, opts: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if opts is not None and not info.data.get("stream", False):
             raise ValueError("stream_options can only be set when stream is true")
-        return self
+        return opts
 
     @property
     def structured_field(self) -> str:
@@ -198,14 +220,24 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = Field(None, max_length=0)  # not supported: only absent or empty passes
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
-    @model_validator(mode="after")
-    def _check_completion(self):
-        if self.best_of is not None and self.best_of != self.n:
+    @field_validator("max_tokens", "logprobs", "best_of", mode="before")
+    @classmethod
+    def _completion_numbers_only(cls, value):
+        return _not_bool(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt_count(cls, prompt):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+        return prompt
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n", 1):
             raise ValueError("best_of is not supported; leave it unset or equal to n")
-        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
-            if len(self.prompt) > MAX_PROMPTS:
-                raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(self.prompt)}")
-        return self
+        return best_of
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts, each a text or a list of token ids."""
@@ -219,6 +251,14 @@ class ContentPart(OpenAIModel):
     type: Name
     text: str | None = None
 
+    @model_validator(mode="after")
+    def _check_part(self):
+        if self.type != "text":
+            raise ValueError(f"content part type {self.type[:40]!r} is not supported (only 'text')")
+        if self.text is None:
+            raise ValueError("a content part of type 'text' needs its text: text is required")
+        return self
+
 
 class ChatMessage(OpenAIModel):
     role: Annotated[str, Field(min_length=1, max_length=64)]
@@ -231,12 +271,7 @@ class ChatMessage(OpenAIModel):
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"messages: content part type {part.type[:40]!r} is not supported (only 'text')")
-            parts.append(part.text)
-        return "".join(parts)
+        return "".join(part.text or "" for part in self.content)  # ContentPart admits text parts only
 
 
 # Keys of apply_chat_template's own parameters: a client must not reach them through chat_template_kwargs.
@@ -258,6 +293,36 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
     parallel_tool_calls: bool = True
 
+    @field_validator("top_logprobs", "max_completion_tokens", mode="before")
+    @classmethod
+    def _chat_numbers_only(cls, value):
+        return _not_bool(value)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs", False):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return top_logprobs
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _check_continue(cls, continue_final: bool, info: ValidationInfo) -> bool:
+        if continue_final and info.data.get("add_generation_prompt", False):
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true "
+                "(set add_generation_prompt to false)"
+            )
+        return continue_final
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = RESERVED_TEMPLATE_KWARGS & set(kwargs or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
+        return kwargs
+
     @field_validator("tools")
     @classmethod
     def _check_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
@@ -278,19 +343,6 @@ class ChatCompletionRequest(SamplingRequest):
     def _check_tool_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         check_tool_messages(messages)
         return messages
-
-    @model_validator(mode="after")
-    def _check_chat(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        reserved = RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {})
-        if reserved:
-            raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
-        for m in self.messages:
-            m.text()  # rejects non-text content parts now, as a 400
-        return self
 
     def conversation(self) -> list[dict]:
         return [
@@ -318,12 +370,17 @@ class EmbeddingRequest(OpenAIModel):
     dimensions: int | None = Field(None, ge=1)
     user: Name | None = None
 
-    @model_validator(mode="after")
-    def _check_inputs(self):
-        if isinstance(self.input, list) and self.input and not isinstance(self.input[0], int):
-            if len(self.input) > MAX_EMBED_INPUTS:
-                raise ValueError(f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(self.input)}")
-        return self
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _dimensions_number_only(cls, value):
+        return _not_bool(value)
+
+    @field_validator("input")
+    @classmethod
+    def _check_input_count(cls, inputs):
+        if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) and len(inputs) > MAX_EMBED_INPUTS:
+            raise ValueError(f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(inputs)}")
+        return inputs
 
     def inputs(self) -> list[str | list[int]]:
         p = self.input

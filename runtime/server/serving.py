@@ -91,16 +91,35 @@ class OpenAIServing:
     async def in_tokenizer_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
-    def check_chars(self, text: str) -> None:
+    def check_chars(self, text: str, param: str = "prompt") -> None:
+        """A 400 naming param (the request field the text came from) for an empty text or one too long to fit."""
         if not text:
-            raise EngineError(400, "The prompt is empty; provide a non-empty prompt.")
+            raise EngineError(400, "The prompt is empty; provide a non-empty prompt.", param=param)
         if len(text) > self.max_prompt_chars:
             raise EngineError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{len(text)} characters, more than {self.max_model_len} tokens can hold. "
                 "Please reduce the length of the input prompt.",
+                param=param,
             )
+
+    def check_fits(self, ids: list[int], param: str) -> None:
+        """A 400 naming param for a prompt that leaves no room for output (the engine refuses it too)."""
+        if len(ids) >= self.max_model_len:
+            raise EngineError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"contains {len(ids)} input tokens, which leaves no room for output tokens.",
+                param=param,
+            )
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """A 400 naming param for a token id outside the vocabulary (before the engine sees it)."""
+        vocab = self.engine.engine.spec.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(400, f"{param} token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids

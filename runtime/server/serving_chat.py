@@ -51,10 +51,11 @@ class ChatServing:
         params = await self.tools.adjust_params(req, params, self.base.engine.engine.grammars)
         await self.base.check_grammar(req, params)
         conversation = req.conversation()
-        self.base.check_chars("".join(m["content"] for m in conversation) or " ")
+        self.base.check_chars("".join(m["content"] for m in conversation) or " ", param="messages")
         ids = await self.base.in_tokenizer_thread(self._render_chat, req, conversation)
         if not ids:
-            raise EngineError(400, "The rendered chat prompt is empty.")
+            raise EngineError(400, "The rendered chat prompt is empty.", param="messages")
+        self.base.check_fits(ids, "messages")
         return Prepared([EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)], [""])
 
     def _render_chat(
@@ -77,7 +78,7 @@ class ChatServing:
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise EngineError(400, f"The chat template could not be applied: {str(exc)[:500]}") from None
-        self.base.check_chars(text)
+        self.base.check_chars(text, param="messages")
         return self.base.encode(text, add_special_tokens=add_special_tokens)
 
     async def response(

@@ -44,19 +44,14 @@ class CompletionServing:
                 text = prompt
             else:
                 ids = list(prompt)
-                text = await self.base.in_tokenizer_thread(self._decode_prompt, ids) if req.echo else ""
+                self.base.check_token_ids(ids, "prompt")
+                text = await self.base.in_tokenizer_thread(self.base.tokenizer.decode, ids) if req.echo else ""
             if not ids:
-                raise EngineError(400, "The prompt is empty; provide a non-empty prompt.")
+                raise EngineError(400, "The prompt is empty; provide a non-empty prompt.", param="prompt")
+            self.base.check_fits(ids, "prompt")
             requests.append(EngineRequest(f"{base_id}-{i}", ids, params, arrival))
             texts.append(text if req.echo else "")
         return Prepared(requests, texts)
-
-    def _decode_prompt(self, ids: list[int]) -> str:
-        vocab = self.base.engine.engine.spec.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise EngineError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        return self.base.tokenizer.decode(ids)
 
     async def response(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> CompletionResponse:
         finals = await collect(stream)
@@ -87,7 +82,7 @@ class CompletionServing:
             created=prep.created,
             model=prep.model_name(self.base.model_name),
             choices=choices,
-            usage=usage_of(finals),
+            usage=usage_of(finals, generated=not only),
         )
 
     @staticmethod
@@ -156,9 +151,9 @@ class CompletionServing:
                         finish_reason=("length" if only else o.finish_reason) if done else None,
                         stop_reason=o.stop_reason if done and not only else None,
                     )
-                    yield choice_chunk(chunk(choice), opts, finals)
+                    yield choice_chunk(chunk(choice), opts, finals, generated=not only)
             if opts and opts.include_usage:
-                yield usage_chunk(chunk(), finals)
+                yield usage_chunk(chunk(), finals, generated=not only)
 
         return guarded(chunks(), stream)
 

@@ -34,7 +34,8 @@ class EmbeddingServing:
     async def _embedding_requests(self, req: EmbeddingRequest, arrival: float) -> list[EngineRequest]:
         hidden_size = self.base.hidden_size
         if req.dimensions is not None and req.dimensions != hidden_size:
-            raise EngineError(400, f"dimensions={req.dimensions} is not supported; this model gives {hidden_size}")
+            raise EngineError(400, f"dimensions={req.dimensions} is not supported; this model gives {hidden_size}",
+                              param="dimensions")
         base_id = f"embd-{uuid.uuid4().hex}"
         requests = []
         for i, item in enumerate(req.inputs()):
@@ -42,10 +43,13 @@ class EmbeddingServing:
                 # an empty text is tokenized, not refused: an encoder's tokenizer makes it [CLS] [SEP], which
                 # sentence-transformers embeds; only an input with no tokens at all is refused below
                 if item:
-                    self.base.check_chars(item)
+                    self.base.check_chars(item, param="input")
                 item = await self.base.in_tokenizer_thread(self.base.encode_for_embedding, item)
+            else:
+                self.base.check_token_ids(item, "input")
             if not item:
-                raise EngineError(400, "The input is empty (it has no tokens); provide a non-empty input.")
+                raise EngineError(400, "The input is empty (it has no tokens); provide a non-empty input.",
+                                  param="input")
             requests.append(EngineRequest(f"{base_id}-{i}", list(item), SamplingParams(), arrival,
                                           pooling=self.base.default_pooling))
         return requests

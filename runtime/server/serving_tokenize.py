@@ -46,7 +46,7 @@ class TokenizeServing:
         except ValidationError as exc:  # the chat request's own checks (reserved template keys, clashing flags)
             raise EngineError(400, "; ".join(e["msg"] for e in exc.errors())[:1000]) from None
         conversation = chat_req.conversation()
-        self.base.check_chars("".join(m["content"] for m in conversation) or " ")
+        self.base.check_chars("".join(m["content"] for m in conversation) or " ", param="messages")
         return await self.base.in_tokenizer_thread(
             self.chat._render_chat, chat_req, conversation, bool(req.add_special_tokens)
         )

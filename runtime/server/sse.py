@@ -47,9 +47,11 @@ def sse(payload: BaseModel | str) -> str:
     return f"data: {text if text.isascii() else text.translate(_LINE_BREAKS)}\n\n"
 
 
-def usage_of(finals: dict[str, RequestOutput]) -> UsageInfo:
+def usage_of(finals: dict[str, RequestOutput], generated: bool = True) -> UsageInfo:
+    """The requests' usage; generated=False when the response sends none of the tokens generated (echo with
+    max_tokens 0 runs one token it never returns, so it counts none, as OpenAI does)."""
     prompt = sum(len(o.prompt_token_ids) for o in finals.values())
-    completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
+    completion = sum(len(c.token_ids) for o in finals.values() for c in o.outputs) if generated else 0
     cached = sum(o.num_cached_tokens for o in finals.values())
     return UsageInfo(
         prompt_tokens=prompt,
@@ -62,10 +64,12 @@ def usage_of(finals: dict[str, RequestOutput]) -> UsageInfo:
 Chunk = ChatCompletionChunk | CompletionStreamResponse
 
 
-def choice_chunk(chunk: Chunk, opts: StreamOptions | None, finals: dict[str, RequestOutput]) -> str:
+def choice_chunk(
+    chunk: Chunk, opts: StreamOptions | None, finals: dict[str, RequestOutput], generated: bool = True
+) -> str:
     """A chunk carrying choices; with stream_options.continuous_usage_stats it carries the usage so far."""
     if opts and opts.include_usage and opts.continuous_usage_stats:
-        chunk.usage = usage_of(finals)
+        chunk.usage = usage_of(finals, generated)
     return sse(chunk)
 
 
@@ -77,9 +81,9 @@ def opening_chunk(chunk: Chunk, opts: StreamOptions | None, prompt_tokens: int) 
     return sse(chunk)
 
 
-def usage_chunk(chunk: Chunk, finals: dict[str, RequestOutput]) -> str:
+def usage_chunk(chunk: Chunk, finals: dict[str, RequestOutput], generated: bool = True) -> str:
     """The last chunk when stream_options.include_usage: no choices, the whole request's usage."""
-    chunk.choices, chunk.usage = [], usage_of(finals)
+    chunk.choices, chunk.usage = [], usage_of(finals, generated)
     return sse(chunk)
 
 
