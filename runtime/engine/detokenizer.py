@@ -75,16 +75,19 @@ class StopStringMatcher:
         self.stop_strings = tuple(stop_strings)
         self.include_stop_str_in_output = include_stop_str_in_output
         self._held = ""  # text not yet emitted: a tail that is a proper prefix of some stop string
+        self._num_held_unstoppable = 0  # leading characters of _held fed with can_stop=False: no hit may end there
         self.stopped = False
         self.stop_string: str | None = None  # the stop string that was hit
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit now, whether a stop string was hit)."""
+    def feed(self, delta: str, can_stop: bool = True) -> tuple[str, bool]:
+        """Add text; return (text safe to emit now, whether a stop string was hit). can_stop False: the text of
+        an output token within min_tokens, where no stop string may end (vLLM's rule); one may still start in it."""
         assert not self.stopped, "feed after a stop string was hit"
         if not self.stop_strings:
             return delta, False
         text = self._held + delta
-        hit = self._first_hit(text)
+        num_unstoppable = self._num_held_unstoppable if can_stop else len(text)  # text[:num_unstoppable]
+        hit = self._first_hit(text, num_unstoppable) if can_stop else None
         if hit is not None:
             start, stop = hit
             self.stopped = True
@@ -93,18 +96,21 @@ class StopStringMatcher:
             return text[: stop if self.include_stop_str_in_output else start], True
         num_held = self._num_tail_held(text)
         self._held = text[len(text) - num_held :]
+        self._num_held_unstoppable = max(num_unstoppable - (len(text) - num_held), 0)
         return text[: len(text) - num_held], False
 
     def flush(self) -> str:
         """At finish without a hit: return the held-back tail (it turned out not to be a stop string)."""
         held, self._held = self._held, ""
+        self._num_held_unstoppable = 0
         return held
 
-    def _first_hit(self, text: str) -> tuple[int, int] | None:
-        """(start, end) of the occurrence ending first; the held tail holds no whole stop string, so any is new."""
+    def _first_hit(self, text: str, num_unstoppable: int = 0) -> tuple[int, int] | None:
+        """(start, end) of the occurrence ending first past text[:num_unstoppable]; the held tail holds no whole
+        stop string fed where one could stop, so any is new."""
         best: tuple[int, int] | None = None
         for s in self.stop_strings:
-            start = text.find(s)
+            start = text.find(s, max(num_unstoppable - len(s) + 1, 0))
             if start < 0:
                 continue
             end = start + len(s)

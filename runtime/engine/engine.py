@@ -122,8 +122,15 @@ class LLMEngine(LoadedEngine):
             if grammar is not None:
                 request.grammar = SequenceGrammar(grammar, self.spec.vocab_size)  # each sequence its own matcher
             children.append(request)
-        for request in children:  # identical but for their ids: the first the scheduler refuses is child 0
-            self.scheduler.add_request(request)
+        queued: list[Request] = []
+        try:  # all or none: a later child can be refused too (its id "rid#i" taken by another request)
+            for request in children:
+                self.scheduler.add_request(request)
+                queued.append(request)
+        except ValueError:
+            for request in queued:  # no output would ever reach them: they must not run
+                self.scheduler.abort_request(request.request_id)
+            raise
         self.processor.add(request_id, text, children, now)
 
     def abort_request(self, request_id: str) -> None:

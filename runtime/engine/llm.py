@@ -73,7 +73,13 @@ class LLM:
         if lora_request is None or isinstance(lora_request, LoRARequest):
             loras = [lora_request] * len(prompts)
         else:
+            if not isinstance(lora_request, (list, tuple)):
+                raise ValueError(f"lora_request must be a LoRARequest, None, or a list of them (one per prompt); "
+                                 f"got {type(lora_request).__name__}")
             loras = list(lora_request)
+            for i, lora in enumerate(loras):
+                if lora is not None and not isinstance(lora, LoRARequest):
+                    raise ValueError(f"lora_request[{i}] must be a LoRARequest or None, got {type(lora).__name__}")
             if len(loras) != len(prompts):
                 raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts; pass one or one per "
                                  "prompt")

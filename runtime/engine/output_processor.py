@@ -146,7 +146,8 @@ class OutputProcessor:
                 break
             if self.stop.hides_token_text(req, pos):
                 continue
-            emit, hit = state.matcher.feed(state.detokenizer.add(token_id))
+            # a stop string ends the sequence only in the text of a token past min_tokens (vLLM's rule)
+            emit, hit = state.matcher.feed(state.detokenizer.add(token_id), pos >= req.params.min_tokens)
             state.text += emit
             if hit:
                 state.stop_reason = state.matcher.stop_string
@@ -155,7 +156,8 @@ class OutputProcessor:
                 req.finish_reason = FinishReason.STOP  # also where max_tokens ended it on this token (vLLM's)
                 self._cut_after(state, pos)
         if req.is_finished and state.stop_reason is None:
-            emit, hit = state.matcher.feed(state.detokenizer.flush())
+            emit, hit = state.matcher.feed(state.detokenizer.flush(),
+                                           len(req.output_token_ids) > req.params.min_tokens)
             state.text += emit
             if hit:
                 state.stop_reason = state.matcher.stop_string

@@ -58,6 +58,8 @@ def test_bad_lora_requests_fail_clearly(llm, tiny_loras, tmp_path):
         LoRARequest("bad name/", 1, "/nowhere")
     with pytest.raises(LoraError, match="not a directory"):
         llm.generate("Hi", GREEDY, use_tqdm=False, lora_request=LoRARequest("missing", 7, str(tmp_path / "no")))
+    # "alpha" loaded here from its own folder (a no-op after the tests before), so this test holds when run alone
+    llm.generate("Hi", GREEDY, use_tqdm=False, lora_request=LoRARequest("alpha", 1, str(tiny_loras["alpha"])))
     with pytest.raises(LoraError, match="already loaded from"):
         llm.generate("Hi", GREEDY, use_tqdm=False, lora_request=LoRARequest("alpha", 1, str(tiny_loras["beta"])))
     with pytest.raises(ValueError, match="LoRA requests for"):
