@@ -10,6 +10,9 @@ from pllm.models.spec import ModelSpec
 TRITON_TYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 CPU_LANES = 8  # fp32 lanes per vector in the cpu kernels: 32 bytes, one AVX2 register or two NEON ones
 CPU_KERNEL_DTYPES = ("float32", "bfloat16")  # widening fp16 needs F16C/NEON intrinsics the templates do not use
+# tl.dot takes no reduction dim under 16 on a GPU (Triton refuses "K >= 16" when it compiles): the attention kernels'
+# head-dim tile pads (masked) at least this far, so a tiny checkpoint's head_dim 4 or 8 compiles too
+MIN_DOT_K = 16
 
 
 def next_power_of_2(n: int) -> int:
@@ -23,13 +26,18 @@ def triton_dtype(dtype: str) -> dict[str, Any]:
 
 
 def head_constants(spec: ModelSpec, dtype: str) -> dict[str, Any]:
+    heads, kv_heads = spec.num_attention_heads, spec.num_key_value_heads
+    if kv_heads < 1 or heads < 1 or heads % kv_heads:
+        # GROUP_SIZE = heads // kv_heads would hand some query heads a KV head that does not exist
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: the "
+                         "attention kernels give every KV head the same number of query heads")
     return {
         **triton_dtype(dtype),
         "NUM_HEADS": spec.num_attention_heads,
         "NUM_KV_HEADS": spec.num_key_value_heads,
         "GROUP_SIZE": spec.group_size,
         "HEAD_DIM": spec.head_dim,
-        "HEAD_DIM_PAD": next_power_of_2(spec.head_dim),
+        "HEAD_DIM_PAD": max(MIN_DOT_K, next_power_of_2(spec.head_dim)),
     }
 
 

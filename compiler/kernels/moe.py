@@ -19,6 +19,8 @@ SUM_BLOCK = 128  # hidden columns per program of the top-k sum, a plain elementw
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
     moe = spec.moe
     assert moe is not None, "the moe kernel applies to mixture-of-experts models only"
+    if spec.hidden_act != "silu":  # the template's experts (and the cpu backend's, cpu_moe.py) compute SiLU
+        raise ValueError(f"hidden_act {spec.hidden_act!r}: the mixture-of-experts kernels compute SiLU experts only")
     constants = {
         **triton_dtype(dtype),
         "HIDDEN_SIZE": spec.hidden_size,

@@ -3,9 +3,12 @@
 The weight never exists in float in memory: each program loads a tile of codes (int8, or two int4 codes a byte),
 turns them into x's dtype (exact: |code| <= 128 fits any float mantissa), multiplies them with tl.dot accumulating
 in fp32, and applies its group's scale (and, for int4, min times the tile's sum of x) in fp32 after the dot. So
-a K tile must not straddle two groups: BLOCK_K divides the group size. A decode-sized step (a few tokens) reads the
-whole weight for a handful of rows, so it splits the K loop across programs (fp32 partial sums, reduced in a fixed
-order) until the GPU has enough programs streaming weights; a prefill-sized step is a plain tiled GEMM.
+each dot covers one group: BLOCK_K divides the group size where it can, and where no tile does (an even
+--quant-group-size such as 40; INT8's per-channel group over a width that is no multiple of 16) a tile of 16 holding
+two groups' ends is dotted twice, once per group, its x zeroed outside each (the template's STRADDLE). A
+decode-sized step (a few tokens) reads the whole weight for a handful of rows, so it splits the K loop across programs
+(fp32 partial sums, reduced in a fixed order) until the GPU has enough programs streaming weights; a prefill-sized
+step is a plain tiled GEMM.
 
 One rendered file serves both schemes (a GGUF build may keep Q8_0 and Q4_x matrices side by side): the scheme and the
 group size are constexprs of each launch, taken from the weight's QuantFormat, so each (scheme, group size) in use
@@ -30,7 +33,8 @@ BLOCK_N_SMALL = 32
 BLOCK_M_LARGE = 64
 BLOCK_N_LARGE = 128
 # The K tile: the wide one wherever it divides the weight's group size (every GGUF type's 32, pllm's 32 to 128), the
-# narrow one otherwise (groups of 16, 48, ...); a tile never spans two groups, since the scale is applied per tile.
+# narrow one otherwise (groups of 16, 48, ...; and groups it does not divide, over 16: 40, 72, ..., each tile then
+# dotted once per group it meets, at most two); the scale is applied per dot.
 # Not 64: that made the int8 prefill tile spill registers on sm_80 (cuobjdump -res-usage of the compiled cubins).
 # 16 is the smallest K tl.dot takes.
 BLOCK_K_WIDE = 32

@@ -10,6 +10,12 @@ from pllm.models.spec import ModelSpec
 
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
+    if spec.head_dim % 2:
+        # the kernel moves each head as two halves of head_dim // 2: an odd head_dim's last dim would never be written
+        raise ValueError(f"head_dim {spec.head_dim} is odd: rope_kv_write rotates and copies heads in two halves")
+    if spec.rotary_dim < 2 or spec.rotary_dim % 2:
+        raise ValueError(f"rotary_dim {spec.rotary_dim} (head_dim {spec.head_dim} x partial_rotary_factor "
+                         f"{spec.partial_rotary_factor}): rotate-half RoPE needs an even count of at least 2")
     half = spec.head_dim // 2
     rotary_half = spec.rotary_dim // 2
     pass_dim = spec.head_dim - spec.rotary_dim
