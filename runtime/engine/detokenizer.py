@@ -20,13 +20,22 @@ class IncrementalDetokenizer:
     With an empty prompt the concatenated deltas plus flush() equal
     `tokenizer.decode(output_ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)`; with a prompt
     they equal the decoded continuation of the prompt (the same for byte-level BPE whenever the prompt ends on
-    a whole character). Tokenization-space clean-up is off because it rewrites text across window boundaries.
+    a whole character). A prompt ending inside a character gives no context for the output's first bytes: they
+    show as decode(output_ids) shows them. Tokenization-space clean-up is off because it rewrites text across
+    window boundaries.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._token_ids = list(prompt_token_ids[-NUM_INITIAL_CONTEXT_TOKENS:])  # context tail + output tokens
+        # A prompt that ends inside a character (given as token ids) leaves no context for the output's first
+        # bytes to join: decoded with it, they would complete a character the prompt started, and the deltas
+        # (cut by length from text that no longer extends the context's) would lose or garble output text. So
+        # the context ends at the prompt's last whole character, and those bytes show as decode shows them alone.
+        while self._token_ids and self._decode(self._token_ids).endswith(REPLACEMENT_CHAR):
+            self._token_ids.pop()
+        self._num_context = len(self._token_ids)  # prompt tokens at the front of the window until it first moves
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(self._token_ids)  # tokens before this have been emitted
         self.num_output_tokens = 0
@@ -52,9 +61,23 @@ class IncrementalDetokenizer:
             return ""
         prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._token_ids[self._prefix_offset :])
+        if self._num_context and not new_text.startswith(prefix_text):
+            # the output rewrote the context's text (a byte-fallback decoder turns a whole run of byte tokens into
+            # U+FFFD when the output's bytes make it invalid UTF-8): decode the output without context, as
+            # decode(output ids) shows it, rather than cut a delta from text that does not extend the context's
+            del self._token_ids[: self._num_context]
+            self._num_context = self._read_offset = 0
+            prefix_text, new_text = "", self._decode(self._token_ids)
         if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR)):
             return ""  # an unfinished character, or a token with no text yet (a skipped special token)
-        delta = new_text[len(prefix_text) :]
+        if new_text.startswith(prefix_text):
+            delta = new_text[len(prefix_text) :]
+        else:
+            # the new tokens rewrote text already emitted (byte-fallback: a valid run of byte tokens followed by
+            # bytes that make it invalid turns wholly into U+FFFD in decode), which a stream cannot take back:
+            # the new tokens' own text, as vLLM's detokenizer restarts from the token when its prefix breaks
+            delta = self._decode(self._token_ids[self._read_offset :])
+        self._num_context = 0
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._token_ids)
         self.text += delta
@@ -62,12 +85,15 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Cuts streamed text at the first stop string, never emitting part of one.
+    """Cuts streamed text at the first stop string (vLLM's choice of it), never emitting part of that one.
 
-    "First" is the occurrence that completes earliest in the text (the longest one on a tie), which is what a
-    stream sees whatever way the text is split into deltas. `feed` holds back the longest tail of the text that
-    could still grow into a stop string; on a hit it returns the text up to the stop string (through it when
-    include_stop_str_in_output) and drops the rest. `flush` releases the held-back tail at finish.
+    "First" is vLLM's: each `feed` is one token's text, and the text is cut at the first stop string, in the
+    order given, that has an occurrence ending in that text (its leftmost such occurrence). Stop strings that
+    complete in the text of different tokens are hit in the order the tokens come; where several complete in
+    the text of one token, the list order decides, not which completes first. `feed` holds back the longest tail
+    of the text that could still grow into a stop string; on a hit it returns the text up to the stop string
+    (through it when include_stop_str_in_output) and drops the rest. `flush` releases the held-back tail at
+    finish.
     """
 
     def __init__(self, stop_strings: tuple[str, ...], include_stop_str_in_output: bool) -> None:
@@ -106,17 +132,14 @@ class StopStringMatcher:
         return held
 
     def _first_hit(self, text: str, num_unstoppable: int = 0) -> tuple[int, int] | None:
-        """(start, end) of the occurrence ending first past text[:num_unstoppable]; the held tail holds no whole
-        stop string fed where one could stop, so any is new."""
-        best: tuple[int, int] | None = None
+        """(start, end) of the leftmost occurrence, ending past text[:num_unstoppable], of the first stop string
+        in list order that has one (vLLM's check_stop_strings); the held tail holds no whole stop string fed where
+        one could stop, so any occurrence found ends in the text just fed."""
         for s in self.stop_strings:
             start = text.find(s, max(num_unstoppable - len(s) + 1, 0))
-            if start < 0:
-                continue
-            end = start + len(s)
-            if best is None or end < best[1] or (end == best[1] and start < best[0]):
-                best = (start, end)
-        return best
+            if start >= 0:
+                return start, start + len(s)
+        return None
 
     def _num_tail_held(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
