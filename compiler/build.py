@@ -131,6 +131,7 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             if not torch.isfinite(t).all():
                 raise BuildError(f"{where} holds NaN or infinite values")
             parts.append(t)
+        _check_parts(source, spec, name, entry, parts)
         tensor = _assemble(parts, entry.num_stacked)
         if tuple(tensor.shape) != shape:
             shapes = ", ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(hf_names, parts))
@@ -146,11 +147,28 @@ def convert_weights(source: ModelSource, spec: ModelSpec, dtype: str, progress: 
             out[name] = quantizer(tensor)
         else:
             out[name] = tensor.to(TORCH_DTYPES[dtype]).contiguous()
+    _warn_unused(source, spec, layout)
     if float_targets:
         shown = ", ".join(float_targets[:4]) + (" ..." if len(float_targets) > 4 else "")
         logger.info("gguf: %d linear weights are in types pllm does not keep packed, dequantised to %s: %s",
                     len(float_targets), dtype, shown)
     return out
+
+
+def _warn_unused(source: ModelSource, spec: ModelSpec, layout: dict) -> None:
+    """Decoder-layer tensors of the checkpoint that the config gives no place (a q_proj.bias beside attention_bias
+    false, an extra norm): the build runs without them, as transformers does, but the config may be the wrong one."""
+    if source.is_gguf:
+        return
+    pattern = family_of(spec.model_type, source.config_file).hf_layer_pattern
+    used = {hf for entry in layout.values() for hf in entry.hf_names}
+    unused = sorted(n for n in source.tensor_file
+                    if n not in used and pattern.match(n) and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        shown = ", ".join(f"'{n}' ({source.tensor_file[n]})" for n in unused[:4]) + (" ..." if len(unused) > 4 else "")
+        logger.warning("%s: %d decoder tensors that %s gives no place are not used (transformers drops them too; "
+                       "check the config is this checkpoint's): %s", source.path, len(unused), source.config_file,
+                       shown)
 
 
 def make_quantizer(options: BuildOptions, spec: ModelSpec, source: ModelSource) -> Quantizer | None:
@@ -173,6 +191,31 @@ def make_quantizer(options: BuildOptions, spec: ModelSpec, source: ModelSource) 
         raise BuildError(f"--quantization gguf keeps a GGUF file's blocks, but {source.path} is not a .gguf file "
                          "(use int8, int4 or int4_sym)")
     return Quantizer(q, 0)
+
+
+def _part_rows(spec: ModelSpec, num_parts: int, rows: int) -> tuple[int, ...] | None:
+    """The rows each HF tensor of a fused runtime tensor (one stacked group of it) must have: q, k, v rows for three
+    parts, gate and up halves for two; None for one part (its shape is the runtime tensor's own)."""
+    if num_parts == 3:
+        return (spec.q_size, spec.kv_size, spec.kv_size) if spec.q_size + 2 * spec.kv_size == rows else (rows // 3,) * 3
+    if num_parts == 2:
+        return (rows // 2, rows // 2)
+    return None
+
+
+def _check_parts(source: ModelSource, spec: ModelSpec, name: str, entry, parts: list[torch.Tensor]) -> None:
+    """Each HF tensor of a fused runtime tensor has its own shape: a q_proj that took rows from k_proj (or gate_up
+    halves of other sizes) concatenates to the right total and would run with its rows in the wrong heads."""
+    per_group = len(entry.hf_names) // entry.num_stacked
+    group_shape = entry.shape if entry.num_stacked == 1 else entry.shape[1:]
+    rows = _part_rows(spec, per_group, group_shape[0])
+    if rows is None:
+        return
+    for i, (hf_name, part) in enumerate(zip(entry.hf_names, parts)):
+        want = (rows[i % per_group], *group_shape[1:])
+        if tuple(part.shape) != want:
+            raise BuildError(f"{source.file_of(hf_name)}: tensor '{hf_name}' {tuple(part.shape)} contradicts "
+                             f"{source.config_file}, which makes it {want} (part of runtime '{name}')")
 
 
 def _assemble(parts: list[torch.Tensor], num_stacked: int) -> torch.Tensor:

@@ -248,6 +248,13 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
             if tensor not in headers[file]:
                 raise ModelSourceError(f"{shard}: has no tensor '{tensor}', which {index.name} says it holds")
             tensor_shape[tensor] = headers[file][tensor]
+        for file, header in headers.items():  # transformers reads every tensor of each named shard: a second copy
+            for tensor in header:              # in another shard would be what it loads, not what the index says
+                if weight_map.get(tensor, file) != file:
+                    raise ModelSourceError(
+                        f"{path / file}: tensor '{tensor}' is also in {weight_map[tensor]}, where {index.name} places "
+                        "it; which one to use is ambiguous"
+                    )
         tensor_file = dict(weight_map)
     else:
         files = sorted(path.glob("*.safetensors"))
