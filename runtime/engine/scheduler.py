@@ -147,13 +147,6 @@ class Scheduler:
             self._recompute_if_length_passed(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, request.request_id
-            drafts = self._drafts(request, budget) if num_new == 1 else ()
-            # drafts only where their blocks are free: a guess never preempts anyone
-            if drafts and self.kv.allocate_slots(request, num_new + len(drafts)):
-                seqs.append(ScheduledSeq(request, num_new + len(drafts), drafts))
-                budget -= num_new + len(drafts)
-                i += 1
-                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -164,6 +157,19 @@ class Scheduler:
                 seqs.append(ScheduledSeq(request, num_new))
                 budget -= num_new
                 i += 1
+
+        # Drafts only once every running sequence has its own tokens' blocks, and only where blocks and budget are
+        # left: a guess never preempts anyone, nor takes a block or a token another running sequence needs.
+        if self.speculative is not None:
+            for j, seq in enumerate(seqs):
+                if budget < 1:
+                    break
+                if seq.num_new_tokens != 1:
+                    continue
+                drafts = self._drafts(seq.request, budget + 1)
+                if drafts and self.kv.allocate_slots(seq.request, 1 + len(drafts)):
+                    seqs[j] = ScheduledSeq(seq.request, 1 + len(drafts), drafts)
+                    budget -= len(drafts)
 
         # Waiting requests, FCFS; none when this step preempted (they would only take the freed blocks back).
         # A request whose grammar is still compiling keeps its place but does not hold up those behind it.
