@@ -59,17 +59,31 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a prompt or a list of prompts ({_PROMPT_KINDS}); "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            _check_prompt(prompt, f"prompts[{i}]")
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
+            if not isinstance(sampling_params, (list, tuple)):
+                raise TypeError(f"sampling_params must be a SamplingParams, None, or a list of them (one per "
+                                f"prompt); got {type(sampling_params).__name__}")
             params_list = list(sampling_params)
+            for i, params in enumerate(params_list):
+                if not isinstance(params, SamplingParams):
+                    raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
             if len(params_list) != len(prompts):
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts; pass one or one per prompt"
                 )
+        # Fields set after construction (params.stop = [...]) are normalised and checked now, before anything runs.
+        for params in {id(p): p for p in params_list}.values():
+            params.normalize_and_validate()
         if lora_request is None or isinstance(lora_request, LoRARequest):
             loras = [lora_request] * len(prompts)
         else:
@@ -92,21 +106,32 @@ class LLM:
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
-        tools: list[dict] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        chat_template: str | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """One conversation or a list of them, rendered with the model's chat template (and `tools`, OpenAI's tool
-        objects, passed to it as transformers does; the output is not parsed for calls here). lora_request: as for
-        generate(), one adapter for every conversation or one (or None) per conversation, as the server's chat
-        endpoint takes an adapter by model name."""
+        """One conversation or a list of them, rendered with the model's chat template (or `chat_template`, a Jinja
+        template given here) and `tools`, OpenAI's tool objects, passed to it as transformers does; the output is not
+        parsed for calls here. continue_final_message: the last (assistant) message is continued, not closed (with
+        add_generation_prompt=False), as in vLLM. lora_request: as for generate(), one adapter for every
+        conversation or one (or None) per conversation, as the server's chat endpoint takes an adapter by model
+        name. The positional order is vLLM's (messages, sampling_params, use_tqdm, lora_request, chat_template); as
+        in vLLM, each output's prompt is None (the prompt goes in as token ids), its prompt_token_ids the rendered
+        conversation's."""
         self.engine.check_generates()
+        if not isinstance(messages, (list, tuple)) or any(not isinstance(m, (dict, list, tuple)) for m in messages):
+            raise TypeError("messages must be a conversation (a list of message dicts such as "
+                            "{'role': 'user', 'content': '...'}) or a list of conversations; "
+                            f"got {_clip_repr(messages)}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs, tools)}
-            for c in conversations
-        ]
+        texts = [self._render_chat(c, add_generation_prompt, chat_template_kwargs, tools, continue_final_message,
+                                   chat_template) for c in conversations]
+        prompts = [{"prompt_token_ids": self.engine.encode(t, "chat messages", add_special_tokens=False)}
+                   for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def apply_chat_template(
@@ -115,26 +140,47 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
     ) -> list[int]:
-        tok = self.engine.tokenizer
-        if not tok.chat_template:
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = tok.apply_chat_template(
-            conversation,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            **(chat_template_kwargs or {}),
-        )
+        text = self._render_chat(conversation, add_generation_prompt, chat_template_kwargs, tools,
+                                 continue_final_message, chat_template)
         return self.engine.encode(text, "chat messages", add_special_tokens=False)
+
+    def _render_chat(self, conversation: list[Message], add_generation_prompt: bool, chat_template_kwargs: dict | None,
+                     tools: list[dict] | None, continue_final_message: bool, chat_template: str | None) -> str:
+        if not isinstance(conversation, (list, tuple)) or any(not isinstance(m, dict) for m in conversation):
+            raise TypeError(f"a conversation must be a list of message dicts; got {_clip_repr(conversation)}")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true: continuing the "
+                             "final message needs add_generation_prompt=False")
+        tok = self.engine.tokenizer
+        options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                       tools=tools, **(chat_template_kwargs or {}))
+        if chat_template is not None:
+            from pllm.runtime.worker.chat_template import render_chat
+
+            if not isinstance(chat_template, str) or not chat_template:
+                raise ValueError(f"chat_template must be a non-empty Jinja template string; got "
+                                 f"{_clip_repr(chat_template)}")
+            return render_chat(chat_template, list(conversation), dict(tok.special_tokens_map), **options)
+        if not tok.chat_template:
+            raise ValueError("this model has no chat template; pass chat_template=..., or use generate() with a "
+                             "plain prompt")
+        return tok.apply_chat_template(list(conversation), tokenize=False, **options)
 
     def embed(self, texts: str | Sequence[str | list[int]], pooling: str | None = None) -> list[EmbeddingOutput]:
         """One vector per text. pooling "last", "mean" or "cls"; None: the build's own. A decoder build pools the
         last token and L2-normalises; an encoder build embeds as its sentence-transformers files say (pooling,
         normalisation, truncation), recorded in its manifest."""
-        if isinstance(texts, str):
-            texts = [texts]
+        if isinstance(texts, (str, dict)) or (isinstance(texts, list) and texts and isinstance(texts[0], int)):
+            texts = [texts]  # one prompt, as generate() takes it: a text or one list of token ids
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a prompt or a list of prompts ({_PROMPT_KINDS}); "
+                            f"got {type(texts).__name__}")
         texts = list(texts)
+        for i, text in enumerate(texts):
+            _check_prompt(text, f"texts[{i}]")
         ids = self._add(lambda rid, i: self.engine.add_embedding_request(rid, texts[i], pooling), len(texts))
         return [out.outputs for out in self._collect(ids, None)]
 
@@ -158,7 +204,7 @@ class LLM:
                 rid = self.engine.new_request_id()
                 add(rid, i)
                 ids.append(rid)
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too: nothing queued may outlive the call
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
@@ -190,6 +236,37 @@ class LLM:
                 engine.abort_request(rid)
         assert all(r is not None for r in results)
         return results
+
+
+_PROMPT_KINDS = 'a str, a list of token ids, {"prompt": str} or {"prompt_token_ids": [...]}'
+
+
+def _check_prompt(prompt: object, where: str) -> None:
+    """TypeError naming the prompt for anything that is not a prompt at all (values are checked when queued)."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        elif isinstance(prompt.get("prompt"), str):
+            return
+        elif "prompt" in prompt:
+            raise TypeError(f"{where}['prompt'] must be a str, got {type(prompt['prompt']).__name__}")
+        else:
+            raise ValueError(f"{where}: a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys "
+                             f"{sorted(map(str, prompt))}")
+        where = f"{where}['prompt_token_ids']"
+    if isinstance(prompt, (list, tuple)):
+        for t in prompt:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise TypeError(f"{where} must be a list of int token ids; it holds {t!r}")
+        return
+    raise TypeError(f"{where} must be {_PROMPT_KINDS}; got {_clip_repr(prompt)}")
+
+
+def _clip_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _progress(total: int):

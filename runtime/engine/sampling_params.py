@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 MAX_LOGPROBS = 20
@@ -164,16 +164,20 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # structured output: the grammar the output must follow (None: free text)
     structured_outputs: StructuredOutputsParams | None = None
-    stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.normalize_and_validate()
+
+    def normalize_and_validate(self) -> None:
+        """Normalise the fields (stop_token_ids None -> [], logit_bias keys -> ints) and validate them all. Runs at
+        construction, and again when a request is queued by LLM.generate: a vLLM user may set fields after
+        construction (params.stop = [...]; params.temperature = 0), which must be checked and honoured."""
         # Types first, so a wrong type gets the same message naming the field as a wrong value.
         stop = self.stop
         if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)
         ):
             raise _bad("stop", stop, "a string or a list of strings")
-        self.stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
         ids = self.stop_token_ids
         if ids is not None and not (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)):
             raise _bad("stop_token_ids", ids, "a list of non-negative integers")
@@ -181,6 +185,12 @@ class SamplingParams:
         if self.logit_bias is not None:
             self.logit_bias = _parse_logit_bias(self.logit_bias)
         self.validate()
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """stop as a tuple of strings, derived from stop each time, so setting stop after construction counts."""
+        stop = self.stop
+        return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
     @property
     def greedy(self) -> bool:
