@@ -11,7 +11,7 @@ from pllm.runtime.engine.engine_setup import LoadedEngine
 from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.request import FinishReason, Request, RequestStatus
-from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.engine.sampling_params import SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import SequenceGrammar
 from pllm.runtime.worker.verify import sample_step
 
@@ -94,11 +94,7 @@ class LLMEngine(LoadedEngine):
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         params.validate_vocab(self.spec.vocab_size)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
-                f"contains {len(ids)} input tokens, which leaves no room for output tokens."
-            )
+        check_prompt_fits(len(ids), self.max_model_len)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         grammar = None

@@ -272,6 +272,16 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
+    """ValueError for a prompt that leaves no room for output: the engine's refusal, and the server's (which names
+    the request field it came from) in the same words."""
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"contains {num_prompt_tokens} input tokens, which leaves no room for output tokens."
+        )
+
+
 def _bad(name: str, value: object, what: str) -> InvalidParam:
     return InvalidParam(name, f"{name} must be {what}, got {value!r}")
 

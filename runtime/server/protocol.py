@@ -53,6 +53,13 @@ def _not_bool(value):
 
 
 NotBool = BeforeValidator(_not_bool)
+
+
+def _at_most(items, limit: int, field: str, noun: str):
+    """A list of several prompts (not one list of token ids) holds at most `limit` of them."""
+    if isinstance(items, list) and items and not isinstance(items[0], int) and len(items) > limit:
+        raise ValueError(f"{field}: at most {limit} {noun} per request, got {len(items)}")
+    return items
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
 # strict: JSON true, 1.0 and "101" are not token ids (a lax int would run them as 1, 1 and 101)
 TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]]
@@ -228,9 +235,7 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _check_prompt_count(cls, prompt):
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
-            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
-        return prompt
+        return _at_most(prompt, MAX_PROMPTS, "prompt", "prompts")
 
     @field_validator("best_of")
     @classmethod
@@ -378,9 +383,7 @@ class EmbeddingRequest(OpenAIModel):
     @field_validator("input")
     @classmethod
     def _check_input_count(cls, inputs):
-        if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) and len(inputs) > MAX_EMBED_INPUTS:
-            raise ValueError(f"input: at most {MAX_EMBED_INPUTS} inputs per request, got {len(inputs)}")
-        return inputs
+        return _at_most(inputs, MAX_EMBED_INPUTS, "input", "inputs")
 
     def inputs(self) -> list[str | list[int]]:
         p = self.input

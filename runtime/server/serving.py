@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.lora import LoRARequest
-from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams
+from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.protocol import SamplingRequest
@@ -106,13 +106,10 @@ class OpenAIServing:
 
     def check_fits(self, ids: list[int], param: str) -> None:
         """A 400 naming param for a prompt that leaves no room for output (the engine refuses it too)."""
-        if len(ids) >= self.max_model_len:
-            raise EngineError(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
-                f"contains {len(ids)} input tokens, which leaves no room for output tokens.",
-                param=param,
-            )
+        try:
+            check_prompt_fits(len(ids), self.max_model_len)
+        except ValueError as exc:
+            raise EngineError(400, str(exc), param=param) from None
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """A 400 naming param for a token id outside the vocabulary (before the engine sees it)."""
