@@ -11,8 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_gguf import LAYER_NAMES, NORM_OFFSET
+from tiny_gguf import write_tiny_gguf
 from tiny_models import make_tiny_model
 
 from pllm import LLM, SamplingParams
@@ -22,25 +21,8 @@ from pllm.compiler.source import ModelSourceError
 
 gguf = pytest.importorskip("gguf")
 
-NAMES = {
-    **LAYER_NAMES,
-    "llama": {
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    },
-    "phi3": {  # llama.cpp's Phi3 converter stores the fused matrices as they are (ffn_up: gate rows, then up)
-        "input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    },
-}
 PROMPT_IDS = [[1, 40, 41, 42], [1, *range(60, 80)], [5, 6, 7], [1, *range(100, 150)]]  # the last past 32 tokens
 N = 24
-
-
-def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's LlamaModel.permute (q/k rows of a llama file)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def converter_rope_freqs(theta, dim, factor, low, high, original) -> torch.Tensor:
@@ -62,62 +44,7 @@ def converter_rope_freqs(theta, dim, factor, low, high, original) -> torch.Tenso
 
 def write_gguf(model_dir, arch, kv=None, tensors=None, qtype="F32"):
     """The model as llama.cpp writes it, its matrices in `qtype`; `kv(writer)` adds keys, `tensors` more tensors."""
-    config = json.loads((model_dir / "config.json").read_text())
-    state = load_file(str(model_dir / "model.safetensors"))
-    tok = json.loads((model_dir / "tokenizer.json").read_text())
-    ids = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
-    tokens = sorted(ids, key=ids.__getitem__)
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    path = model_dir / "model.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    rope = config.get("rope_parameters") or {}
-    w.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
-    if arch == "gemma3":
-        w.add_sliding_window(config["sliding_window"])
-        w.add_unk_token_id(0)  # as Gemma's files give one (transformers' gemma tokenizer reading needs it)
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.add_bos_token_id(config["bos_token_id"])
-    if config.get("pad_token_id") is not None:
-        w.add_pad_token_id(config["pad_token_id"])
-    w.add_eos_token_id(config["eos_token_id"])
-    if kv is not None:
-        kv(w)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if "lm_head.weight" in state:
-        names["lm_head.weight"] = "output.weight"
-    for i in range(config["num_hidden_layers"]):
-        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in NAMES[arch].items()})
-    assert set(names) == set(state), set(names) ^ set(state)
-    for hf, name in names.items():
-        t = state[hf].float().numpy() + (NORM_OFFSET.get(arch, 0.0) if "norm" in hf else 0.0)
-        if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
-            t = llama_permute(t, heads if ".q_proj." in hf else kv_heads)
-        if t.ndim == 2 and qtype != "F32":
-            q = gguf.quants.quantize(t, gguf.GGMLQuantizationType[qtype])
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
-        else:
-            w.add_tensor(name, t.astype(np.float32))
-    for name, t in (tensors or {}).items():
-        w.add_tensor(name, np.asarray(t, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_tiny_gguf(model_dir, arch, matrix_type=qtype, kv=kv, tensors=tensors)
 
 
 def assert_equals_original(model_dir, path, tmp_path):
