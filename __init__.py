@@ -1,7 +1,10 @@
 """pllm: a compiler-style LLM inference engine."""
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "LoRARequest", "__version__"]
+__all__ = [
+    "LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "LoRARequest", "Logprob", "RequestOutput",
+    "CompletionOutput", "EmbeddingRequestOutput", "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -26,4 +29,8 @@ def __getattr__(name: str):
         from pllm.runtime.engine.lora import LoRARequest
 
         return LoRARequest
+    if name in ("Logprob", "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput"):
+        from pllm.runtime.engine import outputs
+
+        return getattr(outputs, name)
     raise AttributeError(f"module 'pllm' has no attribute {name!r}")

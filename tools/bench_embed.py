@@ -79,7 +79,7 @@ def main() -> None:
         for budget in (int(b) for b in args.budgets.split(",")):
             llm = LLM(str(build_dir), backend="cpu", max_num_batched_tokens=budget, num_threads=args.threads)
             settings[f"pllm cpu, max_num_batched_tokens={budget}"] = (
-                lambda llm=llm: llm.embed(texts), lambda out: torch.tensor([o.embedding for o in out])
+                lambda llm=llm: llm.embed(texts), lambda out: torch.tensor([o.outputs.embedding for o in out])
             )
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             settings[f"sentence-transformers, batch_size={batch_size}"] = (

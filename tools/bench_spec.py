@@ -54,7 +54,7 @@ def divergence(llm: LLM, ids: list[int], off: list[int], on: list[int]) -> dict 
         return None if len(off) == len(on) else {"position": min(len(off), len(on)), "gap": None}
     scored = llm.generate({"prompt_token_ids": ids + off[:at]}, SamplingParams(temperature=0.0, max_tokens=1,
                                                                               logprobs=20), use_tqdm=False)
-    top = dict(scored[0].outputs[0].logprobs[0].top)
+    top = {t: lp.logprob for t, lp in scored[0].outputs[0].logprobs[0].items()}
     gap = top[off[at]] - top[on[at]] if off[at] in top and on[at] in top else None
     return {"position": at, "gap": gap}
 

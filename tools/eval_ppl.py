@@ -39,8 +39,8 @@ def perplexity(llm: LLM, chunks: list[list[int]]) -> tuple[float, int]:
     nll, count = 0.0, 0
     outputs = llm.generate([{"prompt_token_ids": c} for c in chunks], params, use_tqdm=False)
     for out in outputs:
-        for entry in out.prompt_logprobs[1:]:  # the first token has nothing before it
-            nll -= entry.logprob
+        for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):  # the first has nothing before
+            nll -= entry[token].logprob
             count += 1
     return math.exp(nll / count), count
 

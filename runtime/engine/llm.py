@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pllm.runtime.engine.config import EngineConfig
 from pllm.runtime.engine.engine import LLMEngine
 from pllm.runtime.engine.lora import LoRARequest
-from pllm.runtime.engine.outputs import EmbeddingOutput, RequestOutput
+from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -169,10 +169,13 @@ class LLM:
                              "plain prompt")
         return tok.apply_chat_template(list(conversation), tokenize=False, **options)
 
-    def embed(self, texts: str | Sequence[str | list[int]], pooling: str | None = None) -> list[EmbeddingOutput]:
-        """One vector per text. pooling "last", "mean" or "cls"; None: the build's own. A decoder build pools the
-        last token and L2-normalises; an encoder build embeds as its sentence-transformers files say (pooling,
-        normalisation, truncation), recorded in its manifest."""
+    def embed(
+        self, texts: str | Sequence[str | list[int]], pooling: str | None = None
+    ) -> list[EmbeddingRequestOutput]:
+        """One EmbeddingRequestOutput per text, in order, as vLLM's: .outputs.embedding (the vector),
+        .prompt_token_ids, .request_id. pooling "last", "mean" or "cls"; None: the build's own. A decoder build
+        pools the last token and L2-normalises; an encoder build embeds as its sentence-transformers files say
+        (pooling, normalisation, truncation), recorded in its manifest."""
         if isinstance(texts, (str, dict)) or (isinstance(texts, list) and texts and isinstance(texts[0], int)):
             texts = [texts]  # one prompt, as generate() takes it: a text or one list of token ids
         if not isinstance(texts, (list, tuple)):
@@ -182,7 +185,7 @@ class LLM:
         for i, text in enumerate(texts):
             _check_prompt(text, f"texts[{i}]")
         ids = self._add(lambda rid, i: self.engine.add_embedding_request(rid, texts[i], pooling), len(texts))
-        return [out.outputs for out in self._collect(ids, None)]
+        return self._collect(ids, None)
 
     def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool,
              loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:

@@ -1,4 +1,5 @@
-"""OutputProcessor: sampled tokens -> text (incremental detokenising, stop strings) -> RequestOutput per request."""
+"""OutputProcessor: sampled tokens -> text (incremental detokenising, stop strings) -> RequestOutput per request;
+the worker's TokenLogprobs -> vLLM's dict[int, Logprob] per position, each token's text added."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.engine.outputs import CompletionOutput, Logprob, LogprobsOnePosition, RequestOutput
 from pllm.runtime.engine.request import FinishReason, Request, StopChecker
 from pllm.runtime.worker.logprobs import TokenLogprobs
 
@@ -24,7 +25,7 @@ class _SeqState:
     text: str = ""
     num_processed: int = 0  # output tokens already turned into text
     stop_reason: str | int | None = None
-    logprobs: list | None = None
+    logprobs: list[LogprobsOnePosition] | None = None
     cumulative_logprob: float = 0.0
 
 
@@ -37,7 +38,7 @@ class _Group:
     prompt_token_ids: list[int]
     seqs: list[_SeqState]
     metrics: dict = field(default_factory=dict)
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # [None, scored positions so far...] when asked
+    prompt_logprobs: list[LogprobsOnePosition | None] | None = None  # [None, scored positions so far...] when asked
 
 
 class OutputProcessor:
@@ -57,6 +58,7 @@ class OutputProcessor:
         self._finish = finish
         self.groups: dict[str, _Group] = {}
         self.seq_states: dict[str, _SeqState] = {}
+        self._token_texts: dict[int, str] = {}  # token id -> decode([id]); at most the vocabulary
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.groups
@@ -114,7 +116,7 @@ class OutputProcessor:
         for request_id, entries in (prompt_logprobs or {}).items():
             state = self.seq_states.get(request_id)
             if state is not None:  # not aborted meanwhile; only the first of n sequences scores the prompt
-                self.groups[state.group_id].prompt_logprobs.extend(entries)
+                self.groups[state.group_id].prompt_logprobs.extend(self._position(e) for e in entries)
         changed: dict[str, _Group] = {}
         for request, token_logprobs in zip(sampled, logprobs):
             state = self.seq_states.get(request.request_id)
@@ -139,7 +141,7 @@ class OutputProcessor:
         state.num_processed = len(req.output_token_ids)
         if state.logprobs is not None and logprobs is not None:
             for entry in logprobs[: len(new_ids)]:  # a stop token ended the step's run early: the rest never came
-                state.logprobs.append(entry)
+                state.logprobs.append(self._position(entry))
                 state.cumulative_logprob += entry.logprob
         for pos, token_id in enumerate(new_ids, start=len(req.output_token_ids) - len(new_ids)):
             if state.stop_reason is not None:
@@ -166,6 +168,22 @@ class OutputProcessor:
                 state.text += state.matcher.flush()
                 state.stop_reason = self.stop.stop_token_reason(req)
 
+    def _position(self, entry: TokenLogprobs) -> LogprobsOnePosition:
+        """One position as vLLM v1 hands it out: the sampled (or prompt) token first with its vocabulary rank, then
+        the top-k with ranks 1..k; a sampled token among them keeps its first place and takes its top-k entry
+        (vLLM builds the dict the same way). Converted once, as the token arrives: outputs are cumulative."""
+        position = {entry.token_id: Logprob(entry.logprob, entry.rank, self._token_text(entry.token_id))}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            position[token_id] = Logprob(logprob, rank, self._token_text(token_id))
+        return position
+
+    def _token_text(self, token_id: int) -> str:
+        """decoded_token: the one token decoded alone (vLLM's convert_ids_list_to_tokens), cached by id."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     @staticmethod
     def _cut_after(state: _SeqState, pos: int) -> None:
         """A stop string ended the sequence at output token pos: tokens after it (accepted drafts of the same
@@ -176,7 +194,8 @@ class OutputProcessor:
             state.num_processed = pos + 1
             if state.logprobs is not None:
                 del state.logprobs[pos + 1 :]
-                state.cumulative_logprob = sum(e.logprob for e in state.logprobs)  # in order, as it was summed
+                state.cumulative_logprob = sum(  # in order, as it was summed
+                    p[t].logprob for p, t in zip(state.logprobs, req.output_token_ids, strict=True))
 
     def _output(self, group: _Group, now: float) -> RequestOutput:
         finished = all(s.request.is_finished for s in group.seqs)

@@ -5,7 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.kv_cache import PrefixCacheStats
-from pllm.runtime.worker.logprobs import TokenLogprobs
+
+
+@dataclass
+class Logprob:
+    """One token's score at one position (vLLM's vllm.logprobs.Logprob, field for field)."""
+
+    logprob: float  # log-probability under log_softmax of the raw logits
+    rank: int | None = None  # 1 + the vocabulary entries scoring at least as high (ties counted); top-k: 1..k
+    decoded_token: str | None = None  # the token alone as text: tokenizer.decode([token_id])
+
+
+# One position: the sampled (or prompt) token first, then the params' top-k best first; a token in both once.
+LogprobsOnePosition = dict[int, Logprob]
+SampleLogprobs = list[LogprobsOnePosition]
+PromptLogprobs = list[LogprobsOnePosition | None]  # None at position 0: nothing precedes the first token
 
 
 @dataclass
@@ -15,7 +29,7 @@ class CompletionOutput:
     token_ids: list[int]  # cumulative generated token ids
     finish_reason: str | None = None  # "stop" | "length" | "abort", None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    logprobs: list[TokenLogprobs] | None = None  # one entry per generated token when params.logprobs is set
+    logprobs: SampleLogprobs | None = None  # one dict per generated token when params.logprobs is set
     cumulative_logprob: float | None = None
 
     @property
@@ -32,20 +46,23 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)  # arrival, first_token, finished times (time.monotonic)
-    # with params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes it), then each
-    # token's logprob and the params.prompt_logprobs best at its position (complete from the first output on)
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # with params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes it), then a dict
+    # of the token itself and the params.prompt_logprobs best at its position (complete from the first output on)
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)
 class EmbeddingOutput:
+    """The vector of one embedding request (vLLM's EmbeddingOutput, plus the prompt's length)."""
+
     embedding: list[float]  # L2-normalised
     num_prompt_tokens: int
 
 
 @dataclass
 class EmbeddingRequestOutput:
-    """One embedding request's result, handed out once, when it finishes (vLLM's PoolingRequestOutput)."""
+    """One embedding request's result, handed out once, when it finishes (vLLM's EmbeddingRequestOutput: what
+    LLM.embed returns, one per prompt)."""
 
     request_id: str
     prompt_token_ids: list[int]

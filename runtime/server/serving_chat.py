@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-from pllm.runtime.engine.outputs import RequestOutput
+from pllm.runtime.engine.outputs import LogprobsOnePosition, RequestOutput
 from pllm.runtime.server.protocol import LOGPROB_FLOOR, ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,
@@ -28,11 +28,11 @@ from pllm.runtime.server.sse import (
     collect,
     guarded,
     opening_chunk,
+    scored_position,
     usage_chunk,
     usage_of,
 )
 from pllm.runtime.server.tool_parsers import ToolCallStream
-from pllm.runtime.worker.logprobs import TokenLogprobs
 
 
 class ChatServing:
@@ -96,7 +96,7 @@ class ChatServing:
                 ChatChoice(
                     index=o.index,
                     message=message,
-                    logprobs=self._chat_logprobs(o.logprobs),
+                    logprobs=self._chat_logprobs(o.logprobs, req.top_logprobs or 0),
                     finish_reason=finish,
                     stop_reason=o.stop_reason,
                 )
@@ -109,7 +109,7 @@ class ChatServing:
             usage=usage_of(finals),
         )
 
-    def _chat_logprobs(self, entries: list[TokenLogprobs] | None) -> ChatChoiceLogprobs | None:
+    def _chat_logprobs(self, entries: list[LogprobsOnePosition] | None, num_top: int) -> ChatChoiceLogprobs | None:
         if entries is None:
             return None
 
@@ -117,10 +117,11 @@ class ChatServing:
             token = self.base.token_str(token_id)
             return {"token": token, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(token.encode())}
 
-        tokens = [
-            ChatLogprobToken(**item(e.token_id, e.logprob), top_logprobs=[ChatLogprob(**item(t, v)) for t, v in e.top])
-            for e in entries
-        ]
+        tokens = []
+        for position in entries:
+            token_id, logprob, top = scored_position(position, num_top)
+            tokens.append(ChatLogprobToken(**item(token_id, logprob), top_logprobs=[ChatLogprob(**item(t, v))
+                                                                                    for t, v in top]))
         return ChatChoiceLogprobs(content=tokens)
 
     def stream(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
@@ -154,10 +155,11 @@ class ChatServing:
                         finish = finish_reason(o.finish_reason, bool(calls.calls))
                     for k, delta in enumerate(deltas):
                         last = k == len(deltas) - 1
+                        lps = (new_lps if o.logprobs is not None else None) if last else None
                         choice = ChatStreamChoice(
                             index=o.index,
                             delta=delta,
-                            logprobs=self._chat_logprobs(new_lps if o.logprobs is not None else None) if last else None,
+                            logprobs=self._chat_logprobs(lps, req.top_logprobs or 0),
                             finish_reason=finish if done and last else None,
                             stop_reason=o.stop_reason if done and last else None,
                         )

@@ -6,7 +6,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
-from pllm.runtime.engine.outputs import RequestOutput
+from pllm.runtime.engine.outputs import LogprobsOnePosition, RequestOutput
 from pllm.runtime.server.protocol import LOGPROB_FLOOR, CompletionRequest
 from pllm.runtime.server.protocol_responses import (
     CompletionChoice,
@@ -16,8 +16,16 @@ from pllm.runtime.server.protocol_responses import (
 )
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared
-from pllm.runtime.server.sse import SeqCursor, advance, choice_chunk, collect, guarded, usage_chunk, usage_of
-from pllm.runtime.worker.logprobs import TokenLogprobs
+from pllm.runtime.server.sse import (
+    SeqCursor,
+    advance,
+    choice_chunk,
+    collect,
+    guarded,
+    scored_position,
+    usage_chunk,
+    usage_of,
+)
 
 
 class CompletionServing:
@@ -65,8 +73,8 @@ class CompletionServing:
                 logprobs = None
                 if req.logprobs is not None:
                     scored = self._prompt_positions(out) if req.echo else []
-                    scored += [] if only else [(e.token_id, e) for e in o.logprobs]
-                    logprobs = self._completion_logprobs(scored, 0)
+                    scored += [] if only else [(next(iter(e)), e) for e in o.logprobs]
+                    logprobs = self._completion_logprobs(scored, 0, req.logprobs)
                 choices.append(
                     CompletionChoice(
                         index=base[r.request_id] + o.index,
@@ -86,15 +94,16 @@ class CompletionServing:
         )
 
     @staticmethod
-    def _prompt_positions(out: RequestOutput) -> list[tuple[int, TokenLogprobs | None]]:
+    def _prompt_positions(out: RequestOutput) -> list[tuple[int, LogprobsOnePosition | None]]:
         """The echoed prompt's (token id, logprobs) pairs: the first token has none, as nothing precedes it."""
         assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
         return list(zip(out.prompt_token_ids, out.prompt_logprobs, strict=True))
 
     def _completion_logprobs(
-        self, positions: list[tuple[int, TokenLogprobs | None]], offset: int
+        self, positions: list[tuple[int, LogprobsOnePosition | None]], offset: int, num_top: int
     ) -> CompletionLogprobs:
-        """OpenAI's completion logprobs of these (token id, logprobs) positions; text_offset counts from offset."""
+        """OpenAI's completion logprobs of these (token id, logprobs) positions, num_top best each; text_offset
+        counts from offset."""
         lp = CompletionLogprobs()
         for token_id, e in positions:
             token = self.base.token_str(token_id)
@@ -105,9 +114,10 @@ class CompletionServing:
                 lp.token_logprobs.append(None)
                 lp.top_logprobs.append(None)
                 continue
-            lp.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
-            top = {self.base.token_str(t): max(v, LOGPROB_FLOOR) for t, v in e.top}
-            top.setdefault(token, max(e.logprob, LOGPROB_FLOOR))  # the sampled (or prompt) token is always listed
+            _, logprob, best = scored_position(e, num_top)
+            lp.token_logprobs.append(max(logprob, LOGPROB_FLOOR))
+            top = {self.base.token_str(t): max(v, LOGPROB_FLOOR) for t, v in best}
+            top.setdefault(token, max(logprob, LOGPROB_FLOOR))  # the sampled (or prompt) token is always listed
             lp.top_logprobs.append(top)
         return lp
 
@@ -141,8 +151,8 @@ class CompletionServing:
                         continue
                     logprobs = None
                     if req.logprobs is not None:
-                        logprobs = self._completion_logprobs(scored + [(e.token_id, e) for e in new_lps],
-                                                             cur.text_offset)
+                        logprobs = self._completion_logprobs(scored + [(next(iter(e)), e) for e in new_lps],
+                                                             cur.text_offset, req.logprobs)
                         cur.text_offset += sum(len(t) for t in logprobs.tokens)
                     choice = CompletionChoice(
                         index=base[out.request_id] + o.index,

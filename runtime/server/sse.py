@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
+from pllm.runtime.engine.outputs import CompletionOutput, LogprobsOnePosition, RequestOutput
 from pllm.runtime.server.protocol import StreamOptions
 from pllm.runtime.server.protocol_responses import (
     ChatCompletionChunk,
@@ -20,7 +20,6 @@ from pllm.runtime.server.protocol_responses import (
     UsageInfo,
 )
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
-from pllm.runtime.worker.logprobs import TokenLogprobs
 
 logger = logging.getLogger("pllm.server")
 
@@ -87,13 +86,24 @@ def usage_chunk(chunk: Chunk, finals: dict[str, RequestOutput], generated: bool 
     return sse(chunk)
 
 
-def advance(cur: SeqCursor, o: CompletionOutput) -> tuple[str, list[TokenLogprobs], bool]:
+def advance(cur: SeqCursor, o: CompletionOutput) -> tuple[str, list[LogprobsOnePosition], bool]:
     """The new text, new logprobs and whether the sequence just finished, moving the cursor past them."""
     text = o.text[cur.num_chars :]
     new_lps = o.logprobs[cur.num_logprobs :] if o.logprobs is not None else []
     done = o.finish_reason is not None and not cur.finished
     cur.num_chars, cur.num_logprobs, cur.finished = len(o.text), cur.num_logprobs + len(new_lps), cur.finished or done
     return text, new_lps, done
+
+
+def scored_position(position: LogprobsOnePosition, num_top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """One position of CompletionOutput.logprobs (or RequestOutput.prompt_logprobs) as OpenAI lists it: its own
+    token (the dict's first key), that token's logprob, and the num_top best (token id, logprob), best first.
+    The dict holds num_top + 1 entries when its token is not among the best (they follow it in rank order), else
+    num_top: then it sits first, out of order, and the ranks 1..num_top put it back."""
+    items = list(position.items())
+    token_id, own = items[0]
+    top = items[1:] if len(items) > num_top else sorted(items, key=lambda item: item[1].rank)
+    return token_id, own.logprob, [(t, lp.logprob) for t, lp in top]
 
 
 async def collect(stream: RequestStream) -> dict[str, RequestOutput]:

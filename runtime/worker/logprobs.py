@@ -8,7 +8,7 @@ import torch
 
 from pllm.runtime.worker.step import PromptLogprobInputs, SampleInputs, TokenLogprobs
 
-__all__ = ["TokenLogprobs", "gather_logprobs", "prompt_logprobs_of", "raw_logprobs_of", "row_index"]
+__all__ = ["TokenLogprobs", "gather_logprobs", "prompt_logprobs_of", "rank_of", "raw_logprobs_of", "row_index"]
 
 
 def row_index(rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor | slice:
@@ -34,7 +34,9 @@ def gather_logprobs(
         return out
     rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     chosen = token_ids[row_index(rows, len(requests), token_ids.device)].unsqueeze(1)  # [num_logprob_rows, 1]
-    chosen_logprobs = raw_logprobs.gather(1, chosen).squeeze(1).tolist()
+    chosen_values = raw_logprobs.gather(1, chosen)  # [num_logprob_rows, 1]
+    chosen_logprobs = chosen_values.squeeze(1).tolist()
+    ranks = rank_of(raw_logprobs, chosen_values)
     max_top = max(requests[i].params.logprobs for i in rows)
     top_values: list[list[float]] = [[] for _ in rows]
     top_ids: list[list[int]] = [[] for _ in rows]
@@ -46,9 +48,17 @@ def gather_logprobs(
         out[i] = TokenLogprobs(
             token_id=int(chosen[j, 0]),
             logprob=chosen_logprobs[j],
+            rank=ranks[j],
             top=tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)),
         )
     return out
+
+
+def rank_of(logprobs: torch.Tensor, chosen: torch.Tensor) -> list[int]:
+    """Per row, the chosen token's rank in the vocabulary: how many logprobs are >= its own (itself included), as
+    vLLM v1's sampler counts it, so a tie ranks every tied token last among them. One compare and sum per row.
+    logprobs [rows, vocab_size], chosen [rows, 1]."""
+    return (logprobs >= chosen).sum(dim=-1).tolist()
 
 
 # Rows whose logits exist at once: a long prompt's chunk over a 152k vocabulary in float32 would otherwise take
@@ -67,12 +77,15 @@ def prompt_logprobs_of(
     max_top = max(s.num_top for s in seqs)
     target = torch.tensor(targets, dtype=torch.long, device=hidden.device).unsqueeze(1)  # [num_rows, 1]
     chosen: list[float] = []
+    ranks: list[int] = []
     top_values: list[list[float]] = []
     top_ids: list[list[int]] = []
     for start in range(0, len(targets), PROMPT_LOGPROB_ROWS_PER_PASS):
         end = start + PROMPT_LOGPROB_ROWS_PER_PASS
         logprobs = torch.log_softmax(logits_of(hidden[start:end]).float(), dim=-1)  # [rows, vocab_size]
-        chosen += logprobs.gather(1, target[start:end]).squeeze(1).tolist()
+        chosen_values = logprobs.gather(1, target[start:end])  # [rows, 1]
+        chosen += chosen_values.squeeze(1).tolist()
+        ranks += rank_of(logprobs, chosen_values)
         if max_top > 0:
             values, ids = logprobs.topk(max_top, dim=-1)  # [rows, max_top]
             top_values += values.tolist()
@@ -85,7 +98,7 @@ def prompt_logprobs_of(
     for s in seqs:
         k = s.num_top
         out.append([
-            TokenLogprobs(t, chosen[r], tuple(zip(top_ids[r][:k], top_values[r][:k], strict=True)))
+            TokenLogprobs(t, chosen[r], ranks[r], tuple(zip(top_ids[r][:k], top_values[r][:k], strict=True)))
             for r, t in enumerate(s.target_token_ids, start=row)
         ])
         row += len(s.target_token_ids)

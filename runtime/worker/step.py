@@ -24,8 +24,12 @@ class GroupBlockTable:
 
 @dataclass(frozen=True)
 class TokenLogprobs:
+    """One position's logprobs as the worker scored them; the engine's output processor turns it into the
+    dict[int, Logprob] a RequestOutput carries (vLLM's shape), adding each token's text."""
+
     token_id: int  # the chosen (or, for a prompt position, the given) token
     logprob: float  # its log-probability under log_softmax of the raw logits
+    rank: int  # 1 + the vocabulary entries scoring above it, ties counted too (vLLM's count of logprobs >= it)
     top: tuple[tuple[int, float], ...]  # the params.logprobs best (token_id, logprob), best first
 
 

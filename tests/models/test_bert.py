@@ -36,7 +36,7 @@ def reference(folder, texts: list[str]) -> torch.Tensor:
 
 def embed(build_dir, texts: list[str], **settings) -> torch.Tensor:
     llm = LLM(str(build_dir), **settings)
-    return torch.tensor([out.embedding for out in llm.embed(texts)])  # [num_texts, hidden]
+    return torch.tensor([out.outputs.embedding for out in llm.embed(texts)])  # [num_texts, hidden]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ def test_a_batched_step_of_mixed_lengths_equals_one_text_at_a_time(st_bert_build
     # lengths, none split
     batched = embed(build_dir, TEXTS, backend=backend, max_num_batched_tokens=64)
     llm = LLM(str(build_dir), backend=backend)
-    alone = torch.tensor([llm.embed(text)[0].embedding for text in TEXTS])
+    alone = torch.tensor([llm.embed(text)[0].outputs.embedding for text in TEXTS])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
 
 
@@ -86,14 +86,14 @@ def test_texts_are_truncated_as_sentence_transformers_does(st_bert_dir, st_bert_
     long_texts = [TEXTS[4], TEXTS[6], TEXTS[0]]
     assert_close(embed(build_dir, long_texts), reference(folder, long_texts))
     llm = LLM(str(build_dir))
-    assert [o.num_prompt_tokens for o in llm.embed(long_texts)] == [12, 12, 4]
+    assert [o.outputs.num_prompt_tokens for o in llm.embed(long_texts)] == [12, 12, 4]
 
 
 def test_the_empty_text_is_embedded_as_sentence_transformers_does(st_bert_dir, st_bert_build):
     """"" tokenizes to [CLS] [SEP], which sentence-transformers embeds; one in a batch fails nothing."""
     texts = ["", TEXTS[0], ""]
     assert_close(embed(st_bert_build(), texts), reference(st_bert_dir(), texts))
-    assert [o.num_prompt_tokens for o in LLM(str(st_bert_build())).embed(texts)] == [2, 4, 2]
+    assert [o.outputs.num_prompt_tokens for o in LLM(str(st_bert_build())).embed(texts)] == [2, 4, 2]
 
 
 def test_the_manifest_records_the_recipe(st_bert_build):
@@ -121,7 +121,7 @@ def test_without_sentence_transformers_files_the_default_is_what_sentence_transf
 
 def test_pooling_named_per_request_overrides_the_builds(st_bert_dir, st_bert_build):
     llm = LLM(str(st_bert_build("mean", True)))
-    got = torch.tensor([o.embedding for o in llm.embed(TEXTS, pooling="cls")])
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(TEXTS, pooling="cls")])
     want = reference(st_bert_dir("cls", True), TEXTS)  # the same weights (same seed), pooled from [CLS]
     assert_close(got, want)
 
@@ -141,7 +141,7 @@ def test_an_input_longer_than_the_token_budget_is_refused_by_name(st_bert_build)
     llm = LLM(str(st_bert_build()), max_num_batched_tokens=8)
     with pytest.raises(ValueError, match=r"input of 12 tokens exceeds max_num_batched_tokens 8.*encoder"):
         llm.embed("the quick brown fox jumps over the lazy dog")
-    assert len(llm.embed("hello world")[0].embedding) == 64  # 4 tokens fit: served
+    assert len(llm.embed("hello world")[0].outputs.embedding) == 64  # 4 tokens fit: served
 
 
 @pytest.mark.parametrize(

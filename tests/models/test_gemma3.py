@@ -128,7 +128,7 @@ def test_final_logit_softcap_bounds_the_logprobs(gemma3):
     token = out.outputs[0].token_ids[0]
     assert token == refs[0][0]
     assert abs(float(expected[token] - uncapped[token])) > 1e-2  # the cap matters at this token
-    assert out.outputs[0].logprobs[0].logprob == pytest.approx(float(expected[token]), abs=1e-4)
+    assert out.outputs[0].logprobs[0][token].logprob == pytest.approx(float(expected[token]), abs=1e-4)
 
 
 def test_multimodal_checkpoint_builds_the_text_model_only(tiny_dir, tiny_build):

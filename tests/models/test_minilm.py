@@ -43,8 +43,8 @@ def test_minilm_embeddings_equal_sentence_transformers(minilm):
     assert (pooling.pooling.value, pooling.normalize, pooling.max_seq_length) == ("mean", True, 256)
     want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_tensor=True).float()
     outputs = LLM(str(build_dir), backend="cpu").embed(TEXTS)
-    got = torch.tensor([o.embedding for o in outputs])
+    got = torch.tensor([o.outputs.embedding for o in outputs])
     cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cosine.min() >= MIN_COSINE, cosine
-    assert outputs[7].num_prompt_tokens == 256  # truncated like sentence-transformers
+    assert outputs[7].outputs.num_prompt_tokens == 256  # truncated like sentence-transformers
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(TEXTS)), rtol=1e-5, atol=1e-5)

@@ -122,18 +122,19 @@ def test_logprobs(plain):
     c = out.outputs[0]
     assert len(c.logprobs) == 6
     for token_id, lp in zip(c.token_ids, c.logprobs):
-        assert lp.token_id == token_id and len(lp.top) == 3
-        assert lp.top[0][0] == token_id  # greedy picks the most likely token
-        assert lp.logprob <= 0 and math.isclose(lp.logprob, lp.top[0][1])
-    assert math.isclose(c.cumulative_logprob, sum(lp.logprob for lp in c.logprobs), rel_tol=1e-6)
+        assert next(iter(lp)) == token_id and len(lp) == 3  # greedy picks the most likely token: one of the top 3
+        assert lp[token_id].rank == 1 and lp[token_id].logprob <= 0
+        assert [e.rank for e in lp.values()] == [1, 2, 3]
+    assert math.isclose(c.cumulative_logprob, sum(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)),
+                        rel_tol=1e-6)
 
 
 def test_embed(plain):
-    a, b, a2 = plain.embed(["the quick brown fox", "paged attention", "the quick brown fox"])
+    a, b, a2 = (o.outputs for o in plain.embed(["the quick brown fox", "paged attention", "the quick brown fox"]))
     va, vb = torch.tensor(a.embedding), torch.tensor(b.embedding)
     assert va.shape == (64,) and math.isclose(va.norm().item(), 1.0, rel_tol=1e-5)
     assert a.embedding == a2.embedding and not torch.allclose(va, vb)
-    mean = plain.embed("the quick brown fox", pooling="mean")[0]
+    mean = plain.embed("the quick brown fox", pooling="mean")[0].outputs
     assert not torch.allclose(torch.tensor(mean.embedding), va)
     assert _pool_is_full(plain)
 
@@ -186,10 +187,11 @@ def test_request_counts_treat_n_as_one_request(build):
 
 def test_embed_batched_and_chunked_agree(build, plain):
     texts = [PROMPTS[1], "a", PROMPTS[6], PROMPTS[2]]
-    together = plain.embed(texts)
-    alone = [plain.embed(t)[0] for t in texts]
+    together = [o.outputs for o in plain.embed(texts)]
+    alone = [plain.embed(t)[0].outputs for t in texts]
     chunked = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=8).embed(texts, pooling="mean")
-    mean_alone = [plain.embed(t, pooling="mean")[0] for t in texts]
+    chunked = [o.outputs for o in chunked]
+    mean_alone = [plain.embed(t, pooling="mean")[0].outputs for t in texts]
     for a, b in zip(together, alone):
         assert torch.allclose(torch.tensor(a.embedding), torch.tensor(b.embedding), atol=1e-5)
     for a, b in zip(chunked, mean_alone):
@@ -280,10 +282,11 @@ def test_scheduled_embeddings_equal_the_synchronous_ones(build, plain, pooling):
     chunky = LLM(build, backend="cpu", kv_cache_memory=1 << 22, max_num_batched_tokens=8)
     for llm in (plain, chunky):
         for text in (PROMPTS[1], PROMPTS[5], PROMPTS[6]):
-            assert llm.embed(text, pooling=pooling)[0].embedding == _synchronous_embedding(llm, text, pooling)
+            assert llm.embed(text, pooling=pooling)[0].outputs.embedding == _synchronous_embedding(llm, text, pooling)
     # a prompt whose blocks the prefix cache holds is still computed in full: the pooled state sees every row
     plain.generate(PROMPTS[6], GREEDY, use_tqdm=False)
-    assert plain.embed(PROMPTS[6], pooling=pooling)[0].embedding == _synchronous_embedding(plain, PROMPTS[6], pooling)
+    want = _synchronous_embedding(plain, PROMPTS[6], pooling)
+    assert plain.embed(PROMPTS[6], pooling=pooling)[0].outputs.embedding == want
     assert _pool_is_full(plain) and _pool_is_full(chunky)
 
 

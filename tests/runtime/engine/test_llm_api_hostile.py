@@ -136,8 +136,8 @@ def test_an_interrupt_while_queueing_leaves_nothing_queued(plain, monkeypatch):
 def test_embed_takes_prompts_as_generate_does(plain):
     ids = plain.get_tokenizer()("hello world").input_ids
     one = plain.embed(ids)  # one list of token ids is one prompt, as in generate() (and vLLM)
-    assert len(one) == 1 and one[0].embedding == plain.embed("hello world")[0].embedding
-    assert plain.embed({"prompt_token_ids": ids})[0].embedding == one[0].embedding
+    assert len(one) == 1 and one[0].outputs.embedding == plain.embed("hello world")[0].outputs.embedding
+    assert plain.embed({"prompt_token_ids": ids})[0].outputs.embedding == one[0].outputs.embedding
     for texts, match in ((None, "texts must be a prompt or a list"), (["a", None], r"texts\[1\] must be a str")):
         with pytest.raises(TypeError, match=match):
             plain.embed(texts)

@@ -100,9 +100,9 @@ def test_logprobs_are_the_targets(build, plain):
     for w, g in zip(want, got):
         w, g = w.outputs[0], g.outputs[0]
         assert g.token_ids == w.token_ids and len(g.logprobs) == len(w.logprobs) == len(w.token_ids)
-        for a, b in zip(g.logprobs, w.logprobs):
-            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
-            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        for t, a, b in zip(w.token_ids, g.logprobs, w.logprobs):
+            assert list(a) == list(b) and next(iter(a)) == t  # the same tokens, the sampled first
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4) and a[t].rank == b[t].rank
 
 
 def test_penalties_and_min_tokens_follow_the_guesses(build, plain):

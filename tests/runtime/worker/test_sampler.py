@@ -263,10 +263,27 @@ def test_logprobs_from_raw_logits():
         lp = out.logprobs[i]
         assert isinstance(lp, TokenLogprobs) and lp.token_id == out.token_ids[i]
         assert lp.logprob == pytest.approx(float(raw[i, lp.token_id]), abs=1e-6)
+        assert lp.rank == int((raw[i] >= raw[i, lp.token_id]).sum())  # its place in the whole vocabulary
         assert len(lp.top) == k
         values, ids = raw[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
         assert [t for t, _ in lp.top] == ids.tolist()
         assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def test_logprob_rank_counts_ties_as_vllm():
+    """The sampled token's rank is the count of logprobs >= its own (vLLM's batched_count_greater_than): a token
+    tied with others ranks after all of them, and one the bias forced from low down keeps its true rank."""
+    logits = torch.zeros(2, VOCAB)
+    logits[0, :3] = 2.0  # three tokens tie for best
+    logits[1] = torch.arange(VOCAB, dtype=torch.float32)  # token t ranks VOCAB - t
+    reqs = [
+        make_request(SamplingParams(temperature=0.0, logprobs=1, logit_bias={1: 0.5}), rid="tie"),
+        make_request(SamplingParams(temperature=0.0, logprobs=2, logit_bias={5: 100.0}), rid="low"),
+    ]
+    out = EngineSampler(VOCAB, EOS, seed=0).sample(logits, reqs)
+    assert out.token_ids == [1, 5]
+    assert out.logprobs[0].rank == 3  # tied with tokens 0 and 2: all three are >= it
+    assert out.logprobs[1].rank == VOCAB - 5 and [t for t, _ in out.logprobs[1].top] == [VOCAB - 1, VOCAB - 2]
 
 
 def reference_support(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
