@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pllm import __version__
-from pllm.runtime.engine.config import BACKENDS, EngineConfig, SpeculativeConfig
+from pllm.runtime.engine.config import BACKENDS, MAX_LORAS_LIMIT, EngineConfig, SpeculativeConfig
 from pllm.runtime.server.limits import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.tool_parsers import NO_PARSER, TOOL_CALL_PARSERS
 
@@ -48,6 +48,17 @@ def positive_seconds(text: str) -> float:
 
 def non_negative_seconds(text: str) -> float:
     return _number(text, float, 0.0, sys.float_info.max, "a number of seconds >= 0")
+
+
+def memory_fraction(text: str) -> float:
+    """--gpu-memory-utilization: a fraction in (0, 1], refused here naming the flag rather than by the engine once
+    the build is open (as its kv_cache_fraction)."""
+    return _number(text, float, math.ulp(0.0), 1.0, "a fraction in (0, 1]")
+
+
+def max_loras(text: str) -> int:
+    """--max-loras: 1..MAX_LORAS_LIMIT, refused here naming the flag rather than once the build is open."""
+    return _number(text, int, 1, MAX_LORAS_LIMIT, f"a number of adapters in 1..{MAX_LORAS_LIMIT}")
 
 
 def port_number(text: str) -> int:
@@ -132,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=positive_int, default=256)
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     kv = p.add_mutually_exclusive_group()
-    kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV-cache bytes (e.g. 2G)")
+    kv.add_argument("--kv-cache-memory", type=positive_bytes, default=None, help="KV-cache bytes (e.g. 2G)")
     kv.add_argument(
         "--gpu-memory-utilization",
-        type=float,
+        type=memory_fraction,
         default=0.9,
         help="fraction of free device memory (or of available RAM on cpu) for the KV cache",
     )
@@ -162,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEFT LoRA adapter folders to serve, each under its NAME as a `model` (listed in /v1/models), beside "
         "those packed into the build by pllm-compile --lora",
     )
-    p.add_argument("--max-loras", type=positive_int, default=8, help="LoRA adapters held at once (at most 16)")
+    p.add_argument("--max-loras", type=max_loras, default=8, help="LoRA adapters held at once (at most 16)")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument(
         "--speculative-config",

@@ -31,6 +31,8 @@ from pllm.runtime.server.draining import bound_url
         ("--shutdown-timeout", "-1"), ("--shutdown-timeout", "nan"), ("--shutdown-timeout", "inf"),
         ("--served-model-name", ""), ("--served-model-name", "  "),
         ("--api-key", ""),
+        ("--gpu-memory-utilization", "0"), ("--gpu-memory-utilization", "1.5"), ("--gpu-memory-utilization", "nan"),
+        ("--kv-cache-memory", "0"), ("--max-loras", "0"), ("--max-loras", "17"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_in_one_line_naming_flag_and_value(flag, bad, capsys) -> None:
@@ -46,6 +48,10 @@ def test_the_bounds_themselves_are_taken() -> None:
                                       "--log-stats-interval", "0.5"])
     assert (args.port, args.shutdown_timeout, args.max_body_bytes, args.log_stats_interval) == (0, 0.0, 1, 0.5)
     assert build_parser().parse_args(["build", "--port", "65535"]).port == 65535
+    args = build_parser().parse_args(["build", "--gpu-memory-utilization", "1", "--max-loras", "16"])
+    assert (args.gpu_memory_utilization, args.max_loras) == (1.0, 16)
+    args = build_parser().parse_args(["build", "--kv-cache-memory", "512M", "--max-loras", "1"])
+    assert (args.kv_cache_memory, args.max_loras) == (512 * 2**20, 1)
 
 
 def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch, capsys) -> None:
