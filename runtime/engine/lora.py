@@ -9,15 +9,41 @@ from pllm.models.lora import MAX_LORAS, LoraAdapter, LoraError, check_lora_famil
 from pllm.models.spec import ModelSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LoRARequest:
     """A PEFT LoRA adapter by name, as vLLM's: `id` a positive integer the caller picks, `path` its folder
     (adapter_config.json + adapter_model.safetensors). An adapter already loaded under this name is used as it is
-    (its path must then be the same or empty)."""
+    (its path must then be the same or empty). Positionally (name, id, path) as vLLM's; vLLM's keyword and attribute
+    names (lora_name, lora_int_id, lora_path) are taken too."""
 
     name: str
     id: int
     path: str = ""
+
+    def __init__(self, name: str | None = None, id: int | None = None, path: str | None = None, *,
+                 lora_name: str | None = None, lora_int_id: int | None = None, lora_path: str | None = None) -> None:
+        fields = (("name", name, "lora_name", lora_name), ("id", id, "lora_int_id", lora_int_id),
+                  ("path", path, "lora_path", lora_path))
+        for ours, value, theirs, alias in fields:
+            if value is not None and alias is not None:
+                raise TypeError(f"LoRARequest: {ours} and {theirs} name the same field; give one")
+            value = alias if value is None else value
+            if value is None and ours != "path":
+                raise TypeError(f"LoRARequest: missing {ours} (or vLLM's {theirs})")
+            object.__setattr__(self, ours, "" if value is None else value)
+        self.__post_init__()
+
+    @property
+    def lora_name(self) -> str:
+        return self.name
+
+    @property
+    def lora_int_id(self) -> int:
+        return self.id
+
+    @property
+    def lora_path(self) -> str:
+        return self.path
 
     def __post_init__(self) -> None:
         check_lora_name(self.name)
