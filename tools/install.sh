@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with pllm and everything its tests need.
-# torch is pinned first so that a CPU-only machine never pulls the CUDA wheels.
+# torch is pinned first, so that pllm's own install does not pick another. Plain PyPI's Linux torch wheel carries
+# CUDA (several GB of nvidia packages): where pip reaches PyPI itself, PLLM_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# installs the CPU build instead (the dev machines' registry serves the CPU build under the plain name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install -q "torch==${PLLM_TORCH_VERSION:-2.13.0}"
+  .venv/bin/pip install -q "torch==${PLLM_TORCH_VERSION:-2.13.0}" ${PLLM_TORCH_INDEX:+--index-url "$PLLM_TORCH_INDEX"}
 fi
 # The ray extra too: the tests run two Ray Serve replicas on a local Ray instance (pllm-serve-ray).
 .venv/bin/pip install -q -e ".[dev,ray]"
