@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 __all__ = [
     "LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "LoRARequest", "Logprob", "RequestOutput",
-    "CompletionOutput", "EmbeddingRequestOutput", "__version__",
+    "CompletionOutput", "EmbeddingRequestOutput", "TextPrompt", "TokensPrompt", "__version__",
 ]
 
 
@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from pllm.runtime.engine.llm import LLM
 
         return LLM
+    if name in ("TextPrompt", "TokensPrompt"):
+        from pllm.runtime.engine import vllm_args
+
+        return getattr(vllm_args, name)
     if name == "SamplingParams":
         from pllm.runtime.engine.sampling_params import SamplingParams
 

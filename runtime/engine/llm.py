@@ -10,22 +10,49 @@ from pllm.runtime.engine.engine import LLMEngine
 from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.engine.vllm_args import PROMPT_KEYS, check_dtype, clip_repr, flatten_content, vllm_settings
 
 Prompt = str | list[int] | dict
 Message = dict  # {"role", "content"}, and "tool_calls" / "tool_call_id" in tool-calling turns
 
 
 class LLM:
-    """`LLM(build_dir, **engine_settings)`; engine settings are EngineConfig's fields, validated at once."""
+    """`LLM(model, **engine_settings)`: model is a pllm build folder (pllm-compile's output), engine settings are
+    EngineConfig's fields, validated at once. vLLM's keyword arguments are taken where they have a meaning here:
 
-    def __init__(self, build_dir: str, **engine_settings):
-        unknown = set(engine_settings) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(
-                f"unknown engine setting(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(EngineConfig.__dataclass_fields__)}"
-            )
-        self.engine = LLMEngine(build_dir, EngineConfig(**engine_settings))
+    - gpu_memory_utilization: kv_cache_fraction (as pllm-serve's --gpu-memory-utilization); kv_cache_memory_bytes:
+      kv_cache_memory.
+    - dtype: "auto" (or None) runs the build's dtype; any other must be the build's, which is fixed when it is
+      compiled (pllm-compile --dtype): a different one is refused, not converted.
+    - tokenizer: None or the model folder itself; the build's own tokenizer is the one served.
+    - trust_remote_code: accepted either way; a build holds no model code, so none is ever run.
+    - seed=None: the default seed (0), as vLLM's V1 engine defaults it.
+    - runner: "auto" / "generate" / "pooling"; "pooling" refuses generate() and chat() as vLLM's pooling runner
+      does, "generate" refuses an encoder build at once.
+    - enable_lora: adapters are always available; enable_lora=False refuses lora_request as vLLM does.
+    """
+
+    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: object = "auto",
+                 trust_remote_code: bool = False, runner: str = "auto", enable_lora: bool = True,
+                 **engine_settings):
+        engine_settings = vllm_settings(model, tokenizer, trust_remote_code, runner, enable_lora, engine_settings)
+        config = EngineConfig(**engine_settings)
+        if dtype not in ("auto", None):
+            check_dtype(str(model), dtype)
+        self.engine = LLMEngine(str(model), config)
+        self.runner = runner
+        self.enable_lora = enable_lora
+        if runner == "generate":
+            try:
+                self.engine.check_generates()
+            except ValueError:
+                self.engine.close()
+                raise
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """The engine under this LLM (vLLM's name for it): add_request / step / has_unfinished / abort_request."""
+        return self.engine
 
     def close(self) -> None:
         """Stop the engine's worker processes (tensor_parallel_size > 1; at exit otherwise). Idempotent."""
@@ -53,8 +80,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Outputs in input order. A prompt is a text, a list of token ids, or {"prompt_token_ids": [...]}.
         lora_request: one adapter for every prompt, or one (or None: the base model) per prompt; they share
-        batches."""
-        self.engine.check_generates()
+        batches. Each output's lora_request is the adapter its prompt ran under."""
+        self._check_generates()
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -97,6 +124,8 @@ class LLM:
             if len(loras) != len(prompts):
                 raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts; pass one or one per "
                                  "prompt")
+        if not self.enable_lora and any(lora is not None for lora in loras):
+            raise ValueError("lora_request given, but this LLM was made with enable_lora=False")
         for lora in {lora for lora in loras if lora is not None}:  # loaded (and checked) before anything is queued
             self.engine.add_lora(lora)
         return self._run(prompts, params_list, use_tqdm, loras)
@@ -122,17 +151,22 @@ class LLM:
         name. The positional order is vLLM's (messages, sampling_params, use_tqdm, lora_request, chat_template); as
         in vLLM, each output's prompt is None (the prompt goes in as token ids), its prompt_token_ids the rendered
         conversation's."""
-        self.engine.check_generates()
+        self._check_generates()
         if not isinstance(messages, (list, tuple)) or any(not isinstance(m, (dict, list, tuple)) for m in messages):
             raise TypeError("messages must be a conversation (a list of message dicts such as "
                             "{'role': 'user', 'content': '...'}) or a list of conversations; "
-                            f"got {_clip_repr(messages)}")
+                            f"got {clip_repr(messages)}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         texts = [self._render_chat(c, add_generation_prompt, chat_template_kwargs, tools, continue_final_message,
                                    chat_template) for c in conversations]
         prompts = [{"prompt_token_ids": self.engine.encode(t, "chat messages", add_special_tokens=False)}
                    for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def _check_generates(self) -> None:
+        if self.runner == "pooling":
+            raise ValueError("this LLM was made with runner='pooling': it embeds (LLM.embed), it does not generate")
+        self.engine.check_generates()
 
     def apply_chat_template(
         self,
@@ -150,10 +184,11 @@ class LLM:
     def _render_chat(self, conversation: list[Message], add_generation_prompt: bool, chat_template_kwargs: dict | None,
                      tools: list[dict] | None, continue_final_message: bool, chat_template: str | None) -> str:
         if not isinstance(conversation, (list, tuple)) or any(not isinstance(m, dict) for m in conversation):
-            raise TypeError(f"a conversation must be a list of message dicts; got {_clip_repr(conversation)}")
+            raise TypeError(f"a conversation must be a list of message dicts; got {clip_repr(conversation)}")
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true: continuing the "
                              "final message needs add_generation_prompt=False")
+        conversation = [flatten_content(m, i) for i, m in enumerate(conversation)]
         tok = self.engine.tokenizer
         options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                        tools=tools, **(chat_template_kwargs or {}))
@@ -162,7 +197,7 @@ class LLM:
 
             if not isinstance(chat_template, str) or not chat_template:
                 raise ValueError(f"chat_template must be a non-empty Jinja template string; got "
-                                 f"{_clip_repr(chat_template)}")
+                                 f"{clip_repr(chat_template)}")
             return render_chat(chat_template, list(conversation), dict(tok.special_tokens_map), **options)
         if not tok.chat_template:
             raise ValueError("this model has no chat template; pass chat_template=..., or use generate() with a "
@@ -197,7 +232,12 @@ class LLM:
         loras = loras or [None] * len(prompts)
         ids = self._add(lambda rid, i: self.engine.add_request(rid, prompts[i], params_list[i], None, loras[i]),
                         len(prompts))
-        return self._collect(ids, _progress(len(ids)) if use_tqdm else None)
+        outputs = self._collect(ids, _progress(len(ids)) if use_tqdm else None)
+        for out, lora in zip(outputs, loras, strict=True):
+            out.lora_request = lora
+            for completion in out.outputs:
+                completion.lora_request = lora
+        return outputs
 
     def _add(self, add: Callable[[str, int], None], num_requests: int) -> list[str]:
         """add(request_id, index) for each request, all or none: the first error aborts those added before."""
@@ -249,6 +289,10 @@ def _check_prompt(prompt: object, where: str) -> None:
     if isinstance(prompt, str):
         return
     if isinstance(prompt, dict):
+        extra = sorted(map(str, set(prompt) - set(PROMPT_KEYS)))
+        if extra:  # multi_modal_data, cache_salt, ...: not to be dropped unseen
+            raise ValueError(f"{where}: prompt key(s) {', '.join(map(repr, extra))} are not supported; a prompt dict "
+                             f"takes {' or '.join(map(repr, PROMPT_KEYS))}")
         if "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
         elif isinstance(prompt.get("prompt"), str):
@@ -264,12 +308,7 @@ def _check_prompt(prompt: object, where: str) -> None:
             if not isinstance(t, int) or isinstance(t, bool):
                 raise TypeError(f"{where} must be a list of int token ids; it holds {t!r}")
         return
-    raise TypeError(f"{where} must be {_PROMPT_KINDS}; got {_clip_repr(prompt)}")
-
-
-def _clip_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    raise TypeError(f"{where} must be {_PROMPT_KINDS}; got {clip_repr(prompt)}")
 
 
 def _progress(total: int):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.kv_cache import PrefixCacheStats
+
+if TYPE_CHECKING:
+    from pllm.runtime.engine.lora import LoRARequest
 
 
 @dataclass
@@ -31,6 +35,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: SampleLogprobs | None = None  # one dict per generated token when params.logprobs is set
     cumulative_logprob: float | None = None
+    lora_request: LoRARequest | None = None  # the adapter it ran under (filled by LLM.generate / chat)
 
     @property
     def finished(self) -> bool:
@@ -49,6 +54,7 @@ class RequestOutput:
     # with params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes it), then a dict
     # of the token itself and the params.prompt_logprobs best at its position (complete from the first output on)
     prompt_logprobs: PromptLogprobs | None = None
+    lora_request: LoRARequest | None = None  # the adapter it ran under (filled by LLM.generate / chat)
 
 
 @dataclass(frozen=True)

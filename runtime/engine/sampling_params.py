@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -185,6 +186,10 @@ class SamplingParams:
         if self.logit_bias is not None:
             self.logit_bias = _parse_logit_bias(self.logit_bias)
         self.validate()
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's SamplingParams.clone): changing it leaves this one as it is."""
+        return copy.deepcopy(self)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
