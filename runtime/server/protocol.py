@@ -276,7 +276,8 @@ class ChatMessage(OpenAIModel):
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)  # ContentPart admits text parts only
+        # ContentPart admits text parts only; joined by newlines, as vLLM renders a message's text parts (and LLM.chat)
+        return "\n".join(part.text or "" for part in self.content)
 
 
 # Keys of apply_chat_template's own parameters: a client must not reach them through chat_template_kwargs.

@@ -136,6 +136,11 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
     assert chat["count"] == used
     open_ended = httpx.post(url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
     assert open_ended["count"] < chat["count"]
+    # a message's text parts are joined by newlines, as vLLM (and LLM.chat) join them
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    joined = [{"role": "user", "content": "Hi\nthere"}]
+    assert (httpx.post(url + "/tokenize", json={"messages": parts}).json()["tokens"]
+            == httpx.post(url + "/tokenize", json={"messages": joined}).json()["tokens"])
 
 
 @pytest.mark.parametrize(
