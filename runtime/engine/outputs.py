@@ -37,8 +37,9 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     lora_request: LoRARequest | None = None  # the adapter it ran under (filled by LLM.generate / chat)
 
-    @property
     def finished(self) -> bool:
+        """Whether this sequence has ended (a method, as vLLM's CompletionOutput.finished(); RequestOutput.finished
+        is a field)."""
         return self.finish_reason is not None
 
 

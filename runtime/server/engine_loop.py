@@ -303,5 +303,5 @@ def _aborted_output(route: _Route) -> RequestOutput:
     if last is None:
         outputs = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(route.request.params.n)]
         last = RequestOutput(route.request.request_id, None, route.request.prompt_token_ids, outputs)
-    outputs = [o if o.finished else dataclasses.replace(o, finish_reason="abort") for o in last.outputs]
+    outputs = [o if o.finished() else dataclasses.replace(o, finish_reason="abort") for o in last.outputs]
     return dataclasses.replace(last, outputs=outputs, finished=True)

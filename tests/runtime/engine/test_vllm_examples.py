@@ -101,3 +101,9 @@ def test_sampling_params_clone_is_independent():
     copy.temperature, copy.stop = 0.9, ["y"]
     copy.logit_bias[1] = -5.0
     assert (params.temperature, params.stop, params.logit_bias) == (0.3, ["x"], {1: 2.0})
+
+
+def test_completion_finished_is_a_method_as_vllms(plain):
+    """vLLM scripts call out.outputs[0].finished(); RequestOutput.finished stays a field."""
+    out = plain.generate("a b", SamplingParams(**GREEDY))[0]
+    assert out.finished is True and out.outputs[0].finished() is True
