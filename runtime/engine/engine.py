@@ -10,7 +10,7 @@ from pllm.models.spec import ModelKind
 from pllm.runtime.engine.engine_setup import LoadedEngine
 from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
-from pllm.runtime.engine.request import FinishReason, Request, RequestStatus
+from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, ScheduledBatch
 from pllm.runtime.engine.sampling_params import SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import SequenceGrammar
 from pllm.runtime.worker.verify import sample_step
@@ -147,9 +147,16 @@ class LLMEngine(LoadedEngine):
         waiting = {self._group_id(r) for r in self.scheduler.waiting} - running
         return len(running), len(waiting)
 
+    def get_tokenizer(self):
+        """The tokenizer requests are encoded and decoded with (vLLM's LLMEngine.get_tokenizer)."""
+        return self.tokenizer
+
     def running_request_ids(self) -> set[str]:
-        """Ids of the user requests with a sequence in the running batch (what a failed step was running)."""
-        return {self._group_id(r) for r in self.scheduler.running}
+        """Ids of the user requests with a sequence in the running batch, and, after a step that raised, those that
+        step ran (what it was running): one may have finished in the scheduler before the step raised, and then
+        would never get an output, however long its caller waits."""
+        stepped = {rid for rid in self._step_request_ids if rid in self.processor or rid in self.pooler}
+        return {self._group_id(r) for r in self.scheduler.running} | stepped
 
     def snapshot(self) -> EngineSnapshot:
         """The engine's counters and gauges now, for metrics and admission control."""
@@ -172,10 +179,21 @@ class LLMEngine(LoadedEngine):
         return request.request_id if request.pooling is not None else self.processor.group_id(request)
 
     # -- the step ---------------------------------------------------------------------------------
+    # The user requests of the step in progress; left set only by a step that raised (running_request_ids).
+    _step_request_ids: frozenset[str] = frozenset()
+
     def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         """One engine iteration: schedule, run the model, sample, update; returns outputs that changed."""
+        self._step_request_ids = frozenset()
         refused = self._refuse_failed_grammars()
+        self._step_request_ids = frozenset(self._group_id(r) for r in refused)
         batch = self.scheduler.schedule()
+        self._step_request_ids |= {self._group_id(s.request) for s in batch.seqs}
+        outputs = self._run(refused, batch)
+        self._step_request_ids = frozenset()
+        return outputs
+
+    def _run(self, refused: list[Request], batch: ScheduledBatch) -> list[RequestOutput | EmbeddingRequestOutput]:
         for request in batch.preempted:
             if request.pooling is not None:
                 self.pooler.restart(request)

@@ -107,3 +107,8 @@ def test_completion_finished_is_a_method_as_vllms(plain):
     """vLLM scripts call out.outputs[0].finished(); RequestOutput.finished stays a field."""
     out = plain.generate("a b", SamplingParams(**GREEDY))[0]
     assert out.finished is True and out.outputs[0].finished() is True
+
+
+def test_llm_engine_get_tokenizer(plain):
+    """vLLM scripts reach the tokenizer as llm.llm_engine.get_tokenizer()."""
+    assert plain.llm_engine.get_tokenizer() is plain.get_tokenizer()

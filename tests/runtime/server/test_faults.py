@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -114,6 +115,48 @@ def test_failing_step_mid_stream_sends_error_then_done(stack):
     assert json.loads(events[-2])["error"]["code"] == 500
     assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
     no_leak(r)
+
+
+def test_step_failing_after_a_request_finished_fails_it_too(stack):
+    """A step that raises after the scheduler finished one of its requests (here: the output processor, after
+    update) must fail that request too. It is no longer in the running batch, and it never gets an output: left
+    alone, its handler waited forever and its route and text state stayed in the engine for good."""
+    llm, engine, app = stack
+    real_process = llm.processor.process
+    armed = threading.Event()
+
+    def flaky_process(sampled, *args, **kwargs):
+        if armed.is_set() and llm.scheduler.running and any(r.is_finished for r in sampled):
+            armed.clear()
+            raise RuntimeError("injected after update")
+        return real_process(sampled, *args, **kwargs)
+
+    llm.processor.process = flaky_process
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            long = asyncio.create_task(
+                c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 100, "ignore_eos": True}))
+            for _ in range(500):  # the long one decoding, so the short one's step runs beside it
+                if llm.scheduler.running:
+                    break
+                await asyncio.sleep(0.01)
+            armed.set()
+            short = await asyncio.wait_for(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 15)
+            return short, await long
+
+    short, long = asyncio.run(go())
+    assert not armed.is_set(), "the fault never fired"
+    assert short.status_code == 500 and long.status_code in (200, 500)
+    no_leak(short)
+    for _ in range(100):
+        if not engine.num_unfinished():
+            break
+        time.sleep(0.01)
+    assert engine.num_unfinished() == 0 and not engine._loop._routes
+    assert not llm.processor.groups and not llm.processor.seq_states and not llm.has_unfinished()
+    assert llm.kv.usage == 0
 
 
 def test_dead_loop_turns_health_503(stack):
