@@ -188,7 +188,8 @@ def create_app(
         arrival = time.monotonic()
         lora = serving.check_model(body.model)
         log_ignored(body)
-        prep = serving.under_lora(await completion_serving.prepare(body, arrival), lora)
+        header_id = raw.headers.get("x-request-id")
+        prep = serving.under_lora(await completion_serving.prepare(body, arrival, header_id), lora)
         stream = await engine.generate(prep.requests)
         if body.stream:
             return SSEResponse(completion_serving.stream(body, prep, stream), stream)
@@ -201,7 +202,8 @@ def create_app(
         arrival = time.monotonic()
         lora = serving.check_model(body.model)
         log_ignored(body)
-        prep = serving.under_lora(await chat_serving.prepare(body, arrival), lora)
+        header_id = raw.headers.get("x-request-id")
+        prep = serving.under_lora(await chat_serving.prepare(body, arrival, header_id), lora)
         stream = await engine.generate(prep.requests)
         if body.stream:
             return SSEResponse(chat_serving.stream(body, prep, stream), stream)
@@ -257,6 +259,10 @@ def create_app(
         if engine.draining:  # load balancers must stop routing here before the listener closes
             return error_response(503, "The server is draining (shutting down) and takes no new requests.")
         return Response(status_code=200)
+
+    # vLLM's /ping (SageMaker's health check): /health's answer, on GET and POST
+    app.add_api_route("/ping", health, methods=["GET", "POST"], response_class=Response,
+                      responses={503: {"model": ErrorResponse}})
 
     @app.get("/version")
     async def version():

@@ -9,9 +9,8 @@ import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
 from pllm.runtime.server.sse import error_response
-
-MAX_REQUEST_ID_LEN = 128
 
 
 class RequestGuard:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -22,6 +23,7 @@ from pllm.runtime.engine.sampling_params import (
     SamplingParams,
     StructuredOutputsParams,
 )
+from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
 from pllm.runtime.server.protocol_tools import (
     MAX_CALL_ID_LEN,
     MAX_TOOL_CALLS_PER_MESSAGE,
@@ -32,6 +34,12 @@ from pllm.runtime.server.protocol_tools import (
     check_tool_choice,
     check_tool_messages,
     check_tools,
+)
+from pllm.runtime.server.protocol_vllm import (
+    CHAT_UNHONOURED_VLLM_FIELDS,
+    GUIDED_FIELDS,
+    UNHONOURED_VLLM_FIELDS,
+    first_unhonoured,
 )
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -154,12 +162,38 @@ class SamplingRequest(OpenAIModel):
     # structured output: OpenAI's response_format, or vLLM's structured_outputs (json, regex, choice, grammar)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    # vLLM's: keep only this many prompt tokens, the last ones (-1: max_model_len of them)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
+    # vLLM's: the id the response carries (f"cmpl-{request_id}"); the X-Request-Id header wins over it, as in vLLM
+    request_id: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)] | None = None
+    # vLLM uses it with use_beam_search only (refused here) and ignores it otherwise, as this server does
+    length_penalty: float = 1.0
+    # chooses vLLM's grammar backend; this server has one (xgrammar, vLLM's default) and ignores it as vLLM's "auto"
+    guided_decoding_backend: str | None = None
+    unhonoured_fields: ClassVar[dict[str, object]] = UNHONOURED_VLLM_FIELDS
 
     # numbers only: JSON true is not a count, a seed or a temperature
     @field_validator(*NUMBER_FIELDS, mode="before")
     @classmethod
     def _numbers_only(cls, value):
         return _not_bool(value)
+
+    @field_validator("truncate_prompt_tokens", mode="before")
+    @classmethod
+    def _truncate_number_only(cls, value):
+        return _not_bool(value)
+
+    def check_unhonoured(self) -> None:
+        """InvalidParam naming the first of vLLM's fields this server cannot honour that is set to a value that
+        counts."""
+        name = first_unhonoured(self.model_extra or {}, self.unhonoured_fields)
+        if name is not None:
+            only = json.dumps(self.unhonoured_fields[name])
+            raise InvalidParam(name, f"{name} is not supported by this server (only {only} or absent)")
+
+    def _guided(self) -> dict[str, Any]:
+        extra = self.model_extra or {}
+        return {key: extra[field] for field, key in GUIDED_FIELDS.items() if extra.get(field) is not None}
 
     @field_validator("stream_options")
     @classmethod
@@ -171,10 +205,22 @@ class SamplingRequest(OpenAIModel):
     @property
     def structured_field(self) -> str:
         """The request field a structured-output error points at."""
-        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+        if self.structured_outputs is not None or self._guided():
+            return "structured_outputs"
+        return "response_format"
 
     def structured_params(self) -> StructuredOutputsParams | None:
         formatted = self.response_format.structured_outputs() if self.response_format is not None else None
+        guided = self._guided()
+        if guided:  # vLLM <= 0.11's guided_json, guided_regex, guided_choice, guided_grammar
+            if formatted is not None or self.structured_outputs is not None:
+                raise InvalidParam(next(f for f in GUIDED_FIELDS if GUIDED_FIELDS[f] in guided),
+                                   "set one of response_format, structured_outputs or guided_*, not several")
+            try:
+                return StructuredOutputsParams(**guided)
+            except InvalidParam as exc:  # name the field the client used
+                raise InvalidParam(f"guided_{exc.param.rpartition('.')[2]}" if "." in exc.param else exc.param,
+                                   str(exc).replace("structured_outputs.", "guided_")) from None
         if self.structured_outputs is None:
             return formatted
         if formatted is not None:
@@ -187,6 +233,7 @@ class SamplingRequest(OpenAIModel):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams for this request; ValueError (naming the field) when a combination is out of range."""
+        self.check_unhonoured()
         temperature = _or(self.temperature, 1.0)
         return SamplingParams(
             n=self.n,
@@ -226,6 +273,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = Field(None, max_length=0)  # not supported: only absent or empty passes
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    add_special_tokens: bool = True  # vLLM's: BOS and the like added to a text prompt
 
     @field_validator("max_tokens", "logprobs", "best_of", mode="before")
     @classmethod
@@ -298,6 +346,11 @@ class ChatCompletionRequest(SamplingRequest):
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
     parallel_tool_calls: bool = True
+    # vLLM's: special tokens added on top of the template's (it adds them itself, so off by default)
+    add_special_tokens: bool = False
+    # vLLM's: retrieval documents handed to the chat template (a template that reads none ignores them, as in vLLM)
+    documents: Annotated[list[dict[str, str]], Field(max_length=MAX_MESSAGES)] | None = None
+    unhonoured_fields: ClassVar[dict[str, object]] = {**UNHONOURED_VLLM_FIELDS, **CHAT_UNHONOURED_VLLM_FIELDS}
 
     @field_validator("top_logprobs", "max_completion_tokens", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
+from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
 from pllm.runtime.server.protocol import SamplingRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 
@@ -25,7 +27,14 @@ class Prepared:
 
     requests: list[EngineRequest]
     prompt_texts: list[str]  # for echo ("" when not echoing)
+    # the response's `id`: f"{prefix}-{X-Request-Id or the body's request_id or a uuid}", as vLLM's ("": the first
+    # engine request's id)
+    response_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.response_id:
+            object.__setattr__(self, "response_id", self.requests[0].request_id if self.requests else "")
 
     def choice_base(self) -> dict[str, int]:
         n = self.requests[0].params.n
@@ -111,6 +120,18 @@ class OpenAIServing:
         except ValueError as exc:
             raise EngineError(400, str(exc), param=param) from None
 
+    def truncate(self, ids: list[int], req: SamplingRequest) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the last k prompt tokens (k = -1: max_model_len); k > max_model_len: a 400."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = self.max_model_len if k == -1 else k
+        if k > self.max_model_len:
+            raise EngineError(400, f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
+                              f"({self.max_model_len}). Please select a smaller truncation size.",
+                              param="truncate_prompt_tokens")
+        return ids[-k:] if k else []
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """A 400 naming param for a token id outside the vocabulary (before the engine sees it)."""
         vocab = self.engine.engine.spec.vocab_size
@@ -154,6 +175,15 @@ class OpenAIServing:
             await asyncio.wrap_future(self.engine.engine.grammars.compile(params.structured_outputs))
         except GrammarError as exc:
             raise _bad_request(req, exc) from None
+
+
+def response_id(prefix: str, header_id: str | None, req: SamplingRequest) -> str:
+    """vLLM's response id: the X-Request-Id header's value, else the body's request_id, else a fresh uuid. The engine's
+    own request ids stay unique whatever a client sends; this is only the id the client sees."""
+    if header_id is not None and not (0 < len(header_id) <= MAX_REQUEST_ID_LEN and header_id.isprintable()
+                                      and header_id.isascii()):
+        header_id = None  # the guard answered with a fresh id for it in X-Request-Id
+    return f"{prefix}-{header_id or req.request_id or uuid.uuid4().hex}"
 
 
 def _bad_request(req: SamplingRequest, exc: ValueError) -> EngineError:

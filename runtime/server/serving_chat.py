@@ -19,7 +19,7 @@ from pllm.runtime.server.protocol_responses import (
     DeltaMessage,
 )
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
-from pllm.runtime.server.serving import OpenAIServing, Prepared
+from pllm.runtime.server.serving import OpenAIServing, Prepared, response_id
 from pllm.runtime.server.serving_tools import ToolCalling, finish_reason
 from pllm.runtime.server.sse import (
     SeqCursor,
@@ -42,7 +42,7 @@ class ChatServing:
         self.base = base
         self.tools = tools
 
-    async def prepare(self, req: ChatCompletionRequest, arrival: float) -> Prepared:
+    async def prepare(self, req: ChatCompletionRequest, arrival: float, header_id: str | None = None) -> Prepared:
         self.base.check_generates()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -52,11 +52,13 @@ class ChatServing:
         await self.base.check_grammar(req, params)
         conversation = req.conversation()
         self.base.check_chars("".join(m["content"] for m in conversation) or " ", param="messages")
-        ids = await self.base.in_tokenizer_thread(self._render_chat, req, conversation)
+        ids = await self.base.in_tokenizer_thread(self._render_chat, req, conversation, req.add_special_tokens)
+        ids = self.base.truncate(ids, req)
         if not ids:
             raise EngineError(400, "The rendered chat prompt is empty.", param="messages")
         self.base.check_fits(ids, "messages")
-        return Prepared([EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)], [""])
+        requests = [EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)]
+        return Prepared(requests, [""], response_id("chatcmpl", header_id, req))
 
     def _render_chat(
         self, req: ChatCompletionRequest, conversation: list[dict], add_special_tokens: bool = False
@@ -74,6 +76,7 @@ class ChatServing:
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 tools=self.tools.template_tools(req),
+                documents=req.documents,
                 **(req.chat_template_kwargs or {}),
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -102,7 +105,7 @@ class ChatServing:
                 )
             )
         return ChatCompletionResponse(
-            id=prep.requests[0].request_id,
+            id=prep.response_id,
             created=prep.created,
             model=prep.model_name(self.base.model_name),
             choices=choices,
@@ -125,7 +128,7 @@ class ChatServing:
         return ChatChoiceLogprobs(content=tokens)
 
     def stream(self, req: ChatCompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        rid, model = prep.requests[0].request_id, prep.model_name(self.base.model_name)
+        rid, model = prep.response_id, prep.model_name(self.base.model_name)
         opts = req.stream_options
         cursors: dict[int, SeqCursor] = {}
         finals: dict[str, RequestOutput] = {}

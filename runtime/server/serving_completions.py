@@ -15,7 +15,7 @@ from pllm.runtime.server.protocol_responses import (
     CompletionStreamResponse,
 )
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
-from pllm.runtime.server.serving import OpenAIServing, Prepared
+from pllm.runtime.server.serving import OpenAIServing, Prepared, response_id
 from pllm.runtime.server.sse import (
     SeqCursor,
     advance,
@@ -34,7 +34,7 @@ class CompletionServing:
     def __init__(self, base: OpenAIServing) -> None:
         self.base = base
 
-    async def prepare(self, req: CompletionRequest, arrival: float) -> Prepared:
+    async def prepare(self, req: CompletionRequest, arrival: float, header_id: str | None = None) -> Prepared:
         self.base.check_generates()
         if req.max_tokens == 0 and not req.echo:
             raise EngineError(400, "max_tokens must be at least 1 unless echo is true", param="max_tokens")
@@ -48,18 +48,21 @@ class CompletionServing:
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
                 self.base.check_chars(prompt)
-                ids = await self.base.in_tokenizer_thread(self.base.encode, prompt)
+                ids = await self.base.in_tokenizer_thread(self.base.encode, prompt, req.add_special_tokens)
                 text = prompt
             else:
                 ids = list(prompt)
                 self.base.check_token_ids(ids, "prompt")
-                text = await self.base.in_tokenizer_thread(self.base.tokenizer.decode, ids) if req.echo else ""
+                text = ""
+            ids = self.base.truncate(ids, req)
+            if req.echo and (not isinstance(prompt, str) or req.truncate_prompt_tokens is not None):
+                text = await self.base.in_tokenizer_thread(self.base.tokenizer.decode, ids)  # the prompt as it ran
             if not ids:
                 raise EngineError(400, "The prompt is empty; provide a non-empty prompt.", param="prompt")
             self.base.check_fits(ids, "prompt")
             requests.append(EngineRequest(f"{base_id}-{i}", ids, params, arrival))
             texts.append(text if req.echo else "")
-        return Prepared(requests, texts)
+        return Prepared(requests, texts, response_id("cmpl", header_id, req))
 
     async def response(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> CompletionResponse:
         finals = await collect(stream)
@@ -86,7 +89,7 @@ class CompletionServing:
                 )
         choices.sort(key=lambda c: c.index)
         return CompletionResponse(
-            id=prep.requests[0].request_id.rsplit("-", 1)[0],
+            id=prep.response_id,
             created=prep.created,
             model=prep.model_name(self.base.model_name),
             choices=choices,
@@ -122,7 +125,7 @@ class CompletionServing:
         return lp
 
     def stream(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> AsyncIterator[str]:
-        rid, model = prep.requests[0].request_id.rsplit("-", 1)[0], prep.model_name(self.base.model_name)
+        rid, model = prep.response_id, prep.model_name(self.base.model_name)
         opts = req.stream_options
         base = prep.choice_base()
         prompt_index = {r.request_id: i for i, r in enumerate(prep.requests)}
