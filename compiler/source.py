@@ -38,6 +38,9 @@ TOKENIZER_FILES = (
 JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
               "chat_template.json", "added_tokens.json", "generation_config.json")
 GGUF_SCRATCH = "pllm-gguf-"
+PICKLED_WEIGHTS = ("pytorch_model", "model")  # <prefix>*.bin: torch.save'd weights, not read
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' default chat template, a file of its own
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # its named templates beside it, <name>.jinja each
 
 
 class ModelSourceError(ValueError):
@@ -259,6 +262,12 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
+            pickled = sorted(f.name for f in path.glob("*.bin") if f.name.startswith(PICKLED_WEIGHTS))
+            if pickled:  # transformers and vLLM read these (torch.load); pllm reads safetensors only
+                shown = ", ".join(pickled[:3]) + (" ..." if len(pickled) > 3 else "")
+                raise ModelSourceError(
+                    f"{path}: holds PyTorch pickle weights ({shown}), which pllm does not read: convert them to "
+                    "safetensors first (transformers: from_pretrained, then save_pretrained)")
             raise ModelSourceError(f"{path}: no *.safetensors weights found")
         for file in files:
             for tensor, shape in _read_header(_confined(root, file, str(file))).items():
@@ -309,6 +318,41 @@ def iter_tokenizer_files(source: ModelSource) -> Iterator[Path]:
             yield f
 
 
+def _fold_named_templates(source: ModelSource, out_dir: Path, copied: list[str]) -> list[str]:
+    """Named chat templates as transformers saves them: additional_chat_templates/<name>.jinja beside
+    chat_template.jinja (the template named 'default'). transformers reads them all (with tools, 'tool_use'); a build
+    keeps its tokenizer files in one flat folder, so they are written into its tokenizer_config.json as the list of
+    {name, template} transformers also reads, in the order it would read the files, chat_template.jinja dropped."""
+    folder = source.tokenizer_dir / CHAT_TEMPLATE_DIR
+    if not folder.is_dir():
+        return copied
+    root = source.tokenizer_dir if source.root is None else source.root
+    templates: dict[str, str] = {}
+    files = ([source.tokenizer_dir / CHAT_TEMPLATE_FILE] if CHAT_TEMPLATE_FILE in copied else []) + [
+        f for f in sorted(folder.glob("*.jinja")) if f.is_file()]
+    for f in files:
+        name = "default" if f.parent != folder else f.name.removesuffix(".jinja")
+        try:
+            templates[name] = _confined(root, f, str(f)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelSourceError(f"{f}: cannot be read as a chat template ({e})") from None
+    if set(templates) <= {"default"}:  # transformers reads a lone default as the one template it is
+        return copied
+    config_file = out_dir / "tokenizer_config.json"
+    config = read_json(config_file) if config_file.exists() else {}
+    config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    if CHAT_TEMPLATE_FILE in copied:
+        (out_dir / CHAT_TEMPLATE_FILE).unlink()
+    return [name for name in copied if name != CHAT_TEMPLATE_FILE] + (
+        [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"])
+
+
+def _needs_sentencepiece(copied: list[str]) -> bool:
+    return ("tokenizer.model" in copied and not {"tokenizer.json", "vocab.json", "vocab.txt"} & set(copied)
+            and importlib.util.find_spec("sentencepiece") is None)
+
+
 def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
     """Copy the tokenizer files into `out_dir` and load them from there, exactly as serving will."""
     from transformers import AutoTokenizer
@@ -317,12 +361,18 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
     for f in iter_tokenizer_files(source):
         shutil.copyfile(f, out_dir / f.name)
         copied.append(f.name)
+    copied = _fold_named_templates(source, out_dir, copied)
     if not {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"} & set(copied):
         raise ModelSourceError(f"{source.tokenizer_dir}: no tokenizer files (tokenizer.json or tokenizer.model)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     except Exception as e:  # tokenizers and transformers raise many types for a bad file; all mean "cannot serve"
         files = ", ".join(str(source.tokenizer_dir / f) for f in copied)
+        if _needs_sentencepiece(copied):  # transformers then falls back to tiktoken and names that instead
+            raise ModelSourceError(
+                f"{source.tokenizer_dir / 'tokenizer.model'}: a sentencepiece tokenizer with no tokenizer.json; "
+                "transformers converts it only with the sentencepiece package installed (pip install sentencepiece), "
+                "or give the folder the tokenizer.json a save_pretrained of the tokenizer writes") from None
         raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
     written = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers
     if (problem := encoding_problem(tokenizer, out_dir, written)) is not None:
