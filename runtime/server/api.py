@@ -179,7 +179,9 @@ def create_app(
 
     def log_ignored(body) -> None:
         if body.ignored_fields:
-            logger.info("ignored request fields: %s", ", ".join(body.ignored_fields)[:500])
+            # the names are the client's: escaped, so a newline or a terminal escape cannot forge or hide log lines
+            fields = ", ".join(body.ignored_fields)[:500].encode("unicode_escape").decode("ascii")
+            logger.info("ignored request fields: %s", fields)
 
     json_or_sse = {"content": {"text/event-stream": {}}}
 
