@@ -17,7 +17,7 @@ class NamedCallFormat:
 
     function_name: str
 
-    def scan(self, text: str, final: bool) -> Scan:
+    def scan(self, text: str, final: bool, memo: dict | None = None) -> Scan:
         arguments = text.lstrip()
         if not arguments:
             return Scan(text if final else "")
@@ -31,9 +31,9 @@ class RequiredCallsFormat:
 
     name = "required"
 
-    def scan(self, text: str, final: bool) -> Scan:
+    def scan(self, text: str, final: bool, memo: dict | None = None) -> Scan:
         i = skip_ws(text, 0)
         if i >= len(text) or text[i] != "[":
             return Scan(text if final else "")
-        calls, rest = json_calls(text, skip_ws(text, i + 1), ",")
+        calls, rest = json_calls(text, skip_ws(text, i + 1), ",", memo)
         return calls_and_content(text, "", calls, rest, final)

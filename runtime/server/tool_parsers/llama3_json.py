@@ -14,7 +14,7 @@ class Llama3JsonFormat:
     # <|python_tag|> is a special token; kept in the text, it marks a call (the reading takes it or its absence).
     markup_may_be_special_tokens = True
 
-    def scan(self, text: str, final: bool) -> Scan:
+    def scan(self, text: str, final: bool, memo: dict | None = None) -> Scan:
         i = skip_ws(text, 0)
         if text.startswith(PYTHON_TAG, i):
             i = skip_ws(text, i + len(PYTHON_TAG))
@@ -22,5 +22,5 @@ class Llama3JsonFormat:
             return Scan("")  # nothing yet, or the start of the tag
         if i < len(text) and text[i] != "{":
             return Scan(text)  # a message that does not open with a call is plain content
-        calls, rest = json_calls(text, i, ";")
+        calls, rest = json_calls(text, i, ";", memo)
         return calls_and_content(text, "", calls, rest, final)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 WHITESPACE = " \t\r\n"
+_WHITESPACE_RUN = re.compile(r"[ \t\r\n]*")
 ARGUMENT_KEYS = ("arguments", "parameters")  # Hermes/Qwen say "arguments", Llama 3 says "parameters"
 
 
@@ -33,9 +35,7 @@ class Scan:
 
 
 def skip_ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in WHITESPACE:
-        i += 1
-    return i
+    return _WHITESPACE_RUN.match(text, i).end()  # in C: a model can write a long run of whitespace
 
 
 def held_back(text: str, marker: str) -> str:
@@ -101,16 +101,25 @@ def read_json_call(text: str, i: int) -> tuple[PartialCall, int] | None:
         return None
 
 
-def json_calls(text: str, i: int, separator: str) -> tuple[tuple[PartialCall, ...], int | None]:
+def json_calls(
+    text: str, i: int, separator: str, memo: dict | None = None
+) -> tuple[tuple[PartialCall, ...], int | None]:
     """Call objects from text[i] on, separated by `separator`; and where the reading stopped at text that is
     not (yet) a call, or None when it stopped after a call at something else (ignored: what follows the calls
-    is not content in any format here)."""
+    is not content in any format here). memo (a stream's, see ToolCallStream) resumes after the calls and
+    separators an earlier, shorter text already held, so a stream reads each call once, not once per delta."""
     calls: list[PartialCall] = []
+    if memo is not None and (saved := memo.get("json_calls")) is not None:
+        calls, count, i = saved  # the same list, grown in place; its first count calls depend on text[:i] alone
+        del calls[count:]
+        i = skip_ws(text, i)
     while (read := read_json_call(text, i)) is not None:
         calls.append(read[0])
         j = skip_ws(text, read[1])
         if j >= len(text) or text[j] != separator:
             return tuple(calls), None
+        if memo is not None:
+            memo["json_calls"] = (calls, len(calls), j + 1)
         i = skip_ws(text, j + 1)
     return tuple(calls), i
 

@@ -12,7 +12,11 @@ from pllm.runtime.server.tool_parsers.scan import Scan
 class ToolCallFormat(Protocol):
     """How one model family writes tool calls: a reading of the whole text so far (see Scan)."""
 
-    def scan(self, text: str, final: bool) -> Scan: ...
+    def scan(self, text: str, final: bool, memo: dict | None = None) -> Scan:
+        """memo: a stream's own dict, the same on every call, each text extending the last: the format may keep
+        what it read there (calls read whole, where an open one stopped) and read on from it, so a stream's cost
+        per delta does not grow with the calls and markup before it. None: read the text from the start."""
+        ...
 
 
 class ModelToolCallFormat(ToolCallFormat, Protocol):
@@ -61,13 +65,21 @@ class ToolCallStream:
         self.max_calls = max_calls  # parallel_tool_calls false: the first call only
         self.content = ""
         self.calls: list[ToolCall] = []  # sent so far (arguments as sent)
+        self._memo: dict = {}  # the format's reading so far (ToolCallFormat.scan)
+        self._text = ""  # the text it was read from
 
     def update(self, text: str, final: bool) -> StreamDelta:
-        scan = self.fmt.scan(text, final)
+        if not text.startswith(self._text):  # not the cumulative text it was fed: read it afresh
+            self._memo.clear()
+        self._text = text
+        scan = self.fmt.scan(text, final, self._memo)
         assert scan.content.startswith(self.content), "a format's content must only grow"
         content, self.content = scan.content[len(self.content) :], scan.content
         deltas = []
-        for index, call in enumerate(scan.calls[: self.max_calls]):
+        calls = scan.calls[: self.max_calls]
+        # calls before the last one sent are whole and were checked when sent: only the last one can still grow
+        for index in range(max(len(self.calls) - 1, 0), len(calls)):
+            call = calls[index]
             if index == len(self.calls):
                 self.calls.append(ToolCall(new_call_id(), call.name, ""))
                 deltas.append(ToolCallDelta(index, self.calls[index].id, call.name, ""))

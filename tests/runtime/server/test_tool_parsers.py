@@ -312,3 +312,55 @@ def test_corrupted_calls_stream_as_they_read_whole_and_every_call_is_valid(fmt, 
     expected = (parsed.content or "", [(c.name, c.arguments) for c in parsed.tool_calls])
     assert stream_pieces(fmt, cut(text, points)) == expected
     assert stream_pieces(fmt, list(text)) == expected
+
+
+LONG_OUTPUTS = [  # 300 calls, then an open one: a model (or a prompt that steers it) writing calls at length
+    (HERMES, '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n' * 300 + '<tool_call>{"name'),
+    (LLAMA3, '{"name": "f", "parameters": {"a": 1}}; ' * 300 + '{"name'),
+    (RequiredCallsFormat(), "[" + '{"name": "f", "parameters": {"a": 1}}, ' * 300 + '{"name'),
+    (PYTHONIC, "[" + "f(a=1), " * 300 + "f(a="),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text"), LONG_OUTPUTS, ids=[type(f).__name__ for f, _ in LONG_OUTPUTS])
+def test_a_stream_reads_each_call_once_not_once_per_delta(fmt, text, monkeypatch):
+    """The stream is fed the cumulative text at every token: reading every call again each time was O(n^2) over
+    a long output, seconds of the event loop for one 8k-token stream. Each call is parsed about once."""
+    import pllm.runtime.server.tool_parsers.pythonic as pythonic
+    import pllm.runtime.server.tool_parsers.scan as scan
+
+    parses = 0
+    decoder, keyword_arguments = scan._DECODER, pythonic._keyword_arguments_json
+
+    class CountingDecoder:
+        def raw_decode(self, s, idx=0):
+            nonlocal parses
+            parses += 1
+            return decoder.raw_decode(s, idx)
+
+    def counting_keyword_arguments(source):
+        nonlocal parses
+        parses += 1
+        return keyword_arguments(source)
+
+    monkeypatch.setattr(scan, "_DECODER", CountingDecoder())
+    monkeypatch.setattr(pythonic, "_keyword_arguments_json", counting_keyword_arguments)
+    stream, deltas = ToolCallStream(fmt), 0
+    for k in range(4, len(text) + 4, 4):  # about a token's worth of text a delta
+        stream.update(text[:k], final=False)
+        deltas += 1
+    assert len(stream.calls) == 300
+    assert parses <= deltas + 300, (parses, deltas)  # at most the open call each delta, and each call once
+
+
+def test_a_long_open_python_call_is_read_on_not_again_from_its_start():
+    """An open call's argument text is scanned character by character in Python: from where the last delta
+    stopped, not from its start, or a 32k-character argument streamed 4 characters a delta took ~8 s."""
+    import time
+
+    text = '[f(a="' + "x" * 32_000
+    stream, start = ToolCallStream(PYTHONIC), time.process_time()
+    for k in range(4, len(text) + 4, 4):
+        stream.update(text[:k], final=False)
+    assert time.process_time() - start < 2.0
+    assert parse_tool_calls(PYTHONIC, text + '")]').tool_calls[0].arguments == json.dumps({"a": "x" * 32_000})
