@@ -221,7 +221,9 @@ class LLMEngine(LoadedEngine):
         before queueing (the server, LLM.generate) never queue one; an output still tells anyone who did."""
         failed = [r for r in self.scheduler.waiting if r.grammar is not None and r.grammar.error() is not None]
         for request in failed:
-            logger.warning("request %s: %s", request.request_id, request.grammar.error())
+            # the error can quote the client's regex or schema: escaped, it stays one log line with no control codes
+            error = str(request.grammar.error()).encode("unicode_escape").decode("ascii")
+            logger.warning("request %s: %s", ascii(request.request_id), error)
             self.scheduler.finish_request(request.request_id, FinishReason.ABORT)
         return failed
 

@@ -65,14 +65,19 @@ class RequestStream:
     def __init__(self, engine: Aborter, request_ids: list[str], loop: asyncio.AbstractEventLoop):
         self._engine = engine
         self._loop = loop
-        self._queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._queue: asyncio.Queue[StreamItem | _Unread] = asyncio.Queue()
+        # A request's newest output not yet read. Outputs are cumulative (the whole text, token ids and logprobs
+        # so far, each a fresh copy), so a newer one replaces an unread older one, as vLLM's RequestOutputCollector
+        # merges them: a client that reads slowly or not at all holds one output a request, not one per step
+        # (which was O(tokens^2) memory: ~700 MB for one stalled 8k-token sequence).
+        self._unread: dict[str, RequestOutput] = {}
         self._unfinished = set(request_ids)
         self._closed = False
 
     def put(self, item: StreamItem) -> None:
         """Engine thread: hand an output, an EngineError or Accepted to the event loop."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self.receive, item)
         except RuntimeError:  # the event loop is gone (shutdown); nobody is listening any more
             pass
 
@@ -82,10 +87,20 @@ class RequestStream:
 
     def receive(self, item: StreamItem) -> None:
         """Event loop: queue an item the engine thread handed over (StepHandoff)."""
+        if isinstance(item, RequestOutput):
+            unread = item.request_id in self._unread
+            self._unread[item.request_id] = item
+            if unread:  # its place in the queue is kept; the newer output is what will be read there
+                return
+            item = _Unread(item.request_id)
         self._queue.put_nowait(item)
 
-    async def wait_accepted(self) -> None:
+    async def _get(self) -> StreamItem:
         item = await self._queue.get()
+        return self._unread.pop(item.request_id) if isinstance(item, _Unread) else item
+
+    async def wait_accepted(self) -> None:
+        item = await self._get()
         if isinstance(item, EngineError):
             self._unfinished.clear()
             raise item
@@ -93,7 +108,7 @@ class RequestStream:
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput | EmbeddingRequestOutput]:
         while self._unfinished:
-            item = await self._queue.get()
+            item = await self._get()
             if isinstance(item, Cancelled):
                 raise ClientDisconnected()
             if isinstance(item, EngineError):
@@ -113,6 +128,13 @@ class RequestStream:
         """Event loop: the client disconnected; abort and wake the consumer."""
         self.close()
         self._queue.put_nowait(Cancelled())
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A queue place for a request's newest unread output (RequestStream._unread)."""
+
+    request_id: str
 
 
 class StepHandoff:

@@ -122,3 +122,25 @@ def test_a_closed_loop_is_skipped():
     handoff = StepHandoff(timeout_s=30.0, max_lag_s=0.0)
     handoff.add(stream, "late", first=True)
     handoff.deliver()  # returns at once: nobody is listening any more
+
+
+def test_a_reader_that_falls_behind_holds_one_output_a_request(loop_thread):
+    """Outputs are cumulative copies: a stalled SSE reader used to queue one per step, O(tokens^2) memory
+    (~700 MB for one 8k-token sequence). A newer output replaces its request's unread one, in its queue place."""
+    from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
+
+    def output(rid: str, k: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * k, list(range(k)))], finished)
+
+    async def run() -> tuple[int, list[tuple[str, int]]]:
+        stream = RequestStream(_NoAbort(), ["a", "b"], asyncio.get_running_loop())
+        for k in range(1, 1001):
+            stream.receive(output("a", k))
+            stream.receive(output("b", k, finished=k == 1000))
+        stream.receive(output("a", 1001, finished=True))
+        queued = stream._queue.qsize()
+        return queued, [(out.request_id, len(out.outputs[0].text)) async for out in stream]
+
+    queued, read = loop_thread.run(run())
+    assert queued == 2
+    assert read == [("a", 1001), ("b", 1000)]
