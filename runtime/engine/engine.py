@@ -13,6 +13,7 @@ from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, 
 from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, ScheduledBatch
 from pllm.runtime.engine.sampling_params import SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import SequenceGrammar
+from pllm.runtime.engine.vllm_args import check_prompt_keys
 from pllm.runtime.worker.verify import sample_step
 
 logger = logging.getLogger("pllm")
@@ -34,6 +35,7 @@ class LLMEngine(LoadedEngine):
         tokenizes_empty_text: an empty text is tokenized rather than refused, for an embedding: an encoder's tokenizer
         makes it [CLS] [SEP], which sentence-transformers embeds; what comes out with no tokens is still refused."""
         if isinstance(prompt, dict):
+            check_prompt_keys(prompt, "prompt")
             if "prompt_token_ids" in prompt:
                 prompt = list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:
@@ -139,6 +141,14 @@ class LLMEngine(LoadedEngine):
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_unfinished_requests(self) -> bool:
+        """vLLM's LLMEngine name for has_unfinished (its offline loop: add_request, then step while this holds)."""
+        return self.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        """vLLM's LLMEngine name for num_unfinished_requests."""
+        return self.num_unfinished_requests()
 
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting) counted in requests, not sequences: n > 1 is one request, running while any of its

@@ -10,7 +10,7 @@ from pllm.runtime.engine.engine import LLMEngine
 from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.engine.vllm_args import PROMPT_KEYS, check_dtype, clip_repr, flatten_content, vllm_settings
+from pllm.runtime.engine.vllm_args import check_dtype, check_prompt_keys, clip_repr, flatten_content, vllm_settings
 
 Prompt = str | list[int] | dict
 Message = dict  # {"role", "content"}, and "tool_calls" / "tool_call_id" in tool-calling turns
@@ -32,9 +32,12 @@ class LLM:
     - enable_lora: adapters are always available; enable_lora=False refuses lora_request as vLLM does.
     """
 
-    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: object = "auto",
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: object = "auto",
                  trust_remote_code: bool = False, runner: str = "auto", enable_lora: bool = True,
                  **engine_settings):
+        if model is None:  # (a default only so that the old keyword gets its own message)
+            renamed = " (the argument once named build_dir, named model as in vLLM)" * ("build_dir" in engine_settings)
+            raise TypeError(f"LLM() needs model, the path of a pllm build folder{renamed}")
         engine_settings = vllm_settings(model, tokenizer, trust_remote_code, runner, enable_lora, engine_settings)
         config = EngineConfig(**engine_settings)
         if dtype not in ("auto", None):
@@ -51,7 +54,8 @@ class LLM:
 
     @property
     def llm_engine(self) -> LLMEngine:
-        """The engine under this LLM (vLLM's name for it): add_request / step / has_unfinished / abort_request."""
+        """The engine under this LLM (vLLM's name for it): add_request, step, has_unfinished_requests, abort_request;
+        below LLM's own checks (runner, enable_lora), as vLLM's engine is below its LLM."""
         return self.engine
 
     def close(self) -> None:
@@ -289,10 +293,7 @@ def _check_prompt(prompt: object, where: str) -> None:
     if isinstance(prompt, str):
         return
     if isinstance(prompt, dict):
-        extra = sorted(map(str, set(prompt) - set(PROMPT_KEYS)))
-        if extra:  # multi_modal_data, cache_salt, ...: not to be dropped unseen
-            raise ValueError(f"{where}: prompt key(s) {', '.join(map(repr, extra))} are not supported; a prompt dict "
-                             f"takes {' or '.join(map(repr, PROMPT_KEYS))}")
+        check_prompt_keys(prompt, where)  # multi_modal_data, cache_salt, ...: before anything is queued
         if "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
         elif isinstance(prompt.get("prompt"), str):

@@ -40,6 +40,14 @@ _NO_COUNTERPART = {
 PROMPT_KEYS = ("prompt", "prompt_token_ids")
 
 
+def check_prompt_keys(prompt: dict, where: str) -> None:
+    """ValueError naming a prompt dict's keys pllm would otherwise drop unseen (multi_modal_data, cache_salt, ...)."""
+    extra = sorted(map(str, set(prompt) - set(PROMPT_KEYS)))
+    if extra:
+        raise ValueError(f"{where}: prompt key(s) {', '.join(map(repr, extra))} are not supported; a prompt dict "
+                         f"takes {' or '.join(map(repr, PROMPT_KEYS))}")
+
+
 def vllm_settings(model: object, tokenizer: object, trust_remote_code: object, runner: object, enable_lora: object,
                   engine_settings: dict) -> dict:
     """LLM's keyword arguments checked, and engine_settings with vLLM's names read as EngineConfig's: ValueError or

@@ -112,3 +112,25 @@ def test_completion_finished_is_a_method_as_vllms(plain):
 def test_llm_engine_get_tokenizer(plain):
     """vLLM scripts reach the tokenizer as llm.llm_engine.get_tokenizer()."""
     assert plain.llm_engine.get_tokenizer() is plain.get_tokenizer()
+
+
+def test_vllm_engine_loop_and_its_prompt_checks(plain):
+    """vLLM's llm_engine_example loop: add_request, then step while has_unfinished_requests(); a prompt key the
+    engine would drop is refused there too, not only by LLM.generate."""
+    engine = plain.llm_engine
+    engine.add_request("r", {"prompt": "a b"}, SamplingParams(**GREEDY))
+    assert engine.get_num_unfinished_requests() == 1
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == ["r"] and len(finished[0].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="multi_modal_data"):
+        engine.add_request("s", {"prompt": "a", "multi_modal_data": {}}, SamplingParams(**GREEDY))
+    assert not engine.has_unfinished_requests()
+
+
+def test_the_old_build_dir_keyword_names_its_new_name(build):
+    with pytest.raises(TypeError, match="once named build_dir, named model"):
+        LLM(build_dir=str(build))
+    with pytest.raises(TypeError, match="needs model"):
+        LLM()
