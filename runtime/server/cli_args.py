@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEFT LoRA adapter folders to serve, each under its NAME as a `model` (listed in /v1/models), beside "
         "those packed into the build by pllm-compile --lora",
     )
-    p.add_argument("--max-loras", type=max_loras, default=8, help="LoRA adapters held at once (at most 16)")
+    p.add_argument("--max-loras", type=max_loras, default=8,
+                   help=f"LoRA adapters held at once (at most {MAX_LORAS_LIMIT})")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument(
         "--speculative-config",

@@ -9,7 +9,7 @@ import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
+from pllm.runtime.server.limits import usable_request_id
 from pllm.runtime.server.sse import error_response
 
 
@@ -32,7 +32,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not (0 < len(request_id) <= MAX_REQUEST_ID_LEN and request_id.isprintable() and request_id.isascii()):
+        if not usable_request_id(request_id):
             request_id = uuid.uuid4().hex
 
         async def send_with_id(message):

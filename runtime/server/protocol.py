@@ -80,9 +80,12 @@ class OpenAIModel(BaseModel):
     # Unknown fields are accepted and logged as ignored (vLLM does the same); NaN and inf are rejected.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
+    # extra fields this model reads after all (SamplingRequest: vLLM's guided_* and its unhonoured-but-neutral ones)
+    read_extra_fields: ClassVar[frozenset[str]] = frozenset()
+
     @property
     def ignored_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
+        return sorted(set(self.model_extra or {}) - self.read_extra_fields)
 
 
 class StreamOptions(OpenAIModel):
@@ -171,6 +174,7 @@ class SamplingRequest(OpenAIModel):
     # chooses vLLM's grammar backend; this server has one (xgrammar, vLLM's default) and ignores it as vLLM's "auto"
     guided_decoding_backend: str | None = None
     unhonoured_fields: ClassVar[dict[str, object]] = UNHONOURED_VLLM_FIELDS
+    read_extra_fields: ClassVar[frozenset[str]] = frozenset({*UNHONOURED_VLLM_FIELDS, *GUIDED_FIELDS})
 
     # numbers only: JSON true is not a count, a seed or a temperature
     @field_validator(*NUMBER_FIELDS, mode="before")
@@ -204,10 +208,11 @@ class SamplingRequest(OpenAIModel):
 
     @property
     def structured_field(self) -> str:
-        """The request field a structured-output error points at."""
-        if self.structured_outputs is not None or self._guided():
-            return "structured_outputs"
-        return "response_format"
+        """Which request field asked for structured output: "response_format", "structured_outputs" or "guided" (the
+        guided_* fields); a structured-output error names what the client sent (serving._bad_request)."""
+        if self._guided():
+            return "guided"
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     def structured_params(self) -> StructuredOutputsParams | None:
         formatted = self.response_format.structured_outputs() if self.response_format is not None else None
@@ -216,11 +221,7 @@ class SamplingRequest(OpenAIModel):
             if formatted is not None or self.structured_outputs is not None:
                 raise InvalidParam(next(f for f in GUIDED_FIELDS if GUIDED_FIELDS[f] in guided),
                                    "set one of response_format, structured_outputs or guided_*, not several")
-            try:
-                return StructuredOutputsParams(**guided)
-            except InvalidParam as exc:  # name the field the client used
-                raise InvalidParam(f"guided_{exc.param.rpartition('.')[2]}" if "." in exc.param else exc.param,
-                                   str(exc).replace("structured_outputs.", "guided_")) from None
+            return StructuredOutputsParams(**guided)  # (its errors renamed for the client by serving._bad_request)
         if self.structured_outputs is None:
             return formatted
         if formatted is not None:
@@ -351,6 +352,7 @@ class ChatCompletionRequest(SamplingRequest):
     # vLLM's: retrieval documents handed to the chat template (a template that reads none ignores them, as in vLLM)
     documents: Annotated[list[dict[str, str]], Field(max_length=MAX_MESSAGES)] | None = None
     unhonoured_fields: ClassVar[dict[str, object]] = {**UNHONOURED_VLLM_FIELDS, **CHAT_UNHONOURED_VLLM_FIELDS}
+    read_extra_fields: ClassVar[frozenset[str]] = frozenset({*unhonoured_fields, *GUIDED_FIELDS})
 
     @field_validator("top_logprobs", "max_completion_tokens", mode="before")
     @classmethod

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -14,7 +13,7 @@ from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
-from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
+from pllm.runtime.server.limits import usable_request_id
 from pllm.runtime.server.protocol import SamplingRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 
@@ -27,14 +26,9 @@ class Prepared:
 
     requests: list[EngineRequest]
     prompt_texts: list[str]  # for echo ("" when not echoing)
-    # the response's `id`: f"{prefix}-{X-Request-Id or the body's request_id or a uuid}", as vLLM's ("": the first
-    # engine request's id)
-    response_id: str = ""
+    # the response's `id`: f"{prefix}-{X-Request-Id or the body's request_id}", as vLLM's, else the engine's own id
+    response_id: str
     created: int = field(default_factory=lambda: int(time.time()))
-
-    def __post_init__(self) -> None:
-        if not self.response_id:
-            object.__setattr__(self, "response_id", self.requests[0].request_id if self.requests else "")
 
     def choice_base(self) -> dict[str, int]:
         n = self.requests[0].params.n
@@ -177,13 +171,15 @@ class OpenAIServing:
             raise _bad_request(req, exc) from None
 
 
-def response_id(prefix: str, header_id: str | None, req: SamplingRequest) -> str:
-    """vLLM's response id: the X-Request-Id header's value, else the body's request_id, else a fresh uuid. The engine's
-    own request ids stay unique whatever a client sends; this is only the id the client sees."""
-    if header_id is not None and not (0 < len(header_id) <= MAX_REQUEST_ID_LEN and header_id.isprintable()
-                                      and header_id.isascii()):
+def response_id(prefix: str, header_id: str | None, req: SamplingRequest, engine_id: str) -> str:
+    """vLLM's response id: prefix and the X-Request-Id header's value, else the body's request_id; else the engine's
+    own id for the request (engine_id, as its logs name it). The engine's ids stay unique whatever a client sends;
+    this is only the id the client sees."""
+    if header_id is not None and not usable_request_id(header_id):
         header_id = None  # the guard answered with a fresh id for it in X-Request-Id
-    return f"{prefix}-{header_id or req.request_id or uuid.uuid4().hex}"
+    if header_id or req.request_id:
+        return f"{prefix}-{header_id or req.request_id}"
+    return engine_id
 
 
 def _bad_request(req: SamplingRequest, exc: ValueError) -> EngineError:
@@ -193,4 +189,7 @@ def _bad_request(req: SamplingRequest, exc: ValueError) -> EngineError:
         message = message.replace("structured_outputs.json_object", "response_format").replace(
             "structured_outputs.json", "response_format.json_schema.schema")
         param = "response_format"
+    elif param is not None and param.startswith("structured_outputs.") and req.structured_field == "guided":
+        param = "guided_" + param.removeprefix("structured_outputs.").split(".")[0]  # guided_json, guided_regex, ...
+        message = message.replace("structured_outputs.", "guided_")
     return EngineError(400, message, param=param)

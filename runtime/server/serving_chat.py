@@ -58,7 +58,7 @@ class ChatServing:
             raise EngineError(400, "The rendered chat prompt is empty.", param="messages")
         self.base.check_fits(ids, "messages")
         requests = [EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)]
-        return Prepared(requests, [""], response_id("chatcmpl", header_id, req))
+        return Prepared(requests, [""], response_id("chatcmpl", header_id, req, requests[0].request_id))
 
     def _render_chat(
         self, req: ChatCompletionRequest, conversation: list[dict], add_special_tokens: bool = False

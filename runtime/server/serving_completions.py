@@ -62,7 +62,7 @@ class CompletionServing:
             self.base.check_fits(ids, "prompt")
             requests.append(EngineRequest(f"{base_id}-{i}", ids, params, arrival))
             texts.append(text if req.echo else "")
-        return Prepared(requests, texts, response_id("cmpl", header_id, req))
+        return Prepared(requests, texts, response_id("cmpl", header_id, req, base_id))
 
     async def response(self, req: CompletionRequest, prep: Prepared, stream: RequestStream) -> CompletionResponse:
         finals = await collect(stream)

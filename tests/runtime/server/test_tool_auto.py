@@ -61,7 +61,7 @@ class StubStream:
 def serve(text: str, stream: bool, finish_reason: str = "stop", step: int = 3, **fields):
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS, stream=stream, **fields)
     serving = ChatServing(StubBase(), ToolCalling("hermes", None))
-    prep = Prepared([EngineRequest("chatcmpl-1", [1, 2, 3], SamplingParams(), 0.0)], [""])
+    prep = Prepared([EngineRequest("chatcmpl-1", [1, 2, 3], SamplingParams(), 0.0)], [""], "chatcmpl-1")
     if not stream:
         response = asyncio.run(serving.response(req, prep, StubStream(text, finish_reason, step)))
         return ChatCompletion.model_validate_json(response.model_dump_json())

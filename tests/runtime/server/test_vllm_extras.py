@@ -155,3 +155,16 @@ def test_documents_reach_the_chat_template(server):
 def test_ping_answers_as_health(server, method):
     r = httpx.request(method, f"{server.url}/ping", timeout=10)
     assert r.status_code == 200
+
+
+def test_a_guided_field_the_grammar_compiler_refuses_is_named(server):
+    r = post(server, "/v1/completions", {**COMPLETION, "guided_regex": "[a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
+
+
+def test_fields_read_after_all_are_not_logged_as_ignored():
+    from pllm.runtime.server.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                 guided_json={"type": "object"}, use_beam_search=False, priority=0, no_such_field=1)
+    assert body.ignored_fields == ["no_such_field"]
