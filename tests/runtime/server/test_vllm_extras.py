@@ -168,3 +168,27 @@ def test_fields_read_after_all_are_not_logged_as_ignored():
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                  guided_json={"type": "object"}, use_beam_search=False, priority=0, no_such_field=1)
     assert body.ignored_fields == ["no_such_field"]
+
+
+def test_documents_are_handed_to_the_chat_template():
+    """What the live test above cannot see (the tiny template reads none): the documents reach apply_chat_template."""
+    from types import SimpleNamespace
+
+    from pllm.runtime.server.protocol import ChatCompletionRequest
+    from pllm.runtime.server.serving_chat import ChatServing
+
+    seen: dict = {}
+
+    class Tokenizer:
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, conversation, **options):
+            seen.update(options)
+            return "rendered"
+
+    base = SimpleNamespace(tokenizer=Tokenizer(), check_chars=lambda *a, **k: None,
+                           encode=lambda text, add_special_tokens=False: [1, 2])
+    serving = ChatServing(base, SimpleNamespace(template_tools=lambda req: None))
+    docs = [{"title": "t", "text": "x"}]
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], documents=docs)
+    assert serving._render_chat(req, req.conversation()) == [1, 2] and seen["documents"] == docs
