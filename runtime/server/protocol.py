@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pllm.runtime.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
@@ -334,6 +343,23 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
     "conversation tools documents chat_template add_generation_prompt continue_final_message tokenize padding "
     "truncation max_length return_tensors return_dict return_assistant_tokens_mask tokenizer_kwargs".split()
 )
+# chat_template_kwargs as JSON, at most: they can stand in for the special-token variables a template prints once a
+# message (eos_token, ...), so their size is multiplied by up to MAX_MESSAGES before the prompt's length is checked
+MAX_TEMPLATE_KWARGS_BYTES = 64 * 1024
+
+
+def _check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    reserved = RESERVED_TEMPLATE_KWARGS & set(kwargs or {})
+    if reserved:
+        raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
+    size = len(json.dumps(kwargs, ensure_ascii=False).encode()) if kwargs else 0
+    if size > MAX_TEMPLATE_KWARGS_BYTES:
+        raise ValueError(f"chat_template_kwargs: {size} bytes as JSON, more than the limit of "
+                         f"{MAX_TEMPLATE_KWARGS_BYTES} (MAX_TEMPLATE_KWARGS_BYTES)")
+    return kwargs
+
+
+TemplateKwargs = Annotated[dict[str, Any], Field(max_length=32), AfterValidator(_check_template_kwargs)]
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -343,7 +369,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
     parallel_tool_calls: bool = True
@@ -375,14 +401,6 @@ class ChatCompletionRequest(SamplingRequest):
                 "(set add_generation_prompt to false)"
             )
         return continue_final
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _check_template_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-        reserved = RESERVED_TEMPLATE_KWARGS & set(kwargs or {})
-        if reserved:
-            raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
-        return kwargs
 
     @field_validator("tools")
     @classmethod
@@ -456,7 +474,7 @@ class TokenizeRequest(OpenAIModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     add_generation_prompt: bool = True  # messages only
     continue_final_message: bool = False  # messages only
-    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None  # messages only
+    chat_template_kwargs: TemplateKwargs | None = None  # messages only
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # messages only, as chat renders them
     # BOS and the like; None: vLLM's defaults, true for a prompt and false for messages (the template adds them)
     add_special_tokens: bool | None = None

@@ -68,3 +68,18 @@ def test_ignored_field_names_reach_the_log_escaped(server) -> None:
     assert "\n" + "INFO 01-01 00:00:00 [pllm.server] forged line" not in log
     assert "\x1b" not in log
     assert "ignored request fields: x\\nINFO 01-01 00:00:00 [pllm.server] forged line\\x1b[2J" in log
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_chat_template_kwargs_are_bounded_and_checked_on_every_route(server, path):
+    """They can stand in for the special tokens a template prints once a message, so their size is multiplied by the
+    message count before the prompt's length is checked; /tokenize renders the same template and is open without the
+    API key, so it checks them as chat does (reserved keys included)."""
+    messages = [{"role": "user", "content": "hi"}]
+    big = {"eos_token": "x" * (70 * 1024)}
+    r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "messages": messages, "max_tokens": 1,
+                                              "chat_template_kwargs": big}, timeout=60)
+    assert r.status_code == 400 and "MAX_TEMPLATE_KWARGS_BYTES" in r.text, r.text
+    r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "messages": messages, "max_tokens": 1,
+                                              "chat_template_kwargs": {"tokenize": True}}, timeout=60)
+    assert r.status_code == 400 and "reserved" in r.text, r.text
