@@ -140,7 +140,7 @@ class StructuredOutputsRequest(OpenAIModel):
 
 NUMBER_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "seed", "n", "min_tokens", "max_tokens",
+    "seed", "n", "min_tokens", "max_tokens", "truncate_prompt_tokens",
 )  # fmt: skip
 
 
@@ -189,11 +189,6 @@ class SamplingRequest(OpenAIModel):
     @field_validator(*NUMBER_FIELDS, mode="before")
     @classmethod
     def _numbers_only(cls, value):
-        return _not_bool(value)
-
-    @field_validator("truncate_prompt_tokens", mode="before")
-    @classmethod
-    def _truncate_number_only(cls, value):
         return _not_bool(value)
 
     def check_unhonoured(self) -> None:

@@ -151,3 +151,16 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def grammars(tiny_build):
+    """A grammar cache over the tiny llama's tokenizer, as the server's engine holds one (no server started)."""
+    from transformers import AutoTokenizer
+
+    from pllm.runtime.engine.structured_output import GrammarCache
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_build("llama")))
+    cache = GrammarCache(tok, len(tok), (tok.eos_token_id,))
+    yield cache
+    cache.shutdown()

@@ -9,20 +9,10 @@ import httpx
 import pytest
 
 from pllm.runtime.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from pllm.runtime.engine.structured_output import MAX_OPTIONAL_PROPERTIES, GrammarCache, GrammarError
+from pllm.runtime.engine.structured_output import MAX_OPTIONAL_PROPERTIES, GrammarError
 from pllm.runtime.server.protocol import ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.serving_tools import ToolCalling
-
-
-@pytest.fixture(scope="module")
-def grammars(tiny_build):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_build("llama")))
-    cache = GrammarCache(tok, len(tok), (tok.eos_token_id,))
-    yield cache
-    cache.shutdown()
 
 
 def _object(num_properties: int, num_required: int = 0) -> dict:

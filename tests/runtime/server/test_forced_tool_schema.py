@@ -8,7 +8,6 @@ import asyncio
 import pytest
 
 from pllm.runtime.engine.sampling_params import MAX_STRUCTURED_CHARS, SamplingParams
-from pllm.runtime.engine.structured_output import GrammarCache
 from pllm.runtime.server.protocol import ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.serving_tools import ForcedCallSchema, ToolCalling
@@ -30,16 +29,6 @@ OTHER = {"$defs": {"Unit": {"type": "integer"}}, "type": "object", "properties":
 def tool(name: str, parameters: dict | None = None) -> dict:
     function = {"name": name, **({"parameters": parameters} if parameters is not None else {})}
     return {"type": "function", "function": function}
-
-
-@pytest.fixture(scope="module")
-def grammars(tiny_build):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_build("llama")))
-    cache = GrammarCache(tok, len(tok), (tok.eos_token_id,))
-    yield cache
-    cache.shutdown()
 
 
 def forced(grammars, tools: list[dict], choice: object):
