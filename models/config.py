@@ -8,7 +8,13 @@ from typing import Any
 
 from pllm.models.spec import RopeScaling
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# "dynamic" (dynamic NTK) is not here: transformers rescales RoPE's base by each forward's longest position and keeps
+# the K/V rotated before, vLLM one fixed base for max_position_embeddings * factor: no position-only table gives both.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# The keys transformers' _validate_yarn_rope_parameters knows; it warns on any other and runs without it.
+# partial_rotary_factor is left out: the llama wiring rotates whole heads, so one would be dropped.
+YARN_KEYS = frozenset({"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+                       "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})
 # No released model exceeds ~10M positions; anything above this bound is a typo or an attack, and the runtime sizes
 # tables by it.
 MAX_POSITION_EMBEDDINGS = 2**27
@@ -138,6 +144,8 @@ def rope_scaling(config: dict, source: str) -> RopeScaling | None:
         )
     if rope_type == "default":
         return None
+    if rope_type == "yarn":
+        return _yarn(config, rs, source)
     factor = finite_positive(rs, "factor", f"{source}: rope_scaling")
     if rope_type == "linear":
         return RopeScaling("linear", factor)
@@ -148,3 +156,85 @@ def rope_scaling(config: dict, source: str) -> RopeScaling | None:
         # the llama3 rule divides by (high - low)
         raise ConfigError(f"{where}: high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
     return RopeScaling("llama3", factor, low, high, positive(rs, "original_max_position_embeddings", where))
+
+
+def _yarn(config: dict, rs: dict, source: str) -> RopeScaling:
+    """YaRN, read as transformers 5's _compute_yarn_parameters reads it, its attention factor resolved here."""
+    where = f"{source}: yarn rope_scaling"
+    unknown = sorted(set(rs) - YARN_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} (transformers' yarn reads only "
+                          f"{', '.join(sorted(YARN_KEYS))})")
+    if "factor" not in rs:  # transformers raises KeyError; a null factor it derives
+        raise ConfigError(f"{where}: missing required key 'factor'")
+    original = _yarn_original_length(config, rs, source, where)
+    factor = finite_positive(rs, "factor", where, None)
+    if factor is None:  # as transformers: the stretch from the original length to max_position_embeddings
+        factor = _yarn_max_positions(config, source, where, "factor is null") / original
+    if factor < 1:
+        raise ConfigError(f"{where}: key 'factor' is {factor!r} (given, or max_position_embeddings / "
+                          f"original_max_position_embeddings when null); YaRN stretches the context: it must be >= 1")
+    beta_fast = _yarn_beta(rs, "beta_fast", 32.0, where)
+    beta_slow = _yarn_beta(rs, "beta_slow", 1.0, where)
+    if beta_fast <= beta_slow:
+        raise ConfigError(f"{where}: key 'beta_fast' ({beta_fast}) must be greater than key 'beta_slow' ({beta_slow})")
+    if rs.get("truncate", True) is None:  # transformers would read a null as false, absent as true
+        raise ConfigError(f"{where}: key 'truncate' is null; give true or false, or leave it out (true)")
+    truncate = get_value(rs, "truncate", bool, where, True)
+    attention_factor = finite_positive(rs, "attention_factor", where, None)
+    if attention_factor is None:  # the paper's 0.1 * ln(factor) + 1, or DeepSeek's ratio of two such
+        mscale = _non_negative(rs, "mscale", where)
+        mscale_all_dim = _non_negative(rs, "mscale_all_dim", where)
+        if mscale and mscale_all_dim:
+            attention_factor = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return RopeScaling("yarn", factor, original_max_position_embeddings=original, attention_factor=attention_factor,
+                       beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
+
+
+def _yarn_original_length(config: dict, rs: dict, source: str, where: str) -> int:
+    """transformers' standardize_rope_params: a top-level original_max_position_embeddings overrides the block's;
+    neither given, max_position_embeddings. Two values that differ are a contradiction, named."""
+    key = "original_max_position_embeddings"
+    top = positive(config, key, source) if key in config else None
+    inner = positive(rs, key, where) if key in rs else None
+    if top is not None and inner is not None and top != inner:
+        raise ConfigError(f"{source}: key '{key}' is {top!r} but key 'rope_scaling.{key}' is {inner!r}; they "
+                          "contradict (transformers 5 takes the top-level one): remove one or make them agree")
+    for value in (top, inner):
+        if value is not None:
+            return value
+    return _yarn_max_positions(config, source, where, f"'{key}' is not given")
+
+
+def _yarn_max_positions(config: dict, source: str, where: str, why: str) -> int:
+    # transformers would take its config class's default; pllm's families do not all share one, so it is asked for
+    if "max_position_embeddings" not in config:
+        raise ConfigError(f"{where}: {why}, and transformers then reads key 'max_position_embeddings', which is "
+                          "not given: give either")
+    return positive(config, "max_position_embeddings", source)
+
+
+def _yarn_beta(rs: dict, key: str, default: float, where: str) -> float:
+    # transformers reads `rs.get(key) or default`: null and 0 both give the paper's default
+    value = get_value(rs, key, (int, float), where, None)
+    if not value:
+        return default
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: key '{key}' must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def _non_negative(rs: dict, key: str, where: str) -> float | None:
+    value = get_value(rs, key, (int, float), where, None)
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise ConfigError(f"{where}: key '{key}' must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _yarn_mscale(scale: float, mscale: float = 1) -> float:
+    # transformers' yarn_get_mscale, term for term (the table must equal its cos and sin bit for bit)
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pllm.models.ops import AttentionMetadata
@@ -11,10 +13,12 @@ from pllm.models.spec import ModelSpec
 def rope_cos_sin(spec: ModelSpec, max_positions: int) -> torch.Tensor:
     """[max_positions, rotary_dim] float32: cos(pos * inv_freq) then sin, computed exactly as transformers does.
 
-    longrope: [2 * max_positions, rotary_dim], the short-factor table then the long-factor one (rope_rows picks),
-    both multiplied by the attention factor as transformers multiplies its cos and sin.
+    longrope: [2 * max_positions, rotary_dim], the short-factor table then the long-factor one (rope_rows picks).
+    longrope and yarn: multiplied by the attention factor as transformers multiplies its cos and sin.
     """
     rs = spec.rope_scaling
+    if rs is not None and rs.rope_type == "yarn":
+        return (_table(_yarn_inv_freq(spec), max_positions) * rs.attention_factor).contiguous()
     if rs is not None and rs.rope_type == "longrope":
         short = _table(_longrope_inv_freq(spec, rs.short_factor), max_positions)
         long = _table(_longrope_inv_freq(spec, rs.long_factor), max_positions)
@@ -42,6 +46,30 @@ def _longrope_inv_freq(spec: ModelSpec, ext_factors: tuple[float, ...]) -> torch
     dim = spec.rotary_dim
     inv_freq_shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (torch.tensor(ext_factors, dtype=torch.float32) * spec.rope_theta**inv_freq_shape)
+
+
+def _yarn_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """transformers' _compute_yarn_parameters, operation for operation: each frequency blends its original value
+    (extrapolation) and its value divided by factor (interpolation) along a linear ramp over the dims."""
+    rs, dim, base = spec.rope_scaling, spec.rotary_dim, spec.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float32) / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (rs.factor * pos_freqs)
+    low = _yarn_correction_dim(rs.beta_fast, dim, base, rs.original_max_position_embeddings)
+    high = _yarn_correction_dim(rs.beta_slow, dim, base, rs.original_max_position_embeddings)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp  # [rotary_dim // 2]
+    return inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, original: int) -> float:
+    # the (fractional) dim whose frequency turns num_rotations times in the original length
+    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
 
 def _table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:

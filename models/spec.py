@@ -12,17 +12,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    rope_type: str  # "linear", "llama3" or "longrope"
+    rope_type: str  # "linear", "llama3", "longrope" or "yarn"
     factor: float
     # llama3 only
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192  # llama3 and longrope
-    # longrope only: per-frequency divisors [rotary_dim // 2] for sequences up to / past the original length, and
-    # the factor cos and sin are multiplied by
+    original_max_position_embeddings: int = 8192  # llama3, longrope and yarn
+    # longrope only: per-frequency divisors [rotary_dim // 2] for sequences up to / past the original length
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
-    attention_factor: float = 1.0
+    attention_factor: float = 1.0  # longrope and yarn: cos and sin are multiplied by it (yarn's already resolved)
+    # yarn only: frequencies making more than beta_fast turns in the original length keep their value, fewer than
+    # beta_slow are divided by factor, a linear ramp between; truncate rounds the ramp's ends outwards to whole dims.
+    # Defaults: an older manifest has no such keys.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RopeScaling:

@@ -73,7 +73,7 @@ def test_a_rope_key_given_twice_with_two_values_is_refused(config, key, values):
         ({"hidden_size": None}, ["hidden_size", "missing", "cfg.json"]),
         ({"num_key_value_heads": 3}, ["num_attention_heads", "num_key_value_heads", "cfg.json"]),
         ({"hidden_size": "64"}, ["hidden_size", "'64'"]),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, ["rope_scaling", "yarn"]),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["rope_scaling", "dynamic"]),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, ["llama3", "low_freq_factor"]),
         ({"rope_scaling": {"rope_type": "linear", "factor": -1}}, ["factor", "-1"]),
         ({"torch_dtype": "float64"}, ["torch_dtype", "float64"]),
