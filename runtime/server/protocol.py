@@ -140,7 +140,7 @@ class StructuredOutputsRequest(OpenAIModel):
 
 NUMBER_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "seed", "n", "min_tokens", "max_tokens", "truncate_prompt_tokens",
+    "seed", "n", "min_tokens", "max_tokens", "truncate_prompt_tokens", "prompt_logprobs",
 )  # fmt: skip
 
 
@@ -176,6 +176,9 @@ class SamplingRequest(OpenAIModel):
     structured_outputs: StructuredOutputsRequest | None = None
     # vLLM's: keep only this many prompt tokens, the last ones (-1: max_model_len of them)
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
+    # vLLM's: the prompt's own logprobs, this many best at each position (0: the prompt token's alone), in the
+    # response's prompt_logprobs; not in a stream (beyond 0, vLLM refuses them there; at 0 it sends none)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # vLLM's: the id the response carries (f"cmpl-{request_id}"); the X-Request-Id header wins over it, as in vLLM
     request_id: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID_LEN)] | None = None
     # vLLM uses it with use_beam_search only (refused here) and ignores it otherwise, as this server does
@@ -190,6 +193,28 @@ class SamplingRequest(OpenAIModel):
     @classmethod
     def _numbers_only(cls, value):
         return _not_bool(value)
+
+    @field_validator("prompt_logprobs", mode="before")
+    @classmethod
+    def _whole_vocabulary(cls, value):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == -1:
+            # vLLM reads -1 as the whole vocabulary and refuses it too unless started with --max-logprobs -1
+            raise ValueError(f"-1 (the whole vocabulary) is not supported by this server; prompt_logprobs is at "
+                             f"most {MAX_LOGPROBS} (MAX_LOGPROBS)")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _check_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and info.data.get("stream", False):  # vLLM's rule (its message, plus what passes)
+            raise ValueError("`prompt_logprobs` are not available when `stream=True` (only 0 or null there)")
+        return value
+
+    @property
+    def returned_prompt_logprobs(self) -> int | None:
+        """The prompt_logprobs the response carries: none in a stream, where vLLM sends none (it refuses more than
+        0 there; the validator above does too)."""
+        return None if self.stream else self.prompt_logprobs
 
     def check_unhonoured(self) -> None:
         """InvalidParam naming the first of vLLM's fields this server cannot honour that is set to a value that
@@ -261,6 +286,7 @@ class SamplingRequest(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=self.returned_prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=self.structured_params(),
         )

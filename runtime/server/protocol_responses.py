@@ -52,12 +52,27 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class PromptLogprob(BaseModel):
+    """One token's score at one prompt position, as vLLM's vllm.logprobs.Logprob serialises."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: null for the first prompt token, then {token id (a JSON string key): its score}, the prompt
+# token first, then the asked number of best ones
+PromptLogprobsBody = list[dict[int, PromptLogprob] | None]
+
+
+class CompletionChoice(OmitsNone):
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("prompt_logprobs",)  # sent when the request asks for them
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsBody | None = None  # vLLM's, per choice (its prompt's)
 
 
 class CompletionStreamResponse(OmitsNone):
@@ -122,7 +137,8 @@ class ChatChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(OmitsNone):
+    omitted_if_none: ClassVar[tuple[str, ...]] = ("prompt_logprobs",)  # sent when the request asks for them
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -130,6 +146,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobsBody | None = None  # vLLM's, on the response (chat has one prompt)
 
 
 class DeltaFunctionCall(OmitsNone):

@@ -8,7 +8,7 @@ from __future__ import annotations
 # vLLM's output is what this server makes: absent, null, false, an empty list or object, or the value named here);
 # any other value is a 400 naming the field, never a silent difference.
 UNHONOURED_VLLM_FIELDS: dict[str, object] = {
-    "use_beam_search": False, "prompt_logprobs": None, "allowed_token_ids": None, "bad_words": None,
+    "use_beam_search": False, "allowed_token_ids": None, "bad_words": None,
     "logprob_token_ids": None, "return_tokens_as_token_ids": False, "return_token_ids": False,
     "spaces_between_special_tokens": True, "priority": 0, "cache_salt": None, "kv_transfer_params": None,
     "ec_transfer_params": None, "vllm_xargs": None, "logits_processors": None, "watermarking": False,

@@ -10,12 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pllm.runtime.engine.lora import LoRARequest
+from pllm.runtime.engine.outputs import Logprob, RequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.limits import usable_request_id
-from pllm.runtime.server.protocol import SamplingRequest
+from pllm.runtime.server.protocol import LOGPROB_FLOOR, SamplingRequest
+from pllm.runtime.server.protocol_responses import PromptLogprob, PromptLogprobsBody
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
+from pllm.runtime.server.sse import within_top
 
 logger = logging.getLogger("pllm.server")
 
@@ -149,10 +152,29 @@ class OpenAIServing:
             raise EngineError(400, str(exc), param="model") from None
 
     def token_str(self, token_id: int) -> str:
+        """A token alone as text, for a position with no Logprob (an echoed prompt's first token)."""
         s = self._token_strs.get(token_id)
         if s is None:
             s = self._token_strs[token_id] = self.tokenizer.decode([token_id])
         return s
+
+    def token_text(self, token_id: int, lp: Logprob) -> str:
+        """A scored token as text: the output processor's decoded_token (the same decode of it alone, done once
+        there), else decoded here, as vLLM's _get_decoded_token falls back."""
+        return lp.decoded_token if lp.decoded_token is not None else self.token_str(token_id)
+
+    def prompt_logprobs_body(self, out: RequestOutput, num_top: int) -> PromptLogprobsBody:
+        """vLLM's prompt_logprobs of one prompt's output: null first, then each position's prompt token and its
+        num_top best, logprobs floored at LOGPROB_FLOOR (JSON has no -inf; vLLM's clamp_prompt_logprobs)."""
+        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+        return [
+            None if position is None else {
+                t: PromptLogprob(logprob=max(lp.logprob, LOGPROB_FLOOR), rank=lp.rank,
+                                 decoded_token=self.token_text(t, lp))
+                for t, lp in within_top(position, num_top).items()
+            }
+            for position in out.prompt_logprobs
+        ]
 
     def params(self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-from pllm.runtime.engine.outputs import LogprobsOnePosition, RequestOutput
+from pllm.runtime.engine.outputs import Logprob, LogprobsOnePosition, RequestOutput
 from pllm.runtime.server.protocol import LOGPROB_FLOOR, ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,
@@ -90,6 +90,7 @@ class ChatServing:
         finals = await collect(stream)
         out = finals[prep.requests[0].request_id]
         fmt = self.tools.format_for(req)
+        k = req.returned_prompt_logprobs
         choices = []
         for o in out.outputs:
             message, finish = AssistantMessage(content=o.text), o.finish_reason
@@ -110,20 +111,21 @@ class ChatServing:
             model=prep.model_name(self.base.model_name),
             choices=choices,
             usage=usage_of(finals),
+            prompt_logprobs=None if k is None else self.base.prompt_logprobs_body(out, k),
         )
 
     def _chat_logprobs(self, entries: list[LogprobsOnePosition] | None, num_top: int) -> ChatChoiceLogprobs | None:
         if entries is None:
             return None
 
-        def item(token_id: int, logprob: float) -> dict:
-            token = self.base.token_str(token_id)
-            return {"token": token, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(token.encode())}
+        def item(token_id: int, lp: Logprob) -> dict:
+            token = self.base.token_text(token_id, lp)
+            return {"token": token, "logprob": max(lp.logprob, LOGPROB_FLOOR), "bytes": list(token.encode())}
 
         tokens = []
         for position in entries:
-            token_id, logprob, top = scored_position(position, num_top)
-            tokens.append(ChatLogprobToken(**item(token_id, logprob), top_logprobs=[ChatLogprob(**item(t, v))
+            token_id, own, top = scored_position(position, num_top)
+            tokens.append(ChatLogprobToken(**item(token_id, own), top_logprobs=[ChatLogprob(**item(t, v))
                                                                                     for t, v in top]))
         return ChatChoiceLogprobs(content=tokens)
 

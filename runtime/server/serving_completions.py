@@ -25,6 +25,7 @@ from pllm.runtime.server.sse import (
     scored_position,
     usage_chunk,
     usage_of,
+    within_top,
 )
 
 
@@ -41,7 +42,8 @@ class CompletionServing:
         # echo with max_tokens 0 generates one token, as vLLM does, and sends back only the prompt
         params = self.base.params(req, 1 if _prompt_only(req) else req.max_tokens, req.logprobs)
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens carry logprobs too
-            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+            # scored once for both fields: each reads its own number of best (sse.within_top)
+            params = dataclasses.replace(params, prompt_logprobs=max(req.logprobs, params.prompt_logprobs or 0))
         await self.base.check_grammar(req, params)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         requests, texts = [], []
@@ -69,13 +71,15 @@ class CompletionServing:
         base = prep.choice_base()
         choices = []
         only = _prompt_only(req)
+        k = req.returned_prompt_logprobs
         for i, r in enumerate(prep.requests):
             out = finals[r.request_id]
+            prompt_logprobs = self.base.prompt_logprobs_body(out, k) if k is not None else None
             for o in out.outputs:
                 prefix = prep.prompt_texts[i]
                 logprobs = None
                 if req.logprobs is not None:
-                    scored = self._prompt_positions(out) if req.echo else []
+                    scored = self._prompt_positions(out, req.logprobs) if req.echo else []
                     scored += [] if only else [(next(iter(e)), e) for e in o.logprobs]
                     logprobs = self._completion_logprobs(scored, 0, req.logprobs)
                 choices.append(
@@ -85,6 +89,7 @@ class CompletionServing:
                         logprobs=logprobs,
                         finish_reason="length" if only else o.finish_reason,
                         stop_reason=None if only else o.stop_reason,
+                        prompt_logprobs=prompt_logprobs,
                     )
                 )
         choices.sort(key=lambda c: c.index)
@@ -97,10 +102,12 @@ class CompletionServing:
         )
 
     @staticmethod
-    def _prompt_positions(out: RequestOutput) -> list[tuple[int, LogprobsOnePosition | None]]:
-        """The echoed prompt's (token id, logprobs) pairs: the first token has none, as nothing precedes it."""
+    def _prompt_positions(out: RequestOutput, num_top: int) -> list[tuple[int, LogprobsOnePosition | None]]:
+        """The echoed prompt's (token id, logprobs) pairs, num_top best each: the first token has none, as nothing
+        precedes it."""
         assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
-        return list(zip(out.prompt_token_ids, out.prompt_logprobs, strict=True))
+        return [(t, None if e is None else within_top(e, num_top))
+                for t, e in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True)]
 
     def _completion_logprobs(
         self, positions: list[tuple[int, LogprobsOnePosition | None]], offset: int, num_top: int
@@ -109,18 +116,20 @@ class CompletionServing:
         counts from offset."""
         lp = CompletionLogprobs()
         for token_id, e in positions:
-            token = self.base.token_str(token_id)
+            scored = None if e is None else scored_position(e, num_top)
+            # an echoed first token has no Logprob to carry its text
+            token = self.base.token_str(token_id) if scored is None else self.base.token_text(token_id, scored[1])
             lp.text_offset.append(offset)
             offset += len(token)
             lp.tokens.append(token)
-            if e is None:
+            if scored is None:
                 lp.token_logprobs.append(None)
                 lp.top_logprobs.append(None)
                 continue
-            _, logprob, best = scored_position(e, num_top)
-            lp.token_logprobs.append(max(logprob, LOGPROB_FLOOR))
-            top = {self.base.token_str(t): max(v, LOGPROB_FLOOR) for t, v in best}
-            top.setdefault(token, max(logprob, LOGPROB_FLOOR))  # the sampled (or prompt) token is always listed
+            _, own, best = scored
+            lp.token_logprobs.append(max(own.logprob, LOGPROB_FLOOR))
+            top = {self.base.token_text(t, v): max(v.logprob, LOGPROB_FLOOR) for t, v in best}
+            top.setdefault(token, max(own.logprob, LOGPROB_FLOOR))  # the sampled (or prompt) token is always listed
             lp.top_logprobs.append(top)
         return lp
 
@@ -146,7 +155,7 @@ class CompletionServing:
                         prefix = prep.prompt_texts[prompt_index[out.request_id]]
                         cur.started = True
                         if req.echo and req.logprobs is not None:
-                            scored = self._prompt_positions(out)
+                            scored = self._prompt_positions(out, req.logprobs)
                     text, new_lps, done = advance(cur, o)
                     if only:
                         text, new_lps = "", []

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from pllm.runtime.engine.outputs import CompletionOutput, LogprobsOnePosition, RequestOutput
+from pllm.runtime.engine.outputs import CompletionOutput, Logprob, LogprobsOnePosition, RequestOutput
 from pllm.runtime.server.protocol import StreamOptions
 from pllm.runtime.server.protocol_responses import (
     ChatCompletionChunk,
@@ -95,15 +95,23 @@ def advance(cur: SeqCursor, o: CompletionOutput) -> tuple[str, list[LogprobsOneP
     return text, new_lps, done
 
 
-def scored_position(position: LogprobsOnePosition, num_top: int) -> tuple[int, float, list[tuple[int, float]]]:
+def scored_position(position: LogprobsOnePosition, num_top: int) -> tuple[int, Logprob, list[tuple[int, Logprob]]]:
     """One position of CompletionOutput.logprobs (or RequestOutput.prompt_logprobs) as OpenAI lists it: its own
-    token (the dict's first key), that token's logprob, and the num_top best (token id, logprob), best first.
+    token (the dict's first key), that token's Logprob, and the num_top best (token id, Logprob), best first.
     The dict holds num_top + 1 entries when its token is not among the best (they follow it in rank order), else
     num_top: then it sits first, out of order, and the ranks 1..num_top put it back."""
     items = list(position.items())
     token_id, own = items[0]
     top = items[1:] if len(items) > num_top else sorted(items, key=lambda item: item[1].rank)
-    return token_id, own.logprob, [(t, lp.logprob) for t, lp in top]
+    return token_id, own, top
+
+
+def within_top(position: LogprobsOnePosition, num_top: int) -> LogprobsOnePosition:
+    """A position cut to num_top best: its own token first, whatever its rank, then the entries ranked 1..num_top,
+    as the engine makes it when asked for num_top (one asked for more holds these, in the same order). The engine
+    scores the prompt once, for the larger of echo's logprobs and prompt_logprobs; each field reads its own."""
+    (token_id, own), *rest = position.items()
+    return {token_id: own, **{t: lp for t, lp in rest if lp.rank is not None and lp.rank <= num_top}}
 
 
 async def collect(stream: RequestStream) -> dict[str, RequestOutput]:

@@ -18,7 +18,7 @@ def post(server, path: str, body: dict, **kw) -> httpx.Response:
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("use_beam_search", True), ("prompt_logprobs", 0), ("allowed_token_ids", [5]), ("bad_words", ["fox"]),
+        ("use_beam_search", True), ("allowed_token_ids", [5]), ("bad_words", ["fox"]),
         ("return_tokens_as_token_ids", True), ("spaces_between_special_tokens", False), ("priority", 1),
         ("cache_salt", "s3cret"), ("vllm_xargs", {"a": 1}), ("guided_whitespace_pattern", " "),
         ("truncation_side", "right"), ("return_token_ids", True), ("logprob_token_ids", [1]),
