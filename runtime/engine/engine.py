@@ -99,6 +99,7 @@ class LLMEngine(LoadedEngine):
         check_prompt_fits(len(ids), self.max_model_len)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        params.check_output_size(len(ids), max_tokens)
         grammar = None
         if params.structured_outputs is not None:
             # compiled off this thread: until it is ready the request waits in the queue, not the batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -185,6 +186,13 @@ class LLM:
                                  continue_final_message, chat_template)
         return self.engine.encode(text, "chat messages", add_special_tokens=False)
 
+    @functools.cached_property
+    def _max_prompt_chars(self) -> int:
+        """A chat render's budget: what max_model_len tokens can hold (once: it reads the whole vocabulary)."""
+        from pllm.runtime.worker.chat_template import max_prompt_chars
+
+        return max_prompt_chars(self.engine.tokenizer, self.engine.max_model_len)
+
     def _render_chat(self, conversation: list[Message], add_generation_prompt: bool, chat_template_kwargs: dict | None,
                      tools: list[dict] | None, continue_final_message: bool, chat_template: str | None) -> str:
         if not isinstance(conversation, (list, tuple)) or any(not isinstance(m, dict) for m in conversation):
@@ -195,7 +203,7 @@ class LLM:
         conversation = [flatten_content(m, i) for i, m in enumerate(conversation)]
         tok = self.engine.tokenizer
         options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                       tools=tools, **(chat_template_kwargs or {}))
+                       tools=tools, **(chat_template_kwargs or {}), max_chars=self._max_prompt_chars)
         if chat_template is not None:
             from pllm.runtime.worker.chat_template import render_chat
 

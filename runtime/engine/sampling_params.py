@@ -29,6 +29,14 @@ MAX_STRUCTURED_CHARS = 64 * 1024  # a JSON schema (as compact JSON), a regex or 
 MAX_SCHEMA_DEPTH = 32  # nesting of objects and lists in a JSON schema
 MAX_CHOICES = 256
 MAX_CHOICE_LEN = 1024
+# What one request's outputs may hold, in entries: each of n sequences keeps, per output token, the token and
+# `logprobs` Logprob entries beside its own (n x max_tokens x (1 + logprobs)), and a prompt scored with prompt_logprobs
+# as much per prompt token. An entry costs ~180 bytes (a Logprob, its float, its dict slot: measured with
+# tracemalloc), so this bounds one request's outputs to ~750 MB before the response is built from them, where n=128,
+# logprobs=20 and no max_tokens on an 8k context made 22M (~4 GB). It still admits n=1 with logprobs=20 and no
+# max_tokens on any context up to 199,728 tokens, and n=128 without logprobs up to 32,768 tokens each. vLLM has no
+# such bound (read in its source): SamplingParams._verify_args and Processor._validate_logprobs check each field alone.
+MAX_OUTPUT_ENTRIES = 1 << 22
 
 
 @dataclass
@@ -267,6 +275,22 @@ class SamplingParams:
             for t in ids:
                 if not 0 <= t < vocab_size:
                     raise InvalidParam(name, f"{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
+
+    def check_output_size(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """InvalidParam when the outputs may pass MAX_OUTPUT_ENTRIES. max_tokens is the engine's, clamped to what the
+        context leaves (so a large max_tokens the context cuts short passes); the prompt's part counts only with
+        prompt_logprobs."""
+        per_token = 1 + (self.logprobs or 0)
+        num_entries = self.n * max_tokens * per_token
+        terms = f"n x max_tokens x (1 + logprobs) = {self.n} x {max_tokens} x {per_token}"
+        if self.prompt_logprobs is not None:
+            num_entries += num_prompt_tokens * (1 + self.prompt_logprobs)
+            terms += f" + prompt tokens x (1 + prompt_logprobs) = {num_prompt_tokens} x {1 + self.prompt_logprobs}"
+        if num_entries > MAX_OUTPUT_ENTRIES:
+            unset = "" if self.max_tokens is not None else f" (max_tokens unset: the {max_tokens} the context leaves)"
+            raise InvalidParam("max_tokens", f"This request's outputs could hold {num_entries} tokens and logprobs "
+                               f"({terms}){unset}, more than the limit of {MAX_OUTPUT_ENTRIES}; lower max_tokens, n or "
+                               "logprobs")
 
 
 class InvalidParam(ValueError):

@@ -80,11 +80,28 @@ def compile_template(source: str):
     return env.from_string(source)
 
 
+class ChatPromptTooLong(ValueError):
+    """A chat template's output passed the caller's character budget: rendering stopped there."""
+
+    def __init__(self, max_chars: int) -> None:
+        super().__init__(f"The chat template rendered more than {max_chars} characters, more than a prompt can hold "
+                         "in the model's context; rendering stopped there. Please shorten the messages.")
+        self.max_chars = max_chars
+
+
+def max_prompt_chars(tokenizer, max_model_len: int) -> int:
+    """The most characters a prompt of max_model_len tokens can hold: the longest token in characters bounds them,
+    so a check before tokenizing never rejects a prompt that would fit."""
+    return max_model_len * max(len(t) for t in tokenizer.get_vocab())
+
+
 def render_chat(template: str, conversation: list[dict], special_tokens: dict[str, str], *,
                 tools: list[dict] | None = None, documents: list[dict] | None = None,
                 add_generation_prompt: bool = False, continue_final_message: bool | str = False,
-                **kwargs: Any) -> str:
-    """One conversation -> the prompt text, as transformers' apply_chat_template(..., tokenize=False) gives it."""
+                max_chars: int | None = None, **kwargs: Any) -> str:
+    """One conversation -> the prompt text, as transformers' apply_chat_template(..., tokenize=False) gives it.
+    max_chars (max_prompt_chars): ChatPromptTooLong as soon as the output passes it, so a template looping over a
+    large input stops there rather than build all of its text first; None renders whatever the template makes."""
     if not conversation:
         raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
     if continue_final_message and add_generation_prompt:
@@ -124,8 +141,14 @@ def render_chat(template: str, conversation: list[dict], special_tokens: dict[st
             for f in fields:
                 chat[-1][f] = chat[-1][f] + CONTINUE_TAG
     variables = {**special_tokens, **kwargs}
-    text = compile_template(template).render(messages=chat, tools=tools, documents=documents,
-                                             add_generation_prompt=add_generation_prompt, **variables)
+    pieces, num_chars = [], 0
+    for piece in compile_template(template).generate(messages=chat, tools=tools, documents=documents,
+                                                     add_generation_prompt=add_generation_prompt, **variables):
+        num_chars += len(piece)  # a piece is one output or literal of the template, or a whole macro's or block's
+        if max_chars is not None and num_chars > max_chars:
+            raise ChatPromptTooLong(max_chars)
+        pieces.append(piece)
+    text = "".join(pieces)
     if continue_final_message:
         if final_message.strip() not in text or CONTINUE_TAG.strip() not in text:
             raise ValueError("continue_final_message is set but the final message does not appear in the chat after "
