@@ -3,7 +3,7 @@
 
 def __getattr__(name: str):
     # `pllm.runtime.server:main` was pllm-serve's entry point before the server became a package; scripts installed
-    # then still name it. Imported lazily so `import pllm.runtime.server.protocol` stays light.
+    # then still name it. Imported lazily so `import pllm.runtime.server.protocol_chat` stays light.
     if name == "main":
         from pllm.runtime.server.cli import main
 

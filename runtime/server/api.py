@@ -19,13 +19,9 @@ from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.guard import RequestGuard
 from pllm.runtime.server.json_body import JSONBodyError, parse_json_body
 from pllm.runtime.server.limits import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
-from pllm.runtime.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    EmbeddingRequest,
-    TokenizeRequest,
-)
+from pllm.runtime.server.protocol_chat import ChatCompletionRequest
+from pllm.runtime.server.protocol_completions import CompletionRequest
+from pllm.runtime.server.protocol_embeddings import EmbeddingRequest
 from pllm.runtime.server.protocol_responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -36,6 +32,7 @@ from pllm.runtime.server.protocol_responses import (
     ModelList,
     TokenizeResponse,
 )
+from pllm.runtime.server.protocol_tokenize import DetokenizeRequest, TokenizeRequest
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 from pllm.runtime.server.serving import OpenAIServing
 from pllm.runtime.server.serving_chat import ChatServing

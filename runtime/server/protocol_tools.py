@@ -19,7 +19,7 @@ FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME)]
 
 
 class OpenAIModel(BaseModel):
-    # As protocol.OpenAIModel (which imports this module): unknown fields pass, NaN and inf do not.
+    # As protocol_sampling.OpenAIModel (protocol_chat imports this module): unknown fields pass, NaN and inf do not.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
@@ -71,7 +71,7 @@ class MessageToolCall(OpenAIModel):
 
 
 def check_tool_messages(messages: list) -> None:
-    """Earlier turns of tool calling (protocol.ChatMessage): calls only on assistant messages, their arguments a
+    """Earlier turns of tool calling (protocol_chat.ChatMessage): calls only on assistant messages, their arguments a
     JSON object, and every tool result naming the call it answers."""
     for i, m in enumerate(messages):
         if m.tool_calls and m.role != "assistant":

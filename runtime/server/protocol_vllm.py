@@ -1,4 +1,4 @@
-"""vLLM's own request fields beyond OpenAI's that this server reads (protocol.py's request bodies use these tables):
+"""vLLM's own request fields beyond OpenAI's that this server reads (the request bodies use these tables):
 those it cannot honour pass only at a neutral value and are otherwise refused by name, never silently dropped; the
 older guided_* structured-output fields are read as structured_outputs' keys."""
 

@@ -15,8 +15,8 @@ from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, ch
 from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.async_engine import AsyncEngine
 from pllm.runtime.server.limits import usable_request_id
-from pllm.runtime.server.protocol import LOGPROB_FLOOR, SamplingRequest
 from pllm.runtime.server.protocol_responses import PromptLogprob, PromptLogprobsBody
+from pllm.runtime.server.protocol_sampling import LOGPROB_FLOOR, SamplingRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 from pllm.runtime.server.sse import within_top
 

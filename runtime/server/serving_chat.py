@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from pllm.runtime.engine.outputs import Logprob, LogprobsOnePosition, RequestOutput
-from pllm.runtime.server.protocol import LOGPROB_FLOOR, ChatCompletionRequest
+from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,
     ChatChoice,
@@ -18,6 +18,7 @@ from pllm.runtime.server.protocol_responses import (
     ChatStreamChoice,
     DeltaMessage,
 )
+from pllm.runtime.server.protocol_sampling import LOGPROB_FLOOR
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared, response_id
 from pllm.runtime.server.serving_tools import ToolCalling, finish_reason

@@ -7,13 +7,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from pllm.runtime.engine.outputs import LogprobsOnePosition, RequestOutput
-from pllm.runtime.server.protocol import LOGPROB_FLOOR, CompletionRequest
+from pllm.runtime.server.protocol_completions import CompletionRequest
 from pllm.runtime.server.protocol_responses import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
     CompletionStreamResponse,
 )
+from pllm.runtime.server.protocol_sampling import LOGPROB_FLOOR
 from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
 from pllm.runtime.server.serving import OpenAIServing, Prepared, response_id
 from pllm.runtime.server.sse import (

@@ -10,7 +10,7 @@ import numpy as np
 
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.server.protocol import EmbeddingRequest
+from pllm.runtime.server.protocol_embeddings import EmbeddingRequest
 from pllm.runtime.server.protocol_responses import EmbeddingData, EmbeddingResponse, UsageInfo
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 from pllm.runtime.server.serving import OpenAIServing

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from pllm.runtime.server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
+from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import DetokenizeResponse, TokenizeResponse
+from pllm.runtime.server.protocol_tokenize import DetokenizeRequest, TokenizeRequest
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.serving import OpenAIServing
 from pllm.runtime.server.serving_chat import ChatServing

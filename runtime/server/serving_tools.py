@@ -16,7 +16,7 @@ from pllm.runtime.engine.sampling_params import (
 )
 from pllm.runtime.engine.schema_rewrite import embed_schema
 from pllm.runtime.engine.structured_output import GrammarCache
-from pllm.runtime.server.protocol import ChatCompletionRequest
+from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,
     DeltaFunctionCall,

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from pllm.runtime.engine.outputs import CompletionOutput, Logprob, LogprobsOnePosition, RequestOutput
-from pllm.runtime.server.protocol import StreamOptions
 from pllm.runtime.server.protocol_responses import (
     ChatCompletionChunk,
     CompletionStreamResponse,
@@ -19,6 +18,7 @@ from pllm.runtime.server.protocol_responses import (
     PromptTokensDetails,
     UsageInfo,
 )
+from pllm.runtime.server.protocol_sampling import StreamOptions
 from pllm.runtime.server.request_stream import ClientDisconnected, EngineError, RequestStream
 
 logger = logging.getLogger("pllm.server")

@@ -38,7 +38,7 @@ CHOICES = ["KV cache in blocks", "KV cache in pages", "Paged attention"]
 
 def _tool_call_schema() -> dict:
     """The schema pllm-serve forces for tool_choice "required" over two tools, one call (ToolCalling.forced_schema)."""
-    from pllm.runtime.server.protocol import ChatCompletionRequest
+    from pllm.runtime.server.protocol_chat import ChatCompletionRequest
     from pllm.runtime.server.serving_tools import ToolCalling
 
     tools = [

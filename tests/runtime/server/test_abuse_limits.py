@@ -10,7 +10,7 @@ import pytest
 
 from pllm.runtime.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from pllm.runtime.engine.structured_output import MAX_OPTIONAL_PROPERTIES, GrammarError
-from pllm.runtime.server.protocol import ChatCompletionRequest
+from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.serving_tools import ToolCalling
 

@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from pllm.runtime.engine.outputs import CompletionOutput, RequestOutput
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.server.protocol import ChatCompletionRequest
+from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineRequest
 from pllm.runtime.server.serving import Prepared
 from pllm.runtime.server.serving_chat import ChatServing

@@ -120,7 +120,7 @@ def test_completion_add_special_tokens_reaches_the_tokenizer(sent, expected):
     # the tiny test tokenizer adds no special tokens, so the flag is checked where it is handed over
     import asyncio
 
-    from pllm.runtime.server.protocol import CompletionRequest
+    from pllm.runtime.server.protocol_completions import CompletionRequest
     from pllm.runtime.server.serving_completions import CompletionServing
 
     base = RecordingBase()
@@ -163,7 +163,7 @@ def test_a_guided_field_the_grammar_compiler_refuses_is_named(server):
 
 
 def test_fields_read_after_all_are_not_logged_as_ignored():
-    from pllm.runtime.server.protocol import ChatCompletionRequest
+    from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                  guided_json={"type": "object"}, use_beam_search=False, priority=0, no_such_field=1)
@@ -174,7 +174,7 @@ def test_documents_are_handed_to_the_chat_template():
     """What the live test above cannot see (the tiny template reads none): the documents reach apply_chat_template."""
     from types import SimpleNamespace
 
-    from pllm.runtime.server.protocol import ChatCompletionRequest
+    from pllm.runtime.server.protocol_chat import ChatCompletionRequest
     from pllm.runtime.server.serving_chat import ChatServing
 
     seen: dict = {}

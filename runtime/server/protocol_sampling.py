@@ -1,20 +1,11 @@
-"""OpenAI request bodies (pydantic) with every client-controlled size bounded, and the SamplingParams they make."""
+"""Request bodies' shared base: bounded field types, structured output, SamplingRequest and its SamplingParams."""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pllm.runtime.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
@@ -33,27 +24,8 @@ from pllm.runtime.engine.sampling_params import (
     StructuredOutputsParams,
 )
 from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
-from pllm.runtime.server.protocol_tools import (
-    MAX_CALL_ID_LEN,
-    MAX_TOOL_CALLS_PER_MESSAGE,
-    MAX_TOOLS,
-    MessageToolCall,
-    Tool,
-    ToolChoice,
-    check_tool_choice,
-    check_tool_messages,
-    check_tools,
-)
-from pllm.runtime.server.protocol_vllm import (
-    CHAT_UNHONOURED_VLLM_FIELDS,
-    GUIDED_FIELDS,
-    UNHONOURED_VLLM_FIELDS,
-    first_unhonoured,
-)
+from pllm.runtime.server.protocol_vllm import GUIDED_FIELDS, UNHONOURED_VLLM_FIELDS, first_unhonoured
 
-MAX_PROMPTS = 64  # prompts in one /v1/completions batch
-MAX_EMBED_INPUTS = 256  # inputs in one /v1/embeddings batch
-MAX_MESSAGES = 1024
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOKENS_LIMIT = 1 << 20  # any larger max_tokens is a client bug; the engine clamps to max_model_len anyway
 MAX_NAME_LEN = 256
@@ -62,21 +34,23 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 MIN_TOP_P = 1e-6
 
 
-def _not_bool(value):
+def not_bool(value):
     """JSON true is not a number: a lax int or float would run it as 1 (OpenAI refuses it; so does this server)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
     return value
 
 
-NotBool = BeforeValidator(_not_bool)
+NotBool = BeforeValidator(not_bool)
 
 
-def _at_most(items, limit: int, field: str, noun: str):
+def at_most(items, limit: int, field: str, noun: str):
     """A list of several prompts (not one list of token ids) holds at most `limit` of them."""
     if isinstance(items, list) and items and not isinstance(items[0], int) and len(items) > limit:
         raise ValueError(f"{field}: at most {limit} {noun} per request, got {len(items)}")
     return items
+
+
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_LEN)]
 # strict: JSON true, 1.0 and "101" are not token ids (a lax int would run them as 1, 1 and 101)
 TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]]
@@ -192,7 +166,7 @@ class SamplingRequest(OpenAIModel):
     @field_validator(*NUMBER_FIELDS, mode="before")
     @classmethod
     def _numbers_only(cls, value):
-        return _not_bool(value)
+        return not_bool(value)
 
     @field_validator("prompt_logprobs", mode="before")
     @classmethod
@@ -294,214 +268,3 @@ class SamplingRequest(OpenAIModel):
 
 def _or(value, default):
     return default if value is None else value
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str | TokenIds | list[str] | list[TokenIds]
-    # 0 only with echo (vLLM's convention): the prompt comes back, scored when logprobs is set, and nothing else
-    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = Field(None, max_length=0)  # not supported: only absent or empty passes
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
-    add_special_tokens: bool = True  # vLLM's: BOS and the like added to a text prompt
-
-    @field_validator("max_tokens", "logprobs", "best_of", mode="before")
-    @classmethod
-    def _completion_numbers_only(cls, value):
-        return _not_bool(value)
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt_count(cls, prompt):
-        return _at_most(prompt, MAX_PROMPTS, "prompt", "prompts")
-
-    @field_validator("best_of")
-    @classmethod
-    def _check_best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
-        if best_of is not None and best_of != info.data.get("n", 1):
-            raise ValueError("best_of is not supported; leave it unset or equal to n")
-        return best_of
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt field as a list of prompts, each a text or a list of token ids."""
-        p = self.prompt
-        if isinstance(p, str) or (isinstance(p, list) and (not p or isinstance(p[0], int))):
-            return [p]
-        return list(p)
-
-
-class ContentPart(OpenAIModel):
-    type: Name
-    text: str | None = None
-
-    @model_validator(mode="after")
-    def _check_part(self):
-        if self.type != "text":
-            raise ValueError(f"content part type {self.type[:40]!r} is not supported (only 'text')")
-        if self.text is None:
-            raise ValueError("a content part of type 'text' needs its text: text is required")
-        return self
-
-
-class ChatMessage(OpenAIModel):
-    role: Annotated[str, Field(min_length=1, max_length=64)]
-    content: str | list[ContentPart] | None = None
-    name: Name | None = None
-    # Tool calling: the calls an assistant made, and which call a role "tool" message answers.
-    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOL_CALLS_PER_MESSAGE)] | None = None
-    tool_call_id: Annotated[str, Field(max_length=MAX_CALL_ID_LEN)] | None = None
-
-    def text(self) -> str | None:
-        if self.content is None or isinstance(self.content, str):
-            return self.content
-        # ContentPart admits text parts only; joined by newlines, as vLLM renders a message's text parts (and LLM.chat)
-        return "\n".join(part.text or "" for part in self.content)
-
-
-# Keys of apply_chat_template's own parameters: a client must not reach them through chat_template_kwargs.
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    "conversation tools documents chat_template add_generation_prompt continue_final_message tokenize padding "
-    "truncation max_length return_tensors return_dict return_assistant_tokens_mask tokenizer_kwargs".split()
-)
-# chat_template_kwargs as JSON, at most: they can stand in for the special-token variables a template prints once a
-# message (eos_token, ...), so their size is multiplied by up to MAX_MESSAGES before the prompt's length is checked
-MAX_TEMPLATE_KWARGS_BYTES = 64 * 1024
-
-
-def _check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-    reserved = RESERVED_TEMPLATE_KWARGS & set(kwargs or {})
-    if reserved:
-        raise ValueError(f"chat_template_kwargs: reserved key(s) {', '.join(sorted(reserved))}")
-    size = len(json.dumps(kwargs, ensure_ascii=False).encode()) if kwargs else 0
-    if size > MAX_TEMPLATE_KWARGS_BYTES:
-        raise ValueError(f"chat_template_kwargs: {size} bytes as JSON, more than the limit of "
-                         f"{MAX_TEMPLATE_KWARGS_BYTES} (MAX_TEMPLATE_KWARGS_BYTES)")
-    return kwargs
-
-
-TemplateKwargs = Annotated[dict[str, Any], Field(max_length=32), AfterValidator(_check_template_kwargs)]
-
-
-class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: TemplateKwargs | None = None
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: ToolChoice | None = None  # absent: "auto" with tools, "none" without (OpenAI's defaults)
-    parallel_tool_calls: bool = True
-    # vLLM's: special tokens added on top of the template's (it adds them itself, so off by default)
-    add_special_tokens: bool = False
-    # vLLM's: retrieval documents handed to the chat template (a template that reads none ignores them, as in vLLM)
-    documents: Annotated[list[dict[str, str]], Field(max_length=MAX_MESSAGES)] | None = None
-    unhonoured_fields: ClassVar[dict[str, object]] = {**UNHONOURED_VLLM_FIELDS, **CHAT_UNHONOURED_VLLM_FIELDS}
-    read_extra_fields: ClassVar[frozenset[str]] = frozenset({*unhonoured_fields, *GUIDED_FIELDS})
-
-    @field_validator("top_logprobs", "max_completion_tokens", mode="before")
-    @classmethod
-    def _chat_numbers_only(cls, value):
-        return _not_bool(value)
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _check_top_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
-        if top_logprobs is not None and not info.data.get("logprobs", False):
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return top_logprobs
-
-    @field_validator("continue_final_message")
-    @classmethod
-    def _check_continue(cls, continue_final: bool, info: ValidationInfo) -> bool:
-        if continue_final and info.data.get("add_generation_prompt", False):
-            raise ValueError(
-                "continue_final_message and add_generation_prompt cannot both be true "
-                "(set add_generation_prompt to false)"
-            )
-        return continue_final
-
-    @field_validator("tools")
-    @classmethod
-    def _check_tools(cls, tools: list[Tool] | None) -> list[Tool] | None:
-        check_tools(tools)
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _check_tool_choice(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
-        # tools that failed their own validation are missing from info.data (an omitted one is there as None):
-        # their error is the request's, not a second one about tool_choice
-        if "tools" in info.data:
-            check_tool_choice(choice, info.data["tools"])
-        return choice
-
-    @field_validator("messages")
-    @classmethod
-    def _check_tool_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        check_tool_messages(messages)
-        return messages
-
-    def conversation(self) -> list[dict]:
-        return [
-            {
-                "role": m.role,
-                "content": m.text() or "",
-                **({"name": m.name} if m.name else {}),
-                **({"tool_calls": [c.for_template() for c in m.tool_calls]} if m.tool_calls else {}),
-                **({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {}),
-            }
-            for m in self.messages
-        ]
-
-    @property
-    def effective_tool_choice(self) -> ToolChoice:
-        if self.tool_choice is not None:
-            return self.tool_choice
-        return "auto" if self.tools else "none"
-
-
-class EmbeddingRequest(OpenAIModel):
-    model: Name | None = None
-    input: str | TokenIds | list[str] | list[TokenIds]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: Name | None = None
-
-    @field_validator("dimensions", mode="before")
-    @classmethod
-    def _dimensions_number_only(cls, value):
-        return _not_bool(value)
-
-    @field_validator("input")
-    @classmethod
-    def _check_input_count(cls, inputs):
-        return _at_most(inputs, MAX_EMBED_INPUTS, "input", "inputs")
-
-    def inputs(self) -> list[str | list[int]]:
-        p = self.input
-        if isinstance(p, str) or (isinstance(p, list) and (not p or isinstance(p[0], int))):
-            return [p]
-        return list(p)
-
-
-class TokenizeRequest(OpenAIModel):
-    """vLLM's /tokenize: a text (`prompt`) or a conversation (`messages`, rendered with the chat template)."""
-
-    model: Name | None = None
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
-    add_generation_prompt: bool = True  # messages only
-    continue_final_message: bool = False  # messages only
-    chat_template_kwargs: TemplateKwargs | None = None  # messages only
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # messages only, as chat renders them
-    # BOS and the like; None: vLLM's defaults, true for a prompt and false for messages (the template adds them)
-    add_special_tokens: bool | None = None
-    return_token_strs: bool = False
-
-
-class DetokenizeRequest(OpenAIModel):
-    model: Name | None = None
-    tokens: TokenIds
