@@ -221,16 +221,17 @@ class LayerLora:
 
 
 def stack_adapters(
-    adapters: Sequence[LoraAdapter], spec: ModelSpec, dtype: torch.dtype, device: torch.device
+    adapters: Sequence[LoraAdapter | None], spec: ModelSpec, dtype: torch.dtype, device: torch.device
 ) -> list[LayerLora]:
-    """The adapters, in slot order (adapter i is slot i + 1), stacked per layer and runtime target."""
+    """The adapters, in slot order (adapter i is slot i + 1; None a free slot, all zeros), stacked per layer and
+    runtime target."""
     shapes = module_shapes(spec)
-    max_rank = max(a.rank for a in adapters)
+    max_rank = max(a.rank for a in adapters if a is not None)
     layers = []
     for layer in range(spec.num_hidden_layers):
         by_target = {}
         for target, modules in TARGETS.items():
-            if not any((layer, m) in a.weights for a in adapters for m in modules):
+            if not any((layer, m) in a.weights for a in adapters if a is not None for m in modules):
                 by_target[target] = None
                 continue
             in_f = shapes[modules[0]][0]
@@ -238,19 +239,55 @@ def stack_adapters(
             a_stack = torch.zeros(len(adapters), len(modules) * max_rank, in_f)
             b_stack = torch.zeros(len(adapters), sum(outs), len(modules) * max_rank)
             for i, adapter in enumerate(adapters):
-                row = 0
-                for j, module in enumerate(modules):
-                    ab = adapter.weights.get((layer, module))
-                    if ab is not None:
-                        a, b = ab
-                        r0 = j * max_rank
-                        a_stack[i, r0 : r0 + adapter.rank] = a
-                        b_stack[i, row : row + outs[j], r0 : r0 + adapter.rank] = b
-                    row += outs[j]
+                if adapter is not None:
+                    _place(a_stack[i], b_stack[i], adapter, layer, modules, outs, max_rank)
             by_target[target] = TargetLora(a_stack.to(device, dtype).contiguous(),
                                            b_stack.to(device, dtype).contiguous())
         layers.append(LayerLora(**by_target))
     return layers
+
+
+def _place(a_slot: torch.Tensor, b_slot: torch.Tensor, adapter: LoraAdapter, layer: int, modules: tuple[str, ...],
+           outs: list[int], max_rank: int) -> None:
+    """One adapter's A and B of one layer's runtime target into its (zeroed) rows of one stack index."""
+    row = 0
+    for j, module in enumerate(modules):
+        ab = adapter.weights.get((layer, module))
+        if ab is not None:
+            r0 = j * max_rank
+            a_slot[r0 : r0 + adapter.rank] = ab[0]
+            b_slot[row : row + outs[j], r0 : r0 + adapter.rank] = ab[1]
+        row += outs[j]
+
+
+def fits_stacks(layers: Sequence[LayerLora], index: int, adapter: LoraAdapter) -> bool:
+    """Whether the adapter can be written over stack index `index` in place: the stacks hold that index, its rank
+    is within theirs, and every target it adapts is already stacked in that layer."""
+    for layer, stacks in enumerate(layers):
+        for target, modules in TARGETS.items():
+            stack: TargetLora | None = getattr(stacks, target)
+            if stack is None:
+                if any((layer, m) in adapter.weights for m in modules):
+                    return False
+            elif index >= stack.a.shape[0] or adapter.rank > stack.a.shape[1] // len(modules):
+                return False
+    return True
+
+
+def write_slot(layers: Sequence[LayerLora], index: int, adapter: LoraAdapter, spec: ModelSpec) -> None:
+    """Overwrite stack index `index` with the adapter, in place (fits_stacks must hold); the other indices, and
+    the adapters in them, are untouched."""
+    shapes = module_shapes(spec)
+    for layer, stacks in enumerate(layers):
+        for target, modules in TARGETS.items():
+            stack: TargetLora | None = getattr(stacks, target)
+            if stack is None:
+                continue
+            a_slot, b_slot = torch.zeros(stack.a.shape[1:]), torch.zeros(stack.b.shape[1:])
+            _place(a_slot, b_slot, adapter, layer, modules, [shapes[m][1] for m in modules],
+                   stack.a.shape[1] // len(modules))
+            stack.a[index].copy_(a_slot)
+            stack.b[index].copy_(b_slot)
 
 
 @dataclass(frozen=True)

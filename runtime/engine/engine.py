@@ -117,7 +117,8 @@ class LLMEngine(LoadedEngine):
                 child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(child_id, list(ids), child_params, now, max_tokens, lora_slot=lora_slot,
-                              lora_name=lora_request.name if lora_request is not None else None)
+                              lora_name=lora_request.name if lora_request is not None else None,
+                              lora_load=self.loras.load_number(lora_slot) if lora_slot else 0)
             if grammar is not None:
                 request.grammar = SequenceGrammar(grammar, self.spec.vocab_size)  # each sequence its own matcher
             children.append(request)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pllm.models.lora import LoraAdapter
 from pllm.models.rotary import recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.build_open import BuildOpening, open_verified
@@ -147,7 +148,7 @@ class LoadedEngine:
         self.loras.load_starting(packed, list(config.lora_modules))
         if not self.loras.adapters:
             return
-        self.runner.set_lora_adapters(self.loras.adapters)
+        self.runner.set_lora_adapters(self.loras.slots)
         logger.info("pllm engine: LoRA adapters %s (max rank %d)", ", ".join(self.loras.names()),
                     max(a.rank for a in self.loras.adapters))
 
@@ -157,9 +158,24 @@ class LoadedEngine:
         slot = self.loras.slot_of(request)
         if slot is not None:
             return slot
-        adapter = self.loras.load(request)
-        self.runner.set_lora_adapters([*self.loras.adapters, adapter])
-        return self.loras.add(request, adapter)
+        return self.install_lora(request, self.loras.load(request, self.busy_lora_slots()))
+
+    def install_lora(self, request: LoRARequest, adapter: LoraAdapter) -> int:
+        """Serve an adapter read and checked already (read_adapter, off this thread) under request.name: it takes
+        a free slot, in place in the runner's stacks when it fits them; LoraError (the engine unchanged) when the
+        name is loaded or no slot is free. Call between steps."""
+        slot = self.loras.check_new(request, self.busy_lora_slots())
+        self.runner.set_lora_slot(slot, adapter, self.loras.slots)
+        return self.loras.add(request, adapter, slot)
+
+    def remove_lora(self, name: str) -> int:
+        """No new request may name the adapter; those running under it finish on its weights, and its slot is
+        free once they are done. -> its slot; LoraError for a name not loaded."""
+        return self.loras.remove(name)
+
+    def busy_lora_slots(self) -> frozenset[int]:
+        """The slots unfinished requests run under (running, waiting or preempted)."""
+        return frozenset(r.lora_slot for r in (*self.scheduler.running, *self.scheduler.waiting) if r.lora_slot)
 
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
         limit = self.spec.max_position_embeddings

@@ -54,45 +54,90 @@ class LoRARequest:
 
 
 class LoraRegistry:
-    """The adapters an engine has loaded, each in a fixed slot (1, 2, ...; 0 is the base model). Adapters are only
-    added, never replaced, so a slot and a name mean the same weights for the engine's life (the prefix cache
-    keys on the name)."""
+    """The adapters an engine has loaded, each in a fixed slot (1, 2, ...; 0 is the base model). A slot keeps its
+    adapter until the adapter is removed (pllm-serve's /v1/unload_lora_adapter) and no unfinished request runs
+    under it; only then may a later load reuse the slot. Each load is numbered (load_number): the prefix cache keys
+    on the name and that number, so a name loaded again, perhaps with other weights, never hits the old K/V."""
 
     def __init__(self, spec: ModelSpec, max_loras: int = MAX_LORAS):
         if type(max_loras) is not int or not 1 <= max_loras <= MAX_LORAS:
             raise LoraError(f"max_loras={max_loras!r}: must be an integer in [1, {MAX_LORAS}]")
         self.spec = spec
         self.max_loras = max_loras
-        self.adapters: list[LoraAdapter] = []
-        self.requests: dict[str, LoRARequest] = {}
+        self.slots: list[LoraAdapter | None] = []  # slot k's adapter at index k - 1 (a removed one until reused)
+        self.requests: dict[str, LoRARequest] = {}  # the adapters requests may name, by name
+        self._slot_of_name: dict[str, int] = {}
+        self._load_numbers: list[int] = []  # per slot, the number of the load that filled it
+        self._num_loads = 0
+
+    @property
+    def adapters(self) -> tuple[LoraAdapter, ...]:
+        """The adapters requests may name, in slot order."""
+        return tuple(self.slots[slot - 1] for slot in sorted(self._slot_of_name.values()))
 
     def names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.adapters)
 
+    def load_number(self, slot: int) -> int:
+        return self._load_numbers[slot - 1]
+
     def slot_of(self, request: LoRARequest) -> int | None:
         """The slot of an already loaded adapter, or None; LoraError when the name is loaded from another path."""
-        for i, adapter in enumerate(self.adapters):
-            if adapter.name == request.name:
-                if request.path and Path(request.path).resolve() != Path(adapter.path).resolve():
-                    raise LoraError(f"LoRA adapter {request.name!r} is already loaded from {adapter.path}, not "
-                                    f"{request.path}")
-                return i + 1
-        return None
+        slot = self._slot_of_name.get(request.name)
+        if slot is None:
+            return None
+        adapter = self.slots[slot - 1]
+        if request.path and Path(request.path).resolve() != Path(adapter.path).resolve():
+            raise LoraError(f"LoRA adapter {request.name!r} is already loaded from {adapter.path}, not {request.path}")
+        return slot
 
-    def load(self, request: LoRARequest) -> LoraAdapter:
-        """Read and check a new adapter (not yet added: `add` makes it live once the runner holds it)."""
+    def free_slot(self, busy: frozenset[int]) -> int | None:
+        """The slot a new adapter would take: the first empty one, or a removed adapter's with no request in
+        `busy` (the slots unfinished requests run under), or a new one below max_loras; None when there is none."""
+        live = set(self._slot_of_name.values())
+        for slot in range(1, len(self.slots) + 1):
+            if slot not in live and slot not in busy:
+                return slot
+        return len(self.slots) + 1 if len(self.slots) < self.max_loras else None
+
+    def check_new(self, request: LoRARequest, busy: frozenset[int]) -> int:
+        """The slot a new adapter would take; LoraError when its name is loaded, no slot is free, or no path."""
         check_lora_family(self.spec)
-        if len(self.adapters) >= self.max_loras:
-            raise LoraError(f"cannot load LoRA adapter {request.name!r}: {self.max_loras} adapters are loaded, "
-                            f"the limit (max_loras)")
+        if request.name in self._slot_of_name:
+            raise LoraError(f"The lora adapter '{request.name}' has already been loaded.")
+        slot = self.free_slot(busy)
+        if slot is None:
+            raise LoraError(f"cannot load LoRA adapter {request.name!r}: all {self.max_loras} adapter slots "
+                            f"(max_loras) hold adapters that are loaded or still serving requests")
         if not request.path:
             raise LoraError(f"LoRA adapter {request.name!r} is not loaded and the request gives no path")
+        return slot
+
+    def load(self, request: LoRARequest, busy: frozenset[int] = frozenset()) -> LoraAdapter:
+        """Read and check a new adapter (not yet added: `add` makes it live once the runner holds it)."""
+        self.check_new(request, busy)
         return read_adapter(request.name, request.path, self.spec)
 
-    def add(self, request: LoRARequest, adapter: LoraAdapter) -> int:
-        self.adapters.append(adapter)
+    def add(self, request: LoRARequest, adapter: LoraAdapter, slot: int) -> int:
+        """Make the adapter live in `slot` (from check_new; the runner already holds it there)."""
+        if slot > len(self.slots):
+            self.slots.append(None)
+            self._load_numbers.append(0)
+        self.slots[slot - 1] = adapter
+        self._num_loads += 1
+        self._load_numbers[slot - 1] = self._num_loads
         self.requests[request.name] = request
-        return len(self.adapters)
+        self._slot_of_name[request.name] = slot
+        return slot
+
+    def remove(self, name: str) -> int:
+        """Take the adapter out of what requests may name; its slot keeps its weights for the requests still
+        running under it (free_slot reuses it once they are done). -> its slot; LoraError for an unknown name."""
+        slot = self._slot_of_name.pop(name, None)
+        if slot is None:
+            raise LoraError(f"The lora adapter '{name}' cannot be found.")
+        del self.requests[name]
+        return slot
 
     def load_starting(self, packed: list[tuple[str, str]], modules: list[tuple[str, str]]) -> None:
         """A build's packed adapters, then the configured ones, as (name, folder): read, checked and added in
@@ -103,4 +148,4 @@ class LoraRegistry:
                              f"lora_modules names {[n for n, _ in modules]}")
         for i, (name, path) in enumerate(starting):
             request = LoRARequest(name, i + 1, path)
-            self.add(request, self.load(request))
+            self.add(request, self.load(request), i + 1)

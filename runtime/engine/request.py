@@ -81,11 +81,12 @@ class Request:
     grammar: SequenceGrammar | None = None  # structured output: the grammar its output follows
     lora_slot: int = 0  # 0: the base model; k >= 1: the engine's k-th loaded LoRA adapter
     lora_name: str | None = None  # that adapter's name (set exactly when lora_slot is)
+    lora_load: int = 0  # which load of that name (LoraRegistry.load_number): a name loaded again is new K/V
 
     @property
     def cache_salt(self) -> bytes:
         """What the prefix cache's first block hash starts from: K/V computed under an adapter is the adapter's."""
-        return b"" if self.lora_name is None else b"lora\0" + self.lora_name.encode()
+        return b"" if self.lora_name is None else b"lora\0" + self.lora_name.encode() + b"\0%d" % self.lora_load
 
     @property
     def ready(self) -> bool:

@@ -38,6 +38,7 @@ from pllm.runtime.server.serving import OpenAIServing
 from pllm.runtime.server.serving_chat import ChatServing
 from pllm.runtime.server.serving_completions import CompletionServing
 from pllm.runtime.server.serving_embeddings import EmbeddingServing
+from pllm.runtime.server.serving_lora import LoadLoRAAdapterRequest, LoraServing, UnloadLoRAAdapterRequest
 from pllm.runtime.server.serving_tokenize import TokenizeServing
 from pllm.runtime.server.serving_tools import ToolCalling
 from pllm.runtime.server.sse import error_response
@@ -139,6 +140,7 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
     tool_call_parser: str | None = None,
+    allow_runtime_lora_updating: bool = False,
 ) -> FastAPI:
     serving = OpenAIServing(engine, served_model_names)
     tool_calling = ToolCalling(tool_call_parser, serving.tokenizer.chat_template)
@@ -250,6 +252,21 @@ def create_app(
         if card is None:
             raise EngineError(404, f"The model `{model_id[:256]}` does not exist.", param="model")
         return card
+
+    if allow_runtime_lora_updating:  # else unregistered, a 404, as vLLM's server without the setting
+        logger.warning("LoRA adapters may be loaded and unloaded at runtime: /v1/load_lora_adapter reads any folder "
+                       "it is given on this machine")
+        lora_serving = LoraServing(serving)
+
+        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+            log_ignored(body)
+            return PlainTextResponse(await lora_serving.load(body))
+
+        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+            log_ignored(body)
+            return PlainTextResponse(await lora_serving.unload(body))
 
     @app.get("/health", response_class=Response, responses={503: {"model": ErrorResponse}})
     async def health():

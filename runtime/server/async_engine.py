@@ -10,10 +10,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pllm.models.lora import LoraAdapter
 from pllm.runtime.engine.engine import LLMEngine
-from pllm.runtime.server.engine_loop import Abort, AbortAll, AddRequests, Command, EngineLoop, Stop
+from pllm.runtime.engine.lora import LoRARequest
+from pllm.runtime.server.engine_loop import (
+    Abort,
+    AbortAll,
+    AddRequests,
+    Command,
+    EngineLoop,
+    LoadLora,
+    Stop,
+    UnloadLora,
+)
 from pllm.runtime.server.metrics import ServerMetrics
-from pllm.runtime.server.request_stream import EngineError, EngineRequest, RequestStream
+from pllm.runtime.server.request_stream import EngineError, EngineRequest, Reply, RequestStream
 
 logger = logging.getLogger("pllm.server")
 
@@ -109,6 +120,21 @@ class AsyncEngine:
             stream.close()
             raise
         return stream
+
+    async def load_lora(self, request: LoRARequest, adapter: LoraAdapter) -> int:
+        """Serve an adapter read and checked off the engine thread: the engine thread takes it between steps.
+        -> its slot; LoraError when refused (the engine then unchanged)."""
+        return await self._ask(lambda reply: LoadLora(request, adapter, reply))
+
+    async def unload_lora(self, name: str) -> int:
+        """Stop serving the adapter to new requests (those added already finish on it). -> its slot."""
+        return await self._ask(lambda reply: UnloadLora(name, reply))
+
+    async def _ask(self, command: Callable[[Reply], Command]):
+        reply = Reply(asyncio.get_running_loop())
+        if self.dead_reason is not None or not self._submit(command(reply)):
+            raise EngineError(500, "The engine loop is not running; the server must be restarted.")
+        return await reply.wait()
 
     def abort(self, request_ids: list[str]) -> None:
         self._submit(Abort(tuple(request_ids)))

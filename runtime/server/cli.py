@@ -17,6 +17,7 @@ import argparse
 import functools
 import gc
 import logging
+import os
 import socket
 import sys
 import time
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pllm.runtime.engine.build_open import BuildOpening
-from pllm.runtime.server.cli_args import address, build_parser, engine_config, served_names
+from pllm.runtime.server.cli_args import address, build_parser, engine_config, runtime_lora_updating, served_names
 from pllm.runtime.worker.startup_timing import Stage, mark
 
 if TYPE_CHECKING:
@@ -76,7 +77,8 @@ def app_for(engine: AsyncEngine, args: argparse.Namespace, names: list[str]):
     from pllm.runtime.server.api import create_app
 
     return create_app(
-        engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser
+        engine, names, args.api_key, args.max_body_bytes, args.request_body_timeout, args.tool_call_parser,
+        runtime_lora_updating(args, os.environ),
     )
 
 
@@ -117,6 +119,11 @@ def serve(args: argparse.Namespace) -> int:
 def serve_on(args: argparse.Namespace, sock: socket.socket) -> int:
     """serve() once its socket listens."""
     names = served_names(args)
+    try:
+        runtime_lora_updating(args, os.environ)  # refused with tensor parallelism before anything loads
+    except ValueError as exc:
+        print(f"pllm-serve: error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     opening = BuildOpening(args.build_dir, reads_weights_early(args))  # hashing, file reads, beside the imports
     import pllm.runtime.server.async_engine  # noqa: F401  (torch and the engine, before the engine thread needs them)

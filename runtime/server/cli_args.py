@@ -9,12 +9,15 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from pllm import __version__
 from pllm.runtime.engine.config import BACKENDS, MAX_LORAS_LIMIT, EngineConfig, SpeculativeConfig
 from pllm.runtime.server.limits import MAX_BODY_BYTES, REQUEST_BODY_TIMEOUT_S
 from pllm.runtime.server.tool_parsers import NO_PARSER, TOOL_CALL_PARSERS
+
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for /v1/load_lora_adapter and unload
 
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -175,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-loras", type=max_loras, default=8,
                    help=f"LoRA adapters held at once (at most {MAX_LORAS_LIMIT})")
+    p.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM does with "
+        f"{RUNTIME_LORA_ENV}=True (which turns this on too). Off by default: a load reads whatever folder the "
+        "request names on this machine",
+    )
     spec = p.add_mutually_exclusive_group()
     spec.add_argument(
         "--speculative-config",
@@ -303,6 +313,17 @@ def args_from_options(options: dict[str, object]) -> argparse.Namespace:
 
     parser.error = refuse  # raise instead of printing usage and exiting
     return parser.parse_args(argv)
+
+
+def runtime_lora_updating(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    """--allow-runtime-lora-updating, or VLLM_ALLOW_RUNTIME_LORA_UPDATING as vLLM reads it ('1' or 'true', any
+    case); ValueError with --tensor-parallel-size > 1, where no adapter can be served."""
+    on = args.allow_runtime_lora_updating or environ.get(RUNTIME_LORA_ENV, "0").strip().lower() in ("1", "true")
+    if on and args.tensor_parallel_size > 1:
+        how = "--allow-runtime-lora-updating" if args.allow_runtime_lora_updating else f"{RUNTIME_LORA_ENV}"
+        raise ValueError(f"{how} cannot be used with --tensor-parallel-size {args.tensor_parallel_size}: LoRA "
+                         "adapters are not split across ranks")
+    return on
 
 
 def served_names(args: argparse.Namespace) -> list[str]:

@@ -9,11 +9,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pllm.models.lora import LoraAdapter, LoraError
 from pllm.runtime.engine.engine import LLMEngine
+from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import CompletionOutput, EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam
 from pllm.runtime.server.metrics import ServerMetrics
-from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, RequestStream, StepHandoff
+from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, Reply, RequestStream, StepHandoff
 from pllm.runtime.worker.parallel.group import WorkerDied
 
 logger = logging.getLogger("pllm.server")
@@ -50,7 +52,26 @@ class Stop:
     """Leave the loop; live requests get a 503."""
 
 
-Command = AddRequests | Abort | AbortAll | Stop
+@dataclass(frozen=True)
+class LoadLora:
+    """Serve an adapter read and checked off this thread (LLMEngine.install_lora); the reply hears its slot or the
+    LoraError, the engine then unchanged."""
+
+    request: LoRARequest
+    adapter: LoraAdapter
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class UnloadLora:
+    """Stop serving the named adapter to new requests (LLMEngine.remove_lora); the reply hears its slot or the
+    LoraError. Requests already added finish on it."""
+
+    name: str
+    reply: Reply
+
+
+Command = AddRequests | Abort | AbortAll | Stop | LoadLora | UnloadLora
 
 
 @dataclass
@@ -163,15 +184,31 @@ class EngineLoop:
                 case AbortAll():
                     for request_id in list(self._routes):
                         self._abort(request_id, output=True)
+                case LoadLora(request, adapter, reply):
+                    self._answer(reply, self.engine.install_lora, request, adapter)
+                case UnloadLora(name, reply):
+                    self._answer(reply, self.engine.remove_lora, name)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
         return True
 
+    def _answer(self, reply: Reply, change, *args) -> None:
+        try:
+            reply.put(change(*args))
+        except LoraError as exc:  # a refusal: the engine is unchanged
+            reply.put(exc)
+        except Exception:
+            logger.exception("LoRA adapter update failed")
+            reply.put(EngineError(500, "Internal server error while updating the LoRA adapters."))
+
     def _add(self, stream: RequestStream, requests: tuple[EngineRequest, ...]) -> None:
         added: list[str] = []
         try:
+            for r in requests:  # an adapter unloaded since the handler looked it up serves no new request
+                if r.lora is not None and self.engine.loras.requests.get(r.lora.name) != r.lora:
+                    raise EngineError(404, f"The model `{r.lora.name}` does not exist.", param="model")
             for r in requests:
                 prompt = {"prompt_token_ids": r.prompt_token_ids}
                 if r.pooling is not None:
@@ -184,7 +221,9 @@ class EngineLoop:
             for request_id in added:
                 self.engine.abort_request(request_id)
                 del self._routes[request_id]
-            if isinstance(exc, ValueError):  # the engine's user-facing rejections: too long, out of vocabulary
+            if isinstance(exc, EngineError):
+                stream.put(exc)
+            elif isinstance(exc, ValueError):  # the engine's user-facing rejections: too long, out of vocabulary
                 param = exc.param if isinstance(exc, InvalidParam) else None
                 stream.put(EngineError(400, str(exc), param=param))
             else:
@@ -295,6 +334,8 @@ class EngineLoop:
                 break
             if isinstance(command, AddRequests):
                 command.stream.put(error)
+            elif isinstance(command, LoadLora | UnloadLora):
+                command.reply.put(error)
 
 
 def _aborted_output(route: _Route) -> RequestOutput:

@@ -45,6 +45,29 @@ class EngineRequest:
     lora: LoRARequest | None = None  # the LoRA adapter the request's `model` named; None: the base model
 
 
+class Reply:
+    """The engine thread's one answer to a coroutine (a LoRA load or unload): a result, or the exception to raise.
+    Made on the event loop; put() from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._future: asyncio.Future = loop.create_future()
+
+    def put(self, result: object) -> None:
+        self._loop.call_soon_threadsafe(self._set, result)
+
+    def _set(self, result: object) -> None:
+        if self._future.done():  # the awaiting handler was cancelled
+            return
+        if isinstance(result, BaseException):
+            self._future.set_exception(result)
+        else:
+            self._future.set_result(result)
+
+    async def wait(self) -> object:
+        return await self._future
+
+
 @dataclass(frozen=True)
 class Accepted:
     """The engine thread added every request of a stream."""

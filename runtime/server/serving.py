@@ -50,7 +50,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_names: list[str]):
         self.engine = engine
         self.model_names = served_model_names
-        # the LoRA adapters the engine loaded at start, each served under its own name (the server loads no more)
+        # the LoRA adapters the engine serves, by name: those loaded at start, then serving_lora.py's loads and unloads
         self.loras: dict[str, LoRARequest] = dict(engine.engine.loras.requests)
         clash = sorted(set(self.loras) & set(served_model_names))
         if clash:

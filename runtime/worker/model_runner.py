@@ -12,7 +12,7 @@ import torch
 
 from pllm.compiler.manifest import BuildManifest
 from pllm.models.kv_groups import kv_groups, layer_groups
-from pllm.models.lora import LoraAdapter, check_lora_family, stack_adapters
+from pllm.models.lora import LoraAdapter, check_lora_family, fits_stacks, stack_adapters, write_slot
 from pllm.models.ops import AttentionMetadata, Ops
 from pllm.models.registry import family_of
 from pllm.models.spec import ModelKind
@@ -150,13 +150,26 @@ class ModelRunner:
         self.kv_cache = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def set_lora_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
-        """Stack the adapters for the model (adapter i serves SeqStep.lora_slot i + 1); replaces the earlier set."""
+    def set_lora_adapters(self, adapters: Sequence[LoraAdapter | None]) -> None:
+        """Stack the adapters for the model (adapter i serves SeqStep.lora_slot i + 1; None an empty slot); replaces
+        the earlier set."""
         check_lora_family(self.spec)
         if self.shard is not None and adapters:
             raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1 (adapters are not split)")
         self.num_lora_adapters = len(adapters)
         self.model.lora_layers = stack_adapters(adapters, self.spec, self.dtype, self.device) if adapters else None
+
+    def set_lora_slot(self, slot: int, adapter: LoraAdapter, slots: Sequence[LoraAdapter | None]) -> None:
+        """Put the adapter in `slot` (slots: the adapters held now, by slot): written over that slot's rows of the
+        stacks in place when it fits them (its rank within theirs, its targets stacked), else all restacked.
+        Between steps: the other slots keep serving unchanged."""
+        layers = self.model.lora_layers
+        if layers is not None and slot <= self.num_lora_adapters and fits_stacks(layers, slot - 1, adapter):
+            write_slot(layers, slot - 1, adapter, self.spec)
+            return
+        held = list(slots) + [None] * (slot - len(slots))
+        held[slot - 1] = adapter
+        self.set_lora_adapters(held)
 
     def capture_decode_graphs(self, sizes: Sequence[int], capture: Capture = cuda_capture) -> DecodeGraphs:
         """Capture the decode forward for each batch size (on cuda; eager_capture replays without a GPU)."""

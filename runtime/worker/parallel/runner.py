@@ -157,8 +157,11 @@ class ParallelRunner:
     def max_model_len(self) -> int:
         return self.local.max_model_len
 
-    def set_lora_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
+    def set_lora_adapters(self, adapters: Sequence[LoraAdapter | None]) -> None:
         self.local.set_lora_adapters(adapters)  # refuses any adapter on a split model
+
+    def set_lora_slot(self, slot: int, adapter: LoraAdapter, slots: Sequence[LoraAdapter | None]) -> None:
+        self.local.set_lora_slot(slot, adapter, slots)  # refuses it, as above
 
     # -- the step ---------------------------------------------------------------------------------
     def check(self) -> None:
