@@ -62,7 +62,7 @@ class ChatMessage(OpenAIModel):
 # Keys of apply_chat_template's own parameters: a client must not reach them through chat_template_kwargs.
 RESERVED_TEMPLATE_KWARGS = frozenset(
     "conversation tools documents chat_template add_generation_prompt continue_final_message tokenize padding "
-    "truncation max_length return_tensors return_dict return_assistant_tokens_mask tokenizer_kwargs".split()
+    "truncation max_length return_tensors return_dict return_assistant_tokens_mask tokenizer_kwargs max_chars".split()
 )
 # chat_template_kwargs as JSON, at most: they can stand in for the special-token variables a template prints once a
 # message (eos_token, ...), so their size is multiplied by up to MAX_MESSAGES before the prompt's length is checked

@@ -19,6 +19,7 @@ from pllm.runtime.server.protocol_responses import PromptLogprob, PromptLogprobs
 from pllm.runtime.server.protocol_sampling import LOGPROB_FLOOR, SamplingRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 from pllm.runtime.server.sse import within_top
+from pllm.runtime.worker.chat_template import max_prompt_chars
 
 logger = logging.getLogger("pllm.server")
 
@@ -64,7 +65,7 @@ class OpenAIServing:
         self._check_generates = llm.check_generates
         # The longest token in characters bounds how many characters max_model_len tokens can hold, so the
         # check before tokenizing never rejects a prompt that would fit.
-        self.max_prompt_chars = self.max_model_len * max(len(t) for t in self.tokenizer.get_vocab())
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, self.max_model_len)
         # One thread tokenizes, so neither the event loop nor the engine loop stalls on a long prompt.
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="pllm-tokenizer")
         self._token_strs: dict[int, str] = {}

@@ -79,6 +79,7 @@ class ChatServing:
                 tools=self.tools.template_tools(req),
                 documents=req.documents,
                 **(req.chat_template_kwargs or {}),
+                max_chars=self.base.max_prompt_chars,  # the render stops there (a template may loop over its input)
             )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise EngineError(400, f"The chat template could not be applied: {str(exc)[:500]}") from None

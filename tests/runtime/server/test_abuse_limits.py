@@ -73,3 +73,15 @@ def test_chat_template_kwargs_are_bounded_and_checked_on_every_route(server, pat
     r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "messages": messages, "max_tokens": 1,
                                               "chat_template_kwargs": {"tokenize": True}}, timeout=60)
     assert r.status_code == 400 and "reserved" in r.text, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_chat_render_stops_at_what_the_context_can_hold(server, path):
+    """The messages' own text fits, but the template wraps each of 1,024 in its role tags: the render passes
+    what max_model_len tokens can hold and stops there (ChatPromptTooLong), rather than render it all first."""
+    messages = [{"role": "user", "content": "hi"}] * 1024
+    r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "messages": messages, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and "The chat template rendered more than" in r.text, r.text
+    r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "messages": messages[:2], "max_tokens": 1,
+                                              "chat_template_kwargs": {"max_chars": 1 << 40}}, timeout=60)
+    assert r.status_code == 400 and "reserved" in r.text, r.text
