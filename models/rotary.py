@@ -89,6 +89,16 @@ def _table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
 # K/V depends on more than its tokens.
 
 
+def max_context_len(spec: ModelSpec) -> int:
+    """The longest sequence the model may serve: max_position_embeddings, or for yarn the context it stretches to,
+    original_max_position_embeddings * factor, when longer (vLLM's derived max_model_len; Qwen's recipe keeps
+    max_position_embeddings at the original length)."""
+    rs = spec.rope_scaling
+    if rs is not None and rs.rope_type == "yarn":
+        return max(spec.max_position_embeddings, int(rs.original_max_position_embeddings * rs.factor))
+    return spec.max_position_embeddings
+
+
 def recompute_length(spec: ModelSpec) -> int | None:
     """The sequence length past which a sequence's K/V must be computed again from its first token (longrope's
     original_max_position_embeddings), or None when K/V never depend on the length."""

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from pllm.models.lora import LoraAdapter
-from pllm.models.rotary import recompute_length
+from pllm.models.rotary import max_context_len, recompute_length
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.build_open import BuildOpening, open_verified
 from pllm.runtime.engine.config import EngineConfig
@@ -178,13 +178,14 @@ class LoadedEngine:
         return frozenset(r.lora_slot for r in (*self.scheduler.running, *self.scheduler.waiting) if r.lora_slot)
 
     def _resolve_max_model_len(self, config: EngineConfig) -> int:
-        limit = self.spec.max_position_embeddings
+        limit = max_context_len(self.spec)
         if config.max_model_len is None:
             return limit
         if config.max_model_len > limit:
+            what = "max_position_embeddings" if limit == self.spec.max_position_embeddings else \
+                "yarn's original_max_position_embeddings * factor"
             raise ValueError(
-                f"engine setting max_model_len={config.max_model_len}: exceeds the model's limit "
-                f"max_position_embeddings={limit}"
+                f"engine setting max_model_len={config.max_model_len}: exceeds the model's limit {what}={limit}"
             )
         return config.max_model_len
 

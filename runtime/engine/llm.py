@@ -200,6 +200,8 @@ class LLM:
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt and continue_final_message cannot both be true: continuing the "
                              "final message needs add_generation_prompt=False")
+        if chat_template_kwargs and "max_chars" in chat_template_kwargs:
+            raise ValueError("chat_template_kwargs: 'max_chars' is reserved (the render's character budget)")
         conversation = [flatten_content(m, i) for i, m in enumerate(conversation)]
         tok = self.engine.tokenizer
         options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,

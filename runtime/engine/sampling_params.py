@@ -281,16 +281,18 @@ class SamplingParams:
         context leaves (so a large max_tokens the context cuts short passes); the prompt's part counts only with
         prompt_logprobs."""
         per_token = 1 + (self.logprobs or 0)
-        num_entries = self.n * max_tokens * per_token
+        prompt_entries = 0 if self.prompt_logprobs is None else num_prompt_tokens * (1 + self.prompt_logprobs)
+        num_entries = self.n * max_tokens * per_token + prompt_entries
         terms = f"n x max_tokens x (1 + logprobs) = {self.n} x {max_tokens} x {per_token}"
         if self.prompt_logprobs is not None:
-            num_entries += num_prompt_tokens * (1 + self.prompt_logprobs)
             terms += f" + prompt tokens x (1 + prompt_logprobs) = {num_prompt_tokens} x {1 + self.prompt_logprobs}"
         if num_entries > MAX_OUTPUT_ENTRIES:
             unset = "" if self.max_tokens is not None else f" (max_tokens unset: the {max_tokens} the context leaves)"
-            raise InvalidParam("max_tokens", f"This request's outputs could hold {num_entries} tokens and logprobs "
-                               f"({terms}){unset}, more than the limit of {MAX_OUTPUT_ENTRIES}; lower max_tokens, n or "
-                               "logprobs")
+            # the scored prompt alone past the limit: no max_tokens, n or logprobs would bring it under
+            field, lower = (("prompt_logprobs", "prompt_logprobs or the prompt") if prompt_entries > MAX_OUTPUT_ENTRIES
+                            else ("max_tokens", "max_tokens, n or logprobs"))
+            raise InvalidParam(field, f"This request's outputs could hold {num_entries} tokens and logprobs "
+                               f"({terms}){unset}, more than the limit of {MAX_OUTPUT_ENTRIES}; lower {lower}")
 
 
 class InvalidParam(ValueError):

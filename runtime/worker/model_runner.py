@@ -156,8 +156,8 @@ class ModelRunner:
         check_lora_family(self.spec)
         if self.shard is not None and adapters:
             raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1 (adapters are not split)")
-        self.num_lora_adapters = len(adapters)
         self.model.lora_layers = stack_adapters(adapters, self.spec, self.dtype, self.device) if adapters else None
+        self.num_lora_adapters = len(adapters)  # after the stacks: a failed restack leaves both as they were
 
     def set_lora_slot(self, slot: int, adapter: LoraAdapter, slots: Sequence[LoraAdapter | None]) -> None:
         """Put the adapter in `slot` (slots: the adapters held now, by slot): written over that slot's rows of the

@@ -70,3 +70,11 @@ def test_chat_stops_a_template_rendering_past_the_context(long_llm):
     conv = [{"role": "user", "content": "hello world " * 10}]
     with pytest.raises(ChatPromptTooLong, match=f"more than {long_llm._max_prompt_chars} characters"):
         long_llm.chat(conv, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=template)
+
+
+def test_chat_refuses_the_budget_as_a_template_variable(long_llm):
+    """max_chars is the render's own budget: a template variable of that name is refused by name (the server
+    refuses it among the reserved chat_template_kwargs), not a TypeError from a keyword given twice."""
+    conv = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="'max_chars' is reserved"):
+        long_llm.chat(conv, SamplingParams(max_tokens=1), use_tqdm=False, chat_template_kwargs={"max_chars": 10})
