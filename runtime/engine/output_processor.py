@@ -211,6 +211,10 @@ class OutputProcessor:
             )
             for s in group.seqs
         ]
+        if "first_scheduled_time" not in group.metrics:  # the first of its sequences to run, once one has
+            scheduled = [s.request.first_scheduled_time for s in group.seqs if s.request.first_scheduled_time]
+            if scheduled:
+                group.metrics["first_scheduled_time"] = min(scheduled)
         if finished:
             group.metrics["finished_time"] = now
             del self.groups[group.request_id]

@@ -51,7 +51,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    metrics: dict = field(default_factory=dict)  # arrival, first_token, finished times (time.monotonic)
+    # arrival_time, first_scheduled_time (once it ran), first_token_time, finished_time (time.monotonic)
+    metrics: dict = field(default_factory=dict)
     # with params.prompt_logprobs: one entry per prompt token, None for the first (nothing precedes it), then a dict
     # of the token itself and the params.prompt_logprobs best at its position (complete from the first output on)
     prompt_logprobs: PromptLogprobs | None = None

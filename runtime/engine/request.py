@@ -82,6 +82,7 @@ class Request:
     lora_slot: int = 0  # 0: the base model; k >= 1: the engine's k-th loaded LoRA adapter
     lora_name: str | None = None  # that adapter's name (set exactly when lora_slot is)
     lora_load: int = 0  # which load of that name (LoraRegistry.load_number): a name loaded again is new K/V
+    first_scheduled_time: float | None = None  # time.monotonic() at its first admission to the batch (vLLM's)
 
     @property
     def cache_salt(self) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ class Scheduler:
             self._recompute_if_length_passed(request)
             if request.num_preemptions == 0:  # usage reports the first admission's prompt hits
                 request.num_cached_tokens = min(num_hit, request.num_prompt_tokens)
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             seqs.append(ScheduledSeq(request, num_new))
             budget -= num_new

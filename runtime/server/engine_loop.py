@@ -15,6 +15,7 @@ from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import CompletionOutput, EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam
 from pllm.runtime.server.metrics import ServerMetrics
+from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest
 from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, Reply, RequestStream, StepHandoff
 from pllm.runtime.worker.parallel.group import WorkerDied
 
@@ -104,6 +105,9 @@ class EngineLoop:
         self._blocked = False  # the last step left requests waiting
         self._num_live = 0  # requests the engine thread is serving
         self.dead_reason: str | None = None
+        if metrics is not None:
+            metrics.engine_started(EngineInfo(engine.max_model_len, engine.kv.block_size, engine.runner.num_blocks,
+                                              engine.kv.enable_prefix_caching))
 
     # -- called from the event loop ------------------------------------------------------------------
     @property
@@ -249,6 +253,8 @@ class EngineLoop:
             route.stream.put(_aborted_output(route))
 
     def _step(self) -> None:
+        stats = self.engine.stats
+        steps, tokens = stats.num_steps, stats.num_prompt_tokens + stats.num_generation_tokens
         try:
             outputs = self.engine.step()
         except WorkerDied:
@@ -258,6 +264,8 @@ class EngineLoop:
             logger.exception("engine step failed; failing its running requests")
             self._fail_running()
             return
+        if self.metrics is not None and stats.num_steps > steps:  # a step that ran the model
+            self.metrics.observe_iteration(stats.num_prompt_tokens + stats.num_generation_tokens - tokens)
         now = time.monotonic()
         for out in outputs:
             self._dispatch(out, now, self._handoff)
@@ -272,7 +280,8 @@ class EngineLoop:
         if metrics is not None and not pooled:  # token latencies are a generation's only
             if route.last_time is None:
                 first = out.metrics.get("first_token_time", now)
-                metrics.observe_first_token(len(out.prompt_token_ids), first - route.request.arrival_time)
+                metrics.observe_first_token(len(out.prompt_token_ids), out.num_cached_tokens,
+                                            first - route.request.arrival_time)
             else:
                 metrics.inter_token_latency.observe(now - route.last_time)
         first = route.last_time is None
@@ -283,6 +292,9 @@ class EngineLoop:
             if metrics is not None:
                 reason = "stop" if pooled else out.outputs[0].finish_reason or "stop"
                 metrics.observe_finished(reason, now - route.request.arrival_time)
+                finished = None if pooled else FinishedRequest.of(out, route.request.params, route.request.arrival_time)
+                if finished is not None:
+                    metrics.observe_request(finished)
         handoff.add(route.stream, out, first=first)
 
     def _fail_running(self) -> None:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pllm.runtime.engine.kv_cache import PrefixCacheStats
 from pllm.runtime.engine.outputs import EngineSnapshot
+from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest, RequestHistograms
 
 logger = logging.getLogger("pllm.server")
 
@@ -75,6 +76,7 @@ class ServerMetrics:
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between outputs.", ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        self._requests: RequestHistograms | None = None  # built with the engine (engine_started)
         self._last = START  # the snapshot the counters stand at: the first step's counts are counted too
         self._num_prompt_tokens = 0  # cumulative, for the stats log
         self._log_time = time.monotonic()
@@ -84,6 +86,15 @@ class ServerMetrics:
         self._logged_idle = True  # idle since start: nothing to say until the first request
 
     # -- updates (engine thread) -----------------------------------------------------------------
+    def engine_started(self, engine: EngineInfo) -> None:
+        """Build the series that depend on the engine (vLLM's log_engine_initialized), before its first request."""
+        self._requests = RequestHistograms(self.registry, self._labels, engine)
+
+    @property
+    def requests(self) -> RequestHistograms:
+        assert self._requests is not None, "engine_started comes before the first request"
+        return self._requests
+
     def update(self, snap: EngineSnapshot) -> None:
         """Set the gauges and advance the counters by what changed since the previous snapshot."""
         self.num_requests_running.set(snap.num_running)
@@ -104,14 +115,22 @@ class ServerMetrics:
             max(0, snap.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens))
         self._last = snap
 
-    def observe_first_token(self, num_prompt_tokens: int, ttft_s: float) -> None:
+    def observe_first_token(self, num_prompt_tokens: int, num_cached_tokens: int, ttft_s: float) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
+        self.requests.prompt_tokens_cached.inc(num_cached_tokens)
         self._num_prompt_tokens += num_prompt_tokens
         self.time_to_first_token.observe(max(0.0, ttft_s))
 
     def observe_finished(self, finished_reason: str, e2e_s: float) -> None:
         self._success.labels(**self._labels, finished_reason=finished_reason).inc()
         self.e2e_request_latency.observe(max(0.0, e2e_s))
+
+    def observe_request(self, finished: FinishedRequest) -> None:
+        """A generation request that ran, finished: vLLM's per-request histograms."""
+        self.requests.observe(finished)
+
+    def observe_iteration(self, num_tokens: int) -> None:
+        self.requests.iteration_tokens.observe(num_tokens)
 
     def observe_rejection(self, reason: str) -> None:
         self._rejections.labels(**self._labels, reason=reason).inc()
