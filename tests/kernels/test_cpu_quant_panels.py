@@ -14,7 +14,7 @@ from proc_smaps import thp_offered, vm_flags
 
 from pllm.compiler.cpu_compile import find_compiler
 from pllm.models.quant import QuantFormat, QuantizedWeight, QuantScheme, dequantize
-from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear, QuantRows
+from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear, PanelPrefetch, QuantRows
 
 from .test_cpu_quant_linear import SETTINGS, random_weight, with_scales
 
@@ -104,6 +104,25 @@ def test_a_row_sums_alike_in_every_batch(compiled_quant, scheme, panels, groups,
     batch = compiled_quant.gemv(x, weight, bias)
     for t in range(num_tokens):
         assert torch.equal(compiled_quant.gemv(x[t : t + 1].contiguous(), weight, bias)[0], batch[t]), t
+
+
+@pytest.mark.parametrize("scheme", list(QuantScheme))
+@pytest.mark.parametrize("num_tokens", [1, 6])
+def test_the_panels_sum_alike_with_and_without_software_prefetch(compiled_quant, vnni, scheme, num_tokens):
+    """Requesting codes ahead is the CPU maker's choice (AMD: as read); it may change the speed, never a bit of the
+    sums: each choice's outputs equal the other's, at one token (two panels a tile) and in a batch."""
+    gen = torch.Generator().manual_seed(7)
+    weight = with_scales(random_weight(scheme, 48, 256, 32 if scheme.nibbles else 64, gen), True)
+    x = torch.randn((num_tokens, 256), generator=gen).bfloat16()
+    try:
+        assert compiled_quant.set_panel_prefetch(PanelPrefetch.AHEAD)
+        ahead = compiled_quant.gemv(x, weight, None)
+        assert not compiled_quant.set_panel_prefetch(PanelPrefetch.AS_READ)
+        as_read = compiled_quant.gemv(x, weight, None)
+    finally:
+        compiled_quant.set_panel_prefetch(PanelPrefetch.BY_CPU)
+    assert torch.equal(ahead, as_read)
+    assert compiled_quant.panels(weight) is not None or not vnni
 
 
 @SETTINGS

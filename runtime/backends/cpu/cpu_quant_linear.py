@@ -62,6 +62,14 @@ class QuantRows(IntEnum):
     INT_VNNI = 3
 
 
+class PanelPrefetch(IntEnum):
+    """Whether the panels request their codes ahead in software (cpu_quant_linear.cpp.jinja's panel_prefetch)."""
+
+    BY_CPU = -1  # the default: ahead on Intel, as read on AMD
+    AS_READ = 0  # each line requested as it is read
+    AHEAD = 1
+
+
 class CpuQuantLinear:
     """kernels/cpu_quant_linear.so: the packed rows (`gemv`, any token count) and the dequantiser (`dequantize`)."""
 
@@ -82,6 +90,10 @@ class CpuQuantLinear:
         self._make_panels.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, ptr]
         for fn in (self._gemv, self._dequantize, self._set_isa, self._make_panels):
             fn.restype = ctypes.c_int
+        self._set_panel_prefetch = getattr(lib, "pllm_quant_set_panel_prefetch", None)  # (older builds lack it)
+        if self._set_panel_prefetch is not None:
+            self._set_panel_prefetch.argtypes = [i32]
+            self._set_panel_prefetch.restype = ctypes.c_int
         # (builds compiled before it lack it: round_activations then takes PyTorch's ops, the same bits)
         self._round = getattr(lib, "pllm_quant_round_activations", None)
         if self._round is not None:
@@ -95,6 +107,12 @@ class CpuQuantLinear:
         """Run the best row code this CPU has up to `level` (for tests and benchmarks; INT_VNNI, the default,
         leaves the choice to the CPU). Returns the one that now runs for widths the integer rows take."""
         return QuantRows(self._set_isa(int(QuantRows(level))))
+
+    def set_panel_prefetch(self, mode: PanelPrefetch) -> bool:
+        """Choose the panels' software prefetch (for tests and benchmarks; the sums are the same either way).
+        Returns whether they now request codes ahead."""
+        assert self._set_panel_prefetch is not None, "a library compiled before the choice existed"
+        return bool(self._set_panel_prefetch(int(PanelPrefetch(mode))))
 
     @staticmethod
     def accepts(weight: QuantizedWeight) -> bool:
