@@ -186,7 +186,7 @@ def test_documents_are_handed_to_the_chat_template():
             seen.update(options)
             return "rendered"
 
-    base = SimpleNamespace(tokenizer=Tokenizer(), check_chars=lambda *a, **k: None,
+    base = SimpleNamespace(tokenizer=Tokenizer(), check_chars=lambda *a, **k: None, max_prompt_chars=1 << 20,
                            encode=lambda text, add_special_tokens=False: [1, 2])
     serving = ChatServing(base, SimpleNamespace(template_tools=lambda req: None))
     docs = [{"title": "t", "text": "x"}]
