@@ -1,4 +1,5 @@
-"""EngineLoop: the engine thread. Typed commands in, engine steps, outputs routed to each request's stream."""
+"""EngineLoop: the engine thread. Typed commands (engine_commands.py) in, engine steps, outputs routed to each
+request's stream."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pllm.models.lora import LoraAdapter, LoraError
+from pllm.models.lora import LoraError
 from pllm.runtime.engine.engine import LLMEngine
-from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import CompletionOutput, EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam
+from pllm.runtime.server.engine_commands import Abort, AbortAll, AddRequests, Command, LoadLora, Stop, UnloadLora
 from pllm.runtime.server.metrics import ServerMetrics
-from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest
+from pllm.runtime.server.request_metrics import EngineInfo
 from pllm.runtime.server.request_stream import Accepted, EngineError, EngineRequest, Reply, RequestStream, StepHandoff
 from pllm.runtime.worker.parallel.group import WorkerDied
 
@@ -28,51 +29,6 @@ MAX_COMMANDS_PER_STEP = 1024  # keeps a flood of submissions from starving the r
 # over the few milliseconds a loaded scheduler takes to give a woken thread a core).
 HANDOFF_TIMEOUT_S = 0.05
 HANDOFF_MAX_LAG_S = 0.02
-
-
-@dataclass(frozen=True)
-class AddRequests:
-    """Add one HTTP request's engine requests, all or none; the stream hears Accepted or an EngineError."""
-
-    stream: RequestStream
-    requests: tuple[EngineRequest, ...]
-
-
-@dataclass(frozen=True)
-class Abort:
-    request_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class AbortAll:
-    """Abort every live request with a final output (finish_reason abort): the drain timeout ran out."""
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Leave the loop; live requests get a 503."""
-
-
-@dataclass(frozen=True)
-class LoadLora:
-    """Serve an adapter read and checked off this thread (LLMEngine.install_lora); the reply hears its slot or the
-    LoraError, the engine then unchanged."""
-
-    request: LoRARequest
-    adapter: LoraAdapter
-    reply: Reply
-
-
-@dataclass(frozen=True)
-class UnloadLora:
-    """Stop serving the named adapter to new requests (LLMEngine.remove_lora); the reply hears its slot or the
-    LoraError. Requests already added finish on it."""
-
-    name: str
-    reply: Reply
-
-
-Command = AddRequests | Abort | AbortAll | Stop | LoadLora | UnloadLora
 
 
 @dataclass
@@ -275,26 +231,13 @@ class EngineLoop:
         route = self._routes.get(out.request_id)
         if route is None:
             return
-        metrics = self.metrics
-        pooled = isinstance(out, EmbeddingRequestOutput)
-        if metrics is not None and not pooled:  # token latencies are a generation's only
-            if route.last_time is None:
-                first = out.metrics.get("first_token_time", now)
-                metrics.observe_first_token(len(out.prompt_token_ids), out.num_cached_tokens,
-                                            first - route.request.arrival_time)
-            else:
-                metrics.inter_token_latency.observe(now - route.last_time)
+        if self.metrics is not None:
+            self.metrics.observe_output(out, route.request, route.last_time, now)
         first = route.last_time is None
-        if not pooled:
+        if not isinstance(out, EmbeddingRequestOutput):
             route.last_output, route.last_time = out, now
         if out.finished:
             del self._routes[out.request_id]
-            if metrics is not None:
-                reason = "stop" if pooled else out.outputs[0].finish_reason or "stop"
-                metrics.observe_finished(reason, now - route.request.arrival_time)
-                finished = None if pooled else FinishedRequest.of(out, route.request.params, route.request.arrival_time)
-                if finished is not None:
-                    metrics.observe_request(finished)
         handoff.add(route.stream, out, first=first)
 
     def _fail_running(self) -> None:

@@ -9,8 +9,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pllm.runtime.engine.kv_cache import PrefixCacheStats
-from pllm.runtime.engine.outputs import EngineSnapshot
+from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
 from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest, RequestHistograms
+from pllm.runtime.server.request_stream import EngineRequest
 
 logger = logging.getLogger("pllm.server")
 
@@ -124,6 +125,26 @@ class ServerMetrics:
     def observe_finished(self, finished_reason: str, e2e_s: float) -> None:
         self._success.labels(**self._labels, finished_reason=finished_reason).inc()
         self.e2e_request_latency.observe(max(0.0, e2e_s))
+
+    def observe_output(self, out: RequestOutput | EmbeddingRequestOutput, request: EngineRequest,
+                       last_time: float | None, now: float) -> None:
+        """One output the engine thread routes at `now`; last_time: when the request's previous one was (None: this
+        is its first). A generation's first output counts its prompt and TTFT, a later one the inter-token latency;
+        its last, vLLM's per-request histograms. An embedding counts only as finished."""
+        pooled = isinstance(out, EmbeddingRequestOutput)
+        if not pooled:  # token latencies are a generation's only
+            if last_time is None:
+                first = out.metrics.get("first_token_time", now)
+                self.observe_first_token(len(out.prompt_token_ids), out.num_cached_tokens,
+                                         first - request.arrival_time)
+            else:
+                self.inter_token_latency.observe(now - last_time)
+        if out.finished:
+            reason = "stop" if pooled else out.outputs[0].finish_reason or "stop"
+            self.observe_finished(reason, now - request.arrival_time)
+            finished = None if pooled else FinishedRequest.of(out, request.params, request.arrival_time)
+            if finished is not None:
+                self.observe_request(finished)
 
     def observe_request(self, finished: FinishedRequest) -> None:
         """A generation request that ran, finished: vLLM's per-request histograms."""
