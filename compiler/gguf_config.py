@@ -141,7 +141,10 @@ def _carry_flat(f: _File, config: dict) -> None:
         block.update(rope_type="linear", factor=linear)
     elif freqs is not None:
         theta = float(f.rope("freq_base") or block.get("rope_theta") or config.get("rope_theta") or 10000.0)
-        block.update(_llama3_parameters(f, freqs, theta, _head_dim(config)))
+        params = _llama3_parameters(f, freqs, theta, _head_dim(config))
+        block.update(params)
+        if "original_max_position_embeddings" in config:  # the one rope_freqs was made with, which llama.cpp runs
+            config["original_max_position_embeddings"] = params["original_max_position_embeddings"]
     config[key] = block
 
 

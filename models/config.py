@@ -89,6 +89,11 @@ def rope_block(config: dict) -> Any:
     return config.get("rope_scaling") or config.get("rope_parameters")
 
 
+def rope_block_name(config: dict) -> str:
+    """The key rope_block() read, for messages."""
+    return "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+
+
 def rope_parameter(config: dict, key: str, read: Callable[[dict, str, str, Any], Any], source: str,
                    default: Any) -> Any:
     """A RoPE key a config may give twice: at the top level (the older configs' `rope_theta`, `partial_rotary_factor`)
@@ -96,7 +101,7 @@ def rope_parameter(config: dict, key: str, read: Callable[[dict, str, str, Any],
     top-level one, so the two disagreeing is a config that says two things; refused, naming both, rather than one
     picked in silence. Neither given: `default`, transformers' class default."""
     params = rope_block(config)
-    block = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    block = rope_block_name(config)
     top = read(config, key, source, None)
     inner = read(params, key, f"{source}: {block}", None) if isinstance(params, dict) else None
     if top is not None and inner is not None and top != inner:
@@ -155,7 +160,7 @@ def rope_scaling(config: dict, source: str) -> RopeScaling | None:
     if high <= low:
         # the llama3 rule divides by (high - low)
         raise ConfigError(f"{where}: high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
-    return RopeScaling("llama3", factor, low, high, positive(rs, "original_max_position_embeddings", where))
+    return RopeScaling("llama3", factor, low, high, original_length(config, rs, source, where))
 
 
 def _yarn(config: dict, rs: dict, source: str) -> RopeScaling:
@@ -167,10 +172,10 @@ def _yarn(config: dict, rs: dict, source: str) -> RopeScaling:
                           f"{', '.join(sorted(YARN_KEYS))})")
     if "factor" not in rs:  # transformers raises KeyError; a null factor it derives
         raise ConfigError(f"{where}: missing required key 'factor'")
-    original = _yarn_original_length(config, rs, source, where)
+    original = original_length(config, rs, source, where)
     factor = finite_positive(rs, "factor", where, None)
     if factor is None:  # as transformers: the stretch from the original length to max_position_embeddings
-        factor = _yarn_max_positions(config, source, where, "factor is null") / original
+        factor = _max_positions(config, source, where, "factor is null") / original
     if factor < 1:
         raise ConfigError(f"{where}: key 'factor' is {factor!r} (given, or max_position_embeddings / "
                           f"original_max_position_embeddings when null); YaRN stretches the context: it must be >= 1")
@@ -193,22 +198,26 @@ def _yarn(config: dict, rs: dict, source: str) -> RopeScaling:
                        beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
 
 
-def _yarn_original_length(config: dict, rs: dict, source: str, where: str) -> int:
-    """transformers' standardize_rope_params: a top-level original_max_position_embeddings overrides the block's;
-    neither given, max_position_embeddings. Two values that differ are a contradiction, named."""
+def original_length(config: dict, rs: dict, source: str, where: str, class_default: int | None = None) -> int:
+    """The pretraining length llama3, yarn and longrope scale from (original_max_position_embeddings), as transformers
+    5 reads it: each rotary function runs standardize_rope_params again, which writes the config's top-level value
+    over the block's when the config has one (config.json gave it, or the class declares it: `class_default`, as
+    Phi3Config's 4096), and else defaults the block's to max_position_embeddings. A block value that differs from
+    the one transformers takes is a contradiction, named."""
     key = "original_max_position_embeddings"
-    top = positive(config, key, source) if key in config else None
+    top = positive(config, key, source) if key in config else class_default
     inner = positive(rs, key, where) if key in rs else None
     if top is not None and inner is not None and top != inner:
-        raise ConfigError(f"{source}: key '{key}' is {top!r} but key 'rope_scaling.{key}' is {inner!r}; they "
-                          "contradict (transformers 5 takes the top-level one): remove one or make them agree")
+        given = f"is {top!r}" if key in config else f"is not given (transformers takes its class default {top!r})"
+        raise ConfigError(f"{source}: key '{key}' {given} but key '{rope_block_name(config)}.{key}' is {inner!r}; "
+                          "they contradict (transformers 5 takes the top-level one): remove one or make them agree")
     for value in (top, inner):
         if value is not None:
             return value
-    return _yarn_max_positions(config, source, where, f"'{key}' is not given")
+    return _max_positions(config, source, where, f"'{key}' is not given")
 
 
-def _yarn_max_positions(config: dict, source: str, where: str, why: str) -> int:
+def _max_positions(config: dict, source: str, where: str, why: str) -> int:
     # transformers would take its config class's default; pllm's families do not all share one, so it is asked for
     if "max_position_embeddings" not in config:
         raise ConfigError(f"{where}: {why}, and transformers then reads key 'max_position_embeddings', which is "

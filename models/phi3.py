@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 
-from pllm.models.config import ConfigError, finite_positive, get_value, positive, rope_parameter
+from pllm.models.config import ConfigError, finite_positive, get_value, original_length, rope_parameter
 from pllm.models.family import ModelFamily, RuntimeTensor
 from pllm.models.llama import ConfigRules, LlamaModel, llama_spec
 from pllm.models.llama import weight_layout as llama_layout
@@ -19,6 +19,9 @@ RULES = ConfigRules("phi3", attention_bias_always=False, attention_bias_refused=
                     window=WindowRule.EVERY_LAYER)
 # rope types Phi3Config accepts; it renames the "su" and "yarn" of older Phi-3 configs to longrope
 ROPE_TYPES = {"default": None, "longrope": "longrope", "su": "longrope", "yarn": "longrope"}
+# Phi3Config's declared original_max_position_embeddings: transformers 5 takes it over the rope block's when
+# config.json gives none (standardize_rope_params prefers the attribute, and the class always has one)
+PHI3_ORIGINAL_MAX_POSITION_EMBEDDINGS = 4096
 
 
 def phi3_spec(config: dict, source: str) -> ModelSpec:
@@ -53,9 +56,7 @@ def _rope_scaling(config: dict, rs: dict, spec: ModelSpec, source: str) -> RopeS
     if ROPE_TYPES[rope_type] is None:
         return None
     where = f"{source}: longrope rope_scaling"
-    original = positive(rs, "original_max_position_embeddings", where, None)
-    if original is None:
-        original = positive(config, "original_max_position_embeddings", source)
+    original = original_length(config, rs, source, where, PHI3_ORIGINAL_MAX_POSITION_EMBEDDINGS)
     factors = {}
     for key in ("short_factor", "long_factor"):
         values = get_value(rs, key, list, where)

@@ -1,5 +1,5 @@
 """vLLM's LLM arguments and prompt forms, read as pllm's (runtime/engine/llm.py's LLM takes them): keyword aliases,
-the dtype a script names, the arguments with no counterpart here (refused with the reason), OpenAI content parts."""
+the dtype a script names, the arguments with no counterpart here (refused with the reason)."""
 
 from __future__ import annotations
 
@@ -100,26 +100,3 @@ def check_dtype(model: str, dtype: object) -> None:
         raise ValueError(f"dtype={dtype!r}: this build's weights are {built}, chosen when it was compiled; pass "
                          f"dtype='auto', or compile a build with pllm-compile --dtype {_DTYPES[name]}")
 
-
-# OpenAI content parts whose text goes into the prompt (vLLM's text part types); any other (an image, audio) is refused
-_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
-
-
-def flatten_content(message: dict, index: int) -> dict:
-    """A message whose content is a list of OpenAI content parts -> its text parts joined by newlines, as vLLM
-    renders them for a template that takes text."""
-    content = message.get("content")
-    if not isinstance(content, (list, tuple)):
-        return message
-    texts = []
-    for j, part in enumerate(content):
-        if isinstance(part, str):
-            texts.append(part)
-            continue
-        kind = part.get("type") if isinstance(part, dict) else None
-        key = _TEXT_PARTS.get(kind)
-        if key is None or not isinstance(part.get(key), str):
-            raise ValueError(f"messages[{index}]['content'][{j}]: content part {clip_repr(part)} is not supported; "
-                             "pllm takes text only: a string, or parts of type 'text' with their text")
-        texts.append(part[key])
-    return {**message, "content": "\n".join(texts)}

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
+from pllm.runtime.engine.content_parts import TEXT_PART_KEYS, join_parts, part_text
 from pllm.runtime.engine.sampling_params import MAX_LOGPROBS
 from pllm.runtime.server.protocol_sampling import (
     MAX_TOKENS_LIMIT,
@@ -32,16 +33,29 @@ MAX_MESSAGES = 1024
 
 
 class ContentPart(OpenAIModel):
+    """An OpenAI content part; only the text types LLM.chat takes too (content_parts.TEXT_PART_KEYS) are accepted."""
+
     type: Name
-    text: str | None = None
+    text: str | None = None  # text, input_text, output_text
+    refusal: str | None = None
+    thinking: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_string(cls, data: Any) -> Any:
+        # a bare string in the list is a text part (vLLM's server, and LLM.chat, take it)
+        return {"type": "text", "text": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
     def _check_part(self):
-        if self.type != "text":
-            raise ValueError(f"content part type {self.type[:40]!r} is not supported (only 'text')")
-        if self.text is None:
-            raise ValueError("a content part of type 'text' needs its text: text is required")
+        self.as_text()  # refuses a media type by name, or a text type without its text
         return self
+
+    def as_text(self) -> str:
+        return part_text({"type": self.type, "text": self.text, "refusal": self.refusal, "thinking": self.thinking})
+
+
+assert set(TEXT_PART_KEYS.values()) <= set(ContentPart.model_fields), "a text part key ContentPart does not declare"
 
 
 class ChatMessage(OpenAIModel):
@@ -55,8 +69,8 @@ class ChatMessage(OpenAIModel):
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
             return self.content
-        # ContentPart admits text parts only; joined by newlines, as vLLM renders a message's text parts (and LLM.chat)
-        return "\n".join(part.text or "" for part in self.content)
+        # joined as vLLM renders a message's text parts, and as LLM.chat joins them (content_parts.join_parts)
+        return join_parts(part.as_text() for part in self.content)
 
 
 # Keys of apply_chat_template's own parameters: a client must not reach them through chat_template_kwargs.
