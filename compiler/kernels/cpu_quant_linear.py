@@ -31,7 +31,8 @@ PREFETCH_BYTES = 16384
 # L1 alone: the 1.17B llama's INT8 batch-1 decode 1.04-1.06x, batch 4 1.13x, batch 16 1.07x; its INT4_SYM and
 # SmolLM2's INT8 and INT4_SYM level (1.00-1.01x). 768 into L1 alone: the 1.17B INT8 1.02-1.08x but SmolLM2's INT8,
 # half of it served from the L3, 0.94x (the far L2 request is what the L3's latency wants); 768 and 2 KB: the 1.17B
-# 1.08x, SmolLM2 0.94x; 768 and 8 KB: the 1.17B 0.99x; no prefetch at all: 0.98x
+# 1.08x, SmolLM2 0.94x; 768 and 8 KB: the 1.17B 0.99x; no prefetch at all: 0.98x. These distances are Intel's: on
+# AMD the panels request each line as they read it (chosen at run time, cpu_quant_linear.cpp.jinja's panel_prefetch)
 PANEL_PREFETCH_BYTES = 768
 PANEL_PREFETCH_L2_BYTES = 4096
 # the AVX512-VNNI rows: rows sharing each chunk of a token's quantised activations; 4 rows x 4 tokens is 16
