@@ -168,6 +168,10 @@ class CpuDecodeStep:
         if self._panels_match is not None:
             self._panels_match.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int]
             self._panels_match.restype = ctypes.c_int
+        self._panel_prefetch = getattr(lib, "pllm_decode_step_panel_prefetch", None)  # bf16 steps of this pllm
+        if self._panel_prefetch is not None:
+            self._panel_prefetch.argtypes = [ctypes.c_int]
+            self._panel_prefetch.restype = ctypes.c_int
         self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
         self.amx_compiled = bool(lib.pllm_decode_step_amx_compiled())  # built with AMX tiles (bf16, new toolchain)
         self.kernel_max_batch = int(lib.pllm_decode_step_max_batch())  # the most rows of x one call takes
@@ -185,6 +189,17 @@ class CpuDecodeStep:
         library)."""
         self._limit_isa(int(level))
         self.tiles_k = int(self._tiles_k())
+
+    def set_panel_prefetch(self, ahead: bool) -> bool:
+        """Whether the AVX-512 panel code requests panels ahead in software (for tests and benchmarks; the default is
+        the CPU maker's: reset_panel_prefetch). The sums are the same either way. Returns the choice now in force."""
+        assert self._panel_prefetch is not None, "a bf16 library of this pllm"
+        return bool(self._panel_prefetch(int(ahead)))
+
+    def reset_panel_prefetch(self) -> bool:
+        """Back to the CPU maker's choice (ahead but on AMD). Returns it."""
+        assert self._panel_prefetch is not None, "a bf16 library of this pllm"
+        return bool(self._panel_prefetch(-1))
 
     def batch_limit(self, packed: bool, floats: bool) -> int:
         """The most sequences a step over linears of these kinds runs compiled: compiled_batch_limit, within the
