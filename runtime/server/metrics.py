@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
 from pllm.runtime.engine.kv_cache import PrefixCacheStats
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
-from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest, RequestHistograms
+from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest, RequestHistograms, Series
 from pllm.runtime.server.request_stream import EngineRequest
 
 logger = logging.getLogger("pllm.server")
@@ -38,15 +38,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name}
         r = self.registry
-
-        def gauge(name: str, doc: str, prefix: str = "pllm") -> Gauge:
-            return Gauge(f"{prefix}:{name}", doc, list(labels), registry=r).labels(**labels)
-
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(f"pllm:{name}", doc, list(labels), registry=r).labels(**labels)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"pllm:{name}", doc, list(labels), buckets=buckets, registry=r).labels(**labels)
+        self._series = Series(r, labels)
+        gauge, counter, histogram = self._series.gauge, self._series.counter, self._series.histogram
 
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
@@ -89,7 +82,7 @@ class ServerMetrics:
     # -- updates (engine thread) -----------------------------------------------------------------
     def engine_started(self, engine: EngineInfo) -> None:
         """Build the series that depend on the engine (vLLM's log_engine_initialized), before its first request."""
-        self._requests = RequestHistograms(self.registry, self._labels, engine)
+        self._requests = RequestHistograms(self._series, engine)
 
     @property
     def requests(self) -> RequestHistograms:

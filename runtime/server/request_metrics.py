@@ -20,6 +20,25 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
 
 
+@dataclass(frozen=True)
+class Series:
+    """Makes one server's series in its registry, each under the `pllm:` prefix (or another) with its label values
+    bound."""
+
+    registry: CollectorRegistry
+    labels: dict[str, str]
+
+    def gauge(self, name: str, doc: str, prefix: str = "pllm") -> Gauge:
+        return Gauge(f"{prefix}:{name}", doc, list(self.labels), registry=self.registry).labels(**self.labels)
+
+    def counter(self, name: str, doc: str) -> Counter:
+        return Counter(f"pllm:{name}", doc, list(self.labels), registry=self.registry).labels(**self.labels)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(f"pllm:{name}", doc, list(self.labels), buckets=buckets,
+                         registry=self.registry).labels(**self.labels)
+
+
 def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
     """vLLM's token-count edges: 1, 2, 5, 10, 20, 50, ... up to max_value (build_1_2_5_buckets(100) ends at 100)."""
     edges: list[int] = []
@@ -108,10 +127,8 @@ class FinishedRequest:
 class RequestHistograms:
     """The series built once the engine is: their token-count buckets end at its max_model_len."""
 
-    def __init__(self, registry: CollectorRegistry, labels: dict[str, str], engine: EngineInfo) -> None:
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"pllm:{name}", doc, list(labels), buckets=buckets, registry=registry).labels(**labels)
-
+    def __init__(self, series: Series, engine: EngineInfo) -> None:
+        histogram = series.histogram
         tokens = build_1_2_5_buckets(engine.max_model_len)
         self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of finished requests.", tokens)
         self.generation_tokens = histogram("request_generation_tokens",
@@ -140,11 +157,10 @@ class RequestHistograms:
         info = {"block_size": str(engine.block_size), "num_gpu_blocks": str(engine.num_blocks),
                 "enable_prefix_caching": str(engine.enable_prefix_caching)}
         # vLLM's info gauge, always 1; num_gpu_blocks is its label name for the KV blocks, on whatever device
-        Gauge("pllm:cache_config_info", "The engine's KV-cache configuration.", [*labels, *info],
-              registry=registry).labels(**labels, **info).set(1)
-        self.prompt_tokens_cached = Counter("pllm:prompt_tokens_cached",
-                                            "Prompt tokens served from the prefix cache (at first token).",
-                                            list(labels), registry=registry).labels(**labels)
+        Gauge("pllm:cache_config_info", "The engine's KV-cache configuration.", [*series.labels, *info],
+              registry=series.registry).labels(**series.labels, **info).set(1)
+        self.prompt_tokens_cached = series.counter("prompt_tokens_cached",
+                                                   "Prompt tokens served from the prefix cache (at first token).")
 
     def observe(self, r: FinishedRequest) -> None:
         self.prompt_tokens.observe(r.num_prompt_tokens)
