@@ -164,3 +164,27 @@ def grammars(tiny_build):
     cache = GrammarCache(tok, len(tok), (tok.eos_token_id,))
     yield cache
     cache.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs(tiny_dir):
+    """The reference for served logprobs: ids -> transformers' log-softmax [len(ids), vocab] of the tiny llama the
+    shared server serves (fp32)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("llama")), dtype=torch.float32)
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    return logprobs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    """transformers' tokenizer of the tiny llama the shared server serves."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(tiny_dir("llama")))

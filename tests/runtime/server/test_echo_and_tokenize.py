@@ -7,27 +7,13 @@ from operator import itemgetter
 
 import httpx
 import pytest
-import torch
-import transformers
 
 TOL = 1e-4
 CONTEXT = "The quick brown fox jumps over the"
 CONTINUATIONS = [" lazy dog.", " moon and back"]
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("llama")), dtype=torch.float32)
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return transformers.AutoTokenizer.from_pretrained(str(tiny_dir("llama")))
-
-
-def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)  # [len(ids), vocab]
 
 
 def lm_eval_parse(choices: list[dict], ctxlens: list[int]) -> list[tuple[float, bool]]:
@@ -41,7 +27,7 @@ def lm_eval_parse(choices: list[dict], ctxlens: list[int]) -> list[tuple[float, 
     return res
 
 
-def test_lm_eval_loglikelihood_request(server, hf, tokenizer):
+def test_lm_eval_loglikelihood_request(server, hf_logprobs, tokenizer):
     context = tokenizer(CONTEXT).input_ids
     prompts = [context + tokenizer(c).input_ids for c in CONTINUATIONS]
     # the body local-completions sends for loglikelihood with tokenized requests: a batch of token-id prompts
@@ -52,7 +38,7 @@ def test_lm_eval_loglikelihood_request(server, hf, tokenizer):
     choices = r.json()["choices"]
     parsed = lm_eval_parse(choices, [len(context)] * len(prompts))
     for choice, ids, (logprob, is_greedy) in zip(choices, prompts, parsed):
-        ref = hf_logprobs(hf, ids)
+        ref = hf_logprobs(ids)
         lp = choice["logprobs"]
         assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing precedes the first

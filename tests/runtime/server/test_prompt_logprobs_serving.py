@@ -7,8 +7,6 @@ import json
 
 import httpx
 import pytest
-import torch
-import transformers
 
 from pllm.runtime.engine.outputs import Logprob, RequestOutput
 from pllm.runtime.engine.sampling_params import MAX_LOGPROBS
@@ -22,14 +20,6 @@ PROMPT = "The quick brown fox jumps over the"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 2, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir("llama")), dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return transformers.AutoTokenizer.from_pretrained(str(tiny_dir("llama")))
 
 
 def post(server, path: str, body: dict) -> httpx.Response:
@@ -51,7 +41,7 @@ def check_shape(prompt_logprobs: list, ids: list[int], k: int, tokenizer) -> Non
         assert len(entry) == (k if own <= k else k + 1)
 
 
-def test_completion_choices_carry_the_prompt_logprobs(server, hf, tokenizer):
+def test_completion_choices_carry_the_prompt_logprobs(server, hf_logprobs, tokenizer):
     ids = tokenizer(PROMPT).input_ids
     body = {"model": "tiny", "prompt": [ids, ids[:4]], "max_tokens": 2, "n": 2, "temperature": 0,
             "prompt_logprobs": 3}
@@ -62,8 +52,7 @@ def test_completion_choices_carry_the_prompt_logprobs(server, hf, tokenizer):
     assert choices[0]["prompt_logprobs"] == choices[1]["prompt_logprobs"]
     check_shape(choices[0]["prompt_logprobs"], ids, 3, tokenizer)
     check_shape(choices[2]["prompt_logprobs"], ids[:4], 3, tokenizer)
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)  # [len(ids), vocab]
+    ref = hf_logprobs(ids)  # [len(ids), vocab]
     for pos, entry in enumerate(choices[0]["prompt_logprobs"][1:], start=1):
         for t, v in entry.items():
             assert abs(v["logprob"] - ref[pos - 1, int(t)].item()) < TOL
