@@ -11,19 +11,9 @@ from pllm.compiler.manifest_check import spec_from_manifest
 from pllm.compiler.spec import ConfigError, spec_from_config
 from pllm.models.spec import RopeScaling
 
-BASE = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 100,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "eos_token_id": 2,
-}
+from .test_spec import BASE as SPEC_BASE
+
+BASE = {**SPEC_BASE, "model_type": "qwen2", "eos_token_id": 2}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 
 
