@@ -15,7 +15,11 @@ from pllm.compiler.cpu_compile import find_compiler
 from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, MAX_BATCH
 from pllm.models.llama import LlamaModel, weight_layout
 from pllm.runtime.backends.cpu import onednn
-from pllm.runtime.backends.cpu.cpu_decode_step import GemvIsa
+from pllm.runtime.backends.cpu.cpu_decode_step import (
+    GEMV_BEFORE_ONEDNN_MAX_ROWS,
+    GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS,
+    GemvIsa,
+)
 
 from .cpu_step_harness import SETTINGS, U32, bound, make_build_ops, rows_scale, run_both, spec_of
 
@@ -156,3 +160,29 @@ def test_the_step_reads_panels_and_equals_the_per_op_path(build_ops, shape, cont
     exact = x.double() @ model.lm_head.double().T
     assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-3 * exact.abs().max()).all()
 
+
+
+def test_ops_linear_reads_a_weights_panels_up_to_their_own_row_limit(build_ops, monkeypatch):
+    """Where the step's GEMV reads a bf16 weight in oneDNN's panels (no AMX tiles for its width), Ops.linear hands it
+    up to GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS rows (past GEMV_BEFORE_ONEDNN_MAX_ROWS, the limit for a weight read in
+    rows), each the GEMV over the panels rounded once; past them oneDNN's packed GEMM. (The two can agree bit for
+    bit, so which ran is counted.)"""
+    ops = build_ops(spec_of("mha-odd-rows-3"), "bfloat16")[1]
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn((100, 576), generator=gen).to(torch.bfloat16)
+    if ops.decode_step.tiles_for(w.shape[1]):
+        pytest.skip("the GEMV runs AMX tiles at this width (their own limit)")
+    panels = ops.linears.panels(w)
+    assert panels is not None
+    assert GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS > GEMV_BEFORE_ONEDNN_MAX_ROWS
+    gemv, ran = ops.decode_step.gemv, []
+    monkeypatch.setattr(ops.decode_step, "gemv", lambda *args: ran.append(args[1].shape[0]) or gemv(*args))
+    for rows in range(1, GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS + 2):
+        x = torch.randn((rows, w.shape[1]), generator=gen).to(torch.bfloat16)
+        y = ops.linear(x, w)
+        if rows <= GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS:
+            assert ran[-1] == rows and torch.equal(y, gemv(w, x, panels).to(torch.bfloat16)), rows
+        else:
+            packed = ops.linears.packed(w).packed
+            assert torch.equal(y, torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    assert ran == list(range(1, GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS + 1))

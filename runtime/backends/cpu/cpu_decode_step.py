@@ -79,6 +79,10 @@ GEMV_LINEAR_MAX_ROWS = 64
 # ... and up to this many where oneDNN's packed bf16 GEMM is the alternative: the same LM head streamed at 49
 # against 40 GB/s at batch 1, 40 against 30 at batch 4 on the AVX-512 BF16 VM
 GEMV_BEFORE_ONEDNN_MAX_ROWS = 4
+# ... and up to this many where the GEMV reads the weight in oneDNN's own panels (the bytes oneDNN's GEMM reads): on
+# the Zen 4 EPYC VM (AVX-512 BF16, no AMX) the LM heads of SmolLM2 and a 1B llama streamed through the panels at
+# 1.19-1.35x oneDNN's GEMM at 8 rows, 1.03-1.16x at 16, level at 32 and 64 (tools/bench_gemv_bandwidth.py)
+GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS = 16
 # ... and where the GEMV runs AMX tiles: the LM head at 16.9 against 13.3 GB/s at 16 rows, 9.9 against 8.6 at 32,
 # 5.3 against 9.6 at 64 on the Sapphire Rapids VM (tools/bench_gemv_bandwidth.py)
 GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX = 32

@@ -24,6 +24,7 @@ from pllm.runtime.backends.cpu.cpu_decode_step import (
     GEMV_BEFORE_ONEDNN_MAX_ROWS,
     GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX,
     GEMV_LINEAR_MAX_ROWS,
+    GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS,
     CpuDecodeStep,
 )
 from pllm.runtime.backends.cpu.cpu_quant_linear import QUANT_GEMV_MAX_TOKENS, CpuQuantLinear
@@ -153,12 +154,16 @@ class CpuLinear:
             y = F.linear(xr, dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    @staticmethod
-    def _gemv_max_rows(weight: torch.Tensor, step: CpuDecodeStep) -> int:
+    def _gemv_max_rows(self, weight: torch.Tensor, step: CpuDecodeStep) -> int:
         """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
-        is the alternative than where F.linear is (more of them where the GEMV runs AMX tiles)."""
+        is the alternative than where F.linear is (more of them where the GEMV runs AMX tiles, or reads the weight
+        in oneDNN's panels)."""
         if weight.dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
-            return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX if step.tiles_for(weight.shape[1]) else GEMV_BEFORE_ONEDNN_MAX_ROWS
+            if step.tiles_for(weight.shape[1]):
+                return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX
+            if self.panels(weight) is not None:
+                return GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS
+            return GEMV_BEFORE_ONEDNN_MAX_ROWS
         return GEMV_LINEAR_MAX_ROWS
 
     def packed(self, weight: torch.Tensor) -> PackedFloat:
