@@ -92,12 +92,12 @@ class CpuLinear:
         """x @ weight.T (+ bias) in x's dtype, by the route this weight and row count take (the module docstring)."""
         if isinstance(weight, QuantizedWeight):
             return self._quant_linear(x, weight, bias)
-        step = self.decode_step
-        if bias is None and step is not None and step.gemv_runs(weight, x, self._gemv_max_rows(weight, step)):
+        step, panels = self.decode_step, self.panels(weight)
+        if bias is None and step is not None and step.gemv_runs(weight, x, self._gemv_max_rows(weight, step, panels)):
             # a few rows (a decode step's LM head; a model's linears op by op): the compiled step's GEMV streams the
             # weights faster than oneDNN's GEMM or F.linear there; its fp32 sums rounded once to the dtype, as
             # F.linear's are
-            y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous(), self.panels(weight)).to(x.dtype)
+            y = step.gemv(weight, x.reshape(-1, x.shape[-1]).contiguous(), panels).to(x.dtype)
             return y.reshape(*x.shape[:-1], weight.shape[0])
         packed = self.packed(weight).packed
         if packed is not None:
@@ -154,14 +154,15 @@ class CpuLinear:
             y = F.linear(xr, dequantize(weight, gemm), None if bias is None else bias.to(gemm)).to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _gemv_max_rows(self, weight: torch.Tensor, step: CpuDecodeStep) -> int:
-        """The most rows of x the compiled step's GEMV takes for this weight: fewer where oneDNN's packed bf16 GEMM
-        is the alternative than where F.linear is (more of them where the GEMV runs AMX tiles, or reads the weight
-        in oneDNN's panels)."""
+    @staticmethod
+    def _gemv_max_rows(weight: torch.Tensor, step: CpuDecodeStep, panels: Panels | None) -> int:
+        """The most rows of x the compiled step's GEMV takes for this weight (panels: what it reads of it, if not
+        its rows): fewer where oneDNN's packed bf16 GEMM is the alternative than where F.linear is (more of them
+        where the GEMV runs AMX tiles, or reads the weight in oneDNN's panels)."""
         if weight.dtype == torch.bfloat16 and onednn.onednn_packs_bf16():
             if step.tiles_for(weight.shape[1]):
                 return GEMV_BEFORE_ONEDNN_MAX_ROWS_AMX
-            if self.panels(weight) is not None:
+            if panels is not None:
                 return GEMV_PANELS_BEFORE_ONEDNN_MAX_ROWS
             return GEMV_BEFORE_ONEDNN_MAX_ROWS
         return GEMV_LINEAR_MAX_ROWS
