@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the `pllm` 
 # runtime layers, highest first: a layer imports its own and lower layers only
 RUNTIME_LAYERS = ("server", "engine", "worker", "backends")
 # The worker defines the step it receives (worker/step.py: plain values, no live engine objects); of the engine it
-# reads only the two plain settings dataclasses a user fills in: SamplingParams (inside each step) and EngineConfig.
-WORKER_READS_FROM_ENGINE = {"pllm.runtime.engine.sampling_params", "pllm.runtime.engine.config"}
+# reads only the two plain settings dataclasses a user fills in: SamplingParams (inside each step; its
+# StructuredOutputsParams and the checks the two share live in modules of their own) and EngineConfig.
+WORKER_READS_FROM_ENGINE = {"pllm.runtime.engine.sampling_params", "pllm.runtime.engine.structured_outputs_params",
+                            "pllm.runtime.engine.param_checks", "pllm.runtime.engine.config"}
 # what the runtime may take from the compiler: reading a build, and importing its rendered kernel files
 RUNTIME_READS_FROM_COMPILER = {"pllm.compiler.manifest", "pllm.compiler.kernel_modules"}
 MANIFEST_MODULE = "pllm.compiler.manifest"

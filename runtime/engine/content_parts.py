@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pllm.runtime.engine.vllm_args import clip_repr
+from pllm.runtime.engine.param_checks import clip_repr
 
 # vLLM's chat_utils (_parse_chat_message_content_part, MM_PARSER_MAP): the part types whose text enters the prompt,
 # each -> the key its text is under. Any other type (image_url, input_audio, video_url, ...) is media pllm does not

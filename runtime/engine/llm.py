@@ -11,8 +11,9 @@ from pllm.runtime.engine.content_parts import flatten_content
 from pllm.runtime.engine.engine import LLMEngine
 from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from pllm.runtime.engine.param_checks import clip_repr
 from pllm.runtime.engine.sampling_params import SamplingParams
-from pllm.runtime.engine.vllm_args import check_dtype, check_prompt_keys, clip_repr, vllm_settings
+from pllm.runtime.engine.vllm_args import check_dtype, check_prompt_keys, vllm_settings
 
 Prompt = str | list[int] | dict
 Message = dict  # {"role", "content"}, and "tool_calls" / "tool_call_id" in tool-calling turns

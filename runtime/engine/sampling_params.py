@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+
+from pllm.runtime.engine.param_checks import InvalidParam, bad_param, clip_repr, is_unicode
+from pllm.runtime.engine.structured_outputs_params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -23,12 +24,6 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # beyond these, di
 MIN_SEED, MAX_SEED = -(2**63), 2**63
 # a token id written as text, as JSON object keys are: ASCII digits only (int() also takes "٣", "1_0" and " 5 ")
 _TOKEN_ID_KEY = re.compile(r"-?[0-9]+", re.ASCII)
-# structured output: what a client may ask the grammar compiler to do, bounded so one request cannot make
-# compilation (run off the engine loop, but on a shared thread) or the grammar cache arbitrarily large
-MAX_STRUCTURED_CHARS = 64 * 1024  # a JSON schema (as compact JSON), a regex or a grammar
-MAX_SCHEMA_DEPTH = 32  # nesting of objects and lists in a JSON schema
-MAX_CHOICES = 256
-MAX_CHOICE_LEN = 1024
 # What one request's outputs may hold, in entries: each of n sequences keeps, per output token, the token and
 # `logprobs` Logprob entries beside its own (n x max_tokens x (1 + logprobs)), and a prompt scored with prompt_logprobs
 # as much per prompt token. An entry costs ~180 bytes (a Logprob, its float, its dict slot: measured with
@@ -37,116 +32,6 @@ MAX_CHOICE_LEN = 1024
 # max_tokens on any context up to 199,728 tokens, and n=128 without logprobs up to 32,768 tokens each. vLLM has no
 # such bound (read in its source): SamplingParams._verify_args and Processor._validate_logprobs check each field alone.
 MAX_OUTPUT_ENTRIES = 1 << 22
-
-
-@dataclass
-class StructuredOutputsParams:
-    """Constrain a request's output (vLLM's names): set exactly one of json (a JSON schema, as a dict or JSON
-    text), regex, choice (the output is one of these strings), grammar (EBNF/GBNF), or json_object (any JSON
-    object). Compiled once per distinct spec by the engine's grammar cache."""
-
-    json: dict | str | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    # a client's spec; a subclass may allow more where something else bounds the spec (a forced tool call's schema)
-    max_chars: ClassVar[int] = MAX_STRUCTURED_CHARS
-
-    def __post_init__(self) -> None:
-        if isinstance(self.json, str):  # JSON text: parsed here, so a bad document is an error naming the field
-            if len(self.json) > MAX_STRUCTURED_CHARS:
-                raise _bad("structured_outputs.json", f"{len(self.json)} characters",
-                           f"at most {MAX_STRUCTURED_CHARS} characters")
-            try:
-                self.json = json.loads(self.json)
-            except (ValueError, RecursionError) as exc:
-                raise InvalidParam(
-                    "structured_outputs.json", f"structured_outputs.json is not valid JSON: {exc}"
-                ) from None
-        if isinstance(self.choice, tuple):
-            self.choice = list(self.choice)
-        self.validate()
-
-    @property
-    def kind(self) -> str:
-        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
-        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
-
-    def key(self) -> tuple[str, str]:
-        """A canonical form: equal for specs that compile to the same grammar. Keys of a schema's objects are
-        sorted, except under "properties", whose order is the order the output writes them in."""
-        kind = self.kind
-        if kind == "json":
-            return kind, json.dumps(_canonical(self.json), separators=(",", ":"), ensure_ascii=False)
-        if kind == "choice":
-            return kind, json.dumps(self.choice, ensure_ascii=False)
-        return kind, "" if kind == "json_object" else getattr(self, kind)
-
-    def validate(self) -> None:
-        named = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
-        if len(named) != 1:
-            raise InvalidParam(
-                "structured_outputs",
-                f"structured_outputs must set exactly one of {', '.join(_STRUCTURED_KINDS)}; got "
-                f"{', '.join(named) or 'none'}",
-            )
-        field_name = f"structured_outputs.{named[0]}"
-        if self.json is not None:
-            if not isinstance(self.json, dict):
-                raise _bad(field_name, self.json, "a JSON schema: an object, or its JSON text")
-            if _depth(self.json) > MAX_SCHEMA_DEPTH:
-                raise _bad(field_name, "a schema", f"nested at most {MAX_SCHEMA_DEPTH} levels deep")
-            try:
-                size = len(self.key()[1])
-            except (TypeError, ValueError) as exc:  # from Python: a value JSON cannot hold
-                raise _bad(field_name, "a schema", f"JSON data ({exc})") from None
-            if size > self.max_chars:
-                raise _bad(field_name, f"{size} characters", f"at most {self.max_chars} characters as JSON")
-        for name in ("regex", "grammar"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_STRUCTURED_CHARS):
-                raise _bad(field_name, _clip(value), f"a non-empty string of at most {MAX_STRUCTURED_CHARS} characters")
-        if self.choice is not None:
-            if not isinstance(self.choice, list) or not 0 < len(self.choice) <= MAX_CHOICES:
-                raise _bad(field_name, _clip(self.choice), f"a list of 1 to {MAX_CHOICES} strings")
-            for c in self.choice:
-                if not isinstance(c, str) or not 0 < len(c) <= MAX_CHOICE_LEN or not _is_unicode(c):
-                    raise _bad(field_name, _clip(c), f"non-empty strings of at most {MAX_CHOICE_LEN} characters")
-        if self.json_object is not None and not isinstance(self.json_object, bool):
-            raise _bad(field_name, self.json_object, "true or false")
-
-
-_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
-
-
-def _depth(value: object) -> int:
-    """Nesting depth of dicts and lists, without recursion (a hostile schema could be deeper than the stack)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            if depth > MAX_SCHEMA_DEPTH:
-                break
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-def _canonical(value: object, ordered: bool = False) -> object:
-    """A schema with its objects' keys sorted, but for the property lists ("properties" values); depth is bounded
-    by MAX_SCHEMA_DEPTH before this runs."""
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    keys = list(value) if ordered else sorted(value, key=str)
-    return {k: _canonical(value[k], ordered=k == "properties" and not ordered) for k in keys}
-
-
-def _clip(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -186,10 +71,10 @@ class SamplingParams:
         if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)
         ):
-            raise _bad("stop", stop, "a string or a list of strings")
+            raise bad_param("stop", stop, "a string or a list of strings")
         ids = self.stop_token_ids
         if ids is not None and not (isinstance(ids, (list, tuple)) and all(_is_int(t) for t in ids)):
-            raise _bad("stop_token_ids", ids, "a list of non-negative integers")
+            raise bad_param("stop_token_ids", ids, "a list of non-negative integers")
         self.stop_token_ids = list(ids or [])
         if self.logit_bias is not None:
             self.logit_bias = _parse_logit_bias(self.logit_bias)
@@ -212,7 +97,7 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the field and value for anything out of range."""
 
-        bad = _bad
+        bad = bad_param
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise bad("n", self.n, f"an integer in [1, {MAX_N}]")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -251,7 +136,7 @@ class SamplingParams:
         for s in self.stop_strings:
             if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_LEN:
                 raise bad("stop", s, f"a non-empty string of at most {MAX_STOP_STRING_LEN} characters")
-            if not _is_unicode(s):  # decoded output never holds a lone surrogate: such a stop could never match
+            if not is_unicode(s):  # decoded output never holds a lone surrogate: such a stop could never match
                 raise bad("stop", s, "valid Unicode text (no lone surrogate such as '\\ud800')")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
@@ -266,7 +151,7 @@ class SamplingParams:
                 raise bad(name, getattr(self, name), "true or false")
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
-                raise bad("structured_outputs", _clip(self.structured_outputs), "a StructuredOutputsParams")
+                raise bad("structured_outputs", clip_repr(self.structured_outputs), "a StructuredOutputsParams")
             self.structured_outputs.validate()
 
     def validate_vocab(self, vocab_size: int) -> None:
@@ -295,14 +180,6 @@ class SamplingParams:
                                f"({terms}){unset}, more than the limit of {MAX_OUTPUT_ENTRIES}; lower {lower}")
 
 
-class InvalidParam(ValueError):
-    """A sampling parameter out of range; param names the field, so the HTTP layer can point at it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
     """ValueError for a prompt that leaves no room for output: the engine's refusal, and the server's (which names
     the request field it came from) in the same words."""
@@ -313,10 +190,6 @@ def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
         )
 
 
-def _bad(name: str, value: object, what: str) -> InvalidParam:
-    return InvalidParam(name, f"{name} must be {what}, got {value!r}")
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a user
 
@@ -325,18 +198,10 @@ def _is_real(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _parse_logit_bias(bias: object) -> dict[int, float]:
     """{token id: bias}; ids may be strings of digits (JSON object keys always are)."""
     if not isinstance(bias, dict):
-        raise _bad("logit_bias", bias, "a mapping of token ids to numbers")
+        raise bad_param("logit_bias", bias, "a mapping of token ids to numbers")
     parsed = {}
     for key, value in bias.items():
         if _is_int(key):
@@ -344,8 +209,8 @@ def _parse_logit_bias(bias: object) -> dict[int, float]:
         elif isinstance(key, str) and _TOKEN_ID_KEY.fullmatch(key):
             token_id = int(key)
         else:
-            raise _bad("logit_bias", key, "keyed by integer token ids")
+            raise bad_param("logit_bias", key, "keyed by integer token ids")
         if not _is_real(value):
-            raise _bad("logit_bias", value, f"finite numbers (the bias of token {token_id})")
+            raise bad_param("logit_bias", value, f"finite numbers (the bias of token {token_id})")
         parsed[token_id] = float(value)
     return parsed

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from pllm.runtime.engine.param_checks import InvalidParam
 from pllm.runtime.engine.regex_grammar import regex_to_ebnf
-from pllm.runtime.engine.sampling_params import InvalidParam, StructuredOutputsParams
 from pllm.runtime.engine.schema_rewrite import REGEX_NODE, map_schemas, mark_patterns
+from pllm.runtime.engine.structured_outputs_params import StructuredOutputsParams
 from pllm.runtime.worker.text_loader import transformers_tokenizer
 
 logger = logging.getLogger("pllm")

@@ -83,11 +83,6 @@ def vllm_settings(model: object, tokenizer: object, trust_remote_code: object, r
     return engine_settings
 
 
-def clip_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def check_dtype(model: str, dtype: object) -> None:
     """A dtype a vLLM script names must be the build's own: pllm does not convert weights when it loads them."""
     from pllm.compiler.manifest import open_build

@@ -8,14 +8,11 @@ import json
 import logging
 
 from pllm.runtime.engine.outputs import CompletionOutput
-from pllm.runtime.engine.sampling_params import (
-    MAX_STRUCTURED_CHARS,
-    InvalidParam,
-    SamplingParams,
-    StructuredOutputsParams,
-)
+from pllm.runtime.engine.param_checks import InvalidParam
+from pllm.runtime.engine.sampling_params import SamplingParams
 from pllm.runtime.engine.schema_rewrite import embed_schema
 from pllm.runtime.engine.structured_output import GrammarCache
+from pllm.runtime.engine.structured_outputs_params import MAX_STRUCTURED_CHARS, StructuredOutputsParams
 from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.protocol_responses import (
     AssistantMessage,

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from pllm import LLM, SamplingParams, StructuredOutputsParams
 from pllm.runtime.engine import structured_output
-from pllm.runtime.engine.sampling_params import MAX_CHOICES, MAX_STRUCTURED_CHARS, InvalidParam
+from pllm.runtime.engine.param_checks import InvalidParam
 from pllm.runtime.engine.structured_output import GrammarCache, GrammarError
+from pllm.runtime.engine.structured_outputs_params import MAX_CHOICES, MAX_STRUCTURED_CHARS
 
 PROMPTS = ["Hello, world!", "Paged attention keeps the KV cache", "def main():", "Bonjour le monde. " * 4]
 # every field bounded, so a random model's output ends within max_tokens and only the grammar makes it valid

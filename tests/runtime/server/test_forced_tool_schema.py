@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from pllm.runtime.engine.sampling_params import MAX_STRUCTURED_CHARS, SamplingParams
+from pllm.runtime.engine.sampling_params import SamplingParams
+from pllm.runtime.engine.structured_outputs_params import MAX_STRUCTURED_CHARS
 from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.serving_tools import ForcedCallSchema, ToolCalling
