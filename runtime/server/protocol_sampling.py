@@ -27,7 +27,7 @@ from pllm.runtime.server.limits import MAX_REQUEST_ID_LEN
 from pllm.runtime.server.protocol_vllm import GUIDED_FIELDS, UNHONOURED_VLLM_FIELDS, first_unhonoured
 
 MAX_STOP_TOKEN_IDS = 64
-MAX_TOKENS_LIMIT = 1 << 20  # any larger max_tokens is a client bug; the engine clamps to max_model_len anyway
+MAX_TOKENS_LIMIT = 1 << 20  # any larger max_tokens is a client bug (past the prompt's context: serving.check_fits)
 MAX_NAME_LEN = 256
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way

@@ -111,12 +111,22 @@ class OpenAIServing:
                 param=param,
             )
 
-    def check_fits(self, ids: list[int], param: str) -> None:
-        """A 400 naming param for a prompt that leaves no room for output (the engine refuses it too)."""
+    def check_fits(self, ids: list[int], param: str, max_tokens: int | None, max_tokens_param: str) -> None:
+        """A 400 naming param for a prompt that leaves no room for output (the engine refuses it too), and one naming
+        max_tokens_param for an output limit the context cannot hold after the prompt, in vLLM's words (the offline
+        engine cuts such an output at max_model_len instead; a server client asked for more than it can get)."""
         try:
             check_prompt_fits(len(ids), self.max_model_len)
         except ValueError as exc:
             raise EngineError(400, str(exc), param=param) from None
+        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
+            raise EngineError(
+                400,
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context "
+                f"length is {self.max_model_len} tokens and your request has {len(ids)} input tokens ({max_tokens} > "
+                f"{self.max_model_len} - {len(ids)}).",
+                param=max_tokens_param,
+            )
 
     def truncate(self, ids: list[int], req: SamplingRequest) -> list[int]:
         """vLLM's truncate_prompt_tokens: the last k prompt tokens (k = -1: max_model_len); k > max_model_len: a 400."""

@@ -57,7 +57,8 @@ class ChatServing:
         ids = self.base.truncate(ids, req)
         if not ids:
             raise EngineError(400, "The rendered chat prompt is empty.", param="messages")
-        self.base.check_fits(ids, "messages")
+        self.base.check_fits(ids, "messages", max_tokens,
+                             "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         requests = [EngineRequest(f"chatcmpl-{uuid.uuid4().hex}", ids, params, arrival)]
         return Prepared(requests, [""], response_id("chatcmpl", header_id, req, requests[0].request_id))
 

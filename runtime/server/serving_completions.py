@@ -62,7 +62,7 @@ class CompletionServing:
                 text = await self.base.in_tokenizer_thread(self.base.tokenizer.decode, ids)  # the prompt as it ran
             if not ids:
                 raise EngineError(400, "The prompt is empty; provide a non-empty prompt.", param="prompt")
-            self.base.check_fits(ids, "prompt")
+            self.base.check_fits(ids, "prompt", req.max_tokens, "max_tokens")
             requests.append(EngineRequest(f"{base_id}-{i}", ids, params, arrival))
             texts.append(text if req.echo else "")
         return Prepared(requests, texts, response_id("cmpl", header_id, req, base_id))

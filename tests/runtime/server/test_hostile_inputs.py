@@ -163,7 +163,10 @@ BOUNDS = [
     ("completions", {"logprobs": 20}, None), ("completions", {"logprobs": 21}, "logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": 20}, None),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("completions", {"max_tokens": 2**20, "prompt": [5] * 250}, None),  # clamped to max_model_len
+    # max_model_len 256: an output limit the context holds after the prompt, and one past it (vLLM's 400)
+    ("completions", {"max_tokens": 6, "prompt": [5] * 250}, None),
+    ("completions", {"max_tokens": 7, "prompt": [5] * 250}, "max_tokens"),
+    ("chat", {"max_completion_tokens": 2**20}, "max_completion_tokens"), ("chat", {"max_tokens": 256}, "max_tokens"),
     ("completions", {"max_tokens": 2**20 + 1}, "max_tokens"),
     ("chat", {"max_completion_tokens": 2**20 + 1}, "max_completion_tokens"),
     ("completions", {"stop": ["s"] * 16}, None), ("completions", {"stop": ["s"] * 17}, "stop"),

@@ -108,7 +108,7 @@ class RecordingBase:
     def check_chars(self, text, param="prompt"):
         pass
 
-    def check_fits(self, ids, param):
+    def check_fits(self, ids, param, max_tokens, max_tokens_param):
         pass
 
     def truncate(self, ids, req):
