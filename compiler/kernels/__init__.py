@@ -5,6 +5,7 @@ from __future__ import annotations
 from pllm.compiler.kernels import (
     cpu_decode_attention,
     cpu_decode_step,
+    cpu_prefill_attention,
     cpu_quant_linear,
     cpu_rms_norm,
     cpu_rope_kv_write,
@@ -34,6 +35,7 @@ KERNELS: tuple[Kernel, ...] = (
     lora.SHRINK,
     lora.EXPAND,
     cpu_decode_attention.KERNEL,
+    cpu_prefill_attention.KERNEL,
     cpu_rms_norm.KERNEL,
     cpu_rope_kv_write.KERNEL,
     cpu_quant_linear.KERNEL,

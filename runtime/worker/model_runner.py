@@ -58,7 +58,8 @@ def select_backend(name: str, build: BuildManifest, huge_pages: bool = False) ->
         choice = choose_cpu_kernels(build)
         (logger.warning if choice.op_by_op else logger.info)("pllm cpu backend: %s", choice.reason)
         ops = TorchOps(choice.attention, choice.rms_norm, choice.rope_kv_write, quant_kernel=choice.quant_linear,
-                       decode_step=choice.decode_step, huge_pages=huge_pages)
+                       decode_step=choice.decode_step, huge_pages=huge_pages,
+                       prefill_attention=choice.prefill_attention)
         return ops, torch.device("cpu"), name
     if name == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("backend 'cuda' needs a CUDA GPU and a CUDA build of torch; none found")

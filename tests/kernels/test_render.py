@@ -87,8 +87,8 @@ def test_manifest_is_json_and_names_every_file():
     assert manifest["dtype"] == "bfloat16" and manifest["block_size"] == 32
     triton = {"rms_norm", "rope_kv_write", "decode_attention", "prefill_attention", "mlp", "lora_shrink",
               "lora_expand"}
-    assert set(manifest["kernels"]) == triton | {"cpu_decode_attention", "cpu_rms_norm", "cpu_rope_kv_write",
-                                                  "cpu_decode_step"}
+    assert set(manifest["kernels"]) == triton | {"cpu_decode_attention", "cpu_prefill_attention", "cpu_rms_norm",
+                                                  "cpu_rope_kv_write", "cpu_decode_step"}
     for name, entry in manifest["kernels"].items():
         suffix = "py" if name in triton else "cpp"
         assert entry["file"] == f"{name}.{suffix}" and entry["template"] == f"{name}.{suffix}.jinja"

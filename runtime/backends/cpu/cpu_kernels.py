@@ -15,6 +15,7 @@ import torch
 from pllm.compiler.manifest import BuildDirError, BuildManifest, Language
 from pllm.models.spec import ModelSpec
 from pllm.runtime.backends.cpu.cpu_decode_step import CpuDecodeStep, why_no_decode_step
+from pllm.runtime.backends.cpu.cpu_prefill_attention import CpuPrefillAttention
 from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 
 # what each instruction set a build may be compiled for needs of the machine, in torch's own words
@@ -41,12 +42,13 @@ class CpuKernelChoice:
     reason: str
     quant_linear: CpuQuantLinear | None = None  # None: packed weights dequantised by PyTorch ops at each call
     decode_step: CpuDecodeStep | None = None  # None: decode steps op by op
+    prefill_attention: CpuPrefillAttention | None = None  # None: torch's SDPA a prompt chunk
 
     @property
     def op_by_op(self) -> bool:
         """No compiled kernel runs: every step is PyTorch ops, several times slower (the start-up log warns)."""
         return all(k is None for k in (self.attention, self.rms_norm, self.rope_kv_write, self.quant_linear,
-                                       self.decode_step))
+                                       self.decode_step, self.prefill_attention))
 
 
 class CpuDecodeAttention:
@@ -212,7 +214,7 @@ class CpuRopeKvWrite:
         return q_out, k_out
 
 
-CpuKernel = CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | CpuQuantLinear | CpuDecodeStep
+CpuKernel = CpuDecodeAttention | CpuRmsNorm | CpuRopeKvWrite | CpuQuantLinear | CpuDecodeStep | CpuPrefillAttention
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,12 @@ def _decode_attention(build: BuildManifest, library: Path) -> CpuDecodeAttention
     return CpuDecodeAttention(library, KERNEL_DTYPES[build.dtype], build.block_size, spec.num_attention_heads,
                               spec.num_key_value_heads, spec.head_dim,
                               spec.sliding_window if spec.sliding_layers else None, spec.attn_logit_softcapping)
+
+
+def _prefill_attention(build: BuildManifest, library: Path) -> CpuPrefillAttention:
+    spec = build.rank_spec
+    return CpuPrefillAttention(library, build.block_size, spec.num_attention_heads, spec.num_key_value_heads,
+                               spec.head_dim)
 
 
 def _rms_norm(build: BuildManifest, library: Path) -> CpuRmsNorm:
@@ -251,6 +259,7 @@ def _decode_step(build: BuildManifest, library: Path) -> CpuDecodeStep:
 # op (as a kernel's manifest entry names it) -> its binding: the one place the cpu backend knows its kernels
 BINDINGS = {
     "decode_attention": CpuBinding("decode attention", _decode_attention),
+    "prefill_attention": CpuBinding("prefill attention", _prefill_attention),
     "rms_norm": CpuBinding("RMSNorm", _rms_norm),
     "rope_kv_write": CpuBinding("RoPE + KV write", _rope_kv_write),
     "quant_linear": CpuBinding("packed-weight linear", _quant_linear),
@@ -301,6 +310,9 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
                 why = str(e).replace(tmp, str(build.kernel_dir))
                 return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {why}; a build "
                                        "made by another version of pllm, or elsewhere: run pllm-compile again here)")
+    prefill = loaded.get("prefill_attention")
+    if isinstance(prefill, CpuPrefillAttention) and not prefill.runs:  # no AVX-512 BF16 here: SDPA for prompts
+        del loaded["prefill_attention"]
     if not loaded:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
     names = ", ".join(BINDINGS[op].label for op in loaded)
@@ -311,7 +323,8 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
                  if step is not None else f"decode steps op by op ({why_no_decode_step(build.spec, build.dtype)})")
     return CpuKernelChoice(loaded.get("decode_attention"), loaded.get("rms_norm"), loaded.get("rope_kv_write"),
                            f"compiled {names} ({entry['isa']}), PyTorch for the rest; {step_note}",
-                           quant_linear=loaded.get("quant_linear"), decode_step=step)
+                           quant_linear=loaded.get("quant_linear"), decode_step=step,
+                           prefill_attention=loaded.get("prefill_attention"))
 
 
 def _why_not_runnable(build: BuildManifest) -> str | None:

@@ -18,6 +18,7 @@ from pllm.runtime.backends.cpu.cpu_kernels import (
 )
 from pllm.runtime.backends.cpu.cpu_linear import CpuLinear
 from pllm.runtime.backends.cpu.cpu_moe import grouped_moe
+from pllm.runtime.backends.cpu.cpu_prefill_attention import CpuPrefillAttention
 from pllm.runtime.backends.cpu.cpu_quant_linear import CpuQuantLinear
 
 logger = logging.getLogger("pllm")
@@ -60,8 +61,10 @@ class TorchOps:
         quant_kernel: CpuQuantLinear | None = None,
         decode_step: CpuDecodeStep | None = None,
         huge_pages: bool = False,
+        prefill_attention: CpuPrefillAttention | None = None,
     ) -> None:
         self.decode_attention = decode_attention
+        self.prefill_attention = prefill_attention  # prompt chunks (bf16, AVX-512 BF16, no window or soft-cap)
         self.quant_kernel = quant_kernel  # builds with packed weights
         self.decode_step = decode_step  # the build's whole decode step, bound to a model's weights by decode_stack
         self.linears = CpuLinear(quant_kernel, decode_step, huge_pages)  # every linear's route (cpu_linear.py)
@@ -166,6 +169,12 @@ class TorchOps:
                                       window, softcap)
             if meta.is_decode_only:
                 return out
+        if self.prefill_attention is not None and window is None and softcap is None:
+            elsewhere = self.decode_attention is not None  # the one-token queries went to the decode kernel above
+            seqs, max_keys = self.prefill_attention.sequences(meta, one_token_elsewhere=elsewhere)
+            if seqs.numel():
+                self.prefill_attention(q, k_cache, v_cache, meta, seqs, max_keys, scale, out)
+            return out
         block_size = k_cache.shape[1]
         start = 0
         for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
