@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pllm.compiler.kernels.common import attention_quirks
 from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
@@ -15,10 +14,9 @@ QUERY_CHUNK = 32
 
 
 def supported(spec: ModelSpec, dtype: str) -> bool:
-    """bf16 caches, head rows of whole 32-element pairs, every layer attending the whole context without a soft-cap
-    (windowed and soft-capped models keep torch's SDPA for prompts)."""
-    _, quirks = attention_quirks(spec)
-    return dtype == "bfloat16" and spec.head_dim % 32 == 0 and not any(quirks.values())
+    """bf16 caches, head rows of whole 32-element pairs, scores without a soft-cap (soft-capped models keep torch's
+    SDPA for prompts); windowed layers take their window at each call."""
+    return dtype == "bfloat16" and spec.head_dim % 32 == 0 and spec.attn_logit_softcapping is None
 
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:

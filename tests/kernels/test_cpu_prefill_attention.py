@@ -76,7 +76,7 @@ def metadata(query_lens: list[int], seq_lens: list[int], block_tables: torch.Ten
 
 def check(prefill_attention, paged_kv, attention_reference, *, head_dim: int, num_kv_heads: int, group_size: int,
           block_size: int, query_lens: list[int], seq_lens: list[int], seed: int, one_token_elsewhere: bool = False,
-          threads: int | None = None) -> None:
+          threads: int | None = None, window: int | None = None) -> None:
     num_heads = num_kv_heads * group_size
     kernel = prefill_attention(block_size=block_size, head_dim=head_dim, num_attention_heads=num_heads,
                                num_key_value_heads=num_kv_heads)
@@ -88,7 +88,7 @@ def check(prefill_attention, paged_kv, attention_reference, *, head_dim: int, nu
     out = torch.full_like(q, 7.0)
     seqs, max_keys = kernel.sequences(meta, one_token_elsewhere)
     with torch_threads(threads or torch.get_num_threads()):
-        kernel(q, kv.k_cache, kv.v_cache, meta, seqs, max_keys, 0.125, out)
+        kernel(q, kv.k_cache, kv.v_cache, meta, seqs, max_keys, 0.125, out, window)
     start = 0
     for i, n in enumerate(query_lens):
         rows = slice(start, start + n)
@@ -97,7 +97,7 @@ def check(prefill_attention, paged_kv, attention_reference, *, head_dim: int, nu
             assert i not in seqs.tolist()
             assert torch.all(out[rows] == 7.0), "a one-token query left to the decode kernel must not be written"
             continue
-        expected = attention_reference(q[rows].float(), kv.keys[i], kv.values[i], 0.125)
+        expected = attention_reference(q[rows].float(), kv.keys[i], kv.values[i], 0.125, window)
         torch.testing.assert_close(out[rows].double(), expected, **bound([kv.values[i]], expected))
 
 
@@ -114,29 +114,33 @@ def chunks(draw: st.DrawFn, block_size: int) -> tuple[int, int]:
 @SETTINGS
 @given(data=st.data(), head_dim=st.sampled_from([32, 64, 128]), num_kv_heads=st.sampled_from([1, 3]),
        group_size=st.sampled_from([1, 3, 8]), block_size=st.sampled_from([16, 32]), seed=st.integers(0, 2**16),
-       one_token_elsewhere=st.booleans())
+       one_token_elsewhere=st.booleans(), window=st.sampled_from([None, None, 1, 5, 16, 17, 40]))
 def test_matches_reference(prefill_attention, paged_kv, attention_reference, data, head_dim, num_kv_heads, group_size,
-                           block_size, seed, one_token_elsewhere):
+                           block_size, seed, one_token_elsewhere, window):
+    """window: a windowed layer's (each query sees its last `window` keys), from one key to past a few tiles."""
     pairs = data.draw(st.lists(chunks(block_size), min_size=1, max_size=4))
     check(prefill_attention, paged_kv, attention_reference, head_dim=head_dim, num_kv_heads=num_kv_heads,
           group_size=group_size, block_size=block_size, query_lens=[n for n, _ in pairs],
-          seq_lens=[s for _, s in pairs], seed=seed, one_token_elsewhere=one_token_elsewhere)
+          seq_lens=[s for _, s in pairs], seed=seed, one_token_elsewhere=one_token_elsewhere, window=window)
 
 
 @needs_bf16
 @pytest.mark.parametrize(
-    ("head_dim", "num_kv_heads", "group_size", "query_lens", "seq_lens", "threads"),
+    ("head_dim", "num_kv_heads", "group_size", "query_lens", "seq_lens", "threads", "window"),
     [
-        (64, 3, 3, [128] * 4, [128] * 4, 2),  # SmolLM2's heads, prompts of a serving benchmark's length
-        (64, 3, 3, [300, 1, 40], [300, 190, 540], 2),  # a long prompt, a decode, a chunk after 500 cached tokens
-        (64, 2, 4, [33], [33], 3),  # one chunk past QUERY_CHUNK on 3 threads
-        (128, 1, 8, [257], [600], 2),  # head_dim 128: two rows a block
+        (64, 3, 3, [128] * 4, [128] * 4, 2, None),  # SmolLM2's heads, prompts of a serving benchmark's length
+        (64, 3, 3, [300, 1, 40], [300, 190, 540], 2, None),  # a long prompt, a decode, a chunk after 500 cached
+        (64, 2, 4, [33], [33], 3, None),  # one chunk past QUERY_CHUNK on 3 threads
+        (128, 1, 8, [257], [600], 2, None),  # head_dim 128: two rows a block
+        (256, 1, 4, [300, 70], [300, 900], 2, 512),  # gemma3-1b's heads: one row a block; a window past a chunk
+        (64, 3, 3, [200], [1000], 2, 64),  # a window of 4 tiles: the item lays out only the tiles it sees
     ],
 )
 def test_awkward_shapes(prefill_attention, paged_kv, attention_reference, head_dim, num_kv_heads, group_size,
-                        query_lens, seq_lens, threads):
+                        query_lens, seq_lens, threads, window):
     check(prefill_attention, paged_kv, attention_reference, head_dim=head_dim, num_kv_heads=num_kv_heads,
-          group_size=group_size, block_size=16, query_lens=query_lens, seq_lens=seq_lens, seed=0, threads=threads)
+          group_size=group_size, block_size=16, query_lens=query_lens, seq_lens=seq_lens, seed=0, threads=threads,
+          window=window)
 
 
 @needs_bf16
@@ -158,7 +162,8 @@ def test_large_scores_do_not_overflow(prefill_attention, paged_kv, attention_ref
 @needs_bf16
 def test_the_backend_runs_it_for_prompt_chunks(prefill_attention, paged_kv, attention_reference):
     """TorchOps with the kernel: a mixed step's prompt rows (and, without a decode kernel, its one-token rows) come
-    from the kernel, equal to the reference as above; a windowed call keeps SDPA (the kernel has no window)."""
+    from the kernel, equal to the reference as above, a windowed layer's too; a soft-capped call keeps SDPA (the
+    kernel has no soft-cap)."""
     kernel = prefill_attention(block_size=16, head_dim=64, num_attention_heads=6, num_key_value_heads=2)
     ops = TorchOps(prefill_attention=kernel)
     gen = torch.Generator().manual_seed(5)
@@ -172,22 +177,26 @@ def test_the_backend_runs_it_for_prompt_chunks(prefill_attention, paged_kv, atte
         CpuPrefillAttention.__call__ = lambda self, *a: calls.append(a) or original(self, *a)
         out = ops.attention(q, kv.k_cache, kv.v_cache, meta, 0.125)
         assert len(calls) == 1
-        ops.attention(q, kv.k_cache, kv.v_cache, meta, 0.125, window=4096)
-        assert len(calls) == 1
+        windowed = ops.attention(q, kv.k_cache, kv.v_cache, meta, 0.125, window=24)
+        assert len(calls) == 2
+        ops.attention(q, kv.k_cache, kv.v_cache, meta, 0.125, softcap=30.0)
+        assert len(calls) == 2
     finally:
         CpuPrefillAttention.__call__ = original
     start = 0
     for i, n in enumerate(query_lens):
         expected = attention_reference(q[start : start + n].float(), kv.keys[i], kv.values[i], 0.125)
         torch.testing.assert_close(out[start : start + n].double(), expected, **bound([kv.values[i]], expected))
+        expected = attention_reference(q[start : start + n].float(), kv.keys[i], kv.values[i], 0.125, 24)
+        torch.testing.assert_close(windowed[start : start + n].double(), expected, **bound([kv.values[i]], expected))
         start += n
 
 
-def test_in_the_plan_of_bf16_models_without_window_or_softcap():
+def test_in_the_plan_of_bf16_models_without_softcap():
     assert supported(tiny_spec(), "bfloat16")
+    assert supported(tiny_spec(sliding_window=64, sliding_layers=(0,)), "bfloat16")  # the window comes with each call
     assert not supported(tiny_spec(), "float32")  # fp32 builds keep SDPA: bit-level comparison with transformers
     assert not supported(tiny_spec(head_dim=80), "bfloat16")
-    assert not supported(tiny_spec(sliding_window=64, sliding_layers=(0,)), "bfloat16")
     assert not supported(tiny_spec(attn_logit_softcapping=50.0), "bfloat16")
 
 

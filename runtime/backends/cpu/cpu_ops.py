@@ -64,7 +64,7 @@ class TorchOps:
         prefill_attention: CpuPrefillAttention | None = None,
     ) -> None:
         self.decode_attention = decode_attention
-        self.prefill_attention = prefill_attention  # prompt chunks (bf16, AVX-512 BF16, no window or soft-cap)
+        self.prefill_attention = prefill_attention  # prompt chunks (bf16, AVX-512 BF16, no soft-cap)
         self.quant_kernel = quant_kernel  # builds with packed weights
         self.decode_step = decode_step  # the build's whole decode step, bound to a model's weights by decode_stack
         self.linears = CpuLinear(quant_kernel, decode_step, huge_pages)  # every linear's route (cpu_linear.py)
@@ -169,11 +169,11 @@ class TorchOps:
                                       window, softcap)
             if meta.is_decode_only:
                 return out
-        if self.prefill_attention is not None and window is None and softcap is None:
+        if self.prefill_attention is not None and softcap is None:
             elsewhere = self.decode_attention is not None  # the one-token queries went to the decode kernel above
             seqs, max_keys = self.prefill_attention.sequences(meta, one_token_elsewhere=elsewhere)
             if seqs.numel():
-                self.prefill_attention(q, k_cache, v_cache, meta, seqs, max_keys, scale, out)
+                self.prefill_attention(q, k_cache, v_cache, meta, seqs, max_keys, scale, out, window)
             return out
         block_size = k_cache.shape[1]
         start = 0

@@ -22,7 +22,7 @@ class CpuPrefillAttention:
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         lib = ctypes.CDLL(str(library))
         self._fn = lib.pllm_prefill_attention
-        self._fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, ptr, ctypes.c_int]
+        self._fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, ctypes.c_float, i32, ptr, ctypes.c_int]
         self._fn.restype = ctypes.c_int
         lib.pllm_prefill_attention_runs.restype = ctypes.c_int
         self.runs = bool(lib.pllm_prefill_attention_runs())  # this CPU has AVX-512 BF16 (and the build the code)
@@ -47,9 +47,11 @@ class CpuPrefillAttention:
         return self._seqs
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                 seqs: torch.Tensor, max_keys: int, scale: float, out: torch.Tensor) -> None:
-        """out's rows of the sequences seqs (sequences()) = their causal attention over the cache; other rows
-        untouched. q, out [T, H, D] bf16; caches [num_blocks, block_size, KV, D] bf16."""
+                 seqs: torch.Tensor, max_keys: int, scale: float, out: torch.Tensor, window: int | None = None) -> None:
+        """out's rows of the sequences seqs (sequences()) = their causal attention over the cache (a windowed
+        layer's: each query's last `window` keys); other rows untouched. q, out [T, H, D] bf16; caches
+        [num_blocks, block_size, KV, D] bf16."""
+        assert window is None or window >= 1, window
         for t in (q, k_cache, v_cache, out):
             assert t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape)
         assert q.shape[1:] == (self.num_heads, self.head_dim) and out.shape == q.shape, q.shape
@@ -59,7 +61,7 @@ class CpuPrefillAttention:
         status = self._fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.block_tables.data_ptr(),
             meta.block_tables.shape[1], meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(), seqs.data_ptr(),
-            seqs.shape[0], max_keys, scale, out.data_ptr(), torch.get_num_threads(),
+            seqs.shape[0], max_keys, scale, window or 0, out.data_ptr(), torch.get_num_threads(),
         )
         if status == -1:
             raise MemoryError("cpu prefill attention could not allocate its scratch buffers")
