@@ -369,3 +369,21 @@ def test_the_plan_renders_the_step_for_the_builds_weights():
     plain = make_plan(spec, "bfloat16", BLOCK_SIZE).kernel("cpu_decode_step")
     assert packed.options["packed"] and not plain.options["packed"]
     assert packed.constants["QUANT_LANES"] == 16 and packed.constants["LANES"] == 8
+
+
+def test_prefill_silu_mul_is_the_two_ops_bit_for_bit(build_ops):
+    """The MLP's activation for prompt rows (TorchOps.mlp) through the step library's one pass: the bits of
+    F.silu(gate) * up in bf16, for every bf16 gate value (NaN and infinities included) against random ups; an fp32
+    library has no pass (None), so fp32 builds keep PyTorch's ops."""
+    step = build_ops(spec_of("smollm2-like-1"), "bfloat16")[1].decode_step
+    gen = torch.Generator().manual_seed(0)
+    inter = 256
+    gate = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(-1, inter)
+    up = (torch.randn(gate.shape, generator=gen) * 4).bfloat16()
+    gate_up = torch.cat([gate, up], dim=-1)  # [256 rows, 2 * inter], the gate half first
+    act = step.silu_mul(gate_up)
+    expected = torch.nn.functional.silu(gate) * up
+    assert act is not None and act.shape == expected.shape
+    same = (act.view(torch.int16) == expected.view(torch.int16)) | (act.isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} elements differ"
+    assert build_ops(spec_of("smollm2-like-1"), "float32")[1].decode_step.silu_mul(gate_up.float()) is None

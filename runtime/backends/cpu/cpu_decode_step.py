@@ -176,6 +176,10 @@ class CpuDecodeStep:
         if self._panel_prefetch is not None:
             self._panel_prefetch.argtypes = [ctypes.c_int]
             self._panel_prefetch.restype = ctypes.c_int
+        self._silu_mul = getattr(lib, "pllm_silu_mul", None)  # bf16 steps of this pllm: the prefill MLP's activation
+        if self._silu_mul is not None:
+            self._silu_mul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+            self._silu_mul.restype = None
         self.packed = bool(lib.pllm_decode_step_packed())  # rendered for a build with packed weights: reads them
         self.amx_compiled = bool(lib.pllm_decode_step_amx_compiled())  # built with AMX tiles (bf16, new toolchain)
         self.kernel_max_batch = int(lib.pllm_decode_step_max_batch())  # the most rows of x one call takes
@@ -256,6 +260,17 @@ class CpuDecodeStep:
                                 y.data_ptr(), torch.get_num_threads())
         _check_gemv(status, x, weight)
         return y
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up for gate_up [..., 2 I] (the gate half first), in one pass with the step's SiLU table: the
+        bits F.silu(gate) * up gives in bf16. None where the library has no such pass (fp32, or an older build)."""
+        if self._silu_mul is None or gate_up.dtype != torch.bfloat16 or not gate_up.is_contiguous():
+            return None
+        inter = gate_up.shape[-1] // 2
+        act = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * inter), inter, act.data_ptr(),
+                       torch.get_num_threads())
+        return act
 
     def panels_match(self, weight: torch.Tensor, panels: Panels) -> bool:
         """Whether panels hold weight's elements where the step's panel code looks for them (each, compared)."""

@@ -263,8 +263,12 @@ class TorchOps:
 
     def mlp(self, x, gate_up_weight, down_weight, activation="silu"):
         gate_up = self.linear(x, gate_up_weight)  # [T, 2 * intermediate]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.linear(ACTIVATIONS[activation](gate) * up, down_weight)
+        # bf16 SiLU: the compiled step's one pass (the same bits as the two ops below), where the build has it
+        act = self.decode_step.silu_mul(gate_up) if activation == "silu" and self.decode_step is not None else None
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = ACTIVATIONS[activation](gate) * up
+        return self.linear(act, down_weight)
 
     def moe(self, x, topk_weights, topk_ids, gate_up_weights, down_weights):
         # each expert by the float GEMM: F.linear (transformers' own call), but for bf16 without oneDNN's bf16 GEMM,
