@@ -160,6 +160,23 @@ def test_large_scores_do_not_overflow(prefill_attention, paged_kv, attention_ref
 
 
 @needs_bf16
+def test_a_nan_in_q_reaches_its_rows_output(prefill_attention, paged_kv):
+    """A NaN upstream (in one query's head) is not hidden: that row's output is NaN, as through torch's SDPA; the
+    other rows are unaffected."""
+    kernel = prefill_attention(block_size=16, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
+    gen = torch.Generator().manual_seed(4)
+    kv = paged_kv([40], 1, 64, 16, torch.bfloat16, "cpu", gen)
+    meta = metadata([40], [40], kv.block_tables)
+    q = torch.randn((40, 2, 64), generator=gen).to(torch.bfloat16)
+    q[5, 0, 3] = float("nan")
+    out = torch.empty_like(q)
+    seqs, max_keys = kernel.sequences(meta, one_token_elsewhere=True)
+    kernel(q, kv.k_cache, kv.v_cache, meta, seqs, max_keys, 0.125, out)
+    assert out[5, 0].isnan().all()
+    assert not out[5, 1].isnan().any() and not out[:5].isnan().any() and not out[6:].isnan().any()
+
+
+@needs_bf16
 def test_the_backend_runs_it_for_prompt_chunks(prefill_attention, paged_kv, attention_reference):
     """TorchOps with the kernel: a mixed step's prompt rows (and, without a decode kernel, its one-token rows) come
     from the kernel, equal to the reference as above, a windowed layer's too; a soft-capped call keeps SDPA (the

@@ -26,25 +26,36 @@ class CpuPrefillAttention:
         self._fn.restype = ctypes.c_int
         lib.pllm_prefill_attention_runs.restype = ctypes.c_int
         self.runs = bool(lib.pllm_prefill_attention_runs())  # this CPU has AVX-512 BF16 (and the build the code)
-        self._meta: AttentionMetadata | None = None  # the step whose sequences are cached
-        self._seqs: tuple[torch.Tensor, int] = (torch.empty(0, dtype=torch.int64), 0)
+        # per step (its metadata, one per KV layer group: a windowed model alternates two) and one_token_elsewhere:
+        # the sequences the kernel attends and the most keys one has
+        self._cached: dict[tuple[int, bool], tuple[AttentionMetadata, torch.Tensor, int]] = {}
 
     def sequences(self, meta: AttentionMetadata, one_token_elsewhere: bool) -> tuple[torch.Tensor, int]:
         """Per step, not per layer: the sequences this kernel attends (those of more than one query token, and the
         one-token ones too unless one_token_elsewhere) as an int64 tensor, and the most keys one of them has; their
         indices checked once here, since the kernel trusts them."""
-        if self._meta is not meta:
-            picked = [i for i, n in enumerate(meta.query_lens_host) if n > 1 or not one_token_elsewhere]
-            for i in picked:
-                query_len, seq_len = meta.query_lens_host[i], meta.seq_lens_host[i]
-                assert 1 <= query_len <= seq_len <= meta.max_seq_len, (i, query_len, seq_len)
-            assert meta.block_tables.shape[1] * self.block_size >= meta.max_seq_len, "block tables narrower than keys"
-            assert meta.query_start_loc.dtype == torch.int32 and meta.query_start_loc.is_contiguous()
-            assert meta.seq_lens.dtype == torch.int32 and meta.seq_lens.is_contiguous()
-            assert meta.block_tables.dtype == torch.int32 and meta.block_tables.is_contiguous()
-            most = max((meta.seq_lens_host[i] for i in picked), default=0)
-            self._meta, self._seqs = meta, (torch.tensor(picked, dtype=torch.int64), most)
-        return self._seqs
+        found = self._cached.get((id(meta), one_token_elsewhere))
+        if found is not None and found[0] is meta:
+            return found[1], found[2]
+        picked = [i for i, n in enumerate(meta.query_lens_host) if n > 1 or not one_token_elsewhere]
+        for i in picked:
+            query_len, seq_len = meta.query_lens_host[i], meta.seq_lens_host[i]
+            assert 1 <= query_len <= seq_len <= meta.max_seq_len, (i, query_len, seq_len)
+        assert meta.block_tables.shape[1] * self.block_size >= meta.max_seq_len, "block tables narrower than keys"
+        assert meta.query_start_loc.dtype == torch.int32 and meta.query_start_loc.is_contiguous()
+        assert meta.seq_lens.dtype == torch.int32 and meta.seq_lens.is_contiguous()
+        assert meta.block_tables.dtype == torch.int32 and meta.block_tables.is_contiguous()
+        assert meta.block_tables.shape[0] >= meta.num_seqs and meta.seq_lens.shape[0] == meta.num_seqs
+        # the kernel reads the tensors: they must say what the host copies checked above say
+        assert meta.seq_lens.tolist() == list(meta.seq_lens_host), "seq_lens and their host copy differ"
+        starts = meta.query_start_loc.tolist()
+        assert [b - a for a, b in zip(starts, starts[1:])] == list(meta.query_lens_host), "query starts differ"
+        most = max((meta.seq_lens_host[i] for i in picked), default=0)
+        if len(self._cached) >= 4:  # the metadata of earlier steps
+            self._cached.clear()
+        seqs = torch.tensor(picked, dtype=torch.int64)
+        self._cached[(id(meta), one_token_elsewhere)] = (meta, seqs, most)
+        return seqs, most
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                  seqs: torch.Tensor, max_keys: int, scale: float, out: torch.Tensor, window: int | None = None) -> None:
@@ -58,6 +69,7 @@ class CpuPrefillAttention:
         assert k_cache.shape[1:] == (self.block_size, self.num_kv_heads, self.head_dim), k_cache.shape
         assert k_cache.shape == v_cache.shape
         assert meta.query_start_loc.shape[0] == meta.num_seqs + 1 and int(meta.query_start_loc[-1]) <= q.shape[0]
+        assert seqs.dtype == torch.int64 and seqs.is_contiguous() and seqs.dim() == 1, "sequences(meta)'s seqs"
         status = self._fn(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.block_tables.data_ptr(),
             meta.block_tables.shape[1], meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(), seqs.data_ptr(),
