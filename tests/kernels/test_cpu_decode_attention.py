@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.dtype_choice import host_cpu_flags
 from pllm.compiler.kernels.cpu_decode_attention import supported as cpu_attention_supported
 from pllm.compiler.manifest import open_build
 from pllm.compiler.plan import make_plan
@@ -156,7 +157,7 @@ def test_short_batches_cut_contexts_into_parts(cpu_attention, paged_kv, attentio
 def test_bf16_items_run_the_avx512_code_where_the_cpu_has_it(cpu_attention):
     """The SIMD code is compiled into bf16 kernels of whole-32 head rows and whole-16 blocks and chosen where the CPU
     has AVX-512 BF16; fp32 kernels and other shapes run the generic code."""
-    flags = _cpu_flags()
+    flags = host_cpu_flags()
     has = platform.machine() == "x86_64" and all(f in flags for f in ("avx512_bf16", "avx512bw", "avx512vl"))
     fields = {"head_dim": 64, "num_attention_heads": 6, "num_key_value_heads": 2}
     assert cpu_attention(dtype="bfloat16", block_size=16, **fields).simd == has
@@ -164,14 +165,6 @@ def test_bf16_items_run_the_avx512_code_where_the_cpu_has_it(cpu_attention):
     assert not cpu_attention(dtype="bfloat16", block_size=8, **fields).simd
     assert not cpu_attention(dtype="bfloat16", block_size=16, head_dim=80, num_attention_heads=6,
                              num_key_value_heads=2).simd
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
 
 
 def test_large_scores_do_not_overflow(cpu_attention, paged_kv, attention_reference):

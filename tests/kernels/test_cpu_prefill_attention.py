@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis_budget import examples
 
 from pllm.compiler.cpu_compile import find_compiler
+from pllm.compiler.dtype_choice import host_cpu_flags
 from pllm.compiler.kernels.cpu_prefill_attention import supported
 from pllm.compiler.plan import make_plan
 from pllm.models.ops import AttentionMetadata
@@ -19,23 +20,14 @@ from pllm.runtime.backends.cpu.cpu_prefill_attention import CpuPrefillAttention
 
 from .conftest import compile_cpu_kernel, tiny_spec, torch_threads
 
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
-HAS_AVX512_BF16 = platform.machine() == "x86_64" and {"avx512_bf16", "avx512bw", "avx512vl"} <= _cpu_flags()
+HAS_AVX512_BF16 = platform.machine() == "x86_64" and {"avx512_bf16", "avx512bw", "avx512vl"} <= host_cpu_flags()
 SETTINGS = settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 needs_bf16 = pytest.mark.skipif(not HAS_AVX512_BF16, reason="the kernel runs only on CPUs with AVX-512 BF16")
 
 
-def bound(values: list[torch.Tensor], out_ref: torch.Tensor) -> dict[str, float]:
+def bound(values: list[torch.Tensor]) -> dict[str, float]:
     """The error the kernel's rounding allows, from its arithmetic, per sequence:
     - probabilities rounded to bf16 (relative 2**-9 each) before the product with V, their sum kept in fp32: the
       output moves by at most 2**-9 * sum(p |v|) / sum(p) <= 2**-9 * max |v| (absolute);
@@ -98,7 +90,7 @@ def check(prefill_attention, paged_kv, attention_reference, *, head_dim: int, nu
             assert torch.all(out[rows] == 7.0), "a one-token query left to the decode kernel must not be written"
             continue
         expected = attention_reference(q[rows].float(), kv.keys[i], kv.values[i], 0.125, window)
-        torch.testing.assert_close(out[rows].double(), expected, **bound([kv.values[i]], expected))
+        torch.testing.assert_close(out[rows].double(), expected, **bound([kv.values[i]]))
 
 
 @st.composite
@@ -156,7 +148,7 @@ def test_large_scores_do_not_overflow(prefill_attention, paged_kv, attention_ref
     seqs, max_keys = kernel.sequences(meta, one_token_elsewhere=True)
     kernel(q, kv.k_cache, kv.v_cache, meta, seqs, max_keys, 0.125, out)
     expected = attention_reference(q.float(), kv.keys[0] * 32.0, kv.values[0], 0.125)
-    torch.testing.assert_close(out.double(), expected, **bound(kv.values, expected))
+    torch.testing.assert_close(out.double(), expected, **bound(kv.values))
 
 
 @needs_bf16
@@ -203,9 +195,9 @@ def test_the_backend_runs_it_for_prompt_chunks(prefill_attention, paged_kv, atte
     start = 0
     for i, n in enumerate(query_lens):
         expected = attention_reference(q[start : start + n].float(), kv.keys[i], kv.values[i], 0.125)
-        torch.testing.assert_close(out[start : start + n].double(), expected, **bound([kv.values[i]], expected))
+        torch.testing.assert_close(out[start : start + n].double(), expected, **bound([kv.values[i]]))
         expected = attention_reference(q[start : start + n].float(), kv.keys[i], kv.values[i], 0.125, 24)
-        torch.testing.assert_close(windowed[start : start + n].double(), expected, **bound([kv.values[i]], expected))
+        torch.testing.assert_close(windowed[start : start + n].double(), expected, **bound([kv.values[i]]))
         start += n
 
 
