@@ -25,20 +25,24 @@ def triton_dtype(dtype: str) -> dict[str, Any]:
     return {"DTYPE": dtype, "TL_DTYPE": TRITON_TYPE_NAMES[dtype]}
 
 
-def head_constants(spec: ModelSpec, dtype: str) -> dict[str, Any]:
+def head_shape(spec: ModelSpec) -> dict[str, Any]:
+    """The attention heads as every template with attention reads them (Triton and C++)."""
     heads, kv_heads = spec.num_attention_heads, spec.num_key_value_heads
     if kv_heads < 1 or heads < 1 or heads % kv_heads:
         # GROUP_SIZE = heads // kv_heads would hand some query heads a KV head that does not exist
         raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: the "
                          "attention kernels give every KV head the same number of query heads")
     return {
-        **triton_dtype(dtype),
         "NUM_HEADS": spec.num_attention_heads,
         "NUM_KV_HEADS": spec.num_key_value_heads,
         "GROUP_SIZE": spec.group_size,
         "HEAD_DIM": spec.head_dim,
-        "HEAD_DIM_PAD": max(MIN_DOT_K, next_power_of_2(spec.head_dim)),
     }
+
+
+def head_constants(spec: ModelSpec, dtype: str) -> dict[str, Any]:
+    """The Triton attention templates' heads: head_shape, the dtype, and the head dim padded for tl.dot."""
+    return {**triton_dtype(dtype), **head_shape(spec), "HEAD_DIM_PAD": max(MIN_DOT_K, next_power_of_2(spec.head_dim))}
 
 
 def attention_quirks(spec: ModelSpec) -> tuple[dict[str, Any], dict[str, bool]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES, attention_quirks
+from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES, attention_quirks, head_shape
 from pllm.compiler.kernels.kernel import Kernel, Language
 from pllm.models.spec import ModelSpec
 
@@ -18,10 +18,7 @@ def supported(spec: ModelSpec, dtype: str) -> bool:
 
 def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any], dict[str, bool]]:
     constants = {
-        "NUM_HEADS": spec.num_attention_heads,
-        "NUM_KV_HEADS": spec.num_key_value_heads,
-        "GROUP_SIZE": spec.group_size,
-        "HEAD_DIM": spec.head_dim,
+        **head_shape(spec),
         "BLOCK_SIZE": block_size,
         "LANES": CPU_LANES,
         "PREFETCH_TOKENS": PREFETCH_TOKENS,

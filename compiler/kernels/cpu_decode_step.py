@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pllm.compiler.kernels import cpu_decode_attention, cpu_quant_linear
-from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES
+from pllm.compiler.kernels.common import CPU_KERNEL_DTYPES, CPU_LANES, head_shape
 from pllm.compiler.kernels.cpu_decode_attention import PREFETCH_TOKENS
 from pllm.compiler.kernels.cpu_rope_kv_write import COMPILE_FLAGS as ROPE_COMPILE_FLAGS
 from pllm.compiler.kernels.kernel import Kernel, Language
@@ -83,10 +83,7 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "HIDDEN_SIZE": spec.hidden_size,
         "INTERMEDIATE_SIZE": spec.intermediate_size,
         "NUM_LAYERS": spec.num_hidden_layers,
-        "NUM_HEADS": spec.num_attention_heads,
-        "NUM_KV_HEADS": spec.num_key_value_heads,
-        "GROUP_SIZE": spec.group_size,
-        "HEAD_DIM": spec.head_dim,
+        **head_shape(spec),
         "HALF_DIM": spec.head_dim // 2,
         "Q_SIZE": spec.q_size,
         "KV_SIZE": spec.kv_size,
