@@ -44,6 +44,10 @@ SEQUENTIAL_MAX_BATCH = 4
 # packed linear's row code (cpu_quant_linear), which takes them 4 at a time; 32 rows of INT8 codes of a 576-wide
 # model are 18 KB, enough per item to keep the prefetcher streaming and few enough items to share out evenly
 PACKED_ROWS = 32
+# From this many sequences a float linear's items (oneDNN's panels) that do not divide evenly among the threads are
+# each cut among all of them by sequences (share_work): there a panel costs its arithmetic more than its reading
+# (tools/bench_gemv_bandwidth.py: SmolLM2's bf16 GEMVs turn compute-bound past ~7 rows on the AVX-512 BF16 VM)
+SPLIT_MIN_BATCH = 8
 # bf16 builds on a CPU with AMX-BF16 (cpu_decode_step_amx.cpp.inc): output rows per work-sharing item of a float
 # linear, two tiles of 16 (each B tile of x loaded serves two tile products), and how far ahead in each weight row
 # its next chunk is requested (elements: one 64-byte line past the chunk the tile loads next)
@@ -102,6 +106,7 @@ def render(spec: ModelSpec, dtype: str, block_size: int) -> tuple[dict[str, Any]
         "SEQUENTIAL_X_BYTES": SEQUENTIAL_X_BYTES,
         "SEQUENTIAL_MAX_BATCH": SEQUENTIAL_MAX_BATCH,
         "PACKED_ROWS": PACKED_ROWS,
+        "SPLIT_MIN_BATCH": SPLIT_MIN_BATCH,
         "AMX_ROWS": AMX_ROWS,
         "AMX_PREFETCH_K": AMX_PREFETCH_K,
         "AMX_MIN_BATCH": AMX_MIN_BATCH,

@@ -147,6 +147,9 @@ SPECS = {
                            num_key_value_heads=3, head_dim=64),
     "qwen2-bias-3": dict(num_layers=3, hidden_size=128, intermediate_size=344, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, attention_bias=True),
+    # every linear an odd count of 64-row panels (qkv 5, o 3, gate_up 5 each half, down 3)
+    "odd-panels-2": dict(num_layers=2, hidden_size=192, intermediate_size=320, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=32),
     "mha-odd-rows-3": dict(num_layers=3, hidden_size=96, intermediate_size=200, num_attention_heads=3,
                            num_key_value_heads=3, head_dim=32),
     # qwen3: q/k norm, and heads wider than hidden / heads (q_size 256 against hidden 128)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pllm.compiler.cpu_compile import find_compiler
-from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, MAX_BATCH
+from pllm.compiler.kernels.cpu_decode_step import AMX_MIN_BATCH, MAX_BATCH, SPLIT_MIN_BATCH
 from pllm.models.llama import LlamaModel, weight_layout
 from pllm.runtime.backends.cpu import onednn
 from pllm.runtime.backends.cpu.cpu_decode_step import (
@@ -138,11 +138,37 @@ def test_panel_gemv_sums_a_row_alike_in_every_batch(step, level):
         step.limit_isa(GemvIsa.BEST)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_panels_left_after_an_even_share_are_cut_by_rows_of_x_alike(step, threads):
+    """Panels that do not divide evenly among the threads are each cut among all of them by rows of x from
+    SPLIT_MIN_BATCH rows (share_work): every row's outputs stay bit for bit what it gets alone, for each count of
+    leftover panels and every batch (the batch's slices of uneven sizes too)."""
+    if step.isa == "amx_bf16" and onednn.panel_rows() == 32:
+        pytest.skip("the AMX tiles read a prepared copy of x, which is never cut")
+    P = onednn.panel_rows()
+    gen = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for panels_count in range(1, 2 * threads + 1):
+            w = torch.randn((panels_count * P - 5, 64), generator=gen).to(torch.bfloat16)
+            x = torch.randn((MAX_BATCH, 64), generator=gen).to(torch.bfloat16)
+            panels = _panels(w)
+            alone = torch.cat([step.gemv(w, x[i : i + 1].contiguous(), panels) for i in range(MAX_BATCH)])
+            for batch in [*range(SPLIT_MIN_BATCH - 1, SPLIT_MIN_BATCH + 4), 17, MAX_BATCH]:
+                got = step.gemv(w, x[:batch], panels)
+                assert torch.equal(got, alone[:batch]), (threads, panels_count, batch)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("shape", "context_lens"), [("smollm2-like-1", [15]), ("smollm2-like-1", [3, 40, 7, 19]),
+                                                     ("odd-panels-2", [3, 40, 7, 19, 0, 22, 31, 64, 5, 9, 11]),
                                                      ("qwen3-qk-norm-2", [0, 33, 5])])
 def test_the_step_reads_panels_and_equals_the_per_op_path(build_ops, shape, context_lens):
     """Bound to bf16 weights (here in memory, so no pages to drop), the step reads every linear whose width it takes
-    in panels, the LM head too through Ops.linear, and a decode step stays within the per-op path's bound."""
+    in panels, the LM head too through Ops.linear, and a decode step stays within the per-op path's bound (11
+    sequences over odd counts of panels: those past an even share cut among the threads by sequences)."""
     spec = spec_of(shape)
     (fused, _), (ref, _) = run_both(build_ops, spec, "bfloat16", context_lens, seed=11)
     err = (fused - ref).abs() / rows_scale(ref)
