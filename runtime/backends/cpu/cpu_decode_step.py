@@ -172,6 +172,10 @@ class CpuDecodeStep:
         if self._panels_match is not None:
             self._panels_match.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int]
             self._panels_match.restype = ctypes.c_int
+        self._silu_simd = getattr(lib, "pllm_decode_step_silu_simd", None)  # libraries of this pllm
+        if self._silu_simd is not None:
+            self._silu_simd.argtypes = [ctypes.c_int]
+            self._silu_simd.restype = ctypes.c_int
         self._panel_prefetch = getattr(lib, "pllm_decode_step_panel_prefetch", None)  # bf16 steps of this pllm
         if self._panel_prefetch is not None:
             self._panel_prefetch.argtypes = [ctypes.c_int]
@@ -208,6 +212,13 @@ class CpuDecodeStep:
         """Back to the CPU maker's choice (ahead but on AMD). Returns it."""
         assert self._panel_prefetch is not None, "a bf16 library of this pllm"
         return bool(self._panel_prefetch(-1))
+
+    def use_silu_simd(self, on: bool) -> bool:
+        """Whether the SiLU-and-multiply passes (silu_mul, the step's gate_up epilogue) run 16 elements at a time, as
+        the library chose where the CPU has AVX-512 (on), or the scalar code (off): the same bits either way (for
+        tests; limit_isa chooses again). Returns whether they now do."""
+        assert self._silu_simd is not None, "a library of this pllm"
+        return bool(self._silu_simd(int(on)))
 
     def batch_limit(self, packed: bool, floats: bool) -> int:
         """The most sequences a step over linears of these kinds runs compiled: compiled_batch_limit, within the
