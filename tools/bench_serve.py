@@ -273,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     config = {k: v for k, v in vars(args).items() if k != "api_key"}
     out.with_suffix(".json").write_text(json.dumps({"config": config, "levels": [asdict(s) for s in stats]}, indent=1))
+    empty = [s.concurrency for s in stats if s.num_completed == 0]
+    if empty:  # nothing to plot there (a wrong --model, a server down): the errors were printed as they came
+        print(f"bench_serve: no request completed at concurrency {', '.join(map(str, empty))} (errors above); "
+              f"wrote {out.with_suffix('.json')}", file=sys.stderr)
+        return 1
     if plot(stats, out.with_suffix(".png"), title):
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
