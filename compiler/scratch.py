@@ -40,18 +40,18 @@ def scratch_pattern(prefix_regex: str) -> re.Pattern[str]:
     return re.compile(rf"{prefix_regex}(?P<pid>[0-9]+)-[a-z0-9_]{{8}}")
 
 
-_NO_LOCK = -1  # _claim of a directory made without a lock file, whose owner's pid is gone
+_NO_LOCK = -1  # _claim of a directory without a lock file whose named pid is gone
 
 
 def _claim(path: str, pid: int) -> int | None:
-    """The lock of a scratch directory whose owner is gone, now held by this process (_NO_LOCK where it has none),
-    or None while its owner may live."""
+    """The lock of a scratch directory whose owner is gone, now held by this process (_NO_LOCK where it has none
+    and its named pid is gone), or None while its owner may live."""
     if Path(path) in _held:
         return None
     try:
         fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:  # made by a compile without locks, or one still between mkdtemp and its lock
-        return _NO_LOCK if _process_gone(pid) else None
+    except FileNotFoundError:  # not pllm's (a folder of the user's named like one), or a compile between mkdtemp and
+        return _NO_LOCK if _process_gone(pid) else None  # its lock (then empty)
     except OSError:
         return None
     try:
@@ -78,7 +78,9 @@ def remove_stale_scratch(parent: Path, pattern: re.Pattern[str],
                          keep: Callable[[Path, re.Match[str]], bool] | None = None) -> list[Path]:
     """Remove directories in `parent` whose names match `pattern` and whose owning compile is gone, except those
     `keep` (called while this process holds the directory's lock, so no other compile cleans it at once) says to
-    keep, having seen to what they hold."""
+    keep, having seen to what they hold. Only a directory holding pllm's lock file is pllm's: one without it is
+    removed only if empty (a compile killed between making it and its lock), never with what it holds, since a
+    folder of the user's may be named like one."""
     removed = []
     try:
         entries = list(os.scandir(parent))
@@ -92,12 +94,18 @@ def remove_stale_scratch(parent: Path, pattern: re.Pattern[str],
         fd = _claim(entry.path, int(m["pid"]))
         if fd is None:
             continue
+        if fd == _NO_LOCK:
+            try:
+                os.rmdir(entry.path)  # empty only
+            except OSError:
+                continue
+            removed.append(Path(entry.path))
+            continue
         try:
             if keep is not None and keep(Path(entry.path), m):
                 continue
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(Path(entry.path))
         finally:
-            if fd != _NO_LOCK:
-                os.close(fd)
+            os.close(fd)
     return removed

@@ -16,6 +16,7 @@ from pllm.compiler import output_dir as output_dir_module
 from pllm.compiler import source as source_module
 from pllm.compiler.build import BuildOptions, build
 from pllm.compiler.manifest import format_version_for
+from pllm.compiler.scratch import LOCK_FILE
 from pllm.compiler.spec import ConfigError
 
 OPTS = BuildOptions(dtype="float32", progress=False)  # as the tiny_build fixture it rebuilds over
@@ -172,12 +173,20 @@ def test_stale_scratch_of_killed_compiles_is_removed(tiny_dir, tmp_path):
     stale = [work / f".out.tmp-{pid}-abcd_123", work / f".other.old-{pid}-zzzzzzzz"]
     alive = work / f".out.tmp-{os.getppid()}-abcdefgh"  # its owner still runs: maybe a compile in progress
     unrelated = [work / f".out.tmp-{pid}-notours", work / "notes.tmp-1-abcdefgh"]
-    for d in [*stale, alive, *unrelated]:
+    # named as pllm names its scratch, pid gone, but no lock file: the user's, whatever the name says
+    users = [work / f".mydata.tmp-{pid}-abcdefgh", work / f".notes.old-{pid}-abcdefgh",
+             work / f".out.tmp-{pid}-x1234567"]
+    empty = work / f".out.tmp-{pid}-emptyone"  # a compile killed between making it and its lock: nothing in it
+    for d in [*stale, alive, *unrelated, *users]:
         (d / "build").mkdir(parents=True)
         (d / "build" / "weights").write_text("x")
+    for d in stale:  # as pllm makes its scratch: a lock file, no longer locked once its compile died
+        (d / LOCK_FILE).touch()
+    empty.mkdir()
     build(str(tiny_dir("llama")), work / "out", OPTS)
-    assert not any(d.exists() for d in stale)
+    assert not any(d.exists() for d in [*stale, empty])
     assert alive.exists() and all(d.exists() for d in unrelated)
+    assert all((d / "build" / "weights").read_text() == "x" for d in users)
     # the previous build of `other` a killed swap had moved aside is its only copy: put back, not deleted
     assert (work / "other" / "weights").read_text() == "x"
 

@@ -127,6 +127,7 @@ def test_previous_build_is_deleted_once_its_place_holds_a_complete_build(old_bui
     stale_previous(work, shutil.copytree(old_build, tmp_path / "copy"))
     half = work / f".out.old-{dead_pid()}-zzzzzzzz"
     (half / "discarded" / "kernels").mkdir(parents=True)  # killed while it deleted a previous build it had replaced
+    (half / ".pllm-lock").touch()
     build(str(tiny_dir("llama")), work / "other", OPTS)
     assert sorted(p.name for p in work.iterdir()) == ["other", "out"]
 
