@@ -42,6 +42,34 @@ def field_value(reader: Any, key: str) -> Any:
     return bytes(part).decode("utf-8", "replace") if field.types and field.types[0].name == "STRING" else part[0].item()
 
 
+BLOCK_NAME = re.compile(r"blk\.(\d+)\.")
+
+
+def check_layout(path: Path, reader: Any, arch: str) -> None:
+    """Refuse a file whose tables contradict themselves, as llama.cpp's loader does, before transformers reads it
+    (which would build the model the block count says, dropping blocks past it or allocating billions of layers,
+    and read tensors wherever their offsets point, into their neighbours): the block count against the blocks the
+    tensors hold; each tensor's data aligned as the file says and clear of the next tensor's."""
+    blocks = sorted({int(m[1]) for t in reader.tensors if (m := BLOCK_NAME.match(t.name))})
+    count = field_value(reader, f"{arch}.block_count")
+    if blocks and (not isinstance(count, int) or count != len(blocks) or blocks != list(range(len(blocks)))):
+        held = f"blocks 0..{blocks[-1]}" if blocks == list(range(len(blocks))) else f"blocks {blocks[:8]}..."
+        raise ModelSourceError(f"{path}: {arch}.block_count is {count} but the file's tensors hold {held} "
+                               f"({len(blocks)} blocks): a corrupt or hand-edited file")
+    alignment = int(getattr(reader, "alignment", 32))
+    tensors = sorted(reader.tensors, key=lambda t: t.data_offset)
+    for t in tensors:
+        if (t.data_offset - reader.data_offset) % alignment:
+            raise ModelSourceError(f"{path}: tensor '{t.name}' starts at byte {t.data_offset - reader.data_offset} "
+                                   f"of the data, not a multiple of the file's alignment ({alignment}): a corrupt "
+                                   "or hand-edited file")
+    for t, after in zip(tensors, tensors[1:]):
+        if t.data_offset + t.n_bytes > after.data_offset:
+            raise ModelSourceError(f"{path}: tensor '{t.name}' ({t.n_bytes} bytes of {t.tensor_type.name}) runs into "
+                                   f"tensor '{after.name}': the tensor table is inconsistent (a corrupt or "
+                                   "hand-edited file)")
+
+
 def check_file(path: Path, reader: Any, keeps_blocks: bool) -> str:
     """Refuse, before transformers reads it, a file pllm cannot build; its architecture."""
     if (count := field_value(reader, "split.count")) is not None and count > 1:
@@ -51,6 +79,7 @@ def check_file(path: Path, reader: Any, keeps_blocks: bool) -> str:
     if arch not in ARCHITECTURES:
         raise ModelSourceError(f"{path}: GGUF architecture {arch!r} is not supported (pllm reads GGUF files of "
                                f"{', '.join(ARCHITECTURES)})")
+    check_layout(path, reader, arch)
     experts = field_value(reader, f"{arch}.expert_count")
     if experts and arch not in MOE_ARCHITECTURES:
         raise ModelSourceError(f"{path}: a mixture of {experts} experts in a {arch!r} GGUF (llama.cpp's mixtral), "

@@ -1,12 +1,16 @@
 """What a GGUF file gives the compiler, and what it refuses: tensors transformers cannot place (mixtral's experts in a
 llama file, a missing tensor, a split file's first shard), sizes transformers takes from defaults, families pllm lacks,
---quantization gguf on a float file, a tokenizer that cannot encode; the tokenizer read from the file, not its folder;
+--quantization gguf on a float file, a tokenizer that cannot encode, tables that contradict themselves (block count,
+tensor offsets); the tokenizer read from the file, not its folder;
 qwen3_moe's fused experts split into the per-expert names and the build equal to transformers."""
 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +99,65 @@ def test_a_tensor_transformers_cannot_find_is_refused_by_name(tmp_path):
     with pytest.raises(ModelSourceError, match=r"finds no values for 1 tensors of the qwen3 model "
                                                r"\('model\.layers\.1\.mlp\.down_proj\.weight'\)"):
         open_model(str(path))
+
+
+def _edit(path, edit) -> None:
+    """Change numbers in the file's tables in place (gguf's reader over a writable map): edit(reader)."""
+    reader = gguf.GGUFReader(str(path), "r+")
+    edit(reader)
+    reader.data.flush()
+    del reader
+
+
+def _tensor(reader, name):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def _set_offset(reader, name, offset) -> None:  # the tensor's offset within the data
+    _tensor(reader, name).field.parts[-1][0] = offset
+
+
+def _data_offset(reader, name) -> int:
+    return _tensor(reader, name).data_offset - reader.data_offset
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    # transformers built the count's layers: blocks past it were dropped in silence
+    (lambda r: r.fields["llama.block_count"].parts[-1].__setitem__(0, 1),
+     r"llama\.block_count is 1 but the file's tensors hold blocks 0\.\.1 \(2 blocks\)"),
+    # read from where the offset points: a misaligned start, a tensor over its neighbour, a type that is wider
+    (lambda r: _set_offset(r, "blk.0.attn_q.weight", _data_offset(r, "blk.0.attn_q.weight") + 2),
+     r"tensor 'blk\.0\.attn_q\.weight' starts at byte \d+ of the data, not a multiple of the file's alignment"),
+    (lambda r: _set_offset(r, "blk.1.ffn_down.weight", 0),
+     r"tensor '.*' \(\d+ bytes of F32\) runs into tensor 'blk\.1\.ffn_down\.weight': the tensor table is inconsistent"),
+    (lambda r: _tensor(r, "blk.0.attn_q.weight").field.parts[-2].__setitem__(0, int(gguf.GGMLQuantizationType.F64)),
+     r"tensor 'blk\.0\.attn_q\.weight' \(\d+ bytes of F64\) runs into tensor"),
+], ids=["block-count-short", "misaligned", "overlapping", "wider-type"])
+def test_a_gguf_whose_tables_contradict_themselves_is_refused(tmp_path, edit, match):
+    """Tables a corrupt or hand-edited file gets wrong that transformers reads anyway, into another model: refused
+    in one line before anything is built (as llama.cpp's loader refuses them), in bounded time and memory."""
+    model_dir = make_tiny_model(tmp_path / "hf", "llama")
+    path = write_gguf(model_dir, "llama", tmp_path / "m.gguf")
+    open_model(str(path))  # the file as written reads
+    _edit(path, edit)
+    with pytest.raises(ModelSourceError, match=r"m\.gguf: " + match):
+        build(str(path), tmp_path / "out", OPTS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_block_count_of_billions_fails_fast_in_bounded_memory(tmp_path):
+    """Through the console entry point in a subprocess (memory capped, should it regress): transformers built
+    2^32 - 1 layers for such a file, growing without bound."""
+    model_dir = make_tiny_model(tmp_path / "hf", "llama")
+    path = write_gguf(model_dir, "llama", tmp_path / "m.gguf")
+    _edit(path, lambda r: r.fields["llama.block_count"].parts[-1].__setitem__(0, 2**32 - 1))
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-m", "pllm.compiler.cli", str(path), "-o", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=cap)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("pllm-compile: error:"), proc.stderr[-2000:]
+    assert "llama.block_count is 4294967295 but the file's tensors hold blocks 0..1 (2 blocks)" in lines[-1]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name, extra", [("m-00001-of-00002.gguf", {}), ("m.gguf", {"split.count": 2})])
