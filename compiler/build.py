@@ -353,7 +353,7 @@ def _write_build(source: ModelSource, spec: ModelSpec, dtype: str, options: Buil
     weights, packed = flatten(convert_weights(source, spec, dtype, options.progress, quantizer, lm_head))
     _write_shards(weights, spec, options.tensor_parallel_size, tmp_dir)
     del weights
-    tokenizer_files = copy_tokenizer_files(source, tmp_dir)
+    tokenizer_files = copy_tokenizer_files(source, tmp_dir, spec.vocab_size)
     (tmp_dir / "hf_config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True, default=str))
     _copy_loras(options.loras, tmp_dir)
 

@@ -353,8 +353,9 @@ def _needs_sentencepiece(copied: list[str]) -> bool:
             and importlib.util.find_spec("sentencepiece") is None)
 
 
-def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
-    """Copy the tokenizer files into `out_dir` and load them from there, exactly as serving will."""
+def copy_tokenizer_files(source: ModelSource, out_dir: Path, vocab_size: int) -> list[str]:
+    """Copy the tokenizer files into `out_dir` and load them from there, exactly as serving will; refuse one that
+    encodes nothing or gives ids past the model's `vocab_size` embedding rows."""
     from transformers import AutoTokenizer
 
     copied = []
@@ -374,8 +375,13 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path) -> list[str]:
                 "transformers converts it only with the sentencepiece package installed (pip install sentencepiece), "
                 "or give the folder the tokenizer.json a save_pretrained of the tokenizer writes") from None
         raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
+    where = source.path if source.is_gguf else ", ".join(str(source.tokenizer_dir / f) for f in copied)
+    vocab = tokenizer.get_vocab()
+    if vocab and (largest := max(vocab.values())) >= vocab_size:  # the embedding would be indexed past its rows
+        token = next(t for t, i in vocab.items() if i == largest)
+        raise ModelSourceError(f"tokenizer in {where} has token {token!r} with id {largest}, but the model has "
+                               f"{vocab_size} embedding rows ('vocab_size'): the tokenizer is not this model's")
     written = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers
     if (problem := encoding_problem(tokenizer, out_dir, written)) is not None:
-        where = source.path if source.is_gguf else ", ".join(str(source.tokenizer_dir / f) for f in copied)
         raise ModelSourceError(f"tokenizer in {where} loads but cannot encode {SAMPLE_TEXT!r} ({problem})")
     return copied + written

@@ -115,6 +115,11 @@ CASES = {
         ["{m}/config.json", "vocab_size", "model.embed_tokens.weight"],
     ),
     "garbage tokenizer.json": (lambda m: (m / "tokenizer.json").write_text("garbage"), ["{m}/tokenizer.json"]),
+    # ids past the embedding's rows: compiled, the first prompt holding that token failed in torch's embedding
+    "tokenizer of another model": (
+        lambda m: add_token(m, "<big>", len_vocab(m)),
+        ["{m}/tokenizer.json", "'<big>' with id", "embedding rows ('vocab_size')"],
+    ),
     "tokenizer.json outside": (
         lambda m: ((m / "tokenizer.json").unlink(), (m / "tokenizer.json").symlink_to("/etc/passwd")),
         ["{m}/tokenizer.json", "outside the model folder"],
@@ -167,6 +172,13 @@ CASES = {
     ),
     "weights symlink out": (lambda m: outside_shard(m), ["{m}/model.safetensors", "outside"]),
 }
+
+
+def add_token(model: Path, content: str, token_id: int) -> None:
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": token_id, "content": content, "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (model / "tokenizer.json").write_text(json.dumps(tok))
 
 
 def len_vocab(model: Path) -> int:
