@@ -49,13 +49,27 @@ def check_layout(path: Path, reader: Any, arch: str) -> None:
     """Refuse a file whose tables contradict themselves, as llama.cpp's loader does, before transformers reads it
     (which would build the model the block count says, dropping blocks past it or allocating billions of layers,
     and read tensors wherever their offsets point, into their neighbours): the block count against the blocks the
-    tensors hold; each tensor's data aligned as the file says and clear of the next tensor's."""
+    tensors hold; sizes that are positive; special token ids within the vocabulary; each tensor's data aligned as
+    the file says and clear of the next tensor's."""
     blocks = sorted({int(m[1]) for t in reader.tensors if (m := BLOCK_NAME.match(t.name))})
     count = field_value(reader, f"{arch}.block_count")
     if blocks and (not isinstance(count, int) or count != len(blocks) or blocks != list(range(len(blocks)))):
         held = f"blocks 0..{blocks[-1]}" if blocks == list(range(len(blocks))) else f"blocks {blocks[:8]}..."
         raise ModelSourceError(f"{path}: {arch}.block_count is {count} but the file's tensors hold {held} "
                                f"({len(blocks)} blocks): a corrupt or hand-edited file")
+    for key in ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+                "context_length"):
+        value = field_value(reader, f"{arch}.{key}")  # (a per-layer array: its first value)
+        if value is not None and not (isinstance(value, int) and value > 0):
+            raise ModelSourceError(f"{path}: {arch}.{key} is {value}, not a positive whole number: a corrupt or "
+                                   "hand-edited file")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
+            value = field_value(reader, f"tokenizer.ggml.{key}")
+            if value is not None and not (isinstance(value, int) and 0 <= value < len(tokens.data)):
+                raise ModelSourceError(f"{path}: tokenizer.ggml.{key} is {value}, but the file's vocabulary has "
+                                       f"{len(tokens.data)} tokens: a corrupt or hand-edited file")
     alignment = int(getattr(reader, "alignment", 32))
     tensors = sorted(reader.tensors, key=lambda t: t.data_offset)
     for t in tensors:

@@ -132,7 +132,12 @@ def _data_offset(reader, name) -> int:
      r"tensor '.*' \(\d+ bytes of F32\) runs into tensor 'blk\.1\.ffn_down\.weight': the tensor table is inconsistent"),
     (lambda r: _tensor(r, "blk.0.attn_q.weight").field.parts[-2].__setitem__(0, int(gguf.GGMLQuantizationType.F64)),
      r"tensor 'blk\.0\.attn_q\.weight' \(\d+ bytes of F64\) runs into tensor"),
-], ids=["block-count-short", "misaligned", "overlapping", "wider-type"])
+    # numpy's or python's words before ("integer modulo by zero", "list index out of range"), not the key's
+    (lambda r: r.fields["llama.attention.head_count"].parts[-1].__setitem__(0, 0),
+     r"llama\.attention\.head_count is 0, not a positive whole number"),
+    (lambda r: r.fields["tokenizer.ggml.bos_token_id"].parts[-1].__setitem__(0, 10**9),
+     r"tokenizer\.ggml\.bos_token_id is 1000000000, but the file's vocabulary has \d+ tokens"),
+], ids=["block-count-short", "misaligned", "overlapping", "wider-type", "no-heads", "bos-past-vocabulary"])
 def test_a_gguf_whose_tables_contradict_themselves_is_refused(tmp_path, edit, match):
     """Tables a corrupt or hand-edited file gets wrong that transformers reads anyway, into another model: refused
     in one line before anything is built (as llama.cpp's loader refuses them), in bounded time and memory."""
