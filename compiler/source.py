@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -41,6 +42,8 @@ GGUF_SCRATCH = "pllm-gguf-"
 PICKLED_WEIGHTS = ("pytorch_model", "model")  # <prefix>*.bin: torch.save'd weights, not read
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' default chat template, a file of its own
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # its named templates beside it, <name>.jinja each
+
+logger = logging.getLogger("pllm")
 
 
 class ModelSourceError(ValueError):
@@ -355,7 +358,7 @@ def _needs_sentencepiece(copied: list[str]) -> bool:
 
 def copy_tokenizer_files(source: ModelSource, out_dir: Path, vocab_size: int) -> list[str]:
     """Copy the tokenizer files into `out_dir` and load them from there, exactly as serving will; refuse one that
-    encodes nothing or gives ids past the model's `vocab_size` embedding rows."""
+    encodes nothing, and say so where it has ids past the model's `vocab_size` embedding rows."""
     from transformers import AutoTokenizer
 
     copied = []
@@ -376,11 +379,11 @@ def copy_tokenizer_files(source: ModelSource, out_dir: Path, vocab_size: int) ->
                 "or give the folder the tokenizer.json a save_pretrained of the tokenizer writes") from None
         raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
     where = source.path if source.is_gguf else ", ".join(str(source.tokenizer_dir / f) for f in copied)
-    vocab = tokenizer.get_vocab()
-    if vocab and (largest := max(vocab.values())) >= vocab_size:  # the embedding would be indexed past its rows
-        token = next(t for t, i in vocab.items() if i == largest)
-        raise ModelSourceError(f"tokenizer in {where} has token {token!r} with id {largest}, but the model has "
-                               f"{vocab_size} embedding rows ('vocab_size'): the tokenizer is not this model's")
+    past = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= vocab_size)
+    if past:  # not refused: transformers adds tokens of its own to some (gemma's '<mask>' from a GGUF), unused in text
+        logger.warning("tokenizer in %s has %d token(s) past the model's %d embedding rows ('vocab_size'), first %r "
+                       "(id %d): prompts holding them are refused", where, len(past), vocab_size, past[0][1],
+                       past[0][0])
     written = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers
     if (problem := encoding_problem(tokenizer, out_dir, written)) is not None:
         raise ModelSourceError(f"tokenizer in {where} loads but cannot encode {SAMPLE_TEXT!r} ({problem})")

@@ -48,6 +48,11 @@ class LLMEngine(LoadedEngine):
             ids = self.encode(prompt, "prompt", max_length=max_length)
             if not ids:
                 raise ValueError("prompt is empty: the text has no tokens")
+            vocab = self.spec.vocab_size
+            if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:  # a tokenizer with more ids
+                raise ValueError(f"prompt encodes to token id {bad} ({self.tokenizer.convert_ids_to_tokens(bad)!r}), "
+                                 f"outside the model's vocabulary [0, {vocab}): the tokenizer holds tokens the model "
+                                 "has no embedding for")
             return prompt, ids
         ids = list(prompt)
         if not ids:

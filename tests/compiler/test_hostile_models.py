@@ -115,11 +115,6 @@ CASES = {
         ["{m}/config.json", "vocab_size", "model.embed_tokens.weight"],
     ),
     "garbage tokenizer.json": (lambda m: (m / "tokenizer.json").write_text("garbage"), ["{m}/tokenizer.json"]),
-    # ids past the embedding's rows: compiled, the first prompt holding that token failed in torch's embedding
-    "tokenizer of another model": (
-        lambda m: add_token(m, "<big>", len_vocab(m)),
-        ["{m}/tokenizer.json", "'<big>' with id", "embedding rows ('vocab_size')"],
-    ),
     "tokenizer.json outside": (
         lambda m: ((m / "tokenizer.json").unlink(), (m / "tokenizer.json").symlink_to("/etc/passwd")),
         ["{m}/tokenizer.json", "outside the model folder"],
@@ -216,3 +211,23 @@ def test_unreadable_weights(model, tmp_path, capsys):
     (model / "model.safetensors").chmod(0)
     line = run_cli([str(model), "-o", str(tmp_path / "out")], capsys)
     assert f"{model}/model.safetensors" in line and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_ids_past_the_embedding_are_said_at_compile_and_refused_in_prompts(model, tmp_path, caplog):
+    """A tokenizer holding ids past the model's embedding rows (transformers adds such tokens to some, as gemma's
+    '<mask>' read from a GGUF) compiles, saying so; a prompt whose text encodes to one is refused naming the id (it
+    failed in torch's embedding with a bare IndexError), and other prompts run."""
+    from pllm import LLM, SamplingParams
+    from pllm.compiler.build import BuildOptions, build
+
+    vocab = len_vocab(model)
+    add_token(model, "<big>", vocab)
+    with caplog.at_level("WARNING", logger="pllm"):
+        out = build(str(model), tmp_path / "out", BuildOptions(dtype="float32", progress=False))
+    said = f"1 token(s) past the model's {vocab} embedding rows ('vocab_size'), first '<big>' (id {vocab})"
+    assert said in caplog.text
+    llm = LLM(out, backend="cpu", kv_cache_memory=1 << 22)
+    with pytest.raises(ValueError, match=rf"prompt encodes to token id {vocab} \('<big>'\), outside the model's "
+                                         rf"vocabulary \[0, {vocab}\)"):
+        llm.generate(["Hello <big> there"], SamplingParams(max_tokens=2))
+    assert len(llm.generate(["Hello there"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
