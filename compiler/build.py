@@ -49,9 +49,10 @@ from pllm.compiler.quantize import (
 )
 from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir
-from pllm.compiler.source import ModelSource, copy_tokenizer_files, open_model
+from pllm.compiler.source import ModelSource, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.compiler.tied_head import untie_stored_head
+from pllm.compiler.tokenizer_files import copy_tokenizer_files
 from pllm.models.family import LM_HEAD
 from pllm.models.lora import MAX_LORAS, LoraError, read_adapter
 from pllm.models.parallel_layout import TensorParallelError, check_split, rank_spec

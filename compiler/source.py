@@ -6,9 +6,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,31 +16,13 @@ from safetensors import SafetensorError, safe_open
 
 from pllm.compiler.gguf_config import carried_settings
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir, remove_stale_scratch, scratch_pattern
-from pllm.compiler.tokenizer_snapshot import SAMPLE_TEXT, encoding_problem, write_tokenizer_snapshot
 from pllm.models.quant import QuantizedWeight, as_asymmetric, half_if_exact
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "added_tokens.json",
-    "vocab.txt",  # WordPiece (BERT) vocabularies of checkpoints without a tokenizer.json
-)
-JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-              "chat_template.json", "added_tokens.json", "generation_config.json")
 GGUF_SCRATCH = "pllm-gguf-"
 PICKLED_WEIGHTS = ("pytorch_model", "model")  # <prefix>*.bin: torch.save'd weights, not read
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' default chat template, a file of its own
-CHAT_TEMPLATE_DIR = "additional_chat_templates"  # its named templates beside it, <name>.jinja each
-
 logger = logging.getLogger("pllm")
 
 
@@ -200,7 +180,7 @@ def _resolve_hub_id(repo_id: str) -> Path:
         ) from None
 
 
-def _confined(root: Path, file: Path, named_in: str) -> Path:
+def confined(root: Path, file: Path, named_in: str) -> Path:
     """`file`, refused when it (or a symlink on its way) leads outside the model's folder `root`."""
     if not file.resolve().is_relative_to(root.resolve()):
         raise ModelSourceError(f"{named_in}: '{file}' resolves outside the model folder {root}; refusing to read it")
@@ -234,19 +214,19 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
         raise ModelSourceError(f"{config_file}: file not found (a model folder needs config.json)")
     if not config_file.is_file():
         raise ModelSourceError(f"{config_file}: is not a file")
-    config = read_json(_confined(root, config_file, str(config_file)))
+    config = read_json(confined(root, config_file, str(config_file)))
     tensor_file: dict[str, str] = {}
     tensor_shape: dict[str, tuple[int, ...]] = {}
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(_confined(root, index, str(index))).get("weight_map")
+        weight_map = read_json(confined(root, index, str(index))).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelSourceError(f"{index}: missing key 'weight_map'")
         headers: dict[str, dict[str, tuple[int, ...]]] = {}
         for tensor, file in weight_map.items():
             if not isinstance(file, str):
                 raise ModelSourceError(f"{index}: weight_map entry '{tensor}' must be a file name, got {file!r}")
-            shard = _confined(root, path / file, f"{index}: weight_map entry '{tensor}'")
+            shard = confined(root, path / file, f"{index}: weight_map entry '{tensor}'")
             if not shard.is_file():
                 raise ModelSourceError(f"{shard}: shard named in {index.name} for '{tensor}' is missing")
             if file not in headers:
@@ -273,7 +253,7 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
                     "safetensors first (transformers: from_pretrained, then save_pretrained)")
             raise ModelSourceError(f"{path}: no *.safetensors weights found")
         for file in files:
-            for tensor, shape in _read_header(_confined(root, file, str(file))).items():
+            for tensor, shape in _read_header(confined(root, file, str(file))).items():
                 if tensor in tensor_file:
                     raise ModelSourceError(
                         f"{file}: tensor '{tensor}' is also in {tensor_file[tensor]}; which one to use is ambiguous"
@@ -308,83 +288,3 @@ def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
                        reader)
-
-
-def iter_tokenizer_files(source: ModelSource) -> Iterator[Path]:
-    root = source.tokenizer_dir if source.root is None else source.root
-    for fname in (*TOKENIZER_FILES, "generation_config.json"):
-        f = source.tokenizer_dir / fname
-        if f.is_file():
-            _confined(root, f, str(f))
-            if fname in JSON_FILES:
-                read_json(f)
-            yield f
-
-
-def _fold_named_templates(source: ModelSource, out_dir: Path, copied: list[str]) -> list[str]:
-    """Named chat templates as transformers saves them: additional_chat_templates/<name>.jinja beside
-    chat_template.jinja (the template named 'default'). transformers reads them all (with tools, 'tool_use'); a build
-    keeps its tokenizer files in one flat folder, so they are written into its tokenizer_config.json as the list of
-    {name, template} transformers also reads, in the order it would read the files, chat_template.jinja dropped."""
-    folder = source.tokenizer_dir / CHAT_TEMPLATE_DIR
-    if not folder.is_dir():
-        return copied
-    root = source.tokenizer_dir if source.root is None else source.root
-    templates: dict[str, str] = {}
-    files = ([source.tokenizer_dir / CHAT_TEMPLATE_FILE] if CHAT_TEMPLATE_FILE in copied else []) + [
-        f for f in sorted(folder.glob("*.jinja")) if f.is_file()]
-    for f in files:
-        name = "default" if f.parent != folder else f.name.removesuffix(".jinja")
-        try:
-            templates[name] = _confined(root, f, str(f)).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ModelSourceError(f"{f}: cannot be read as a chat template ({e})") from None
-    if set(templates) <= {"default"}:  # transformers reads a lone default as the one template it is
-        return copied
-    config_file = out_dir / "tokenizer_config.json"
-    config = read_json(config_file) if config_file.exists() else {}
-    config["chat_template"] = [{"name": name, "template": text} for name, text in templates.items()]
-    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    if CHAT_TEMPLATE_FILE in copied:
-        (out_dir / CHAT_TEMPLATE_FILE).unlink()
-    return [name for name in copied if name != CHAT_TEMPLATE_FILE] + (
-        [] if "tokenizer_config.json" in copied else ["tokenizer_config.json"])
-
-
-def _needs_sentencepiece(copied: list[str]) -> bool:
-    return ("tokenizer.model" in copied and not {"tokenizer.json", "vocab.json", "vocab.txt"} & set(copied)
-            and importlib.util.find_spec("sentencepiece") is None)
-
-
-def copy_tokenizer_files(source: ModelSource, out_dir: Path, vocab_size: int) -> list[str]:
-    """Copy the tokenizer files into `out_dir` and load them from there, exactly as serving will; refuse one that
-    encodes nothing, and say so where it has ids past the model's `vocab_size` embedding rows."""
-    from transformers import AutoTokenizer
-
-    copied = []
-    for f in iter_tokenizer_files(source):
-        shutil.copyfile(f, out_dir / f.name)
-        copied.append(f.name)
-    copied = _fold_named_templates(source, out_dir, copied)
-    if not {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"} & set(copied):
-        raise ModelSourceError(f"{source.tokenizer_dir}: no tokenizer files (tokenizer.json or tokenizer.model)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    except Exception as e:  # tokenizers and transformers raise many types for a bad file; all mean "cannot serve"
-        files = ", ".join(str(source.tokenizer_dir / f) for f in copied)
-        if _needs_sentencepiece(copied):  # transformers then falls back to tiktoken and names that instead
-            raise ModelSourceError(
-                f"{source.tokenizer_dir / 'tokenizer.model'}: a sentencepiece tokenizer with no tokenizer.json; "
-                "transformers converts it only with the sentencepiece package installed (pip install sentencepiece), "
-                "or give the folder the tokenizer.json a save_pretrained of the tokenizer writes") from None
-        raise ModelSourceError(f"tokenizer in {files} does not load: {type(e).__name__}: {e}") from None
-    where = source.path if source.is_gguf else ", ".join(str(source.tokenizer_dir / f) for f in copied)
-    past = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= vocab_size)
-    if past:  # not refused: transformers adds tokens of its own to some (gemma's '<mask>' from a GGUF), unused in text
-        logger.warning("tokenizer in %s has %d token(s) past the model's %d embedding rows ('vocab_size'), first %r "
-                       "(id %d): prompts holding them are refused", where, len(past), vocab_size, past[0][1],
-                       past[0][0])
-    written = write_tokenizer_snapshot(tokenizer, out_dir)  # serving reads these without transformers
-    if (problem := encoding_problem(tokenizer, out_dir, written)) is not None:
-        raise ModelSourceError(f"tokenizer in {where} loads but cannot encode {SAMPLE_TEXT!r} ({problem})")
-    return copied + written

@@ -191,7 +191,7 @@ class LLM:
     @functools.cached_property
     def _max_prompt_chars(self) -> int:
         """A chat render's budget: what max_model_len tokens can hold (once: it reads the whole vocabulary)."""
-        from pllm.runtime.worker.chat_template import max_prompt_chars
+        from pllm.models.chat_template import max_prompt_chars
 
         return max_prompt_chars(self.engine.tokenizer, self.engine.max_model_len)
 
@@ -209,7 +209,7 @@ class LLM:
         options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                        tools=tools, **(chat_template_kwargs or {}), max_chars=self._max_prompt_chars)
         if chat_template is not None:
-            from pllm.runtime.worker.chat_template import render_chat
+            from pllm.models.chat_template import render_chat
 
             if not isinstance(chat_template, str) or not chat_template:
                 raise ValueError(f"chat_template must be a non-empty Jinja template string; got "

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pllm.models.chat_template import max_prompt_chars
 from pllm.runtime.engine.lora import LoRARequest
 from pllm.runtime.engine.outputs import Logprob, RequestOutput
 from pllm.runtime.engine.sampling_params import InvalidParam, SamplingParams, check_prompt_fits
@@ -19,7 +20,6 @@ from pllm.runtime.server.protocol_responses import PromptLogprob, PromptLogprobs
 from pllm.runtime.server.protocol_sampling import LOGPROB_FLOOR, SamplingRequest
 from pllm.runtime.server.request_stream import EngineError, EngineRequest
 from pllm.runtime.server.sse import within_top
-from pllm.runtime.worker.chat_template import max_prompt_chars
 
 logger = logging.getLogger("pllm.server")
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pllm.runtime.worker.chat_template import render_chat
+from pllm.models.chat_template import render_chat
 
 
 class Encoding(dict):

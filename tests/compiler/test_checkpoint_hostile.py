@@ -114,6 +114,39 @@ REFUSED |= {
 }
 
 
+def _named_template(model: Path, name: str, text: str) -> None:
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / f"{name}.jinja").write_text(text)
+
+
+def _config_template(model: Path, text: str) -> None:
+    """The template in tokenizer_config.json, the older place, with no chat_template.jinja beside it."""
+    (model / "chat_template.jinja").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": text}))
+
+
+# chat templates serving could never render: each names the file, template and line (checked by the environment
+# serving renders with, models/chat_template.py), where the build would fail every chat request instead
+REFUSED |= {
+    "chat template syntax error": (
+        "llama",
+        lambda m: (m / "chat_template.jinja").write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"),
+        ["{m}/chat_template.jinja", "chat template 'default'", "line 2", "unexpected '}}'"],
+    ),
+    "named template unknown filter": (
+        "llama",
+        lambda m: _named_template(m, "tool_use", "{{ tools | no_such_filter }}"),
+        ["{m}/additional_chat_templates/tool_use.jinja", "chat template 'tool_use'", "line 1", "no_such_filter"],
+    ),
+    "template in tokenizer_config unclosed": (
+        "qwen2",
+        lambda m: _config_template(m, "{% if messages %}{{ messages[0]['content'] }}"),
+        ["{m}/tokenizer_config.json", "chat template 'default'", "'endif'"],
+    ),
+}
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused(case, tiny_dir, tmp_path, capsys):
     model_type, mutate, words = REFUSED[case]

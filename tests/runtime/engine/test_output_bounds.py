@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pllm import LLM, SamplingParams
+from pllm.models.chat_template import ChatPromptTooLong
 from pllm.runtime.engine.sampling_params import MAX_OUTPUT_ENTRIES, InvalidParam
-from pllm.runtime.worker.chat_template import ChatPromptTooLong
 
 CONTEXT = 4096  # long enough that n=128 with logprobs=20 can pass the bound: 128 x 4090 x 21 = 11M entries
 

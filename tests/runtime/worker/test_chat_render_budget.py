@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pllm.runtime.worker.chat_template import ChatPromptTooLong, max_prompt_chars, render_chat
+from pllm.models.chat_template import ChatPromptTooLong, max_prompt_chars, render_chat
 
 CONV = [{"role": "user", "content": "hello"}]
 LOOP = "{% for i in range(100000) %}{{ piece() }}{% endfor %}"
