@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,7 +32,14 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pllm.runtime.server.cli import LOG_FORMAT, app_for, launch_engine
-from pllm.runtime.server.cli_args import args_from_options, build_parser, positive_int, served_names
+from pllm.runtime.server.cli_args import (
+    RUNTIME_LORA_ENV,
+    args_from_options,
+    build_parser,
+    positive_int,
+    runtime_lora_updating,
+    served_names,
+)
 from pllm.runtime.server.ray_ingress import ingress_deployment, run_forwarded
 from pllm.runtime.server.ray_router import ForwardedRequest, PrefixAffinityRouter, ReplicaUnavailable
 
@@ -63,7 +71,21 @@ def check_options(options: dict[str, object]) -> argparse.Namespace:
     owned = sorted(SERVE_OWNED_OPTIONS & set(options))
     if owned:
         raise ValueError(f"{', '.join(owned)}: set by Ray Serve's HTTP proxy (serve.start's http_options), not here")
-    return args_from_options(options)
+    args = args_from_options(options)
+    refuse_runtime_lora(args)
+    return args
+
+
+def refuse_runtime_lora(args: argparse.Namespace) -> None:
+    """Runtime adapter loads (/v1/load_lora_adapter) are one engine's: under Serve a load would reach the one replica
+    that took the request, and a replica added or replaced later would start without it, so requests naming the
+    adapter would fail on the others. Refused (ValueError, naming the flag or the environment variable), in the
+    driver and in each replica (whose environment may differ)."""
+    if runtime_lora_updating(args, os.environ):
+        how = "--allow-runtime-lora-updating" if args.allow_runtime_lora_updating else f"{RUNTIME_LORA_ENV} (set)"
+        raise ValueError(f"{how}: not under Ray Serve, where a load would reach one replica and a replica added or "
+                         "replaced later would start without it; give adapters at start (--lora-modules) or in the "
+                         "build (pllm-compile --lora)")
 
 
 class ReplicaHeader:
@@ -235,14 +257,15 @@ def deployment_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def check_ray_args(args: argparse.Namespace) -> None:
-    """pllm-serve's flags that mean nothing under Serve, and --target-ongoing-requests without autoscaling: refused
-    by name (ValueError), not ignored."""
+    """pllm-serve's flags that mean nothing under Serve, --target-ongoing-requests without autoscaling, and runtime
+    adapter loads (refuse_runtime_lora): refused by name (ValueError), not ignored."""
     given = [flag for dest, flag in UNUSED_HTTP_FLAGS.items() if getattr(args, dest) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: pllm-serve's own HTTP server's, not pllm-serve-ray's (Ray Serve's "
                          "proxy holds the connections; see Serve's http_options)")
     if args.target_ongoing_requests is not None and args.max_replicas is None:
         raise ValueError("--target-ongoing-requests is for autoscaling: give --max-replicas too")
+    refuse_runtime_lora(args)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:

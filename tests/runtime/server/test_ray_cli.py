@@ -176,3 +176,21 @@ def test_sigterm_drains_the_application_before_serve_stops(monkeypatch):
     assert stop.drain.is_set() and not stop.now.is_set()
     stop(15, None)
     assert stop.now.is_set()
+
+
+def test_runtime_adapter_loads_are_refused_under_serve(monkeypatch, capsys):
+    """A load would reach the one replica that took it, and a replica started later would lack it: refused by the
+    CLI before Ray starts, and by a Serve config's application (build_app) and each replica, for the flag and for
+    vLLM's environment variable."""
+    with pytest.raises(ValueError, match="--allow-runtime-lora-updating: not under Ray Serve, where a load would"):
+        check_ray_args(parse("--allow-runtime-lora-updating"))
+    assert ray_serve.main(["/builds/b", "--allow-runtime-lora-updating"]) == 2
+    assert "--lora-modules" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--allow-runtime-lora-updating: not under Ray Serve"):
+        ray_serve.build_app({"build_dir": "/b", "allow_runtime_lora_updating": True})
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "true")
+    with pytest.raises(ValueError, match=r"VLLM_ALLOW_RUNTIME_LORA_UPDATING \(set\): not under Ray Serve"):
+        ray_serve.check_options({"build_dir": "/b"})  # what each replica runs first
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0")
+    check_ray_args(parse())
+    ray_serve.check_options({"build_dir": "/b"})
