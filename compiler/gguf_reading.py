@@ -18,7 +18,42 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
+
+
+class GGUFTruncated(ValueError):
+    """A GGUF file ends before data its own tables place: its header, a field or a tensor's bytes."""
+
+
+@lru_cache(maxsize=1)
+def _bounded_reader_class() -> type:
+    import gguf
+    import numpy as np
+
+    class BoundedReader(gguf.gguf_reader.GGUFReader):
+        def _get(self, offset, dtype, count=1, *args, **kwargs):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise GGUFTruncated(f"truncated: the file ends at byte {len(self.data)}, before data its tables "
+                                    f"place up to byte {end}")
+            return super()._get(offset, dtype, count, *args, **kwargs)
+
+    return BoundedReader
+
+
+def read_gguf(path: str | os.PathLike, mode: str = "r") -> Any:
+    """gguf's GGUFReader over the file. A file cut short fails there in numpy's words for the short array the reader
+    got (a reshape, a dtype view, an index out of bounds); such a failure is read again by a reader whose every
+    read (`_get`) checks the file's end, which raises GGUFTruncated with the byte counts where that is the cause
+    (only then: the check costs the ordinary parse nothing)."""
+    import gguf
+
+    try:
+        return gguf.gguf_reader.GGUFReader(path, mode)
+    except (ValueError, IndexError):
+        _bounded_reader_class()(path, mode)  # GGUFTruncated where the file ends too soon
+        raise
 
 
 @dataclass
@@ -30,11 +65,10 @@ class ParsedGguf:
 
     def reader(self, path: str | os.PathLike, mode: str = "r") -> Any:
         """The file's one reader: made on first use, the same object after."""
-        import gguf
 
         key = (os.path.realpath(path), mode)
         if key not in self.readers:
-            self.readers[key] = gguf.gguf_reader.GGUFReader(path, mode)
+            self.readers[key] = read_gguf(path, mode)
             _remember(path, self.readers[key])
         return self.readers[key]
 

@@ -1,7 +1,7 @@
 """What a GGUF file gives the compiler, and what it refuses: tensors transformers cannot place (mixtral's experts in a
 llama file, a missing tensor, a split file's first shard), sizes transformers takes from defaults, families pllm lacks,
 --quantization gguf on a float file, a tokenizer that cannot encode, tables that contradict themselves (block count,
-tensor offsets); the tokenizer read from the file, not its folder;
+tensor offsets), a truncated file; the tokenizer read from the file, not its folder;
 qwen3_moe's fused experts split into the per-expert names and the build equal to transformers."""
 
 from __future__ import annotations
@@ -148,6 +148,23 @@ def test_a_gguf_whose_tables_contradict_themselves_is_refused(tmp_path, edit, ma
     with pytest.raises(ModelSourceError, match=r"m\.gguf: " + match):
         build(str(path), tmp_path / "out", OPTS)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_gguf_is_refused_as_truncated(tmp_path):
+    """Cut in its header, its tables or its tensor data: one line saying so with the byte counts, where numpy's
+    words came before ("cannot reshape array of size ...", "When changing to a larger dtype ...")."""
+    model_dir = make_tiny_model(tmp_path / "hf", "llama")
+    whole = write_gguf(model_dir, "llama", tmp_path / "m.gguf").read_bytes()
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    cuts = {"header": 20, "tables": reader.data_offset - 100, "data": len(whole) - 1}
+    del reader
+    for where, size in cuts.items():
+        path = tmp_path / f"cut-{where}.gguf"
+        path.write_bytes(whole[:size])
+        with pytest.raises(ModelSourceError, match=rf"cut-{where}\.gguf: cannot read GGUF file: truncated: the file "
+                                                   rf"ends at byte {size}, before data its tables place up to byte"):
+            build(str(path), tmp_path / "out", OPTS)
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_gguf_block_count_of_billions_fails_fast_in_bounded_memory(tmp_path):
