@@ -49,7 +49,7 @@ from pllm.compiler.quantize import (
 )
 from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir
-from pllm.compiler.source import ModelSource, open_model
+from pllm.compiler.source import ModelSource, layer_mismatch, open_model
 from pllm.compiler.spec import spec_from_config
 from pllm.compiler.tied_head import untie_stored_head
 from pllm.compiler.tokenizer_files import copy_tokenizer_files
@@ -235,15 +235,7 @@ def check_against_weights(source: ModelSource, spec: ModelSpec) -> None:
     """Config sizes vs the checkpoint's tensors, before anything is sized by the config (one layer per config layer)."""
     family = family_of(spec.model_type, source.config_file)
     layers = {int(m[1]) for name in source.tensor_file if (m := family.hf_layer_pattern.match(name))}
-    # distinct indices >= 0 are exactly 0..n-1 when there are n of them and the largest is n-1
-    complete = not layers or max(layers) == len(layers) - 1
-    if len(layers) != spec.num_hidden_layers or not complete:
-        if not layers:
-            found = "no layers"
-        elif complete:
-            found = f"layers 0..{max(layers)}"
-        else:
-            found = f"layers {sorted(layers)[:8]}{'...' if len(layers) > 8 else ''} with gaps"
+    if (found := layer_mismatch(layers, spec.num_hidden_layers, "layer")) is not None:
         raise BuildError(
             f"{source.config_file}: key 'num_hidden_layers' is {spec.num_hidden_layers} but the weights in "
             f"{source.path} hold {found}"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pllm.compiler.gguf_reading import parsed_once
-from pllm.compiler.source import ModelSourceError
+from pllm.compiler.source import ModelSourceError, layer_mismatch
 
 # GGUF general.architecture -> the model type transformers reads it as, for the families pllm has
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
@@ -51,12 +51,11 @@ def check_layout(path: Path, reader: Any, arch: str) -> None:
     and read tensors wherever their offsets point, into their neighbours): the block count against the blocks the
     tensors hold; sizes that are positive; special token ids within the vocabulary; each tensor's data aligned as
     the file says and clear of the next tensor's."""
-    blocks = sorted({int(m[1]) for t in reader.tensors if (m := BLOCK_NAME.match(t.name))})
+    blocks = {int(m[1]) for t in reader.tensors if (m := BLOCK_NAME.match(t.name))}
     count = field_value(reader, f"{arch}.block_count")
-    if blocks and (not isinstance(count, int) or count != len(blocks) or blocks != list(range(len(blocks)))):
-        held = f"blocks 0..{blocks[-1]}" if blocks == list(range(len(blocks))) else f"blocks {blocks[:8]}..."
-        raise ModelSourceError(f"{path}: {arch}.block_count is {count} but the file's tensors hold {held} "
-                               f"({len(blocks)} blocks): a corrupt or hand-edited file")
+    if blocks and (held := layer_mismatch(blocks, count, "block")) is not None:
+        raise ModelSourceError(f"{path}: {arch}.block_count is {count} but the file's tensors hold {held}: a corrupt "
+                               "or hand-edited file")
     for key in ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
                 "context_length"):
         value = field_value(reader, f"{arch}.{key}")  # (a per-layer array: its first value)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,20 @@ def _resolve_hub_id(repo_id: str) -> Path:
             f"{repo_id}: not found in the local Hugging Face cache (pllm never downloads; "
             f"download it first or pass a local folder): {type(e).__name__}"
         ) from None
+
+
+def layer_mismatch(indices: Iterable[int], count: object, noun: str) -> str | None:
+    """None where the layer indices a checkpoint's tensor names hold are exactly 0..count-1; else what they hold, for
+    a message beside the count ("layers 0..29 (30 layers)", "blocks [0, 1, 3] with gaps", "no layers")."""
+    found = sorted(set(indices))  # distinct indices >= 0: exactly 0..n-1 when there are n and the largest is n-1
+    complete = not found or found[-1] == len(found) - 1
+    if complete and isinstance(count, int) and not isinstance(count, bool) and len(found) == count:
+        return None  # (count may be anything a file says: never a range or list of that size)
+    if not found:
+        return f"no {noun}s"
+    if complete:
+        return f"{noun}s 0..{found[-1]} ({len(found)} {noun}s)"
+    return f"{noun}s {found[:8]}{'...' if len(found) > 8 else ''} with gaps"
 
 
 def confined(root: Path, file: Path, named_in: str) -> Path:
