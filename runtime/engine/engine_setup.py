@@ -134,8 +134,10 @@ class LoadedEngine:
                         speculative.num_speculative_tokens)
 
     def close(self) -> None:
-        """Stop what the engine started beyond this thread: a tensor-parallel engine's worker processes."""
+        """Stop what the engine started beyond this thread: a tensor-parallel engine's worker processes, the grammar
+        process."""
         self.runner.close()
+        self.grammars.shutdown()
 
     def check_workers(self) -> None:
         """Raise WorkerDied if a tensor-parallel worker process has exited (a no-op on one process)."""

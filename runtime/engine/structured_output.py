@@ -2,125 +2,53 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pllm.runtime.engine.grammar_compile import GrammarRefused, compile_value
+from pllm.runtime.engine.grammar_process import GrammarProcess, GrammarTimedOut
 from pllm.runtime.engine.param_checks import InvalidParam
-from pllm.runtime.engine.regex_grammar import regex_to_ebnf
-from pllm.runtime.engine.schema_rewrite import REGEX_NODE, map_schemas, mark_patterns
 from pllm.runtime.engine.structured_outputs_params import StructuredOutputsParams
 from pllm.runtime.worker.text_loader import transformers_tokenizer
 
 logger = logging.getLogger("pllm")
 
 MAX_CACHED_GRAMMARS = 256  # distinct specs kept compiled; the least recently used goes first
-# Optional object properties (not in `required`) are what makes xgrammar 0.2.9 slow to compile a JSON schema: each
-# is a rule listing the later ones, ~3 ms apiece on one core here, more past a few hundred in one object (2,000 in
-# one object, an 18 KB schema: 19 s; 30 objects of 256: 22 s), on the one grammar thread every structured request
-# waits on. Required properties, enums, anyOf and items cost far less (a 64 KiB schema of them compiles in < 0.5 s).
-MAX_OPTIONAL_PROPERTIES = 1024  # in the whole schema, each object as often as it is written out
-# xgrammar's errors start with a timestamp and its C++ source location: neither helps a client
-_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: (Check failed: \(.*?\) is false: )?")
+# A compile running longer is killed with its process and the spec refused (a 400): xgrammar cannot be interrupted,
+# and the slowest specs found run for minutes. Real schemas compile in milliseconds; within the size bounds, 1,024
+# optional properties take a few seconds, and a 64 KiB grammar of wide character classes ~50 s (refused now).
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 
 
 class GrammarError(InvalidParam):
     """A schema, regex or grammar the compiler refused; param names the field, as for any invalid parameter."""
 
 
-# Two character classes of xgrammar 0.2.9's JSON strings, corrected: (1) a string with minLength/maxLength is
-# counted characters of the first, which lets raw control characters through (JSON forbids them unescaped, and
-# json.loads refuses them); (2) both admit the UTF-8 encoding of surrogates (U+D800-U+DFFF), which is not UTF-8:
-# the text decodes to three U+FFFD each, breaking maxLength. Applied to the grammar as printed.
-_STRING_CHAR_FIXES = (
-    (r'[^\"\\\r\n]', r'[^\"\\\0-\x1f\ud800-\udfff]'),
-    (r'[^\0-\x1f\"\\\r\n]', r'[^\0-\x1f\"\\\ud800-\udfff]'),
-)
-# Fixing that means printing the grammar and parsing it back, and its printer writes U+0080-U+00FF as \xHH, which
-# its parser reads greedily (\x800 is U+0800): rewritten as \u00HH (a backslash run of even length is literal).
-_HEX_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\x([0-9a-fA-F]{2})")
-
-
-def _json_grammar(compiler: Any, schema: dict, strict: bool) -> Any:
-    import xgrammar as xgr
-
-    # Compact JSON (no free whitespace between tokens): a model cannot stall in an endless run of spaces, and the
-    # output is what json.dumps(..., separators=(", ", ": ")) writes. Strict: no properties beyond the schema's.
-    _check_optional_properties(schema)
-    marked, patterns = mark_patterns(schema)
-    grammar = xgr.Grammar.from_json_schema(json.dumps(marked), any_whitespace=False, strict_mode=strict)
-    text = str(grammar)
-    for wrong, right in _STRING_CHAR_FIXES:
-        text = text.replace(wrong, right)
-    text = _HEX_ESCAPE.sub(r"\1\\u00\2", text)
-    for marker, regex in patterns.items():  # the patterns xgrammar 0.2.9 gets wrong, written by regex_grammar
-        node = REGEX_NODE.format(marker)
-        if node in text:
-            text = text.replace(node, f"({regex_to_ebnf(regex, json_string=True)})")
-    return compiler.compile_grammar(text)
-
-
-def _check_optional_properties(schema: dict) -> None:
-    """A ValueError when the schema's objects hold more than MAX_OPTIONAL_PROPERTIES optional properties in all."""
-    count = 0
-
-    def add(s: dict) -> dict:
-        nonlocal count
-        properties = s.get("properties")
-        if isinstance(properties, dict):
-            required = s.get("required")
-            required = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
-            count += len(set(properties) - required)
-        return s
-
-    map_schemas(schema, add)
-    if count > MAX_OPTIONAL_PROPERTIES:
-        raise ValueError(f"the schema has {count} optional object properties (not in `required`), more than the "
-                         f"limit of {MAX_OPTIONAL_PROPERTIES} (MAX_OPTIONAL_PROPERTIES)")
-
-
-def _regex(compiler: Any, spec: StructuredOutputsParams) -> Any:
-    return compiler.compile_grammar(f"root ::= {regex_to_ebnf(spec.regex)}")
-
-
-def _choice(compiler: Any, spec: StructuredOutputsParams) -> Any:
-    # one EBNF alternative per choice; json.dumps writes a string literal the EBNF parser reads (its escapes)
-    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
-    return compiler.compile_grammar(f"root ::= {alternatives}")
-
-
-# kind (StructuredOutputsParams.kind) -> how xgrammar compiles it: a new kind is one entry here
-GRAMMAR_COMPILERS: dict[str, Callable[[Any, StructuredOutputsParams], Any]] = {
-    "json": lambda compiler, spec: _json_grammar(compiler, spec.json, strict=True),
-    "regex": _regex,
-    "choice": _choice,
-    "grammar": lambda compiler, spec: compiler.compile_grammar(spec.grammar),
-    # OpenAI's json_object: any JSON object (xgrammar's builtin JSON grammar also admits arrays and scalars)
-    "json_object": lambda compiler, spec: _json_grammar(compiler, {"type": "object"}, strict=False),
-}
-
-
 class GrammarCache:
-    """Compiles each distinct spec once (keyed by its canonical form), on a worker thread, keeping the most recently
-    used MAX_CACHED_GRAMMARS. compile() returns at once with a future; the engine loop never waits on it: a request
-    whose grammar is not ready stays in the waiting queue while the rest of the batch steps. Thread-safe: the HTTP
-    layer compiles before queueing (so a bad schema is a 400 at once), the engine thread when a request arrives."""
+    """Compiles each distinct spec once (keyed by its canonical form) on a worker thread, after a trial in the
+    grammar process (grammar_process.py: bounded by timeout_s), keeping the most recently used MAX_CACHED_GRAMMARS
+    (a refusal too: the same spec again fails at once). compile() returns at once with a future; the engine loop
+    never waits on it: a request whose grammar is not ready stays in the waiting queue while the rest of the batch
+    steps. Thread-safe: the HTTP layer compiles before queueing (so a bad schema is a 400 at once), the engine
+    thread when a request arrives."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 max_entries: int = MAX_CACHED_GRAMMARS) -> None:
+                 max_entries: int = MAX_CACHED_GRAMMARS, timeout_s: float = GRAMMAR_COMPILE_TIMEOUT_S) -> None:
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's vocabulary
         self.max_entries = max_entries
+        self.timeout_s = timeout_s
         self._tokenizer = tokenizer
         self._stop_token_ids = list(stop_token_ids)
-        self._compiler: Any = None  # made on the worker thread by the first compile: the vocabulary scan takes time
+        self._process: GrammarProcess | None = None  # made on the worker thread by the first compile, with:
+        self._compiler: Any = None
         self._entries: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pllm-grammar")
@@ -142,18 +70,25 @@ class GrammarCache:
         return future
 
     def _compile(self, spec: StructuredOutputsParams) -> Any:
-        compiler = self._get_compiler()
-        kind = spec.kind
+        kind, field = spec.kind, f"structured_outputs.{spec.kind}"
+        value = getattr(spec, kind)
         try:
-            return GRAMMAR_COMPILERS[kind](compiler, spec)
-        except Exception as exc:  # xgrammar reports every refusal as an exception: the input is the client's
-            text = str(exc).strip() or type(exc).__name__
-            message = _XGRAMMAR_PREFIX.sub("", text).splitlines()[0][:500]
-            raise GrammarError(f"structured_outputs.{kind}", f"structured_outputs.{kind} could not be compiled: "
-                               f"{message}") from None
+            self._get_process().check(kind, value)  # bounded in time: a child process, killed past timeout_s
+            return compile_value(self._compiler, kind, value)  # then here, where the matchers live
+        except GrammarRefused as exc:
+            raise GrammarError(field, f"{field} could not be compiled: {exc}") from None
+        except GrammarTimedOut:
+            raise GrammarError(field, f"{field} could not be compiled within {self.timeout_s:g} s, the time a grammar "
+                               "may take (GRAMMAR_COMPILE_TIMEOUT_S); simplify it (nested counted repeats and many "
+                               "optional properties are what compile slowly)") from None
 
-    def _get_compiler(self) -> Any:
-        if self._compiler is None:
+    def _get_process(self) -> GrammarProcess:
+        """The grammar process, and this process's compiler, made by the first compile (the vocabulary scan takes
+        time)."""
+        if self._process is None:
+            process = GrammarProcess(self.timeout_s)
+            process.start()  # its imports meanwhile
+            weakref.finalize(self, process.close)  # a cache dropped, or the interpreter's exit: the child too
             import xgrammar as xgr  # lazily: pllm imports, and serves free text, without it
 
             info = xgr.TokenizerInfo.from_huggingface(
@@ -161,10 +96,14 @@ class GrammarCache:
             )
             # our cache replaces xgrammar's (keyed by canonical spec, bounded in entries)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        return self._compiler
+            process.tokenizer_info = info
+            self._process = process
+        return self._process
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._process is not None:
+            self._process.close()
 
 
 @dataclass(frozen=True)

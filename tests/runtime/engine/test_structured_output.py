@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pllm import LLM, SamplingParams, StructuredOutputsParams
-from pllm.runtime.engine import structured_output
+from pllm.runtime.engine.grammar_process import GrammarProcess
 from pllm.runtime.engine.param_checks import InvalidParam
 from pllm.runtime.engine.structured_output import GrammarCache, GrammarError
 from pllm.runtime.engine.structured_outputs_params import MAX_CHOICES, MAX_STRUCTURED_CHARS
@@ -203,13 +203,13 @@ def test_max_tokens_cuts_json_short_with_length(llm):
 
 def test_compilation_waits_in_the_queue_not_the_batch(llm, monkeypatch):
     release = threading.Event()
-    compile_regex = structured_output.GRAMMAR_COMPILERS["regex"]
+    check_in_process = GrammarProcess.check
 
-    def slow(compiler, spec):
+    def slow(process, kind, value):  # the grammar thread waiting on its process
         assert release.wait(30)
-        return compile_regex(compiler, spec)
+        return check_in_process(process, kind, value)
 
-    monkeypatch.setitem(structured_output.GRAMMAR_COMPILERS, "regex", slow)
+    monkeypatch.setattr(GrammarProcess, "check", slow)
     engine = llm.engine
     slow_spec = StructuredOutputsParams(regex="[a-c]{4} waits")
     engine.add_request("slow", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=slow_spec))
@@ -267,6 +267,30 @@ def test_grammar_cache_is_a_bounded_lru(llm):
     assert cache.compile(specs[2]) is futures[2] and cache.num_compiled == 4
     assert all(f.result() is not None for f in futures)
     cache.shutdown()
+
+
+def test_a_compile_past_its_time_is_killed_and_refused_and_the_next_one_runs(llm):
+    """xgrammar cannot be interrupted, and this grammar (10,000 wide character classes, 50 KB) takes ~1.5 s here over
+    the tiny model's 400 tokens (3,000 of them over SmolLM2's 49,152: ~15 s): past the cache's time the process
+    trying it is killed, the spec refused naming the field and the bound (the same spec again at once, from the
+    cache), and the next spec compiles after a trial in a fresh process."""
+    cache = GrammarCache(llm.tokenizer, llm.engine.spec.vocab_size, llm.engine.eos_token_ids, timeout_s=0.3)
+    try:
+        assert cache.compile(StructuredOutputsParams(regex="[ab]+")).result() is not None  # the process is up
+        first = cache._process._proc
+        slow = StructuredOutputsParams(grammar="root ::= " + " ".join(['[^"]'] * 10_000))
+        began = time.monotonic()
+        with pytest.raises(GrammarError, match=r"could not be compiled within 0\.3 s") as info:
+            cache.compile(slow).result()
+        assert time.monotonic() - began < 8 and info.value.param == "structured_outputs.grammar"
+        assert first.poll() is not None  # killed, not left computing
+        with pytest.raises(GrammarError, match=r"within 0\.3 s"):
+            cache.compile(slow).result(timeout=0.1)
+        assert cache.compile(StructuredOutputsParams(regex="[cd]+")).result() is not None
+        assert cache._process.num_started == 2
+    finally:
+        cache.shutdown()
+    assert cache._process._proc is None
 
 
 def test_json_strings_are_json_and_utf8(llm):

@@ -8,8 +8,9 @@ import time
 import httpx
 import pytest
 
+from pllm.runtime.engine.grammar_compile import MAX_OPTIONAL_PROPERTIES
 from pllm.runtime.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from pllm.runtime.engine.structured_output import MAX_OPTIONAL_PROPERTIES, GrammarError
+from pllm.runtime.engine.structured_output import GrammarError
 from pllm.runtime.server.protocol_chat import ChatCompletionRequest
 from pllm.runtime.server.request_stream import EngineError
 from pllm.runtime.server.serving_tools import ToolCalling
