@@ -59,8 +59,13 @@ class LoraAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
+def serves_lora(spec: ModelSpec) -> bool:
+    """Whether adapters can be read for this model at all (its family's wiring, a dense MLP)."""
+    return spec.model_type in LORA_FAMILIES and spec.moe is None
+
+
 def check_lora_family(spec: ModelSpec) -> None:
-    if spec.model_type not in LORA_FAMILIES or spec.moe is not None:
+    if not serves_lora(spec):
         raise LoraError(
             f"LoRA adapters are supported for the {', '.join(LORA_FAMILIES)} families; this model's family is "
             f"{spec.model_type!r}"

@@ -6,10 +6,11 @@ import dataclasses
 import logging
 import time
 
+from pllm.models.lora import serves_lora
 from pllm.models.spec import ModelKind
 from pllm.runtime.engine.engine_setup import LoadedEngine
 from pllm.runtime.engine.lora import LoRARequest
-from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
+from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, LoraSnapshot, RequestOutput
 from pllm.runtime.engine.request import FinishReason, Request, RequestStatus, ScheduledBatch
 from pllm.runtime.engine.sampling_params import SamplingParams, check_prompt_fits
 from pllm.runtime.engine.structured_output import SequenceGrammar
@@ -190,7 +191,17 @@ class LLMEngine(LoadedEngine):
             spec_decode_num_drafts=self.scheduler.spec_stats.num_drafts,
             spec_decode_num_draft_tokens=self.scheduler.spec_stats.num_draft_tokens,
             spec_decode_num_accepted_tokens=self.scheduler.spec_stats.num_accepted_tokens,
+            lora=self._lora_snapshot(),
         )
+
+    def _lora_snapshot(self) -> LoraSnapshot | None:
+        if not serves_lora(self.spec) or self.config.tensor_parallel_size > 1:
+            return None  # no adapter can be served (a family models/lora.py does not read; adapters are not split)
+
+        def names(requests) -> tuple[str, ...]:
+            return tuple(sorted({r.lora_name for r in requests if r.lora_name is not None}))
+
+        return LoraSnapshot(self.loras.max_loras, names(self.scheduler.running), names(self.scheduler.waiting))
 
     def _group_id(self, request: Request) -> str:
         return request.request_id if request.pooling is not None else self.processor.group_id(request)

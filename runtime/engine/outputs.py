@@ -80,6 +80,16 @@ class EmbeddingRequestOutput:
 
 
 @dataclass(frozen=True)
+class LoraSnapshot:
+    """The engine's LoRA adapters at a snapshot, as vLLM's lora_requests_info reports them: the adapter slots, and the
+    adapters named by running and by waiting requests (each name once, sorted)."""
+
+    max_loras: int
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class EngineSnapshot:
     """Cumulative engine counters and current gauges, read on the engine thread after a step."""
 
@@ -95,3 +105,4 @@ class EngineSnapshot:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    lora: LoraSnapshot | None = None  # None: an engine that serves no adapters (an encoder, tensor parallel)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pllm.runtime.engine.kv_cache import PrefixCacheStats
-from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, RequestOutput
+from pllm.runtime.engine.outputs import EmbeddingRequestOutput, EngineSnapshot, LoraSnapshot, RequestOutput
 from pllm.runtime.server.request_metrics import EngineInfo, FinishedRequest, RequestHistograms, Series
 from pllm.runtime.server.request_stream import EngineRequest
 
@@ -25,6 +25,11 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 # --kv-cache-usage-percentage-metric). pllm exports the same three values under those names too, so a picker with
 # its default configuration balances pllm pods as it does vLLM ones; the `pllm:` series stay for dashboards.
 GATEWAY_METRIC_PREFIX = "vllm"
+# The same protocol's LoRA affinity reads one more series, vLLM's lora_requests_info: a gauge whose labels carry the
+# adapter slots (max_lora) and the adapters of running and of waiting requests (comma-separated), and whose value
+# is the time it was set, so the picker reads the newest. vLLM leaves a series behind for every label set it ever
+# showed; here the previous one is removed when the labels change, so one series stands, and it is the newest.
+LORA_INFO_LABELS = ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 # A new engine's counters, before its first step: the first snapshot's counts are all deltas from here.
 START = EngineSnapshot(num_running=0, num_waiting=0, num_running_seqs=0, max_num_seqs=0, kv_cache_usage=0.0,
@@ -71,6 +76,10 @@ class ServerMetrics:
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between outputs.", ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
         self._requests: RequestHistograms | None = None  # built with the engine (engine_started)
+        self.lora_info = {prefix: Gauge(f"{prefix}:lora_requests_info", "LoRA adapters: slots, and those of running "
+                                        "and waiting requests; the value is when it was set.", LORA_INFO_LABELS,
+                                        registry=r) for prefix in ("pllm", GATEWAY_METRIC_PREFIX)}
+        self._lora_labels: tuple[str, str, str] | None = None  # the label values shown now
         self._last = START  # the snapshot the counters stand at: the first step's counts are counted too
         self._num_prompt_tokens = 0  # cumulative, for the stats log
         self._log_time = time.monotonic()
@@ -108,6 +117,16 @@ class ServerMetrics:
         self.spec_decode_num_accepted_tokens.inc(
             max(0, snap.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens))
         self._last = snap
+        if snap.lora is not None:
+            self._set_lora_info(snap.lora)
+
+    def _set_lora_info(self, lora: LoraSnapshot) -> None:
+        labels = (str(lora.max_loras), ",".join(lora.running), ",".join(lora.waiting))
+        for gauge in self.lora_info.values():
+            if self._lora_labels is not None and self._lora_labels != labels:
+                gauge.remove(*self._lora_labels)
+            gauge.labels(*labels).set_to_current_time()
+        self._lora_labels = labels
 
     def observe_first_token(self, num_prompt_tokens: int, num_cached_tokens: int, ttft_s: float) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 from pllm import LLM, LoRARequest, SamplingParams
+from pllm.runtime.engine.outputs import LoraSnapshot
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,29 @@ def test_models_list_adapters_and_completions_pick_them(lora_server, lora_build,
         assert llm.generate(prompt, params, use_tqdm=False, lora_request=lora)[0].outputs[0].text == got[model]
     assert llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text == got["tiny"]
     assert len(set(got.values())) > 1
+
+
+def test_the_snapshot_names_the_adapters_of_running_and_waiting_requests(lora_build, tiny_loras):
+    """What lora_requests_info shows (the gateway's LoRA affinity): one sequence at a time, so after a step one
+    adapter's request runs and the others wait; each name once; the base model's requests name none."""
+    llm = LLM(str(lora_build), backend="cpu", kv_cache_memory=1 << 24, max_num_seqs=1)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=4)
+    loras = {"alpha": LoRARequest("alpha", 1, ""), "beta": LoRARequest("beta", 2, str(tiny_loras["beta"]))}
+    for i, name in enumerate(("alpha", "beta", "beta", None)):
+        engine.add_request(f"r{i}", "Hello", params, lora_request=loras.get(name))
+    engine.step()
+    assert engine.snapshot().lora == LoraSnapshot(8, ("alpha",), ("beta",))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.snapshot().lora == LoraSnapshot(8)
+
+
+def test_metrics_carry_lora_requests_info(lora_server):
+    text = httpx.get(lora_server.url + "/metrics", timeout=10).text
+    assert "# TYPE vllm:lora_requests_info gauge" in text
+    assert re.search(r'^vllm:lora_requests_info\{max_lora="8",running_lora_adapters="",waiting_lora_adapters=""\} '
+                     r"1\.\d+e\+09$", text, re.MULTILINE), text[-2000:]
 
 
 def test_unknown_model_and_adapter_embeddings_are_clean_errors(lora_server):

@@ -51,3 +51,30 @@ def test_an_idle_server_logs_no_stats_line_before_its_first_request(caplog) -> N
         metrics.update(START)
         metrics.log_stats()
     assert "Avg prompt throughput" not in caplog.text
+
+
+def lora_series(metrics: ServerMetrics, prefix: str) -> list[tuple[dict, float]]:
+    return [(s.labels, s.value) for family in metrics.registry.collect()
+            if family.name == f"{prefix}:lora_requests_info" for s in family.samples]
+
+
+def test_lora_requests_info_is_one_series_whose_value_is_when_it_was_set() -> None:
+    """The gateway's LoRA affinity reads vLLM's lora_requests_info: the adapter slots and the adapters of running and
+    waiting requests as labels, the time it was set as the value (the picker takes the newest). One series stands:
+    the previous one goes when the labels change. An engine that serves no adapters shows none."""
+    import time
+
+    from pllm.runtime.engine.outputs import LoraSnapshot
+
+    metrics = ServerMetrics("m")
+    metrics.update(START)  # lora None: an encoder, a tensor-parallel engine
+    assert lora_series(metrics, "vllm") == [] and lora_series(metrics, "pllm") == []
+    before = time.time()
+    metrics.update(dataclasses.replace(START, lora=LoraSnapshot(8, ("alpha",), ("beta", "gamma"))))
+    labels = {"max_lora": "8", "running_lora_adapters": "alpha", "waiting_lora_adapters": "beta,gamma"}
+    for prefix in ("vllm", "pllm"):
+        [(got, stamp)] = lora_series(metrics, prefix)
+        assert got == labels and before <= stamp <= time.time()
+    metrics.update(dataclasses.replace(START, lora=LoraSnapshot(8)))
+    assert [got for got, _ in lora_series(metrics, "vllm")] == [
+        {"max_lora": "8", "running_lora_adapters": "", "waiting_lora_adapters": ""}]
