@@ -214,3 +214,30 @@ def test_does_not_run_without_avx512_bf16(prefill_attention):
     """Compiled everywhere, run only where the CPU has the instructions; the backend then leaves it out."""
     kernel = prefill_attention(block_size=16, head_dim=64, num_attention_heads=2, num_key_value_heads=1)
     assert not kernel.runs
+
+
+def test_the_backend_leaves_it_out_where_the_cpu_cannot_run_it(tiny_build, monkeypatch):
+    """The binding declines a kernel this CPU cannot run (None): prompts then take SDPA, the other kernels stay."""
+    from pllm.compiler.manifest import open_build
+    from pllm.runtime.backends.cpu import cpu_prefill_attention
+    from pllm.runtime.backends.cpu.cpu_kernels import choose_cpu_kernels
+
+    # heads of 64: a shape the kernel takes (the tiny model's 16 it does not)
+    build = open_build(tiny_build("llama", dtype="bfloat16", hidden_size=128, num_attention_heads=2,
+                                  num_key_value_heads=1))
+    assert "cpu_prefill_attention" in build.manifest["cpu_kernels"]["libraries"]
+    choice = choose_cpu_kernels(build)
+    if choice.decode_step is None:
+        pytest.skip(f"this machine runs no compiled cpu kernels of the build ({choice.reason})")
+    assert (choice.prefill_attention is not None) == HAS_AVX512_BF16
+    assert ("prefill attention" in choice.reason) == HAS_AVX512_BF16
+    real = cpu_prefill_attention.CpuPrefillAttention.__init__
+
+    def cannot_run(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.runs = False
+
+    monkeypatch.setattr(cpu_prefill_attention.CpuPrefillAttention, "__init__", cannot_run)
+    choice = choose_cpu_kernels(build)
+    assert choice.prefill_attention is None and "prefill attention" not in choice.reason
+    assert choice.attention is not None and choice.decode_step is not None

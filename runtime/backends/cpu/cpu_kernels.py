@@ -222,7 +222,8 @@ class CpuBinding:
     """How the cpu backend runs one op's compiled kernel: its name in the start-up log and its loader."""
 
     label: str  # "decode attention"
-    load: Callable[[BuildManifest, Path], CpuKernel]  # (build, library) -> the callable kernel
+    # (build, library) -> the callable kernel, or None where this CPU cannot run it (the op then runs in PyTorch)
+    load: Callable[[BuildManifest, Path], CpuKernel | None]
 
 
 def _decode_attention(build: BuildManifest, library: Path) -> CpuDecodeAttention:
@@ -232,10 +233,11 @@ def _decode_attention(build: BuildManifest, library: Path) -> CpuDecodeAttention
                               spec.sliding_window if spec.sliding_layers else None, spec.attn_logit_softcapping)
 
 
-def _prefill_attention(build: BuildManifest, library: Path) -> CpuPrefillAttention:
+def _prefill_attention(build: BuildManifest, library: Path) -> CpuPrefillAttention | None:
     spec = build.rank_spec
-    return CpuPrefillAttention(library, build.block_size, spec.num_attention_heads, spec.num_key_value_heads,
-                               spec.head_dim)
+    kernel = CpuPrefillAttention(library, build.block_size, spec.num_attention_heads, spec.num_key_value_heads,
+                                 spec.head_dim)
+    return kernel if kernel.runs else None  # no AVX-512 BF16 here: torch's SDPA takes prompts
 
 
 def _rms_norm(build: BuildManifest, library: Path) -> CpuRmsNorm:
@@ -305,14 +307,13 @@ def _choose_compiled(build: BuildManifest) -> CpuKernelChoice:
             path = Path(tmp) / library
             path.write_bytes(data)
             try:
-                loaded[op] = BINDINGS[op].load(build, path)
+                kernel = BINDINGS[op].load(build, path)
             except (OSError, AttributeError) as e:  # not loadable here (a runtime library missing), or no symbol
                 why = str(e).replace(tmp, str(build.kernel_dir))
                 return CpuKernelChoice(None, None, None, f"PyTorch ops (could not load {library}: {why}; a build "
                                        "made by another version of pllm, or elsewhere: run pllm-compile again here)")
-    prefill = loaded.get("prefill_attention")
-    if isinstance(prefill, CpuPrefillAttention) and not prefill.runs:  # no AVX-512 BF16 here: SDPA for prompts
-        del loaded["prefill_attention"]
+            if kernel is not None:
+                loaded[op] = kernel
     if not loaded:
         return CpuKernelChoice(None, None, None, f"PyTorch ops (the build has no cpu kernel for dtype {build.dtype})")
     names = ", ".join(BINDINGS[op].label for op in loaded)
