@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                            quant_group_size=args.quant_group_size,
                            lm_head=None if args.lm_head is None else LmHead(args.lm_head))
     try:
-        with _say_choices(), _terminate_as_interrupt():
+        with _say_choices(), _interrupt_once():
             out = build(args.model, args.output, options)
     except (BuildError, ModelSourceError, ConfigError, GpuCompileError) as e:
         return _error(str(e))
@@ -128,21 +128,34 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-    def on_term(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the clean-up short
-        raise Terminated
+def _interrupt_once():
+    """Ctrl-C (SIGINT) and SIGTERM raised where the compile is (KeyboardInterrupt, Terminated), so it cleans up on
+    its way out as for any failure; once: both are ignored from the first on, so a second cannot cut the clean-up
+    short. The previous handlers come back afterwards (main may run inside another program)."""
+
+    def on_signal(signum, frame):
+        _ignore_stop_signals()
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, on_term)
+        previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     except ValueError:  # not the main thread (an embedding application's): its own handling stands
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -173,5 +186,14 @@ def _error(message: str) -> int:
     return 1
 
 
+def entry() -> int:
+    """The pllm-compile command: main, and after an interrupt the process exits ignoring further ones (a second
+    Ctrl-C while the interpreter waits for the compile's threads printed a traceback after the one-line message)."""
+    code = main()
+    if code in {128 + signum for signum in STOP_SIGNALS}:
+        _ignore_stop_signals()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

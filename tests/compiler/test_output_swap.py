@@ -246,6 +246,43 @@ def test_sigterm_mid_compile_cleans_up_like_ctrl_c(tiny_dir, tmp_path):
     assert list(work.iterdir()) == []  # the scratch folder and the parents it made are gone
 
 
+TWO_CTRL_C = """
+import os, signal, sys, threading, time
+from pllm.compiler import build, cli
+real_copy, real_remove = build.copy_tokenizer_files, build.remove_scratch_dir
+cleaned = threading.Event()
+def first(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the weights are written by now
+    return real_copy(*args)
+def cleaning(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while the scratch folder is being removed
+    real_remove(*args)
+    cleaned.set()
+build.copy_tokenizer_files, build.remove_scratch_dir = first, cleaning
+def third():  # a thread the interpreter waits for at exit, as a compile's workers can be: a third Ctrl-C then
+    cleaned.wait(120)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+threading.Thread(target=third).start()
+sys.exit(cli.entry())
+"""
+
+
+def test_more_ctrl_c_during_the_clean_up_and_the_exit_are_ignored(tiny_dir, tmp_path):
+    """The first Ctrl-C stops the compile; one during its clean-up, or while the interpreter waits for threads
+    after the message, no longer cuts the clean-up short or prints a traceback."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", TWO_CTRL_C, str(tiny_dir("llama")), "-o", str(work / "a" / "out"),
+                           "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted by SIGINT" in lines[0], proc.stderr
+    assert list(work.iterdir()) == []
+
+
 def test_disk_full_while_compiling_kernels_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     """Not the quiet fallback to the PyTorch ops that a missing toolchain gets."""
     monkeypatch.setenv("PLLM_KERNEL_CACHE", "")
