@@ -2,16 +2,19 @@
 
 A compile runs in C++ and cannot be interrupted, and some specs take minutes (an 18 KB grammar of 3,000 wide
 character classes, `[^"] [^"] ...`: 15 s; longer ones grow past that) on a core the server's steps need, while
-every other structured request waits behind it. So each spec is first compiled in a child process
-(`python -m pllm.runtime.engine.grammar_process`) that the engine's grammar thread waits on for at most
-`timeout_s`: past that the child is killed and the spec refused, and the next spec starts a fresh child; a spec the
-child compiles in time (or refuses, in xgrammar's words) is then compiled again in the engine's process, where its
-matchers live. A compiled grammar is not sent back: its serialised form holds every token mask (963 MB and ~40 s
-to write for a 2,000-property schema that compiles in 0.4 s), so compiling twice is far cheaper.
+every other structured request waits behind it. So each spec is first compiled in a child process that the engine's
+grammar thread waits on for at most `timeout_s`: past that the child is killed and the spec refused, and the next
+spec starts a fresh child; a spec the child compiles in time (or refuses, in xgrammar's words) is then compiled
+again in the engine's process, where its matchers live. A compiled grammar is not sent back: its serialised form
+holds every token mask (963 MB and ~40 s to write for a 2,000-property schema that compiles in 0.4 s), so compiling
+twice is far cheaper. The worst case for one spec is thus about twice the bound.
 
-The wire, one JSON object a line each way: first the parent's xgrammar TokenizerInfo (serialize_json), answered by
-{"ready": true} once the child's compiler is made (not part of any compile's time); then per spec {"kind", "value"}
-(a StructuredOutputsParams field and its value), answered by {"compiled": true} or {"refused": xgrammar's message}.
+The child imports exactly what the engine would: it starts from the engine's own sys.path (not the current folder's
+nor PYTHONPATH's view of it), and dies with the thread that started it (Linux's parent-death signal), so a killed
+engine leaves no compile running. The wire is a pipe of its own (what the child's libraries print on stdout cannot
+reach it), one JSON object a line: the child's {"ready": true} once its compiler is made from the TokenizerInfo the
+parent wrote on its stdin first (not part of any compile's time); then per spec, in on stdin {"kind", "value"} (a
+StructuredOutputsParams field and its value), out {"compiled": true} or {"refused": xgrammar's message}.
 """
 
 from __future__ import annotations
@@ -19,115 +22,187 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 from typing import Any
 
-import pllm
-
 STARTUP_TIMEOUT_S = 120.0  # a child's imports (xgrammar brings torch: ~2.5 s here) and its compiler, before it answers
+SYS_PATH_ENV = "PLLM_GRAMMAR_SYS_PATH"
+# The child's first statements: os and sys are loaded before any path is searched, so nothing can stand in for them
+BOOT = (f"import os, sys; sys.path[:] = os.environ.pop({SYS_PATH_ENV!r}).split(os.pathsep); "
+        "from pllm.runtime.engine.grammar_process import main; main()")
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class GrammarTimedOut(TimeoutError):
     """A compile took longer than the time allowed: its process was killed."""
 
 
+class GrammarProcessFailed(RuntimeError):
+    """The grammar process failed on this side: it could not start, answered out of turn, or was shut down."""
+
+
+class GrammarChildDied(GrammarProcessFailed):
+    """The child exited while compiling a spec (a crash, out of memory, or killed from outside)."""
+
+
 class GrammarProcess:
-    """One child process trying grammars for one tokenizer, started on first use and again after a kill. Not
-    thread-safe: one caller (the engine's grammar thread)."""
+    """One child process trying grammars for one tokenizer, started on first use and again after it is lost. Every
+    call but shutdown() comes from one thread (the engine's grammar thread)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.tokenizer_info: Any = None  # xgrammar.TokenizerInfo, sent to each child: set before the first check
         self.timeout_s = timeout_s
         self._proc: subprocess.Popen | None = None
+        self._wire: int | None = None  # the read end of the child's answers
         self._ready = False  # the running child has its compiler
         self._pending = b""  # bytes read past the last full line
-        self.num_started = 0  # children started (the first, and one after each kill), for tests and logs
+        self._busy = threading.Lock()  # held by the grammar thread while it talks to the child
+        self._shut = False
+        self.num_started = 0  # children started (the first, and one after each loss), for tests and logs
 
     def start(self) -> None:
         """Start a child if none runs: its imports take seconds, which overlap whatever the caller does before its
         first check (making the TokenizerInfo)."""
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        self.close()
-        env = dict(os.environ)  # the child imports this pllm, wherever it was imported from
-        root = str(Path(pllm.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen([sys.executable, "-m", "pllm.runtime.engine.grammar_process"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self.num_started += 1
+        with self._busy:
+            self._start()
 
     def check(self, kind: str, value: Any) -> None:
         """Compile one field's value in the child: returns if it compiles within timeout_s; GrammarRefused with
-        xgrammar's words, GrammarTimedOut past timeout_s (the child killed), RuntimeError if the child died."""
+        xgrammar's words; GrammarTimedOut past timeout_s (the child killed); GrammarChildDied if the child exits
+        meanwhile; GrammarProcessFailed for a failure on this side."""
         from pllm.runtime.engine.grammar_compile import GrammarRefused
 
-        proc = self._child()
-        proc.stdin.write(json.dumps({"kind": kind, "value": value}).encode() + b"\n")
-        proc.stdin.flush()
-        reply = self._read_line(time.monotonic() + self.timeout_s)
-        if reply is None:
-            self.close()
-            raise GrammarTimedOut(f"not compiled within {self.timeout_s:g} s")
-        answer = json.loads(reply)
-        if "refused" in answer:
-            raise GrammarRefused(answer["refused"])
+        with self._busy:
+            self._start()
+            if not self._ready:
+                self._send(self.tokenizer_info.serialize_json())
+                if self._answer(time.monotonic() + STARTUP_TIMEOUT_S, "starting") != {"ready": True}:
+                    self._discard()
+                    raise GrammarProcessFailed("the grammar process did not say it was ready")
+                self._ready = True
+            self._send(json.dumps({"kind": kind, "value": value}))
+            answer = self._answer(time.monotonic() + self.timeout_s, "compiling")
+            if answer is None:
+                self._discard()
+                raise GrammarTimedOut(f"not compiled within {self.timeout_s:g} s")
+            if answer == {"compiled": True}:
+                return
+            if set(answer) == {"refused"} and isinstance(answer["refused"], str):
+                raise GrammarRefused(answer["refused"])
+            self._discard()
+            raise GrammarProcessFailed(f"the grammar process answered out of turn: {str(answer)[:200]}")
 
-    def _child(self) -> subprocess.Popen:
-        self.start()
-        if not self._ready:  # its tokenizer, then its word that the compiler is made: not part of a compile's time
-            self._proc.stdin.write(self.tokenizer_info.serialize_json().encode() + b"\n")
+    def shutdown(self) -> None:
+        """From any thread: no child is started again; the running one is killed (a compile in flight fails)."""
+        self._shut = True
+        proc = self._proc
+        if proc is not None:
+            proc.kill()
+        if self._busy.acquire(blocking=False):  # nobody talking to it: release its pipes here
+            try:
+                self._discard()
+            finally:
+                self._busy.release()
+
+    # -- the child (under _busy) -----------------------------------------------------------------
+    def _start(self) -> None:
+        if self._shut:
+            raise GrammarProcessFailed("the grammar process was shut down")
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._discard()
+        read, write = os.pipe()
+        env = {**os.environ, SYS_PATH_ENV: os.pathsep.join(sys.path)}
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", BOOT, str(write), str(os.getpid())],
+                                          stdin=subprocess.PIPE, pass_fds=(write,), env=env)
+        except OSError as exc:
+            os.close(read)
+            raise GrammarProcessFailed(f"the grammar process could not start: {exc}") from None
+        finally:
+            os.close(write)
+        self._wire = read
+        self.num_started += 1
+        if self._shut:  # shut down while it started: shutdown() may not have seen it
+            self._discard()
+            raise GrammarProcessFailed("the grammar process was shut down")
+
+    def _send(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line.encode() + b"\n")
             self._proc.stdin.flush()
-            if self._read_line(time.monotonic() + STARTUP_TIMEOUT_S) is None:
-                self.close()
-                raise RuntimeError(f"the grammar process did not start within {STARTUP_TIMEOUT_S:g} s")
-            self._ready = True
-        return self._proc
+        except (OSError, ValueError):  # its stdin closed: it has exited
+            self._lost("taking a request")
 
-    def _read_line(self, deadline: float) -> bytes | None:
-        """The child's next line, or None once the deadline passes; RuntimeError if it exits first."""
-        out = self._proc.stdout
+    def _answer(self, deadline: float, doing: str) -> dict | None:
+        """The child's next answer, or None once the deadline passes."""
         with selectors.DefaultSelector() as sel:
-            sel.register(out, selectors.EVENT_READ)
+            sel.register(self._wire, selectors.EVENT_READ)
             while b"\n" not in self._pending:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
                     return None
-                chunk = os.read(out.fileno(), 1 << 20)
+                chunk = os.read(self._wire, 1 << 16)
                 if not chunk:
-                    code = self._proc.wait()
-                    self.close()
-                    raise RuntimeError(f"the grammar process exited (status {code}) while compiling")
+                    self._lost(doing)
                 self._pending += chunk
         line, _, self._pending = self._pending.partition(b"\n")
-        return line
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = line.decode(errors="replace")
+        if not isinstance(answer, dict):
+            self._discard()
+            raise GrammarProcessFailed(f"the grammar process answered out of turn: {str(answer)[:200]}")
+        return answer
 
-    def close(self) -> None:
-        """Kill the child, if any (a compile in flight is lost); the next compile starts another."""
-        proc, self._proc, self._pending, self._ready = self._proc, None, b"", False
+    def _lost(self, doing: str) -> None:
+        code = self._proc.wait()
+        self._discard()
+        if self._shut:
+            raise GrammarProcessFailed("the grammar process was shut down")
+        if doing == "compiling":
+            raise GrammarChildDied(f"the grammar process died while compiling (exit status {code})")
+        raise GrammarProcessFailed(f"the grammar process exited (status {code}) while {doing}")
+
+    def _discard(self) -> None:
+        """Kill the child, if any, and close its pipes; the next check starts another."""
+        proc, wire = self._proc, self._wire
+        self._proc, self._wire, self._pending, self._ready = None, None, b"", False
         if proc is not None:
             proc.kill()
             proc.wait()
-            for stream in (proc.stdin, proc.stdout):
-                stream.close()
+            proc.stdin.close()
+        if wire is not None:
+            os.close(wire)
 
 
 def main() -> None:
-    """The child: TokenizerInfo from the first line, then one compile per line until stdin closes. The answers go
-    out on a copy of stdout; stdout itself becomes stderr, so nothing a library prints reaches the wire."""
-    wire = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.stdout = sys.stderr
+    """The child (BOOT): argv the answers' pipe and the engine's pid. TokenizerInfo from the first line of stdin,
+    then one compile per line until stdin closes."""
+    wire_fd, parent = int(sys.argv[1]), int(sys.argv[2])
+    if sys.platform.startswith("linux"):  # die with the engine's thread that started this one
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it went before the request took effect
+            os._exit(0)
+    wire = os.fdopen(wire_fd, "w")
+
+    def answer(message: dict) -> None:
+        try:
+            wire.write(json.dumps(message) + "\n")
+            wire.flush()
+        except BrokenPipeError:  # the engine has gone: nobody to answer
+            os._exit(0)
 
     import xgrammar as xgr
 
     from pllm.runtime.engine.grammar_compile import GrammarRefused, compile_value
-
-    def answer(message: dict) -> None:
-        wire.write(json.dumps(message) + "\n")
-        wire.flush()
 
     info = xgr.TokenizerInfo.deserialize_json(sys.stdin.readline())
     # the parent's cache is keyed by canonical spec and bounded: xgrammar's own would only grow
@@ -140,7 +215,3 @@ def main() -> None:
             answer({"compiled": True})
         except GrammarRefused as exc:
             answer({"refused": str(exc)})
-
-
-if __name__ == "__main__":
-    main()

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pllm.runtime.engine.grammar_compile import GrammarRefused, compile_value
-from pllm.runtime.engine.grammar_process import GrammarProcess, GrammarTimedOut
+from pllm.runtime.engine.grammar_process import (
+    GrammarChildDied,
+    GrammarProcess,
+    GrammarProcessFailed,
+    GrammarTimedOut,
+)
 from pllm.runtime.engine.param_checks import InvalidParam
 from pllm.runtime.engine.structured_outputs_params import StructuredOutputsParams
 from pllm.runtime.worker.text_loader import transformers_tokenizer
@@ -32,37 +38,86 @@ class GrammarError(InvalidParam):
     """A schema, regex or grammar the compiler refused; param names the field, as for any invalid parameter."""
 
 
+class _Worker:
+    """Calls run one at a time, in order, on one daemon thread started by the first: ThreadPoolExecutor's threads
+    are joined at the interpreter's exit, which would hold the exit up for a compile in flight."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._call(*item)
+            del item  # holds the callable (a bound method keeps its cache alive while the thread waits)
+
+    @staticmethod
+    def _call(future: Future, fn: Callable[..., Any], args: tuple) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # the caller's to see, as an executor's future carries it
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Calls not started are cancelled; the thread ends after the one running, if any."""
+        with self._lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            self._queue.put(None)
+
+
 class GrammarCache:
     """Compiles each distinct spec once (keyed by its canonical form) on a worker thread, after a trial in the
-    grammar process (grammar_process.py: bounded by timeout_s), keeping the most recently used MAX_CACHED_GRAMMARS
-    (a refusal too: the same spec again fails at once). compile() returns at once with a future; the engine loop
-    never waits on it: a request whose grammar is not ready stays in the waiting queue while the rest of the batch
-    steps. Thread-safe: the HTTP layer compiles before queueing (so a bad schema is a 400 at once), the engine
-    thread when a request arrives."""
+    grammar process (grammar_process.py: bounded by timeout_s, GRAMMAR_COMPILE_TIMEOUT_S unless given), keeping the
+    most recently used MAX_CACHED_GRAMMARS (a refusal too: the same spec again fails at once; a failure of the
+    grammar process itself is not kept). compile() returns at once with a future; the engine loop never waits on it:
+    a request whose grammar is not ready stays in the waiting queue while the rest of the batch steps. Thread-safe:
+    the HTTP layer compiles before queueing (so a bad schema is a 400 at once), the engine thread when a request
+    arrives."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 max_entries: int = MAX_CACHED_GRAMMARS, timeout_s: float = GRAMMAR_COMPILE_TIMEOUT_S) -> None:
+                 max_entries: int = MAX_CACHED_GRAMMARS, timeout_s: float | None = None) -> None:
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's vocabulary
         self.max_entries = max_entries
-        self.timeout_s = timeout_s
+        self.timeout_s = GRAMMAR_COMPILE_TIMEOUT_S if timeout_s is None else timeout_s
         self._tokenizer = tokenizer
         self._stop_token_ids = list(stop_token_ids)
-        self._process: GrammarProcess | None = None  # made on the worker thread by the first compile, with:
-        self._compiler: Any = None
+        self._process = GrammarProcess(self.timeout_s)  # its child starts with the first compile
+        self._compiler: Any = None  # this process's, made by the first compile (the vocabulary scan takes time)
         self._entries: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pllm-grammar")
+        self._worker = _Worker("pllm-grammar")
+        # shutdown, also for a cache dropped unshut or at the interpreter's exit: the thread and the child go too
+        self._release = weakref.finalize(self, GrammarCache._stop, self._worker, self._process)
         self.num_compiled = 0  # compilations started (cache misses), for tests and metrics
 
     def compile(self, spec: StructuredOutputsParams) -> Future:
-        """A future of the compiled grammar; its exception is a GrammarError naming the field."""
+        """A future of the compiled grammar; its exception is a GrammarError naming the field (or, for a failure of
+        the grammar process itself, a GrammarProcessFailed)."""
         key = spec.key()
         with self._lock:
             future = self._entries.get(key)
             if future is not None:
                 self._entries.move_to_end(key)
                 return future
-            future = self._pool.submit(self._compile, spec)
+            future = self._worker.submit(self._compile, spec)
             self.num_compiled += 1
             self._entries[key] = future
             while len(self._entries) > self.max_entries:
@@ -73,7 +128,8 @@ class GrammarCache:
         kind, field = spec.kind, f"structured_outputs.{spec.kind}"
         value = getattr(spec, kind)
         try:
-            self._get_process().check(kind, value)  # bounded in time: a child process, killed past timeout_s
+            self._prepare()
+            self._try(kind, value)  # bounded in time: a child process, killed past timeout_s
             return compile_value(self._compiler, kind, value)  # then here, where the matchers live
         except GrammarRefused as exc:
             raise GrammarError(field, f"{field} could not be compiled: {exc}") from None
@@ -81,29 +137,44 @@ class GrammarCache:
             raise GrammarError(field, f"{field} could not be compiled within {self.timeout_s:g} s, the time a grammar "
                                "may take (GRAMMAR_COMPILE_TIMEOUT_S); simplify it (nested counted repeats and many "
                                "optional properties are what compile slowly)") from None
+        except GrammarChildDied as exc:
+            raise GrammarError(field, f"{field} could not be compiled: the grammar process died compiling it, "
+                               f"twice ({exc})") from None
+        except GrammarProcessFailed:
+            with self._lock:
+                self._entries.pop(spec.key(), None)  # not the spec's fault: the next request tries again
+            raise
 
-    def _get_process(self) -> GrammarProcess:
-        """The grammar process, and this process's compiler, made by the first compile (the vocabulary scan takes
-        time)."""
-        if self._process is None:
-            process = GrammarProcess(self.timeout_s)
-            process.start()  # its imports meanwhile
-            weakref.finalize(self, process.close)  # a cache dropped, or the interpreter's exit: the child too
-            import xgrammar as xgr  # lazily: pllm imports, and serves free text, without it
+    def _try(self, kind: str, value: Any) -> None:
+        """The trial in the grammar process; a child that dies on it (killed from outside, or the spec's own crash
+        or memory) gets one more, in a fresh child, before the spec is blamed."""
+        try:
+            self._process.check(kind, value)
+        except GrammarChildDied:
+            logger.warning("structured output: the grammar process died compiling a %s; trying once more", kind)
+            self._process.check(kind, value)
 
-            info = xgr.TokenizerInfo.from_huggingface(
-                transformers_tokenizer(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
-            )
-            # our cache replaces xgrammar's (keyed by canonical spec, bounded in entries)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-            process.tokenizer_info = info
-            self._process = process
-        return self._process
+    def _prepare(self) -> None:
+        if self._compiler is not None:
+            return
+        self._process.start()  # its imports meanwhile
+        import xgrammar as xgr  # lazily: pllm imports, and serves free text, without it
+
+        info = xgr.TokenizerInfo.from_huggingface(
+            transformers_tokenizer(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
+        )
+        # our cache replaces xgrammar's (keyed by canonical spec, bounded in entries)
+        self._process.tokenizer_info = info
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._process is not None:
-            self._process.close()
+        """Pending compiles cancelled, the one running failed, the grammar process killed; no other starts."""
+        self._release()
+
+    @staticmethod
+    def _stop(worker: _Worker, process: GrammarProcess) -> None:
+        worker.shutdown()
+        process.shutdown()
 
 
 @dataclass(frozen=True)
