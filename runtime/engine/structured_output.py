@@ -203,8 +203,13 @@ class SequenceGrammar:
         """The compiled grammar is available (or failed): the scheduler may admit the sequence."""
         return self._future.done()
 
-    def error(self) -> GrammarError | None:
-        return self._future.exception() if self._future.done() else None  # type: ignore[return-value]
+    def error(self) -> Exception | None:
+        """Why the grammar cannot be had (GrammarError: the spec's fault; GrammarProcessFailed: not), else None."""
+        if not self._future.done():
+            return None
+        if self._future.cancelled():  # the cache was shut down before it compiled
+            return GrammarProcessFailed("the grammar cache was shut down")
+        return self._future.exception()  # type: ignore[return-value]
 
     def start(self, output_token_ids: list[int]) -> None:
         import xgrammar as xgr

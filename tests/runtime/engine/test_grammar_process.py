@@ -13,7 +13,7 @@ import pytest
 
 from pllm import LLM, StructuredOutputsParams
 from pllm.runtime.engine.grammar_process import GrammarProcessFailed
-from pllm.runtime.engine.structured_output import GrammarCache, GrammarError
+from pllm.runtime.engine.structured_output import GrammarCache, GrammarError, SequenceGrammar
 
 SLOW_GRAMMAR = "root ::= " + " ".join(['[^"]'] * 10_000)  # ~1.5 s over the tiny model's 400 tokens
 
@@ -78,11 +78,14 @@ def test_a_child_killed_mid_compile_is_not_the_specs_fault(llm):
 def test_shutdown_mid_compile_fails_it_and_leaves_no_child(llm):
     cache = cache_of(llm)
     future = cache.compile(StructuredOutputsParams(grammar=SLOW_GRAMMAR))
+    pending = cache.compile(StructuredOutputsParams(regex="[ab]+"))  # queued behind it
     wait_for(lambda: cache._process._ready)  # the child is compiling it
     child = cache._process._proc
     cache.shutdown()
     with pytest.raises(GrammarProcessFailed, match="shut down"):
         future.result(timeout=60)
+    assert pending.cancelled()  # a request waiting on it is refused at the next step, not the step's crash
+    assert isinstance(SequenceGrammar(pending, llm.engine.spec.vocab_size).error(), GrammarProcessFailed)
     assert child.poll() is not None
     wait_for(lambda: cache._process._proc is None)
     with pytest.raises(GrammarProcessFailed, match="shut down"):  # nothing starts again
