@@ -49,8 +49,8 @@ from pllm.compiler.quantize import (
 )
 from pllm.compiler.render import render_plan
 from pllm.compiler.scratch import make_scratch_dir, remove_scratch_dir
-from pllm.compiler.source import ModelSource, layer_mismatch, open_model
-from pllm.compiler.spec import spec_from_config
+from pllm.compiler.source import ModelSource, layer_mismatch, open_model, with_file_keys
+from pllm.compiler.spec import ConfigError, spec_from_config
 from pllm.compiler.tied_head import untie_stored_head
 from pllm.compiler.tokenizer_files import copy_tokenizer_files
 from pllm.models.family import LM_HEAD
@@ -257,11 +257,14 @@ def build(model: str | None, out_dir: str | Path, options: BuildOptions = BuildO
     source = open_model(model, keeps_blocks=options.quantization is Quantization.GGUF)
     made: list[Path] = []  # parent folders this compile created, removed again if it fails
     try:
-        spec = spec_from_config(source.config, source.config_file)
+        try:
+            spec = spec_from_config(source.config, source.config_file)
+            check_against_weights(source, spec)
+        except (ConfigError, BuildError) as e:  # config keys named as the file names them, where it is not HF's
+            raise (type(e)(with_file_keys(str(e), source.config_keys)) if source.config_keys else e) from None
         choice = resolve_dtype(options, spec)
         logger.info("dtype %s (%s)", choice.dtype, choice.reason)
         dtype = choice.dtype
-        check_against_weights(source, spec)
         spec = untie_stored_head(source, spec)  # a stored head that differs from the tied embedding wins
         check_tensor_parallel(options, spec, source.config_file)
         loras = check_loras(options.loras, spec)  # refused before the work, naming the adapter and its file

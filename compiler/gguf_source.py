@@ -45,6 +45,15 @@ def field_value(reader: Any, key: str) -> Any:
 BLOCK_NAME = re.compile(r"blk\.(\d+)\.")
 
 
+def file_key_names(arch: str | None, model_type: str | None) -> dict[str, str]:
+    """Config key -> the GGUF key transformers read it from for this file ('max_position_embeddings' ->
+    'llama.context_length'), from transformers' own table of them."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    table = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch) or {}
+    return {hf: f"{arch}.{key}" for key, hf in table.items() if hf is not None and arch is not None}
+
+
 def check_layout(path: Path, reader: Any, arch: str) -> None:
     """Refuse a file whose tables contradict themselves, as llama.cpp's loader does, before transformers reads it
     (which would build the model the block count says, dropping blocks past it or allocating billions of layers,

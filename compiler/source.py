@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class ModelSource:
     _kept: dict[str, QuantizedWeight] | None = None  # a GGUF file's kept blocks by HF name, read on first use
     _other_types: dict[str, str] = field(default_factory=dict)  # its matrices in types not kept: HF name -> type
     _stored_as: dict[str, str] = field(default_factory=dict)  # HF name -> the stored tensor it is read from (alias)
+    # config key -> the key its value was read from, where that is not config.json's (a GGUF file's), for messages
+    config_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_gguf(self) -> bool:
@@ -281,7 +284,8 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
 def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
     """Dequantise a GGUF checkpoint to float through transformers, which also undoes llama.cpp's q/k permutation;
     config, tokenizer and tensors from the file alone (compiler/gguf_source.py)."""
-    from pllm.compiler.gguf_source import keep_saved_tokenizer_faithful, read_gguf
+    from pllm.compiler.gguf_reading import file_rope_record
+    from pllm.compiler.gguf_source import file_key_names, keep_saved_tokenizer_faithful, read_gguf
 
     scratch_parent = Path(tempfile.gettempdir())
     remove_stale_scratch(scratch_parent, scratch_pattern(GGUF_SCRATCH))
@@ -301,5 +305,13 @@ def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
         state.pop("lm_head.weight", None)
     file = path.name
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
-                       reader)
+    source = ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
+                         reader)
+    source.config_keys = file_key_names(file_rope_record(path).arch, config_dict.get("model_type"))
+    return source
+
+
+def with_file_keys(message: str, keys: dict[str, str]) -> str:
+    """A message naming config keys ('max_position_embeddings'), each with the key the file gives it under."""
+    return re.sub(r"'([A-Za-z_][A-Za-z0-9_.]*)'",
+                  lambda m: f"{m[0]} ({keys[m[1]]} in the file)" if m[1] in keys else m[0], message)

@@ -7,6 +7,7 @@ qwen3_moe's fused experts split into the per-expert names and the build equal to
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from pllm import LLM, SamplingParams
 from pllm.compiler.build import BuildOptions, build
 from pllm.compiler.quantize import Quantization
 from pllm.compiler.source import ModelSourceError, open_model
+from pllm.compiler.spec import ConfigError
 
 gguf = pytest.importorskip("gguf")
 
@@ -148,6 +150,20 @@ def test_a_gguf_whose_tables_contradict_themselves_is_refused(tmp_path, edit, ma
     with pytest.raises(ModelSourceError, match=r"m\.gguf: " + match):
         build(str(path), tmp_path / "out", OPTS)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("llama.context_length", 2**31, "key 'max_position_embeddings' (llama.context_length in the file) is 2147483648"),
+    ("llama.attention.layer_norm_rms_epsilon", 0.0,
+     "key 'rms_norm_eps' (llama.attention.layer_norm_rms_epsilon in the file) must be a finite positive number"),
+])
+def test_a_gguf_value_pllm_refuses_is_named_by_the_files_key_too(tmp_path, key, value, named):
+    """The config checks name transformers' keys; a GGUF file's user knows the file's."""
+    model_dir = make_tiny_model(tmp_path / "hf", "llama")
+    path = write_gguf(model_dir, "llama", tmp_path / "m.gguf")
+    _edit(path, lambda r: r.fields[key].parts[-1].__setitem__(0, value))
+    with pytest.raises(ConfigError, match=r"m\.gguf: " + re.escape(named)):
+        build(str(path), tmp_path / "out", OPTS)
 
 
 def test_a_truncated_gguf_is_refused_as_truncated(tmp_path):
