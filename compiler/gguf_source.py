@@ -10,7 +10,9 @@ head_dim, qwen3_moe's expert width): every such tensor is refused here, by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -162,6 +164,45 @@ def split_experts(path: Path, state: dict[str, torch.Tensor], config: Any) -> di
     return out
 
 
+class _HeldReport(logging.Filter):
+    """transformers' LOAD REPORT (a table of the tensors it could not load) held back rather than printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._showing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._showing or "LOAD REPORT" not in record.getMessage():
+            return True
+        self.records.append(record)
+        return False
+
+    def show(self) -> None:
+        """Print what was held, as transformers would have."""
+        records, self.records = self.records, []
+        self._showing = True
+        try:
+            for record in records:
+                logging.getLogger(record.name).handle(record)
+        finally:
+            self._showing = False
+
+
+@contextlib.contextmanager
+def held_load_report():
+    """transformers prints a multi-line LOAD REPORT for tensors it leaves at their initialisation; pllm refuses those
+    in one line of its own (check_loading), so the report is held while the file loads and shown only where pllm
+    says nothing of it (a load that fails in transformers, or one pllm accepts)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldReport()
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+
+
 def read_gguf(path: Path, scratch: Path, keeps_blocks: bool) -> tuple[Any, Any, dict[str, torch.Tensor], Any, Any]:
     """The file's config, tokenizer, tensors by HF name and generation config, read by transformers from a folder
     under `scratch` holding only a link to it; and its one parse when keeps_blocks (for its kept blocks)."""
@@ -182,15 +223,18 @@ def read_gguf(path: Path, scratch: Path, keeps_blocks: bool) -> tuple[Any, Any, 
             except Exception as e:
                 raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
             arch = check_file(path, reader, keeps_blocks)
-            try:
-                config = AutoConfig.from_pretrained(folder, gguf_file=file)
-                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-                model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32,
-                                                                   output_loading_info=True,
-                                                                   ignore_mismatched_sizes=True)
-            except Exception as e:
-                raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
-            check_loading(path, arch, reader, config, info)
+            with held_load_report() as report:
+                try:
+                    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+                    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+                    model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32,
+                                                                       output_loading_info=True,
+                                                                       ignore_mismatched_sizes=True)
+                except Exception as e:
+                    report.show()  # its error may point at the report
+                    raise ModelSourceError(f"{path}: cannot read GGUF file: {e}") from None
+                check_loading(path, arch, reader, config, info)  # a refusal here says what the report would
+                report.show()
     finally:
         shutil.rmtree(alone, ignore_errors=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -95,12 +95,38 @@ def test_mixtral_experts_in_a_llama_gguf_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tensor_transformers_cannot_find_is_refused_by_name(tmp_path):
+def test_a_tensor_transformers_cannot_find_is_refused_by_name(tmp_path, capfd):
+    """In pllm's one line alone: transformers' multi-line LOAD REPORT of the same tensor is held back."""
     model_dir = make_tiny_model(tmp_path / "hf", "qwen3", head_dim=128, num_attention_heads=2, num_key_value_heads=1)
     path = write_gguf(model_dir, "qwen3", tmp_path / "m.gguf", drop=("blk.1.ffn_down.weight",))
+    capfd.readouterr()
     with pytest.raises(ModelSourceError, match=r"finds no values for 1 tensors of the qwen3 model "
                                                r"\('model\.layers\.1\.mlp\.down_proj\.weight'\)"):
         open_model(str(path))
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+
+
+def test_a_held_load_report_is_shown_where_pllm_says_nothing_of_it(monkeypatch):
+    import logging
+
+    from pllm.compiler.gguf_source import held_load_report
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    try:
+        with held_load_report() as report:
+            logger.warning("LlamaForCausalLM LOAD REPORT from: x\nkey | UNEXPECTED")
+            logger.warning("another warning")  # not the report: passes as ever
+            assert seen == ["another warning"]
+            report.show()
+        assert seen == ["another warning", "LlamaForCausalLM LOAD REPORT from: x\nkey | UNEXPECTED"]
+    finally:
+        logger.removeHandler(handler)
 
 
 def _edit(path, edit) -> None:
