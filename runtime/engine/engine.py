@@ -201,7 +201,10 @@ class LLMEngine(LoadedEngine):
         def names(requests) -> tuple[str, ...]:
             return tuple(sorted({r.lora_name for r in requests if r.lora_name is not None}))
 
-        return LoraSnapshot(self.loras.max_loras, names(self.scheduler.running), names(self.scheduler.waiting))
+        running, waiting = names(self.scheduler.running), names(self.scheduler.waiting)
+        if not (self.loras.requests or running or waiting):
+            return None  # no adapter loaded, none draining: a request can name none (vLLM: LoRA off)
+        return LoraSnapshot(self.loras.max_loras, running, waiting)
 
     def _group_id(self, request: Request) -> str:
         return request.request_id if request.pooling is not None else self.processor.group_id(request)

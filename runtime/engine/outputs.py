@@ -105,4 +105,5 @@ class EngineSnapshot:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
-    lora: LoraSnapshot | None = None  # None: an engine that serves no adapters (an encoder, tensor parallel)
+    # None: an engine that serves no adapters now (none loaded; or an encoder, tensor parallel)
+    lora: LoraSnapshot | None = None

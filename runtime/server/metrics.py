@@ -117,15 +117,16 @@ class ServerMetrics:
         self.spec_decode_num_accepted_tokens.inc(
             max(0, snap.spec_decode_num_accepted_tokens - last.spec_decode_num_accepted_tokens))
         self._last = snap
-        if snap.lora is not None:
-            self._set_lora_info(snap.lora)
+        self._set_lora_info(snap.lora)
 
-    def _set_lora_info(self, lora: LoraSnapshot) -> None:
-        labels = (str(lora.max_loras), ",".join(lora.running), ",".join(lora.waiting))
+    def _set_lora_info(self, lora: LoraSnapshot | None) -> None:
+        """The one lora_requests_info series (none while the engine serves no adapter)."""
+        labels = None if lora is None else (str(lora.max_loras), ",".join(lora.running), ",".join(lora.waiting))
         for gauge in self.lora_info.values():
             if self._lora_labels is not None and self._lora_labels != labels:
                 gauge.remove(*self._lora_labels)
-            gauge.labels(*labels).set_to_current_time()
+            if labels is not None:
+                gauge.labels(*labels).set_to_current_time()
         self._lora_labels = labels
 
     def observe_first_token(self, num_prompt_tokens: int, num_cached_tokens: int, ttft_s: float) -> None:

@@ -56,7 +56,7 @@ def test_models_list_adapters_and_completions_pick_them(lora_server, lora_build,
     assert len(set(got.values())) > 1
 
 
-def test_the_snapshot_names_the_adapters_of_running_and_waiting_requests(lora_build, tiny_loras):
+def test_the_snapshot_names_the_adapters_of_running_and_waiting_requests(lora_build, tiny_loras, tiny_build):
     """What lora_requests_info shows (the gateway's LoRA affinity): one sequence at a time, so after a step one
     adapter's request runs and the others wait; each name once; the base model's requests name none."""
     llm = LLM(str(lora_build), backend="cpu", kv_cache_memory=1 << 24, max_num_seqs=1)
@@ -70,6 +70,8 @@ def test_the_snapshot_names_the_adapters_of_running_and_waiting_requests(lora_bu
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.snapshot().lora == LoraSnapshot(8)
+    plain = LLM(str(tiny_build("llama")), backend="cpu", kv_cache_memory=1 << 24)  # no adapter loaded: LoRA off
+    assert plain.engine.snapshot().lora is None
 
 
 def test_metrics_carry_lora_requests_info(lora_server):

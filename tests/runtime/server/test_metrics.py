@@ -61,7 +61,7 @@ def lora_series(metrics: ServerMetrics, prefix: str) -> list[tuple[dict, float]]
 def test_lora_requests_info_is_one_series_whose_value_is_when_it_was_set() -> None:
     """The gateway's LoRA affinity reads vLLM's lora_requests_info: the adapter slots and the adapters of running and
     waiting requests as labels, the time it was set as the value (the picker takes the newest). One series stands:
-    the previous one goes when the labels change. An engine that serves no adapters shows none."""
+    the previous one goes when the labels change. An engine that serves no adapter now shows none."""
     import time
 
     from pllm.runtime.engine.outputs import LoraSnapshot
@@ -78,3 +78,5 @@ def test_lora_requests_info_is_one_series_whose_value_is_when_it_was_set() -> No
     metrics.update(dataclasses.replace(START, lora=LoraSnapshot(8)))
     assert [got for got, _ in lora_series(metrics, "vllm")] == [
         {"max_lora": "8", "running_lora_adapters": "", "waiting_lora_adapters": ""}]
+    metrics.update(START)  # every adapter unloaded: the series goes
+    assert lora_series(metrics, "vllm") == [] and lora_series(metrics, "pllm") == []
