@@ -100,11 +100,15 @@ def check_chat_templates(template: str | dict | list | None, origin: Callable[[s
         if not isinstance(text, str):
             raise ModelSourceError(f"{origin(name)}: chat template {name!r} is not a string but "
                                    f"{type(text).__name__}")
+        fails = "every chat request" if name == "default" else f"every chat request that picks {name!r}"
         try:
             compile_template(text)
         except jinja2.TemplateSyntaxError as e:
-            raise ModelSourceError(f"{origin(name)}: chat template {name!r}, line {e.lineno}: {e.message} (every chat "
-                                   "request would fail; fix the template)") from None
+            raise ModelSourceError(f"{origin(name)}: chat template {name!r}, line {e.lineno}: {e.message} ({fails} "
+                                   "would fail; fix the template)") from None
+        except (RecursionError, MemoryError):  # jinja's parser recurses with the nesting (transformers fails alike)
+            raise ModelSourceError(f"{origin(name)}: chat template {name!r} nests too deeply to parse ({fails} "
+                                   "would fail; fix the template)") from None
 
 
 def _needs_sentencepiece(copied: list[str]) -> bool:

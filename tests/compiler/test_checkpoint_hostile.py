@@ -137,7 +137,13 @@ REFUSED |= {
     "named template unknown filter": (
         "llama",
         lambda m: _named_template(m, "tool_use", "{{ tools | no_such_filter }}"),
-        ["{m}/additional_chat_templates/tool_use.jinja", "chat template 'tool_use'", "line 1", "no_such_filter"],
+        ["{m}/additional_chat_templates/tool_use.jinja", "chat template 'tool_use'", "line 1", "no_such_filter",
+         "every chat request that picks 'tool_use' would fail"],
+    ),
+    "chat template nested past the parser's recursion": (  # a RecursionError traceback before
+        "llama",
+        lambda m: (m / "chat_template.jinja").write_text("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"),
+        ["{m}/chat_template.jinja", "chat template 'default' nests too deeply to parse"],
     ),
     "template in tokenizer_config unclosed": (
         "qwen2",
