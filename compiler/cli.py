@@ -187,11 +187,11 @@ def _error(message: str) -> int:
 
 
 def entry() -> int:
-    """The pllm-compile command: main, and after an interrupt the process exits ignoring further ones (a second
-    Ctrl-C while the interpreter waits for the compile's threads printed a traceback after the one-line message)."""
+    """The pllm-compile command: main, then the process exits ignoring Ctrl-C and SIGTERM (one while the interpreter
+    waits for the compile's threads printed a traceback after the one-line message, or made a finished compile's
+    exit status a failure)."""
     code = main()
-    if code in {128 + signum for signum in STOP_SIGNALS}:
-        _ignore_stop_signals()
+    _ignore_stop_signals()
     return code
 
 

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+GGUF_HEADER_BYTES = 24  # magic, version, tensor count, key-value count
+
 
 class GGUFTruncated(ValueError):
-    """A GGUF file ends before data its own tables place: its header, a field or a tensor's bytes."""
+    """A GGUF file ends before data its own tables place (its header, a field or a tensor's bytes): cut short, or a
+    size or offset in the tables is corrupt."""
 
 
 @lru_cache(maxsize=1)
@@ -34,21 +37,24 @@ def _bounded_reader_class() -> type:
     class BoundedReader(gguf.gguf_reader.GGUFReader):
         def _get(self, offset, dtype, count=1, *args, **kwargs):
             end = int(offset) + np.dtype(dtype).itemsize * int(count)
-            if end > len(self.data):
-                raise GGUFTruncated(f"truncated: the file ends at byte {len(self.data)}, before data its tables "
-                                    f"place up to byte {end}")
+            if end > len(self.data):  # cut short, or a size or offset in its tables corrupt: the bytes cannot say
+                raise GGUFTruncated(f"truncated or corrupt: the file ends at byte {len(self.data)}, before data its "
+                                    f"tables place up to byte {end}")
             return super()._get(offset, dtype, count, *args, **kwargs)
 
     return BoundedReader
 
 
-def read_gguf(path: str | os.PathLike, mode: str = "r") -> Any:
+def open_reader(path: str | os.PathLike, mode: str = "r") -> Any:
     """gguf's GGUFReader over the file. A file cut short fails there in numpy's words for the short array the reader
     got (a reshape, a dtype view, an index out of bounds); such a failure is read again by a reader whose every
     read (`_get`) checks the file's end, which raises GGUFTruncated with the byte counts where that is the cause
     (only then: the check costs the ordinary parse nothing)."""
     import gguf
 
+    if os.path.getsize(path) < GGUF_HEADER_BYTES:  # numpy cannot map an empty file: "cannot mmap an empty file"
+        raise GGUFTruncated(f"truncated: the file is {os.path.getsize(path)} bytes, less than a GGUF header's "
+                            f"{GGUF_HEADER_BYTES}")
     try:
         return gguf.gguf_reader.GGUFReader(path, mode)
     except (ValueError, IndexError):
@@ -68,7 +74,7 @@ class ParsedGguf:
 
         key = (os.path.realpath(path), mode)
         if key not in self.readers:
-            self.readers[key] = read_gguf(path, mode)
+            self.readers[key] = open_reader(path, mode)
             _remember(path, self.readers[key])
         return self.readers[key]
 

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,27 @@ def field_value(reader: Any, key: str) -> Any:
 BLOCK_NAME = re.compile(r"blk\.(\d+)\.")
 
 
-def file_key_names(arch: str | None, model_type: str | None) -> dict[str, str]:
-    """Config key -> the GGUF key transformers read it from for this file ('max_position_embeddings' ->
-    'llama.context_length'), from transformers' own table of them."""
+def file_key_names(reader: Any, arch: str, model_type: str | None) -> dict[str, str]:
+    """Config key -> the GGUF key transformers read it from in this file ('max_position_embeddings' ->
+    'llama.context_length'), from transformers' own table of them; only keys the file holds (a value transformers
+    took from elsewhere, as the vocabulary's size from the token list, is not named as the file's)."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     table = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch) or {}
-    return {hf: f"{arch}.{key}" for key, hf in table.items() if hf is not None and arch is not None}
+    return {hf: f"{arch}.{key}" for key, hf in table.items() if hf is not None and f"{arch}.{key}" in reader.fields}
+
+
+@dataclass
+class GgufRead:
+    """What transformers reads of a GGUF file: its config, tokenizer, tensors by HF name and generation config; the
+    config keys as the file names them (file_key_names); its one parse, when kept for its blocks."""
+
+    config: Any
+    tokenizer: Any
+    state: dict[str, torch.Tensor]
+    generation_config: Any
+    config_keys: dict[str, str]
+    reader: Any = None
 
 
 def check_layout(path: Path, reader: Any, arch: str) -> None:
@@ -203,7 +218,7 @@ def held_load_report():
         logger.removeFilter(held)
 
 
-def read_gguf(path: Path, scratch: Path, keeps_blocks: bool) -> tuple[Any, Any, dict[str, torch.Tensor], Any, Any]:
+def read_gguf(path: Path, scratch: Path, keeps_blocks: bool) -> GgufRead:
     """The file's config, tokenizer, tensors by HF name and generation config, read by transformers from a folder
     under `scratch` holding only a link to it; and its one parse when keeps_blocks (for its kept blocks)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -240,7 +255,8 @@ def read_gguf(path: Path, scratch: Path, keeps_blocks: bool) -> tuple[Any, Any, 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if any(FUSED_EXPERTS.fullmatch(k) for k in state):
         state = split_experts(path, state, config)
-    return config, tokenizer, state, model.generation_config, reader if keeps_blocks else None
+    return GgufRead(config, tokenizer, state, model.generation_config,
+                    file_key_names(reader, arch, getattr(config, "model_type", None)), reader if keeps_blocks else None)
 
 
 def keep_saved_tokenizer_faithful(tokenizer: Any, folder: Path) -> None:

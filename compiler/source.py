@@ -194,7 +194,7 @@ def layer_mismatch(indices: Iterable[int], count: object, noun: str) -> str | No
     if not found:
         return f"no {noun}s"
     if complete:
-        return f"{noun}s 0..{found[-1]} ({len(found)} {noun}s)"
+        return f"{noun}s 0..{found[-1]} ({len(found)} {noun}{'s' if len(found) > 1 else ''})"
     return f"{noun}s {found[:8]}{'...' if len(found) > 8 else ''} with gaps"
 
 
@@ -284,30 +284,30 @@ def _open_hf_dir(path: Path, name: str, root: Path | None = None) -> ModelSource
 def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
     """Dequantise a GGUF checkpoint to float through transformers, which also undoes llama.cpp's q/k permutation;
     config, tokenizer and tensors from the file alone (compiler/gguf_source.py)."""
-    from pllm.compiler.gguf_reading import file_rope_record
-    from pllm.compiler.gguf_source import file_key_names, keep_saved_tokenizer_faithful, read_gguf
+    from pllm.compiler.gguf_source import keep_saved_tokenizer_faithful, read_gguf
 
     scratch_parent = Path(tempfile.gettempdir())
     remove_stale_scratch(scratch_parent, scratch_pattern(GGUF_SCRATCH))
     tmp = make_scratch_dir(scratch_parent, GGUF_SCRATCH)
     try:
-        config, tokenizer, state, generation_config, reader = read_gguf(path, tmp, keeps_blocks)
-        tokenizer.save_pretrained(str(tmp))
-        keep_saved_tokenizer_faithful(tokenizer, tmp)
-        if generation_config is not None:
-            generation_config.save_pretrained(str(tmp))
+        read = read_gguf(path, tmp, keeps_blocks)
+        read.tokenizer.save_pretrained(str(tmp))
+        keep_saved_tokenizer_faithful(read.tokenizer, tmp)
+        if read.generation_config is not None:
+            read.generation_config.save_pretrained(str(tmp))
     except BaseException:
         remove_scratch_dir(tmp)
         raise
-    config_dict = carried_settings(path, config.to_dict())  # what transformers' reader drops (RoPE settings)
+    config_dict = carried_settings(path, read.config.to_dict())  # what transformers' reader drops (RoPE settings)
     config_dict.setdefault("torch_dtype", "float32")
+    state = read.state
     if config_dict.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     file = path.name
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     source = ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
-                         reader)
-    source.config_keys = file_key_names(file_rope_record(path).arch, config_dict.get("model_type"))
+                         read.reader)
+    source.config_keys = read.config_keys
     return source
 
 

@@ -82,7 +82,8 @@ def refuse_runtime_lora(args: argparse.Namespace) -> None:
     adapter would fail on the others. Refused (ValueError, naming the flag or the environment variable), in the
     driver and in each replica (whose environment may differ)."""
     if runtime_lora_updating(args, os.environ):
-        how = "--allow-runtime-lora-updating" if args.allow_runtime_lora_updating else f"{RUNTIME_LORA_ENV} (set)"
+        how = ("--allow-runtime-lora-updating" if args.allow_runtime_lora_updating
+               else f"{RUNTIME_LORA_ENV}={os.environ.get(RUNTIME_LORA_ENV)}")
         raise ValueError(f"{how}: not under Ray Serve, where a load would reach one replica and a replica added or "
                          "replaced later would start without it; give adapters at start (--lora-modules) or in the "
                          "build (pllm-compile --lora)")

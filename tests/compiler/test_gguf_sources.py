@@ -198,15 +198,19 @@ def test_a_truncated_gguf_is_refused_as_truncated(tmp_path):
     model_dir = make_tiny_model(tmp_path / "hf", "llama")
     whole = write_gguf(model_dir, "llama", tmp_path / "m.gguf").read_bytes()
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    cuts = {"header": 20, "tables": reader.data_offset - 100, "data": len(whole) - 1}
+    cuts = {"in-header": 20, "tables": reader.data_offset - 100, "data": len(whole) - 1}
     del reader
     for where, size in cuts.items():
         path = tmp_path / f"cut-{where}.gguf"
         path.write_bytes(whole[:size])
-        with pytest.raises(ModelSourceError, match=rf"cut-{where}\.gguf: cannot read GGUF file: truncated: the file "
-                                                   rf"ends at byte {size}, before data its tables place up to byte"):
+        said = (rf"truncated: the file is {size} bytes, less than a GGUF header's 24" if size < 24 else
+                rf"truncated or corrupt: the file ends at byte {size}, before data its tables place up to byte")
+        with pytest.raises(ModelSourceError, match=rf"cut-{where}\.gguf: cannot read GGUF file: {said}"):
             build(str(path), tmp_path / "out", OPTS)
         assert not (tmp_path / "out").exists()
+    (tmp_path / "empty.gguf").write_bytes(b"")  # numpy's "cannot mmap an empty file" before
+    with pytest.raises(ModelSourceError, match=r"empty\.gguf: cannot read GGUF file: truncated: the file is 0 bytes"):
+        build(str(tmp_path / "empty.gguf"), tmp_path / "out", OPTS)
 
 
 def test_a_gguf_block_count_of_billions_fails_fast_in_bounded_memory(tmp_path):

@@ -283,6 +283,33 @@ def test_more_ctrl_c_during_the_clean_up_and_the_exit_are_ignored(tiny_dir, tmp_
     assert list(work.iterdir()) == []
 
 
+CTRL_C_AT_EXIT = """
+import os, signal, sys, threading, time
+from pllm.compiler import cli
+real, done = cli.main, threading.Event()
+def main(*args):
+    code = real(*args)
+    done.set()
+    return code
+cli.main = main
+def late():  # a thread the interpreter waits for at exit: Ctrl-C then, after the build is complete
+    done.wait(300)
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+threading.Thread(target=late).start()
+sys.exit(cli.entry())
+"""
+
+
+def test_ctrl_c_after_a_finished_compile_leaves_its_success(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_EXIT, str(tiny_dir("llama")), "-o", str(out), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (out / "manifest.json").is_file()
+
+
 def test_disk_full_while_compiling_kernels_is_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     """Not the quiet fallback to the PyTorch ops that a missing toolchain gets."""
     monkeypatch.setenv("PLLM_KERNEL_CACHE", "")
