@@ -52,9 +52,9 @@ def open_reader(path: str | os.PathLike, mode: str = "r") -> Any:
     (only then: the check costs the ordinary parse nothing)."""
     import gguf
 
-    if os.path.getsize(path) < GGUF_HEADER_BYTES:  # numpy cannot map an empty file: "cannot mmap an empty file"
-        raise GGUFTruncated(f"truncated: the file is {os.path.getsize(path)} bytes, less than a GGUF header's "
-                            f"{GGUF_HEADER_BYTES}")
+    size = os.path.getsize(path)
+    if size < GGUF_HEADER_BYTES:  # numpy cannot map an empty file: "cannot mmap an empty file"
+        raise GGUFTruncated(f"truncated: the file is {size} bytes, less than a GGUF header's {GGUF_HEADER_BYTES}")
     try:
         return gguf.gguf_reader.GGUFReader(path, mode)
     except (ValueError, IndexError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import re
 import tempfile
@@ -25,7 +24,6 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 GGUF_SCRATCH = "pllm-gguf-"
 PICKLED_WEIGHTS = ("pytorch_model", "model")  # <prefix>*.bin: torch.save'd weights, not read
-logger = logging.getLogger("pllm")
 
 
 class ModelSourceError(ValueError):
@@ -52,6 +50,11 @@ class ModelSource:
     _stored_as: dict[str, str] = field(default_factory=dict)  # HF name -> the stored tensor it is read from (alias)
     # config key -> the key its value was read from, where that is not config.json's (a GGUF file's), for messages
     config_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def files_root(self) -> Path:
+        """The folder every file read for this model must resolve inside."""
+        return self.tokenizer_dir if self.root is None else self.root
 
     @property
     def is_gguf(self) -> bool:
@@ -305,10 +308,8 @@ def _open_gguf(path: Path, name: str, keeps_blocks: bool) -> ModelSource:
         state.pop("lm_head.weight", None)
     file = path.name
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    source = ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
-                         read.reader)
-    source.config_keys = read.config_keys
-    return source
+    return ModelSource(name, path, config_dict, str(path), tmp, {k: file for k in state}, shapes, tmp, state, tmp,
+                       read.reader, config_keys=read.config_keys)
 
 
 def with_file_keys(message: str, keys: dict[str, str]) -> str:

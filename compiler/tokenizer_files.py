@@ -37,7 +37,7 @@ logger = logging.getLogger("pllm")
 
 
 def iter_tokenizer_files(source: ModelSource) -> Iterator[Path]:
-    root = source.tokenizer_dir if source.root is None else source.root
+    root = source.files_root
     for fname in (*TOKENIZER_FILES, "generation_config.json"):
         f = source.tokenizer_dir / fname
         if f.is_file():
@@ -55,7 +55,7 @@ def _fold_named_templates(source: ModelSource, out_dir: Path, copied: list[str])
     folder = source.tokenizer_dir / CHAT_TEMPLATE_DIR
     if not folder.is_dir():
         return copied
-    root = source.tokenizer_dir if source.root is None else source.root
+    root = source.files_root
     templates: dict[str, str] = {}
     files = ([source.tokenizer_dir / CHAT_TEMPLATE_FILE] if CHAT_TEMPLATE_FILE in copied else []) + [
         f for f in sorted(folder.glob("*.jinja")) if f.is_file()]
