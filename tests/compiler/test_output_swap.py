@@ -246,8 +246,20 @@ def test_sigterm_mid_compile_cleans_up_like_ctrl_c(tiny_dir, tmp_path):
     assert list(work.iterdir()) == []  # the scratch folder and the parents it made are gone
 
 
-TWO_CTRL_C = """
-import os, signal, sys, threading, time
+# A thread the interpreter waits for at exit, as a compile's workers can be: a Ctrl-C lands while it waits
+CTRL_C_AT_EXIT_THREAD = """
+import os, signal, threading, time
+def ctrl_c_at_exit(event):
+    def late():
+        event.wait(300)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    threading.Thread(target=late).start()
+"""
+
+TWO_CTRL_C = CTRL_C_AT_EXIT_THREAD + """
+import sys
 from pllm.compiler import build, cli
 real_copy, real_remove = build.copy_tokenizer_files, build.remove_scratch_dir
 cleaned = threading.Event()
@@ -259,12 +271,7 @@ def cleaning(*args):
     real_remove(*args)
     cleaned.set()
 build.copy_tokenizer_files, build.remove_scratch_dir = first, cleaning
-def third():  # a thread the interpreter waits for at exit, as a compile's workers can be: a third Ctrl-C then
-    cleaned.wait(120)
-    time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.5)
-threading.Thread(target=third).start()
+ctrl_c_at_exit(cleaned)  # and a third after the message
 sys.exit(cli.entry())
 """
 
@@ -283,8 +290,8 @@ def test_more_ctrl_c_during_the_clean_up_and_the_exit_are_ignored(tiny_dir, tmp_
     assert list(work.iterdir()) == []
 
 
-CTRL_C_AT_EXIT = """
-import os, signal, sys, threading, time
+CTRL_C_AT_EXIT = CTRL_C_AT_EXIT_THREAD + """
+import sys
 from pllm.compiler import cli
 real, done = cli.main, threading.Event()
 def main(*args):
@@ -292,12 +299,7 @@ def main(*args):
     done.set()
     return code
 cli.main = main
-def late():  # a thread the interpreter waits for at exit: Ctrl-C then, after the build is complete
-    done.wait(300)
-    time.sleep(0.3)
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.5)
-threading.Thread(target=late).start()
+ctrl_c_at_exit(done)  # after the build is complete
 sys.exit(cli.entry())
 """
 
